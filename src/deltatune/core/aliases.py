@@ -1,0 +1,152 @@
+"""Common-structure aliases: one vocabulary (`attn.q`, `ffn.out`, ...) over many architectures.
+
+Each table maps an alias to a regular expression matched against the *tail* of a module's
+qualified name, so the same table serves `BertModel` and `BertForSequenceClassification`
+(whose names carry a `bert.` prefix). Fused projections (GPT-2's `c_attn`) are the honest
+answer for `attn.q`/`attn.k`/`attn.v`: there is no separate query module to target.
+
+`attn` and `xattn` name the attention modules themselves (what prefix tuning hooks);
+`head` is not in the tables: it is derived from `base_model_prefix` for every model.
+"""
+
+from __future__ import annotations
+
+_L = r"(?:layer|layers|h|block)\.\d+"
+
+_BERT = {
+    "attn.q": rf"{_L}\.attention\.self\.query",
+    "attn.k": rf"{_L}\.attention\.self\.key",
+    "attn.v": rf"{_L}\.attention\.self\.value",
+    "attn.o": rf"{_L}\.attention\.output\.dense",
+    "attn": rf"{_L}\.attention\.self",
+    "xattn.q": rf"{_L}\.crossattention\.self\.query",
+    "xattn.k": rf"{_L}\.crossattention\.self\.key",
+    "xattn.v": rf"{_L}\.crossattention\.self\.value",
+    "xattn.o": rf"{_L}\.crossattention\.output\.dense",
+    "xattn": rf"{_L}\.crossattention\.self",
+    "ffn.in": rf"{_L}\.intermediate\.dense",
+    "ffn.out": rf"{_L}\.output\.dense",
+    "ln": r"LayerNorm",
+    "layer": _L,
+    "embeddings": r"embeddings",
+    "embeddings.word": r"embeddings\.word_embeddings",
+}
+
+_MPNET = {
+    "attn.q": rf"{_L}\.attention\.attn\.q",
+    "attn.k": rf"{_L}\.attention\.attn\.k",
+    "attn.v": rf"{_L}\.attention\.attn\.v",
+    "attn.o": rf"{_L}\.attention\.attn\.o",
+    "attn": rf"{_L}\.attention\.attn",
+    "ffn.in": rf"{_L}\.intermediate\.dense",
+    "ffn.out": rf"{_L}\.output\.dense",
+    "ln": r"LayerNorm",
+    "layer": _L,
+    "embeddings": r"embeddings",
+    "embeddings.word": r"embeddings\.word_embeddings",
+}
+
+_DISTILBERT = {
+    "attn.q": rf"{_L}\.attention\.q_lin",
+    "attn.k": rf"{_L}\.attention\.k_lin",
+    "attn.v": rf"{_L}\.attention\.v_lin",
+    "attn.o": rf"{_L}\.attention\.out_lin",
+    "attn": rf"{_L}\.attention",
+    "ffn.in": rf"{_L}\.ffn\.lin1",
+    "ffn.out": rf"{_L}\.ffn\.lin2",
+    "ln": r"(?:sa_layer_norm|output_layer_norm|LayerNorm)",
+    "layer": _L,
+    "embeddings": r"embeddings",
+    "embeddings.word": r"embeddings\.word_embeddings",
+}
+
+_GPT2 = {
+    "attn.q": rf"{_L}\.attn\.c_attn",
+    "attn.k": rf"{_L}\.attn\.c_attn",
+    "attn.v": rf"{_L}\.attn\.c_attn",
+    "attn.o": rf"{_L}\.attn\.c_proj",
+    "attn": rf"{_L}\.attn",
+    "xattn.q": rf"{_L}\.crossattention\.q_attn",
+    "xattn.k": rf"{_L}\.crossattention\.c_attn",
+    "xattn.v": rf"{_L}\.crossattention\.c_attn",
+    "xattn.o": rf"{_L}\.crossattention\.c_proj",
+    "xattn": rf"{_L}\.crossattention",
+    "ffn.in": rf"{_L}\.mlp\.c_fc",
+    "ffn.out": rf"{_L}\.mlp\.c_proj",
+    "ln": r"(?:ln_1|ln_2|ln_f|ln_cross_attn)",
+    "layer": _L,
+    "embeddings": r"(?:wte|wpe)",
+    "embeddings.word": r"wte",
+}
+
+_LLAMA = {
+    "attn.q": rf"{_L}\.self_attn\.q_proj",
+    "attn.k": rf"{_L}\.self_attn\.k_proj",
+    "attn.v": rf"{_L}\.self_attn\.v_proj",
+    "attn.o": rf"{_L}\.self_attn\.o_proj",
+    "attn": rf"{_L}\.self_attn",
+    "ffn.in": rf"{_L}\.mlp\.(?:gate_proj|up_proj)",
+    "ffn.out": rf"{_L}\.mlp\.down_proj",
+    "ln": r"(?:input_layernorm|post_attention_layernorm|norm)",
+    "layer": _L,
+    "embeddings": r"embed_tokens",
+    "embeddings.word": r"embed_tokens",
+}
+
+_T5 = {
+    "attn.q": rf"{_L}\.layer\.0\.SelfAttention\.q",
+    "attn.k": rf"{_L}\.layer\.0\.SelfAttention\.k",
+    "attn.v": rf"{_L}\.layer\.0\.SelfAttention\.v",
+    "attn.o": rf"{_L}\.layer\.0\.SelfAttention\.o",
+    "attn": rf"{_L}\.layer\.0\.SelfAttention",
+    "xattn.q": rf"{_L}\.layer\.1\.EncDecAttention\.q",
+    "xattn.k": rf"{_L}\.layer\.1\.EncDecAttention\.k",
+    "xattn.v": rf"{_L}\.layer\.1\.EncDecAttention\.v",
+    "xattn.o": rf"{_L}\.layer\.1\.EncDecAttention\.o",
+    "xattn": rf"{_L}\.layer\.1\.EncDecAttention",
+    "ffn.in": rf"{_L}\.layer\.\d\.DenseReluDense\.(?:wi|wi_0|wi_1)",
+    "ffn.out": rf"{_L}\.layer\.\d\.DenseReluDense\.wo",
+    "ln": r"(?:layer_norm|final_layer_norm)",
+    "layer": _L,
+    "embeddings": r"(?:shared|embed_tokens)",
+    "embeddings.word": r"(?:shared|embed_tokens)",
+}
+
+_BART = {
+    "attn.q": rf"{_L}\.self_attn\.q_proj",
+    "attn.k": rf"{_L}\.self_attn\.k_proj",
+    "attn.v": rf"{_L}\.self_attn\.v_proj",
+    "attn.o": rf"{_L}\.self_attn\.out_proj",
+    "attn": rf"{_L}\.self_attn",
+    "xattn.q": rf"{_L}\.encoder_attn\.q_proj",
+    "xattn.k": rf"{_L}\.encoder_attn\.k_proj",
+    "xattn.v": rf"{_L}\.encoder_attn\.v_proj",
+    "xattn.o": rf"{_L}\.encoder_attn\.out_proj",
+    "xattn": rf"{_L}\.encoder_attn",
+    "ffn.in": rf"{_L}\.fc1",
+    "ffn.out": rf"{_L}\.fc2",
+    "ln": r"(?:self_attn_layer_norm|encoder_attn_layer_norm|final_layer_norm|layernorm_embedding|layer_norm)",
+    "layer": _L,
+    "embeddings": r"(?:shared|embed_tokens|embed_positions)",
+    "embeddings.word": r"(?:shared|embed_tokens)",
+}
+
+ALIASES: dict[str, dict[str, str]] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "electra": _BERT,
+    "camembert": _BERT,
+    "mpnet": _MPNET,
+    "distilbert": _DISTILBERT,
+    "gpt2": _GPT2,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "t5": _T5,
+    "mt5": _T5,
+    "bart": _BART,
+    "mbart": _BART,
+}
+
+ALIAS_NAMES: tuple[str, ...] = tuple(sorted({k for t in ALIASES.values() for k in t} | {"head"}))

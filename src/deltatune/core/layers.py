@@ -1,0 +1,75 @@
+"""Facts about backbone layers that methods need but should not each rediscover."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style layers store the weight transposed: (in_features, out_features)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a core dependency
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an `nn.Linear` or a transformers `Conv1D`."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True where the weight is stored (in, out), so a (out, in) update must be transposed."""
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def weight_update(module: nn.Module, delta_out_in: torch.Tensor) -> torch.Tensor:
+    """Lay out an (out, in) weight change the way `module.weight` stores it."""
+    return delta_out_in.T if is_transposed(module) else delta_out_in
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a layer was called with, positional or by keyword."""
+    if args:
+        return args[0]
+    for key in ("input", "hidden_states", "x"):
+        if key in kwargs:
+            return kwargs[key]
+    raise TypeError("cannot find the input tensor of this call")
+
+
+def map_hidden(output: Any, fn: Any) -> Any:
+    """Apply `fn` to the hidden states of a module output that may be a tensor or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (fn(output[0]), *output[1:])
+    raise TypeError(f"cannot find hidden states in a module output of type {type(output).__name__}")
+
+
+def hidden_size_of(module: nn.Module) -> int:
+    """Width of a module's output, for methods that add modules after it."""
+    if is_linear(module):
+        return linear_dims(module)[1]
+    for attr in ("normalized_shape", "weight"):
+        value = getattr(module, attr, None)
+        if isinstance(value, tuple):
+            return int(value[-1])
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[-1] if value.dim() == 1 else value.shape[0])
+    raise TypeError(f"cannot tell the output width of {type(module).__name__}; target a linear layer")
+
+
+def param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    p = next(module.parameters(), None)
+    if p is None:
+        return torch.get_default_dtype(), torch.device("cpu")
+    return (p.dtype if p.is_floating_point() else torch.get_default_dtype()), p.device

@@ -1,0 +1,189 @@
+"""`DeltaModel`: a backbone plus named deltas, behaving like the backbone.
+
+The backbone object itself is kept (not copied) and called unchanged; deltas reach it only
+through hooks (see `core.delta`). Freezing is remembered per parameter so that removing the
+last delta hands back the backbone exactly as it came: same tensors, same `requires_grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .delta import Delta, DeltaConfig, DeltaError
+from .targeting import head_names
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"delta name must be a non-empty string without dots, got {name!r}")
+
+
+class DeltaModel(nn.Module):
+    """A transformers model with any number of named deltas attached.
+
+    Calling it, `generate()`, `.config` and every other attribute behave as on the backbone.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        if isinstance(backbone, DeltaModel):
+            raise TypeError("this model already carries deltas; call .add(name, config) on it instead")
+        self.backbone = backbone
+        self.deltas = nn.ModuleDict()
+        self.train_head = False
+        self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
+
+    # -- behaving as the backbone -------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.backbone(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.backbone.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            backbone = self._modules.get("backbone")
+            if backbone is None:
+                raise
+            return getattr(backbone, name)
+
+    # -- managing deltas ----------------------------------------------------------------------
+    def add(self, name: str, config: DeltaConfig, *, train_head: bool | None = None) -> DeltaModel:
+        """Attach another delta; several methods on one backbone are trained jointly."""
+        _check_name(name)
+        if name in self.deltas:
+            raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
+        if not isinstance(config, DeltaConfig):
+            raise TypeError(f"expected a method config such as deltatune.METHODS['lora'](), got {type(config).__name__}")
+        config.validate()
+        delta = config.build()
+        delta.install(self.backbone)
+        ref = next(self.backbone.parameters(), None)
+        if ref is not None:
+            delta.to(device=ref.device)
+            for p in delta.parameters():
+                if p.is_floating_point() and p.dtype != ref.dtype and ref.is_floating_point():
+                    p.data = p.data.to(ref.dtype)
+        self.deltas[name] = delta
+        if train_head is not None:
+            self.train_head = train_head
+        self.freeze()
+        return self
+
+    def detach(self, name: str | None = None) -> nn.Module:
+        """Remove one delta (or all). With none left, the plain backbone is returned, as it came."""
+        names = list(self.deltas) if name is None else [self._get(name) and name]
+        for n in names:
+            self.deltas[n].uninstall()
+            del self.deltas[n]
+        if len(self.deltas) == 0:
+            for pname, p in self.backbone.named_parameters():
+                p.requires_grad_(self._requires_grad.get(pname, p.requires_grad))
+            return self.backbone
+        self.freeze()
+        return self
+
+    def _get(self, name: str) -> Delta:
+        if name not in self.deltas:
+            known = ", ".join(self.deltas) or "none"
+            raise KeyError(f"no delta named {name!r}; attached deltas: {known}")
+        return self.deltas[name]
+
+    def delta(self, name: str = "default") -> Delta:
+        return self._get(name)
+
+    def enable(self, name: str) -> None:
+        self._get(name).enabled = True
+
+    def disable(self, name: str) -> None:
+        """Switch a delta off without removing it: the backbone then computes as if it were absent."""
+        self._get(name).enabled = False
+
+    def set_active(self, names: str | list[str]) -> None:
+        """Enable exactly these deltas and disable all others."""
+        wanted = {names} if isinstance(names, str) else set(names)
+        for n in wanted:
+            self._get(n)
+        for n, delta in self.deltas.items():
+            delta.enabled = n in wanted
+
+    # -- training surface ---------------------------------------------------------------------
+    def head_parameter_names(self) -> list[str]:
+        heads = tuple(h + "." for h in head_names(self.backbone))
+        return [n for n, _ in self.backbone.named_parameters() if heads and n.startswith(heads)]
+
+    def freeze(self, train_head: bool | None = None) -> None:
+        """Everything but the deltas (and the task head, when asked) stops receiving gradients."""
+        if train_head is not None:
+            self.train_head = train_head
+        head = set(self.head_parameter_names()) if self.train_head else set()
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(n in head)
+        for delta in self.deltas.values():
+            for p in delta.parameters():
+                if p.is_floating_point():
+                    p.requires_grad_(True)
+
+    def trainable_parameters(self) -> int:
+        """Parameters an optimizer would update, each tensor counted once."""
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    def delta_parameters(self, name: str | None = None) -> int:
+        deltas = self.deltas.values() if name is None else [self._get(name)]
+        return sum(p.numel() for d in deltas for p in d.parameters())
+
+    def delta_state_dict(self, name: str = "default", *, include_head: bool = False) -> dict[str, torch.Tensor]:
+        """Only the delta's tensors (and the head's, when asked): what a checkpoint needs."""
+        state = {k: v.detach() for k, v in self._get(name).state_dict().items()}
+        if include_head:
+            params = dict(self.backbone.named_parameters())
+            for n in self.head_parameter_names():
+                state[f"__head__.{n}"] = params[n].detach()
+        return state
+
+    def load_delta_state_dict(self, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        head = {k.removeprefix("__head__."): v for k, v in state.items() if k.startswith("__head__.")}
+        own = {k: v for k, v in state.items() if not k.startswith("__head__.")}
+        self._get(name).load_state_dict(own, strict=strict)
+        if head:
+            params = dict(self.backbone.named_parameters())
+            with torch.no_grad():
+                for n, v in head.items():
+                    params[n].copy_(v)
+
+    # -- merging (mergeable methods implement the math) -----------------------------------------
+    def merge(self, name: str = "default") -> None:
+        delta = self._get(name)
+        if delta.merged:
+            raise DeltaError(f"delta {name!r} is already merged")
+        delta.merge_into(self.backbone)
+        delta.merged = True
+
+    def unmerge(self, name: str = "default") -> None:
+        delta = self._get(name)
+        if not delta.merged:
+            raise DeltaError(f"delta {name!r} is not merged; nothing to unmerge")
+        delta.unmerge_from(self.backbone)
+        delta.merged = False
+
+    def tree(self, **kwargs: Any) -> str:
+        from .tree import render
+
+        return render(self, **kwargs)
+
+
+def attach(model: nn.Module, config: DeltaConfig, name: str = "default", *, train_head: bool = False) -> DeltaModel:
+    """Attach a delta to a transformers model; the model's code is not edited."""
+    wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    return wrapped.add(name, config, train_head=train_head)

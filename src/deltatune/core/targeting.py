@@ -1,0 +1,184 @@
+"""Select backbone modules by exact name, suffix, regex or common-structure alias.
+
+A target string is one of:
+  * an alias from `core.aliases` (`attn.q`, `ffn.out`, `ln`, `head`, ...), optionally restricted
+    to one side of an encoder-decoder with `encoder:` or `decoder:` (`decoder:attn.q`);
+  * `re:<pattern>`: a regular expression that must match the whole qualified name;
+  * anything else: an exact qualified name, or a suffix of one at a dot boundary (`query`).
+A target that selects nothing is an error listing the closest names, never a silent no-op:
+a typo in a target list would otherwise train a different model than the user asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from .aliases import ALIAS_NAMES, ALIASES
+
+Targets = str | Sequence[str] | None
+Layers = int | str | Sequence[int] | None
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block)\.(\d+)(?:\.|$)")
+_SIDES = ("encoder", "decoder")
+
+
+class TargetError(ValueError):
+    """A target or layer selection that does not fit the model."""
+
+
+def model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", "") or ""
+
+
+def backbone_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified names of the backbone's own modules, without deltatune's bookkeeping."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name and ".parametrizations" not in name and not name.startswith("parametrizations")
+    }
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a module lives in, read from its name (`...layer.3.attention`)."""
+    match = _LAYER_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+def side_of(name: str) -> str | None:
+    parts = name.split(".")
+    for side in _SIDES:
+        if side in parts:
+            return side
+    return None
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Top-level children outside the base model: the task head (classifier, lm_head, ...)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not hasattr(model, prefix):
+        return []
+    return [name for name, _ in model.named_children() if name != prefix]
+
+
+def parse_layers(layers: Layers, n_layers: int) -> set[int]:
+    """`6-11`, `0,2,4`, `9:` (slice), `-2` (from the end), or a list of ints."""
+    if layers is None:
+        return set(range(n_layers))
+    if isinstance(layers, int):
+        items: list[str] = [str(layers)]
+    elif isinstance(layers, str):
+        items = [s.strip() for s in layers.split(",") if s.strip()]
+    else:
+        items = [str(int(i)) for i in layers]
+    chosen: set[int] = set()
+    for item in items:
+        try:
+            if ":" in item:
+                start, _, stop = item.partition(":")
+                chosen.update(range(n_layers)[slice(int(start) if start else None, int(stop) if stop else None)])
+            elif re.fullmatch(r"\d+-\d+", item):
+                lo, hi = (int(x) for x in item.split("-"))
+                chosen.update(range(lo, hi + 1))
+            else:
+                i = int(item)
+                chosen.add(i + n_layers if i < 0 else i)
+        except ValueError as err:
+            raise TargetError(f"cannot read layer selection {item!r}: use e.g. '6-11', '0,2', '9:' or -2") from err
+    bad = sorted(i for i in chosen if not 0 <= i < n_layers)
+    if bad:
+        raise TargetError(f"layers {bad} do not exist: the model has layers 0-{n_layers - 1}")
+    return chosen
+
+
+def _alias_pattern(model: nn.Module, alias: str) -> re.Pattern[str] | None:
+    table = ALIASES.get(model_type(model))
+    if table is None or alias not in table:
+        return None
+    return re.compile(r"(?:.*\.)?" + table[alias])
+
+
+def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]:
+    names = list(names)
+    side = None
+    if ":" in target and not target.startswith("re:"):
+        side, _, target = target.partition(":")
+        if side not in _SIDES:
+            raise TargetError(f"unknown side {side!r} in target; use 'encoder:' or 'decoder:'")
+    if target == "head":
+        heads = head_names(model)
+        found = [n for n in names if n.split(".")[0] in heads]
+    elif target.startswith("re:"):
+        try:
+            pattern = re.compile(target[3:])
+        except re.error as err:
+            raise TargetError(f"invalid regex in target {target!r}: {err}") from err
+        found = [n for n in names if pattern.fullmatch(n)]
+    elif target in ALIAS_NAMES:
+        pattern = _alias_pattern(model, target)
+        if pattern is None:
+            known = ", ".join(sorted(ALIASES))
+            raise TargetError(
+                f"alias {target!r} is not mapped for model type {model_type(model)!r} (mapped: {known}); "
+                "target modules by name or 're:<regex>' instead"
+            )
+        found = [n for n in names if pattern.fullmatch(n)]
+    else:
+        found = [n for n in names if n == target or n.endswith("." + target)]
+    if side is not None:
+        found = [n for n in found if side_of(n) == side]
+    return found
+
+
+def _closest(model: nn.Module, names: list[str], target: str) -> list[str]:
+    target = target.split(":", 1)[-1]
+    candidates = set(names) | {n.rsplit(".", 1)[-1] for n in names} | set(ALIAS_NAMES)
+    close = difflib.get_close_matches(target, sorted(candidates), n=6, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(target.rsplit(".", 1)[-1], sorted(candidates), n=6, cutoff=0.4)
+    return close
+
+
+def resolve(model: nn.Module, targets: Targets, layers: Layers = None) -> list[str]:
+    """Qualified names of the modules selected by `targets` (in model order), restricted to `layers`.
+
+    `targets=None` selects every module (for methods that then filter by parameter kind).
+    """
+    modules = backbone_modules(model)
+    names = list(modules)
+    if targets is None:
+        selected = names
+    else:
+        target_list = [targets] if isinstance(targets, str) else list(targets)
+        if not target_list:
+            raise TargetError("empty target list: name at least one module, alias or 're:<regex>'")
+        chosen: set[str] = set()
+        for target in target_list:
+            if not isinstance(target, str):
+                raise TargetError(f"targets must be strings, got {target!r}")
+            found = _match_one(model, names, target)
+            if not found:
+                close = _closest(model, names, target)
+                hint = f"; closest names: {', '.join(close)}" if close else ""
+                raise TargetError(f"target {target!r} matches no module of {type(model).__name__}{hint}")
+            chosen.update(found)
+        selected = [n for n in names if n in chosen]
+    if layers is not None:
+        indexed = [layer_index(n) for n in names]
+        n_layers = max((i for i in indexed if i is not None), default=-1) + 1
+        if n_layers == 0:
+            raise TargetError(f"{type(model).__name__} has no numbered layers to select from")
+        keep = parse_layers(layers, n_layers)
+        selected = [n for n in selected if layer_index(n) in keep]
+        if not selected:
+            raise TargetError(f"no targeted module lies in layers {sorted(keep)}")
+    return selected
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)

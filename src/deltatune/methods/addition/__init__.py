@@ -1,0 +1,1 @@
+"""Addition-based delta tuning methods."""

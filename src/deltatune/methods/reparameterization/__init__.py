@@ -1,0 +1,1 @@
+"""Reparameterization-based delta tuning methods."""

@@ -1,0 +1,107 @@
+"""LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, with A random and B zero so training starts at W.
+
+The update is computed beside the frozen layer (an output hook), never by materializing
+W + BA, so a training step needs no weight-sized tensors and no weight gradients.
+Merging folds (alpha / r) * B A into W; GPT-2's Conv1D stores W transposed and gets B A transposed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
+from ...core.layers import first_input, is_linear, linear_dims, weight_update
+from ...core.targeting import Layers, Targets
+
+
+@dataclasses.dataclass
+class LoRAConfig(DeltaConfig):
+    method: ClassVar[str] = "lora"
+    family: ClassVar[str] = "reparameterization"
+    trains: ClassVar[str] = "rank-r factors A, B of an update B·A to chosen weight matrices"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+
+    targets: Targets = ("attn.q", "attn.v")
+    layers: Layers = None
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def build(self) -> LoRA:
+        return LoRA(self)
+
+
+class LoRALayer(nn.Module):
+    """The factors for one linear layer. `A` is (r, in), `B` is (out, r), as in the paper."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # the init of nn.Linear, as microsoft/LoRA
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return F.linear(F.linear(x.to(self.A.dtype), self.A), self.B) * self.scaling
+
+    def weight_delta(self) -> torch.Tensor:
+        """The (out, in) change to W that merging applies."""
+        return (self.B @ self.A) * self.scaling
+
+
+class LoRA(Delta):
+    config: LoRAConfig
+
+    def __init__(self, config: LoRAConfig) -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleDict()
+        self._modules_by_key: dict[str, str] = {}
+
+    def attach(self, model: nn.Module, hooks: Hooks) -> None:
+        cfg = self.config
+        for name in self.targets(model, cfg.targets, cfg.layers):
+            module = model.get_submodule(name)
+            if not is_linear(module):
+                raise ValueError(
+                    f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; "
+                    "target projections such as 'attn.q', 'attn.v', 'ffn.in' or their module names"
+                )
+            in_f, out_f = linear_dims(module)
+            layer = LoRALayer(in_f, out_f, cfg.r, cfg.alpha, cfg.dropout, module.weight.dtype, module.weight.device)
+            key = safe_key(name)
+            self.layers[key] = layer
+            self._modules_by_key[key] = name
+            self.sites[name] = sum(p.numel() for p in layer.parameters())
+            hooks.on_output(module, _lora_hook(layer))
+
+    def _each(self, model: nn.Module):
+        for key, layer in self.layers.items():
+            yield model.get_submodule(self._modules_by_key[key]), layer
+
+    @torch.no_grad()
+    def merge_into(self, model: nn.Module) -> None:
+        for module, layer in self._each(model):
+            module.weight.add_(weight_update(module, layer.weight_delta()).to(module.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, model: nn.Module) -> None:
+        for module, layer in self._each(model):
+            module.weight.sub_(weight_update(module, layer.weight_delta()).to(module.weight.dtype))
+
+
+def _lora_hook(layer: LoRALayer):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        return output + layer.update(first_input(args, kwargs)).to(output.dtype)
+
+    return hook

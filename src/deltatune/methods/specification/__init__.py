@@ -1,0 +1,1 @@
+"""Specification-based delta tuning methods."""

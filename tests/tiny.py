@@ -1,0 +1,114 @@
+"""Tiny randomly initialised models of every family deltatune maps, built in the tests themselves.
+
+Each is small enough that a forward and backward take milliseconds, yet keeps the real module
+tree (names, Conv1D, cross-attention, tied embeddings) that targeting and hooks must handle.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 100
+NUM_LABELS = 3
+
+_CONFIGS = {
+    "bert": lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, pad_token_id=0),
+    "roberta": lambda: tf.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=70, pad_token_id=1,
+                                        bos_token_id=0, eos_token_id=2),
+    "distilbert": lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                              max_position_embeddings=64, pad_token_id=0),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                              num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+    "bart": lambda: tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                                  eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None),
+}
+
+ARCHS = tuple(_CONFIGS)
+CAUSAL = ("gpt2", "llama")
+SEQ2SEQ = ("t5", "bart")
+LM_ARCHS = CAUSAL + SEQ2SEQ
+# (arch, head) pairs every method must work on: a classification head everywhere, an LM where one exists.
+CASES = [(a, "cls") for a in ARCHS] + [(a, "lm") for a in LM_ARCHS]
+
+
+def make_config(arch: str) -> tf.PretrainedConfig:
+    config = _CONFIGS[arch]()
+    config.num_labels = NUM_LABELS
+    return config
+
+
+def make_model(arch: str, head: str = "cls", seed: int = 0) -> torch.nn.Module:
+    """A tiny model in eval mode (no dropout), so that outputs are comparable call to call."""
+    config = make_config(arch)
+    torch.manual_seed(seed)
+    if head == "cls":
+        model = tf.AutoModelForSequenceClassification.from_config(config)
+    elif head == "lm" and arch in CAUSAL:
+        model = tf.AutoModelForCausalLM.from_config(config)
+    elif head == "lm" and arch in SEQ2SEQ:
+        model = tf.AutoModelForSeq2SeqLM.from_config(config)
+    else:
+        raise ValueError(f"no {head} head for {arch}")
+    return model.eval()
+
+
+def make_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded inputs (the second row is shorter) with labels for the model's head."""
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    lengths = [seq - 2 * (i % 2) for i in range(batch)]
+    eos = config.eos_token_id if config.model_type in SEQ2SEQ else None
+    for i, n in enumerate(lengths):
+        if eos is not None:
+            ids[i, n - 1] = eos
+        ids[i, n:] = config.pad_token_id
+        mask[i, n:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        inputs["labels"] = torch.randint(0, NUM_LABELS, (batch,), generator=g)
+    elif name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        inputs["labels"] = labels
+    else:
+        inputs["labels"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
+    return inputs
+
+
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"} | _decoder_inputs(model, inputs)).logits
+
+
+def _decoder_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Seq2seq LMs need decoder inputs when called without labels."""
+    labels = inputs.get("labels")
+    if model.config.is_encoder_decoder and labels is not None and labels.dim() == 2:
+        return {"decoder_input_ids": labels}
+    return {}
+
+
+def loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**inputs).loss
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a state dict, for bitwise comparisons later."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
