@@ -69,6 +69,7 @@ class DeltaModel(nn.Module):
             for p in delta.parameters():
                 if p.is_floating_point() and p.dtype != ref.dtype and ref.is_floating_point():
                     p.data = p.data.to(ref.dtype)
+        delta.train(self.backbone.training)
         self.deltas[name] = delta
         if train_head is not None:
             self.train_head = train_head
