@@ -107,7 +107,7 @@ _T5 = {
     "ffn.in": rf"{_L}\.layer\.\d\.DenseReluDense\.(?:wi|wi_0|wi_1)",
     "ffn.out": rf"{_L}\.layer\.\d\.DenseReluDense\.wo",
     "ln": r"(?:layer_norm|final_layer_norm)",
-    "layer": _L,
+    "layer": r"block\.\d+",
     "embeddings": r"(?:shared|embed_tokens)",
     "embeddings.word": r"(?:shared|embed_tokens)",
 }

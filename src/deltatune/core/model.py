@@ -59,7 +59,9 @@ class DeltaModel(nn.Module):
         if name in self.deltas:
             raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
         if not isinstance(config, DeltaConfig):
-            raise TypeError(f"expected a method config such as deltatune.METHODS['lora'](), got {type(config).__name__}")
+            raise TypeError(
+                f"expected a method config such as deltatune.METHODS['lora'](), got {type(config).__name__}"
+            )
         config.validate()
         delta = config.build()
         delta.install(self.backbone)

@@ -41,8 +41,16 @@ class LoRAConfig(DeltaConfig):
 class LoRALayer(nn.Module):
     """The factors for one linear layer. `A` is (r, in), `B` is (out, r), as in the paper."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
