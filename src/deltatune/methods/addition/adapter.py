@@ -1,17 +1,163 @@
-"""STUB: being written."""
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020): h -> h + s * up(act(down(h))).
+
+The adapter rewrites the *output* of a sublayer's projection, i.e. before the residual add and
+the LayerNorm of a post-LN block, which is where both papers insert it. An output hook does this
+on every architecture without knowing how its block adds residuals.
+
+`up` starts at zero (weight and bias), so the adapter is exactly the identity at init and training
+starts from the pretrained function; `down` gets a small normal init so that `up` receives a
+gradient at the first step. The nonlinearity makes the adapter impossible to fold into a weight,
+hence not mergeable.
+
+Placements: "houlsby" puts one adapter after the attention output projection and one after the FFN
+output projection (`attn.o`, `ffn.out`); "pfeiffer" keeps only the FFN one, which the AdapterFusion
+search found as good at half the cost. Explicit `targets` (e.g. adding `decoder:xattn.o` for the
+cross-attention of an encoder-decoder) override the placement.
+
+`Bottleneck`, `activation`, `placement_targets` and `check_non_linearity` are reused by the parallel
+adapter and by Compacter.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ...core.delta import DeltaConfig
+import torch
+from torch import nn
+
+from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
+from ...core.layers import hidden_size_of, map_hidden, param_dtype_device
+from ...core.targeting import Layers, Targets
+
+PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "houlsby": ("attn.o", "ffn.out"),
+    "pfeiffer": ("ffn.out",),
+}
+
+NON_LINEARITIES: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
+
+
+def check_non_linearity(config: DeltaConfig, value: str) -> None:
+    if value not in NON_LINEARITIES:
+        raise ValueError(
+            f"{type(config).__name__}.non_linearity must be one of {', '.join(NON_LINEARITIES)}, got {value!r}"
+        )
+
+
+def check_placement(config: DeltaConfig, value: str) -> None:
+    if value not in PLACEMENTS:
+        raise ValueError(
+            f"{type(config).__name__}.placement must be one of {', '.join(PLACEMENTS)} "
+            f"(or set targets explicitly), got {value!r}"
+        )
+
+
+def activation(name: str) -> nn.Module:
+    if name not in NON_LINEARITIES:
+        raise ValueError(f"unknown non_linearity {name!r}; use one of {', '.join(NON_LINEARITIES)}")
+    return NON_LINEARITIES[name]()
+
+
+def placement_targets(placement: str, targets: Targets) -> Targets:
+    """Explicit targets win; otherwise the placement's aliases."""
+    return PLACEMENTS[placement] if targets is None else targets
+
+
+class Bottleneck(nn.Module):
+    """up(act(down(x))) * scaling, from width `in_dim` through `bottleneck` to width `out_dim`.
+
+    Returns the update only; callers add it to whatever the adapter runs beside or after.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        bottleneck: int,
+        out_dim: int,
+        non_linearity: str,
+        scaling: float,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.down: nn.Module = nn.Linear(in_dim, bottleneck, dtype=dtype, device=device)
+        self.act = activation(non_linearity)
+        self.up: nn.Module = nn.Linear(bottleneck, out_dim, dtype=dtype, device=device)
+        self.scaling = scaling
+        with torch.no_grad():
+            nn.init.normal_(self.down.weight, std=1e-2)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x.to(self.param_dtype())))) * self.scaling
 
 
 @dataclasses.dataclass
 class AdapterConfig(DeltaConfig):
     method: ClassVar[str] = "adapter"
     family: ClassVar[str] = "addition"
+    trains: ClassVar[str] = "bottleneck MLPs (down, nonlinearity, up) added after sublayer outputs"
+    mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True
 
-    def build(self):
-        raise NotImplementedError("adapter is not written yet")
+    placement: str = "houlsby"
+    targets: Targets = None
+    layers: Layers = None
+    bottleneck: int = 24
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_placement(self, self.placement)
+        check_non_linearity(self, self.non_linearity)
+
+    def build(self) -> Adapter:
+        return Adapter(self)
+
+
+class Adapter(Delta):
+    config: AdapterConfig
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__(config)
+        self.adapters = nn.ModuleDict()
+
+    def make_bottleneck(self, width: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        cfg = self.config
+        return Bottleneck(width, cfg.bottleneck, width, cfg.non_linearity, cfg.scaling, dtype, device)
+
+    def attach(self, model: nn.Module, hooks: Hooks) -> None:
+        cfg = self.config
+        for name in self.targets(model, placement_targets(cfg.placement, cfg.targets), cfg.layers):
+            module = model.get_submodule(name)
+            try:
+                width = hidden_size_of(module)
+            except TypeError as err:
+                raise ValueError(
+                    f"{cfg.method} target {name!r} is a {type(module).__name__} whose output width is unknown; "
+                    "target sublayer output projections such as 'attn.o', 'ffn.out' or 'xattn.o'"
+                ) from err
+            dtype, device = param_dtype_device(module)
+            block = self.make_bottleneck(width, dtype, device)
+            self.adapters[safe_key(name)] = block
+            self.sites[name] = sum(p.numel() for p in block.parameters())
+            hooks.on_output(module, _sequential_hook(block))
+
+
+def _sequential_hook(block: nn.Module):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return map_hidden(output, lambda h: h + block(h).to(h.dtype))
+
+    return hook
