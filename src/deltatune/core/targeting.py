@@ -50,6 +50,12 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def block_of(name: str) -> str | None:
+    """The transformer block a module belongs to: its qualified name up to the layer number."""
+    match = _LAYER_RE.search(name)
+    return name[: match.end(1)] if match else None
+
+
 def side_of(name: str) -> str | None:
     parts = name.split(".")
     for side in _SIDES:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
 from ...core.layers import first_input, is_linear, linear_dims, param_dtype_device
-from ...core.targeting import _LAYER_RE, Layers, Targets, resolve
+from ...core.targeting import Layers, Targets, block_of, resolve
 from .adapter import Bottleneck, check_non_linearity
 
 
@@ -53,12 +53,6 @@ class ParallelAdapterConfig(DeltaConfig):
 
     def build(self) -> ParallelAdapter:
         return ParallelAdapter(self)
-
-
-def block_of(name: str) -> str | None:
-    """The transformer block a module belongs to: its qualified name up to the layer number."""
-    match = _LAYER_RE.search(name)
-    return name[: match.end(1)] if match else None
 
 
 def _linear_or_error(model: nn.Module, name: str, role: str) -> nn.Module:
