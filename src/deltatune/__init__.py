@@ -1,12 +1,45 @@
 """deltatune: delta tuning (parameter-efficient fine-tuning) of pretrained transformers."""
 
 from .core import Delta, DeltaConfig, DeltaError, DeltaModel, Hooks, TargetError, attach, resolve
-from .methods import METHODS, get_config
+from .core.io import DeltaIOError, load_delta, save_delta
+from .methods import (
+    METHODS,
+    AdapterConfig,
+    BitFitConfig,
+    CompacterConfig,
+    DiffPruningConfig,
+    IA3Config,
+    LayerNormConfig,
+    LoRAConfig,
+    LowRankAdapterConfig,
+    ParallelAdapterConfig,
+    PrefixConfig,
+    PromptConfig,
+    SAIDConfig,
+    SelectiveConfig,
+    get_config,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdapterConfig",
+    "BitFitConfig",
+    "CompacterConfig",
+    "DeltaIOError",
+    "DiffPruningConfig",
+    "IA3Config",
+    "LayerNormConfig",
+    "LoRAConfig",
+    "LowRankAdapterConfig",
+    "ParallelAdapterConfig",
+    "PrefixConfig",
+    "PromptConfig",
+    "SAIDConfig",
+    "SelectiveConfig",
+    "load_delta",
+    "save_delta",
     "Delta",
     "DeltaConfig",
     "DeltaError",

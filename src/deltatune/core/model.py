@@ -180,6 +180,12 @@ class DeltaModel(nn.Module):
         delta.unmerge_from(self.backbone)
         delta.merged = False
 
+    def save_delta(self, path: str, name: str = "default", **metadata: Any) -> Any:
+        """Write only this delta (tensors, config, backbone identity) to a folder; see `core.io`."""
+        from .io import save_delta
+
+        return save_delta(self, path, name, **metadata)
+
     def tree(self, **kwargs: Any) -> str:
         from .tree import render
 

@@ -15,7 +15,18 @@ if TYPE_CHECKING:
 
 
 def _own_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
+    """A module's own parameters, counting those a parametrization moved under `.parametrizations`."""
+    own = sum(p.numel() for p in module.parameters(recurse=False))
+    wrapped = getattr(module, "parametrizations", None)
+    if wrapped is not None:
+        own += sum(p.original.numel() for p in wrapped.values())
+    return own
+
+
+def _type_name(module: nn.Module) -> str:
+    """`ParametrizedLinear` is torch's dynamic subclass; show the class the model was built with."""
+    name = type(module).__name__
+    return name.removeprefix("Parametrized") if hasattr(module, "parametrizations") else name
 
 
 def _marks(dm: DeltaModel) -> dict[str, list[str]]:
@@ -35,7 +46,7 @@ def _signature(module: nn.Module, prefix: str, marks: dict[str, list[str]]) -> t
         full = f"{prefix}.{sub}" if sub else prefix
         if ".parametrizations" in full:
             continue
-        items.append((sub, type(child).__name__, tuple(m.split(" +")[0] for m in marks.get(full, []))))
+        items.append((sub, _type_name(child), tuple(m.split(" +")[0] for m in marks.get(full, []))))
     return tuple(items)
 
 
@@ -44,14 +55,16 @@ def render(dm: DeltaModel, max_depth: int = 8, fold: bool = True) -> str:
     lines: list[str] = []
 
     def walk(module: nn.Module, name: str, prefix: str, depth: int) -> None:
-        label = name.rsplit(".", 1)[-1] if name else type(module).__name__
+        label = name.rsplit(".", 1)[-1] if name else _type_name(module)
         own = _own_params(module)
-        text = f"{label} ({type(module).__name__}" + (f", {own:,} params)" if own else ")")
+        text = f"{label} ({_type_name(module)}" + (f", {own:,} params)" if own else ")")
         if name in marks:
             text += "  <- " + "; ".join(marks[name])
-        lines.append(prefix + text)
         if depth >= max_depth:
+            below = sum(d.sites[site] for d in dm.deltas.values() for site in d.sites if site.startswith(name + "."))
+            lines.append(prefix + text + (f"  (+{below:,} delta parameters inside)" if below else ""))
             return
+        lines.append(prefix + text)
         children = [(n, c) for n, c in module.named_children() if n != "parametrizations"]
         i = 0
         while i < len(children):

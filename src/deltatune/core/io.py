@@ -1,0 +1,243 @@
+"""Saving and loading a delta alone: `delta.safetensors` (its tensors) + `delta.json` (everything else).
+
+A delta is only meaningful on the backbone it was trained on, so the JSON carries the backbone's
+identity: a structural hash (parameter names and shapes), the dtypes, and a few fixed weight
+values, compared with a tolerance so that a bf16 copy of the same model still matches. Files are
+written into a temporary folder and renamed into place: a crash never leaves half a delta. Only
+safetensors and JSON are ever read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .delta import DeltaConfig
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+WEIGHTS, META = "delta.safetensors", "delta.json"
+FORMAT = "deltatune.delta/1"
+_SLICE = 8  # values taken from each probe tensor
+
+
+class DeltaIOError(ValueError):
+    """A delta folder that cannot be loaded onto this model, with what to do about it."""
+
+
+def _clean(name: str) -> str:
+    """A parameter's backbone name, also while a parametrization wraps it."""
+    return name.replace(".parametrizations.", ".").replace(".original", "")
+
+
+def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return sorted((_clean(n), p) for n, p in model.named_parameters())
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Who the backbone is: structure hash, dtypes and a few weight values from fixed places."""
+    params = _base_parameters(model)
+    digest = hashlib.sha256()
+    for name, p in params:
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params})
+    probes = {}
+    for name, p in (params[0], params[len(params) // 2], params[-1]):
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, steps=min(_SLICE, flat.numel())).long()
+        probes[name] = [float(v) for v in flat[idx].float().cpu()]
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "name_or_path": getattr(config, "_name_or_path", None),
+        "class": type(model).__name__,
+        "num_parameters": sum(p.numel() for _, p in params),
+        "structure_sha256": digest.hexdigest(),
+        "dtypes": dtypes,
+        "probes": probes,
+    }
+
+
+def _describe(fp: dict[str, Any]) -> str:
+    name = fp.get("name_or_path") or "unnamed"
+    return f"{fp.get('class')} ({fp.get('model_type')}, {name}, {fp.get('num_parameters', 0):,} parameters)"
+
+
+def check_backbone(saved: dict[str, Any], model: nn.Module) -> None:
+    """Refuse a delta made for another backbone, naming both; dtype differences are fine (cast on load)."""
+    here = fingerprint(model)
+    if saved.get("structure_sha256") != here["structure_sha256"]:
+        raise DeltaIOError(
+            f"this delta was trained on {_describe(saved)} but the model is {_describe(here)}: "
+            "their parameter names or shapes differ; load it onto the backbone it was trained on"
+        )
+    params = dict(_base_parameters(model))
+    for name, values in saved.get("probes", {}).items():
+        if name not in params:
+            raise DeltaIOError(f"delta.json names a backbone parameter {name!r} this model lacks; was the JSON edited?")
+        flat = params[name].detach().reshape(-1).float().cpu()
+        idx = torch.linspace(0, flat.numel() - 1, steps=len(values)).long()
+        if not torch.allclose(flat[idx], torch.tensor(values), rtol=2e-2, atol=1e-3):
+            raise DeltaIOError(
+                f"this delta was trained on {_describe(saved)}; the model has the same shapes but other weights "
+                f"(e.g. {name!r} differs): it is another checkpoint of the same architecture; load the right one"
+            )
+
+
+def _config_from_json(data: dict[str, Any]) -> DeltaConfig:
+    from ..methods import METHODS  # the registry, not any method by name
+
+    method = data.get("method")
+    if method not in METHODS:
+        raise DeltaIOError(f"delta.json names an unknown method {method!r}; known: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key == "method":
+            continue
+        if key not in fields:
+            raise DeltaIOError(f"delta.json gives {method} a setting {key!r} it does not have; was the JSON edited?")
+        default = fields[key].default
+        kwargs[key] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
+    try:
+        config = cls(**kwargs)
+        config.validate()
+    except (TypeError, ValueError) as err:
+        raise DeltaIOError(f"delta.json holds an invalid {method} config: {err}") from err
+    return config
+
+
+def _write_folder(path: Path, files: dict[str, bytes]) -> None:
+    """Write files into a fresh temporary folder beside `path`, then swap it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if path.exists():
+            if not path.is_dir() or not (path / META).exists() and any(path.iterdir()):
+                raise DeltaIOError(f"{path} exists and is not a delta folder; choose another path")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_delta(dm: DeltaModel, path: str | os.PathLike, name: str = "default", **metadata: Any) -> Path:
+    """Write one named delta (tensors + config + backbone identity) to a folder, atomically."""
+    from safetensors.torch import save
+
+    from .. import __version__
+
+    delta = dm.delta(name)
+    if delta.merged:
+        raise DeltaIOError(f"delta {name!r} is merged into the weights; unmerge it before saving")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in delta.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "name": name,
+        "config": delta.config.to_dict(),
+        "family": delta.config.family,
+        "sites": delta.sites,
+        "num_parameters": sum(v.numel() for v in tensors.values()),
+        "backbone": fingerprint(dm.backbone),
+        "deltatune_version": __version__,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "metadata": metadata,
+    }
+    path = Path(path)
+    _write_folder(path, {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, indent=2).encode()})
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / META).exists():
+        hint = " (it holds a delta.safetensors but no delta.json)" if (path / WEIGHTS).exists() else ""
+        raise DeltaIOError(f"{path} is not a delta folder: no {META}{hint}; save deltas with DeltaModel.save_delta")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DeltaIOError(f"{path / META} is not valid JSON ({err}); was it edited by hand or cut short?") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise DeltaIOError(f"{path / META} is not a deltatune delta description (format {FORMAT!r} expected)")
+    return meta
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / WEIGHTS
+    if not file.exists():
+        raise DeltaIOError(f"{file} is missing; the delta folder is incomplete")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DeltaIOError(f"{file} is truncated or corrupted ({err}); save the delta again") from err
+
+
+def load_delta(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, strict_backbone: bool = True):
+    """Attach a saved delta to `model` (a backbone or a DeltaModel) and return the DeltaModel.
+
+    Everything is checked before the model is touched: the backbone's identity, the config, the
+    file; the tensors are cast to the backbone's dtype and device.
+    """
+    from .model import DeltaModel
+
+    meta = read_meta(path)
+    config = _config_from_json(meta["config"])
+    tensors = read_tensors(path)
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    if strict_backbone:
+        check_backbone(meta.get("backbone", {}), dm.backbone)
+    name = name or meta.get("name") or "default"
+    dm.add(name, config)
+    try:
+        _load_into(dm, name, tensors, meta)
+    except BaseException:
+        dm.detach(name)
+        raise
+    return dm
+
+
+def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    delta = dm.delta(name)
+    if meta.get("sites") and set(meta["sites"]) != set(delta.sites):
+        missing = sorted(set(meta["sites"]) - set(delta.sites))[:5]
+        extra = sorted(set(delta.sites) - set(meta["sites"]))[:5]
+        raise DeltaIOError(f"the delta's modules differ on this model: saved-only {missing}, here-only {extra}")
+    own = delta.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise DeltaIOError(
+            f"delta.safetensors does not fit the {delta.config.method} delta: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]}"
+        )
+    bad = [k for k in own if own[k].shape != tensors[k].shape]
+    if bad:
+        k = bad[0]
+        raise DeltaIOError(f"tensor {k!r} has shape {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} here")
+    cast = {k: v.to(dtype=own[k].dtype, device=own[k].device) for k, v in tensors.items()}
+    delta.load_state_dict(cast, strict=True)
