@@ -1,0 +1,128 @@
+"""Delta checkpoints: exact round trips, and every way a load can go wrong gets a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model
+
+import deltatune as dt
+from deltatune.core.io import META, WEIGHTS
+
+
+def _trained(method: str, arch: str = "bert", seed: int = 0) -> dt.DeltaModel:
+    dm = dt.attach(make_model(arch), dt.METHODS[method]())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dm.delta().parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return dm
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("method", list(dt.METHODS))
+def test_save_load_round_trip_reproduces_outputs(method: str, arch: str, tmp_path: Path) -> None:
+    dm = _trained(method, arch)
+    inputs = make_inputs(dm.backbone)
+    expected = logits(dm, inputs)
+    dm.save_delta(tmp_path / "d")
+    loaded = dt.load_delta(make_model(arch), tmp_path / "d")
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=1e-6)
+    assert loaded.delta().config.to_dict() == dm.delta().config.to_dict()
+
+
+def test_checkpoint_holds_only_the_delta(tmp_path: Path) -> None:
+    dm = _trained("lora")
+    dm.save_delta(tmp_path / "d", epoch=3)
+    size = (tmp_path / "d" / WEIGHTS).stat().st_size
+    assert size <= dm.delta_parameters() * 4 + 16 * 1024
+    meta = json.loads((tmp_path / "d" / META).read_text())
+    assert meta["num_parameters"] == dm.delta_parameters()
+    assert meta["metadata"] == {"epoch": 3}
+    assert meta["backbone"]["model_type"] == "bert"
+    assert set(meta["sites"]) == set(dm.delta().sites)
+
+
+def test_loading_onto_another_architecture_names_both(tmp_path: Path) -> None:
+    _trained("lora").save_delta(tmp_path / "d")
+    with pytest.raises(dt.DeltaIOError, match=r"trained on BertForSequenceClassification.*the model is GPT2"):
+        dt.load_delta(make_model("gpt2"), tmp_path / "d")
+
+
+def test_loading_onto_other_weights_of_the_same_shape_is_refused(tmp_path: Path) -> None:
+    _trained("lora").save_delta(tmp_path / "d")
+    with pytest.raises(dt.DeltaIOError, match="same shapes but other weights"):
+        dt.load_delta(make_model("bert", seed=5), tmp_path / "d")
+
+
+def test_a_bf16_copy_of_the_backbone_accepts_the_delta_cast_to_bf16(tmp_path: Path) -> None:
+    _trained("lora").save_delta(tmp_path / "d")
+    model = make_model("bert").to(torch.bfloat16)
+    loaded = dt.load_delta(model, tmp_path / "d")
+    assert {p.dtype for p in loaded.delta().parameters()} == {torch.bfloat16}
+
+
+def test_truncated_weights_file_is_reported(tmp_path: Path) -> None:
+    _trained("lora").save_delta(tmp_path / "d")
+    file = tmp_path / "d" / WEIGHTS
+    file.write_bytes(file.read_bytes()[:100])
+    model = make_model("bert")
+    with pytest.raises(dt.DeltaIOError, match="truncated or corrupted"):
+        dt.load_delta(model, tmp_path / "d")
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_hand_edited_json_is_reported(tmp_path: Path) -> None:
+    _trained("lora").save_delta(tmp_path / "d")
+    meta_file = tmp_path / "d" / META
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["rank_typo"] = 4
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(dt.DeltaIOError, match="setting 'rank_typo' it does not have"):
+        dt.load_delta(make_model("bert"), tmp_path / "d")
+    meta_file.write_text("{not json")
+    with pytest.raises(dt.DeltaIOError, match="not valid JSON"):
+        dt.load_delta(make_model("bert"), tmp_path / "d")
+
+
+def test_keys_that_do_not_fit_are_listed(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _trained("lora").save_delta(tmp_path / "d")
+    file = tmp_path / "d" / WEIGHTS
+    tensors = load_file(str(file))
+    first = sorted(tensors)[0]
+    tensors["surprise"] = tensors.pop(first)
+    save_file(tensors, str(file))
+    with pytest.raises(dt.DeltaIOError, match=rf"missing keys \['{first}'\], unexpected keys \['surprise'\]"):
+        dt.load_delta(make_model("bert"), tmp_path / "d")
+
+
+def test_folder_without_json_and_merged_delta_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(dt.DeltaIOError, match="not a delta folder"):
+        dt.load_delta(make_model("bert"), tmp_path)
+    dm = _trained("lora")
+    dm.merge()
+    with pytest.raises(dt.DeltaIOError, match="unmerge it before saving"):
+        dm.save_delta(tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_failed_save_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = _trained("lora")
+    dm.save_delta(tmp_path / "d")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+
+    def boom(*args: object, **kwargs: object) -> bytes:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save", boom)
+    with torch.no_grad():
+        next(dm.delta().parameters()).add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        dm.save_delta(tmp_path / "d")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
