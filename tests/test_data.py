@@ -1,0 +1,424 @@
+"""deltatune.data: loading and validating tasks, few-shot sampling, metrics against known values."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from deltatune.data import (
+    DataError,
+    Example,
+    compute_metrics,
+    data_root,
+    few_shot,
+    few_shot_task,
+    format_task_table,
+    list_tasks,
+    load_task,
+)
+from deltatune.data import metrics as M
+
+SENTIMENT = {"name": "senti", "type": "classification", "labels": ["negative", "positive"], "license": "MIT"}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_task(root: Path, name: str, meta: dict | None, **splits: list) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    if meta is not None:
+        (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    for split, rows in splits.items():
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    return folder
+
+
+def error_of(source, **kw) -> str:  # noqa: ANN001
+    with pytest.raises(DataError) as info:
+        load_task(source, **kw)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_folder_with_meta_loads_splits_labels_license_and_metrics(tmp_path):
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "fine", "label": 1}]
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=rows, dev=rows[:2], test=rows[:1])
+    task = load_task(folder)
+    assert (task.name, task.type, task.labels, task.license) == (
+        "senti",
+        "classification",
+        ["negative", "positive"],
+        "MIT",
+    )
+    assert {k: len(v) for k, v in task.splits.items()} == {"train": 3, "dev": 2, "test": 1}
+    assert task.num_labels == 2 and task.metric_names == ["accuracy", "macro_f1"] and task.primary_metric == "accuracy"
+    assert task["validation"] is task.splits["dev"]
+
+
+def test_label_string_equal_to_meta_label_maps_to_its_index(tmp_path):
+    rows = [{"text": "a", "label": "positive"}, {"text": "b", "label": "negative"}]
+    task = load_task(make_task(tmp_path, "senti", SENTIMENT, train=rows))
+    assert [e.label for e in task["train"]] == [1, 0]
+
+
+def test_pair_rows_keep_text_pair(tmp_path):
+    meta = {"type": "pair_classification", "labels": ["entailment", "not_entailment"]}
+    task = load_task(make_task(tmp_path, "nli", meta, train=[{"text": "p", "text_pair": "h", "label": 1}]))
+    assert task["train"][0] == Example("p", "h", 1) and task.is_pair
+
+
+def test_generation_rows_carry_target_and_references(tmp_path):
+    meta = {"type": "generation"}
+    rows = [{"source": "mr1", "target": "t1"}, {"source": "mr2", "target": "a", "references": ["a", "b"]}]
+    task = load_task(make_task(tmp_path, "gen", meta, train=rows))
+    assert task["train"][0] == Example("mr1", None, "t1", ("t1",))
+    assert task["train"][1].references == ("a", "b")
+    assert task.labels == [] and task.num_labels == 0 and task.primary_metric == "bleu"
+
+
+def test_type_and_labels_are_inferred_without_meta(tmp_path):
+    reg = load_task(
+        write_jsonl(tmp_path / "reg.jsonl", [{"text": "a", "text_pair": "b", "label": 4}, {"text": "c", "label": 1.5}])
+    )
+    assert reg.type == "regression" and reg.num_labels == 1 and [e.label for e in reg["train"]] == [4.0, 1.5]
+    cls = load_task(
+        write_jsonl(tmp_path / "cls.jsonl", [{"text": "a", "label": "spam"}, {"text": "b", "label": "ham"}])
+    )
+    assert cls.type == "classification" and cls.labels == ["ham", "spam"] and [e.label for e in cls["train"]] == [1, 0]
+    gen = load_task(write_jsonl(tmp_path / "gen.jsonl", [{"source": "x", "target": "y"}]))
+    assert gen.type == "generation"
+
+
+def test_single_file_is_train_unless_splits_say_otherwise(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    assert list(load_task(path).splits) == ["train"]
+    assert list(load_task(path, splits=("test",)).splits) == ["test"]
+    assert load_task(path).name == "rows"
+
+
+def test_csv_file_loads_string_labels_and_numbers(tmp_path):
+    path = tmp_path / "senti.csv"
+    path.write_text('text,label\n"good, really",positive\nbad,negative\n', encoding="utf-8")
+    task = load_task(path, labels=["negative", "positive"])
+    assert [(e.text, e.label) for e in task["train"]] == [("good, really", 1), ("bad", 0)]
+    reg = tmp_path / "sts.csv"
+    reg.write_text("sentence1,sentence2,score\na,b,3.8\nc,d,1\n", encoding="utf-8")
+    task = load_task(reg)
+    assert task.type == "regression" and task["train"][0] == Example("a", "b", 3.8)
+
+
+def test_csv_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("text,label\nok,positive\nhmm,neutral\n", encoding="utf-8")
+    msg = error_of(path, labels=["negative", "positive"])
+    assert "bad.csv" in msg and "line 3" in msg and "neutral" in msg
+
+
+def test_missing_split_named_explicitly_is_an_error_default_splits_skip_it(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": 0}])
+    assert list(load_task(folder).splits) == ["train"]
+    msg = error_of(folder, splits=("train", "test"))
+    assert "'test'" in msg and "train.jsonl" in msg
+
+
+# ----------------------------------------------------------------------------- validation errors name file and line
+
+
+def test_empty_file_is_an_error(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=[])
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 1" in msg and "empty" in msg
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": 0}, '{"text": "b", "label": 1'])
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "invalid JSON" in msg
+
+
+def test_missing_text_field_names_file_and_line(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, dev=[{"text": "a", "label": 0}, {"sentenc": "b", "label": 1}])
+    msg = error_of(folder)
+    assert "dev.jsonl" in msg and "line 2" in msg and "'text'" in msg
+
+
+def test_missing_source_field_in_generation_names_file_and_line(tmp_path):
+    folder = make_task(tmp_path, "gen", {"type": "generation"}, test=[{"source": "a", "target": "b"}, {"target": "c"}])
+    msg = error_of(folder)
+    assert "test.jsonl" in msg and "line 2" in msg and "'source'" in msg
+
+
+def test_unknown_label_string_names_file_line_and_labels(tmp_path):
+    folder = make_task(
+        tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": "positive"}, {"text": "b", "label": "neutral"}]
+    )
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "'neutral'" in msg and "positive" in msg
+
+
+def test_label_index_out_of_range_names_file_and_line(tmp_path):
+    folder = make_task(
+        tmp_path,
+        "senti",
+        SENTIMENT,
+        train=[{"text": "a", "label": 1}, {"text": "b", "label": 0}, {"text": "c", "label": 2}],
+    )
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 3" in msg and "out of range" in msg
+
+
+def test_mixed_int_and_string_labels_name_both_lines(tmp_path):
+    folder = make_task(
+        tmp_path,
+        "senti",
+        SENTIMENT,
+        train=[{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c", "label": "positive"}],
+    )
+    msg = error_of(folder)
+    assert "line 3" in msg and "line 1" in msg and "mixed label types" in msg
+
+
+def test_mixed_int_and_float_labels_in_classification_are_an_error(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": 0}, {"text": "b", "label": 0.5}])
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "mixed label types" in msg
+
+
+def test_mixed_label_types_without_meta_are_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": 1}])
+    msg = error_of(path)
+    assert "x.jsonl" in msg and "line 2" in msg and "line 1" in msg and "mixed label types" in msg
+
+
+def test_non_numeric_regression_label_names_file_and_line(tmp_path):
+    folder = make_task(
+        tmp_path, "sts", {"type": "regression"}, train=[{"text": "a", "label": 1.0}, {"text": "b", "label": "high"}]
+    )
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "non-numeric" in msg
+
+
+def test_unknown_task_name_suggests_close_names_and_says_where_it_looked(tmp_path, monkeypatch):
+    for name in ("sst2", "sst5", "stsb"):
+        make_task(tmp_path, name, SENTIMENT, train=[{"text": "a", "label": 0}])
+    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path))
+    msg = error_of("sst3")
+    assert "sst2" in msg and "sst5" in msg and str(tmp_path) in msg
+    assert load_task("SST-2").name == "sst2"
+
+
+def test_data_root_env_pointing_nowhere_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="DELTATUNE_DATA"):
+        data_root()
+
+
+# ----------------------------------------------------------------------------- datasets objects (duck-typed)
+
+
+class FakeLabel:
+    def __init__(self, names):  # noqa: ANN001
+        self.names = names
+
+
+class FakeDataset:
+    """The parts of `datasets.Dataset` the loader uses: column_names, features, iteration over dict rows."""
+
+    def __init__(self, rows, features=None):  # noqa: ANN001
+        self.rows, self.features = rows, features or {}
+        self.column_names = list(rows[0]) if rows else []
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_datasetdict_like_object_loads_with_classlabel_names_and_validation_alias():
+    feats = {"label": FakeLabel(["not_equivalent", "equivalent"])}
+    dd = {
+        "train": FakeDataset([{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0}], feats),
+        "validation": FakeDataset([{"sentence1": "c", "sentence2": "d", "label": 0, "idx": 1}], feats),
+    }
+    task = load_task(dd, name="mrpc")
+    assert task.name == "mrpc" and task.labels == ["not_equivalent", "equivalent"]
+    assert task.type == "pair_classification" and set(task.splits) == {"train", "dev"}
+    assert task["dev"][0] == Example("c", "d", 0)
+
+
+def test_single_dataset_like_object_errors_name_the_row():
+    ds = FakeDataset([{"text": "a", "label": 0}, {"text": "b", "label": 7}], {"label": FakeLabel(["x", "y"])})
+    msg = error_of(ds, name="toy")
+    assert "toy" in msg and "row 1" in msg and "out of range" in msg
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def test_list_tasks_and_table_read_meta_and_count_rows(tmp_path):
+    make_task(tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": 0}] * 3, test=[{"text": "b", "label": 1}])
+    make_task(tmp_path, "sts", {"type": "regression", "license": "CC BY-SA 4.0"}, train=[{"text": "a", "label": 1.0}])
+    rows = list_tasks(tmp_path)
+    assert rows[0] == {
+        "name": "senti",
+        "type": "classification",
+        "num_labels": 2,
+        "splits": {"train": 3, "test": 1},
+        "license": "MIT",
+    }
+    assert rows[1]["num_labels"] == 1
+    table = format_task_table(rows).splitlines()
+    assert table[0].split() == ["task", "type", "labels", "train", "dev", "test", "license"]
+    assert table[2].split() == ["senti", "classification", "2", "3", "-", "1", "MIT"]
+    assert len({len(line.split("MIT")[0]) for line in (table[0].split("license")[0] + "MIT", table[2])}) == 1
+
+
+# ----------------------------------------------------------------------------- few-shot
+
+
+def _balanced(n_per_class: int, n_classes: int = 3) -> list[Example]:
+    return [Example(f"t{c}-{i}", None, c) for c in range(n_classes) for i in range(n_per_class)]
+
+
+def test_few_shot_takes_k_per_class_deterministically_per_seed():
+    data = _balanced(20)
+    a, b, c = few_shot(data, 4, seed=1), few_shot(data, 4, seed=1), few_shot(data, 4, seed=2)
+    assert a == b and a != c
+    assert sorted(e.label for e in a) == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(set(a)) == 12
+
+
+def test_few_shot_names_the_short_class_and_its_count():
+    data = _balanced(5, 2) + [Example("rare", None, 2)]
+    with pytest.raises(DataError, match=r"'neutral' \(label 2\): 1"):
+        few_shot(data, 2, seed=0, labels=["neg", "pos", "neutral"])
+    with pytest.raises(DataError, match=r"label 3\): 0"):
+        few_shot(data, 1, seed=0, labels=["a", "b", "c", "never_seen"])
+
+
+def test_few_shot_regression_and_generation_take_k_in_total():
+    reg = [Example(f"t{i}", None, float(i)) for i in range(30)]
+    gen = [Example(f"s{i}", None, f"y{i}", (f"y{i}",)) for i in range(30)]
+    assert len(few_shot(reg, 8, seed=0)) == 8 and len(few_shot(gen, 8, seed=0)) == 8
+    with pytest.raises(DataError, match="only 30"):
+        few_shot(gen, 31, seed=0)
+
+
+def test_few_shot_task_has_disjoint_train_and_dev_and_keeps_test(tmp_path):
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(40)]
+    task = load_task(make_task(tmp_path, "senti", SENTIMENT, train=rows, test=rows[:5]))
+    small = few_shot_task(task, 4, seed=3)
+    assert len(small["train"]) == len(small["dev"]) == 8
+    assert not {e.text for e in small["train"]} & {e.text for e in small["dev"]}
+    assert small["test"] == task["test"] and small.meta["few_shot"] == {"k": 4, "dev_k": 4, "seed": 3}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_classification_metrics_match_hand_computed_values():
+    preds, refs = [0, 1, 1, 0], [0, 1, 0, 0]
+    assert M.accuracy(preds, refs) == pytest.approx(0.75)
+    # class 0: P=1, R=2/3 -> F1=0.8; class 1: P=1/2, R=1 -> F1=2/3
+    assert M.macro_f1(preds, refs) == pytest.approx((0.8 + 2 / 3) / 2)
+    # TP=1 TN=2 FP=1 FN=0: (1*2 - 1*0) / sqrt(2*1*3*2)
+    assert M.matthews(preds, refs) == pytest.approx(2 / math.sqrt(12))
+
+
+def test_correlations_of_perfect_and_monotone_relations():
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert M.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
+    assert M.pearson([1, 2, 3, 4], [1, 4, 9, 16]) < 0.99
+    assert M.pearson([2, 2, 2], [1, 2, 3]) == 0.0  # constant predictions: defined as 0, not nan
+
+
+def test_bleu_identical_is_100_and_multiple_references_count():
+    hyp = ["the cat sat on the mat today", "a dog barked loudly at the postman"]
+    assert M.bleu(hyp, hyp) == pytest.approx(100.0)
+    refs = [["a cat was sitting on a mat", "the cat sat on the mat today"], ["a dog barked loudly at the postman"]]
+    assert M.bleu(hyp, refs) == pytest.approx(100.0)
+    assert M.bleu(hyp, [r[0] for r in refs]) < 100.0
+
+
+def test_rouge_l_of_a_known_pair():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 tokens of 6 and 6
+    assert M.rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(100 * 5 / 6)
+    assert M.rouge_l(["the cat sat on the mat"], [["zzz", "the cat sat on the mat"]]) == pytest.approx(100.0)
+
+
+def test_compute_metrics_chooses_by_task_and_accepts_examples_and_label_strings(tmp_path):
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c", "label": 1}]
+    cola = load_task(
+        make_task(tmp_path, "cola", {"type": "classification", "labels": ["unacceptable", "acceptable"]}, test=rows)
+    )
+    out = compute_metrics(cola, ["unacceptable", "acceptable", "garbage"], cola["test"])
+    assert set(out) == {"accuracy", "macro_f1", "matthews"} and out["accuracy"] == pytest.approx(2 / 3)
+    assert cola.primary_metric == "matthews"
+    assert set(compute_metrics("regression", [1.0, 2.0], [1.5, 2.5])) == {"pearson", "spearman"}
+    gen = load_task(
+        write_jsonl(tmp_path / "g.jsonl", [{"source": "s", "target": "x y z w", "references": ["x y z w", "q"]}])
+    )
+    assert compute_metrics(gen, ["x y z w"], gen["train"]) == {
+        "bleu": pytest.approx(100.0),
+        "rouge_l": pytest.approx(100.0),
+    }
+    with pytest.raises(ValueError, match="2 predictions but 3 references"):
+        compute_metrics(cola, [0, 1], cola["test"])
+
+
+def test_metric_without_its_package_names_the_study_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    with pytest.raises(ImportError, match=r"deltatune\[study\]"):
+        M.bleu(["a"], ["a"])
+
+
+# ----------------------------------------------------------------------------- the shared collection
+
+
+def _shared_root() -> Path:
+    try:
+        root = data_root()
+    except DataError:
+        pytest.skip("shared task collection not found (set $DELTATUNE_DATA or put ../shared beside the checkout)")
+    if not (root / "sst2").is_dir():
+        pytest.skip(f"{root} holds no sst2")
+    return root
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("name", "task_type", "pair"),
+    [
+        ("sst2", "classification", False),
+        ("stsb", "regression", True),
+        ("rte", "pair_classification", True),
+        ("e2e_nlg", "generation", False),
+    ],
+)
+def test_shared_collection_tasks_load_with_the_sizes_of_their_meta(name, task_type, pair):
+    root = _shared_root()
+    meta = json.loads((root / name / "meta.json").read_text())
+    task = load_task(name)
+    assert task.type == task_type and task.is_pair == pair
+    assert {s: len(v) for s, v in task.splits.items()} == meta["counts"]
+    assert task.labels == meta.get("labels", [])
+    if task_type == "generation":
+        assert all(e.references and e.label == e.references[0] for e in task["test"])
+
+
+@pytest.mark.integration
+def test_shared_collection_listing_matches_index():
+    root = _shared_root()
+    index = {e["name"]: e for e in json.loads((root / "INDEX.json").read_text())}
+    rows = {r["name"]: r for r in list_tasks()}
+    assert set(index) <= set(rows)
+    assert rows["sst2"]["splits"] == index["sst2"]["counts"] and rows["stsb"]["num_labels"] == 1
