@@ -1,17 +1,302 @@
-"""STUB: being written."""
+"""Prefix tuning (Li & Liang 2021): `num_tokens` trainable key and value vectors in front of every attention's own.
+
+How the prefix gets in: a pre-hook on each attention module hands it, as `past_key_values`, a
+stand-in cache whose `update(k, v)` returns the prefix concatenated in front of the keys and
+values (after passing them to the model's real cache, if there is one). Every attention of this
+transformers version calls `update` right before attending, after rotary embeddings, so prefix
+keys are never rotated and a grouped-query model gets prefixes with its `num_key_value_heads`
+heads. The real cache only ever stores real tokens: positions, the masks the model builds and
+`generate()` bookkeeping are those of the backbone, and the prefix is attended at every step
+without being cached. The same pre-hook prepends `num_tokens` "attend" columns to the 4-D mask
+(True for boolean masks, 0 for additive ones) and writes out the causal mask where the model
+passed none and relied on sdpa's `is_causal`, which would misalign once keys outnumber queries.
+T5 asks that cache for its length to place its relative position bias: it hears real length +
+num_tokens, which puts the prefix just before the first token.
+
+Attention modules without a cache argument (DistilBERT) get the prefix another way: the pre-hook
+prepends `num_tokens` placeholder rows to the hidden states, output hooks on the key and value
+projections overwrite those rows with the prefix, and an output hook drops the rows again.
+
+Reparameterization (the paper's, for stable training): prefix = MLP(embedding), with
+embedding (num_tokens, d) -> Linear(d, mid_dim) -> tanh -> Linear(mid_dim, sum of 2*kv width).
+Each layer computes only its slice of the last Linear. `drop_reparameterization()` stores the
+prefixes themselves after training, so the saved delta is just the key/value numbers.
+Not mergeable: extra keys change the softmax's normalization, which no weight change expresses.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import inspect
+from typing import Any, ClassVar
 
-from ...core.delta import DeltaConfig
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
+
+from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
+from ...core.layers import linear_dims
+from ...core.targeting import TargetError, resolve
+from .prompt import CallArgs
 
 
 @dataclasses.dataclass
 class PrefixConfig(DeltaConfig):
     method: ClassVar[str] = "prefix"
     family: ClassVar[str] = "addition"
+    trains: ClassVar[str] = "num_tokens key/value prefix vectors per attention layer (via an MLP while training)"
+    mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 5e-5  # Li & Liang's AdamW rate (with the MLP, whose wide output layer moves fast)
 
-    def build(self):
-        raise NotImplementedError("prefix is not written yet")
+    num_tokens: int = 6
+    reparameterize: bool = True
+    mid_dim: int = 512
+    cross_attention: bool = False  # also prefix the decoder's cross-attention of an encoder-decoder
+
+    def build(self) -> Prefix:
+        return Prefix(self)
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        for field in ("num_tokens", "mid_dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}.{field} must be a positive integer, got {value!r}")
+        for field in ("reparameterize", "cross_attention"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{name}.{field} must be True or False, got {getattr(self, field)!r}")
+
+
+class _PrefixedCache:
+    """What one attention call sees as its KV cache: the real cache (or none) with the prefix in front."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, inner: Any) -> None:
+        self.key, self.value, self.inner = key, value, inner
+        self.is_updated: dict[int, bool] = {}  # cross-attentions consult it: never "already cached"
+
+    @property
+    def self_attention_cache(self) -> _PrefixedCache:
+        return self
+
+    @property
+    def cross_attention_cache(self) -> _PrefixedCache:
+        return self
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.inner is not None:
+            keys, values = self.inner.update(keys, values, layer_idx, *args, **kwargs)
+        batch, heads, _, head_dim = keys.shape
+        n = self.key.shape[0]
+
+        def heads_first(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            prefix = prefix.to(like.dtype).view(n, heads, head_dim).transpose(0, 1)
+            return prefix.unsqueeze(0).expand(batch, -1, -1, -1)
+
+        return (
+            torch.cat([heads_first(self.key, keys), keys], dim=2),
+            torch.cat([heads_first(self.value, values), values], dim=2),
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        past = self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
+        return self.key.shape[0] + past
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+class _Site:
+    """One prefixed attention module: where its slice of the MLP output starts, and how it is fed."""
+
+    def __init__(self, name: str, key: str, width: int, offset: int, cross: bool, signature: inspect.Signature):
+        self.name, self.key, self.width, self.offset, self.cross = name, key, width, offset, cross
+        self.signature = signature
+        self.mask_arg = "attention_mask" if "attention_mask" in signature.parameters else "mask"
+        self.cached = "past_key_values" in signature.parameters
+        self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
+
+
+class Prefix(Delta):
+    config: PrefixConfig
+
+    def __init__(self, config: PrefixConfig) -> None:
+        super().__init__(config)
+        self._sites: list[_Site] = []
+
+    def attach(self, model: nn.Module, hooks: Hooks) -> None:
+        cfg = self.config
+        chosen = [(n, False) for n in resolve(model, "attn")]
+        if cfg.cross_attention:
+            try:
+                chosen += [(n, True) for n in resolve(model, "xattn")]
+            except TargetError as err:
+                raise ValueError(
+                    f"PrefixConfig.cross_attention=True but {type(model).__name__} has no cross-attention; "
+                    "set cross_attention=False"
+                ) from err
+        offset = 0
+        for name, cross in chosen:
+            module = model.get_submodule(name)
+            width = _kv_width(model, name, cross)
+            site = _Site(name, safe_key(name), width, offset, cross, inspect.signature(module.forward))
+            offset += 2 * width
+            self._sites.append(site)
+            if site.cached:
+                hooks.on_input(module, self._cache_hook(site))
+                continue
+            if cross or getattr(module, "is_causal", False):
+                raise ValueError(f"prefix tuning cannot reach the keys of {name!r} ({type(module).__name__})")
+            k_proj, v_proj = (model.get_submodule(_projection(model, name, p, cross)) for p in ("k", "v"))
+            hooks.on_input(module, self._rows_hook(site))
+            hooks.on_output(k_proj, self._overwrite_hook(site, 0))
+            hooks.on_output(v_proj, self._overwrite_hook(site, 1))
+            hooks.on_output(module, self._drop_rows_hook(site))
+        ref = model.get_submodule(chosen[0][0])
+        dtype = next(ref.parameters()).dtype
+        n = cfg.num_tokens
+        if cfg.reparameterize:
+            dim = model.get_input_embeddings().weight.shape[1]
+            self.embedding = nn.Embedding(n, dim, dtype=dtype)
+            self.mlp_in = nn.Linear(dim, cfg.mid_dim, dtype=dtype)
+            self.mlp_out = nn.Linear(cfg.mid_dim, offset, dtype=dtype)
+        else:
+            self.prefixes = nn.ParameterDict(
+                {s.key: nn.Parameter(torch.randn(2, n, s.width, dtype=dtype)) for s in self._sites}
+            )
+        self._count_sites()
+
+    # -- the prefixes -----------------------------------------------------------------------------
+    def prefix(self, site: _Site) -> torch.Tensor:
+        """The (2, num_tokens, kv width) keys and values of one attention module."""
+        if "prefixes" in self._modules:
+            return self.prefixes[site.key]
+        hidden = torch.tanh(self.mlp_in(self.embedding.weight))
+        rows = slice(site.offset, site.offset + 2 * site.width)
+        out = F.linear(hidden, self.mlp_out.weight[rows], self.mlp_out.bias[rows])
+        return out.view(-1, 2, site.width).transpose(0, 1)
+
+    @torch.no_grad()
+    def drop_reparameterization(self) -> None:
+        """Replace the MLP by the prefixes it computes now; outputs stay the same."""
+        if not self.config.reparameterize:
+            return
+        values = {s.key: nn.Parameter(self.prefix(s).detach().clone()) for s in self._sites}
+        del self.embedding, self.mlp_in, self.mlp_out
+        self.prefixes = nn.ParameterDict(values)
+        self.config = dataclasses.replace(self.config, reparameterize=False)
+        self._count_sites()
+
+    def finalize(self) -> None:
+        """At the end of training the MLP has done its job (stable optimization): keep only its output."""
+        self.drop_reparameterization()
+
+    def _count_sites(self) -> None:
+        reparam = self.config.reparameterize
+        for i, s in enumerate(self._sites):
+            own = (self.config.mid_dim + 1) * 2 * s.width if reparam else 2 * self.config.num_tokens * s.width
+            shared = sum(p.numel() for m in (self.embedding, self.mlp_in) for p in m.parameters()) if reparam else 0
+            self.sites[s.name] = own + (shared if i == 0 else 0)  # the shared MLP input side shown once
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _cache_hook(self, site: _Site):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            call = CallArgs(site.signature, args, kwargs)
+            real = call.get("past_key_values")
+            if isinstance(real, EncoderDecoderCache):
+                real = real.self_attention_cache
+            inner = None if site.cross else real
+            kv = self.prefix(site)
+            call.set("past_key_values", _PrefixedCache(kv[0], kv[1], inner))
+            hidden = call.first()
+            past = int(inner.get_seq_length(getattr(module, "layer_idx", 0) or 0)) if inner is not None else 0
+            causal = not site.cross and bool(getattr(module, "is_causal", False))
+            mask = _extend_mask(call.get(site.mask_arg), kv.shape[1], hidden, past, causal)
+            call.set(site.mask_arg, mask)
+            return call.result()
+
+        return hook
+
+    def _rows_hook(self, site: _Site):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            call = CallArgs(site.signature, args, kwargs)
+            hidden = call.first()
+            site.current = self.prefix(site)
+            n = site.current.shape[1]
+            call.set(
+                next(iter(site.signature.parameters)),
+                torch.cat([hidden.new_zeros(len(hidden), n, hidden.shape[-1]), hidden], 1),
+            )
+            mask = call.get(site.mask_arg)
+            if mask is not None:
+                mask = _extend_mask(mask, n, hidden, 0, False)
+                if mask.shape[-2] > 1:  # the placeholder rows' queries: attend anywhere, their output is dropped
+                    mask = torch.cat([mask[..., :1, :].expand(*mask.shape[:-2], n, -1), mask], dim=-2)
+                call.set(site.mask_arg, mask)
+            return call.result()
+
+        return hook
+
+    def _overwrite_hook(self, site: _Site, which: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+            if site.current is None:
+                return output
+            prefix = site.current[which].to(output.dtype)
+            n = prefix.shape[0]
+            return torch.cat([prefix.unsqueeze(0).expand(len(output), -1, -1), output[:, n:]], dim=1)
+
+        return hook
+
+    def _drop_rows_hook(self, site: _Site):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            n = site.current.shape[1] if site.current is not None else 0
+            site.current = None
+            if isinstance(output, torch.Tensor):
+                return output[:, n:]
+            weights = output[1][..., n:, :] if len(output) > 1 and output[1] is not None else None
+            return (output[0][:, n:], weights, *output[2:])
+
+        return hook
+
+
+def _extend_mask(
+    mask: torch.Tensor | None, n: int, hidden: torch.Tensor, past: int, causal: bool
+) -> torch.Tensor | None:
+    """The mask with `n` always-attended key columns in front; built in full where a causal model passed none."""
+    queries = hidden.shape[1]
+    if mask is None:
+        if not causal or queries == 1:
+            return None  # every query sees every key: prefix included
+        keys = torch.arange(past + queries, device=hidden.device)
+        allowed = keys[None, :] <= torch.arange(queries, device=hidden.device)[:, None] + past
+        allowed = torch.cat([allowed.new_ones(queries, n), allowed], dim=1)
+        additive = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
+        return additive.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[None, None]
+    if mask.dim() != 4:
+        raise ValueError(
+            f"prefix tuning extends 4-D attention masks, but this attention got a {mask.dim()}-D one; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    pad = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+    return torch.cat([pad(*mask.shape[:-1], n), mask], dim=-1)
+
+
+def _projection(model: nn.Module, attn: str, which: str, cross: bool) -> str:
+    alias = f"{'xattn' if cross else 'attn'}.{which}"
+    found = [n for n in resolve(model, alias) if n.startswith(attn + ".")]
+    if not found:
+        raise ValueError(f"cannot find the {which} projection of attention {attn!r} (alias {alias!r})")
+    return found[0]
+
+
+def _kv_width(model: nn.Module, attn: str, cross: bool) -> int:
+    """Width of one attention's keys: heads x head size, num_key_value_heads for grouped-query attention."""
+    names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
+    _, out = linear_dims(model.get_submodule(names["k"]))
+    fused = sum(1 for p in ("q", "k", "v") if names[p] == names["k"])  # GPT-2's c_attn holds q, k and v
+    return out // fused

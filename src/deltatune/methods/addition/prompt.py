@@ -1,17 +1,293 @@
-"""STUB: being written."""
+"""Prompt tuning (Lester et al. 2021): `num_tokens` trainable vectors prepended to the input embeddings.
+
+The prompt is prepended inside the stack that embeds the input (the base model; the encoder of an
+encoder-decoder) by a pre-hook that turns `input_ids` into `inputs_embeds` and gives the attention
+mask `num_tokens` ones. The task head stays outside: for encoder-only and decoder-only models an
+output hook drops the prompt positions from the stack's output, so the head sees one position per
+input token. Token-level labels then need no padding, and GPT-2/Llama classification, which pools
+the last non-pad token found in `input_ids`, still pools each row's own last token (BERT's pooler,
+which reads the first position, reads the first prompt vector's output, as in PEFT). An
+encoder-decoder keeps the prompt positions (the decoder cross-attends to them, as in the paper)
+and a pre-hook on the decoder extends the encoder mask it receives.
+
+Positions: the prompt vectors all take the first position and the real tokens keep the positions
+they have without a prompt. A constant position embedding added to a free vector is absorbed by
+training, and the text stays where the backbone was pretrained to see it, so a 100-token prompt
+does not eat into (or overflow) the position table. T5's relative positions need nothing.
+
+Generation: the prompt is prepended at the prefill step and so enters the KV cache; later steps
+(a non-empty cache this delta filled) only get the mask extended and positions kept. Not
+mergeable: the prompt lengthens the sequence, which no weight change can express.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import inspect
+from typing import Any, ClassVar
 
-from ...core.delta import DeltaConfig
+import torch
+from torch import nn
+
+from ...core.delta import Delta, DeltaConfig, Hooks
+
+INITS = ("random", "uniform", "vocab", "text")
+_TAG = "_deltatune_prompt"  # set on KV caches that hold a prompt, so later steps do not prepend it again
+
+
+class CallArgs:
+    """A module call's arguments by parameter name, however they were passed (positionally or by keyword)."""
+
+    def __init__(self, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+        self.sig = signature
+        self.bound = signature.bind_partial(*args, **kwargs)
+        self.n_args = len(args)
+        self.varkw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def accepts(self, name: str) -> bool:
+        p = self.sig.parameters.get(name)
+        return p is not None and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+
+    def get(self, name: str) -> Any:
+        if self.accepts(name):
+            return self.bound.arguments.get(name)
+        return self.bound.arguments.get(self.varkw, {}).get(name) if self.varkw else None
+
+    def first(self) -> Any:
+        return self.bound.arguments.get(next(iter(self.sig.parameters)))
+
+    def set(self, name: str, value: Any) -> None:
+        if self.accepts(name):
+            self.bound.arguments[name] = value
+        elif self.varkw:
+            self.bound.arguments[self.varkw] = {**self.bound.arguments.get(self.varkw, {}), name: value}
+        else:
+            raise TypeError(f"cannot pass {name!r} to a forward that does not take it")
+
+    def result(self) -> tuple[tuple, dict]:
+        """As many positional arguments as came in (decorators such as transformers' read some by position)."""
+        names = [p.name for p in self.sig.parameters.values() if p.kind is not p.VAR_POSITIONAL][: self.n_args]
+        args = tuple(self.bound.arguments[n] for n in names)
+        kwargs = {n: v for n, v in self.bound.arguments.items() if n not in names and n != self.varkw}
+        kwargs.update(self.bound.arguments.get(self.varkw, {}) if self.varkw else {})
+        return args, kwargs
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 @dataclasses.dataclass
 class PromptConfig(DeltaConfig):
     method: ClassVar[str] = "prompt"
     family: ClassVar[str] = "addition"
+    trains: ClassVar[str] = "num_tokens soft token embeddings prepended to the (encoder's) input"
+    mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 3e-2  # prompts need large steps (the paper: 0.3 with Adafactor)
 
-    def build(self):
-        raise NotImplementedError("prompt is not written yet")
+    num_tokens: int = 100
+    # "random": normal with the embedding matrix's std; "uniform": U(-0.5, 0.5) as in the paper;
+    # "vocab": embeddings of randomly drawn vocabulary tokens; "text": embeddings of `init_text` tokens.
+    init: str = "random"
+    seed: int = 0
+    init_text: str | None = None
+    tokenizer_path: str | None = None
+    init_token_ids: list[int] | None = None
+
+    def build(self) -> Prompt:
+        return Prompt(self)
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int):
+            raise ValueError(f"{name}.num_tokens must be a positive integer, got {self.num_tokens!r}")
+        if self.init not in INITS:
+            raise ValueError(f"{name}.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{name}.seed must be an integer (it seeds the prompt's init), got {self.seed!r}")
+        if self.init != "text":
+            if self.init_text is not None or self.init_token_ids is not None:
+                raise ValueError(f"{name}.init_text / init_token_ids are only read with init='text'; set init='text'")
+            return
+        if self.init_token_ids is None and self.init_text is None:
+            raise ValueError(f"{name}.init='text' needs init_text (with tokenizer_path) or init_token_ids")
+        if self.init_token_ids is None and self.tokenizer_path is None:
+            raise ValueError(
+                f"{name}.init_text cannot be tokenized without a tokenizer: set tokenizer_path "
+                "(a name or folder for AutoTokenizer) or pass the token ids as init_token_ids"
+            )
+        if self.init_token_ids is not None:
+            ids = self.init_token_ids
+            if (
+                not isinstance(ids, list | tuple)
+                or not ids
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            ):
+                raise ValueError(
+                    f"{name}.init_token_ids must be a non-empty list of token ids (ints >= 0), got {ids!r}"
+                )
+
+
+class Prompt(Delta):
+    config: PromptConfig
+
+    def __init__(self, config: PromptConfig) -> None:
+        super().__init__(config)
+        self._calls: list[bool] = []  # per stack call in flight: whether the prompt was prepended
+
+    def attach(self, model: nn.Module, hooks: Hooks) -> None:
+        cfg = self.config
+        self.enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        stack = model.get_encoder() if self.enc_dec else model.base_model
+        object.__setattr__(self, "embed", stack.get_input_embeddings())  # the backbone's: not a submodule of ours
+        weight = self.embed.weight
+        self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))
+        self.sites[module_name(model, stack)] = self.prompt.numel()
+        self._stack_sig = inspect.signature(stack.forward)
+        hooks.on_input(stack, self._prepend)
+        hooks.on_output(stack, self._strip)
+        positions = getattr(stack, "embed_positions", None)
+        if (
+            not CallArgs(self._stack_sig, (), {}).accepts("position_ids")
+            and positions is not None
+            and "position_ids" in inspect.signature(positions.forward).parameters
+        ):
+            hooks.on_input(positions, self._positions)  # BART's encoder numbers positions by shape only
+        if self.enc_dec:
+            decoder = model.get_decoder()
+            self._decoder_sig = inspect.signature(decoder.forward)
+            hooks.on_input(decoder, self._extend_encoder_mask)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _prepend(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        call = CallArgs(self._stack_sig, args, kwargs)
+        n = self.config.num_tokens
+        ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
+        cache = call.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"prompt tuning extends a 2-D (batch, seq) attention mask; got a {mask.dim()}-D mask")
+        if past > 0:  # a decoding step: the prompt is already in the cache
+            if getattr(cache, _TAG, None) != n:
+                raise ValueError(
+                    "past_key_values holds tokens computed without this prompt; "
+                    "start from an empty cache so the prompt is prepended at the first step"
+                )
+            new = (ids if ids is not None else embeds).shape[1]
+            if mask is not None and mask.shape[1] == past - n + new:
+                call.set("attention_mask", _ones_before(mask, n))
+            if call.accepts("position_ids") and call.get("position_ids") is None:
+                device = (ids if ids is not None else embeds).device
+                call.set("position_ids", torch.arange(past - n, past - n + new, device=device).unsqueeze(0))
+            self._calls.append(False)
+            return call.result()
+        if embeds is None:
+            embeds = self.embed(ids)
+        batch = embeds.shape[0]
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        call.set("input_ids", None)
+        call.set("inputs_embeds", torch.cat([prompt, embeds], dim=1))
+        if mask is not None:
+            call.set("attention_mask", _ones_before(mask, n))
+        token_types = call.get("token_type_ids")
+        if token_types is not None:
+            call.set("token_type_ids", torch.cat([token_types.new_zeros(batch, n), token_types], dim=1))
+        if call.accepts("position_ids"):
+            real, first = _positions_of(module, ids, embeds, call.get("position_ids"))
+            real = real.expand(batch, -1)
+            call.set("position_ids", torch.cat([torch.full_like(real[:, :1], first).expand(-1, n), real], dim=1))
+        if cache is not None:
+            setattr(cache, _TAG, n)
+        self._calls.append(not self.enc_dec)
+        return call.result()
+
+    def _strip(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        prepended = self._calls.pop() if self._calls else False
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and prepended:
+            setattr(cache, _TAG, self.config.num_tokens)
+        if not prepended:
+            return output
+        n = self.config.num_tokens
+        if isinstance(output, tuple):
+            return (output[0][:, n:], *output[1:])
+        output["last_hidden_state"] = output["last_hidden_state"][:, n:]
+        if getattr(output, "hidden_states", None) is not None:
+            output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
+        return output
+
+    def _positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        shaped = args[0] if args else kwargs["input_ids"]
+        n, total = self.config.num_tokens, shaped.shape[1]
+        positions = torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(total - n)]).to(shaped.device)
+        return args, {**kwargs, "position_ids": positions}
+
+    def _extend_encoder_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        call = CallArgs(self._decoder_sig, args, kwargs)
+        mask, states = call.get("encoder_attention_mask"), call.get("encoder_hidden_states")
+        n = self.config.num_tokens
+        if mask is not None and states is not None and mask.dim() == 2 and mask.shape[1] == states.shape[1] - n:
+            call.set("encoder_attention_mask", _ones_before(mask, n))
+        return call.result()
+
+
+def _ones_before(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def _positions_of(
+    stack: nn.Module, ids: torch.Tensor | None, embeds: torch.Tensor, given: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """The real tokens' positions as the stack would number them, and the first position (the prompt's)."""
+    embeddings = getattr(stack, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if hasattr(embeddings, "create_position_ids_from_input_ids") and padding_idx is not None:  # RoBERTa family
+        if given is not None:
+            return given, padding_idx + 1
+        if ids is not None:
+            return embeddings.create_position_ids_from_input_ids(ids, padding_idx), padding_idx + 1
+        return embeddings.create_position_ids_from_inputs_embeds(embeds, padding_idx), padding_idx + 1
+    if given is not None:
+        return given, 0
+    return torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0), 0
+
+
+@torch.no_grad()
+def _initial_prompt(cfg: PromptConfig, embed: nn.Module) -> torch.Tensor:
+    weight = embed.weight
+    vocab, dim = weight.shape
+    n = cfg.num_tokens
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init == "uniform":
+        return (torch.rand(n, dim, generator=g) - 0.5).to(weight.device)
+    if cfg.init == "random":
+        rows = torch.randperm(vocab, generator=g)[:4096].to(weight.device)  # a sample: tables can be huge
+        std = weight[rows].float().std().item() * float(getattr(embed, "embed_scale", 1.0) or 1.0)
+        return (torch.randn(n, dim, generator=g) * std).to(weight.device)
+    if cfg.init == "vocab":
+        candidates = torch.arange(vocab)
+        special = getattr(embed, "padding_idx", None)
+        if special is not None and vocab > 1:
+            candidates = candidates[candidates != special]
+        if len(candidates) >= n:
+            chosen = candidates[torch.randperm(len(candidates), generator=g)[:n]]
+        else:
+            chosen = candidates[torch.randint(len(candidates), (n,), generator=g)]
+        return embed(chosen.to(weight.device)).float()
+    ids = list(cfg.init_token_ids) if cfg.init_token_ids is not None else _tokenize(cfg)
+    if not ids:
+        raise ValueError(f"PromptConfig.init_text {cfg.init_text!r} tokenizes to no tokens; give a longer text")
+    bad = [i for i in ids if i >= vocab]
+    if bad:
+        raise ValueError(f"PromptConfig.init_token_ids {bad} are outside the vocabulary (size {vocab})")
+    repeated = (ids * (n // len(ids) + 1))[:n]
+    return embed(torch.tensor(repeated, device=weight.device)).float()
+
+
+def _tokenize(cfg: PromptConfig) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    return list(tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"])

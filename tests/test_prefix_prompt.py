@@ -1,0 +1,393 @@
+"""Prompt tuning and prefix tuning: counts, padding independence, generation, reparameterization, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ARCHS, CAUSAL, SEQ2SEQ, logits, make_inputs, make_model
+from transformers import DynamicCache, EncoderDecoderCache
+
+import deltatune as dt
+from deltatune.methods.addition.prefix import PrefixConfig
+from deltatune.methods.addition.prompt import PromptConfig
+
+HIDDEN = 32  # every tiny model
+KV_WIDTH = {"llama": 16}  # grouped-query attention: 2 key/value heads of 8; the others have 4 heads of 8
+SELF_ATTN_LAYERS = {a: 4 if a in SEQ2SEQ else 2 for a in ARCHS}  # encoder + decoder self-attention for seq2seq
+
+
+def _heads(arch: str) -> str:
+    return "lm" if arch in CAUSAL + SEQ2SEQ else "cls"
+
+
+def _row_alone(dm: dt.DeltaModel, inputs: dict, row: int) -> torch.Tensor:
+    n = int(inputs["attention_mask"][row].sum())
+    return logits(
+        dm,
+        {
+            "input_ids": inputs["input_ids"][row : row + 1, :n],
+            "attention_mask": inputs["attention_mask"][row : row + 1, :n],
+        },
+    )[0]
+
+
+def _greedy(dm: dt.DeltaModel, ids: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Greedy decoding by full forward passes, without any KV cache."""
+    for _ in range(steps):
+        with torch.no_grad():
+            out = dm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+def _greedy_seq2seq(dm: dt.DeltaModel, ids: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    dec = torch.full((len(ids), 1), dm.config.decoder_start_token_id)
+    for _ in range(steps):
+        with torch.no_grad():
+            out = dm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec, use_cache=False)
+        dec = torch.cat([dec, out.logits[:, -1:].argmax(-1)], dim=1)
+    return dec
+
+
+def _prompt_ids(seed: int = 3, length: int = 6) -> torch.Tensor:
+    return torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- prompt tuning ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_parameter_count_is_num_tokens_times_hidden(arch: str) -> None:
+    dm = dt.attach(make_model(arch), PromptConfig(num_tokens=7))
+    assert dm.trainable_parameters() == dm.delta_parameters() == 7 * HIDDEN
+    assert list(dm.delta_state_dict()) == ["prompt"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_classification_row_depends_only_on_its_own_tokens(arch: str) -> None:
+    model = make_model(arch)
+    inputs = make_inputs(model, batch=2, seq=8)
+    dm = dt.attach(model, PromptConfig(num_tokens=5, init="uniform"))
+    batched = logits(dm, inputs)
+    assert batched.shape == (2, 3)
+    torch.testing.assert_close(batched[1], _row_alone(dm, inputs, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched[0], _row_alone(dm, inputs, 0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", CAUSAL + SEQ2SEQ)
+def test_prompt_changes_lm_logits_keeps_their_shape_and_disable_restores_backbone(arch: str) -> None:
+    model = make_model(arch, "lm")
+    inputs = make_inputs(model)
+    before = logits(model, inputs)
+    dm = dt.attach(model, PromptConfig(num_tokens=4, init="uniform"))
+    after = logits(dm, inputs)
+    assert after.shape == before.shape  # one logit row per input token: the prompt positions are not returned
+    assert (after - before).abs().max() > 1e-4
+    dm.disable("default")
+    assert torch.equal(logits(dm, inputs), before)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_prompt_causal_generate_equals_manual_greedy_loop(arch: str) -> None:
+    dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
+    ids = _prompt_ids()
+    out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, _greedy(dm, ids))
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_prompt_generation_of_a_left_padded_row_equals_it_alone(arch: str) -> None:
+    dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    batched = dm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    alone = dm.generate(input_ids=ids[1:, 2:], attention_mask=mask[1:, 2:], max_new_tokens=5, do_sample=False)
+    assert torch.equal(batched[1, 2:], alone[0])
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_prompt_seq2seq_prepends_to_encoder_only_and_generates(arch: str) -> None:
+    dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
+    ids = _prompt_ids()
+    with torch.no_grad():
+        encoded = dm.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert encoded.shape[1] == ids.shape[1] + 4
+    out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert 2 <= out.shape[1] <= 6
+    assert torch.equal(out, _greedy_seq2seq(dm, ids)[:, : out.shape[1]])
+
+
+@pytest.mark.parametrize("method", [PromptConfig(num_tokens=4, init="uniform"), PrefixConfig(num_tokens=4)])
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_a_cached_decoding_step_equals_the_full_forward(arch: str, method) -> None:
+    """Without generate's position ids: the delta itself must keep positions and the mask right."""
+    dm = dt.attach(make_model(arch, "lm"), method)
+    ids = _prompt_ids(length=7)
+    with torch.no_grad():
+        full = dm(input_ids=ids).logits[:, -1]
+        cache = dm(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        step = dm(input_ids=ids[:, -1:], past_key_values=cache, attention_mask=torch.ones_like(ids)).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+
+
+def test_prompt_decoding_step_with_a_cache_filled_without_the_prompt_is_refused() -> None:
+    dm = dt.attach(make_model("gpt2", "lm"), PromptConfig(num_tokens=4))
+    ids = _prompt_ids()
+    dm.disable("default")
+    with torch.no_grad():
+        cache = dm(input_ids=ids, use_cache=True).past_key_values
+    dm.enable("default")
+    with pytest.raises(ValueError, match="without this prompt"):
+        dm(input_ids=ids[:, :1], past_key_values=cache)
+
+
+def test_prompt_vocab_init_copies_seeded_vocabulary_rows() -> None:
+    model = make_model("bert")
+    table = model.get_input_embeddings().weight
+    prompts = [
+        dt.attach(make_model("bert"), PromptConfig(num_tokens=6, init="vocab", seed=s)).delta().prompt
+        for s in (1, 1, 2)
+    ]
+    assert torch.equal(prompts[0], prompts[1]) and not torch.equal(prompts[0], prompts[2])
+    for row in prompts[0]:
+        assert (table == row).all(dim=1).any(), "a prompt row is not a vocabulary embedding"
+
+
+def test_prompt_text_init_repeats_the_token_ids_to_num_tokens() -> None:
+    model = make_model("t5")
+    table = model.get_input_embeddings().weight.detach().clone()
+    dm = dt.attach(model, PromptConfig(num_tokens=7, init="text", init_token_ids=[5, 6, 7]))
+    assert torch.equal(dm.delta().prompt.detach(), table[[5, 6, 7, 5, 6, 7, 5]])
+
+
+def test_prompt_random_inits_have_the_promised_scale() -> None:
+    model = make_model("bert")
+    std = model.get_input_embeddings().weight.std().item()
+    normal = dt.attach(model, PromptConfig(num_tokens=100)).delta().prompt
+    assert abs(normal.std().item() / std - 1) < 0.1
+    uniform = dt.attach(make_model("bert"), PromptConfig(num_tokens=100, init="uniform")).delta().prompt
+    assert uniform.min() >= -0.5 and uniform.max() <= 0.5 and uniform.std() > 0.25
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_tokens": 0}, "num_tokens"),
+        ({"num_tokens": 2.5}, "num_tokens"),
+        ({"init": "zeros"}, "init must be one of"),
+        ({"init": "vocab", "seed": "1"}, "seed"),
+        ({"init": "vocab", "seed": True}, "seed"),
+        ({"init": "text"}, "needs init_text"),
+        ({"init": "text", "init_text": "great movie"}, "tokenizer_path"),
+        ({"init_token_ids": [1, 2]}, "init='text'"),
+        ({"init": "text", "init_token_ids": []}, "non-empty"),
+    ],
+)
+def test_prompt_bad_config_raises_clear_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dt.attach(make_model("bert"), PromptConfig(**kwargs))
+
+
+def test_prompt_token_ids_outside_vocabulary_raise() -> None:
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        dt.attach(make_model("bert"), PromptConfig(num_tokens=3, init="text", init_token_ids=[5, 1000]))
+
+
+# -- prefix tuning ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("reparameterize", [True, False])
+def test_prefix_parameter_count_matches_closed_form(arch: str, reparameterize: bool) -> None:
+    n, mid, d = 5, 16, HIDDEN
+    layers, width = SELF_ATTN_LAYERS[arch], KV_WIDTH.get(arch, HIDDEN)
+    dm = dt.attach(make_model(arch), PrefixConfig(num_tokens=n, mid_dim=mid, reparameterize=reparameterize))
+    total = layers * 2 * width
+    expected = n * d + d * mid + mid + mid * total + total if reparameterize else total * n
+    assert dm.trainable_parameters() == dm.delta_parameters() == expected
+    assert sum(dm.delta().sites.values()) == expected
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+def test_prefix_cross_attention_adds_one_prefix_per_decoder_layer(arch: str) -> None:
+    dm = dt.attach(make_model(arch, "lm"), PrefixConfig(num_tokens=3, reparameterize=False, cross_attention=True))
+    assert dm.delta_parameters() == (SELF_ATTN_LAYERS[arch] + 2) * 2 * 3 * HIDDEN
+    assert len([s for s in dm.delta().sites if "EncDecAttention" in s or "encoder_attn" in s]) == 2
+
+
+def test_prefix_cross_attention_on_a_model_without_it_raises() -> None:
+    with pytest.raises(ValueError, match="no cross-attention"):
+        dt.attach(make_model("gpt2"), PrefixConfig(cross_attention=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_classification_row_depends_only_on_its_own_tokens(arch: str) -> None:
+    model = make_model(arch)
+    inputs = make_inputs(model, batch=2, seq=8)
+    dm = dt.attach(model, PrefixConfig(num_tokens=4))
+    batched = logits(dm, inputs)
+    assert batched.shape == (2, 3)
+    torch.testing.assert_close(batched[1], _row_alone(dm, inputs, 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2", "llama"])
+def test_prefix_equals_a_kv_cache_prefilled_with_the_prefix(arch: str) -> None:
+    """The prefix is exactly what Li & Liang define: extra keys/values every real token attends to."""
+    model = make_model(arch)
+    inputs = {k: v for k, v in make_inputs(model).items() if k != "labels"}
+    dm = dt.attach(model, PrefixConfig(num_tokens=3, reparameterize=False))
+    delta = dm.delta()
+    ours = logits(dm, inputs)
+    dm.disable("default")
+    cache, batch = DynamicCache(config=model.config), len(inputs["input_ids"])
+    for i, site in enumerate(delta._sites):
+        kv = delta.prefix(site).detach().view(2, 3, -1, 8).transpose(1, 2)  # head size 8 everywhere
+        cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
+    mask = torch.cat([torch.ones(batch, 3, dtype=torch.long), inputs["attention_mask"]], dim=1)
+    positions = torch.arange(8).expand(batch, -1) + (2 if arch == "roberta" else 0)
+    reference = logits(model, {**inputs, "attention_mask": mask, "past_key_values": cache, "position_ids": positions})
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_prefix_t5_decoder_equals_a_self_attention_cache_prefilled_with_the_prefix() -> None:
+    """T5 places its relative position bias by cache length: the prefix must sit just before the first token."""
+    model = make_model("t5", "lm")
+    inputs = make_inputs(model)
+    dm = dt.attach(model, PrefixConfig(num_tokens=3, reparameterize=False))
+    delta = dm.delta()
+    dec = inputs["labels"]
+    with torch.no_grad():
+        encoded = dm.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        common = {"encoder_outputs": encoded, "attention_mask": inputs["attention_mask"], "decoder_input_ids": dec}
+        ours = dm(**common).logits
+        dm.disable("default")
+        self_cache = DynamicCache(config=model.config)
+        for i, site in enumerate(s for s in delta._sites if s.name.startswith("decoder.")):
+            kv = delta.prefix(site).view(2, 3, 4, 8).transpose(1, 2)
+            self_cache.update(kv[0].expand(2, -1, -1, -1), kv[1].expand(2, -1, -1, -1), i)
+        cache = EncoderDecoderCache(self_cache, DynamicCache(config=model.config))
+        reference = dm(**common, past_key_values=cache).logits
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch,attn",
+    [("distilbert", "distilbert.transformer.layer.0.attention"), ("bart", "model.encoder.layers.0.self_attn")],
+)
+def test_prefix_attention_output_matches_a_hand_computed_attention(arch: str, attn: str) -> None:
+    model = make_model(arch)
+    inputs = make_inputs(model)
+    dm = dt.attach(model, PrefixConfig(num_tokens=3, reparameterize=False))
+    module = model.get_submodule(attn)
+    seen: dict = {}
+    module.register_forward_hook(
+        lambda m, a, kw, out: seen.update(h=(a or (kw["hidden_states"],))[0], out=out[0]), with_kwargs=True
+    )
+    logits(dm, inputs)
+    h, out = seen["h"][:, 3:] if seen["h"].shape[1] > 8 else seen["h"], seen["out"]
+    q_, k_, v_, o_ = (
+        getattr(module, n)
+        for n in (
+            ("q_lin", "k_lin", "v_lin", "out_lin")
+            if arch == "distilbert"
+            else ("q_proj", "k_proj", "v_proj", "out_proj")
+        )
+    )
+    pk, pv = dm.delta().prefix(dm.delta()._sites[0]).detach()
+    with torch.no_grad():
+        split = lambda x: x.view(2, -1, 4, 8).transpose(1, 2)  # noqa: E731
+        q = split(q_(h))
+        k = split(torch.cat([pk.expand(2, -1, -1), k_(h)], 1))
+        v = split(torch.cat([pv.expand(2, -1, -1), v_(h)], 1))
+        keep = torch.cat([torch.ones(2, 3), inputs["attention_mask"]], 1).bool()[:, None, None, :]
+        scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~keep, float("-inf"))
+        expected = o_((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 8, HIDDEN))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_gives_the_same_output_under_eager_and_sdpa_attention(arch: str) -> None:
+    """The two implementations get different masks (additive, boolean or none): each must be extended right."""
+    outs = []
+    for impl in ("sdpa", "eager"):
+        model = make_model(arch, _heads(arch))
+        model.set_attn_implementation(impl)
+        torch.manual_seed(0)
+        dm = dt.attach(model, PrefixConfig(num_tokens=4, cross_attention=arch in SEQ2SEQ))
+        outs.append(logits(dm, make_inputs(model)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_prefix_causal_generate_equals_manual_greedy_loop_and_cache_holds_real_tokens_only(arch: str) -> None:
+    dm = dt.attach(make_model(arch, "lm"), PrefixConfig(num_tokens=4))
+    ids = _prompt_ids()
+    out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, _greedy(dm, ids))
+    with torch.no_grad():
+        cache = dm(input_ids=ids, use_cache=True).past_key_values
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ)
+@pytest.mark.parametrize("cross", [False, True])
+def test_prefix_seq2seq_generate_follows_the_prefix(arch: str, cross: bool) -> None:
+    dm = dt.attach(make_model(arch, "lm"), PrefixConfig(num_tokens=4, reparameterize=False, cross_attention=cross))
+    with torch.no_grad():
+        for p in dm.delta().parameters():
+            p.mul_(3)
+    ids = _prompt_ids()
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": 5,
+        "do_sample": False,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
+    out = dm.generate(**kwargs)
+    assert 2 <= out.sequences.shape[1] <= 6
+    assert torch.equal(out.sequences, _greedy_seq2seq(dm, ids)[:, : out.sequences.shape[1]])
+    dm.disable("default")
+    plain = dm.generate(**kwargs)
+    assert (out.scores[0] - plain.scores[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "llama", "t5"])
+def test_prefix_drop_reparameterization_keeps_outputs_and_stores_only_prefixes(arch: str) -> None:
+    model = make_model(arch, _heads(arch))
+    inputs = make_inputs(model)
+    dm = dt.attach(model, PrefixConfig(num_tokens=3, mid_dim=16, cross_attention=arch == "t5"))
+    before = logits(dm, inputs)
+    dm.delta().drop_reparameterization()
+    torch.testing.assert_close(logits(dm, inputs), before, rtol=0, atol=1e-6)
+    layers = SELF_ATTN_LAYERS[arch] + (2 if arch == "t5" else 0)
+    expected = layers * 2 * 3 * KV_WIDTH.get(arch, HIDDEN)
+    state = dm.delta_state_dict()
+    assert all(k.startswith("prefixes.") for k in state)
+    assert sum(v.numel() for v in state.values()) == dm.trainable_parameters() == expected
+    assert dm.delta().config.reparameterize is False
+    dm.delta().finalize()  # what the training loop calls: a second drop changes nothing
+    torch.testing.assert_close(logits(dm, inputs), before, rtol=0, atol=1e-6)
+    fresh = dt.attach(make_model(arch, _heads(arch)), dm.delta().config)  # the saved config reloads the saved delta
+    fresh.load_delta_state_dict("default", state)
+    torch.testing.assert_close(logits(fresh, inputs), before, rtol=0, atol=1e-6)
+
+
+def test_prefix_gradients_reach_only_the_prefixes() -> None:
+    model = make_model("llama", "lm")
+    dm = dt.attach(model, PrefixConfig(num_tokens=3, reparameterize=False))
+    dm(**make_inputs(model)).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dm.delta().parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_tokens": 0}, "num_tokens"),
+        ({"mid_dim": 0}, "mid_dim"),
+        ({"mid_dim": 8.0}, "mid_dim"),
+        ({"reparameterize": "yes"}, "reparameterize"),
+    ],
+)
+def test_prefix_bad_config_raises_clear_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dt.attach(make_model("bert"), PrefixConfig(**kwargs))
