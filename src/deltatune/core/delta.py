@@ -33,6 +33,8 @@ class DeltaConfig:
     family: ClassVar[str] = ""
     trains: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 1e-3  # AdamW learning rate that works for this method at base-model scale
 
     def build(self) -> Delta:
         raise NotImplementedError
@@ -165,6 +167,13 @@ class Delta(nn.Module):
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+
+    def regularization(self) -> torch.Tensor | None:
+        """A term the training loop adds to the loss (e.g. diff pruning's L0 penalty); None for most methods."""
+        return None
+
+    def finalize(self) -> None:
+        """Called once when training ends: prune a sparse diff, drop a reparameterization MLP, ..."""
 
     def merge_into(self, model: nn.Module) -> None:
         raise DeltaError(

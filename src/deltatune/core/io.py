@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .model import DeltaModel
 
 WEIGHTS, META = "delta.safetensors", "delta.json"
+HEAD = "__head__."
 FORMAT = "deltatune.delta/1"
 _SLICE = 8  # values taken from each probe tensor
 
@@ -143,8 +144,14 @@ def _write_folder(path: Path, files: dict[str, bytes]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_delta(dm: DeltaModel, path: str | os.PathLike, name: str = "default", **metadata: Any) -> Path:
-    """Write one named delta (tensors + config + backbone identity) to a folder, atomically."""
+def save_delta(
+    dm: DeltaModel, path: str | os.PathLike, name: str = "default", *, include_head: bool = False, **metadata: Any
+) -> Path:
+    """Write one named delta (tensors + config + backbone identity) to a folder, atomically.
+
+    `include_head` adds the task head (a trained classifier is part of what a classification delta
+    needs at inference), stored under `__head__.` keys.
+    """
     from safetensors.torch import save
 
     from .. import __version__
@@ -152,7 +159,7 @@ def save_delta(dm: DeltaModel, path: str | os.PathLike, name: str = "default", *
     delta = dm.delta(name)
     if delta.merged:
         raise DeltaIOError(f"delta {name!r} is merged into the weights; unmerge it before saving")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in delta.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in dm.delta_state_dict(name, include_head=include_head).items()}
     meta = {
         "format": FORMAT,
         "name": name,
@@ -227,6 +234,8 @@ def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta
         missing = sorted(set(meta["sites"]) - set(delta.sites))[:5]
         extra = sorted(set(delta.sites) - set(meta["sites"]))[:5]
         raise DeltaIOError(f"the delta's modules differ on this model: saved-only {missing}, here-only {extra}")
+    head = {k.removeprefix(HEAD): v for k, v in tensors.items() if k.startswith(HEAD)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(HEAD)}
     own = delta.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -239,5 +248,17 @@ def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta
     if bad:
         k = bad[0]
         raise DeltaIOError(f"tensor {k!r} has shape {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} here")
+    params = dict(dm.backbone.named_parameters())
+    for k, v in head.items():
+        if k not in params:
+            raise DeltaIOError(f"the delta carries a task head tensor {k!r} this model lacks; load a model with that head")
+        if params[k].shape != v.shape:
+            raise DeltaIOError(
+                f"the delta's head tensor {k!r} has shape {tuple(v.shape)}, this model's {tuple(params[k].shape)}: "
+                f"load the backbone with the same number of labels (num_labels={v.shape[0]})"
+            )
     cast = {k: v.to(dtype=own[k].dtype, device=own[k].device) for k, v in tensors.items()}
     delta.load_state_dict(cast, strict=True)
+    with torch.no_grad():
+        for k, v in head.items():
+            params[k].copy_(v.to(dtype=params[k].dtype, device=params[k].device))

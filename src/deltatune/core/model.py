@@ -150,10 +150,13 @@ class DeltaModel(nn.Module):
         """Only the delta's tensors (and the head's, when asked): what a checkpoint needs."""
         state = {k: v.detach() for k, v in self._get(name).state_dict().items()}
         if include_head:
-            params = dict(self.backbone.named_parameters())
-            for n in self.head_parameter_names():
-                state[f"__head__.{n}"] = params[n].detach()
+            state.update(self.head_state_dict())
         return state
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The task head's tensors, keyed `__head__.<name>` so they never collide with a delta's."""
+        params = dict(self.backbone.named_parameters())
+        return {f"__head__.{n}": params[n].detach() for n in self.head_parameter_names()}
 
     def load_delta_state_dict(self, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         head = {k.removeprefix("__head__."): v for k, v in state.items() if k.startswith("__head__.")}
@@ -180,11 +183,11 @@ class DeltaModel(nn.Module):
         delta.unmerge_from(self.backbone)
         delta.merged = False
 
-    def save_delta(self, path: str, name: str = "default", **metadata: Any) -> Any:
-        """Write only this delta (tensors, config, backbone identity) to a folder; see `core.io`."""
+    def save_delta(self, path: str, name: str = "default", *, include_head: bool = False, **metadata: Any) -> Any:
+        """Write only this delta (tensors, config, backbone identity; the task head if asked) to a folder."""
         from .io import save_delta
 
-        return save_delta(self, path, name, **metadata)
+        return save_delta(self, path, name, include_head=include_head, **metadata)
 
     def tree(self, **kwargs: Any) -> str:
         from .tree import render

@@ -33,6 +33,7 @@ class CompacterConfig(DeltaConfig):
     family: ClassVar[str] = "addition"
     trains: ClassVar[str] = "adapters built from Kronecker products of shared n x n rules and rank-r factors"
     mergeable: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 3e-3
     identity_at_init: ClassVar[bool] = True
 
     placement: str = "houlsby"

@@ -35,6 +35,7 @@ class IA3Config(DeltaConfig):
     family: ClassVar[str] = "addition"
     trains: ClassVar[str] = "vectors rescaling attention keys, values and the FFN inner activation"
     mergeable: ClassVar[bool] = True
+    default_lr: ClassVar[float] = 3e-3
     identity_at_init: ClassVar[bool] = True
 
     targets: Targets = ("attn.k", "attn.v", "ffn.out")

@@ -28,6 +28,7 @@ class LowRankAdapterConfig(DeltaConfig):
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "rank-r factors of a bottleneck adapter's down and up matrices"
     mergeable: ClassVar[bool] = True  # only with non_linearity="identity"; merge() says so otherwise
+    default_lr: ClassVar[float] = 3e-3
     identity_at_init: ClassVar[bool] = True
 
     targets: Targets = ("attn.o", "ffn.out")

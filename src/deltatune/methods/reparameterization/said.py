@@ -26,6 +26,7 @@ class SAIDConfig(DeltaConfig):
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "a d-dim vector projected onto chosen weights by Fastfood (+1 scale per tensor)"
     mergeable: ClassVar[bool] = True
+    default_lr: ClassVar[float] = 1e-2
     identity_at_init: ClassVar[bool] = True
 
     targets: Targets = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out")

@@ -40,6 +40,7 @@ class DiffPruningConfig(DeltaConfig):
     family: ClassVar[str] = "specification"
     trains: ClassVar[str] = "a sparse diff on chosen weights (hard-concrete L0 gates or magnitude pruning)"
     mergeable: ClassVar[bool] = True
+    default_lr: ClassVar[float] = 5e-4
     identity_at_init: ClassVar[bool] = True
 
     targets: Targets = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out")
@@ -154,6 +155,10 @@ class DiffPruning(ParamDelta):
             tensors = [self.effective(k) for k in self.delta]
         total = sum(t.numel() for t in tensors)
         return sum(int((t == 0).sum()) for t in tensors) / total
+
+    def finalize(self) -> None:
+        """At the end of training the diff is pruned to its target sparsity: that is what gets saved."""
+        self.prune()
 
     @torch.no_grad()
     def prune(self) -> None:

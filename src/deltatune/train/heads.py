@@ -1,0 +1,164 @@
+"""How a task meets a model: batches, loss and predictions for each way of casting a task.
+
+- `ClassifierHead`: a sequence-classification head (classes, or one output for regression).
+- `VerbalizerHead`: a causal LM classifies by the next-token logits of its label words after a
+  prompt (the paper casts every task to text; restricting to the label words is LM-BFF's form).
+- `GenerationHead`: a causal LM learns `source -> target` with the loss on target tokens only,
+  and is evaluated on greedy generations.
+Prompt-style deltas may lengthen the sequence inside the model; heads read positions from the
+right end of the logits so that the extra positions never shift what is scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tasks import Example, Task
+
+
+def _texts(examples: Sequence[Example]) -> tuple[list[str], list[str] | None]:
+    pairs = [e.text_pair for e in examples]
+    return [e.text for e in examples], (pairs if any(p is not None for p in pairs) else None)
+
+
+class ClassifierHead:
+    kind = "cls"
+
+    def __init__(self, task: Task, tokenizer: Any, max_length: int) -> None:
+        self.task, self.tokenizer, self.max_length = task, tokenizer, max_length
+        self.regression = task.type == "regression"
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        texts, pairs = _texts(examples)
+        pairs = [p or "" for p in pairs] if pairs is not None else None
+        batch = self.tokenizer(
+            texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
+        dtype = torch.float32 if self.regression else torch.long
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=dtype)
+        return dict(batch)
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()
+        return logits[:, 0].tolist() if self.regression else logits.argmax(-1).tolist()
+
+
+def _prompt(example: Example) -> str:
+    text = example.text if example.text_pair is None else f"{example.text}\n{example.text_pair}"
+    return f"{text}\nAnswer:"
+
+
+class VerbalizerHead:
+    """Label words are the label names; each must start with a distinct token (checked up front)."""
+
+    kind = "lm-cls"
+
+    def __init__(self, task: Task, tokenizer: Any, max_length: int) -> None:
+        if task.type == "regression" or not task.labels:
+            raise ValueError(f"task {task.name!r} ({task.type}) has no labels to verbalize; use a classification head")
+        self.task, self.tokenizer, self.max_length = task, tokenizer, max_length
+        ids = [tokenizer(" " + label.replace("_", " "), add_special_tokens=False)["input_ids"] for label in task.labels]
+        first = [i[0] for i in ids]
+        if len(set(first)) != len(first):
+            raise ValueError(
+                f"the labels of {task.name!r} ({', '.join(task.labels)}) do not start with distinct tokens; "
+                "give the task distinct label words in its meta.json"
+            )
+        self.label_ids = torch.tensor(first)
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        self.tokenizer.padding_side = "right"
+        batch = self.tokenizer(
+            [_prompt(e) for e in examples],
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return dict(batch)
+
+    def _label_logits(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        # right padding: the last real token sits `pad` positions before the end, whatever came in front
+        pad = mask.shape[1] - mask.sum(1)
+        last = logits.shape[1] - 1 - pad
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, last][:, self.label_ids.to(logits.device)].float()
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(self._label_logits(model, batch), batch["labels"])
+
+    @torch.no_grad()
+    def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list:
+        return self._label_logits(model, batch).argmax(-1).tolist()
+
+
+class GenerationHead:
+    kind = "lm-gen"
+
+    def __init__(self, task: Task, tokenizer: Any, max_length: int, max_new_tokens: int = 64) -> None:
+        self.task, self.tokenizer, self.max_length = task, tokenizer, max_length
+        self.max_new_tokens = max_new_tokens
+        if tokenizer.eos_token_id is None:
+            raise ValueError("generation needs a tokenizer with an end-of-sequence token")
+
+    @staticmethod
+    def prompt(example: Example) -> str:
+        return f"{example.text}\n"
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        rows, labels = [], []
+        for e in examples:
+            p = tok(self.prompt(e), add_special_tokens=False)["input_ids"]
+            t = tok(str(e.label), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = (p + t)[: self.max_length]
+            rows.append(ids)
+            labels.append(([-100] * len(p) + t)[: self.max_length])
+        width = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+        }
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    @torch.no_grad()
+    def generate(self, model: Any, examples: Sequence[Example]) -> list[str]:
+        tok = self.tokenizer
+        tok.padding_side = "left"  # generation continues from the right end of every row
+        enc = tok([self.prompt(e) for e in examples], return_tensors="pt", padding=True, add_special_tokens=False)
+        tok.padding_side = "right"
+        device = next(model.parameters()).device
+        out = model.generate(
+            **{k: v.to(device) for k, v in enc.items()},
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+        return [s.strip() for s in tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+
+
+def head_for(task: Task, tokenizer: Any, lm: bool, max_length: int, max_new_tokens: int = 64) -> Any:
+    """The head a (task, model) pair needs: a causal LM verbalizes or generates, an encoder classifies."""
+    if task.type == "generation":
+        if not lm:
+            raise ValueError(f"{task.name!r} is a generation task: use a causal LM backbone such as smollm2-135m")
+        return GenerationHead(task, tokenizer, max_length, max_new_tokens)
+    if lm:
+        return VerbalizerHead(task, tokenizer, max_length)
+    return ClassifierHead(task, tokenizer, max_length)

@@ -1,0 +1,260 @@
+"""The training loop: AdamW over the trainable tensors only, on accelerate, keeping the best delta.
+
+One loop serves delta tuning (any set of methods on one backbone, each parameter group at its
+method's learning rate), head-only training (a frozen backbone, the baseline every delta must beat)
+and full fine-tuning (the other baseline). accelerate places the model on a GPU when there is one,
+handles bf16 and gradient accumulation, and spreads the run over processes under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.delta import DeltaConfig
+from ..core.model import DeltaModel
+from ..data.metrics import compute_metrics
+from ..data.tasks import Example, Task
+from .heads import GenerationHead, head_for
+
+FULL_FT_LR = 5e-5
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite; the parameters from before that step were kept."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float | None = None  # None: each method's default_lr (FULL_FT_LR for full fine-tuning)
+    head_lr: float = 1e-3
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 128
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 100  # optimizer steps between dev evaluations (and one at the end)
+    patience: int | None = None  # stop after this many evaluations without improvement
+    seed: int = 42
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # "no", "bf16", "fp16"
+    max_eval: int | None = None  # cap on dev examples per evaluation
+    max_new_tokens: int = 48
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class TrainResult:
+    best: dict[str, float]
+    best_step: int
+    history: list[dict[str, Any]]
+    steps: int
+    train_seconds: float
+    trainable_parameters: int
+    total_parameters: int
+    mode: str
+    diverged: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _param_groups(model: nn.Module, dm: DeltaModel | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+    if dm is None:  # full fine-tuning
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr or FULL_FT_LR}]
+    groups = []
+    for delta in dm.deltas.values():
+        params = [p for p in delta.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": cfg.lr or type(delta.config).default_lr})
+    head = [p for p in dm.backbone.parameters() if p.requires_grad]
+    if head:
+        groups.append({"params": head, "lr": cfg.head_lr})
+    return groups
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Task, batch_size: int) -> dict[str, float]:
+    """Dev/test metrics of the model as it is now (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    predictions: list = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        if isinstance(head, GenerationHead):
+            predictions += head.generate(model, chunk)
+        else:
+            batch = {k: v.to(device) for k, v in head.collate(chunk).items()}
+            predictions += head.predict(model, batch)
+    model.train(was_training)
+    return compute_metrics(task, predictions, list(examples))
+
+
+def fit(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    methods: Sequence[DeltaConfig] | dict[str, DeltaConfig] = (),
+    cfg: TrainConfig | None = None,
+    *,
+    full_finetune: bool = False,
+    train_head: bool = True,
+    output_dir: str | os.PathLike | None = None,
+    train_examples: Sequence[Example] | None = None,
+    dev_examples: Sequence[Example] | None = None,
+) -> tuple[nn.Module, TrainResult]:
+    """Train deltas (or the head alone, or everything) on a task; return the model at its best dev score."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = cfg or TrainConfig()
+    set_seed(cfg.seed)
+    lm = not hasattr(model, "num_labels") or type(model).__name__.endswith("ForCausalLM")
+    head = head_for(task, tokenizer, lm=lm, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
+    named = methods if isinstance(methods, dict) else {c.method: c for c in methods}
+    if full_finetune and named:
+        raise ValueError("full fine-tuning trains every weight; drop the delta methods or drop full_finetune")
+    dm: DeltaModel | None = None
+    if full_finetune:
+        mode = "full"
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+        for name, config in named.items():
+            dm.add(name, config)
+        dm.freeze(train_head=train_head and head.kind != "lm-gen" and not lm)
+        mode = "+".join(dm.deltas) or "head"
+        model = dm
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("nothing to train: attach a delta method, train the head, or use full fine-tuning")
+    total = sum(p.numel() for p in (dm.backbone if dm is not None else model).parameters())
+
+    train = list(train_examples if train_examples is not None else task["train"])
+    dev = list(dev_examples if dev_examples is not None else task["dev"])[: cfg.max_eval]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=cfg.batch_size, shuffle=True, collate_fn=head.collate, generator=generator
+    )
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(_param_groups(model, dm, cfg), weight_decay=cfg.weight_decay, foreach=True)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * max_steps), max_steps)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    history: list[dict[str, Any]] = []
+    primary = task.primary_metric
+    best, best_step, best_state, stale = {primary: -math.inf}, 0, None, 0
+    diverged: str | None = None
+    step, running, seen = 0, 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=max_steps, desc=f"{mode} on {task.name}", disable=not cfg.progress, dynamic_ncols=True)
+
+    def record(metrics: dict[str, float]) -> None:
+        row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "train_loss": running / max(seen, 1),
+               "lr": scheduler.get_last_lr()[0], "elapsed": round(time.perf_counter() - start, 2), **metrics}
+        history.append(row)
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    model.train()
+    while step < max_steps and diverged is None:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = head.loss(model, batch)
+                if dm is not None:
+                    extra = [r for d in dm.deltas.values() if (r := d.regularization()) is not None]
+                    loss = loss + sum(extra) if extra else loss
+                if not torch.isfinite(loss):
+                    diverged = f"the loss became {loss.item()} at step {step}"
+                    break
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if not torch.isfinite(norm):
+                        diverged = f"the gradients became non-finite at step {step}"
+                        optimizer.zero_grad()
+                        break
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running, seen = running + loss.item(), seen + 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+            if step % cfg.eval_every == 0 or step == max_steps:
+                metrics = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size)
+                record(metrics)
+                running, seen = 0.0, 0
+                bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", **{primary: f"{metrics[primary]:.4f}"})
+                if metrics[primary] > best[primary]:
+                    best, best_step, best_state, stale = metrics, step, _trainable_state(unwrapped), 0
+                else:
+                    stale += 1
+                if cfg.patience is not None and stale >= cfg.patience:
+                    max_steps = step  # early stopping: the best state is restored below
+            if step >= max_steps:
+                break
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    if diverged is not None:
+        diverged += "; lower the learning rate (--lr). The parameters from before that step were kept"
+        if not history:  # nothing better was seen: keep the last good parameters and report them
+            best, best_step = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size), step
+    if best_state is not None:
+        params = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for n, v in best_state.items():
+                params[n].copy_(v)
+    if dm is not None:
+        for delta in dm.deltas.values():
+            delta.finalize()
+    result = TrainResult(best, best_step, history, step, train_seconds, trainable, total, mode, diverged)
+    if out is not None:
+        _save(unwrapped, dm, out, result, task)
+    return unwrapped, result
+
+
+def _save(model: nn.Module, dm: DeltaModel | None, out: Path, result: TrainResult, task: Task) -> None:
+    meta = {"task": task.name, "best": result.best, "best_step": result.best_step, "mode": result.mode}
+    if dm is not None:
+        for name in dm.deltas:
+            dm.save_delta(out / f"delta-{name}", name, include_head=True, **meta)
+        if not dm.deltas and any(p.requires_grad for p in dm.backbone.parameters()):
+            from safetensors.torch import save_file
+
+            head = {k.removeprefix("__head__."): v.contiguous() for k, v in dm.head_state_dict().items()}
+            save_file(head, str(out / "head.safetensors"))
+    tmp = out / ".result.json.tmp"
+    tmp.write_text(json.dumps(copy.deepcopy(result.to_dict()), indent=2, default=str))
+    os.replace(tmp, out / "result.json")
