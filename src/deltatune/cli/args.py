@@ -33,3 +33,19 @@ def method_config(name: str, pairs: list[str] | None) -> DeltaConfig:
     config = get_config(name, **kwargs)
     config.validate()
     return config
+
+
+def method_configs(names: list[str] | None, pairs: list[str] | None) -> dict[str, DeltaConfig]:
+    """Configs for one or more methods; with several, `--method-arg lora.r=4` addresses one of them."""
+    names = names or []
+    if len(set(names)) != len(names):
+        raise ValueError(f"a method is named twice in {names}; each method can be attached once")
+    if len(names) <= 1:
+        return {n: method_config(n, pairs) for n in names}
+    per: dict[str, list[str]] = {n: [] for n in names}
+    for pair in pairs or []:
+        owner, dot, rest = pair.partition(".")
+        if not dot or owner not in per:
+            raise ValueError(f"with several methods, write --method-arg <method>.<key>=<value> (got {pair!r})")
+        per[owner].append(rest)
+    return {n: method_config(n, per[n]) for n in names}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .delta import DeltaConfig
+from .targeting import head_names
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -43,7 +44,9 @@ def _clean(name: str) -> str:
 
 
 def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return sorted((_clean(n), p) for n, p in model.named_parameters())
+    """The backbone's parameters without its task head: a head is per task, often freshly initialised."""
+    heads = tuple(f"{h}." for h in head_names(model))
+    return sorted((_clean(n), p) for n, p in model.named_parameters() if not (heads and n.startswith(heads)))
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -159,7 +162,9 @@ def save_delta(
     delta = dm.delta(name)
     if delta.merged:
         raise DeltaIOError(f"delta {name!r} is merged into the weights; unmerge it before saving")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in dm.delta_state_dict(name, include_head=include_head).items()}
+    tensors = {
+        k: v.detach().contiguous().cpu() for k, v in dm.delta_state_dict(name, include_head=include_head).items()
+    }
     meta = {
         "format": FORMAT,
         "name": name,
@@ -251,7 +256,9 @@ def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta
     params = dict(dm.backbone.named_parameters())
     for k, v in head.items():
         if k not in params:
-            raise DeltaIOError(f"the delta carries a task head tensor {k!r} this model lacks; load a model with that head")
+            raise DeltaIOError(
+                f"the delta carries a task head tensor {k!r} this model lacks; load a model with that head"
+            )
         if params[k].shape != v.shape:
             raise DeltaIOError(
                 f"the delta's head tensor {k!r} has shape {tuple(v.shape)}, this model's {tuple(params[k].shape)}: "

@@ -178,8 +178,14 @@ def fit(
     bar = tqdm(total=max_steps, desc=f"{mode} on {task.name}", disable=not cfg.progress, dynamic_ncols=True)
 
     def record(metrics: dict[str, float]) -> None:
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "train_loss": running / max(seen, 1),
-               "lr": scheduler.get_last_lr()[0], "elapsed": round(time.perf_counter() - start, 2), **metrics}
+        row = {
+            "step": step,
+            "epoch": round(step / steps_per_epoch, 3),
+            "train_loss": running / max(seen, 1),
+            "lr": scheduler.get_last_lr()[0],
+            "elapsed": round(time.perf_counter() - start, 2),
+            **metrics,
+        }
         history.append(row)
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
@@ -246,7 +252,14 @@ def fit(
 
 
 def _save(model: nn.Module, dm: DeltaModel | None, out: Path, result: TrainResult, task: Task) -> None:
-    meta = {"task": task.name, "best": result.best, "best_step": result.best_step, "mode": result.mode}
+    meta = {
+        "task": task.name,
+        "task_type": task.type,
+        "labels": task.labels,
+        "best": result.best,
+        "best_step": result.best_step,
+        "mode": result.mode,
+    }
     if dm is not None:
         for name in dm.deltas:
             dm.save_delta(out / f"delta-{name}", name, include_head=True, **meta)

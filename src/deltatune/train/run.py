@@ -1,0 +1,106 @@
+"""One training run from names: backbone + task + methods -> trained delta, metrics, files.
+
+This is what `deltatune train`, `quickstart` and the study runner share, so that a run started from
+the command line and one started by a sweep are the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..core.delta import DeltaConfig
+from ..data.fewshot import few_shot
+from ..data.tasks import Task, load_task
+from .trainer import TrainConfig, TrainResult, fit
+
+CAUSAL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "phi", "gemma"}
+
+
+@dataclasses.dataclass
+class RunSpec:
+    model: str
+    task: str | Task
+    methods: dict[str, DeltaConfig] = dataclasses.field(default_factory=dict)
+    full_finetune: bool = False
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    k_shot: int | None = None
+    max_train: int | None = None
+    output_dir: str | Path | None = None
+
+    @property
+    def label(self) -> str:
+        return "full" if self.full_finetune else ("+".join(self.methods) or "head")
+
+
+def is_causal_lm(model_name: str) -> bool:
+    from transformers import AutoConfig
+
+    from ..backbones import model_path
+
+    config = AutoConfig.from_pretrained(model_path(model_name))
+    archs = getattr(config, "architectures", None) or []
+    return config.model_type in CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs)
+
+
+def load_for_task(model_name: str, task: Task) -> tuple[nn.Module, Any, bool]:
+    """The backbone with the head the task needs, its tokenizer, and whether it is a causal LM."""
+    from ..backbones import load_backbone, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    lm = is_causal_lm(model_name)
+    if lm:
+        model = load_backbone(model_name, "causal-lm")
+    elif task.type == "generation":
+        raise ValueError(f"{task.name!r} is a generation task; use a causal LM backbone such as smollm2-135m")
+    else:
+        head = "regression" if task.type == "regression" else "cls"
+        model = load_backbone(model_name, head, num_labels=task.num_labels)
+    if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, lm
+
+
+def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
+    task = spec.task if isinstance(spec.task, Task) else load_task(spec.task)
+    train = task["train"]
+    if spec.k_shot is not None:
+        train = few_shot(train, spec.k_shot, seed=spec.train.seed)
+    elif spec.max_train is not None:
+        import random
+
+        train = random.Random(spec.train.seed).sample(list(train), min(spec.max_train, len(train)))
+    model, tokenizer, _ = load_for_task(spec.model, task)
+    model, result = fit(
+        model,
+        tokenizer,
+        task,
+        spec.methods,
+        spec.train,
+        full_finetune=spec.full_finetune,
+        output_dir=spec.output_dir,
+        train_examples=train,
+    )
+    if spec.output_dir is not None:
+        info = {
+            "model": spec.model,
+            "task": task.name,
+            "task_type": task.type,
+            "labels": task.labels,
+            "label": spec.label,
+            "methods": {n: c.to_dict() for n, c in spec.methods.items()},
+            "train": dataclasses.asdict(spec.train),
+            "k_shot": spec.k_shot,
+            "max_train": spec.max_train,
+        }
+        path = Path(spec.output_dir) / "run.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)
+    return model, result, task
