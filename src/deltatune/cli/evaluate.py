@@ -72,6 +72,6 @@ def run_predict(args: argparse.Namespace) -> int:
         batch = head.collate([Example(e.text, e.text_pair, 0 if task.type != "regression" else 0.0) for e in examples])
         raw = head.predict(dm, batch)
         outputs = [f"{v:.4f}" if task.type == "regression" else task.labels[v] for v in raw]
-    for text, out in zip(args.texts, outputs):
+    for text, out in zip(args.texts, outputs, strict=True):
         print(f"{out}\t{text}")
     return 0
