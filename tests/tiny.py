@@ -160,3 +160,18 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def make_tokenizer(words: list[str]):  # noqa: ANN201 - a transformers fast tokenizer
+    """A word-level tokenizer over `words` (+ [PAD]=0, [UNK]=1, </s>=2, [CLS]=3): offline and exact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, "[CLS]": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>", cls_token="[CLS]"
+    )

@@ -171,7 +171,8 @@ def fit(
         (out / "metrics.jsonl").write_text("")
     history: list[dict[str, Any]] = []
     primary = task.primary_metric
-    best, best_step, best_state, stale = {primary: -math.inf}, 0, None, 0
+    # until a first evaluation, the "best" state is the starting one: a run that diverges early keeps it
+    best, best_step, best_state, stale = {primary: -math.inf}, 0, _trainable_state(unwrapped), 0
     diverged: str | None = None
     step, running, seen = 0, 0.0, 0
     start = time.perf_counter()
@@ -234,14 +235,13 @@ def fit(
     bar.close()
     train_seconds = time.perf_counter() - start
     if diverged is not None:
-        diverged += "; lower the learning rate (--lr). The parameters from before that step were kept"
-        if not history:  # nothing better was seen: keep the last good parameters and report them
-            best, best_step = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size), step
-    if best_state is not None:
-        params = dict(unwrapped.named_parameters())
-        with torch.no_grad():
-            for n, v in best_state.items():
-                params[n].copy_(v)
+        diverged += "; lower the learning rate (--lr). The best evaluated (or the initial) delta was kept"
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for n, v in best_state.items():
+            params[n].copy_(v)
+    if not history:  # diverged before any evaluation: report the state that was kept
+        best, best_step = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size), 0
     if dm is not None:
         for delta in dm.deltas.values():
             delta.finalize()

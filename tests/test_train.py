@@ -1,0 +1,221 @@
+"""The training loop and the CLI end to end, on tiny models with a word-level tokenizer, offline."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from tiny import make_tokenizer
+
+import deltatune as dt
+from deltatune.data import load_task
+from deltatune.train import TrainConfig, fit
+
+GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
+NOUNS = ["movie", "film", "plot", "cast", "story", "score"]
+WORDS = GOOD + BAD + NOUNS + ["the", "was", "Answer:", "positive", "negative", "name", "food", "area", "eat", "it"]
+
+
+def _write_task(folder: Path, n_train: int = 64, n_dev: int = 24, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            word = rng.choice(GOOD if label else BAD)
+            rows.append({"text": f"the {rng.choice(NOUNS)} was {word}", "label": label})
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    meta = {"name": folder.name, "type": "classification", "labels": ["negative", "positive"], "license": "test"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _write_generation_task(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 32), ("dev", 6)):
+        rows = [{"source": f"name {w}", "target": f"eat {w} food"} for w in (NOUNS * 8)[:n]]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def _bert(tokenizer, num_labels: int = 2) -> torch.nn.Module:  # noqa: ANN001
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
+    return tf.BertForSequenceClassification(config)
+
+
+def _llama(tokenizer) -> torch.nn.Module:  # noqa: ANN001
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return tf.LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def task(tmp_path: Path):  # noqa: ANN201
+    return load_task(_write_task(tmp_path / "toy"))
+
+
+@pytest.fixture
+def tokenizer():  # noqa: ANN201
+    return make_tokenizer(WORDS)
+
+
+FAST = {"epochs": 12, "batch_size": 16, "eval_every": 8, "max_length": 16, "progress": False}
+
+
+def test_lora_learns_a_separable_task(task, tokenizer) -> None:  # noqa: ANN001
+    model, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], TrainConfig(lr=2e-2, **FAST))
+    assert result.best["accuracy"] >= 0.9
+    assert result.mode == "lora" and isinstance(model, dt.DeltaModel)
+    assert result.trainable_parameters == model.delta_parameters() + 32 * 2 + 2
+
+
+def test_the_same_seed_gives_the_same_curve(task, tokenizer) -> None:  # noqa: ANN001
+    runs = [fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], TrainConfig(**FAST))[1] for _ in range(2)]
+    strip = [[{k: v for k, v in row.items() if k != "elapsed"} for row in r.history] for r in runs]
+    assert strip[0] == strip[1]
+
+
+def test_divergence_stops_with_a_message_and_keeps_finite_parameters(task, tokenizer) -> None:  # noqa: ANN001
+    model, result = fit(
+        _bert(tokenizer),
+        tokenizer,
+        task,
+        [dt.METHODS["lora"]()],
+        TrainConfig(lr=1e35, head_lr=1e35, grad_clip=1e30, **FAST),
+    )
+    assert result.diverged is not None and "lower the learning rate" in result.diverged
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_head_only_baseline_trains_just_the_classifier(task, tokenizer) -> None:  # noqa: ANN001
+    bert = _bert(tokenizer)
+    body = {n: p.detach().clone() for n, p in bert.bert.named_parameters()}
+    model, result = fit(bert, tokenizer, task, [], TrainConfig(**FAST))
+    assert result.mode == "head" and result.trainable_parameters == 32 * 2 + 2
+    assert all(torch.equal(p, body[n]) for n, p in bert.bert.named_parameters())
+
+
+def test_full_fine_tuning_trains_every_weight(task, tokenizer) -> None:  # noqa: ANN001
+    bert = _bert(tokenizer)
+    _, result = fit(bert, tokenizer, task, [], TrainConfig(**FAST), full_finetune=True)
+    assert result.mode == "full" and result.trainable_parameters == sum(p.numel() for p in bert.parameters())
+    with pytest.raises(ValueError, match="drop the delta methods"):
+        fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], TrainConfig(**FAST), full_finetune=True)
+
+
+def test_early_stopping_ends_before_the_budget(task, tokenizer) -> None:  # noqa: ANN001
+    cfg = TrainConfig(lr=1e-2, patience=2, **(FAST | {"eval_every": 2, "epochs": 40}))
+    _, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
+    assert result.steps < 40 * 4 and len(result.history) >= 3
+
+
+def test_combined_methods_get_their_own_learning_rates(task, tokenizer) -> None:  # noqa: ANN001
+    methods = {"lora": dt.METHODS["lora"](), "bitfit": dt.METHODS["bitfit"]()}
+    model, result = fit(_bert(tokenizer), tokenizer, task, methods, TrainConfig(**(FAST | {"epochs": 1})))
+    assert result.mode == "lora+bitfit" and set(model.deltas) == {"lora", "bitfit"}
+
+
+def test_diff_pruning_is_pruned_to_its_target_sparsity_when_training_ends(task, tokenizer) -> None:  # noqa: ANN001
+    config = dt.METHODS["diff_pruning"](sparsity=0.9)
+    model, _ = fit(_bert(tokenizer), tokenizer, task, [config], TrainConfig(**(FAST | {"epochs": 2})))
+    assert model.delta("diff_pruning").sparsity() >= 0.9 - 1e-3
+
+
+def test_a_causal_lm_classifies_through_label_words(task, tokenizer) -> None:  # noqa: ANN001
+    _, result = fit(_llama(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], TrainConfig(lr=1e-2, **FAST))
+    assert result.best["accuracy"] >= 0.75
+
+
+def test_a_causal_lm_learns_a_generation_task(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
+    gen = load_task(_write_generation_task(tmp_path / "gen"))
+    cfg = TrainConfig(lr=5e-2, max_new_tokens=4, **(FAST | {"epochs": 20, "eval_every": 10}))
+    _, result = fit(
+        _llama(tokenizer), tokenizer, gen, [dt.METHODS["lora"](targets=("attn.q", "attn.v", "ffn.out"))], cfg
+    )
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert set(result.best) == {"bleu", "rouge_l"}
+    assert result.best["rouge_l"] >= 80 > result.history[0]["rouge_l"]
+
+
+def test_cli_train_eval_predict_round_trip(tmp_path: Path, tokenizer, capsys) -> None:  # noqa: ANN001
+    from deltatune.cli import main
+
+    model_dir = tmp_path / "tiny-bert"
+    _bert(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    task_dir = _write_task(tmp_path / "toy")
+    out = tmp_path / "run"
+    args = [
+        "--model",
+        str(model_dir),
+        "--task",
+        str(task_dir),
+        "--lr",
+        "0.02",
+        "--epochs",
+        "12",
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "8",
+        "--max-length",
+        "16",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(["train", *args]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "delta-lora" / "delta.safetensors").exists() and result["best"]["accuracy"] >= 0.9
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(result["history"])
+    assert main(["eval", "--model", str(model_dir), "--task", str(task_dir), "--delta", str(out / "delta-lora")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model_dir),
+                "--delta",
+                str(out / "delta-lora"),
+                "the plot was great",
+                "the cast was awful",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["positive", "negative"]
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from deltatune.cli import main
+
+    assert main(["train", "--task", str(tmp_path / "missing.jsonl"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["train", "--method", "lora", "--method-arg", "rank=3"]) == 2
+    assert "its settings: alpha, dropout, layers, r, targets" in capsys.readouterr().err
