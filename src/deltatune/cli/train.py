@@ -75,6 +75,23 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     spec = spec_from_args(args)
-    _, result, _ = run_spec(spec)
+    model, result, task = run_spec(spec)
     print_result(spec.label, result, str(spec.output_dir))
+    if task.type == "generation":
+        show_samples(model, task, spec, n=3)
     return 1 if result.diverged else 0
+
+
+def show_samples(model, task, spec, n: int) -> None:  # noqa: ANN001
+    """A metric says how much; a few generations say what: print some next to their references."""
+    from ..backbones import load_tokenizer
+    from ..train.heads import GenerationHead
+
+    tokenizer = load_tokenizer(spec.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    head = GenerationHead(task, tokenizer, spec.train.max_length, spec.train.max_new_tokens)
+    examples = task["dev"][:n]
+    for example, generated in zip(examples, head.generate(model, examples), strict=True):
+        print(f"\nsource:    {example.text}\nreference: {example.references[0] if example.references else example.label}"
+              f"\ngenerated: {generated}")
