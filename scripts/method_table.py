@@ -55,7 +55,7 @@ def counts() -> dict[str, dict[str, int | str]]:
 def render() -> str:
     numbers = counts()
     head = "| method | family | trains | defaults | " + " | ".join(b[2] for b in BACKBONES) + " | mergeable |"
-    lines = [head, "|" + "---|" * (5 + len(BACKBONES) - 1)]
+    lines = [head, "|" + "---|" * (5 + len(BACKBONES))]
     for method, cls in dt.METHODS.items():
         config = cls()
         cells = []
