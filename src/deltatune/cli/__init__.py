@@ -15,6 +15,7 @@ COMMANDS: dict[str, Command] = {
     "train": (train.HELP, train.add_arguments, train.run),
     "eval": (evaluate.HELP_EVAL, evaluate.add_eval_arguments, evaluate.run_eval),
     "predict": (evaluate.HELP_PREDICT, evaluate.add_predict_arguments, evaluate.run_predict),
+    "merge": (evaluate.HELP_MERGE, evaluate.add_merge_arguments, evaluate.run_merge),
     "tasks": (tasks.HELP, tasks.add_arguments, tasks.run),
     "inspect": (inspect_cmd.HELP, inspect_cmd.add_arguments, inspect_cmd.run),
 }

@@ -54,15 +54,22 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=128)
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def task_of(delta: str):  # noqa: ANN201
+    """The (example-free) task a delta was trained for, from the metadata `deltatune train` stores."""
     from ..core.io import read_meta
-    from ..data.tasks import Example, Task
+    from ..data.tasks import Task
+
+    info = read_meta(delta).get("metadata", {})
+    if "task_type" not in info:
+        raise ValueError(f"{delta} does not say which task it was trained for; use `deltatune eval` with --task")
+    return Task(name=info.get("task", "task"), type=info["task_type"], labels=list(info.get("labels", [])))
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ..data.tasks import Example
     from ..train.heads import GenerationHead, head_for
 
-    info = read_meta(args.delta).get("metadata", {})
-    if "task_type" not in info:
-        raise ValueError(f"{args.delta} does not say which task it was trained for; use `deltatune eval` with --task")
-    task = Task(name=info.get("task", "task"), type=info["task_type"], labels=list(info.get("labels", [])))
+    task = task_of(args.delta)
     dm, tokenizer, lm = _load(args.model, args.delta, task)
     head = head_for(task, tokenizer, lm=lm, max_length=args.max_length)
     examples = [Example(*(t.split(" ||| ", 1) if " ||| " in t else (t, None))) for t in args.texts]
@@ -74,4 +81,21 @@ def run_predict(args: argparse.Namespace) -> int:
         outputs = [f"{v:.4f}" if task.type == "regression" else task.labels[v] for v in raw]
     for text, out in zip(args.texts, outputs, strict=True):
         print(f"{out}\t{text}")
+    return 0
+
+
+HELP_MERGE = "merge a saved delta into its backbone and write a plain transformers model folder"
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the backbone the delta was trained on (minilm-l6, a hub id or folder)")
+    p.add_argument("delta", help="a delta folder (delta.safetensors + delta.json)")
+    p.add_argument("out", help="a new folder for the merged model")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    task = task_of(args.delta)
+    dm, tokenizer, _ = _load(args.model, args.delta, task)
+    path = dm.export_merged(args.out, tokenizer=tokenizer)
+    print(f"merged {args.delta} into {args.model}: {path} (loads with transformers' from_pretrained alone)")
     return 0

@@ -15,6 +15,7 @@ HELP = "model tree with deltas marked and each method's parameter count"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("delta", nargs="?", help="a saved delta folder to describe (instead of a model tree)")
     p.add_argument("--model", default="minilm-l6", help="short name (minilm-l6, smollm2-135m), hub id or folder")
     p.add_argument("--head", default=None, help="cls (default for encoders) or causal-lm (default for decoders)")
     p.add_argument("--method", action="append", help="method(s) to attach and mark in the tree (default: lora)")
@@ -49,8 +50,39 @@ def method_table(model, methods: list[str] | None = None) -> list[dict[str, obje
     return rows
 
 
+def describe_delta(path: str) -> str:
+    """What a delta folder holds, read from its JSON and file sizes alone (no model is loaded)."""
+    from pathlib import Path
+
+    from ..core.io import META, WEIGHTS, read_meta
+
+    meta = read_meta(path)
+    config = dict(meta["config"])
+    method = config.pop("method")
+    backbone = meta.get("backbone", {})
+    size = (Path(path) / WEIGHTS).stat().st_size if (Path(path) / WEIGHTS).exists() else 0
+    lines = [
+        f"delta {meta.get('name')!r}: {method} ({meta.get('family')}), {meta.get('num_parameters', 0):,} parameters"
+        + (f" + task head {meta['head_parameters']:,}" if meta.get("head_parameters") else ""),
+        "config: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+        f"sits on {len(meta.get('sites', {}))} modules, e.g. {', '.join(list(meta.get('sites', {}))[:3])}",
+        f"backbone: {backbone.get('class')} ({backbone.get('model_type')}), {backbone.get('num_parameters', 0):,} "
+        f"parameters, {', '.join(backbone.get('dtypes', []))}, from {backbone.get('name_or_path')}",
+        f"files: {WEIGHTS} {size:,} bytes, {META} {(Path(path) / META).stat().st_size:,} bytes",
+        f"saved {meta.get('saved_at')} by deltatune {meta.get('deltatune_version')}",
+    ]
+    info = meta.get("metadata") or {}
+    if info:
+        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "labels"))
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..backbones import load_backbone
+
+    if args.delta:
+        print(describe_delta(args.delta))
+        return 0
 
     start = time.perf_counter()
     head = args.head or ("causal-lm" if "smollm" in args.model else "cls")

@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
         import sklearn  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"quickstart needs the train extra ({err.name} is missing): pip install -e '.[train]'") from err
+        raise ImportError(
+            f"quickstart needs the train extra ({err.name} is missing): pip install -e '.[train]'"
+        ) from err
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     out = Path(args.out)

@@ -93,5 +93,7 @@ def show_samples(model, task, spec, n: int) -> None:  # noqa: ANN001
     head = GenerationHead(task, tokenizer, spec.train.max_length, spec.train.max_new_tokens)
     examples = task["dev"][:n]
     for example, generated in zip(examples, head.generate(model, examples), strict=True):
-        print(f"\nsource:    {example.text}\nreference: {example.references[0] if example.references else example.label}"
-              f"\ngenerated: {generated}")
+        print(
+            f"\nsource:    {example.text}\nreference: {example.references[0] if example.references else example.label}"
+            f"\ngenerated: {generated}"
+        )

@@ -189,6 +189,12 @@ class DeltaModel(nn.Module):
 
         return save_delta(self, path, name, include_head=include_head, **metadata)
 
+    def export_merged(self, path: str, tokenizer: Any = None) -> Any:
+        """A plain transformers folder with every enabled delta merged in; loads without deltatune."""
+        from .merge import export_merged
+
+        return export_merged(self, path, tokenizer)
+
     def tree(self, **kwargs: Any) -> str:
         from .tree import render
 

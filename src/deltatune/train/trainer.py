@@ -127,7 +127,12 @@ def fit(
 
     cfg = cfg or TrainConfig()
     set_seed(cfg.seed)
-    lm = not hasattr(model, "num_labels") or type(model).__name__.endswith("ForCausalLM")
+    backbone = model.backbone if isinstance(model, DeltaModel) else model
+    if getattr(backbone.config, "is_encoder_decoder", False):
+        raise ValueError(
+            "training encoder-decoder backbones (T5, BART) is not supported yet; use an encoder or a causal LM"
+        )
+    lm = not type(backbone).__name__.endswith("ForSequenceClassification")
     head = head_for(task, tokenizer, lm=lm, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
     named = methods if isinstance(methods, dict) else {c.method: c for c in methods}
     if full_finetune and named:

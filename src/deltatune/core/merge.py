@@ -1,0 +1,80 @@
+"""Folding deltas into the weights for zero-cost inference, and exporting a plain transformers model.
+
+Merging is each method's own math (`Delta.merge_into`); what is generic lives here: merge every
+active delta, read the backbone's weights under their original names, put everything back. The
+exported folder loads with `from_pretrained` and no deltatune at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .delta import DeltaError
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+
+def _plain_name(name: str) -> str:
+    return name.replace(".parametrizations.", ".").replace(".original", "")
+
+
+def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
+    """The backbone's state dict with every enabled delta folded in; the DeltaModel is left as it was."""
+    active = [n for n, d in dm.deltas.items() if d.enabled and not d.merged]
+    refused = [f"{n} ({dm.deltas[n].config.method})" for n in active if not type(dm.deltas[n].config).mergeable]
+    if refused:
+        raise DeltaError(
+            f"cannot export a merged model: {', '.join(refused)} add computation that no weight change expresses; "
+            "disable or detach them (dm.disable(name)) to export the rest, or save the delta with save_delta"
+        )
+    # unmerge undoes merge only to rounding (e.g. (IA)^3 divides); exporting must change nothing, so the
+    # exact tensors are put back afterwards
+    original = {k: v.detach().clone() for k, v in dm.backbone.state_dict().items()}
+    before = {_plain_name(k) for k in original}
+    done = []
+    try:
+        for name in active:
+            dm.merge(name)
+            done.append(name)
+        state = {_plain_name(k): v.detach().clone() for k, v in dm.backbone.state_dict().items()}
+    finally:
+        for name in reversed(done):
+            dm.unmerge(name)
+        current = dm.backbone.state_dict()
+        with torch.no_grad():
+            for k, v in original.items():
+                current[k].copy_(v)
+    extra = sorted(set(state) - before)
+    if extra:
+        raise DeltaError(
+            f"merging created tensors the architecture has no place for ({', '.join(extra[:4])}, ...): "
+            "from_pretrained would drop them; e.g. BitFit's added biases on a model without biases"
+        )
+    return state
+
+
+def export_merged(dm: DeltaModel, path: str | os.PathLike, tokenizer: object | None = None) -> Path:
+    """Write a plain transformers model folder with the deltas merged in (atomically)."""
+    state = merged_state_dict(dm)
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new folder for the merged model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        dm.backbone.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
