@@ -49,6 +49,12 @@ def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted((_clean(n), p) for n, p in model.named_parameters() if not (heads and n.startswith(heads)))
 
 
+def _probe_index(numel: int, count: int) -> torch.Tensor:
+    """`count` evenly spread positions in a tensor, in integers (float steps overflow past 2^24)."""
+    count = min(count, numel)
+    return torch.tensor([i * (numel - 1) // max(count - 1, 1) for i in range(count)], dtype=torch.long)
+
+
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """Who the backbone is: structure hash, dtypes and a few weight values from fixed places."""
     params = _base_parameters(model)
@@ -59,8 +65,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     probes = {}
     for name, p in (params[0], params[len(params) // 2], params[-1]):
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(_SLICE, flat.numel())).long()
-        probes[name] = [float(v) for v in flat[idx].float().cpu()]
+        probes[name] = [float(v) for v in flat[_probe_index(flat.numel(), _SLICE)].float().cpu()]
     config = getattr(model, "config", None)
     return {
         "model_type": getattr(config, "model_type", None),
@@ -91,8 +96,9 @@ def check_backbone(saved: dict[str, Any], model: nn.Module) -> None:
         if name not in params:
             raise DeltaIOError(f"delta.json names a backbone parameter {name!r} this model lacks; was the JSON edited?")
         flat = params[name].detach().reshape(-1).float().cpu()
-        idx = torch.linspace(0, flat.numel() - 1, steps=len(values)).long()
-        if not torch.allclose(flat[idx], torch.tensor(values), rtol=2e-2, atol=1e-3):
+        if len(values) > flat.numel() or not torch.allclose(
+            flat[_probe_index(flat.numel(), len(values))], torch.tensor(values), rtol=2e-2, atol=1e-3
+        ):
             raise DeltaIOError(
                 f"this delta was trained on {_describe(saved)}; the model has the same shapes but other weights "
                 f"(e.g. {name!r} differs): it is another checkpoint of the same architecture; load the right one"
