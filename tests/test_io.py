@@ -126,3 +126,58 @@ def test_a_failed_save_leaves_nothing_half_written(tmp_path: Path, monkeypatch: 
         dm.save_delta(tmp_path / "d")
     assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_a_head_of_another_size_names_the_label_count(tmp_path: Path) -> None:
+    dm = _trained("lora")  # tiny models have 3 labels
+    dm.save_delta(tmp_path / "d", include_head=True)
+    import transformers as tf
+    from tiny import make_config
+
+    config = make_config("bert")
+    config.num_labels = 2
+    torch.manual_seed(0)
+    other = tf.BertForSequenceClassification(config).eval()
+    with pytest.raises(dt.DeltaIOError, match=r"same number of labels \(num_labels=3\)"):
+        dt.load_delta(other, tmp_path / "d")
+    assert not any(m._forward_hooks for m in other.modules())
+
+
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        ({"method": "lorra"}, "unknown method 'lorra'"),
+        ({"r": 0}, "invalid lora config: .*r must be a positive integer"),
+    ],
+)
+def test_json_naming_a_bad_method_or_value_is_refused(edit: dict, fragment: str, tmp_path: Path) -> None:
+    _trained("lora").save_delta(tmp_path / "d")
+    meta_file = tmp_path / "d" / META
+    meta = json.loads(meta_file.read_text())
+    meta["config"].update(edit)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(dt.DeltaIOError, match=fragment):
+        dt.load_delta(make_model("bert"), tmp_path / "d")
+
+
+def test_saving_over_a_folder_that_is_not_a_delta_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep me")
+    with pytest.raises(dt.DeltaIOError, match="not a delta folder; choose another path"):
+        _trained("lora").save_delta(tmp_path / "data")
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_exporting_into_a_non_empty_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        _trained("lora").export_merged(tmp_path / "out")
+
+
+def test_fingerprint_probes_reach_the_end_of_huge_tensors() -> None:
+    from deltatune.core.io import _probe_index
+
+    idx = _probe_index(28_311_552, 8)  # SmolLM2's embedding: float positions rounded past the end
+    assert idx[-1].item() == 28_311_551 and idx[0].item() == 0 and len(idx) == 8
