@@ -1,0 +1,98 @@
+"""PEFT LoRA folders made by PEFT itself load into deltatune, and ours load into PEFT, outputs equal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model
+
+import deltatune as dt
+from deltatune.interop import export_peft_lora, import_peft_lora
+from deltatune.interop.peft_lora import PeftFormatError
+
+peft = pytest.importorskip("peft")
+
+CASES = [
+    ("bert", "cls", ["query", "value"], "SEQ_CLS"),
+    ("gpt2", "lm", ["c_attn"], "CAUSAL_LM"),
+    ("llama", "lm", ["q_proj", "v_proj", "down_proj"], "CAUSAL_LM"),
+]
+
+
+def _peft_model(arch: str, head: str, targets: list[str], task: str, **kwargs: object):  # noqa: ANN202
+    model = make_model(arch, head)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, task_type=task, init_lora_weights=False, **kwargs
+    )
+    pm = peft.get_peft_model(model, config).eval()
+    with torch.no_grad():  # a trained-looking head as well
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return pm
+
+
+@pytest.mark.parametrize("arch,head,targets,task", CASES, ids=[c[0] for c in CASES])
+def test_peft_adapter_imports_with_equal_outputs(
+    arch: str, head: str, targets: list, task: str, tmp_path: Path
+) -> None:
+    pm = _peft_model(arch, head, targets, task)
+    inputs = make_inputs(make_model(arch, head))
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")
+    dm = import_peft_lora(make_model(arch, head), tmp_path / "peft")
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+    assert dm.delta().config.r == 4
+
+
+def test_rslora_scaling_is_kept(tmp_path: Path) -> None:
+    pm = _peft_model("bert", "cls", ["query", "value"], "SEQ_CLS", use_rslora=True)
+    inputs = make_inputs(make_model("bert"))
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(
+        logits(import_peft_lora(make_model("bert"), tmp_path / "peft"), inputs), expected, rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("arch,head,targets,task", CASES, ids=[c[0] for c in CASES])
+def test_our_lora_loads_in_peft_with_equal_outputs(
+    arch: str, head: str, targets: list, task: str, tmp_path: Path
+) -> None:
+    model = make_model(arch, head)
+    inputs = make_inputs(model)
+    dm = dt.attach(model, dt.METHODS["lora"](r=4, targets=("attn.q", "attn.v")), train_head=True)
+    with torch.no_grad():
+        for p in dm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    expected = logits(dm, inputs)
+    export_peft_lora(dm, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(make_model(arch, head), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=1e-5)
+
+
+def test_what_cannot_be_represented_is_refused(tmp_path: Path) -> None:
+    pm = _peft_model("bert", "cls", ["query", "value"], "SEQ_CLS", use_dora=True)
+    pm.save_pretrained(tmp_path / "dora")
+    with pytest.raises(PeftFormatError, match="DoRA"):
+        import_peft_lora(make_model("bert"), tmp_path / "dora")
+    with pytest.raises(PeftFormatError, match="no adapter_config.json"):
+        import_peft_lora(make_model("bert"), tmp_path)
+    dm = dt.attach(make_model("bert"), dt.METHODS["ia3"]())
+    with pytest.raises(PeftFormatError, match="only LoRA deltas export"):
+        export_peft_lora(dm, tmp_path / "x")
+
+
+def test_an_adapter_for_another_model_is_refused_cleanly(tmp_path: Path) -> None:
+    pm = _peft_model("bert", "cls", ["query", "value"], "SEQ_CLS")
+    pm.save_pretrained(tmp_path / "peft")
+    model = make_model("roberta")
+    with pytest.raises(PeftFormatError, match="head tensors this model lacks"):
+        import_peft_lora(model, tmp_path / "peft")
+    llama = make_model("llama")
+    with pytest.raises(dt.TargetError, match="matches no module"):
+        import_peft_lora(llama.model, tmp_path / "peft")  # a bare body: no head to fill, wrong modules
+    assert not any(m._forward_hooks for m in list(model.modules()) + list(llama.modules()))
