@@ -43,7 +43,7 @@ def _batches(tokenizer, rows: list[dict], size: int):  # noqa: ANN001
         yield enc, torch.tensor([r["label"] for r in chunk])
 
 
-@pytest.mark.parametrize("method,lr", [("lora", 2e-3), ("adapter", 1e-3)])
+@pytest.mark.parametrize("method,lr", [("lora", 2e-3), ("adapter", 2e-3)])
 def test_delta_on_real_minilm_beats_chance_on_sst2(minilm, method: str, lr: float) -> None:  # noqa: ANN001
     load_backbone, tokenizer = minilm
     torch.manual_seed(0)
@@ -66,4 +66,5 @@ def test_delta_on_real_minilm_beats_chance_on_sst2(minilm, method: str, lr: floa
         for enc, labels in _batches(tokenizer, dev, 64):
             correct += (dm(**enc).logits.argmax(-1) == labels).sum().item()
     accuracy = correct / len(dev)
+    print(f"{method}: dev accuracy {accuracy:.3f}")
     assert accuracy > 0.65, f"{method} reached only {accuracy:.3f} dev accuracy (chance is 0.5)"
