@@ -219,3 +219,10 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys) -> No
     assert "no such file" in capsys.readouterr().err
     assert main(["train", "--method", "lora", "--method-arg", "rank=3"]) == 2
     assert "its settings: alpha, dropout, layers, r, targets" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_runs_on_the_cpu(task, tokenizer) -> None:  # noqa: ANN001
+    cfg = TrainConfig(lr=2e-2, mixed_precision="bf16", **(FAST | {"epochs": 2}))
+    model, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
+    assert result.diverged is None and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+    assert next(model.delta("lora").parameters()).dtype == torch.float32  # autocast: master weights stay fp32
