@@ -108,6 +108,22 @@ def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Tas
     return compute_metrics(task, predictions, list(examples))
 
 
+def _accelerator(cfg: TrainConfig) -> Any:
+    """An Accelerator for this run's precision.
+
+    accelerate keeps its state in a process-wide singleton that refuses a second precision; a study
+    runs fp32 and bf16 runs one after another in one process, so outside a distributed launch the
+    state is reset when the precision changes (under `accelerate launch` the launch decides).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    if AcceleratorState._shared_state and PartialState().distributed_type == DistributedType.NO:
+        if AcceleratorState().mixed_precision != cfg.mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+
+
 def fit(
     model: nn.Module,
     tokenizer: Any,
@@ -122,7 +138,6 @@ def fit(
     dev_examples: Sequence[Example] | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Train deltas (or the head alone, or everything) on a task; return the model at its best dev score."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg = cfg or TrainConfig()
@@ -166,7 +181,7 @@ def fit(
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * max_steps), max_steps)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = _accelerator(cfg)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
