@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from .routing import Route, batch_size, routed_input, routed_output, take_rows
 from .targeting import Layers, Targets, resolve
 
 
@@ -35,6 +36,7 @@ class DeltaConfig:
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate that works for this method at base-model scale
+    routable: ClassVar[bool] = True  # can serve some rows of a batch while other rows use other deltas
 
     def build(self) -> Delta:
         raise NotImplementedError
@@ -71,9 +73,20 @@ class _ParamDelta(nn.Module):
         object.__setattr__(self, "_delta", delta)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self._delta.active:
-            return weight
-        return self.fn(weight)
+        delta = self._delta
+        route = delta.route
+        if route is None:
+            return self.fn(weight) if delta.active else weight
+        # routed: the weights change for every row only if every row is the delta's; otherwise the
+        # delta's rows are recomputed with these weights (Hooks.on_param) while `recomputing` is set
+        return self.fn(weight) if (route.full or delta.recomputing) and not route.empty else weight
+
+
+def param_owners(module: nn.Module, param_name: str) -> list[Delta]:
+    """The deltas reparametrizing `module.<param_name>`, in the order they were attached."""
+    if not parametrize.is_parametrized(module, param_name):
+        return []
+    return [p._delta for p in module.parametrizations[param_name] if isinstance(p, _ParamDelta)]
 
 
 class Hooks:
@@ -85,40 +98,112 @@ class Hooks:
         self._handles: list[RemovableHandle] = []
         self._params: list[tuple[nn.Module, str]] = []
 
-    def on_output(self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict, Any], Any]) -> None:
-        """`fn(module, args, kwargs, output) -> new output`; skipped while the delta is inactive."""
+    def on_output(
+        self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict, Any], Any], *, route_aware: bool = False
+    ) -> None:
+        """`fn(module, args, kwargs, output) -> new output`; skipped while the delta is inactive.
+
+        In a mixed batch `fn` sees only the delta's rows, unless `route_aware` (then it gets the whole
+        batch whenever the delta has rows, and reads `delta.route` itself).
+        """
         delta = self.delta
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return fn(mod, args, kwargs, output) if delta.active else None
+            route = delta.route
+            if route is None:
+                return fn(mod, args, kwargs, output) if delta.active else None
+            if route.empty:
+                return None
+            if route.full or route_aware:
+                return fn(mod, args, kwargs, output)
+            return routed_output(fn, route, mod, args, kwargs, output)
 
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
-    def on_input(self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]]) -> None:
-        """`fn(module, args, kwargs) -> (args, kwargs)`; skipped while the delta is inactive."""
+    def on_input(
+        self,
+        module: nn.Module,
+        fn: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]],
+        *,
+        route_aware: bool = False,
+    ) -> None:
+        """`fn(module, args, kwargs) -> (args, kwargs)`; skipped while the delta is inactive (see `on_output`)."""
         delta = self.delta
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
-            return fn(mod, args, kwargs) if delta.active else None
+            route = delta.route
+            if route is None:
+                return fn(mod, args, kwargs) if delta.active else None
+            if route.empty:
+                return None
+            if route.full or route_aware:
+                return fn(mod, args, kwargs)
+            return routed_input(fn, route, mod, args, kwargs)
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def on_param(self, module: nn.Module, param_name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Reparametrize `module.<param_name>` as `fn(original)` while the delta is active."""
-        if parametrize.is_parametrized(module, param_name):
-            raise DeltaError(
-                f"parameter {param_name!r} of {type(module).__name__} is already claimed by another delta; "
-                "two deltas cannot reparametrize the same parameter: narrow one of their targets"
-            )
+        """Reparametrize `module.<param_name>` as `fn(original)` while the delta is active.
+
+        Several deltas may reparametrize one parameter (many BitFit deltas served from one backbone),
+        but at most one of them may be enabled at a time: two active changes to one tensor would be
+        trained as one and could not be told apart.
+        """
+        if self.delta.enabled:
+            for other in param_owners(module, param_name):
+                if other.enabled:
+                    raise DeltaError(
+                        f"parameter {param_name!r} of {type(module).__name__} is already claimed by another "
+                        "delta that is enabled; two deltas cannot reparametrize the same parameter at once: narrow one "
+                        "of their targets, or attach this one disabled (enabled=False) to serve them one at a time"
+                    )
         parametrize.register_parametrization(module, param_name, _ParamDelta(fn, self.delta), unsafe=True)
+        if not any(m is module for m, _ in self._params):
+            self._handles.append(module.register_forward_hook(self._recompute_rows, with_kwargs=True, prepend=True))
         self._params.append((module, param_name))
+
+    def _recompute_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """In a mixed batch, recompute a reparametrized module for the delta's rows with the delta's weights.
+
+        Runs before the module's other forward hooks (prepend), so deltas acting on its output add to
+        these rows as they would to a batch of them alone.
+        """
+        delta = self.delta
+        route = delta.route
+        if route is None or route.empty or route.full:
+            return None
+        size = batch_size(args, kwargs)
+        idx = route.index(size)
+        sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
+        delta.recomputing = True
+        try:
+            new = module.forward(*sub_args, **sub_kwargs)  # .forward: no hooks, so nothing runs twice
+        finally:
+            delta.recomputing = False
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        new_hidden = new if isinstance(new, torch.Tensor) else new[0]
+        merged = hidden.index_copy(0, idx, new_hidden.to(hidden.dtype))
+        return merged if isinstance(output, torch.Tensor) else (merged, *output[1:])
+
+    def param_modules(self) -> list[nn.Module]:
+        """Modules whose parameters this delta reparametrizes (two such deltas cannot share a row there)."""
+        return [m for m, _ in self._params]
+
+    def claimed(self) -> list[tuple[nn.Module, str]]:
+        """(module, parameter name) pairs this delta reparametrizes."""
+        return list(self._params)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         for module, name in reversed(self._params):
-            original = module.parametrizations[name].original
-            requires_grad = original.requires_grad
+            plist = module.parametrizations[name]
+            ours = [i for i, p in enumerate(plist) if isinstance(p, _ParamDelta) and p._delta is self.delta]
+            if len(ours) < len(plist):  # other deltas still reparametrize it: drop only our link
+                for i in reversed(ours):
+                    del plist[i]
+                continue
+            requires_grad = plist.original.requires_grad
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
             getattr(module, name).requires_grad_(requires_grad)
         self._handles.clear()
@@ -140,6 +225,8 @@ class Delta(nn.Module):
         self.merged = False
         self.sites: dict[str, int] = {}
         self._hooks: Hooks | None = None
+        self.route: Route | None = None  # set by DeltaModel.route for a mixed batch
+        self.recomputing = False
 
     @property
     def active(self) -> bool:

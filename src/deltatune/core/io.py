@@ -216,11 +216,19 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise DeltaIOError(f"{file} is truncated or corrupted ({err}); save the delta again") from err
 
 
-def load_delta(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, strict_backbone: bool = True):
+def load_delta(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    strict_backbone: bool = True,
+    enabled: bool = True,
+):
     """Attach a saved delta to `model` (a backbone or a DeltaModel) and return the DeltaModel.
 
     Everything is checked before the model is touched: the backbone's identity, the config, the
-    file; the tensors are cast to the backbone's dtype and device.
+    file; the tensors are cast to the backbone's dtype and device. `enabled=False` attaches it
+    switched off, to serve several deltas that change the same parameters (routing picks per row).
     """
     from .model import DeltaModel
 
@@ -231,7 +239,7 @@ def load_delta(model: nn.Module, path: str | os.PathLike, name: str | None = Non
     if strict_backbone:
         check_backbone(meta.get("backbone", {}), dm.backbone)
     name = name or meta.get("name") or "default"
-    dm.add(name, config)
+    dm.add(name, config, enabled=enabled)
     try:
         _load_into(dm, name, tensors, meta)
     except BaseException:

@@ -7,12 +7,15 @@ last delta hands back the backbone exactly as it came: same tensors, same `requi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .delta import Delta, DeltaConfig, DeltaError
+from .routing import RoutingError, RowIds, routes_for, row_names
 from .targeting import head_names
 
 
@@ -37,11 +40,89 @@ class DeltaModel(nn.Module):
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
 
     # -- behaving as the backbone -------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.backbone(*args, **kwargs)
+    def forward(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
+        """The backbone's forward; with `delta_ids` (one per row) each row uses its own deltas."""
+        if delta_ids is None:
+            return self.backbone(*args, **kwargs)
+        with self.route(delta_ids):
+            return self.backbone(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.backbone.generate(*args, **kwargs)
+    def generate(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
+        if delta_ids is None:
+            return self.backbone.generate(*args, **kwargs)
+        with self.route(delta_ids):
+            return self.backbone.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def route(self, delta_ids: RowIds) -> Iterator[None]:
+        """Serve a mixed batch: row i uses the deltas named by `delta_ids[i]` (a name, names, or None).
+
+        Inside, enable/disable flags are ignored: each delta acts exactly on its rows. Merged deltas
+        would act on every row, so they must be unmerged first.
+        """
+        rows = row_names(delta_ids)
+        if not rows:
+            raise RoutingError("delta_ids is empty; pass one entry per row of the batch")
+        names = {n for row in rows for n in row}
+        for n in sorted(names):
+            self._get(n)
+        merged = [n for n, d in self.deltas.items() if d.merged]
+        if merged:
+            raise RoutingError(
+                f"delta(s) {', '.join(merged)} are merged into the weights and would act on every row; "
+                "unmerge them before serving a mixed batch"
+            )
+        routes = routes_for(rows, list(self.deltas), self._device())
+        for n, delta in self.deltas.items():
+            route = routes[n]
+            if not (route.empty or route.full) and not type(delta.config).routable:
+                raise RoutingError(
+                    f"delta {n!r} ({delta.config.method}) cannot act on only some rows of a batch; "
+                    "give every row this delta, or serve its rows in a batch of their own"
+                )
+        self._check_shared_params({row for row in rows if len(row) > 1})
+        previous = {n: d.route for n, d in self.deltas.items()}
+        try:
+            for n, delta in self.deltas.items():
+                delta.route = routes[n]
+            yield
+        finally:
+            for n, delta in self.deltas.items():
+                delta.route = previous[n]
+
+    def _active_names(self) -> set[str]:
+        return {n for n, d in self.deltas.items() if d.enabled}
+
+    def _check_claims(self, names: set[str]) -> None:
+        """Deltas reparametrizing one parameter may be attached together but not enabled together."""
+        owner: dict[tuple[int, str], str] = {}
+        for n in sorted(names):
+            hooks = self._get(n)._hooks
+            for module, pname in hooks.claimed() if hooks is not None else []:
+                other = owner.setdefault((id(module), pname), n)
+                if other != n:
+                    raise DeltaError(
+                        f"deltas {other!r} and {n!r} both reparametrize {pname!r} of a {type(module).__name__} "
+                        "and cannot be enabled together; enable one at a time or serve them as separate rows"
+                    )
+
+    def _check_shared_params(self, combos: set[tuple[str, ...]]) -> None:
+        """Two deltas that both reparametrize one module cannot be recomputed together for a shared row."""
+        for combo in combos:
+            seen: dict[int, str] = {}
+            for n in combo:
+                hooks = self.deltas[n]._hooks
+                for module in hooks.param_modules() if hooks is not None else []:
+                    other = seen.setdefault(id(module), n)
+                    if other != n:
+                        raise RoutingError(
+                            f"deltas {other!r} and {n!r} both change the weights of one {type(module).__name__} "
+                            "and cannot share a row of a mixed batch; serve that combination unmixed"
+                        )
+
+    def _device(self) -> torch.device:
+        ref = next(self.backbone.parameters(), None)
+        return ref.device if ref is not None else torch.device("cpu")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -53,8 +134,13 @@ class DeltaModel(nn.Module):
             return getattr(backbone, name)
 
     # -- managing deltas ----------------------------------------------------------------------
-    def add(self, name: str, config: DeltaConfig, *, train_head: bool | None = None) -> DeltaModel:
-        """Attach another delta; several methods on one backbone are trained jointly."""
+    def add(
+        self, name: str, config: DeltaConfig, *, train_head: bool | None = None, enabled: bool = True
+    ) -> DeltaModel:
+        """Attach another delta; several methods on one backbone are trained jointly.
+
+        `enabled=False` attaches it switched off, e.g. a second BitFit delta kept for serving.
+        """
         _check_name(name)
         if name in self.deltas:
             raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
@@ -64,6 +150,7 @@ class DeltaModel(nn.Module):
             )
         config.validate()
         delta = config.build()
+        delta.enabled = enabled
         delta.install(self.backbone)
         ref = next(self.backbone.parameters(), None)
         if ref is not None:
@@ -101,6 +188,7 @@ class DeltaModel(nn.Module):
         return self._get(name)
 
     def enable(self, name: str) -> None:
+        self._check_claims(self._active_names() | {name})
         self._get(name).enabled = True
 
     def disable(self, name: str) -> None:
@@ -112,6 +200,7 @@ class DeltaModel(nn.Module):
         wanted = {names} if isinstance(names, str) else set(names)
         for n in wanted:
             self._get(n)
+        self._check_claims(wanted)
         for n, delta in self.deltas.items():
             delta.enabled = n in wanted
 

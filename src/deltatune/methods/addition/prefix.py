@@ -48,6 +48,7 @@ class PrefixConfig(DeltaConfig):
     trains: ClassVar[str] = "num_tokens key/value prefix vectors per attention layer (via an MLP while training)"
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
+    routable: ClassVar[bool] = False  # its prefixes live in the attention cache, shared by the batch
     default_lr: ClassVar[float] = 5e-5  # Li & Liang's AdamW rate (with the MLP, whose wide output layer moves fast)
 
     num_tokens: int = 6

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks
+from ...core.routing import RoutingError
 
 INITS = ("random", "uniform", "vocab", "text")
 _TAG = "_deltatune_prompt"  # set on KV caches that hold a prompt, so later steps do not prepend it again
@@ -146,22 +147,65 @@ class Prompt(Delta):
         self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))
         self.sites[module_name(model, stack)] = self.prompt.numel()
         self._stack_sig = inspect.signature(stack.forward)
-        hooks.on_input(stack, self._prepend)
-        hooks.on_output(stack, self._strip)
+        # prompts on one stack, in attach order: in a mixed batch the first one with rows prepends every
+        # row's own prompt (sequences must stay one length), the others stand by
+        self._peers: list[Prompt] = stack.__dict__.setdefault("_deltatune_prompts", [])
+        self._peers.append(self)
+        hooks.on_input(stack, self._prepend, route_aware=True)
+        hooks.on_output(stack, self._strip, route_aware=True)
         positions = getattr(stack, "embed_positions", None)
         if (
             not CallArgs(self._stack_sig, (), {}).accepts("position_ids")
             and positions is not None
             and "position_ids" in inspect.signature(positions.forward).parameters
         ):
-            hooks.on_input(positions, self._positions)  # BART's encoder numbers positions by shape only
+            hooks.on_input(positions, self._positions, route_aware=True)  # BART numbers positions by shape only
         if self.enc_dec:
             decoder = model.get_decoder()
             self._decoder_sig = inspect.signature(decoder.forward)
-            hooks.on_input(decoder, self._extend_encoder_mask)
+            hooks.on_input(decoder, self._extend_encoder_mask, route_aware=True)
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        if self in getattr(self, "_peers", []):
+            self._peers.remove(self)
+
+    def _mixed_peers(self) -> list[Prompt] | None:
+        """In a mixed batch, the prompts serving its rows (exactly one per row, all one length); else None."""
+        route = self.route
+        if route is None or route.full:
+            return None
+        peers = [p for p in self._peers if p.route is not None and not p.route.empty]
+        counts = torch.zeros(route.batch, dtype=torch.long)
+        for p in peers:
+            counts[p.route.rows.cpu()] += 1
+        bad = (counts != 1).nonzero().flatten().tolist()
+        if bad:
+            raise RoutingError(
+                f"rows {bad[:8]} of this mixed batch have {'no' if counts[bad[0]] == 0 else 'several'} prompt "
+                "deltas; with prompt tuning every row needs exactly one prompt, so that rows stay one length"
+            )
+        lengths = {p.config.num_tokens for p in peers}
+        if len(lengths) > 1:
+            raise RoutingError(f"prompts of lengths {sorted(lengths)} cannot share a batch; serve each length apart")
+        return peers
+
+    def _batch_prompt(self, peers: list[Prompt] | None, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, num_tokens, dim): this prompt on every row, or each row's own in a mixed batch."""
+        if peers is None:
+            return self.prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        which = torch.empty(self.route.batch, dtype=torch.long, device=self.prompt.device)
+        for j, p in enumerate(peers):
+            which[p.route.rows] = j
+        which = which.repeat_interleave(batch // self.route.batch)  # generation may widen rows (beams)
+        return torch.stack([p.prompt.to(dtype) for p in peers])[which]
 
     # -- hooks ------------------------------------------------------------------------------------
-    def _prepend(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _prepend(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        peers = self._mixed_peers()
+        if peers is not None and peers[0] is not self:  # another prompt prepends for every row
+            self._calls.append(False)
+            return None
         call = CallArgs(self._stack_sig, args, kwargs)
         n = self.config.num_tokens
         ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
@@ -186,7 +230,7 @@ class Prompt(Delta):
         if embeds is None:
             embeds = self.embed(ids)
         batch = embeds.shape[0]
-        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt = self._batch_prompt(peers, batch, embeds.dtype)
         call.set("input_ids", None)
         call.set("inputs_embeds", torch.cat([prompt, embeds], dim=1))
         if mask is not None:

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ...core.delta import Delta, DeltaConfig, Hooks
 from ...core.fastfood import Fastfood
@@ -63,6 +64,8 @@ class SAID(Delta):
             module = model.get_submodule(name)
             for pname in cfg.param_names:
                 param = module._parameters.get(pname)
+                if param is None and parametrize.is_parametrized(module, pname):  # another delta's, disabled
+                    param = module.parametrizations[pname].original
                 if param is not None and param.is_floating_point():
                     chosen.append((name, pname, param))
         if not chosen:

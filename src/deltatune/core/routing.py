@@ -1,0 +1,167 @@
+"""Per-row routing: one batched forward in which each row uses its own deltas.
+
+Serving many deltas of one backbone means batching requests that want different deltas. A
+`Route` tells a delta which rows of the current batch are its own. The hooks in `core.delta`
+then run the delta's function on those rows only (gathered with `index_select`) and scatter the
+result back (`index_copy`, out of place, so autograd still works), while the other rows pass
+through untouched. Reparametrized parameters cannot differ per row, so a module whose weights a
+delta reparametrizes is recomputed for that delta's rows with the delta's weights.
+
+Rows are expanded automatically when generation widens the batch (beam search,
+`num_return_sequences`): row i becomes rows i*k ... i*k+k-1, as `repeat_interleave` lays them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+class RoutingError(RuntimeError):
+    """A mixed batch that cannot be served as asked (unknown name, merged delta, unroutable method...)."""
+
+
+@dataclasses.dataclass
+class Route:
+    """The rows of a batch of `batch` rows that one delta acts on."""
+
+    rows: torch.Tensor  # sorted long indices
+    batch: int
+
+    @property
+    def empty(self) -> bool:
+        return self.rows.numel() == 0
+
+    @property
+    def full(self) -> bool:
+        return self.rows.numel() == self.batch
+
+    def index(self, size: int) -> torch.Tensor:
+        """The delta's rows in a tensor of `size` rows (the routed batch, possibly widened by generation)."""
+        if size == self.batch:
+            return self.rows
+        if size % self.batch == 0:
+            k = size // self.batch
+            return (self.rows.unsqueeze(1) * k + torch.arange(k, device=self.rows.device)).flatten()
+        raise RoutingError(
+            f"a tensor with {size} rows reached a delta routed over a batch of {self.batch}; pass one "
+            "delta id per row of the batch the model is called with"
+        )
+
+
+RowIds = Sequence[str | Sequence[str] | None]
+
+
+def row_names(delta_ids: RowIds) -> list[tuple[str, ...]]:
+    """Normalise each row's id to a tuple of delta names (None: the bare backbone)."""
+    rows = []
+    for i, entry in enumerate(delta_ids):
+        if entry is None:
+            rows.append(())
+        elif isinstance(entry, str):
+            rows.append((entry,))
+        elif isinstance(entry, Sequence) and all(isinstance(n, str) for n in entry):
+            rows.append(tuple(entry))
+        else:
+            raise RoutingError(f"delta_ids[{i}] must be a delta name, a list of names or None, got {entry!r}")
+    return rows
+
+
+def routes_for(rows: list[tuple[str, ...]], names: Sequence[str], device: torch.device) -> dict[str, Route]:
+    """One `Route` per attached delta, from the per-row names."""
+    batch = len(rows)
+    by_name: dict[str, list[int]] = {n: [] for n in names}
+    for i, row in enumerate(rows):
+        for n in row:
+            by_name[n].append(i)
+    return {n: Route(torch.tensor(idx, dtype=torch.long, device=device), batch) for n, idx in by_name.items()}
+
+
+# -- gathering and scattering rows --------------------------------------------------------------
+def _take(value: Any, idx: torch.Tensor, size: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
+        return value.index_select(0, idx)
+    if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_take(v, idx, size) for v in value)  # e.g. Llama's (cos, sin) position embeddings
+    return value
+
+
+def take_rows(args: tuple, kwargs: dict, idx: torch.Tensor, size: int) -> tuple[tuple, dict]:
+    """Every batch-leading tensor of a call, restricted to the rows `idx`."""
+    return tuple(_take(a, idx, size) for a in args), {k: _take(v, idx, size) for k, v in kwargs.items()}
+
+
+def _put(full: Any, sub_before: Any, sub_after: Any, idx: torch.Tensor, what: str) -> Any:
+    if sub_after is sub_before:
+        return full
+    if isinstance(full, torch.Tensor) and isinstance(sub_after, torch.Tensor) and full is not sub_before:
+        if sub_after.shape[1:] != full.shape[1:]:
+            raise RoutingError(
+                f"{what} changes the shape of its input from {tuple(full.shape[1:])} to {tuple(sub_after.shape[1:])} "
+                "per row, so it cannot serve only some rows of a batch; give every row a delta of this kind"
+            )
+        return full.index_copy(0, idx, sub_after.to(full.dtype))
+    return sub_after  # not batch-shaped: row-independent, take the delta's value
+
+
+def batch_size(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    raise RoutingError("cannot find a batched tensor in this module's inputs to route rows by")
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise RoutingError(f"cannot route rows through a module returning {type(output).__name__}")
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+
+def routed_output(
+    fn: Callable[[Any, tuple, dict, Any], Any], route: Route, module: Any, args: tuple, kwargs: dict, output: Any
+) -> Any:
+    """Apply an output hook to the route's rows only."""
+    hidden = hidden_of(output)
+    size = hidden.shape[0]
+    idx = route.index(size)
+    sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
+    sub_out = (
+        output.index_select(0, idx)
+        if isinstance(output, torch.Tensor)
+        else (tuple(_take(o, idx, size) for o in output))
+    )
+    new = fn(module, sub_args, sub_kwargs, sub_out)
+    if new is None:
+        return None
+    new_hidden = hidden_of(new)
+    if new_hidden.shape[1:] != hidden.shape[1:]:
+        raise RoutingError(f"{type(module).__name__}'s delta changes its output shape; it cannot serve only some rows")
+    return with_hidden(output, hidden.index_copy(0, idx, new_hidden.to(hidden.dtype)))
+
+
+def routed_input(
+    fn: Callable[[Any, tuple, dict], Any], route: Route, module: Any, args: tuple, kwargs: dict
+) -> tuple[tuple, dict] | None:
+    """Apply an input pre-hook to the route's rows only."""
+    size = batch_size(args, kwargs)
+    idx = route.index(size)
+    sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
+    result = fn(module, sub_args, sub_kwargs)
+    if result is None:
+        return None
+    new_args, new_kwargs = result
+    what = f"a delta on {type(module).__name__}"
+    args_out = tuple(_put(f, s, n, idx, what) for f, s, n in zip(args, sub_args, new_args, strict=True))
+    kwargs_out = dict(kwargs)
+    for key, value in new_kwargs.items():
+        kwargs_out[key] = _put(kwargs[key], sub_kwargs[key], value, idx, what) if key in kwargs else value
+    return args_out, kwargs_out

@@ -1,0 +1,250 @@
+"""Mixed-batch serving: many deltas on one backbone, each row of one forward using its own.
+
+The property checked everywhere: a row of a mixed batch gets exactly the output it gets when the
+whole batch runs with that row's deltas (and when the row runs alone).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model, same_state, state
+
+import deltatune as dt
+from deltatune.core.routing import RoutingError
+
+# method -> config kwargs that make it small and valid on every tiny model
+ROUTABLE = {
+    "lora": {},
+    "ia3": {},
+    "bitfit": {},
+    "adapter": {},
+    "prompt": {"num_tokens": 3},
+    "parallel_adapter": {},
+    "compacter": {},
+    "lowrank_adapter": {},
+    "layernorm": {},
+    "selective": {},
+    "diff_pruning": {},
+    "said": {"targets": ("attn.q",), "dim": 16},
+}
+ARCHS = [("bert", "cls"), ("llama", "lm"), ("bart", "lm")]
+
+
+def _perturb(dm: dt.DeltaModel, seed: int = 7) -> None:
+    """Random non-zero deltas: at init most methods are the identity, which would prove nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in dm.deltas.values():
+            for p in delta.parameters():
+                if p.is_floating_point():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _inputs(model: torch.nn.Module, batch: int = 4) -> dict[str, torch.Tensor]:
+    inputs = make_inputs(model, batch=batch)
+    labels = inputs.pop("labels")
+    if model.config.is_encoder_decoder and labels.dim() == 2:
+        inputs["decoder_input_ids"] = labels
+    return inputs
+
+
+def _served(method: str, arch: str, head: str, names: tuple[str, ...] = ("a", "b")) -> dt.DeltaModel:
+    model = make_model(arch, head)
+    dm = dt.DeltaModel(model)
+    for n in names:
+        dm.add(n, dt.METHODS[method](**ROUTABLE[method]), enabled=False)
+    _perturb(dm)
+    return dm
+
+
+@pytest.mark.parametrize("arch,head", ARCHS, ids=lambda v: v)
+@pytest.mark.parametrize("method", list(ROUTABLE))
+def test_each_row_of_a_mixed_batch_equals_its_delta_alone(method: str, arch: str, head: str) -> None:
+    dm = _served(method, arch, head)
+    inputs = _inputs(dm.backbone)
+    ids = ["a", "b", "b", "a"] if method == "prompt" else ["a", None, "b", "a"]
+    with torch.no_grad():
+        mixed = dm(**inputs, delta_ids=ids).logits
+    for i, name in enumerate(ids):
+        dm.set_active([] if name is None else name)
+        alone = logits(dm, inputs)
+        torch.testing.assert_close(mixed[i], alone[i], rtol=0, atol=1e-5)
+
+
+def test_a_row_equals_that_row_run_on_its_own() -> None:
+    dm = _served("lora", "llama", "lm", names=("a", "b", "c"))
+    inputs = _inputs(dm.backbone)
+    inputs["attention_mask"][:] = 1  # unpadded rows, so a row alone is the same computation
+    ids = ["c", "a", "b", None]
+    with torch.no_grad():
+        mixed = dm(**inputs, delta_ids=ids).logits
+        for i, name in enumerate(ids):
+            dm.set_active([] if name is None else name)
+            row = dm(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
+            torch.testing.assert_close(mixed[i : i + 1], row, rtol=0, atol=1e-5)
+
+
+def test_rows_may_combine_several_deltas() -> None:
+    model = make_model("bert")
+    dm = dt.DeltaModel(model)
+    dm.add("lora", dt.METHODS["lora"]())
+    dm.add("bias", dt.METHODS["bitfit"]())
+    dm.add("adapter", dt.METHODS["adapter"]())
+    _perturb(dm)
+    inputs = _inputs(model)
+    ids = [("lora", "bias"), "adapter", ("lora", "bias", "adapter"), None]
+    with torch.no_grad():
+        mixed = dm(**inputs, delta_ids=ids).logits
+    for i, names in enumerate(ids):
+        dm.set_active([] if names is None else [names] if isinstance(names, str) else list(names))
+        torch.testing.assert_close(mixed[i], logits(dm, inputs)[i], rtol=0, atol=1e-5)
+
+
+def test_routing_leaves_the_enabled_deltas_as_they_were() -> None:
+    dm = _served("lora", "bert", "cls")
+    dm.enable("a")
+    inputs = _inputs(dm.backbone)
+    before = logits(dm, inputs)
+    with torch.no_grad():
+        dm(**inputs, delta_ids=["b"] * 4)
+    torch.testing.assert_close(logits(dm, inputs), before, rtol=0, atol=0)
+    assert all(d.route is None for d in dm.deltas.values())
+
+
+def test_gradients_reach_only_the_deltas_that_have_rows() -> None:
+    dm = _served("lora", "bert", "cls", names=("a", "b", "c"))
+    inputs = make_inputs(dm.backbone, batch=4)
+    dm(**inputs, delta_ids=["a", "b", "a", None]).loss.backward()
+    grads = {
+        n: any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters()) for n, d in dm.deltas.items()
+    }
+    assert grads == {"a": True, "b": True, "c": False}
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "ia3"])
+def test_mixed_generate_matches_each_row_generated_alone(method: str) -> None:
+    dm = _served(method, "llama", "lm")
+    inputs = _inputs(dm.backbone)
+    inputs["attention_mask"][:] = 1
+    ids = ["a", "b", "b", "a"]
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = dm.generate(**inputs, delta_ids=ids, **kwargs)
+        for i, name in enumerate(ids):
+            dm.set_active(name)
+            alone = dm.generate(**{k: v[i : i + 1] for k, v in inputs.items()}, **kwargs)
+            assert torch.equal(mixed[i : i + 1], alone), (i, name)
+
+
+def test_mixed_beam_search_widens_each_rows_deltas() -> None:
+    dm = _served("lora", "llama", "lm")
+    inputs = _inputs(dm.backbone, batch=2)
+    inputs["attention_mask"][:] = 1
+    kwargs = {"max_new_tokens": 4, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = dm.generate(**inputs, delta_ids=["b", "a"], **kwargs)
+        dm.set_active("a")
+        alone = dm.generate(**{k: v[1:2] for k, v in inputs.items()}, **kwargs)
+    assert torch.equal(mixed[1:2], alone)
+
+
+def test_saved_deltas_served_together_from_one_backbone(tmp_path: Path) -> None:
+    source = _served("bitfit", "bert", "cls", names=("x", "y", "z"))
+    for n in ("x", "y", "z"):
+        source.save_delta(tmp_path / n, n)
+    model = make_model("bert")
+    base = state(model)
+    dm = dt.DeltaModel(model)
+    for n in ("x", "y", "z"):
+        dt.load_delta(dm, tmp_path / n, n, enabled=False)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        served = dm(**inputs, delta_ids=["z", "x", "y", None]).logits
+        source.set_active("z")
+        torch.testing.assert_close(served[0], logits(source, inputs)[0], rtol=0, atol=1e-5)
+    dm.detach()
+    assert same_state(base, state(model))
+
+
+# -- deltas that change one parameter: attached together, enabled one at a time -------------------
+def test_two_enabled_deltas_on_one_parameter_are_refused_but_disabled_ones_coexist() -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["bitfit"](), "a")
+    with pytest.raises(dt.DeltaError, match="already claimed by another delta that is enabled.*enabled=False"):
+        dm.add("b", dt.METHODS["bitfit"]())
+    dm.add("b", dt.METHODS["bitfit"](), enabled=False)
+    with pytest.raises(dt.DeltaError, match="'a' and 'b' both reparametrize .* cannot be enabled together"):
+        dm.enable("b")
+    with pytest.raises(dt.DeltaError, match="cannot be enabled together"):
+        dm.set_active(["a", "b"])
+    dm.set_active("b")
+    assert not dm.delta("a").enabled and dm.delta("b").enabled
+
+
+def test_detaching_one_of_two_deltas_on_a_parameter_keeps_the_other_working() -> None:
+    model = make_model("bert")
+    base, inputs = state(model), _inputs(model)
+    dm = dt.DeltaModel(model)
+    dm.add("a", dt.METHODS["bitfit"]())
+    dm.add("b", dt.METHODS["bitfit"](), enabled=False)
+    _perturb(dm)
+    with_a = logits(dm, inputs)
+    dm.detach("b")
+    torch.testing.assert_close(logits(dm, inputs), with_a, rtol=0, atol=0)
+    dm.detach()
+    assert same_state(base, state(model))
+
+
+# -- clear errors --------------------------------------------------------------------------------
+def test_unknown_delta_name_lists_the_attached_ones() -> None:
+    dm = _served("lora", "bert", "cls")
+    with pytest.raises(KeyError, match="no delta named 'zz'; attached deltas: a, b"):
+        dm(**_inputs(dm.backbone), delta_ids=["a", "zz", None, None])
+
+
+def test_wrong_number_of_ids_is_refused() -> None:
+    dm = _served("lora", "bert", "cls")
+    with pytest.raises(RoutingError, match="one delta id per row"):
+        dm(**_inputs(dm.backbone), delta_ids=["a", "b", None])
+
+
+def test_a_merged_delta_cannot_be_served_in_a_mixed_batch() -> None:
+    dm = _served("lora", "bert", "cls")
+    dm.merge("a")
+    with pytest.raises(RoutingError, match="unmerge them before serving a mixed batch"):
+        dm(**_inputs(dm.backbone), delta_ids=["a", "b", None, None])
+
+
+def test_prefix_serves_whole_batches_only() -> None:
+    dm = dt.DeltaModel(make_model("bert"))
+    dm.add("p", dt.METHODS["prefix"](num_tokens=2))
+    inputs = _inputs(dm.backbone)
+    with torch.no_grad():
+        dm(**inputs, delta_ids=["p"] * 4)
+        with pytest.raises(RoutingError, match="prefix.*cannot act on only some rows"):
+            dm(**inputs, delta_ids=["p", None, "p", "p"])
+
+
+def test_prompt_rows_need_exactly_one_prompt_each() -> None:
+    dm = _served("prompt", "bert", "cls")
+    with pytest.raises(RoutingError, match=r"rows \[1\] .* no prompt"):
+        dm(**_inputs(dm.backbone), delta_ids=["a", None, "b", "a"])
+    with pytest.raises(RoutingError, match="several prompt"):
+        dm(**_inputs(dm.backbone), delta_ids=[("a", "b"), "a", "b", "a"])
+
+
+def test_two_weight_deltas_on_one_module_cannot_share_a_row() -> None:
+    dm = _served("bitfit", "bert", "cls")
+    dm.add("ln", dt.METHODS["layernorm"](), enabled=False)
+    with pytest.raises(RoutingError, match="cannot share a row"):
+        dm(**_inputs(dm.backbone), delta_ids=[("a", "ln"), "b", None, None])
+
+
+def test_bad_delta_ids_entries_are_refused() -> None:
+    dm = _served("lora", "bert", "cls")
+    with pytest.raises(RoutingError, match=r"delta_ids\[1\] must be a delta name"):
+        dm(**_inputs(dm.backbone), delta_ids=["a", 3, None, None])
+    with pytest.raises(RoutingError, match="delta_ids is empty"):
+        dm(**_inputs(dm.backbone), delta_ids=[])
