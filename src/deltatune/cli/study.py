@@ -1,0 +1,95 @@
+"""`deltatune study run|status|report|presets`: the Delta Tuning empirical study, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "run a delta tuning study from a spec or preset, resumably, and report it (run, status, report, presets)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="study_command", required=True)
+    r = sub.add_parser("run", help="run (or resume) a study", description="Run every pending run; safe to restart.")
+    r.add_argument("spec", help="a .yaml/.toml spec or a preset name (see `deltatune study presets`)")
+    r.add_argument("--db", default=None, help="the study's SQLite file (default results/<name>.sqlite)")
+    r.add_argument("--executor", default="sequential", choices=("sequential", "process", "ray"))
+    r.add_argument("--workers", type=int, default=2, help="processes or Ray tasks at once (process/ray)")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    r.add_argument("--retry-failed", action="store_true", help="run the failed runs again")
+    r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (resume later)")
+    r.add_argument("--report", action="store_true", help="write the report when the runs are done")
+    r.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("status", help="what a study file holds: runs by status, failures")
+    s.add_argument("db", help="the study's SQLite file")
+    rep = sub.add_parser("report", help="HTML + Markdown report (tables, plots) from a study file")
+    rep.add_argument("db", help="the study's SQLite file, or a folder of them")
+    rep.add_argument("--out", default=None, help="output folder (default: <db without .sqlite>-report/)")
+    sub.add_parser("presets", help="the study presets shipped with deltatune")
+
+
+def _db_files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.sqlite"))
+        if not files:
+            raise FileNotFoundError(f"no *.sqlite study files in {p}")
+        return files
+    if not p.exists():
+        raise FileNotFoundError(f"no study file {p}; run `deltatune study run <spec> --db {p}` first")
+    return [p]
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"run": _run, "status": _status, "report": _report, "presets": _presets}[args.study_command](args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..study import load_spec, run_study
+
+    spec = load_spec(args.spec)
+    db = Path(args.db or f"results/{spec.name}.sqlite")
+    counts = run_study(
+        spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet
+    )
+    print(f"{db}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if args.report:
+        from ..study.report import write_report
+
+        print(f"report: {write_report(db)}")
+    return 1 if counts["failed"] else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ..study.store import Store
+
+    for db in _db_files(args.db):
+        store = Store(db)
+        counts = store.counts()
+        print(f"{db} ({store.meta('name', '?')}): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        for r in store.runs("running"):
+            print(f"  running {r['key']} (owner {r['owner']}, attempt {r['attempts']})")
+        for r in store.runs("failed"):
+            print(f"  failed  {r['key']}: {(r['error'] or '').splitlines()[0]}")
+        store.close()
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ..study.report import write_report
+
+    for db in _db_files(args.db):
+        out = write_report(db, args.out if args.out and len(_db_files(args.db)) == 1 else None)
+        print(f"{db} -> {out}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from ..study.spec import presets, read_spec_file
+
+    for name, path in presets().items():
+        raw = read_spec_file(path)
+        print(f"{name:20s} {raw.get('description', '')}")
+    print(f"\n(files in {Path(next(iter(presets().values()))).parent}; copy one to start your own)", file=sys.stderr)
+    return 0

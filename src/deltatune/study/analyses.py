@@ -1,0 +1,292 @@
+"""The paper's analyses computed from a study file: plain tables (and the series the plots draw).
+
+Scores are test scores of the delta chosen on dev (dev scores where a task has no test split), x100,
+averaged over seeds. Everything here reads the store; nothing trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .spec import combination_labels
+from .store import Store
+
+PAPER_RANKING = ["full", "lora", "adapter", "prefix", "prompt"]  # T5-base, Ding et al. 2023
+PAPER_CONVERGENCE = "full fine-tuning fastest; adapter ~ LoRA; prefix slower; prompt tuning slowest"
+PAPER_COMBINATION = {
+    "none": 23.7,
+    "A": 87.4,
+    "B": 86.6,
+    "B+A": 87.1,
+    "P": 77.7,
+    "P+A": 86.6,
+    "P+B": 86.5,
+    "P+B+A": 87.0,
+}
+LETTERS = {"prompt": "P", "bitfit": "B", "adapter": "A"}
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclasses.dataclass
+class StudyData:
+    name: str
+    spec: dict[str, Any]
+    runs: list[dict[str, Any]]  # finished runs
+    curves: dict[int, list[dict[str, Any]]]
+    counts: dict[str, int]
+
+    @property
+    def base(self) -> list[dict[str, Any]]:
+        return [r for r in self.runs if not r["source_task"]]
+
+    def methods(self) -> list[str]:
+        order = [m["label"] for m in self.spec.get("methods", [])]
+        order += combination_labels(self.spec.get("combination") or []) if self.spec.get("combination") else []
+        seen = {r["method"] for r in self.runs}
+        return [m for m in dict.fromkeys(order) if m in seen] + sorted(seen - set(order))
+
+    def tasks(self) -> list[str]:
+        order = [Path(t).name for t in self.spec.get("tasks", [])]
+        seen = {r["task"] for r in self.runs}
+        return [t for t in dict.fromkeys(order) if t in seen] + sorted(seen - set(order))
+
+    def models(self) -> list[str]:
+        order = [Path(m).name for m in self.spec.get("models", [])]
+        seen = {r["model"] for r in self.runs}
+        return [m for m in dict.fromkeys(order) if m in seen] + sorted(seen - set(order))
+
+
+def load(db: str | Path) -> StudyData:
+    store = Store(db)
+    try:
+        return StudyData(
+            store.meta("name", Path(db).stem),
+            store.meta("spec", {}),
+            store.runs("done"),
+            store.curves(),
+            store.counts(),
+        )
+    finally:
+        store.close()
+
+
+def score(run: dict[str, Any]) -> float:
+    value = run["test_score"] if run["test_score"] is not None else run["dev_score"]
+    return 100.0 * value if value is not None else math.nan
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def grid(data: StudyData, model: str) -> dict[tuple[str, str], list[float]]:
+    """(task, method) -> scores over seeds, for the base (not transferred) runs of one model."""
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in data.base:
+        if r["model"] == model:
+            cells[(r["task"], r["method"])].append(score(r))
+    return cells
+
+
+def method_averages(data: StudyData, model: str) -> dict[str, float]:
+    """Each method's average over the tasks every method finished (so averages compare like with like)."""
+    cells, methods = grid(data, model), data.methods()
+    tasks = [t for t in data.tasks() if all((t, m) in cells for m in methods)]
+    return {m: statistics.fmean(_mean_std(cells[(t, m)])[0] for t in tasks) if tasks else math.nan for m in methods}
+
+
+def performance(data: StudyData) -> list[Table]:
+    tables = []
+    for model in data.models():
+        cells, methods = grid(data, model), data.methods()
+        tasks = [t for t in data.tasks() if any((t, m) in cells for m in methods)]
+        rows = []
+        for t in tasks:
+            metric = next(r["metric"] for r in data.base if r["task"] == t)
+            rows.append(
+                [f"{t} ({metric})"] + [_fmt(*_mean_std(cells[(t, m)])) if (t, m) in cells else "-" for m in methods]
+            )
+        avg = method_averages(data, model)
+        complete = [t for t in tasks if all((t, m) in cells for m in methods)]
+        rows.append([f"**average** ({len(complete)} tasks)"] + [_fmt(avg[m]) for m in methods])
+        if "full" in avg and not math.isnan(avg["full"]):
+            rows.append(["% of full FT"] + [_fmt(100 * avg[m] / avg["full"]) for m in methods])
+        seeds = sorted({r["seed"] for r in data.base})
+        note = (
+            f"Test score x100 of the delta chosen on dev (mean ± std over seeds {seeds}); the average uses "
+            "only tasks where every method finished."
+        )
+        tables.append(Table(f"Performance: {model}", ["task"] + methods, rows, note))
+    return tables
+
+
+def ranking(data: StudyData, model: str) -> list[str]:
+    avg = method_averages(data, model)
+    return sorted((m for m in avg if not math.isnan(avg[m])), key=lambda m: -avg[m])
+
+
+def mean_curves(data: StudyData, model: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(task, method) -> [(step, dev score x100)], averaged over seeds at the steps they share."""
+    by: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in data.base:
+        if r["model"] != model:
+            continue
+        for point in data.curves.get(r["id"], []):
+            if point.get(r["metric"]) is not None:
+                by[(r["task"], r["method"])][point["step"]].append(100 * point[r["metric"]])
+    return {k: [(s, statistics.fmean(v)) for s, v in sorted(steps.items())] for k, steps in by.items()}
+
+
+def steps_to_90(curve: list[tuple[int, float]]) -> int | None:
+    """First evaluated step whose dev score reaches 90% of the final one (None when the final is <= 0)."""
+    if not curve or curve[-1][1] <= 0:
+        return None
+    final = curve[-1][1]
+    return next(s for s, v in curve if v >= 0.9 * final)
+
+
+def convergence(data: StudyData) -> list[Table]:
+    tables = []
+    for model in data.models():
+        curves, methods = mean_curves(data, model), data.methods()
+        tasks = [t for t in data.tasks() if any((t, m) in curves for m in methods)]
+        rows = []
+        for t in tasks:
+            rows.append([t] + [str(steps_to_90(curves[(t, m)]) or "-") if (t, m) in curves else "-" for m in methods])
+        means = []
+        for m in methods:
+            vals = [v for t in tasks if (t, m) in curves and (v := steps_to_90(curves[(t, m)])) is not None]
+            means.append(_fmt(statistics.fmean(vals)) if vals else "-")
+        rows.append(["**mean**"] + means)
+        note = f"Optimizer steps until the dev score first reaches 90% of its final value. Paper: {PAPER_CONVERGENCE}."
+        tables.append(Table(f"Convergence: {model}", ["task"] + methods, rows, note))
+    return tables
+
+
+def efficiency(data: StudyData) -> list[Table]:
+    tables = []
+    for model in data.models():
+        runs = [r for r in data.base if r["model"] == model]
+        by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in runs:
+            by[r["method"]].append(r)
+
+        def med(m: str, key: str, by: dict[str, list[dict[str, Any]]] = by) -> float:
+            vals = [r[key] for r in by.get(m, []) if r[key] is not None]
+            return statistics.median(vals) if vals else math.nan
+
+        ref = {k: med("full", k) for k in ("step_seconds", "peak_memory", "checkpoint_bytes")}
+        total = med(next(iter(by)), "total") if by else math.nan
+        kinds = {r["memory_kind"] for r in runs}
+        rows = []
+        for m in data.methods():
+            if m not in by:
+                continue
+            params = med(m, "trainable")
+            cells = [f"{params:,.0f}", f"{100 * params / total:.3f}%"]
+            for key, scale, digits in (
+                ("step_seconds", 1.0, 3),
+                ("peak_memory", 2**-20, 0),
+                ("checkpoint_bytes", 2**-20, 2),
+            ):
+                v = med(m, key)
+                ratio = f" ({v / ref[key]:.2f}x)" if ref[key] and not math.isnan(ref[key]) else ""
+                cells.append(f"{v * scale:,.{digits}f}{ratio}")
+            rows.append([m] + cells)
+        devices = sorted({r["device"] for r in runs})
+        note = (
+            f"Medians over runs on {', '.join(devices)}; ratios to full fine-tuning. Step time includes the dev "
+            f"evaluations. Memory: {', '.join(sorted(kinds))} (peak RSS of the process during the run on CPU; "
+            "max allocated on GPU). Full fine-tuning's checkpoint is the whole model (counted, not written)."
+        )
+        columns = ["method", "trainable params", "% of model", "s / step", "peak memory (MiB)", "checkpoint (MiB)"]
+        tables.append(Table(f"Efficiency: {model}", columns, rows, note))
+    return tables
+
+
+def combination(data: StudyData) -> list[Table]:
+    chosen = data.spec.get("combination") or []
+    if not chosen:
+        return []
+    tables = []
+    for model in data.models():
+        cells = grid(data, model)
+        labels = combination_labels(chosen)
+        tasks = [t for t in data.tasks() if all((t, lbl) in cells for lbl in labels)]
+        rows = []
+        for lbl in labels:
+            short = "none" if lbl == "head" else "+".join(LETTERS.get(m, m) for m in lbl.split("+"))
+            scores = [_mean_std(cells[(t, lbl)])[0] for t in tasks]
+            row = [short] + [_fmt(s) for s in scores] + [_fmt(statistics.fmean(scores)) if scores else "-"]
+            rows.append(row + [_fmt(PAPER_COMBINATION.get(short, math.nan))])
+        note = (
+            "Rows in the paper's order (P prompt, B BitFit, A adapter; none = frozen backbone + trained head). "
+            "Paper column: RoBERTa-large, GLUE average, full data."
+        )
+        tables.append(Table(f"Combination: {model}", ["delta"] + tasks + ["average", "paper"], rows, note))
+    return tables
+
+
+def transfer_matrix(data: StudyData, model: str, method: str) -> tuple[list[str], dict[tuple[str, str], float]]:
+    """(source, target) -> transferred score minus the from-scratch score on target (x100, seed means)."""
+    scratch = {t: _mean_std(v)[0] for (t, m), v in grid(data, model).items() if m == method}
+    moved: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in data.runs:
+        if r["source_task"] and r["model"] == model and r["method"] == method:
+            moved[(r["source_task"], r["task"])].append(score(r))
+    tasks = [t for t in data.tasks() if t in scratch]
+    gains = {k: _mean_std(v)[0] - scratch[k[1]] for k, v in moved.items() if k[1] in scratch}
+    return tasks, gains
+
+
+def transfer(data: StudyData) -> list[Table]:
+    tables = []
+    for model in data.models():
+        for method in sorted({r["method"] for r in data.runs if r["source_task"] and r["model"] == model}):
+            tasks, gains = transfer_matrix(data, model, method)
+            rows = [[s] + [_fmt(gains[(s, t)]) if (s, t) in gains else "" for t in tasks] for s in tasks]
+            note = "Rows: the task the delta was trained on; columns: the task it continued on. Gain over training from scratch (points x100)."
+            tables.append(Table(f"Transfer ({method}): {model}", ["from \\ to"] + tasks, rows, note))
+    return tables
+
+
+def scaling(data: StudyData) -> list[Table]:
+    models = data.models()
+    if len(models) < 2:
+        return []
+    sizes = {m: next(r["total"] for r in data.base if r["model"] == m) for m in models}
+    avgs = {m: method_averages(data, m) for m in models}
+    rows = [[f"{m} ({sizes[m] / 1e6:.1f}M)"] + [_fmt(avgs[m].get(x, math.nan)) for x in data.methods()] for m in models]
+    note = "Average test score over the tasks each model finished with every method. Paper: the gap to full FT shrinks with size."
+    return [Table("Scaling", ["model"] + data.methods(), rows, note)]
+
+
+ANALYSIS_TABLES = {
+    "performance": performance,
+    "convergence": convergence,
+    "efficiency": efficiency,
+    "combination": combination,
+    "transfer": transfer,
+    "scaling": scaling,
+}

@@ -1,0 +1,291 @@
+"""Where runs execute: in this process, in a pool of spawned processes, or on a Ray cluster.
+
+Workers only compute: they take a job (JSON text) and return its results (JSON text). Claiming and
+recording stay in the runner, the store's single writer, so an executor never touches SQLite and a
+worker that dies loses nothing but its own run, which the next start retries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets the process's peak RSS (VmHWM) on writing 5 to clear_refs; elsewhere it cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux; a process-lifetime peak
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _budget_config(model: Any, name: str, settings: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The size setting that brings a method's trainable parameters closest to `budget` on this model."""
+    from ..core.model import DeltaModel
+    from ..methods import METHODS
+
+    knob = next(k for k in ("r", "bottleneck", "num_tokens", "rank", "dim") if hasattr(METHODS[name](), k))
+
+    def count(value: int) -> int:
+        dm = DeltaModel(model)
+        dm.add("probe", METHODS[name](**{**settings, knob: value}))
+        n = sum(p.numel() for p in dm.delta("probe").parameters() if p.requires_grad)
+        dm.detach()
+        return n
+
+    lo, hi = 1, 1
+    while count(hi) < budget and hi < 1 << 16:
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(mid) < budget else (lo, mid)
+    best = min({max(1, lo - 1), lo}, key=lambda v: abs(count(v) - budget))
+    return {**settings, knob: best}
+
+
+def _load_source(model: Any, init_from: str, same_labels: bool) -> Any:
+    """Start from the deltas a run on another task saved; its head only when the label sets match."""
+    from ..core.io import HEAD as HEAD_PREFIX
+    from ..core.io import _config_from_json, load_delta, read_meta, read_tensors
+    from ..core.model import DeltaModel
+
+    folders = sorted(Path(init_from).glob("delta-*"))
+    if not folders:
+        raise FileNotFoundError(f"no delta-*/ folder in {init_from}: the source run saved no delta to transfer")
+    dm = DeltaModel(model)
+    for folder in folders:
+        name = folder.name.removeprefix("delta-")
+        if same_labels:
+            load_delta(dm, folder, name)
+            continue
+        meta = read_meta(folder)
+        dm.add(name, _config_from_json(meta["config"]))
+        tensors = {k: v for k, v in read_tensors(folder).items() if not k.startswith(HEAD_PREFIX)}
+        dm.delta(name).load_state_dict(tensors, strict=True)
+    return dm
+
+
+def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The run itself: through train.run.run, or through fit when it starts from another task's delta."""
+    from ..data.fewshot import few_shot
+    from ..data.tasks import load_task
+    from ..methods import get_config
+    from ..train.run import RunSpec, load_for_task, run
+    from ..train.trainer import TrainConfig, fit
+
+    train_cfg = TrainConfig(**{"progress": False, **job["train"]})
+    settings = {n: dict(s) for n, s in job["methods"].items()}
+    if job.get("budget"):
+        task = load_task(job["task"], splits=("dev",))
+        model, _, _ = load_for_task(job["model"], task)
+        name = next(iter(settings))
+        settings[name] = _budget_config(model, name, settings[name], job["budget"])
+    methods = {
+        n: get_config(n, **{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+        for n, s in settings.items()
+    }
+    spec = RunSpec(
+        job["model"], job["task"], methods, job["full"], train_cfg, job["k_shot"], job["max_train"], job["output_dir"]
+    )
+    if not job.get("init_from"):
+        return run(spec)
+    task = load_task(job["task"])
+    train = task["train"]
+    if spec.k_shot is not None:
+        train = few_shot(train, spec.k_shot, seed=train_cfg.seed)
+    elif spec.max_train is not None:
+        import random
+
+        train = random.Random(train_cfg.seed).sample(list(train), min(spec.max_train, len(train)))
+    source = load_task(job["source_task"], splits=("dev",))
+    model, tokenizer, _ = load_for_task(job["model"], task)
+    same = source.labels == task.labels and source.type == task.type
+    dm = _load_source(model, job["init_from"], same)
+    model, result = fit(dm, tokenizer, task, {}, train_cfg, output_dir=job["output_dir"], train_examples=train)
+    return model, result, task
+
+
+def execute(job_text: str) -> str:
+    """Run one job in this process and return its results; errors come back as text, never raised."""
+    job = json.loads(job_text)
+    try:
+        import torch
+
+        if job.get("threads"):
+            torch.set_num_threads(job["threads"])
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        resettable = _reset_peak_rss()
+        start = time.perf_counter()
+        model, result, task = _train(job)
+        test = _test_metrics(model, task, job) if job.get("eval_test") and "test" in task.splits else None
+        wall = time.perf_counter() - start
+        out = Path(job["output_dir"])
+        if job["full"]:  # the checkpoint full fine-tuning needs: the whole model (not written, to save disk)
+            ckpt = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        else:
+            ckpt = sum(_folder_bytes(f) for f in out.glob("delta-*")) + sum(
+                f.stat().st_size for f in out.glob("head.safetensors")
+            )
+        metric = task.primary_metric
+        return json.dumps(
+            {
+                "metric": metric,
+                "dev_score": result.best.get(metric),
+                "test_score": test.get(metric) if test else None,
+                "best": result.best,
+                "test": test,
+                "best_step": result.best_step,
+                "steps": result.steps,
+                "trainable": result.trainable_parameters,
+                "total": result.total_parameters,
+                "train_seconds": result.train_seconds,
+                "wall_seconds": wall,
+                "step_seconds": result.train_seconds / max(result.steps, 1),
+                "peak_memory": torch.cuda.max_memory_allocated() if cuda else _peak_rss(),
+                "memory_kind": "cuda_max_allocated" if cuda else ("rss_peak" if resettable else "rss_process_peak"),
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "delta_path": str(out),
+                "checkpoint_bytes": ckpt,
+                "diverged": result.diverged,
+                "history": result.history,
+            },
+            default=float,
+        )
+    except Exception as err:  # noqa: BLE001 - one failed run must not end the study
+        tail = "".join(traceback.format_exception(err)[-3:])
+        return json.dumps({"error": f"{type(err).__name__}: {err}\n{tail}"})
+
+
+def _test_metrics(model: Any, task: Any, job: dict[str, Any]) -> dict[str, float]:
+    """The model chosen on dev, scored on test (capped by max_eval): the number the tables report."""
+    from ..backbones import load_tokenizer
+    from ..train.heads import head_for
+    from ..train.trainer import evaluate
+
+    tokenizer = load_tokenizer(job["model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = not type(getattr(model, "backbone", model)).__name__.endswith("ForSequenceClassification")
+    cfg = job["train"]
+    head = head_for(
+        task, tokenizer, lm=lm, max_length=cfg.get("max_length", 128), max_new_tokens=cfg.get("max_new_tokens", 48)
+    )
+    examples = task["test"][: cfg.get("max_eval")]
+    return evaluate(model, head, examples, task, cfg.get("eval_batch_size", 64))
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+class _Done:
+    """A finished run's handle: unique per run even when two results read the same."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class SequentialExecutor:
+    """Runs in this process, one at a time: the default, and the one whose failures are easiest to read."""
+
+    workers = 1
+
+    def submit(self, job: dict[str, Any]) -> Any:
+        return _Done(execute(json.dumps(job)))
+
+    def wait(self, pending: dict[Any, dict[str, Any]]) -> Iterator[tuple[Any, str]]:
+        for handle in list(pending):
+            yield handle, handle.text
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessExecutor:
+    """A pool of spawned processes (fork is unsafe once torch has started threads)."""
+
+    def __init__(self, workers: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, job: dict[str, Any]) -> Any:
+        return self.pool.submit(execute, json.dumps(job))
+
+    def wait(self, pending: dict[Any, dict[str, Any]]) -> Iterator[tuple[Any, str]]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        for future in done:
+            yield future, future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RayExecutor:
+    """Runs as Ray tasks: on a cluster when `address` names one, else on a local Ray started here."""
+
+    def __init__(self, workers: int, address: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError as err:
+            raise ImportError("--executor ray needs Ray: pip install 'deltatune[ray]'") from err
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(
+                address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False
+            )
+        self.remote = ray.remote(num_cpus=1)(execute)
+        self.workers = workers
+
+    def submit(self, job: dict[str, Any]) -> Any:
+        return self.remote.remote(json.dumps(job))
+
+    def wait(self, pending: dict[Any, dict[str, Any]]) -> Iterator[tuple[Any, str]]:
+        done, _ = self.ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            yield ref, self.ray.get(ref)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(kind: str, workers: int = 1, address: str | None = None) -> Any:
+    if kind == "sequential":
+        return SequentialExecutor()
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if kind == "process":
+        return ProcessExecutor(workers)
+    if kind == "ray":
+        return RayExecutor(workers, address)
+    raise ValueError(f"unknown executor {kind!r}; use sequential, process or ray")

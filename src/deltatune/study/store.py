@@ -1,0 +1,250 @@
+"""One SQLite file holds a whole study: the spec, every run with its status, results and curves.
+
+Resuming rests on three rules. A run is claimed inside a write transaction, so two runners never
+take the same run. A run's results (row and curve) are written in one transaction and only by the
+runner that holds the claim, so a run is recorded once or not at all. A run left 'running' by a
+process that no longer exists is put back to 'pending' when a runner starts, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL, task TEXT NOT NULL, method TEXT NOT NULL, seed INTEGER NOT NULL,
+    source_task TEXT, depends_on TEXT,
+    job TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT, claimed_at REAL, finished_at REAL, error TEXT,
+    metric TEXT, dev_score REAL, test_score REAL, best TEXT, test TEXT, best_step INTEGER, steps INTEGER,
+    trainable INTEGER, total INTEGER, train_seconds REAL, wall_seconds REAL, step_seconds REAL,
+    peak_memory INTEGER, memory_kind TEXT, device TEXT, delta_path TEXT, checkpoint_bytes INTEGER, diverged TEXT
+);
+CREATE TABLE IF NOT EXISTS curves (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    step INTEGER NOT NULL, epoch REAL, train_loss REAL, elapsed REAL, score REAL, metrics TEXT NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+"""
+RESULT_FIELDS = (
+    "metric dev_score test_score best test best_step steps trainable total train_seconds wall_seconds "
+    "step_seconds peak_memory memory_kind device delta_path checkpoint_bytes diverged"
+).split()
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks: with the pid it names a process even after pid reuse."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_id(pid: int | None = None) -> str:
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_proc_start(pid) or '-'}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """True/False for an owner on this host; None when it ran elsewhere (we cannot tell)."""
+    host, pid, start = (owner.split(":") + ["", "", ""])[:3]
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return start == "-" or _proc_start(int(pid)) == start
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front: a claim cannot interleave with another."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ the plan
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def add_jobs(self, jobs: list[dict[str, Any]]) -> int:
+        """Insert the runs not yet planned; a planned run whose settings changed is an error, not a rerun."""
+        added = 0
+        with self.transaction() as c:
+            for job in jobs:
+                row = c.execute("SELECT job FROM runs WHERE key = ?", (job["key"],)).fetchone()
+                if row is not None:
+                    old = json.loads(row[0])
+                    diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k) and (k in old or job[k]))
+                    if diff:
+                        raise ValueError(
+                            f"run {job['key']} is already in {self.path} with other settings ({', '.join(diff)}); "
+                            "use a new --db for the changed study, or change the study's name/seeds"
+                        )
+                    continue
+                c.execute(
+                    "INSERT INTO runs (key, model, task, method, seed, source_task, depends_on, job) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job["key"],
+                        Path(job["model"]).name,
+                        Path(job["task"]).name,
+                        job["label"],
+                        job["seed"],
+                        job["source_task"] and Path(job["source_task"]).name,
+                        job["depends_on"],
+                        json.dumps(job, sort_keys=True),
+                    ),
+                )
+                added += 1
+        return added
+
+    # ------------------------------------------------------------------ claiming and recording
+
+    def recover(self) -> list[str]:
+        """Put back to 'pending' the runs whose claiming process died (kill -9, power loss, OOM)."""
+        back = []
+        with self.transaction() as c:
+            for row in c.execute("SELECT id, key, owner FROM runs WHERE status = 'running'").fetchall():
+                if owner_alive(row["owner"] or "") is False:
+                    c.execute("UPDATE runs SET status = 'pending', owner = NULL WHERE id = ?", (row["id"],))
+                    back.append(row["key"])
+        return back
+
+    def retry_failed(self) -> int:
+        with self.transaction() as c:
+            return c.execute("UPDATE runs SET status = 'pending', error = NULL WHERE status = 'failed'").rowcount
+
+    def claim(self, owner: str) -> dict[str, Any] | None:
+        """Take the next runnable run (its dependency, if any, done); None when nothing is runnable now."""
+        with self.transaction() as c:
+            row = c.execute(
+                "SELECT r.id, r.job, d.delta_path AS source_path FROM runs r LEFT JOIN runs d ON d.key = r.depends_on "
+                "WHERE r.status = 'pending' AND (r.depends_on IS NULL OR d.status = 'done') ORDER BY r.id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute(
+                "UPDATE runs SET status = 'running', owner = ?, claimed_at = ?, attempts = attempts + 1 WHERE id = ?",
+                (owner, time.time(), row["id"]),
+            )
+        job = json.loads(row["job"])
+        job["id"] = row["id"]
+        if row["source_path"]:
+            job["init_from"] = row["source_path"]
+        return job
+
+    def finish(self, run_id: int, owner: str, result: dict[str, Any]) -> bool:
+        """Record a run's results and curve in one transaction; False if the claim was lost meanwhile."""
+        with self.transaction() as c:
+            values = [_column(result.get(k)) for k in RESULT_FIELDS]
+            sets = ", ".join(f"{k} = ?" for k in RESULT_FIELDS)
+            cur = c.execute(
+                f"UPDATE runs SET {sets}, status = 'done', finished_at = ?, error = NULL "
+                "WHERE id = ? AND status = 'running' AND owner = ?",
+                (*values, time.time(), run_id, owner),
+            )
+            if cur.rowcount != 1:
+                return False
+            c.execute("DELETE FROM curves WHERE run_id = ?", (run_id,))
+            metric = result.get("metric")
+            c.executemany(
+                "INSERT INTO curves VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        run_id,
+                        h["step"],
+                        h.get("epoch"),
+                        h.get("train_loss"),
+                        h.get("elapsed"),
+                        h.get(metric),
+                        json.dumps(h),
+                    )
+                    for h in result.get("history", [])
+                ],
+            )
+        return True
+
+    def fail(self, run_id: int, owner: str, error: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ? AND owner = ?",
+                (error, time.time(), run_id, owner),
+            )
+
+    def release(self, run_id: int, owner: str) -> None:
+        """Give a claimed run back (interrupted with Ctrl-C): it will run again next time."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE runs SET status = 'pending', owner = NULL WHERE id = ? AND owner = ? AND status = 'running'",
+                (run_id, owner),
+            )
+
+    # ------------------------------------------------------------------ reading
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        return {s: 0 for s in ("pending", "running", "done", "failed")} | {r[0]: r[1] for r in rows}
+
+    def runs(self, status: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT * FROM runs" + (" WHERE status = ?" if status else "") + " ORDER BY id"
+        rows = [dict(r) for r in self.conn.execute(query, (status,) if status else ())]
+        for r in rows:
+            for k in ("best", "test", "job"):
+                r[k] = json.loads(r[k]) if r.get(k) else None
+        return rows
+
+    def curves(self) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for r in self.conn.execute("SELECT run_id, metrics FROM curves ORDER BY run_id, step"):
+            out.setdefault(r[0], []).append(json.loads(r[1]))
+        return out
+
+    def blocked(self) -> list[str]:
+        """Pending runs that cannot start because the run they depend on failed."""
+        rows = self.conn.execute(
+            "SELECT r.key FROM runs r JOIN runs d ON d.key = r.depends_on WHERE r.status = 'pending' AND d.status = 'failed'"
+        )
+        return [r[0] for r in rows]
+
+
+def _column(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict | list) else value

