@@ -87,6 +87,18 @@ def _param_groups(model: nn.Module, dm: DeltaModel | None, cfg: TrainConfig) -> 
     return groups
 
 
+def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW on the fused kernel where it runs (CPU and CUDA float tensors), else foreach.
+
+    Measured on 2 CPU cores (benchmarks/results): a fused step over MiniLM's 22.7M weights takes 16 ms
+    against 75 ms foreach; over a LoRA delta 0.17 ms against 0.53 ms.
+    """
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, **({"fused": True} if fused else {"foreach": True}), **kwargs)
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -177,7 +189,7 @@ def fit(
     )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(_param_groups(model, dm, cfg), weight_decay=cfg.weight_decay, foreach=True)
+    optimizer = adamw(_param_groups(model, dm, cfg), weight_decay=cfg.weight_decay)
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * max_steps), max_steps)

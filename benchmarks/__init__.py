@@ -1,0 +1,1 @@
+"""deltatune's benchmarks against full fine-tuning and PEFT: `python -m benchmarks --help`."""
