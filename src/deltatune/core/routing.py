@@ -103,7 +103,7 @@ def _put(full: Any, sub_before: Any, sub_after: Any, idx: torch.Tensor, what: st
                 f"{what} changes the shape of its input from {tuple(full.shape[1:])} to {tuple(sub_after.shape[1:])} "
                 "per row, so it cannot serve only some rows of a batch; give every row a delta of this kind"
             )
-        return full.index_copy(0, idx, sub_after.to(full.dtype))
+        return full.index_copy(0, idx, sub_after.to(full.dtype))  # never in place: the caller holds inputs
     return sub_after  # not batch-shaped: row-independent, take the delta's value
 
 
@@ -112,6 +112,24 @@ def batch_size(args: tuple, kwargs: dict) -> int:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return value.shape[0]
     raise RoutingError("cannot find a batched tensor in this module's inputs to route rows by")
+
+
+def scatter_rows(full: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module output with `rows` written at `idx`.
+
+    In place when no graph needs the old values (serving) and the output is fresh memory, not one of
+    the module's inputs passed through (an eval-mode dropout returns its input, the residual stream);
+    otherwise out of place.
+    """
+    rows = rows.to(full.dtype)
+    needs_graph = torch.is_grad_enabled() and (full.requires_grad or rows.requires_grad)
+    storage = full.untyped_storage().data_ptr()
+    aliased = any(
+        isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == storage for v in (*args, *kwargs.values())
+    )
+    if needs_graph or aliased:
+        return full.index_copy(0, idx, rows)
+    return full.index_copy_(0, idx, rows)
 
 
 def hidden_of(output: Any) -> torch.Tensor:
@@ -145,7 +163,7 @@ def routed_output(
     new_hidden = hidden_of(new)
     if new_hidden.shape[1:] != hidden.shape[1:]:
         raise RoutingError(f"{type(module).__name__}'s delta changes its output shape; it cannot serve only some rows")
-    return with_hidden(output, hidden.index_copy(0, idx, new_hidden.to(hidden.dtype)))
+    return with_hidden(output, scatter_rows(hidden, idx, new_hidden, args, kwargs))
 
 
 def routed_input(
