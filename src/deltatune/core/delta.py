@@ -82,6 +82,16 @@ class _ParamDelta(nn.Module):
         return self.fn(weight) if (route.full or delta.recomputing) and not route.empty else weight
 
 
+def _scope(delta: Delta, route_aware: bool) -> str | None:
+    """Where a hook acts this call: "batch" (every row), "rows" (the delta's rows of a mixed batch) or None."""
+    route = delta.route
+    if route is None:
+        return "batch" if delta.active else None
+    if route.empty:
+        return None
+    return "batch" if route.full or route_aware else "rows"
+
+
 def param_owners(module: nn.Module, param_name: str) -> list[Delta]:
     """The deltas reparametrizing `module.<param_name>`, in the order they were attached."""
     if not parametrize.is_parametrized(module, param_name):
@@ -109,14 +119,10 @@ class Hooks:
         delta = self.delta
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            route = delta.route
-            if route is None:
-                return fn(mod, args, kwargs, output) if delta.active else None
-            if route.empty:
-                return None
-            if route.full or route_aware:
-                return fn(mod, args, kwargs, output)
-            return routed_output(fn, route, mod, args, kwargs, output)
+            scope = _scope(delta, route_aware)
+            if scope == "rows":
+                return routed_output(fn, delta.route, mod, args, kwargs, output)
+            return fn(mod, args, kwargs, output) if scope else None
 
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
@@ -131,14 +137,10 @@ class Hooks:
         delta = self.delta
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
-            route = delta.route
-            if route is None:
-                return fn(mod, args, kwargs) if delta.active else None
-            if route.empty:
-                return None
-            if route.full or route_aware:
-                return fn(mod, args, kwargs)
-            return routed_input(fn, route, mod, args, kwargs)
+            scope = _scope(delta, route_aware)
+            if scope == "rows":
+                return routed_input(fn, delta.route, mod, args, kwargs)
+            return fn(mod, args, kwargs) if scope else None
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
