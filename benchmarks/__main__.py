@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             if model in done:
                 print(f"[{name}/{model}] already in {out}, kept", flush=True)
                 continue
-            done.update(SUITES[name].run([model], **kwargs))
+            result = SUITES[name].run([model], **kwargs)
+            for row in result.values():
+                row.update(repeats=repeats, threads=torch.get_num_threads(), loadavg=list(os.getloadavg()))
+            done.update(result)
             report["machine"]["loadavg_end"] = list(os.getloadavg())
             write_json(out, report)
     print(f"wrote {out}")

@@ -108,7 +108,7 @@ class LoRA(Delta):
             self.layers[key] = layer
             self._modules_by_key[key] = name
             self.sites[name] = sum(p.numel() for p in layer.parameters())
-            hooks.on_output(module, _lora_hook(layer))
+            hooks.on_output(module, _lora_hook(layer, self), route_aware=True)
 
     def _each(self, model: nn.Module):
         for key, layer in self.layers.items():
@@ -125,8 +125,23 @@ class LoRA(Delta):
             module.weight.sub_(weight_update(module, layer.weight_delta()).to(module.weight.dtype))
 
 
-def _lora_hook(layer: LoRALayer):
+def _lora_hook(layer: LoRALayer, delta: LoRA):
+    """Adds the update to the whole batch, or in a mixed batch to the delta's rows only.
+
+    Route-aware: the rows' updates are added into the full output with one `index_add`, in place
+    when no gradient is recorded, instead of gathering and scattering whole (rows, out) outputs per
+    delta as the generic routing does; a batch over many deltas then costs little more than one.
+    """
+
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        return layer.add_to(output, first_input(args, kwargs))
+        x = first_input(args, kwargs)
+        route = delta.route
+        if route is None or route.full:
+            return layer.add_to(output, x)
+        idx = route.index(x.shape[0])
+        rows = layer.update(x.index_select(0, idx)).to(output.dtype)
+        if torch.is_grad_enabled() and (output.requires_grad or rows.requires_grad):
+            return output.index_add(0, idx, rows)
+        return output.index_add_(0, idx, rows)
 
     return hook
