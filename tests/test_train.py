@@ -226,3 +226,21 @@ def test_bf16_mixed_precision_runs_on_the_cpu(task, tokenizer) -> None:  # noqa:
     model, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
     assert result.diverged is None and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     assert next(model.delta("lora").parameters()).dtype == torch.float32  # autocast: master weights stay fp32
+
+
+def test_two_cli_runs_with_one_seed_log_the_same_metrics(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
+    """The backbone is saved without a classifier, so each run draws a fresh head: the seed must fix it."""
+    from deltatune.cli import main
+
+    model_dir = tmp_path / "tiny-bert-body"
+    _bert(tokenizer).bert.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    task_dir = _write_task(tmp_path / "toy")
+    logs = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # whatever the global RNG holds before the run must not matter
+        args = ["--model", str(model_dir), "--task", str(task_dir), "--max-steps", "4", "--eval-every", "2"]
+        assert main(["train", *args, "--batch-size", "8", "--out", str(tmp_path / f"r{i}"), "--quiet"]) == 0
+        rows = [json.loads(line) for line in (tmp_path / f"r{i}" / "metrics.jsonl").read_text().splitlines()]
+        logs.append([{k: v for k, v in row.items() if k != "elapsed"} for row in rows])
+    assert logs[0] == logs[1] and len(logs[0]) == 2

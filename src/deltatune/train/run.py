@@ -47,10 +47,18 @@ def is_causal_lm(model_name: str) -> bool:
     return config.model_type in CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs)
 
 
-def load_for_task(model_name: str, task: Task) -> tuple[nn.Module, Any, bool]:
-    """The backbone with the head the task needs, its tokenizer, and whether it is a causal LM."""
+def load_for_task(model_name: str, task: Task, seed: int | None = None) -> tuple[nn.Module, Any, bool]:
+    """The backbone with the head the task needs, its tokenizer, and whether it is a causal LM.
+
+    A new task head is drawn from the global RNG while loading; `seed` fixes it, so two runs with
+    one seed start from the same head and reach the same metrics.
+    """
     from ..backbones import load_backbone, load_tokenizer
 
+    if seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(seed)
     tokenizer = load_tokenizer(model_name)
     lm = is_causal_lm(model_name)
     if lm:
@@ -76,7 +84,7 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
         import random
 
         train = random.Random(spec.train.seed).sample(list(train), min(spec.max_train, len(train)))
-    model, tokenizer, _ = load_for_task(spec.model, task)
+    model, tokenizer, _ = load_for_task(spec.model, task, seed=spec.train.seed)
     model, result = fit(
         model,
         tokenizer,
