@@ -54,7 +54,7 @@ def probe(model_name: str, variant: str, batch: int, seq: int, device: str = "cp
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")
     params = {p.untyped_storage().data_ptr() for p in v.model.parameters()}
     saved = saved_activation_bytes(lambda: v.model(**data).loss, params)
-    v.optimizer.zero_grad(set_to_none=True)
+    v.model.zero_grad(set_to_none=True)
     return {
         "variant": variant,
         "memory": "cuda_max_allocated" if cuda else "rss",
@@ -62,6 +62,7 @@ def probe(model_name: str, variant: str, batch: int, seq: int, device: str = "cp
         "peak_mb": round(peak, 1),
         "peak_over_loaded_mb": round(peak - loaded, 1),
         "saved_activations_mb": round(saved / 2**20, 1),
+        "saved_activations_bytes": saved,
     }
 
 

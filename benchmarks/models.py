@@ -23,7 +23,9 @@ from deltatune.train.trainer import TrainConfig, _param_groups, adamw
 
 DELTATUNE = ("lora", "ia3", "bitfit", "layernorm", "adapter", "prefix", "prompt")
 PEFT = ("peft-lora", "peft-ia3", "peft-prefix", "peft-prompt", "peft-ln")
-VARIANTS = ("full", *DELTATUNE, *PEFT)
+# "floor": every weight frozen (the head trains where deltas train it), yet the backward pass runs
+# through every layer: what any delta touching the first layer cannot avoid; no weight gradients
+VARIANTS = ("full", "floor", *DELTATUNE, *PEFT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +125,9 @@ class Variant:
         def run() -> None:
             loss = model(**batch).loss
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
         return run
 
@@ -167,6 +170,13 @@ def build(variant: str, base: nn.Module, *, shared: bool = True, optimizer: bool
         opt = adamw(list(model.parameters()), lr=2e-5) if optimizer else None
         return Variant(variant, model, opt)
     model = share_frozen(base) if shared else base
+    if variant == "floor":
+        heads = tuple(f"{h}." for h in head_names(model)) if cls else ()
+        params = [p for n, p in model.named_parameters() if heads and n.startswith(heads)]
+        for p in model.parameters():
+            p.requires_grad_(any(p is q for q in params))
+        model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_())
+        return Variant(variant, model, adamw(params, lr=1e-3) if optimizer and params else None)
     if variant in DELTATUNE:
         dm = dt.attach(model, _deltatune_config(variant, model), name=variant, train_head=cls)
         opt = adamw(_param_groups(dm, dm, TrainConfig())) if optimizer else None

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from .harness import write_text
 from .models import SPECS, build, inputs, load
 
-VARIANTS = ("full", "lora", "peft-lora", "ia3", "bitfit", "layernorm")
+VARIANTS = ("full", "floor", "lora", "peft-lora", "ia3", "bitfit", "layernorm")
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
     "attention": ("aten::_scaled_dot_product", "aten::_softmax", "aten::softmax"),
