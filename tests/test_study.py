@@ -280,3 +280,38 @@ def test_kill_9_mid_study_then_resume_records_every_run_once(world: dict[str, st
     assert all(r["attempts"] == 1 for r in runs if r["key"] not in interrupted)
     curves = store.curves()
     assert all([p["step"] for p in curves[r["id"]]] == [4, 8, 12, 16] for r in runs)
+
+
+def test_capped_dev_and_test_are_random_samples_not_the_first_rows(tmp_path: Path) -> None:
+    from deltatune.study.executors import _load_task
+
+    folder = tmp_path / "sorted"
+    folder.mkdir()
+    rows = [{"text": f"the movie was {'good' if i >= 30 else 'bad'}", "label": int(i >= 30)} for i in range(60)]
+    for split in ("train", "dev", "test"):  # sorted by label, as mr, subj and mpqa are in the collection
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = _load_task(str(folder), cap=20)
+    for split in ("dev", "test"):
+        labels = [ex.label for ex in task[split]]
+        assert len(labels) == 20 and 5 <= sum(labels) <= 15
+    assert [ex.text for ex in task["dev"]] == [ex.text for ex in _load_task(str(folder), cap=20)["dev"]]
+
+
+def test_parameter_budget_picks_the_closest_size(world: dict[str, str]) -> None:
+    from deltatune.study.executors import _budget_config
+
+    model = tf.AutoModelForSequenceClassification.from_pretrained(world["model"], num_labels=2)
+    # LoRA on q and v of 2 layers of width 32: 4 x r x (32 + 32) = 256 r parameters
+    assert _budget_config(model, "lora", {}, 2000) == {"r": 8}  # 2048 is closer than 1792
+    assert _budget_config(model, "lora", {"alpha": 8.0}, 100) == {"alpha": 8.0, "r": 1}
+    assert not any(p.requires_grad is False for p in model.parameters())  # probes were detached
+
+
+def test_a_method_can_run_twice_with_other_settings(world: dict[str, str]) -> None:
+    spec = parse_spec(
+        _spec(world, methods={"lora": {"r": 4}, "lora@lr1e-2": {"r": 4, "lr": 1e-2}, "full": {"lr": 1e-4}})
+    )
+    jobs = {j["label"]: j for j in spec.jobs() if j["task"] == world["sent"]}
+    assert jobs["lora@lr1e-2"]["methods"] == {"lora": {"r": 4}} and jobs["lora@lr1e-2"]["train"]["lr"] == 1e-2
+    assert jobs["lora"]["train"]["lr"] == 1e-2  # the spec's train.lr, untouched by the variant
+    assert jobs["full"]["full"] and jobs["full"]["train"]["lr"] == 1e-4
