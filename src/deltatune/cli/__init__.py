@@ -9,6 +9,7 @@ from collections.abc import Callable
 from . import evaluate, quickstart, tasks, train
 from . import inspect as inspect_cmd
 from . import study as study_cmd
+from . import subspace as subspace_cmd
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
@@ -20,6 +21,7 @@ COMMANDS: dict[str, Command] = {
     "tasks": (tasks.HELP, tasks.add_arguments, tasks.run),
     "inspect": (inspect_cmd.HELP, inspect_cmd.add_arguments, inspect_cmd.run),
     "study": (study_cmd.HELP, study_cmd.add_arguments, study_cmd.run),
+    "subspace": (subspace_cmd.HELP, subspace_cmd.add_arguments, subspace_cmd.run),
 }
 
 

@@ -1,0 +1,139 @@
+"""`deltatune subspace ...`: the unified optimization subspace of delta methods, stage by stage.
+
+Every stage reads the study's settings from `<workdir>/study.json` (written by `collect`) and skips
+what the store already holds, so any command can be re-run after an interruption to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+HELP = "unified subspace of delta methods: collect, find, optimize, transfer, landscape, intrinsic-dim, report"
+STAGES = ("collect", "find", "optimize", "transfer", "landscape", "intrinsic-dim", "report", "all")
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="stage", required=True)
+    for stage in STAGES:
+        s = sub.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage])
+        s.add_argument("--workdir", default="runs/subspace", help="the study's folder (default runs/subspace)")
+        s.add_argument("--db", default=None, help="SQLite file for the results (default <workdir>/subspace.db)")
+        s.add_argument("--tasks", type=_list, default=None, help="comma list; restricts this stage to these tasks")
+        if stage in ("collect", "all"):
+            _study_arguments(s)
+        if stage == "find":
+            s.add_argument("--no-multi", action="store_true", help="only the single-task subspaces")
+        if stage == "optimize":
+            s.add_argument("--spaces", type=_list, default=None, help="unified,pca,random (default all)")
+        if stage == "landscape":
+            s.add_argument("--method", default="lora", help="the method whose basis scores the plane")
+            s.add_argument("--grid", type=int, default=5, help="grid points per axis")
+        if stage in ("report", "all"):
+            s.add_argument("--out", default=None, help="report folder (default <workdir>/report)")
+
+
+_STAGE_HELP = {
+    "collect": "train (or skip if stored) each task's head and each method's solution; writes study.json",
+    "find": "learn the unified subspace per task and across the seen tasks; PCA and random baselines",
+    "optimize": "train only the d-dim vector through each method's subspace basis",
+    "transfer": "use each optimized vector through the other methods' bases",
+    "landscape": "metric/loss over a plane of a task's subspace and along paths between methods (PNG)",
+    "intrinsic-dim": "d90 of each task by SAID runs (doubling, then bisection in d)",
+    "report": "the paper-form tables (Markdown + HTML with the figures)",
+    "all": "every stage in order (resumable)",
+}
+
+
+def _study_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", default=None, help="a classification backbone (default minilm-l6)")
+    s.add_argument("--unseen", type=_list, default=None, help="tasks held out of the multi-task subspace")
+    s.add_argument("--methods", type=_list, default=None, help="default adapter,lora,prefix,selective")
+    s.add_argument("--method-arg", action="append", default=[], help="method.key=value, e.g. lora.r=8")
+    s.add_argument("--lr", action="append", default=[], help="method=rate, e.g. lora=5e-3")
+    for name, kind in (("k_shot", int), ("dev_k", int), ("n_eval", int), ("seed", int), ("max_length", int), ("batch_size", int),
+                       ("steps", int), ("eval_every", int), ("head_lr", float), ("d", int), ("hidden", int),
+                       ("alpha", float), ("find_steps", int), ("optimize_steps", int), ("optimize_lr", float),
+                       ("d_max", int), ("said_steps", int)):  # fmt: skip
+        s.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+
+
+def _study_config(args: argparse.Namespace):  # noqa: ANN202
+    from ..subspace.config import StudyConfig
+    from .args import parse_value
+
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(StudyConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    given.pop("tasks", None)
+    if args.tasks:
+        given["tasks"] = args.tasks
+    for pair in args.method_arg:
+        key, sep, value = pair.partition("=")
+        method, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--method-arg {pair!r} is not method.key=value, e.g. --method-arg lora.r=8")
+        given.setdefault("method_args", {}).setdefault(method, {})[field] = parse_value(value)
+    for pair in args.lr:
+        method, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--lr {pair!r} is not method=rate, e.g. --lr lora=5e-3")
+        given.setdefault("lrs", {})[method] = float(value)
+    path = Path(args.workdir) / "study.json"
+    if not path.exists():
+        cfg = StudyConfig()
+        for key, value in given.items():
+            setattr(cfg, key, {**getattr(cfg, key), **value} if key in ("method_args", "lrs") else value)
+        cfg.validate()
+        cfg.save(args.workdir)
+        return cfg
+    cfg = StudyConfig.load(args.workdir)
+    differ = [k for k, v in given.items() if k != "tasks" and getattr(cfg, k) != v]
+    if differ:
+        raise ValueError(
+            f"{path} was started with other settings ({', '.join(differ)}); resume without them or use a new --workdir"
+        )
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..subspace.pipeline import Study, landscape
+    from ..subspace.report import build
+
+    if args.stage in ("collect", "all"):
+        _study_config(args)
+    study = Study(args.workdir, args.db)
+    tasks = args.tasks
+    if tasks:
+        unknown = [t for t in tasks if t not in study.cfg.tasks]
+        if unknown and args.stage != "collect":
+            raise ValueError(f"{unknown} are not tasks of this study ({', '.join(study.cfg.tasks)})")
+    stages = STAGES[:-1] if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        if stage == "collect":
+            study.collect(tasks)
+        elif stage == "find":
+            study.find(tasks, multi=not getattr(args, "no_multi", False))
+        elif stage == "optimize":
+            study.optimize(tasks, getattr(args, "spaces", None))
+        elif stage == "transfer":
+            study.transfer(tasks)
+        elif stage == "landscape":
+            for task in tasks or study.cfg.tasks[:1]:
+                landscape(study, task, getattr(args, "method", "lora"), n=getattr(args, "grid", 5))
+        elif stage == "intrinsic-dim":
+            study.intrinsic(tasks)
+        elif stage == "report":
+            out = Path(args.out or study.workdir / "report")
+            figures = sorted((study.workdir / "landscape").glob("*.png"))
+            md, page = build(study.store, study.cfg.methods, out, figures)
+            print(md.read_text())
+            print(f"wrote {md} and {page}")
+    return 0

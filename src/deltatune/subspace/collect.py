@@ -1,0 +1,187 @@
+"""Stage 0: independent solutions of every method on every task, flattened, with the task's head.
+
+Per task, the head is trained first on the frozen backbone (the head-only baseline) and then held
+fixed while each method trains its delta: all methods of a task share one head, so a delta vector
+means the same thing whichever method produced it, and the subspace covers only the delta.
+Each method's initial delta is recorded too (same seed, same attach order, so the same random
+numbers): subspaces are anchored there, and optimizing in them starts from the untrained method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbones import load_backbone, load_tokenizer
+from ..core.model import DeltaModel
+from ..train.heads import ClassifierHead
+from ..train.trainer import TrainConfig, evaluate, fit
+from .config import StudyConfig, TaskData, task_data
+from .flatten import Layout, flatten, load_vectors, save_vectors
+from .store import Store
+
+
+@dataclasses.dataclass
+class Solution:
+    task: str
+    method: str
+    vector: torch.Tensor  # the trained delta, flattened
+    init: torch.Tensor  # the delta before training (the anchor of every subspace)
+    layout: Layout
+    score: float  # primary metric on the task's eval sample
+
+    @property
+    def displacement(self) -> torch.Tensor:
+        return self.vector - self.init
+
+
+def backbone_for(cfg: StudyConfig, num_labels: int) -> nn.Module:
+    head = "regression" if num_labels == 1 else "cls"
+    return load_backbone(cfg.model, head, num_labels=num_labels)
+
+
+def _train_config(cfg: StudyConfig, lr: float | None) -> TrainConfig:
+    return TrainConfig(
+        lr=lr,
+        head_lr=cfg.head_lr,
+        max_steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        eval_every=cfg.eval_every,
+        seed=cfg.seed,
+        progress=False,
+    )
+
+
+def initial_state(dm: DeltaModel, name: str, config: Any, seed: int) -> dict[str, torch.Tensor]:
+    """The delta `config` builds right after seeding, finalized: what training starts from."""
+    torch.manual_seed(seed)
+    dm.add(f"{name}_init", config)
+    dm.delta(f"{name}_init").finalize()
+    state = {k: v.clone() for k, v in dm.delta_state_dict(f"{name}_init").items()}
+    dm.detach(f"{name}_init")
+    return state
+
+
+def _score(model: nn.Module, tokenizer: Any, data: TaskData, cfg: StudyConfig) -> dict[str, float]:
+    head = ClassifierHead(data.task, tokenizer, cfg.max_length)
+    return evaluate(model, head, data.eval, data.task, 64)
+
+
+def _head_path(workdir: Path, task: str) -> Path:
+    return workdir / "heads" / f"{task}.safetensors"
+
+
+def _solution_path(workdir: Path, task: str, method: str) -> Path:
+    return workdir / "solutions" / task / f"{method}.safetensors"
+
+
+def collect_task(
+    cfg: StudyConfig,
+    store: Store,
+    workdir: Path,
+    name: str,
+    tokenizer: Any,
+    make_backbone: Callable[[int], nn.Module] | None = None,
+) -> None:
+    """Train (or skip, when the store has them) the head and every method's solution on one task.
+
+    `make_backbone(num_labels)` builds the model (default: `cfg.model`); tests pass tiny ones.
+    """
+    todo = [m for m in cfg.methods if not store.has("subspace_solutions", task=name, method=m, seed=cfg.seed)]
+    has_head = store.has("subspace_solutions", task=name, method="head", seed=cfg.seed)
+    if not todo and has_head:
+        return
+    data = task_data(name, cfg)
+    metric = data.task.primary_metric
+    backbone = (make_backbone or (lambda n: backbone_for(cfg, n)))(data.task.num_labels)
+    if has_head:
+        head = load_head(workdir, name)
+    else:
+        start = time.perf_counter()
+        model, result = fit(backbone, tokenizer, data.task, (), _train_config(cfg, None), train_head=True)
+        head = {k.removeprefix("__head__."): v.clone() for k, v in model.head_state_dict().items()}
+        save_vectors(_head_path(workdir, name), head, {"task": name})
+        score = _score(model, tokenizer, data, cfg)[metric]
+        store.put(
+            "subspace_solutions", task=name, method="head", seed=cfg.seed, size=sum(v.numel() for v in head.values()),
+            score=score, metric=metric, path=str(_head_path(workdir, name)),
+            seconds=time.perf_counter() - start, meta={"dev": result.best},
+        )  # fmt: skip
+    params = dict(backbone.named_parameters())
+    with torch.no_grad():
+        for k, v in head.items():
+            params[k].copy_(v)
+    for method in todo:
+        start = time.perf_counter()
+        config = cfg.method_config(method)
+        dm = DeltaModel(backbone)
+        init = initial_state(dm, method, config, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        dm.add(method, config)
+        model, result = fit(dm, tokenizer, data.task, (), _train_config(cfg, cfg.lrs.get(method)), train_head=False)
+        state = dm.delta_state_dict(method)
+        layout = Layout.of(state)
+        score = _score(model, tokenizer, data, cfg)[metric]
+        path = _solution_path(workdir, name, method)
+        meta = {"task": name, "method": method, "layout": layout.to_dict(), "config": config.to_dict(), "score": score}
+        save_vectors(path, {"solution": flatten(state, layout), "init": flatten(init, layout)}, meta)
+        store.put(
+            "subspace_solutions", task=name, method=method, seed=cfg.seed, size=layout.size, score=score,
+            metric=metric, path=str(path), seconds=time.perf_counter() - start,
+            meta={"dev": result.best, "best_step": result.best_step, "diverged": result.diverged},
+        )  # fmt: skip
+        dm.detach(method)
+
+
+def collect(
+    cfg: StudyConfig,
+    store: Store,
+    workdir: str | os.PathLike,
+    tasks: list[str] | None = None,
+    tokenizer: Any = None,
+    make_backbone: Callable[[int], nn.Module] | None = None,
+) -> None:
+    from tqdm.auto import tqdm
+
+    workdir = Path(workdir)
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    for name in tqdm(tasks or cfg.tasks, desc="collect", dynamic_ncols=True):
+        collect_task(cfg, store, workdir, name, tokenizer, make_backbone)
+
+
+def load_head(workdir: str | os.PathLike, task: str) -> dict[str, torch.Tensor]:
+    tensors, _ = load_vectors(_head_path(Path(workdir), task))
+    return tensors
+
+
+def load_solution(store: Store, task: str, method: str, seed: int) -> Solution:
+    row = store.one("subspace_solutions", task=task, method=method, seed=seed)
+    if row is None:
+        raise FileNotFoundError(f"no {method} solution for {task!r} in {store.path}; run `deltatune subspace collect`")
+    tensors, meta = load_vectors(row["path"])
+    return Solution(task, method, tensors["solution"], tensors["init"], Layout.from_dict(meta["layout"]), row["score"])
+
+
+def vector_from_saved(backbone: nn.Module, path: str | os.PathLike) -> tuple[torch.Tensor, Layout, dict]:
+    """A delta folder saved by `deltatune train` (or `save_delta`) as a flat vector, its layout and its head.
+
+    Lets a study reuse solutions trained elsewhere; the prefix MLP, if the folder still has one, is dropped.
+    """
+    from ..core.io import load_delta
+
+    dm = load_delta(backbone, path, name="saved")
+    dm.delta("saved").finalize()
+    state = dm.delta_state_dict("saved")
+    head = {k.removeprefix("__head__."): v.clone() for k, v in dm.head_state_dict().items()}
+    layout = Layout.of(state)
+    vector = flatten(state, layout)
+    dm.detach("saved")
+    return vector, layout, head

@@ -1,0 +1,121 @@
+"""The settings one subspace study runs under, written once to `<workdir>/study.json` and read by every stage.
+
+Keeping them in one file means `find`, `optimize` and the rest cannot drift from what `collect`
+trained with (the same few-shot samples, the same heads, the same method sizes), and a resumed run
+picks up exactly the study it left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from ..core.delta import DeltaConfig
+from ..data.fewshot import few_shot_task
+from ..data.tasks import Example, Task, load_task
+from ..methods import get_config
+from .flatten import write_json
+
+# Sized for MiniLM-L6 (6 layers, hidden 384) so the flattened solutions are about the same size:
+# LoRA r=10 on query and value: 6 x 2 x 10 x (384 + 384) = 92,160; prefix 20 tokens: 6 x 2 x 20 x 384 =
+# 92,160 (kept after finalize(); trained through an MLP of width 24, the paper's "rank 24");
+# a Pfeiffer adapter (after the FFN) with bottleneck 20: 6 x (2 x 384 x 20 + 20 + 384) = 94,584;
+# selective: full fine-tuning of the last layer's attention output projection, 147,840.
+PRESETS: dict[str, dict[str, Any]] = {
+    "adapter": {"placement": "pfeiffer", "bottleneck": 20},
+    "lora": {"r": 10, "targets": ["attn.q", "attn.v"]},
+    "prefix": {"num_tokens": 20, "mid_dim": 24},
+    "selective": {"targets": ["attn.o"], "layers": -1},
+}
+# AdamW rates for short few-shot runs (the library defaults suit thousands of steps).
+LEARNING_RATES = {"adapter": 2e-3, "lora": 2e-3, "prefix": 2e-3, "selective": 3e-4}
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    model: str = "minilm-l6"
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["sst2", "mr", "cr", "subj"])
+    unseen: list[str] = dataclasses.field(default_factory=list)  # held out of the multi-task subspace
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(PRESETS))
+    method_args: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: json.loads(json.dumps(PRESETS)))
+    lrs: dict[str, float] = dataclasses.field(default_factory=lambda: dict(LEARNING_RATES))
+    k_shot: int = 32
+    dev_k: int = 16  # few-shot dev examples per class (model selection only)
+    n_eval: int = 256  # examples of the task's dev split every score is measured on
+    seed: int = 42
+    max_length: int = 64
+    batch_size: int = 16
+    steps: int = 80  # training steps of each collected solution (and of the head)
+    eval_every: int = 20
+    head_lr: float = 5e-3
+    d: int = 4
+    hidden: int = 64  # width of the down-projections
+    alpha: float = 1.0  # weight of the reconstruction distance in the finding loss
+    find_steps: int = 40  # per task
+    optimize_steps: int = 60
+    optimize_lr: float = 0.05  # Adam rate of the d-dim vector, in units of the typical solution norm
+    d_max: int = 4096  # intrinsic-dimension search stops here
+    said_steps: int = 60
+
+    def method_config(self, method: str) -> DeltaConfig:
+        args = dict(self.method_args.get(method, {}))
+        for key, value in args.items():
+            if isinstance(value, list):
+                args[key] = tuple(value)
+        return get_config(method, **args)
+
+    def configs(self) -> dict[str, DeltaConfig]:
+        return {m: self.method_config(m) for m in self.methods}
+
+    @property
+    def seen(self) -> list[str]:
+        return [t for t in self.tasks if t not in self.unseen]
+
+    def validate(self) -> None:
+        if len(self.tasks) != len(set(self.tasks)):
+            raise ValueError(f"a task is listed twice in {self.tasks}")
+        stray = [t for t in self.unseen if t not in self.tasks]
+        if stray:
+            raise ValueError(f"--unseen names tasks not in --tasks: {stray}; list them in --tasks too")
+        if self.unseen and not self.seen:
+            raise ValueError("every task is unseen: leave at least one task to find the multi-task subspace on")
+        unknown = [m for m in self.methods if m not in self.method_args]
+        if unknown:
+            raise ValueError(f"no settings for {unknown}; give them with --method-arg or use {', '.join(PRESETS)}")
+        if self.d <= 0:
+            raise ValueError(f"the intrinsic dimension d must be positive, got {self.d}")
+        for m in self.methods:
+            self.method_config(m).validate()
+
+    def save(self, workdir: str | Path) -> None:
+        write_json(Path(workdir) / "study.json", dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, workdir: str | Path) -> StudyConfig:
+        path = Path(workdir) / "study.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing; start the study with `deltatune subspace collect --workdir ...`"
+            )
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclasses.dataclass
+class TaskData:
+    task: Task  # few-shot train and dev (model selection)
+    eval: list[Example]  # a sample of the real dev split: what every reported score is measured on
+
+
+def task_data(name: str | Task, cfg: StudyConfig) -> TaskData:
+    task = name if isinstance(name, Task) else load_task(name)
+    if task.type not in ("classification", "pair_classification", "regression"):
+        raise ValueError(f"task {task.name!r} is {task.type}; the subspace study uses classification tasks")
+    fs = few_shot_task(task, cfg.k_shot, seed=cfg.seed, dev_k=cfg.dev_k)
+    dev = list(task["dev"])
+    held = random.Random(0).sample(dev, min(cfg.n_eval, len(dev)))
+    return TaskData(fs, held)

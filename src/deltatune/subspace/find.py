@@ -1,0 +1,148 @@
+"""Stage 1: find the unified subspace (Yi et al.) from independent solutions of several methods.
+
+Each method m gets a down-projection (Linear -> tanh -> Linear, solution -> d numbers) and an
+up-projection (d numbers -> solution, linear, around the method's initial delta). Trained jointly:
+for a task t, every method's solution is projected down; the intrinsic vectors are mixed with
+random (Dirichlet) weights, and the mix is projected up through EVERY method and scored with the
+task loss, so one point of the d-dim space has to be a good solution for all methods at once;
+alpha x the relative distance between each solution and its own reconstruction keeps the
+projections faithful. Single-task: one task; multi-task: a task per step, one intrinsic vector
+per (task, method). Both projections start as the PCA of the solutions (up: the leading directions,
+down: the coordinates along them), a warm start that a CPU budget of tens of steps needs; training
+then moves them with the task loss and the mixing; the up-projections become the subspace's bases.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .collect import Solution
+from .config import TaskData
+from .functional import Bank, batches
+from .space import Space, top_directions
+
+_TANH_GAIN = 0.1  # PCA coordinates of unit-norm inputs, scaled into tanh's near-linear range
+
+
+class Unified(nn.Module):
+    def __init__(self, sizes: Mapping[str, int], d: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(D, hidden), nn.Tanh(), nn.Linear(hidden, d)) for m, D in sizes.items()}
+        )
+        self.up = nn.ModuleDict({m: nn.Linear(d, D, bias=False) for m, D in sizes.items()})
+
+
+def _anchors(solutions: Mapping[tuple[str, str], Solution], methods: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The initial delta of each method: the same on every task (same seed), checked rather than assumed."""
+    anchors: dict[str, torch.Tensor] = {}
+    for (task, method), sol in solutions.items():
+        if method not in anchors:
+            anchors[method] = sol.init
+        elif not torch.allclose(anchors[method], sol.init, atol=1e-6):
+            raise ValueError(
+                f"the initial {method} delta of {task!r} differs from another task's; collect every task "
+                "with the same seed and method settings"
+            )
+    return {m: anchors[m] for m in methods}
+
+
+def method_scales(solutions: Mapping[tuple[str, str], Solution], methods: Sequence[str]) -> dict[str, float]:
+    """Mean norm of each method's displacement from its initial delta over the given solutions."""
+    scales = {}
+    for m in methods:
+        norms = [float(s.displacement.norm()) for (_, sm), s in solutions.items() if sm == m]
+        scales[m] = max(sum(norms) / len(norms), 1e-8)
+    return scales
+
+
+def find_unified(
+    bank: Bank,
+    solutions: Mapping[tuple[str, str], Solution],
+    data: Mapping[str, TaskData],
+    heads: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    name: str,
+    d: int = 4,
+    hidden: int = 64,
+    steps: int = 40,
+    alpha: float = 1.0,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    up_lr: float = 5e-3,
+    seed: int = 0,
+    log: list | None = None,
+) -> Space:
+    """Train the projections on the solutions of `data`'s tasks; return the subspace with each solution's z."""
+    tasks = list(data)
+    methods = [m for m in bank.methods if all((t, m) in solutions for t in tasks)]
+    if not tasks or not methods:
+        raise ValueError("finding a subspace needs at least one task with solutions of every method; run collect")
+    torch.manual_seed(seed)
+    anchors = _anchors({k: v for k, v in solutions.items() if k[0] in tasks}, methods)
+    scales = method_scales({k: v for k, v in solutions.items() if k[0] in tasks}, methods)
+    disp = {(t, m): solutions[(t, m)].displacement / scales[m] for t in tasks for m in methods}
+    if hidden < d:
+        raise ValueError(f"the down-projections' width ({hidden}) must be at least d ({d}); raise --hidden")
+    model = Unified({m: anchors[m].numel() for m in methods}, d, hidden)
+    with torch.no_grad():  # warm start: up = PCA directions, down = the PCA coordinates (tanh kept near-linear)
+        for i, m in enumerate(methods):
+            stacked = torch.stack([disp[(t, m)] for t in tasks], dim=1)
+            directions = top_directions(stacked, d, seed + i)
+            model.up[m].weight.copy_(directions)
+            first, last = model.down[m][0], model.down[m][2]
+            first.weight[:d] = _TANH_GAIN * directions.T
+            first.bias.zero_()
+            last.weight.zero_()
+            last.weight[:, :d] = torch.eye(d) / _TANH_GAIN
+            last.bias.zero_()
+    # Adam moves every entry by about its rate: layers whose rows are unit vectors over D entries
+    # (up-projections, the first down layer) need rates of order 1/sqrt(D) or one step erases them
+    groups = []
+    for m in methods:
+        per_entry = up_lr / math.sqrt(anchors[m].numel())
+        groups += [
+            {"params": model.up[m].parameters(), "lr": per_entry},
+            {"params": model.down[m][0].parameters(), "lr": _TANH_GAIN * per_entry},
+            {"params": model.down[m][2].parameters(), "lr": lr},
+        ]
+    optimizer = torch.optim.Adam(groups)
+    streams = {t: batches(bank, data[t].task, data[t].task["train"], batch_size, seed) for t in tasks}
+    dirichlet = torch.distributions.Dirichlet(torch.ones(len(methods)))
+    start = time.perf_counter()
+    for step in range(steps):
+        task = tasks[step % len(tasks)]
+        batch = next(streams[task])
+        z = {m: model.down[m](disp[(task, m)]) for m in methods}
+        weights = dirichlet.sample()
+        mixed = sum(w * z[m] for w, m in zip(weights, methods, strict=True))
+        task_loss = sum(bank.loss(m, anchors[m] + scales[m] * model.up[m](mixed), heads[task], batch) for m in methods)
+        distance = sum(
+            (model.up[m](z[m]) - disp[(task, m)]).pow(2).sum() / disp[(task, m)].pow(2).sum().clamp_min(1e-12)
+            for m in methods
+        )
+        loss = task_loss + alpha * distance
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if log is not None:
+            log.append(
+                {"step": step + 1, "task": task, "task_loss": float(task_loss.detach()) / len(methods),
+                 "distance": float(distance.detach()) / len(methods), "elapsed": round(time.perf_counter() - start, 1)}
+            )  # fmt: skip
+    with torch.no_grad():
+        vectors = {(t, m): model.down[m](disp[(t, m)]).detach().clone() for t in tasks for m in methods}
+        bases = {m: scales[m] * model.up[m].weight.detach().clone() for m in methods}
+        errors = {
+            f"{t}/{m}": float((bases[m] @ vectors[(t, m)] - solutions[(t, m)].displacement).norm())
+            / max(float(solutions[(t, m)].displacement.norm()), 1e-12)
+            for t in tasks
+            for m in methods
+        }
+    meta = {"scales": scales, "relative_error": errors, "steps": steps, "alpha": alpha, "d": d}
+    return Space(name, "unified", anchors, bases, vectors, tasks, meta)

@@ -1,0 +1,211 @@
+"""The study's stages over a work folder and a store, each skipping what the store already holds.
+
+`Study` loads lazily what stages share (one `Bank`, the tokenizer, the few-shot data, heads and
+solutions), so a stage run alone from the command line costs no more than it needs, and every
+finished unit is written to the store before the next starts: killing and restarting a stage
+loses at most the unit in flight.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .collect import Solution, backbone_for, collect, load_head, load_solution
+from .config import StudyConfig, TaskData, task_data
+from .functional import Bank
+from .space import Space, space_path
+from .store import Store
+
+SINGLE = "unified-{task}"
+MULTI = "unified-multi"
+
+
+class Study:
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        db: str | os.PathLike | None = None,
+        *,
+        tokenizer: Any = None,
+        make_backbone: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        """`tokenizer` and `make_backbone(num_labels)` default to the study's model; tests pass tiny ones."""
+        self.workdir = Path(workdir)
+        self.cfg = StudyConfig.load(self.workdir)
+        self.store = Store(db or self.workdir / "subspace.db")
+        self._tokenizer = tokenizer
+        self.make_backbone = make_backbone or (lambda n: backbone_for(self.cfg, n))
+
+    @functools.cached_property
+    def tokenizer(self):  # noqa: ANN201
+        from ..backbones import load_tokenizer
+
+        return self._tokenizer or load_tokenizer(self.cfg.model)
+
+    @functools.cached_property
+    def bank(self) -> Bank:
+        return Bank(self.make_backbone(2), self.tokenizer, self.cfg.configs(), self.cfg.max_length)
+
+    @functools.cache  # noqa: B019 - one Study per process; the cache lives as long as it
+    def data(self, task: str) -> TaskData:
+        return task_data(task, self.cfg)
+
+    @functools.cache  # noqa: B019
+    def head(self, task: str) -> dict[str, torch.Tensor]:
+        return load_head(self.workdir, task)
+
+    def solutions(self, tasks: list[str]) -> dict[tuple[str, str], Solution]:
+        return {(t, m): load_solution(self.store, t, m, self.cfg.seed) for t in tasks for m in self.cfg.methods}
+
+    def original(self, task: str, method: str) -> float:
+        row = self.store.one("subspace_solutions", task=task, method=method, seed=self.cfg.seed)
+        if row is None:
+            raise FileNotFoundError(f"no {method} solution for {task!r}; run `deltatune subspace collect` first")
+        return row["score"]
+
+    def space(self, name: str) -> Space:
+        return Space.load(space_path(self.workdir, name))
+
+    def _put_space(self, space: Space, seconds: float) -> None:
+        path = space_path(self.workdir, space.name)
+        space.save(path)
+        meta = {k: v for k, v in space.meta.items() if k != "log"}
+        self.store.put(
+            "subspace_spaces", name=space.name, kind=space.kind, d=space.d, tasks=space.tasks,
+            methods=space.methods, path=str(path), meta={**meta, "seconds": round(seconds, 1)},
+        )  # fmt: skip
+
+    # -- stages ------------------------------------------------------------------------------------
+    def collect(self, tasks: list[str] | None = None) -> None:
+        collect(self.cfg, self.store, self.workdir, tasks, self.tokenizer, self.make_backbone)
+
+    def find(self, tasks: list[str] | None = None, multi: bool = True) -> None:
+        from .baselines import pca_space, random_space
+        from .find import find_unified
+
+        cfg = self.cfg
+        jobs = [(SINGLE.format(task=t), [t], cfg.find_steps) for t in (tasks or cfg.tasks)]
+        if multi and cfg.unseen:
+            jobs.append((MULTI, cfg.seen, cfg.find_steps * len(cfg.seen)))
+        for name, on, steps in tqdm(jobs, desc="find", dynamic_ncols=True):
+            if self.store.has("subspace_spaces", name=name):
+                continue
+            start, log = time.perf_counter(), []
+            space = find_unified(
+                self.bank, self.solutions(on), {t: self.data(t) for t in on}, {t: self.head(t) for t in on},
+                name=name, d=cfg.d, hidden=cfg.hidden, steps=steps, alpha=cfg.alpha, batch_size=cfg.batch_size,
+                seed=cfg.seed, log=log,
+            )  # fmt: skip
+            space.meta["log"] = log
+            self._put_space(space, time.perf_counter() - start)
+        if multi and cfg.unseen:
+            for build in (pca_space, random_space):
+                if not self.store.has("subspace_spaces", name=build.__name__.removesuffix("_space")):
+                    start = time.perf_counter()
+                    space = build(self.solutions(cfg.seen), cfg.seen, cfg.methods, cfg.d, seed=cfg.seed)
+                    self._put_space(space, time.perf_counter() - start)
+
+    def optimize_jobs(self, tasks: list[str] | None = None) -> list[tuple[str, str, str]]:
+        """(space, task, method): single-task subspaces on their own task, multi-task ones on unseen tasks."""
+        cfg, chosen = self.cfg, tasks or self.cfg.tasks
+        jobs = [(SINGLE.format(task=t), t, m) for t in chosen for m in cfg.methods]
+        for name in (MULTI, "pca", "random") if cfg.unseen else ():
+            jobs += [(name, t, m) for t in cfg.unseen if t in chosen for m in cfg.methods]
+        return jobs
+
+    def optimize(self, tasks: list[str] | None = None, spaces: list[str] | None = None) -> None:
+        from .optimize import optimize_vector
+
+        cfg = self.cfg
+        jobs = [j for j in self.optimize_jobs(tasks) if spaces is None or _space_kind(j[0]) in spaces]
+        for name, task, method in tqdm(jobs, desc="optimize", dynamic_ncols=True):
+            if self.store.has("subspace_results", space=name, stage="optimize", task=task, method=method):
+                continue
+            space = self.space(name)
+            z, metrics, record = optimize_vector(
+                self.bank, space, method, self.data(task), self.head(task), steps=cfg.optimize_steps,
+                lr=cfg.optimize_lr, batch_size=cfg.batch_size, eval_every=cfg.eval_every, seed=cfg.seed,
+            )  # fmt: skip
+            score, original = metrics[self.data(task).task.primary_metric], self.original(task, method)
+            self.store.put(
+                "subspace_results", space=name, stage="optimize", task=task, method=method, source=method,
+                score=score, original=original, ratio=score / original, meta=record,
+            )  # fmt: skip
+
+    def transfer(self, tasks: list[str] | None = None) -> None:
+        from .optimize import transfer_scores
+
+        jobs = [j for j in self.optimize_jobs(tasks) if _space_kind(j[0]) == "unified"]
+        for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
+            row = self.store.one("subspace_results", space=name, stage="optimize", task=task, method=source)
+            if row is None or self.store.has(
+                "subspace_results", space=name, stage="transfer", task=task, source=source
+            ):
+                continue
+            z = torch.tensor(row["meta"]["z"])
+            scores = transfer_scores(self.bank, self.space(name), z, source, self.data(task), self.head(task))
+            for method, score in scores.items():
+                original = self.original(task, method)
+                self.store.put(
+                    "subspace_results", space=name, stage="transfer", task=task, method=method, source=source,
+                    score=score, original=original, ratio=score / original, meta={"z": z.tolist()},
+                )  # fmt: skip
+
+    def intrinsic(self, tasks: list[str] | None = None) -> None:
+        from .intrinsic import said_measure, search_d90
+
+        cfg = self.cfg
+        for task in tqdm(tasks or cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
+            reference = max(self.original(task, m) for m in cfg.methods)
+            baseline = self.original(task, "head")
+            if reference <= baseline:
+                print(f"{task}: no method beat the fixed head ({baseline:.3f}); d90 is undefined, skipped")
+                continue
+            known = {r["d"]: r["score"] for r in self.store.rows("subspace_intrinsic", task=task)}
+            measure = said_measure(cfg, self.store, self.workdir, task, self.tokenizer, reference, self.make_backbone)
+            search_d90(measure, reference, baseline, d_max=cfg.d_max, known=known)
+
+
+def _space_kind(name: str) -> str:
+    return "unified" if name.startswith("unified") else name
+
+
+def landscape(study: Study, task: str, method: str = "lora", n: int = 5, examples: int = 64) -> dict:
+    """Plane and paths of the single-task subspace of `task`; JSON and PNG under <workdir>/landscape/."""
+    from .flatten import write_json
+    from .landscape import path, plane, plot
+
+    name = SINGLE.format(task=task)
+    space, data, head = study.space(name), study.data(task), study.head(task)
+    points = {m: space.vectors[(task, m)] for m in space.methods if (task, m) in space.vectors}
+    if method not in points:
+        raise ValueError(f"method {method!r} has no vector in {name}; pick one of {', '.join(points)}")
+    order = [method] + [m for m in points if m != method]
+    sample = data.eval[:examples]
+    result = {
+        "task": task,
+        "space": name,
+        "plane": plane(study.bank, space, data.task, {m: points[m] for m in order}, method, head, sample, n=n),
+        "paths": [path(study.bank, space, data.task, (method, points[method]), (m, points[m]), head, sample)
+                  for m in order[1:]],
+    }  # fmt: skip
+    out = study.workdir / "landscape"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{task}.json", result)
+    plot(result, str(out / f"{task}.png"), f"{task}: subspace {name} (d={space.d})")
+    best = max(max(row) for row in result["plane"]["metric"])
+    study.store.put(
+        "subspace_results", space=name, stage="landscape", task=task, method=method, source=method, score=best,
+        original=study.original(task, method), ratio=best / study.original(task, method),
+        meta={"json": str(out / f"{task}.json"), "png": str(out / f"{task}.png")},
+    )  # fmt: skip
+    return result

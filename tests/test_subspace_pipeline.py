@@ -1,0 +1,115 @@
+"""The whole subspace study end to end on a tiny BERT and toy tasks, and its resumability."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_subspace import CONFIGS, WORDS, tiny_bert, write_task
+from tiny import make_tokenizer
+
+from deltatune.cli import main
+from deltatune.subspace.config import StudyConfig
+from deltatune.subspace.pipeline import Study, landscape
+from deltatune.subspace.report import build
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on busy shared cores: one thread is several times faster
+    root = tmp_path_factory.mktemp("subspace")
+    data = root / "tasks"
+    for i, name in enumerate(("toya", "toyb", "toyc")):
+        write_task(data, name, seed=i, flip=name == "toyb")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DELTATUNE_DATA", str(data))
+    cfg = StudyConfig(
+        tasks=["toya", "toyb", "toyc"], unseen=["toyc"], methods=list(CONFIGS),
+        method_args={m: {k: v for k, v in dataclasses.asdict(c).items()} for m, c in CONFIGS.items()},
+        k_shot=8, dev_k=4, n_eval=16, max_length=16, batch_size=8, steps=4, eval_every=2, d=2, hidden=4,
+        find_steps=2, optimize_steps=3, said_steps=2, d_max=8,
+    )  # fmt: skip
+    cfg.validate()
+    cfg.save(root / "work")
+    tokenizer = make_tokenizer(WORDS)
+    s = Study(root / "work", tokenizer=tokenizer, make_backbone=lambda n: tiny_bert(tokenizer, n))
+    s.collect()
+    s.find()
+    s.optimize()
+    s.transfer()
+    yield s
+    mp.undo()
+    torch.set_num_threads(threads)
+
+
+def test_every_stage_writes_its_rows(study: Study) -> None:
+    store, methods = study.store, study.cfg.methods
+    solutions = store.rows("subspace_solutions")
+    assert {(r["task"], r["method"]) for r in solutions} == {
+        (t, m) for t in study.cfg.tasks for m in ["head", *methods]
+    }
+    spaces = {r["name"]: r for r in store.rows("subspace_spaces")}
+    assert set(spaces) == {"unified-toya", "unified-toyb", "unified-toyc", "unified-multi", "pca", "random"}
+    assert spaces["unified-multi"]["tasks"] == ["toya", "toyb"]  # the unseen task is not used to find it
+    optimized = store.rows("subspace_results", stage="optimize")
+    # single-task subspaces on every task, the three multi-task spaces on the unseen task
+    assert len(optimized) == len(methods) * (3 + 3)
+    assert all(math.isfinite(r["ratio"]) and len(r["meta"]["z"]) == 2 for r in optimized)
+    transfers = store.rows("subspace_results", stage="transfer")
+    assert len(transfers) == (3 + 1) * len(methods) * (len(methods) - 1)
+    assert all(r["source"] != r["method"] for r in transfers)
+
+
+def test_a_solution_vector_scores_as_collected_through_the_bank(study: Study) -> None:
+    from deltatune.subspace.collect import load_solution
+
+    sol = load_solution(study.store, "toya", "lora", study.cfg.seed)
+    data = study.data("toya")
+    metrics = study.bank.evaluate("lora", sol.vector, study.head("toya"), data.task, data.eval)
+    assert metrics[data.task.primary_metric] == pytest.approx(sol.score)
+
+
+def test_stages_resume_without_redoing_finished_work(study: Study) -> None:
+    before = {(r["space"], r["stage"], r["task"], r["method"], r["source"]): r["created"]
+              for r in study.store.rows("subspace_results")}  # fmt: skip
+    spaces = {r["name"]: r["created"] for r in study.store.rows("subspace_spaces")}
+    study.collect()
+    study.find()
+    study.optimize()
+    study.transfer()
+    after = {(r["space"], r["stage"], r["task"], r["method"], r["source"]): r["created"]
+             for r in study.store.rows("subspace_results")}  # fmt: skip
+    assert after == before
+    assert {r["name"]: r["created"] for r in study.store.rows("subspace_spaces")} == spaces
+
+
+def test_optimized_vector_reproduces_its_score_through_the_space(study: Study) -> None:
+    row = study.store.one("subspace_results", space="unified-multi", stage="optimize", task="toyc", method="adapter")
+    space, data = study.space("unified-multi"), study.data("toyc")
+    vector = space.point("adapter", torch.tensor(row["meta"]["z"]))
+    metrics = study.bank.evaluate("adapter", vector, study.head("toyc"), data.task, data.eval)
+    assert metrics[data.task.primary_metric] == pytest.approx(row["score"])
+
+
+def test_landscape_intrinsic_dimension_and_report(study: Study, tmp_path: Path) -> None:
+    result = landscape(study, "toya", "lora", n=3, examples=8)
+    grid = result["plane"]["metric"]
+    assert len(grid) == 3 and all(len(row) == 3 and all(0 <= v <= 1 for v in row) for row in grid)
+    assert {p["to"] for p in result["paths"]} == {"adapter", "prefix", "selective"}
+    assert (study.workdir / "landscape" / "toya.png").stat().st_size > 1000
+    study.intrinsic(["toya"])  # runs SAID at a few d, or says the delta never beat the head
+    md, page = build(study.store, study.cfg.methods, tmp_path, [study.workdir / "landscape" / "toya.png"])
+    text = md.read_text()
+    assert "Subspace optimization, single-task (seen)" in text and "| toya |" in text
+    assert "data:image/png;base64," in page.read_text()
+
+
+def test_cli_refuses_to_resume_a_study_with_other_settings(study: Study, capsys: pytest.CaptureFixture) -> None:
+    code = main(["subspace", "collect", "--workdir", str(study.workdir), "--d", "7"])
+    assert code == 2 and "other settings (d)" in capsys.readouterr().err
+    assert main(["subspace", "report", "--workdir", str(study.workdir), "--out", str(study.workdir / "r")]) == 0
+    assert "Multi-task subspace, unseen tasks" in capsys.readouterr().out
