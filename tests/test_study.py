@@ -315,3 +315,19 @@ def test_a_method_can_run_twice_with_other_settings(world: dict[str, str]) -> No
     assert jobs["lora@lr1e-2"]["methods"] == {"lora": {"r": 4}} and jobs["lora@lr1e-2"]["train"]["lr"] == 1e-2
     assert jobs["lora"]["train"]["lr"] == 1e-2  # the spec's train.lr, untouched by the variant
     assert jobs["full"]["full"] and jobs["full"]["train"]["lr"] == 1e-4
+
+
+def test_toml_and_yaml_specs_read_the_same(world: dict[str, str], tmp_path: Path) -> None:
+    from deltatune.study import load_spec
+
+    (tmp_path / "s.toml").write_text(
+        f'name = "t"\nmodels = ["{world["model"]}"]\ntasks = ["{world["sent"]}"]\nseeds = [1]\n'
+        "[methods.lora]\nr = 4\n[train]\nmax_steps = 2\n"
+    )
+    (tmp_path / "s.yaml").write_text(
+        f"name: t\nmodels: [{world['model']}]\ntasks: [{world['sent']}]\nseeds: [1]\n"
+        "methods: {lora: {r: 4}}\ntrain: {max_steps: 2}\n"
+    )
+    assert load_spec(tmp_path / "s.toml").jobs() == load_spec(tmp_path / "s.yaml").jobs()
+    with pytest.raises(FileNotFoundError, match="smoke"):
+        load_spec("no-such-preset")

@@ -105,8 +105,8 @@ def _loop(store: Store, pool: Any, total: int, max_runs: int | None, progress: b
                 if "error" in result:
                     store.fail(job["id"], owner, result["error"])
                     bar.write(f"FAILED {job['key']}: {result['error'].splitlines()[0]}")
-                elif store.finish(job["id"], owner, {**result, "delta_path": job["output_dir"]}):
-                    bar.write(_line(job, result)) if progress else None
+                elif store.finish(job["id"], owner, {**result, "delta_path": job["output_dir"]}) and progress:
+                    bar.write(_line(job, result))
                 bar.update(1)
     except BaseException:
         for job in pending.values():  # Ctrl-C: hand the claimed runs back; a kill -9 is caught by recover()
