@@ -331,3 +331,16 @@ def test_toml_and_yaml_specs_read_the_same(world: dict[str, str], tmp_path: Path
     assert load_spec(tmp_path / "s.toml").jobs() == load_spec(tmp_path / "s.yaml").jobs()
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_spec("no-such-preset")
+
+
+def test_combination_table_has_every_subset_in_the_papers_order(world: dict[str, str], tmp_path: Path) -> None:
+    raw = _spec(world, tasks=[world["sent"]], methods={"head": {}}, combination={"methods": ["prompt", "bitfit"]})
+    raw["analyses"] = ["combination"]
+    raw["combination"]["configs"] = {"prompt": {"num_tokens": 2}}
+    db = tmp_path / "c.sqlite"
+    assert run_study(parse_spec(raw), db, progress=False)["done"] == 4
+    md = (write_report(db).parent / "report.md").read_text()
+    table = md[md.index("### Combination") :]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["none", "B", "P", "P+B"]
+    assert "| 23.7 |" in table and "| 86.5 |" in table  # the paper's none and P+B beside ours
