@@ -108,16 +108,16 @@ def test_bank_runs_a_flat_vector_exactly_as_the_attached_delta(tokenizer, method
 
 
 def _planted(tokenizer, d: int, n_tasks: int, seed: int = 0):  # noqa: ANN001, ANN202
-    """Solutions x = x0 + B_m z_t: every method's solutions lie in a known d-dim space."""
+    """Solutions x_tm = x0_m + B_m z_t: every method's solutions lie in a known d-dim space, with shared z_t."""
     bank = Bank(tiny_bert(tokenizer), tokenizer, CONFIGS, max_length=16)
     g = torch.Generator().manual_seed(seed)
+    codes = [torch.randn(d, generator=g) for _ in range(n_tasks)]
     solutions, planted = {}, {}
     for m, layout in bank.layouts.items():
         init = 0.01 * torch.randn(layout.size, generator=g)
         q, _ = torch.linalg.qr(torch.randn(layout.size, d, generator=g))
         planted[m] = q
-        for t in range(n_tasks):
-            z = torch.randn(d, generator=g)
+        for t, z in enumerate(codes):
             solutions[(f"t{t}", m)] = Solution(f"t{t}", m, init + 0.5 * q @ z, init, layout, 1.0)
     return bank, solutions, planted
 
@@ -141,6 +141,11 @@ def test_finding_recovers_a_planted_subspace(tokenizer, tmp_path: Path, monkeypa
     for m, q in planted.items():  # the found basis spans the planted one: projecting onto it loses nothing
         basis, _ = torch.linalg.qr(space.bases[m])
         assert torch.linalg.norm(q - basis @ (basis.T @ q)) / torch.linalg.norm(q) < 0.05
+    # one coordinate system: the vector found for a task through one method is that task's point for every method
+    for (t, _source), z in space.vectors.items():
+        for b in CONFIGS:
+            target = solutions[(t, b)].displacement
+            assert torch.linalg.norm(space.bases[b] @ z - target) / torch.linalg.norm(target) < 0.1
     # a random subspace of the same dimension does not contain the solutions
     rand = random_space(solutions, list(data), list(CONFIGS), d)
     for m, q in planted.items():

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 HELP = "unified subspace of delta methods: collect, find, optimize, transfer, landscape, intrinsic-dim, report"
-STAGES = ("collect", "find", "optimize", "transfer", "landscape", "intrinsic-dim", "report", "all")
+STAGES = ("init", "collect", "find", "optimize", "transfer", "landscape", "intrinsic-dim", "report", "all")
 
 
 def _list(text: str) -> list[str]:
@@ -25,12 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         s.add_argument("--workdir", default="runs/subspace", help="the study's folder (default runs/subspace)")
         s.add_argument("--db", default=None, help="SQLite file for the results (default <workdir>/subspace.db)")
         s.add_argument("--tasks", type=_list, default=None, help="comma list; restricts this stage to these tasks")
-        if stage in ("collect", "all"):
+        if stage in ("init", "collect", "all"):
             _study_arguments(s)
         if stage == "find":
-            s.add_argument("--no-multi", action="store_true", help="only the single-task subspaces")
+            s.add_argument("--which", type=_list, default=["single", "multi"], help="single,multi (default both)")
         if stage == "optimize":
-            s.add_argument("--spaces", type=_list, default=None, help="unified,pca,random (default all)")
+            s.add_argument("--spaces", type=_list, default=None, help="single,multi,pca,random (default all)")
         if stage == "landscape":
             s.add_argument("--method", default="lora", help="the method whose basis scores the plane")
             s.add_argument("--grid", type=int, default=5, help="grid points per axis")
@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _STAGE_HELP = {
+    "init": "write the study's settings (<workdir>/study.json) without training; --tasks names the study's tasks",
     "collect": "train (or skip if stored) each task's head and each method's solution; writes study.json",
     "find": "learn the unified subspace per task and across the seen tasks; PCA and random baselines",
     "optimize": "train only the d-dim vector through each method's subspace basis",
@@ -95,7 +96,8 @@ def _study_config(args: argparse.Namespace):  # noqa: ANN202
         cfg.save(args.workdir)
         return cfg
     cfg = StudyConfig.load(args.workdir)
-    differ = [k for k, v in given.items() if k != "tasks" and getattr(cfg, k) != v]
+    merged = {k: {**getattr(cfg, k), **v} if k in ("method_args", "lrs") else v for k, v in given.items()}
+    differ = [k for k, v in merged.items() if k != "tasks" and getattr(cfg, k) != v]
     if differ:
         raise ValueError(
             f"{path} was started with other settings ({', '.join(differ)}); resume without them or use a new --workdir"
@@ -107,20 +109,24 @@ def run(args: argparse.Namespace) -> int:
     from ..subspace.pipeline import Study, landscape
     from ..subspace.report import build
 
-    if args.stage in ("collect", "all"):
-        _study_config(args)
+    if args.stage in ("init", "collect", "all"):
+        cfg = _study_config(args)
+        if args.stage == "init":
+            print(f"study in {args.workdir}: {len(cfg.tasks)} tasks, methods {', '.join(cfg.methods)}, d={cfg.d}")
+            return 0
     study = Study(args.workdir, args.db)
     tasks = args.tasks
     if tasks:
         unknown = [t for t in tasks if t not in study.cfg.tasks]
         if unknown and args.stage != "collect":
             raise ValueError(f"{unknown} are not tasks of this study ({', '.join(study.cfg.tasks)})")
-    stages = STAGES[:-1] if args.stage == "all" else (args.stage,)
+    stages = STAGES[1:-1] if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "collect":
             study.collect(tasks)
         elif stage == "find":
-            study.find(tasks, multi=not getattr(args, "no_multi", False))
+            which = getattr(args, "which", ["single", "multi"])
+            study.find(tasks, single="single" in which, multi="multi" in which)
         elif stage == "optimize":
             study.optimize(tasks, getattr(args, "spaces", None))
         elif stage == "transfer":

@@ -7,9 +7,11 @@ random (Dirichlet) weights, and the mix is projected up through EVERY method and
 task loss, so one point of the d-dim space has to be a good solution for all methods at once;
 alpha x the relative distance between each solution and its own reconstruction keeps the
 projections faithful. Single-task: one task; multi-task: a task per step, one intrinsic vector
-per (task, method). Both projections start as the PCA of the solutions (up: the leading directions,
-down: the coordinates along them), a warm start that a CPU budget of tens of steps needs; training
-then moves them with the task loss and the mixing; the up-projections become the subspace's bases.
+per (task, method). Both projections start from the joint decomposition of all methods' solutions
+(one SVD of the solutions stacked method over method: up = each method's block of the leading
+directions, down = the pseudo-inverse, giving every task one shared coordinate vector), a warm start
+that a CPU budget of tens of steps needs; training then moves them with the task loss and the
+mixing; the up-projections become the subspace's bases.
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ def _anchors(solutions: Mapping[tuple[str, str], Solution], methods: Sequence[st
     return {m: anchors[m] for m in methods}
 
 
+def joint_directions(
+    disp: Mapping[tuple[str, str], torch.Tensor], tasks: Sequence[str], methods: Sequence[str], d: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Each method's block of the d leading directions of ALL methods' solutions stacked task by task.
+
+    One SVD of the (sum of D_m, tasks) matrix gives every task ONE coordinate vector shared by all
+    methods: the joint decomposition of the paper, solved in closed form. Blocks are scaled so their
+    columns have about unit norm (each method's normalized solutions weigh the same).
+    """
+    blocks = [torch.stack([disp[(t, m)] for t in tasks], dim=1) for m in methods]
+    directions = top_directions(torch.cat(blocks, dim=0), d, seed) * math.sqrt(len(methods))
+    return dict(zip(methods, torch.split(directions, [b.shape[0] for b in blocks]), strict=True))
+
+
 def method_scales(solutions: Mapping[tuple[str, str], Solution], methods: Sequence[str]) -> dict[str, float]:
     """Mean norm of each method's displacement from its initial delta over the given solutions."""
     scales = {}
@@ -90,13 +106,11 @@ def find_unified(
     if hidden < d:
         raise ValueError(f"the down-projections' width ({hidden}) must be at least d ({d}); raise --hidden")
     model = Unified({m: anchors[m].numel() for m in methods}, d, hidden)
-    with torch.no_grad():  # warm start: up = PCA directions, down = the PCA coordinates (tanh kept near-linear)
-        for i, m in enumerate(methods):
-            stacked = torch.stack([disp[(t, m)] for t in tasks], dim=1)
-            directions = top_directions(stacked, d, seed + i)
+    with torch.no_grad():  # warm start: the joint decomposition (up) and its coordinates (down, tanh near-linear)
+        for m, directions in joint_directions(disp, tasks, methods, d, seed).items():
             model.up[m].weight.copy_(directions)
             first, last = model.down[m][0], model.down[m][2]
-            first.weight[:d] = _TANH_GAIN * directions.T
+            first.weight[:d] = _TANH_GAIN * torch.linalg.pinv(directions)
             first.bias.zero_()
             last.weight.zero_()
             last.weight[:, :d] = torch.eye(d) / _TANH_GAIN

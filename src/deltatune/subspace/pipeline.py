@@ -88,12 +88,13 @@ class Study:
     def collect(self, tasks: list[str] | None = None) -> None:
         collect(self.cfg, self.store, self.workdir, tasks, self.tokenizer, self.make_backbone)
 
-    def find(self, tasks: list[str] | None = None, multi: bool = True) -> None:
+    def find(self, tasks: list[str] | None = None, single: bool = True, multi: bool = True) -> None:
+        """Single-task subspaces (one per task) and the multi-task one with its PCA and random baselines."""
         from .baselines import pca_space, random_space
         from .find import find_unified
 
         cfg = self.cfg
-        jobs = [(SINGLE.format(task=t), [t], cfg.find_steps) for t in (tasks or cfg.tasks)]
+        jobs = [(SINGLE.format(task=t), [t], cfg.find_steps) for t in (tasks or cfg.tasks)] if single else []
         if multi and cfg.unseen:
             jobs.append((MULTI, cfg.seen, cfg.find_steps * len(cfg.seen)))
         for name, on, steps in tqdm(jobs, desc="find", dynamic_ncols=True):
@@ -144,7 +145,7 @@ class Study:
     def transfer(self, tasks: list[str] | None = None) -> None:
         from .optimize import transfer_scores
 
-        jobs = [j for j in self.optimize_jobs(tasks) if _space_kind(j[0]) == "unified"]
+        jobs = [j for j in self.optimize_jobs(tasks) if _space_kind(j[0]) in ("single", "multi")]
         for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
             row = self.store.one("subspace_results", space=name, stage="optimize", task=task, method=source)
             if row is None or self.store.has(
@@ -176,7 +177,10 @@ class Study:
 
 
 def _space_kind(name: str) -> str:
-    return "unified" if name.startswith("unified") else name
+    """single (unified-<task>), multi (unified-multi), pca or random: what `--spaces` selects."""
+    if name == MULTI:
+        return "multi"
+    return "single" if name.startswith("unified-") else name
 
 
 def landscape(study: Study, task: str, method: str = "lora", n: int = 5, examples: int = 64) -> dict:
