@@ -12,11 +12,11 @@ from typing import Any
 
 
 def _ratio(row: dict[str, float]) -> str:
-    return f"{row['ratio_min']:.3f} / {row['ratio_median']:.3f}"
+    return f"{row['ratio_min']:.3f} / {row['ratio_median']:.3f} / {row['ratio_paired_median']:.3f}"
 
 
 def _time_table(result: dict[str, Any], baseline: str) -> list[str]:
-    lines = [f"| config | min ms | median ms | x {baseline} (min / median) |", "|---|---:|---:|---:|"]
+    lines = [f"| config | min ms | median ms | x {baseline} (min / median / paired) |", "|---|---:|---:|---:|"]
     for name, row in result["summary"].items():
         ratio = _ratio(row) if "ratio_min" in row else "-"
         lines.append(f"| {name} | {row['min_s'] * 1e3:.0f} | {row['median_s'] * 1e3:.0f} | {ratio} |")
@@ -33,8 +33,8 @@ def train(result: dict[str, Any]) -> list[str]:
         saved = f"{mem['saved_activations_mb']:.0f}" if "saved_activations_mb" in mem else "-"
         lines[i] += f" {result['trainable_parameters'].get(name, '-'):,} | {peak} | {saved} |"
     if result.get("vs_peft"):
-        lines += ["", "| deltatune / PEFT | x (min / median) | paired median |", "|---|---:|---:|"]
-        lines += [f"| {k} | {_ratio(r)} | {r['ratio_paired_median']:.3f} |" for k, r in result["vs_peft"].items()]
+        lines += ["", "| deltatune / PEFT | x (min / median / paired) |", "|---|---:|"]
+        lines += [f"| {k} | {_ratio(r)} |" for k, r in result["vs_peft"].items()]
     for name, err in result.get("errors", {}).items():
         lines.append(f"\n{name} did not run: `{err[:200]}`")
     return lines
@@ -82,7 +82,7 @@ def render(report: dict[str, Any]) -> str:
             else:
                 out += _time_table(result, "backbone" if suite == "infer" else "single")
                 for k, r in result.get("vs_peft", {}).items():
-                    out.append(f"\n{k}: x {_ratio(r)} (min / median)")
+                    out.append(f"\n{k}: x {_ratio(r)} (min / median / paired)")
     return "\n".join(out) + "\n"
 
 
