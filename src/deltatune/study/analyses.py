@@ -243,16 +243,19 @@ def combination(data: StudyData) -> list[Table]:
     for model in data.models():
         cells = grid(data, model)
         labels = combination_labels(chosen)
-        tasks = [t for t in data.tasks() if all((t, lbl) in cells for lbl in labels)]
+        tasks = [t for t in data.tasks() if any((t, lbl) in cells for lbl in labels)]
+        complete = [t for t in tasks if all((t, lbl) in cells for lbl in labels)]
         rows = []
         for lbl in labels:
             short = "none" if lbl == "head" else "+".join(LETTERS.get(m, m) for m in lbl.split("+"))
-            scores = [_mean_std(cells[(t, lbl)])[0] for t in tasks]
-            row = [short] + [_fmt(s) for s in scores] + [_fmt(statistics.fmean(scores)) if scores else "-"]
+            row = [short] + [_fmt(_mean_std(cells[(t, lbl)])[0]) if (t, lbl) in cells else "-" for t in tasks]
+            scores = [_mean_std(cells[(t, lbl)])[0] for t in complete]
+            row.append(_fmt(statistics.fmean(scores)) if scores else "-")
             rows.append(row + [_fmt(PAPER_COMBINATION.get(short, math.nan))])
         note = (
             "Rows in the paper's order (P prompt, B BitFit, A adapter; none = frozen backbone + trained head). "
-            "Paper column: RoBERTa-large, GLUE average, full data."
+            f"Average over the {len(complete)} tasks every subset finished. Paper column: RoBERTa-large, GLUE "
+            "average, full data."
         )
         tables.append(Table(f"Combination: {model}", ["delta"] + tasks + ["average", "paper"], rows, note))
     return tables
