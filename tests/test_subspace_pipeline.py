@@ -101,6 +101,8 @@ def test_landscape_intrinsic_dimension_and_report(study: Study, tmp_path: Path) 
     assert len(grid) == 3 and all(len(row) == 3 and all(0 <= v <= 1 for v in row) for row in grid)
     assert {p["to"] for p in result["paths"]} == {"adapter", "prefix", "selective"}
     assert (study.workdir / "landscape" / "toya.png").stat().st_size > 1000
+    unseen = landscape(study, "toyc", "adapter", n=2, examples=4)  # the vectors optimized in the multi-task space
+    assert unseen["space"] == "unified-multi" and set(unseen["points"]) == set(CONFIGS)
     study.intrinsic(["toya"])  # runs SAID at a few d, or says the delta never beat the head
     md, page = build(study.store, study.cfg.methods, tmp_path, [study.workdir / "landscape" / "toya.png"])
     text = md.read_text()

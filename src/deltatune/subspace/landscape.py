@@ -1,8 +1,8 @@
 """The metric and loss landscape of a subspace: a 2-D plane through the methods' points, and straight paths.
 
-The plane passes through the first method's intrinsic vector z_a with axes toward the second's and
-(orthogonalized) the third's, so the grid shows the found points and the region between them;
-every grid point is scored through one method's basis. Paths interpolate z linearly between two
+The plane passes through z = 0 (every method untrained) and the methods' vectors: one axis along
+their mean, one across their spread, so the grid shows the untrained start, the found points and the
+region around them; every grid point is scored through one method's basis. Paths interpolate z linearly between two
 methods' vectors and score each point through both methods: a flat, high path is the paper's
 "a large region of the subspace performs well for all methods".
 """
@@ -47,33 +47,35 @@ def plane(
     method: str,
     head: Mapping,
     examples: Sequence[Example],
-    span: tuple[float, float] = (-0.5, 1.5),
     n: int = 5,
 ) -> dict:
-    """A grid over the plane through the first three points; scored through `method`."""
-    names = list(points)[:3]
+    """A grid over the plane through z = 0 (the untrained methods) and the methods' vectors; scored through `method`.
+
+    Axis 1 is the mean of the vectors (its unit: the mean itself); axis 2 the spread between the first
+    two vectors, orthogonalized and given the same length (a subspace axis when they coincide).
+    """
+    names = list(points)
     if len(names) < 2:
         raise ValueError("a landscape plane needs the vectors of at least two methods")
-    origin = points[names[0]]
-    e1 = points[names[1]] - origin
-    if len(names) > 2:
-        e2 = points[names[2]] - origin
-        e2 = e2 - (e2 @ e1) / (e1 @ e1).clamp_min(1e-12) * e1
-    else:
-        e2 = torch.randn(origin.shape, generator=torch.Generator().manual_seed(0))
-        e2 = (e2 - (e2 @ e1) / (e1 @ e1) * e1) * e1.norm() / e2.norm()
-    coords = torch.linspace(span[0], span[1], n).tolist()
+    e1 = torch.stack([points[m] for m in names]).mean(0)
+    e2 = points[names[1]] - points[names[0]]
+    e2 = e2 - (e2 @ e1) / (e1 @ e1).clamp_min(1e-12) * e1
+    if e2.norm() < 1e-3 * e1.norm():  # the vectors coincide: show the subspace direction least like e1
+        axis = torch.zeros_like(e1)
+        axis[int(e1.abs().argmin())] = 1.0
+        e2 = axis - (axis @ e1) / (e1 @ e1).clamp_min(1e-12) * e1
+    e2 = e2 * e1.norm() / e2.norm()
+    along, across = torch.linspace(-0.5, 1.5, n).tolist(), torch.linspace(-1.0, 1.0, n).tolist()
     metric = [[0.0] * n for _ in range(n)]
     loss = [[0.0] * n for _ in range(n)]
-    for i, b in enumerate(coords):
-        for j, a in enumerate(coords):
-            metric[i][j], loss[i][j] = score_point(bank, space, method, origin + a * e1 + b * e2, head, task, examples)
-    marks = {}
+    for i, b in enumerate(across):
+        for j, a in enumerate(along):
+            metric[i][j], loss[i][j] = score_point(bank, space, method, a * e1 + b * e2, head, task, examples)
+    marks = {"z=0": (0.0, 0.0)}
     for name, z in points.items():  # where each method's vector falls in plane coordinates
-        rel = z - origin
-        a = float(rel @ e1 / (e1 @ e1).clamp_min(1e-12))
-        marks[name] = (a, float(rel @ e2 / (e2 @ e2).clamp_min(1e-12)))
-    return {"method": method, "axes": names, "coords": coords, "metric": metric, "loss": loss, "marks": marks}
+        marks[name] = (float(z @ e1 / (e1 @ e1)), float(z @ e2 / (e2 @ e2)))
+    return {"method": method, "axes": names, "along": along, "across": across, "metric": metric, "loss": loss,
+            "marks": marks}  # fmt: skip
 
 
 def path(
@@ -105,17 +107,18 @@ def plot(result: dict, path_png: str, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
     grid = result["plane"]
-    coords = grid["coords"]
+    along, across = grid["along"], grid["across"]
     im = ax1.imshow(
-        grid["metric"], origin="lower", extent=(coords[0], coords[-1], coords[0], coords[-1]), cmap="viridis"
-    )
+        grid["metric"], origin="lower", extent=(along[0], along[-1], across[0], across[-1]), cmap="viridis",
+        aspect="auto",
+    )  # fmt: skip
     fig.colorbar(im, ax=ax1, label="metric")
     for name, (x, y) in grid["marks"].items():
         ax1.plot(x, y, "o", color="white", markeredgecolor="black")
         ax1.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), color="white")
-    ax1.set_title(f"metric through {grid['method']} on the plane of {', '.join(grid['axes'])}")
-    ax1.set_xlabel(f"toward {grid['axes'][1]}")
-    ax1.set_ylabel(f"toward {grid['axes'][2]}" if len(grid["axes"]) > 2 else "orthogonal")
+    ax1.set_title(f"metric through {grid['method']}'s basis", fontsize=10)
+    ax1.set_xlabel("along the mean of the methods' vectors (z=0: untrained)")
+    ax1.set_ylabel(f"across ({grid['axes'][1]} - {grid['axes'][0]}, orthogonalized)")
     for p in result["paths"]:
         for method, values in p["metric"].items():
             ax2.plot(p["lambdas"], values, marker="o", label=f"{p['from']}->{p['to']} via {method}")

@@ -184,20 +184,28 @@ def _space_kind(name: str) -> str:
 
 
 def landscape(study: Study, task: str, method: str = "lora", n: int = 5, examples: int = 64) -> dict:
-    """Plane and paths of the single-task subspace of `task`; JSON and PNG under <workdir>/landscape/."""
+    """Plane and paths in the subspace `task` was optimized in; JSON and PNG under <workdir>/landscape/.
+
+    An unseen task uses the multi-task subspace and the vectors optimized in it for each method (the
+    methods' points differ there); a seen task its single-task subspace and its solutions' vectors.
+    """
     from .flatten import write_json
     from .landscape import path, plane, plot
 
-    name = SINGLE.format(task=task)
+    name = MULTI if task in study.cfg.unseen and study.cfg.unseen else SINGLE.format(task=task)
     space, data, head = study.space(name), study.data(task), study.head(task)
-    points = {m: space.vectors[(task, m)] for m in space.methods if (task, m) in space.vectors}
+    rows = {r["method"]: r for r in study.store.rows("subspace_results", space=name, stage="optimize", task=task)}
+    points = {m: torch.tensor(rows[m]["meta"]["z"]) for m in space.methods if m in rows}
+    if name != MULTI:
+        points = {m: space.vectors[(task, m)] for m in space.methods if (task, m) in space.vectors}
     if method not in points:
-        raise ValueError(f"method {method!r} has no vector in {name}; pick one of {', '.join(points)}")
+        raise ValueError(f"method {method!r} has no vector for {task!r} in {name}; run `optimize` first")
     order = [method] + [m for m in points if m != method]
     sample = data.eval[:examples]
     result = {
         "task": task,
         "space": name,
+        "points": {m: points[m].tolist() for m in order},
         "plane": plane(study.bank, space, data.task, {m: points[m] for m in order}, method, head, sample, n=n),
         "paths": [path(study.bank, space, data.task, (method, points[method]), (m, points[m]), head, sample)
                   for m in order[1:]],
@@ -205,7 +213,7 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     out = study.workdir / "landscape"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{task}.json", result)
-    plot(result, str(out / f"{task}.png"), f"{task}: subspace {name} (d={space.d})")
+    plot(result, str(out / f"{task}.png"), f"{task}: subspace {name} (d={space.d}), {len(sample)} evaluation examples")
     best = max(max(row) for row in result["plane"]["metric"])
     study.store.put(
         "subspace_results", space=name, stage="landscape", task=task, method=method, source=method, score=best,
