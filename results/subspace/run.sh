@@ -21,9 +21,9 @@ lane() {  # tasks: single-task subspaces, optimization, transfer, landscape, int
     && { [ -z "$2" ] || DT landscape --tasks "$2"; } && DT intrinsic-dim --tasks "$1"
 }
 lane sst2,subj,ag_news,cr sst2 > $W/lane-a.log 2>&1 &
-lane mr,sms_spam,mpqa,tweet_eval_hate mr > $W/lane-b.log 2>&1 &
+lane mr,sms_spam,mpqa,tweet_eval_hate "" > $W/lane-b.log 2>&1 &
 { DT find --which multi && DT optimize --spaces multi,pca,random --tasks cr,mpqa,tweet_eval_hate \
-    && DT transfer --tasks cr,mpqa,tweet_eval_hate; } > $W/lane-c.log 2>&1 &
+    && DT transfer --tasks cr,mpqa,tweet_eval_hate && DT landscape --tasks cr; } > $W/lane-c.log 2>&1 &
 wait
 DT report --out results/subspace > $W/report.log 2>&1
 cp $W/landscape/*.png results/subspace/ 2>/dev/null
