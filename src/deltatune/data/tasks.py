@@ -8,35 +8,41 @@ time and every error names the file and line, because a bad row found mid-traini
 
 from __future__ import annotations
 
-import csv
-import difflib
-import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASK_TYPES = ("classification", "pair_classification", "regression", "generation")
-SPLITS = ("train", "dev", "test")
-# Hugging Face and many repos call the dev split "validation"; we keep one canonical name.
-SPLIT_ALIASES = {"validation": "dev", "valid": "dev", "val": "dev", "eval": "dev"}
-FILE_SUFFIXES = (".jsonl", ".csv", ".tsv")
-ENV_VAR = "DELTATUNE_DATA"
+from .collection import _resolve_name, candidate_roots, data_root, format_task_table, list_tasks
+from .files import (
+    COLUMN_ALIASES,
+    ENV_VAR,
+    FILE_SUFFIXES,
+    SPLIT_ALIASES,
+    SPLITS,
+    TASK_TYPES,
+    DataError,
+    Raw,
+    _read_file,
+    _read_meta,
+    _split_file,
+)
 
-# Column names of common public datasets (GLUE, SuperGLUE, E2E) accepted when the canonical one is absent.
-COLUMN_ALIASES = {
-    "text": ("sentence", "sentence1", "premise", "question1", "content", "document"),
-    "text_pair": ("sentence2", "hypothesis", "question2"),
-    "label": ("labels", "score"),
-    "source": ("meaning_representation", "mr", "input"),
-    "target": ("human_reference", "ref", "output"),
-}
-
-
-class DataError(ValueError):
-    """A task that cannot be found or a row that cannot be read; the message names file and line."""
+__all__ = [
+    "ENV_VAR",
+    "SPLITS",
+    "TASK_TYPES",
+    "DataError",
+    "Example",
+    "Task",
+    "candidate_roots",
+    "data_root",
+    "format_task_table",
+    "list_tasks",
+    "load_task",
+]
 
 
 @dataclass(frozen=True)
@@ -92,134 +98,6 @@ class Task:
     def __repr__(self) -> str:  # the default would print every example
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
         return f"Task(name={self.name!r}, type={self.type!r}, num_labels={self.num_labels}, {sizes})"
-
-
-# ----------------------------------------------------------------------------- where the collection lives
-
-
-def candidate_roots() -> list[Path]:
-    """Where the collection is looked for, in order: $DELTATUNE_DATA, beside the checkout, beside the cwd."""
-    here = Path(__file__).resolve()
-    out = []
-    if os.environ.get(ENV_VAR):
-        out.append(Path(os.environ[ENV_VAR]).expanduser())
-    # parents[3] is the checkout root in a source tree; the collection sits inside it or beside it.
-    for base in (here.parents[3], here.parents[3].parent, Path.cwd(), Path.cwd().parent):
-        out.append(base / "shared" / "data" / "tasks")
-    return list(dict.fromkeys(out))
-
-
-def _as_tasks_dir(path: Path) -> Path:
-    """Accept both `.../data/tasks` and `.../data` for $DELTATUNE_DATA."""
-    if not (path / "INDEX.json").exists() and (path / "tasks").is_dir():
-        return path / "tasks"
-    return path
-
-
-def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The task collection folder; raises DataError listing every place looked at when there is none."""
-    if root is not None:
-        path = _as_tasks_dir(Path(root).expanduser())
-        if not path.is_dir():
-            raise DataError(f"task collection folder {path} does not exist")
-        return path
-    if os.environ.get(ENV_VAR):  # an explicit setting that points nowhere must not fall back silently
-        path = _as_tasks_dir(Path(os.environ[ENV_VAR]).expanduser())
-        if not path.is_dir():
-            raise DataError(f"${ENV_VAR}={os.environ[ENV_VAR]} is not a folder")
-        return path
-    for path in candidate_roots():
-        if path.is_dir():
-            return path
-    looked = ", ".join(str(p) for p in candidate_roots())
-    raise DataError(f"no task collection found; looked in {looked}. Set ${ENV_VAR} to the folder holding <task>/")
-
-
-def _task_names(root: Path) -> list[str]:
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and ((p / "meta.json").exists() or any((p / f"train{s}").exists() for s in FILE_SUFFIXES))
-    )
-
-
-def _resolve_name(name: str, root: Path | None) -> Path:
-    try:
-        base = data_root(root)
-    except DataError as err:
-        raise DataError(f"unknown task {name!r}: {err}") from None
-    names = _task_names(base)
-    if name in names:
-        return base / name
-    norm = {n.lower().replace("-", "").replace("_", ""): n for n in names}
-    key = name.lower().replace("-", "").replace("_", "")
-    if key in norm:  # SST-2 -> sst2
-        return base / norm[key]
-    close = difflib.get_close_matches(name.lower(), names, n=5, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(names)}"
-    raise DataError(f"unknown task {name!r} in {base}{hint} (set ${ENV_VAR} or pass a folder/file path)")
-
-
-# ----------------------------------------------------------------------------- reading raw rows
-
-# A raw row with where it came from, e.g. ("/x/train.jsonl, line 3", {...}).
-Raw = tuple[str, dict]
-
-
-def _read_jsonl(path: Path) -> list[Raw]:
-    rows = []
-    with path.open(encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append((where, row))
-    return rows
-
-
-def _read_csv(path: Path) -> list[Raw]:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    rows = []
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        end = 1  # the header line
-        for row in reader:
-            start, end = end + 1, reader.line_num
-            where = f"{path}, line {start}"
-            if None in row:
-                raise DataError(f"{where}: more fields than the header {reader.fieldnames}")
-            # CSV has no types: empty cells are absent, numbers are parsed later against the task's labels.
-            rows.append((where, {k: v for k, v in row.items() if v not in ("", None)}))
-    return rows
-
-
-def _read_file(path: Path) -> list[Raw]:
-    if path.suffix not in FILE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
-    if not rows:
-        raise DataError(f"{path}, line 1: empty file (no rows)")
-    return rows
-
-
-def _split_file(folder: Path, split: str) -> Path | None:
-    names = [split] + [alias for alias, canon in SPLIT_ALIASES.items() if canon == split]
-    for name in names:
-        for suffix in FILE_SUFFIXES:
-            if (folder / f"{name}{suffix}").exists():
-                return folder / f"{name}{suffix}"
-    return None
-
-
-# ----------------------------------------------------------------------------- validating rows into Examples
 
 
 def _canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
@@ -527,71 +405,3 @@ def load_task(
         {s: f.suffix != ".jsonl" for s, f in files.items()},
         **kw,
     )
-
-
-def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}, line 1: meta.json must hold a JSON object")
-    return meta
-
-
-def _count_rows(path: Path) -> int:
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as fh:
-            return sum(1 for line in fh if line.strip())
-    return len(_read_csv(path))
-
-
-def list_tasks(root: str | os.PathLike | None = None) -> list[dict]:
-    """One row per task: name, type, num_labels, splits (sizes), license; from INDEX.json and meta.json files."""
-    base = data_root(root)
-    index = {}
-    if (base / "INDEX.json").exists():
-        for entry in json.loads((base / "INDEX.json").read_text(encoding="utf-8")):
-            index[entry["name"]] = entry
-    rows = []
-    for name in sorted(set(index) | set(_task_names(base))):
-        entry = index.get(name)
-        meta = _read_meta(base / name / "meta.json") if (base / name / "meta.json").exists() else {}
-        task_type = (entry or {}).get("type") or meta.get("type") or "unknown"
-        if entry and "counts" in entry:
-            sizes = dict(entry["counts"])
-        elif "counts" in meta:
-            sizes = dict(meta["counts"])
-        else:
-            sizes = {s: _count_rows(f) for s in SPLITS if (f := _split_file(base / name, s)) is not None}
-        if task_type == "regression":
-            num_labels = 1
-        elif task_type == "generation":
-            num_labels = 0
-        else:
-            num_labels = (entry or {}).get("n_labels") or len(meta.get("labels") or [])
-        license_ = (entry or {}).get("license") or meta.get("license") or "unknown"
-        rows.append({"name": name, "type": task_type, "num_labels": num_labels, "splits": sizes, "license": license_})
-    return rows
-
-
-def format_task_table(rows: Iterable[dict], license_width: int = 60) -> str:
-    """Plain-text table of `list_tasks()` rows, numbers right-aligned; long licenses are cut to `license_width`."""
-    header = ["task", "type", "labels", "train", "dev", "test", "license"]
-    table = []
-    for row in rows:
-        sizes = row.get("splits", {})
-        lic = str(row.get("license", ""))
-        if len(lic) > license_width:
-            lic = lic[: license_width - 3].rstrip() + "..."
-        labels = "-" if row.get("type") in ("regression", "generation") else str(row.get("num_labels", ""))
-        cells = [row["name"], row.get("type", ""), labels] + [str(sizes.get(s, "-")) for s in SPLITS] + [lic]
-        table.append(cells)
-    widths = [max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(header)]
-    numeric = {2, 3, 4, 5}
-
-    def line(cells: list[str]) -> str:
-        parts = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in table])

@@ -1,0 +1,108 @@
+"""Where task rows come from on disk: the names, the error type, and readers that keep file and line.
+
+Every reader returns rows paired with "<file>, line <n>", so any later validation error can say
+exactly where a bad row is.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+TASK_TYPES = ("classification", "pair_classification", "regression", "generation")
+SPLITS = ("train", "dev", "test")
+# Hugging Face and many repos call the dev split "validation"; we keep one canonical name.
+SPLIT_ALIASES = {"validation": "dev", "valid": "dev", "val": "dev", "eval": "dev"}
+FILE_SUFFIXES = (".jsonl", ".csv", ".tsv")
+ENV_VAR = "DELTATUNE_DATA"
+
+# Column names of common public datasets (GLUE, SuperGLUE, E2E) accepted when the canonical one is absent.
+COLUMN_ALIASES = {
+    "text": ("sentence", "sentence1", "premise", "question1", "content", "document"),
+    "text_pair": ("sentence2", "hypothesis", "question2"),
+    "label": ("labels", "score"),
+    "source": ("meaning_representation", "mr", "input"),
+    "target": ("human_reference", "ref", "output"),
+}
+
+
+class DataError(ValueError):
+    """A task that cannot be found or a row that cannot be read; the message names file and line."""
+
+
+# ----------------------------------------------------------------------------- reading raw rows
+
+# A raw row with where it came from, e.g. ("/x/train.jsonl, line 3", {...}).
+Raw = tuple[str, dict]
+
+
+def _read_jsonl(path: Path) -> list[Raw]:
+    rows = []
+    with path.open(encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append((where, row))
+    return rows
+
+
+def _read_csv(path: Path) -> list[Raw]:
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        end = 1  # the header line
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            where = f"{path}, line {start}"
+            if None in row:
+                raise DataError(f"{where}: more fields than the header {reader.fieldnames}")
+            # CSV has no types: empty cells are absent, numbers are parsed later against the task's labels.
+            rows.append((where, {k: v for k, v in row.items() if v not in ("", None)}))
+    return rows
+
+
+def _read_file(path: Path) -> list[Raw]:
+    if path.suffix not in FILE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    if not rows:
+        raise DataError(f"{path}, line 1: empty file (no rows)")
+    return rows
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    names = [split] + [alias for alias, canon in SPLIT_ALIASES.items() if canon == split]
+    for name in names:
+        for suffix in FILE_SUFFIXES:
+            if (folder / f"{name}{suffix}").exists():
+                return folder / f"{name}{suffix}"
+    return None
+
+
+# ----------------------------------------------------------------------------- validating rows into Examples
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}, line 1: meta.json must hold a JSON object")
+    return meta
+
+
+def _count_rows(path: Path) -> int:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8-sig") as fh:
+            return sum(1 for line in fh if line.strip())
+    return len(_read_csv(path))
