@@ -18,7 +18,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from .routing import Route, batch_size, routed_input, routed_output, scatter_rows, take_rows
+from .routing import (
+    Route,
+    batch_size,
+    hidden_of,
+    routed_input,
+    routed_output,
+    scatter_rows,
+    take_rows,
+    with_hidden,
+)
 from .targeting import Layers, Targets, resolve
 
 
@@ -182,14 +191,8 @@ class Hooks:
             new = module.forward(*sub_args, **sub_kwargs)  # .forward: no hooks, so nothing runs twice
         finally:
             delta.recomputing = False
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
-        new_hidden = new if isinstance(new, torch.Tensor) else new[0]
-        merged = scatter_rows(hidden, idx, new_hidden, args, kwargs)
-        return merged if isinstance(output, torch.Tensor) else (merged, *output[1:])
-
-    def param_modules(self) -> list[nn.Module]:
-        """Modules whose parameters this delta reparametrizes (two such deltas cannot share a row there)."""
-        return [m for m, _ in self._params]
+        merged = scatter_rows(hidden_of(output), idx, hidden_of(new), args, kwargs)
+        return with_hidden(output, merged)
 
     def claimed(self) -> list[tuple[nn.Module, str]]:
         """(module, parameter name) pairs this delta reparametrizes."""

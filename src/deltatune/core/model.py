@@ -8,7 +8,7 @@ last delta hands back the backbone exactly as it came: same tensors, same `requi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -93,32 +93,37 @@ class DeltaModel(nn.Module):
     def _active_names(self) -> set[str]:
         return {n for n, d in self.deltas.items() if d.enabled}
 
-    def _check_claims(self, names: set[str]) -> None:
-        """Deltas reparametrizing one parameter may be attached together but not enabled together."""
-        owner: dict[tuple[int, str], str] = {}
-        for n in sorted(names):
+    def _overlap(self, names: Iterable[str], key: Callable[[nn.Module, str], Hashable]) -> tuple | None:
+        """The first two of `names` that reparametrize the same `key(module, param)`, or None."""
+        owner: dict[Hashable, str] = {}
+        for n in names:
             hooks = self._get(n)._hooks
             for module, pname in hooks.claimed() if hooks is not None else []:
-                other = owner.setdefault((id(module), pname), n)
+                other = owner.setdefault(key(module, pname), n)
                 if other != n:
-                    raise DeltaError(
-                        f"deltas {other!r} and {n!r} both reparametrize {pname!r} of a {type(module).__name__} "
-                        "and cannot be enabled together; enable one at a time or serve them as separate rows"
-                    )
+                    return other, n, module, pname
+        return None
+
+    def _check_claims(self, names: set[str]) -> None:
+        """Deltas reparametrizing one parameter may be attached together but not enabled together."""
+        clash = self._overlap(sorted(names), lambda module, pname: (id(module), pname))
+        if clash is not None:
+            other, n, module, pname = clash
+            raise DeltaError(
+                f"deltas {other!r} and {n!r} both reparametrize {pname!r} of a {type(module).__name__} "
+                "and cannot be enabled together; enable one at a time or serve them as separate rows"
+            )
 
     def _check_shared_params(self, combos: set[tuple[str, ...]]) -> None:
         """Two deltas that both reparametrize one module cannot be recomputed together for a shared row."""
         for combo in combos:
-            seen: dict[int, str] = {}
-            for n in combo:
-                hooks = self.deltas[n]._hooks
-                for module in hooks.param_modules() if hooks is not None else []:
-                    other = seen.setdefault(id(module), n)
-                    if other != n:
-                        raise RoutingError(
-                            f"deltas {other!r} and {n!r} both change the weights of one {type(module).__name__} "
-                            "and cannot share a row of a mixed batch; serve that combination unmixed"
-                        )
+            clash = self._overlap(combo, lambda module, pname: id(module))
+            if clash is not None:
+                other, n, module, _ = clash
+                raise RoutingError(
+                    f"deltas {other!r} and {n!r} both change the weights of one {type(module).__name__} "
+                    "and cannot share a row of a mixed batch; serve that combination unmixed"
+                )
 
     def _device(self) -> torch.device:
         ref = next(self.backbone.parameters(), None)

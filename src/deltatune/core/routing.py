@@ -114,6 +114,11 @@ def batch_size(args: tuple, kwargs: dict) -> int:
     raise RoutingError("cannot find a batched tensor in this module's inputs to route rows by")
 
 
+def needs_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors (then rows must not be written in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def scatter_rows(full: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """A module output with `rows` written at `idx`.
 
@@ -122,12 +127,11 @@ def scatter_rows(full: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, args
     otherwise out of place.
     """
     rows = rows.to(full.dtype)
-    needs_graph = torch.is_grad_enabled() and (full.requires_grad or rows.requires_grad)
     storage = full.untyped_storage().data_ptr()
     aliased = any(
         isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == storage for v in (*args, *kwargs.values())
     )
-    if needs_graph or aliased:
+    if aliased or needs_graph(full, rows):
         return full.index_copy(0, idx, rows)
     return full.index_copy_(0, idx, rows)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
 from ...core.layers import first_input, is_linear, linear_dims, weight_update
+from ...core.routing import needs_graph
 from ...core.targeting import Layers, Targets
 
 
@@ -140,7 +141,7 @@ def _lora_hook(layer: LoRALayer, delta: LoRA):
             return layer.add_to(output, x)
         idx = route.index(x.shape[0])
         rows = layer.update(x.index_select(0, idx)).to(output.dtype)
-        if torch.is_grad_enabled() and (output.requires_grad or rows.requires_grad):
+        if needs_graph(output, rows):
             return output.index_add(0, idx, rows)
         return output.index_add_(0, idx, rows)
 
