@@ -10,7 +10,7 @@ import torch
 from tiny import logits, make_inputs, make_model
 
 import deltatune as dt
-from deltatune.core.io import META, WEIGHTS
+from deltatune.core.io import META, WEIGHTS, read_meta
 
 
 def _trained(method: str, arch: str = "bert", seed: int = 0) -> dt.DeltaModel:
@@ -43,7 +43,24 @@ def test_checkpoint_holds_only_the_delta(tmp_path: Path) -> None:
     assert meta["num_parameters"] == dm.delta_parameters()
     assert meta["metadata"] == {"epoch": 3}
     assert meta["backbone"]["model_type"] == "bert"
-    assert set(meta["sites"]) == set(dm.delta().sites)
+    assert read_meta(tmp_path / "d")["sites"] == dm.delta().sites
+
+
+def test_sites_are_stored_as_layer_ranges_and_plain_names_still_load(tmp_path: Path) -> None:
+    from deltatune.core.io import compact_sites, expand_sites
+
+    sites = {f"m.layers.{i}.q": 8 for i in (0, 1, 2, 5)} | {f"m.layers.{i}.v": 4 for i in range(3)} | {"m.x": 1}
+    assert compact_sites(sites) == {"m.layers.{0-2,5}.q": 8, "m.layers.{0-2}.v": 4, "m.x": 1}
+    assert expand_sites(compact_sites(sites)) == sites
+    dm = _trained("lora")
+    inputs = make_inputs(dm.backbone)
+    dm.save_delta(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / META).read_text())
+    assert all("{" in key for key in meta["sites"])  # every LoRA site of a layered model folds into a range
+    meta["sites"] = dm.delta().sites  # the layout written before ranges: one plain name per site
+    (tmp_path / "d" / META).write_text(json.dumps(meta, indent=2))
+    loaded = dt.load_delta(make_model("bert"), tmp_path / "d")
+    torch.testing.assert_close(logits(loaded, inputs), logits(dm, inputs), rtol=0, atol=1e-6)
 
 
 def test_loading_onto_another_architecture_names_both(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -176,7 +177,7 @@ def save_delta(
         "name": name,
         "config": delta.config.to_dict(),
         "family": delta.config.family,
-        "sites": delta.sites,
+        "sites": compact_sites(delta.sites),
         "num_parameters": sum(v.numel() for k, v in tensors.items() if not k.startswith(HEAD)),
         "head_parameters": sum(v.numel() for k, v in tensors.items() if k.startswith(HEAD)),
         "backbone": fingerprint(dm.backbone),
@@ -185,7 +186,10 @@ def save_delta(
         "metadata": metadata,
     }
     path = Path(path)
-    _write_folder(path, {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, indent=2).encode()})
+    _write_folder(
+        path,
+        {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, separators=(",", ":")).encode()},
+    )
     return path
 
 
@@ -200,7 +204,63 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise DeltaIOError(f"{path / META} is not valid JSON ({err}); was it edited by hand or cut short?") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
         raise DeltaIOError(f"{path / META} is not a deltatune delta description (format {FORMAT!r} expected)")
+    if isinstance(meta.get("sites"), dict):
+        meta["sites"] = expand_sites(meta["sites"])
     return meta
+
+
+_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
+_RANGE = re.compile(r"\{(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)\}")
+
+
+def compact_sites(sites: dict[str, int]) -> dict[str, int]:
+    """Sites that differ only in their first index (the layer) and count the same, as one `a.{0-29}.b` key.
+
+    A delta on a 30-layer model otherwise spends kilobytes of delta.json repeating module names
+    (SmolLM2's LoRA: 60 names), which is what kept its folder above the tensors + 16 KiB target.
+    """
+    groups: dict[tuple[str, int], list[int]] = {}
+    out: dict[str, int] = {}
+    for name, count in sites.items():
+        match = None if "{" in name else _INDEX.search(name)
+        if match is None:
+            out[name] = count
+            continue
+        template = name[: match.start()] + "{}" + name[match.end() :]
+        groups.setdefault((template, count), []).append(int(match.group(1)))
+    for (template, count), indices in groups.items():
+        out[template.replace("{}", "{" + _ranges(indices) + "}", 1)] = count
+    return out
+
+
+def expand_sites(sites: dict[str, int]) -> dict[str, int]:
+    """The inverse of `compact_sites` (plain names, as older delta.json files store them, pass through)."""
+    out: dict[str, int] = {}
+    for key, count in sites.items():
+        match = _RANGE.search(key)
+        if match is None:
+            out[key] = count
+            continue
+        for part in match.group(1).split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                out[key[: match.start()] + str(i) + key[match.end() :]] = count
+    return out
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    parts: list[str] = []
+    ordered = sorted(set(indices))
+    start = prev = ordered[0]
+    for i in [*ordered[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
