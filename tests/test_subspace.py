@@ -153,6 +153,32 @@ def test_finding_recovers_a_planted_subspace(tokenizer, tmp_path: Path, monkeypa
         assert torch.linalg.norm(q - basis @ (basis.T @ q)) / torch.linalg.norm(q) > 0.9
 
 
+def test_projections_trained_from_scratch_find_a_planted_subspace(tokenizer, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """No warm start: random orthonormal up-projections and default down-projections, trained by the loss alone."""
+    from deltatune.subspace.config import StudyConfig, task_data
+
+    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path))
+    d, n_tasks = 3, 5
+    bank, solutions, planted = _planted(tokenizer, d, n_tasks)
+    for t in range(n_tasks):
+        write_task(tmp_path, f"t{t}", seed=t)
+    cfg = StudyConfig(k_shot=8, n_eval=8, max_length=16)
+    data = {f"t{t}": task_data(f"t{t}", cfg) for t in range(n_tasks)}
+    heads = {t: {n: p.detach() for n, p in tiny_bert(tokenizer).named_parameters() if "classifier" in n} for t in data}
+    with pytest.raises(ValueError, match="unknown init 'pca'; choose from joint, random"):
+        find_unified(bank, solutions, data, heads, name="x", d=d, hidden=8, steps=1, init="pca")
+    log: list = []
+    space = find_unified(
+        bank, solutions, data, heads, name="scratch", d=d, hidden=8, steps=300, batch_size=8, init="random",
+        log=log,
+    )  # fmt: skip
+    assert log[0]["distance"] > 0.9  # it did not start at the answer
+    assert max(space.meta["relative_error"].values()) < 0.1
+    for m, q in planted.items():
+        basis, _ = torch.linalg.qr(space.bases[m])
+        assert torch.linalg.norm(q - basis @ (basis.T @ q)) / torch.linalg.norm(q) < 0.1
+
+
 def test_fastfood_basis_is_the_projection_materialized() -> None:
     basis = fastfood_basis(300, 4, seed=3)
     z = torch.randn(4)

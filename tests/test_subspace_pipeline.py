@@ -115,3 +115,50 @@ def test_cli_refuses_to_resume_a_study_with_other_settings(study: Study, capsys:
     assert code == 2 and "other settings (d)" in capsys.readouterr().err
     assert main(["subspace", "report", "--workdir", str(study.workdir), "--out", str(study.workdir / "r")]) == 0
     assert "Multi-task subspace, unseen tasks" in capsys.readouterr().out
+
+
+def test_projections_trained_from_scratch_form_their_own_spaces(study: Study, tmp_path: Path) -> None:
+    before = {(r["space"], r["stage"], r["task"], r["method"], r["source"]): r["created"]
+              for r in study.store.rows("subspace_results")}  # fmt: skip
+    study.cfg.scratch_find_steps = 3
+    study.find(init="random")
+    spaces = {r["name"]: r for r in study.store.rows("subspace_spaces")}
+    scratch = {n for n in spaces if n.startswith("scratch-")}
+    assert scratch == {"scratch-toya", "scratch-toyb", "scratch-toyc", "scratch-multi"}
+    assert all(
+        spaces[n]["meta"]["init"] == "random" and spaces[n]["meta"]["steps"] == 3 for n in scratch - {"scratch-multi"}
+    )
+    assert spaces["scratch-multi"]["meta"]["steps"] == 3 * 2 and spaces["unified-multi"]["meta"]["init"] == "joint"
+    study.optimize()
+    study.transfer()
+    rows = study.store.rows("subspace_results")
+    new = [r for r in rows if (r["space"], r["stage"], r["task"], r["method"], r["source"]) not in before]
+    methods = len(study.cfg.methods)
+    assert {r["space"] for r in new} == scratch  # nothing that was done is redone
+    assert sum(r["stage"] == "optimize" for r in new) == (3 + 1) * methods
+    assert sum(r["stage"] == "transfer" for r in new) == (3 + 1) * methods * (methods - 1)
+    md, _ = build(study.store, study.cfg.methods, tmp_path, [])
+    text = md.read_text()
+    assert "From-scratch projections: optimization, single-task (seen)" in text
+    assert "From-scratch projections: multi-task, unseen tasks" in text
+
+
+def test_said_runs_are_kept_per_step_budget(study: Study) -> None:
+    from deltatune.subspace.store import Store
+
+    study.store.put("subspace_intrinsic", task="toya", d=16, steps=2, score=0.5, reference=0.9, ratio=0.5, seconds=1)
+    study.store.put("subspace_intrinsic", task="toya", d=16, steps=50, score=0.8, reference=0.9, ratio=0.9, seconds=1)
+    assert {r["steps"]: r["score"] for r in study.store.rows("subspace_intrinsic", task="toya", d=16)} == {
+        2: 0.5,
+        50: 0.8,
+    }
+    # a store written before budgets were recorded is rebuilt with them: its runs kept, budget unknown
+    import sqlite3
+
+    old = study.workdir / "old.db"
+    with sqlite3.connect(old) as db:
+        db.execute("CREATE TABLE subspace_intrinsic (task TEXT, d INTEGER, score REAL, reference REAL, ratio REAL, "
+                   "seconds REAL, created REAL, PRIMARY KEY (task, d))")  # fmt: skip
+        db.execute("INSERT INTO subspace_intrinsic VALUES ('sst2', 64, 0.6, 0.7, 0.86, 3.0, 1.0)")
+    rows = Store(old).rows("subspace_intrinsic")
+    assert [(r["task"], r["d"], r["score"], r["steps"]) for r in rows] == [("sst2", 64, 0.6, None)]

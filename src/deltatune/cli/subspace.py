@@ -29,11 +29,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             _study_arguments(s)
         if stage == "find":
             s.add_argument("--which", type=_list, default=["single", "multi"], help="single,multi (default both)")
+            s.add_argument(
+                "--init", choices=("joint", "random"), default="joint",
+                help="joint: warm start from the joint decomposition (unified-* spaces); random: projections "
+                "trained from scratch, as in the paper (scratch-* spaces, --scratch-find-steps per task)",
+            )  # fmt: skip
         if stage == "optimize":
-            s.add_argument("--spaces", type=_list, default=None, help="single,multi,pca,random (default all)")
+            s.add_argument(
+                "--spaces", type=_list, default=None,
+                help="single,multi,scratch-single,scratch-multi,pca,random (default all that were found)",
+            )  # fmt: skip
         if stage == "landscape":
             s.add_argument("--method", default="lora", help="the method whose basis scores the plane")
             s.add_argument("--grid", type=int, default=5, help="grid points per axis")
+        if stage == "intrinsic-dim":
+            s.add_argument("--said-steps", type=int, default=None, help="steps per SAID run (default the study's)")
+            s.add_argument("--d-max", type=int, default=None, help="where the search stops (default the study's)")
         if stage in ("report", "all"):
             s.add_argument("--out", default=None, help="report folder (default <workdir>/report)")
 
@@ -59,7 +70,7 @@ def _study_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--lr", action="append", default=[], help="method=rate, e.g. lora=5e-3")
     for name, kind in (("k_shot", int), ("dev_k", int), ("n_eval", int), ("seed", int), ("max_length", int), ("batch_size", int),
                        ("steps", int), ("eval_every", int), ("head_lr", float), ("d", int), ("hidden", int),
-                       ("alpha", float), ("find_steps", int), ("optimize_steps", int), ("optimize_lr", float),
+                       ("alpha", float), ("find_steps", int), ("scratch_find_steps", int), ("optimize_steps", int), ("optimize_lr", float),
                        ("d_max", int), ("said_steps", int)):  # fmt: skip
         s.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
 
@@ -126,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             study.collect(tasks)
         elif stage == "find":
             which = getattr(args, "which", ["single", "multi"])
-            study.find(tasks, single="single" in which, multi="multi" in which)
+            study.find(tasks, single="single" in which, multi="multi" in which, init=getattr(args, "init", "joint"))
         elif stage == "optimize":
             study.optimize(tasks, getattr(args, "spaces", None))
         elif stage == "transfer":
@@ -135,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             for task in tasks or study.cfg.tasks[:1]:
                 landscape(study, task, getattr(args, "method", "lora"), n=getattr(args, "grid", 5))
         elif stage == "intrinsic-dim":
-            study.intrinsic(tasks)
+            study.intrinsic(tasks, getattr(args, "said_steps", None), getattr(args, "d_max", None))
         elif stage == "report":
             out = Path(args.out or study.workdir / "report")
             figures = sorted((study.workdir / "landscape").glob("*.png"))

@@ -55,6 +55,7 @@ class StudyConfig:
     hidden: int = 64  # width of the down-projections
     alpha: float = 1.0  # weight of the reconstruction distance in the finding loss
     find_steps: int = 40  # per task
+    scratch_find_steps: int = 150  # per task, for projections trained from scratch (`find --init random`)
     optimize_steps: int = 60
     optimize_lr: float = 0.05  # Adam rate of the d-dim vector, in units of the typical solution norm
     d_max: int = 4096  # intrinsic-dimension search stops here

@@ -66,8 +66,18 @@ def search_d90(
     return hi, scores
 
 
-def said_measure(cfg, store: Store, workdir, task: str, tokenizer, reference: float, make_backbone) -> Measure:  # noqa: ANN001
-    """A function d -> score that trains SAID at dimension d on `task` and records the run in the store."""
+def said_measure(
+    cfg,
+    store: Store,
+    workdir,
+    task: str,
+    tokenizer,
+    reference: float,
+    make_backbone,
+    steps: int | None = None,  # noqa: ANN001
+) -> Measure:
+    """A function d -> score that trains SAID at dimension d for `steps` (default the study's) and stores the run."""
+    steps = steps or cfg.said_steps
     import torch
 
     from ..core.model import DeltaModel
@@ -89,13 +99,13 @@ def said_measure(cfg, store: Store, workdir, task: str, tokenizer, reference: fl
         dm = DeltaModel(backbone)
         dm.add("said", get_config("said", dim=d, targets=("attn.q", "attn.v"), seed=cfg.seed))
         train = TrainConfig(
-            max_steps=cfg.said_steps, batch_size=cfg.batch_size, max_length=cfg.max_length,
+            max_steps=steps, batch_size=cfg.batch_size, max_length=cfg.max_length,
             eval_every=cfg.eval_every, seed=cfg.seed, progress=False,
         )  # fmt: skip
         model, _ = fit(dm, tokenizer, data.task, (), train, train_head=False)
         score = _score(model, tokenizer, data, cfg)[data.task.primary_metric]
         store.put(
-            "subspace_intrinsic", task=task, d=d, score=score, reference=reference,
+            "subspace_intrinsic", task=task, d=d, steps=steps, score=score, reference=reference,
             ratio=score / reference if reference else None, seconds=time.perf_counter() - start,
         )  # fmt: skip
         return score

@@ -27,6 +27,8 @@ from .store import Store
 
 SINGLE = "unified-{task}"
 MULTI = "unified-multi"
+SCRATCH_SINGLE = "scratch-{task}"  # the same, with projections trained from scratch (`find --init random`)
+SCRATCH_MULTI = "scratch-multi"
 
 
 class Study:
@@ -88,15 +90,24 @@ class Study:
     def collect(self, tasks: list[str] | None = None) -> None:
         collect(self.cfg, self.store, self.workdir, tasks, self.tokenizer, self.make_backbone)
 
-    def find(self, tasks: list[str] | None = None, single: bool = True, multi: bool = True) -> None:
-        """Single-task subspaces (one per task) and the multi-task one with its PCA and random baselines."""
+    def find(
+        self, tasks: list[str] | None = None, single: bool = True, multi: bool = True, init: str = "joint"
+    ) -> None:
+        """Single-task subspaces (one per task) and the multi-task one with its PCA and random baselines.
+
+        `init="random"` trains the projections from scratch into `scratch-*` spaces, beside the warm-started
+        `unified-*` ones, so both can be optimized and reported from one set of solutions.
+        """
         from .baselines import pca_space, random_space
         from .find import find_unified
 
         cfg = self.cfg
-        jobs = [(SINGLE.format(task=t), [t], cfg.find_steps) for t in (tasks or cfg.tasks)] if single else []
+        scratch = init == "random"
+        one, many = (SCRATCH_SINGLE, SCRATCH_MULTI) if scratch else (SINGLE, MULTI)
+        per_task = cfg.scratch_find_steps if scratch else cfg.find_steps
+        jobs = [(one.format(task=t), [t], per_task) for t in (tasks or cfg.tasks)] if single else []
         if multi and cfg.unseen:
-            jobs.append((MULTI, cfg.seen, cfg.find_steps * len(cfg.seen)))
+            jobs.append((many, cfg.seen, per_task * len(cfg.seen)))
         for name, on, steps in tqdm(jobs, desc="find", dynamic_ncols=True):
             if self.store.has("subspace_spaces", name=name):
                 continue
@@ -104,7 +115,7 @@ class Study:
             space = find_unified(
                 self.bank, self.solutions(on), {t: self.data(t) for t in on}, {t: self.head(t) for t in on},
                 name=name, d=cfg.d, hidden=cfg.hidden, steps=steps, alpha=cfg.alpha, batch_size=cfg.batch_size,
-                seed=cfg.seed, log=log,
+                seed=cfg.seed, init=init, log=log,
             )  # fmt: skip
             space.meta["log"] = log
             self._put_space(space, time.perf_counter() - start)
@@ -119,7 +130,11 @@ class Study:
         """(space, task, method): single-task subspaces on their own task, multi-task ones on unseen tasks."""
         cfg, chosen = self.cfg, tasks or self.cfg.tasks
         jobs = [(SINGLE.format(task=t), t, m) for t in chosen for m in cfg.methods]
-        for name in (MULTI, "pca", "random") if cfg.unseen else ():
+        found = {r["name"] for r in self.store.rows("subspace_spaces")}
+        jobs += [(SCRATCH_SINGLE.format(task=t), t, m) for t in chosen if SCRATCH_SINGLE.format(task=t) in found
+                 for m in cfg.methods]  # fmt: skip
+        multis = (MULTI, "pca", "random", *((SCRATCH_MULTI,) if SCRATCH_MULTI in found else ()))
+        for name in multis if cfg.unseen else ():
             jobs += [(name, t, m) for t in cfg.unseen if t in chosen for m in cfg.methods]
         return jobs
 
@@ -145,7 +160,8 @@ class Study:
     def transfer(self, tasks: list[str] | None = None) -> None:
         from .optimize import transfer_scores
 
-        jobs = [j for j in self.optimize_jobs(tasks) if _space_kind(j[0]) in ("single", "multi")]
+        learned = ("single", "multi", "scratch-single", "scratch-multi")
+        jobs = [j for j in self.optimize_jobs(tasks) if _space_kind(j[0]) in learned]
         for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
             row = self.store.one("subspace_results", space=name, stage="optimize", task=task, method=source)
             if row is None or self.store.has(
@@ -161,26 +177,38 @@ class Study:
                     score=score, original=original, ratio=score / original, meta={"z": z.tolist()},
                 )  # fmt: skip
 
-    def intrinsic(self, tasks: list[str] | None = None) -> None:
+    def intrinsic(self, tasks: list[str] | None = None, steps: int | None = None, d_max: int | None = None) -> None:
+        """d90 per task. `steps` and `d_max` override the study's for a longer search over the same solutions;
+        runs are stored with their step budget, so searches at different budgets never mix."""
         from .intrinsic import said_measure, search_d90
 
         cfg = self.cfg
+        steps, d_max = steps or cfg.said_steps, d_max or cfg.d_max
         for task in tqdm(tasks or cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
             reference = max(self.original(task, m) for m in cfg.methods)
             baseline = self.original(task, "head")
             if reference <= baseline:
                 print(f"{task}: no method beat the fixed head ({baseline:.3f}); d90 is undefined, skipped")
                 continue
-            known = {r["d"]: r["score"] for r in self.store.rows("subspace_intrinsic", task=task)}
-            measure = said_measure(cfg, self.store, self.workdir, task, self.tokenizer, reference, self.make_backbone)
-            search_d90(measure, reference, baseline, d_max=cfg.d_max, known=known)
+            known = {
+                r["d"]: r["score"]
+                for r in self.store.rows("subspace_intrinsic", task=task)
+                if (r["steps"] or cfg.said_steps) == steps  # NULL: stored before budgets were recorded
+            }
+            measure = said_measure(
+                cfg, self.store, self.workdir, task, self.tokenizer, reference, self.make_backbone, steps
+            )
+            search_d90(measure, reference, baseline, d_max=d_max, known=known)
 
 
 def _space_kind(name: str) -> str:
-    """single (unified-<task>), multi (unified-multi), pca or random: what `--spaces` selects."""
-    if name == MULTI:
-        return "multi"
-    return "single" if name.startswith("unified-") else name
+    """What `--spaces` selects: single (unified-<task>), multi (unified-multi), their from-scratch
+    counterparts scratch-single (scratch-<task>) and scratch-multi, pca or random."""
+    if name in (MULTI, SCRATCH_MULTI):
+        return name.replace("unified-", "")
+    if name.startswith("unified-"):
+        return "single"
+    return "scratch-single" if name.startswith("scratch-") else name
 
 
 def landscape(study: Study, task: str, method: str = "lora", n: int = 5, examples: int = 64) -> dict:

@@ -36,22 +36,29 @@ def main_table(store: Store, methods: list[str]) -> list[list[str]]:
                 out[r["method"]].append(r["ratio"])
         return out
 
+    def single(prefix: str, stage: str):  # noqa: ANN202
+        return lambda r: r["stage"] == stage and r["space"].startswith(prefix) and not r["space"].endswith("-multi")
+
+    def space(name: str, stage: str):  # noqa: ANN202
+        return lambda r: r["stage"] == stage and r["space"] == name
+
     settings = [
-        ("Subspace optimization, single-task (seen)", "single",
-         lambda r: r["stage"] == "optimize" and r["space"].startswith("unified-") and r["space"] != "unified-multi"),
-        ("Cross-method transfer, single-task", "transfer",
-         lambda r: r["stage"] == "transfer" and r["space"] != "unified-multi"),
-        ("Multi-task subspace, unseen tasks", "multi",
-         lambda r: r["stage"] == "optimize" and r["space"] == "unified-multi"),
-        ("Multi-task cross-method transfer, unseen", "multi-transfer",
-         lambda r: r["stage"] == "transfer" and r["space"] == "unified-multi"),
-        ("PCA subspace (same d), unseen tasks", None, lambda r: r["stage"] == "optimize" and r["space"] == "pca"),
-        ("Random Fastfood subspace (same d), unseen", None,
-         lambda r: r["stage"] == "optimize" and r["space"] == "random"),
-    ]  # fmt: skip
+        ("Subspace optimization, single-task (seen)", "single", single("unified-", "optimize")),
+        ("Cross-method transfer, single-task", "transfer", single("unified-", "transfer")),
+        ("Multi-task subspace, unseen tasks", "multi", space("unified-multi", "optimize")),
+        ("Multi-task cross-method transfer, unseen", "multi-transfer", space("unified-multi", "transfer")),
+        ("From-scratch projections: optimization, single-task (seen)", "single", single("scratch-", "optimize")),
+        ("From-scratch projections: transfer, single-task", "transfer", single("scratch-", "transfer")),
+        ("From-scratch projections: multi-task, unseen tasks", "multi", space("scratch-multi", "optimize")),
+        ("From-scratch projections: multi-task transfer, unseen", "multi-transfer", space("scratch-multi", "transfer")),
+        ("PCA subspace (same d), unseen tasks", None, space("pca", "optimize")),
+        ("Random Fastfood subspace (same d), unseen", None, space("random", "optimize")),
+    ]
     table = [["setting", *methods, "avg", "paper avg"]]
     for label, paper, select in settings:
         found = ratios(select)
+        if not found and label.startswith("From-scratch"):
+            continue  # `find --init random` was not run
         every = [v for m in methods for v in found.get(m, [])]
         paper_avg = PAPER.get(paper or "", {}).get("avg")
         table.append([label, *(_cell(found.get(m, [])) for m in methods), _cell(every),
@@ -87,6 +94,7 @@ def gain_table(store: Store, methods: list[str]) -> list[list[str]]:
     heads = {r["task"]: r["score"] for r in store.rows("subspace_solutions", method="head")}
     settings = [("Multi-task subspace, unseen tasks", "unified-multi", "optimize"),
                 ("Multi-task cross-method transfer, unseen", "unified-multi", "transfer"),
+                ("From-scratch projections: multi-task, unseen", "scratch-multi", "optimize"),
                 ("PCA subspace (same d), unseen tasks", "pca", "optimize"),
                 ("Random Fastfood subspace (same d), unseen", "random", "optimize")]  # fmt: skip
     table = [["setting", *methods, "avg"]]
@@ -104,10 +112,13 @@ def gain_table(store: Store, methods: list[str]) -> list[list[str]]:
 def task_table(store: Store, methods: list[str]) -> list[list[str]]:
     sols = {(r["task"], r["method"]): r for r in store.rows("subspace_solutions")}
     tasks = list(dict.fromkeys(t for t, _ in sols))
-    intrinsic: dict[str, dict[int, float]] = defaultdict(dict)
+    budgets: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in store.rows("subspace_intrinsic"):
-        intrinsic[r["task"]][r["d"]] = r["score"]
-    table = [["task", "metric", "head only", *methods, "SAID runs (d: score)", "d90"]]
+        budgets[r["task"]][r["steps"] or 0][r["d"]] = r["score"]
+    # d90 at each task's largest step budget (runs at other budgets are listed, not mixed in)
+    intrinsic = {t: b[max(b)] for t, b in budgets.items()}
+    steps = {t: max(b) for t, b in budgets.items()}
+    table = [["task", "metric", "head only", *methods, "SAID runs (d: score)", "steps", "d90"]]
     for t in tasks:
         scores = [sols[(t, m)]["score"] for m in methods if (t, m) in sols]
         head = sols.get((t, "head"), {}).get("score")
@@ -117,6 +128,7 @@ def task_table(store: Store, methods: list[str]) -> list[list[str]]:
             f"{head:.3f}" if head is not None else "-",
             *(f"{sols[(t, m)]['score']:.3f}" if (t, m) in sols else "-" for m in methods),
             ", ".join(f"{d}: {s:.3f}" for d, s in sorted(runs.items())) or "-",
+            str(steps[t] or "?") if t in steps else "-",
             _d90(runs, max(scores) if scores else None, head),
         ])  # fmt: skip
     return table
@@ -135,7 +147,7 @@ def _d90(runs: dict[int, float], reference: float | None, head: float | None) ->
 def transfer_matrix(store: Store, methods: list[str], single: bool = True) -> list[list[str]]:
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in store.rows("subspace_results", stage="transfer"):
-        if (r["space"] != "unified-multi") == single:
+        if r["space"].startswith("unified-") and (r["space"] != "unified-multi") == single:
             cells[(r["source"], r["method"])].append(r["ratio"])
     table = [["found through \\ used through", *methods]]
     for s in methods:

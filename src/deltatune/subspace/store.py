@@ -29,8 +29,8 @@ SCHEMA = {
         "meta TEXT, created REAL, PRIMARY KEY (space, stage, task, method, source)"
     ),
     "subspace_intrinsic": (
-        "task TEXT, d INTEGER, score REAL, reference REAL, ratio REAL, seconds REAL, created REAL, "
-        "PRIMARY KEY (task, d)"
+        "task TEXT, d INTEGER, score REAL, reference REAL, ratio REAL, seconds REAL, created REAL, steps INTEGER, "
+        "PRIMARY KEY (task, d, steps)"
     ),
 }
 JSON_COLUMNS = {"meta", "tasks", "methods"}
@@ -45,6 +45,7 @@ class Store:
         with self._connect() as db:
             for table, columns in SCHEMA.items():
                 db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+            _migrate(db)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -82,6 +83,18 @@ class Store:
 
     def has(self, table: str, **where: Any) -> bool:
         return bool(self.rows(table, **where))
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Stores written before SAID runs recorded their step budget: rebuild that table with `steps` (NULL = unknown)."""
+    columns = [r[1] for r in db.execute("PRAGMA table_info(subspace_intrinsic)")]
+    if "steps" in columns:
+        return
+    db.execute("ALTER TABLE subspace_intrinsic RENAME TO subspace_intrinsic_old")
+    db.execute(f"CREATE TABLE subspace_intrinsic ({SCHEMA['subspace_intrinsic']})")
+    old = ", ".join(columns)
+    db.execute(f"INSERT INTO subspace_intrinsic ({old}) SELECT {old} FROM subspace_intrinsic_old")
+    db.execute("DROP TABLE subspace_intrinsic_old")
 
 
 def _check_table(table: str) -> None:
