@@ -122,17 +122,24 @@ def _planted(tokenizer, d: int, n_tasks: int, seed: int = 0):  # noqa: ANN001, A
     return bank, solutions, planted
 
 
-def test_finding_recovers_a_planted_subspace(tokenizer, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+@pytest.fixture
+def planted_study(tokenizer, tmp_path: Path, monkeypatch):  # noqa: ANN001, ANN201
+    """Five toy tasks whose solutions of every method lie in one planted 3-dim space, with their data and heads."""
     from deltatune.subspace.config import StudyConfig, task_data
 
     monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path))
-    d, n_tasks = 3, 5
-    bank, solutions, planted = _planted(tokenizer, d, n_tasks)
-    for t in range(n_tasks):
+    bank, solutions, planted = _planted(tokenizer, 3, 5)
+    for t in range(5):
         write_task(tmp_path, f"t{t}", seed=t)
     cfg = StudyConfig(k_shot=8, n_eval=8, max_length=16)
-    data = {f"t{t}": task_data(f"t{t}", cfg) for t in range(n_tasks)}
+    data = {f"t{t}": task_data(f"t{t}", cfg) for t in range(5)}
     heads = {t: {n: p.detach() for n, p in tiny_bert(tokenizer).named_parameters() if "classifier" in n} for t in data}
+    return bank, solutions, planted, data, heads
+
+
+def test_finding_recovers_a_planted_subspace(planted_study) -> None:  # noqa: ANN001
+    bank, solutions, planted, data, heads = planted_study
+    d, n_tasks = 3, 5
     log: list = []
     space = find_unified(bank, solutions, data, heads, name="planted", d=d, hidden=8, steps=8, batch_size=8, log=log)
     assert len(log) == 8 and all(r["task_loss"] > 0 for r in log)
@@ -153,18 +160,10 @@ def test_finding_recovers_a_planted_subspace(tokenizer, tmp_path: Path, monkeypa
         assert torch.linalg.norm(q - basis @ (basis.T @ q)) / torch.linalg.norm(q) > 0.9
 
 
-def test_projections_trained_from_scratch_find_a_planted_subspace(tokenizer, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_projections_trained_from_scratch_find_a_planted_subspace(planted_study) -> None:  # noqa: ANN001
     """No warm start: random orthonormal up-projections and default down-projections, trained by the loss alone."""
-    from deltatune.subspace.config import StudyConfig, task_data
-
-    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path))
-    d, n_tasks = 3, 5
-    bank, solutions, planted = _planted(tokenizer, d, n_tasks)
-    for t in range(n_tasks):
-        write_task(tmp_path, f"t{t}", seed=t)
-    cfg = StudyConfig(k_shot=8, n_eval=8, max_length=16)
-    data = {f"t{t}": task_data(f"t{t}", cfg) for t in range(n_tasks)}
-    heads = {t: {n: p.detach() for n, p in tiny_bert(tokenizer).named_parameters() if "classifier" in n} for t in data}
+    bank, solutions, planted, data, heads = planted_study
+    d = 3
     with pytest.raises(ValueError, match="unknown init 'pca'; choose from joint, random"):
         find_unified(bank, solutions, data, heads, name="x", d=d, hidden=8, steps=1, init="pca")
     log: list = []
