@@ -78,7 +78,13 @@ def _spec(world: dict[str, str], **over: object) -> dict:
 # ----------------------------------------------------------------------------- the spec
 
 
-def test_spec_errors_name_the_field_and_the_fix(world: dict[str, str]) -> None:
+def test_spec_errors_name_the_field_and_the_fix(
+    world: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deltatune.backbones as backbones
+
+    monkeypatch.setattr(backbones, "_find_part", lambda *_: None)  # as on a machine without the MPNet wheels
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
     cases = [
         ({"methds": {}}, "did you mean 'methods'"),
         ({"methods": {"lora": {"rank": 4}}}, "methods.lora.lora: no setting 'rank'; its settings:"),
