@@ -28,3 +28,11 @@ wait
 DT report --out results/subspace > $W/report.log 2>&1
 cp $W/landscape/*.png results/subspace/ 2>/dev/null
 echo "done: results/subspace/report.md"
+
+# Round 2 (session 4): projections trained from scratch (scratch-* spaces, 150 finding steps per task)
+# beside the warm-started ones, and the intrinsic-dimension search at 100 SAID steps up to d = 4096.
+DT find --init random > $W/scratch.log 2>&1 \
+  && DT optimize --spaces scratch-single,scratch-multi >> $W/scratch.log 2>&1 \
+  && DT transfer >> $W/scratch.log 2>&1
+DT intrinsic-dim --said-steps 100 --d-max 4096 > $W/intrinsic-100.log 2>&1
+DT report --out results/subspace > $W/report.log 2>&1
