@@ -74,10 +74,9 @@ def said_measure(
     tokenizer,
     reference: float,
     make_backbone,
-    steps: int | None = None,  # noqa: ANN001
+    steps: int,
 ) -> Measure:
-    """A function d -> score that trains SAID at dimension d for `steps` (default the study's) and stores the run."""
-    steps = steps or cfg.said_steps
+    """A function d -> score that trains SAID at dimension d for `steps` and stores the run with that budget."""
     import torch
 
     from ..core.model import DeltaModel

@@ -22,13 +22,8 @@ from tqdm.auto import tqdm
 from .collect import Solution, backbone_for, collect, load_head, load_solution
 from .config import StudyConfig, TaskData, task_data
 from .functional import Bank
-from .space import Space, space_path
+from .space import MULTI, SCRATCH_MULTI, SCRATCH_SINGLE, SINGLE, Space, space_kind, space_path
 from .store import Store
-
-SINGLE = "unified-{task}"
-MULTI = "unified-multi"
-SCRATCH_SINGLE = "scratch-{task}"  # the same, with projections trained from scratch (`find --init random`)
-SCRATCH_MULTI = "scratch-multi"
 
 
 class Study:
@@ -142,7 +137,7 @@ class Study:
         from .optimize import optimize_vector
 
         cfg = self.cfg
-        jobs = [j for j in self.optimize_jobs(tasks) if spaces is None or _space_kind(j[0]) in spaces]
+        jobs = [j for j in self.optimize_jobs(tasks) if spaces is None or space_kind(j[0]) in spaces]
         for name, task, method in tqdm(jobs, desc="optimize", dynamic_ncols=True):
             if self.store.has("subspace_results", space=name, stage="optimize", task=task, method=method):
                 continue
@@ -161,7 +156,7 @@ class Study:
         from .optimize import transfer_scores
 
         learned = ("single", "multi", "scratch-single", "scratch-multi")
-        jobs = [j for j in self.optimize_jobs(tasks) if _space_kind(j[0]) in learned]
+        jobs = [j for j in self.optimize_jobs(tasks) if space_kind(j[0]) in learned]
         for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
             row = self.store.one("subspace_results", space=name, stage="optimize", task=task, method=source)
             if row is None or self.store.has(
@@ -201,16 +196,6 @@ class Study:
             search_d90(measure, reference, baseline, d_max=d_max, known=known)
 
 
-def _space_kind(name: str) -> str:
-    """What `--spaces` selects: single (unified-<task>), multi (unified-multi), their from-scratch
-    counterparts scratch-single (scratch-<task>) and scratch-multi, pca or random."""
-    if name in (MULTI, SCRATCH_MULTI):
-        return name.replace("unified-", "")
-    if name.startswith("unified-"):
-        return "single"
-    return "scratch-single" if name.startswith("scratch-") else name
-
-
 def landscape(study: Study, task: str, method: str = "lora", n: int = 5, examples: int = 64) -> dict:
     """Plane and paths in the subspace `task` was optimized in; JSON and PNG under <workdir>/landscape/.
 
@@ -222,9 +207,10 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
 
     name = MULTI if task in study.cfg.unseen and study.cfg.unseen else SINGLE.format(task=task)
     space, data, head = study.space(name), study.data(task), study.head(task)
-    rows = {r["method"]: r for r in study.store.rows("subspace_results", space=name, stage="optimize", task=task)}
-    points = {m: torch.tensor(rows[m]["meta"]["z"]) for m in space.methods if m in rows}
-    if name != MULTI:
+    if name == MULTI:
+        rows = {r["method"]: r for r in study.store.rows("subspace_results", space=name, stage="optimize", task=task)}
+        points = {m: torch.tensor(rows[m]["meta"]["z"]) for m in space.methods if m in rows}
+    else:
         points = {m: space.vectors[(task, m)] for m in space.methods if (task, m) in space.vectors}
     if method not in points:
         raise ValueError(f"method {method!r} has no vector for {task!r} in {name}; run `optimize` first")

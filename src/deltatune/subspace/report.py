@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from .space import MULTI, SCRATCH_MULTI, space_kind
 from .store import Store
 
 PAPER = {  # Yi et al., % of the original method's performance (T5-base, 1,105,920-number solutions)
@@ -36,23 +37,24 @@ def main_table(store: Store, methods: list[str]) -> list[list[str]]:
                 out[r["method"]].append(r["ratio"])
         return out
 
-    def single(prefix: str, stage: str):  # noqa: ANN202
-        return lambda r: r["stage"] == stage and r["space"].startswith(prefix) and not r["space"].endswith("-multi")
-
-    def space(name: str, stage: str):  # noqa: ANN202
-        return lambda r: r["stage"] == stage and r["space"] == name
+    def rows_of(kind: str, stage: str):  # noqa: ANN202
+        return lambda r: r["stage"] == stage and space_kind(r["space"]) == kind
 
     settings = [
-        ("Subspace optimization, single-task (seen)", "single", single("unified-", "optimize")),
-        ("Cross-method transfer, single-task", "transfer", single("unified-", "transfer")),
-        ("Multi-task subspace, unseen tasks", "multi", space("unified-multi", "optimize")),
-        ("Multi-task cross-method transfer, unseen", "multi-transfer", space("unified-multi", "transfer")),
-        ("From-scratch projections: optimization, single-task (seen)", "single", single("scratch-", "optimize")),
-        ("From-scratch projections: transfer, single-task", "transfer", single("scratch-", "transfer")),
-        ("From-scratch projections: multi-task, unseen tasks", "multi", space("scratch-multi", "optimize")),
-        ("From-scratch projections: multi-task transfer, unseen", "multi-transfer", space("scratch-multi", "transfer")),
-        ("PCA subspace (same d), unseen tasks", None, space("pca", "optimize")),
-        ("Random Fastfood subspace (same d), unseen", None, space("random", "optimize")),
+        ("Subspace optimization, single-task (seen)", "single", rows_of("single", "optimize")),
+        ("Cross-method transfer, single-task", "transfer", rows_of("single", "transfer")),
+        ("Multi-task subspace, unseen tasks", "multi", rows_of("multi", "optimize")),
+        ("Multi-task cross-method transfer, unseen", "multi-transfer", rows_of("multi", "transfer")),
+        ("From-scratch projections: optimization, single-task (seen)", "single", rows_of("scratch-single", "optimize")),
+        ("From-scratch projections: transfer, single-task", "transfer", rows_of("scratch-single", "transfer")),
+        ("From-scratch projections: multi-task, unseen tasks", "multi", rows_of("scratch-multi", "optimize")),
+        (
+            "From-scratch projections: multi-task transfer, unseen",
+            "multi-transfer",
+            rows_of("scratch-multi", "transfer"),
+        ),
+        ("PCA subspace (same d), unseen tasks", None, rows_of("pca", "optimize")),
+        ("Random Fastfood subspace (same d), unseen", None, rows_of("random", "optimize")),
     ]
     table = [["setting", *methods, "avg", "paper avg"]]
     for label, paper, select in settings:
@@ -63,7 +65,7 @@ def main_table(store: Store, methods: list[str]) -> list[list[str]]:
         paper_avg = PAPER.get(paper or "", {}).get("avg")
         table.append([label, *(_cell(found.get(m, [])) for m in methods), _cell(every),
                       f"{paper_avg:.1f}" if paper_avg else "-"])  # fmt: skip
-    unseen = {r["task"] for r in rows if r["space"] == "unified-multi"}
+    unseen = {r["task"] for r in rows if r["space"] == MULTI}
     for label, tasks in (
         ("The fixed task head alone, all tasks", None),
         ("The fixed task head alone, unseen tasks", unseen),
@@ -92,9 +94,9 @@ def gain_table(store: Store, methods: list[str]) -> list[list[str]]:
     not. Pairs whose solution did not beat the head are left out (the share is undefined there).
     """
     heads = {r["task"]: r["score"] for r in store.rows("subspace_solutions", method="head")}
-    settings = [("Multi-task subspace, unseen tasks", "unified-multi", "optimize"),
-                ("Multi-task cross-method transfer, unseen", "unified-multi", "transfer"),
-                ("From-scratch projections: multi-task, unseen", "scratch-multi", "optimize"),
+    settings = [("Multi-task subspace, unseen tasks", MULTI, "optimize"),
+                ("Multi-task cross-method transfer, unseen", MULTI, "transfer"),
+                ("From-scratch projections: multi-task, unseen", SCRATCH_MULTI, "optimize"),
                 ("PCA subspace (same d), unseen tasks", "pca", "optimize"),
                 ("Random Fastfood subspace (same d), unseen", "random", "optimize")]  # fmt: skip
     table = [["setting", *methods, "avg"]]
@@ -147,7 +149,7 @@ def _d90(runs: dict[int, float], reference: float | None, head: float | None) ->
 def transfer_matrix(store: Store, methods: list[str], single: bool = True) -> list[list[str]]:
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in store.rows("subspace_results", stage="transfer"):
-        if r["space"].startswith("unified-") and (r["space"] != "unified-multi") == single:
+        if space_kind(r["space"]) == ("single" if single else "multi"):
             cells[(r["source"], r["method"])].append(r["ratio"])
     table = [["found through \\ used through", *methods]]
     for s in methods:

@@ -77,6 +77,23 @@ def space_path(workdir: str | os.PathLike, name: str) -> Path:
     return Path(workdir) / "spaces" / f"{name}.safetensors"
 
 
+# How the pipeline names the subspaces it finds; `space_kind` is the one place that reads a name back.
+SINGLE = "unified-{task}"
+MULTI = "unified-multi"
+SCRATCH_SINGLE = "scratch-{task}"  # the same, with projections trained from scratch (`find --init random`)
+SCRATCH_MULTI = "scratch-multi"
+
+
+def space_kind(name: str) -> str:
+    """What `--spaces` selects and the report groups by: single (unified-<task>), multi (unified-multi),
+    their from-scratch counterparts scratch-single (scratch-<task>) and scratch-multi, pca or random."""
+    if name in (MULTI, SCRATCH_MULTI):
+        return name.replace("unified-", "")
+    if name.startswith("unified-"):
+        return "single"
+    return "scratch-single" if name.startswith("scratch-") else name
+
+
 def orthonormal_completion(basis: torch.Tensor, d: int, seed: int) -> torch.Tensor:
     """`basis` (D, k) with orthonormal columns, completed to d columns by random orthonormal directions."""
     D, k = basis.shape
