@@ -248,9 +248,9 @@ def test_two_cli_runs_with_one_seed_log_the_same_metrics(tmp_path: Path, tokeniz
 
 def test_a_capped_dev_set_is_a_random_sample_not_the_first_rows() -> None:
     """Task files sorted by label would otherwise be evaluated on one class only."""
-    from deltatune.train.trainer import _eval_sample
+    from deltatune.train.trainer import eval_sample
 
     rows = [0] * 100 + [1] * 100
-    sample = _eval_sample(rows, 20)
+    sample = eval_sample(rows, 20)
     assert len(sample) == 20 and 0 < sum(sample) < 20
-    assert _eval_sample(rows, 20) == sample and _eval_sample(rows, None) == rows
+    assert eval_sample(rows, 20) == sample and eval_sample(rows, None) == rows

@@ -93,26 +93,24 @@ def _load_task(name: str, cap: int | None) -> Any:
     Not the first `cap` rows: several files of the collection are sorted by label (mr, subj, mpqa, the
     test split of cr), and their first 150 rows are a single class.
     """
-    import random
-
     from ..data.tasks import load_task
+    from ..train.trainer import eval_sample
 
     task = load_task(name)
     if cap is None:
         return task
     splits = dict(task.splits)
     for split in ("dev", "test"):
-        if split in splits and len(splits[split]) > cap:
-            splits[split] = random.Random(0).sample(splits[split], cap)
+        if split in splits:
+            splits[split] = eval_sample(list(splits[split]), cap)
     return dataclasses.replace(task, splits=splits)
 
 
 def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     """The run itself: through train.run.run, or through fit when it starts from another task's delta."""
-    from ..data.fewshot import few_shot
     from ..data.tasks import load_task
     from ..methods import get_config
-    from ..train.run import RunSpec, load_for_task, run
+    from ..train.run import RunSpec, load_for_task, run, training_examples
     from ..train.trainer import TrainConfig, fit
 
     train_cfg = TrainConfig(**{"progress": False, **job["train"]})
@@ -132,13 +130,7 @@ def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     )
     if not job.get("init_from"):
         return run(spec)
-    train = task["train"]
-    if spec.k_shot is not None:
-        train = few_shot(train, spec.k_shot, seed=train_cfg.seed)
-    elif spec.max_train is not None:
-        import random
-
-        train = random.Random(train_cfg.seed).sample(list(train), min(spec.max_train, len(train)))
+    train = training_examples(task, spec.k_shot, spec.max_train, train_cfg.seed)
     source = load_task(job["source_task"], splits=("dev",))
     model, tokenizer, _ = load_for_task(job["model"], task, seed=train_cfg.seed)
     same = source.labels == task.labels and source.type == task.type

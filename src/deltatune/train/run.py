@@ -75,15 +75,21 @@ def load_for_task(model_name: str, task: Task, seed: int | None = None) -> tuple
     return model, tokenizer, lm
 
 
-def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
-    task = spec.task if isinstance(spec.task, Task) else load_task(spec.task)
+def training_examples(task: Task, k_shot: int | None, max_train: int | None, seed: int) -> list:
+    """The training split, or its k-shot sample per class, or a random subset of `max_train` (seeded)."""
     train = task["train"]
-    if spec.k_shot is not None:
-        train = few_shot(train, spec.k_shot, seed=spec.train.seed)
-    elif spec.max_train is not None:
+    if k_shot is not None:
+        return few_shot(train, k_shot, seed=seed)
+    if max_train is not None:
         import random
 
-        train = random.Random(spec.train.seed).sample(list(train), min(spec.max_train, len(train)))
+        return random.Random(seed).sample(list(train), min(max_train, len(train)))
+    return train
+
+
+def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
+    task = spec.task if isinstance(spec.task, Task) else load_task(spec.task)
+    train = training_examples(task, spec.k_shot, spec.max_train, spec.train.seed)
     model, tokenizer, _ = load_for_task(spec.model, task, seed=spec.train.seed)
     model, result = fit(
         model,

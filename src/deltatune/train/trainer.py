@@ -100,8 +100,8 @@ def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, **({"fused": True} if fused else {"foreach": True}), **kwargs)
 
 
-def _eval_sample(examples: list[Example], cap: int | None) -> list[Example]:
-    """At most `cap` dev examples, drawn at random (seed 0) in file order.
+def eval_sample(examples: list[Example], cap: int | None) -> list[Example]:
+    """At most `cap` evaluation examples, drawn at random (seed 0: the same for every run) in file order.
 
     Several task files are sorted by label: their first rows are all one class, so a cap that took
     the first rows would evaluate on one class only.
@@ -195,7 +195,7 @@ def fit(
     total = sum(p.numel() for p in (dm.backbone if dm is not None else model).parameters())
 
     train = list(train_examples if train_examples is not None else task["train"])
-    dev = _eval_sample(list(dev_examples if dev_examples is not None else task["dev"]), cfg.max_eval)
+    dev = eval_sample(list(dev_examples if dev_examples is not None else task["dev"]), cfg.max_eval)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         train, batch_size=cfg.batch_size, shuffle=True, collate_fn=head.collate, generator=generator
