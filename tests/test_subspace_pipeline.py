@@ -46,6 +46,15 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     torch.set_num_threads(threads)
 
 
+def _key(row: dict) -> tuple:
+    return row["space"], row["stage"], row["task"], row["method"], row["source"]
+
+
+def _results(study: Study) -> dict[tuple, float]:
+    """Every result row's key -> when it was written: a stage that redoes work rewrites `created`."""
+    return {_key(r): r["created"] for r in study.store.rows("subspace_results")}
+
+
 def test_every_stage_writes_its_rows(study: Study) -> None:
     store, methods = study.store, study.cfg.methods
     solutions = store.rows("subspace_solutions")
@@ -74,15 +83,13 @@ def test_a_solution_vector_scores_as_collected_through_the_bank(study: Study) ->
 
 
 def test_stages_resume_without_redoing_finished_work(study: Study) -> None:
-    before = {(r["space"], r["stage"], r["task"], r["method"], r["source"]): r["created"]
-              for r in study.store.rows("subspace_results")}  # fmt: skip
+    before = _results(study)
     spaces = {r["name"]: r["created"] for r in study.store.rows("subspace_spaces")}
     study.collect()
     study.find()
     study.optimize()
     study.transfer()
-    after = {(r["space"], r["stage"], r["task"], r["method"], r["source"]): r["created"]
-             for r in study.store.rows("subspace_results")}  # fmt: skip
+    after = _results(study)
     assert after == before
     assert {r["name"]: r["created"] for r in study.store.rows("subspace_spaces")} == spaces
 
@@ -118,8 +125,7 @@ def test_cli_refuses_to_resume_a_study_with_other_settings(study: Study, capsys:
 
 
 def test_projections_trained_from_scratch_form_their_own_spaces(study: Study, tmp_path: Path) -> None:
-    before = {(r["space"], r["stage"], r["task"], r["method"], r["source"]): r["created"]
-              for r in study.store.rows("subspace_results")}  # fmt: skip
+    before = _results(study)
     study.cfg.scratch_find_steps = 3
     study.find(init="random")
     spaces = {r["name"]: r for r in study.store.rows("subspace_spaces")}
@@ -132,7 +138,7 @@ def test_projections_trained_from_scratch_form_their_own_spaces(study: Study, tm
     study.optimize()
     study.transfer()
     rows = study.store.rows("subspace_results")
-    new = [r for r in rows if (r["space"], r["stage"], r["task"], r["method"], r["source"]) not in before]
+    new = [r for r in rows if _key(r) not in before]
     methods = len(study.cfg.methods)
     assert {r["space"] for r in new} == scratch  # nothing that was done is redone
     assert sum(r["stage"] == "optimize" for r in new) == (3 + 1) * methods
