@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import conventions
 from .delta import Delta, DeltaConfig, DeltaError
 from .routing import RoutingError, RowIds, routes_for, row_names
 from .targeting import head_names
@@ -27,7 +28,9 @@ def _check_name(name: str) -> None:
 class DeltaModel(nn.Module):
     """A transformers model with any number of named deltas attached.
 
-    Calling it, `generate()`, `.config` and every other attribute behave as on the backbone.
+    Calling it, `generate()`, `.config` and every other attribute behave as on the backbone, except
+    those that would save or rewrite the weights without the deltas (see `core.conventions`).
+    Its state (`state_dict()`) is what training changes: the deltas and the parameters that train.
     """
 
     def __init__(self, backbone: nn.Module) -> None:
@@ -38,6 +41,8 @@ class DeltaModel(nn.Module):
         self.deltas = nn.ModuleDict()
         self.train_head = False
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
+        self.__class__ = conventions.signed_class(type(self), type(backbone))  # Trainer reads the signature
+        conventions.register_state_hooks(self)
 
     # -- behaving as the backbone -------------------------------------------------------------
     def forward(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
@@ -136,6 +141,7 @@ class DeltaModel(nn.Module):
             backbone = self._modules.get("backbone")
             if backbone is None:
                 raise
+            conventions.refuse(name)
             return getattr(backbone, name)
 
     # -- managing deltas ----------------------------------------------------------------------
@@ -282,6 +288,19 @@ class DeltaModel(nn.Module):
         from .io import save_delta
 
         return save_delta(self, path, name, include_head=include_head, **metadata)
+
+    def save_pretrained(self, path: str, *, include_head: bool | None = None, is_main_process: bool = True) -> Any:
+        """Write every delta (and the head, when it trains) as deltatune delta folders; not the backbone."""
+        return conventions.save_pretrained(self, path, include_head) if is_main_process else None
+
+    @classmethod
+    def from_pretrained(cls, backbone: nn.Module, path: str, **kwargs: Any) -> DeltaModel:
+        """Attach the deltas `save_pretrained` (or `save_delta`) wrote to `backbone`."""
+        return conventions.from_pretrained(backbone, path, **kwargs)
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain backbone with every enabled delta merged in (PEFT's name); the deltas are gone."""
+        return conventions.merge_and_unload(self)
 
     def export_merged(self, path: str, tokenizer: Any = None) -> Any:
         """A plain transformers folder with every enabled delta merged in; loads without deltatune."""

@@ -1,0 +1,220 @@
+"""How a `DeltaModel` meets what tools built around transformers models take for granted.
+
+`transformers.Trainer` keeps the dataset columns, and finds the labels, by reading the forward
+signature of the model's class; whatever `state_dict()` returns is what it checkpoints and what
+`resume_from_checkpoint` loads back; users save with `save_pretrained` and load with
+`from_pretrained`. PEFT meets these because Trainer special-cases `PeftModel`; a DeltaModel meets
+them by itself, so a Trainer script runs unchanged:
+
+- its class (one per backbone class, cached) advertises the backbone's forward signature plus
+  `delta_ids`;
+- its state is what training changes: the deltas and the backbone parameters that train (the
+  task head when `train_head`). The frozen backbone weights come from where the backbone came
+  from, so a checkpoint is delta-sized, and loading a state without them is complete;
+- `save_pretrained`/`from_pretrained` write and read deltatune's own delta folders.
+
+Everything here knows the conventions, nothing knows a method.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+INDEX = "deltatune_model.json"
+INDEX_FORMAT = "deltatune.model/1"
+_CLASSES: dict[tuple[type, type], type] = {}
+
+# Backbone attributes that would persist or rewrite weights without the deltas, or inject another
+# library's adapters beside them: reaching them through a DeltaModel names the call to use instead.
+NOT_THROUGH_DELTAS = {
+    "push_to_hub": "would upload the backbone without its deltas; dm.save_pretrained(folder), then upload the folder",
+    "to_bettertransformer": "would swap the backbone's modules and lose the deltas; use the DeltaModel as it is",
+    "reverse_bettertransformer": "is not needed: a DeltaModel never swaps modules",
+    "load_adapter": "loads a PEFT adapter into the backbone beside the deltas; use deltatune.interop.import_peft",
+    "add_adapter": "injects PEFT layers into the backbone; add a delta with dm.add(name, config)",
+    "set_adapter": "switches PEFT adapters; use dm.set_active(names)",
+    "enable_adapters": "switches PEFT adapters; use dm.enable(name)",
+    "disable_adapters": "switches PEFT adapters; use dm.disable(name)",
+    "get_adapter_state_dict": "reads PEFT adapters; use dm.delta_state_dict(name)",
+    "unload": "is PEFT's; dm.detach() removes every delta and returns the backbone as it came",
+}
+
+
+def refuse(name: str) -> None:
+    """Raise the AttributeError that names the right call (hasattr() then answers False, as it should)."""
+    if name in NOT_THROUGH_DELTAS:
+        raise AttributeError(f"DeltaModel.{name}: the backbone's {name} {NOT_THROUGH_DELTAS[name]}")
+
+
+# -- the forward signature Trainer reads ------------------------------------------------------------
+def signed_class(cls: type, backbone_cls: type) -> type:
+    """A subclass of `cls` whose `forward` advertises `backbone_cls.forward`'s parameters plus `delta_ids`.
+
+    Trainer reads `type(model).forward` for the label names (`find_labels`) and `model.forward` for
+    the columns to keep, so the signature must live on the class; the real forward is unchanged.
+    """
+    key = (cls, backbone_cls)
+    if key in _CLASSES:
+        return _CLASSES[key]
+    try:
+        sig = inspect.signature(backbone_cls.forward)
+    except (TypeError, ValueError):  # a backbone without an inspectable forward: keep the generic one
+        return cls
+    params = list(sig.parameters.values())
+    if "delta_ids" not in sig.parameters:
+        extra = inspect.Parameter("delta_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, extra)
+    base_forward = cls.forward
+
+    @functools.wraps(base_forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return base_forward(self, *args, **kwargs)
+
+    forward.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    # the backbone's name in ours: Trainer tells question answering models by their class name
+    name = f"{cls.__name__}[{backbone_cls.__name__}]"
+    sub = type(name, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": name})
+    _CLASSES[key] = sub
+    return sub
+
+
+# -- state: what training changes -------------------------------------------------------------------
+def _trained(dm: DeltaModel) -> set[str]:
+    return {n for n, p in dm.backbone.named_parameters() if p.requires_grad}
+
+
+def register_state_hooks(dm: DeltaModel) -> None:
+    """`state_dict()` drops frozen backbone tensors; `load_state_dict` does not miss them."""
+
+    def drop_frozen(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        start = prefix + "backbone."
+        keep = _trained(dm)
+        for key in [k for k in state if k.startswith(start)]:
+            if key[len(start) :] not in keep:
+                del state[key]
+
+    prefixes: list[str] = []
+
+    def remember_prefix(module: nn.Module, state: Any, prefix: str, *args: Any) -> None:
+        prefixes.append(prefix)
+
+    def forgive_frozen(module: nn.Module, incompatible: Any) -> None:
+        start = (prefixes.pop() if prefixes else "") + "backbone."
+        keep = _trained(dm)
+        incompatible.missing_keys[:] = [
+            k for k in incompatible.missing_keys if not k.startswith(start) or k[len(start) :] in keep
+        ]
+
+    dm.register_state_dict_post_hook(drop_frozen)
+    dm.register_load_state_dict_pre_hook(remember_prefix)
+    dm.register_load_state_dict_post_hook(forgive_frozen)
+
+
+# -- save_pretrained / from_pretrained --------------------------------------------------------------
+def _place(src: Path, dest: Path) -> None:
+    """Move `src` to `dest`, replacing a file or folder there in one rename (the old one removed after)."""
+    if dest.is_dir() and not dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
+
+
+def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool | None = None) -> Path:
+    """Write every delta (and the task head) into `path`, beside whatever else is there (a tokenizer).
+
+    One delta: its folder is `path` itself (so `load_delta(path)` reads it too); several: one
+    subfolder per name. An index records names, order and which are enabled. Each file is written
+    complete under a temporary name and renamed into place; the index comes last.
+    """
+    from .io import META, WEIGHTS, delta_files
+
+    if not len(dm.deltas):
+        raise ValueError("this DeltaModel has no deltas to save; save the backbone itself with its save_pretrained")
+    include_head = dm.train_head if include_head is None else include_head
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    single = len(dm.deltas) == 1
+    entries = []
+    tmp = Path(tempfile.mkdtemp(prefix=".deltatune-tmp-", dir=path))
+    try:
+        for name, delta in dm.deltas.items():
+            folder = "." if single else name
+            if not single and (name in (".", "..") or os.sep in name or name.startswith(".")):
+                raise ValueError(f"delta name {name!r} cannot be a folder name; rename it before save_pretrained")
+            files = delta_files(dm, name, include_head=include_head)
+            (tmp / folder).mkdir(exist_ok=True)
+            for fname, data in files.items():
+                (tmp / folder / fname).write_bytes(data)
+            entries.append({"name": name, "folder": folder, "enabled": bool(delta.enabled)})
+        index = {"format": INDEX_FORMAT, "deltas": entries, "train_head": bool(dm.train_head)}
+        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+        if single:
+            for fname in (WEIGHTS, META):
+                _place(tmp / fname, path / fname)
+        else:
+            for entry in entries:
+                _place(tmp / entry["folder"], path / entry["folder"])
+        _place(tmp / INDEX, path / INDEX)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def from_pretrained(backbone: nn.Module, path: str | os.PathLike, **load_kwargs: Any) -> DeltaModel:
+    """Attach every delta `save_pretrained` (or `save_delta`) wrote in `path` to `backbone`."""
+    from .io import META, DeltaIOError, load_delta
+    from .model import DeltaModel
+
+    path = Path(path)
+    if not (path / INDEX).exists():
+        if (path / META).exists():
+            return load_delta(backbone, path, **load_kwargs)
+        if (path / "adapter_config.json").exists():
+            hint = "it is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
+        elif (path / "model.safetensors").exists():
+            hint = (
+                "it holds a model.safetensors (a Trainer checkpoint of a DeltaModel?): rebuild the DeltaModel "
+                "as for training and call dm.load_state_dict(safetensors.torch.load_file(file))"
+            )
+        else:
+            hint = "save deltas with DeltaModel.save_pretrained(folder)"
+        raise DeltaIOError(f"{path} holds no {INDEX} and no {META}: {hint}")
+    try:
+        index = json.loads((path / INDEX).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DeltaIOError(f"{path / INDEX} is not valid JSON ({err}); save the model again") from err
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not index.get("deltas"):
+        raise DeltaIOError(f"{path / INDEX} is not a deltatune model index (format {INDEX_FORMAT!r} expected)")
+    dm = backbone if isinstance(backbone, DeltaModel) else DeltaModel(backbone)
+    for entry in index["deltas"]:
+        load_delta(dm, path / entry["folder"], entry["name"], enabled=bool(entry.get("enabled", True)), **load_kwargs)
+    dm.freeze(bool(index.get("train_head", False)))
+    return dm
+
+
+def merge_and_unload(dm: DeltaModel) -> nn.Module:
+    """PEFT's `merge_and_unload`: the plain backbone with every enabled delta folded into its weights."""
+    from .merge import merged_state_dict
+
+    state = merged_state_dict(dm)
+    backbone = dm.detach()
+    with torch.no_grad():
+        backbone.load_state_dict(state, strict=True)
+    return backbone

@@ -1,0 +1,76 @@
+"""Training a DeltaModel with `transformers.Trainer`: what a Trainer user needs beyond the model itself.
+
+A plain `Trainer(model=dm, args=TrainingArguments(...))` already works: the DeltaModel advertises
+its backbone's forward signature (so the default `remove_unused_columns=True` keeps the right
+columns and finds the labels) and its `state_dict()` is only the deltas and the trained head (so
+every checkpoint is delta-sized and `resume_from_checkpoint` loads it back exactly); see
+`core.conventions`. What Trainer cannot know is that methods want very different learning rates
+(prompt tuning 3e-2, LoRA 1e-3, the head 1e-3, Trainer's default 5e-5 is tuned for full
+fine-tuning): `optimizer(dm)` builds the AdamW that `deltatune train` uses, one group per delta at
+its method's `default_lr`, to pass as `Trainer(..., optimizers=(optimizer(dm), None))`; Trainer
+then builds its scheduler on it and checkpoints and restores its state as usual.
+
+`SaveDeltaCallback` additionally writes each checkpoint in deltatune's own format (a
+`DeltaModel.save_pretrained` folder, readable by `DeltaModel.from_pretrained` and `deltatune
+evaluate`), for users who want the deltas out of Trainer's checkpoints without rebuilding the model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..core.model import DeltaModel
+from .trainer import adamw
+
+DEFAULT_HEAD_LR = 1e-3
+
+
+def param_groups(dm: DeltaModel, lr: float | None = None, head_lr: float = DEFAULT_HEAD_LR) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one per delta at `lr` or its method's `default_lr`, one for the trained head.
+
+    Each group carries its delta's `name`, so a callback can tell them apart; groups with nothing
+    to train are left out (a frozen delta, a head that does not train).
+    """
+    if not isinstance(dm, DeltaModel):
+        raise TypeError(f"param_groups needs a DeltaModel (deltatune.attach(model, config)), got {type(dm).__name__}")
+    groups = []
+    for name, delta in dm.deltas.items():
+        params = [p for p in delta.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr or type(delta.config).default_lr, "name": name})
+    head = [p for p in dm.backbone.parameters() if p.requires_grad]
+    if head:
+        groups.append({"params": head, "lr": head_lr, "name": "head"})
+    if not groups:
+        raise ValueError("nothing in this DeltaModel trains: every delta is frozen and the head does not train")
+    return groups
+
+
+def optimizer(
+    dm: DeltaModel, lr: float | None = None, head_lr: float = DEFAULT_HEAD_LR, **adamw_kwargs: Any
+) -> torch.optim.AdamW:
+    """The AdamW `deltatune train` uses, for `Trainer(..., optimizers=(optimizer(dm), None))`."""
+    return adamw(param_groups(dm, lr, head_lr), **adamw_kwargs)
+
+
+class SaveDeltaCallback(TrainerCallback):
+    """Also writes every Trainer checkpoint as `<checkpoint>/<subfolder>/`, a `save_pretrained` folder."""
+
+    def __init__(self, subfolder: str = "delta") -> None:
+        self.subfolder = subfolder
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        if not state.is_world_process_zero:
+            return control
+        dm = model
+        while not isinstance(dm, DeltaModel) and hasattr(dm, "module"):  # DDP and friends wrap it
+            dm = dm.module
+        if not isinstance(dm, DeltaModel):
+            raise TypeError(f"SaveDeltaCallback needs Trainer(model=<a DeltaModel>), got {type(model).__name__}")
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.subfolder)
+        dm.save_pretrained(folder)
+        return control

@@ -1,0 +1,129 @@
+"""A DeltaModel under a plain `transformers.Trainer` with default arguments: trains, checkpoints
+only the delta and the head, resumes to the same tensors as an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import VOCAB, make_model
+
+import deltatune as dt
+from deltatune.train.hf import SaveDeltaCallback, optimizer, param_groups
+
+transformers = pytest.importorskip("transformers")
+
+
+class Rows(torch.utils.data.Dataset):
+    """Rows as a tokenized dataset has them: extra columns Trainer must drop, the label as `label`."""
+
+    def __init__(self, n: int = 8, seq: int = 6) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.rows = [
+            {
+                "input_ids": torch.randint(3, VOCAB, (seq,), generator=g),
+                "attention_mask": torch.ones(seq, dtype=torch.long),
+                "label": int(i % 3),
+                "sentence": f"text {i}",
+                "idx": i,
+            }
+            for i in range(n)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _dm(method: str = "lora") -> dt.DeltaModel:
+    model = make_model("bert").train()
+    return dt.attach(model, dt.METHODS[method](), train_head=True)
+
+
+def _args(out: Path, **kwargs: object) -> transformers.TrainingArguments:
+    defaults = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, use_cpu=True, report_to=[])
+    return transformers.TrainingArguments(**(defaults | kwargs))
+
+
+def _trained(dm: dt.DeltaModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in dm.state_dict().items()}
+
+
+def test_default_arguments_train_the_delta_not_the_backbone(tmp_path: Path) -> None:
+    dm = _dm()
+    frozen = {k: v.clone() for k, v in dm.backbone.state_dict().items() if "classifier" not in k}
+    before = _trained(dm)
+    trainer = transformers.Trainer(model=dm, args=_args(tmp_path), train_dataset=Rows())
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = _trained(dm)
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".B" in k), "LoRA's B never moved"
+    assert all(torch.equal(v, dm.backbone.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_labels_reach_evaluation(tmp_path: Path) -> None:
+    dm = _dm()
+    trainer = transformers.Trainer(model=dm, args=_args(tmp_path), eval_dataset=Rows(4))
+    assert trainer.label_names == ["labels"]
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics  # loss is only computed when Trainer found the labels
+
+
+def test_checkpoints_hold_only_the_delta_and_the_head(tmp_path: Path) -> None:
+    dm = _dm()
+    transformers.Trainer(model=dm, args=_args(tmp_path, save_steps=2), train_dataset=Rows()).train()
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert set(saved) == set(dm.state_dict())
+    assert {k for k in saved if k.startswith("backbone.")} == {"backbone.classifier.weight", "backbone.classifier.bias"}
+    delta_and_head = sum(v.numel() for v in saved.values())
+    assert delta_and_head == dm.trainable_parameters() < sum(p.numel() for p in dm.parameters()) / 10
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_resume_from_checkpoint_reaches_the_uninterrupted_tensors(method: str, tmp_path: Path) -> None:
+    def run(out: Path, resume: str | None = None, steps: int = 6) -> dict[str, torch.Tensor]:
+        dm = _dm(method)  # same seed: the same backbone and initial delta
+        args = _args(out, max_steps=steps, save_steps=3, seed=11)
+        transformers.Trainer(model=dm, args=args, train_dataset=Rows()).train(resume_from_checkpoint=resume)
+        return _trained(dm)
+
+    uninterrupted = run(tmp_path / "a")
+    resumed = run(tmp_path / "c", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    halfway = load_file(str(tmp_path / "a" / "checkpoint-3" / "model.safetensors"))
+    assert any(not torch.equal(halfway[k], uninterrupted[k]) for k in halfway), "the resumed run did not train"
+
+
+def test_per_method_learning_rates_through_trainer(tmp_path: Path) -> None:
+    dm = _dm("lora")
+    dm.add("bits", dt.METHODS["bitfit"]())
+    groups = param_groups(dm)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("default", dt.METHODS["lora"].default_lr),
+        ("bits", dt.METHODS["bitfit"].default_lr),
+        ("head", 1e-3),
+    ]
+    opt = optimizer(dm)
+    trainer = transformers.Trainer(
+        model=dm,
+        args=_args(tmp_path, max_steps=2, lr_scheduler_type="constant"),
+        train_dataset=Rows(),
+        optimizers=(opt, None),
+    )
+    trainer.train()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [g["lr"] for g in groups]
+
+
+def test_save_delta_callback_writes_deltatune_folders(tmp_path: Path) -> None:
+    dm = _dm()
+    transformers.Trainer(
+        model=dm, args=_args(tmp_path, save_steps=4), train_dataset=Rows(), callbacks=[SaveDeltaCallback()]
+    ).train()
+    loaded = dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "checkpoint-4" / "delta")
+    mine = dm.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in loaded.state_dict().items())

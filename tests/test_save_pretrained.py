@@ -1,0 +1,103 @@
+"""save_pretrained / from_pretrained round-trip the deltas; nothing that saves weights drops them silently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model
+
+import deltatune as dt
+from deltatune.core.io import DeltaIOError
+
+
+def _perturbed(dm: dt.DeltaModel) -> dt.DeltaModel:
+    with torch.no_grad():
+        for p in dm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return dm
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "ia3", "prompt"])
+def test_round_trip_gives_equal_outputs(method: str, tmp_path: Path) -> None:
+    model = make_model("bert")
+    inputs = make_inputs(model)
+    dm = _perturbed(dt.attach(model, dt.METHODS[method](), train_head=True))
+    expected = logits(dm, inputs)
+    dm.save_pretrained(tmp_path / "out")
+    loaded = dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "out")
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    assert loaded.train_head
+    assert dt.load_delta(make_model("bert"), tmp_path / "out") is not None  # one delta: a save_delta folder
+
+
+def test_several_deltas_keep_names_and_enabled_flags(tmp_path: Path) -> None:
+    model = make_model("bert")
+    inputs = make_inputs(model)
+    dm = _perturbed(dt.attach(model, dt.METHODS["lora"](), name="a"))
+    dm.add("b", dt.METHODS["bitfit"]())
+    dm.add("c", dt.METHODS["bitfit"](), enabled=False)
+    _perturbed(dm)
+    expected = logits(dm, inputs)
+    dm.save_pretrained(tmp_path / "out")
+    loaded = dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "out")
+    assert list(loaded.deltas) == ["a", "b", "c"]
+    assert [d.enabled for d in loaded.deltas.values()] == [True, True, False]
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    loaded.set_active(["a", "c"])
+    dm.set_active(["a", "c"])
+    torch.testing.assert_close(logits(loaded, inputs), logits(dm, inputs), rtol=0, atol=0)
+
+
+def test_save_pretrained_writes_no_backbone_weights_and_keeps_other_files(tmp_path: Path) -> None:
+    dm = _perturbed(dt.attach(make_model("bert"), dt.METHODS["bitfit"](), train_head=False))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    dm.save_pretrained(out)
+    assert (out / "tokenizer.json").read_text() == "{}"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["delta.json", "delta.safetensors", "deltatune_model.json", "tokenizer.json"]
+    from safetensors.torch import load_file
+
+    keys = load_file(str(out / "delta.safetensors"))
+    assert not any("parametrizations" in k or "original" in k for k in keys)
+    assert sum(v.numel() for v in keys.values()) == dm.delta_parameters()
+
+
+def test_state_dict_is_what_training_changes() -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["bitfit"](), train_head=True)
+    state = dm.state_dict()
+    backbone_keys = {k for k in state if k.startswith("backbone.")}
+    assert backbone_keys == {"backbone.classifier.weight", "backbone.classifier.bias"}
+    assert sum(v.numel() for v in state.values()) == dm.trainable_parameters()
+    fresh = dt.attach(make_model("bert", seed=5), dt.METHODS["bitfit"](), train_head=True)
+    assert not fresh.load_state_dict(state, strict=True).missing_keys
+    assert torch.equal(fresh.backbone.classifier.weight, dm.backbone.classifier.weight)
+
+
+@pytest.mark.parametrize("attr", ["push_to_hub", "load_adapter", "add_adapter", "unload"])
+def test_backbone_calls_that_would_lose_the_delta_name_the_right_call(attr: str) -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())
+    assert hasattr(dm.backbone, attr) or attr == "unload"
+    with pytest.raises(AttributeError, match="dm\\.|deltatune"):
+        getattr(dm, attr)
+
+
+def test_merge_and_unload_returns_a_plain_backbone_with_equal_outputs() -> None:
+    model = make_model("bert")
+    inputs = make_inputs(model)
+    dm = _perturbed(dt.attach(model, dt.METHODS["bitfit"]()))
+    expected = logits(dm, inputs)
+    plain = dm.merge_and_unload()
+    assert plain is model and not isinstance(plain, dt.DeltaModel)
+    assert not any("parametrizations" in k for k in plain.state_dict())
+    torch.testing.assert_close(logits(plain, inputs), expected, rtol=0, atol=1e-6)
+
+
+def test_from_pretrained_on_a_peft_folder_names_the_importer(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(DeltaIOError, match="import_peft"):
+        dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path)
