@@ -1,5 +1,74 @@
-"""Moving deltas between deltatune and other libraries' formats."""
+"""Moving deltas between deltatune and other libraries' formats.
 
+`import_peft(model, folder)` reads any PEFT adapter folder deltatune can represent exactly (LoRA
+with rsLoRA and rank/alpha patterns, IA3, LN tuning, prompt tuning, prefix tuning) and
+`export_peft(dm, folder)` writes one; everything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..core.model import DeltaModel
+from .peft_common import PeftFormatError, read_folder
+from .peft_ia3 import export_peft_ia3, import_peft_ia3
+from .peft_ln import export_peft_ln, import_peft_ln
 from .peft_lora import export_peft_lora, import_peft_lora
+from .peft_prompt import export_peft_prefix, export_peft_prompt, import_peft_prefix, import_peft_prompt
 
-__all__ = ["export_peft_lora", "import_peft_lora"]
+IMPORTERS = {
+    "LORA": import_peft_lora,
+    "IA3": import_peft_ia3,
+    "LN_TUNING": import_peft_ln,
+    "PROMPT_TUNING": import_peft_prompt,
+    "PREFIX_TUNING": import_peft_prefix,
+}
+EXPORTERS = {
+    "lora": export_peft_lora,
+    "ia3": export_peft_ia3,
+    "layernorm": export_peft_ln,
+    "prompt": export_peft_prompt,
+    "prefix": export_peft_prefix,
+}
+
+
+def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "default", **kwargs: Any) -> DeltaModel:
+    """Attach the PEFT adapter in `folder` to `model` as a deltatune delta named `name`."""
+    config, _ = read_folder(folder)
+    peft_type = config.get("peft_type")
+    if peft_type not in IMPORTERS:
+        raise PeftFormatError(
+            f"PEFT {peft_type!r} adapters have no deltatune equivalent; importable: {', '.join(IMPORTERS)}"
+        )
+    return IMPORTERS[peft_type](model, folder, name, **kwargs)
+
+
+def export_peft(dm: DeltaModel, folder: str | os.PathLike, name: str = "default", **kwargs: Any) -> Path:
+    """Write the delta `name` as a PEFT adapter folder `PeftModel.from_pretrained` loads."""
+    method = dm.delta(name).config.method
+    if method not in EXPORTERS:
+        raise PeftFormatError(f"{method} has no PEFT equivalent; exportable methods: {', '.join(EXPORTERS)}")
+    return EXPORTERS[method](dm, folder, name, **kwargs)
+
+
+__all__ = [
+    "EXPORTERS",
+    "IMPORTERS",
+    "PeftFormatError",
+    "export_peft",
+    "export_peft_ia3",
+    "export_peft_ln",
+    "export_peft_lora",
+    "export_peft_prefix",
+    "export_peft_prompt",
+    "import_peft",
+    "import_peft_ia3",
+    "import_peft_ln",
+    "import_peft_lora",
+    "import_peft_prefix",
+    "import_peft_prompt",
+]

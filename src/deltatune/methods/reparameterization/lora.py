@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import ClassVar
 
 import torch
@@ -34,9 +35,38 @@ class LoRAConfig(DeltaConfig):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    # per-module rank / alpha, as PEFT's: a key matches a module named `key` or ending in `.key` (a regex)
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def build(self) -> LoRA:
         return LoRA(self)
+
+    def validate(self) -> None:
+        super().validate()
+        for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            pattern = getattr(self, field)
+            if pattern is None:
+                continue
+            ok = isinstance(pattern, dict) and all(
+                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0
+                for k, v in pattern.items()
+            )
+            if not ok:
+                raise ValueError(f"LoRAConfig.{field} maps module names to positive numbers, got {pattern!r}")
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        """This module's (r, alpha): the first matching pattern key, else `r` and `alpha`."""
+        return pattern_value(self.rank_pattern, module, self.r), float(
+            pattern_value(self.alpha_pattern, module, self.alpha)
+        )
+
+
+def pattern_value(pattern: dict | None, module: str, default: float) -> float:
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 class LoRALayer(nn.Module):
@@ -104,7 +134,8 @@ class LoRA(Delta):
                     "target projections such as 'attn.q', 'attn.v', 'ffn.in' or their module names"
                 )
             in_f, out_f = linear_dims(module)
-            layer = LoRALayer(in_f, out_f, cfg.r, cfg.alpha, cfg.dropout, module.weight.dtype, module.weight.device)
+            r, alpha = cfg.rank_alpha(name)
+            layer = LoRALayer(in_f, out_f, r, alpha, cfg.dropout, module.weight.dtype, module.weight.device)
             key = safe_key(name)
             self.layers[key] = layer
             self._modules_by_key[key] = name

@@ -1,0 +1,142 @@
+"""What every PEFT format shares: the folder (adapter_config.json + adapter_model.safetensors), key
+prefixes, the task head PEFT saves as `modules_to_save`, and atomic writing.
+
+PEFT's injected-layer methods (LoRA, IA3, LN tuning) save their tensors under
+`base_model.model.<module>.<name>` and the head under `base_model.model.<head>.*`; its prompt
+learning methods (prompt and prefix tuning) save `prompt_embeddings` and the head under
+`base_model.<head>.*`. PEFT itself is needed for neither direction; `.bin` adapters are refused
+because they are pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.model import DeltaModel
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."  # injected-layer methods
+PROMPT_PREFIX = "base_model."  # prompt learning methods
+TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+    "ForTokenClassification": "TOKEN_CLS",
+}
+
+
+class PeftFormatError(ValueError):
+    """A PEFT folder deltatune cannot represent exactly; the message says what and why."""
+
+
+def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG).exists():
+        raise PeftFormatError(f"{folder} has no {CONFIG}: not a PEFT adapter folder")
+    if not (folder / WEIGHTS).exists():
+        bin_file = folder / "adapter_model.bin"
+        hint = (
+            " (it has adapter_model.bin, a pickle: re-save it with safe_serialization=True)"
+            if bin_file.exists()
+            else ""
+        )
+        raise PeftFormatError(f"{folder} has no {WEIGHTS}{hint}")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PeftFormatError(f"{folder / CONFIG} is not valid JSON ({err})") from err
+    return config, load_file(str(folder / WEIGHTS))
+
+
+def write_folder(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Both files into a temporary folder, then renamed into place: never half an adapter."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), {"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if folder.exists():
+            if any(p.name not in (CONFIG, WEIGHTS, "README.md") for p in folder.iterdir()):
+                raise FileExistsError(f"{folder} exists and holds other files; choose a new folder")
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def split(tensors: dict[str, torch.Tensor], prefix: str, is_adapter) -> tuple[dict, dict]:  # noqa: ANN001
+    """(adapter tensors, head tensors), keyed by their names inside the model (prefix removed)."""
+    adapter, head = {}, {}
+    for key, value in tensors.items():
+        inner = key.removeprefix(prefix)
+        if is_adapter(inner):
+            adapter[inner] = value
+        else:
+            head[inner.replace(".modules_to_save.default.", ".")] = value
+    return adapter, head
+
+
+def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
+    """Before anything is attached: every saved head tensor has a place of the same shape."""
+    params = dict(dm.backbone.named_parameters())
+    missing = sorted(k for k in head if k not in params)
+    if missing:
+        raise PeftFormatError(f"the adapter saves head tensors this model lacks: {missing[:4]}")
+    for k, v in head.items():
+        if params[k].shape != v.shape:
+            raise PeftFormatError(
+                f"the adapter's head tensor {k!r} has shape {tuple(v.shape)}, this model's {tuple(params[k].shape)}: "
+                "load the backbone with the same number of labels"
+            )
+
+
+@torch.no_grad()
+def copy_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
+    params = dict(dm.backbone.named_parameters())
+    for key, value in head.items():
+        params[key].copy_(value.to(params[key].dtype))
+    if head:
+        dm.freeze(train_head=True)  # PEFT trained it (modules_to_save); keep training it
+
+
+def head_for_export(dm: DeltaModel, prefix: str, include_head: bool) -> tuple[dict[str, torch.Tensor], list | None]:
+    """The head tensors under PEFT's keys, and the `modules_to_save` naming their modules."""
+    if not include_head:
+        return {}, None
+    tensors = {prefix + k.removeprefix("__head__."): v for k, v in dm.head_state_dict().items()}
+    heads = sorted({n.split(".")[0] for n in dm.head_parameter_names()})
+    return tensors, heads or None
+
+
+def task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def base_config(dm: DeltaModel, peft_type: str, modules_to_save: list | None) -> dict[str, Any]:
+    return {
+        "peft_type": peft_type,
+        "task_type": task_type(dm.backbone),
+        "base_model_name_or_path": getattr(dm.backbone.config, "_name_or_path", None) or None,
+        "modules_to_save": modules_to_save,
+        "inference_mode": True,
+    }
+
+
+def as_delta_model(model: nn.Module) -> DeltaModel:
+    return model if isinstance(model, DeltaModel) else DeltaModel(model)

@@ -1,0 +1,85 @@
+"""PEFT LN tuning folders in and out.
+
+PEFT trains a copy of each chosen norm layer and saves its weight and bias whole
+(`<module>.ln_tuning_layers.weight`); deltatune's layernorm tuning trains a difference D on top of
+the frozen W. Importing stores D = W_peft - W, exporting writes W + D: exact up to one float
+rounding of the subtraction, far inside the 1e-5 the tests ask for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.model import DeltaModel
+from ..methods.specification.layernorm import LayerNormConfig
+from .peft_common import (
+    PREFIX,
+    WEIGHTS,
+    PeftFormatError,
+    as_delta_model,
+    base_config,
+    check_head,
+    copy_head,
+    head_for_export,
+    read_folder,
+    split,
+    write_folder,
+)
+
+MARK = ".ln_tuning_layers."
+
+
+def import_peft_ln(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
+    """Attach a PEFT LN tuning adapter as a deltatune layernorm delta (and copy its saved task head)."""
+    folder = Path(folder)
+    config, tensors = read_folder(folder)
+    if config.get("peft_type") != "LN_TUNING":
+        raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not LN_TUNING; use import_peft")
+    adapter, head = split(tensors, PREFIX, lambda k: MARK in k)
+    if not adapter:
+        raise PeftFormatError(f"{folder / WEIGHTS} holds no ln_tuning_layers tensors")
+    trained = {k.replace(MARK, "."): v for k, v in adapter.items()}  # "<module>.<param>"
+    modules = tuple(sorted({k.rsplit(".", 1)[0] for k in trained}))
+    dm = as_delta_model(model)
+    check_head(dm, head)
+    dm.add(name, LayerNormConfig(targets=modules))
+    delta = dm.delta(name)
+    here = {ref.name: key for key, ref in delta._refs.items()}
+    if set(here) != set(trained):
+        dm.detach(name)
+        raise PeftFormatError(
+            f"the adapter trains {sorted(set(trained) - set(here))[:4]} that deltatune's layernorm tuning of "
+            f"{list(modules)[:3]} does not, or the other way round ({sorted(set(here) - set(trained))[:4]})"
+        )
+    with torch.no_grad():
+        for pname, value in trained.items():
+            key = here[pname]
+            original = delta._original(dm.backbone, key)
+            if original.shape != value.shape:
+                dm.detach(name)
+                raise PeftFormatError(
+                    f"{pname} has shape {tuple(value.shape)} in the adapter, here {tuple(original.shape)}"
+                )
+            delta.delta[key].copy_(value.to(original.dtype) - original)
+    copy_head(dm, head)
+    return dm
+
+
+def export_peft_ln(dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool = True) -> Path:
+    """Write a layernorm delta as a PEFT LN tuning folder (W + D per parameter)."""
+    delta = dm.delta(name)
+    if delta.config.method != "layernorm":
+        raise PeftFormatError(f"only layernorm deltas export to PEFT's LN_TUNING; {name!r} is {delta.config.method}")
+    tensors, heads = head_for_export(dm, PREFIX, include_head)
+    modules = set()
+    with torch.no_grad():
+        for key, ref in delta._refs.items():
+            value = delta._original(dm.backbone, key) + delta.merge_value(key).to(ref.dtype)
+            tensors[f"{PREFIX}{ref.module}{MARK}{ref.param}"] = value
+            modules.add(ref.module)
+    config = base_config(dm, "LN_TUNING", heads) | {"target_modules": sorted(modules)}
+    return write_folder(folder, config, tensors)

@@ -1,0 +1,201 @@
+"""PEFT prompt tuning and prefix tuning folders in and out.
+
+Both save one tensor, `prompt_embeddings`:
+- prompt tuning: (num_virtual_tokens x num_transformer_submodules, token_dim), the vectors put in
+  front of the input embeddings; deltatune's prompt holds the same (num_tokens, dim) `prompt`.
+  PEFT's default for encoder-decoders (2 submodules) also prepends vectors to the decoder, which
+  deltatune does not: such adapters are refused (train them with num_transformer_submodules=1).
+- prefix tuning: (num_virtual_tokens, num_layers x 2 x kv_width), each layer's keys then values,
+  heads first, exactly the order deltatune's per-attention (2, num_tokens, kv_width) prefixes
+  flatten to once the reparameterization MLP is dropped (PEFT, too, saves the MLP's output).
+  PEFT prefixes only the decoder of an encoder-decoder (pairing one layer's self-attention
+  prefix with another's for cross-attention) and refuses encoder-only models, so only
+  decoder-only models map.
+
+Where the prompt sits among positions differs: PEFT numbers the virtual tokens first and shifts
+the real tokens by num_virtual_tokens; deltatune keeps the real tokens' positions. Outputs are
+then equal only on models with relative positions (T5); elsewhere the import is refused unless
+`positions_may_differ=True` says the caller accepts that (see docs/ecosystem.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.model import DeltaModel
+from ..methods.addition.prefix import PrefixConfig
+from ..methods.addition.prompt import PromptConfig
+from .peft_common import (
+    PROMPT_PREFIX,
+    WEIGHTS,
+    PeftFormatError,
+    as_delta_model,
+    base_config,
+    check_head,
+    copy_head,
+    head_for_export,
+    read_folder,
+    split,
+    write_folder,
+)
+
+KEY = "prompt_embeddings"
+RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # no position embeddings a shift could change
+
+
+def _check_positions(model: nn.Module, what: str, positions_may_differ: bool) -> None:
+    if positions_may_differ or getattr(model.config, "model_type", None) in RELATIVE_POSITIONS:
+        return
+    raise PeftFormatError(
+        f"PEFT's {what} shifts the real tokens' positions by the number of virtual tokens and deltatune keeps them, "
+        f"so on {type(model).__name__} (absolute or rotary positions) the outputs would differ; "
+        "pass positions_may_differ=True to convert anyway (then train on a little to adapt)"
+    )
+
+
+def _read(folder: Path, peft_type: str) -> tuple[dict, torch.Tensor, dict]:
+    config, tensors = read_folder(folder)
+    if config.get("peft_type") != peft_type:
+        raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not {peft_type}; use import_peft")
+    adapter, head = split(tensors, PROMPT_PREFIX, lambda k: k == KEY)
+    if KEY not in tensors:
+        raise PeftFormatError(f"{folder / WEIGHTS} holds no {KEY}")
+    return config, tensors[KEY], {k: v for k, v in head.items() if k != KEY}
+
+
+def import_peft_prompt(
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", *, positions_may_differ: bool = False
+) -> DeltaModel:
+    """Attach a PEFT prompt tuning adapter as a deltatune prompt delta (and copy its saved task head)."""
+    folder = Path(folder)
+    config, embeddings, head = _read(folder, "PROMPT_TUNING")
+    if int(config.get("num_transformer_submodules") or 1) != 1:
+        raise PeftFormatError(
+            "this prompt also prepends vectors to the decoder (num_transformer_submodules=2, PEFT's default for "
+            "encoder-decoders); deltatune prompts the encoder only: train with num_transformer_submodules=1"
+        )
+    dm = as_delta_model(model)
+    _check_positions(dm.backbone, "prompt tuning", positions_may_differ)
+    check_head(dm, head)
+    dm.add(name, PromptConfig(num_tokens=int(embeddings.shape[0])))
+    prompt = dm.delta(name).prompt
+    if prompt.shape != embeddings.shape:
+        dm.detach(name)
+        raise PeftFormatError(f"{KEY} has shape {tuple(embeddings.shape)}, this model needs {tuple(prompt.shape)}")
+    with torch.no_grad():
+        prompt.copy_(embeddings)
+    copy_head(dm, head)
+    return dm
+
+
+def export_peft_prompt(
+    dm: DeltaModel,
+    folder: str | os.PathLike,
+    name: str = "default",
+    include_head: bool = True,
+    *,
+    positions_may_differ: bool = False,
+) -> Path:
+    """Write a prompt delta as a PEFT prompt tuning folder."""
+    delta = dm.delta(name)
+    if delta.config.method != "prompt":
+        raise PeftFormatError(f"only prompt deltas export to PEFT's PROMPT_TUNING; {name!r} is {delta.config.method}")
+    _check_positions(dm.backbone, "prompt tuning", positions_may_differ)
+    tensors, heads = head_for_export(dm, PROMPT_PREFIX, include_head)
+    tensors[KEY] = delta.prompt.detach()
+    cfg = dm.backbone.config
+    config = base_config(dm, "PROMPT_TUNING", heads) | {
+        "num_virtual_tokens": int(delta.prompt.shape[0]),
+        "token_dim": int(delta.prompt.shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": _get(cfg, "num_attention_heads", "num_heads", "n_head"),
+        "num_layers": _get(cfg, "num_hidden_layers", "num_layers", "n_layer"),
+        "prompt_tuning_init": "RANDOM",
+    }
+    return write_folder(folder, config, tensors)
+
+
+def _get(cfg: object, *names: str) -> int | None:
+    return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
+
+
+def _check_decoder_only(model: nn.Module) -> None:
+    """PEFT's own rule (it refuses models whose forward takes no past_key_values), plus encoder-decoders."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    takes_cache = "past_key_values" in params or "cache" in params  # transformers 5.24 renamed it "cache"
+    if getattr(model.config, "is_encoder_decoder", False) or not takes_cache:
+        raise PeftFormatError(
+            f"PEFT prefix tuning only maps onto decoder-only models; {type(model).__name__} is not one "
+            "(PEFT prefixes only the decoder of an encoder-decoder, pairing layers deltatune does not, and "
+            "refuses models without a KV cache)"
+        )
+
+
+def import_peft_prefix(
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", *, positions_may_differ: bool = False
+) -> DeltaModel:
+    """Attach a PEFT prefix tuning adapter as a deltatune prefix delta without reparameterization."""
+    folder = Path(folder)
+    config, embeddings, head = _read(folder, "PREFIX_TUNING")
+    dm = as_delta_model(model)
+    _check_decoder_only(dm.backbone)
+    _check_positions(dm.backbone, "prefix tuning", positions_may_differ)
+    check_head(dm, head)
+    n = int(embeddings.shape[0])
+    dm.add(name, PrefixConfig(num_tokens=n, reparameterize=False))
+    delta = dm.delta(name)
+    sites = delta._sites
+    width = sum(s.width for s in sites)
+    if embeddings.shape[1] != 2 * width or int(config.get("num_layers", len(sites))) != len(sites):
+        dm.detach(name)
+        raise PeftFormatError(
+            f"{KEY} has shape {tuple(embeddings.shape)} for {config.get('num_layers')} layers; this model has "
+            f"{len(sites)} attention layers needing (n, {2 * width}): another base model?"
+        )
+    with torch.no_grad():
+        offset = 0
+        for site in sites:
+            kv = embeddings[:, offset : offset + 2 * site.width].reshape(n, 2, site.width).transpose(0, 1)
+            delta.prefixes[site.key].copy_(kv)
+            offset += 2 * site.width
+    copy_head(dm, head)
+    return dm
+
+
+def export_peft_prefix(
+    dm: DeltaModel,
+    folder: str | os.PathLike,
+    name: str = "default",
+    include_head: bool = True,
+    *,
+    positions_may_differ: bool = False,
+) -> Path:
+    """Write a prefix delta as a PEFT prefix tuning folder (its MLP, if any, evaluated first)."""
+    delta = dm.delta(name)
+    if delta.config.method != "prefix":
+        raise PeftFormatError(f"only prefix deltas export to PEFT's PREFIX_TUNING; {name!r} is {delta.config.method}")
+    _check_decoder_only(dm.backbone)
+    _check_positions(dm.backbone, "prefix tuning", positions_may_differ)
+    with torch.no_grad():
+        parts = [delta.prefix(s).detach().transpose(0, 1).reshape(delta.config.num_tokens, -1) for s in delta._sites]
+    tensors, heads = head_for_export(dm, PROMPT_PREFIX, include_head)
+    tensors[KEY] = torch.cat(parts, dim=1)
+    cfg = dm.backbone.config
+    width = delta._sites[0].width
+    heads_kv = _get(cfg, "num_key_value_heads") or _get(cfg, "num_attention_heads", "n_head")
+    config = base_config(dm, "PREFIX_TUNING", heads) | {
+        "num_virtual_tokens": delta.config.num_tokens,
+        "token_dim": width,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": heads_kv,
+        "num_layers": len(delta._sites),
+        "encoder_hidden_size": width,
+        "prefix_projection": False,
+    }
+    return write_folder(folder, config, tensors)
