@@ -71,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..train.run import run as run_spec
+    from ..train.trainer import is_main_process
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     spec = spec_from_args(args)
     model, result, task = run_spec(spec)
+    if not is_main_process():  # under `accelerate launch`, one process reports
+        return 1 if result.diverged else 0
     print_result(spec.label, result, str(spec.output_dir))
     if task.type == "generation":
         show_samples(model, task, spec, n=3)

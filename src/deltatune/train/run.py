@@ -16,7 +16,7 @@ from torch import nn
 from ..core.delta import DeltaConfig
 from ..data.fewshot import few_shot
 from ..data.tasks import Task, load_task
-from .trainer import TrainConfig, TrainResult, fit
+from .trainer import TrainConfig, TrainResult, fit, is_main_process
 
 CAUSAL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "phi", "gemma"}
 
@@ -101,7 +101,7 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
         output_dir=spec.output_dir,
         train_examples=train,
     )
-    if spec.output_dir is not None:
+    if spec.output_dir is not None and is_main_process():  # one writer under a multi-process launch
         info = {
             "model": spec.model,
             "task": task.name,

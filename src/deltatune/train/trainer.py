@@ -117,7 +117,14 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Task, batch_size: int) -> dict[str, float]:
-    """Dev/test metrics of the model as it is now (eval mode, no gradients)."""
+    """Dev/test metrics of the model as it is now (eval mode, no gradients).
+
+    Under a multi-process launch every process predicts its share (every world-th example) and the
+    predictions are gathered back into file order, so every process returns one process's numbers.
+    """
+    rank, world = _process_share()
+    indices = list(range(rank, len(examples), world))
+    full, examples = examples, [examples[i] for i in indices]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -130,7 +137,33 @@ def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Tas
             batch = {k: v.to(device) for k, v in head.collate(chunk).items()}
             predictions += head.predict(model, batch)
     model.train(was_training)
-    return compute_metrics(task, predictions, list(examples))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        predictions = [p for _, p in sorted(gather_object(list(zip(indices, predictions, strict=True))))]
+    return compute_metrics(task, predictions, list(full))
+
+
+def _process_share() -> tuple[int, int]:
+    """(this process's index, number of processes) of a distributed launch; (0, 1) otherwise."""
+    from accelerate.state import PartialState
+
+    if not PartialState._shared_state:
+        return 0, 1
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def is_main_process() -> bool:
+    """True outside a distributed launch, and in its first process."""
+    return _process_share()[0] == 0
+
+
+def _global_mean(accelerator: Any, loss: torch.Tensor) -> float:
+    """The loss over the whole global batch (each process holds a slice of it): what one process logs."""
+    if accelerator.num_processes == 1:
+        return loss.item()
+    return accelerator.reduce(loss.detach(), reduction="mean").item()
 
 
 def _accelerator(cfg: TrainConfig) -> Any:
@@ -146,7 +179,24 @@ def _accelerator(cfg: TrainConfig) -> Any:
     if AcceleratorState._shared_state and PartialState().distributed_type == DistributedType.NO:
         if AcceleratorState().mixed_precision != cfg.mixed_precision:
             AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    from accelerate.utils import DataLoaderConfiguration
+
+    # several processes without a GPU (torchrun on CPUs): accelerate uses gloo only when told cpu=True
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # split_batches: `batch_size` is the global batch, each of N processes gets 1/N of every batch, so
+    # steps per epoch, the schedule and every update equal one process's (see docs/ecosystem.md)
+    processes = PartialState(cpu=cpu).num_processes
+    if cfg.batch_size % processes:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is the global batch and must split evenly over {processes} processes; "
+            f"use a multiple of {processes}"
+        )
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
 
 
 def fit(
@@ -209,6 +259,8 @@ def fit(
     accelerator = _accelerator(cfg)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    if not accelerator.is_main_process:  # the main process alone prints and writes
+        cfg, output_dir = dataclasses.replace(cfg, progress=False), None
 
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
@@ -258,7 +310,7 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            running, seen = running + loss.item(), seen + 1
+            running, seen = running + _global_mean(accelerator, loss), seen + 1
             if not accelerator.sync_gradients:
                 continue
             step += 1

@@ -1,0 +1,38 @@
+"""One `fit` of LoRA on a tiny dropout-free BERT, run by tests/test_multiprocess.py in 1 and in 2 processes.
+
+Usage: python multiprocess_fit.py TASK_DIR OUT_DIR (under torchrun or accelerate launch for several).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from tiny import make_tokenizer  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+from deltatune.data import load_task  # noqa: E402
+from deltatune.train import TrainConfig, fit  # noqa: E402
+
+WORDS = "good great fine nice bad awful poor sad movie film plot cast story score the was".split()
+
+
+def main(task_dir: str, out: str) -> None:
+    tokenizer = make_tokenizer(WORDS)
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = tf.BertForSequenceClassification(config)
+    cfg = TrainConfig(lr=1e-2, batch_size=8, epochs=2.0, max_steps=None, eval_every=4, patience=None, progress=False)
+    fit(model, tokenizer, load_task(task_dir), [dt.METHODS["lora"]()], cfg, output_dir=out)
+    print(f"done {out}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

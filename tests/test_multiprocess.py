@@ -1,0 +1,49 @@
+"""Two processes train what one process trains: same delta, same logged curve, one writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import _write_task
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "multiprocess_fit.py"
+
+
+def _run(launcher: list[str], task: Path, out: Path) -> str:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    proc = subprocess.run(
+        [*launcher, str(SCRIPT), str(task), str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _curve(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU")
+def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
+    task = _write_task(tmp_path / "toy", n_train=64, n_dev=24)
+    one = _run([sys.executable], task, tmp_path / "one")
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], task, tmp_path / "two")
+    assert one.count("done") == 1 and two.count("done") == 2  # both ranks ran to the end...
+    a, b = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 12, 16]  # ...one wrote the curve
+    assert [r["epoch"] for r in b] == [0.5, 1.0, 1.5, 2.0]  # 64 examples / global batch 8 = 8 steps an epoch
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)  # the schedule counts global steps
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
+        assert ra["accuracy"] == rb["accuracy"]
+    da, db = (load_file(str(tmp_path / run / "delta-lora" / "delta.safetensors")) for run in ("one", "two"))
+    assert da.keys() == db.keys()
+    for k in da:
+        torch.testing.assert_close(db[k], da[k], rtol=0, atol=1e-5)
