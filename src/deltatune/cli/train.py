@@ -34,6 +34,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
 def spec_from_args(args: argparse.Namespace):  # noqa: ANN201
@@ -50,7 +51,8 @@ def spec_from_args(args: argparse.Namespace):  # noqa: ANN201
     label = "full" if args.full else ("+".join(methods) or "head")
     model_tag = Path(args.model).name
     out = args.out or f"runs/{Path(str(args.task)).name}-{label}-{model_tag}-s{args.seed}"
-    return RunSpec(args.model, args.task, methods, args.full, train, args.k_shot, args.max_train, out)
+    resume = getattr(args, "resume", False)
+    return RunSpec(args.model, args.task, methods, args.full, train, args.k_shot, args.max_train, out, resume)
 
 
 def print_result(label: str, result, out: str | None) -> None:  # noqa: ANN001

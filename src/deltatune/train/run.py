@@ -31,6 +31,7 @@ class RunSpec:
     k_shot: int | None = None
     max_train: int | None = None
     output_dir: str | Path | None = None
+    resume: bool = False  # continue the run in output_dir from its last checkpoint
 
     @property
     def label(self) -> str:
@@ -100,6 +101,7 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
         full_finetune=spec.full_finetune,
         output_dir=spec.output_dir,
         train_examples=train,
+        resume=spec.resume,
     )
     if spec.output_dir is not None and is_main_process():  # one writer under a multi-process launch
         info = {

@@ -27,6 +27,7 @@ from ..core.delta import DeltaConfig
 from ..core.model import DeltaModel
 from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
+from . import checkpoint
 from .heads import GenerationHead, head_for
 
 FULL_FT_LR = 5e-5
@@ -211,8 +212,13 @@ def fit(
     output_dir: str | os.PathLike | None = None,
     train_examples: Sequence[Example] | None = None,
     dev_examples: Sequence[Example] | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, TrainResult]:
-    """Train deltas (or the head alone, or everything) on a task; return the model at its best dev score."""
+    """Train deltas (or the head alone, or everything) on a task; return the model at its best dev score.
+
+    A delta run with an `output_dir` keeps `<output_dir>/checkpoint/` current at every evaluation;
+    `resume=True` continues from it to what the uninterrupted run would reach (train/checkpoint.py).
+    """
     from accelerate.utils import set_seed
 
     cfg = cfg or TrainConfig()
@@ -259,6 +265,9 @@ def fit(
     accelerator = _accelerator(cfg)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    resume_dir = Path(output_dir) if resume and output_dir is not None else None
+    if resume and resume_dir is None:
+        raise ValueError("resume=True continues the run saved in output_dir; pass the output_dir it was started with")
     if not accelerator.is_main_process:  # the main process alone prints and writes
         cfg, output_dir = dataclasses.replace(cfg, progress=False), None
 
@@ -274,6 +283,18 @@ def fit(
     step, running, seen = 0, 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=max_steps, desc=f"{mode} on {task.name}", disable=not cfg.progress, dynamic_ncols=True)
+    skip, checkpointed = 0, 0  # batches of the current epoch already trained on; evaluations checkpointed
+    if resume_dir is not None:
+        tensors, saved = checkpoint.load(resume_dir)
+        best_state = checkpoint.restore(tensors, saved, unwrapped, optimizer, scheduler)
+        loop = saved["loop"]
+        step, max_steps, best, best_step, stale = (loop[k] for k in ("step", "max_steps", "best", "best_step", "stale"))
+        history, checkpointed = loop["history"], len(loop["history"])
+        generator.set_state(tensors["rng.data"])
+        skip, start = (step % steps_per_epoch) * cfg.grad_accum, start - loop["elapsed"]
+        bar.update(step)
+        if out is not None:
+            (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
 
     def record(metrics: dict[str, float]) -> None:
         row = {
@@ -291,7 +312,14 @@ def fit(
 
     model.train()
     while step < max_steps and diverged is None:
-        for batch in loader:
+        epoch_state = generator.get_state()  # the data order of this epoch, for a checkpoint
+        batches, skip = (accelerator.skip_first_batches(loader, skip) if skip else loader), 0
+        for batch in batches:
+            if dm is not None and out is not None and len(history) > checkpointed:  # an evaluation is complete
+                checkpointed = len(history)
+                loop = {"step": step, "max_steps": max_steps, "best": best, "best_step": best_step, "stale": stale}
+                loop |= {"history": history, "elapsed": time.perf_counter() - start}
+                checkpoint.save(out, unwrapped, optimizer, scheduler, epoch_state, best_state, loop)
             with accelerator.accumulate(model):
                 loss = head.loss(model, batch)
                 if dm is not None:

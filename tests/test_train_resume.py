@@ -1,0 +1,60 @@
+"""`deltatune train` stopped mid-way and resumed reaches what the uninterrupted run reaches, bitwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import WORDS, _bert, _write_task
+from tiny import make_tokenizer
+
+import deltatune as dt
+from deltatune.data import load_task
+from deltatune.train import TrainConfig, checkpoint, fit
+
+
+class Stop(Exception):
+    pass
+
+
+def _fit(task, tokenizer, out: Path, eval_every: int, resume: bool = False):  # noqa: ANN001, ANN202
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=16, eval_every=eval_every, patience=None, progress=False)
+    return fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg, output_dir=out, resume=resume)
+
+
+@pytest.mark.parametrize("eval_every", [3, 4], ids=["mid-epoch", "epoch-boundary"])
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(eval_every: int, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    task = load_task(_write_task(tmp_path / "toy"))  # 64 examples / batch 8: 8 steps an epoch, 16 steps = 2 epochs
+    tokenizer = make_tokenizer(WORDS)
+    _, whole = _fit(task, tokenizer, tmp_path / "whole", eval_every)
+
+    save, saves = checkpoint.save, []
+
+    def save_then_crash(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 3:
+            raise Stop  # killed right after its third checkpoint (mid second epoch or at its start)
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(Stop):
+        _fit(task, tokenizer, tmp_path / "cut", eval_every)
+    monkeypatch.setattr(checkpoint, "save", save)
+    _, resumed = _fit(task, tokenizer, tmp_path / "cut", eval_every, resume=True)
+
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert strip(lines) == strip(whole.history)
+    a = load_file(str(tmp_path / "whole" / "delta-lora" / "delta.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "delta-lora" / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_names_the_fix(tmp_path: Path) -> None:
+    task = load_task(_write_task(tmp_path / "toy"))
+    with pytest.raises(FileNotFoundError, match="drop --resume"):
+        _fit(task, make_tokenizer(WORDS), tmp_path / "none", 4, resume=True)
