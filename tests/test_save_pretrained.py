@@ -101,3 +101,14 @@ def test_from_pretrained_on_a_peft_folder_names_the_importer(tmp_path: Path) -> 
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(DeltaIOError, match="import_peft"):
         dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path)
+
+
+def test_saving_several_deltas_over_one_leaves_no_stale_single_delta(tmp_path: Path) -> None:
+    dm = _perturbed(dt.attach(make_model("bert"), dt.METHODS["lora"]()))
+    dm.save_pretrained(tmp_path / "out")
+    dm.add("bits", dt.METHODS["bitfit"]())
+    dm.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "delta.json").exists()
+    with pytest.raises(DeltaIOError):
+        dt.load_delta(make_model("bert"), tmp_path / "out")  # not silently the old single delta
+    assert list(dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "out").deltas) == ["default", "bits"]

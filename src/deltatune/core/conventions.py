@@ -171,6 +171,8 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
         else:
             for entry in entries:
                 _place(tmp / entry["folder"], path / entry["folder"])
+            for fname in (WEIGHTS, META):  # a single delta saved here before: load_delta(path) must not find it
+                (path / fname).unlink(missing_ok=True)
         _place(tmp / INDEX, path / INDEX)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
