@@ -72,8 +72,8 @@ def print_result(label: str, result, out: str | None) -> None:  # noqa: ANN001
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
+    from ..train.distributed import is_main_process
     from ..train.run import run as run_spec
-    from ..train.trainer import is_main_process
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

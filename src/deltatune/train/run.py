@@ -16,7 +16,8 @@ from torch import nn
 from ..core.delta import DeltaConfig
 from ..data.fewshot import few_shot
 from ..data.tasks import Task, load_task
-from .trainer import TrainConfig, TrainResult, fit, is_main_process
+from .distributed import is_main_process
+from .trainer import TrainConfig, TrainResult, fit
 
 CAUSAL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "phi", "gemma"}
 

@@ -28,6 +28,7 @@ from ..core.model import DeltaModel
 from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
 from . import checkpoint
+from .distributed import global_mean, process_share
 from .heads import GenerationHead, head_for
 
 FULL_FT_LR = 5e-5
@@ -123,7 +124,7 @@ def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Tas
     Under a multi-process launch every process predicts its share (every world-th example) and the
     predictions are gathered back into file order, so every process returns one process's numbers.
     """
-    rank, world = _process_share()
+    rank, world = process_share()
     indices = list(range(rank, len(examples), world))
     full, examples = examples, [examples[i] for i in indices]
     was_training = model.training
@@ -143,28 +144,6 @@ def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Tas
 
         predictions = [p for _, p in sorted(gather_object(list(zip(indices, predictions, strict=True))))]
     return compute_metrics(task, predictions, list(full))
-
-
-def _process_share() -> tuple[int, int]:
-    """(this process's index, number of processes) of a distributed launch; (0, 1) otherwise."""
-    from accelerate.state import PartialState
-
-    if not PartialState._shared_state:
-        return 0, 1
-    state = PartialState()
-    return state.process_index, state.num_processes
-
-
-def is_main_process() -> bool:
-    """True outside a distributed launch, and in its first process."""
-    return _process_share()[0] == 0
-
-
-def _global_mean(accelerator: Any, loss: torch.Tensor) -> float:
-    """The loss over the whole global batch (each process holds a slice of it): what one process logs."""
-    if accelerator.num_processes == 1:
-        return loss.item()
-    return accelerator.reduce(loss.detach(), reduction="mean").item()
 
 
 def _accelerator(cfg: TrainConfig) -> Any:
@@ -338,7 +317,7 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            running, seen = running + _global_mean(accelerator, loss), seen + 1
+            running, seen = running + global_mean(accelerator, loss), seen + 1
             if not accelerator.sync_gradients:
                 continue
             step += 1
