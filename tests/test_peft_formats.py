@@ -124,6 +124,16 @@ def test_lora_patterns_are_a_deltatune_setting_too() -> None:
         dt.METHODS["lora"](rank_pattern={"value": 0}).validate()
 
 
+def test_lora_patterns_survive_save_and_load(tmp_path: Path) -> None:
+    cfg = dt.METHODS["lora"](targets=("attn.q", "attn.v"), r=4, rank_pattern={"value": 2}, alpha_pattern={"query": 1.0})
+    dm = _perturbed(dt.attach(make_model("bert"), cfg))
+    inputs = make_inputs(dm.backbone)
+    dm.save_delta(tmp_path / "d")
+    loaded = dt.load_delta(make_model("bert"), tmp_path / "d")
+    assert loaded.delta().config.rank_pattern == {"value": 2}
+    torch.testing.assert_close(logits(loaded, inputs), logits(dm, inputs), rtol=0, atol=0)
+
+
 # -- prompt tuning ------------------------------------------------------------------------------
 def test_peft_prompt_tuning_round_trips_on_t5_with_equal_outputs(tmp_path: Path) -> None:
     config = peft.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1)

@@ -143,7 +143,7 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
     subfolder per name. An index records names, order and which are enabled. Each file is written
     complete under a temporary name and renamed into place; the index comes last.
     """
-    from .io import META, WEIGHTS, delta_files
+    from .io import META, WEIGHTS, save_delta
 
     if not len(dm.deltas):
         raise ValueError("this DeltaModel has no deltas to save; save the backbone itself with its save_pretrained")
@@ -158,16 +158,13 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
             folder = "." if single else name
             if not single and (name in (".", "..") or os.sep in name or name.startswith(".")):
                 raise ValueError(f"delta name {name!r} cannot be a folder name; rename it before save_pretrained")
-            files = delta_files(dm, name, include_head=include_head)
-            (tmp / folder).mkdir(exist_ok=True)
-            for fname, data in files.items():
-                (tmp / folder / fname).write_bytes(data)
+            save_delta(dm, tmp / ("single" if single else name), name, include_head=include_head)
             entries.append({"name": name, "folder": folder, "enabled": bool(delta.enabled)})
         index = {"format": INDEX_FORMAT, "deltas": entries, "train_head": bool(dm.train_head)}
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         if single:
             for fname in (WEIGHTS, META):
-                _place(tmp / fname, path / fname)
+                _place(tmp / "single" / fname, path / fname)
         else:
             for entry in entries:
                 _place(tmp / entry["folder"], path / entry["folder"])

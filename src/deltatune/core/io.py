@@ -162,16 +162,6 @@ def save_delta(
     `include_head` adds the task head (a trained classifier is part of what a classification delta
     needs at inference), stored under `__head__.` keys.
     """
-    path = Path(path)
-    _write_folder(path, delta_files(dm, name, include_head=include_head, **metadata))
-    return path
-
-
-def delta_files(
-    dm: DeltaModel, name: str = "default", *, include_head: bool = False, **metadata: Any
-) -> dict[str, bytes]:
-    """The two files of a delta folder, as bytes: `save_delta` swaps them in as a folder,
-    `DeltaModel.save_pretrained` places them beside other files (a Trainer output dir)."""
     from safetensors.torch import save
 
     from .. import __version__
@@ -195,7 +185,12 @@ def delta_files(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "metadata": metadata,
     }
-    return {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, separators=(",", ":")).encode()}
+    path = Path(path)
+    _write_folder(
+        path,
+        {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, separators=(",", ":")).encode()},
+    )
+    return path
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

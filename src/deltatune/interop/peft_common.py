@@ -97,6 +97,13 @@ def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
     missing = sorted(k for k in head if k not in params)
     if missing:
         raise PeftFormatError(f"the adapter saves head tensors this model lacks: {missing[:4]}")
+    # besides the method's own tensors only the task head may be written: no file changes other backbone weights
+    stray = sorted(set(head) - set(dm.head_parameter_names()))
+    if stray:
+        raise PeftFormatError(
+            f"the adapter saves {stray[0]!r}, a backbone weight that is not the task head; deltatune imports "
+            "only the method's tensors and the task head (modules_to_save other than the head are not supported)"
+        )
     for k, v in head.items():
         if params[k].shape != v.shape:
             raise PeftFormatError(
