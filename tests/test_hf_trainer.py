@@ -127,3 +127,31 @@ def test_save_delta_callback_writes_deltatune_folders(tmp_path: Path) -> None:
     loaded = dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "checkpoint-4" / "delta")
     mine = dm.state_dict()
     assert all(torch.equal(v, mine[k]) for k, v in loaded.state_dict().items())
+
+
+def test_load_best_model_at_end_restores_a_delta_checkpoint(tmp_path: Path) -> None:
+    dm = _dm()
+    scores = iter([1.0, 0.0])  # the first evaluation (step 2) is the best one
+    args = _args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+    )
+    trainer = transformers.Trainer(
+        model=dm,
+        args=args,
+        train_dataset=Rows(),
+        eval_dataset=Rows(4),
+        compute_metrics=lambda _: {"score": next(scores)},
+    )
+    trainer.train()
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    best = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    mine = dm.state_dict()
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    assert all(torch.equal(best[k], mine[k]) for k in best)
