@@ -61,10 +61,10 @@ def _read(folder: Path, peft_type: str) -> tuple[dict, torch.Tensor, dict]:
     config, tensors = read_folder(folder)
     if config.get("peft_type") != peft_type:
         raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not {peft_type}; use import_peft")
-    adapter, head = split(tensors, PROMPT_PREFIX, lambda k: k == KEY)
     if KEY not in tensors:
         raise PeftFormatError(f"{folder / WEIGHTS} holds no {KEY}")
-    return config, tensors[KEY], {k: v for k, v in head.items() if k != KEY}
+    _, head = split(tensors, PROMPT_PREFIX, lambda k: k == KEY)
+    return config, tensors[KEY], head
 
 
 def import_peft_prompt(
