@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import DeltaConfig
+from ...core.delta import DeltaConfig, setting
 from ...core.targeting import Layers, Targets
 from .adapter import Adapter, Bottleneck, check_non_linearity, check_placement
 
@@ -39,12 +39,12 @@ class CompacterConfig(DeltaConfig):
     placement: str = "houlsby"
     targets: Targets = None
     layers: Layers = None
-    bottleneck: int = 24
-    phm_dim: int = 4
-    phm_rank: int = 1
+    bottleneck: int = setting(24, size=True)
+    phm_dim: int = setting(4, size=True)
+    phm_rank: int = setting(1, size=True)
     non_linearity: str = "gelu"
-    scaling: float = 1.0
-    phm_init_range: float = 1e-4
+    scaling: float = setting(1.0, gt=0)
+    phm_init_range: float = setting(1e-4, gt=0)
 
     def validate(self) -> None:
         super().validate()
