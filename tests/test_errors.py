@@ -559,3 +559,26 @@ def test_process_workers_die_with_their_runner(tmp_path: Path) -> None:
         assert not any(_alive(p) for p in workers), "workers outlived their runner"
     finally:
         runner.kill()
+
+
+# ============================================================================ names and exports
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "", "x" * 101, "a\nb", 3])
+def test_delta_names_that_could_leave_their_folder_are_refused(name: object) -> None:
+    model = make_model("bert")
+    dm = dt.DeltaModel(model)
+    with pytest.raises(ValueError, match="delta name must be a non-empty string .* without dots or slashes"):
+        dm.add(name, dt.METHODS["lora"]())  # type: ignore[arg-type]
+    assert list(dm.deltas) == [] and _no_trace(model)
+
+
+def test_exporting_over_a_file_is_refused_and_stale_exports_are_cleaned(tmp_path: Path) -> None:
+    dm = _perturbed(dt.attach(make_model("bert"), dt.METHODS["lora"]()))
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(FileExistsError, match="is a file; choose a new folder"):
+        dm.export_merged(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.tmp-{int(dead.stdout)}-q"
+    stale.mkdir()
+    dm.export_merged(tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").exists() and not stale.exists()

@@ -20,8 +20,18 @@ from .targeting import head_names
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"delta name must be a non-empty string without dots, got {name!r}")
+    """Names become module keys and folder names (delta-<name>/): no dots, no path separators."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > 100
+        or any(c in name for c in "./\\\0")
+        or not name.isprintable()
+    ):
+        raise ValueError(
+            f"delta name must be a non-empty string of at most 100 printable characters without dots or slashes, "
+            f"got {name!r}"
+        )
 
 
 class DeltaModel(nn.Module):
