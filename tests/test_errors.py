@@ -582,3 +582,25 @@ def test_exporting_over_a_file_is_refused_and_stale_exports_are_cleaned(tmp_path
     stale.mkdir()
     dm.export_merged(tmp_path / "out")
     assert (tmp_path / "out" / "config.json").exists() and not stale.exists()
+
+
+def test_a_peft_adapter_cannot_write_backbone_weights_either(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.interop import import_peft_lora
+    from deltatune.interop.peft_lora import PeftFormatError
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], task_type="SEQ_CLS")
+    peft.get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / "peft")
+    file = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    tensors["base_model.model.bert.pooler.dense.weight"] = torch.zeros(32, 32)
+    save_file(tensors, str(file))
+    model = make_model("bert")
+    before = state(model)
+    with pytest.raises(
+        PeftFormatError, match="'bert.pooler.dense.weight', a backbone weight that is not the task head"
+    ):
+        import_peft_lora(model, tmp_path / "peft")
+    assert same_state(before, state(model)) and _no_trace(model)

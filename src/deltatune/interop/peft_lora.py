@@ -107,6 +107,19 @@ def import_peft_lora(model: nn.Module, folder: str | os.PathLike, name: str = "d
     missing = sorted(k for k in head if k not in params)
     if missing:
         raise PeftFormatError(f"the adapter saves head tensors this model lacks: {missing[:4]}")
+    # besides LoRA factors only the task head may be written: no file can change other backbone weights
+    stray = sorted(set(head) - set(dm.head_parameter_names()))
+    if stray:
+        raise PeftFormatError(
+            f"the adapter saves {stray[0]!r}, a backbone weight that is not the task head; deltatune imports "
+            "only LoRA factors and the task head (modules_to_save other than the head are not supported)"
+        )
+    wrong = [k for k in head if head[k].shape != params[k].shape]
+    if wrong:
+        raise PeftFormatError(
+            f"the adapter's {wrong[0]!r} has shape {tuple(head[wrong[0]].shape)}, this model's "
+            f"{tuple(params[wrong[0]].shape)}: load the backbone with the adapter's number of labels"
+        )
     dm.add(name, lora)
     delta = dm.delta(name)
     with torch.no_grad():
