@@ -64,8 +64,10 @@ def recover(path: Path, names: list[str]) -> None:
         return
     if names[-1] in pending:
         for n in names:
-            if _pending(path, n).exists():
+            try:
                 os.replace(_pending(path, n), path / n)
+            except FileNotFoundError:  # not part of this update, or another process finished it first
+                pass
     else:
         for n in pending:
             _pending(path, n).unlink(missing_ok=True)

@@ -95,6 +95,7 @@ def save_delta(
         "metadata": metadata,
     }
     path = Path(path)
+    atomic.recover(path, [WEIGHTS, META])  # an earlier save of this folder that was cut short
     if path.exists() and (not path.is_dir() or not (path / META).exists() and any(path.iterdir())):
         raise DeltaIOError(f"{path} exists and is not a delta folder; choose another path")
     data = save(tensors, metadata={"format": "pt"})
