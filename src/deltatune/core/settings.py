@@ -98,12 +98,17 @@ def _range_text(meta: Any, is_int: bool, noun: bool = False) -> str:
     ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
     kind = "an integer" if is_int else "a finite number"
     if is_int and ge == 1 and gt is None and lt is None:
-        return "a positive integer" + (f" (at most {le})" if le is not None else "")
+        return "a positive integer"  # its upper bound, if any, is said after the value (_bound_note)
     if le is None and lt is None and (ge is None) != (gt is None):
         return f"{kind} {'>= ' + str(ge) if ge is not None else '> ' + str(gt)}"
     low = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
     high = f"{le}]" if le is not None else (f"{lt})" if lt is not None else "inf)")
     return f"{kind + ' ' if noun else ''}in {low}, {high}"
+
+
+def _bound_note(meta: Any, is_int: bool) -> str:
+    le = meta.get("le")
+    return f" (at most {le})" if is_int and meta.get("ge") == 1 and le is not None else ""
 
 
 def _in_range(value: Any, meta: dict[str, Any]) -> bool:
@@ -132,9 +137,11 @@ def check_fields(config: Any) -> None:
             wanted = describe(hint)
             if numeric and _has_range(field.metadata):
                 wanted = _range_text(field.metadata, is_int, noun=True) + (" or None" if _conforms(None, hint) else "")
-            raise ValueError(f"{where} must be {wanted}, got {value!r} ({type(value).__name__})")
+            note = _bound_note(field.metadata, is_int) if numeric else ""
+            raise ValueError(f"{where} must be {wanted}, got {value!r} ({type(value).__name__}){note}")
         if not _in_range(value, field.metadata):
-            raise ValueError(f"{where} must be {_range_text(field.metadata, is_int)}, got {value!r}")
+            note = _bound_note(field.metadata, is_int)
+            raise ValueError(f"{where} must be {_range_text(field.metadata, is_int)}, got {value!r}{note}")
 
 
 def _wants_list(hint: Any) -> bool:
