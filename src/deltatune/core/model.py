@@ -210,7 +210,18 @@ class DeltaModel(nn.Module):
         """Remove one delta (or all). With none left, the plain backbone is returned, as it came."""
         names = list(self.deltas) if name is None else [self._get(name) and name]
         # all or nothing: with any delta merged, removing one would leave the weights out of step
-        self._refuse_while_merged("detach " + (repr(name) if name else "the deltas"))
+        merged = self._merged()
+        if merged:
+            own = [n for n in merged if n in names]
+            fix = (
+                "unmerge this delta before removing it, or the backbone keeps its weights changed"
+                if own
+                else f"unmerge {', '.join(merged)} before removing any delta"
+            )
+            raise DeltaError(
+                f"cannot detach {repr(name) if name else 'the deltas'}: delta(s) {', '.join(merged)} are merged into "
+                f"the weights; {fix} (dm.unmerge({merged[0]!r}))"
+            )
         for n in names:
             self.deltas[n].uninstall()
             del self.deltas[n]
