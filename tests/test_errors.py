@@ -510,6 +510,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ({"methods": {"lora/x": {}}}, "cannot name a folder; use letters, digits"),
         ({"methods": {"..": {}}}, "cannot name a folder"),
         ({"name": "../../outside"}, r"name: '\.\./\.\./outside' cannot name a folder"),
+        ({"models": [".."]}, r"models: '\.\.' does not end in a folder name; give the model folder by its path"),
         ({"seeds": []}, r"seeds: \[\] are not all integers"),
         ({"seeds": [True]}, "are not all integers"),
         ({"methods": {"lora": 3}}, r"methods\.lora: settings must be a mapping, got 3"),

@@ -325,6 +325,12 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         raise _fail("models", "the scaling analysis needs 2+ models", "list several models or drop `scaling`")
     tasks = _resolve_tasks(raw.get("tasks", t_tasks or None) or _list(raw, "tasks"), "tasks")
     for model in models:
+        if not _SAFE_NAME.fullmatch(Path(model).name) or ".." in Path(model).name:  # runs are filed under it
+            raise _fail(
+                "models",
+                f"{model!r} does not end in a folder name",
+                "give the model folder by its path, e.g. ./models/tiny-bert",
+            )
         check_model(model)
     if "name" in raw:
         _check_name("name", str(raw["name"]))
