@@ -621,3 +621,20 @@ def test_a_non_utf8_data_file_names_the_file_and_line(tmp_path: Path, suffix: st
         DataError, match=rf"train{suffix}, line {line}: byte 0xe9 is not UTF-8; re-save the file as UTF-8"
     ):
         _read_file(file)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (
+            ("train", "--lr", "abc"),
+            r"deltatune train: error: argument --lr: invalid float value: 'abc'; see `deltatune train --help`",
+        ),
+        (("study", "run"), r"the following arguments are required: spec; see `deltatune study run --help`"),
+        (("nosuch",), r"invalid choice: 'nosuch' .*; see `deltatune --help`"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_and_return(argv: tuple, match: str, capsys) -> None:  # noqa: ANN001
+    code, err = _cli(capsys, *argv)
+    _one_line_error(code, err, match)
+    assert code == 2

@@ -8,6 +8,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from . import evaluate, quickstart, tasks, train
 from . import inspect as inspect_cmd
@@ -32,8 +33,15 @@ COMMANDS: dict[str, Command] = {
 USER_ERRORS = (ValueError, KeyError, OSError, ImportError, RuntimeError, sqlite3.DatabaseError, json.JSONDecodeError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that says where the help is (subparsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deltatune",
         description="Delta tuning of pretrained transformers. Add --debug anywhere to see a failure's traceback.",
     )
@@ -86,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error, already printed as one line (2)
+        return done.code if isinstance(done.code, int) else 2
     try:
         model = getattr(args, "model", None)
         if isinstance(model, str):
