@@ -638,3 +638,50 @@ def test_cli_usage_errors_are_one_line_and_return(argv: tuple, match: str, capsy
     code, err = _cli(capsys, *argv)
     _one_line_error(code, err, match)
     assert code == 2
+
+
+def test_kill_9_during_repeated_saves_always_leaves_a_whole_delta(tmp_path: Path) -> None:
+    """A writer saving two deltas in turn into one folder is killed at random moments: every load gets one of them."""
+    folder = tmp_path / "d"
+    script = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import deltatune as dt\n"
+        "from tiny import make_model\n"
+        "dms = []\n"
+        "for seed in (0, 1):\n"
+        "    dm = dt.attach(make_model('bert'), dt.METHODS['lora']())\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    with torch.no_grad():\n"
+        "        for p in dm.delta().parameters():\n"
+        "            p.add_(torch.randn(p.shape, generator=g))\n"
+        "    dms.append(dm)\n"
+        "print('ready', flush=True)\n"
+        "i = 0\n"
+        "while True:\n"
+        f"    dms[i % 2].save_delta({str(folder)!r}, padding='x' * 200000)\n"
+        "    i += 1\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    expected = []
+    for seed in (0, 1):
+        dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in dm.delta().parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        expected.append(logits(dm, make_inputs(dm.backbone)))
+        if seed == 0:
+            dm.save_delta(folder)
+    (folder / "mine.txt").write_text("keep")
+    for delay in (0.05, 0.2):
+        writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=10)
+        model = make_model("bert")
+        got = logits(dt.load_delta(model, folder), make_inputs(model))
+        assert any(torch.equal(got, e) for e in expected)
+        assert (folder / "mine.txt").read_text() == "keep"
+        assert sorted(p.name for p in folder.iterdir()) == [META, WEIGHTS, "mine.txt"]
