@@ -685,3 +685,17 @@ def test_kill_9_during_repeated_saves_always_leaves_a_whole_delta(tmp_path: Path
         assert any(torch.equal(got, e) for e in expected)
         assert (folder / "mine.txt").read_text() == "keep"
         assert sorted(p.name for p in folder.iterdir()) == [META, WEIGHTS, "mine.txt"]
+
+
+def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
+    with pytest.raises(ValueError, match="lora has no setting 'rank'; its settings: alpha, dropout, layers, r, targets"):
+        dt.get_config("lora", rank=4)
+    with pytest.raises(TypeError, match="expected a transformers model .*got str"):
+        dt.DeltaModel("bert-base")  # type: ignore[arg-type]
+    model = make_model("bert")
+    dm = dt.DeltaModel(model)
+    with pytest.raises(TypeError, match="enabled must be True or False, got 'no'"):
+        dm.add("a", dt.METHODS["lora"](), enabled="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected a method config such as"):
+        dm.add("a", dt.METHODS["lora"])  # the class, not a config  # type: ignore[arg-type]
+    assert list(dm.deltas) == [] and _no_trace(model)

@@ -44,6 +44,8 @@ class DeltaModel(nn.Module):
         super().__init__()
         if isinstance(backbone, DeltaModel):
             raise TypeError("this model already carries deltas; call .add(name, config) on it instead")
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"expected a transformers model (a torch.nn.Module), got {type(backbone).__name__}")
         self.backbone = backbone
         self.deltas = nn.ModuleDict()
         self.train_head = False
@@ -189,6 +191,9 @@ class DeltaModel(nn.Module):
             raise TypeError(
                 f"expected a method config such as deltatune.METHODS['lora'](), got {type(config).__name__}"
             )
+        for flag, value in (("train_head", train_head), ("enabled", enabled)):
+            if not isinstance(value, bool) and not (flag == "train_head" and value is None):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
         config.validate()
         delta = config.build()
         delta.enabled = enabled
