@@ -688,7 +688,9 @@ def test_kill_9_during_repeated_saves_always_leaves_a_whole_delta(tmp_path: Path
 
 
 def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
-    with pytest.raises(ValueError, match="lora has no setting 'rank'; its settings: alpha, dropout, layers, r, targets"):
+    with pytest.raises(
+        ValueError, match="lora has no setting 'rank'; its settings: alpha, dropout, layers, r, targets"
+    ):
         dt.get_config("lora", rank=4)
     with pytest.raises(TypeError, match="expected a transformers model .*got str"):
         dt.DeltaModel("bert-base")  # type: ignore[arg-type]
@@ -699,3 +701,18 @@ def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
     with pytest.raises(TypeError, match="expected a method config such as"):
         dm.add("a", dt.METHODS["lora"])  # the class, not a config  # type: ignore[arg-type]
     assert list(dm.deltas) == [] and _no_trace(model)
+
+
+def test_cli_refuses_to_add_study_tables_to_someone_elses_database(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    import sqlite3
+
+    db = tmp_path / "app.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    for argv in (("study", "status", str(db)), ("study", "run", "smoke", "--db", str(db))):
+        code, err = _cli(capsys, *argv)
+        _one_line_error(code, err, r"app\.sqlite is an SQLite database of something else \(tables users\)")
+    assert db.read_bytes() == before

@@ -11,8 +11,12 @@ from typing import Any
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def sqlite_file(path: str | Path, flag: str, *, must_exist: bool = False) -> Path:
-    """A study/result database: absent (it will be created) or an SQLite file, never a text file or a folder."""
+def sqlite_file(path: str | Path, flag: str, *, must_exist: bool = False, tables: tuple[str, ...] = ()) -> Path:
+    """A study/result database: absent (it will be created) or an SQLite file, never a text file or a folder.
+
+    With `tables`, an SQLite file that holds tables but none of these is someone else's database:
+    refused before deltatune adds its own tables to it.
+    """
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{flag} {p} is a folder; pass a .sqlite file path (it is created if missing)")
@@ -27,6 +31,19 @@ def sqlite_file(path: str | Path, flag: str, *, must_exist: bool = False) -> Pat
             f"{flag} {p} is not an SQLite database (it holds other data); pass the .sqlite file deltatune wrote, "
             "or a new path"
         )
+    if head and tables:
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        try:
+            present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+        if present and not present & set(tables):
+            raise ValueError(
+                f"{flag} {p} is an SQLite database of something else (tables {', '.join(sorted(present)[:4])}); "
+                "pass the file deltatune wrote, or a new path"
+            )
     return p
 
 

@@ -31,16 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub.add_parser("presets", help="the study presets shipped with deltatune")
 
 
+_TABLES = ("runs", "meta")  # what a study file holds (study.store)
+
+
 def _db_files(path: str) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.sqlite"))
         if not files:
             raise FileNotFoundError(f"no *.sqlite study files in {p}")
-        return [checks.sqlite_file(f, "db") for f in files]
+        return [checks.sqlite_file(f, "db", tables=_TABLES) for f in files]
     if not p.exists():
         raise FileNotFoundError(f"no study file {p}; run `deltatune study run <spec> --db {p}` first")
-    return [checks.sqlite_file(p, "db")]
+    return [checks.sqlite_file(p, "db", tables=_TABLES)]
 
 
 def _load_spec(source: str):  # noqa: ANN202 - a StudySpec
@@ -72,9 +75,9 @@ def _run(args: argparse.Namespace) -> int:
     checks.at_least(args.workers, 1, "--workers")
     checks.at_least(args.max_runs, 1, "--max-runs")
     if args.db:
-        checks.sqlite_file(args.db, "--db")
+        checks.sqlite_file(args.db, "--db", tables=_TABLES)
     spec = _load_spec(args.spec)
-    db = checks.sqlite_file(args.db or f"results/{spec.name}.sqlite", "--db")
+    db = checks.sqlite_file(args.db or f"results/{spec.name}.sqlite", "--db", tables=_TABLES)
     counts = run_study(
         spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet
     )
