@@ -716,3 +716,10 @@ def test_cli_refuses_to_add_study_tables_to_someone_elses_database(tmp_path: Pat
         code, err = _cli(capsys, *argv)
         _one_line_error(code, err, r"app\.sqlite is an SQLite database of something else \(tables users\)")
     assert db.read_bytes() == before
+
+
+def test_a_delta_from_before_signatures_is_checked_by_its_probes(tmp_path: Path) -> None:
+    folder = _saved(tmp_path)
+    _edit_meta(folder, lambda m: (m["backbone"].pop("signatures"), m.pop("weights_sha256")))
+    dt.load_delta(make_model("bert"), folder)  # the same backbone: accepted (with the one-time warning)
+    _refused_load(folder, "same shapes but other weights", make_model("bert", seed=5))
