@@ -280,10 +280,13 @@ def test_a_kill_between_the_two_renames_is_recovered_on_the_next_load(tmp_path: 
     assert sorted(p.name for p in folder.iterdir()) == [META, WEIGHTS]
 
 
-def test_a_kill_before_the_commit_mark_keeps_the_old_delta(tmp_path: Path) -> None:
+@pytest.mark.parametrize("commit_mark_half_written", [False, True])
+def test_a_kill_before_the_commit_mark_keeps_the_old_delta(tmp_path: Path, commit_mark_half_written: bool) -> None:
     folder = _saved(tmp_path)
     files = _files(folder)
     (folder / f".{WEIGHTS}.pending").write_bytes(b"half written")
+    if commit_mark_half_written:  # killed while writing delta.json: it is written aside, never as the mark
+        (folder / f".{META}.pending.partial").write_bytes(b"")
     dt.load_delta(make_model("bert"), folder)
     assert _files(folder) == files
 

@@ -3,9 +3,10 @@
 A new folder is written under a temporary name beside it and renamed into place. An existing folder
 (a delta saved again) is updated in place, file by file, because it may hold a user's other files
 that must survive: each file is first written completely as `.<name>.pending`, and the *last* file
-of the set (the one that describes the others, delta.json) is written last. Its pending copy is the
-commit mark: a kill before it exists leaves the old set intact (the pending files are dropped on the
-next access); a kill after it, even between two renames, is rolled forward on the next access.
+of the set (the one that describes the others, delta.json) is written last, as `.partial` renamed to
+`.pending`, so it appears whole or not at all. Its pending copy is the commit mark: a kill before it
+exists leaves the old set intact (the pending files are dropped on the next access); a kill after
+it, even between two renames, is rolled forward on the next access.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def recover(path: Path, names: list[str]) -> None:
             if old.is_dir() and not path.exists():
                 os.replace(old, path)
         return
+    _pending(path, names[-1]).with_name(f".{names[-1]}{PENDING}.partial").unlink(missing_ok=True)
     pending = [n for n in names if _pending(path, n).exists()]
     if not pending:
         return
@@ -79,14 +81,18 @@ def write_folder(path: Path, files: dict[str, bytes]) -> None:
     names = list(files)
     if path.is_dir():
         recover(path, names)
-        written = []
+        mark = _pending(path, names[-1])
+        partial = mark.with_name(mark.name + ".partial")
         try:
-            for name, data in files.items():  # the last one is the commit mark: written only when the rest are
+            for name, data in list(files.items())[:-1]:
                 _fsync_write(_pending(path, name), data)
-                written.append(name)
+            # the commit mark appears whole or not at all: written under another name, then renamed
+            _fsync_write(partial, files[names[-1]])
+            os.replace(partial, mark)
         except BaseException:
-            for name in written:
+            for name in names:
                 _pending(path, name).unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
             raise
         recover(path, names)
         return

@@ -50,10 +50,6 @@ class CompacterConfig(DeltaConfig):
         super().validate()
         check_placement(self, self.placement)
         check_non_linearity(self, self.non_linearity)
-        for field in ("phm_dim", "phm_rank"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"CompacterConfig.{field} must be a positive integer, got {value!r}")
         if self.bottleneck % self.phm_dim:
             raise ValueError(
                 f"CompacterConfig.bottleneck ({self.bottleneck}) must be divisible by phm_dim ({self.phm_dim}); "
