@@ -54,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_model(name: str) -> None:
     """Fail in milliseconds on a model name that cannot load offline, before anything heavy is imported.
 
-    A short name must have its package installed, a path must be a model folder, anything else must
-    already be in the Hugging Face cache (the hub cannot be reached: it would otherwise retry for a minute).
+    A short name passes (its package is checked where it is loaded), a path must be a model folder,
+    anything else must already be in the Hugging Face cache (the hub cannot be reached: it would
+    otherwise retry for a minute).
     """
-    from ..backbones import ALIASES, SHORT_NAMES, check_installed
+    from ..backbones import ALIASES, SHORT_NAMES
 
     if name in SHORT_NAMES or name in ALIASES:
-        check_installed(name)
-        return
+        return  # loading checks the package and names the install command (a command may not load it at all)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
