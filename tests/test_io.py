@@ -22,6 +22,14 @@ def _trained(method: str, arch: str = "bert", seed: int = 0) -> dt.DeltaModel:
     return dm
 
 
+def _rehash(folder: Path) -> None:
+    import hashlib
+
+    meta = json.loads((folder / META).read_text())
+    meta["weights_sha256"] = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+    (folder / META).write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 @pytest.mark.parametrize("method", list(dt.METHODS))
 def test_save_load_round_trip_reproduces_outputs(method: str, arch: str, tmp_path: Path) -> None:
@@ -114,6 +122,7 @@ def test_keys_that_do_not_fit_are_listed(tmp_path: Path) -> None:
     first = sorted(tensors)[0]
     tensors["surprise"] = tensors.pop(first)
     save_file(tensors, str(file))
+    _rehash(tmp_path / "d")  # a deliberate edit that also updates the recorded hash: the keys are what fail
     with pytest.raises(dt.DeltaIOError, match=rf"missing keys \['{first}'\], unexpected keys \['surprise'\]"):
         dt.load_delta(make_model("bert"), tmp_path / "d")
 

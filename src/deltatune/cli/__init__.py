@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sqlite3
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 from . import evaluate, quickstart, tasks, train
 from . import inspect as inspect_cmd
@@ -25,22 +29,99 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# what a user can cause (a wrong path, value, file or state); anything else is a bug and says so
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError, RuntimeError, sqlite3.DatabaseError, json.JSONDecodeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that says where the help is (subparsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Delta tuning of pretrained transformers.")
+    parser = _Parser(
+        prog="deltatune",
+        description="Delta tuning of pretrained transformers. Add --debug anywhere to see a failure's traceback.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_model(name: str) -> None:
+    """Fail in milliseconds on a model name that cannot load offline, before anything heavy is imported.
+
+    A short name passes (its package is checked where it is loaded), a path must be a model folder,
+    anything else must already be in the Hugging Face cache (the hub cannot be reached: it would
+    otherwise retry for a minute).
+    """
+    from ..backbones import ALIASES, SHORT_NAMES
+
+    if name in SHORT_NAMES or name in ALIASES:
+        return  # loading checks the package and names the install command (a command may not load it at all)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name} is not a model folder (no config.json); pass a transformers model folder")
+        return
     try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed repo id is simply not cached
+        cached = False
+    if not cached:
+        raise ValueError(
+            f"unknown model {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local model folder, "
+            "or a model in the Hugging Face cache; pass one of those"
+        )
+
+
+def _one_line(err: BaseException) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(str(message).split())
+    if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. User errors print one line naming the fix (exit 2), never a traceback;
+    `--debug` (anywhere on the line) lets the exception through with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error, already printed as one line (2)
+        return done.code if isinstance(done.code, int) else 2
+    try:
+        model = getattr(args, "model", None)
+        if isinstance(model, str):
+            check_model(model)
         return COMMANDS[args.command][2](args) or 0
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"deltatune {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"deltatune {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a bug: still one line, with how to see the traceback
+        if debug:
+            raise
+        print(
+            f"deltatune {args.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+            "(rerun with --debug for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import checks
+
 HELP = "run a delta tuning study from a spec or preset, resumably, and report it (run, status, report, presets)"
 
 
@@ -29,16 +31,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub.add_parser("presets", help="the study presets shipped with deltatune")
 
 
+_TABLES = ("runs", "meta")  # what a study file holds (study.store)
+
+
 def _db_files(path: str) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.sqlite"))
         if not files:
             raise FileNotFoundError(f"no *.sqlite study files in {p}")
-        return files
+        return [checks.sqlite_file(f, "db", tables=_TABLES) for f in files]
     if not p.exists():
         raise FileNotFoundError(f"no study file {p}; run `deltatune study run <spec> --db {p}` first")
-    return [p]
+    return [checks.sqlite_file(p, "db", tables=_TABLES)]
+
+
+def _load_spec(source: str):  # noqa: ANN202 - a StudySpec
+    """The spec, with a file that does not parse reported as one line naming the file and where."""
+    from ..study import load_spec
+
+    try:
+        return load_spec(source)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"study spec {source} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from err
+    except Exception as err:
+        mark = getattr(err, "problem_mark", None)  # a YAML error: where it is
+        if mark is None and type(err).__module__.split(".")[0] not in ("yaml", "tomllib", "json"):
+            raise
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"study spec {source} does not parse{where}: {problem}; fix the file's syntax") from err
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,10 +70,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..study import load_spec, run_study
+    from ..study import run_study
 
-    spec = load_spec(args.spec)
-    db = Path(args.db or f"results/{spec.name}.sqlite")
+    checks.at_least(args.workers, 1, "--workers")
+    checks.at_least(args.max_runs, 1, "--max-runs")
+    if args.db:
+        checks.sqlite_file(args.db, "--db", tables=_TABLES)
+    spec = _load_spec(args.spec)
+    db = checks.sqlite_file(args.db or f"results/{spec.name}.sqlite", "--db", tables=_TABLES)
     counts = run_study(
         spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet
     )
@@ -79,6 +107,7 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from ..study.report import write_report
 
+    checks.out_folder(args.out, "--out")
     for db in _db_files(args.db):
         out = write_report(db, args.out if args.out and len(_db_files(args.db)) == 1 else None)
         print(f"{db} -> {out}")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
+
+from . import checks
 
 HELP = "unified subspace of delta methods: collect, find, optimize, transfer, landscape, intrinsic-dim, report"
 STAGES = ("init", "collect", "find", "optimize", "transfer", "landscape", "intrinsic-dim", "report", "all")
@@ -62,16 +65,19 @@ _STAGE_HELP = {
 }
 
 
+_COUNTS = (("k_shot", int), ("dev_k", int), ("n_eval", int), ("seed", int), ("max_length", int), ("batch_size", int),
+           ("steps", int), ("eval_every", int), ("head_lr", float), ("d", int), ("hidden", int),
+           ("alpha", float), ("find_steps", int), ("scratch_find_steps", int), ("optimize_steps", int),
+           ("optimize_lr", float), ("d_max", int), ("said_steps", int))  # fmt: skip
+
+
 def _study_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default=None, help="a classification backbone (default minilm-l6)")
     s.add_argument("--unseen", type=_list, default=None, help="tasks held out of the multi-task subspace")
     s.add_argument("--methods", type=_list, default=None, help="default adapter,lora,prefix,selective")
     s.add_argument("--method-arg", action="append", default=[], help="method.key=value, e.g. lora.r=8")
     s.add_argument("--lr", action="append", default=[], help="method=rate, e.g. lora=5e-3")
-    for name, kind in (("k_shot", int), ("dev_k", int), ("n_eval", int), ("seed", int), ("max_length", int), ("batch_size", int),
-                       ("steps", int), ("eval_every", int), ("head_lr", float), ("d", int), ("hidden", int),
-                       ("alpha", float), ("find_steps", int), ("scratch_find_steps", int), ("optimize_steps", int), ("optimize_lr", float),
-                       ("d_max", int), ("said_steps", int)):  # fmt: skip
+    for name, kind in _COUNTS:
         s.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
 
 
@@ -116,10 +122,32 @@ def _study_config(args: argparse.Namespace):  # noqa: ANN202
     return cfg
 
 
+def _check_paths_and_counts(args: argparse.Namespace) -> None:
+    """What the flags name, checked before any stage starts (a bad --db after an hour of collect is too late)."""
+    workdir = checks.out_folder(args.workdir, "--workdir")
+    if args.db:
+        checks.sqlite_file(args.db, "--db")
+    elif workdir is not None and workdir.is_dir():
+        checks.sqlite_file(workdir / "subspace.db", "--workdir's subspace.db")
+    checks.out_folder(getattr(args, "out", None), "--out")
+    checks.at_least(getattr(args, "grid", None), 2, "--grid")
+    for flag in ("said_steps", "d_max"):
+        checks.at_least(getattr(args, flag, None), 1, "--" + flag.replace("_", "-"))
+    for name, kind in _COUNTS:
+        if kind is int and name not in ("seed",):
+            checks.at_least(getattr(args, name, None), 1, "--" + name.replace("_", "-"))
+        value = getattr(args, name, None)
+        if kind is float and value is not None:
+            floor = ">= 0" if name == "alpha" else "> 0"  # alpha weighs a loss term (0 turns it off); rates are > 0
+            if not math.isfinite(value) or (value < 0 if name == "alpha" else value <= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {floor}, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..subspace.pipeline import Study, landscape
     from ..subspace.report import build
 
+    _check_paths_and_counts(args)
     if args.stage in ("init", "collect", "all"):
         cfg = _study_config(args)
         if args.stage == "init":

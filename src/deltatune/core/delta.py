@@ -28,6 +28,7 @@ from .routing import (
     take_rows,
     with_hidden,
 )
+from .settings import check_fields, setting  # noqa: F401 - methods declare their fields with it
 from .targeting import Layers, Targets, resolve
 
 
@@ -51,14 +52,12 @@ class DeltaConfig:
         raise NotImplementedError
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and the fix; called before anything is attached."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name in {"r", "bottleneck", "num_tokens", "dim", "rank"} and isinstance(value, int):
-                if value <= 0:
-                    raise ValueError(f"{type(self).__name__}.{field.name} must be a positive integer, got {value}")
-            if field.name in {"dropout"} and isinstance(value, float) and not 0.0 <= value < 1.0:
-                raise ValueError(f"{type(self).__name__}.{field.name} must be in [0, 1), got {value}")
+        """Raise ValueError naming the field and the fix; called before anything is attached.
+
+        Every field is checked against its declared type and `setting(...)` range (core.settings);
+        subclasses add only the rules that relate fields to each other, after calling this.
+        """
+        check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -243,6 +242,12 @@ class Delta(nn.Module):
 
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Refused while merged: the weights hold the old values, which unmerge must subtract exactly."""
+        if self.merged:
+            raise DeltaError("this delta is merged into the weights; unmerge it before loading other tensors into it")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def install(self, model: nn.Module) -> None:
         hooks = Hooks(self, model)

@@ -1,30 +1,30 @@
 """Saving and loading a delta alone: `delta.safetensors` (its tensors) + `delta.json` (everything else).
 
 A delta is only meaningful on the backbone it was trained on, so the JSON carries the backbone's
-identity: a structural hash (parameter names and shapes), the dtypes, and a few fixed weight
-values, compared with a tolerance so that a bf16 copy of the same model still matches. Files are
-written into a temporary folder and renamed into place: a crash never leaves half a delta. Only
-safetensors and JSON are ever read; nothing is unpickled.
+identity (`core.identity`), and the SHA-256 of the tensor file, so that a flipped byte is refused
+instead of silently changing outputs. A file may hold only the keys its delta defines, plus task
+head keys where delta.json declares a head: nothing in a file can write any other backbone weight.
+Writes never leave half a delta and never delete files they did not write (`core.atomic`). Only
+safetensors and JSON are ever read, with bounded sizes; nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from . import atomic, identity
 from .delta import DeltaConfig
-from .targeting import head_names
+from .settings import config_from_dict
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -32,126 +32,35 @@ if TYPE_CHECKING:
 WEIGHTS, META = "delta.safetensors", "delta.json"
 HEAD = "__head__."
 FORMAT = "deltatune.delta/1"
-_SLICE = 8  # values taken from each probe tensor
+_MAX_META_BYTES = 8 << 20  # a delta.json is kilobytes; anything this large is not one
+_MAX_DEPTH = 32  # nesting of delta.json; deeper is not something deltatune wrote
+_MAX_SITES = 1 << 20  # modules a delta may name once layer ranges are expanded
+_warned_unhashed = False
 
 
 class DeltaIOError(ValueError):
     """A delta folder that cannot be loaded onto this model, with what to do about it."""
 
 
-def _clean(name: str) -> str:
-    """A parameter's backbone name, also while a parametrization wraps it."""
-    return name.replace(".parametrizations.", ".").replace(".original", "")
-
-
-def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The backbone's parameters without its task head: a head is per task, often freshly initialised."""
-    heads = tuple(f"{h}." for h in head_names(model))
-    return sorted((_clean(n), p) for n, p in model.named_parameters() if not (heads and n.startswith(heads)))
-
-
-def _probe_index(numel: int, count: int) -> torch.Tensor:
-    """`count` evenly spread positions in a tensor, in integers (float steps overflow past 2^24)."""
-    count = min(count, numel)
-    return torch.tensor([i * (numel - 1) // max(count - 1, 1) for i in range(count)], dtype=torch.long)
-
-
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Who the backbone is: structure hash, dtypes and a few weight values from fixed places."""
-    params = _base_parameters(model)
-    digest = hashlib.sha256()
-    for name, p in params:
-        digest.update(f"{name}:{tuple(p.shape)};".encode())
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params})
-    probes = {}
-    for name, p in (params[0], params[len(params) // 2], params[-1]):
-        flat = p.detach().reshape(-1)
-        probes[name] = [float(v) for v in flat[_probe_index(flat.numel(), _SLICE)].float().cpu()]
-    config = getattr(model, "config", None)
-    return {
-        "model_type": getattr(config, "model_type", None),
-        "name_or_path": getattr(config, "_name_or_path", None),
-        "class": type(model).__name__,
-        "num_parameters": sum(p.numel() for _, p in params),
-        "structure_sha256": digest.hexdigest(),
-        "dtypes": dtypes,
-        "probes": probes,
-    }
-
-
-def _describe(fp: dict[str, Any]) -> str:
-    name = fp.get("name_or_path") or "unnamed"
-    return f"{fp.get('class')} ({fp.get('model_type')}, {name}, {fp.get('num_parameters', 0):,} parameters)"
+# identity lives in core.identity; these names stay importable from here
+fingerprint = identity.fingerprint
+_probe_index = identity.probe_index
 
 
 def check_backbone(saved: dict[str, Any], model: nn.Module) -> None:
     """Refuse a delta made for another backbone, naming both; dtype differences are fine (cast on load)."""
-    here = fingerprint(model)
-    if saved.get("structure_sha256") != here["structure_sha256"]:
-        raise DeltaIOError(
-            f"this delta was trained on {_describe(saved)} but the model is {_describe(here)}: "
-            "their parameter names or shapes differ; load it onto the backbone it was trained on"
-        )
-    params = dict(_base_parameters(model))
-    for name, values in saved.get("probes", {}).items():
-        if name not in params:
-            raise DeltaIOError(f"delta.json names a backbone parameter {name!r} this model lacks; was the JSON edited?")
-        flat = params[name].detach().reshape(-1).float().cpu()
-        if len(values) > flat.numel() or not torch.allclose(
-            flat[_probe_index(flat.numel(), len(values))], torch.tensor(values), rtol=2e-2, atol=1e-3
-        ):
-            raise DeltaIOError(
-                f"this delta was trained on {_describe(saved)}; the model has the same shapes but other weights "
-                f"(e.g. {name!r} differs): it is another checkpoint of the same architecture; load the right one"
-            )
-
-
-def _config_from_json(data: dict[str, Any]) -> DeltaConfig:
-    from ..methods import METHODS  # the registry, not any method by name
-
-    method = data.get("method")
-    if method not in METHODS:
-        raise DeltaIOError(f"delta.json names an unknown method {method!r}; known: {', '.join(METHODS)}")
-    cls = METHODS[method]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key == "method":
-            continue
-        if key not in fields:
-            raise DeltaIOError(f"delta.json gives {method} a setting {key!r} it does not have; was the JSON edited?")
-        default = fields[key].default
-        kwargs[key] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
     try:
-        config = cls(**kwargs)
-        config.validate()
-    except (TypeError, ValueError) as err:
-        raise DeltaIOError(f"delta.json holds an invalid {method} config: {err}") from err
-    return config
+        identity.check(saved, model)
+    except identity.IdentityError as err:
+        raise DeltaIOError(str(err)) from None
 
 
-def _write_folder(path: Path, files: dict[str, bytes]) -> None:
-    """Write files into a fresh temporary folder beside `path`, then swap it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = None
+def _config_from_json(data: Any) -> DeltaConfig:
     try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        if path.exists():
-            if not path.is_dir() or not (path / META).exists() and any(path.iterdir()):
-                raise DeltaIOError(f"{path} exists and is not a delta folder; choose another path")
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return config_from_dict(data, source="delta.json")
+    except (TypeError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise DeltaIOError(f"{message}; was the JSON edited?" if "edited" not in str(message) else message) from None
 
 
 def save_delta(
@@ -186,26 +95,57 @@ def save_delta(
         "metadata": metadata,
     }
     path = Path(path)
-    _write_folder(
-        path,
-        {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, separators=(",", ":")).encode()},
-    )
+    atomic.recover(path, [WEIGHTS, META])  # an earlier save of this folder that was cut short
+    if path.exists() and (not path.is_dir() or not (path / META).exists() and any(path.iterdir())):
+        raise DeltaIOError(f"{path} exists and is not a delta folder; choose another path")
+    data = save(tensors, metadata={"format": "pt"})
+    meta["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    atomic.write_folder(path, {WEIGHTS: data, META: json.dumps(meta, separators=(",", ":")).encode()})
     return path
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """delta.json, parsed within bounds (size, nesting, site ranges) before anything is allocated from it."""
     path = Path(path)
-    if not (path / META).exists():
+    atomic.recover(path, [WEIGHTS, META])
+    file = path / META
+    if not file.exists():
         hint = " (it holds a delta.safetensors but no delta.json)" if (path / WEIGHTS).exists() else ""
         raise DeltaIOError(f"{path} is not a delta folder: no {META}{hint}; save deltas with DeltaModel.save_delta")
+    size = file.stat().st_size
+    if size > _MAX_META_BYTES:
+        raise DeltaIOError(f"{file} is {size:,} bytes, far more than a delta description; was it edited or replaced?")
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads(file.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise DeltaIOError(f"{file} is nested far deeper than a delta description; was it edited?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DeltaIOError(f"{path / META} is not valid JSON ({err}); was it edited by hand or cut short?") from err
+        raise DeltaIOError(f"{file} is not valid JSON ({err}); was it edited by hand or cut short?") from err
+    if _depth(meta) > _MAX_DEPTH:
+        raise DeltaIOError(
+            f"{file} is nested deeper than {_MAX_DEPTH} levels, unlike any delta description; was it edited?"
+        )
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
-        raise DeltaIOError(f"{path / META} is not a deltatune delta description (format {FORMAT!r} expected)")
+        raise DeltaIOError(f"{file} is not a deltatune delta description (format {FORMAT!r} expected)")
+    if not isinstance(meta["config"], dict):
+        raise DeltaIOError(f"{file}: 'config' is not a mapping of settings; was the JSON edited?")
     if isinstance(meta.get("sites"), dict):
         meta["sites"] = expand_sites(meta["sites"])
+    elif meta.get("sites") is not None:
+        raise DeltaIOError(f"{file}: 'sites' is not a mapping of module names; was the JSON edited?")
     return meta
 
 
@@ -234,16 +174,36 @@ def compact_sites(sites: dict[str, int]) -> dict[str, int]:
 
 
 def expand_sites(sites: dict[str, int]) -> dict[str, int]:
-    """The inverse of `compact_sites` (plain names, as older delta.json files store them, pass through)."""
-    out: dict[str, int] = {}
+    """The inverse of `compact_sites` (plain names, as older delta.json files store them, pass through).
+
+    The ranges are counted before any is expanded: `a.{0-99999999}.b` is refused, not allocated.
+    """
+    parsed: list[tuple[str, Any, list[tuple[int, int]]]] = []
+    total = 0
     for key, count in sites.items():
-        match = _RANGE.search(key)
+        match = _RANGE.search(key) if isinstance(key, str) and len(key) <= 1024 else None
         if match is None:
-            out[key] = count
+            parsed.append((key, count, []))
+            total += 1
             continue
+        spans = []
         for part in match.group(1).split(","):
             lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
+            if len(lo) > 7 or len(hi) > 7 or int(hi or lo) < int(lo):
+                raise DeltaIOError(f"delta.json names modules with a layer range {part!r} no model has; was it edited?")
+            spans.append((int(lo), int(hi or lo)))
+            total += int(hi or lo) - int(lo) + 1
+        parsed.append((key, count, spans))
+        if total > _MAX_SITES:
+            raise DeltaIOError(f"delta.json names more than {_MAX_SITES:,} modules; was it edited?")
+    out: dict[str, int] = {}
+    for key, count, spans in parsed:
+        if not spans:
+            out[key] = count
+            continue
+        match = _RANGE.search(key)
+        for lo, hi in spans:
+            for i in range(lo, hi + 1):
                 out[key[: match.start()] + str(i) + key[match.end() :]] = count
     return out
 
@@ -263,17 +223,36 @@ def _ranges(indices: list[int]) -> str:
     return ",".join(parts)
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_tensors(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The delta's tensors, verified against the SHA-256 that delta.json recorded at save time."""
+    global _warned_unhashed
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
+    meta = read_meta(path) if meta is None else meta
     file = Path(path) / WEIGHTS
     if not file.exists():
         raise DeltaIOError(f"{file} is missing; the delta folder is incomplete")
+    data = file.read_bytes()
     try:
-        return load_file(str(file))
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise DeltaIOError(f"{file} is truncated or corrupted ({err}); save the delta again") from err
+    expected = meta.get("weights_sha256")
+    if expected is None:
+        if not _warned_unhashed:
+            _warned_unhashed = True
+            warnings.warn(
+                f"{Path(path) / META} records no hash of its tensors (written before deltatune checked them), so a "
+                "corrupted file cannot be detected; save the delta again to add one",
+                stacklevel=3,
+            )
+    elif hashlib.sha256(data).hexdigest() != expected:
+        raise DeltaIOError(
+            f"{file} is corrupted or edited: its content does not match the SHA-256 recorded when it was saved; "
+            "restore it from a backup or save the delta again"
+        )
+    return tensors
 
 
 def load_delta(
@@ -294,11 +273,13 @@ def load_delta(
 
     meta = read_meta(path)
     config = _config_from_json(meta["config"])
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, meta)
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
     if strict_backbone:
         check_backbone(meta.get("backbone", {}), dm.backbone)
     name = name or meta.get("name") or "default"
+    if not isinstance(name, str):
+        raise DeltaIOError(f"delta.json names the delta {name!r}, not a string; pass name=... or fix the JSON")
     dm.add(name, config, enabled=enabled)
     try:
         _load_into(dm, name, tensors, meta)
@@ -328,11 +309,19 @@ def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta
     if bad:
         k = bad[0]
         raise DeltaIOError(f"tensor {k!r} has shape {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} here")
+    if head and not meta.get("head_parameters"):
+        raise DeltaIOError(
+            f"delta.safetensors holds task head tensors ({sorted(head)[0]!r}, ...) that delta.json does not declare; "
+            "the file was edited: restore it or save the delta again"
+        )
     params = dict(dm.backbone.named_parameters())
+    head_names_here = set(dm.head_parameter_names())
     for k, v in head.items():
-        if k not in params:
+        if k not in head_names_here:
+            what = "a backbone weight, not its task head" if k in params else "a tensor this model lacks"
             raise DeltaIOError(
-                f"the delta carries a task head tensor {k!r} this model lacks; load a model with that head"
+                f"the delta carries a task head tensor {k!r}, which names {what}; only the task head may be "
+                "loaded from a delta: load a model with that head, or save the delta again"
             )
         if params[k].shape != v.shape:
             raise DeltaIOError(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .atomic import clean_stale
 from .delta import DeltaError
 
 if TYPE_CHECKING:
@@ -62,12 +63,15 @@ def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
 
 def export_merged(dm: DeltaModel, path: str | os.PathLike, tokenizer: object | None = None) -> Path:
     """Write a plain transformers model folder with the deltas merged in (atomically)."""
-    state = merged_state_dict(dm)
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; choose a new folder for the merged model")
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; choose a new folder for the merged model")
+    state = merged_state_dict(dm)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_stale(path)  # temp folders of exports that were killed midway
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         dm.backbone.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:

@@ -16,13 +16,23 @@ from torch import nn
 
 from . import conventions
 from .delta import Delta, DeltaConfig, DeltaError
-from .routing import RoutingError, RowIds, routes_for, row_names
+from .routing import RoutingError, RowIds, input_rows, routes_for, row_names
 from .targeting import head_names
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"delta name must be a non-empty string without dots, got {name!r}")
+    """Names become module keys and folder names (delta-<name>/): no dots, no path separators."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > 100
+        or any(c in name for c in "./\\\0")
+        or not name.isprintable()
+    ):
+        raise ValueError(
+            f"delta name must be a non-empty string of at most 100 printable characters without dots or slashes, "
+            f"got {name!r}"
+        )
 
 
 class DeltaModel(nn.Module):
@@ -37,6 +47,8 @@ class DeltaModel(nn.Module):
         super().__init__()
         if isinstance(backbone, DeltaModel):
             raise TypeError("this model already carries deltas; call .add(name, config) on it instead")
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"expected a transformers model (a torch.nn.Module), got {type(backbone).__name__}")
         self.backbone = backbone
         self.deltas = nn.ModuleDict()
         self.train_head = False
@@ -47,27 +59,53 @@ class DeltaModel(nn.Module):
     # -- behaving as the backbone -------------------------------------------------------------
     def forward(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
         """The backbone's forward; with `delta_ids` (one per row) each row uses its own deltas."""
+        self._refuse_training_while_merged()
         if delta_ids is None:
             return self.backbone(*args, **kwargs)
-        with self.route(delta_ids):
+        with self.route(delta_ids, rows=input_rows(args, kwargs)):
             return self.backbone(*args, **kwargs)
 
     def generate(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
         if delta_ids is None:
             return self.backbone.generate(*args, **kwargs)
-        with self.route(delta_ids):
+        with self.route(delta_ids, rows=input_rows(args, kwargs)):
             return self.backbone.generate(*args, **kwargs)
 
+    def _merged(self) -> list[str]:
+        return [n for n, d in self.deltas.items() if d.merged]
+
+    def _refuse_training_while_merged(self) -> None:
+        """A merged delta's tensors no longer act (the weights hold them): training them would do nothing."""
+        if self.backbone.training and torch.is_grad_enabled() and (merged := self._merged()):
+            raise DeltaError(
+                f"delta(s) {', '.join(merged)} are merged into the weights, so training would not reach them; "
+                "unmerge them first (dm.unmerge(name)), or call dm.eval() to run inference"
+            )
+
+    def _refuse_while_merged(self, action: str, names: Iterable[str] | None = None) -> None:
+        merged = [n for n in self._merged() if names is None or n in names]
+        if merged:
+            raise DeltaError(
+                f"cannot {action}: delta(s) {', '.join(merged)} are merged into the weights; "
+                f"unmerge them first (dm.unmerge({merged[0]!r}))"
+            )
+
     @contextlib.contextmanager
-    def route(self, delta_ids: RowIds) -> Iterator[None]:
+    def route(self, delta_ids: RowIds, rows: int | None = None) -> Iterator[None]:
         """Serve a mixed batch: row i uses the deltas named by `delta_ids[i]` (a name, names, or None).
 
         Inside, enable/disable flags are ignored: each delta acts exactly on its rows. Merged deltas
-        would act on every row, so they must be unmerged first.
+        would act on every row, so they must be unmerged first. `rows`, when known, is the batch size
+        `delta_ids` must match.
         """
+        rows_given = rows
         rows = row_names(delta_ids)
         if not rows:
             raise RoutingError("delta_ids is empty; pass one entry per row of the batch")
+        if rows_given is not None and len(rows) != rows_given:
+            raise RoutingError(
+                f"delta_ids has {len(rows)} entries for a batch of {rows_given} rows; pass one delta id per row"
+            )
         names = {n for row in rows for n in row}
         for n in sorted(names):
             self._get(n)
@@ -159,6 +197,9 @@ class DeltaModel(nn.Module):
             raise TypeError(
                 f"expected a method config such as deltatune.METHODS['lora'](), got {type(config).__name__}"
             )
+        for flag, value in (("train_head", train_head), ("enabled", enabled)):
+            if not isinstance(value, bool) and not (flag == "train_head" and value is None):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
         config.validate()
         delta = config.build()
         delta.enabled = enabled
@@ -179,6 +220,19 @@ class DeltaModel(nn.Module):
     def detach(self, name: str | None = None) -> nn.Module:
         """Remove one delta (or all). With none left, the plain backbone is returned, as it came."""
         names = list(self.deltas) if name is None else [self._get(name) and name]
+        # all or nothing: with any delta merged, removing one would leave the weights out of step
+        merged = self._merged()
+        if merged:
+            own = [n for n in merged if n in names]
+            fix = (
+                "unmerge this delta before removing it, or the backbone keeps its weights changed"
+                if own
+                else f"unmerge {', '.join(merged)} before removing any delta"
+            )
+            raise DeltaError(
+                f"cannot detach {repr(name) if name else 'the deltas'}: delta(s) {', '.join(merged)} are merged into "
+                f"the weights; {fix} (dm.unmerge({merged[0]!r}))"
+            )
         for n in names:
             self.deltas[n].uninstall()
             del self.deltas[n]
@@ -204,13 +258,18 @@ class DeltaModel(nn.Module):
 
     def disable(self, name: str) -> None:
         """Switch a delta off without removing it: the backbone then computes as if it were absent."""
-        self._get(name).enabled = False
+        self._get(name)
+        self._refuse_while_merged(f"disable {name!r} (the weights would still hold it)", [name])
+        self.deltas[name].enabled = False
 
     def set_active(self, names: str | list[str]) -> None:
         """Enable exactly these deltas and disable all others."""
         wanted = {names} if isinstance(names, str) else set(names)
+        if not isinstance(names, str | list | tuple | set) or not all(isinstance(n, str) for n in wanted):
+            raise TypeError(f"set_active takes a delta name or a list of names, got {names!r}")
         for n in wanted:
             self._get(n)
+        self._refuse_while_merged("switch deltas (the weights would still hold them)", set(self.deltas) - wanted)
         self._check_claims(wanted)
         for n, delta in self.deltas.items():
             delta.enabled = n in wanted
@@ -259,14 +318,28 @@ class DeltaModel(nn.Module):
         return {f"__head__.{n}": params[n].detach() for n in self.head_parameter_names()}
 
     def load_delta_state_dict(self, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load a delta's tensors (and task head tensors, `__head__.` keys); no other backbone weight is reachable."""
+        delta = self._get(name)
+        self._refuse_while_merged(f"load tensors into {name!r} (unmerging would then subtract other values)", [name])
         head = {k.removeprefix("__head__."): v for k, v in state.items() if k.startswith("__head__.")}
         own = {k: v for k, v in state.items() if not k.startswith("__head__.")}
-        self._get(name).load_state_dict(own, strict=strict)
-        if head:
-            params = dict(self.backbone.named_parameters())
-            with torch.no_grad():
-                for n, v in head.items():
-                    params[n].copy_(v)
+        allowed = set(self.head_parameter_names())
+        stray = sorted(set(head) - allowed)
+        if stray:
+            raise DeltaError(
+                f"{stray[0]!r} is not a task head parameter of this model (its head: {', '.join(sorted(allowed)) or 'none'}); "
+                "a delta's state may hold only its own tensors and the task head's"
+            )
+        params = dict(self.backbone.named_parameters())
+        bad = [n for n, v in head.items() if params[n].shape != v.shape]
+        if bad:
+            raise DeltaError(
+                f"head tensor {bad[0]!r} has shape {tuple(head[bad[0]].shape)}, the model's {tuple(params[bad[0]].shape)}"
+            )
+        delta.load_state_dict(own, strict=strict)
+        with torch.no_grad():
+            for n, v in head.items():
+                params[n].copy_(v)
 
     # -- merging (mergeable methods implement the math) -----------------------------------------
     def merge(self, name: str = "default") -> None:

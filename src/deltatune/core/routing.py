@@ -56,18 +56,40 @@ RowIds = Sequence[str | Sequence[str] | None]
 
 
 def row_names(delta_ids: RowIds) -> list[tuple[str, ...]]:
-    """Normalise each row's id to a tuple of delta names (None: the bare backbone)."""
+    """Normalise each row's id to a tuple of delta names (None: the bare backbone).
+
+    `delta_ids` itself must be a list or tuple: a string would otherwise be read one character per row.
+    """
+    if not isinstance(delta_ids, list | tuple):
+        raise RoutingError(
+            f"delta_ids must be a list with one entry per row (a name, a list of names, or None), got "
+            f"{type(delta_ids).__name__} {delta_ids!r:.60}; e.g. delta_ids=['a', 'b', None]"
+        )
     rows = []
     for i, entry in enumerate(delta_ids):
         if entry is None:
             rows.append(())
         elif isinstance(entry, str):
             rows.append((entry,))
-        elif isinstance(entry, Sequence) and all(isinstance(n, str) for n in entry):
+        elif isinstance(entry, list | tuple) and all(isinstance(n, str) for n in entry):
+            if len(set(entry)) != len(entry):
+                raise RoutingError(f"delta_ids[{i}] names a delta twice ({list(entry)}); name each delta once per row")
             rows.append(tuple(entry))
         else:
             raise RoutingError(f"delta_ids[{i}] must be a delta name, a list of names or None, got {entry!r}")
     return rows
+
+
+def input_rows(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model call (input_ids or inputs_embeds, else the first tensor argument)."""
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
 
 
 def routes_for(rows: list[tuple[str, ...]], names: Sequence[str], device: torch.device) -> dict[str, Route]:

@@ -70,12 +70,26 @@ def _read_csv(path: Path) -> list[Raw]:
     return rows
 
 
+def _not_utf8(path: Path) -> DataError:
+    """Where in the file the first byte that is not UTF-8 sits (the decoder's own offset is per chunk)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        return DataError(f"{path}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8; re-save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text; re-save the file as UTF-8")
+
+
 def _read_file(path: Path) -> list[Raw]:
     if path.suffix not in FILE_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    try:
+        rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     if not rows:
         raise DataError(f"{path}, line 1: empty file (no rows)")
     return rows
@@ -94,6 +108,8 @@ def _split_file(folder: Path, split: str) -> Path | None:
 def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
     if not isinstance(meta, dict):

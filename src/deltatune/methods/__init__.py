@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..core.delta import DeltaConfig
 from .addition.adapter import AdapterConfig
 from .addition.compacter import CompacterConfig
@@ -45,4 +47,8 @@ def get_config(name: str, **kwargs: object) -> DeltaConfig:
         close = difflib.get_close_matches(name, list(METHODS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown method {name!r}{hint} (known: {', '.join(METHODS)})")
+    fields = sorted(f.name for f in dataclasses.fields(METHODS[name]))
+    stray = sorted(set(kwargs) - set(fields))
+    if stray:
+        raise ValueError(f"{name} has no setting {stray[0]!r}; its settings: {', '.join(fields)}")
     return METHODS[name](**kwargs)

@@ -44,9 +44,12 @@ def _folder_bytes(folder: Path) -> int:
 def _budget_config(model: Any, name: str, settings: dict[str, Any], budget: int) -> dict[str, Any]:
     """The size setting that brings a method's trainable parameters closest to `budget` on this model."""
     from ..core.model import DeltaModel
+    from ..core.settings import size_field
     from ..methods import METHODS
 
-    knob = next(k for k in ("r", "bottleneck", "num_tokens", "rank", "dim") if hasattr(METHODS[name](), k))
+    knob = size_field(METHODS[name])  # the field the method declares as its size (core.settings)
+    if knob is None:
+        raise ValueError(f"{name} has no size setting, so a parameter budget cannot be met; drop `budget` for it")
 
     def count(value: int) -> int:
         dm = DeltaModel(model)
@@ -240,15 +243,38 @@ class SequentialExecutor:
         pass
 
 
+def _die_with(parent: int, interval: float = 0.5) -> None:
+    """Worker initializer: exit as soon as the runner that started this worker is gone.
+
+    A runner killed with SIGKILL cannot shut its pool down, and a worker mid-run would otherwise train
+    on for minutes holding its memory (~0.5 GB each). The worker was re-parented when its parent died,
+    so a daemon thread watching os.getppid() notices within `interval` seconds (Linux, macOS alike).
+    """
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the runner died before this worker started
+        os._exit(1)
+    threading.Thread(target=watch, name="die-with-runner", daemon=True).start()
+
+
 class ProcessExecutor:
-    """A pool of spawned processes (fork is unsafe once torch has started threads)."""
+    """A pool of spawned processes (fork is unsafe once torch has started threads); they die with the runner."""
 
     def __init__(self, workers: int) -> None:
         import multiprocessing
+        import os
         from concurrent.futures import ProcessPoolExecutor
 
         self.workers = workers
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with, initargs=(os.getpid(),)
+        )
 
     def submit(self, job: dict[str, Any]) -> Any:
         return self.pool.submit(execute, json.dumps(job))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +166,26 @@ def _list(raw: dict[str, Any], field: str, default: Any = None) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@=-]{0,99}")
+
+
+def _check_name(field: str, name: str) -> None:
+    """Labels and study names become folder and file names: they must stay inside the folder they are for."""
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise _fail(
+            field,
+            f"{name!r} cannot name a folder",
+            "use letters, digits and _ . + @ = - (no '/', no '..', at most 100 characters), e.g. lora@r16",
+        )
+
+
 def _parse_method(label: str, value: Any) -> Method:
+    field = f"methods.{label}"
+    _check_name(field, label)
+    if value is not None and not isinstance(value, dict):
+        raise _fail(field, f"settings must be a mapping, got {value!r}", "write e.g. `lora: {r: 8}` or `lora: {}`")
     settings = dict(value or {})
     run = {k: settings.pop(k) for k in list(settings) if k in RUN_FIELDS}
-    field = f"methods.{label}"
     base = label.split("@")[0]  # "prefix@lr5e-4": a second column of the same method with other settings
     if base in BASELINES:
         if settings:
@@ -262,7 +279,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     models = [str(m) for m in _list(raw, "models", ["minilm-l6"])]
     methods = _parse_methods(raw.get("methods"))
     seeds = _list(raw, "seeds", [42])
-    if not all(isinstance(s, int) for s in seeds):
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _fail("seeds", f"{seeds} are not all integers", "write e.g. `seeds: [42, 43, 44]`")
     k_shot, max_train = raw.get("k_shot"), raw.get("max_train")
     if k_shot is not None and max_train is not None:
@@ -308,7 +325,15 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         raise _fail("models", "the scaling analysis needs 2+ models", "list several models or drop `scaling`")
     tasks = _resolve_tasks(raw.get("tasks", t_tasks or None) or _list(raw, "tasks"), "tasks")
     for model in models:
+        if not _SAFE_NAME.fullmatch(Path(model).name) or ".." in Path(model).name:  # runs are filed under it
+            raise _fail(
+                "models",
+                f"{model!r} does not end in a folder name",
+                "give the model folder by its path, e.g. ./models/tiny-bert",
+            )
         check_model(model)
+    if "name" in raw:
+        _check_name("name", str(raw["name"]))
     return StudySpec(
         name=str(raw.get("name", name)),
         models=models,

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
+from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import hidden_size_of, map_hidden, param_dtype_device
 from ...core.targeting import Layers, Targets
 
@@ -114,9 +114,9 @@ class AdapterConfig(DeltaConfig):
     placement: str = "houlsby"
     targets: Targets = None
     layers: Layers = None
-    bottleneck: int = 24
+    bottleneck: int = setting(24, size=True)
     non_linearity: str = "relu"
-    scaling: float = 1.0
+    scaling: float = setting(1.0, gt=0)
 
     def validate(self) -> None:
         super().validate()

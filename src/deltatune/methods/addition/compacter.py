@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import DeltaConfig
+from ...core.delta import DeltaConfig, setting
 from ...core.targeting import Layers, Targets
 from .adapter import Adapter, Bottleneck, check_non_linearity, check_placement
 
@@ -39,21 +39,17 @@ class CompacterConfig(DeltaConfig):
     placement: str = "houlsby"
     targets: Targets = None
     layers: Layers = None
-    bottleneck: int = 24
-    phm_dim: int = 4
-    phm_rank: int = 1
+    bottleneck: int = setting(24, size=True)
+    phm_dim: int = setting(4, size=True)
+    phm_rank: int = setting(1, size=True)
     non_linearity: str = "gelu"
-    scaling: float = 1.0
-    phm_init_range: float = 1e-4
+    scaling: float = setting(1.0, gt=0)
+    phm_init_range: float = setting(1e-4, gt=0)
 
     def validate(self) -> None:
         super().validate()
         check_placement(self, self.placement)
         check_non_linearity(self, self.non_linearity)
-        for field in ("phm_dim", "phm_rank"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"CompacterConfig.{field} must be a positive integer, got {value!r}")
         if self.bottleneck % self.phm_dim:
             raise ValueError(
                 f"CompacterConfig.bottleneck ({self.bottleneck}) must be divisible by phm_dim ({self.phm_dim}); "

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
+from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import first_input, is_linear, linear_dims, param_dtype_device
 from ...core.targeting import Layers, Targets, block_of, resolve
 from .adapter import Bottleneck, check_non_linearity
@@ -41,9 +41,9 @@ class ParallelAdapterConfig(DeltaConfig):
     targets: Targets = ("ffn.out",)
     input_from: Targets = ("ffn.in",)
     layers: Layers = None
-    bottleneck: int = 24
+    bottleneck: int = setting(24, size=True)
     non_linearity: str = "relu"
-    scaling: float = 4.0
+    scaling: float = setting(4.0, gt=0)
 
     def validate(self) -> None:
         super().validate()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
-from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
+from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import linear_dims
 from ...core.targeting import TargetError, resolve
 from .prompt import CallArgs
@@ -51,9 +51,9 @@ class PrefixConfig(DeltaConfig):
     routable: ClassVar[bool] = False  # its prefixes live in the attention cache, shared by the batch
     default_lr: ClassVar[float] = 5e-4  # measured: 5e-5 stayed at chance, 5e-3 failed too (docs/study.md)
 
-    num_tokens: int = 6
+    num_tokens: int = setting(6, size=True)
     reparameterize: bool = True
-    mid_dim: int = 512
+    mid_dim: int = setting(512, size=True)
     cross_attention: bool = False  # also prefix the decoder's cross-attention of an encoder-decoder
 
     def build(self) -> Prefix:

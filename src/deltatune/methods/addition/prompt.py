@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import Delta, DeltaConfig, Hooks
+from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.routing import RoutingError
 
 INITS = ("random", "uniform", "vocab", "text")
@@ -87,7 +87,7 @@ class PromptConfig(DeltaConfig):
     identity_at_init: ClassVar[bool] = False
     default_lr: ClassVar[float] = 3e-2  # prompts need large steps (the paper: 0.3 with Adafactor)
 
-    num_tokens: int = 100
+    num_tokens: int = setting(100, size=True)
     # "random": normal with the embedding matrix's std; "uniform": U(-0.5, 0.5) as in the paper;
     # "vocab": embeddings of randomly drawn vocabulary tokens; "text": embeddings of `init_text` tokens.
     init: str = "random"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
+from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import first_input, is_linear, linear_dims, weight_update
 from ...core.routing import needs_graph
 from ...core.targeting import Layers, Targets
@@ -32,9 +32,9 @@ class LoRAConfig(DeltaConfig):
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = setting(8, size=True)
+    alpha: float = setting(16.0, gt=0)
+    dropout: float = setting(0.0, ge=0, lt=1)
     # per-module rank / alpha, as PEFT's: a key matches a module named `key` or ending in `.key` (a regex)
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key
+from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key, setting
 from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden
 from ...core.targeting import Layers, Targets
 
@@ -33,8 +33,8 @@ class LowRankAdapterConfig(DeltaConfig):
 
     targets: Targets = ("attn.o", "ffn.out")
     layers: Layers = None
-    bottleneck: int = 24
-    rank: int = 1
+    bottleneck: int = setting(24, size=True)
+    rank: int = setting(1, size=True)
     non_linearity: str = "gelu"
 
     def validate(self) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ...core.delta import Delta, DeltaConfig, Hooks
+from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.fastfood import Fastfood
 from ...core.targeting import Layers, Targets
 
@@ -32,7 +32,7 @@ class SAIDConfig(DeltaConfig):
 
     targets: Targets = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out")
     layers: Layers = None
-    dim: int = 1000
+    dim: int = setting(1000, size=True, le=1 << 24)
     param_names: tuple[str, ...] = ("weight", "bias")
     structured: bool = True
     seed: int = 0

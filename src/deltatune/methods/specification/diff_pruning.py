@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import DeltaConfig, Hooks, safe_key
+from ...core.delta import DeltaConfig, Hooks, safe_key, setting
 from ...core.targeting import Layers, Targets
 from ._param_delta import ParamDelta, collect, name_filter
 
@@ -48,8 +48,8 @@ class DiffPruningConfig(DeltaConfig):
     param_names: tuple[str, ...] | None = None
     mode: str = "l0"
     sparsity: float = 0.995
-    l0_lambda: float = 1.25e-7
-    temperature: float = 1.0
+    l0_lambda: float = setting(1.25e-7, ge=0)
+    temperature: float = setting(1.0, gt=0)
     stretch: tuple[float, float] = (-1.5, 1.5)
     log_alpha_init: float = 5.0
 

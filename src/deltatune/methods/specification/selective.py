@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ...core.delta import DeltaConfig, Hooks
+from ...core.delta import DeltaConfig, Hooks, setting
 from ...core.targeting import Layers, TargetError, Targets, backbone_modules, layer_index, side_of
 from ._param_delta import ParamDelta, collect, name_filter
 
@@ -39,7 +39,7 @@ class SelectiveConfig(DeltaConfig):
 
     targets: Targets = ("layer",)
     layers: Layers = None
-    last_k: int | None = 1
+    last_k: int | None = setting(1, ge=1)
     param_names: tuple[str, ...] | None = None
 
     def validate(self) -> None:

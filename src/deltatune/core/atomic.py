@@ -1,0 +1,107 @@
+"""Writing a folder of files so that no crash leaves it half written and nothing else in it is lost.
+
+A new folder is written under a temporary name beside it and renamed into place. An existing folder
+(a delta saved again) is updated in place, file by file, because it may hold a user's other files
+that must survive: each file is first written completely as `.<name>.pending`, and the *last* file
+of the set (the one that describes the others, delta.json) is written last, as `.partial` renamed to
+`.pending`, so it appears whole or not at all. Its pending copy is the commit mark: a kill before it
+exists leaves the old set intact (the pending files are dropped on the next access); a kill after
+it, even between two renames, is rolled forward on the next access.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PENDING = ".pending"
+
+
+def _fsync_write(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pending(folder: Path, name: str) -> Path:
+    return folder / f".{name}{PENDING}"
+
+
+def clean_stale(path: Path) -> None:
+    """Remove temporary folders that interrupted writes of `path` left beside it (their writer is dead)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{path.name}.tmp-").split("-")[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover(path: Path, names: list[str]) -> None:
+    """Finish or drop an interrupted in-place update of `names` in `path`; a no-op when none was interrupted.
+
+    Roll forward when the commit mark (the pending copy of the last name) exists: every other pending
+    file was complete before it was written. Otherwise drop the pending files: the old set is intact.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        for old in path.parent.glob(f".{path.name}.old-*"):  # a replace by an older deltatune, cut short
+            if old.is_dir() and not path.exists():
+                os.replace(old, path)
+        return
+    _pending(path, names[-1]).with_name(f".{names[-1]}{PENDING}.partial").unlink(missing_ok=True)
+    pending = [n for n in names if _pending(path, n).exists()]
+    if not pending:
+        return
+    if names[-1] in pending:
+        for n in names:
+            try:
+                os.replace(_pending(path, n), path / n)
+            except FileNotFoundError:  # not part of this update, or another process finished it first
+                pass
+    else:
+        for n in pending:
+            _pending(path, n).unlink(missing_ok=True)
+
+
+def write_folder(path: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (in order; the last one commits) into `path`, leaving every other file there untouched."""
+    path = Path(path)
+    names = list(files)
+    if path.is_dir():
+        recover(path, names)
+        mark = _pending(path, names[-1])
+        partial = mark.with_name(mark.name + ".partial")
+        try:
+            for name, data in list(files.items())[:-1]:
+                _fsync_write(_pending(path, name), data)
+            # the commit mark appears whole or not at all: written under another name, then renamed
+            _fsync_write(partial, files[names[-1]])
+            os.replace(partial, mark)
+        except BaseException:
+            for name in names:
+                _pending(path, name).unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+            raise
+        recover(path, names)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        for name, data in files.items():
+            _fsync_write(tmp / name, data)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""Who a backbone is: the identity a saved delta carries, so it is never applied to another model.
+
+A delta is meaningful only on the weights it was trained on. The identity is a structural hash
+(parameter names and shapes), the dtypes, and one signature per parameter: sign-weighted sums of a
+fixed strided sample of its values. Every tensor is covered, so re-randomizing any of them is
+noticed; the sums are compared with a tolerance, so a bf16 or fp16 copy of the same model still
+matches (an exact hash could not: rounding differs value by value).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .targeting import head_names
+
+_SLICE = 8  # values kept from each of three probe tensors (the identity files written before signatures hold)
+_SAMPLE = 256  # values read from every parameter for its signature
+_RTOL = 6e-3  # bf16 keeps 8 significant bits: a copy moves each value by at most 2^-8 of itself
+
+
+class IdentityError(ValueError):
+    """The model is not the backbone a delta was trained on (raised as DeltaIOError by io)."""
+
+
+def _clean(name: str) -> str:
+    """A parameter's backbone name, also while a parametrization wraps it."""
+    return name.replace(".parametrizations.", ".").replace(".original", "")
+
+
+def base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The backbone's parameters without its task head: a head is per task, often freshly initialised."""
+    heads = tuple(f"{h}." for h in head_names(model))
+    return sorted((_clean(n), p) for n, p in model.named_parameters() if not (heads and n.startswith(heads)))
+
+
+def probe_index(numel: int, count: int) -> torch.Tensor:
+    """`count` evenly spread positions in a tensor, in integers (float steps overflow past 2^24)."""
+    count = min(count, numel)
+    return torch.tensor([i * (numel - 1) // max(count - 1, 1) for i in range(count)], dtype=torch.long)
+
+
+def _sample(p: torch.Tensor) -> torch.Tensor:
+    flat = p.detach().reshape(-1)
+    idx = probe_index(flat.numel(), _SAMPLE).to(flat.device)
+    return flat[idx].double().cpu()
+
+
+def _signs(n: int, k: int) -> torch.Tensor:
+    """The k-th fixed +-1 pattern over n positions (an integer hash: the same on every machine and version)."""
+    h = (torch.arange(n, dtype=torch.int64) * 1103515245 + 12345 * (k + 1)) % 2147483648
+    return ((h >> 16) & 1).double() * 2 - 1
+
+
+def signature(p: torch.Tensor) -> list[float]:
+    """Two sign-weighted sums and the sum of magnitudes of a fixed strided sample of `p`.
+
+    Independent sign patterns: a re-drawn tensor escapes both only with odds ~1e-3 per tensor.
+    """
+    values = _sample(p)
+    n = values.numel()
+    return [float((_signs(n, 0) * values).sum()), float((_signs(n, 1) * values).sum()), float(values.abs().sum())]
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Structure hash, dtypes, a per-parameter signature and (for older readers) a few probe values."""
+    params = base_parameters(model)
+    digest = hashlib.sha256()
+    for name, p in params:
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params})
+    probes = {}
+    for name, p in (params[0], params[len(params) // 2], params[-1]) if params else ():
+        flat = p.detach().reshape(-1)
+        probes[name] = [float(v) for v in flat[probe_index(flat.numel(), _SLICE)].float().cpu()]
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "name_or_path": getattr(config, "_name_or_path", None),
+        "class": type(model).__name__,
+        "num_parameters": sum(p.numel() for _, p in params),
+        "structure_sha256": digest.hexdigest(),
+        "dtypes": dtypes,
+        "probes": probes,
+        # one [sum, magnitude] pair per parameter, in the sorted order the structure hash fixes
+        "signatures": [[float(f"{v:.4g}") for v in signature(p)] for _, p in params],
+    }
+
+
+def describe(fp: dict[str, Any]) -> str:
+    name = fp.get("name_or_path") or "unnamed"
+    count = fp.get("num_parameters", 0)
+    count = f"{count:,}" if isinstance(count, int) else "?"
+    return f"{fp.get('class')} ({fp.get('model_type')}, {name}, {count} parameters)"
+
+
+def check(saved: dict[str, Any], model: nn.Module) -> None:
+    """Refuse a delta made for another backbone, naming both; dtype differences are fine (cast on load)."""
+    if not isinstance(saved, dict):
+        raise IdentityError("delta.json's backbone identity is not a mapping; was the JSON edited?")
+    here = fingerprint(model)
+    if saved.get("structure_sha256") != here["structure_sha256"]:
+        raise IdentityError(
+            f"this delta was trained on {describe(saved)} but the model is {describe(here)}: "
+            "their parameter names or shapes differ; load it onto the backbone it was trained on"
+        )
+    params = base_parameters(model)
+    other = (
+        f"this delta was trained on {describe(saved)}; the model has the same shapes but other weights "
+        "(e.g. {name!r} differs): it is another checkpoint of the same architecture; load the right one"
+    )
+    signatures = saved.get("signatures")
+    if signatures is not None:
+        if not isinstance(signatures, list) or len(signatures) != len(params):
+            raise IdentityError("delta.json's backbone signatures do not fit the model's parameters; was it edited?")
+        for (name, p), pair in zip(params, signatures, strict=True):
+            if not (isinstance(pair, list) and len(pair) == 3 and all(isinstance(v, int | float) for v in pair)):
+                raise IdentityError("delta.json's backbone signatures are malformed; was the JSON edited?")
+            *sums, mag = signature(p)
+            tol = _RTOL * max(mag, abs(pair[2])) + 1e-6
+            if any(abs(a - b) > tol for a, b in zip(sums, pair[:2], strict=True)) or abs(mag - pair[2]) > tol:
+                raise IdentityError(other.format(name=name))
+        return
+    by_name = dict(params)  # a file written before signatures: its few probe values
+    probes = saved.get("probes", {})
+    for name, values in probes.items() if isinstance(probes, dict) else ():
+        if name not in by_name:
+            raise IdentityError(
+                f"delta.json names a backbone parameter {name!r} this model lacks; was the JSON edited?"
+            )
+        flat = by_name[name].detach().reshape(-1).float().cpu()
+        if (
+            not isinstance(values, list)
+            or len(values) > flat.numel()
+            or not torch.allclose(
+                flat[probe_index(flat.numel(), len(values))],
+                torch.tensor(values, dtype=torch.float32),
+                rtol=2e-2,
+                atol=1e-3,
+            )
+        ):
+            raise IdentityError(other.format(name=name))

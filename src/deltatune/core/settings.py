@@ -1,0 +1,185 @@
+"""The one place where a method's settings are checked: from their declared types and ranges.
+
+A config field says what it accepts: its type annotation (`int`, `float`, `tuple[str, ...]`,
+`str | None`, ...) and, where a range matters, `setting(default, ge=..., lt=..., size=True)`.
+`check_fields` reads both generically, so the core never names a method's fields, and every value
+that enters (Python, YAML spec, CLI, delta.json) is checked the same way before anything is built:
+ints are ints (not bools, floats or strings), numbers are finite, sizes are bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+MAX_SIZE = 1 << 16  # largest size setting (rank, bottleneck, tokens): beyond it a delta outgrows any backbone
+MAX_ITEMS = 4096  # longest list setting
+MAX_INT = (1 << 63) - 1  # what torch can hold (seeds, counts)
+
+
+def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, size: bool = False) -> Any:  # fmt: skip
+    """A config field with its allowed range. `size=True`: the method's size knob, an int in [1, MAX_SIZE]."""
+    if size:
+        ge, le = 1 if ge is None else ge, MAX_SIZE if le is None else le
+    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "size": size})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def size_field(cls: type) -> str | None:
+    """The name of the field declared `size=True` (what a parameter budget tunes), or None."""
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("size")), None)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list, Sequence) or hint in (tuple, list):
+        if not isinstance(value, list | tuple) or len(value) > MAX_ITEMS:
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+        return all(_conforms(v, args[0]) for v in value) if args else True
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # a hint this checker does not know: the method's own validate decides
+
+
+def describe(hint: Any) -> str:
+    """A type annotation in words, for messages."""
+    if hint is None or hint is type(None):
+        return "None"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe(a) for a in args))
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    words = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
+    if hint in words:
+        return words[hint]
+    if origin in (tuple, list, Sequence):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(describe(a) for a in args)})"
+        inner = describe(args[0]) if args else "values"
+        return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _has_range(meta: Any) -> bool:
+    return any(meta.get(k) is not None for k in ("ge", "gt", "le", "lt"))
+
+
+def _range_text(meta: Any, is_int: bool, noun: bool = False) -> str:
+    """The allowed range in words: 'a positive integer (at most 64)', '> 0', 'in [0, 1)'."""
+    ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
+    kind = "an integer" if is_int else "a finite number"
+    if is_int and ge == 1 and gt is None and lt is None:
+        return "a positive integer"  # its upper bound, if any, is said after the value (_bound_note)
+    if le is None and lt is None and (ge is None) != (gt is None):
+        return f"{kind} {'>= ' + str(ge) if ge is not None else '> ' + str(gt)}"
+    low = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
+    high = f"{le}]" if le is not None else (f"{lt})" if lt is not None else "inf)")
+    return f"{kind + ' ' if noun else ''}in {low}, {high}"
+
+
+def _bound_note(meta: Any, is_int: bool) -> str:
+    le = meta.get("le")
+    return f" (at most {le})" if is_int and meta.get("ge") == 1 and le is not None else ""
+
+
+def _in_range(value: Any, meta: dict[str, Any]) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return True  # None (where allowed) and non-numbers have no range
+    ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
+    return not (
+        (ge is not None and value < ge)
+        or (gt is not None and value <= gt)
+        or (le is not None and value > le)
+        or (lt is not None and value >= lt)
+    )
+
+
+def check_fields(config: Any) -> None:
+    """Raise ValueError naming the setting, what it accepts, and the value given."""
+    cls = type(config)
+    hints = _hints(cls)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        hint = hints.get(field.name, Any)
+        where = f"{cls.__name__}.{field.name}"
+        numeric = _conforms(0, hint)
+        is_int = not _conforms(0.5, hint)
+        if not _conforms(value, hint):
+            wanted = describe(hint)
+            if numeric and _has_range(field.metadata):
+                wanted = _range_text(field.metadata, is_int, noun=True) + (" or None" if _conforms(None, hint) else "")
+            note = _bound_note(field.metadata, is_int) if numeric else ""
+            raise ValueError(f"{where} must be {wanted}, got {value!r} ({type(value).__name__}){note}")
+        if not _in_range(value, field.metadata):
+            note = _bound_note(field.metadata, is_int)
+            raise ValueError(f"{where} must be {_range_text(field.metadata, is_int)}, got {value!r}{note}")
+
+
+def _wants_list(hint: Any) -> bool:
+    """Whether a field keeps a list as a list; every other sequence setting is a tuple (as its default)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_wants_list(a) for a in args)
+    return origin is list or hint is list
+
+
+def config_from_dict(data: Any, source: str = "the settings") -> Any:
+    """A validated method config from `{"method": name, setting: value, ...}` (delta.json, a spec, the CLI).
+
+    Lists become tuples where the field is a tuple (JSON and YAML have no tuples); unknown methods and
+    settings are refused by name.
+    """
+    from ..methods import METHODS  # the registry, not any method by name
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} holds a config that is not a mapping of settings ({type(data).__name__})")
+    method = data.get("method")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{source} names an unknown method {method!r}; known: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    hints = _hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key == "method":
+            continue
+        if key not in fields:
+            raise ValueError(
+                f"{source} gives {method} a setting {key!r} it does not have (its settings: {', '.join(sorted(fields))})"
+            )
+        kwargs[key] = tuple(value) if isinstance(value, list) and not _wants_list(hints.get(key)) else value
+    config = cls(**kwargs)
+    try:
+        config.validate()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source} holds an invalid {method} config: {err}") from None
+    return config
