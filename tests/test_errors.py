@@ -692,7 +692,7 @@ def test_kill_9_during_repeated_saves_always_leaves_a_whole_delta(tmp_path: Path
 
 def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
     with pytest.raises(
-        ValueError, match="lora has no setting 'rank'; its settings: alpha, dropout, layers, r, targets"
+        ValueError, match="lora has no setting 'rank'; its settings: alpha, alpha_pattern, dropout, layers, r, rank_pattern, targets"
     ):
         dt.get_config("lora", rank=4)
     with pytest.raises(TypeError, match="expected a transformers model .*got str"):
