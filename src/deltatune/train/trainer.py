@@ -69,6 +69,7 @@ class TrainResult:
     total_parameters: int
     mode: str
     diverged: str | None = None
+    test: dict[str, float] | None = None  # the kept (best dev) state scored on test, when asked
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +119,11 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Task, batch_size: int) -> dict[str, float]:
     """Dev/test metrics of the model as it is now (eval mode, no gradients)."""
+    return compute_metrics(task, predict(model, head, examples, batch_size), list(examples))
+
+
+def predict(model: nn.Module, head: Any, examples: Sequence[Example], batch_size: int) -> list:
+    """The model's predictions (class indices, numbers or generated texts) as it is now, in order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -130,7 +136,7 @@ def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Tas
             batch = {k: v.to(device) for k, v in head.collate(chunk).items()}
             predictions += head.predict(model, batch)
     model.train(was_training)
-    return compute_metrics(task, predictions, list(examples))
+    return predictions
 
 
 def _accelerator(cfg: TrainConfig) -> Any:
@@ -161,8 +167,14 @@ def fit(
     output_dir: str | os.PathLike | None = None,
     train_examples: Sequence[Example] | None = None,
     dev_examples: Sequence[Example] | None = None,
+    test_examples: Sequence[Example] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, TrainResult]:
-    """Train deltas (or the head alone, or everything) on a task; return the model at its best dev score."""
+    """Train deltas (or the head alone, or everything) on a task; return the model at its best dev score.
+
+    With `test_examples`, the kept state is scored on them once (`result.test`); `metadata` is
+    stored with the saved delta beside the task and every training setting.
+    """
     from accelerate.utils import set_seed
 
     cfg = cfg or TrainConfig()
@@ -291,28 +303,44 @@ def fit(
         for delta in dm.deltas.values():
             delta.finalize()
     result = TrainResult(best, best_step, history, step, train_seconds, trainable, total, mode, diverged)
+    if test_examples is not None:
+        result.test = evaluate(unwrapped, head, list(test_examples), task, cfg.eval_batch_size)
     if out is not None:
-        _save(unwrapped, dm, out, result, task)
+        _save(unwrapped, dm, out, result, task, cfg, metadata)
     return unwrapped, result
 
 
-def _save(model: nn.Module, dm: DeltaModel | None, out: Path, result: TrainResult, task: Task) -> None:
+def _save(
+    model: nn.Module,
+    dm: DeltaModel | None,
+    out: Path,
+    result: TrainResult,
+    task: Task,
+    cfg: TrainConfig | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    # everything `deltatune eval`/`predict`/`inspect` need to run under the training settings
     meta = {
         "task": task.name,
         "task_type": task.type,
         "labels": task.labels,
+        "pairs": task.is_pair,  # inputs are text pairs ("a ||| b" on the command line)
+        "task_source": task.source,
+        "dev_split": task.meta.get("dev_split"),
         "best": result.best,
         "best_step": result.best_step,
+        "test": result.test,
         "mode": result.mode,
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"} if cfg else None,
+        **(metadata or {}),
     }
     if dm is not None:
         for name in dm.deltas:
             dm.save_delta(out / f"delta-{name}", name, include_head=True, **meta)
         if not dm.deltas and any(p.requires_grad for p in dm.backbone.parameters()):
-            from safetensors.torch import save_file
+            from .saved import save_head
 
-            head = {k.removeprefix("__head__."): v.contiguous() for k, v in dm.head_state_dict().items()}
-            save_file(head, str(out / "head.safetensors"))
+            save_head(dm, out / "delta-head", **meta)
     tmp = out / ".result.json.tmp"
     tmp.write_text(json.dumps(copy.deepcopy(result.to_dict()), indent=2, default=str))
     os.replace(tmp, out / "result.json")
