@@ -129,7 +129,9 @@ def test_inspect_shows_the_training_settings(tmp_path: Path, model_dir: Path, ca
 
 
 def test_a_head_only_run_is_a_folder_eval_predict_inspect_and_merge_accept(
-    tmp_path: Path, model_dir: Path, capsys  # noqa: ANN001
+    tmp_path: Path,
+    model_dir: Path,
+    capsys,  # noqa: ANN001
 ) -> None:
     assert _train(model_dir, _folder(tmp_path / "mine"), tmp_path / "r", "--head-only", "--epochs", "4") == 0
     head = tmp_path / "r" / "delta-head"
@@ -221,7 +223,21 @@ def test_a_run_that_predicts_one_class_says_so_and_names_the_flags(tmp_path: Pat
     model.save_pretrained(biased)
     tf.AutoTokenizer.from_pretrained(model_dir).save_pretrained(biased)
     args = ["--head-only", "--head-lr", "1e-6", "--max-steps", "1", "--no-test", "--quiet"]
-    assert main(["train", "--model", str(biased), "--task", str(_folder(tmp_path / "t")), "--out", str(tmp_path / "r"), *args]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(biased),
+                "--task",
+                str(_folder(tmp_path / "t")),
+                "--out",
+                str(tmp_path / "r"),
+                *args,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "warning: all 24 dev predictions are 'neg'" in out and "--head-lr (now 1e-06)" in out
 

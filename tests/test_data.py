@@ -452,7 +452,10 @@ def test_a_held_out_dev_split_is_stratified_seeded_disjoint_and_in_file_order(tm
 def test_a_class_too_small_to_sample_still_lands_in_dev_and_train(tmp_path: Path) -> None:
     from deltatune.data.split import hold_out_dev
 
-    rows = [{"text": f"r{i}", "label": "a"} for i in range(40)] + [{"text": "x", "label": "b"}, {"text": "y", "label": "b"}]
+    rows = [{"text": f"r{i}", "label": "a"} for i in range(40)] + [
+        {"text": "x", "label": "b"},
+        {"text": "y", "label": "b"},
+    ]
     split = hold_out_dev(load_task(write_jsonl(tmp_path / "t.jsonl", rows)), 0.1)
     assert {e.label for e in split["dev"]} == {0, 1} and {e.label for e in split["train"]} == {0, 1}
 

@@ -17,10 +17,21 @@ HELP = "model tree with deltas marked and each method's parameter count"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     one_line_errors(p)
     p.add_argument("delta", nargs="?", help="a saved delta folder to describe (instead of a model tree)")
-    p.add_argument("--model", default="minilm-l6", help="short name (minilm-l6, smollm2-135m), hub id or folder (default: minilm-l6)")
-    p.add_argument("--head", default=None, help="the head to load: cls or causal-lm (default: causal-lm for SmolLM2, else cls)")
+    p.add_argument(
+        "--model",
+        default="minilm-l6",
+        help="short name (minilm-l6, smollm2-135m), hub id or folder (default: minilm-l6)",
+    )
+    p.add_argument(
+        "--head", default=None, help="the head to load: cls or causal-lm (default: causal-lm for SmolLM2, else cls)"
+    )
     p.add_argument("--method", action="append", help="method(s) to attach and mark in the tree (default: lora)")
-    p.add_argument("--method-arg", action="append", default=[], help="a setting of the (single) method as key=value, e.g. r=16 (default: the method's own)")
+    p.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        help="a setting of the (single) method as key=value, e.g. r=16 (default: the method's own)",
+    )
     p.add_argument("--depth", type=positive_int, default=8, help="deepest level of the tree to print (default: 8)")
     p.add_argument("--no-table", action="store_true", help="skip the table of every method's parameter count")
 

@@ -120,6 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_task_for_run(args: argparse.Namespace):  # noqa: ANN201
     """The task, with a dev split held out when asked; refuses data without dev before any model loads."""
+    from ..data.split import hold_out_dev
     from ..data.tasks import load_task
 
     task = load_task(args.task)
@@ -132,7 +133,7 @@ def load_task_for_run(args: argparse.Namespace):  # noqa: ANN201
             f"task {task.name!r} has no dev split (it has {', '.join(task.splits)}) to pick the best checkpoint "
             "by; add --dev-split 0.1 to hold out 10% of train (seeded, stratified by class)"
         )
-    return task
+    return hold_out_dev(task, args.dev_split) if args.dev_split is not None else task
 
 
 def spec_from_args(args: argparse.Namespace, task: Any = None):  # noqa: ANN201
@@ -160,7 +161,7 @@ def spec_from_args(args: argparse.Namespace, task: Any = None):  # noqa: ANN201
         args.k_shot,
         args.max_train,
         out,
-        dev_split=getattr(args, "dev_split", None),
+        dev_split=None if task is not None else getattr(args, "dev_split", None),  # a loaded task is split already
         test=not getattr(args, "no_test", False),
     )
 
@@ -186,7 +187,8 @@ def print_result(label: str, result, out: str | None) -> None:  # noqa: ANN001
         print(f"saved to {out}: {what} (delta and task head, with the training settings); metrics.jsonl the curve")
         if saved:
             delta = Path(out) / saved[0]
-            print(f"next: deltatune eval --delta {delta} --split test   |   deltatune predict --delta {delta} \"a text\"")
+            split = " --split test" if getattr(result, "test", None) else ""
+            print(f'next: deltatune eval --delta {delta}{split}   |   deltatune predict --delta {delta} "a text"')
 
 
 def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN001
@@ -211,11 +213,12 @@ def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN00
     if len(set(predictions)) != 1:
         return None
     only = task.labels[predictions[0]]
-    rate = f"--lr (now {spec.train.lr:g}), " if spec.train.lr is not None else "--lr, "
+    rates = [spec.train.lr or type(config).default_lr for config in spec.methods.values()]
+    rate = f"--lr (now {max(rates):g}), " if rates else ""
     return (
         f"warning: all {len(dev)} dev predictions are {only!r}: the run learned one class only. "
-        f"Try a higher {'' if not spec.methods else rate}--head-lr (now {spec.train.head_lr:g}) "
-        f"or more --epochs; check the classes are not too unbalanced"
+        f"Try a higher {rate}--head-lr (now {spec.train.head_lr:g}) or more --epochs; "
+        "check the classes are not too unbalanced"
     )
 
 
