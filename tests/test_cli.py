@@ -256,11 +256,16 @@ def test_predict_on_a_pair_delta_wants_the_pair_syntax(tmp_path: Path, model_dir
 def test_threads_default_to_the_cores_not_already_busy(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
+    from deltatune.cli import args
     from deltatune.cli.args import default_threads, set_threads
 
+    assert 0 <= args.busy_cores(2, window=0.05) <= 2
+    samples = iter([(100, 1000), (150, 1100)])  # 50 of 100 jiffies busy: half of 4 cores
+    monkeypatch.setattr(args, "_cpu_times", lambda: next(samples))
+    assert args.busy_cores(4, window=0) == 2.0
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
-    for load, threads in ((0.2, 4), (1.4, 3), (2.6, 1), (9.0, 1)):
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+    for busy, threads in ((0.2, 4), (1.4, 3), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(args, "busy_cores", lambda cores, busy=busy: busy)
         assert default_threads() == threads
     before = torch.get_num_threads()
     try:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -104,22 +105,43 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- threads
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is none (not Linux)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(cores: int, window: float = 0.2) -> float:
+    """How many cores other processes keep busy right now: CPU use over a short window (this process
+    sleeps through it), else the 1-minute load average, which lags a minute behind."""
+    first = _cpu_times()
+    if first is not None:
+        time.sleep(window)
+        second = _cpu_times()
+        if second is not None and second[1] > first[1]:
+            return cores * (second[0] - first[0]) / (second[1] - first[1])
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def default_threads() -> int:
     """CPU threads for torch on a machine others may be using: the cores not already busy, at least 1.
 
-    torch takes every core by default; beside one other busy process on 2 cores that oversubscribes
-    them and a training step gets several times slower (docs/training.md). The 1-minute load average
-    says how many cores other processes keep busy.
+    torch takes every core by default; beside other busy processes that oversubscribes them and a
+    training step gets several times slower (docs/training.md).
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(cores, cores - int(busy + 0.5)))
+    return max(1, min(cores, cores - int(busy_cores(cores) + 0.5)))
 
 
 def set_threads(requested: int | None) -> int:
@@ -142,6 +164,6 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores not already busy "
-        "by the 1-minute load average, at least 1)",
+        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores other processes "
+        "are not keeping busy right now, at least 1)",
     )
