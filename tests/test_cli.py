@@ -126,6 +126,7 @@ def test_inspect_shows_the_training_settings(tmp_path: Path, model_dir: Path, ca
     out = capsys.readouterr().out
     assert "task: mine (classification, labels neg, pos)" in out and "test: accuracy" in out
     assert "training: lr=0.02, head_lr=0.02," in out and "max_length=9" in out and "max_steps=8" in out
+    assert "learning rates: lora 0.02, head 0.02" in out
 
 
 def test_a_head_only_run_is_a_folder_eval_predict_inspect_and_merge_accept(

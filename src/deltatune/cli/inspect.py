@@ -127,9 +127,12 @@ def _training_lines(info: dict) -> list[str]:
     run = {k: info[k] for k in ("model", "mode", "k_shot", "max_train") if info.get(k) is not None}
     if run:
         lines.append("run: " + ", ".join(f"{k}={v}" for k, v in run.items()))
+    if info.get("rates"):
+        lines.append("learning rates: " + ", ".join(f"{k} {v:g}" for k, v in info["rates"].items()))
     if info.get("train"):
         lines.append("training: " + ", ".join(f"{k}={v}" for k, v in info["train"].items()))
-    shown = {"task", "labels", "task_type", "pairs", "task_source", "dev_split", "best", "best_step", "test", "train"}
+    shown = {"task", "labels", "task_type", "pairs", "task_source", "dev_split", "best", "best_step", "test"}
+    shown |= {"train", "rates"}
     rest = {k: v for k, v in info.items() if k not in shown and k not in run and v is not None}
     if rest:
         lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in rest.items()))

@@ -334,6 +334,8 @@ def _save(
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"} if cfg else None,
         **(metadata or {}),
     }
+    if cfg is not None and dm is not None:  # the rates the run used, where cfg.lr=None meant each method's own
+        meta["rates"] = {n: cfg.lr or type(d.config).default_lr for n, d in dm.deltas.items()} | {"head": cfg.head_lr}
     if dm is not None:
         for name in dm.deltas:
             dm.save_delta(out / f"delta-{name}", name, include_head=True, **meta)
