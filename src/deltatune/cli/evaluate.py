@@ -159,6 +159,9 @@ def run_eval(args: argparse.Namespace) -> int:
     task = _task_for_eval(args, info)
     dm, tokenizer, lm = _load(model, args.delta, task)
     head = head_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48))
+    cap = train.get("max_eval")
+    if args.split == "dev" and cap is not None and len(task["dev"]) > cap:
+        print(f"note: training scored dev on a sample of {cap} (--max-eval); this is all of dev", file=sys.stderr)
     metrics = evaluate(dm, head, task[args.split], task, batch)
     print(
         f"{task.name} {args.split} ({len(task[args.split])} examples, max length {max_length}): "
