@@ -294,7 +294,10 @@ def test_the_readme_example_on_your_own_data_runs_as_written(tmp_path: Path) -> 
     shim = f'#!/bin/sh\nexec {sys.executable} -c "import sys; from deltatune.cli import main; sys.exit(main())" "$@"\n'
     (bin_dir / "deltatune").write_text(shim)
     (bin_dir / "deltatune").chmod(0o755)
-    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    import deltatune
+
+    source = str(Path(deltatune.__file__).resolve().parents[1])  # this checkout, also from another folder
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": source}
     done = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "positive\tthe film was wonderful" in done.stdout and "negative\tthe film was dull" in done.stdout
