@@ -172,6 +172,7 @@ def test_refusals_are_one_line_that_speaks_cli(tmp_path: Path, model_dir: Path, 
         (["eval", "--delta", str(tmp_path / "nope")], "no such folder"),
         (["train", "--task", str(task), "--dev-split", "0.1"], "drop --dev-split"),
         (["train", "--head-only", "--method", "lora"], "drop --method"),
+        (["train", "--head-only", "--method-arg", "r=4"], "--head-only has none"),
     ]
     for argv, fix in cases:
         assert main(argv) == 2, argv

@@ -144,6 +144,8 @@ def spec_from_args(args: argparse.Namespace, task: Any = None):  # noqa: ANN201
     if args.head_only and args.method:
         raise ValueError("--head-only trains the head alone; drop --method (or --head-only)")
     names = [] if (args.full or args.head_only) else (args.method or ["lora"])
+    if not names and args.method_arg:
+        raise ValueError(f"--method-arg sets a delta method, and {'--full' if args.full else '--head-only'} has none")
     methods = method_configs(names, args.method_arg)
     train = TrainConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "progress"}
