@@ -422,3 +422,58 @@ def test_shared_collection_listing_matches_index():
     rows = {r["name"]: r for r in list_tasks()}
     assert set(index) <= set(rows)
     assert rows["sst2"]["splits"] == index["sst2"]["counts"] and rows["stsb"]["num_labels"] == 1
+
+
+# ----------------------------------------------------------------------------- holding out a dev split
+
+
+def _skewed_task(tmp_path: Path):  # noqa: ANN202
+    rows = [{"text": f"row {i}", "label": "rare" if i % 10 == 0 else "common"} for i in range(60)]
+    return load_task(write_jsonl(tmp_path / "mine.jsonl", rows))
+
+
+def test_a_held_out_dev_split_is_stratified_seeded_disjoint_and_in_file_order(tmp_path: Path) -> None:
+    from deltatune.data.split import hold_out_dev
+
+    task = _skewed_task(tmp_path)
+    split = hold_out_dev(task, 0.2, seed=3)
+    train, dev = split["train"], split["dev"]
+    assert len(dev) == 12 and len(train) == 48  # 20% of 54 common + 20% of 6 rare, rounded per class
+    rare = task.labels.index("rare")
+    assert sum(e.label == rare for e in dev) == 1 and sum(e.label == rare for e in train) == 5
+    assert sorted(e.text for e in train + dev) == sorted(e.text for e in task["train"])  # nothing lost or doubled
+    order = [e.text for e in task["train"]]
+    assert [order.index(e.text) for e in dev] == sorted(order.index(e.text) for e in dev)
+    assert hold_out_dev(task, 0.2, seed=3)["dev"] == dev and hold_out_dev(task, 0.2, seed=4)["dev"] != dev
+    assert split.meta["dev_split"] == {"fraction": 0.2, "seed": 3, "stratified": True, "train": 48, "dev": 12}
+    assert "dev" not in task.splits  # the original task is untouched
+
+
+def test_a_class_too_small_to_sample_still_lands_in_dev_and_train(tmp_path: Path) -> None:
+    from deltatune.data.split import hold_out_dev
+
+    rows = [{"text": f"r{i}", "label": "a"} for i in range(40)] + [
+        {"text": "x", "label": "b"},
+        {"text": "y", "label": "b"},
+    ]
+    split = hold_out_dev(load_task(write_jsonl(tmp_path / "t.jsonl", rows)), 0.1)
+    assert {e.label for e in split["dev"]} == {0, 1} and {e.label for e in split["train"]} == {0, 1}
+
+
+def test_holding_out_dev_refuses_data_that_has_one_or_is_too_small(tmp_path: Path) -> None:
+    from deltatune.data.split import hold_out_dev
+
+    folder = make_task(tmp_path, "t", SENTIMENT, train=[{"text": "a", "label": 0}] * 4, dev=[{"text": "b", "label": 1}])
+    with pytest.raises(DataError, match="already has a dev split"):
+        hold_out_dev(load_task(folder), 0.1)
+    with pytest.raises(DataError, match="between 0 and 1"):
+        hold_out_dev(_skewed_task(tmp_path), 1.0)
+    one = load_task(write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": 0}]))
+    with pytest.raises(DataError, match="too few"):
+        hold_out_dev(one, 0.5)
+
+
+def test_a_loaded_task_remembers_where_it_came_from(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "sub" / "train.jsonl", [{"text": "a", "label": 0}])
+    assert load_task(path).source == str(path.resolve())
+    assert load_task(path.parent).source == str(path.parent.resolve())

@@ -1,9 +1,15 @@
-"""Parsing `--method-arg key=value` pairs into a method config."""
+"""Flag parsing shared by the commands: `--method-arg key=value` pairs, range-checked numbers, threads."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import NoReturn
 
 from ..core.delta import DeltaConfig
 from ..methods import METHODS, get_config
@@ -49,3 +55,115 @@ def method_configs(names: list[str] | None, pairs: list[str] | None) -> dict[str
             raise ValueError(f"with several methods, write --method-arg <method>.<key>=<value> (got {pair!r})")
         per[owner].append(rest)
     return {n: method_config(n, per[n]) for n in names}
+
+
+# ----------------------------------------------------------------------------- checked numbers for flags
+# argparse calls these on the flag's text; an ArgumentTypeError becomes one line naming the flag.
+
+
+def _number(text: str, cast: type, test: Callable[[float], bool], wanted: str) -> float:
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+    if not (math.isfinite(value) and test(value)):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return int(_number(text, int, lambda v: v >= 1, "a whole number of at least 1"))
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a number above 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "a number of at least 0")
+
+
+def fraction(text: str) -> float:
+    """A share strictly between 0 and 1 (e.g. --dev-split 0.1)."""
+    return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (e.g. 0.1)")
+
+
+def unit_interval(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a fraction from 0 up to (not including) 1")
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Parse errors as one line (`deltatune train: error: argument --lr: must be ...`), without the
+    usage block, which for `train` is a screenful that hides the line that matters."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is none (not Linux)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(cores: int, window: float = 0.2) -> float:
+    """How many cores other processes keep busy right now: CPU use over a short window (this process
+    sleeps through it), else the 1-minute load average, which lags a minute behind."""
+    first = _cpu_times()
+    if first is not None:
+        time.sleep(window)
+        second = _cpu_times()
+        if second is not None and second[1] > first[1]:
+            return cores * (second[0] - first[0]) / (second[1] - first[1])
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def default_threads() -> int:
+    """CPU threads for torch on a machine others may be using: the cores not already busy, at least 1.
+
+    torch takes every core by default; beside other busy processes that oversubscribes them and a
+    training step gets several times slower (docs/training.md).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, cores - int(busy_cores(cores) + 0.5)))
+
+
+def set_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads: `--threads`, else $OMP_NUM_THREADS when set, else `default_threads()`."""
+    import torch
+
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if requested is not None:
+        threads = requested
+    elif env.isdigit() and int(env) > 0:
+        threads = int(env)
+    else:
+        threads = default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores other processes "
+        "are not keeping busy right now, at least 1)",
+    )

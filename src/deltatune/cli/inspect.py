@@ -9,18 +9,30 @@ from transformers.utils import logging as transformers_logging
 
 from ..core.model import DeltaModel, attach
 from ..methods import METHODS
-from .args import method_config
+from .args import method_config, one_line_errors, positive_int
 
 HELP = "model tree with deltas marked and each method's parameter count"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    one_line_errors(p)
     p.add_argument("delta", nargs="?", help="a saved delta folder to describe (instead of a model tree)")
-    p.add_argument("--model", default="minilm-l6", help="short name (minilm-l6, smollm2-135m), hub id or folder")
-    p.add_argument("--head", default=None, help="cls (default for encoders) or causal-lm (default for decoders)")
+    p.add_argument(
+        "--model",
+        default="minilm-l6",
+        help="short name (minilm-l6, smollm2-135m), hub id or folder (default: minilm-l6)",
+    )
+    p.add_argument(
+        "--head", default=None, help="the head to load: cls or causal-lm (default: causal-lm for SmolLM2, else cls)"
+    )
     p.add_argument("--method", action="append", help="method(s) to attach and mark in the tree (default: lora)")
-    p.add_argument("--method-arg", action="append", default=[], help="key=value for the (single) method")
-    p.add_argument("--depth", type=int, default=8, help="deepest level of the tree to print")
+    p.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        help="a setting of the (single) method as key=value, e.g. r=16 (default: the method's own)",
+    )
+    p.add_argument("--depth", type=positive_int, default=8, help="deepest level of the tree to print (default: 8)")
     p.add_argument("--no-table", action="store_true", help="skip the table of every method's parameter count")
 
 
@@ -51,30 +63,80 @@ def method_table(model, methods: list[str] | None = None) -> list[dict[str, obje
 
 
 def describe_delta(path: str) -> str:
-    """What a delta folder holds, read from its JSON and file sizes alone (no model is loaded)."""
+    """What a delta folder holds and how it was trained, read from its JSON and file sizes (no model loads)."""
     from pathlib import Path
 
-    from ..core.io import META, WEIGHTS, read_meta
+    from ..core.io import META, WEIGHTS
+    from ..train.saved import is_head_only
+    from .evaluate import saved_meta
 
-    meta = read_meta(path)
+    meta = saved_meta(path, flag="")
     config = dict(meta["config"])
     method = config.pop("method")
     backbone = meta.get("backbone", {})
     size = (Path(path) / WEIGHTS).stat().st_size if (Path(path) / WEIGHTS).exists() else 0
-    lines = [
-        f"delta {meta.get('name')!r}: {method} ({meta.get('family')}), {meta.get('num_parameters', 0):,} parameters"
-        + (f" + task head {meta['head_parameters']:,}" if meta.get("head_parameters") else ""),
-        "config: " + ", ".join(f"{k}={v}" for k, v in config.items()),
-        f"sits on {len(meta.get('sites', {}))} modules, e.g. {', '.join(list(meta.get('sites', {}))[:3])}",
+    head = f" + task head {meta['head_parameters']:,}" if meta.get("head_parameters") else ""
+    if is_head_only(meta):
+        lines = [f"head-only run {meta.get('name')!r}: frozen backbone, task head {meta.get('head_parameters', 0):,}"]
+    else:
+        lines = [
+            f"delta {meta.get('name')!r}: {method} ({meta.get('family')}), "
+            f"{meta.get('num_parameters', 0):,} parameters{head}",
+            "config: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+            f"sits on {len(meta.get('sites', {}))} modules, e.g. {', '.join(list(meta.get('sites', {}))[:3])}",
+        ]
+    lines += [
         f"backbone: {backbone.get('class')} ({backbone.get('model_type')}), {backbone.get('num_parameters', 0):,} "
         f"parameters, {', '.join(backbone.get('dtypes', []))}, from {backbone.get('name_or_path')}",
         f"files: {WEIGHTS} {size:,} bytes, {META} {(Path(path) / META).stat().st_size:,} bytes",
         f"saved {meta.get('saved_at')} by deltatune {meta.get('deltatune_version')}",
     ]
-    info = meta.get("metadata") or {}
-    if info:
-        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "labels"))
-    return "\n".join(lines)
+    info = dict(meta.get("metadata") or {})
+    return "\n".join(lines + _training_lines(info))
+
+
+def _scores(metrics: dict | None) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in (metrics or {}).items())
+
+
+def _training_lines(info: dict) -> list[str]:
+    """The run behind a delta: data, scores and every training setting `deltatune train` recorded."""
+    if not info:
+        return []
+    lines = []
+    if "task" in info:
+        labels = info.get("labels") or []
+        lines.append(
+            f"task: {info['task']} ({info.get('task_type')}"
+            + (f", labels {', '.join(labels)}" if labels else "")
+            + (", text pairs" if info.get("pairs") else "")
+            + ")"
+            + (f" from {info['task_source']}" if info.get("task_source") else "")
+        )
+    if info.get("dev_split"):
+        held = info["dev_split"]
+        lines.append(
+            f"dev split: {held['dev']} rows held out of train ({held['fraction']:g}, seed {held['seed']}"
+            + (", stratified" if held.get("stratified") else "")
+            + f"), {held['train']} left to train on"
+        )
+    if info.get("best"):
+        lines.append(f"best dev: {_scores(info['best'])} at step {info.get('best_step')}")
+    if info.get("test"):
+        lines.append(f"test: {_scores(info['test'])}")
+    run = {k: info[k] for k in ("model", "mode", "k_shot", "max_train") if info.get(k) is not None}
+    if run:
+        lines.append("run: " + ", ".join(f"{k}={v}" for k, v in run.items()))
+    if info.get("rates"):
+        lines.append("learning rates: " + ", ".join(f"{k} {v:g}" for k, v in info["rates"].items()))
+    if info.get("train"):
+        lines.append("training: " + ", ".join(f"{k}={v}" for k, v in info["train"].items()))
+    shown = {"task", "labels", "task_type", "pairs", "task_source", "dev_split", "best", "best_step", "test"}
+    shown |= {"train", "rates"}
+    rest = {k: v for k, v in info.items() if k not in shown and k not in run and v is not None}
+    if rest:
+        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in rest.items()))
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,30 +5,112 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
-from ..train.trainer import TrainConfig
-from .args import method_configs
+from ..train.trainer import FULL_FT_LR, TrainConfig
+from .args import (
+    add_threads_argument,
+    fraction,
+    method_configs,
+    non_negative_float,
+    one_line_errors,
+    positive_float,
+    positive_int,
+    set_threads,
+    unit_interval,
+)
 
 HELP = "train a delta on a task (e.g. --model minilm-l6 --task sst2 --method lora)"
 
 
+def _method_rates() -> str:
+    from ..methods import METHODS
+
+    first = sorted(METHODS, key=lambda name: name != "lora")  # the default method first
+    rates = ", ".join(f"{name} {METHODS[name].default_lr:g}" for name in first)
+    return f"{rates}; --full {FULL_FT_LR:g}"
+
+
+# What each training setting does and what its default means; a setting added to TrainConfig later
+# still gets a flag, with its default as the help.
+FIELD_HELP: dict[str, str] = {
+    "lr": "learning rate of the delta (default: each method's own rate: {rates})",
+    "head_lr": "learning rate of the task head (classifier) (default: %(default)g)",
+    "epochs": "passes over the training rows (default: %(default)g; --max-steps wins when given)",
+    "max_steps": "stop after this many optimizer steps (default: none, --epochs decides)",
+    "batch_size": "training rows per step (default: %(default)s)",
+    "eval_batch_size": "rows per batch when evaluating (default: %(default)s)",
+    "max_length": "longest input in tokens; longer inputs are cut (default: %(default)s)",
+    "warmup_ratio": "share of the steps over which the learning rate rises from 0 (default: %(default)s)",
+    "weight_decay": "AdamW weight decay (default: %(default)s, none)",
+    "grad_clip": "clip the gradient norm to this (default: %(default)s)",
+    "eval_every": "evaluate on dev every this many steps, and at the end (default: %(default)s)",
+    "patience": "stop after this many dev evaluations without improvement (default: %(default)s; None: never)",
+    "seed": "seed of the head's initialisation, the data order and subsets (default: %(default)s)",
+    "grad_accum": "accumulate gradients over this many batches per step (default: %(default)s)",
+    "mixed_precision": "no, bf16 or fp16 (default: %(default)s, float32 throughout)",
+    "max_eval": "evaluate on at most this many dev rows, a fixed random sample (default: all)",
+    "max_new_tokens": "longest generated text, for generation tasks (default: %(default)s)",
+}
+# The range each numeric setting must be in; others are checked by their type (numbers above 0).
+FIELD_TYPE: dict[str, Any] = {
+    "warmup_ratio": unit_interval,
+    "weight_decay": non_negative_float,
+    "seed": int,
+    "mixed_precision": str,
+}
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm-l6", help="minilm-l6, smollm2-135m, a hub id or a local folder")
-    p.add_argument("--task", default="sst2", help="a task of the collection (see `deltatune tasks`) or a folder/file")
+    one_line_errors(p)
+    p.add_argument("--model", default="minilm-l6", help="minilm-l6 (default), smollm2-135m, a hub id or a local folder")
+    p.add_argument(
+        "--task",
+        default="sst2",
+        help="a task of the collection (see `deltatune tasks`; default: sst2), or your own data: a folder with "
+        "train/dev/test .jsonl/.csv files, or a single .jsonl/.csv file (README: Your own data)",
+    )
+    p.add_argument(
+        "--dev-split",
+        type=fraction,
+        default=None,
+        help="hold out this fraction of train as the dev split (seeded, stratified by class), for data "
+        "without one, e.g. --dev-split 0.1 (default: use the task's own dev split)",
+    )
     p.add_argument("--method", action="append", help="delta method; repeat to combine methods (default: lora)")
-    p.add_argument("--method-arg", action="append", default=[], help="key=value (or method.key=value when combining)")
+    p.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        help="a method setting as key=value, e.g. r=16 (method.key=value when combining; default: the method's own)",
+    )
     p.add_argument("--head-only", action="store_true", help="baseline: frozen backbone, train only the task head")
     p.add_argument("--full", action="store_true", help="baseline: full fine-tuning of every weight")
-    p.add_argument("--k-shot", type=int, default=None, help="train on k examples per class (LM-BFF sampling)")
-    p.add_argument("--max-train", type=int, default=None, help="train on a random subset of this size")
-    p.add_argument("--out", default=None, help="output folder (default runs/<task>-<method>-<model>-s<seed>)")
+    p.add_argument(
+        "--k-shot", type=positive_int, default=None, help="train on k rows per class (LM-BFF sampling; default: all)"
+    )
+    p.add_argument(
+        "--max-train", type=positive_int, default=None, help="train on a random subset of this size (default: all)"
+    )
+    p.add_argument("--out", default=None, help="output folder (default: runs/<task>-<method>-<model>-s<seed>)")
+    p.add_argument(
+        "--no-test",
+        action="store_true",
+        help="skip scoring the kept delta on the test split (default: scored when the task has one)",
+    )
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         if field.name == "progress":
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = {"float | None": float, "int | None": int}.get(str(field.type), type(getattr(defaults, field.name)))
-        p.add_argument(flag, type=kind, default=getattr(defaults, field.name), help=f"(default: {field.default})")
+        default = getattr(defaults, field.name)
+        kind = FIELD_TYPE.get(field.name) or (
+            positive_float if "float" in str(field.type) else positive_int if "int" in str(field.type) else str
+        )
+        help_text = FIELD_HELP.get(field.name, "(default: %(default)s)").replace("{rates}", _method_rates())
+        choices = ["no", "bf16", "fp16"] if field.name == "mixed_precision" else None
+        p.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
+    add_threads_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -37,12 +119,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
-def spec_from_args(args: argparse.Namespace):  # noqa: ANN201
+def load_task_for_run(args: argparse.Namespace):  # noqa: ANN201
+    """The task, with a dev split held out when asked; refuses data without dev before any model loads."""
+    from ..data.split import hold_out_dev
+    from ..data.tasks import load_task
+
+    task = load_task(args.task)
+    if args.dev_split is not None and "dev" in task.splits:
+        raise ValueError(
+            f"task {task.name!r} has a dev split already ({len(task.splits['dev'])} rows); drop --dev-split"
+        )
+    if args.dev_split is None and "dev" not in task.splits:
+        raise ValueError(
+            f"task {task.name!r} has no dev split (it has {', '.join(task.splits)}) to pick the best checkpoint "
+            "by; add --dev-split 0.1 to hold out 10% of train (seeded, stratified by class)"
+        )
+    return hold_out_dev(task, args.dev_split) if args.dev_split is not None else task
+
+
+def spec_from_args(args: argparse.Namespace, task: Any = None):  # noqa: ANN201
     from ..train.run import RunSpec
 
     if args.full and (args.method or args.head_only):
         raise ValueError("--full trains every weight; drop --method/--head-only")
+    if args.head_only and args.method:
+        raise ValueError("--head-only trains the head alone; drop --method (or --head-only)")
     names = [] if (args.full or args.head_only) else (args.method or ["lora"])
+    if not names and args.method_arg:
+        raise ValueError(f"--method-arg sets a delta method, and {'--full' if args.full else '--head-only'} has none")
     methods = method_configs(names, args.method_arg)
     train = TrainConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "progress"}
@@ -50,14 +154,30 @@ def spec_from_args(args: argparse.Namespace):  # noqa: ANN201
     train.progress = not args.quiet
     label = "full" if args.full else ("+".join(methods) or "head")
     model_tag = Path(args.model).name
-    out = args.out or f"runs/{Path(str(args.task)).name}-{label}-{model_tag}-s{args.seed}"
-    resume = getattr(args, "resume", False)
-    return RunSpec(args.model, args.task, methods, args.full, train, args.k_shot, args.max_train, out, resume)
+    out = args.out or f"runs/{Path(str(args.task)).stem}-{label}-{model_tag}-s{args.seed}"
+    return RunSpec(
+        args.model,
+        task if task is not None else args.task,
+        methods,
+        args.full,
+        train,
+        args.k_shot,
+        args.max_train,
+        out,
+        resume=getattr(args, "resume", False),
+        dev_split=None if task is not None else getattr(args, "dev_split", None),  # a loaded task is split already
+        test=not getattr(args, "no_test", False),
+    )
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def print_result(label: str, result, out: str | None) -> None:  # noqa: ANN001
-    best = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items())
-    print(f"\n{label}: best dev {best} at step {result.best_step}/{result.steps}")
+    print(f"\n{label}: best dev {_scores(result.best)} at step {result.best_step}/{result.steps}")
+    if getattr(result, "test", None):
+        print(f"{label}: test {_scores(result.test)} (the best dev checkpoint)")
     share = 100 * result.trainable_parameters / max(result.total_parameters, 1)
     print(
         f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} ({share:.3f}%); "
@@ -66,7 +186,44 @@ def print_result(label: str, result, out: str | None) -> None:  # noqa: ANN001
     if result.diverged:
         print(f"stopped early: {result.diverged}")
     if out:
-        print(f"saved to {out} (delta-*/ holds the delta and head; metrics.jsonl the curve)")
+        saved = sorted(p.name for p in Path(out).glob("delta-*"))
+        what = ", ".join(f"{name}/" for name in saved) or "no delta (full fine-tuning is not saved)"
+        print(f"saved to {out}: {what} (delta and task head, with the training settings); metrics.jsonl the curve")
+        if saved:
+            delta = Path(out) / saved[0]
+            split = " --split test" if getattr(result, "test", None) else ""
+            print(f'next: deltatune eval --delta {delta}{split}   |   deltatune predict --delta {delta} "a text"')
+
+
+def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN001
+    """A warning when every dev prediction is one class: the run learned nothing beyond a constant.
+
+    The metric alone hides it (on a skewed dev set the majority class scores well), and the usual
+    cause is a learning rate too low for the steps given.
+    """
+    from ..backbones import load_tokenizer
+    from ..train.heads import head_for
+    from ..train.trainer import eval_sample, predict
+
+    if task.type not in ("classification", "pair_classification") or len(task.labels) < 2:
+        return None
+    tokenizer = load_tokenizer(spec.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = not type(getattr(model, "backbone", model)).__name__.endswith("ForSequenceClassification")
+    head = head_for(task, tokenizer, lm=lm, max_length=spec.train.max_length)
+    dev = eval_sample(list(task["dev"]), spec.train.max_eval)
+    predictions = predict(model, head, dev, spec.train.eval_batch_size)
+    if len(set(predictions)) != 1:
+        return None
+    only = task.labels[predictions[0]]
+    rates = [spec.train.lr or type(config).default_lr for config in spec.methods.values()]
+    rate = f"--lr (now {max(rates):g}), " if rates else ""
+    return (
+        f"warning: all {len(dev)} dev predictions are {only!r}: the run learned one class only. "
+        f"Try a higher {rate}--head-lr (now {spec.train.head_lr:g}) or more --epochs; "
+        "check the classes are not too unbalanced"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,13 +234,21 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    spec = spec_from_args(args)
+    threads = set_threads(args.threads)
+    task = load_task_for_run(args)
+    spec = spec_from_args(args, task)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in task.splits.items())
+    held = f"; dev = {args.dev_split:g} of train, seeded and stratified" if args.dev_split else ""
+    if is_main_process():
+        print(f"{spec.label} on {task.name} ({sizes}{held}) with {args.model}; {threads} CPU thread(s)")
     model, result, task = run_spec(spec)
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 1 if result.diverged else 0
     print_result(spec.label, result, str(spec.output_dir))
     if task.type == "generation":
         show_samples(model, task, spec, n=3)
+    elif (warning := constant_prediction_warning(model, task, spec)) is not None:
+        print(warning)
     return 1 if result.diverged else 0
 
 

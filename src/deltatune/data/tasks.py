@@ -65,6 +65,9 @@ class Task:
     splits: dict[str, list[Example]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     license: str = "unknown"
+    # what load_task was given (a collection name, or a file/folder as an absolute path), so that a
+    # saved delta can name its data and `deltatune eval` can load it again; None for datasets objects
+    source: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -365,10 +368,25 @@ def load_task(
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(f"cannot load a task from a {type(source).__name__}; pass a name, path or datasets object")
     path = Path(source).expanduser()
+    origin = str(path.resolve())
     if not path.exists():
         if path.suffix in FILE_SUFFIXES or os.sep in str(source) or (os.altsep and os.altsep in str(source)):
             raise DataError(f"{path}: no such file or folder")
         path = _resolve_name(str(source), Path(root) if root is not None else None)
+        origin = str(source) if root is None else str(path)
+    task = _load_path(path, name, wanted, explicit, columns, kw)
+    task.source = origin
+    return task
+
+
+def _load_path(
+    path: Path,
+    name: str | None,
+    wanted: tuple[str, ...] | None,
+    explicit: bool,
+    columns: Mapping[str, str] | None,
+    kw: dict[str, Any],
+) -> Task:
     if path.is_file():
         target = wanted if explicit and wanted else ("train",)
         if len(target) != 1:

@@ -73,8 +73,9 @@ def _load_source(model: Any, init_from: str, same_labels: bool) -> Any:
     from ..core.io import HEAD as HEAD_PREFIX
     from ..core.io import _config_from_json, load_delta, read_meta, read_tensors
     from ..core.model import DeltaModel
+    from ..train.saved import is_head_only
 
-    folders = sorted(Path(init_from).glob("delta-*"))
+    folders = [f for f in sorted(Path(init_from).glob("delta-*")) if not is_head_only(read_meta(f))]
     if not folders:
         raise FileNotFoundError(f"no delta-*/ folder in {init_from}: the source run saved no delta to transfer")
     dm = DeltaModel(model)

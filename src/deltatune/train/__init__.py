@@ -1,7 +1,8 @@
 """Training and evaluation: heads that cast tasks onto models, the accelerate loop, plots."""
 
 from .heads import ClassifierHead, GenerationHead, VerbalizerHead, head_for
-from .trainer import FULL_FT_LR, TrainConfig, TrainingDiverged, TrainResult, evaluate, fit
+from .saved import load_saved, save_head
+from .trainer import FULL_FT_LR, TrainConfig, TrainingDiverged, TrainResult, evaluate, fit, predict
 
 __all__ = [
     "FULL_FT_LR",
@@ -14,4 +15,7 @@ __all__ = [
     "evaluate",
     "fit",
     "head_for",
+    "load_saved",
+    "predict",
+    "save_head",
 ]

@@ -33,6 +33,8 @@ class RunSpec:
     max_train: int | None = None
     output_dir: str | Path | None = None
     resume: bool = False  # continue the run in output_dir from its last checkpoint
+    dev_split: float | None = None  # hold out this fraction of train as dev (data without a dev split)
+    test: bool = False  # score the kept state on the test split, when the task has one
 
     @property
     def label(self) -> str:
@@ -89,8 +91,17 @@ def training_examples(task: Task, k_shot: int | None, max_train: int | None, see
     return train
 
 
+def _model_ref(name: str) -> str:
+    """A local model folder as an absolute path (valid from any directory); a short name or hub id as given."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
 def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
     task = spec.task if isinstance(spec.task, Task) else load_task(spec.task)
+    if spec.dev_split is not None:
+        from ..data.split import hold_out_dev
+
+        task = hold_out_dev(task, spec.dev_split)
     train = training_examples(task, spec.k_shot, spec.max_train, spec.train.seed)
     model, tokenizer, _ = load_for_task(spec.model, task, seed=spec.train.seed)
     model, result = fit(
@@ -103,6 +114,8 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
         output_dir=spec.output_dir,
         train_examples=train,
         resume=spec.resume,
+        test_examples=task["test"] if spec.test and "test" in task.splits else None,
+        metadata={"model": _model_ref(spec.model), "k_shot": spec.k_shot, "max_train": spec.max_train},
     )
     if spec.output_dir is not None and is_main_process():  # one writer under a multi-process launch
         info = {
@@ -115,6 +128,9 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
             "train": dataclasses.asdict(spec.train),
             "k_shot": spec.k_shot,
             "max_train": spec.max_train,
+            "task_source": task.source,
+            "dev_split": task.meta.get("dev_split"),
+            "test": result.test,
         }
         path = Path(spec.output_dir) / "run.json"
         tmp = path.with_suffix(".json.tmp")

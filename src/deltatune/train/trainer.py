@@ -41,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class TrainConfig:
     lr: float | None = None  # None: each method's default_lr (FULL_FT_LR for full fine-tuning)
-    head_lr: float = 1e-3
+    head_lr: float = 1e-2  # measured (docs/training.md): 1e-3 left a new head at the majority class
     epochs: float = 3.0
     max_steps: int | None = None
     batch_size: int = 32
@@ -71,6 +71,7 @@ class TrainResult:
     total_parameters: int
     mode: str
     diverged: str | None = None
+    test: dict[str, float] | None = None  # the kept (best dev) state scored on test, when asked
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,14 +120,19 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Task, batch_size: int) -> dict[str, float]:
-    """Dev/test metrics of the model as it is now (eval mode, no gradients).
+    """Dev/test metrics of the model as it is now (eval mode, no gradients)."""
+    return compute_metrics(task, predict(model, head, examples, batch_size), list(examples))
+
+
+def predict(model: nn.Module, head: Any, examples: Sequence[Example], batch_size: int) -> list:
+    """The model's predictions (class indices, numbers or generated texts) as it is now, in order.
 
     Under a multi-process launch every process predicts its share (every world-th example) and the
     predictions are gathered back into file order, so every process returns one process's numbers.
     """
     rank, world = process_share()
     indices = list(range(rank, len(examples), world))
-    full, examples = examples, [examples[i] for i in indices]
+    examples = [examples[i] for i in indices]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -143,7 +149,7 @@ def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Tas
         from accelerate.utils import gather_object
 
         predictions = [p for _, p in sorted(gather_object(list(zip(indices, predictions, strict=True))))]
-    return compute_metrics(task, predictions, list(full))
+    return predictions
 
 
 def _accelerator(cfg: TrainConfig) -> Any:
@@ -192,11 +198,15 @@ def fit(
     train_examples: Sequence[Example] | None = None,
     dev_examples: Sequence[Example] | None = None,
     resume: bool = False,
+    test_examples: Sequence[Example] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Train deltas (or the head alone, or everything) on a task; return the model at its best dev score.
 
     A delta run with an `output_dir` keeps `<output_dir>/checkpoint/` current at every evaluation;
     `resume=True` continues from it to what the uninterrupted run would reach (train/checkpoint.py).
+    With `test_examples`, the kept state is scored on them once (`result.test`); `metadata` is
+    stored with the saved delta beside the task and every training setting.
     """
     from accelerate.utils import set_seed
 
@@ -350,28 +360,46 @@ def fit(
         for delta in dm.deltas.values():
             delta.finalize()
     result = TrainResult(best, best_step, history, step, train_seconds, trainable, total, mode, diverged)
+    if test_examples is not None:
+        result.test = evaluate(unwrapped, head, list(test_examples), task, cfg.eval_batch_size)
     if out is not None:
-        _save(unwrapped, dm, out, result, task)
+        _save(unwrapped, dm, out, result, task, cfg, metadata)
     return unwrapped, result
 
 
-def _save(model: nn.Module, dm: DeltaModel | None, out: Path, result: TrainResult, task: Task) -> None:
+def _save(
+    model: nn.Module,
+    dm: DeltaModel | None,
+    out: Path,
+    result: TrainResult,
+    task: Task,
+    cfg: TrainConfig | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    # everything `deltatune eval`/`predict`/`inspect` need to run under the training settings
     meta = {
         "task": task.name,
         "task_type": task.type,
         "labels": task.labels,
+        "pairs": task.is_pair,  # inputs are text pairs ("a ||| b" on the command line)
+        "task_source": task.source,
+        "dev_split": task.meta.get("dev_split"),
         "best": result.best,
         "best_step": result.best_step,
+        "test": result.test,
         "mode": result.mode,
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"} if cfg else None,
+        **(metadata or {}),
     }
+    if cfg is not None and dm is not None:  # the rates the run used, where cfg.lr=None meant each method's own
+        meta["rates"] = {n: cfg.lr or type(d.config).default_lr for n, d in dm.deltas.items()} | {"head": cfg.head_lr}
     if dm is not None:
         for name in dm.deltas:
             dm.save_delta(out / f"delta-{name}", name, include_head=True, **meta)
         if not dm.deltas and any(p.requires_grad for p in dm.backbone.parameters()):
-            from safetensors.torch import save_file
+            from .saved import save_head
 
-            head = {k.removeprefix("__head__."): v.contiguous() for k, v in dm.head_state_dict().items()}
-            save_file(head, str(out / "head.safetensors"))
+            save_head(dm, out / "delta-head", **meta)
     tmp = out / ".result.json.tmp"
     tmp.write_text(json.dumps(copy.deepcopy(result.to_dict()), indent=2, default=str))
     os.replace(tmp, out / "result.json")

@@ -29,6 +29,8 @@ class LoRAConfig(DeltaConfig):
     trains: ClassVar[str] = "rank-r factors A, B of an update B·A to chosen weight matrices"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
+    # measured (docs/training.md): 2e-3 beat 1e-3 on SST-2, TREC and TweetEval-emotion with MiniLM-L6
+    default_lr: ClassVar[float] = 2e-3
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None

@@ -1,0 +1,95 @@
+"""What a training run leaves behind, read back: a delta folder, or a head-only folder of the same shape.
+
+A head-only run (frozen backbone, trained classifier) is the baseline every delta must beat, so it is
+saved like a delta (`delta.safetensors` + `delta.json`, method "head", its tensors under the same
+`__head__.` keys) and `deltatune eval`/`predict`/`inspect`/`merge` treat it as one. The JSON's
+`metadata` holds what training knew (task, labels, every training setting), so those commands run
+under the settings the delta was trained with instead of their own defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.io import FORMAT, HEAD, META, WEIGHTS, _write_folder, check_backbone, fingerprint, read_meta, read_tensors
+from ..core.model import DeltaModel
+
+HEAD_ONLY = "head"  # the "method" a head-only folder names in its delta.json
+
+
+def save_head(dm: DeltaModel, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write the trained task head (no delta) as a folder that `load_saved` and the CLI accept."""
+    from safetensors.torch import save
+
+    from .. import __version__
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in dm.head_state_dict().items()}
+    if not tensors:
+        raise ValueError("the model has no task head to save")
+    meta = {
+        "format": FORMAT,
+        "name": HEAD_ONLY,
+        "config": {"method": HEAD_ONLY},
+        "family": "head only (frozen backbone)",
+        "sites": {},
+        "num_parameters": 0,
+        "head_parameters": sum(v.numel() for v in tensors.values()),
+        "backbone": fingerprint(dm.backbone),
+        "deltatune_version": __version__,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "metadata": metadata,
+    }
+    path = Path(path)
+    _write_folder(
+        path,
+        {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, separators=(",", ":")).encode()},
+    )
+    return path
+
+
+def is_head_only(meta: dict[str, Any]) -> bool:
+    return meta.get("config", {}).get("method") == HEAD_ONLY
+
+
+def set_label_names(model: nn.Module, labels: list[str]) -> None:
+    """Give the model's config the task's class names, so a merged or exported model reports them."""
+    config = getattr(model, "config", None)
+    if config is None or not labels or getattr(config, "num_labels", None) != len(labels):
+        return
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+
+
+def load_saved(model: nn.Module, path: str | os.PathLike) -> DeltaModel:
+    """Attach a saved delta, or load a head-only folder's head into `model`; return the DeltaModel."""
+    from ..core.io import DeltaIOError, load_delta
+
+    meta = read_meta(path)
+    if not is_head_only(meta):
+        dm = load_delta(model, path)
+    else:
+        dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+        check_backbone(meta.get("backbone", {}), dm.backbone)
+        params = dict(dm.backbone.named_parameters())
+        tensors = read_tensors(path)
+        for key, value in tensors.items():
+            name = key.removeprefix(HEAD)
+            if name not in params or params[name].shape != value.shape:
+                have = tuple(params[name].shape) if name in params else "none"
+                raise DeltaIOError(
+                    f"{path}: head tensor {name!r} has shape {tuple(value.shape)}, this model's {have}: "
+                    "load the backbone the head was trained on, with the same number of labels"
+                )
+        with torch.no_grad():
+            for key, value in tensors.items():
+                target = params[key.removeprefix(HEAD)]
+                target.copy_(value.to(dtype=target.dtype, device=target.device))
+    set_label_names(dm.backbone, list(meta.get("metadata", {}).get("labels") or []))
+    return dm

