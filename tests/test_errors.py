@@ -631,7 +631,7 @@ def test_a_non_utf8_data_file_names_the_file_and_line(tmp_path: Path, suffix: st
     [
         (
             ("train", "--lr", "abc"),
-            r"deltatune train: error: argument --lr: invalid float value: 'abc'; see `deltatune train --help`",
+            r"deltatune train: error: argument --lr: 'abc' is not a number above 0; see `deltatune train --help`",
         ),
         (("study", "run"), r"the following arguments are required: spec; see `deltatune study run --help`"),
         (("nosuch",), r"invalid choice: 'nosuch' .*; see `deltatune --help`"),
@@ -692,7 +692,8 @@ def test_kill_9_during_repeated_saves_always_leaves_a_whole_delta(tmp_path: Path
 
 def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
     with pytest.raises(
-        ValueError, match="lora has no setting 'rank'; its settings: alpha, alpha_pattern, dropout, layers, r, rank_pattern, targets"
+        ValueError,
+        match="lora has no setting 'rank'; its settings: alpha, alpha_pattern, dropout, layers, r, rank_pattern, targets",
     ):
         dt.get_config("lora", rank=4)
     with pytest.raises(TypeError, match="expected a transformers model .*got str"):

@@ -9,7 +9,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import NoReturn
 
 from ..core.delta import DeltaConfig
 from ..methods import METHODS, get_config
@@ -90,16 +89,6 @@ def fraction(text: str) -> float:
 
 def unit_interval(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a fraction from 0 up to (not including) 1")
-
-
-def one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """Parse errors as one line (`deltatune train: error: argument --lr: must be ...`), without the
-    usage block, which for `train` is a screenful that hides the line that matters."""
-
-    def error(message: str) -> NoReturn:
-        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
-
-    parser.error = error  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------- threads

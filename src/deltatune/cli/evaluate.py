@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import add_threads_argument, one_line_errors, positive_int, set_threads
+from .args import add_threads_argument, positive_int, set_threads
 
 HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trained with)"
 HELP_PREDICT = "predict labels (or generate text) for input texts with a saved delta"
@@ -103,7 +103,6 @@ def _max_length_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    one_line_errors(p)
     p.add_argument("--delta", required=True, help="a delta folder `deltatune train` wrote (runs/<run>/delta-lora)")
     _model_argument(p)
     p.add_argument(
@@ -171,7 +170,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    one_line_errors(p)
     p.add_argument("texts", nargs="+", help="input texts (for a delta trained on pairs: 'first ||| second')")
     p.add_argument("--delta", required=True, help="a delta folder `deltatune train` wrote (runs/<run>/delta-lora)")
     _model_argument(p)
@@ -221,7 +219,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    one_line_errors(p)
     p.add_argument("model", help="the backbone the delta was trained on (minilm-l6, a hub id or folder)")
     p.add_argument("delta", help="a delta folder `deltatune train` wrote (runs/<run>/delta-lora)")
     p.add_argument("out", help="a new folder for the merged model")

@@ -9,13 +9,12 @@ from transformers.utils import logging as transformers_logging
 
 from ..core.model import DeltaModel, attach
 from ..methods import METHODS
-from .args import method_config, one_line_errors, positive_int
+from .args import method_config, positive_int
 
 HELP = "model tree with deltas marked and each method's parameter count"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    one_line_errors(p)
     p.add_argument("delta", nargs="?", help="a saved delta folder to describe (instead of a model tree)")
     p.add_argument(
         "--model",

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from .args import add_threads_argument, one_line_errors, positive_float, positive_int, set_threads
+from .args import add_threads_argument, positive_float, positive_int, set_threads
 
 HELP = "train LoRA on SST-2 with MiniLM-L6 on the CPU and compare with a trained head alone (~8 min)"
 
@@ -22,7 +22,6 @@ LORA = {"r": 8, "alpha": 16, "targets": ("attn.q", "attn.v")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    one_line_errors(p)
     p.add_argument("--model", default="minilm-l6", help="the backbone (default: minilm-l6)")
     p.add_argument("--task", default="sst2", help="the task (default: sst2)")
     p.add_argument("--out", default="quickstart", help="folder for the delta, curves and summary (default: quickstart)")

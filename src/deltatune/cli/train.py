@@ -13,7 +13,6 @@ from .args import (
     fraction,
     method_configs,
     non_negative_float,
-    one_line_errors,
     positive_float,
     positive_int,
     set_threads,
@@ -62,7 +61,6 @@ FIELD_TYPE: dict[str, Any] = {
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    one_line_errors(p)
     p.add_argument("--model", default="minilm-l6", help="minilm-l6 (default), smollm2-135m, a hub id or a local folder")
     p.add_argument(
         "--task",

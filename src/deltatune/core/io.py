@@ -71,8 +71,6 @@ def save_delta(
     `include_head` adds the task head (a trained classifier is part of what a classification delta
     needs at inference), stored under `__head__.` keys.
     """
-    from safetensors.torch import save
-
     from .. import __version__
 
     delta = dm.delta(name)
@@ -94,12 +92,23 @@ def save_delta(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "metadata": metadata,
     }
+    return write_delta_folder(path, tensors, meta)
+
+
+def write_delta_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write tensors + delta.json (with the tensors' content hash) into a folder, atomically.
+
+    One writer for every folder deltatune saves (deltas, head-only runs), so each carries the hash
+    that loading checks, and an earlier save of the folder that was cut short is recovered first.
+    """
+    from safetensors.torch import save
+
     path = Path(path)
     atomic.recover(path, [WEIGHTS, META])  # an earlier save of this folder that was cut short
     if path.exists() and (not path.is_dir() or not (path / META).exists() and any(path.iterdir())):
         raise DeltaIOError(f"{path} exists and is not a delta folder; choose another path")
     data = save(tensors, metadata={"format": "pt"})
-    meta["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    meta = {**meta, "weights_sha256": hashlib.sha256(data).hexdigest()}
     atomic.write_folder(path, {WEIGHTS: data, META: json.dumps(meta, separators=(",", ":")).encode()})
     return path
 

@@ -9,7 +9,6 @@ under the settings the delta was trained with instead of their own defaults.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.io import FORMAT, HEAD, META, WEIGHTS, _write_folder, check_backbone, fingerprint, read_meta, read_tensors
+from ..core.io import FORMAT, HEAD, check_backbone, fingerprint, read_meta, read_tensors, write_delta_folder
 from ..core.model import DeltaModel
 
 HEAD_ONLY = "head"  # the "method" a head-only folder names in its delta.json
@@ -26,8 +25,6 @@ HEAD_ONLY = "head"  # the "method" a head-only folder names in its delta.json
 
 def save_head(dm: DeltaModel, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write the trained task head (no delta) as a folder that `load_saved` and the CLI accept."""
-    from safetensors.torch import save
-
     from .. import __version__
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in dm.head_state_dict().items()}
@@ -46,12 +43,7 @@ def save_head(dm: DeltaModel, path: str | os.PathLike, **metadata: Any) -> Path:
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "metadata": metadata,
     }
-    path = Path(path)
-    _write_folder(
-        path,
-        {WEIGHTS: save(tensors, metadata={"format": "pt"}), META: json.dumps(meta, separators=(",", ":")).encode()},
-    )
-    return path
+    return write_delta_folder(path, tensors, meta)
 
 
 def is_head_only(meta: dict[str, Any]) -> bool:
@@ -78,7 +70,11 @@ def load_saved(model: nn.Module, path: str | os.PathLike) -> DeltaModel:
         dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
         check_backbone(meta.get("backbone", {}), dm.backbone)
         params = dict(dm.backbone.named_parameters())
-        tensors = read_tensors(path)
+        tensors = read_tensors(path, meta)
+        heads = set(dm.head_parameter_names())
+        stray = sorted(k for k in tensors if not k.startswith(HEAD) or k.removeprefix(HEAD) not in heads)
+        if stray:  # a head-only folder writes the task head and nothing else of the backbone
+            raise DeltaIOError(f"{path}: {stray[0]!r} is not this model's task head; was the file edited?")
         for key, value in tensors.items():
             name = key.removeprefix(HEAD)
             if name not in params or params[name].shape != value.shape:
