@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from tiny import make_tokenizer
+from tiny import make_model, make_tokenizer
 
 from deltatune.cli import build_parser, main
 
@@ -301,3 +301,16 @@ def test_the_readme_example_on_your_own_data_runs_as_written(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "positive\tthe film was wonderful" in done.stdout and "negative\tthe film was dull" in done.stdout
     assert "warning" not in done.stdout and "dev split: 40 rows held out of train" in done.stdout
+
+
+def test_load_delta_on_a_head_only_folder_names_load_saved(tmp_path) -> None:  # noqa: ANN001
+    import deltatune as dt
+    from deltatune.train.saved import load_saved, save_head
+
+    model = make_model("bert")
+    dm = dt.DeltaModel(model)
+    dm.freeze(train_head=True)
+    save_head(dm, tmp_path / "delta-head", task="t")
+    with pytest.raises(dt.core.io.DeltaIOError, match="load_saved"):
+        dt.load_delta(make_model("bert"), tmp_path / "delta-head")
+    assert len(load_saved(make_model("bert"), tmp_path / "delta-head").deltas) == 0

@@ -281,6 +281,11 @@ def load_delta(
     from .model import DeltaModel
 
     meta = read_meta(path)
+    if isinstance(meta.get("config"), dict) and meta["config"].get("method") == "head":
+        raise DeltaIOError(
+            f"{path} holds a trained task head and no delta (a head-only run); load it with "
+            "deltatune.train.load_saved(model, path), which also reads deltas"
+        )
     config = _config_from_json(meta["config"])
     tensors = read_tensors(path, meta)
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
