@@ -185,6 +185,8 @@ class PrefixedCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         if self.inner is not None:
+            args = tuple(self._unshifted(a) for a in args)
+            kwargs = {k: self._unshifted(v) for k, v in kwargs.items()}
             keys, values = self.inner.update(keys, values, layer_idx, *args, **kwargs)
         batch, heads, _, head_dim = keys.shape
         n = self.key.shape[0]
@@ -197,6 +199,12 @@ class PrefixedCache:
             torch.cat([heads_first(self.key, keys), keys], dim=2),
             torch.cat([heads_first(self.value, values), values], dim=2),
         )
+
+    def _unshifted(self, cache_kwargs: Any) -> Any:
+        """The real cache stores real tokens: it gets `cache_position` as generate() counted it (4.x)."""
+        if isinstance(cache_kwargs, dict) and cache_kwargs.get("cache_position") is not None:
+            return {**cache_kwargs, "cache_position": cache_kwargs["cache_position"] - self.key.shape[0]}
+        return cache_kwargs
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         past = self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
@@ -213,22 +221,48 @@ def seq_length(cache: Any, layer_idx: int = 0) -> int:
     return int(cache.get_seq_length(layer_idx)) if cache is not None else 0
 
 
+def shift_cache_position(call: CallArgs, n: int) -> None:
+    """Count `n` keys in front of the real ones in an attention's `cache_position` (4.x; gone in 5.24).
+
+    T5 4.x places its relative position bias by cache_position against key indices: with `n`
+    prefix keys first, the real queries sit at n onwards, which puts the prefix just before the
+    first token, as 5.x's cache-length count does. A `PrefixedCache` hands the real cache the
+    unshifted value.
+    """
+    given = call.get("cache_position")
+    if given is not None:
+        call.set("cache_position", given + n)
+
+
+def renumber_cache_position(call: CallArgs, past: int, length: int, device: torch.device) -> None:
+    """Where a call carries `cache_position` (before 5.24), make it count the tokens really in the cache.
+
+    A delta that puts extra tokens into the cache (a prompt) makes generate()'s own count wrong by
+    that many; the model's masks are built from it. This is the value the model computes when none
+    is given: the cache's length onwards.
+    """
+    if call.get("cache_position") is not None:
+        call.set("cache_position", torch.arange(past, past + length, device=device))
+
+
 # -- stacks, positions, token types ---------------------------------------------------------------
-def encoder(model: nn.Module) -> nn.Module:
-    """The encoder stack of an encoder-decoder (4.57's *ForSequenceClassification lack get_encoder)."""
+def _stack(model: nn.Module, which: str) -> nn.Module:
+    """A model's encoder or decoder stack. 4.57's *ForSequenceClassification lack get_encoder, and the
+    generic get_decoder() there returns the model itself: ask the base model too, and never accept self."""
     for owner in (model, getattr(model, "base_model", None)):
-        get = getattr(owner, "get_encoder", None)
-        if get is not None:
-            return get()
-    raise unsupported(f"cannot find the encoder of {type(model).__name__}")
+        get = getattr(owner, f"get_{which}", None)
+        found = get() if get is not None else None
+        if isinstance(found, nn.Module) and found is not owner and found is not model:
+            return found
+    raise unsupported(f"cannot find the {which} of {type(model).__name__}")
+
+
+def encoder(model: nn.Module) -> nn.Module:
+    return _stack(model, "encoder")
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    for owner in (model, getattr(model, "base_model", None)):
-        get = getattr(owner, "get_decoder", None)
-        if get is not None:
-            return get()
-    raise unsupported(f"cannot find the decoder of {type(model).__name__}")
+    return _stack(model, "decoder")
 
 
 def shape_numbered_positions(stack: nn.Module) -> nn.Module | None:

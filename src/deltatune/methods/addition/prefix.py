@@ -181,6 +181,8 @@ class Prefix(Delta):
             inner = None if site.cross else compat.self_attention_cache(call.get(site.cache_arg))
             kv = self.prefix(site)
             call.set(site.cache_arg, compat.PrefixedCache(kv[0], kv[1], inner))
+            if not site.cross:
+                compat.shift_cache_position(call, kv.shape[1])
             hidden = call.first()
             past = compat.seq_length(inner, getattr(module, "layer_idx", 0) or 0)
             causal = not site.cross and compat.is_causal(module)

@@ -179,11 +179,12 @@ class Prompt(Delta):
                     "start from an empty cache so the prompt is prepended at the first step"
                 )
             new = (ids if ids is not None else embeds).shape[1]
+            device = (ids if ids is not None else embeds).device
             if mask is not None and mask.shape[1] == past - n + new:
                 call.set("attention_mask", _ones_before(mask, n))
             if call.accepts("position_ids") and call.get("position_ids") is None:
-                device = (ids if ids is not None else embeds).device
                 call.set("position_ids", torch.arange(past - n, past - n + new, device=device).unsqueeze(0))
+            compat.renumber_cache_position(call, past, new, device)
             self._calls.append(False)
             return call.result()
         if embeds is None:
@@ -195,6 +196,7 @@ class Prompt(Delta):
         if mask is not None:
             call.set("attention_mask", _ones_before(mask, n))
         compat.token_types_with_prefix(module, call, n, batch, embeds.shape[1], embeds.device)
+        compat.renumber_cache_position(call, past, n + embeds.shape[1], embeds.device)
         if call.accepts("position_ids"):
             real, first = compat.real_positions(module, ids, embeds, call.get("position_ids"))
             real = real.expand(batch, -1)
