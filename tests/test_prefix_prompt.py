@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, CAUSAL, SEQ2SEQ, logits, make_inputs, make_model
+from tiny import ARCHS, CAUSAL, LM_ARCHS, SEQ2SEQ, logits, make_inputs, make_model
 from transformers import DynamicCache, EncoderDecoderCache
 
 import deltatune as dt
@@ -54,6 +54,44 @@ def _prompt_ids(seed: int = 3, length: int = 6) -> torch.Tensor:
     return torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+# -- both: generate() against a loop of full forward passes -----------------------------------------
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("arch", LM_ARCHS)
+def test_generate_equals_a_full_forward_greedy_loop(arch: str, method: str) -> None:
+    """generate() decodes from the KV cache, the loop recomputes everything without one: a delta that the
+    cached steps lose or apply twice (5.24 renamed the cache keyword: prompts were prepended at every
+    step, prefixes refused) makes them differ."""
+    seq2seq = arch in SEQ2SEQ
+    config = (
+        PromptConfig(num_tokens=4, init="uniform")
+        if method == "prompt"
+        else PrefixConfig(num_tokens=4, reparameterize=False, cross_attention=seq2seq)
+    )
+    dm = dt.attach(make_model(arch, "lm"), config)
+    with torch.no_grad():
+        for p in dm.delta().parameters():
+            p.mul_(3)  # a delta strong enough to move the scores
+    ids = _prompt_ids()
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False}
+    out = dm.generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+    loop = _greedy_seq2seq(dm, ids, 8) if seq2seq else _greedy(dm, ids, 8)
+    assert out.sequences.shape[1] >= (2 if seq2seq else ids.shape[1] + 1)
+    assert torch.equal(out.sequences, loop[:, : out.sequences.shape[1]])
+    # and the scores of every step, not only their argmax (a tiny model's argmax can survive a wrong step)
+    start = 1 if seq2seq else ids.shape[1]
+    for step, scores in enumerate(out.scores):
+        seen = out.sequences[:, : start + step]
+        with torch.no_grad():
+            if seq2seq:
+                full = dm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=seen, use_cache=False)
+            else:
+                full = dm(input_ids=seen, attention_mask=torch.ones_like(seen), use_cache=False)
+        torch.testing.assert_close(scores, full.logits[:, -1], rtol=0, atol=1e-4)
+    dm.disable("default")
+    plain = dm.generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+    assert (out.scores[0] - plain.scores[0]).abs().max() > 1e-3  # the delta is really there
+
+
 # -- prompt tuning ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_parameter_count_is_num_tokens_times_hidden(arch: str) -> None:
@@ -84,14 +122,6 @@ def test_prompt_changes_lm_logits_keeps_their_shape_and_disable_restores_backbon
     assert (after - before).abs().max() > 1e-4
     dm.disable("default")
     assert torch.equal(logits(dm, inputs), before)
-
-
-@pytest.mark.parametrize("arch", CAUSAL)
-def test_prompt_causal_generate_equals_manual_greedy_loop(arch: str) -> None:
-    dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
-    ids = _prompt_ids()
-    out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-    assert torch.equal(out, _greedy(dm, ids))
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
