@@ -19,7 +19,9 @@ pyproject.toml, see README):
 | DistilBERT attention inputs           | query, key, value; 2-D mask (eager)    | hidden_states   | hidden_states                     |
 | get_encoder() on *ForSequenceClassif. | missing (on .base_model only)          | present         | present                           |
 | RoBERTa position helper               | module function                        | method          | static method                     |
-| BERT token_type_ids buffer            | max_position_embeddings long           | same            | same                              |
+| DistilBERT position_ids argument      | none (numbered by length)              | taken           | taken                             |
+| cache_position argument               | passed (generate counts it)            | passed          | gone                              |
+| BERT token_type_ids buffer            | sliced by length                       | gathered        | gathered                          |
 
 Rows without a version difference are model quirks every release shares: BERT fills missing
 `token_type_ids` from a buffer as long as its position table (so a long prompt overflows it unless
@@ -265,12 +267,43 @@ def decoder(model: nn.Module) -> nn.Module:
     return _stack(model, "decoder")
 
 
-def shape_numbered_positions(stack: nn.Module) -> nn.Module | None:
-    """BART's learned position table, numbered from the input's shape when the stack takes no position_ids."""
+def shape_numbered_positions(stack: nn.Module, n: int) -> list[tuple[nn.Module, Any]]:
+    """Where a stack takes no position_ids but numbers positions by the input's length: the (module,
+    pre-hook) pairs that give `n` leading (prompt) positions 0 and the real tokens 0, 1, ...
+
+    BART's learned position table takes position_ids itself. DistilBERT 4.x slices a buffer of
+    max_position_embeddings by length (a long prompt overflows it) and feeds it to its position
+    nn.Embedding: one hook reads the real length off the embeddings' input, one rewrites the ids.
+    """
+    if "position_ids" in signature(stack).parameters:
+        return []
+
+    def numbered(total: int, device: torch.device) -> torch.Tensor:
+        return torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(total - n)]).to(device)
+
     positions = getattr(stack, "embed_positions", None)
-    if "position_ids" in signature(stack).parameters or positions is None:
-        return None
-    return positions if "position_ids" in signature(positions).parameters else None
+    if positions is not None and "position_ids" in signature(positions).parameters:
+
+        def by_keyword(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            shaped = args[0] if args else kwargs["input_ids"]
+            return args, {**kwargs, "position_ids": numbered(shaped.shape[1], shaped.device)}
+
+        return [(positions, by_keyword)]
+    embeddings = getattr(stack, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return []
+    seen: dict[str, int] = {}
+
+    def length(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        shaped = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)][-1]  # embeds if given
+        seen["total"] = shaped.shape[1]
+
+    def by_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = args[0]
+        return (numbered(seen["total"], ids.device).expand(len(ids), -1), *args[1:]), kwargs
+
+    return [(embeddings, length), (table, by_input)]
 
 
 def real_positions(

@@ -116,9 +116,9 @@ class Prompt(Delta):
         self._peers.append(self)
         hooks.on_input(stack, self._prepend, route_aware=True)
         hooks.on_output(stack, self._strip, route_aware=True)
-        positions = compat.shape_numbered_positions(stack)
-        if positions is not None:
-            hooks.on_input(positions, self._positions, route_aware=True)  # BART numbers positions by shape only
+        # BART (and DistilBERT 4.x) number positions by length: the real tokens keep theirs
+        for module, hook in compat.shape_numbered_positions(stack, cfg.num_tokens):
+            hooks.on_input(module, hook, route_aware=True)
         if self.enc_dec:
             decoder = compat.decoder(model)
             self._decoder_sig = compat.signature(decoder)
@@ -220,12 +220,6 @@ class Prompt(Delta):
         if getattr(output, "hidden_states", None) is not None:
             output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
         return output
-
-    def _positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        shaped = args[0] if args else kwargs["input_ids"]
-        n, total = self.config.num_tokens, shaped.shape[1]
-        positions = torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(total - n)]).to(shaped.device)
-        return args, {**kwargs, "position_ids": positions}
 
     def _extend_encoder_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         call = CallArgs(self._decoder_sig, args, kwargs)
