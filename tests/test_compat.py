@@ -69,7 +69,9 @@ def test_cache_keyword_is_found_by_annotation_then_by_name() -> None:
 def test_a_causal_attention_without_a_cache_is_a_clear_error_naming_the_version(monkeypatch) -> None:
     """What a future rename that detection misses looks like: an error at attach, never a silent difference."""
     monkeypatch.setattr(compat, "cache_keyword", lambda module: None)
-    with pytest.raises(compat.UnsupportedError, match=rf"cannot reach the keys.*transformers {re.escape(compat.VERSION)}"):
+    with pytest.raises(
+        compat.UnsupportedError, match=rf"cannot reach the keys.*transformers {re.escape(compat.VERSION)}"
+    ):
         dt.attach(make_model("gpt2", "lm"), PrefixConfig(num_tokens=2))
 
 

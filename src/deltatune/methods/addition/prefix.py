@@ -204,7 +204,7 @@ class Prefix(Delta):
             mask = call.get(site.mask_arg)
             if mask is not None:
                 mask = _extend_mask(mask, n, hidden, 0, False)
-                if mask.dim() == 4 and mask.shape[-2] > 1:  # the placeholder rows' queries: attend anywhere, their output is dropped
+                if mask.dim() == 4 and mask.shape[-2] > 1:  # placeholder rows' queries attend anywhere: dropped
                     mask = torch.cat([mask[..., :1, :].expand(*mask.shape[:-2], n, -1), mask], dim=-2)
                 call.set(site.mask_arg, mask)
             return call.result()
