@@ -9,24 +9,22 @@ name?) instead of comparing version strings: a cache parameter is found by its `
 first and by the known names second, so a pure rename is survived, and the one test
 `test_detected_cache_keywords_are_the_known_ones` says the table below needs a line.
 
-What differs between the releases deltatune admits (tested: the ends of the range in
-pyproject.toml, see README):
+What differs between the ends of the range deltatune admits (pyproject.toml; CI runs both). The
+releases in between each have one or the other form, which the detection does not need to know:
 
-| what                                  | 4.57                                   | 5.0 - 5.23      | 5.24                              |
-|---------------------------------------|----------------------------------------|-----------------|-----------------------------------|
-| attention's KV-cache keyword          | past_key_values (some: past_key_value) | past_key_values | cache                             |
-| model call / output cache name        | past_key_values                        | past_key_values | cache (old name deprecated)       |
-| DistilBERT attention inputs           | query, key, value; 2-D mask (eager)    | hidden_states   | hidden_states                     |
-| get_encoder() on *ForSequenceClassif. | missing (on .base_model only)          | present         | present                           |
-| RoBERTa position helper               | module function                        | method          | static method                     |
-| DistilBERT position_ids argument      | none (numbered by length)              | taken           | taken                             |
-| cache_position argument               | passed (generate counts it)            | passed          | gone                              |
-| BERT token_type_ids buffer            | sliced by length                       | gathered        | gathered                          |
+| what                                   | 4.57.6                                  | 5.24.0                          |
+|----------------------------------------|-----------------------------------------|---------------------------------|
+| attention's KV-cache keyword           | past_key_values (old name past_key_value) | cache                         |
+| model call / output cache name         | past_key_values                         | cache (past_key_values deprecated, removal 5.40) |
+| cache_position argument                | passed; T5 places its bias by it        | gone; T5 counts the cache       |
+| DistilBERT attention inputs            | query, key, value; 2-D mask (eager)     | hidden_states; 4-D mask         |
+| DistilBERT position_ids argument       | none (a max_position buffer, by length) | taken                           |
+| get_encoder() on *ForSequenceClassif.  | missing; get_decoder() returns the model | present                        |
+| RoBERTa position helper                | module function                         | static method                   |
+| BERT token_type_ids buffer             | sliced by sequence length               | gathered by position            |
 
-Rows without a version difference are model quirks every release shares: BERT fills missing
-`token_type_ids` from a buffer as long as its position table (so a long prompt overflows it unless
-the ids are passed), RoBERTa numbers positions from padding_idx + 1, BART's learned positions
-are numbered from the input's shape only.
+Quirks every release shares: RoBERTa numbers positions from padding_idx + 1 and skips padding,
+BART's encoder numbers its learned positions from the input's shape (it takes no position_ids).
 """
 
 from __future__ import annotations
