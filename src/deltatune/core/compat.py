@@ -217,8 +217,12 @@ class PrefixedCache:
         return getattr(inner, name)
 
 
-def seq_length(cache: Any, layer_idx: int = 0) -> int:
-    return int(cache.get_seq_length(layer_idx)) if cache is not None else 0
+def seq_length(cache: Any, attention: nn.Module | None = None) -> int:
+    """How many tokens a cache holds (for this attention's layer, where layers differ: sliding windows)."""
+    if cache is None:
+        return 0
+    layer_idx = getattr(attention, "layer_idx", 0) or 0
+    return int(cache.get_seq_length(layer_idx))
 
 
 def shift_cache_position(call: CallArgs, n: int) -> None:

@@ -184,7 +184,7 @@ class Prefix(Delta):
             if not site.cross:
                 compat.shift_cache_position(call, kv.shape[1])
             hidden = call.first()
-            past = compat.seq_length(inner, getattr(module, "layer_idx", 0) or 0)
+            past = compat.seq_length(inner, module)
             causal = not site.cross and compat.is_causal(module)
             mask = _extend_mask(call.get(site.mask_arg), kv.shape[1], hidden, past, causal)
             call.set(site.mask_arg, mask)
