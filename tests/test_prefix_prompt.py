@@ -50,6 +50,11 @@ def _greedy_seq2seq(dm: dt.DeltaModel, ids: torch.Tensor, steps: int = 5) -> tor
     return dec
 
 
+def _cache(dm: dt.DeltaModel, cache) -> dict:  # noqa: ANN001
+    """The model call's cache argument, under this release's name (past_key_values before 5.24, cache since)."""
+    return {compat.cache_keyword(dm.backbone): cache}
+
+
 def _prompt_ids(seed: int = 3, length: int = 6) -> torch.Tensor:
     return torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(seed))
 
@@ -155,8 +160,8 @@ def test_a_cached_decoding_step_equals_the_full_forward(arch: str, method) -> No
     ids = _prompt_ids(length=7)
     with torch.no_grad():
         full = dm(input_ids=ids).logits[:, -1]
-        cache = dm(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        step = dm(input_ids=ids[:, -1:], past_key_values=cache, attention_mask=torch.ones_like(ids)).logits[:, -1]
+        cache = compat.output_cache(dm(input_ids=ids[:, :-1], use_cache=True))
+        step = dm(input_ids=ids[:, -1:], **_cache(dm, cache), attention_mask=torch.ones_like(ids)).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 
@@ -165,10 +170,10 @@ def test_prompt_decoding_step_with_a_cache_filled_without_the_prompt_is_refused(
     ids = _prompt_ids()
     dm.disable("default")
     with torch.no_grad():
-        cache = dm(input_ids=ids, use_cache=True).past_key_values
+        cache = compat.output_cache(dm(input_ids=ids, use_cache=True))
     dm.enable("default")
     with pytest.raises(ValueError, match="without this prompt"):
-        dm(input_ids=ids[:, :1], past_key_values=cache)
+        dm(input_ids=ids[:, :1], **_cache(dm, cache))
 
 
 def test_prompt_vocab_init_copies_seeded_vocabulary_rows() -> None:
@@ -301,7 +306,7 @@ def test_prefix_t5_decoder_equals_a_self_attention_cache_prefilled_with_the_pref
             kv = delta.prefix(site).view(2, 3, 4, 8).transpose(1, 2)
             self_cache.update(kv[0].expand(2, -1, -1, -1), kv[1].expand(2, -1, -1, -1), i)
         cache = EncoderDecoderCache(self_cache, DynamicCache(config=model.config))
-        reference = dm(**common, past_key_values=cache).logits
+        reference = dm(**common, **_cache(dm, cache)).logits
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
@@ -360,7 +365,7 @@ def test_prefix_causal_generate_equals_manual_greedy_loop_and_cache_holds_real_t
     out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert torch.equal(out, _greedy(dm, ids))
     with torch.no_grad():
-        cache = dm(input_ids=ids, use_cache=True).past_key_values
+        cache = compat.output_cache(dm(input_ids=ids, use_cache=True))
     assert cache.get_seq_length() == ids.shape[1]
 
 
