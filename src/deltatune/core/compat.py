@@ -22,6 +22,8 @@ releases in between each have one or the other form, which the detection does no
 | get_encoder() on *ForSequenceClassif.  | missing; get_decoder() returns the model | present                        |
 | RoBERTa position helper                | module function                         | static method                   |
 | BERT token_type_ids buffer             | sliced by sequence length               | gathered by position            |
+| SmolLM2 GGUF tokenizer conversion      | eos = bos, no pad, bos added to inputs  | eos = pad = <|im_end|>, no bos  |
+| tokenizer folders (save_pretrained)    | 4.x format                              | not readable by 4.x             |
 
 Quirks every release shares: RoBERTa numbers positions from padding_idx + 1 and skips padding,
 BART's encoder numbers its learned positions from the input's shape (it takes no position_ids).
@@ -39,6 +41,9 @@ from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
 VERSION = transformers.__version__
+# Folders written by save_pretrained do not load across major releases (5.x writes tokenizer_class
+# "TokenizersBackend", unknown to 4.x), so what deltatune converts once is kept per major release.
+SAVED_FORMAT = f"transformers{VERSION.split('.')[0]}"
 # every name a KV cache argument has had, newest first (see the table above)
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
 MASK_KEYWORDS = ("attention_mask", "mask")
@@ -348,3 +353,19 @@ def token_types_with_prefix(
             call.set("token_type_ids", torch.zeros(batch, n + length, dtype=torch.long, device=device))
     else:
         call.set("token_type_ids", torch.cat([given.new_zeros(batch, n), given.expand(batch, -1)], dim=1))
+
+
+# -- converted backbones --------------------------------------------------------------------------
+def tokenizer_as_config(tokenizer: Any, config: Any) -> None:
+    """Give a tokenizer converted from a GGUF file the special tokens of the model's config.
+
+    4.57 converts SmolLM2's GGUF tokenizer with eos = bos (<|im_start|>), no pad token and a bos
+    prepended to every input; 5.24 takes eos and pad from the config (<|im_end|>) and adds no bos.
+    Every release builds the 5.24 tokenizer, so a backbone tokenizes alike across the range.
+    """
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
