@@ -143,9 +143,10 @@ def hidden_inputs(fn_or_module: Any) -> tuple[str, ...]:
     return (params[0],)
 
 
-def call_cache(call: CallArgs) -> Any:
-    """The cache a call carries, under whichever name the caller used (old names stay accepted upstream)."""
-    for name in CACHE_KEYWORDS:
+def call_cache(call: CallArgs, keyword: str | None = None) -> Any:
+    """The cache a call carries: under the forward's own `keyword` (as `cache_keyword` found it) or any
+    name the caller used (upstream keeps accepting old names for a while)."""
+    for name in (keyword, *CACHE_KEYWORDS) if keyword else CACHE_KEYWORDS:
         value = call.get(name)
         if value is not None:
             return value

@@ -110,6 +110,7 @@ class Prompt(Delta):
         self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))
         self.sites[module_name(model, stack)] = self.prompt.numel()
         self._stack_sig = compat.signature(stack)
+        self._cache_arg = compat.cache_keyword(stack)  # where decoding steps hand the stack its KV cache
         # prompts on one stack, in attach order: in a mixed batch the first one with rows prepends every
         # row's own prompt (sequences must stay one length), the others stand by
         self._peers: list[Prompt] = stack.__dict__.setdefault("_deltatune_prompts", [])
@@ -168,7 +169,7 @@ class Prompt(Delta):
         call = CallArgs(self._stack_sig, args, kwargs)
         n = self.config.num_tokens
         ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
-        cache = compat.call_cache(call)
+        cache = compat.call_cache(call, self._cache_arg)
         past = compat.seq_length(cache)
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"prompt tuning extends a 2-D (batch, seq) attention mask; got a {mask.dim()}-D mask")
