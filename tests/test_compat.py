@@ -66,13 +66,15 @@ def test_cache_keyword_is_found_by_annotation_then_by_name() -> None:
     assert compat.cache_keyword(NoCache()) is None
 
 
-def test_a_causal_attention_without_a_cache_is_a_clear_error_naming_the_version(monkeypatch) -> None:
-    """What a future rename that detection misses looks like: an error at attach, never a silent difference."""
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5", "bart"])
+def test_a_decoder_attention_without_a_cache_is_a_clear_error_naming_the_version(monkeypatch, arch: str) -> None:
+    """What a future rename that detection misses looks like: an error at attach, never a silent difference
+    (a decoder's attention cannot take the placeholder-row route: its cached steps would store the rows)."""
     monkeypatch.setattr(compat, "cache_keyword", lambda module: None)
     with pytest.raises(
         compat.UnsupportedError, match=rf"cannot reach the keys.*transformers {re.escape(compat.VERSION)}"
     ):
-        dt.attach(make_model("gpt2", "lm"), PrefixConfig(num_tokens=2))
+        dt.attach(make_model(arch, "lm"), PrefixConfig(num_tokens=2))
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "gpt2", "llama"])

@@ -165,8 +165,11 @@ def self_attention_cache(cache: Any) -> Any:
 
 
 def is_causal(attention: nn.Module) -> bool:
-    """Whether an attention masks the future (and may rely on sdpa's is_causal when given no mask)."""
-    return bool(getattr(attention, "is_causal", False))
+    """Whether an attention masks the future (and may rely on sdpa's is_causal when given no mask).
+
+    T5's decoder attentions say so only through `is_decoder` (their is_causal is None in 4.57).
+    """
+    return bool(getattr(attention, "is_causal", False) or getattr(attention, "is_decoder", False))
 
 
 class PrefixedCache:
