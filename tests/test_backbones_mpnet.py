@@ -15,6 +15,7 @@ import pytest
 
 from deltatune import backbones
 from deltatune.backbones import MPNET_INSTALL, MPNET_PARTS, check_installed, model_path
+from deltatune.core.compat import SAVED_FORMAT
 
 
 def _fake_parts(tmp_path: Path, *, corrupt: bool = False) -> dict[str, Path]:
@@ -41,7 +42,7 @@ def _fake_parts(tmp_path: Path, *, corrupt: bool = False) -> dict[str, Path]:
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return tmp_path / "cache" / SAVED_FORMAT  # converted backbones are kept per transformers major release
 
 
 def _use_parts(monkeypatch: pytest.MonkeyPatch, parts: dict[str, Path], calls: list[str] | None = None) -> None:

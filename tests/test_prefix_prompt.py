@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, CAUSAL, SEQ2SEQ, logits, make_inputs, make_model
+from tiny import ARCHS, CAUSAL, LM_ARCHS, SEQ2SEQ, logits, make_inputs, make_model
 from transformers import DynamicCache, EncoderDecoderCache
 
 import deltatune as dt
+from deltatune.core import compat
 from deltatune.methods.addition.prefix import PrefixConfig
 from deltatune.methods.addition.prompt import PromptConfig
 
@@ -49,8 +50,51 @@ def _greedy_seq2seq(dm: dt.DeltaModel, ids: torch.Tensor, steps: int = 5) -> tor
     return dec
 
 
+def _cache(dm: dt.DeltaModel, cache) -> dict:  # noqa: ANN001
+    """The model call's cache argument, under this release's name (past_key_values before 5.24, cache since)."""
+    return {compat.cache_keyword(dm.backbone): cache}
+
+
 def _prompt_ids(seed: int = 3, length: int = 6) -> torch.Tensor:
     return torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- both: generate() against a loop of full forward passes -----------------------------------------
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("arch", LM_ARCHS)
+def test_generate_equals_a_full_forward_greedy_loop(arch: str, method: str) -> None:
+    """generate() decodes from the KV cache, the loop recomputes everything without one: a delta that the
+    cached steps lose or apply twice (5.24 renamed the cache keyword: prompts were prepended at every
+    step, prefixes refused) makes them differ."""
+    seq2seq = arch in SEQ2SEQ
+    config = (
+        PromptConfig(num_tokens=4, init="uniform")
+        if method == "prompt"
+        else PrefixConfig(num_tokens=4, reparameterize=False, cross_attention=seq2seq)
+    )
+    dm = dt.attach(make_model(arch, "lm"), config)
+    with torch.no_grad():
+        for p in dm.delta().parameters():
+            p.mul_(3)  # a delta strong enough to move the scores
+    ids = _prompt_ids()
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False}
+    out = dm.generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+    loop = _greedy_seq2seq(dm, ids, 8) if seq2seq else _greedy(dm, ids, 8)
+    assert out.sequences.shape[1] >= (2 if seq2seq else ids.shape[1] + 1)
+    assert torch.equal(out.sequences, loop[:, : out.sequences.shape[1]])
+    # and the scores of every step, not only their argmax (a tiny model's argmax can survive a wrong step)
+    start = 1 if seq2seq else ids.shape[1]
+    for step, scores in enumerate(out.scores):
+        seen = out.sequences[:, : start + step]
+        with torch.no_grad():
+            if seq2seq:
+                full = dm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=seen, use_cache=False)
+            else:
+                full = dm(input_ids=seen, attention_mask=torch.ones_like(seen), use_cache=False)
+        torch.testing.assert_close(scores, full.logits[:, -1], rtol=0, atol=1e-4)
+    dm.disable("default")
+    plain = dm.generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+    assert (out.scores[0] - plain.scores[0]).abs().max() > 1e-3  # the delta is really there
 
 
 # -- prompt tuning ---------------------------------------------------------------------------------
@@ -86,14 +130,6 @@ def test_prompt_changes_lm_logits_keeps_their_shape_and_disable_restores_backbon
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
-def test_prompt_causal_generate_equals_manual_greedy_loop(arch: str) -> None:
-    dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
-    ids = _prompt_ids()
-    out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-    assert torch.equal(out, _greedy(dm, ids))
-
-
-@pytest.mark.parametrize("arch", CAUSAL)
 def test_prompt_generation_of_a_left_padded_row_equals_it_alone(arch: str) -> None:
     dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
     ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(5))
@@ -124,8 +160,8 @@ def test_a_cached_decoding_step_equals_the_full_forward(arch: str, method) -> No
     ids = _prompt_ids(length=7)
     with torch.no_grad():
         full = dm(input_ids=ids).logits[:, -1]
-        cache = dm(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        step = dm(input_ids=ids[:, -1:], past_key_values=cache, attention_mask=torch.ones_like(ids)).logits[:, -1]
+        cache = compat.output_cache(dm(input_ids=ids[:, :-1], use_cache=True))
+        step = dm(input_ids=ids[:, -1:], **_cache(dm, cache), attention_mask=torch.ones_like(ids)).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 
@@ -134,10 +170,10 @@ def test_prompt_decoding_step_with_a_cache_filled_without_the_prompt_is_refused(
     ids = _prompt_ids()
     dm.disable("default")
     with torch.no_grad():
-        cache = dm(input_ids=ids, use_cache=True).past_key_values
+        cache = compat.output_cache(dm(input_ids=ids, use_cache=True))
     dm.enable("default")
     with pytest.raises(ValueError, match="without this prompt"):
-        dm(input_ids=ids[:, :1], past_key_values=cache)
+        dm(input_ids=ids[:, :1], **_cache(dm, cache))
 
 
 def test_prompt_vocab_init_copies_seeded_vocabulary_rows() -> None:
@@ -234,7 +270,13 @@ def test_prefix_equals_a_kv_cache_prefilled_with_the_prefix(arch: str) -> None:
     inputs = {k: v for k, v in make_inputs(model).items() if k != "labels"}
     dm = dt.attach(model, PrefixConfig(num_tokens=3, reparameterize=False))
     delta = dm.delta()
-    ours = logits(dm, inputs)
+    stack = model.base_model  # 4.57's BertForSequenceClassification takes no cache: the stack does, in every release
+
+    def hidden(**kwargs) -> torch.Tensor:
+        with torch.no_grad():
+            return stack(**(inputs | kwargs)).last_hidden_state
+
+    ours = hidden()
     dm.disable("default")
     cache, batch = DynamicCache(config=model.config), len(inputs["input_ids"])
     for i, site in enumerate(delta._sites):
@@ -242,8 +284,9 @@ def test_prefix_equals_a_kv_cache_prefilled_with_the_prefix(arch: str) -> None:
         cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
     mask = torch.cat([torch.ones(batch, 3, dtype=torch.long), inputs["attention_mask"]], dim=1)
     positions = torch.arange(8).expand(batch, -1) + (2 if arch == "roberta" else 0)
-    reference = logits(model, {**inputs, "attention_mask": mask, "past_key_values": cache, "position_ids": positions})
-    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    reference = hidden(**{"attention_mask": mask, compat.cache_keyword(stack): cache, "position_ids": positions})
+    real = inputs["attention_mask"].bool()  # padding rows are numbered differently by RoBERTa, and never read
+    torch.testing.assert_close(ours[real], reference[real], rtol=0, atol=1e-6)
 
 
 def test_prefix_t5_decoder_equals_a_self_attention_cache_prefilled_with_the_prefix() -> None:
@@ -263,7 +306,7 @@ def test_prefix_t5_decoder_equals_a_self_attention_cache_prefilled_with_the_pref
             kv = delta.prefix(site).view(2, 3, 4, 8).transpose(1, 2)
             self_cache.update(kv[0].expand(2, -1, -1, -1), kv[1].expand(2, -1, -1, -1), i)
         cache = EncoderDecoderCache(self_cache, DynamicCache(config=model.config))
-        reference = dm(**common, past_key_values=cache).logits
+        reference = dm(**common, **_cache(dm, cache)).logits
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
@@ -278,7 +321,7 @@ def test_prefix_attention_output_matches_a_hand_computed_attention(arch: str, at
     module = model.get_submodule(attn)
     seen: dict = {}
     module.register_forward_hook(
-        lambda m, a, kw, out: seen.update(h=(a or (kw["hidden_states"],))[0], out=out[0]), with_kwargs=True
+        lambda m, a, kw, out: seen.update(h=(a or (kw[compat.hidden_inputs(m)[0]],))[0], out=out[0]), with_kwargs=True
     )
     logits(dm, inputs)
     h, out = seen["h"][:, 3:] if seen["h"].shape[1] > 8 else seen["h"], seen["out"]
@@ -322,7 +365,7 @@ def test_prefix_causal_generate_equals_manual_greedy_loop_and_cache_holds_real_t
     out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert torch.equal(out, _greedy(dm, ids))
     with torch.no_grad():
-        cache = dm(input_ids=ids, use_cache=True).past_key_values
+        cache = compat.output_cache(dm(input_ids=ids, use_cache=True))
     assert cache.get_seq_length() == ids.shape[1]
 
 

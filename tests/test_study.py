@@ -263,8 +263,11 @@ def test_kill_9_mid_study_then_resume_records_every_run_once(world: dict[str, st
     try:
         while time.time() < deadline:  # kill while a run is in flight and at least one is recorded
             if db.exists():
-                with sqlite3.connect(db, timeout=5) as c:
-                    status = dict(c.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+                try:
+                    with sqlite3.connect(db, timeout=5) as c:
+                        status = dict(c.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+                except sqlite3.OperationalError:  # the file exists a moment before its tables do
+                    status = {}
                 if status.get("done", 0) >= 1 and status.get("running", 0) == 1:
                     break
             time.sleep(0.05)

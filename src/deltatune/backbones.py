@@ -46,6 +46,13 @@ def cache_dir() -> Path:
     return Path(base) / "deltatune"
 
 
+def _built_dir(name: str) -> Path:
+    """A converted backbone's folder: one per transformers major release (their folders do not mix)."""
+    from .core.compat import SAVED_FORMAT
+
+    return cache_dir() / SAVED_FORMAT / name
+
+
 def _package_dir(short: str) -> Path:
     module, install = SHORT_NAMES[short]
     spec = importlib.util.find_spec(module)
@@ -61,7 +68,7 @@ def check_installed(name: str) -> None:
     """
     name = ALIASES.get(name, name)
     if name == "mpnet-base":
-        if not (cache_dir() / MPNET_DIR / "config.json").exists():
+        if not (_built_dir(MPNET_DIR) / "config.json").exists():
             _mpnet_parts()
     elif name in SHORT_NAMES:
         _package_dir(name)
@@ -129,7 +136,7 @@ def _mpnet_folder() -> Path:
             ) from err
         return configs[0].parent
 
-    return _built_once(cache_dir() / MPNET_DIR, "config.json", build)
+    return _built_once(_built_dir(MPNET_DIR), "config.json", build)
 
 
 def _built_once(target: Path, marker: str, build: Callable[[Path], Path]) -> Path:
@@ -164,6 +171,8 @@ def _smollm2_folder() -> Path:
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .core import compat
+
         print(f"deltatune: dequantizing {gguf.name} once (about 20 s)", file=sys.stderr)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name)
@@ -175,10 +184,11 @@ def _smollm2_folder() -> Path:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
+        compat.tokenizer_as_config(tokenizer, config)
         tokenizer.save_pretrained(tmp)
         return tmp
 
-    return _built_once(cache_dir() / "smollm2-135m", "model.safetensors", build)
+    return _built_once(_built_dir("smollm2-135m"), "model.safetensors", build)
 
 
 def load_backbone(name: str, head: str = "cls", num_labels: int = 2, **kwargs: object) -> nn.Module:

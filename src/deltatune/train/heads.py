@@ -144,8 +144,9 @@ class GenerationHead:
         enc = tok([self.prompt(e) for e in examples], return_tensors="pt", padding=True, add_special_tokens=False)
         tok.padding_side = "right"
         device = next(model.parameters()).device
-        out = model.generate(
-            **{k: v.to(device) for k, v in enc.items()},
+        out = model.generate(  # ids and mask only: 4.57 refuses the token_type_ids some tokenizers add
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,

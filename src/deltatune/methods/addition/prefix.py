@@ -1,17 +1,25 @@
 """Prefix tuning (Li & Liang 2021): `num_tokens` trainable key and value vectors in front of every attention's own.
 
-How the prefix gets in: a pre-hook on each attention module hands it, as `past_key_values`, a
+How the prefix gets in: a pre-hook on each attention module hands it, as its KV cache argument
+(named as `core.compat.cache_keyword` finds it: `past_key_values` before 5.24, `cache` since), a
 stand-in cache whose `update(k, v)` returns the prefix concatenated in front of the keys and
-values (after passing them to the model's real cache, if there is one). Every attention of this
-transformers version calls `update` right before attending, after rotary embeddings, so prefix
-keys are never rotated and a grouped-query model gets prefixes with its `num_key_value_heads`
-heads. The real cache only ever stores real tokens: positions, the masks the model builds and
-`generate()` bookkeeping are those of the backbone, and the prefix is attended at every step
-without being cached. The same pre-hook prepends `num_tokens` "attend" columns to the 4-D mask
-(True for boolean masks, 0 for additive ones) and writes out the causal mask where the model
-passed none and relied on sdpa's `is_causal`, which would misalign once keys outnumber queries.
-T5 asks that cache for its length to place its relative position bias: it hears real length +
-num_tokens, which puts the prefix just before the first token.
+values (after passing them to the model's real cache, if there is one). Every attention calls
+`update` right before attending, after rotary embeddings, so prefix keys are never rotated and a
+grouped-query model gets prefixes with its `num_key_value_heads` heads. The real cache only ever
+stores real tokens: positions, the masks the model builds and `generate()` bookkeeping are those of
+the backbone, and the prefix is attended at every step without being cached. The same pre-hook
+prepends `num_tokens` "attend" columns to the 4-D mask (True for boolean masks, 0 for additive
+ones) and writes out the causal mask where the model passed none and relied on sdpa's `is_causal`,
+which would misalign once keys outnumber queries. T5 asks that cache for its length to place its
+relative position bias: it hears real length + num_tokens, which puts the prefix just before the
+first token.
+
+Why not the public route (a `DynamicCache` prefilled with the prefixes, passed at the model call):
+for a forward it gives the same numbers (`test_prefix_equals_a_kv_cache_prefilled_with_the_prefix`
+holds this route to it), but `generate()` takes a non-empty cache to mean "these input tokens are
+already processed", so prefilling needs overriding generation internals that change every few
+releases (PEFT's prepare_inputs_for_generation fixes), and it shifts real positions by num_tokens.
+The per-attention cache argument is the narrower contract: one keyword, found by capability.
 
 Attention modules without a cache argument (DistilBERT) get the prefix another way: the pre-hook
 prepends `num_tokens` placeholder rows to the hidden states, output hooks on the key and value
@@ -27,18 +35,17 @@ Not mergeable: extra keys change the softmax's normalization, which no weight ch
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import EncoderDecoderCache
 
+from ...core import compat
+from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import linear_dims
 from ...core.targeting import TargetError, resolve
-from .prompt import CallArgs
 
 
 @dataclasses.dataclass
@@ -71,55 +78,15 @@ class PrefixConfig(DeltaConfig):
                 raise ValueError(f"{name}.{field} must be True or False, got {getattr(self, field)!r}")
 
 
-class _PrefixedCache:
-    """What one attention call sees as its KV cache: the real cache (or none) with the prefix in front."""
-
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, inner: Any) -> None:
-        self.key, self.value, self.inner = key, value, inner
-        self.is_updated: dict[int, bool] = {}  # cross-attentions consult it: never "already cached"
-
-    @property
-    def self_attention_cache(self) -> _PrefixedCache:
-        return self
-
-    @property
-    def cross_attention_cache(self) -> _PrefixedCache:
-        return self
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        if self.inner is not None:
-            keys, values = self.inner.update(keys, values, layer_idx, *args, **kwargs)
-        batch, heads, _, head_dim = keys.shape
-        n = self.key.shape[0]
-
-        def heads_first(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            prefix = prefix.to(like.dtype).view(n, heads, head_dim).transpose(0, 1)
-            return prefix.unsqueeze(0).expand(batch, -1, -1, -1)
-
-        return (
-            torch.cat([heads_first(self.key, keys), keys], dim=2),
-            torch.cat([heads_first(self.value, values), values], dim=2),
-        )
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        past = self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
-        return self.key.shape[0] + past
-
-    def __getattr__(self, name: str) -> Any:
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-
 class _Site:
     """One prefixed attention module: where its slice of the MLP output starts, and how it is fed."""
 
-    def __init__(self, name: str, key: str, width: int, offset: int, cross: bool, signature: inspect.Signature):
+    def __init__(self, name: str, key: str, width: int, offset: int, cross: bool, module: nn.Module):
         self.name, self.key, self.width, self.offset, self.cross = name, key, width, offset, cross
-        self.signature = signature
-        self.mask_arg = "attention_mask" if "attention_mask" in signature.parameters else "mask"
-        self.cached = "past_key_values" in signature.parameters
+        self.signature = compat.signature(module)
+        self.mask_arg = compat.mask_keyword(module)
+        self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
+        self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
 
 
@@ -145,14 +112,17 @@ class Prefix(Delta):
         for name, cross in chosen:
             module = model.get_submodule(name)
             width = _kv_width(model, name, cross)
-            site = _Site(name, safe_key(name), width, offset, cross, inspect.signature(module.forward))
+            site = _Site(name, safe_key(name), width, offset, cross, module)
             offset += 2 * width
             self._sites.append(site)
-            if site.cached:
+            if site.cache_arg is not None:
                 hooks.on_input(module, self._cache_hook(site))
                 continue
-            if cross or getattr(module, "is_causal", False):
-                raise ValueError(f"prefix tuning cannot reach the keys of {name!r} ({type(module).__name__})")
+            if cross or compat.is_causal(module):  # placeholder rows would see, or be seen by, the wrong tokens
+                raise compat.unsupported(
+                    f"prefix tuning cannot reach the keys of {name!r} ({type(module).__name__}): its forward takes "
+                    f"no KV cache (none of {', '.join(compat.CACHE_KEYWORDS)}, none annotated Cache)"
+                )
             k_proj, v_proj = (model.get_submodule(_projection(model, name, p, cross)) for p in ("k", "v"))
             hooks.on_input(module, self._rows_hook(site))
             hooks.on_output(k_proj, self._overwrite_hook(site, 0))
@@ -208,15 +178,14 @@ class Prefix(Delta):
     def _cache_hook(self, site: _Site):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             call = CallArgs(site.signature, args, kwargs)
-            real = call.get("past_key_values")
-            if isinstance(real, EncoderDecoderCache):
-                real = real.self_attention_cache
-            inner = None if site.cross else real
+            inner = None if site.cross else compat.self_attention_cache(call.get(site.cache_arg))
             kv = self.prefix(site)
-            call.set("past_key_values", _PrefixedCache(kv[0], kv[1], inner))
+            call.set(site.cache_arg, compat.PrefixedCache(kv[0], kv[1], inner))
+            if not site.cross:
+                compat.shift_cache_position(call, kv.shape[1])
             hidden = call.first()
-            past = int(inner.get_seq_length(getattr(module, "layer_idx", 0) or 0)) if inner is not None else 0
-            causal = not site.cross and bool(getattr(module, "is_causal", False))
+            past = compat.seq_length(inner, module)
+            causal = not site.cross and compat.is_causal(module)
             mask = _extend_mask(call.get(site.mask_arg), kv.shape[1], hidden, past, causal)
             call.set(site.mask_arg, mask)
             return call.result()
@@ -229,14 +198,13 @@ class Prefix(Delta):
             hidden = call.first()
             site.current = self.prefix(site)
             n = site.current.shape[1]
-            call.set(
-                next(iter(site.signature.parameters)),
-                torch.cat([hidden.new_zeros(len(hidden), n, hidden.shape[-1]), hidden], 1),
-            )
+            for arg in site.hidden_args:  # DistilBERT 4.x passes the hidden states as query, key and value
+                states = call.get(arg)
+                call.set(arg, torch.cat([states.new_zeros(len(states), n, states.shape[-1]), states], 1))
             mask = call.get(site.mask_arg)
             if mask is not None:
                 mask = _extend_mask(mask, n, hidden, 0, False)
-                if mask.shape[-2] > 1:  # the placeholder rows' queries: attend anywhere, their output is dropped
+                if mask.dim() == 4 and mask.shape[-2] > 1:  # placeholder rows' queries attend anywhere: dropped
                     mask = torch.cat([mask[..., :1, :].expand(*mask.shape[:-2], n, -1), mask], dim=-2)
                 call.set(site.mask_arg, mask)
             return call.result()
@@ -259,7 +227,9 @@ class Prefix(Delta):
             site.current = None
             if isinstance(output, torch.Tensor):
                 return output[:, n:]
-            weights = output[1][..., n:, :] if len(output) > 1 and output[1] is not None else None
+            if len(output) == 1:
+                return (output[0][:, n:],)
+            weights = output[1][..., n:, :] if output[1] is not None else None
             return (output[0][:, n:], weights, *output[2:])
 
         return hook
@@ -278,6 +248,8 @@ def _extend_mask(
         allowed = torch.cat([allowed.new_ones(queries, n), allowed], dim=1)
         additive = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
         return additive.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[None, None]
+    if mask.dim() == 2:  # a (batch, keys) padding mask, 1 = attend (DistilBERT 4.x eager)
+        return torch.cat([mask.new_ones(len(mask), n), mask], dim=-1)
     if mask.dim() != 4:
         raise ValueError(
             f"prefix tuning extends 4-D attention masks, but this attention got a {mask.dim()}-D one; "

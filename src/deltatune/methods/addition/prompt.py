@@ -23,55 +23,18 @@ mergeable: the prompt lengthens the sequence, which no weight change can express
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ...core import compat
+from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.routing import RoutingError
 
 INITS = ("random", "uniform", "vocab", "text")
 _TAG = "_deltatune_prompt"  # set on KV caches that hold a prompt, so later steps do not prepend it again
-
-
-class CallArgs:
-    """A module call's arguments by parameter name, however they were passed (positionally or by keyword)."""
-
-    def __init__(self, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
-        self.sig = signature
-        self.bound = signature.bind_partial(*args, **kwargs)
-        self.n_args = len(args)
-        self.varkw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-
-    def accepts(self, name: str) -> bool:
-        p = self.sig.parameters.get(name)
-        return p is not None and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-
-    def get(self, name: str) -> Any:
-        if self.accepts(name):
-            return self.bound.arguments.get(name)
-        return self.bound.arguments.get(self.varkw, {}).get(name) if self.varkw else None
-
-    def first(self) -> Any:
-        return self.bound.arguments.get(next(iter(self.sig.parameters)))
-
-    def set(self, name: str, value: Any) -> None:
-        if self.accepts(name):
-            self.bound.arguments[name] = value
-        elif self.varkw:
-            self.bound.arguments[self.varkw] = {**self.bound.arguments.get(self.varkw, {}), name: value}
-        else:
-            raise TypeError(f"cannot pass {name!r} to a forward that does not take it")
-
-    def result(self) -> tuple[tuple, dict]:
-        """As many positional arguments as came in (decorators such as transformers' read some by position)."""
-        names = [p.name for p in self.sig.parameters.values() if p.kind is not p.VAR_POSITIONAL][: self.n_args]
-        args = tuple(self.bound.arguments[n] for n in names)
-        kwargs = {n: v for n, v in self.bound.arguments.items() if n not in names and n != self.varkw}
-        kwargs.update(self.bound.arguments.get(self.varkw, {}) if self.varkw else {})
-        return args, kwargs
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -141,28 +104,25 @@ class Prompt(Delta):
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         cfg = self.config
         self.enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-        stack = model.get_encoder() if self.enc_dec else model.base_model
+        stack = compat.encoder(model) if self.enc_dec else model.base_model
         object.__setattr__(self, "embed", stack.get_input_embeddings())  # the backbone's: not a submodule of ours
         weight = self.embed.weight
         self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))
         self.sites[module_name(model, stack)] = self.prompt.numel()
-        self._stack_sig = inspect.signature(stack.forward)
+        self._stack_sig = compat.signature(stack)
+        self._cache_arg = compat.cache_keyword(stack)  # where decoding steps hand the stack its KV cache
         # prompts on one stack, in attach order: in a mixed batch the first one with rows prepends every
         # row's own prompt (sequences must stay one length), the others stand by
         self._peers: list[Prompt] = stack.__dict__.setdefault("_deltatune_prompts", [])
         self._peers.append(self)
         hooks.on_input(stack, self._prepend, route_aware=True)
         hooks.on_output(stack, self._strip, route_aware=True)
-        positions = getattr(stack, "embed_positions", None)
-        if (
-            not CallArgs(self._stack_sig, (), {}).accepts("position_ids")
-            and positions is not None
-            and "position_ids" in inspect.signature(positions.forward).parameters
-        ):
-            hooks.on_input(positions, self._positions, route_aware=True)  # BART numbers positions by shape only
+        # BART (and DistilBERT 4.x) number positions by length: the real tokens keep theirs
+        for module, hook in compat.shape_numbered_positions(stack, cfg.num_tokens):
+            hooks.on_input(module, hook, route_aware=True)
         if self.enc_dec:
-            decoder = model.get_decoder()
-            self._decoder_sig = inspect.signature(decoder.forward)
+            decoder = compat.decoder(model)
+            self._decoder_sig = compat.signature(decoder)
             hooks.on_input(decoder, self._extend_encoder_mask, route_aware=True)
 
     def uninstall(self) -> None:
@@ -209,22 +169,23 @@ class Prompt(Delta):
         call = CallArgs(self._stack_sig, args, kwargs)
         n = self.config.num_tokens
         ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
-        cache = call.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        cache = compat.call_cache(call, self._cache_arg)
+        past = compat.seq_length(cache)
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"prompt tuning extends a 2-D (batch, seq) attention mask; got a {mask.dim()}-D mask")
         if past > 0:  # a decoding step: the prompt is already in the cache
             if getattr(cache, _TAG, None) != n:
                 raise ValueError(
-                    "past_key_values holds tokens computed without this prompt; "
+                    "the KV cache holds tokens computed without this prompt; "
                     "start from an empty cache so the prompt is prepended at the first step"
                 )
             new = (ids if ids is not None else embeds).shape[1]
+            device = (ids if ids is not None else embeds).device
             if mask is not None and mask.shape[1] == past - n + new:
                 call.set("attention_mask", _ones_before(mask, n))
             if call.accepts("position_ids") and call.get("position_ids") is None:
-                device = (ids if ids is not None else embeds).device
                 call.set("position_ids", torch.arange(past - n, past - n + new, device=device).unsqueeze(0))
+            compat.renumber_cache_position(call, past, new, device)
             self._calls.append(False)
             return call.result()
         if embeds is None:
@@ -235,11 +196,10 @@ class Prompt(Delta):
         call.set("inputs_embeds", torch.cat([prompt, embeds], dim=1))
         if mask is not None:
             call.set("attention_mask", _ones_before(mask, n))
-        token_types = call.get("token_type_ids")
-        if token_types is not None:
-            call.set("token_type_ids", torch.cat([token_types.new_zeros(batch, n), token_types], dim=1))
+        compat.token_types_with_prefix(module, call, n, batch, embeds.shape[1], embeds.device)
+        compat.renumber_cache_position(call, past, n + embeds.shape[1], embeds.device)
         if call.accepts("position_ids"):
-            real, first = _positions_of(module, ids, embeds, call.get("position_ids"))
+            real, first = compat.real_positions(module, ids, embeds, call.get("position_ids"))
             real = real.expand(batch, -1)
             call.set("position_ids", torch.cat([torch.full_like(real[:, :1], first).expand(-1, n), real], dim=1))
         if cache is not None:
@@ -249,7 +209,7 @@ class Prompt(Delta):
 
     def _strip(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         prepended = self._calls.pop() if self._calls else False
-        cache = getattr(output, "past_key_values", None)
+        cache = compat.output_cache(output)
         if cache is not None and prepended:
             setattr(cache, _TAG, self.config.num_tokens)
         if not prepended:
@@ -262,12 +222,6 @@ class Prompt(Delta):
             output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
         return output
 
-    def _positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        shaped = args[0] if args else kwargs["input_ids"]
-        n, total = self.config.num_tokens, shaped.shape[1]
-        positions = torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(total - n)]).to(shaped.device)
-        return args, {**kwargs, "position_ids": positions}
-
     def _extend_encoder_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         call = CallArgs(self._decoder_sig, args, kwargs)
         mask, states = call.get("encoder_attention_mask"), call.get("encoder_hidden_states")
@@ -279,23 +233,6 @@ class Prompt(Delta):
 
 def _ones_before(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
-
-
-def _positions_of(
-    stack: nn.Module, ids: torch.Tensor | None, embeds: torch.Tensor, given: torch.Tensor | None
-) -> tuple[torch.Tensor, int]:
-    """The real tokens' positions as the stack would number them, and the first position (the prompt's)."""
-    embeddings = getattr(stack, "embeddings", None)
-    padding_idx = getattr(embeddings, "padding_idx", None)
-    if hasattr(embeddings, "create_position_ids_from_input_ids") and padding_idx is not None:  # RoBERTa family
-        if given is not None:
-            return given, padding_idx + 1
-        if ids is not None:
-            return embeddings.create_position_ids_from_input_ids(ids, padding_idx), padding_idx + 1
-        return embeddings.create_position_ids_from_inputs_embeds(embeds, padding_idx), padding_idx + 1
-    if given is not None:
-        return given, 0
-    return torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0), 0
 
 
 @torch.no_grad()

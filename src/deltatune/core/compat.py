@@ -1,0 +1,375 @@
+"""Everything deltatune knows about transformers' internals, in one module.
+
+Methods that reach past the public model call (prefix and prompt tuning) ask this module how the
+installed transformers names things; they never inspect signatures or spell internal keywords
+themselves. So an upstream rename is one edit here, and `tests/test_compat.py` names it.
+
+Where it can, this module detects a capability (does this attention take a KV cache, under which
+name?) instead of comparing version strings: a cache parameter is found by its `Cache` annotation
+first and by the known names second, so a pure rename is survived, and the one test
+`test_detected_cache_keywords_are_the_known_ones` says the table below needs a line.
+
+What differs between the ends of the range deltatune admits (pyproject.toml; CI runs both). The
+releases in between each have one or the other form, which the detection does not need to know:
+
+| what                                   | 4.57.6                                  | 5.24.0                          |
+|----------------------------------------|-----------------------------------------|---------------------------------|
+| attention's KV-cache keyword           | past_key_values (old name past_key_value) | cache                         |
+| model call / output cache name         | past_key_values                         | cache (past_key_values deprecated, removal 5.40) |
+| cache_position argument                | passed; T5 places its bias by it        | gone; T5 counts the cache       |
+| DistilBERT attention inputs            | query, key, value; 2-D mask (eager)     | hidden_states; 4-D mask         |
+| DistilBERT position_ids argument       | none (a max_position buffer, by length) | taken                           |
+| get_encoder() on *ForSequenceClassif.  | missing; get_decoder() returns the model | present                        |
+| RoBERTa position helper                | module function                         | static method                   |
+| BERT token_type_ids buffer             | sliced by sequence length               | gathered by position            |
+| SmolLM2 GGUF tokenizer conversion      | eos = bos, no pad, bos added to inputs  | eos = pad = <|im_end|>, no bos  |
+| tokenizer folders (save_pretrained)    | 4.x format                              | not readable by 4.x             |
+
+Quirks every release shares: RoBERTa numbers positions from padding_idx + 1 and skips padding,
+BART's encoder numbers its learned positions from the input's shape (it takes no position_ids).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.cache_utils import Cache, EncoderDecoderCache
+
+VERSION = transformers.__version__
+# Folders written by save_pretrained do not load across major releases (5.x writes tokenizer_class
+# "TokenizersBackend", unknown to 4.x), so what deltatune converts once is kept per major release.
+SAVED_FORMAT = f"transformers{VERSION.split('.')[0]}"
+# every name a KV cache argument has had, newest first (see the table above)
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+MASK_KEYWORDS = ("attention_mask", "mask")
+
+
+class UnsupportedError(ValueError):
+    """A transformers model or release deltatune cannot serve exactly: never a silent difference."""
+
+
+def unsupported(what: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"{what} (transformers {VERSION}; deltatune is tested with the range in its pyproject.toml, "
+        "see README 'Compatibility')"
+    )
+
+
+# -- call arguments ---------------------------------------------------------------------------------
+def signature(fn_or_module: Any) -> inspect.Signature:
+    """The forward's signature; transformers' decorators keep it (functools.wraps)."""
+    fn = fn_or_module.forward if isinstance(fn_or_module, nn.Module) else fn_or_module
+    return inspect.signature(fn)
+
+
+class CallArgs:
+    """A module call's arguments by parameter name, however they were passed (positionally or by keyword)."""
+
+    def __init__(self, sig: inspect.Signature, args: tuple, kwargs: dict) -> None:
+        self.sig = sig
+        self.bound = sig.bind_partial(*args, **kwargs)
+        self.n_args = len(args)
+        self.varkw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def accepts(self, name: str) -> bool:
+        p = self.sig.parameters.get(name)
+        return p is not None and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+
+    def get(self, name: str) -> Any:
+        if self.accepts(name):
+            return self.bound.arguments.get(name)
+        return self.bound.arguments.get(self.varkw, {}).get(name) if self.varkw else None
+
+    def first(self) -> Any:
+        return self.bound.arguments.get(next(iter(self.sig.parameters)))
+
+    def set(self, name: str, value: Any) -> None:
+        if self.accepts(name):
+            self.bound.arguments[name] = value
+        elif self.varkw:
+            self.bound.arguments[self.varkw] = {**self.bound.arguments.get(self.varkw, {}), name: value}
+        else:
+            raise TypeError(f"cannot pass {name!r} to a forward that does not take it")
+
+    def result(self) -> tuple[tuple, dict]:
+        """As many positional arguments as came in (decorators such as transformers' read some by position)."""
+        names = [p.name for p in self.sig.parameters.values() if p.kind is not p.VAR_POSITIONAL][: self.n_args]
+        args = tuple(self.bound.arguments[n] for n in names)
+        kwargs = {n: v for n, v in self.bound.arguments.items() if n not in names and n != self.varkw}
+        kwargs.update(self.bound.arguments.get(self.varkw, {}) if self.varkw else {})
+        return args, kwargs
+
+
+# -- the KV cache -----------------------------------------------------------------------------------
+def _is_cache_annotation(annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty:
+        return False
+    if isinstance(annotation, str):  # postponed annotations: "Cache | None", "Optional[Cache]"
+        return "Cache" in annotation
+    if isinstance(annotation, type):
+        return issubclass(annotation, Cache)
+    return any(_is_cache_annotation(a) for a in typing.get_args(annotation))
+
+
+def cache_keyword(fn_or_module: Any) -> str | None:
+    """Under which name this forward takes a KV cache object, or None when it takes none.
+
+    A parameter annotated `Cache` wins (survives a rename); else the first known name it has.
+    """
+    params = [p for p in signature(fn_or_module).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for p in params:
+        if _is_cache_annotation(p.annotation):
+            return p.name
+    names = {p.name for p in params}
+    return next((n for n in CACHE_KEYWORDS if n in names), None)
+
+
+def mask_keyword(fn_or_module: Any) -> str:
+    """The name of an attention's mask argument ("mask" in T5 and DistilBERT 4.x)."""
+    params = signature(fn_or_module).parameters
+    return next((n for n in MASK_KEYWORDS if n in params), MASK_KEYWORDS[0])
+
+
+def hidden_inputs(fn_or_module: Any) -> tuple[str, ...]:
+    """The arguments of an attention that carry the hidden states (DistilBERT 4.x: query, key and value)."""
+    params = list(signature(fn_or_module).parameters)
+    if params[:3] == ["query", "key", "value"]:
+        return tuple(params[:3])
+    return (params[0],)
+
+
+def call_cache(call: CallArgs, keyword: str | None = None) -> Any:
+    """The cache a call carries: under the forward's own `keyword` (as `cache_keyword` found it) or any
+    name the caller used (upstream keeps accepting old names for a while)."""
+    for name in (keyword, *CACHE_KEYWORDS) if keyword else CACHE_KEYWORDS:
+        value = call.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def output_cache(output: Any) -> Cache | None:
+    """The cache a model output carries (`cache` or `past_key_values`, by type: no deprecated attribute read)."""
+    if isinstance(output, dict):
+        return next((v for v in output.values() if isinstance(v, Cache)), None)
+    return None
+
+
+def self_attention_cache(cache: Any) -> Any:
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+
+def is_causal(attention: nn.Module) -> bool:
+    """Whether an attention masks the future (and may rely on sdpa's is_causal when given no mask).
+
+    T5's decoder attentions say so only through `is_decoder` (their is_causal is None in 4.57).
+    """
+    return bool(getattr(attention, "is_causal", False) or getattr(attention, "is_decoder", False))
+
+
+class PrefixedCache:
+    """What one attention call sees as its KV cache: the real cache (or none) with fixed keys/values in front.
+
+    It speaks the `Cache` protocol attention modules use (`update`, `get_seq_length`, and the
+    `EncoderDecoderCache` views T5/BART consult); everything else goes to the real cache. The real
+    cache only ever stores real tokens.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, inner: Any) -> None:
+        self.key, self.value, self.inner = key, value, inner
+        self.is_updated: dict[int, bool] = {}  # cross-attentions consult it: never "already cached"
+
+    @property
+    def self_attention_cache(self) -> PrefixedCache:
+        return self
+
+    @property
+    def cross_attention_cache(self) -> PrefixedCache:
+        return self
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.inner is not None:
+            args = tuple(self._unshifted(a) for a in args)
+            kwargs = {k: self._unshifted(v) for k, v in kwargs.items()}
+            keys, values = self.inner.update(keys, values, layer_idx, *args, **kwargs)
+        batch, heads, _, head_dim = keys.shape
+        n = self.key.shape[0]
+
+        def heads_first(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            prefix = prefix.to(like.dtype).view(n, heads, head_dim).transpose(0, 1)
+            return prefix.unsqueeze(0).expand(batch, -1, -1, -1)
+
+        return (
+            torch.cat([heads_first(self.key, keys), keys], dim=2),
+            torch.cat([heads_first(self.value, values), values], dim=2),
+        )
+
+    def _unshifted(self, cache_kwargs: Any) -> Any:
+        """The real cache stores real tokens: it gets `cache_position` as generate() counted it (4.x)."""
+        if isinstance(cache_kwargs, dict) and cache_kwargs.get("cache_position") is not None:
+            return {**cache_kwargs, "cache_position": cache_kwargs["cache_position"] - self.key.shape[0]}
+        return cache_kwargs
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        past = self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
+        return self.key.shape[0] + past
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+def seq_length(cache: Any, attention: nn.Module | None = None) -> int:
+    """How many tokens a cache holds (for this attention's layer, where layers differ: sliding windows)."""
+    if cache is None:
+        return 0
+    layer_idx = getattr(attention, "layer_idx", 0) or 0
+    return int(cache.get_seq_length(layer_idx))
+
+
+def shift_cache_position(call: CallArgs, n: int) -> None:
+    """Count `n` keys in front of the real ones in an attention's `cache_position` (4.x; gone in 5.24).
+
+    T5 4.x places its relative position bias by cache_position against key indices: with `n`
+    prefix keys first, the real queries sit at n onwards, which puts the prefix just before the
+    first token, as 5.x's cache-length count does. A `PrefixedCache` hands the real cache the
+    unshifted value.
+    """
+    given = call.get("cache_position")
+    if given is not None:
+        call.set("cache_position", given + n)
+
+
+def renumber_cache_position(call: CallArgs, past: int, length: int, device: torch.device) -> None:
+    """Where a call carries `cache_position` (before 5.24), make it count the tokens really in the cache.
+
+    A delta that puts extra tokens into the cache (a prompt) makes generate()'s own count wrong by
+    that many; the model's masks are built from it. This is the value the model computes when none
+    is given: the cache's length onwards.
+    """
+    if call.get("cache_position") is not None:
+        call.set("cache_position", torch.arange(past, past + length, device=device))
+
+
+# -- stacks, positions, token types ---------------------------------------------------------------
+def _stack(model: nn.Module, which: str) -> nn.Module:
+    """A model's encoder or decoder stack. 4.57's *ForSequenceClassification lack get_encoder, and the
+    generic get_decoder() there returns the model itself: ask the base model too, and never accept self."""
+    for owner in (model, getattr(model, "base_model", None)):
+        get = getattr(owner, f"get_{which}", None)
+        found = get() if get is not None else None
+        if isinstance(found, nn.Module) and found is not owner and found is not model:
+            return found
+    raise unsupported(f"cannot find the {which} of {type(model).__name__}")
+
+
+def encoder(model: nn.Module) -> nn.Module:
+    return _stack(model, "encoder")
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    return _stack(model, "decoder")
+
+
+def shape_numbered_positions(stack: nn.Module, n: int) -> list[tuple[nn.Module, Any]]:
+    """Where a stack takes no position_ids but numbers positions by the input's length: the (module,
+    pre-hook) pairs that give `n` leading (prompt) positions 0 and the real tokens 0, 1, ...
+
+    BART's learned position table takes position_ids itself. DistilBERT 4.x slices a buffer of
+    max_position_embeddings by length (a long prompt overflows it) and feeds it to its position
+    nn.Embedding: one hook reads the real length off the embeddings' input, one rewrites the ids.
+    """
+    if "position_ids" in signature(stack).parameters:
+        return []
+
+    def numbered(total: int, device: torch.device) -> torch.Tensor:
+        return torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(total - n)]).to(device)
+
+    positions = getattr(stack, "embed_positions", None)
+    if positions is not None and "position_ids" in signature(positions).parameters:
+
+        def by_keyword(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            shaped = args[0] if args else kwargs["input_ids"]
+            return args, {**kwargs, "position_ids": numbered(shaped.shape[1], shaped.device)}
+
+        return [(positions, by_keyword)]
+    embeddings = getattr(stack, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return []
+    seen: dict[str, int] = {}
+
+    def length(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        shaped = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)][-1]  # embeds if given
+        seen["total"] = shaped.shape[1]
+
+    def by_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = args[0]
+        return (numbered(seen["total"], ids.device).expand(len(ids), -1), *args[1:]), kwargs
+
+    return [(embeddings, length), (table, by_input)]
+
+
+def real_positions(
+    stack: nn.Module, ids: torch.Tensor | None, embeds: torch.Tensor, given: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """The real tokens' positions as the stack numbers them, and the first position (where prompts sit).
+
+    RoBERTa-style embeddings (a position table with a padding row) count from padding_idx + 1 and
+    skip padding; computed here from that definition, since the helper moved between releases.
+    """
+    table = getattr(getattr(stack, "embeddings", None), "position_embeddings", None)
+    padding_idx = getattr(table, "padding_idx", None) if isinstance(table, nn.Embedding) else None
+    if padding_idx is not None:
+        first = padding_idx + 1
+        if given is not None:
+            return given, first
+        if ids is not None:
+            real = ids.ne(padding_idx).long()
+            return torch.cumsum(real, dim=1) * real + padding_idx, first
+        return torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0), first
+    if given is not None:
+        return given, 0
+    return torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0), 0
+
+
+def token_types_with_prefix(
+    stack: nn.Module, call: CallArgs, n: int, batch: int, length: int, device: torch.device
+) -> None:
+    """Give the call `n` leading type-0 token types; where none came, the zeros the stack's buffer stands for.
+
+    BERT fills missing token_type_ids from a zeros buffer as long as its position table, which 4.57
+    slices by sequence length, so a long prompt overflows it; passing the zeros is the same input.
+    (GPT-2 also takes token_type_ids but adds their word embeddings: it gets none where none came.)
+    """
+    if not call.accepts("token_type_ids"):
+        return
+    given = call.get("token_type_ids")
+    if given is None:
+        if isinstance(getattr(getattr(stack, "embeddings", None), "token_type_ids", None), torch.Tensor):
+            call.set("token_type_ids", torch.zeros(batch, n + length, dtype=torch.long, device=device))
+    else:
+        call.set("token_type_ids", torch.cat([given.new_zeros(batch, n), given.expand(batch, -1)], dim=1))
+
+
+# -- converted backbones --------------------------------------------------------------------------
+def tokenizer_as_config(tokenizer: Any, config: Any) -> None:
+    """Give a tokenizer converted from a GGUF file the special tokens of the model's config.
+
+    4.57 converts SmolLM2's GGUF tokenizer with eos = bos (<|im_start|>), no pad token and a bos
+    prepended to every input; 5.24 takes eos and pad from the config (<|im_end|>) and adds no bos.
+    Every release builds the 5.24 tokenizer, so a backbone tokenizes alike across the range.
+    """
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
