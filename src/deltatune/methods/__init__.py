@@ -11,6 +11,7 @@ from .addition.ia3 import IA3Config
 from .addition.parallel_adapter import ParallelAdapterConfig
 from .addition.prefix import PrefixConfig
 from .addition.prompt import PromptConfig
+from .reparameterization.dora import DoRAConfig
 from .reparameterization.lora import LoRAConfig
 from .reparameterization.lowrank_adapter import LowRankAdapterConfig
 from .reparameterization.said import SAIDConfig
@@ -35,6 +36,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
         LoRAConfig,
         LowRankAdapterConfig,
         SAIDConfig,
+        DoRAConfig,
     )
 }
 

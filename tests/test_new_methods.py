@@ -1,0 +1,136 @@
+"""DoRA, LoHa, LoKr, OFT, VeRA, AdaLoRA and random-subset tuning: PEFT is the oracle for the math,
+and the properties every method shares (merge, routing, save/load) are checked on every architecture.
+
+PEFT oracle: the same weights are copied from a PEFT model (its adapter tensors made non-trivial)
+into deltatune's delta, and the logits must agree to 1e-5 on tiny BERT and tiny Llama.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import CASES, logits, make_inputs, make_model
+
+import deltatune as dt
+from deltatune.core.delta import safe_key
+
+peft = pytest.importorskip("peft")
+
+NEW = ("dora", "loha", "lokr", "oft", "vera", "random_subset", "adalora")
+NEW = tuple(m for m in NEW if m in dt.METHODS)
+MERGEABLE = tuple(m for m in NEW if dt.METHODS[m].mergeable)
+PEFT_ARCHS = {"bert": ("cls", ["query", "value"], "SEQ_CLS"), "llama": ("lm", ["q_proj", "v_proj"], "CAUSAL_LM")}
+
+
+def _perturb(params, seed: int = 3, scale: float = 0.1) -> None:  # noqa: ANN001
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _peft_model(arch: str, config_cls, **kwargs):  # noqa: ANN001, ANN202
+    head, targets, task = PEFT_ARCHS[arch]
+    pm = peft.get_peft_model(make_model(arch, head), config_cls(target_modules=targets, task_type=task, **kwargs))
+    _perturb([p for n, p in pm.named_parameters() if p.requires_grad and "modules_to_save" not in n])
+    return pm.eval()
+
+
+def _copy(pm, dm: dt.DeltaModel, names: dict[str, str]) -> None:  # noqa: ANN001
+    """Copy each PEFT layer tensor `<module>.<peft name>` into our `layers[<module>].<our name>`."""
+    inner = pm.base_model.model
+    delta = dm.delta()
+    with torch.no_grad():
+        for key, layer in delta.layers.items():
+            module = inner.get_submodule(delta._names[key])
+            for ours, theirs in names.items():
+                target = layer.get_parameter(ours)
+                source = module.get_parameter(theirs) if "." in theirs else getattr(module, theirs)
+                target.copy_(source.reshape(target.shape))
+    head = {n.replace(".modules_to_save.default", ""): p for n, p in inner.named_parameters() if "modules_to_save" in n}
+    with torch.no_grad():
+        for n, p in dm.backbone.named_parameters():
+            if n in head:
+                p.copy_(head[n])
+
+
+def _assert_equal_to_peft(pm, dm: dt.DeltaModel, arch: str) -> None:  # noqa: ANN001
+    inputs = make_inputs(dm.backbone)
+    expected = logits(pm, inputs)
+    assert not torch.allclose(expected, logits(make_model(arch, PEFT_ARCHS[arch][0]), inputs), atol=1e-4)
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+
+
+def _ours(arch: str, method: str, **kwargs: object) -> dt.DeltaModel:
+    return dt.attach(make_model(arch, PEFT_ARCHS[arch][0]), dt.METHODS[method](targets=("attn.q", "attn.v"), **kwargs))
+
+
+# -- PEFT as the oracle ---------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", list(PEFT_ARCHS))
+def test_dora_equals_peft(arch: str) -> None:
+    pm = _peft_model(arch, peft.LoraConfig, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    dm = _ours(arch, "dora", r=4, alpha=8)
+    _copy(pm, dm, {"lora.A": "lora_A.default.weight", "lora.B": "lora_B.default.weight",
+                   "magnitude": "lora_magnitude_vector.default.weight"})  # fmt: skip
+    _assert_equal_to_peft(pm, dm, arch)
+
+
+def test_dora_magnitude_starts_at_the_weight_row_norms() -> None:
+    pm = peft.get_peft_model(make_model("bert"), peft.LoraConfig(target_modules=["query"], use_dora=True))
+    dm = dt.attach(make_model("bert"), dt.METHODS["dora"](targets=("attn.q",)))
+    inner = pm.base_model.model
+    for key, layer in dm.delta().layers.items():
+        theirs = inner.get_submodule(dm.delta()._names[key]).lora_magnitude_vector["default"].weight
+        torch.testing.assert_close(layer.magnitude, theirs, rtol=0, atol=1e-6)
+
+
+# -- what every new method shares, on every architecture -----------------------------------------
+@pytest.mark.parametrize("arch,head", CASES, ids=lambda v: v)
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merge_matches_unmerged_and_unmerge_restores_the_weights(method: str, arch: str, head: str) -> None:
+    model = make_model(arch, head)
+    inputs = make_inputs(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dm = dt.attach(model, dt.METHODS[method]())
+    _perturb(dm.delta().parameters(), scale=0.05)
+    unmerged = logits(dm, inputs)
+    dm.merge()
+    torch.testing.assert_close(logits(dm, inputs), unmerged, rtol=0, atol=1e-5)
+    dm.unmerge()
+    torch.testing.assert_close(logits(dm, inputs), unmerged, rtol=0, atol=1e-6)
+    dm.detach()
+    drift = max((p.detach() - weights[n]).abs().max().item() for n, p in model.named_parameters())
+    assert drift <= 1e-6
+
+
+@pytest.mark.parametrize("arch,head", [("bert", "cls"), ("llama", "lm"), ("bart", "lm")], ids=lambda v: v)
+@pytest.mark.parametrize("method", NEW)
+def test_each_row_of_a_mixed_batch_equals_its_delta_alone(method: str, arch: str, head: str) -> None:
+    dm = dt.DeltaModel(make_model(arch, head))
+    for name in ("a", "b"):
+        dm.add(name, dt.METHODS[method](), enabled=False)
+        _perturb(dm.delta(name).parameters(), seed=len(name) + ord(name), scale=0.05)
+    inputs = make_inputs(dm.backbone, batch=4)
+    labels = inputs.pop("labels")
+    if dm.backbone.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = labels
+    ids = ["a", None, "b", "a"]
+    with torch.no_grad():
+        mixed = dm(**inputs, delta_ids=ids).logits
+        for i, name in enumerate(ids):
+            dm.set_active([] if name is None else name)
+            torch.testing.assert_close(mixed[i], dm(**inputs).logits[i], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_save_load_round_trip_and_tree(method: str, tmp_path: Path) -> None:
+    dm = dt.attach(make_model("llama", "lm"), dt.METHODS[method]())
+    _perturb(dm.delta().parameters(), scale=0.05)
+    inputs = make_inputs(dm.backbone)
+    dm.save_delta(tmp_path / "d")
+    loaded = dt.load_delta(make_model("llama", "lm"), tmp_path / "d")
+    torch.testing.assert_close(logits(loaded, inputs), logits(dm, inputs), rtol=0, atol=0)
+    assert f"{method}:default +" in dm.tree()
