@@ -12,6 +12,8 @@ from .addition.parallel_adapter import ParallelAdapterConfig
 from .addition.prefix import PrefixConfig
 from .addition.prompt import PromptConfig
 from .reparameterization.dora import DoRAConfig
+from .reparameterization.loha import LoHaConfig
+from .reparameterization.lokr import LoKrConfig
 from .reparameterization.lora import LoRAConfig
 from .reparameterization.lowrank_adapter import LowRankAdapterConfig
 from .reparameterization.said import SAIDConfig
@@ -37,6 +39,8 @@ METHODS: dict[str, type[DeltaConfig]] = {
         LowRankAdapterConfig,
         SAIDConfig,
         DoRAConfig,
+        LoHaConfig,
+        LoKrConfig,
     )
 }
 
