@@ -14,7 +14,6 @@ import torch
 from tiny import CASES, logits, make_inputs, make_model
 
 import deltatune as dt
-from deltatune.core.delta import safe_key
 
 peft = pytest.importorskip("peft")
 
@@ -96,6 +95,29 @@ def test_lokr_equals_peft(arch: str, r: int) -> None:
     )
     _copy(pm, dm, names)
     _assert_equal_to_peft(pm, dm, arch)
+
+
+@pytest.mark.parametrize("options", [{}, {"neumann_terms": 3}, {"cayley_neumann": False}], ids=["5", "3", "exact"])
+@pytest.mark.parametrize("arch", list(PEFT_ARCHS))
+def test_oft_equals_peft(arch: str, options: dict) -> None:
+    theirs = {
+        "use_cayley_neumann": options.get("cayley_neumann", True),
+        "num_cayley_neumann_terms": options.get("neumann_terms", 5),
+    }
+    pm = _peft_model(arch, peft.OFTConfig, r=0, oft_block_size=8, **theirs)
+    dm = _ours(arch, "oft", block_size=8, **options)
+    _copy(pm, dm, {"weight": "oft_R.default.weight"})
+    _assert_equal_to_peft(pm, dm, arch)
+
+
+def test_oft_exact_cayley_is_orthogonal_and_keeps_weight_row_norms() -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["oft"](block_size=8, cayley_neumann=False))
+    _perturb(dm.delta().parameters(), scale=0.5)
+    layer = next(iter(dm.delta().layers.values()))
+    r = layer.rotations()
+    torch.testing.assert_close(r @ r.transpose(-2, -1), torch.eye(8).expand_as(r), rtol=0, atol=1e-5)
+    w = torch.randn(16, 32)
+    torch.testing.assert_close(layer.merged_weight(w).norm(dim=1), w.norm(dim=1), rtol=0, atol=1e-5)
 
 
 def test_dora_magnitude_starts_at_the_weight_row_norms() -> None:

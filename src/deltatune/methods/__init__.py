@@ -16,6 +16,7 @@ from .reparameterization.loha import LoHaConfig
 from .reparameterization.lokr import LoKrConfig
 from .reparameterization.lora import LoRAConfig
 from .reparameterization.lowrank_adapter import LowRankAdapterConfig
+from .reparameterization.oft import OFTConfig
 from .reparameterization.said import SAIDConfig
 from .specification.bitfit import BitFitConfig
 from .specification.diff_pruning import DiffPruningConfig
@@ -41,6 +42,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
         DoRAConfig,
         LoHaConfig,
         LoKrConfig,
+        OFTConfig,
     )
 }
 

@@ -101,3 +101,13 @@ class LinearDelta(Delta):
                 module.weight.sub_(weight_update(module, layer.weight_delta()).to(module.weight.dtype))
             else:
                 module.weight.copy_(self._stash.pop(key))
+
+
+def map_first_input(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:  # noqa: ANN001
+    """(args, kwargs) with the layer's input tensor replaced by fn(input)."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    for key in ("input", "hidden_states", "x"):
+        if key in kwargs:
+            return args, {**kwargs, key: fn(kwargs[key])}
+    raise TypeError("cannot find the input tensor of this call")

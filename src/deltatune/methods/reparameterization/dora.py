@@ -16,8 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .lora import LoRAConfig, LoRALayer
 from ._linear_delta import LinearDelta, LinearUpdate, dense_weight
+from .lora import LoRAConfig, LoRALayer
 
 
 @dataclasses.dataclass
