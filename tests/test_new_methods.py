@@ -120,6 +120,23 @@ def test_oft_exact_cayley_is_orthogonal_and_keeps_weight_row_norms() -> None:
     torch.testing.assert_close(layer.merged_weight(w).norm(dim=1), w.norm(dim=1), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", list(PEFT_ARCHS))
+def test_vera_regenerates_peft_projections_from_the_seed_and_equals_peft(arch: str) -> None:
+    pm = _peft_model(arch, peft.VeraConfig, r=16, projection_prng_key=5)
+    dm = _ours(arch, "vera", r=16, seed=5)
+    theirs = pm.base_model.vera_A["default"], pm.base_model.vera_B["default"]
+    assert torch.equal(dm.delta().vera_A, theirs[0]) and torch.equal(dm.delta().vera_B, theirs[1])
+    _copy(pm, dm, {"lambda_b": "vera_lambda_b.default", "lambda_d": "vera_lambda_d.default"})
+    _assert_equal_to_peft(pm, dm, arch)
+
+
+def test_vera_saves_only_the_vectors(tmp_path: Path) -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["vera"](r=16))
+    assert set(dm.delta_state_dict()) == {
+        f"layers.{k}.{v}" for k in dm.delta().layers for v in ("lambda_b", "lambda_d")
+    }
+
+
 def test_dora_magnitude_starts_at_the_weight_row_norms() -> None:
     pm = peft.get_peft_model(make_model("bert"), peft.LoraConfig(target_modules=["query"], use_dora=True))
     dm = dt.attach(make_model("bert"), dt.METHODS["dora"](targets=("attn.q",)))

@@ -18,6 +18,7 @@ from .reparameterization.lora import LoRAConfig
 from .reparameterization.lowrank_adapter import LowRankAdapterConfig
 from .reparameterization.oft import OFTConfig
 from .reparameterization.said import SAIDConfig
+from .reparameterization.vera import VeRAConfig
 from .specification.bitfit import BitFitConfig
 from .specification.diff_pruning import DiffPruningConfig
 from .specification.layernorm import LayerNormConfig
@@ -43,6 +44,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
         LoHaConfig,
         LoKrConfig,
         OFTConfig,
+        VeRAConfig,
     )
 }
 
