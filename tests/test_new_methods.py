@@ -193,3 +193,30 @@ def test_save_load_round_trip_and_tree(method: str, tmp_path: Path) -> None:
     loaded = dt.load_delta(make_model("llama", "lm"), tmp_path / "d")
     torch.testing.assert_close(logits(loaded, inputs), logits(dm, inputs), rtol=0, atol=0)
     assert f"{method}:default +" in dm.tree()
+
+
+# -- random-subset tuning ---------------------------------------------------------------------------
+def _changed_entries(seed: int, count: int = 500) -> set[tuple[str, int]]:
+    model = make_model("bert")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dm = dt.attach(model, dt.METHODS["random_subset"](count=count, seed=seed))
+    with torch.no_grad():
+        dm.delta().values.fill_(1.0)
+    dm.merge()
+    now = {n.replace(".parametrizations.", ".").replace(".original", ""): p for n, p in model.named_parameters()}
+    changed = {(n, int(i)) for n, p in now.items() for i in torch.nonzero(p.flatten() != base[n].flatten())}
+    dm.unmerge()
+    return changed
+
+
+def test_random_subset_trains_exactly_count_entries_chosen_by_the_seed() -> None:
+    first, again, other = _changed_entries(0), _changed_entries(0), _changed_entries(1)
+    assert len(first) == 500 and first == again and first != other
+    assert {n.rsplit(".", 2)[-2] for n, _ in first} >= {"query", "key", "value", "dense"}
+
+
+def test_random_subset_saves_only_the_values_and_refuses_too_many() -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["random_subset"](count=123))
+    assert {k: v.shape for k, v in dm.delta_state_dict().items()} == {"values": (123,)}
+    with pytest.raises(ValueError, match="hold only .* entries; lower count"):
+        dt.attach(make_model("bert"), dt.METHODS["random_subset"](count=10**8, targets=("attn.q",)))

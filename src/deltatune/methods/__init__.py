@@ -22,6 +22,7 @@ from .reparameterization.vera import VeRAConfig
 from .specification.bitfit import BitFitConfig
 from .specification.diff_pruning import DiffPruningConfig
 from .specification.layernorm import LayerNormConfig
+from .specification.random_subset import RandomSubsetConfig
 from .specification.selective import SelectiveConfig
 
 METHODS: dict[str, type[DeltaConfig]] = {
@@ -37,6 +38,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
         LayerNormConfig,
         SelectiveConfig,
         DiffPruningConfig,
+        RandomSubsetConfig,
         LoRAConfig,
         LowRankAdapterConfig,
         SAIDConfig,
