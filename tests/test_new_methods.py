@@ -137,6 +137,44 @@ def test_vera_saves_only_the_vectors(tmp_path: Path) -> None:
     }
 
 
+ADALORA = {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2}
+
+
+@pytest.mark.parametrize("arch", list(PEFT_ARCHS))
+def test_adalora_equals_peft(arch: str) -> None:
+    pm = _peft_model(arch, peft.AdaLoraConfig, lora_alpha=8, total_step=8, **ADALORA)
+    dm = _ours(arch, "adalora", alpha=8, **ADALORA)
+    _copy(pm, dm, {"A": "lora_A.default", "B": "lora_B.default", "E": "lora_E.default"})
+    _assert_equal_to_peft(pm, dm, arch)
+
+
+def test_adalora_allocates_ranks_step_by_step_as_peft() -> None:
+    """Same weights, same batch, same SGD steps: PEFT's RankAllocator and ours zero the same λ each step."""
+    pm = _peft_model("bert", peft.AdaLoraConfig, lora_alpha=8, total_step=8, deltaT=1, **ADALORA)
+    dm = _ours("bert", "adalora", alpha=8, **ADALORA)
+    _copy(pm, dm, {"A": "lora_A.default", "B": "lora_B.default", "E": "lora_E.default"})
+    for n, p in pm.named_parameters():
+        p.requires_grad_(p.requires_grad and "modules_to_save" not in n)
+    delta = dm.delta().train()  # its orthogonality term is on while training, as PEFT's always is
+    inputs = make_inputs(dm.backbone)
+    theirs_opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    ours_opt = torch.optim.SGD(list(delta.parameters()), lr=0.5)
+    inner = pm.base_model.model
+    for step in range(1, 9):
+        pm(**inputs).loss.backward()
+        (dm(**inputs).loss + delta.regularization()).backward()
+        theirs_opt.step(), ours_opt.step()
+        pm.base_model.update_and_allocate(step)
+        delta.on_step(step, 8)
+        theirs_opt.zero_grad(), ours_opt.zero_grad()
+        for key, layer in delta.layers.items():
+            e = inner.get_submodule(delta._names[key]).lora_E["default"]
+            assert torch.equal(layer.E == 0, e == 0), f"step {step}: {key}"
+            torch.testing.assert_close(layer.E, e, rtol=0, atol=1e-5)
+    ranks = dm.delta().ranks()
+    assert sum(ranks.values()) == 2 * len(ranks) and len(set(ranks.values())) > 1, ranks
+
+
 def test_dora_magnitude_starts_at_the_weight_row_norms() -> None:
     pm = peft.get_peft_model(make_model("bert"), peft.LoraConfig(target_modules=["query"], use_dora=True))
     dm = dt.attach(make_model("bert"), dt.METHODS["dora"](targets=("attn.q",)))
@@ -220,3 +258,21 @@ def test_random_subset_saves_only_the_values_and_refuses_too_many() -> None:
     assert {k: v.shape for k, v in dm.delta_state_dict().items()} == {"values": (123,)}
     with pytest.raises(ValueError, match="hold only .* entries; lower count"):
         dt.attach(make_model("bert"), dt.METHODS["random_subset"](count=10**8, targets=("attn.q",)))
+
+
+def test_fit_runs_adalora_rank_allocation_down_to_the_target_budget(tmp_path: Path) -> None:
+    from test_train import WORDS, _bert, _write_task
+    from tiny import make_tokenizer
+
+    from deltatune.data import load_task
+    from deltatune.train import TrainConfig, fit
+
+    tokenizer = make_tokenizer(WORDS)
+    task = load_task(_write_task(tmp_path / "toy"))
+    config = dt.METHODS["adalora"](init_r=6, target_r=2, tfinal=3)
+    cfg = TrainConfig(max_steps=12, batch_size=16, eval_every=1000, max_length=16, progress=False, lr=1e-2)
+    model, _ = fit(_bert(tokenizer), tokenizer, task, [config], cfg)
+    ranks = model.delta("adalora").ranks()
+    assert sum(ranks.values()) == 2 * len(ranks), ranks
+    with pytest.raises(ValueError, match="tinit \\+ tfinal .* below the 12 training steps"):
+        fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["adalora"](tfinal=12)], cfg)

@@ -11,6 +11,7 @@ from .addition.ia3 import IA3Config
 from .addition.parallel_adapter import ParallelAdapterConfig
 from .addition.prefix import PrefixConfig
 from .addition.prompt import PromptConfig
+from .reparameterization.adalora import AdaLoRAConfig
 from .reparameterization.dora import DoRAConfig
 from .reparameterization.loha import LoHaConfig
 from .reparameterization.lokr import LoKrConfig
@@ -47,6 +48,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
         LoKrConfig,
         OFTConfig,
         VeRAConfig,
+        AdaLoRAConfig,
     )
 }
 
