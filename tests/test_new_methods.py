@@ -276,3 +276,21 @@ def test_fit_runs_adalora_rank_allocation_down_to_the_target_budget(tmp_path: Pa
     assert sum(ranks.values()) == 2 * len(ranks), ranks
     with pytest.raises(ValueError, match="tinit \\+ tfinal .* below the 12 training steps"):
         fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["adalora"](tfinal=12)], cfg)
+
+
+BUDGETS = {"lokr": (150, 300), "oft": (500, 1500)}  # their counts saturate on a 32-wide model
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_study_budget_matching_tunes_the_declared_size(method: str) -> None:
+    from deltatune.core.settings import size_field
+    from deltatune.study.executors import _budget_config
+
+    model = make_model("bert")
+    small, large = (
+        _budget_config(model, method, {}, b)[size_field(dt.METHODS[method])] for b in BUDGETS.get(method, (3000, 12000))
+    )
+    assert small < large
+    counts = [dt.attach(make_model("bert"), dt.METHODS[method](**{size_field(dt.METHODS[method]): v})).delta_parameters()
+              for v in (small, large)]  # fmt: skip
+    assert counts[0] < counts[1]

@@ -35,7 +35,7 @@ class AdaLoRAConfig(DeltaConfig):
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None
     init_r: int = setting(12, size=True)
-    target_r: int = setting(8, ge=0)
+    target_r: int | None = setting(None, ge=0)  # None: PEFT's 8 of 12, i.e. round(2/3 of init_r)
     alpha: float = setting(8.0, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)
     tinit: int = setting(0, ge=0)
@@ -47,8 +47,13 @@ class AdaLoRAConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.target_r > self.init_r:
+        if self.target_r is not None and self.target_r > self.init_r:
             raise ValueError(f"AdaLoRAConfig.target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+
+    @property
+    def final_r(self) -> int:
+        """The average rank per layer at the end of training."""
+        return round(self.init_r * 2 / 3) if self.target_r is None else self.target_r
 
     def build(self) -> AdaLoRA:
         return AdaLoRA(self)
@@ -98,9 +103,9 @@ class AdaLoRA(LinearDelta):
         if step <= cfg.tinit:
             return cfg.init_r * n, False
         if step > total - cfg.tfinal:
-            return cfg.target_r * n, True
+            return cfg.final_r * n, True
         left = 1 - (step - cfg.tinit) / (total - cfg.tfinal - cfg.tinit)
-        return int((cfg.init_r - cfg.target_r) * n * left**3 + cfg.target_r * n), step % cfg.delta_t == 0
+        return int((cfg.init_r - cfg.final_r) * n * left**3 + cfg.final_r * n), step % cfg.delta_t == 0
 
     @torch.no_grad()
     def on_step(self, step: int, total: int) -> None:
