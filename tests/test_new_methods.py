@@ -14,6 +14,7 @@ import torch
 from tiny import CASES, logits, make_inputs, make_model
 
 import deltatune as dt
+from deltatune.interop import PeftFormatError, export_peft, import_peft
 
 peft = pytest.importorskip("peft")
 
@@ -182,6 +183,56 @@ def test_dora_magnitude_starts_at_the_weight_row_norms() -> None:
     for key, layer in dm.delta().layers.items():
         theirs = inner.get_submodule(dm.delta()._names[key]).lora_magnitude_vector["default"].weight
         torch.testing.assert_close(layer.magnitude, theirs, rtol=0, atol=1e-6)
+
+
+# -- PEFT folders in and out ----------------------------------------------------------------------
+PEFT_FOLDERS = {
+    "dora": (peft.LoraConfig, {"r": 4, "lora_alpha": 8, "use_dora": True, "init_lora_weights": False}),
+    "loha": (peft.LoHaConfig, {"r": 4, "alpha": 6}),
+    "lokr": (peft.LoKrConfig, {"r": 2, "alpha": 6}),
+    "oft": (peft.OFTConfig, {"r": 0, "oft_block_size": 8}),
+    "vera": (peft.VeraConfig, {"r": 16, "projection_prng_key": 3}),
+    "adalora": (peft.AdaLoraConfig, {"init_r": 6, "target_r": 2, "total_step": 10}),
+}
+
+
+@pytest.mark.parametrize("arch", list(PEFT_ARCHS))
+@pytest.mark.parametrize("method", list(PEFT_FOLDERS))
+def test_peft_folders_import_and_export_with_equal_outputs(method: str, arch: str, tmp_path: Path) -> None:
+    config_cls, kwargs = PEFT_FOLDERS[method]
+    head = PEFT_ARCHS[arch][0]
+    pm = _peft_model(arch, config_cls, **kwargs)
+    pm.save_pretrained(tmp_path / "peft")
+    dm = import_peft(make_model(arch, head), tmp_path / "peft")
+    assert dm.delta().config.method == method
+    _assert_equal_to_peft(pm, dm, arch)
+    export_peft(dm, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(make_model(arch, head), tmp_path / "back").eval()
+    inputs = make_inputs(dm.backbone)
+    torch.testing.assert_close(logits(back, inputs), logits(dm, inputs), rtol=0, atol=1e-5)
+
+
+def test_vera_folder_with_other_projections_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    pm = _peft_model("bert", peft.VeraConfig, r=16)
+    pm.save_pretrained(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"] * 2
+    save_file(tensors, str(weights))
+    with pytest.raises(PeftFormatError, match="vera_A is not what its projection_prng_key regenerates"):
+        import_peft(make_model("bert"), tmp_path / "peft")
+
+
+def test_oft_folder_from_before_peft_0_18_is_refused(tmp_path: Path) -> None:
+    import json
+
+    _peft_model("bert", peft.OFTConfig, r=0, oft_block_size=8).save_pretrained(tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"peft_version": "0.17.1"}))
+    with pytest.raises(PeftFormatError, match="before PEFT 0.18"):
+        import_peft(make_model("bert"), tmp_path / "peft")
 
 
 # -- what every new method shares, on every architecture -----------------------------------------
