@@ -212,6 +212,24 @@ def test_peft_folders_import_and_export_with_equal_outputs(method: str, arch: st
     torch.testing.assert_close(logits(back, inputs), logits(dm, inputs), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dora", "vera", "adalora"])
+def test_gpt2_conv1d_folders_import_and_export_with_equal_outputs(method: str, tmp_path: Path) -> None:
+    """GPT-2 stores its weights transposed (PEFT's fan_in_fan_out); PEFT has these three methods for it."""
+    config_cls, kwargs = PEFT_FOLDERS[method]
+    config = config_cls(target_modules=["c_attn"], task_type="CAUSAL_LM", fan_in_fan_out=True, **kwargs)
+    pm = peft.get_peft_model(make_model("gpt2", "lm"), config)
+    _perturb([p for p in pm.parameters() if p.requires_grad], scale=0.3)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    dm = import_peft(make_model("gpt2", "lm"), tmp_path / "peft")
+    inputs = make_inputs(dm.backbone)
+    expected = logits(pm, inputs)
+    assert not torch.allclose(expected, logits(make_model("gpt2", "lm"), inputs), atol=1e-4)
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+    export_peft(dm, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(make_model("gpt2", "lm"), tmp_path / "back").eval()
+    torch.testing.assert_close(logits(back, inputs), expected, rtol=0, atol=1e-5)
+
+
 def test_vera_folder_with_other_projections_is_refused(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.delta import safe_key
+from ..core.layers import is_transposed
 from ..core.model import DeltaModel
 from ..core.targeting import resolve
 from ..methods import METHODS
@@ -237,4 +238,5 @@ def export_peft_layers(
         tensors |= {"base_model.vera_A": delta.vera_A, "base_model.vera_B": delta.vera_B}
     config = base_config(dm, peft_type, heads) | fmt.export(delta.config)
     config["target_modules"] = list(delta.sites)
+    config["fan_in_fan_out"] = any(is_transposed(dm.backbone.get_submodule(m)) for m in delta.sites)
     return write_folder(folder, config, tensors)

@@ -115,6 +115,8 @@ class AdaLoRA(LinearDelta):
                 f"AdaLoRA needs tinit + tfinal ({cfg.tinit} + {cfg.tfinal}) below the {total} training steps"
             )
         if step > total - cfg.tfinal:  # the final ranks are fixed: keep the pruned λ at zero
+            if self._final is None:  # resumed inside the final phase: the saved zeros are the mask
+                self._final = {key: layer.E != 0 for key, layer in self.layers.items()}
             for key, layer in self.layers.items():
                 layer.E.masked_fill_(~self._final[key], 0.0)
             return
