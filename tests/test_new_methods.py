@@ -363,3 +363,27 @@ def test_study_budget_matching_tunes_the_declared_size(method: str) -> None:
     counts = [dt.attach(make_model("bert"), dt.METHODS[method](**{size_field(dt.METHODS[method]): v})).delta_parameters()
               for v in (small, large)]  # fmt: skip
     assert counts[0] < counts[1]
+
+
+def test_bad_settings_of_the_new_methods_get_one_clear_line() -> None:
+    with pytest.raises(ValueError, match="LoKrConfig.factor must be -1 .* got 0"):
+        dt.METHODS["lokr"](factor=0).validate()
+    with pytest.raises(ValueError, match="target_r \\(9\\) must not exceed init_r \\(4\\)"):
+        dt.METHODS["adalora"](init_r=4, target_r=9).validate()
+    with pytest.raises(ValueError, match="OFTConfig.block_size must be a positive integer"):
+        dt.METHODS["oft"](block_size=0).validate()
+
+
+def test_adalora_resumed_in_its_final_phase_keeps_the_saved_zeros() -> None:
+    """A fresh process past the last allocation has no masks in memory: the saved zeros are the ranks."""
+    dm = dt.attach(make_model("bert"), dt.METHODS["adalora"](init_r=4, target_r=2, tfinal=5))
+    delta = dm.delta()
+    with torch.no_grad():
+        for layer in delta.layers.values():
+            layer.E.copy_(torch.tensor([[1.0], [0.0], [2.0], [0.0]]))  # as loaded
+    delta.on_step(8, 10)
+    with torch.no_grad():
+        for layer in delta.layers.values():
+            layer.E[1] = 0.5  # an optimizer step revives a pruned λ
+    delta.on_step(9, 10)
+    assert all(torch.equal(layer.E.view(-1), torch.tensor([1.0, 0.0, 2.0, 0.0])) for layer in delta.layers.values())
