@@ -272,7 +272,8 @@ class Delta(nn.Module):
     def on_step(self, step: int, total: int) -> None:
         """Called by `fit` after optimizer step `step` (from 1) of `total`, before the gradients are cleared.
 
-        Methods that change shape over training hook in here (AdaLoRA moves its rank budget); most do nothing.
+        Methods whose structure follows a schedule over training hook in here (a rank budget reallocated by
+        importance); most do nothing.
         """
 
     def finalize(self) -> None:
