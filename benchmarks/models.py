@@ -22,7 +22,9 @@ from deltatune.core.targeting import head_names, resolve
 from deltatune.train.trainer import TrainConfig, _param_groups, adamw
 
 DELTATUNE = ("lora", "ia3", "bitfit", "layernorm", "adapter", "prefix", "prompt")
+DELTATUNE += ("dora", "loha", "lokr", "oft", "vera", "adalora", "random_subset")
 PEFT = ("peft-lora", "peft-ia3", "peft-prefix", "peft-prompt", "peft-ln")
+PEFT += ("peft-dora", "peft-loha", "peft-lokr", "peft-oft", "peft-vera", "peft-adalora")
 # "floor": every weight frozen (the head trains where deltas train it), yet the backward pass runs
 # through every layer: what any delta touching the first layer cannot avoid; no weight gradients
 VARIANTS = ("full", "floor", *DELTATUNE, *PEFT)
@@ -144,6 +146,18 @@ def _peft_config(variant: str, model: nn.Module) -> Any:
     if variant == "peft-lora":
         names = resolve(model, ("attn.q", "attn.v"))
         return peft.LoraConfig(task_type=task, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=names)
+    same = {  # PEFT's settings for the defaults deltatune's methods use (see each method's file)
+        "peft-dora": lambda: peft.LoraConfig(r=8, lora_alpha=16, use_dora=True),
+        "peft-loha": lambda: peft.LoHaConfig(r=8, alpha=8),
+        "peft-lokr": lambda: peft.LoKrConfig(r=8, alpha=8),
+        "peft-oft": lambda: peft.OFTConfig(r=0, oft_block_size=32),
+        "peft-vera": lambda: peft.VeraConfig(r=256),
+        "peft-adalora": lambda: peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=8, total_step=1000),
+    }
+    if variant in same:
+        config = same[variant]()
+        config.task_type, config.target_modules = task, resolve(model, ("attn.q", "attn.v"))
+        return config
     if variant == "peft-ia3":
         cfg = dt.IA3Config()
         names, ff = resolve(model, cfg.targets), resolve(model, cfg.feedforward)

@@ -21,6 +21,7 @@ from .models import SPECS, VARIANTS, build, inputs, load
 
 PEFT_TWIN = {"lora": "peft-lora", "ia3": "peft-ia3", "prefix": "peft-prefix", "prompt": "peft-prompt"}
 PEFT_TWIN["layernorm"] = "peft-ln"
+PEFT_TWIN |= {m: f"peft-{m}" for m in ("dora", "loha", "lokr", "oft", "vera", "adalora")}
 
 
 def memory_probe(model: str, variant: str, batch: int, seq: int, device: str) -> dict[str, Any]:

@@ -196,10 +196,10 @@ def test_peft_prefix_maps_to_each_layers_keys_and_values(arch: str, tmp_path: Pa
 
 # -- the rest -----------------------------------------------------------------------------------
 def test_other_peft_methods_are_refused_by_name(tmp_path: Path) -> None:
-    config = peft.LoHaConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
-    peft.get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / "loha")
-    with pytest.raises(PeftFormatError, match="LOHA.*no deltatune equivalent"):
-        import_peft(make_model("bert"), tmp_path / "loha")
+    config = peft.BOFTConfig(boft_block_size=4, target_modules=["query"], task_type="SEQ_CLS")
+    peft.get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / "boft")
+    with pytest.raises(PeftFormatError, match="BOFT.*no deltatune equivalent"):
+        import_peft(make_model("bert"), tmp_path / "boft")
     dm = dt.attach(make_model("bert"), dt.METHODS["bitfit"]())
     with pytest.raises(PeftFormatError, match="bitfit has no PEFT equivalent"):
         export_peft(dm, tmp_path / "x")

@@ -75,14 +75,14 @@ def test_our_lora_loads_in_peft_with_equal_outputs(
 
 
 def test_what_cannot_be_represented_is_refused(tmp_path: Path) -> None:
-    pm = _peft_model("bert", "cls", ["query", "value"], "SEQ_CLS", use_dora=True)
-    pm.save_pretrained(tmp_path / "dora")
-    with pytest.raises(PeftFormatError, match="DoRA"):
-        import_peft_lora(make_model("bert"), tmp_path / "dora")
+    pm = _peft_model("bert", "cls", ["query", "value"], "SEQ_CLS", lora_bias=True)
+    pm.save_pretrained(tmp_path / "bias")
+    with pytest.raises(PeftFormatError, match="trained LoRA biases"):
+        import_peft_lora(make_model("bert"), tmp_path / "bias")
     with pytest.raises(PeftFormatError, match="no adapter_config.json"):
         import_peft_lora(make_model("bert"), tmp_path)
     dm = dt.attach(make_model("bert"), dt.METHODS["ia3"]())
-    with pytest.raises(PeftFormatError, match="only LoRA deltas export"):
+    with pytest.raises(PeftFormatError, match="only LoRA and DoRA deltas export"):
         export_peft_lora(dm, tmp_path / "x")
 
 

@@ -269,6 +269,13 @@ class Delta(nn.Module):
         """A term the training loop adds to the loss (e.g. diff pruning's L0 penalty); None for most methods."""
         return None
 
+    def on_step(self, step: int, total: int) -> None:
+        """Called by `fit` after optimizer step `step` (from 1) of `total`, before the gradients are cleared.
+
+        Methods whose structure follows a schedule over training hook in here (a rank budget reallocated by
+        importance); most do nothing.
+        """
+
     def finalize(self) -> None:
         """Called once when training ends: prune a sparse diff, drop a reparameterization MLP, ..."""
 

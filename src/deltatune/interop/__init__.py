@@ -1,7 +1,8 @@
 """Moving deltas between deltatune and other libraries' formats.
 
 `import_peft(model, folder)` reads any PEFT adapter folder deltatune can represent exactly (LoRA
-with rsLoRA and rank/alpha patterns, IA3, LN tuning, prompt tuning, prefix tuning) and
+with rsLoRA and rank/alpha patterns, DoRA, LoHa, LoKr, OFT, VeRA, AdaLoRA, IA3, LN tuning, prompt
+tuning, prefix tuning) and
 `export_peft(dm, folder)` writes one; everything else is refused with the reason.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 from ..core.model import DeltaModel
 from .peft_common import PeftFormatError, read_folder
 from .peft_ia3 import export_peft_ia3, import_peft_ia3
+from .peft_layers import FORMATS, export_peft_layers, import_peft_layers
 from .peft_ln import export_peft_ln, import_peft_ln
 from .peft_lora import export_peft_lora, import_peft_lora
 from .peft_prompt import export_peft_prefix, export_peft_prompt, import_peft_prefix, import_peft_prompt
@@ -26,14 +28,15 @@ IMPORTERS = {
     "LN_TUNING": import_peft_ln,
     "PROMPT_TUNING": import_peft_prompt,
     "PREFIX_TUNING": import_peft_prefix,
-}
+} | dict.fromkeys(FORMATS, import_peft_layers)
 EXPORTERS = {
     "lora": export_peft_lora,
     "ia3": export_peft_ia3,
     "layernorm": export_peft_ln,
     "prompt": export_peft_prompt,
     "prefix": export_peft_prefix,
-}
+    "dora": export_peft_lora,
+} | {f.method: export_peft_layers for f in FORMATS.values()}
 
 
 def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "default", **kwargs: Any) -> DeltaModel:
@@ -61,12 +64,14 @@ __all__ = [
     "PeftFormatError",
     "export_peft",
     "export_peft_ia3",
+    "export_peft_layers",
     "export_peft_ln",
     "export_peft_lora",
     "export_peft_prefix",
     "export_peft_prompt",
     "import_peft",
     "import_peft_ia3",
+    "import_peft_layers",
     "import_peft_ln",
     "import_peft_lora",
     "import_peft_prefix",

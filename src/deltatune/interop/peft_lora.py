@@ -4,8 +4,8 @@ Both layouts store A as (r, in) and B as (out, r) per module (GPT-2's Conv1D inc
 it with `fan_in_fan_out`), so the mapping is a renaming; what needs care is the scaling (rsLoRA
 uses alpha / sqrt(r), ours alpha / r, so alpha is multiplied by sqrt(r)), the per-module ranks and
 alphas (read from the tensors and PEFT's pattern rule, kept as exact per-module patterns), the
-task head PEFT saves as `modules_to_save`, and refusing what we cannot represent (DoRA, trained
-biases, ...) instead of loading it wrongly.
+task head PEFT saves as `modules_to_save`, and refusing what we cannot represent (trained biases,
+...) instead of loading it wrongly. DoRA (`use_dora`) is LoRA plus `lora_magnitude_vector` per module.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..core.delta import safe_key
 from ..core.layers import is_transposed
 from ..core.model import DeltaModel
 from ..core.targeting import resolve
+from ..methods.reparameterization.dora import DoRAConfig
 from ..methods.reparameterization.lora import LoRAConfig, pattern_value
 from .peft_common import (
     PREFIX,
@@ -38,7 +39,6 @@ from .peft_common import (
 )
 
 _UNSUPPORTED = {
-    "use_dora": "DoRA",
     "lora_bias": "trained LoRA biases",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on parameters (target_parameters)",
@@ -63,11 +63,11 @@ def import_peft_lora(model: nn.Module, folder: str | os.PathLike, name: str = "d
     folder = Path(folder)
     config, tensors = read_folder(folder)
     _check(config)
-    adapter, head = split(tensors, PREFIX, lambda k: ".lora_A." in k or ".lora_B." in k)
+    dora = bool(config.get("use_dora"))
+    adapter, head = split(tensors, PREFIX, lambda k: ".lora_" in k)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in adapter.items():
-        for part in ("A", "B"):
-            marker = f".lora_{part}.weight"
+        for part, marker in (("A", ".lora_A.weight"), ("B", ".lora_B.weight"), ("m", ".lora_magnitude_vector")):
             if key.endswith(marker):
                 factors.setdefault(key[: -len(marker)], {})[part] = value
                 break
@@ -75,7 +75,7 @@ def import_peft_lora(model: nn.Module, folder: str | os.PathLike, name: str = "d
             raise PeftFormatError(f"{WEIGHTS} holds {key!r}, a LoRA tensor deltatune does not know")
     if not factors:
         raise PeftFormatError(f"{folder / WEIGHTS} holds no lora_A/lora_B tensors")
-    broken = sorted(m for m, f in factors.items() if set(f) != {"A", "B"})
+    broken = sorted(m for m, f in factors.items() if set(f) != ({"A", "B", "m"} if dora else {"A", "B"}))
     if broken:
         raise PeftFormatError(f"modules with only one LoRA factor in {WEIGHTS}: {broken[:4]}")
     r = int(config["r"])
@@ -91,7 +91,7 @@ def import_peft_lora(model: nn.Module, folder: str | os.PathLike, name: str = "d
             rank_pattern[re.escape(module)] = r_m
         if alpha_m != (alpha * math.sqrt(r) if rs else alpha):
             alpha_pattern[re.escape(module)] = alpha_m
-    lora = LoRAConfig(
+    lora = (DoRAConfig if dora else LoRAConfig)(
         targets=tuple(factors),
         r=r,
         alpha=alpha * math.sqrt(r) if rs else alpha,
@@ -107,8 +107,8 @@ def import_peft_lora(model: nn.Module, folder: str | os.PathLike, name: str = "d
     with torch.no_grad():
         for module, f in factors.items():
             layer = delta.layers[safe_key(module)]
-            for part in ("A", "B"):
-                target = getattr(layer, part)
+            for part in f:
+                target = layer.magnitude if part == "m" else getattr(layer.lora if dora else layer, part)
                 if target.shape != f[part].shape:
                     dm.detach(name)
                     raise PeftFormatError(
@@ -125,16 +125,22 @@ def export_peft_lora(
 ) -> Path:
     """Write a LoRA delta as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
     delta = dm.delta(name)
-    if delta.config.method != "lora":
-        raise PeftFormatError(f"only LoRA deltas export to PEFT's LoRA format; {name!r} is {delta.config.method}")
+    if delta.config.method not in ("lora", "dora"):
+        raise PeftFormatError(
+            f"only LoRA and DoRA deltas export to PEFT's LoRA format; {name!r} is {delta.config.method}"
+        )
+    dora = delta.config.method == "dora"
     cfg: LoRAConfig = delta.config
     modules = list(delta.sites)
     tensors, heads = head_for_export(dm, PREFIX, include_head)
     rank_pattern, alpha_pattern = {}, {}
     for module in modules:
         layer = delta.layers[safe_key(module)]
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = layer.A
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = layer.B
+        factors = layer.lora if dora else layer
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = factors.A
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = factors.B
+        if dora:
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = layer.magnitude
         r_m, alpha_m = cfg.rank_alpha(module)
         if r_m != cfg.r:
             rank_pattern[re.escape(module)] = r_m
@@ -149,7 +155,7 @@ def export_peft_lora(
         "bias": "none",
         "init_lora_weights": True,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": dora,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }

@@ -11,12 +11,19 @@ from .addition.ia3 import IA3Config
 from .addition.parallel_adapter import ParallelAdapterConfig
 from .addition.prefix import PrefixConfig
 from .addition.prompt import PromptConfig
+from .reparameterization.adalora import AdaLoRAConfig
+from .reparameterization.dora import DoRAConfig
+from .reparameterization.loha import LoHaConfig
+from .reparameterization.lokr import LoKrConfig
 from .reparameterization.lora import LoRAConfig
 from .reparameterization.lowrank_adapter import LowRankAdapterConfig
+from .reparameterization.oft import OFTConfig
 from .reparameterization.said import SAIDConfig
+from .reparameterization.vera import VeRAConfig
 from .specification.bitfit import BitFitConfig
 from .specification.diff_pruning import DiffPruningConfig
 from .specification.layernorm import LayerNormConfig
+from .specification.random_subset import RandomSubsetConfig
 from .specification.selective import SelectiveConfig
 
 METHODS: dict[str, type[DeltaConfig]] = {
@@ -32,9 +39,16 @@ METHODS: dict[str, type[DeltaConfig]] = {
         LayerNormConfig,
         SelectiveConfig,
         DiffPruningConfig,
+        RandomSubsetConfig,
         LoRAConfig,
         LowRankAdapterConfig,
         SAIDConfig,
+        DoRAConfig,
+        LoHaConfig,
+        LoKrConfig,
+        OFTConfig,
+        VeRAConfig,
+        AdaLoRAConfig,
     )
 }
 

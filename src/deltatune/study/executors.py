@@ -58,9 +58,10 @@ def _budget_config(model: Any, name: str, settings: dict[str, Any], budget: int)
         dm.detach()
         return n
 
+    top = next(f.metadata.get("le") for f in dataclasses.fields(METHODS[name]) if f.name == knob) or 1 << 16
     lo, hi = 1, 1
-    while count(hi) < budget and hi < 1 << 16:
-        lo, hi = hi, hi * 2
+    while count(hi) < budget and hi < top:
+        lo, hi = hi, min(hi * 2, top)
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if count(mid) < budget else (lo, mid)
