@@ -350,3 +350,62 @@ def test_combination_table_has_every_subset_in_the_papers_order(world: dict[str,
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
     assert rows == ["none", "B", "P", "P+B"]
     assert "| 23.7 |" in table and "| 86.5 |" in table  # the paper's none and P+B beside ours
+
+
+# ----------------------------------------------------------------------------- learning rate per method
+
+
+def _grid_job(key: str, lr: float, label: str = "lora") -> dict:
+    field = "head_lr" if label == "head" else "lr"
+    return _job(key) | {"label": label, "lr_group": f"m/{label}", "train": {field: lr}}
+
+
+def test_the_grid_picks_the_rate_with_the_best_mean_dev_score(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    scores = {("a", 1e-3): 0.25, ("b", 1e-3): 0.75, ("a", 1e-2): 0.5, ("b", 1e-2): 0.5, ("a", 1e-1): 1.0}
+    s.add_jobs([_grid_job(f"{t}/{lr}", lr) for t, lr in scores] + [_grid_job("b/0.1", 1e-1)])
+    s.add_jobs([_job("main") | {"lr_from": "m/lora", "train": {}}])
+    while (job := s.claim("h:1:-")) is not None and job["key"] != "main":
+        t, lr = job["key"].split("/")
+        if (t, float(lr)) in scores:
+            s.finish(job["id"], "h:1:-", {"metric": "accuracy", "dev_score": scores[(t, float(lr))], "history": []})
+        else:
+            s.fail(job["id"], "h:1:-", "boom")  # 1e-1 failed on b: its single good score does not count
+    # 1e-3 and 1e-2 tie at 0.5 mean: the smaller rate wins; the main run carries the choice
+    assert job["key"] == "main" and job["train"]["lr"] == 1e-3 and job["lr_choice"]["lr"] == 1e-3
+    assert s.meta("lr_choice")["m/lora"]["dev_scores"] == {"0.001": 0.5, "0.01": 0.5}
+
+
+def test_a_main_run_waits_for_its_methods_grid(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    s.add_jobs([_job("main") | {"label": "head", "lr_from": "m/head", "train": {}}, _grid_job("g", 3e-3, "head"), _job("other")])
+    first = s.claim("h:1:-")
+    assert first["key"] == "g"  # main comes first in the plan but its grid is still to run
+    assert s.claim("h:1:-")["key"] == "other"
+    s.finish(first["id"], "h:1:-", {"metric": "accuracy", "dev_score": 0.5, "history": []})
+    main = s.claim("h:1:-")
+    assert main["key"] == "main" and main["train"]["head_lr"] == 3e-3 and "lr" not in main["train"]
+
+
+def test_study_chooses_each_methods_rate_on_dev_and_reuses_the_grid_run(world: dict[str, str], tmp_path: Path) -> None:
+    train = {"max_steps": 12, "batch_size": 8, "eval_every": 4, "max_length": 16, "patience": None}
+    grid = {"tasks": [world["sent"]], "rates": {"lora": [1e-6, 3e-2], "head": [1e-6, 3e-2]}}
+    spec = parse_spec(_spec(world, methods={"lora": {"r": 4}, "head": {}}, train=train, lr_grid=grid))
+    db = tmp_path / "lr.sqlite"
+    assert run_study(spec, db, progress=False)["done"] == 4 + 4
+    store = Store(db)
+    runs = {r["key"]: r for r in store.runs()}
+    choice = store.meta("lr_choice")
+    sent, topic = Path(world["sent"]).name, Path(world["topic"]).name
+    for label in ("lora", "head"):
+        grid_runs = {lr: runs[f"tiny-bert/{sent}/{label}/s42/lr{lr:g}"] for lr in (1e-6, 3e-2)}
+        best = max(sorted(grid_runs), key=lambda lr: grid_runs[lr]["dev_score"])  # ties: the smaller rate
+        assert choice[f"tiny-bert/{label}"]["lr"] == best
+        main = runs[f"tiny-bert/{sent}/{label}/s42"]
+        assert main["lr"] == best and main["delta_path"] == grid_runs[best]["delta_path"]  # reused, not retrained
+        assert main["dev_score"] == grid_runs[best]["dev_score"]
+        other = runs[f"tiny-bert/{topic}/{label}/s42"]
+        assert other["lr"] == best and other["stop_reason"] == "max_steps" and other["steps"] == 12
+    assert max(r["id"] for r in runs.values() if "/lr" in r["key"]) < min(
+        r["id"] for r in runs.values() if "/lr" not in r["key"]
+    )  # the grid runs first

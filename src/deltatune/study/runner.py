@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .executors import make_executor
-from .spec import StudySpec
+from .spec import StudySpec, grid_key
 from .store import Store, owner_id
 
 
@@ -39,9 +39,11 @@ def _line(job: dict[str, Any], result: dict[str, Any]) -> str:
     score = result.get("test_score") if result.get("test_score") is not None else result.get("dev_score")
     split = "test" if result.get("test_score") is not None else "dev"
     tail = f"; diverged: {result['diverged'][:60]}" if result.get("diverged") else ""
+    lr = f", lr {result['lr']:g}" if result.get("lr") else ""
     return (
         f"done {job['key']}: {split} {result['metric']} {score:.4f} (best dev {result['dev_score']:.4f} at step "
-        f"{result['best_step']}/{result['steps']}), {result['trainable']:,} trainable, {result['wall_seconds']:.1f} s{tail}"
+        f"{result['best_step']}/{result['steps']}, stopped by {result.get('stop_reason')}{lr}), "
+        f"{result['trainable']:,} trainable, {result['wall_seconds']:.1f} s{tail}"
     )
 
 
@@ -79,6 +81,26 @@ def run_study(
         store.close()
 
 
+SAME_RUN_IGNORES = {"key", "id", "lr_group", "lr_from", "lr_choice", "output_dir"}
+
+
+def _reuse_grid_run(store: Store, owner: str, job: dict[str, Any]) -> bool:
+    """Record the grid's run at the chosen rate as this run when it is the same run (task, seed, settings)."""
+    choice = job.get("lr_choice")
+    if not choice:
+        return False
+    key = grid_key(job["key"], choice["lr"])
+    row = store.conn.execute("SELECT job FROM runs WHERE key = ? AND status = 'done'", (key,)).fetchone()
+    if row is None:
+        return False
+    grid = json.loads(row[0])
+    if {k: v for k, v in grid.items() if k not in SAME_RUN_IGNORES} != {
+        k: v for k, v in job.items() if k not in SAME_RUN_IGNORES
+    }:
+        return False
+    return store.copy_result(job["id"], owner, key, choice["lr"])
+
+
 def _loop(store: Store, pool: Any, total: int, max_runs: int | None, progress: bool) -> None:
     owner = owner_id()
     pending: dict[Any, dict[str, Any]] = {}
@@ -91,6 +113,11 @@ def _loop(store: Store, pool: Any, total: int, max_runs: int | None, progress: b
                 if job is None:
                     break
                 started += 1
+                if _reuse_grid_run(store, owner, job):
+                    if progress:
+                        bar.write(f"done {job['key']}: the grid's run at the chosen rate {job['lr_choice']['lr']:g}")
+                    bar.update(1)
+                    continue
                 bar.set_postfix_str(job["key"])
                 here = store.path.parent
                 work = {**job, "output_dir": str(here / job["output_dir"])}

@@ -36,6 +36,9 @@ TOP_FIELDS = {
     "transfer",
     "eval_test",
     "threads",
+    "lr_grid",
+    "more_seeds",
+    "task_train",
 }
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -59,6 +62,20 @@ class Method:
 
 
 @dataclasses.dataclass
+class LRGrid:
+    """A learning rate per method chosen on dev: each rate of `rates[label]` on `tasks` with `seed`.
+
+    The grid's runs come first in the plan; a method's main runs wait until its grid is finished and
+    then train at the rate with the best mean dev score over the grid tasks (Store.lr_choice). For
+    the head-only column the rate is the head's (head_lr), the only thing it trains.
+    """
+
+    tasks: list[str]
+    rates: dict[str, list[float]]
+    seed: int = 42
+
+
+@dataclasses.dataclass
 class StudySpec:
     name: str
     models: list[str]
@@ -75,19 +92,32 @@ class StudySpec:
     eval_test: bool = True
     threads: int | None = None
     description: str = ""
+    lr_grid: LRGrid | None = None
+    more_seeds: list[int] = dataclasses.field(default_factory=list)  # extra seeds, run after every first-seed run
+    more_seeds_tasks: list[str] = dataclasses.field(default_factory=list)
+    task_train: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per-task TrainConfig overrides
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def jobs(self) -> list[dict[str, Any]]:
-        """Every run of the study as a JSON-able job; transfer runs name the run they start from."""
+        """Every run of the study as a JSON-able job, in the order they should run.
+
+        The learning-rate grid first (its choices gate the main runs), then the first seed on every
+        task, task by task (so rows of the table complete early), then the further seeds, then
+        `more_seeds` on their tasks; transfer runs name the run they start from.
+        """
         base = {(m.label, m.label): m for m in self.methods}
         for subset in combination_labels(self.combination) if self.combination else []:
             if subset not in {lbl for lbl, _ in base}:
                 names = subset.split("+") if subset != "head" else []
                 cfg = {n: self._method_settings(n) for n in names}
                 base[(subset, subset)] = Method(subset, cfg)
-        jobs = []
-        for model, task, (label, _), seed in itertools.product(self.models, self.tasks, base, self.seeds):
+        jobs = self._grid_jobs()
+        for seed, model, task, (label, _) in itertools.product(self.seeds, self.models, self.tasks, base):
             jobs.append(self._job(model, task, base[(label, label)], seed))
+        for seed, model, task, (label, _) in itertools.product(self.more_seeds, self.models, self.more_seeds_tasks, base):
+            job = self._job(model, task, base[(label, label)], seed)
+            if all(j["key"] != job["key"] for j in jobs):
+                jobs.append(job)
         by_label = {lbl: m for (lbl, _), m in base.items()}
         for model, method_label, seed in itertools.product(self.models, self.transfer_methods, self.seeds):
             method = by_label[method_label]
@@ -109,11 +139,28 @@ class StudySpec:
                 return dict(m.configs[name])
         return dict(self.raw.get("combination", {}).get("configs", {}).get(name) or {})
 
-    def _job(self, model: str, task: str, method: Method, seed: int) -> dict[str, Any]:
-        train = {**self.train, "seed": seed}
-        if method.lr is not None:
-            train["lr"] = method.lr
-        return {
+    def _grid_jobs(self) -> list[dict[str, Any]]:
+        if self.lr_grid is None:
+            return []
+        jobs = []
+        by_label = {m.label: m for m in self.methods}
+        for model, (label, rates) in itertools.product(self.models, self.lr_grid.rates.items()):
+            for task, lr in itertools.product(self.lr_grid.tasks, rates):
+                job = self._job(model, task, by_label[label], self.lr_grid.seed, lr=lr)
+                job["key"] = grid_key(job["key"], lr)
+                job["lr_group"] = lr_group(model, label)
+                jobs.append(job)
+        return jobs
+
+    def _job(self, model: str, task: str, method: Method, seed: int, lr: float | None = None) -> dict[str, Any]:
+        train = {**self.train, **self.task_train.get(task_name(task), {}), "seed": seed}
+        lr = lr if lr is not None else method.lr
+        if lr is not None:
+            train["head_lr" if method.label.split("@")[0] == "head" else "lr"] = lr
+        job_extra = {}
+        if lr is None and self.lr_grid is not None and method.label in self.lr_grid.rates:
+            job_extra["lr_from"] = lr_group(model, method.label)  # the rate is the grid's choice, set at claim time
+        return job_extra | {
             "key": run_key(model, task, method.label, seed),
             "model": model,
             "task": task,
@@ -139,6 +186,15 @@ def task_name(task: str) -> str:
 def run_key(model: str, task: str, label: str, seed: int, source: str | None = None) -> str:
     where = f"{task_name(source)}->{task_name(task)}" if source else task_name(task)
     return f"{Path(model).name}/{where}/{label}/s{seed}"
+
+
+def lr_group(model: str, label: str) -> str:
+    """The name under which a method's grid runs and its chosen rate are filed (one per model)."""
+    return f"{Path(model).name}/{label}"
+
+
+def grid_key(key: str, lr: float) -> str:
+    return f"{key}/lr{lr:g}"
 
 
 def combination_labels(methods: list[str]) -> list[str]:
@@ -309,6 +365,25 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     tasks = _resolve_tasks(raw.get("tasks", t_tasks or None) or _list(raw, "tasks"), "tasks")
     for model in models:
         check_model(model)
+    grid = _parse_lr_grid(raw.get("lr_grid"), labels, tasks, seeds)
+    more = raw.get("more_seeds") or {}
+    if not isinstance(more, dict) or set(more) - {"seeds", "tasks"}:
+        raise _fail("more_seeds", f"got {more!r}", "write `more_seeds: {seeds: [43, 44], tasks: [sst2, rte]}`")
+    more_seeds = [s for s in (more.get("seeds") or []) if s not in seeds]
+    if not all(isinstance(s, int) for s in more_seeds):
+        raise _fail("more_seeds.seeds", f"{more_seeds} are not all integers", "write e.g. `seeds: [43, 44]`")
+    more_tasks = [str(t) for t in (more.get("tasks") or [])]
+    stray = [t for t in more_tasks if t not in tasks]
+    if stray:
+        raise _fail("more_seeds.tasks", f"{stray} are not tasks of this study", f"use some of {tasks}")
+    task_train = raw.get("task_train") or {}
+    names = {task_name(t) for t in tasks}
+    for t, over in task_train.items():
+        if t not in names:
+            raise _fail(f"task_train.{t}", "not a task of this study", f"use one of {sorted(names)}")
+        bad = sorted(set(over or {}) - TRAIN_FIELDS)
+        if bad:
+            raise _fail(f"task_train.{t}.{bad[0]}", "not a TrainConfig field", "use a field of `train`")
     return StudySpec(
         name=str(raw.get("name", name)),
         models=models,
@@ -325,8 +400,36 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         eval_test=bool(raw.get("eval_test", True)),
         threads=raw.get("threads"),
         description=str(raw.get("description", "")),
+        lr_grid=grid,
+        more_seeds=more_seeds,
+        more_seeds_tasks=more_tasks if more_seeds else [],
+        task_train={t: dict(v or {}) for t, v in task_train.items()},
         raw=raw,
     )
+
+
+def _parse_lr_grid(raw: Any, labels: set[str], tasks: list[str], seeds: list[int]) -> LRGrid | None:
+    if raw is None:
+        return None
+    example = "write `lr_grid: {tasks: [sst2, mrpc], rates: {lora: [3.0e-4, 1.0e-3, 3.0e-3]}}`"
+    if not isinstance(raw, dict) or set(raw) - {"tasks", "rates", "seed"} or not raw.get("rates"):
+        raise _fail("lr_grid", f"got {raw!r}", example)
+    grid_tasks = [str(t) for t in (raw.get("tasks") or tasks[:1])]
+    stray = [t for t in grid_tasks if t not in tasks]
+    if stray:
+        raise _fail("lr_grid.tasks", f"{stray} are not tasks of this study", f"use some of {tasks}")
+    rates: dict[str, list[float]] = {}
+    for label, values in dict(raw["rates"]).items():
+        if label not in labels:
+            raise _fail(f"lr_grid.rates.{label}", "not a method of this study", f"use some of {sorted(labels)}")
+        values = values if isinstance(values, list) else [values]
+        if not values or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
+            raise _fail(f"lr_grid.rates.{label}", f"{values!r} are not positive numbers", example)
+        rates[label] = [float(v) for v in values]
+    seed = raw.get("seed", seeds[0])
+    if not isinstance(seed, int):
+        raise _fail("lr_grid.seed", f"{seed!r} is not an integer", "write e.g. `seed: 42`")
+    return LRGrid(grid_tasks, rates, seed)
 
 
 def check_model(model: str) -> None:
