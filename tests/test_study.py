@@ -409,3 +409,41 @@ def test_study_chooses_each_methods_rate_on_dev_and_reuses_the_grid_run(world: d
     assert max(r["id"] for r in runs.values() if "/lr" in r["key"]) < min(
         r["id"] for r in runs.values() if "/lr" not in r["key"]
     )  # the grid runs first
+
+
+# ----------------------------------------------------------------------------- marks in the report
+
+
+def test_a_run_stopped_by_its_bound_at_its_best_is_still_improving() -> None:
+    from deltatune.study.verdicts import still_improving
+
+    curve = [{"step": s} for s in (10, 20, 30, 40)]
+    assert still_improving({"stop_reason": "max_steps", "best_step": 40}, curve)
+    assert still_improving({"stop_reason": "max_epochs", "best_step": 30}, curve)
+    assert not still_improving({"stop_reason": "max_steps", "best_step": 10}, curve)  # plateaued long before
+    assert not still_improving({"stop_reason": "patience", "best_step": 40}, curve)
+    assert not still_improving({"stop_reason": "diverged", "best_step": 40}, curve)
+
+
+def test_a_cell_is_marked_at_majority_only_when_no_seed_beat_it() -> None:
+    from deltatune.study.verdicts import MARK_MAJORITY, cell_marks
+
+    low, high = {"id": 1, "dev_score": 0.6, "majority": 0.6}, {"id": 2, "dev_score": 0.7, "majority": 0.6}
+    assert cell_marks([low], {}) == MARK_MAJORITY and cell_marks([low, high], {}) == ""
+    assert cell_marks([{"id": 3, "dev_score": 0.1, "majority": None, "job": {}}], {}) == ""  # regression: no baseline
+
+
+def test_the_report_shows_each_methods_rate_and_the_grid(world: dict[str, str], tmp_path: Path) -> None:
+    train = {"max_steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 16, "patience": None}
+    grid = {"tasks": [world["sent"]], "rates": {"lora": [1e-3, 1e-2]}}
+    spec = parse_spec(_spec(world, methods={"lora": {"r": 4}, "full": {"lr": 1e-3}}, train=train, lr_grid=grid))
+    db = tmp_path / "rates.sqlite"
+    run_study(spec, db, progress=False)
+    chosen = Store(db).meta("lr_choice")["tiny-bert/lora"]["lr"]
+    md = (write_report(db).parent / "report.md").read_text()
+    rate_row = next(line for line in md.splitlines() if line.startswith("| learning rate"))
+    assert rate_row == f"| learning rate | 0.001 | {chosen:g} |"  # full: its fixed rate; lora: the grid's choice
+    assert "Learning rate per method (dev grid)" in md and f"**{chosen:g}: " in md
+    assert "| stopped by | max_steps 2 | max_steps 2 |" in md
+    perf = md.split("### Performance")[1].split("###")[0]
+    assert perf.count("| sent") == 1  # the grid's runs are not extra rows or seeds

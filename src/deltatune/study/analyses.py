@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from . import verdicts
 from .spec import combination_labels
 from .store import Store
 
@@ -46,10 +47,17 @@ class StudyData:
     runs: list[dict[str, Any]]  # finished runs
     curves: dict[int, list[dict[str, Any]]]
     counts: dict[str, int]
+    lr_choice: dict[str, Any] = dataclasses.field(default_factory=dict)  # grid group -> the chosen rate
 
     @property
     def base(self) -> list[dict[str, Any]]:
-        return [r for r in self.runs if not r["source_task"]]
+        """The study's runs proper: not transferred, not a learning-rate grid run."""
+        return [r for r in self.runs if not r["source_task"] and not _is_grid(r)]
+
+    @property
+    def tuning(self) -> list[dict[str, Any]]:
+        """The learning-rate grid's runs (their rate is in the job's train settings)."""
+        return [r for r in self.runs if _is_grid(r)]
 
     def methods(self) -> list[str]:
         order = [m["label"] for m in self.spec.get("methods", [])]
@@ -68,6 +76,10 @@ class StudyData:
         return [m for m in dict.fromkeys(order) if m in seen] + sorted(seen - set(order))
 
 
+def _is_grid(run: dict[str, Any]) -> bool:
+    return bool((run.get("job") or {}).get("lr_group"))
+
+
 def load(db: str | Path) -> StudyData:
     store = Store(db)
     try:
@@ -77,6 +89,7 @@ def load(db: str | Path) -> StudyData:
             store.runs("done"),
             store.curves(),
             store.counts(),
+            store.meta("lr_choice", {}),
         )
     finally:
         store.close()
@@ -100,6 +113,14 @@ def _fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
 
+def cell_runs(data: StudyData, model: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in data.base:
+        if r["model"] == model:
+            cells[(r["task"], r["method"])].append(r)
+    return cells
+
+
 def grid(data: StudyData, model: str) -> dict[tuple[str, str], list[float]]:
     """(task, method) -> scores over seeds, for the base (not transferred) runs of one model."""
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -119,25 +140,48 @@ def method_averages(data: StudyData, model: str) -> dict[str, float]:
 def performance(data: StudyData) -> list[Table]:
     tables = []
     for model in data.models():
-        cells, methods = grid(data, model), data.methods()
+        cells, methods, runs = grid(data, model), data.methods(), cell_runs(data, model)
         tasks = [t for t in data.tasks() if any((t, m) in cells for m in methods)]
         rows = []
         for t in tasks:
             metric = next(r["metric"] for r in data.base if r["task"] == t)
             rows.append(
-                [f"{t} ({metric})"] + [_fmt(*_mean_std(cells[(t, m)])) if (t, m) in cells else "-" for m in methods]
+                [f"{t} ({metric})"]
+                + [
+                    _fmt(*_mean_std(cells[(t, m)])) + verdicts.cell_marks(runs[(t, m)], data.curves)
+                    if (t, m) in cells
+                    else "-"
+                    for m in methods
+                ]
             )
         avg = method_averages(data, model)
         complete = [t for t in tasks if all((t, m) in cells for m in methods)]
         rows.append([f"**average** ({len(complete)} tasks)"] + [_fmt(avg[m]) for m in methods])
         if "full" in avg and not math.isnan(avg["full"]):
             rows.append(["% of full FT"] + [_fmt(100 * avg[m] / avg["full"]) for m in methods])
+        mine = [r for r in data.base if r["model"] == model]
+        rates = verdicts.method_rates(mine)
+        if rates:
+            rows.append(["learning rate"] + [rates.get(m, "-") for m in methods])
+        stops = verdicts.stop_counts(mine)
+        if any(set(c) - {"unrecorded"} for c in stops.values()):
+            rows.append(
+                ["stopped by"] + [", ".join(f"{k} {v}" for k, v in sorted(stops[m].items())) for m in methods]
+            )
         seeds = sorted({r["seed"] for r in data.base})
         note = (
             f"Test score x100 of the delta chosen on dev (mean ± std over seeds {seeds}); the average uses "
-            "only tasks where every method finished."
+            f"only tasks where every method finished. {verdicts.MARKS_NOTE} Learning rate: the delta's (the "
+            "head's for head-only), chosen on dev where the study has a learning-rate grid."
         )
         tables.append(Table(f"Performance: {model}", ["task"] + methods, rows, note))
+    if data.tuning:
+        note = (
+            "Mean dev score x100 of each rate over the grid's tasks (one seed); bold: the rate the study's runs "
+            "use (the best mean over the tasks where every rate finished; ties to the smaller rate)."
+        )
+        rows = verdicts.grid_rows(data.tuning, data.lr_choice)
+        tables.append(Table("Learning rate per method (dev grid)", ["method", "rates: dev", "chosen"], rows, note))
     return tables
 
 
