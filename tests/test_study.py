@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -447,3 +448,12 @@ def test_the_report_shows_each_methods_rate_and_the_grid(world: dict[str, str], 
     assert "| stopped by | max_steps 2 | max_steps 2 |" in md
     perf = md.split("### Performance")[1].split("###")[0]
     assert perf.count("| sent") == 1  # the grid's runs are not extra rows or seeds
+
+
+def test_a_store_committed_mid_run_resumes_that_run(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    s.add_jobs([_job("mine"), _job("theirs")])
+    s.claim(f"{socket.gethostname()}:999999999:1")  # this host's name, a process that is gone: rerun on any start
+    s.claim("elsewhere:1:1")  # another host: it may still be running there
+    assert s.recover() == ["mine"] and s.counts()["running"] == 1
+    assert s.recover(other_hosts=True) == ["theirs"] and s.counts()["pending"] == 2

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--workers", type=int, default=2, help="processes or Ray tasks at once (process/ray)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     r.add_argument("--retry-failed", action="store_true", help="run the failed runs again")
+    r.add_argument("--reclaim", action="store_true", help="rerun runs another host left running (a copied store)")
     r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (resume later)")
     r.add_argument("--report", action="store_true", help="write the report when the runs are done")
     r.add_argument("--quiet", action="store_true")
@@ -51,8 +52,9 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     db = Path(args.db or f"results/{spec.name}.sqlite")
     counts = run_study(
-        spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet
-    )
+        spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet,
+        args.reclaim,
+    )  # fmt: skip
     print(f"{db}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.report:
         from ..study.report import write_report

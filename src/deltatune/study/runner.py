@@ -56,12 +56,16 @@ def run_study(
     retry_failed: bool = False,
     max_runs: int | None = None,
     progress: bool = True,
+    reclaim: bool = False,
 ) -> dict[str, int]:
-    """Execute every pending run of `spec` recorded in `db`; returns the status counts at the end."""
+    """Execute every pending run of `spec` recorded in `db`; returns the status counts at the end.
+
+    `reclaim`: also rerun the runs another host left 'running' (a store copied or committed mid-run).
+    """
     store = Store(db)
     try:
         added = plan(spec, store, runs_dir_for(db))
-        back = store.recover()
+        back = store.recover(other_hosts=reclaim)
         if retry_failed:
             store.retry_failed()
         counts = store.counts()

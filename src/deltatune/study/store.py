@@ -145,12 +145,17 @@ class Store:
 
     # ------------------------------------------------------------------ claiming and recording
 
-    def recover(self) -> list[str]:
-        """Put back to 'pending' the runs whose claiming process died (kill -9, power loss, OOM)."""
+    def recover(self, other_hosts: bool = False) -> list[str]:
+        """Put back to 'pending' the runs whose claiming process died (kill -9, power loss, OOM).
+
+        A run claimed on another host is left alone (its process cannot be checked from here) unless
+        `other_hosts`: a store committed mid-run and resumed on a machine with another name.
+        """
         back = []
         with self.transaction() as c:
             for row in c.execute("SELECT id, key, owner FROM runs WHERE status = 'running'").fetchall():
-                if owner_alive(row["owner"] or "") is False:
+                alive = owner_alive(row["owner"] or "")
+                if alive is False or (alive is None and other_hosts):
                     c.execute("UPDATE runs SET status = 'pending', owner = NULL WHERE id = ?", (row["id"],))
                     back.append(row["key"])
         return back
