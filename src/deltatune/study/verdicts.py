@@ -17,21 +17,27 @@ from functools import cache
 from typing import Any
 
 BOUND_STOPS = (None, "max_steps", "max_epochs")  # None: a run recorded before stop reasons were
-LATE = 2  # the best score came at one of the last LATE evaluations
+LATE = 2  # without a patience setting: the best score came at one of the last LATE evaluations
 MARK_IMPROVING, MARK_MAJORITY = "↑", "†"
 MARKS_NOTE = (
-    f"{MARK_IMPROVING}: a run was stopped by its step/epoch bound while dev was still improving (best score at one "
-    f"of its last {LATE} evaluations): the score may understate the method. {MARK_MAJORITY}: no seed's best dev "
-    "score beat always predicting the most frequent dev label (the run learned nothing usable)."
+    f"{MARK_IMPROVING}: a run was stopped by its step/epoch bound before its patience saw a plateau (fewer "
+    f"evaluations after its best than its patience; without patience: best at one of its last {LATE}): the "
+    f"score may understate the method. {MARK_MAJORITY}: no seed's best dev score beat always predicting the "
+    "most frequent dev label (the run learned nothing usable)."
 )
 
 
 def still_improving(run: dict[str, Any], curve: list[dict[str, Any]]) -> bool:
-    """Stopped by a bound (not by patience, not diverged) with its best dev score among the last evaluations."""
+    """Stopped by a bound (not by patience, not diverged) before patience would have called a plateau.
+
+    The evaluations after the best are counted against the run's own patience, so a run marked here
+    is one the budget rule itself did not consider finished.
+    """
     if run.get("stop_reason") not in BOUND_STOPS or not curve:
         return False
-    steps = [p["step"] for p in curve]
-    return run.get("best_step") in steps[-LATE:]
+    patience = ((run.get("job") or {}).get("train") or {}).get("patience") or LATE
+    after = sum(1 for p in curve if p["step"] > (run.get("best_step") or 0))
+    return after < patience
 
 
 @cache
