@@ -305,7 +305,8 @@ def test_the_majority_class_score_is_the_share_of_the_commonest_dev_label(task, 
     assert result.majority["accuracy"] == pytest.approx(max(labels.count(0), labels.count(1)) / len(labels))
 
 
-def test_eval_every_defaults_to_about_twice_an_epoch() -> None:
+def test_eval_every_defaults_to_about_twice_an_epoch_and_no_more_than_the_dev_set_allows() -> None:
     from deltatune.train.trainer import auto_eval_every
 
     assert [auto_eval_every(n) for n in (4, 125, 1000)] == [10, 62, 200]
+    assert auto_eval_every(29, dev_size=1100, batch_size=32) == 35  # a dev set's worth of examples in between
