@@ -460,3 +460,18 @@ def test_a_store_committed_mid_run_resumes_that_run(tmp_path: Path) -> None:
     s.claim("elsewhere:1:1")  # another host: it may still be running there
     assert s.recover() == ["mine"] and s.counts()["running"] == 1
     assert s.recover(other_hosts=True) == ["theirs"] and s.counts()["pending"] == 2
+
+
+def test_two_study_files_report_as_one_scaling_study(world: dict[str, str], tmp_path: Path) -> None:
+    one = tmp_path / "a" / "one.sqlite"
+    run_study(parse_spec(_spec(world, tasks=[world["sent"]], methods={"lora": {"r": 4}})), one, progress=False)
+    other_model = tmp_path / "tiny-bert-2"
+    import shutil
+
+    shutil.copytree(world["model"], other_model)
+    two = tmp_path / "b" / "two.sqlite"
+    spec = _spec(world, name="two", models=[str(other_model)], tasks=[world["sent"]], methods={"lora": {"r": 4}})
+    run_study(parse_spec(spec), two, progress=False)
+    md = (write_report(one, tmp_path / "joined", also=(two,)).parent / "report.md").read_text()
+    assert "### Scaling" in md and "| tiny-bert (" in md and "| tiny-bert-2 (" in md
+    assert "- 2 runs done" in md

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rep = sub.add_parser("report", help="HTML + Markdown report (tables, plots) from a study file")
     rep.add_argument("db", help="the study's SQLite file, or a folder of them")
     rep.add_argument("--out", default=None, help="output folder (default: <db without .sqlite>-report/)")
+    rep.add_argument("--with", dest="also", action="append", default=[], help="join another study file (scaling)")
     sub.add_parser("presets", help="the study presets shipped with deltatune")
 
 
@@ -82,7 +83,7 @@ def _report(args: argparse.Namespace) -> int:
     from ..study.report import write_report
 
     for db in _db_files(args.db):
-        out = write_report(db, args.out if args.out and len(_db_files(args.db)) == 1 else None)
+        out = write_report(db, args.out if args.out and len(_db_files(args.db)) == 1 else None, tuple(args.also))
         print(f"{db} -> {out}")
     return 0
 

@@ -80,10 +80,12 @@ def _is_grid(run: dict[str, Any]) -> bool:
     return bool((run.get("job") or {}).get("lr_group"))
 
 
-def load(db: str | Path) -> StudyData:
+def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
+    """A study file's runs; with `also`, other study files' runs joined in (another backbone's half
+    of a study, for the scaling table). The first file's spec names the study and orders the columns."""
     store = Store(db)
     try:
-        return StudyData(
+        data = StudyData(
             store.meta("name", Path(db).stem),
             store.meta("spec", {}),
             store.runs("done"),
@@ -93,6 +95,18 @@ def load(db: str | Path) -> StudyData:
         )
     finally:
         store.close()
+    for k, other in enumerate(also, start=1):
+        more = load(other)
+        offset = k * 10**9  # run ids restart at 1 in every file
+        data.runs += [r | {"id": r["id"] + offset} for r in more.runs]
+        data.curves |= {i + offset: c for i, c in more.curves.items()}
+        data.counts = {s: data.counts.get(s, 0) + more.counts.get(s, 0) for s in data.counts | more.counts}
+        data.lr_choice |= more.lr_choice
+        spec = dict(data.spec)
+        spec["models"] = list(dict.fromkeys(list(spec.get("models", [])) + list(more.spec.get("models", []))))
+        spec["analyses"] = list(dict.fromkeys(list(spec.get("analyses") or []) + ["scaling"]))
+        data.spec = spec
+    return data
 
 
 def score(run: dict[str, Any]) -> float:
