@@ -379,7 +379,13 @@ def test_the_grid_picks_the_rate_with_the_best_mean_dev_score(tmp_path: Path) ->
 
 def test_a_main_run_waits_for_its_methods_grid(tmp_path: Path) -> None:
     s = Store(tmp_path / "s.sqlite")
-    s.add_jobs([_job("main") | {"label": "head", "lr_from": "m/head", "train": {}}, _grid_job("g", 3e-3, "head"), _job("other")])
+    s.add_jobs(
+        [
+            _job("main") | {"label": "head", "lr_from": "m/head", "train": {}},
+            _grid_job("g", 3e-3, "head"),
+            _job("other"),
+        ]
+    )
     first = s.claim("h:1:-")
     assert first["key"] == "g"  # main comes first in the plan but its grid is still to run
     assert s.claim("h:1:-")["key"] == "other"
@@ -475,3 +481,23 @@ def test_two_study_files_report_as_one_scaling_study(world: dict[str, str], tmp_
     md = (write_report(one, tmp_path / "joined", also=(two,)).parent / "report.md").read_text()
     assert "### Scaling" in md and "| tiny-bert (" in md and "| tiny-bert-2 (" in md
     assert "- 2 runs done" in md
+
+
+def test_a_report_leaves_an_older_store_unchanged(tmp_path: Path) -> None:
+    db = tmp_path / "old.sqlite"
+    s = Store(db)
+    s.add_jobs([_job("r1") | {"train": {}}])
+    s.set_meta("spec", {"analyses": ["performance"]})
+    job = s.claim("h:1:-")
+    s.finish(job["id"], "h:1:-", {"metric": "accuracy", "dev_score": 0.5, "test_score": 0.5, "history": []})
+    s.close()
+    conn = sqlite3.connect(db)  # as written before stop_reason, majority and lr were recorded
+    for column in ("stop_reason", "majority", "lr"):
+        conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    md = (write_report(db, tmp_path / "rep").parent / "report.md").read_text()
+    assert db.read_bytes() == before and "- 1 runs done" in md
+    Store(db).close()  # a runner opening it adds the columns
+    assert {"stop_reason", "majority", "lr"} <= {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(runs)")}

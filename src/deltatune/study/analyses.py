@@ -83,7 +83,9 @@ def _is_grid(run: dict[str, Any]) -> bool:
 def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
     """A study file's runs; with `also`, other study files' runs joined in (another backbone's half
     of a study, for the scaling table). The first file's spec names the study and orders the columns."""
-    store = Store(db)
+    if not Path(db).exists():
+        raise FileNotFoundError(f"no study file {db}; run `deltatune study run <spec> --db {db}` first")
+    store = Store(db, readonly=True)
     try:
         data = StudyData(
             store.meta("name", Path(db).stem),
@@ -179,9 +181,7 @@ def performance(data: StudyData) -> list[Table]:
             rows.append(["learning rate"] + [rates.get(m, "-") for m in methods])
         stops = verdicts.stop_counts(mine)
         if any(set(c) - {"unrecorded"} for c in stops.values()):
-            rows.append(
-                ["stopped by"] + [", ".join(f"{k} {v}" for k, v in sorted(stops[m].items())) for m in methods]
-            )
+            rows.append(["stopped by"] + [", ".join(f"{k} {v}" for k, v in sorted(stops[m].items())) for m in methods])
         seeds = sorted({r["seed"] for r in data.base})
         note = (
             f"Test score x100 of the delta chosen on dev (mean ± std over seeds {seeds}); the average uses "

@@ -15,7 +15,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .executors import make_executor
-from .spec import StudySpec, grid_key
+from .lr_grid import grid_key, same_run
+from .spec import StudySpec
 from .store import Store, owner_id
 
 
@@ -85,9 +86,6 @@ def run_study(
         store.close()
 
 
-SAME_RUN_IGNORES = {"key", "id", "lr_group", "lr_from", "lr_choice", "output_dir"}
-
-
 def _reuse_grid_run(store: Store, owner: str, job: dict[str, Any]) -> bool:
     """Record the grid's run at the chosen rate as this run when it is the same run (task, seed, settings)."""
     choice = job.get("lr_choice")
@@ -97,10 +95,7 @@ def _reuse_grid_run(store: Store, owner: str, job: dict[str, Any]) -> bool:
     row = store.conn.execute("SELECT job FROM runs WHERE key = ? AND status = 'done'", (key,)).fetchone()
     if row is None:
         return False
-    grid = json.loads(row[0])
-    if {k: v for k, v in grid.items() if k not in SAME_RUN_IGNORES} != {
-        k: v for k, v in job.items() if k not in SAME_RUN_IGNORES
-    }:
+    if not same_run(json.loads(row[0]), job):
         return False
     return store.copy_result(job["id"], owner, key, choice["lr"])
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from ..methods import METHODS
 from ..train.trainer import TrainConfig
+from .lr_grid import LRGrid, grid_key, lr_group, rate_field
+from .lr_grid import parse as parse_lr_grid
 
 ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
 BASELINES = ("full", "head")  # full fine-tuning; a frozen backbone with a trained head (the paper's "none")
@@ -62,20 +64,6 @@ class Method:
 
 
 @dataclasses.dataclass
-class LRGrid:
-    """A learning rate per method chosen on dev: each rate of `rates[label]` on `tasks` with `seed`.
-
-    The grid's runs come first in the plan; a method's main runs wait until its grid is finished and
-    then train at the rate with the best mean dev score over the grid tasks (Store.lr_choice). For
-    the head-only column the rate is the head's (head_lr), the only thing it trains.
-    """
-
-    tasks: list[str]
-    rates: dict[str, list[float]]
-    seed: int = 42
-
-
-@dataclasses.dataclass
 class StudySpec:
     name: str
     models: list[str]
@@ -114,7 +102,9 @@ class StudySpec:
         jobs = self._grid_jobs()
         for seed, model, task, (label, _) in itertools.product(self.seeds, self.models, self.tasks, base):
             jobs.append(self._job(model, task, base[(label, label)], seed))
-        for seed, model, task, (label, _) in itertools.product(self.more_seeds, self.models, self.more_seeds_tasks, base):
+        for seed, model, task, (label, _) in itertools.product(
+            self.more_seeds, self.models, self.more_seeds_tasks, base
+        ):
             job = self._job(model, task, base[(label, label)], seed)
             if all(j["key"] != job["key"] for j in jobs):
                 jobs.append(job)
@@ -156,7 +146,7 @@ class StudySpec:
         train = {**self.train, **self.task_train.get(task_name(task), {}), "seed": seed}
         lr = lr if lr is not None else method.lr
         if lr is not None:
-            train["head_lr" if method.label.split("@")[0] == "head" else "lr"] = lr
+            train[rate_field(method.label)] = lr
         job_extra = {}
         if lr is None and self.lr_grid is not None and method.label in self.lr_grid.rates:
             job_extra["lr_from"] = lr_group(model, method.label)  # the rate is the grid's choice, set at claim time
@@ -186,15 +176,6 @@ def task_name(task: str) -> str:
 def run_key(model: str, task: str, label: str, seed: int, source: str | None = None) -> str:
     where = f"{task_name(source)}->{task_name(task)}" if source else task_name(task)
     return f"{Path(model).name}/{where}/{label}/s{seed}"
-
-
-def lr_group(model: str, label: str) -> str:
-    """The name under which a method's grid runs and its chosen rate are filed (one per model)."""
-    return f"{Path(model).name}/{label}"
-
-
-def grid_key(key: str, lr: float) -> str:
-    return f"{key}/lr{lr:g}"
 
 
 def combination_labels(methods: list[str]) -> list[str]:
@@ -365,7 +346,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     tasks = _resolve_tasks(raw.get("tasks", t_tasks or None) or _list(raw, "tasks"), "tasks")
     for model in models:
         check_model(model)
-    grid = _parse_lr_grid(raw.get("lr_grid"), labels, tasks, seeds)
+    grid = parse_lr_grid(raw.get("lr_grid"), labels, tasks, seeds, _fail)
     more = raw.get("more_seeds") or {}
     if not isinstance(more, dict) or set(more) - {"seeds", "tasks"}:
         raise _fail("more_seeds", f"got {more!r}", "write `more_seeds: {seeds: [43, 44], tasks: [sst2, rte]}`")
@@ -406,30 +387,6 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         task_train={t: dict(v or {}) for t, v in task_train.items()},
         raw=raw,
     )
-
-
-def _parse_lr_grid(raw: Any, labels: set[str], tasks: list[str], seeds: list[int]) -> LRGrid | None:
-    if raw is None:
-        return None
-    example = "write `lr_grid: {tasks: [sst2, mrpc], rates: {lora: [3.0e-4, 1.0e-3, 3.0e-3]}}`"
-    if not isinstance(raw, dict) or set(raw) - {"tasks", "rates", "seed"} or not raw.get("rates"):
-        raise _fail("lr_grid", f"got {raw!r}", example)
-    grid_tasks = [str(t) for t in (raw.get("tasks") or tasks[:1])]
-    stray = [t for t in grid_tasks if t not in tasks]
-    if stray:
-        raise _fail("lr_grid.tasks", f"{stray} are not tasks of this study", f"use some of {tasks}")
-    rates: dict[str, list[float]] = {}
-    for label, values in dict(raw["rates"]).items():
-        if label not in labels:
-            raise _fail(f"lr_grid.rates.{label}", "not a method of this study", f"use some of {sorted(labels)}")
-        values = values if isinstance(values, list) else [values]
-        if not values or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
-            raise _fail(f"lr_grid.rates.{label}", f"{values!r} are not positive numbers", example)
-        rates[label] = [float(v) for v in values]
-    seed = raw.get("seed", seeds[0])
-    if not isinstance(seed, int):
-        raise _fail("lr_grid.seed", f"{seed!r} is not an integer", "write e.g. `seed: 42`")
-    return LRGrid(grid_tasks, rates, seed)
 
 
 def check_model(model: str) -> None:

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .lr_grid import choose, rate_field
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -75,8 +77,14 @@ def owner_alive(owner: str) -> bool | None:
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
+        """Open (or create) a study file; `readonly` opens an existing one without creating or upgrading
+        it, so that writing a report leaves a committed store byte-for-byte unchanged."""
         self.path = Path(path)
+        if readonly:
+            self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
@@ -195,36 +203,27 @@ class Store:
             if choice is None:
                 self.fail(job["id"], owner, f"every run of the learning-rate grid {job['lr_from']} failed")
                 return self.claim(owner)
-            field = "head_lr" if job["label"].split("@")[0] == "head" else "lr"
-            job["train"] = {**job["train"], field: choice["lr"]}
+            job["train"] = {**job["train"], rate_field(job["label"]): choice["lr"]}
             job["lr_choice"] = choice
         return job
 
     def lr_choice(self, group: str) -> dict[str, Any] | None:
-        """The grid's rate with the best mean dev score over its tasks (filed in meta `lr_choice`).
-
-        A rate counts only where every task it ran on finished; ties go to the smaller rate. None
-        when no rate has a finished run. The choice is computed once and kept, so runs planned later
-        (more seeds) use the rate the first runs used even if the grid is extended.
-        """
+        """The grid's rate with the best mean dev score over its tasks (`lr_grid.choose`), filed in meta
+        `lr_choice` the first time: runs planned later (more seeds) use the rate the first runs used
+        even if the grid is extended. None when no rate finished on every task it ran on."""
         chosen = self.meta("lr_choice", {})
         if group in chosen:
             return chosen[group]
         rows = self.conn.execute(
             "SELECT job, status, dev_score FROM runs WHERE json_extract(job, '$.lr_group') = ?", (group,)
         ).fetchall()
-        by_rate: dict[float, list[float | None]] = {}
+        runs = []
         for r in rows:
             job = json.loads(r["job"])
-            rate = job["train"].get("head_lr" if job["label"].split("@")[0] == "head" else "lr")
-            by_rate.setdefault(rate, []).append(r["dev_score"] if r["status"] == "done" else None)
-        scores = {
-            rate: sum(v) / len(v) for rate, v in by_rate.items() if v and all(x is not None for x in v)
-        }  # fmt: skip
-        if not scores:
+            runs.append((job["train"].get(rate_field(job["label"])), r["status"], r["dev_score"]))
+        choice = choose(runs)
+        if choice is None:
             return None
-        best = max(sorted(scores), key=lambda rate: scores[rate])
-        choice = {"lr": best, "dev_scores": {f"{k:g}": v for k, v in sorted(scores.items())}, "runs": len(rows)}
         with self.transaction() as c:  # re-read inside the write lock: a second runner may have filed it
             row = c.execute("SELECT value FROM meta WHERE key = 'lr_choice'").fetchone()
             current = json.loads(row[0]) if row else {}

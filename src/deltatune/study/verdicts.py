@@ -16,6 +16,8 @@ from collections import Counter, defaultdict
 from functools import cache
 from typing import Any
 
+from .lr_grid import rate_field
+
 BOUND_STOPS = (None, "max_steps", "max_epochs")  # None: a run recorded before stop reasons were
 LATE = 2  # without a patience setting: the best score came at one of the last LATE evaluations
 MARK_IMPROVING, MARK_MAJORITY = "↑", "†"
@@ -104,8 +106,7 @@ def grid_rows(tuning: list[dict[str, Any]], chosen: dict[str, Any]) -> list[list
     by: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in tuning:
         job = r.get("job") or {}
-        field = "head_lr" if r["method"].split("@")[0] == "head" else "lr"
-        rate = (job.get("train") or {}).get(field)
+        rate = (job.get("train") or {}).get(rate_field(r["method"]))
         if rate is not None and r.get("dev_score") is not None:
             by[(r["model"], r["method"])][rate].append(100 * r["dev_score"])
     rows = []
