@@ -68,7 +68,7 @@ def _status(args: argparse.Namespace) -> int:
     from ..study.store import Store
 
     for db in _db_files(args.db):
-        store = Store(db)
+        store = Store(db, readonly=True)
         counts = store.counts()
         print(f"{db} ({store.meta('name', '?')}): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
         for r in store.runs("running"):
