@@ -517,3 +517,11 @@ def test_more_seeds_come_after_the_first_seed_everywhere_and_task_settings_apply
         ("sent", 43)
     ] * 2
     assert {Path(j["task"]).name: j["train"]["max_length"] for j in jobs} == {"sent": 16, "topic": 8}
+
+
+def test_convergence_counts_steps_to_the_best_score_not_to_the_last() -> None:
+    from deltatune.study.analyses import steps_to_90
+
+    stopped_by_patience = [(50, 50.0), (100, 80.0), (150, 90.0), (200, 70.0), (250, 70.0)]
+    assert steps_to_90(stopped_by_patience) == 150  # 90% of the best gain (40 points) is 86
+    assert steps_to_90([(50, 50.0), (100, 51.0)]) is None

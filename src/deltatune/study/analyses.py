@@ -217,16 +217,19 @@ def mean_curves(data: StudyData, model: str) -> dict[tuple[str, str], list[tuple
 
 
 def steps_to_90(curve: list[tuple[int, float]], min_gain: float = 2.0) -> int | None:
-    """First evaluated step that covers 90% of the run's final gain over its first evaluation.
+    """First evaluated step that covers 90% of the run's best gain over its first evaluation.
 
     Measured from the first evaluation, not from zero: on accuracy a constant predictor already sits
-    at 90% of a 55% final score, which would rank a method that learned nothing fastest. None when the
-    final score is less than `min_gain` points above the first (nothing learned in the budget).
+    at 90% of a 55% final score, which would rank a method that learned nothing fastest. The best,
+    not the last, score: a run stopped by patience ends several evaluations past its best. None when
+    the best score is less than `min_gain` points above the first (nothing learned in the budget).
     """
-    if not curve or curve[-1][1] - curve[0][1] < min_gain:
+    if not curve:
         return None
-    start, final = curve[0][1], curve[-1][1]
-    return next(s for s, v in curve if v >= start + 0.9 * (final - start))
+    start, best = curve[0][1], max(v for _, v in curve)
+    if best - start < min_gain:
+        return None
+    return next(s for s, v in curve if v >= start + 0.9 * (best - start))
 
 
 def convergence(data: StudyData) -> list[Table]:
