@@ -41,6 +41,17 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainConfig:
+    """How one run trains. The default budget is "until converged", not a number of epochs.
+
+    Dev is evaluated every `eval_every` optimizer steps (by default about twice an epoch, see
+    auto_eval_every); the run stops after `patience` evaluations without a new best, where
+    evaluations before `min_steps` do not count, and in any case at `max_steps` steps or `epochs`
+    passes, whichever comes first. The delta at its best evaluation is kept, and TrainResult says
+    which rule ended the run (`stop_reason`). A fixed budget: `patience=None` with `max_steps` or
+    `epochs` (the other None). A small data set so gets many passes (20 epochs of 900 examples are
+    580 steps at batch 32) and a large one is bounded by steps, instead of both getting 3 epochs.
+    """
+
     lr: float | None = None  # None: each method's default_lr (FULL_FT_LR for full fine-tuning)
     head_lr: float = 1e-3
     # -- the budget: train until dev stops improving, within two bounds (whichever comes first)
