@@ -248,8 +248,8 @@ def convergence(data: StudyData) -> list[Table]:
             means.append(f"{_fmt(statistics.fmean(vals))} ({len(vals)} tasks)" if vals else "-")
         rows.append(["**mean** (tasks that learned)"] + means)
         note = (
-            "Optimizer steps until the dev score covers 90% of its final gain over the first evaluation; flat: "
-            f"final score < 2 points above the first (nothing learned in this budget). Paper: {PAPER_CONVERGENCE}."
+            "Optimizer steps until the dev score covers 90% of its best gain over the first evaluation; flat: "
+            f"best score < 2 points above the first (nothing learned in this budget). Paper: {PAPER_CONVERGENCE}."
         )
         tables.append(Table(f"Convergence: {model}", ["task"] + methods, rows, note))
     return tables
