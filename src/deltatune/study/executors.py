@@ -192,6 +192,9 @@ def execute(job_text: str) -> str:
                 "delta_path": str(out),
                 "checkpoint_bytes": ckpt,
                 "diverged": result.diverged,
+                "stop_reason": result.stop_reason,
+                "majority": (result.majority or {}).get(metric),
+                "lr": _effective_lr(job),
                 "history": result.history,
             },
             default=float,
@@ -199,6 +202,20 @@ def execute(job_text: str) -> str:
     except Exception as err:  # noqa: BLE001 - one failed run must not end the study
         tail = "".join(traceback.format_exception(err)[-3:])
         return json.dumps({"error": f"{type(err).__name__}: {err}\n{tail}"})
+
+
+def _effective_lr(job: dict[str, Any]) -> float | None:
+    """The learning rate the run's main parameters trained at: the head's for head-only, else the delta's
+    (the first method's when several are combined), as the trainer resolves it."""
+    from ..methods import METHODS
+    from ..train.trainer import FULL_FT_LR, TrainConfig
+
+    cfg = TrainConfig(**{"progress": False, **job["train"]})
+    if job["full"]:
+        return cfg.lr or FULL_FT_LR
+    if not job["methods"]:
+        return cfg.head_lr
+    return cfg.lr or METHODS[next(iter(job["methods"]))].default_lr
 
 
 def _test_metrics(model: Any, task: Any, job: dict[str, Any]) -> dict[str, float]:

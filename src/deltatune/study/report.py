@@ -160,9 +160,10 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_report(db: str | Path, out: str | Path | None = None) -> Path:
-    """Write report.html and report.md (+ PNGs) for a study file; returns the HTML's path."""
-    data = an.load(db)
+def write_report(db: str | Path, out: str | Path | None = None, also: tuple[str | Path, ...] = ()) -> Path:
+    """Write report.html and report.md (+ PNGs) for a study file (joined with the `also` files, e.g.
+    the same study on another backbone); returns the HTML's path."""
+    data = an.load(db, tuple(also))
     out = Path(out) if out else Path(db).with_name(Path(db).stem + "-report")
     out.mkdir(parents=True, exist_ok=True)
     wanted = data.spec.get("analyses") or FALLBACK_ANALYSES

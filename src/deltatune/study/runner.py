@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .executors import make_executor
+from .lr_grid import grid_key, same_run
 from .spec import StudySpec
 from .store import Store, owner_id
 
@@ -39,9 +40,11 @@ def _line(job: dict[str, Any], result: dict[str, Any]) -> str:
     score = result.get("test_score") if result.get("test_score") is not None else result.get("dev_score")
     split = "test" if result.get("test_score") is not None else "dev"
     tail = f"; diverged: {result['diverged'][:60]}" if result.get("diverged") else ""
+    lr = f", lr {result['lr']:g}" if result.get("lr") else ""
     return (
         f"done {job['key']}: {split} {result['metric']} {score:.4f} (best dev {result['dev_score']:.4f} at step "
-        f"{result['best_step']}/{result['steps']}), {result['trainable']:,} trainable, {result['wall_seconds']:.1f} s{tail}"
+        f"{result['best_step']}/{result['steps']}, stopped by {result.get('stop_reason')}{lr}), "
+        f"{result['trainable']:,} trainable, {result['wall_seconds']:.1f} s{tail}"
     )
 
 
@@ -54,12 +57,16 @@ def run_study(
     retry_failed: bool = False,
     max_runs: int | None = None,
     progress: bool = True,
+    reclaim: bool = False,
 ) -> dict[str, int]:
-    """Execute every pending run of `spec` recorded in `db`; returns the status counts at the end."""
+    """Execute every pending run of `spec` recorded in `db`; returns the status counts at the end.
+
+    `reclaim`: also rerun the runs another host left 'running' (a store copied or committed mid-run).
+    """
     store = Store(db)
     try:
         added = plan(spec, store, runs_dir_for(db))
-        back = store.recover()
+        back = store.recover(other_hosts=reclaim)
         if retry_failed:
             store.retry_failed()
         counts = store.counts()
@@ -79,6 +86,20 @@ def run_study(
         store.close()
 
 
+def _reuse_grid_run(store: Store, owner: str, job: dict[str, Any]) -> bool:
+    """Record the grid's run at the chosen rate as this run when it is the same run (task, seed, settings)."""
+    choice = job.get("lr_choice")
+    if not choice:
+        return False
+    key = grid_key(job["key"], choice["lr"])
+    row = store.conn.execute("SELECT job FROM runs WHERE key = ? AND status = 'done'", (key,)).fetchone()
+    if row is None:
+        return False
+    if not same_run(json.loads(row[0]), job):
+        return False
+    return store.copy_result(job["id"], owner, key, choice["lr"])
+
+
 def _loop(store: Store, pool: Any, total: int, max_runs: int | None, progress: bool) -> None:
     owner = owner_id()
     pending: dict[Any, dict[str, Any]] = {}
@@ -91,6 +112,11 @@ def _loop(store: Store, pool: Any, total: int, max_runs: int | None, progress: b
                 if job is None:
                     break
                 started += 1
+                if _reuse_grid_run(store, owner, job):
+                    if progress:
+                        bar.write(f"done {job['key']}: the grid's run at the chosen rate {job['lr_choice']['lr']:g}")
+                    bar.update(1)
+                    continue
                 bar.set_postfix_str(job["key"])
                 here = store.path.parent
                 work = {**job, "output_dir": str(here / job["output_dir"])}

@@ -17,6 +17,8 @@ from typing import Any
 
 from ..methods import METHODS
 from ..train.trainer import TrainConfig
+from .lr_grid import LRGrid, grid_key, lr_group, rate_field
+from .lr_grid import parse as parse_lr_grid
 
 ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
 BASELINES = ("full", "head")  # full fine-tuning; a frozen backbone with a trained head (the paper's "none")
@@ -37,6 +39,9 @@ TOP_FIELDS = {
     "transfer",
     "eval_test",
     "threads",
+    "lr_grid",
+    "more_seeds",
+    "task_train",
 }
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -76,19 +81,34 @@ class StudySpec:
     eval_test: bool = True
     threads: int | None = None
     description: str = ""
+    lr_grid: LRGrid | None = None
+    more_seeds: list[int] = dataclasses.field(default_factory=list)  # extra seeds, run after every first-seed run
+    more_seeds_tasks: list[str] = dataclasses.field(default_factory=list)
+    task_train: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per-task TrainConfig overrides
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def jobs(self) -> list[dict[str, Any]]:
-        """Every run of the study as a JSON-able job; transfer runs name the run they start from."""
+        """Every run of the study as a JSON-able job, in the order they should run.
+
+        The learning-rate grid first (its choices gate the main runs), then the first seed on every
+        task, task by task (so rows of the table complete early), then the further seeds, then
+        `more_seeds` on their tasks; transfer runs name the run they start from.
+        """
         base = {(m.label, m.label): m for m in self.methods}
         for subset in combination_labels(self.combination) if self.combination else []:
             if subset not in {lbl for lbl, _ in base}:
                 names = subset.split("+") if subset != "head" else []
                 cfg = {n: self._method_settings(n) for n in names}
                 base[(subset, subset)] = Method(subset, cfg)
-        jobs = []
-        for model, task, (label, _), seed in itertools.product(self.models, self.tasks, base, self.seeds):
+        jobs = self._grid_jobs()
+        for seed, model, task, (label, _) in itertools.product(self.seeds, self.models, self.tasks, base):
             jobs.append(self._job(model, task, base[(label, label)], seed))
+        for seed, model, task, (label, _) in itertools.product(
+            self.more_seeds, self.models, self.more_seeds_tasks, base
+        ):
+            job = self._job(model, task, base[(label, label)], seed)
+            if all(j["key"] != job["key"] for j in jobs):
+                jobs.append(job)
         by_label = {lbl: m for (lbl, _), m in base.items()}
         for model, method_label, seed in itertools.product(self.models, self.transfer_methods, self.seeds):
             method = by_label[method_label]
@@ -110,11 +130,28 @@ class StudySpec:
                 return dict(m.configs[name])
         return dict(self.raw.get("combination", {}).get("configs", {}).get(name) or {})
 
-    def _job(self, model: str, task: str, method: Method, seed: int) -> dict[str, Any]:
-        train = {**self.train, "seed": seed}
-        if method.lr is not None:
-            train["lr"] = method.lr
-        return {
+    def _grid_jobs(self) -> list[dict[str, Any]]:
+        if self.lr_grid is None:
+            return []
+        jobs = []
+        by_label = {m.label: m for m in self.methods}
+        for model, (label, rates) in itertools.product(self.models, self.lr_grid.rates.items()):
+            for task, lr in itertools.product(self.lr_grid.tasks, rates):
+                job = self._job(model, task, by_label[label], self.lr_grid.seed, lr=lr)
+                job["key"] = grid_key(job["key"], lr)
+                job["lr_group"] = lr_group(model, label)
+                jobs.append(job)
+        return jobs
+
+    def _job(self, model: str, task: str, method: Method, seed: int, lr: float | None = None) -> dict[str, Any]:
+        train = {**self.train, **self.task_train.get(task_name(task), {}), "seed": seed}
+        lr = lr if lr is not None else method.lr
+        if lr is not None:
+            train[rate_field(method.label)] = lr
+        job_extra = {}
+        if lr is None and self.lr_grid is not None and method.label in self.lr_grid.rates:
+            job_extra["lr_from"] = lr_group(model, method.label)  # the rate is the grid's choice, set at claim time
+        return job_extra | {
             "key": run_key(model, task, method.label, seed),
             "model": model,
             "task": task,
@@ -334,6 +371,25 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         check_model(model)
     if "name" in raw:
         _check_name("name", str(raw["name"]))
+    grid = parse_lr_grid(raw.get("lr_grid"), labels, tasks, seeds, _fail)
+    more = raw.get("more_seeds") or {}
+    if not isinstance(more, dict) or set(more) - {"seeds", "tasks"}:
+        raise _fail("more_seeds", f"got {more!r}", "write `more_seeds: {seeds: [43, 44], tasks: [sst2, rte]}`")
+    more_seeds = [s for s in (more.get("seeds") or []) if s not in seeds]
+    if not all(isinstance(s, int) for s in more_seeds):
+        raise _fail("more_seeds.seeds", f"{more_seeds} are not all integers", "write e.g. `seeds: [43, 44]`")
+    more_tasks = [str(t) for t in (more.get("tasks") or [])]
+    stray = [t for t in more_tasks if t not in tasks]
+    if stray:
+        raise _fail("more_seeds.tasks", f"{stray} are not tasks of this study", f"use some of {tasks}")
+    task_train = raw.get("task_train") or {}
+    names = {task_name(t) for t in tasks}
+    for t, over in task_train.items():
+        if t not in names:
+            raise _fail(f"task_train.{t}", "not a task of this study", f"use one of {sorted(names)}")
+        bad = sorted(set(over or {}) - TRAIN_FIELDS)
+        if bad:
+            raise _fail(f"task_train.{t}.{bad[0]}", "not a TrainConfig field", "use a field of `train`")
     return StudySpec(
         name=str(raw.get("name", name)),
         models=models,
@@ -350,6 +406,10 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         eval_test=bool(raw.get("eval_test", True)),
         threads=raw.get("threads"),
         description=str(raw.get("description", "")),
+        lr_grid=grid,
+        more_seeds=more_seeds,
+        more_seeds_tasks=more_tasks if more_seeds else [],
+        task_train={t: dict(v or {}) for t, v in task_train.items()},
         raw=raw,
     )
 

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .lr_grid import choose, rate_field
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -31,7 +33,8 @@ CREATE TABLE IF NOT EXISTS runs (
     owner TEXT, claimed_at REAL, finished_at REAL, error TEXT,
     metric TEXT, dev_score REAL, test_score REAL, best TEXT, test TEXT, best_step INTEGER, steps INTEGER,
     trainable INTEGER, total INTEGER, train_seconds REAL, wall_seconds REAL, step_seconds REAL,
-    peak_memory INTEGER, memory_kind TEXT, device TEXT, delta_path TEXT, checkpoint_bytes INTEGER, diverged TEXT
+    peak_memory INTEGER, memory_kind TEXT, device TEXT, delta_path TEXT, checkpoint_bytes INTEGER, diverged TEXT,
+    stop_reason TEXT, majority REAL, lr REAL
 );
 CREATE TABLE IF NOT EXISTS curves (
     run_id INTEGER NOT NULL REFERENCES runs(id),
@@ -41,8 +44,9 @@ CREATE TABLE IF NOT EXISTS curves (
 """
 RESULT_FIELDS = (
     "metric dev_score test_score best test best_step steps trainable total train_seconds wall_seconds "
-    "step_seconds peak_memory memory_kind device delta_path checkpoint_bytes diverged"
+    "step_seconds peak_memory memory_kind device delta_path checkpoint_bytes diverged stop_reason majority lr"
 ).split()
+ADDED_COLUMNS = {"stop_reason": "TEXT", "majority": "REAL", "lr": "REAL"}  # columns newer than the first stores
 
 
 def _proc_start(pid: int) -> str | None:
@@ -73,13 +77,23 @@ def owner_alive(owner: str) -> bool | None:
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
+        """Open (or create) a study file; `readonly` opens an existing one without creating or upgrading
+        it, so that writing a report leaves a committed store byte-for-byte unchanged."""
         self.path = Path(path)
+        if readonly:
+            self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.conn.executescript(SCHEMA)
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+        for name, kind in ADDED_COLUMNS.items():  # a store written before these columns existed
+            if name not in have:
+                self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self.conn.close()
@@ -139,12 +153,17 @@ class Store:
 
     # ------------------------------------------------------------------ claiming and recording
 
-    def recover(self) -> list[str]:
-        """Put back to 'pending' the runs whose claiming process died (kill -9, power loss, OOM)."""
+    def recover(self, other_hosts: bool = False) -> list[str]:
+        """Put back to 'pending' the runs whose claiming process died (kill -9, power loss, OOM).
+
+        A run claimed on another host is left alone (its process cannot be checked from here) unless
+        `other_hosts`: a store committed mid-run and resumed on a machine with another name.
+        """
         back = []
         with self.transaction() as c:
             for row in c.execute("SELECT id, key, owner FROM runs WHERE status = 'running'").fetchall():
-                if owner_alive(row["owner"] or "") is False:
+                alive = owner_alive(row["owner"] or "")
+                if alive is False or (alive is None and other_hosts):
                     c.execute("UPDATE runs SET status = 'pending', owner = NULL WHERE id = ?", (row["id"],))
                     back.append(row["key"])
         return back
@@ -154,11 +173,20 @@ class Store:
             return c.execute("UPDATE runs SET status = 'pending', error = NULL WHERE status = 'failed'").rowcount
 
     def claim(self, owner: str) -> dict[str, Any] | None:
-        """Take the next runnable run (its dependency, if any, done); None when nothing is runnable now."""
+        """Take the next runnable run; None when nothing is runnable now.
+
+        Runnable: its source run (transfer) is done, and the learning-rate grid it takes its rate
+        from (`lr_from`) has nothing pending or running. Such a run comes back with the chosen rate
+        in its train settings (`lr`, or `head_lr` for the head-only column) and in `lr_choice`.
+        """
         with self.transaction() as c:
             row = c.execute(
                 "SELECT r.id, r.job, d.delta_path AS source_path FROM runs r LEFT JOIN runs d ON d.key = r.depends_on "
-                "WHERE r.status = 'pending' AND (r.depends_on IS NULL OR d.status = 'done') ORDER BY r.id LIMIT 1"
+                "WHERE r.status = 'pending' AND (r.depends_on IS NULL OR d.status = 'done') AND NOT EXISTS ("
+                "  SELECT 1 FROM runs g WHERE json_extract(r.job, '$.lr_from') IS NOT NULL"
+                "  AND json_extract(g.job, '$.lr_group') = json_extract(r.job, '$.lr_from')"
+                "  AND g.status IN ('pending', 'running')"
+                ") ORDER BY r.id LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
@@ -170,7 +198,56 @@ class Store:
         job["id"] = row["id"]
         if row["source_path"]:
             job["init_from"] = row["source_path"]
+        if job.get("lr_from"):
+            choice = self.lr_choice(job["lr_from"])
+            if choice is None:
+                self.fail(job["id"], owner, f"every run of the learning-rate grid {job['lr_from']} failed")
+                return self.claim(owner)
+            job["train"] = {**job["train"], rate_field(job["label"]): choice["lr"]}
+            job["lr_choice"] = choice
         return job
+
+    def lr_choice(self, group: str) -> dict[str, Any] | None:
+        """The grid's rate with the best mean dev score over its tasks (`lr_grid.choose`), filed in meta
+        `lr_choice` the first time: runs planned later (more seeds) use the rate the first runs used
+        even if the grid is extended. None when no rate finished on every task it ran on."""
+        chosen = self.meta("lr_choice", {})
+        if group in chosen:
+            return chosen[group]
+        rows = self.conn.execute(
+            "SELECT job, status, dev_score FROM runs WHERE json_extract(job, '$.lr_group') = ?", (group,)
+        ).fetchall()
+        runs = []
+        for r in rows:
+            job = json.loads(r["job"])
+            runs.append((job["train"].get(rate_field(job["label"])), r["status"], r["dev_score"]))
+        choice = choose(runs)
+        if choice is None:
+            return None
+        with self.transaction() as c:  # re-read inside the write lock: a second runner may have filed it
+            row = c.execute("SELECT value FROM meta WHERE key = 'lr_choice'").fetchone()
+            current = json.loads(row[0]) if row else {}
+            if group in current:
+                return current[group]
+            current[group] = choice
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('lr_choice', ?)", (json.dumps(current),))
+        return choice
+
+    def copy_result(self, run_id: int, owner: str, source_key: str, lr: float | None = None) -> bool:
+        """Record a finished run's results and curve as this run's (the same run, planned twice).
+
+        The grid run of the chosen rate on a grid task is the main run of that task and seed: it is
+        not trained again. False when the source is not done or the claim was lost.
+        """
+        src = self.conn.execute("SELECT * FROM runs WHERE key = ? AND status = 'done'", (source_key,)).fetchone()
+        if src is None:
+            return False
+        result = {k: src[k] for k in RESULT_FIELDS}
+        for k in ("best", "test"):
+            result[k] = json.loads(result[k]) if result[k] else None
+        curve = self.conn.execute("SELECT metrics FROM curves WHERE run_id = ? ORDER BY step", (src["id"],))
+        result["history"] = [json.loads(r[0]) for r in curve]
+        return self.finish(run_id, owner, {**result, "lr": lr if lr is not None else src["lr"]})
 
     def finish(self, run_id: int, owner: str, result: dict[str, Any]) -> bool:
         """Record a run's results and curve in one transaction; False if the claim was lost meanwhile."""

@@ -52,6 +52,8 @@ def _train_config(cfg: StudyConfig, lr: float | None) -> TrainConfig:
         lr=lr,
         head_lr=cfg.head_lr,
         max_steps=cfg.steps,
+        epochs=None,  # a fixed step budget: the study compares solutions trained alike
+        patience=None,
         batch_size=cfg.batch_size,
         max_length=cfg.max_length,
         eval_every=cfg.eval_every,

@@ -98,7 +98,7 @@ def said_measure(
         dm = DeltaModel(backbone)
         dm.add("said", get_config("said", dim=d, targets=("attn.q", "attn.v"), seed=cfg.seed))
         train = TrainConfig(
-            max_steps=steps, batch_size=cfg.batch_size, max_length=cfg.max_length,
+            max_steps=steps, epochs=None, patience=None, batch_size=cfg.batch_size, max_length=cfg.max_length,
             eval_every=cfg.eval_every, seed=cfg.seed, progress=False,
         )  # fmt: skip
         model, _ = fit(dm, tokenizer, data.task, (), train, train_head=False)

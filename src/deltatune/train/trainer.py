@@ -34,24 +34,40 @@ from .heads import GenerationHead, head_for
 FULL_FT_LR = 5e-5
 
 
+STOP_REASONS = ("patience", "max_steps", "max_epochs", "diverged")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients stopped being finite; the parameters from before that step were kept."""
 
 
 @dataclasses.dataclass
 class TrainConfig:
+    """How one run trains. The default budget is "until converged", not a number of epochs.
+
+    Dev is evaluated every `eval_every` optimizer steps (by default about twice an epoch, see
+    auto_eval_every); the run stops after `patience` evaluations without a new best, where
+    evaluations before `min_steps` do not count, and in any case at `max_steps` steps or `epochs`
+    passes, whichever comes first. The delta at its best evaluation is kept, and TrainResult says
+    which rule ended the run (`stop_reason`). A fixed budget: `patience=None` with `max_steps` or
+    `epochs` (the other None). A small data set so gets many passes (20 epochs of 900 examples are
+    580 steps at batch 32) and a large one is bounded by steps, instead of both getting 3 epochs.
+    """
+
     lr: float | None = None  # None: each method's default_lr (FULL_FT_LR for full fine-tuning)
     head_lr: float = 1e-2  # measured (docs/training.md): 1e-3 left a new head at the majority class
-    epochs: float = 3.0
-    max_steps: int | None = None
+    # -- the budget: train until dev stops improving, within two bounds (whichever comes first)
+    epochs: float | None = 20.0  # at most this many passes over the training set (None: no bound)
+    max_steps: int | None = 3000  # at most this many optimizer steps (None: no bound)
     batch_size: int = 32
     eval_batch_size: int = 64
     max_length: int = 128
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_every: int = 100  # optimizer steps between dev evaluations (and one at the end)
-    patience: int | None = None  # stop after this many evaluations without improvement
+    eval_every: int | None = None  # steps between dev evaluations (and one at the end); None: auto_eval_every
+    patience: int | None = 5  # stop after this many evaluations without improvement (None: run the bounds out)
+    min_steps: int = 200  # evaluations before this step never count toward patience (a slow start is not a plateau)
     seed: int = 42
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
@@ -71,6 +87,8 @@ class TrainResult:
     total_parameters: int
     mode: str
     diverged: str | None = None
+    stop_reason: str = "max_steps"  # patience, max_steps, max_epochs or diverged (STOP_REASONS)
+    majority: dict[str, float] | None = None  # dev metrics of always predicting the most frequent dev label
     test: dict[str, float] | None = None  # the kept (best dev) state scored on test, when asked
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +131,43 @@ def eval_sample(examples: list[Example], cap: int | None) -> list[Example]:
         return examples
     keep = sorted(random.Random(0).sample(range(len(examples)), cap))
     return [examples[i] for i in keep]
+
+
+def auto_eval_every(steps_per_epoch: int, dev_size: int = 0, batch_size: int = 32) -> int:
+    """About two dev evaluations per epoch, but no more often than one per dev set's worth of
+    training examples; at least every 200 and at most every 10 steps.
+
+    Often enough that patience sees a plateau within a few epochs on a small set. An evaluation
+    (forward only) costs about a third of training on as many examples, so training at least
+    `dev_size` examples between evaluations keeps them under a quarter of the run: a 900-example
+    training set with a 1,100-example dev set would otherwise spend half its time evaluating.
+    """
+    return max(10, min(200, max(steps_per_epoch // 2, math.ceil(dev_size / batch_size))))
+
+
+def step_budget(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, str]:
+    """The most optimizer steps this run may take and the bound that sets it (max_steps or max_epochs)."""
+    bounds = []
+    if cfg.max_steps is not None:
+        bounds.append((cfg.max_steps, "max_steps"))
+    if cfg.epochs is not None:
+        bounds.append((max(1, math.ceil(cfg.epochs * steps_per_epoch)), "max_epochs"))
+    if not bounds:
+        raise ValueError("the run has no bound: set max_steps or epochs (patience alone may never stop it)")
+    return min(bounds, key=lambda b: b[0])
+
+
+def majority_metrics(task: Task, dev: Sequence[Example]) -> dict[str, float] | None:
+    """Dev metrics of a constant prediction of the most frequent dev label: the score a run must beat.
+
+    None for regression and generation, where a constant predictor has no meaningful score.
+    """
+    if task.type not in ("classification", "pair_classification") or not dev:
+        return None
+    from collections import Counter
+
+    label = Counter(e.label for e in dev).most_common(1)[0][0]
+    return compute_metrics(task, [label] * len(dev), list(dev))
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -246,7 +301,8 @@ def fit(
         train, batch_size=cfg.batch_size, shuffle=True, collate_fn=head.collate, generator=generator
     )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    max_steps, bound = step_budget(cfg, steps_per_epoch)
+    eval_every = cfg.eval_every or auto_eval_every(steps_per_epoch, len(dev), cfg.batch_size)
     optimizer = adamw(_param_groups(model, dm, cfg), weight_decay=cfg.weight_decay)
     from transformers import get_linear_schedule_with_warmup
 
@@ -269,6 +325,7 @@ def fit(
     # until a first evaluation, the "best" state is the starting one: a run that diverges early keeps it
     best, best_step, best_state, stale = {primary: -math.inf}, 0, _trainable_state(unwrapped), 0
     diverged: str | None = None
+    stop_reason = bound
     step, running, seen = 0, 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=max_steps, desc=f"{mode} on {task.name}", disable=not cfg.progress, dynamic_ncols=True)
@@ -335,23 +392,29 @@ def fit(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / seen:.4f}")
-            if step % cfg.eval_every == 0 or step == max_steps:
+            if step % eval_every == 0 or step == max_steps:
                 metrics = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size)
                 record(metrics)
                 running, seen = 0.0, 0
                 bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", **{primary: f"{metrics[primary]:.4f}"})
                 if metrics[primary] > best[primary]:
                     best, best_step, best_state, stale = metrics, step, _trainable_state(unwrapped), 0
-                else:
+                elif step > cfg.min_steps:  # a slow start before min_steps is not a plateau
                     stale += 1
-                if cfg.patience is not None and stale >= cfg.patience:
-                    max_steps = step  # early stopping: the best state is restored below
+                if cfg.progress:
+                    bar.write(
+                        f"step {step}/{max_steps}: train loss {history[-1]['train_loss']:.4f}, dev {primary} "
+                        f"{metrics[primary]:.4f} (best {best[primary]:.4f} at step {best_step})"
+                    )
+                if cfg.patience is not None and stale >= cfg.patience and step < max_steps:
+                    max_steps, stop_reason = step, "patience"  # early stopping: the best state is restored below
             if step >= max_steps:
                 break
     bar.close()
     train_seconds = time.perf_counter() - start
     if diverged is not None:
         diverged += "; lower the learning rate (--lr). The best evaluated (or the initial) delta was kept"
+        stop_reason = "diverged"
     params = dict(unwrapped.named_parameters())
     with torch.no_grad():
         for n, v in best_state.items():
@@ -361,7 +424,10 @@ def fit(
     if dm is not None:
         for delta in dm.deltas.values():
             delta.finalize()
-    result = TrainResult(best, best_step, history, step, train_seconds, trainable, total, mode, diverged)
+    result = TrainResult(
+        best, best_step, history, step, train_seconds, trainable, total, mode, diverged, stop_reason,
+        majority_metrics(task, dev),
+    )  # fmt: skip
     if test_examples is not None:
         result.test = evaluate(unwrapped, head, list(test_examples), task, cfg.eval_batch_size)
     if out is not None:
