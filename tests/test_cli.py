@@ -314,3 +314,14 @@ def test_load_delta_on_a_head_only_folder_names_load_saved(tmp_path) -> None:  #
     with pytest.raises(dt.core.io.DeltaIOError, match="load_saved"):
         dt.load_delta(make_model("bert"), tmp_path / "delta-head")
     assert len(load_saved(make_model("bert"), tmp_path / "delta-head").deltas) == 0
+
+
+def test_budget_flags_take_none_for_no_bound() -> None:
+    from deltatune.cli.train import spec_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train", "--patience", "none", "--epochs", "none", "--max-steps", "40", "--min-steps", "0"]
+    )
+    train = spec_from_args(args).train
+    assert (train.patience, train.epochs, train.max_steps, train.min_steps) == (None, None, 40, 0)

@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..core.delta import DeltaConfig
 from ..methods import METHODS, get_config
@@ -72,6 +73,20 @@ def _number(text: str, cast: type, test: Callable[[float], bool], wanted: str) -
 
 def positive_int(text: str) -> int:
     return int(_number(text, int, lambda v: v >= 1, "a whole number of at least 1"))
+
+
+def or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`kind`, or None for the word `none` (a setting whose None means "no bound" or "off")."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    return int(_number(text, int, lambda v: v >= 0, "a whole number of at least 0"))
 
 
 def positive_float(text: str) -> float:

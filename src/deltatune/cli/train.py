@@ -13,6 +13,8 @@ from .args import (
     fraction,
     method_configs,
     non_negative_float,
+    non_negative_int,
+    or_none,
     positive_float,
     positive_int,
     set_threads,
@@ -35,16 +37,19 @@ def _method_rates() -> str:
 FIELD_HELP: dict[str, str] = {
     "lr": "learning rate of the delta (default: each method's own rate: {rates})",
     "head_lr": "learning rate of the task head (classifier) (default: %(default)g)",
-    "epochs": "passes over the training rows (default: %(default)g; --max-steps wins when given)",
-    "max_steps": "stop after this many optimizer steps (default: none, --epochs decides)",
+    "epochs": "at most this many passes over the training rows (default: %(default)s; none: no bound); "
+    "the run ends at --epochs or --max-steps, whichever comes first, or earlier by --patience",
+    "max_steps": "at most this many optimizer steps (default: %(default)s; none: no bound)",
     "batch_size": "training rows per step (default: %(default)s)",
     "eval_batch_size": "rows per batch when evaluating (default: %(default)s)",
     "max_length": "longest input in tokens; longer inputs are cut (default: %(default)s)",
     "warmup_ratio": "share of the steps over which the learning rate rises from 0 (default: %(default)s)",
     "weight_decay": "AdamW weight decay (default: %(default)s, none)",
     "grad_clip": "clip the gradient norm to this (default: %(default)s)",
-    "eval_every": "evaluate on dev every this many steps, and at the end (default: %(default)s)",
-    "patience": "stop after this many dev evaluations without improvement (default: %(default)s; None: never)",
+    "eval_every": "evaluate on dev every this many steps, and at the end (default: none, about twice an epoch)",
+    "patience": "stop after this many dev evaluations without a new best (default: %(default)s; none: never, "
+    "train to --epochs/--max-steps)",
+    "min_steps": "dev evaluations before this step never count toward --patience (default: %(default)s)",
     "seed": "seed of the head's initialisation, the data order and subsets (default: %(default)s)",
     "grad_accum": "accumulate gradients over this many batches per step (default: %(default)s)",
     "mixed_precision": "no, bf16 or fp16 (default: %(default)s, float32 throughout)",
@@ -56,6 +61,7 @@ FIELD_TYPE: dict[str, Any] = {
     "warmup_ratio": unit_interval,
     "weight_decay": non_negative_float,
     "seed": int,
+    "min_steps": non_negative_int,
     "mixed_precision": str,
 }
 
@@ -105,6 +111,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         kind = FIELD_TYPE.get(field.name) or (
             positive_float if "float" in str(field.type) else positive_int if "int" in str(field.type) else str
         )
+        if "None" in str(field.type):  # None means "no bound" / "off": spelled `none` on the command line
+            kind = or_none(kind)
         help_text = FIELD_HELP.get(field.name, "(default: %(default)s)").replace("{rates}", _method_rates())
         choices = ["no", "bf16", "fp16"] if field.name == "mixed_precision" else None
         p.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
