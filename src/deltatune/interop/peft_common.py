@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,19 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PeftFormatError(f"{folder / CONFIG} is not valid JSON ({err})") from err
     return config, load_file(str(folder / WEIGHTS))
+
+
+def read_adapter(
+    folder: str | os.PathLike, peft_type: str, is_adapter: Callable[[str], bool], what: str
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, adapter tensors, head tensors) of a PEFT folder of `peft_type`; refuses another type or none of `what`."""
+    config, tensors = read_folder(folder)
+    if config.get("peft_type") != peft_type:
+        raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not {peft_type}; use import_peft")
+    adapter, head = split(tensors, PREFIX, is_adapter)
+    if not adapter:
+        raise PeftFormatError(f"{Path(folder) / WEIGHTS} holds no {what} tensors")
+    return config, adapter, head
 
 
 def write_folder(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:

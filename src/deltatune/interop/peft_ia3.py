@@ -21,15 +21,13 @@ from ..core.targeting import resolve
 from ..methods.addition.ia3 import IA3Config
 from .peft_common import (
     PREFIX,
-    WEIGHTS,
     PeftFormatError,
     as_delta_model,
     base_config,
     check_head,
     copy_head,
     head_for_export,
-    read_folder,
-    split,
+    read_adapter,
     write_folder,
 )
 
@@ -38,13 +36,7 @@ MARK = ".ia3_l"
 
 def import_peft_ia3(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
     """Attach a PEFT (IA)^3 adapter as a deltatune (IA)^3 delta (and copy its saved task head)."""
-    folder = Path(folder)
-    config, tensors = read_folder(folder)
-    if config.get("peft_type") != "IA3":
-        raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not IA3; use import_peft")
-    adapter, head = split(tensors, PREFIX, lambda k: k.endswith(MARK))
-    if not adapter:
-        raise PeftFormatError(f"{folder / WEIGHTS} holds no ia3_l tensors")
+    config, adapter, head = read_adapter(folder, "IA3", lambda k: k.endswith(MARK), "ia3_l")
     vectors = {k.removesuffix(MARK): v for k, v in adapter.items()}
     bad = [m for m, v in vectors.items() if v.dim() != 2 or 1 not in v.shape]
     if bad:

@@ -18,15 +18,13 @@ from ..core.model import DeltaModel
 from ..methods.specification.layernorm import LayerNormConfig
 from .peft_common import (
     PREFIX,
-    WEIGHTS,
     PeftFormatError,
     as_delta_model,
     base_config,
     check_head,
     copy_head,
     head_for_export,
-    read_folder,
-    split,
+    read_adapter,
     write_folder,
 )
 
@@ -35,13 +33,7 @@ MARK = ".ln_tuning_layers."
 
 def import_peft_ln(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
     """Attach a PEFT LN tuning adapter as a deltatune layernorm delta (and copy its saved task head)."""
-    folder = Path(folder)
-    config, tensors = read_folder(folder)
-    if config.get("peft_type") != "LN_TUNING":
-        raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not LN_TUNING; use import_peft")
-    adapter, head = split(tensors, PREFIX, lambda k: MARK in k)
-    if not adapter:
-        raise PeftFormatError(f"{folder / WEIGHTS} holds no ln_tuning_layers tensors")
+    config, adapter, head = read_adapter(folder, "LN_TUNING", lambda k: MARK in k, "ln_tuning_layers")
     trained = {k.replace(MARK, "."): v for k, v in adapter.items()}  # "<module>.<param>"
     modules = tuple(sorted({k.rsplit(".", 1)[0] for k in trained}))
     dm = as_delta_model(model)
