@@ -66,7 +66,9 @@ def render() -> str:
         if method == "lowrank_adapter":
             merge = "with non_linearity=identity"
         lines.append(
-            f"| `{method}` | {config.family} | {config.trains} | {defaults(config)} | " + " | ".join(cells) + f" | {merge} |"
+            f"| `{method}` | {config.family} | {config.trains} | {defaults(config)} | "
+            + " | ".join(cells)
+            + f" | {merge} |"
         )
     return "\n".join(lines)
 
