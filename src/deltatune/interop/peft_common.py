@@ -73,6 +73,14 @@ def read_adapter(
     return config, adapter, head
 
 
+def exported_delta(dm: DeltaModel, name: str, methods: tuple[str, ...], what: str, fmt: str) -> Any:
+    """The delta `name`, refused unless its method is one of `methods` (those `fmt` can hold)."""
+    delta = dm.delta(name)
+    if delta.config.method not in methods:
+        raise PeftFormatError(f"only {what} deltas export to PEFT's {fmt}; {name!r} is {delta.config.method}")
+    return delta
+
+
 def write_folder(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Both files into a temporary folder, then renamed into place: never half an adapter."""
     from safetensors.torch import save_file

@@ -26,6 +26,7 @@ from .peft_common import (
     base_config,
     check_head,
     copy_head,
+    exported_delta,
     head_for_export,
     read_adapter,
     write_folder,
@@ -66,9 +67,7 @@ def export_peft_ia3(
     dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool = True
 ) -> Path:
     """Write an (IA)^3 delta as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
-    delta = dm.delta(name)
-    if delta.config.method != "ia3":
-        raise PeftFormatError(f"only (IA)^3 deltas export to PEFT's IA3 format; {name!r} is {delta.config.method}")
+    delta = exported_delta(dm, name, ("ia3",), "(IA)^3", "IA3 format")
     tensors, heads = head_for_export(dm, PREFIX, include_head)
     modules, feedforward = list(delta.sites), []
     for module in modules:

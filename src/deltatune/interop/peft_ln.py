@@ -23,6 +23,7 @@ from .peft_common import (
     base_config,
     check_head,
     copy_head,
+    exported_delta,
     head_for_export,
     read_adapter,
     write_folder,
@@ -63,9 +64,7 @@ def import_peft_ln(model: nn.Module, folder: str | os.PathLike, name: str = "def
 
 def export_peft_ln(dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool = True) -> Path:
     """Write a layernorm delta as a PEFT LN tuning folder (W + D per parameter)."""
-    delta = dm.delta(name)
-    if delta.config.method != "layernorm":
-        raise PeftFormatError(f"only layernorm deltas export to PEFT's LN_TUNING; {name!r} is {delta.config.method}")
+    delta = exported_delta(dm, name, ("layernorm",), "layernorm", "LN_TUNING")
     tensors, heads = head_for_export(dm, PREFIX, include_head)
     modules = set()
     with torch.no_grad():

@@ -37,6 +37,7 @@ from .peft_common import (
     base_config,
     check_head,
     copy_head,
+    exported_delta,
     head_for_export,
     read_folder,
     split,
@@ -101,9 +102,7 @@ def export_peft_prompt(
     positions_may_differ: bool = False,
 ) -> Path:
     """Write a prompt delta as a PEFT prompt tuning folder."""
-    delta = dm.delta(name)
-    if delta.config.method != "prompt":
-        raise PeftFormatError(f"only prompt deltas export to PEFT's PROMPT_TUNING; {name!r} is {delta.config.method}")
+    delta = exported_delta(dm, name, ("prompt",), "prompt", "PROMPT_TUNING")
     _check_positions(dm.backbone, "prompt tuning", positions_may_differ)
     tensors, heads = head_for_export(dm, PROMPT_PREFIX, include_head)
     tensors[KEY] = delta.prompt.detach()
@@ -177,9 +176,7 @@ def export_peft_prefix(
     positions_may_differ: bool = False,
 ) -> Path:
     """Write a prefix delta as a PEFT prefix tuning folder (its MLP, if any, evaluated first)."""
-    delta = dm.delta(name)
-    if delta.config.method != "prefix":
-        raise PeftFormatError(f"only prefix deltas export to PEFT's PREFIX_TUNING; {name!r} is {delta.config.method}")
+    delta = exported_delta(dm, name, ("prefix",), "prefix", "PREFIX_TUNING")
     _check_decoder_only(dm.backbone)
     _check_positions(dm.backbone, "prefix tuning", positions_may_differ)
     with torch.no_grad():
