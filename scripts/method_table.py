@@ -62,9 +62,7 @@ def render() -> str:
         for name, _, _ in BACKBONES:
             n = numbers[method][name]
             cells.append(f"{n:,}" if isinstance(n, int) else str(n))
-        merge = "yes" if config.mergeable else "no"
-        if method == "lowrank_adapter":
-            merge = "with non_linearity=identity"
+        merge = "yes" if config.can_merge else (f"with {cls.merge_requires}" if cls.merge_requires else "no")
         lines.append(
             f"| `{method}` | {config.family} | {config.trains} | {defaults(config)} | "
             + " | ".join(cells)

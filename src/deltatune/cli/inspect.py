@@ -55,7 +55,7 @@ def method_table(model, methods: list[str] | None = None) -> list[dict[str, obje
                 "trains": config.trains,
                 "params": count,
                 "percent": 100.0 * count / total,
-                "mergeable": config.mergeable,
+                "mergeable": config.can_merge,
             }
         )
     return rows

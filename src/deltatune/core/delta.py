@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from . import registry
 from .routing import (
     Route,
     batch_size,
@@ -38,15 +39,33 @@ class DeltaError(RuntimeError):
 
 @dataclasses.dataclass
 class DeltaConfig:
-    """Base of every method's config. Subclasses set `method`, `family` and `trains`."""
+    """Base of every method's config. Subclasses set `method`, `family` and `trains`.
+
+    A subclass that sets `method` registers itself (`core.registry`): defining it is what makes the
+    method known. It declares what the rest of the system needs: its size setting (`setting(...,
+    size=True)`, what a parameter budget tunes), its fields' types and ranges (checked by `validate`),
+    and whether *these* settings can merge (`can_merge`).
+    """
 
     method: ClassVar[str] = ""
     family: ClassVar[str] = ""
     trains: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False  # the method can merge with some settings; `can_merge` says whether these can
+    merge_requires: ClassVar[str] = ""  # where only some settings merge: which, in words ("non_linearity=identity")
     identity_at_init: ClassVar[bool] = False
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate that works for this method at base-model scale
     routable: ClassVar[bool] = True  # can serve some rows of a batch while other rows use other deltas
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("method"):
+            registry.register(cls)
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether a delta with *these* settings folds into the weights; methods whose merge depends on a
+        setting override this."""
+        return self.mergeable
 
     def build(self) -> Delta:
         raise NotImplementedError

@@ -29,7 +29,7 @@ def _plain_name(name: str) -> str:
 def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
     """The backbone's state dict with every enabled delta folded in; the DeltaModel is left as it was."""
     active = [n for n, d in dm.deltas.items() if d.enabled and not d.merged]
-    refused = [f"{n} ({dm.deltas[n].config.method})" for n in active if not type(dm.deltas[n].config).mergeable]
+    refused = [f"{n} ({dm.deltas[n].config.method})" for n in active if not dm.deltas[n].config.can_merge]
     if refused:
         raise DeltaError(
             f"cannot export a merged model: {', '.join(refused)} add computation that no weight change expresses; "

@@ -195,7 +195,7 @@ class DeltaModel(nn.Module):
             raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
         if not isinstance(config, DeltaConfig):
             raise TypeError(
-                f"expected a method config such as deltatune.METHODS['lora'](), got {type(config).__name__}"
+                f"expected a method config such as deltatune.get_config(method, **settings), got {type(config).__name__}"
             )
         for flag, value in (("train_head", train_head), ("enabled", enabled)):
             if not isinstance(value, bool) and not (flag == "train_head" and value is None):

@@ -17,6 +17,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
+from .registry import METHODS
+
 MAX_SIZE = 1 << 16  # largest size setting (rank, bottleneck, tokens): beyond it a delta outgrows any backbone
 MAX_ITEMS = 4096  # longest list setting
 MAX_INT = (1 << 63) - 1  # what torch can hold (seeds, counts)
@@ -158,8 +160,6 @@ def config_from_dict(data: Any, source: str = "the settings") -> Any:
     Lists become tuples where the field is a tuple (JSON and YAML have no tuples); unknown methods and
     settings are refused by name.
     """
-    from ..methods import METHODS  # the registry, not any method by name
-
     if not isinstance(data, dict):
         raise ValueError(f"{source} holds a config that is not a mapping of settings ({type(data).__name__})")
     method = data.get("method")

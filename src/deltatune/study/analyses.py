@@ -17,7 +17,9 @@ from . import verdicts
 from .spec import combination_labels
 from .store import Store
 
-PAPER_RANKING = ["full", "lora", "adapter", "prefix", "prompt"]  # T5-base, Ding et al. 2023
+# Data about the paper (Ding et al. 2023, T5-base), not special cases: the methods it ranks, by the names
+# this library registers them under, and the letters its combination table uses.
+PAPER_RANKING = ["full", "lora", "adapter", "prefix", "prompt"]
 PAPER_CONVERGENCE = "full fine-tuning fastest; adapter ~ LoRA; prefix slower; prompt tuning slowest"
 PAPER_COMBINATION = {
     "none": 23.7,

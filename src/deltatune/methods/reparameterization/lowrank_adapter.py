@@ -27,7 +27,8 @@ class LowRankAdapterConfig(DeltaConfig):
     method: ClassVar[str] = "lowrank_adapter"
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "rank-r factors of a bottleneck adapter's down and up matrices"
-    mergeable: ClassVar[bool] = True  # only with non_linearity="identity"; merge() says so otherwise
+    mergeable: ClassVar[bool] = True  # only with non_linearity="identity" (can_merge); merge() says so otherwise
+    merge_requires: ClassVar[str] = "non_linearity=identity"
     default_lr: ClassVar[float] = 3e-3
     identity_at_init: ClassVar[bool] = True
 
@@ -45,6 +46,10 @@ class LowRankAdapterConfig(DeltaConfig):
             )
         if self.rank > self.bottleneck:
             raise ValueError(f"LowRankAdapterConfig.rank ({self.rank}) cannot exceed bottleneck ({self.bottleneck})")
+
+    @property
+    def can_merge(self) -> bool:
+        return self.non_linearity == "identity"
 
     def build(self) -> LowRankAdapter:
         return LowRankAdapter(self)

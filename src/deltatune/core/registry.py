@@ -1,0 +1,44 @@
+"""The method registry: every `DeltaConfig` subclass that sets `method` registers itself here.
+
+A method is one file; defining its config class is what makes it known (`DeltaConfig.__init_subclass__`
+calls `register`). The rest of the system (the CLI, delta.json, the study) looks methods up by name
+here and never imports a method file by name. `deltatune.methods` imports the method files, so that
+importing deltatune fills the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .delta import DeltaConfig
+
+METHODS: dict[str, type[DeltaConfig]] = {}
+
+
+def register(cls: type[DeltaConfig]) -> type[DeltaConfig]:
+    """Make `cls` known under `cls.method`; a second class claiming the same name is refused by name."""
+    name = cls.method
+    known = METHODS.get(name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(
+            f"method name {name!r} is taken by {known.__module__}.{known.__qualname__}; "
+            f"give {cls.__module__}.{cls.__qualname__} another `method`"
+        )
+    METHODS[name] = cls  # a re-imported module (importlib.reload) replaces its own class
+    return cls
+
+
+def get_config(name: str, **kwargs: object) -> DeltaConfig:
+    """`get_config("lora", r=4)`: a config by method name, with a clear error for a wrong name."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown method {name!r}{hint} (known: {', '.join(METHODS)})")
+    fields = sorted(f.name for f in dataclasses.fields(METHODS[name]))
+    stray = sorted(set(kwargs) - set(fields))
+    if stray:
+        raise ValueError(f"{name} has no setting {stray[0]!r}; its settings: {', '.join(fields)}")
+    return METHODS[name](**kwargs)

@@ -1,0 +1,96 @@
+"""The structure the code promises: methods register themselves, the core names no method."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model
+
+import deltatune as dt
+from deltatune.core import registry
+from deltatune.core.delta import Delta, DeltaConfig, Hooks, setting
+from deltatune.core.settings import config_from_dict, size_field
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "deltatune"
+ROOT = SRC.parents[1]
+
+
+def test_a_new_method_is_one_class_that_registers_itself() -> None:
+    @dataclasses.dataclass
+    class ScaleConfig(DeltaConfig):  # defined here, in no file of the library
+        method: ClassVar[str] = "test_scale_out"
+        family: ClassVar[str] = "addition"
+        factor: float = setting(2.0, gt=0)
+        width: int = setting(1, size=True)
+
+        def build(self) -> Delta:
+            return ScaleDelta(self)
+
+    class ScaleDelta(Delta):
+        def attach(self, model: torch.nn.Module, hooks: Hooks) -> None:
+            hooks.on_output(model.get_submodule(self.targets(model, ("ffn.out",))[0]), lambda m, a, k, o: o * 2.0)
+
+    try:
+        assert dt.METHODS["test_scale_out"] is ScaleConfig
+        assert size_field(ScaleConfig) == "width"  # what the study's budget matching reads
+        assert config_from_dict({"method": "test_scale_out", "factor": 3.0}).factor == 3.0  # delta.json, specs, CLI
+        with pytest.raises(ValueError, match="factor"):
+            config_from_dict({"method": "test_scale_out", "factor": -1.0})
+        model = make_model("bert")
+        inputs = make_inputs(model)
+        before = logits(model, inputs)
+        dm = dt.attach(model, dt.get_config("test_scale_out"))
+        assert not torch.allclose(logits(dm, inputs), before)
+        dm.detach()
+    finally:
+        registry.METHODS.pop("test_scale_out", None)
+
+
+def test_a_method_name_cannot_be_claimed_twice() -> None:
+    with pytest.raises(ValueError, match="taken by"):
+
+        @dataclasses.dataclass
+        class Impostor(DeltaConfig):
+            method: ClassVar[str] = "lora"
+
+    assert dt.METHODS["lora"] is dt.LoRAConfig
+
+
+def test_can_merge_is_a_property_of_the_settings() -> None:
+    low = dt.METHODS["lowrank_adapter"]
+    assert not low().can_merge  # its default non-linearity is gelu
+    assert low(non_linearity="identity").can_merge
+    assert dt.METHODS["lora"]().can_merge and not dt.METHODS["prompt"]().can_merge
+
+
+def _literals(path: Path) -> list[tuple[int, str]]:
+    """String constants in a file, except those assigned to PAPER_* / LETTERS (data about the paper)."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and (t.id.startswith("PAPER_") or t.id == "LETTERS") for t in node.targets
+        ):
+            skip |= {id(n) for n in ast.walk(node)}
+    return [
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip
+    ]
+
+
+def test_no_method_is_named_in_core_study_scripts_or_shared_test_helpers() -> None:
+    files = [*(SRC / "core").glob("*.py"), *(SRC / "study").glob("*.py"), ROOT / "scripts" / "method_table.py"]
+    files += [ROOT / "tests" / "tiny.py", *(ROOT / "tests").glob("conftest.py")]
+    named = [
+        f"{path.relative_to(ROOT)}:{line}: {value!r}"
+        for path in files
+        for line, value in _literals(path)
+        if value in dt.METHODS
+    ]
+    assert not named, "special cases by method name (declare it on the config instead):\n" + "\n".join(named)
