@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny import ARCHS, CAUSAL, LM_ARCHS, SEQ2SEQ, logits, make_inputs, make_model
@@ -406,10 +408,11 @@ def test_prefix_drop_reparameterization_keeps_outputs_and_stores_only_prefixes(a
     state = dm.delta_state_dict()
     assert all(k.startswith("prefixes.") for k in state)
     assert sum(v.numel() for v in state.values()) == dm.trainable_parameters() == expected
-    assert dm.delta().config.reparameterize is False
+    # the config stays what was asked for; the change is recorded beside it (delta.json's "finalized")
+    assert dm.delta().config.reparameterize is True and dm.delta().finalized == {"reparameterize": False}
     dm.delta().finalize()  # what the training loop calls: a second drop changes nothing
     torch.testing.assert_close(logits(dm, inputs), before, rtol=0, atol=1e-6)
-    fresh = dt.attach(make_model(arch, _heads(arch)), dm.delta().config)  # the saved config reloads the saved delta
+    fresh = dt.attach(make_model(arch, _heads(arch)), dataclasses.replace(dm.delta().config, **dm.delta().finalized))
     fresh.load_delta_state_dict("default", state)
     torch.testing.assert_close(logits(fresh, inputs), before, rtol=0, atol=1e-6)
 

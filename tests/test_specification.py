@@ -372,7 +372,7 @@ def test_diff_pruning_l0_prune_folds_gates_and_drops_log_alpha() -> None:
     out = logits(dm, inputs)
     delta = _delta(dm)
     delta.prune()
-    assert delta.config.mode == "magnitude" and len(delta.log_alpha) == 0
+    assert delta.config.mode == "l0" and delta.finalized == {"mode": "magnitude"} and len(delta.log_alpha) == 0
     assert all(k.startswith("delta.") for k in delta.state_dict())
     assert delta.l0_penalty().item() == 0.0
     assert sum(delta.sites.values()) == dm.delta_parameters()

@@ -94,3 +94,102 @@ def test_no_method_is_named_in_core_study_scripts_or_shared_test_helpers() -> No
         if value in dt.METHODS
     ]
     assert not named, "special cases by method name (declare it on the config instead):\n" + "\n".join(named)
+
+
+# -- the import graph ---------------------------------------------------------------------------------
+# Lower layers never import higher ones; a package may import its own layer only if it is itself.
+LAYERS = [
+    {"deltatune.version", "deltatune.core"},
+    {"deltatune.methods", "deltatune.backbones", "deltatune.data"},
+    {"deltatune.interop", "deltatune.train"},
+    {"deltatune.study", "deltatune.subspace"},
+    {"deltatune.cli"},
+    {"deltatune"},
+]
+
+
+def _module_names() -> dict[str, Path]:
+    names = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import that can run, at module level or inside a function; `if TYPE_CHECKING:` blocks never run."""
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the deltatune modules it imports (`from . import x` imports the module x, not the package)."""
+    modules = _module_names()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in modules}
+                continue
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            subs = {f"{target}.{a.name}" for a in node.names} & set(modules)
+            if subs:
+                edges |= subs
+            if len(subs) < len(node.names) and target in modules:
+                edges.add(target)
+        graph[name] = edges - {name}
+    return graph
+
+
+def _layer(module: str) -> int:
+    for depth in range(module.count("."), -1, -1):
+        package = ".".join(module.split(".")[: depth + 1])
+        for i, layer in enumerate(LAYERS):
+            if package in layer:
+                return i
+    raise AssertionError(f"{module} is in no layer of LAYERS; add it")
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = import_graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                walk(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_import_runs_up_the_layers() -> None:
+    upward = [
+        f"{src} imports {dst}"
+        for src, dsts in import_graph().items()
+        for dst in dsts
+        if _layer(dst) > _layer(src) and not dst.startswith(src + ".")  # a package's __init__ imports its own modules
+    ]
+    assert not upward, "imports running upward:\n" + "\n".join(sorted(upward))

@@ -1,7 +1,8 @@
 """deltatune: delta tuning (parameter-efficient fine-tuning) of pretrained transformers."""
 
 from .core import Delta, DeltaConfig, DeltaError, DeltaModel, Hooks, TargetError, attach, resolve
-from .core.io import DeltaIOError, load_delta, save_delta
+from .core.io import DeltaIOError, save_delta
+from .core.model import load_delta
 from .methods import (
     METHODS,
     AdapterConfig,
@@ -19,8 +20,7 @@ from .methods import (
     SelectiveConfig,
     get_config,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "METHODS",

@@ -176,15 +176,14 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
     return path
 
 
-def from_pretrained(backbone: nn.Module, path: str | os.PathLike, **load_kwargs: Any) -> DeltaModel:
-    """Attach every delta `save_pretrained` (or `save_delta`) wrote in `path` to `backbone`."""
-    from .io import META, DeltaIOError, load_delta
-    from .model import DeltaModel
+def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any) -> DeltaModel:
+    """Attach every delta `save_pretrained` (or `save_delta`) wrote in `path` to `dm`."""
+    from .io import META, DeltaIOError, load_into
 
     path = Path(path)
     if not (path / INDEX).exists():
         if (path / META).exists():
-            return load_delta(backbone, path, **load_kwargs)
+            return load_into(dm, path, **load_kwargs)
         if (path / "adapter_config.json").exists():
             hint = "it is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
         elif (path / "model.safetensors").exists():
@@ -201,9 +200,8 @@ def from_pretrained(backbone: nn.Module, path: str | os.PathLike, **load_kwargs:
         raise DeltaIOError(f"{path / INDEX} is not valid JSON ({err}); save the model again") from err
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not index.get("deltas"):
         raise DeltaIOError(f"{path / INDEX} is not a deltatune model index (format {INDEX_FORMAT!r} expected)")
-    dm = backbone if isinstance(backbone, DeltaModel) else DeltaModel(backbone)
     for entry in index["deltas"]:
-        load_delta(dm, path / entry["folder"], entry["name"], enabled=bool(entry.get("enabled", True)), **load_kwargs)
+        load_into(dm, path / entry["folder"], entry["name"], enabled=bool(entry.get("enabled", True)), **load_kwargs)
     dm.freeze(bool(index.get("train_head", False)))
     return dm
 

@@ -250,6 +250,9 @@ class Delta(nn.Module):
         self._hooks: Hooks | None = None
         self.route: Route | None = None  # set by DeltaModel.route for a mixed batch
         self.recomputing = False
+        # settings finalize() changed (prefix: reparameterize=False): the config stays what was asked for, and
+        # delta.json records these beside it, so that loading builds the delta as it is now
+        self.finalized: dict[str, Any] = {}
 
     @property
     def active(self) -> bool:
@@ -296,7 +299,11 @@ class Delta(nn.Module):
         """
 
     def finalize(self) -> None:
-        """Called once when training ends: prune a sparse diff, drop a reparameterization MLP, ..."""
+        """Called once when training ends, before scoring: prune a sparse diff, drop a reparameterization MLP, ...
+
+        A method whose structure changes records the settings it now has in `self.finalized`; it never
+        edits `self.config` (what the user asked for, and what delta.json's "config" keeps).
+        """
 
     def merge_into(self, model: nn.Module) -> None:
         raise DeltaError(

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..version import __version__
 from . import atomic, identity
 from .delta import DeltaConfig
 from .settings import config_from_dict
@@ -63,6 +64,14 @@ def _config_from_json(data: Any) -> DeltaConfig:
         raise DeltaIOError(f"{message}; was the JSON edited?" if "edited" not in str(message) else message) from None
 
 
+def saved_config(meta: dict[str, Any]) -> DeltaConfig:
+    """The config a saved delta is built from: delta.json's "config" with what `finalize()` changed."""
+    finalized = meta.get("finalized") or {}
+    if not isinstance(finalized, dict) or not isinstance(meta.get("config"), dict):
+        raise DeltaIOError("delta.json's config or finalized entry is not a mapping; was the JSON edited?")
+    return _config_from_json({**meta["config"], **finalized})
+
+
 def save_delta(
     dm: DeltaModel, path: str | os.PathLike, name: str = "default", *, include_head: bool = False, **metadata: Any
 ) -> Path:
@@ -71,8 +80,6 @@ def save_delta(
     `include_head` adds the task head (a trained classifier is part of what a classification delta
     needs at inference), stored under `__head__.` keys.
     """
-    from .. import __version__
-
     delta = dm.delta(name)
     if delta.merged:
         raise DeltaIOError(f"delta {name!r} is merged into the weights; unmerge it before saving")
@@ -83,6 +90,7 @@ def save_delta(
         "format": FORMAT,
         "name": name,
         "config": delta.config.to_dict(),
+        "finalized": delta.finalized,  # settings finalize() changed; loading builds the config with them
         "family": delta.config.family,
         "sites": compact_sites(delta.sites),
         "num_parameters": sum(v.numel() for k, v in tensors.items() if not k.startswith(HEAD)),
@@ -264,31 +272,28 @@ def read_tensors(path: str | os.PathLike, meta: dict[str, Any] | None = None) ->
     return tensors
 
 
-def load_delta(
-    model: nn.Module,
+def load_into(
+    dm: DeltaModel,
     path: str | os.PathLike,
     name: str | None = None,
     *,
     strict_backbone: bool = True,
     enabled: bool = True,
-):
-    """Attach a saved delta to `model` (a backbone or a DeltaModel) and return the DeltaModel.
+) -> DeltaModel:
+    """Attach a saved delta to `dm` and return it (`core.model.load_delta` wraps a plain backbone first).
 
     Everything is checked before the model is touched: the backbone's identity, the config, the
     file; the tensors are cast to the backbone's dtype and device. `enabled=False` attaches it
     switched off, to serve several deltas that change the same parameters (routing picks per row).
     """
-    from .model import DeltaModel
-
     meta = read_meta(path)
     if isinstance(meta.get("config"), dict) and meta["config"].get("method") == "head":
         raise DeltaIOError(
             f"{path} holds a trained task head and no delta (a head-only run); load it with "
             "deltatune.train.load_saved(model, path), which also reads deltas"
         )
-    config = _config_from_json(meta["config"])
+    config = saved_config(meta)
     tensors = read_tensors(path, meta)
-    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
     if strict_backbone:
         check_backbone(meta.get("backbone", {}), dm.backbone)
     name = name or meta.get("name") or "default"

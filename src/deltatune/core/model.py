@@ -8,6 +8,7 @@ last delta hands back the backbone exactly as it came: same tensors, same `requi
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
@@ -16,8 +17,11 @@ from torch import nn
 
 from . import conventions
 from .delta import Delta, DeltaConfig, DeltaError
+from .io import load_into, save_delta
+from .merge import export_merged
 from .routing import RoutingError, RowIds, input_rows, routes_for, row_names
 from .targeting import head_names
+from .tree import render
 
 
 def _check_name(name: str) -> None:
@@ -358,8 +362,6 @@ class DeltaModel(nn.Module):
 
     def save_delta(self, path: str, name: str = "default", *, include_head: bool = False, **metadata: Any) -> Any:
         """Write only this delta (tensors, config, backbone identity; the task head if asked) to a folder."""
-        from .io import save_delta
-
         return save_delta(self, path, name, include_head=include_head, **metadata)
 
     def save_pretrained(self, path: str, *, include_head: bool | None = None, is_main_process: bool = True) -> Any:
@@ -369,7 +371,9 @@ class DeltaModel(nn.Module):
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, path: str, **kwargs: Any) -> DeltaModel:
         """Attach the deltas `save_pretrained` (or `save_delta`) wrote to `backbone`."""
-        return conventions.from_pretrained(backbone, path, **kwargs)
+        return conventions.load_pretrained(
+            backbone if isinstance(backbone, DeltaModel) else cls(backbone), path, **kwargs
+        )
 
     def merge_and_unload(self) -> nn.Module:
         """The plain backbone with every enabled delta merged in (PEFT's name); the deltas are gone."""
@@ -377,13 +381,9 @@ class DeltaModel(nn.Module):
 
     def export_merged(self, path: str, tokenizer: Any = None) -> Any:
         """A plain transformers folder with every enabled delta merged in; loads without deltatune."""
-        from .merge import export_merged
-
         return export_merged(self, path, tokenizer)
 
     def tree(self, **kwargs: Any) -> str:
-        from .tree import render
-
         return render(self, **kwargs)
 
 
@@ -391,3 +391,16 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default", *, trai
     """Attach a delta to a transformers model; the model's code is not edited."""
     wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
     return wrapped.add(name, config, train_head=train_head)
+
+
+def load_delta(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    strict_backbone: bool = True,
+    enabled: bool = True,
+) -> DeltaModel:
+    """Attach a saved delta to `model` (a backbone or a DeltaModel) and return the DeltaModel (see `core.io`)."""
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    return load_into(dm, path, name, strict_backbone=strict_backbone, enabled=enabled)

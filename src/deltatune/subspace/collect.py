@@ -177,7 +177,7 @@ def vector_from_saved(backbone: nn.Module, path: str | os.PathLike) -> tuple[tor
 
     Lets a study reuse solutions trained elsewhere; the prefix MLP, if the folder still has one, is dropped.
     """
-    from ..core.io import load_delta
+    from ..core.model import load_delta
 
     dm = load_delta(backbone, path, name="saved")
     dm.delta("saved").finalize()

@@ -17,16 +17,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.io import FORMAT, HEAD, check_backbone, fingerprint, read_meta, read_tensors, write_delta_folder
-from ..core.model import DeltaModel
+from ..core.io import (
+    FORMAT,
+    HEAD,
+    DeltaIOError,
+    check_backbone,
+    fingerprint,
+    read_meta,
+    read_tensors,
+    write_delta_folder,
+)
+from ..core.model import DeltaModel, load_delta
+from ..version import __version__
 
 HEAD_ONLY = "head"  # the "method" a head-only folder names in its delta.json
 
 
 def save_head(dm: DeltaModel, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write the trained task head (no delta) as a folder that `load_saved` and the CLI accept."""
-    from .. import __version__
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in dm.head_state_dict().items()}
     if not tensors:
         raise ValueError("the model has no task head to save")
@@ -61,8 +69,6 @@ def set_label_names(model: nn.Module, labels: list[str]) -> None:
 
 def load_saved(model: nn.Module, path: str | os.PathLike) -> DeltaModel:
     """Attach a saved delta, or load a head-only folder's head into `model`; return the DeltaModel."""
-    from ..core.io import DeltaIOError, load_delta
-
     meta = read_meta(path)
     if not is_head_only(meta):
         dm = load_delta(model, path)

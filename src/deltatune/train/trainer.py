@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.delta import DeltaConfig
+from ..core.delta import Delta, DeltaConfig
 from ..core.model import DeltaModel
 from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
@@ -419,11 +419,15 @@ def fit(
     with torch.no_grad():
         for n, v in best_state.items():
             params[n].copy_(v)
-    if not history:  # diverged before any evaluation: report the state that was kept
-        best, best_step = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size), 0
+    # finalize first (diff pruning prunes, prefix drops its MLP), then score: every number reported (and saved
+    # beside the delta) describes the delta that is saved, not the one before finalize()
+    finalizing = dm is not None and any(type(d).finalize is not Delta.finalize for d in dm.deltas.values())
     if dm is not None:
         for delta in dm.deltas.values():
             delta.finalize()
+    if not history or finalizing:  # diverged before any evaluation, or finalize() changed the kept delta
+        best = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size)
+        best_step = best_step if history else 0
     result = TrainResult(
         best, best_step, history, step, train_seconds, trainable, total, mode, diverged, stop_reason,
         majority_metrics(task, dev),

@@ -155,12 +155,12 @@ class Prefix(Delta):
     @torch.no_grad()
     def drop_reparameterization(self) -> None:
         """Replace the MLP by the prefixes it computes now; outputs stay the same."""
-        if not self.config.reparameterize:
+        if "prefixes" in self._modules:
             return
         values = {s.key: nn.Parameter(self.prefix(s).detach().clone()) for s in self._sites}
         del self.embedding, self.mlp_in, self.mlp_out
         self.prefixes = nn.ParameterDict(values)
-        self.config = dataclasses.replace(self.config, reparameterize=False)
+        self.finalized["reparameterize"] = False
         self._count_sites()
 
     def finalize(self) -> None:
@@ -168,7 +168,7 @@ class Prefix(Delta):
         self.drop_reparameterization()
 
     def _count_sites(self) -> None:
-        reparam = self.config.reparameterize
+        reparam = "prefixes" not in self._modules
         for i, s in enumerate(self._sites):
             own = (self.config.mid_dim + 1) * 2 * s.width if reparam else 2 * self.config.num_tokens * s.width
             shared = sum(p.numel() for m in (self.embedding, self.mlp_in) for p in m.parameters()) if reparam else 0

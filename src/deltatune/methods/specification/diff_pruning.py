@@ -170,7 +170,7 @@ class DiffPruning(ParamDelta):
             for ref in self._refs.values():
                 self.sites[ref.module] -= ref.numel
             self.mode = "magnitude"
-            self.config = dataclasses.replace(self.config, mode="magnitude")
+            self.finalized["mode"] = "magnitude"
         values = {key: self.effective(key).detach() for key in self.delta}
         flat = torch.cat([v.abs().flatten().float() for v in values.values()])
         keep = round((1.0 - self.config.sparsity) * flat.numel())
