@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import CASES, logits, loss, make_inputs, make_model, same_state, state
+from tiny import CASES, anatomy, logits, loss, make_inputs, make_model, same_anatomy, same_state, state
 
 import deltatune as dt
 
@@ -65,7 +65,7 @@ def test_only_delta_parameters_get_gradients_and_change(method: str, arch: str, 
 def test_detach_restores_backbone_bitwise(method: str, arch: str, head: str) -> None:
     model = make_model(arch, head)
     inputs = make_inputs(model)
-    base, out = state(model), logits(model, inputs)
+    base, out, shape = state(model), logits(model, inputs), anatomy(model)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     dm = dt.attach(model, dt.METHODS[method](), train_head=False)
     for _ in range(2):
@@ -73,6 +73,8 @@ def test_detach_restores_backbone_bitwise(method: str, arch: str, head: str) -> 
     assert dm.detach() is model
     assert same_state(base, state(model))
     assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
+    left = same_anatomy(shape, anatomy(model))  # classes, attributes, hooks of every kind, buffers
+    assert not left, left
     assert torch.equal(logits(model, inputs), out)
 
 

@@ -162,6 +162,46 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def anatomy(model: torch.nn.Module) -> dict[str, object]:
+    """What a module tree is besides its weights: each module's class, attribute names and hooks of every
+    kind (forward, pre, backward, state-dict, load), its buffers (persistent or not) and torch's global hooks.
+
+    A delta that leaves any of these behind after detach changes the backbone for whoever holds it next.
+    """
+    from torch.nn.modules import module as torch_module
+
+    modules = {}
+    for name, module in model.named_modules():
+        hooks = {k: [(i, id(h)) for i, h in v.items()] for k, v in vars(module).items() if "hooks" in k and v}
+        modules[name] = (type(module), sorted(vars(module)), hooks)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    global_hooks = {
+        k: len(v) for k, v in vars(torch_module).items() if k.startswith("_global") and hasattr(v, "__len__")
+    }
+    return {"modules": modules, "buffers": buffers, "global": global_hooks}
+
+
+def same_anatomy(a: dict[str, object], b: dict[str, object]) -> list[str]:
+    """The differences between two `anatomy` snapshots, in words (empty: the same)."""
+    diffs = []
+    for name in sorted(set(a["modules"]) | set(b["modules"])):
+        before, after = a["modules"].get(name), b["modules"].get(name)
+        if before is None or after is None:
+            diffs.append(f"module {name!r} {'added' if before is None else 'removed'}")
+            continue
+        for label, x, y in zip(("class", "attributes", "hooks"), before, after, strict=True):
+            if x != y:
+                extra = sorted(set(y) - set(x)) if isinstance(x, list) else ""
+                diffs.append(f"{name or '<root>'}: {label} differ {extra}")
+    if a["buffers"].keys() != b["buffers"].keys() or not all(
+        torch.equal(v, b["buffers"][k]) for k, v in a["buffers"].items()
+    ):
+        diffs.append("buffers differ")
+    if a["global"] != b["global"]:
+        diffs.append(f"torch's global hooks differ: {a['global']} -> {b['global']}")
+    return diffs
+
+
 def make_tokenizer(words: list[str]):  # noqa: ANN201 - a transformers fast tokenizer
     """A word-level tokenizer over `words` (+ [PAD]=0, [UNK]=1, </s>=2, [CLS]=3): offline and exact."""
     from tokenizers import Tokenizer, models, pre_tokenizers

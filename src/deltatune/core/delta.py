@@ -127,13 +127,18 @@ def param_owners(module: nn.Module, param_name: str) -> list[Delta]:
 
 
 class Hooks:
-    """Records every change a delta makes to a backbone so that `remove()` undoes all of it."""
+    """Records every change a delta makes to a backbone so that `remove()` undoes all of it.
+
+    Three verbs act (`on_output`, `on_input`, `on_param`); `shared` is the one place a delta may leave
+    state on a backbone module, and it is removed with the last delta that uses it.
+    """
 
     def __init__(self, delta: Delta, model: nn.Module) -> None:
         self.delta = delta
         self.model = model
         self._handles: list[RemovableHandle] = []
         self._params: list[tuple[nn.Module, str]] = []
+        self._shared: list[tuple[nn.Module, str]] = []
 
     def on_output(
         self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict, Any], Any], *, route_aware: bool = False
@@ -212,6 +217,18 @@ class Hooks:
         merged = scatter_rows(hidden_of(output), idx, hidden_of(new), args, kwargs)
         return with_hidden(output, merged)
 
+    def shared(self, module: nn.Module, key: str) -> list[Delta]:
+        """The deltas of this kind attached to `module`, this one last: a list every one of them holds.
+
+        Deltas that must coordinate on one module (prompts on one stack take turns in a mixed batch) meet
+        here; the list lives on the module while any of them is attached and is gone with the last one.
+        """
+        attr = f"_deltatune_{key}"
+        peers: list[Delta] = module.__dict__.setdefault(attr, [])
+        peers.append(self.delta)
+        self._shared.append((module, attr))
+        return peers
+
     def claimed(self) -> list[tuple[nn.Module, str]]:
         """(module, parameter name) pairs this delta reparametrizes."""
         return list(self._params)
@@ -229,8 +246,14 @@ class Hooks:
             requires_grad = plist.original.requires_grad
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
             getattr(module, name).requires_grad_(requires_grad)
+        for module, attr in self._shared:
+            peers = module.__dict__.get(attr, [])
+            peers[:] = [d for d in peers if d is not self.delta]
+            if not peers:
+                module.__dict__.pop(attr, None)
         self._handles.clear()
         self._params.clear()
+        self._shared.clear()
 
 
 class Delta(nn.Module):

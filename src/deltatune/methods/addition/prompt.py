@@ -113,8 +113,7 @@ class Prompt(Delta):
         self._cache_arg = compat.cache_keyword(stack)  # where decoding steps hand the stack its KV cache
         # prompts on one stack, in attach order: in a mixed batch the first one with rows prepends every
         # row's own prompt (sequences must stay one length), the others stand by
-        self._peers: list[Prompt] = stack.__dict__.setdefault("_deltatune_prompts", [])
-        self._peers.append(self)
+        self._peers: list[Prompt] = hooks.shared(stack, "prompts")
         hooks.on_input(stack, self._prepend, route_aware=True)
         hooks.on_output(stack, self._strip, route_aware=True)
         # BART (and DistilBERT 4.x) number positions by length: the real tokens keep theirs
@@ -124,11 +123,6 @@ class Prompt(Delta):
             decoder = compat.decoder(model)
             self._decoder_sig = compat.signature(decoder)
             hooks.on_input(decoder, self._extend_encoder_mask, route_aware=True)
-
-    def uninstall(self) -> None:
-        super().uninstall()
-        if self in getattr(self, "_peers", []):
-            self._peers.remove(self)
 
     def _mixed_peers(self) -> list[Prompt] | None:
         """In a mixed batch, the prompts serving its rows (exactly one per row, all one length); else None."""
