@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
 import deltatune as dt
 from deltatune.backbones import load_backbone
+from deltatune.core import atomic
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
@@ -86,10 +85,7 @@ def main() -> int:
         print(f"README.md lacks the markers {START} ... {END}", file=sys.stderr)
         return 1
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table}\n{END}", text, flags=re.S)
-    fd, tmp = tempfile.mkstemp(dir=README.parent, prefix=".README.")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, README)
+    atomic.write_file(README, new)
     print(f"updated {README}")
     return 0
 

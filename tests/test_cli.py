@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from tiny import make_model, make_tokenizer
+from tiny import BAD, GOOD, make_model, make_tokenizer, tiny_bert
 
 from deltatune.cli import build_parser, main
 
-GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 NOUNS = ["movie", "film", "plot", "cast", "story", "score"]
 WORDS = GOOD + BAD + NOUNS + ["the", "was", "and", "so", "very"]
 FAST = ["--lr", "0.02", "--head-lr", "0.02", "--batch-size", "16", "--eval-every", "8", "--quiet"]
@@ -56,18 +55,8 @@ def _csv(path: Path, n: int = 80) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = make_tokenizer(WORDS)
-    torch.manual_seed(0)
-    config = tf.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-        pad_token_id=0,
-    )
     folder = tmp_path_factory.mktemp("tiny-bert")
-    tf.BertForSequenceClassification(config).save_pretrained(folder)
+    tiny_bert(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

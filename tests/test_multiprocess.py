@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import _write_task
+from tiny import write_toy_task as _write_task
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "multiprocess_fit.py"

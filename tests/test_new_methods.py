@@ -330,8 +330,10 @@ def test_random_subset_saves_only_the_values_and_refuses_too_many() -> None:
 
 
 def test_fit_runs_adalora_rank_allocation_down_to_the_target_budget(tmp_path: Path) -> None:
-    from test_train import WORDS, _bert, _write_task
+    from tiny import TOY_WORDS as WORDS
     from tiny import make_tokenizer
+    from tiny import tiny_bert as _bert
+    from tiny import write_toy_task as _write_task
 
     from deltatune.data import load_task
     from deltatune.train import TrainConfig, fit

@@ -193,3 +193,22 @@ def test_no_import_runs_up_the_layers() -> None:
         if _layer(dst) > _layer(src) and not dst.startswith(src + ".")  # a package's __init__ imports its own modules
     ]
     assert not upward, "imports running upward:\n" + "\n".join(sorted(upward))
+
+
+def test_no_private_name_is_imported_across_packages() -> None:
+    """`from ..core.io import _x` in study/ is a seam nobody promised to keep: make it public or keep it home."""
+    modules = _module_names()
+    found = []
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if not target.startswith("deltatune") or target.split(".")[:2] == name.split(".")[:2]:
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            private += [p for p in target.split(".") if p.startswith("_") and not p.startswith("__")]
+            found += [f"{name} imports {target}.{p}" for p in private]
+    assert not found, "\n".join(found)

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from tiny import make_tokenizer
+from tiny import BAD, GOOD, make_tokenizer
 
 from deltatune.study import Store, parse_spec, run_study
 from deltatune.study.report import write_report
 from deltatune.study.spec import SpecError, combination_labels
 
-GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 NOUNS = ["movie", "film", "plot", "cast"]
 TOPICS = ["sport", "money", "music"]
 WORDS = GOOD + BAD + NOUNS + TOPICS + ["the", "was", "about"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from tiny import make_tokenizer
+from tiny import BAD, GOOD, make_tokenizer
+from tiny import tiny_bert as shared_tiny_bert
 
 import deltatune as dt
 from deltatune.core.fastfood import Fastfood
@@ -21,7 +21,6 @@ from deltatune.subspace.functional import Bank
 from deltatune.subspace.intrinsic import search_d90
 from deltatune.subspace.store import Store
 
-GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 NOUNS = ["movie", "film", "plot", "cast"]
 WORDS = GOOD + BAD + NOUNS + ["the", "was"]
 CONFIGS = {
@@ -62,12 +61,7 @@ def one_thread():  # noqa: ANN201
 
 
 def tiny_bert(tokenizer, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:  # noqa: ANN001
-    torch.manual_seed(seed)
-    config = tf.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=num_labels, pad_token_id=0,
-    )  # fmt: skip
-    return tf.BertForSequenceClassification(config).eval()
+    return shared_tiny_bert(tokenizer, num_labels, seed).eval()
 
 
 def test_flatten_round_trips_in_sorted_name_order_and_refuses_other_layouts() -> None:

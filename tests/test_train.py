@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
-from tiny import make_tokenizer
+from tiny import NOUNS, TOY_WORDS, make_tokenizer
+from tiny import tiny_bert as _bert
+from tiny import write_toy_task as _write_task
 
 import deltatune as dt
 from deltatune.data import load_task
 from deltatune.train import TrainConfig, fit
 
-GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
-NOUNS = ["movie", "film", "plot", "cast", "story", "score"]
-WORDS = GOOD + BAD + NOUNS + ["the", "was", "Answer:", "positive", "negative", "name", "food", "area", "eat", "it"]
-
-
-def _write_task(folder: Path, n_train: int = 64, n_dev: int = 24, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = []
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            word = rng.choice(GOOD if label else BAD)
-            rows.append({"text": f"the {rng.choice(NOUNS)} was {word}", "label": label})
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    meta = {"name": folder.name, "type": "classification", "labels": ["negative", "positive"], "license": "test"}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
+WORDS = TOY_WORDS
 
 
 def _write_generation_task(folder: Path) -> Path:
@@ -41,20 +25,6 @@ def _write_generation_task(folder: Path) -> Path:
         rows = [{"source": f"name {w}", "target": f"eat {w} food"} for w in (NOUNS * 8)[:n]]
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return folder
-
-
-def _bert(tokenizer, num_labels: int = 2) -> torch.nn.Module:  # noqa: ANN001
-    torch.manual_seed(0)
-    config = tf.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=num_labels,
-        pad_token_id=0,
-    )
-    return tf.BertForSequenceClassification(config)
 
 
 def _llama(tokenizer) -> torch.nn.Module:  # noqa: ANN001

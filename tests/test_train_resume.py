@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import WORDS, _bert, _write_task
+from tiny import TOY_WORDS as WORDS
 from tiny import make_tokenizer
+from tiny import tiny_bert as _bert
+from tiny import write_toy_task as _write_task
 
 import deltatune as dt
 from deltatune.data import load_task

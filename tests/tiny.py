@@ -6,11 +6,18 @@ tree (names, Conv1D, cross-attention, tied embeddings) that targeting and hooks 
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import torch
 import transformers as tf
 
 VOCAB = 100
 NUM_LABELS = 3
+GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]  # the toy sentiment tasks' words
+NOUNS = ["movie", "film", "plot", "cast", "story", "score"]
+TOY_WORDS = GOOD + BAD + NOUNS + ["the", "was", "Answer:", "positive", "negative", "name", "food", "area", "eat", "it"]
 
 _CONFIGS = {
     "bert": lambda: tf.BertConfig(
@@ -200,6 +207,33 @@ def same_anatomy(a: dict[str, object], b: dict[str, object]) -> list[str]:
     if a["global"] != b["global"]:
         diffs.append(f"torch's global hooks differ: {a['global']} -> {b['global']}")
     return diffs
+
+
+def write_toy_task(folder: Path, n_train: int = 64, n_dev: int = 24, seed: int = 0) -> Path:
+    """A two-class sentiment task ("the movie was great": positive) as jsonl train/dev + meta.json."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            word = rng.choice(GOOD if label else BAD)
+            rows.append({"text": f"the {rng.choice(NOUNS)} was {word}", "label": label})
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    meta = {"name": folder.name, "type": "classification", "labels": ["negative", "positive"], "license": "test"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def tiny_bert(tokenizer, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:  # noqa: ANN001
+    """A 2-layer BERT classifier over `tokenizer`'s vocabulary, seeded: what the training, CLI and subspace
+    tests train on toy tasks written with `make_tokenizer` words."""
+    torch.manual_seed(seed)
+    config = tf.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=num_labels, pad_token_id=0,
+    )  # fmt: skip
+    return tf.BertForSequenceClassification(config)
 
 
 def make_tokenizer(words: list[str]):  # noqa: ANN201 - a transformers fast tokenizer

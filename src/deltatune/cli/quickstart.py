@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from ..core import atomic
 from .args import add_threads_argument, positive_float, positive_int, set_threads
 
 HELP = "train LoRA on SST-2 with MiniLM-L6 on the CPU and compare with a trained head alone (~8 min)"
@@ -118,9 +119,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "task": task.name,
     }
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out / "summary.json")
+    atomic.write_file(out / "summary.json", json.dumps(summary, indent=2, default=str))
     print(f"\ndelta: {out / 'lora' / 'delta-lora'}  curve: {png}  summary: {out / 'summary.json'}")
     print(
         f"total {total / 60:.1f} min. Try: deltatune predict --delta {out / 'lora' / 'delta-lora'} "

@@ -104,22 +104,7 @@ def _study_config(args: argparse.Namespace):  # noqa: ANN202
         if not sep:
             raise ValueError(f"--lr {pair!r} is not method=rate, e.g. --lr lora=5e-3")
         given.setdefault("lrs", {})[method] = float(value)
-    path = Path(args.workdir) / "study.json"
-    if not path.exists():
-        cfg = StudyConfig()
-        for key, value in given.items():
-            setattr(cfg, key, {**getattr(cfg, key), **value} if key in ("method_args", "lrs") else value)
-        cfg.validate()
-        cfg.save(args.workdir)
-        return cfg
-    cfg = StudyConfig.load(args.workdir)
-    merged = {k: {**getattr(cfg, k), **v} if k in ("method_args", "lrs") else v for k, v in given.items()}
-    differ = [k for k, v in merged.items() if k != "tasks" and getattr(cfg, k) != v]
-    if differ:
-        raise ValueError(
-            f"{path} was started with other settings ({', '.join(differ)}); resume without them or use a new --workdir"
-        )
-    return cfg
+    return StudyConfig.start_or_resume(args.workdir, given)  # the resume rule lives in the library
 
 
 def _check_paths_and_counts(args: argparse.Namespace) -> None:

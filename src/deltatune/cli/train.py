@@ -208,7 +208,7 @@ def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN00
     cause is a learning rate too low for the steps given.
     """
     from ..backbones import load_tokenizer
-    from ..train.heads import head_for
+    from ..train.heads import has_lm_head, head_for
     from ..train.trainer import eval_sample, predict
 
     if task.type not in ("classification", "pair_classification") or len(task.labels) < 2:
@@ -216,8 +216,7 @@ def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN00
     tokenizer = load_tokenizer(spec.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = not type(getattr(model, "backbone", model)).__name__.endswith("ForSequenceClassification")
-    head = head_for(task, tokenizer, lm=lm, max_length=spec.train.max_length)
+    head = head_for(task, tokenizer, lm=has_lm_head(model), max_length=spec.train.max_length)
     dev = eval_sample(list(task["dev"]), spec.train.max_eval)
     predictions = predict(model, head, dev, spec.train.eval_batch_size)
     if len(set(predictions)) != 1:

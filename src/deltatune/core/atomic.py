@@ -26,6 +26,23 @@ def _fsync_write(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def write_file(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Replace one file in one rename: readers see the old file or the new one, never half of either.
+
+    The temporary file (`.<name>.tmp-<pid>` beside it, so two writers never share one) is flushed to disk
+    before the rename; a crash leaves at most that temporary file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _fsync_write(tmp, data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .targeting import head_names
+from .targeting import head_names, plain_name
 
 _SLICE = 8  # values kept from each of three probe tensors (the identity files written before signatures hold)
 _SAMPLE = 256  # values read from every parameter for its signature
@@ -26,15 +26,10 @@ class IdentityError(ValueError):
     """The model is not the backbone a delta was trained on (raised as DeltaIOError by io)."""
 
 
-def _clean(name: str) -> str:
-    """A parameter's backbone name, also while a parametrization wraps it."""
-    return name.replace(".parametrizations.", ".").replace(".original", "")
-
-
 def base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The backbone's parameters without its task head: a head is per task, often freshly initialised."""
     heads = tuple(f"{h}." for h in head_names(model))
-    return sorted((_clean(n), p) for n, p in model.named_parameters() if not (heads and n.startswith(heads)))
+    return sorted((plain_name(n), p) for n, p in model.named_parameters() if not (heads and n.startswith(heads)))
 
 
 def probe_index(numel: int, count: int) -> torch.Tensor:

@@ -26,12 +26,13 @@ from ..version import __version__
 from . import atomic, identity
 from .delta import DeltaConfig
 from .settings import config_from_dict
+from .targeting import HEAD_KEY
 
 if TYPE_CHECKING:
     from .model import DeltaModel
 
 WEIGHTS, META = "delta.safetensors", "delta.json"
-HEAD = "__head__."
+HEAD = HEAD_KEY  # task head tensors are stored under these keys
 FORMAT = "deltatune.delta/1"
 _MAX_META_BYTES = 8 << 20  # a delta.json is kilobytes; anything this large is not one
 _MAX_DEPTH = 32  # nesting of delta.json; deeper is not something deltatune wrote
@@ -279,8 +280,11 @@ def load_into(
     *,
     strict_backbone: bool = True,
     enabled: bool = True,
+    head: bool = True,
 ) -> DeltaModel:
     """Attach a saved delta to `dm` and return it (`core.model.load_delta` wraps a plain backbone first).
+
+    `head=False` leaves the model's task head as it is (a delta moved to a task with other labels).
 
     Everything is checked before the model is touched: the backbone's identity, the config, the
     file; the tensors are cast to the backbone's dtype and device. `enabled=False` attaches it
@@ -294,6 +298,8 @@ def load_into(
         )
     config = saved_config(meta)
     tensors = read_tensors(path, meta)
+    if not head:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(HEAD)}
     if strict_backbone:
         check_backbone(meta.get("backbone", {}), dm.backbone)
     name = name or meta.get("name") or "default"

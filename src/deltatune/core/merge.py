@@ -17,13 +17,10 @@ import torch
 
 from .atomic import clean_stale
 from .delta import DeltaError
+from .targeting import plain_name
 
 if TYPE_CHECKING:
     from .model import DeltaModel
-
-
-def _plain_name(name: str) -> str:
-    return name.replace(".parametrizations.", ".").replace(".original", "")
 
 
 def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
@@ -38,13 +35,13 @@ def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
     # unmerge undoes merge only to rounding (e.g. (IA)^3 divides); exporting must change nothing, so the
     # exact tensors are put back afterwards
     original = {k: v.detach().clone() for k, v in dm.backbone.state_dict().items()}
-    before = {_plain_name(k) for k in original}
+    before = {plain_name(k) for k in original}
     done = []
     try:
         for name in active:
             dm.merge(name)
             done.append(name)
-        state = {_plain_name(k): v.detach().clone() for k, v in dm.backbone.state_dict().items()}
+        state = {plain_name(k): v.detach().clone() for k, v in dm.backbone.state_dict().items()}
     finally:
         for name in reversed(done):
             dm.unmerge(name)

@@ -20,7 +20,7 @@ from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
 from .merge import export_merged
 from .routing import RoutingError, RowIds, input_rows, routes_for, row_names
-from .targeting import head_names
+from .targeting import HEAD_KEY, head_names
 from .tree import render
 
 
@@ -319,14 +319,14 @@ class DeltaModel(nn.Module):
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The task head's tensors, keyed `__head__.<name>` so they never collide with a delta's."""
         params = dict(self.backbone.named_parameters())
-        return {f"__head__.{n}": params[n].detach() for n in self.head_parameter_names()}
+        return {f"{HEAD_KEY}{n}": params[n].detach() for n in self.head_parameter_names()}
 
     def load_delta_state_dict(self, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load a delta's tensors (and task head tensors, `__head__.` keys); no other backbone weight is reachable."""
         delta = self._get(name)
         self._refuse_while_merged(f"load tensors into {name!r} (unmerging would then subtract other values)", [name])
-        head = {k.removeprefix("__head__."): v for k, v in state.items() if k.startswith("__head__.")}
-        own = {k: v for k, v in state.items() if not k.startswith("__head__.")}
+        head = {k.removeprefix(HEAD_KEY): v for k, v in state.items() if k.startswith(HEAD_KEY)}
+        own = {k: v for k, v in state.items() if not k.startswith(HEAD_KEY)}
         allowed = set(self.head_parameter_names())
         stray = sorted(set(head) - allowed)
         if stray:
@@ -400,7 +400,8 @@ def load_delta(
     *,
     strict_backbone: bool = True,
     enabled: bool = True,
+    head: bool = True,
 ) -> DeltaModel:
     """Attach a saved delta to `model` (a backbone or a DeltaModel) and return the DeltaModel (see `core.io`)."""
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    return load_into(dm, path, name, strict_backbone=strict_backbone, enabled=enabled)
+    return load_into(dm, path, name, strict_backbone=strict_backbone, enabled=enabled, head=head)

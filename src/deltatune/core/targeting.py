@@ -192,5 +192,9 @@ def resolve(model: nn.Module, targets: Targets, layers: Layers = None) -> list[s
     return selected
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
+HEAD_KEY = "__head__."  # the prefix of task head tensors in a delta's state and files (never a module name)
+
+
+def plain_name(name: str) -> str:
+    """A parameter's backbone name, also while a parametrization wraps it (`x.parametrizations.weight.original`)."""
+    return name.replace(".parametrizations.", ".").replace(".original", "")

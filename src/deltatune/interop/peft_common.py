@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.io import HEAD
 from ..core.model import DeltaModel
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -147,7 +148,7 @@ def head_for_export(dm: DeltaModel, prefix: str, include_head: bool) -> tuple[di
     """The head tensors under PEFT's keys, and the `modules_to_save` naming their modules."""
     if not include_head:
         return {}, None
-    tensors = {prefix + k.removeprefix("__head__."): v for k, v in dm.head_state_dict().items()}
+    tensors = {prefix + k.removeprefix(HEAD): v for k, v in dm.head_state_dict().items()}
     heads = sorted({n.split(".")[0] for n in dm.head_parameter_names()})
     return tensors, heads or None
 

@@ -69,29 +69,6 @@ def _budget_config(model: Any, name: str, settings: dict[str, Any], budget: int)
     return {**settings, knob: best}
 
 
-def _load_source(model: Any, init_from: str, same_labels: bool) -> Any:
-    """Start from the deltas a run on another task saved; its head only when the label sets match."""
-    from ..core.io import HEAD as HEAD_PREFIX
-    from ..core.io import _config_from_json, load_delta, read_meta, read_tensors
-    from ..core.model import DeltaModel
-    from ..train.saved import is_head_only
-
-    folders = [f for f in sorted(Path(init_from).glob("delta-*")) if not is_head_only(read_meta(f))]
-    if not folders:
-        raise FileNotFoundError(f"no delta-*/ folder in {init_from}: the source run saved no delta to transfer")
-    dm = DeltaModel(model)
-    for folder in folders:
-        name = folder.name.removeprefix("delta-")
-        if same_labels:
-            load_delta(dm, folder, name)
-            continue
-        meta = read_meta(folder)
-        dm.add(name, _config_from_json(meta["config"]))
-        tensors = {k: v for k, v in read_tensors(folder).items() if not k.startswith(HEAD_PREFIX)}
-        dm.delta(name).load_state_dict(tensors, strict=True)
-    return dm
-
-
 def _load_task(name: str, cap: int | None) -> Any:
     """The task with dev and test cut to `cap` random examples (seed 0: the same for every run).
 
@@ -112,11 +89,11 @@ def _load_task(name: str, cap: int | None) -> Any:
 
 
 def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """The run itself: through train.run.run, or through fit when it starts from another task's delta."""
+    """The run itself, through train.run.run like every run (a transfer run starts from its source's deltas)."""
     from ..data.tasks import load_task
     from ..methods import get_config
-    from ..train.run import RunSpec, load_for_task, run, training_examples
-    from ..train.trainer import TrainConfig, fit
+    from ..train.run import RunSpec, load_for_task, run
+    from ..train.trainer import TrainConfig
 
     train_cfg = TrainConfig(**{"progress": False, **job["train"]})
     settings = {n: dict(s) for n, s in job["methods"].items()}
@@ -131,17 +108,10 @@ def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     }
     task = _load_task(job["task"], train_cfg.max_eval)
     spec = RunSpec(
-        job["model"], task, methods, job["full"], train_cfg, job["k_shot"], job["max_train"], job["output_dir"]
-    )
-    if not job.get("init_from"):
-        return run(spec)
-    train = training_examples(task, spec.k_shot, spec.max_train, train_cfg.seed)
-    source = load_task(job["source_task"], splits=("dev",))
-    model, tokenizer, _ = load_for_task(job["model"], task, seed=train_cfg.seed)
-    same = source.labels == task.labels and source.type == task.type
-    dm = _load_source(model, job["init_from"], same)
-    model, result = fit(dm, tokenizer, task, {}, train_cfg, output_dir=job["output_dir"], train_examples=train)
-    return model, result, task
+        job["model"], task, methods, job["full"], train_cfg, job["k_shot"], job["max_train"], job["output_dir"],
+        test=bool(job.get("eval_test")), init_from=job.get("init_from") or None,
+    )  # fmt: skip
+    return run(spec)
 
 
 def execute(job_text: str) -> str:
@@ -162,7 +132,7 @@ def execute(job_text: str) -> str:
         resettable = _reset_peak_rss()
         start = time.perf_counter()
         model, result, task = _train(job)
-        test = _test_metrics(model, task, job) if job.get("eval_test") and "test" in task.splits else None
+        test = result.test  # scored by fit on the saved (finalized) delta, when eval_test and the task has test
         wall = time.perf_counter() - start
         out = Path(job["output_dir"])
         if job["full"]:  # the checkpoint full fine-tuning needs: the whole model (not written, to save disk)
@@ -216,24 +186,6 @@ def _effective_lr(job: dict[str, Any]) -> float | None:
     if not job["methods"]:
         return cfg.head_lr
     return cfg.lr or METHODS[next(iter(job["methods"]))].default_lr
-
-
-def _test_metrics(model: Any, task: Any, job: dict[str, Any]) -> dict[str, float]:
-    """The model chosen on dev, scored on test (capped by max_eval): the number the tables report."""
-    from ..backbones import load_tokenizer
-    from ..train.heads import head_for
-    from ..train.trainer import evaluate
-
-    tokenizer = load_tokenizer(job["model"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = not type(getattr(model, "backbone", model)).__name__.endswith("ForSequenceClassification")
-    cfg = job["train"]
-    head = head_for(
-        task, tokenizer, lm=lm, max_length=cfg.get("max_length", 128), max_new_tokens=cfg.get("max_new_tokens", 48)
-    )
-    examples = task["test"][: cfg.get("max_eval")]
-    return evaluate(model, head, examples, task, cfg.get("eval_batch_size", 64))
 
 
 # ----------------------------------------------------------------------------- executors

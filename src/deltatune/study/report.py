@@ -11,10 +11,10 @@ import base64
 import html
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from ..core import atomic
 from . import analyses as an
 
 FALLBACK_ANALYSES = ["performance", "convergence", "efficiency", "combination", "transfer", "scaling"]
@@ -155,9 +155,7 @@ CSS = (
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic.write_file(path, data)
 
 
 def write_report(db: str | Path, out: str | Path | None = None, also: tuple[str | Path, ...] = ()) -> Path:

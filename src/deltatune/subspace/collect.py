@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..backbones import load_backbone, load_tokenizer
+from ..core.io import HEAD
 from ..core.model import DeltaModel
 from ..train.heads import ClassifierHead
 from ..train.trainer import TrainConfig, evaluate, fit
@@ -109,7 +110,7 @@ def collect_task(
     else:
         start = time.perf_counter()
         model, result = fit(backbone, tokenizer, data.task, (), _train_config(cfg, None), train_head=True)
-        head = {k.removeprefix("__head__."): v.clone() for k, v in model.head_state_dict().items()}
+        head = {k.removeprefix(HEAD): v.clone() for k, v in model.head_state_dict().items()}
         save_vectors(_head_path(workdir, name), head, {"task": name})
         score = _score(model, tokenizer, data, cfg)[metric]
         store.put(
@@ -170,20 +171,3 @@ def load_solution(store: Store, task: str, method: str, seed: int) -> Solution:
         raise FileNotFoundError(f"no {method} solution for {task!r} in {store.path}; run `deltatune subspace collect`")
     tensors, meta = load_vectors(row["path"])
     return Solution(task, method, tensors["solution"], tensors["init"], Layout.from_dict(meta["layout"]), row["score"])
-
-
-def vector_from_saved(backbone: nn.Module, path: str | os.PathLike) -> tuple[torch.Tensor, Layout, dict]:
-    """A delta folder saved by `deltatune train` (or `save_delta`) as a flat vector, its layout and its head.
-
-    Lets a study reuse solutions trained elsewhere; the prefix MLP, if the folder still has one, is dropped.
-    """
-    from ..core.model import load_delta
-
-    dm = load_delta(backbone, path, name="saved")
-    dm.delta("saved").finalize()
-    state = dm.delta_state_dict("saved")
-    head = {k.removeprefix("__head__."): v.clone() for k, v in dm.head_state_dict().items()}
-    layout = Layout.of(state)
-    vector = flatten(state, layout)
-    dm.detach("saved")
-    return vector, layout, head

@@ -105,6 +105,31 @@ class StudyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def start_or_resume(cls, workdir: str | Path, given: dict[str, Any]) -> StudyConfig:
+        """The study in `workdir`: started with `given` (over the defaults) if it has no study.json yet, else
+        resumed, refusing settings that differ from what it was started with (`tasks` may grow).
+
+        `method_args` and `lrs` merge per method into what is there; every other setting replaces.
+        """
+        merging = ("method_args", "lrs")
+        path = Path(workdir) / "study.json"
+        if not path.exists():
+            cfg = cls()
+            for key, value in given.items():
+                setattr(cfg, key, {**getattr(cfg, key), **value} if key in merging else value)
+            cfg.validate()
+            cfg.save(workdir)
+            return cfg
+        cfg = cls.load(workdir)
+        merged = {k: {**getattr(cfg, k), **v} if k in merging else v for k, v in given.items()}
+        differ = [k for k, v in merged.items() if k != "tasks" and getattr(cfg, k) != v]
+        if differ:
+            raise ValueError(
+                f"{path} was started with other settings ({', '.join(differ)}); resume without them or use a new --workdir"
+            )
+        return cfg
+
 
 @dataclasses.dataclass
 class TaskData:

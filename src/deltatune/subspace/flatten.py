@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..core import atomic
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -75,13 +77,10 @@ def unflatten(vector: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 
 def save_vectors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Tensors as safetensors with JSON metadata, written atomically (a crash leaves the old file)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), {"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, {"meta": json.dumps(meta)})
+    atomic.write_file(path, data)
 
 
 def load_vectors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -96,8 +95,4 @@ def load_vectors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic.write_file(path, json.dumps(data, indent=2, default=str))

@@ -22,7 +22,7 @@ from ..core.delta import DeltaConfig
 from ..core.model import DeltaModel
 from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
-from ..train.heads import ClassifierHead
+from ..train.heads import ClassifierHead, has_lm_head
 from .flatten import Layout, unflatten
 
 Head = Mapping[str, torch.Tensor]
@@ -32,7 +32,7 @@ class Bank:
     """A backbone with one (inactive) delta per method; `loss`/`evaluate` run a vector through one of them."""
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, configs: Mapping[str, DeltaConfig], max_length: int = 64):
-        if not type(backbone).__name__.endswith("ForSequenceClassification"):
+        if has_lm_head(backbone):
             raise ValueError("the subspace study needs a sequence-classification backbone (e.g. minilm-l6)")
         self.dm = DeltaModel(backbone)
         for method, config in configs.items():

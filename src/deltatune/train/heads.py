@@ -154,6 +154,13 @@ class GenerationHead:
         return [s.strip() for s in tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
 
 
+def has_lm_head(model: Any) -> bool:
+    """Whether a loaded model (or a DeltaModel on it) scores a task through its language-model head (label
+    words, generation) rather than a classifier: the one rule fit, the CLI, the study and the subspace use."""
+    backbone = getattr(model, "backbone", model)
+    return not type(backbone).__name__.endswith("ForSequenceClassification")
+
+
 def head_for(task: Task, tokenizer: Any, lm: bool, max_length: int, max_new_tokens: int = 64) -> Any:
     """The head a (task, model) pair needs: a causal LM verbalizes or generates, an encoder classifies."""
     if task.type == "generation":

@@ -13,7 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from ..core import atomic
 from ..core.delta import DeltaConfig
+from ..core.model import DeltaModel
 from ..data.fewshot import few_shot
 from ..data.tasks import Task, load_task
 from .distributed import is_main_process
@@ -35,6 +37,8 @@ class RunSpec:
     resume: bool = False  # continue the run in output_dir from its last checkpoint
     dev_split: float | None = None  # hold out this fraction of train as dev (data without a dev split)
     test: bool = False  # score the kept state on the test split, when the task has one
+    # start from the deltas another run saved (its output_dir): they train on, with its head when the labels match
+    init_from: str | Path | None = None
 
     @property
     def label(self) -> str:
@@ -42,6 +46,7 @@ class RunSpec:
 
 
 def is_causal_lm(model_name: str) -> bool:
+    """Whether a backbone *name* loads as a causal LM (before loading it); for a loaded model, `heads.has_lm_head`."""
     from transformers import AutoConfig
 
     from ..backbones import model_path
@@ -96,7 +101,29 @@ def _model_ref(name: str) -> str:
     return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
+def start_from(model: nn.Module, run_dir: str | Path, task: Task) -> DeltaModel:
+    """`model` carrying the deltas a run saved in `run_dir`, to train further on `task` (transfer).
+
+    The saved task head comes along only when the source task had the same labels and type; otherwise
+    the model keeps the head it was loaded with (drawn fresh for this task's labels).
+    """
+    from ..core.io import read_meta
+    from ..core.model import load_delta
+    from .saved import is_head_only
+
+    folders = [f for f in sorted(Path(run_dir).glob("delta-*")) if not is_head_only(read_meta(f))]
+    if not folders:
+        raise FileNotFoundError(f"no delta-*/ folder in {run_dir}: the source run saved no delta to start from")
+    dm = DeltaModel(model)
+    for folder in folders:
+        source = read_meta(folder).get("metadata") or {}
+        same = source.get("labels") == task.labels and source.get("task_type") == task.type
+        load_delta(dm, folder, folder.name.removeprefix("delta-"), head=same)
+    return dm
+
+
 def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
+    """The one training entry from names: the CLI, quickstart and the study (transfer runs included) call it."""
     task = spec.task if isinstance(spec.task, Task) else load_task(spec.task)
     if spec.dev_split is not None:
         from ..data.split import hold_out_dev
@@ -104,18 +131,21 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
         task = hold_out_dev(task, spec.dev_split)
     train = training_examples(task, spec.k_shot, spec.max_train, spec.train.seed)
     model, tokenizer, _ = load_for_task(spec.model, task, seed=spec.train.seed)
+    if spec.init_from is not None:  # the deltas come from the source run; spec.methods names them
+        model = start_from(model, spec.init_from, task)
     model, result = fit(
         model,
         tokenizer,
         task,
-        spec.methods,
+        {} if spec.init_from is not None else spec.methods,
         spec.train,
         full_finetune=spec.full_finetune,
         output_dir=spec.output_dir,
         train_examples=train,
         resume=spec.resume,
         test_examples=task["test"] if spec.test and "test" in task.splits else None,
-        metadata={"model": _model_ref(spec.model), "k_shot": spec.k_shot, "max_train": spec.max_train},
+        metadata={"model": _model_ref(spec.model), "k_shot": spec.k_shot, "max_train": spec.max_train}
+        | ({"init_from": str(spec.init_from)} if spec.init_from is not None else {}),
     )
     if spec.output_dir is not None and is_main_process():  # one writer under a multi-process launch
         info = {
@@ -131,9 +161,7 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
             "task_source": task.source,
             "dev_split": task.meta.get("dev_split"),
             "test": result.test,
+            "init_from": None if spec.init_from is None else str(spec.init_from),
         }
-        path = Path(spec.output_dir) / "run.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(path)
+        atomic.write_file(Path(spec.output_dir) / "run.json", json.dumps(info, indent=2))
     return model, result, task

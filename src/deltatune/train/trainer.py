@@ -23,13 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import atomic
 from ..core.delta import Delta, DeltaConfig
 from ..core.model import DeltaModel
 from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
 from . import checkpoint
 from .distributed import global_mean, process_share
-from .heads import GenerationHead, head_for
+from .heads import GenerationHead, has_lm_head, head_for
 
 FULL_FT_LR = 5e-5
 
@@ -272,7 +273,7 @@ def fit(
         raise ValueError(
             "training encoder-decoder backbones (T5, BART) is not supported yet; use an encoder or a causal LM"
         )
-    lm = not type(backbone).__name__.endswith("ForSequenceClassification")
+    lm = has_lm_head(backbone)
     head = head_for(task, tokenizer, lm=lm, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
     named = methods if isinstance(methods, dict) else {c.method: c for c in methods}
     if full_finetune and named:
@@ -472,6 +473,4 @@ def _save(
             from .saved import save_head
 
             save_head(dm, out / "delta-head", **meta)
-    tmp = out / ".result.json.tmp"
-    tmp.write_text(json.dumps(copy.deepcopy(result.to_dict()), indent=2, default=str))
-    os.replace(tmp, out / "result.json")
+    atomic.write_file(out / "result.json", json.dumps(copy.deepcopy(result.to_dict()), indent=2, default=str))

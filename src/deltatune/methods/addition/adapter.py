@@ -14,8 +14,8 @@ output projection (`attn.o`, `ffn.out`); "pfeiffer" keeps only the FFN one, whic
 search found as good at half the cost. Explicit `targets` (e.g. adding `decoder:xattn.o` for the
 cross-attention of an encoder-decoder) override the placement.
 
-`Bottleneck`, `activation`, `placement_targets` and `check_non_linearity` are reused by the parallel
-adapter and by Compacter.
+The bottleneck block itself (`methods/bottleneck.py`) is shared with the parallel adapter, Compacter and
+the low-rank adapter; `placement_targets` and `check_placement` are reused by Compacter.
 """
 
 from __future__ import annotations
@@ -29,25 +29,12 @@ from torch import nn
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import hidden_size_of, map_hidden, param_dtype_device
 from ...core.targeting import Layers, Targets
+from ..bottleneck import Bottleneck, check_non_linearity
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {
     "houlsby": ("attn.o", "ffn.out"),
     "pfeiffer": ("ffn.out",),
 }
-
-NON_LINEARITIES: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-}
-
-
-def check_non_linearity(config: DeltaConfig, value: str) -> None:
-    if value not in NON_LINEARITIES:
-        raise ValueError(
-            f"{type(config).__name__}.non_linearity must be one of {', '.join(NON_LINEARITIES)}, got {value!r}"
-        )
 
 
 def check_placement(config: DeltaConfig, value: str) -> None:
@@ -58,49 +45,9 @@ def check_placement(config: DeltaConfig, value: str) -> None:
         )
 
 
-def activation(name: str) -> nn.Module:
-    if name not in NON_LINEARITIES:
-        raise ValueError(f"unknown non_linearity {name!r}; use one of {', '.join(NON_LINEARITIES)}")
-    return NON_LINEARITIES[name]()
-
-
 def placement_targets(placement: str, targets: Targets) -> Targets:
     """Explicit targets win; otherwise the placement's aliases."""
     return PLACEMENTS[placement] if targets is None else targets
-
-
-class Bottleneck(nn.Module):
-    """up(act(down(x))) * scaling, from width `in_dim` through `bottleneck` to width `out_dim`.
-
-    Returns the update only; callers add it to whatever the adapter runs beside or after.
-    """
-
-    def __init__(
-        self,
-        in_dim: int,
-        bottleneck: int,
-        out_dim: int,
-        non_linearity: str,
-        scaling: float,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        super().__init__()
-        self.down: nn.Module = nn.Linear(in_dim, bottleneck, dtype=dtype, device=device)
-        self.act = activation(non_linearity)
-        self.up: nn.Module = nn.Linear(bottleneck, out_dim, dtype=dtype, device=device)
-        self.scaling = scaling
-        with torch.no_grad():
-            nn.init.normal_(self.down.weight, std=1e-2)
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-
-    def param_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x.to(self.param_dtype())))) * self.scaling
 
 
 @dataclasses.dataclass

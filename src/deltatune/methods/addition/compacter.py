@@ -24,7 +24,8 @@ from torch import nn
 
 from ...core.delta import DeltaConfig, setting
 from ...core.targeting import Layers, Targets
-from .adapter import Adapter, Bottleneck, check_non_linearity, check_placement
+from ..bottleneck import Bottleneck, check_non_linearity
+from .adapter import Adapter, check_placement
 
 
 @dataclasses.dataclass

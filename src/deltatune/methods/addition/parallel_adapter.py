@@ -27,7 +27,7 @@ from torch import nn
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import first_input, is_linear, linear_dims, param_dtype_device
 from ...core.targeting import Layers, Targets, block_of, resolve
-from .adapter import Bottleneck, check_non_linearity
+from ..bottleneck import Bottleneck, check_non_linearity
 
 
 @dataclasses.dataclass

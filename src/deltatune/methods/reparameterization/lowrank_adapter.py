@@ -18,8 +18,7 @@ from torch import nn
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key, setting
 from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden
 from ...core.targeting import Layers, Targets
-
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
+from ..bottleneck import ACTIVATIONS, Bottleneck
 
 
 @dataclasses.dataclass
@@ -76,15 +75,16 @@ class LowRankLinear(nn.Module):
         return self.S @ self.T
 
 
-class LowRankBottleneck(nn.Module):
+class LowRankBottleneck(Bottleneck):
+    """The adapters' bottleneck with rank-r projections, plus the residual: h -> h + up(act(down(h)))."""
+
     def __init__(self, width: int, cfg: LowRankAdapterConfig, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        self.down = LowRankLinear(width, cfg.bottleneck, cfg.rank, False, dtype, device)
-        self.act = ACTIVATIONS[cfg.non_linearity]()
-        self.up = LowRankLinear(cfg.bottleneck, width, cfg.rank, True, dtype, device)
+        down = LowRankLinear(width, cfg.bottleneck, cfg.rank, False, dtype, device)
+        up = LowRankLinear(cfg.bottleneck, width, cfg.rank, True, dtype, device)
+        super().__init__(width, cfg.bottleneck, width, cfg.non_linearity, 1.0, dtype, device, down=down, up=up)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h.to(self.down.T.dtype)))).to(h.dtype)
+        return h + super().forward(h).to(h.dtype)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, c) with adapter(h) = (I + M) h + c, valid only for the identity non-linearity."""
