@@ -286,14 +286,14 @@ def test_eval_every_defaults_to_about_twice_an_epoch_and_no_more_than_the_dev_se
 def test_the_reported_dev_and_test_scores_are_the_saved_deltas(method: str, task, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     """fit finalizes (diff pruning prunes to 1%, prefix drops its MLP) before it scores, so every number it
     reports is what the saved folder scores when loaded."""
-    from deltatune.train import evaluate, head_for, load_saved
+    from deltatune.train import evaluate, load_saved, objective_for
 
     config = dt.get_config(method, **({"sparsity": 0.99} if method == "diff_pruning" else {}))
     cfg = TrainConfig(lr=2e-2, **(FAST | {"epochs": 3}))
     _, result = fit(_bert(tokenizer), tokenizer, task, [config], cfg, output_dir=tmp_path, test_examples=task["dev"])
     saved = load_saved(_bert(tokenizer), tmp_path / f"delta-{method}")
-    head = head_for(task, tokenizer, lm=False, max_length=cfg.max_length)
-    scored = evaluate(saved, head, task["dev"], task, cfg.eval_batch_size)
+    objective = objective_for(task, tokenizer, lm=False, max_length=cfg.max_length)
+    scored = evaluate(saved, objective, task["dev"], task, cfg.eval_batch_size)
     assert result.best == scored and result.test == scored
     meta = json.loads((tmp_path / f"delta-{method}" / "delta.json").read_text())
     assert meta["metadata"]["best"] == scored

@@ -145,7 +145,7 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..train.heads import head_for
+    from ..train.objectives import objective_for
     from ..train.trainer import evaluate
 
     set_threads(args.threads)
@@ -157,11 +157,13 @@ def run_eval(args: argparse.Namespace) -> int:
     batch = args.batch_size or train.get("eval_batch_size") or DEFAULT_BATCH
     task = _task_for_eval(args, info)
     dm, tokenizer, lm = _load(model, args.delta, task)
-    head = head_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48))
+    objective = objective_for(
+        task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48)
+    )
     cap = train.get("max_eval")
     if args.split == "dev" and cap is not None and len(task["dev"]) > cap:
         print(f"note: training scored dev on a sample of {cap} (--max-eval); this is all of dev", file=sys.stderr)
-    metrics = evaluate(dm, head, task[args.split], task, batch)
+    metrics = evaluate(dm, objective, task[args.split], task, batch)
     print(
         f"{task.name} {args.split} ({len(task[args.split])} examples, max length {max_length}): "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -192,7 +194,7 @@ def _examples(texts: list[str], pairs: bool) -> list:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..train.heads import GenerationHead, head_for
+    from ..train.objectives import GenerationObjective, objective_for
 
     set_threads(args.threads)
     info = _training(saved_meta(args.delta))
@@ -205,13 +207,15 @@ def run_predict(args: argparse.Namespace) -> int:
         pairs = task.type == "pair_classification" or all(" ||| " in t for t in args.texts)
     examples = _examples(args.texts, pairs)
     dm, tokenizer, lm = _load(model, args.delta, task)
-    head = head_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48))
-    if isinstance(head, GenerationHead):
-        outputs = head.generate(dm, examples)
+    objective = objective_for(
+        task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48)
+    )
+    if isinstance(objective, GenerationObjective):
+        outputs = objective.generate(dm, examples)
     else:
         label = 0.0 if task.type == "regression" else 0
-        batch = head.collate([type(e)(e.text, e.text_pair, label) for e in examples])
-        raw = head.predict(dm, batch)
+        batch = objective.collate([type(e)(e.text, e.text_pair, label) for e in examples])
+        raw = objective.predict(dm, batch)
         outputs = [f"{v:.4f}" if task.type == "regression" else task.labels[v] for v in raw]
     for text, out in zip(args.texts, outputs, strict=True):
         print(f"{out}\t{text}")

@@ -208,7 +208,7 @@ def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN00
     cause is a learning rate too low for the steps given.
     """
     from ..backbones import load_tokenizer
-    from ..train.heads import has_lm_head, head_for
+    from ..train.objectives import has_lm_head, objective_for
     from ..train.trainer import eval_sample, predict
 
     if task.type not in ("classification", "pair_classification") or len(task.labels) < 2:
@@ -216,9 +216,9 @@ def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN00
     tokenizer = load_tokenizer(spec.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    head = head_for(task, tokenizer, lm=has_lm_head(model), max_length=spec.train.max_length)
+    objective = objective_for(task, tokenizer, lm=has_lm_head(model), max_length=spec.train.max_length)
     dev = eval_sample(list(task["dev"]), spec.train.max_eval)
-    predictions = predict(model, head, dev, spec.train.eval_batch_size)
+    predictions = predict(model, objective, dev, spec.train.eval_batch_size)
     if len(set(predictions)) != 1:
         return None
     only = task.labels[predictions[0]]
@@ -260,14 +260,14 @@ def run(args: argparse.Namespace) -> int:
 def show_samples(model, task, spec, n: int) -> None:  # noqa: ANN001
     """A metric says how much; a few generations say what: print some next to their references."""
     from ..backbones import load_tokenizer
-    from ..train.heads import GenerationHead
+    from ..train.objectives import GenerationObjective
 
     tokenizer = load_tokenizer(spec.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    head = GenerationHead(task, tokenizer, spec.train.max_length, spec.train.max_new_tokens)
+    objective = GenerationObjective(task, tokenizer, spec.train.max_length, spec.train.max_new_tokens)
     examples = task["dev"][:n]
-    for example, generated in zip(examples, head.generate(model, examples), strict=True):
+    for example, generated in zip(examples, objective.generate(model, examples), strict=True):
         print(
             f"\nsource:    {example.text}\nreference: {example.references[0] if example.references else example.label}"
             f"\ngenerated: {generated}"

@@ -22,7 +22,7 @@ from torch import nn
 from ..backbones import load_backbone, load_tokenizer
 from ..core.io import HEAD
 from ..core.model import DeltaModel
-from ..train.heads import ClassifierHead
+from ..train.objectives import ClassifierObjective
 from ..train.trainer import TrainConfig, evaluate, fit
 from .config import StudyConfig, TaskData, task_data
 from .flatten import Layout, flatten, load_vectors, save_vectors
@@ -74,8 +74,8 @@ def initial_state(dm: DeltaModel, name: str, config: Any, seed: int) -> dict[str
 
 
 def _score(model: nn.Module, tokenizer: Any, data: TaskData, cfg: StudyConfig) -> dict[str, float]:
-    head = ClassifierHead(data.task, tokenizer, cfg.max_length)
-    return evaluate(model, head, data.eval, data.task, 64)
+    objective = ClassifierObjective(data.task, tokenizer, cfg.max_length)
+    return evaluate(model, objective, data.eval, data.task, 64)
 
 
 def _head_path(workdir: Path, task: str) -> Path:

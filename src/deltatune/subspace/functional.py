@@ -22,7 +22,7 @@ from ..core.delta import DeltaConfig
 from ..core.model import DeltaModel
 from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
-from ..train.heads import ClassifierHead, has_lm_head
+from ..train.objectives import ClassifierObjective, has_lm_head
 from .flatten import Layout, unflatten
 
 Head = Mapping[str, torch.Tensor]
@@ -72,7 +72,7 @@ class Bank:
         return F.cross_entropy(logits, labels)
 
     def collate(self, task: Task, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return ClassifierHead(task, self.tokenizer, self.max_length).collate(examples)
+        return ClassifierObjective(task, self.tokenizer, self.max_length).collate(examples)
 
     @torch.no_grad()
     def evaluate(

@@ -30,7 +30,7 @@ from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
 from . import checkpoint
 from .distributed import global_mean, process_share
-from .heads import GenerationHead, has_lm_head, head_for
+from .objectives import GenerationObjective, has_lm_head, objective_for
 
 FULL_FT_LR = 5e-5
 
@@ -175,12 +175,14 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def evaluate(model: nn.Module, head: Any, examples: Sequence[Example], task: Task, batch_size: int) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, objective: Any, examples: Sequence[Example], task: Task, batch_size: int
+) -> dict[str, float]:
     """Dev/test metrics of the model as it is now (eval mode, no gradients)."""
-    return compute_metrics(task, predict(model, head, examples, batch_size), list(examples))
+    return compute_metrics(task, predict(model, objective, examples, batch_size), list(examples))
 
 
-def predict(model: nn.Module, head: Any, examples: Sequence[Example], batch_size: int) -> list:
+def predict(model: nn.Module, objective: Any, examples: Sequence[Example], batch_size: int) -> list:
     """The model's predictions (class indices, numbers or generated texts) as it is now, in order.
 
     Under a multi-process launch every process predicts its share (every world-th example) and the
@@ -195,11 +197,11 @@ def predict(model: nn.Module, head: Any, examples: Sequence[Example], batch_size
     predictions: list = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        if isinstance(head, GenerationHead):
-            predictions += head.generate(model, chunk)
+        if isinstance(objective, GenerationObjective):
+            predictions += objective.generate(model, chunk)
         else:
-            batch = {k: v.to(device) for k, v in head.collate(chunk).items()}
-            predictions += head.predict(model, batch)
+            batch = {k: v.to(device) for k, v in objective.collate(chunk).items()}
+            predictions += objective.predict(model, batch)
     model.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object
@@ -274,7 +276,7 @@ def fit(
             "training encoder-decoder backbones (T5, BART) is not supported yet; use an encoder or a causal LM"
         )
     lm = has_lm_head(backbone)
-    head = head_for(task, tokenizer, lm=lm, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
+    objective = objective_for(task, tokenizer, lm=lm, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
     named = methods if isinstance(methods, dict) else {c.method: c for c in methods}
     if full_finetune and named:
         raise ValueError("full fine-tuning trains every weight; drop the delta methods or drop full_finetune")
@@ -287,7 +289,7 @@ def fit(
         dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
         for name, config in named.items():
             dm.add(name, config)
-        dm.freeze(train_head=train_head and head.kind != "lm-gen" and not lm)
+        dm.freeze(train_head=train_head and objective.kind != "lm-gen" and not lm)
         mode = "+".join(dm.deltas) or "head"
         model = dm
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -299,7 +301,7 @@ def fit(
     dev = eval_sample(list(dev_examples if dev_examples is not None else task["dev"]), cfg.max_eval)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        train, batch_size=cfg.batch_size, shuffle=True, collate_fn=head.collate, generator=generator
+        train, batch_size=cfg.batch_size, shuffle=True, collate_fn=objective.collate, generator=generator
     )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     max_steps, bound = step_budget(cfg, steps_per_epoch)
@@ -368,7 +370,7 @@ def fit(
                 loop |= {"history": history, "elapsed": time.perf_counter() - start}
                 checkpoint.save(out, unwrapped, optimizer, scheduler, epoch_state, best_state, loop)
             with accelerator.accumulate(model):
-                loss = head.loss(model, batch)
+                loss = objective.loss(model, batch)
                 if dm is not None:
                     extra = [r for d in dm.deltas.values() if (r := d.regularization()) is not None]
                     loss = loss + sum(extra) if extra else loss
@@ -394,7 +396,7 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{running / seen:.4f}")
             if step % eval_every == 0 or step == max_steps:
-                metrics = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size)
+                metrics = evaluate(unwrapped, objective, dev, task, cfg.eval_batch_size)
                 record(metrics)
                 running, seen = 0.0, 0
                 bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", **{primary: f"{metrics[primary]:.4f}"})
@@ -427,14 +429,14 @@ def fit(
         for delta in dm.deltas.values():
             delta.finalize()
     if not history or finalizing:  # diverged before any evaluation, or finalize() changed the kept delta
-        best = evaluate(unwrapped, head, dev, task, cfg.eval_batch_size)
+        best = evaluate(unwrapped, objective, dev, task, cfg.eval_batch_size)
         best_step = best_step if history else 0
     result = TrainResult(
         best, best_step, history, step, train_seconds, trainable, total, mode, diverged, stop_reason,
         majority_metrics(task, dev),
     )  # fmt: skip
     if test_examples is not None:
-        result.test = evaluate(unwrapped, head, list(test_examples), task, cfg.eval_batch_size)
+        result.test = evaluate(unwrapped, objective, list(test_examples), task, cfg.eval_batch_size)
     if out is not None:
         _save(unwrapped, dm, out, result, task, cfg, metadata)
     return unwrapped, result

@@ -1,11 +1,15 @@
-"""How a task meets a model: batches, loss and predictions for each way of casting a task.
+"""How a task meets a model (its training objective): batches, loss and predictions for each way of
+casting a task.
 
-- `ClassifierHead`: a sequence-classification head (classes, or one output for regression).
-- `VerbalizerHead`: a causal LM classifies by the next-token logits of its label words after a
+- `ClassifierObjective`: through the model's sequence-classification head (classes, or one output for
+  regression).
+- `VerbalizerObjective`: a causal LM classifies by the next-token logits of its label words after a
   prompt (the paper casts every task to text; restricting to the label words is LM-BFF's form).
-- `GenerationHead`: a causal LM learns `source -> target` with the loss on target tokens only,
+- `GenerationObjective`: a causal LM learns `source -> target` with the loss on target tokens only,
   and is evaluated on greedy generations.
-Prompt-style deltas may lengthen the sequence inside the model; heads read positions from the
+"Head" means one thing in deltatune: the model's task head, i.e. the classifier weights (`train_head`,
+`head_state_dict`, a head-only run); these objectives are not heads, they use one.
+Prompt-style deltas may lengthen the sequence inside the model; objectives read positions from the
 right end of the logits so that the extra positions never shift what is scored.
 """
 
@@ -25,7 +29,7 @@ def _texts(examples: Sequence[Example]) -> tuple[list[str], list[str] | None]:
     return [e.text for e in examples], (pairs if any(p is not None for p in pairs) else None)
 
 
-class ClassifierHead:
+class ClassifierObjective:
     kind = "cls"
 
     def __init__(self, task: Task, tokenizer: Any, max_length: int) -> None:
@@ -57,7 +61,7 @@ def _prompt(example: Example) -> str:
     return f"{text}\nAnswer:"
 
 
-class VerbalizerHead:
+class VerbalizerObjective:
     """Label words are the label names; each must start with a distinct token (checked up front)."""
 
     kind = "lm-cls"
@@ -104,7 +108,7 @@ class VerbalizerHead:
         return self._label_logits(model, batch).argmax(-1).tolist()
 
 
-class GenerationHead:
+class GenerationObjective:
     kind = "lm-gen"
 
     def __init__(self, task: Task, tokenizer: Any, max_length: int, max_new_tokens: int = 64) -> None:
@@ -161,12 +165,12 @@ def has_lm_head(model: Any) -> bool:
     return not type(backbone).__name__.endswith("ForSequenceClassification")
 
 
-def head_for(task: Task, tokenizer: Any, lm: bool, max_length: int, max_new_tokens: int = 64) -> Any:
-    """The head a (task, model) pair needs: a causal LM verbalizes or generates, an encoder classifies."""
+def objective_for(task: Task, tokenizer: Any, lm: bool, max_length: int, max_new_tokens: int = 64) -> Any:
+    """The objective a (task, model) pair needs: a causal LM verbalizes or generates, an encoder classifies."""
     if task.type == "generation":
         if not lm:
             raise ValueError(f"{task.name!r} is a generation task: use a causal LM backbone such as smollm2-135m")
-        return GenerationHead(task, tokenizer, max_length, max_new_tokens)
+        return GenerationObjective(task, tokenizer, max_length, max_new_tokens)
     if lm:
-        return VerbalizerHead(task, tokenizer, max_length)
-    return ClassifierHead(task, tokenizer, max_length)
+        return VerbalizerObjective(task, tokenizer, max_length)
+    return ClassifierObjective(task, tokenizer, max_length)
