@@ -11,9 +11,11 @@ it, even between two renames, is rolled forward on the next access.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 PENDING = ".pending"
@@ -41,6 +43,29 @@ def write_file(path: str | os.PathLike, data: bytes | str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path` to fill; when the block ends without error it takes
+    `path`'s place in one rename (a folder already there is moved aside first, then removed), and on an
+    error it is removed: readers see the old folder or the new one, never half of it.
+
+    For folders deltatune owns whole (a merged export, a training checkpoint, a PEFT adapter); a delta
+    folder, which may hold a user's other files, is updated file by file instead (`write_folder`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

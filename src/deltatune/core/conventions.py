@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .io import META, WEIGHTS, DeltaIOError, load_into, save_delta
+from .merge import merged_state_dict
+
 if TYPE_CHECKING:
     from .model import DeltaModel
 
@@ -143,8 +146,6 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
     subfolder per name. An index records names, order and which are enabled. Each file is written
     complete under a temporary name and renamed into place; the index comes last.
     """
-    from .io import META, WEIGHTS, save_delta
-
     if not len(dm.deltas):
         raise ValueError("this DeltaModel has no deltas to save; save the backbone itself with its save_pretrained")
     include_head = dm.train_head if include_head is None else include_head
@@ -178,8 +179,6 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
 
 def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any) -> DeltaModel:
     """Attach every delta `save_pretrained` (or `save_delta`) wrote in `path` to `dm`."""
-    from .io import META, DeltaIOError, load_into
-
     path = Path(path)
     if not (path / INDEX).exists():
         if (path / META).exists():
@@ -208,8 +207,6 @@ def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any)
 
 def merge_and_unload(dm: DeltaModel) -> nn.Module:
     """PEFT's `merge_and_unload`: the plain backbone with every enabled delta folded into its weights."""
-    from .merge import merged_state_dict
-
     state = merged_state_dict(dm)
     backbone = dm.detach()
     with torch.no_grad():

@@ -8,14 +8,12 @@ exported folder loads with `from_pretrained` and no deltatune at all.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .atomic import clean_stale
+from .atomic import clean_stale, replacing_folder
 from .delta import DeltaError
 from .targeting import plain_name
 
@@ -68,14 +66,8 @@ def export_merged(dm: DeltaModel, path: str | os.PathLike, tokenizer: object | N
     state = merged_state_dict(dm)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)  # temp folders of exports that were killed midway
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    try:
+    with replacing_folder(path) as tmp:  # `path` is missing or empty (checked above)
         dm.backbone.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path

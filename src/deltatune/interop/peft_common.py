@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.atomic import replacing_folder
 from ..core.io import HEAD
 from ..core.model import DeltaModel
 
@@ -87,18 +86,11 @@ def write_folder(folder: str | os.PathLike, config: dict[str, Any], tensors: dic
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    if folder.exists() and any(p.name not in (CONFIG, WEIGHTS, "README.md") for p in folder.iterdir()):
+        raise FileExistsError(f"{folder} exists and holds other files; choose a new folder")
+    with replacing_folder(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), {"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        if folder.exists():
-            if any(p.name not in (CONFIG, WEIGHTS, "README.md") for p in folder.iterdir()):
-                raise FileExistsError(f"{folder} exists and holds other files; choose a new folder")
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -13,13 +13,12 @@ during a save leaves the previous checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..core.atomic import replacing_folder
 
 FOLDER, TENSORS, STATE = "checkpoint", "tensors.safetensors", "state.json"
 FORMAT = "deltatune.train-checkpoint/1"
@@ -69,19 +68,9 @@ def save(
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"format": FORMAT, "optimizer": opt_meta, "scheduler": _jsonable(scheduler.state_dict()), "loop": loop}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.tmp-", dir=out))
-    try:
+    with replacing_folder(out / FOLDER) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
         (tmp / STATE).write_text(json.dumps(meta))
-        final = out / FOLDER
-        old = out / f".{FOLDER}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:
