@@ -314,3 +314,16 @@ def test_budget_flags_take_none_for_no_bound() -> None:
     )
     train = spec_from_args(args).train
     assert (train.patience, train.epochs, train.max_steps, train.min_steps) == (None, None, 40, 0)
+
+
+def test_merge_asks_whether_these_settings_can_merge(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """A low-rank adapter merges only with non_linearity=identity: the default (gelu) one is refused in one line."""
+    task = _folder(tmp_path / "mine")
+    assert _train(model_dir, task, tmp_path / "g", "--method", "lowrank_adapter", "--max-steps", "2", "--no-test") == 0
+    argv = ["--method", "lowrank_adapter", "--method-arg", "non_linearity=identity", "--max-steps", "2", "--no-test"]
+    assert _train(model_dir, task, tmp_path / "i", *argv) == 0
+    capsys.readouterr()
+    assert main(["merge", str(model_dir), str(tmp_path / "g" / "delta-lowrank_adapter"), str(tmp_path / "mg")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be merged" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["merge", str(model_dir), str(tmp_path / "i" / "delta-lowrank_adapter"), str(tmp_path / "mi")]) == 0

@@ -230,12 +230,13 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from ..core.delta import DeltaError
+    from ..core.io import saved_config
     from ..methods import METHODS
     from ..train.saved import is_head_only
 
     meta = saved_meta(args.delta)
     method = meta["config"].get("method")
-    if not is_head_only(meta) and method in METHODS and not METHODS[method].mergeable:
+    if not is_head_only(meta) and not saved_config(meta).can_merge:  # *these* settings (a gelu low-rank adapter: no)
         mergeable = ", ".join(name for name, cls in METHODS.items() if cls.mergeable)
         raise ValueError(
             f"{args.delta} is a {method} delta, which adds computation no weight change expresses, so it cannot "
