@@ -372,7 +372,7 @@ class DeltaModel(nn.Module):
     def from_pretrained(cls, backbone: nn.Module, path: str, **kwargs: Any) -> DeltaModel:
         """Attach the deltas `save_pretrained` (or `save_delta`) wrote to `backbone`."""
         return conventions.load_pretrained(
-            backbone if isinstance(backbone, DeltaModel) else cls(backbone), path, **kwargs
+            backbone if isinstance(backbone, DeltaModel) else DeltaModel(backbone), path, **kwargs
         )
 
     def merge_and_unload(self) -> nn.Module:
