@@ -389,3 +389,33 @@ def test_adalora_resumed_in_its_final_phase_keeps_the_saved_zeros() -> None:
             layer.E[1] = 0.5  # an optimizer step revives a pruned λ
     delta.on_step(9, 10)
     assert all(torch.equal(layer.E.view(-1), torch.tensor([1.0, 0.0, 2.0, 0.0])) for layer in delta.layers.values())
+
+
+def test_adalora_finalize_prunes_an_early_best_state_down_to_the_target_budget() -> None:
+    """A best state restored from before the last allocation holds more rank than target_r: finalize cuts it."""
+    dm = dt.attach(make_model("bert"), dt.METHODS["adalora"](init_r=4, target_r=2))
+    delta = dm.delta()
+    with torch.no_grad():
+        for i, layer in enumerate(delta.layers.values()):
+            layer.E.copy_(torch.tensor([[0.1], [0.0], [3.0 + i], [0.2 + i]]))  # rank 3 each, 0 already pruned
+    delta.finalize()
+    ranks = list(delta.ranks().values())
+    assert sum(ranks) == 2 * len(ranks)
+    for layer in delta.layers.values():  # no importance averages: the largest |λ| stay
+        kept = (layer.E.view(-1) != 0).tolist()
+        assert kept[1] is False and kept[2] is True
+    assert sum((layer.E.view(-1)[0] != 0).item() for layer in delta.layers.values()) == 0  # 0.1 is the smallest
+
+
+def test_adalora_schedule_state_round_trips_its_importance_averages() -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["adalora"](init_r=4, target_r=2, tfinal=2))
+    delta = dm.delta()
+    for p in delta.parameters():
+        p.grad = torch.randn_like(p)
+    delta.on_step(1, 10)
+    state = delta.schedule_state()
+    assert state and all(k.startswith("ema.") for k in state)
+    other = dt.attach(make_model("bert"), dt.METHODS["adalora"](init_r=4, target_r=2, tfinal=2)).delta()
+    other.load_schedule_state(state)
+    assert {k: v.shape for k, v in other.schedule_state().items()} == {k: v.shape for k, v in state.items()}
+    assert all(torch.equal(other.schedule_state()[k], v) for k, v in state.items())

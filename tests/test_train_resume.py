@@ -22,16 +22,23 @@ class Stop(Exception):
     pass
 
 
-def _fit(task, tokenizer, out: Path, eval_every: int, resume: bool = False):  # noqa: ANN001, ANN202
+def _fit(task, tokenizer, out: Path, eval_every: int, resume: bool = False, method: str = "lora"):  # noqa: ANN001, ANN202
     cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=16, eval_every=eval_every, patience=None, progress=False)
-    return fit(_bert(tokenizer), tokenizer, task, [dt.METHODS["lora"]()], cfg, output_dir=out, resume=resume)
+    config = dt.METHODS[method](**({"init_r": 4, "target_r": 2, "tfinal": 4} if method == "adalora" else {}))
+    return fit(_bert(tokenizer), tokenizer, task, [config], cfg, output_dir=out, resume=resume)
 
 
-@pytest.mark.parametrize("eval_every", [3, 4], ids=["mid-epoch", "epoch-boundary"])
-def test_a_resumed_run_ends_where_the_uninterrupted_one_does(eval_every: int, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("eval_every", "method"),
+    [(3, "lora"), (4, "lora"), (3, "adalora")],
+    ids=["mid-epoch", "epoch-boundary", "adalora-mid-schedule"],  # adalora: its importance averages resume too
+)
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(
+    eval_every: int, method: str, tmp_path: Path, monkeypatch
+) -> None:  # noqa: ANN001
     task = load_task(_write_task(tmp_path / "toy"))  # 64 examples / batch 8: 8 steps an epoch, 16 steps = 2 epochs
     tokenizer = make_tokenizer(WORDS)
-    _, whole = _fit(task, tokenizer, tmp_path / "whole", eval_every)
+    _, whole = _fit(task, tokenizer, tmp_path / "whole", eval_every, method=method)
 
     save, saves = checkpoint.save, []
 
@@ -43,16 +50,16 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(eval_every: int, tm
 
     monkeypatch.setattr(checkpoint, "save", save_then_crash)
     with pytest.raises(Stop):
-        _fit(task, tokenizer, tmp_path / "cut", eval_every)
+        _fit(task, tokenizer, tmp_path / "cut", eval_every, method=method)
     monkeypatch.setattr(checkpoint, "save", save)
-    _, resumed = _fit(task, tokenizer, tmp_path / "cut", eval_every, resume=True)
+    _, resumed = _fit(task, tokenizer, tmp_path / "cut", eval_every, resume=True, method=method)
 
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
     assert strip(resumed.history) == strip(whole.history)
     lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert strip(lines) == strip(whole.history)
-    a = load_file(str(tmp_path / "whole" / "delta-lora" / "delta.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "delta-lora" / "delta.safetensors"))
+    a = load_file(str(tmp_path / "whole" / f"delta-{method}" / "delta.safetensors"))
+    b = load_file(str(tmp_path / "cut" / f"delta-{method}" / "delta.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -321,6 +321,17 @@ class Delta(nn.Module):
         importance); most do nothing.
         """
 
+    def schedule_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a training schedule keeps outside the parameters (importance averages, masks).
+
+        A resumed run must continue the schedule exactly where it stopped, so `fit`'s checkpoint
+        stores these beside the optimizer's moments; they never go into the saved delta.
+        """
+        return {}
+
+    def load_schedule_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back what `schedule_state` returned (when resuming a run)."""
+
     def finalize(self) -> None:
         """Called once when training ends, before scoring: prune a sparse diff, drop a reparameterization MLP, ...
 

@@ -2,7 +2,8 @@
 
 At every evaluation the main process writes `<out>/checkpoint/`: the trained tensors (the
 DeltaModel's state: deltas + head) and the best ones so far, the optimizer's moments, the
-schedule, the random states (torch's, for dropout, and the data order's generator as it was when
+learning-rate schedule and any delta's own schedule (`Delta.schedule_state`, e.g. AdaLoRA's
+importance averages), the random states (torch's, for dropout, and the data order's generator as it was when
 the current epoch began) and the loop's own counters and curve. Resuming restores all of it and
 skips the batches of the current epoch already trained on, so the run reaches the tensors an
 uninterrupted run reaches (tested bitwise on CPU). Tensors go to safetensors, everything else to
@@ -63,11 +64,15 @@ def save(
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"best.{k}": v for k, v in best_state.items()}
     tensors |= opt_tensors
+    schedules = [name for name, delta in getattr(model, "deltas", {}).items() if delta.schedule_state()]
+    for i, name in enumerate(schedules):  # by position: delta names may hold dots
+        tensors |= {f"schedule.{i}.{k}": v for k, v in model.deltas[name].schedule_state().items()}
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.data"] = epoch_generator_state
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"format": FORMAT, "optimizer": opt_meta, "scheduler": _jsonable(scheduler.state_dict()), "loop": loop}
+    meta["schedules"] = schedules
     with replacing_folder(out / FOLDER) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
         (tmp / STATE).write_text(json.dumps(meta))
@@ -109,6 +114,11 @@ def restore(
         )
     optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
+    for i, name in enumerate(meta.get("schedules", [])):
+        prefix = f"schedule.{i}."
+        model.deltas[name].load_schedule_state(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -8,6 +8,8 @@ After every optimizer step `fit` calls `on_step`: the importance of each triplet
 from init_r to target_r per layer between `tinit` and `tfinal` steps from the end; the least important
 λ_i are set to zero. This is PEFT's RankAllocator with PEFT's defaults; the saved λ carries the ranks.
 Outside `fit`, call `delta.on_step(step, total_steps)` after each optimizer step, before zero_grad.
+`finalize()` holds the final budget when training stopped before the last allocation (patience, or a
+best state from earlier), and `schedule_state()` lets a resumed `fit` continue the importance averages.
 """
 
 from __future__ import annotations
@@ -127,6 +129,43 @@ class AdaLoRA(LinearDelta):
             kept = self._mask_to(budget)
             if step == total - cfg.tfinal:
                 self._final, self._ema = kept, {}
+
+    def schedule_state(self) -> dict[str, torch.Tensor]:
+        """The importance averages (per parameter name) and, past the last allocation, the kept masks."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        state = {
+            f"ema.{names[i]}.{part}": t
+            for i, pair in self._ema.items()
+            for part, t in zip(("avg", "unc"), pair, strict=True)
+        }
+        return state | {f"final.{key}": kept for key, kept in (self._final or {}).items()}
+
+    def load_schedule_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        self._ema = {
+            id(params[key[4:-4]]): (state[key], state[key[:-4] + ".unc"]) for key in state if key.endswith(".avg")
+        }
+        final = {key[6:]: kept.bool() for key, kept in state.items() if key.startswith("final.")}
+        self._final = final or None
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Hold the final budget: training that stopped early (patience, or the best state restored from
+        before the last allocation) can end with more rank than `target_r`; the least important
+        triplets (by the importance averages, else by |λ|) are pruned down to it."""
+        budget = self.config.final_r * len(self.layers)
+        if sum(self.ranks().values()) <= budget:
+            return
+        scores = {}
+        for key, layer in self.layers.items():
+            score = self._score(layer.E).view(-1) if self._ema else layer.E.abs().view(-1).float()
+            scores[key] = score.masked_fill(layer.E.view(-1) == 0, -torch.inf)  # pruned stay pruned
+        order = torch.cat(list(scores.values())).argsort(descending=True, stable=True)
+        keep = torch.zeros_like(order, dtype=torch.bool)
+        keep[order[:budget]] = True
+        for key, kept in zip(scores, keep.split([len(v) for v in scores.values()]), strict=True):
+            self.layers[key].E.masked_fill_(~kept.view(-1, 1), 0.0)
+        self._ema = {}
 
     def _update_importance(self) -> None:
         b1, b2 = self.config.beta1, self.config.beta2
