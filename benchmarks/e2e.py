@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # (b) a DeltaModel under Trainer
         backbone, _, _ = load_for_task(a.model, task, seed=a.seed)
         set_seed(a.seed)  # as fit does before attaching: the same initial A
-        dm = dt.attach(backbone, dt.LoRAConfig(**lora), train_head=True)
+        dm = dt.attach(backbone, dt.LoRAConfig(**lora))  # train_head="auto": a classifier trains, as in PEFT
         from deltatune.train.hf import optimizer
 
         wall = _trainer_run(dm, optimizer(dm, a.lr, a.head_lr), head, train, work / "b", a)
