@@ -5,8 +5,10 @@ default arguments, (c) PEFT under `transformers.Trainer`. Each starts from the s
 head (same seed), trains the same number of optimizer steps at the same global batch, learning
 rate for the delta and for the head, linear schedule and warmup, and is scored by the same
 function on the same dev sample. Reported per path: seconds in the training loop (checkpoint writing
-included), dev scores, and the size of what each wrote as its checkpoint. JSON on stdout (and
---out). Classification tasks with LoRA on the query/value projections; a smoke run, e.g.
+included), CPU seconds of the whole path (loading, training, checkpoints, the dev evaluation: on a
+shared machine the wall clock measures the neighbours, CPU time much less so), dev scores, and
+the size of what each wrote as its checkpoint. JSON on stdout (and --out). Classification tasks
+with LoRA on the query/value projections; a smoke run, e.g.
 
     python -m benchmarks.e2e --model minilm-l6 --task sst2 --max-train 256 --max-steps 40 --max-eval 200
 """
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # (a) deltatune train (its loop time includes the one dev evaluation at the last step)
         spec = RunSpec(a.model, task, {"lora": dt.LoRAConfig(**lora)}, train=cfg, max_train=a.max_train)
         spec.output_dir = work / "a"
+        cpu = time.process_time()
         _, result, _ = run(spec)
         from deltatune.backbones import load_tokenizer
 
@@ -131,21 +134,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dev = eval_sample(list(task["dev"]), a.max_eval)
         report["paths"]["deltatune-train"] = {
             "train_s": round(result.train_seconds, 2),
+            "path_cpu_s": round(time.process_time() - cpu, 2),
             "dev_final": {k: v for k, v in result.history[-1].items() if k not in ("elapsed", "lr")},
             "checkpoint_bytes": _bytes(work / "a" / "delta-lora"),
         }
 
         # (b) a DeltaModel under Trainer
+        cpu = time.process_time()
         backbone, _, _ = load_for_task(a.model, task, seed=a.seed)
         set_seed(a.seed)  # as fit does before attaching: the same initial A
-        dm = dt.attach(backbone, dt.LoRAConfig(**lora), train_head=True)
+        dm = dt.attach(backbone, dt.LoRAConfig(**lora))  # train_head="auto": a classifier trains, as in PEFT
         from deltatune.train.hf import optimizer
 
         wall = _trainer_run(dm, optimizer(dm, a.lr, a.head_lr), head, train, work / "b", a)
         ckpt = work / "b" / f"checkpoint-{a.max_steps}"
+        dev_final = evaluate(dm, head, dev, task, 64)
         report["paths"]["deltatune-Trainer"] = {
             "train_s": round(wall, 2),
-            "dev_final": evaluate(dm, head, dev, task, 64),
+            "path_cpu_s": round(time.process_time() - cpu, 2),
+            "dev_final": dev_final,
             "checkpoint_bytes": (ckpt / "model.safetensors").stat().st_size,
             "checkpoint_folder_bytes": _bytes(ckpt),
         }
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # (c) PEFT under Trainer
         import peft
 
+        cpu = time.process_time()
         backbone, _, _ = load_for_task(a.model, task, seed=a.seed)
         set_seed(a.seed)
         targets = sorted({n.rsplit(".", 1)[-1] for n in dt.resolve(backbone, ("attn.q", "attn.v"))})
@@ -164,9 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opt = adamw([{"params": delta, "lr": a.lr}, {"params": rest, "lr": a.head_lr}])
         wall = _trainer_run(pm, opt, head, train, work / "c", a)
         ckpt = work / "c" / f"checkpoint-{a.max_steps}"
+        dev_final = evaluate(pm, head, dev, task, 64)
         report["paths"]["peft-Trainer"] = {
             "train_s": round(wall, 2),
-            "dev_final": evaluate(pm, head, dev, task, 64),
+            "path_cpu_s": round(time.process_time() - cpu, 2),
+            "dev_final": dev_final,
             "checkpoint_bytes": (ckpt / "adapter_model.safetensors").stat().st_size,
             "checkpoint_folder_bytes": _bytes(ckpt),
         }

@@ -41,7 +41,7 @@ def _capture(module: torch.nn.Module, store: dict, key: str, *, inputs: bool = F
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
 def test_adapter_parameter_count_matches_closed_form(arch: str, placement: str) -> None:
     b = 24
-    dm = dt.attach(make_model(arch), dt.get_config("adapter", placement=placement, bottleneck=b))
+    dm = dt.attach(make_model(arch), dt.get_config("adapter", placement=placement, bottleneck=b), train_head=False)
     per_site = D * b + b + b * D + D
     assert dm.trainable_parameters() == LAYERS * SITES[placement] * per_site
     assert set(_delta(dm).sites.values()) == {per_site}
@@ -114,7 +114,7 @@ def test_identity_at_init_and_not_after_training_changes(method: str, arch: str)
 @pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
 def test_parallel_adapter_parameter_count_matches_closed_form(arch: str) -> None:
     b = 24
-    dm = dt.attach(make_model(arch), dt.get_config("parallel_adapter", bottleneck=b))
+    dm = dt.attach(make_model(arch), dt.get_config("parallel_adapter", bottleneck=b), train_head=False)
     # reads the FFN input (width d) and writes the FFN output (width d)
     assert dm.trainable_parameters() == LAYERS * (D * b + b + b * D + D)
 
@@ -172,7 +172,7 @@ def _compacter_count(n: int, r: int, b: int, sites: int, d: int = D) -> int:
 )
 def test_compacter_parameter_count_matches_closed_form(arch: str, placement: str, n: int, r: int) -> None:
     config = dt.get_config("compacter", placement=placement, phm_dim=n, phm_rank=r, bottleneck=24)
-    dm = dt.attach(make_model(arch), config)
+    dm = dt.attach(make_model(arch), config, train_head=False)
     expected = _compacter_count(n, r, 24, LAYERS * SITES[placement])
     assert dm.trainable_parameters() == expected == dm.delta_parameters()
     assert sum(_delta(dm).sites.values()) == expected - 2 * n**3  # shared rules belong to no single site
@@ -222,7 +222,7 @@ def test_compacter_hidden_size_not_divisible_by_phm_dim_raises() -> None:
 )
 def test_ia3_parameter_count_matches_closed_form(arch: str, expected: int) -> None:
     model = make_model(arch)
-    dm = dt.attach(model, dt.get_config("ia3"))
+    dm = dt.attach(model, dt.get_config("ia3"), train_head=False)
     assert dm.trainable_parameters() == expected
     ffn_out = set(dt.resolve(model, "ffn.out"))
     for site, count in _delta(dm).sites.items():

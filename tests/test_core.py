@@ -131,7 +131,7 @@ def test_several_named_deltas_enable_disable_and_set_active() -> None:
     model = make_model("bert")
     inputs = make_inputs(model)
     base = logits(model, inputs)
-    dm = dt.attach(model, _perturbed_lora(), name="a")
+    dm = dt.attach(model, _perturbed_lora(), name="a", train_head=False)
     dm.add("b", _perturbed_lora(targets=("attn.k",)))
     _randomize(dm, "a", 0)
     _randomize(dm, "b", 1)

@@ -40,7 +40,7 @@ def _perturbed(dm: dt.DeltaModel, name: str = "default", seed: int = 0) -> dt.De
 
 
 def _saved(tmp_path: Path, method: str = "lora", **kwargs: object) -> Path:
-    dm = _perturbed(dt.attach(make_model("bert"), dt.METHODS[method]()))
+    dm = _perturbed(dt.attach(make_model("bert"), dt.METHODS[method](), train_head=False))
     dm.save_delta(tmp_path / "d", **kwargs)
     return tmp_path / "d"
 

@@ -14,7 +14,7 @@ from deltatune.core.io import META, WEIGHTS, read_meta
 
 
 def _trained(method: str, arch: str = "bert", seed: int = 0) -> dt.DeltaModel:
-    dm = dt.attach(make_model(arch), dt.METHODS[method]())
+    dm = dt.attach(make_model(arch), dt.METHODS[method](), train_head=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in dm.delta().parameters():

@@ -96,7 +96,7 @@ def test_bf16_merge_matches_unmerged_within_bf16_precision() -> None:
 def test_paper_combination_prompt_bitfit_adapter_trains_jointly() -> None:
     model = make_model("roberta")
     inputs = make_inputs(model)
-    dm = dt.attach(model, dt.METHODS["prompt"](num_tokens=4), name="prompt")
+    dm = dt.attach(model, dt.METHODS["prompt"](num_tokens=4), name="prompt", train_head=False)
     dm.add("bitfit", dt.METHODS["bitfit"]())
     dm.add("adapter", dt.METHODS["adapter"]())
     dm(**inputs).loss.backward()

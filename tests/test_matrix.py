@@ -48,7 +48,7 @@ def test_only_delta_parameters_get_gradients_and_change(method: str, arch: str, 
     model = make_model(arch, head)
     inputs = make_inputs(model)
     base = state(model)
-    dm = dt.attach(model, dt.METHODS[method]())
+    dm = dt.attach(model, dt.METHODS[method](), train_head=False)
     delta = _delta_params(dm)
     assert delta, "the delta has no parameters"
     before = {k: p.detach().clone() for k, p in delta.items()}

@@ -17,13 +17,16 @@ HERE = Path(__file__).parent
 SCRIPT = HERE / "multiprocess_fit.py"
 
 
-def _run(launcher: list[str], task: Path, out: Path) -> str:
+def _run(launcher: list[str], task: Path, out: Path, *flags: str, ok: bool = True) -> str:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
     proc = subprocess.run(
-        [*launcher, str(SCRIPT), str(task), str(out)], env=env, capture_output=True, text=True, timeout=600
+        [*launcher, str(SCRIPT), str(task), str(out), *flags], env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
     return proc.stdout
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
 
 def _curve(out: Path) -> list[dict]:
@@ -34,7 +37,7 @@ def _curve(out: Path) -> list[dict]:
 def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     task = _write_task(tmp_path / "toy", n_train=64, n_dev=24)
     one = _run([sys.executable], task, tmp_path / "one")
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], task, tmp_path / "two")
+    two = _run(TORCHRUN, task, tmp_path / "two")
     assert one.count("done") == 1 and two.count("done") == 2  # both ranks ran to the end...
     a, b = _curve(tmp_path / "one"), _curve(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 12, 16]  # ...one wrote the curve
@@ -47,3 +50,24 @@ def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     assert da.keys() == db.keys()
     for k in da:
         torch.testing.assert_close(db[k], da[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU")
+def test_two_processes_stopped_mid_run_and_resumed_train_what_one_process_trains(tmp_path: Path) -> None:
+    task = _write_task(tmp_path / "toy", n_train=64, n_dev=24)
+    assert "checkpoints=3" in _run([sys.executable], task, tmp_path / "one")  # after the evaluations at 4, 8, 12
+    # killed right after the checkpoint of step 4 (the first one, mid first epoch), then resumed
+    _run(TORCHRUN, task, tmp_path / "two", "stop-after=1", ok=False)
+    assert [r["step"] for r in _curve(tmp_path / "two")] == [4]
+    resumed = _run(TORCHRUN, task, tmp_path / "two", "resume")
+    assert resumed.count("done") == 2 and "checkpoints=2" in resumed  # it went on from step 4, not from 0
+    a, b = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 12, 16]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
+        assert ra["accuracy"] == rb["accuracy"]
+    da, db = (load_file(str(tmp_path / run / "delta-lora" / "delta.safetensors")) for run in ("one", "two"))
+    assert da.keys() == db.keys()
+    for k in da:
+        torch.testing.assert_close(db[k], da[k], rtol=0, atol=1e-6)

@@ -102,7 +102,7 @@ def test_generate_equals_a_full_forward_greedy_loop(arch: str, method: str) -> N
 # -- prompt tuning ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_parameter_count_is_num_tokens_times_hidden(arch: str) -> None:
-    dm = dt.attach(make_model(arch), PromptConfig(num_tokens=7))
+    dm = dt.attach(make_model(arch), PromptConfig(num_tokens=7), train_head=False)
     assert dm.trainable_parameters() == dm.delta_parameters() == 7 * HIDDEN
     assert list(dm.delta_state_dict()) == ["prompt"]
 
@@ -236,7 +236,9 @@ def test_prompt_token_ids_outside_vocabulary_raise() -> None:
 def test_prefix_parameter_count_matches_closed_form(arch: str, reparameterize: bool) -> None:
     n, mid, d = 5, 16, HIDDEN
     layers, width = SELF_ATTN_LAYERS[arch], KV_WIDTH.get(arch, HIDDEN)
-    dm = dt.attach(make_model(arch), PrefixConfig(num_tokens=n, mid_dim=mid, reparameterize=reparameterize))
+    dm = dt.attach(
+        make_model(arch), PrefixConfig(num_tokens=n, mid_dim=mid, reparameterize=reparameterize), train_head=False
+    )
     total = layers * 2 * width
     expected = n * d + d * mid + mid + mid * total + total if reparameterize else total * n
     assert dm.trainable_parameters() == dm.delta_parameters() == expected
@@ -399,7 +401,7 @@ def test_prefix_seq2seq_generate_follows_the_prefix(arch: str, cross: bool) -> N
 def test_prefix_drop_reparameterization_keeps_outputs_and_stores_only_prefixes(arch: str) -> None:
     model = make_model(arch, _heads(arch))
     inputs = make_inputs(model)
-    dm = dt.attach(model, PrefixConfig(num_tokens=3, mid_dim=16, cross_attention=arch == "t5"))
+    dm = dt.attach(model, PrefixConfig(num_tokens=3, mid_dim=16, cross_attention=arch == "t5"), train_head=False)
     before = logits(dm, inputs)
     dm.delta().drop_reparameterization()
     torch.testing.assert_close(logits(dm, inputs), before, rtol=0, atol=1e-6)
@@ -412,7 +414,11 @@ def test_prefix_drop_reparameterization_keeps_outputs_and_stores_only_prefixes(a
     assert dm.delta().config.reparameterize is True and dm.delta().finalized == {"reparameterize": False}
     dm.delta().finalize()  # what the training loop calls: a second drop changes nothing
     torch.testing.assert_close(logits(dm, inputs), before, rtol=0, atol=1e-6)
-    fresh = dt.attach(make_model(arch, _heads(arch)), dataclasses.replace(dm.delta().config, **dm.delta().finalized))
+    fresh = dt.attach(
+        make_model(arch, _heads(arch)),
+        dataclasses.replace(dm.delta().config, **dm.delta().finalized),
+        train_head=False,
+    )  # the saved config reloads the saved delta
     fresh.load_delta_state_dict("default", state)
     torch.testing.assert_close(logits(fresh, inputs), before, rtol=0, atol=1e-6)
 

@@ -30,7 +30,7 @@ def _randomize(dm: dt.DeltaModel, scale: float = 0.3, seed: int = 0) -> None:
     ],
 )
 def test_lora_parameter_count_matches_closed_form(arch: str, r: int, expected: int) -> None:
-    dm = dt.attach(make_model(arch), dt.METHODS["lora"](r=r))
+    dm = dt.attach(make_model(arch), dt.METHODS["lora"](r=r), train_head=False)
     assert dm.trainable_parameters() == expected
 
 
@@ -90,7 +90,9 @@ def test_lora_scaling_is_alpha_over_r() -> None:
 def test_lowrank_adapter_parameter_count_matches_closed_form(bottleneck: int, rank: int) -> None:
     d = 32
     per_site = 2 * rank * (d + bottleneck) + bottleneck + d  # two rank-r products plus two biases
-    dm = dt.attach(make_model("bert"), dt.METHODS["lowrank_adapter"](bottleneck=bottleneck, rank=rank))
+    dm = dt.attach(
+        make_model("bert"), dt.METHODS["lowrank_adapter"](bottleneck=bottleneck, rank=rank), train_head=False
+    )
     assert dm.trainable_parameters() == 2 * 2 * per_site  # 2 layers x (attention output, FFN output)
 
 
@@ -157,7 +159,7 @@ def test_fastfood_is_linear_and_regenerated_from_its_seed() -> None:
 
 @pytest.mark.parametrize("structured", [True, False])
 def test_said_parameter_count_is_dim_plus_one_scale_per_tensor(structured: bool) -> None:
-    dm = dt.attach(make_model("bert"), dt.METHODS["said"](dim=50, structured=structured))
+    dm = dt.attach(make_model("bert"), dt.METHODS["said"](dim=50, structured=structured), train_head=False)
     tensors = 2 * 6 * 2  # 2 layers x (q, k, v, o, ffn in, ffn out) x (weight, bias)
     assert dm.trainable_parameters() == 50 + (tensors if structured else 0)
     assert set(dm.delta_state_dict()) == {"theta", "scales"}

@@ -50,7 +50,7 @@ def test_bitfit_count_equals_every_bias_outside_the_head(arch: str, head: str) -
     model = make_model(arch, head)
     heads = tuple(h + "." for h in HEADS[(arch, head)])
     expected = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not n.startswith(heads))
-    dm = dt.attach(model, dt.METHODS["bitfit"]())
+    dm = dt.attach(model, dt.METHODS["bitfit"](), train_head=False)
     assert dm.delta_parameters() == dm.trainable_parameters() == expected > 0
 
 
@@ -132,7 +132,7 @@ def test_layernorm_count_matches_closed_form(arch: str) -> None:
     generic = sum(
         p.numel() for m in model.modules() if type(m).__name__.endswith("Norm") for p in m.parameters(recurse=False)
     )
-    dm = dt.attach(model, dt.METHODS["layernorm"]())
+    dm = dt.attach(model, dt.METHODS["layernorm"](), train_head=False)
     assert dm.delta_parameters() == dm.trainable_parameters() == LN_COUNTS[arch] == generic
 
 
@@ -266,7 +266,7 @@ def test_two_deltas_claiming_one_parameter_raise_and_leave_the_model_clean() -> 
 
 
 def test_deltas_on_disjoint_parameters_coexist() -> None:
-    dm = dt.attach(make_model("bert"), dt.METHODS["selective"](param_names=("weight",)), "w")
+    dm = dt.attach(make_model("bert"), dt.METHODS["selective"](param_names=("weight",)), "w", train_head=False)
     dm.add("ln", dt.METHODS["layernorm"](layers="0"))
     assert dm.delta_parameters() == dm.trainable_parameters() == dm.delta_parameters("w") + 2 * 2 * H
 

@@ -74,13 +74,20 @@ def saved_config(meta: dict[str, Any]) -> DeltaConfig:
 
 
 def save_delta(
-    dm: DeltaModel, path: str | os.PathLike, name: str = "default", *, include_head: bool = False, **metadata: Any
+    dm: DeltaModel,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    include_head: bool | None = None,
+    **metadata: Any,
 ) -> Path:
     """Write one named delta (tensors + config + backbone identity) to a folder, atomically.
 
     `include_head` adds the task head (a trained classifier is part of what a classification delta
-    needs at inference), stored under `__head__.` keys.
+    needs at inference), stored under `__head__.` keys; by default, when the head trains.
     """
+    include_head = dm.train_head if include_head is None else include_head
+
     delta = dm.delta(name)
     if delta.merged:
         raise DeltaIOError(f"delta {name!r} is merged into the weights; unmerge it before saving")

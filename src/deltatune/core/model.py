@@ -188,10 +188,11 @@ class DeltaModel(nn.Module):
 
     # -- managing deltas ----------------------------------------------------------------------
     def add(
-        self, name: str, config: DeltaConfig, *, train_head: bool | None = None, enabled: bool = True
+        self, name: str, config: DeltaConfig, *, train_head: bool | str | None = None, enabled: bool = True
     ) -> DeltaModel:
         """Attach another delta; several methods on one backbone are trained jointly.
 
+        `train_head`: True/False, "auto" (`head_trains_by_default`), or None to leave it as it is.
         `enabled=False` attaches it switched off, e.g. a second BitFit delta kept for serving.
         """
         _check_name(name)
@@ -201,9 +202,12 @@ class DeltaModel(nn.Module):
             raise TypeError(
                 f"expected a method config such as deltatune.get_config(method, **settings), got {type(config).__name__}"
             )
-        for flag, value in (("train_head", train_head), ("enabled", enabled)):
-            if not isinstance(value, bool) and not (flag == "train_head" and value is None):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        if train_head == "auto":
+            train_head = head_trains_by_default(self.backbone)
+        elif not isinstance(train_head, bool) and train_head is not None:
+            raise TypeError(f"train_head must be True, False or 'auto', got {train_head!r}")
         config.validate()
         delta = config.build()
         delta.enabled = enabled
@@ -360,8 +364,8 @@ class DeltaModel(nn.Module):
         delta.unmerge_from(self.backbone)
         delta.merged = False
 
-    def save_delta(self, path: str, name: str = "default", *, include_head: bool = False, **metadata: Any) -> Any:
-        """Write only this delta (tensors, config, backbone identity; the task head if asked) to a folder."""
+    def save_delta(self, path: str, name: str = "default", *, include_head: bool | None = None, **metadata: Any) -> Any:
+        """Write only this delta (tensors, config, backbone identity; the task head when it trains) to a folder."""
         return save_delta(self, path, name, include_head=include_head, **metadata)
 
     def save_pretrained(self, path: str, *, include_head: bool | None = None, is_main_process: bool = True) -> Any:
@@ -387,8 +391,30 @@ class DeltaModel(nn.Module):
         return render(self, **kwargs)
 
 
-def attach(model: nn.Module, config: DeltaConfig, name: str = "default", *, train_head: bool = False) -> DeltaModel:
-    """Attach a delta to a transformers model; the model's code is not edited."""
+# Task models whose head is new for the task (transformers initializes it randomly): a delta alone
+# would train against a frozen random projection. PEFT's task types train the same heads
+# (modules_to_save: classifier, score, qa_outputs).
+TRAINED_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
+def head_trains_by_default(model: nn.Module) -> bool:
+    """What train_head="auto" means: train the head of classification, QA and multiple-choice models;
+    leave LM heads (pretrained, usually tied to the embeddings) and bare models alone."""
+    return type(model).__name__.endswith(TRAINED_HEADS) and bool(head_names(model))
+
+
+def attach(
+    model: nn.Module, config: DeltaConfig, name: str = "default", *, train_head: bool | str | None = "auto"
+) -> DeltaModel:
+    """Attach a delta to a transformers model; the model's code is not edited.
+
+    The default train_head="auto" trains the task head where the model's head is new for the task
+    (`head_trains_by_default`), as PEFT's SEQ_CLS/TOKEN_CLS/QA task types do, so a Trainer script
+    does not silently train a delta against a frozen random classifier. Pass True or False to choose.
+    On a DeltaModel, "auto" keeps the choice already made.
+    """
+    if isinstance(model, DeltaModel) and train_head == "auto":
+        train_head = None
     wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
     return wrapped.add(name, config, train_head=train_head)
 

@@ -32,6 +32,7 @@ TASK_TYPES = {
     "LMHeadModel": "CAUSAL_LM",
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
     "ForTokenClassification": "TOKEN_CLS",
+    "Model": "FEATURE_EXTRACTION",  # a bare model (BertModel): PEFT's prompt methods need a task type
 }
 
 

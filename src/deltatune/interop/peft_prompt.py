@@ -12,10 +12,11 @@ Both save one tensor, `prompt_embeddings`:
   prefix with another's for cross-attention) and refuses encoder-only models, so only
   decoder-only models map.
 
-Where the prompt sits among positions differs: PEFT numbers the virtual tokens first and shifts
-the real tokens by num_virtual_tokens; deltatune keeps the real tokens' positions. Outputs are
-then equal only on models with relative positions (T5); elsewhere the import is refused unless
-`positions_may_differ=True` says the caller accepts that (see docs/ecosystem.md).
+Positions: PEFT numbers the virtual tokens first and moves the real tokens up by
+num_virtual_tokens. Imported prompts and prefixes get `positions="shift"`, which numbers the
+same way, so they compute PEFT's outputs. Exported, a "shift" delta is exact; a "keep" one (the
+default for deltatune-trained deltas) is exact only on relative-position models (T5), and is
+refused elsewhere unless `positions_may_differ=True` says the caller accepts the difference.
 """
 
 from __future__ import annotations
@@ -48,14 +49,33 @@ KEY = "prompt_embeddings"
 RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # no position embeddings a shift could change
 
 
-def _check_positions(model: nn.Module, what: str, positions_may_differ: bool) -> None:
-    if positions_may_differ or getattr(model.config, "model_type", None) in RELATIVE_POSITIONS:
+def _check_positions(delta: nn.Module, model: nn.Module, what: str, positions_may_differ: bool) -> None:
+    """Refuse exporting a delta that numbers positions unlike PEFT where that changes the outputs."""
+    if delta.config.positions == "shift" or positions_may_differ:
+        return
+    if getattr(model.config, "model_type", None) in RELATIVE_POSITIONS:
         return
     raise PeftFormatError(
-        f"PEFT's {what} shifts the real tokens' positions by the number of virtual tokens and deltatune keeps them, "
-        f"so on {type(model).__name__} (absolute or rotary positions) the outputs would differ; "
-        "pass positions_may_differ=True to convert anyway (then train on a little to adapt)"
+        f"this {what} delta keeps the real tokens' positions (positions='keep') and PEFT moves them up by the "
+        f"number of virtual tokens, so on {type(model).__name__} (absolute or rotary positions) PEFT would compute "
+        "other outputs; train with positions='shift' to export exactly, or pass positions_may_differ=True"
     )
+
+
+def _check_pooling(model: nn.Module, outputs_may_differ: bool) -> None:
+    """PEFT runs a sequence classifier on [prompt; text], so a head that pools a position of the
+    stack's output reads a prompt vector's (RoBERTa, DistilBERT: the first position) or ignores
+    padding (GPT-2, Llama: the last position); deltatune's head reads the real tokens. Only a pooler
+    inside the stack (BERT's, over the first position in both) gives PEFT's outputs."""
+    if outputs_may_differ or "ForSequenceClassification" not in type(model).__name__:
+        return
+    if getattr(getattr(model, "base_model", None), "pooler", None) is None:
+        raise PeftFormatError(
+            f"PEFT's prompt tuning feeds {type(model).__name__}'s classifier the prompt positions too (it pools a "
+            "virtual token, or the last position whatever the padding) and deltatune's classifier reads the real "
+            "tokens, so this head would compute other outputs; pass outputs_may_differ=True to import anyway "
+            "(then train the head a little)"
+        )
 
 
 def _read(folder: Path, peft_type: str) -> tuple[dict, torch.Tensor, dict]:
@@ -69,9 +89,10 @@ def _read(folder: Path, peft_type: str) -> tuple[dict, torch.Tensor, dict]:
 
 
 def import_peft_prompt(
-    model: nn.Module, folder: str | os.PathLike, name: str = "default", *, positions_may_differ: bool = False
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", *, outputs_may_differ: bool = False
 ) -> DeltaModel:
-    """Attach a PEFT prompt tuning adapter as a deltatune prompt delta (and copy its saved task head)."""
+    """Attach a PEFT prompt tuning adapter as a deltatune prompt delta numbering positions as PEFT does
+    (and copy its saved task head)."""
     folder = Path(folder)
     config, embeddings, head = _read(folder, "PROMPT_TUNING")
     if int(config.get("num_transformer_submodules") or 1) != 1:
@@ -80,9 +101,9 @@ def import_peft_prompt(
             "encoder-decoders); deltatune prompts the encoder only: train with num_transformer_submodules=1"
         )
     dm = as_delta_model(model)
-    _check_positions(dm.backbone, "prompt tuning", positions_may_differ)
+    _check_pooling(dm.backbone, outputs_may_differ)
     check_head(dm, head)
-    dm.add(name, PromptConfig(num_tokens=int(embeddings.shape[0])))
+    dm.add(name, PromptConfig(num_tokens=int(embeddings.shape[0]), positions="shift"))
     prompt = dm.delta(name).prompt
     if prompt.shape != embeddings.shape:
         dm.detach(name)
@@ -100,10 +121,12 @@ def export_peft_prompt(
     include_head: bool = True,
     *,
     positions_may_differ: bool = False,
+    outputs_may_differ: bool = False,
 ) -> Path:
     """Write a prompt delta as a PEFT prompt tuning folder."""
     delta = exported_delta(dm, name, ("prompt",), "prompt", "PROMPT_TUNING")
-    _check_positions(dm.backbone, "prompt tuning", positions_may_differ)
+    _check_positions(delta, dm.backbone, "prompt", positions_may_differ)
+    _check_pooling(dm.backbone, outputs_may_differ)
     tensors, heads = head_for_export(dm, PROMPT_PREFIX, include_head)
     tensors[KEY] = delta.prompt.detach()
     cfg = dm.backbone.config
@@ -136,18 +159,16 @@ def _check_decoder_only(model: nn.Module) -> None:
         )
 
 
-def import_peft_prefix(
-    model: nn.Module, folder: str | os.PathLike, name: str = "default", *, positions_may_differ: bool = False
-) -> DeltaModel:
-    """Attach a PEFT prefix tuning adapter as a deltatune prefix delta without reparameterization."""
+def import_peft_prefix(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
+    """Attach a PEFT prefix tuning adapter as a deltatune prefix delta without reparameterization,
+    numbering positions as PEFT does."""
     folder = Path(folder)
     config, embeddings, head = _read(folder, "PREFIX_TUNING")
     dm = as_delta_model(model)
     _check_decoder_only(dm.backbone)
-    _check_positions(dm.backbone, "prefix tuning", positions_may_differ)
     check_head(dm, head)
     n = int(embeddings.shape[0])
-    dm.add(name, PrefixConfig(num_tokens=n, reparameterize=False))
+    dm.add(name, PrefixConfig(num_tokens=n, reparameterize=False, positions="shift"))
     delta = dm.delta(name)
     sites = delta._sites
     width = sum(s.width for s in sites)
@@ -178,7 +199,7 @@ def export_peft_prefix(
     """Write a prefix delta as a PEFT prefix tuning folder (its MLP, if any, evaluated first)."""
     delta = exported_delta(dm, name, ("prefix",), "prefix", "PREFIX_TUNING")
     _check_decoder_only(dm.backbone)
-    _check_positions(dm.backbone, "prefix tuning", positions_may_differ)
+    _check_positions(delta, dm.backbone, "prefix", positions_may_differ)
     with torch.no_grad():
         parts = [delta.prefix(s).detach().transpose(0, 1).reshape(delta.config.num_tokens, -1) for s in delta._sites]
     tensors, heads = head_for_export(dm, PROMPT_PREFIX, include_head)

@@ -25,6 +25,13 @@ Attention modules without a cache argument (DistilBERT) get the prefix another w
 prepends `num_tokens` placeholder rows to the hidden states, output hooks on the key and value
 projections overwrite those rows with the prefix, and an output hook drops the rows again.
 
+Positions (`positions`): "keep" (the default) leaves the real tokens at the positions the model
+gives them, which the public route above does not. "shift" reproduces that route (PEFT's): a
+pre-hook on the model's stack moves every real position up by num_tokens, as a cache already
+holding num_tokens tokens would, on stacks that take position_ids (absolute and rotary positions;
+relative ones, T5, have no such argument and need nothing). Saved with the delta: a prefix trained
+one way computes another function the other way. PEFT prefixes import as "shift".
+
 Reparameterization (the paper's, for stable training): prefix = MLP(embedding), with
 embedding (num_tokens, d) -> Linear(d, mid_dim) -> tanh -> Linear(mid_dim, sum of 2*kv width).
 Each layer computes only its slice of the last Linear. `drop_reparameterization()` stores the
@@ -47,6 +54,8 @@ from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import linear_dims
 from ...core.targeting import TargetError, resolve
 
+POSITIONS = ("keep", "shift")  # real tokens keep their positions, or come after the prefix (PEFT's numbering)
+
 
 @dataclasses.dataclass
 class PrefixConfig(DeltaConfig):
@@ -62,6 +71,7 @@ class PrefixConfig(DeltaConfig):
     reparameterize: bool = True
     mid_dim: int = setting(512, size=True)
     cross_attention: bool = False  # also prefix the decoder's cross-attention of an encoder-decoder
+    positions: str = "keep"  # "shift": real tokens numbered after the prefix, as PEFT does (module docstring)
 
     def build(self) -> Prefix:
         return Prefix(self)
@@ -76,6 +86,8 @@ class PrefixConfig(DeltaConfig):
         for field in ("reparameterize", "cross_attention"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{name}.{field} must be True or False, got {getattr(self, field)!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"{name}.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
 
 
 class _Site:
@@ -128,6 +140,8 @@ class Prefix(Delta):
             hooks.on_output(k_proj, self._overwrite_hook(site, 0))
             hooks.on_output(v_proj, self._overwrite_hook(site, 1))
             hooks.on_output(module, self._drop_rows_hook(site))
+        if cfg.positions == "shift":
+            self._shift_positions(model, hooks)
         ref = model.get_submodule(chosen[0][0])
         dtype = next(ref.parameters()).dtype
         n = cfg.num_tokens
@@ -175,6 +189,29 @@ class Prefix(Delta):
             self.sites[s.name] = own + (shared if i == 0 else 0)  # the shared MLP input side shown once
 
     # -- hooks ------------------------------------------------------------------------------------
+    def _shift_positions(self, model: nn.Module, hooks: Hooks) -> None:
+        """Number real tokens from num_tokens on: each stack that takes position_ids gets them moved up."""
+        n = self.config.num_tokens
+        enc_dec = getattr(model.config, "is_encoder_decoder", False)
+        stacks = [compat.encoder(model), compat.decoder(model)] if enc_dec else [model.base_model]
+        for stack in stacks:
+            sig = compat.signature(stack)
+            if "position_ids" not in sig.parameters:
+                continue  # relative positions (T5) or numbered by length: nothing to move
+            cache_arg = compat.cache_keyword(stack)
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict, sig=sig, cache_arg=cache_arg) -> tuple[tuple, dict]:
+                call = CallArgs(sig, args, kwargs)
+                given = call.get("position_ids")
+                if given is None:  # what the stack numbers itself: from the real cache's length on
+                    ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+                    past = compat.seq_length(compat.self_attention_cache(compat.call_cache(call, cache_arg)))
+                    given = compat.real_positions(module, ids, embeds if ids is None else ids, None)[0] + past
+                call.set("position_ids", given + n)
+                return call.result()
+
+            hooks.on_input(stack, hook)
+
     def _cache_hook(self, site: _Site):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             call = CallArgs(site.signature, args, kwargs)

@@ -10,10 +10,15 @@ which reads the first position, reads the first prompt vector's output, as in PE
 encoder-decoder keeps the prompt positions (the decoder cross-attends to them, as in the paper)
 and a pre-hook on the decoder extends the encoder mask it receives.
 
-Positions: the prompt vectors all take the first position and the real tokens keep the positions
-they have without a prompt. A constant position embedding added to a free vector is absorbed by
-training, and the text stays where the backbone was pretrained to see it, so a 100-token prompt
-does not eat into (or overflow) the position table. T5's relative positions need nothing.
+Positions (`positions`): with "keep" (the default) the prompt vectors all take the first position
+and the real tokens keep the positions they have without a prompt. A constant position embedding
+added to a free vector is absorbed by training, and the text stays where the backbone was
+pretrained to see it, so a 100-token prompt does not eat into (or overflow) the position table.
+"shift" numbers as PEFT does, prompt first: the prompt takes the first `num_tokens` positions and
+every real token moves up by `num_tokens` (models that number by length get no hook: the
+lengthened input numbers itself). A prompt trained one way computes another function under the
+other on models with absolute or rotary positions, so the setting is saved with the delta and PEFT
+prompts import as "shift". T5's relative positions need nothing either way.
 
 Generation: the prompt is prepended at the prefill step and so enters the KV cache; later steps
 (a non-empty cache this delta filled) only get the mask extended and positions kept. Not
@@ -34,6 +39,7 @@ from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.routing import RoutingError
 
 INITS = ("random", "uniform", "vocab", "text")
+POSITIONS = ("keep", "shift")  # real tokens keep their positions, or move up by num_tokens (PEFT's numbering)
 _TAG = "_deltatune_prompt"  # set on KV caches that hold a prompt, so later steps do not prepend it again
 
 
@@ -58,6 +64,7 @@ class PromptConfig(DeltaConfig):
     init_text: str | None = None
     tokenizer_path: str | None = None
     init_token_ids: list[int] | None = None
+    positions: str = "keep"  # see the module docstring: "shift" reproduces PEFT's numbering
 
     def build(self) -> Prompt:
         return Prompt(self)
@@ -71,6 +78,8 @@ class PromptConfig(DeltaConfig):
             raise ValueError(f"{name}.init must be one of {', '.join(INITS)}, got {self.init!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"{name}.seed must be an integer (it seeds the prompt's init), got {self.seed!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"{name}.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
         if self.init != "text":
             if self.init_text is not None or self.init_token_ids is not None:
                 raise ValueError(f"{name}.init_text / init_token_ids are only read with init='text'; set init='text'")
@@ -116,8 +125,9 @@ class Prompt(Delta):
         self._peers: list[Prompt] = hooks.shared(stack, "prompts")
         hooks.on_input(stack, self._prepend, route_aware=True)
         hooks.on_output(stack, self._strip, route_aware=True)
-        # BART (and DistilBERT 4.x) number positions by length: the real tokens keep theirs
-        for module, hook in compat.shape_numbered_positions(stack, cfg.num_tokens):
+        # BART (and DistilBERT 4.x) number positions by length: the real tokens keep theirs (with
+        # "shift", the lengthened input numbering itself is PEFT's numbering)
+        for module, hook in compat.shape_numbered_positions(stack, cfg.num_tokens) if cfg.positions == "keep" else ():
             hooks.on_input(module, hook, route_aware=True)
         if self.enc_dec:
             decoder = compat.decoder(model)
@@ -140,6 +150,11 @@ class Prompt(Delta):
                 "deltas; with prompt tuning every row needs exactly one prompt, so that rows stay one length"
             )
         lengths = {p.config.num_tokens for p in peers}
+        if len({p.config.positions for p in peers}) > 1 and not self._stack_sig.parameters.get("position_ids"):
+            raise RoutingError(
+                "prompts with positions 'keep' and 'shift' cannot share a batch on a model that numbers positions "
+                "by length (it takes no position_ids); serve each setting apart"
+            )
         if len(lengths) > 1:
             raise RoutingError(f"prompts of lengths {sorted(lengths)} cannot share a batch; serve each length apart")
         return peers
@@ -177,8 +192,12 @@ class Prompt(Delta):
             device = (ids if ids is not None else embeds).device
             if mask is not None and mask.shape[1] == past - n + new:
                 call.set("attention_mask", _ones_before(mask, n))
-            if call.accepts("position_ids") and call.get("position_ids") is None:
-                call.set("position_ids", torch.arange(past - n, past - n + new, device=device).unsqueeze(0))
+            if call.accepts("position_ids"):
+                given = call.get("position_ids")
+                if given is None:  # the cache's length counts the prompt: "keep" numbers without it
+                    given = torch.arange(past - n, past - n + new, device=device).unsqueeze(0)
+                batch = (ids if ids is not None else embeds).shape[0]
+                call.set("position_ids", given + self._shifts(peers, batch, device))
             compat.renumber_cache_position(call, past, new, device)
             self._calls.append(False)
             return call.result()
@@ -194,12 +213,27 @@ class Prompt(Delta):
         compat.renumber_cache_position(call, past, n + embeds.shape[1], embeds.device)
         if call.accepts("position_ids"):
             real, first = compat.real_positions(module, ids, embeds, call.get("position_ids"))
-            real = real.expand(batch, -1)
-            call.set("position_ids", torch.cat([torch.full_like(real[:, :1], first).expand(-1, n), real], dim=1))
+            shifts = self._shifts(peers, batch, embeds.device)  # (batch, 1): 0 ("keep") or n ("shift")
+            # "keep": every prompt vector at the first position; "shift": the prompt counts from it
+            ahead = first + torch.arange(n, device=embeds.device).expand(batch, -1) * shifts.clamp(max=1)
+            call.set("position_ids", torch.cat([ahead, real.expand(batch, -1) + shifts], dim=1))
         if cache is not None:
             setattr(cache, _TAG, n)
         self._calls.append(not self.enc_dec)
         return call.result()
+
+    def _shifts(self, peers: list[Prompt] | None, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch, 1): how far each row's real tokens move, num_tokens where its prompt says "shift"."""
+
+        def shift(p: Prompt) -> int:
+            return p.config.num_tokens if p.config.positions == "shift" else 0
+
+        if peers is None:
+            return torch.full((batch, 1), shift(self), dtype=torch.long, device=device)
+        rows = torch.empty(self.route.batch, 1, dtype=torch.long, device=device)
+        for p in peers:
+            rows[p.route.rows] = shift(p)
+        return rows.repeat_interleave(batch // self.route.batch, dim=0)  # generation may widen rows (beams)
 
     def _strip(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         prepended = self._calls.pop() if self._calls else False

@@ -2,8 +2,8 @@
 
 Each existing bias b of the targeted modules (linear layers, GPT-2's Conv1D, LayerNorm: any module's
 own `bias` parameter) is trained as b + D with D zero at init, through a parametrization, so the
-backbone's bias itself never changes. The task head is left out by default: `train_head=True` on the
-DeltaModel trains it in full, as the paper does.
+backbone's bias itself never changes. The task head is not part of the delta: it trains in full, as
+the paper does, where the DeltaModel's train_head is on (`attach`'s default for classifiers).
 
 Models without any bias in the targeted modules (Llama, T5) would leave BitFit nothing to train. As
 OpenDelta's BitFit does, a zero-initialised bias is then *added* to every targeted linear layer as an
