@@ -155,3 +155,39 @@ def test_load_best_model_at_end_restores_a_delta_checkpoint(tmp_path: Path) -> N
     mine = dm.state_dict()
     assert any(not torch.equal(best[k], last[k]) for k in best)
     assert all(torch.equal(best[k], mine[k]) for k in best)
+
+
+def test_the_loss_a_trainer_sees_carries_the_deltas_regularization() -> None:
+    """Diff pruning's L0 penalty and AdaLoRA's orthogonality reach any loop that trains on outputs.loss."""
+    for method in ("diff_pruning", "adalora"):
+        dm = _dm(method)
+        batch = {"input_ids": torch.randint(3, VOCAB, (2, 6)), "labels": torch.tensor([0, 1])}
+        extra = dm.regularization()
+        assert extra is not None and extra.requires_grad and extra.item() > 0
+        torch.manual_seed(0)
+        with_term = dm(**batch).loss
+        torch.manual_seed(0)
+        plain = dm.backbone(**batch).loss
+        torch.testing.assert_close(with_term, plain + extra)
+        dm.eval()
+        with torch.no_grad():
+            assert dm.regularization() is None
+            torch.testing.assert_close(dm(**batch).loss, dm.backbone(**batch).loss)
+
+
+def test_adalora_under_trainer_allocates_ranks_with_the_schedule_callback(tmp_path: Path) -> None:
+    from deltatune.train.hf import DeltaScheduleCallback
+
+    dm = dt.attach(make_model("bert").train(), dt.METHODS["adalora"](init_r=4, target_r=1, tfinal=2), train_head=True)
+    args = _args(tmp_path, max_steps=6, learning_rate=1e-2, save_strategy="no")
+    transformers.Trainer(model=dm, args=args, train_dataset=Rows(), callbacks=[DeltaScheduleCallback()]).train()
+    ranks = dm.delta().ranks()
+    assert sum(ranks.values()) == len(ranks)  # target_r=1 per layer on average, from init_r=4
+
+
+def test_adalora_trained_without_its_schedule_warns(tmp_path: Path) -> None:
+    dm = dt.attach(make_model("bert").train(), dt.METHODS["adalora"](init_r=4, target_r=1), train_head=True)
+    batch = {"input_ids": torch.randint(3, VOCAB, (2, 6)), "labels": torch.tensor([0, 1])}
+    with pytest.warns(UserWarning, match="DeltaScheduleCallback"):
+        for _ in range(100):
+            dm(**batch)

@@ -62,12 +62,29 @@ class DeltaModel(nn.Module):
 
     # -- behaving as the backbone -------------------------------------------------------------
     def forward(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
-        """The backbone's forward; with `delta_ids` (one per row) each row uses its own deltas."""
+        """The backbone's forward; with `delta_ids` (one per row) each row uses its own deltas.
+
+        While training, a returned `loss` includes the deltas' `regularization()` (diff pruning's L0
+        penalty, AdaLoRA's orthogonality), as PEFT's AdaLoRA does: any loop that trains on
+        `outputs.loss`, `transformers.Trainer` included, trains the method as its paper does.
+        """
         self._refuse_training_while_merged()
         if delta_ids is None:
-            return self.backbone(*args, **kwargs)
-        with self.route(delta_ids, rows=input_rows(args, kwargs)):
-            return self.backbone(*args, **kwargs)
+            out = self.backbone(*args, **kwargs)
+        else:
+            with self.route(delta_ids, rows=input_rows(args, kwargs)):
+                out = self.backbone(*args, **kwargs)
+        if getattr(out, "loss", None) is not None and (extra := self.regularization()) is not None:
+            out.loss = out.loss + extra
+        return out
+
+    def regularization(self) -> torch.Tensor | None:
+        """The sum of the trainable deltas' loss terms while training; None when there are none."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        trained = (d for d in self.deltas.values() if any(p.requires_grad for p in d.parameters()))
+        terms = [r for d in trained if (r := d.regularization()) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def generate(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
         if delta_ids is None:

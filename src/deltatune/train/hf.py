@@ -10,6 +10,11 @@ fine-tuning): `optimizer(dm)` builds the AdamW that `deltatune train` uses, one 
 its method's `default_lr`, to pass as `Trainer(..., optimizers=(optimizer(dm), None))`; Trainer
 then builds its scheduler on it and checkpoints and restores its state as usual.
 
+Methods with a training schedule (AdaLoRA's rank allocation) act after each optimizer step, while
+the gradients are still there: `DeltaScheduleCallback` calls their `on_step` from Trainer's
+`on_optimizer_step` event, as `fit` does. Their loss terms need nothing: `DeltaModel.forward` adds
+them to the returned loss while training.
+
 `SaveDeltaCallback` additionally writes each checkpoint in deltatune's own format (a
 `DeltaModel.save_pretrained` folder, readable by `DeltaModel.from_pretrained` and `deltatune
 evaluate`), for users who want the deltas out of Trainer's checkpoints without rebuilding the model.
@@ -66,11 +71,29 @@ class SaveDeltaCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         if not state.is_world_process_zero:
             return control
-        dm = model
-        while not isinstance(dm, DeltaModel) and hasattr(dm, "module"):  # DDP and friends wrap it
-            dm = dm.module
-        if not isinstance(dm, DeltaModel):
-            raise TypeError(f"SaveDeltaCallback needs Trainer(model=<a DeltaModel>), got {type(model).__name__}")
+        dm = _delta_model(model, "SaveDeltaCallback")
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.subfolder)
         dm.save_pretrained(folder)
+        return control
+
+
+def _delta_model(model: Any, what: str) -> DeltaModel:
+    dm = model
+    while not isinstance(dm, DeltaModel) and hasattr(dm, "module"):  # DDP and friends wrap it
+        dm = dm.module
+    if not isinstance(dm, DeltaModel):
+        raise TypeError(f"{what} needs Trainer(model=<a DeltaModel>), got {type(model).__name__}")
+    return dm
+
+
+class DeltaScheduleCallback(TrainerCallback):
+    """Runs each delta's `on_step(step, total)` after every optimizer step (AdaLoRA's rank budget).
+
+    Trainer clears the gradients before `on_step_end`, so this hooks `on_optimizer_step`, which comes
+    right after `optimizer.step()`; `state.global_step` is the step just finished minus one there.
+    """
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        for delta in _delta_model(model, "DeltaScheduleCallback").deltas.values():
+            delta.on_step(state.global_step + 1, state.max_steps)
         return control

@@ -101,7 +101,9 @@ class VerbalizerObjective:
         return logits[rows, last][:, self.label_ids.to(logits.device)].float()
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(self._label_logits(model, batch), batch["labels"])
+        loss = F.cross_entropy(self._label_logits(model, batch), batch["labels"])
+        extra = getattr(getattr(model, "module", model), "regularization", lambda: None)()  # DDP wraps it
+        return loss if extra is None else loss + extra  # the model's own loss carries it; this one does not
 
     @torch.no_grad()
     def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list:

@@ -370,10 +370,7 @@ def fit(
                 loop |= {"history": history, "elapsed": time.perf_counter() - start}
                 checkpoint.save(out, unwrapped, optimizer, scheduler, epoch_state, best_state, loop)
             with accelerator.accumulate(model):
-                loss = objective.loss(model, batch)
-                if dm is not None:
-                    extra = [r for d in dm.deltas.values() if (r := d.regularization()) is not None]
-                    loss = loss + sum(extra) if extra else loss
+                loss = objective.loss(model, batch)  # with the deltas' regularization (DeltaModel.forward)
                 if not torch.isfinite(loss):
                     diverged = f"the loss became {loss.item()} at step {step}"
                     break

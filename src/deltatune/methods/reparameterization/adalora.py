@@ -15,6 +15,7 @@ best state from earlier), and `schedule_state()` lets a resumed `fit` continue t
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 import torch
@@ -24,6 +25,14 @@ from torch import nn
 from ...core.delta import DeltaConfig, setting
 from ...core.targeting import Layers, Targets
 from ._linear_delta import LinearDelta, LinearUpdate
+
+
+UNSCHEDULED_WARNING = 100
+UNSCHEDULED_MESSAGE = (
+    "AdaLoRA has trained 100 forwards without on_step: its rank allocation is not running (the delta stays "
+    "at init_r). Under transformers.Trainer add callbacks=[deltatune.train.hf.DeltaScheduleCallback()]; "
+    "in your own loop call delta.on_step(step, total_steps) after each optimizer step"
+)
 
 
 @dataclasses.dataclass
@@ -84,6 +93,7 @@ class AdaLoRA(LinearDelta):
         super().__init__(config)
         self._ema: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (importance, uncertainty)
         self._final: dict[str, torch.Tensor] | None = None
+        self._unscheduled = 0  # training forwards since the last on_step: many means no loop calls it
 
     def make_layer(self, name: str, module: nn.Module, in_features: int, out_features: int) -> AdaLoRAUpdate:
         cfg = self.config
@@ -91,6 +101,9 @@ class AdaLoRA(LinearDelta):
 
     def regularization(self) -> torch.Tensor | None:
         """orth_weight times the mean distance of each PᵀP and QQᵀ from the identity."""
+        self._unscheduled += 1
+        if self._unscheduled == UNSCHEDULED_WARNING:
+            warnings.warn(UNSCHEDULED_MESSAGE, stacklevel=2)
         if not self.config.orth_weight or not self.training:
             return None
         terms = []
@@ -111,7 +124,7 @@ class AdaLoRA(LinearDelta):
 
     @torch.no_grad()
     def on_step(self, step: int, total: int) -> None:
-        cfg = self.config
+        cfg, self._unscheduled = self.config, 0
         if cfg.tinit + cfg.tfinal >= total:
             raise ValueError(
                 f"AdaLoRA needs tinit + tfinal ({cfg.tinit} + {cfg.tfinal}) below the {total} training steps"
