@@ -26,7 +26,6 @@ from ...core.delta import DeltaConfig, setting
 from ...core.targeting import Layers, Targets
 from ._linear_delta import LinearDelta, LinearUpdate
 
-
 UNSCHEDULED_WARNING = 100
 UNSCHEDULED_MESSAGE = (
     "AdaLoRA has trained 100 forwards without on_step: its rank allocation is not running (the delta stays "
