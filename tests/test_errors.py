@@ -20,6 +20,7 @@ import torch
 from tiny import logits, make_inputs, make_model, same_state, state
 
 import deltatune as dt
+from deltatune.core import io
 from deltatune.core.io import META, WEIGHTS
 from deltatune.core.routing import RoutingError
 
@@ -49,10 +50,12 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _edit_meta(folder: Path, edit) -> None:  # noqa: ANN001 - a function of the parsed JSON
+def _edit_meta(folder: Path, edit, reseal: bool = True) -> None:  # noqa: ANN001 - a function of the parsed JSON
+    """Edit delta.json; `reseal` also updates its recorded hash, as a deliberate attacker would, so the
+    checks behind the seal are what must refuse the edit."""
     meta = json.loads((folder / META).read_text())
     edit(meta)
-    (folder / META).write_text(json.dumps(meta))
+    (folder / META).write_bytes(io._sealed(meta) if reseal else json.dumps(meta).encode())
 
 
 def _rewrite_tensors(folder: Path, edit, rehash: bool = True) -> None:  # noqa: ANN001
@@ -230,15 +233,19 @@ def test_a_non_utf8_delta_json_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_delta_saved_before_hashes_loads_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import deltatune.core.io as io
-
-    folder = _saved(tmp_path)
-    _edit_meta(folder, lambda m: m.pop("weights_sha256"))
-    monkeypatch.setattr(io, "_warned_unhashed", False)
-    with pytest.warns(UserWarning, match="records no hash of its tensors"):
-        dt.load_delta(make_model("bert"), folder)
+    """A folder written before deltatune hashed tensors and sealed delta.json: it loads, with one warning each."""
     import warnings
 
+    folder = _saved(tmp_path)
+    _edit_meta(folder, lambda m: (m.pop("weights_sha256"), m.pop("meta_sha256")), reseal=False)
+    monkeypatch.setattr(io, "_warned_unhashed", False)
+    monkeypatch.setattr(io, "_warned_unsealed", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dt.load_delta(make_model("bert"), folder)
+    said = " | ".join(str(w.message) for w in caught)
+    assert "records no hash of its tensors" in said and "records no hash of its own content" in said
+    assert f"deltatune reseal {folder}" in said
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dt.load_delta(make_model("bert"), folder)  # once per process, not once per load
