@@ -97,6 +97,33 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0, "a number of at least 0")
 
 
+def seed(text: str) -> int:
+    """A seed numpy and torch accept: 0 to 2**32 - 1."""
+    return int(_number(text, int, lambda v: 0 <= v <= 2**32 - 1, "a whole number from 0 to 4294967295"))
+
+
+def threads(text: str) -> int:
+    """At least 1, at most 4 per core: torch's thread pool segfaults when asked for 100,000 threads."""
+    most = 4 * (os.cpu_count() or 1)
+    return int(_number(text, int, lambda v: 1 <= v <= most, f"a whole number of at least 1 and at most {most} (4 per core here)"))
+
+
+def check_max_length(model_name: str, max_length: int, flag: str = "--max-length") -> None:
+    """Refuse a max length beyond the model's position table before anything runs (a long input would
+    otherwise end in a tensor-size error from inside the model)."""
+    from transformers import AutoConfig
+
+    from ..backbones import model_path
+
+    try:
+        config = AutoConfig.from_pretrained(model_path(model_name)).get_text_config()
+    except (OSError, ValueError):
+        return  # the model's own loading says what is wrong with it
+    most = next((v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)), None)
+    if most is not None and max_length > most:
+        raise ValueError(f"{flag} {max_length} is more than {model_name} can read ({most} positions); use at most {most}")
+
+
 def fraction(text: str) -> float:
     """A share strictly between 0 and 1 (e.g. --dev-split 0.1)."""
     return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (e.g. 0.1)")
@@ -166,7 +193,7 @@ def set_threads(requested: int | None) -> int:
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads,
         default=None,
         help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores other processes "
         "are not keeping busy right now, at least 1)",

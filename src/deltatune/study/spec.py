@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
+from ..train.checks import MAX_SEED
 from ..train.trainer import TrainConfig
 from .lr_grid import LRGrid, grid_key, lr_group, rate_field
 from .lr_grid import parse as parse_lr_grid
@@ -44,6 +45,13 @@ TOP_FIELDS = {
     "task_train",
 }
 PRESETS_DIR = Path(__file__).parent / "presets"
+# a spec is a few kilobytes, a few levels deep, and a paper's grid is hundreds of runs: bounds far above
+# any real spec, checked before anything is built (a 30 MB file, 5,000 nested brackets or a million
+# seeds would otherwise exhaust memory, crash the YAML parser's recursion or queue runs for years)
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_VALUES = 100_000  # values once YAML aliases are expanded (a "billion laughs" file is tiny)
+MAX_RUNS = 20_000
 
 
 class SpecError(ValueError):
@@ -296,6 +304,8 @@ def _resolve_tasks(value: Any, field: str) -> list[str]:
 
 def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     """Check a spec mapping (as read from YAML/TOML) field by field and build the StudySpec."""
+    if raw is None:
+        raise _fail("(top level)", "the file is empty", "write a spec, e.g. `deltatune study presets` lists examples")
     if not isinstance(raw, dict):
         raise _fail("(top level)", f"got {type(raw).__name__}", "a study spec is a mapping of fields")
     unknown = sorted(set(raw) - TOP_FIELDS)
@@ -317,13 +327,19 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     methods = _parse_methods(raw.get("methods"))
     seeds = _list(raw, "seeds", [42])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise _fail("seeds", f"{seeds} are not all integers", "write e.g. `seeds: [42, 43, 44]`")
+        raise _fail("seeds", f"{_short(seeds)} are not all integers", "write e.g. `seeds: [42, 43, 44]`")
+    if not all(0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise _fail("seeds", f"{_short(seeds)} holds a repeat or a seed outside 0..{MAX_SEED}", "list distinct seeds, e.g. [42, 43]")
     k_shot, max_train = raw.get("k_shot"), raw.get("max_train")
     if k_shot is not None and max_train is not None:
         raise _fail("k_shot", "k_shot and max_train both set", "keep one of them")
     for field, v in (("k_shot", k_shot), ("max_train", max_train), ("threads", raw.get("threads"))):
-        if v is not None and (not isinstance(v, int) or v <= 0):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise _fail(field, f"{v!r} is not a positive integer", f"write e.g. `{field}: 16` or drop it")
+    threads = raw.get("threads")
+    if threads is not None and threads > max_threads():
+        raise _fail("threads", f"{threads} is more than {max_threads()} (4 per core here)", "use at most the cores you have")
+    _check_train_values(train, "train")
     analyses = _list(raw, "analyses", ["performance", "convergence", "efficiency"])
     for a in analyses:
         if a not in ANALYSES:
@@ -390,6 +406,10 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         bad = sorted(set(over or {}) - TRAIN_FIELDS)
         if bad:
             raise _fail(f"task_train.{t}.{bad[0]}", "not a TrainConfig field", "use a field of `train`")
+        _check_train_values(dict(over or {}), f"task_train.{t}")
+    runs = len(models) * len(tasks) * len(methods) * (len(seeds) + len(more_seeds))
+    if runs > MAX_RUNS:
+        raise _fail("seeds", f"the grid is {runs:,} runs, more than {MAX_RUNS:,}", "split it into several studies")
     return StudySpec(
         name=str(raw.get("name", name)),
         models=models,
@@ -431,20 +451,93 @@ def check_model(model: str) -> None:
         )
 
 
-def read_spec_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".toml":
-        import tomllib
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} items)"
 
-        return tomllib.loads(text)
-    if path.suffix == ".json":
-        return json.loads(text)
+
+def max_threads() -> int:
+    import os
+
+    return 4 * (os.cpu_count() or 1)
+
+
+def _check_train_values(values: dict[str, Any], where: str) -> None:
+    """The training settings of a spec, checked by the rules `deltatune train`'s flags follow."""
+    from ..train.checks import check_train_value
+
+    for key, value in values.items():
+        try:
+            check_train_value(key, value)
+        except ValueError as err:
+            raise _fail(f"{where}.{key}", str(err), "see `deltatune train --help` for what each setting takes") from None
+
+
+def _check_size(data: Any) -> None:
+    """Depth and number of values of a parsed spec, walked without recursion; stops as soon as one is exceeded."""
+    count, stack = 0, [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"study spec: nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels deep")
+        if count > MAX_SPEC_VALUES:
+            raise SpecError(f"study spec: more than {MAX_SPEC_VALUES:,} values (YAML aliases expanded); split the study")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A spec file, parsed within bounds (size, nesting, values) before anything is built from it."""
+    import stat
+
+    path = Path(path)
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise SpecError(f"study spec {path} is not a regular file; pass a .yaml/.toml file")
+    if info.st_size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"study spec {path} is {info.st_size:,} bytes, more than {MAX_SPEC_BYTES:,}; a spec is a few kilobytes"
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = _load_yaml(text)
+    except RecursionError:
+        raise SpecError(f"study spec {path} is nested far deeper than a spec; fix the file") from None
+    _check_size(data)
+    return data
+
+
+def _load_yaml(text: str) -> Any:
     try:
         import yaml
     except ImportError as err:  # pragma: no cover - pyyaml is in the [study] extra
         raise ImportError("YAML study specs need pyyaml: pip install 'deltatune[study]' (or write TOML)") from err
-    return yaml.safe_load(text)
+
+    class BoundedLoader(yaml.SafeLoader):
+        """safe_load whose node composer refuses nesting beyond MAX_SPEC_DEPTH (it recurses per level)."""
+
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_SPEC_DEPTH:
+                    raise SpecError(f"study spec: nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels deep")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def presets() -> dict[str, Path]:
