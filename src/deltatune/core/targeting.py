@@ -102,6 +102,8 @@ def parse_layers(layers: Layers, n_layers: int) -> set[int]:
             else:
                 i = int(item)
                 chosen.add(i + n_layers if i < 0 else i)
+        except TargetError:
+            raise
         except ValueError as err:
             raise TargetError(f"cannot read layer selection {item!r}: use e.g. '6-11', '0,2', '9:' or -2") from err
     bad = sorted(i for i in chosen if not 0 <= i < n_layers)
