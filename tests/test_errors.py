@@ -835,6 +835,8 @@ def test_size_settings_are_bounded_by_the_model(method: str, kwargs: dict, match
         dt.attach(model, dt.METHODS[method](**kwargs))
     assert same_state(before, state(model)) and _no_trace(model)
     dt.attach(make_model("bert"), dt.METHODS[method](**{k: 32 for k in kwargs}))  # the limit itself is allowed
+    with pytest.raises(ValueError, match=r"LoRAConfig\.rank_pattern is 1000, .*use at most 32"):
+        dt.attach(model, dt.METHODS["lora"](rank_pattern={"query": 1000}))  # per-module ranks too
 
 
 def test_long_values_and_layer_ranges_give_short_messages() -> None:

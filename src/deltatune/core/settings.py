@@ -59,6 +59,8 @@ def check_limits(config: Any, model: Any) -> None:
     for field in dataclasses.fields(config):
         kind = field.metadata.get("limit")
         value = getattr(config, field.name)
+        if isinstance(value, dict):  # per-module sizes (LoRA's rank_pattern): the largest must fit
+            value = max((v for v in value.values() if isinstance(v, int) and not isinstance(v, bool)), default=None)
         if kind is None or not isinstance(value, int) or isinstance(value, bool):
             continue
         bound = model_limit(model, kind)

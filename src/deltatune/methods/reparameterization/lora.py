@@ -39,7 +39,7 @@ class LoRAConfig(DeltaConfig):
     alpha: float = setting(16.0, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)
     # per-module rank / alpha, as PEFT's: a key matches a module named `key` or ending in `.key` (a regex)
-    rank_pattern: dict[str, int] | None = None
+    rank_pattern: dict[str, int] | None = setting(None, limit="width")
     alpha_pattern: dict[str, float] | None = None
 
     def build(self) -> LoRA:
