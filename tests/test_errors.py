@@ -856,7 +856,9 @@ def test_long_values_and_layer_ranges_give_short_messages() -> None:
         ("description: '" + "x" * (1 << 20) + "'\n", r"bytes, more than 1,048,576; a spec is a few kilobytes"),
         (
             "a: &a [x,x,x,x,x,x,x,x,x,x]\n"
-            + "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdef", "bcdefg")),
+            + "".join(
+                f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdef", "bcdefg", strict=True)
+            ),
             r"more than 100,000 values \(YAML aliases expanded\)",
         ),
         ("", "the file is empty"),

@@ -105,7 +105,11 @@ def seed(text: str) -> int:
 def threads(text: str) -> int:
     """At least 1, at most 4 per core: torch's thread pool segfaults when asked for 100,000 threads."""
     most = 4 * (os.cpu_count() or 1)
-    return int(_number(text, int, lambda v: 1 <= v <= most, f"a whole number of at least 1 and at most {most} (4 per core here)"))
+    return int(
+        _number(
+            text, int, lambda v: 1 <= v <= most, f"a whole number of at least 1 and at most {most} (4 per core here)"
+        )
+    )
 
 
 def check_max_length(model_name: str, max_length: int, flag: str = "--max-length") -> None:
@@ -119,9 +123,13 @@ def check_max_length(model_name: str, max_length: int, flag: str = "--max-length
         config = AutoConfig.from_pretrained(model_path(model_name)).get_text_config()
     except (OSError, ValueError):
         return  # the model's own loading says what is wrong with it
-    most = next((v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)), None)
+    most = next(
+        (v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)), None
+    )
     if most is not None and max_length > most:
-        raise ValueError(f"{flag} {max_length} is more than {model_name} can read ({most} positions); use at most {most}")
+        raise ValueError(
+            f"{flag} {max_length} is more than {model_name} can read ({most} positions); use at most {most}"
+        )
 
 
 def fraction(text: str) -> float:

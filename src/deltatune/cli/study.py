@@ -92,7 +92,10 @@ def _run(args: argparse.Namespace) -> int:
         first = next(iter(store.runs("failed")), None)
         store.close()
         why = f"; first: {first['key']}: {(first['error'] or '').strip().splitlines()[-1][:300]}" if first else ""
-        print(f"deltatune study: {counts['failed']} run(s) failed{why} (all: deltatune study status {db})", file=sys.stderr)
+        print(
+            f"deltatune study: {counts['failed']} run(s) failed{why} (all: deltatune study status {db})",
+            file=sys.stderr,
+        )
     if args.report:
         from ..study.report import write_report
 

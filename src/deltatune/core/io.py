@@ -139,7 +139,9 @@ def _read_regular(file: Path, limit: int | None, what: str) -> bytes:
     if not stat.S_ISREG(info.st_mode):
         raise DeltaIOError(f"{file} is not a regular file (a device, pipe or folder); {what}")
     if limit is not None and info.st_size > limit:
-        raise DeltaIOError(f"{file} is {info.st_size:,} bytes, far more than a delta description; was it edited or replaced?")
+        raise DeltaIOError(
+            f"{file} is {info.st_size:,} bytes, far more than a delta description; was it edited or replaced?"
+        )
     with open(file, "rb") as f:
         return f.read(info.st_size + 1 if limit is None else limit + 1)
 
@@ -416,7 +418,9 @@ def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta
                 f"the delta's head tensor {k!r} has shape {tuple(v.shape)}, this model's {tuple(params[k].shape)}: "
                 f"load the backbone with the same number of labels (num_labels={v.shape[0]})"
             )
-    nonfinite = next((k for k, v in {**tensors, **head}.items() if v.is_floating_point() and not v.isfinite().all()), None)
+    nonfinite = next(
+        (k for k, v in {**tensors, **head}.items() if v.is_floating_point() and not v.isfinite().all()), None
+    )
     if nonfinite is not None:
         raise DeltaIOError(
             f"tensor {nonfinite!r} holds NaN or infinite values: the delta was saved from a run that diverged; "

@@ -16,8 +16,8 @@ from torch import nn
 
 from . import conventions
 from .delta import Delta, DeltaConfig, DeltaError
-from .settings import check_limits
 from .routing import RoutingError, RowIds, input_rows, routes_for, row_names
+from .settings import check_limits
 from .targeting import head_names
 
 
@@ -342,14 +342,20 @@ class DeltaModel(nn.Module):
         unexpected, missing = sorted(set(own) - set(mine)), sorted(set(mine) - set(own)) if strict else []
         wrong = [k for k in own if k in mine and tuple(own[k].shape) != tuple(mine[k].shape)]
         if unexpected or missing or wrong:
-            detail = f"shape {tuple(own[wrong[0]].shape)} for {wrong[0]!r}, here {tuple(mine[wrong[0]].shape)}" if wrong else ""
+            detail = (
+                f"shape {tuple(own[wrong[0]].shape)} for {wrong[0]!r}, here {tuple(mine[wrong[0]].shape)}"
+                if wrong
+                else ""
+            )
             raise DeltaError(
                 f"the state does not fit delta {name!r}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
                 f"{'; ' + detail if detail else ''}; pass the state dm.delta_state_dict({name!r}) gives"
             )
         nonfinite = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
         if nonfinite is not None:
-            raise DeltaError(f"tensor {nonfinite!r} holds NaN or infinite values; load a state from a run that did not diverge")
+            raise DeltaError(
+                f"tensor {nonfinite!r} holds NaN or infinite values; load a state from a run that did not diverge"
+            )
         delta.load_state_dict(own, strict=strict)
         with torch.no_grad():
             for n, v in head.items():

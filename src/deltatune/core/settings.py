@@ -179,7 +179,11 @@ def check_fields(config: Any) -> None:
         if not _conforms(value, hint):
             wanted = describe(hint)
             shown = repr(value)
-            shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} items)"
+            shown = (
+                shown
+                if len(shown) <= 80
+                else f"{shown[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} items)"
+            )
             if numeric and _has_range(field.metadata):
                 wanted = _range_text(field.metadata, is_int, noun=True) + (" or None" if _conforms(None, hint) else "")
             note = _bound_note(field.metadata, is_int) if numeric else ""

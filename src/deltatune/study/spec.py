@@ -329,7 +329,11 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _fail("seeds", f"{_short(seeds)} are not all integers", "write e.g. `seeds: [42, 43, 44]`")
     if not all(0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
-        raise _fail("seeds", f"{_short(seeds)} holds a repeat or a seed outside 0..{MAX_SEED}", "list distinct seeds, e.g. [42, 43]")
+        raise _fail(
+            "seeds",
+            f"{_short(seeds)} holds a repeat or a seed outside 0..{MAX_SEED}",
+            "list distinct seeds, e.g. [42, 43]",
+        )
     k_shot, max_train = raw.get("k_shot"), raw.get("max_train")
     if k_shot is not None and max_train is not None:
         raise _fail("k_shot", "k_shot and max_train both set", "keep one of them")
@@ -338,7 +342,9 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
             raise _fail(field, f"{v!r} is not a positive integer", f"write e.g. `{field}: 16` or drop it")
     threads = raw.get("threads")
     if threads is not None and threads > max_threads():
-        raise _fail("threads", f"{threads} is more than {max_threads()} (4 per core here)", "use at most the cores you have")
+        raise _fail(
+            "threads", f"{threads} is more than {max_threads()} (4 per core here)", "use at most the cores you have"
+        )
     _check_train_values(train, "train")
     analyses = _list(raw, "analyses", ["performance", "convergence", "efficiency"])
     for a in analyses:
@@ -470,7 +476,9 @@ def _check_train_values(values: dict[str, Any], where: str) -> None:
         try:
             check_train_value(key, value)
         except ValueError as err:
-            raise _fail(f"{where}.{key}", str(err), "see `deltatune train --help` for what each setting takes") from None
+            raise _fail(
+                f"{where}.{key}", str(err), "see `deltatune train --help` for what each setting takes"
+            ) from None
 
 
 def _check_size(data: Any) -> None:
@@ -482,7 +490,9 @@ def _check_size(data: Any) -> None:
         if depth > MAX_SPEC_DEPTH:
             raise SpecError(f"study spec: nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels deep")
         if count > MAX_SPEC_VALUES:
-            raise SpecError(f"study spec: more than {MAX_SPEC_VALUES:,} values (YAML aliases expanded); split the study")
+            raise SpecError(
+                f"study spec: more than {MAX_SPEC_VALUES:,} values (YAML aliases expanded); split the study"
+            )
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
@@ -532,7 +542,9 @@ def _load_yaml(text: str) -> Any:
             self.depth += 1
             try:
                 if self.depth > MAX_SPEC_DEPTH:
-                    raise SpecError(f"study spec: nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels deep")
+                    raise SpecError(
+                        f"study spec: nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels deep"
+                    )
                 return super().compose_node(parent, index)
             finally:
                 self.depth -= 1

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
-from ...core.settings import MAX_SIZE
 from ...core.layers import first_input, is_linear, linear_dims, weight_update
 from ...core.routing import needs_graph
+from ...core.settings import MAX_SIZE
 from ...core.targeting import Layers, Targets
 
 
@@ -56,7 +56,9 @@ class LoRAConfig(DeltaConfig):
                 for k, v in pattern.items()
             )
             if not ok:
-                raise ValueError(f"LoRAConfig.{field} maps module names to positive numbers (at most {MAX_SIZE}), got {pattern!r}")
+                raise ValueError(
+                    f"LoRAConfig.{field} maps module names to positive numbers (at most {MAX_SIZE}), got {pattern!r}"
+                )
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """This module's (r, alpha): the first matching pattern key, else `r` and `alpha`."""
