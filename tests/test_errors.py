@@ -908,3 +908,18 @@ def test_a_one_class_task_is_refused(tmp_path: Path, capsys) -> None:  # noqa: A
     code, err = _cli(capsys, "train", "--task", str(data), "--dev-split", "0.2", "--out", str(tmp_path / "run"))
     _one_line_error(code, err, r"has one class only \(\['a'\]\): there is nothing to tell apart")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_max_length_beyond_the_model_is_refused_by_the_cli_and_the_spec(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """--max-length 100000 on long texts ended in torch's 'size of tensor a (2002) must match ... (512)'."""
+    from deltatune.study.spec import SpecError, parse_spec
+
+    make_model("bert").save_pretrained(tmp_path / "tiny")  # 64 positions
+    raw = {"models": [str(tmp_path / "tiny")], "tasks": ["sst2"], "methods": {"lora": {}}, "train": {"max_length": 65}}
+    with pytest.raises(SpecError, match=r"train\.max_length 65 is more than .*tiny can read \(64 positions\)"):
+        parse_spec(raw)
+    parse_spec({**raw, "train": {"max_length": 64}})
+    code, err = _cli(
+        capsys, "eval", "--delta", str(_saved(tmp_path)), "--model", str(tmp_path / "tiny"), "--max-length", "100"
+    )
+    _one_line_error(code, err, r"--max-length 100 is more than .*tiny can read \(64 positions\); use at most 64")

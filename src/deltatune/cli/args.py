@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.delta import DeltaConfig
 from ..methods import METHODS, get_config
+from ..train.checks import check_max_length  # noqa: F401 - the commands import it from here
 
 
 def parse_value(text: str) -> object:
@@ -110,26 +111,6 @@ def threads(text: str) -> int:
             text, int, lambda v: 1 <= v <= most, f"a whole number of at least 1 and at most {most} (4 per core here)"
         )
     )
-
-
-def check_max_length(model_name: str, max_length: int, flag: str = "--max-length") -> None:
-    """Refuse a max length beyond the model's position table before anything runs (a long input would
-    otherwise end in a tensor-size error from inside the model)."""
-    from transformers import AutoConfig
-
-    from ..backbones import model_path
-
-    try:
-        config = AutoConfig.from_pretrained(model_path(model_name)).get_text_config()
-    except (OSError, ValueError):
-        return  # the model's own loading says what is wrong with it
-    most = next(
-        (v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)), None
-    )
-    if most is not None and max_length > most:
-        raise ValueError(
-            f"{flag} {max_length} is more than {model_name} can read ({most} positions); use at most {most}"
-        )
 
 
 def fraction(text: str) -> float:

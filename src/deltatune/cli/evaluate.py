@@ -156,7 +156,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model = resolve(args.model, "--model", info.get("model"), DEFAULT_MODEL, "model")
     max_length = resolve(args.max_length, "--max-length", train.get("max_length"), DEFAULT_MAX_LENGTH, "max length")
     batch = args.batch_size or train.get("eval_batch_size") or DEFAULT_BATCH
-    check_max_length(model, max_length)
+    if args.max_length is not None:  # a length asked for now (the recorded one ran at training)
+        check_max_length(model, max_length)
     task = _task_for_eval(args, info)
     dm, tokenizer, lm = _load(model, args.delta, task)
     head = head_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48))
@@ -202,7 +203,8 @@ def run_predict(args: argparse.Namespace) -> int:
     task = task_of(args.delta)
     model = resolve(args.model, "--model", info.get("model"), DEFAULT_MODEL, "model")
     max_length = resolve(args.max_length, "--max-length", train.get("max_length"), DEFAULT_MAX_LENGTH, "max length")
-    check_max_length(model, max_length)
+    if args.max_length is not None:  # a length asked for now (the recorded one ran at training)
+        check_max_length(model, max_length)
     pairs = info.get("pairs")
     if pairs is None:  # deltas saved before "pairs" was recorded
         pairs = task.type == "pair_classification" or all(" ||| " in t for t in args.texts)

@@ -251,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
     checks.out_folder(args.out, "--out")
     threads = set_threads(args.threads)
     task = load_task_for_run(args)
-    check_max_length(args.model, args.max_length)
+    if args.max_length != TrainConfig.max_length:  # a length asked for (the default suits short texts)
+        check_max_length(args.model, args.max_length)
     spec = spec_from_args(args, task)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in task.splits.items())
     held = f"; dev = {args.dev_split:g} of train, seeded and stratified" if args.dev_split else ""

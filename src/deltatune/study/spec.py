@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from ..train.checks import MAX_SEED
+from ..train.checks import MAX_SEED, check_max_length
 from ..train.trainer import TrainConfig
 from .lr_grid import LRGrid, grid_key, lr_group, rate_field
 from .lr_grid import parse as parse_lr_grid
@@ -391,6 +391,15 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
                 "give the model folder by its path, e.g. ./models/tiny-bert",
             )
         check_model(model)
+        for where, over in [
+            ("train", train),
+            *((f"task_train.{t}", o or {}) for t, o in (raw.get("task_train") or {}).items()),
+        ]:
+            length = over.get("max_length")  # only a length the spec sets (the default suits short texts)
+            try:
+                check_max_length(model, length, f"{where}.max_length") if isinstance(length, int) else None
+            except ValueError as err:
+                raise _fail("models", str(err), f"lower {where}.max_length") from None
     if "name" in raw:
         _check_name("name", str(raw["name"]))
     grid = parse_lr_grid(raw.get("lr_grid"), labels, tasks, seeds, _fail)

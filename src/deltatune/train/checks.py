@@ -52,3 +52,23 @@ def check_train_value(key: str, value: Any) -> None:
         raise ValueError(f"must be at least {low}, got {value!r}")
     if key in _BELOW and value >= _BELOW[key]:
         raise ValueError(f"must be below {_BELOW[key]}, got {value!r}")
+
+
+def check_max_length(model_name: str, max_length: int, flag: str = "--max-length") -> None:
+    """Refuse a max length beyond the model's position table before anything runs (a long input would
+    otherwise end in a tensor-size error from inside the model)."""
+    from transformers import AutoConfig
+
+    from ..backbones import model_path
+
+    try:
+        config = AutoConfig.from_pretrained(model_path(model_name)).get_text_config()
+    except (OSError, ValueError):
+        return  # the model's own loading says what is wrong with it
+    most = next(
+        (v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)), None
+    )
+    if most is not None and max_length > most:
+        raise ValueError(
+            f"{flag} {max_length} is more than {model_name} can read ({most} positions); use at most {most}"
+        )
