@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from ..train.checks import MAX_SEED, check_max_length
 from ..train.trainer import TrainConfig
 from .lr_grid import LRGrid, grid_key, lr_group, rate_field
 from .lr_grid import parse as parse_lr_grid
+from .spec_file import SpecError, read_spec_file  # noqa: F401 - both importable from here, as before
 
 ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
 BASELINES = ("full", "head")  # full fine-tuning; a frozen backbone with a trained head (the paper's "none")
@@ -45,17 +45,7 @@ TOP_FIELDS = {
     "task_train",
 }
 PRESETS_DIR = Path(__file__).parent / "presets"
-# a spec is a few kilobytes, a few levels deep, and a paper's grid is hundreds of runs: bounds far above
-# any real spec, checked before anything is built (a 30 MB file, 5,000 nested brackets or a million
-# seeds would otherwise exhaust memory, crash the YAML parser's recursion or queue runs for years)
-MAX_SPEC_BYTES = 1 << 20
-MAX_SPEC_DEPTH = 32
-MAX_SPEC_VALUES = 100_000  # values once YAML aliases are expanded (a "billion laughs" file is tiny)
 MAX_RUNS = 20_000
-
-
-class SpecError(ValueError):
-    """A study spec that cannot run; the message names the field and the fix."""
 
 
 @dataclasses.dataclass
@@ -488,77 +478,6 @@ def _check_train_values(values: dict[str, Any], where: str) -> None:
             raise _fail(
                 f"{where}.{key}", str(err), "see `deltatune train --help` for what each setting takes"
             ) from None
-
-
-def _check_size(data: Any) -> None:
-    """Depth and number of values of a parsed spec, walked without recursion; stops as soon as one is exceeded."""
-    count, stack = 0, [(data, 1)]
-    while stack:
-        item, depth = stack.pop()
-        count += 1
-        if depth > MAX_SPEC_DEPTH:
-            raise SpecError(f"study spec: nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels deep")
-        if count > MAX_SPEC_VALUES:
-            raise SpecError(
-                f"study spec: more than {MAX_SPEC_VALUES:,} values (YAML aliases expanded); split the study"
-            )
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-
-
-def read_spec_file(path: str | Path) -> dict[str, Any]:
-    """A spec file, parsed within bounds (size, nesting, values) before anything is built from it."""
-    import stat
-
-    path = Path(path)
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise SpecError(f"study spec {path} is not a regular file; pass a .yaml/.toml file")
-    if info.st_size > MAX_SPEC_BYTES:
-        raise SpecError(
-            f"study spec {path} is {info.st_size:,} bytes, more than {MAX_SPEC_BYTES:,}; a spec is a few kilobytes"
-        )
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = _load_yaml(text)
-    except RecursionError:
-        raise SpecError(f"study spec {path} is nested far deeper than a spec; fix the file") from None
-    _check_size(data)
-    return data
-
-
-def _load_yaml(text: str) -> Any:
-    try:
-        import yaml
-    except ImportError as err:  # pragma: no cover - pyyaml is in the [study] extra
-        raise ImportError("YAML study specs need pyyaml: pip install 'deltatune[study]' (or write TOML)") from err
-
-    class BoundedLoader(yaml.SafeLoader):
-        """safe_load whose node composer refuses nesting beyond MAX_SPEC_DEPTH (it recurses per level)."""
-
-        depth = 0
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            self.depth += 1
-            try:
-                if self.depth > MAX_SPEC_DEPTH:
-                    raise SpecError(
-                        f"study spec: nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels deep"
-                    )
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def presets() -> dict[str, Path]:
