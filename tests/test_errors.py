@@ -20,6 +20,7 @@ import torch
 from tiny import logits, make_inputs, make_model, same_state, state
 
 import deltatune as dt
+from deltatune.core import io
 from deltatune.core.io import META, WEIGHTS
 from deltatune.core.routing import RoutingError
 
@@ -49,10 +50,12 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _edit_meta(folder: Path, edit) -> None:  # noqa: ANN001 - a function of the parsed JSON
+def _edit_meta(folder: Path, edit, reseal: bool = True) -> None:  # noqa: ANN001 - a function of the parsed JSON
+    """Edit delta.json; `reseal` also updates its recorded hash, as a deliberate attacker would, so the
+    checks behind the seal are what must refuse the edit."""
     meta = json.loads((folder / META).read_text())
     edit(meta)
-    (folder / META).write_text(json.dumps(meta))
+    (folder / META).write_bytes(io._sealed(meta) if reseal else json.dumps(meta).encode())
 
 
 def _rewrite_tensors(folder: Path, edit, rehash: bool = True) -> None:  # noqa: ANN001
@@ -230,15 +233,19 @@ def test_a_non_utf8_delta_json_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_delta_saved_before_hashes_loads_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import deltatune.core.io as io
-
-    folder = _saved(tmp_path)
-    _edit_meta(folder, lambda m: m.pop("weights_sha256"))
-    monkeypatch.setattr(io, "_warned_unhashed", False)
-    with pytest.warns(UserWarning, match="records no hash of its tensors"):
-        dt.load_delta(make_model("bert"), folder)
+    """A folder written before deltatune hashed tensors and sealed delta.json: it loads, with one warning each."""
     import warnings
 
+    folder = _saved(tmp_path)
+    _edit_meta(folder, lambda m: (m.pop("weights_sha256"), m.pop("meta_sha256")), reseal=False)
+    monkeypatch.setattr(io, "_warned_unhashed", False)
+    monkeypatch.setattr(io, "_warned_unsealed", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dt.load_delta(make_model("bert"), folder)
+    said = " | ".join(str(w.message) for w in caught)
+    assert "records no hash of its tensors" in said and "records no hash of its own content" in said
+    assert f"deltatune reseal {folder}" in said
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dt.load_delta(make_model("bert"), folder)  # once per process, not once per load
@@ -519,6 +526,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ({"methods": {"lora": 3}}, r"methods\.lora: settings must be a mapping, got 3"),
         ({"methods": {"lora": {"r": 2.5}}}, r"methods\.lora\.lora: LoRAConfig\.r must be a positive integer"),
         ({"methods": {"lora": {"dropout": 1}}}, r"LoRAConfig\.dropout must be in \[0, 1\)"),
+        # found by the session-6 probe: these ran and "succeeded", or failed in every run without a word
+        ({"train": {"lr": -1}}, r"train\.lr: must be a number above 0, got -1"),
+        ({"train": {"max_length": 0}}, r"train\.max_length: must be at least 1, got 0"),
+        ({"train": {"epochs": float("nan")}}, r"train\.epochs: must be a finite number"),
+        ({"train": {"batch_size": 2.5}}, r"train\.batch_size: must be a whole number"),
+        ({"train": {"mixed_precision": "fp8"}}, r"train\.mixed_precision: must be one of no, bf16, fp16"),
+        ({"k_shot": True}, r"k_shot: True is not a positive integer"),
+        ({"threads": 100_000}, r"threads: 100000 is more than \d+ \(4 per core here\)"),
+        ({"seeds": [-5]}, r"seeds: \[-5\] holds a repeat or a seed outside 0\.\.4294967295"),
+        ({"seeds": [1, 1]}, "holds a repeat"),
+        ({"seeds": list(range(100_000))}, r"the grid is 100,000 runs, more than 20,000; split it"),
     ],
     ids=lambda v: str(v)[:30],
 )
@@ -727,3 +745,181 @@ def test_a_delta_from_before_signatures_is_checked_by_its_probes(tmp_path: Path)
     _edit_meta(folder, lambda m: (m["backbone"].pop("signatures"), m.pop("weights_sha256")))
     dt.load_delta(make_model("bert"), folder)  # the same backbone: accepted (with the one-time warning)
     _refused_load(folder, "same shapes but other weights", make_model("bert", seed=5))
+
+
+# ============================================================================ found by the session-6 probe
+# An independent probe (/work/probe14 in the session that wrote these) tried 200+ bad inputs; each case
+# below is one it found accepted silently, crashing, or unclear, now refused in one line.
+
+
+def test_an_edit_to_delta_json_that_still_parses_is_refused_and_reseal_accepts_it(tmp_path: Path) -> None:
+    """alpha 16 -> 32 fits the same tensors and doubles the update: only delta.json's own hash can tell."""
+    folder = _saved(tmp_path)
+    _edit_meta(folder, lambda m: m["config"].update(alpha=32.0), reseal=False)
+    _refused_load(folder, r"delta\.json is edited or corrupted: .*deltatune reseal")
+    io.reseal(folder)  # a deliberate edit: sealed again, it loads with the new alpha
+    assert dt.load_delta(make_model("bert"), folder).delta().config.alpha == 32.0
+
+
+def test_reseal_refuses_a_changed_tensor_file_and_an_invalid_config(tmp_path: Path) -> None:
+    folder = _saved(tmp_path)
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[-2] ^= 0x40
+    (folder / WEIGHTS).write_bytes(bytes(data))
+    before = _files(folder)
+    with pytest.raises(dt.DeltaIOError, match="resealing covers delta.json only"):
+        io.reseal(folder)
+    assert _files(folder) == before
+    folder = _saved(tmp_path / "b")
+    _edit_meta(folder, lambda m: m["config"].update(r=0), reseal=False)
+    with pytest.raises(dt.DeltaIOError, match=r"LoRAConfig\.r must be a positive integer"):
+        io.reseal(folder)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_delta_file_that_is_a_pipe_or_a_device_is_refused_unread(tmp_path: Path, kind: str) -> None:
+    """A FIFO delta.json hung the loader; delta.safetensors -> /dev/zero read until the OOM killer came."""
+    folder = _saved(tmp_path)
+    if kind == "fifo":
+        (folder / META).unlink()
+        os.mkfifo(folder / META)
+    else:
+        (folder / WEIGHTS).unlink()
+        (folder / WEIGHTS).symlink_to("/dev/zero")
+    start = time.perf_counter()
+    _refused_load(folder, "is not a regular file")
+    assert time.perf_counter() - start < 5
+
+
+def test_non_finite_tensors_are_refused_on_load_and_merge(tmp_path: Path) -> None:
+    folder = _saved(tmp_path)
+    _rewrite_tensors(folder, lambda t: t[sorted(t)[0]].fill_(float("nan")))
+    _edit_meta(folder, lambda m: None)  # rehashed and resealed: a complete, deliberate edit
+    _refused_load(folder, "holds NaN or infinite values")
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())
+    before = state(dm.backbone)
+    nan = {k: torch.full_like(v, float("nan")) for k, v in dm.delta_state_dict().items()}
+    with pytest.raises(dt.DeltaError, match="holds NaN or infinite values"):
+        dm.load_delta_state_dict("default", nan)
+    with torch.no_grad():
+        next(iter(dm.delta().parameters())).fill_(float("inf"))
+    with pytest.raises(dt.DeltaError, match="merging would write them into the weights"):
+        dm.merge()
+    assert not dm.delta().merged and same_state(before, state(dm.backbone))
+
+
+def test_load_delta_state_dict_names_stray_keys_and_shapes_in_one_line() -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())
+    own = dict(dm.delta_state_dict())
+    before = {k: v.clone() for k, v in own.items()}
+    with pytest.raises(dt.DeltaError, match=r"unexpected keys \['bert\.embeddings\.word_embeddings\.weight'\]"):
+        dm.load_delta_state_dict("default", {**own, "bert.embeddings.word_embeddings.weight": torch.zeros(100, 32)})
+    with pytest.raises(dt.DeltaError, match=r"shape \(3, 3\) for .*, here \(8, 32\)"):
+        dm.load_delta_state_dict("default", {k: torch.zeros(3, 3) for k in own})
+    assert all(torch.equal(before[k], v) for k, v in dm.delta_state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "method,kwargs,match",
+    [
+        ("lora", {"r": 64}, r"LoRAConfig\.r is 64, but BertForSequenceClassification has a hidden size of 32"),
+        ("adapter", {"bottleneck": 1000}, r"AdapterConfig\.bottleneck is 1000, .* hidden size of 32 .*use at most 32"),
+        ("loha", {"r": 100}, r"LoHaConfig\.r is 100"),
+        ("adalora", {"init_r": 33}, r"AdaLoRAConfig\.init_r is 33"),
+    ],
+)
+def test_size_settings_are_bounded_by_the_model(method: str, kwargs: dict, match: str) -> None:
+    model = make_model("bert")
+    before = state(model)
+    with pytest.raises(ValueError, match=match):
+        dt.attach(model, dt.METHODS[method](**kwargs))
+    assert same_state(before, state(model)) and _no_trace(model)
+    dt.attach(make_model("bert"), dt.METHODS[method](**{k: 32 for k in kwargs}))  # the limit itself is allowed
+    with pytest.raises(ValueError, match=r"LoRAConfig\.rank_pattern is 1000, .*use at most 32"):
+        dt.attach(model, dt.METHODS["lora"](rank_pattern={"query": 1000}))  # per-module ranks too
+
+
+def test_long_values_and_layer_ranges_give_short_messages() -> None:
+    with pytest.raises(ValueError, match=r"got \[\['attn\.q'\], .*\.\.\. \(100000 items\)") as err:
+        dt.attach(make_model("bert"), dt.METHODS["lora"](targets=[["attn.q"]] * 100_000))
+    assert len(str(err.value)) < 300
+    start = time.perf_counter()
+    with pytest.raises(dt.TargetError, match=r"layers 0-99999999 do not exist: the model has layers 0-1"):
+        dt.attach(make_model("bert"), dt.METHODS["lora"](layers="0-99999999"))
+    assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
+        ("description: '" + "x" * (1 << 20) + "'\n", r"bytes, more than 1,048,576; a spec is a few kilobytes"),
+        (
+            "a: &a [x,x,x,x,x,x,x,x,x,x]\n"
+            + "".join(
+                f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdef", "bcdefg", strict=True)
+            ),
+            r"more than 100,000 values \(YAML aliases expanded\)",
+        ),
+        ("", "the file is empty"),
+    ],
+    ids=["deep", "huge", "aliases", "empty"],
+)
+def test_study_spec_files_are_bounded_before_anything_is_built(tmp_path: Path, text: str, match: str) -> None:
+    """5,000 nested brackets crashed the interpreter (SystemError, then a segfault); a 30 MB spec ran."""
+    from deltatune.study.spec import SpecError, load_spec
+
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(SpecError, match=match):
+        load_spec(tmp_path / "s.yaml")
+
+
+def test_cli_found_by_the_probe(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """--threads 100000 segfaulted torch; --seed -5 named no flag; --out/merge onto a file gave an errno."""
+    (tmp_path / "file").write_text("precious")
+    cases = [
+        (("train", "--threads", "100000"), r"argument --threads: must be a whole number of at least 1 and at most"),
+        (("train", "--seed", "-5"), r"argument --seed: must be a whole number from 0 to 4294967295"),
+        (("train", "--out", str(tmp_path / "file")), r"--out .*file is an existing file; pass a folder"),
+        (("merge", "minilm-l6", str(tmp_path), str(tmp_path / "file")), r"not a delta folder|is an existing file"),
+    ]
+    for argv, match in cases:
+        code, err = _cli(capsys, *argv)
+        _one_line_error(code, err, match)
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_cli_inspect_of_a_corrupted_delta_says_so_and_reseal_is_a_command(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    folder = _saved(tmp_path)
+    _edit_meta(folder, lambda m: m["config"].update(alpha=8.0), reseal=False)
+    code, err = _cli(capsys, "inspect", str(folder))
+    _one_line_error(code, err, r"delta\.json is edited or corrupted")
+    assert _cli(capsys, "reseal", str(folder))[0] == 0
+    from deltatune.cli import main
+
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "config: targets=" in out and "alpha=8.0" in out and "integrity: ok" in out
+
+
+def test_a_one_class_task_is_refused(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    data = tmp_path / "one.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t {i}", "label": "a"}) + "\n" for i in range(10)))
+    code, err = _cli(capsys, "train", "--task", str(data), "--dev-split", "0.2", "--out", str(tmp_path / "run"))
+    _one_line_error(code, err, r"has one class only \(\['a'\]\): there is nothing to tell apart")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_max_length_beyond_the_model_is_refused_by_the_cli_and_the_spec(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """--max-length 100000 on long texts ended in torch's 'size of tensor a (2002) must match ... (512)'."""
+    from deltatune.study.spec import SpecError, parse_spec
+
+    make_model("bert").save_pretrained(tmp_path / "tiny")  # 64 positions
+    raw = {"models": [str(tmp_path / "tiny")], "tasks": ["sst2"], "methods": {"lora": {}}, "train": {"max_length": 65}}
+    with pytest.raises(SpecError, match=r"train\.max_length 65 is more than .*tiny can read \(64 positions\)"):
+        parse_spec(raw)
+    parse_spec({**raw, "train": {"max_length": 64}})
+    code, err = _cli(
+        capsys, "eval", "--delta", str(_saved(tmp_path)), "--model", str(tmp_path / "tiny"), "--max-length", "100"
+    )
+    _one_line_error(code, err, r"--max-length 100 is more than .*tiny can read \(64 positions\); use at most 64")

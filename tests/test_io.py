@@ -10,7 +10,7 @@ import torch
 from tiny import logits, make_inputs, make_model
 
 import deltatune as dt
-from deltatune.core.io import META, WEIGHTS, read_meta
+from deltatune.core.io import META, WEIGHTS, _sealed, read_meta
 
 
 def _trained(method: str, arch: str = "bert", seed: int = 0) -> dt.DeltaModel:
@@ -27,7 +27,7 @@ def _rehash(folder: Path) -> None:
 
     meta = json.loads((folder / META).read_text())
     meta["weights_sha256"] = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
-    (folder / META).write_text(json.dumps(meta))
+    (folder / META).write_bytes(_sealed(meta))  # and delta.json's own hash: a deliberate, complete edit
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -66,6 +66,7 @@ def test_sites_are_stored_as_layer_ranges_and_plain_names_still_load(tmp_path: P
     meta = json.loads((tmp_path / "d" / META).read_text())
     assert all("{" in key for key in meta["sites"])  # every LoRA site of a layered model folds into a range
     meta["sites"] = dm.delta().sites  # the layout written before ranges: one plain name per site
+    del meta["meta_sha256"]  # nor did delta.json carry its own hash then
     (tmp_path / "d" / META).write_text(json.dumps(meta, indent=2))
     loaded = dt.load_delta(make_model("bert"), tmp_path / "d")
     torch.testing.assert_close(logits(loaded, inputs), logits(dm, inputs), rtol=0, atol=1e-6)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, Command] = {
     "merge": (evaluate.HELP_MERGE, evaluate.add_merge_arguments, evaluate.run_merge),
     "tasks": (tasks.HELP, tasks.add_arguments, tasks.run),
     "inspect": (inspect_cmd.HELP, inspect_cmd.add_arguments, inspect_cmd.run),
+    "reseal": (inspect_cmd.HELP_RESEAL, inspect_cmd.add_reseal_arguments, inspect_cmd.run_reseal),
     "study": (study_cmd.HELP, study_cmd.add_arguments, study_cmd.run),
     "subspace": (subspace_cmd.HELP, subspace_cmd.add_arguments, subspace_cmd.run),
 }

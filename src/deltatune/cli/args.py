@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.delta import DeltaConfig
 from ..methods import METHODS, get_config
+from ..train.checks import check_max_length  # noqa: F401 - the commands import it from here
 
 
 def parse_value(text: str) -> object:
@@ -97,6 +98,21 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0, "a number of at least 0")
 
 
+def seed(text: str) -> int:
+    """A seed numpy and torch accept: 0 to 2**32 - 1."""
+    return int(_number(text, int, lambda v: 0 <= v <= 2**32 - 1, "a whole number from 0 to 4294967295"))
+
+
+def threads(text: str) -> int:
+    """At least 1, at most 4 per core: torch's thread pool segfaults when asked for 100,000 threads."""
+    most = 4 * (os.cpu_count() or 1)
+    return int(
+        _number(
+            text, int, lambda v: 1 <= v <= most, f"a whole number of at least 1 and at most {most} (4 per core here)"
+        )
+    )
+
+
 def fraction(text: str) -> float:
     """A share strictly between 0 and 1 (e.g. --dev-split 0.1)."""
     return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (e.g. 0.1)")
@@ -166,7 +182,7 @@ def set_threads(requested: int | None) -> int:
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads,
         default=None,
         help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores other processes "
         "are not keeping busy right now, at least 1)",

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import add_threads_argument, positive_int, set_threads
+from . import checks
+from .args import add_threads_argument, check_max_length, positive_int, set_threads
 
 HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trained with)"
 HELP_PREDICT = "predict labels (or generate text) for input texts with a saved delta"
@@ -155,6 +156,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model = resolve(args.model, "--model", info.get("model"), DEFAULT_MODEL, "model")
     max_length = resolve(args.max_length, "--max-length", train.get("max_length"), DEFAULT_MAX_LENGTH, "max length")
     batch = args.batch_size or train.get("eval_batch_size") or DEFAULT_BATCH
+    if args.max_length is not None:  # a length asked for now (the recorded one ran at training)
+        check_max_length(model, max_length)
     task = _task_for_eval(args, info)
     dm, tokenizer, lm = _load(model, args.delta, task)
     objective = objective_for(
@@ -202,6 +205,8 @@ def run_predict(args: argparse.Namespace) -> int:
     task = task_of(args.delta)
     model = resolve(args.model, "--model", info.get("model"), DEFAULT_MODEL, "model")
     max_length = resolve(args.max_length, "--max-length", train.get("max_length"), DEFAULT_MAX_LENGTH, "max length")
+    if args.max_length is not None:  # a length asked for now (the recorded one ran at training)
+        check_max_length(model, max_length)
     pairs = info.get("pairs")
     if pairs is None:  # deltas saved before "pairs" was recorded
         pairs = task.type == "pair_classification" or all(" ||| " in t for t in args.texts)
@@ -243,6 +248,7 @@ def run_merge(args: argparse.Namespace) -> int:
             f"be merged; use it as it is (deltatune predict --delta {args.delta} ...), or train a mergeable "
             f"method ({mergeable})"
         )
+    checks.out_folder(args.out, "out")
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise ValueError(f"{args.out} exists and is not empty; give merge a new folder")
     task = task_of(args.delta)

@@ -94,6 +94,19 @@ def describe_delta(path: str) -> str:
     return "\n".join(lines + _training_lines(info))
 
 
+def _integrity(path: str) -> str:
+    """The check loading makes (tensor SHA-256, delta.json seal): inspecting a corrupted delta must say so."""
+    import warnings
+
+    from ..core.io import read_tensors
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_tensors(path)  # raises DeltaIOError naming the corrupted or edited file
+    old = f" ({'; '.join(str(w.message).split(',')[0] for w in caught)})" if caught else ""
+    return f"integrity: ok{old}" if not caught else f"integrity: unverified{old}"
+
+
 def _scores(metrics: dict | None) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in (metrics or {}).items())
 
@@ -143,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.delta:
         print(describe_delta(args.delta))
+        print(_integrity(args.delta))  # after the description, so a corrupted delta is still described
         return 0
 
     start = time.perf_counter()
@@ -171,4 +185,19 @@ def run(args: argparse.Namespace) -> int:
             else:
                 merge = "yes" if row["mergeable"] else "no"
                 print(f"{row['method']:<17}{row['family']:<20}{row['params']:>12,}{row['percent']:>11.3f}%  {merge}")
+    return 0
+
+
+HELP_RESEAL = "accept a deliberately edited delta.json: check it as loading does and record its new hash"
+
+
+def add_reseal_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("delta", help="a delta folder whose delta.json you edited on purpose")
+
+
+def run_reseal(args: argparse.Namespace) -> int:
+    from ..core.io import reseal
+
+    reseal(args.delta)
+    print(f"resealed {args.delta}: its delta.json, as it is now, is what loading will accept")
     return 0

@@ -85,6 +85,17 @@ def _run(args: argparse.Namespace) -> int:
         args.reclaim,
     )  # fmt: skip
     print(f"{db}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if counts["failed"]:
+        from ..study.store import Store
+
+        store = Store(db, readonly=True)
+        first = next(iter(store.runs("failed")), None)
+        store.close()
+        why = f"; first: {first['key']}: {(first['error'] or '').strip().splitlines()[-1][:300]}" if first else ""
+        print(
+            f"deltatune study: {counts['failed']} run(s) failed{why} (all: deltatune study status {db})",
+            file=sys.stderr,
+        )
     if args.report:
         from ..study.report import write_report
 

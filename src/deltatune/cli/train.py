@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..train.trainer import FULL_FT_LR, TrainConfig
+from . import checks
 from .args import (
     add_threads_argument,
+    check_max_length,
     fraction,
     method_configs,
     non_negative_float,
@@ -17,6 +19,7 @@ from .args import (
     or_none,
     positive_float,
     positive_int,
+    seed,
     set_threads,
     unit_interval,
 )
@@ -60,7 +63,7 @@ FIELD_HELP: dict[str, str] = {
 FIELD_TYPE: dict[str, Any] = {
     "warmup_ratio": unit_interval,
     "weight_decay": non_negative_float,
-    "seed": int,
+    "seed": seed,
     "min_steps": non_negative_int,
     "mixed_precision": str,
 }
@@ -139,6 +142,11 @@ def load_task_for_run(args: argparse.Namespace):  # noqa: ANN201
         raise ValueError(
             f"task {task.name!r} has no dev split (it has {', '.join(task.splits)}) to pick the best checkpoint "
             "by; add --dev-split 0.1 to hold out 10% of train (seeded, stratified by class)"
+        )
+    if task.type in ("classification", "pair_classification") and len(task.labels) < 2:
+        raise ValueError(
+            f"task {task.name!r} has one class only ({task.labels!r}): there is nothing to tell apart; check the "
+            "label column, or list the classes in meta.json"
         )
     return hold_out_dev(task, args.dev_split) if args.dev_split is not None else task
 
@@ -239,8 +247,11 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    checks.out_folder(args.out, "--out")
     threads = set_threads(args.threads)
     task = load_task_for_run(args)
+    if args.max_length != TrainConfig.max_length:  # a length asked for (the default suits short texts)
+        check_max_length(args.model, args.max_length)
     spec = spec_from_args(args, task)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in task.splits.items())
     held = f"; dev = {args.dev_split:g} of train, seeded and stratified" if args.dev_split else ""

@@ -1,8 +1,10 @@
 """Saving and loading a delta alone: `delta.safetensors` (its tensors) + `delta.json` (everything else).
 
 A delta is only meaningful on the backbone it was trained on, so the JSON carries the backbone's
-identity (`core.identity`), and the SHA-256 of the tensor file, so that a flipped byte is refused
-instead of silently changing outputs. A file may hold only the keys its delta defines, plus task
+identity (`core.identity`), the SHA-256 of the tensor file, so that a flipped byte is refused
+instead of silently changing outputs, and a SHA-256 of its own content (`meta_sha256`), so that an
+edit that still parses (alpha 16 -> 32: the same tensors, other outputs) is refused too; a deliberate
+edit is sealed again with `deltatune reseal PATH` (`reseal`). A file may hold only the keys its delta defines, plus task
 head keys where delta.json declares a head: nothing in a file can write any other backbone weight.
 Writes never leave half a delta and never delete files they did not write (`core.atomic`). Only
 safetensors and JSON are ever read, with bounded sizes; nothing is unpickled.
@@ -14,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +41,8 @@ _MAX_META_BYTES = 8 << 20  # a delta.json is kilobytes; anything this large is n
 _MAX_DEPTH = 32  # nesting of delta.json; deeper is not something deltatune wrote
 _MAX_SITES = 1 << 20  # modules a delta may name once layer ranges are expanded
 _warned_unhashed = False
+_warned_unsealed = False
+SEAL = "meta_sha256"
 
 
 class DeltaIOError(ValueError):
@@ -125,7 +130,79 @@ def write_delta_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor]
         raise DeltaIOError(f"{path} exists and is not a delta folder; choose another path")
     data = save(tensors, metadata={"format": "pt"})
     meta = {**meta, "weights_sha256": hashlib.sha256(data).hexdigest()}
-    atomic.write_folder(path, {WEIGHTS: data, META: json.dumps(meta, separators=(",", ":")).encode()})
+    atomic.write_folder(path, {WEIGHTS: data, META: _sealed(meta)})
+    return path
+
+
+def _digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of delta.json's content without its seal, in one canonical spelling (key order, spacing)."""
+    body = {k: v for k, v in meta.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _sealed(meta: dict[str, Any]) -> bytes:
+    """delta.json's bytes, with the seal computed over what loading will parse (JSON turns tuples into lists)."""
+    plain = json.loads(json.dumps({k: v for k, v in meta.items() if k != SEAL}, separators=(",", ":")))
+    return json.dumps({**plain, SEAL: _digest(plain)}, separators=(",", ":")).encode()
+
+
+def _read_regular(file: Path, limit: int | None, what: str) -> bytes:
+    """A regular file's bytes, at most `limit`: a FIFO would block forever and /dev/zero never ends."""
+    try:
+        info = file.stat()
+    except OSError as err:
+        raise DeltaIOError(f"{file} cannot be read ({err.strerror or err}); {what}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DeltaIOError(f"{file} is not a regular file (a device, pipe or folder); {what}")
+    if limit is not None and info.st_size > limit:
+        raise DeltaIOError(
+            f"{file} is {info.st_size:,} bytes, far more than a delta description; was it edited or replaced?"
+        )
+    with open(file, "rb") as f:
+        return f.read(info.st_size + 1 if limit is None else limit + 1)
+
+
+def check_seal(path: str | os.PathLike) -> None:
+    """Refuse a delta.json edited since it was saved (an edit that still parses would change outputs silently)."""
+    global _warned_unsealed
+    file = Path(path) / META
+    meta = json.loads(_read_regular(file, _MAX_META_BYTES, "save the delta again").decode("utf-8"))
+    expected = meta.get(SEAL)
+    if expected is None:
+        if not _warned_unsealed:
+            _warned_unsealed = True
+            warnings.warn(
+                f"{file} records no hash of its own content (written before deltatune sealed it), so an edit cannot be "
+                f"detected; run `deltatune reseal {path}` or save the delta again to add one",
+                stacklevel=3,
+            )
+        return
+    if expected != _digest(meta):
+        raise DeltaIOError(
+            f"{file} is edited or corrupted: its content does not match the SHA-256 recorded when it was saved; "
+            f"restore it or save the delta again (if you edited it on purpose: deltatune reseal {path})"
+        )
+
+
+def reseal(path: str | os.PathLike) -> Path:
+    """Accept a deliberately edited delta.json: check it as loading does, then record its new hash.
+
+    The tensors must still match their recorded SHA-256 (resealing vouches for an edited description,
+    never for a changed tensor file), and the config must still be valid.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    _config_from_json(meta["config"]) if meta["config"].get("method") != "head" else None
+    raw = json.loads(_read_regular(path / META, _MAX_META_BYTES, "save the delta again").decode("utf-8"))
+    data = _read_regular(path / WEIGHTS, None, "save the delta again")
+    expected = raw.get("weights_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise DeltaIOError(
+            f"{path / WEIGHTS} does not match its recorded SHA-256; resealing covers delta.json only: "
+            "restore the tensor file or save the delta again"
+        )
+    raw["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    atomic.write_folder(path, {META: _sealed(raw)})
     return path
 
 
@@ -147,14 +224,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     atomic.recover(path, [WEIGHTS, META])
     file = path / META
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         hint = " (it holds a delta.safetensors but no delta.json)" if (path / WEIGHTS).exists() else ""
         raise DeltaIOError(f"{path} is not a delta folder: no {META}{hint}; save deltas with DeltaModel.save_delta")
-    size = file.stat().st_size
-    if size > _MAX_META_BYTES:
-        raise DeltaIOError(f"{file} is {size:,} bytes, far more than a delta description; was it edited or replaced?")
+    data = _read_regular(file, _MAX_META_BYTES, "save deltas with DeltaModel.save_delta")
     try:
-        meta = json.loads(file.read_bytes().decode("utf-8"))
+        meta = json.loads(data.decode("utf-8"))
     except RecursionError:
         raise DeltaIOError(f"{file} is nested far deeper than a delta description; was it edited?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -256,9 +331,9 @@ def read_tensors(path: str | os.PathLike, meta: dict[str, Any] | None = None) ->
 
     meta = read_meta(path) if meta is None else meta
     file = Path(path) / WEIGHTS
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         raise DeltaIOError(f"{file} is missing; the delta folder is incomplete")
-    data = file.read_bytes()
+    data = _read_regular(file, None, "the delta folder is incomplete: save the delta again")
     try:
         tensors = load(data)
     except (SafetensorError, OSError, ValueError) as err:
@@ -277,6 +352,7 @@ def read_tensors(path: str | os.PathLike, meta: dict[str, Any] | None = None) ->
             f"{file} is corrupted or edited: its content does not match the SHA-256 recorded when it was saved; "
             "restore it from a backup or save the delta again"
         )
+    check_seal(path)
     return tensors
 
 
@@ -360,6 +436,14 @@ def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta
                 f"the delta's head tensor {k!r} has shape {tuple(v.shape)}, this model's {tuple(params[k].shape)}: "
                 f"load the backbone with the same number of labels (num_labels={v.shape[0]})"
             )
+    nonfinite = next(
+        (k for k, v in {**tensors, **head}.items() if v.is_floating_point() and not v.isfinite().all()), None
+    )
+    if nonfinite is not None:
+        raise DeltaIOError(
+            f"tensor {nonfinite!r} holds NaN or infinite values: the delta was saved from a run that diverged; "
+            "retrain it (a lower --lr) or load an earlier checkpoint"
+        )
     cast = {k: v.to(dtype=own[k].dtype, device=own[k].device) for k, v in tensors.items()}
     delta.load_state_dict(cast, strict=True)
     with torch.no_grad():

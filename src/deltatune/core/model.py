@@ -20,6 +20,7 @@ from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
 from .merge import export_merged
 from .routing import RoutingError, RowIds, input_rows, routes_for, row_names
+from .settings import check_limits
 from .targeting import HEAD_KEY, head_names
 from .tree import render
 
@@ -226,6 +227,7 @@ class DeltaModel(nn.Module):
         elif not isinstance(train_head, bool) and train_head is not None:
             raise TypeError(f"train_head must be True, False or 'auto', got {train_head!r}")
         config.validate()
+        check_limits(config, self.backbone)  # sizes bounded by this model, before anything is allocated
         delta = config.build()
         delta.enabled = enabled
         delta.install(self.backbone)
@@ -361,6 +363,24 @@ class DeltaModel(nn.Module):
             raise DeltaError(
                 f"head tensor {bad[0]!r} has shape {tuple(head[bad[0]].shape)}, the model's {tuple(params[bad[0]].shape)}"
             )
+        mine = delta.state_dict()
+        unexpected, missing = sorted(set(own) - set(mine)), sorted(set(mine) - set(own)) if strict else []
+        wrong = [k for k in own if k in mine and tuple(own[k].shape) != tuple(mine[k].shape)]
+        if unexpected or missing or wrong:
+            detail = (
+                f"shape {tuple(own[wrong[0]].shape)} for {wrong[0]!r}, here {tuple(mine[wrong[0]].shape)}"
+                if wrong
+                else ""
+            )
+            raise DeltaError(
+                f"the state does not fit delta {name!r}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
+                f"{'; ' + detail if detail else ''}; pass the state dm.delta_state_dict({name!r}) gives"
+            )
+        nonfinite = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
+        if nonfinite is not None:
+            raise DeltaError(
+                f"tensor {nonfinite!r} holds NaN or infinite values; load a state from a run that did not diverge"
+            )
         delta.load_state_dict(own, strict=strict)
         with torch.no_grad():
             for n, v in head.items():
@@ -371,6 +391,8 @@ class DeltaModel(nn.Module):
         delta = self._get(name)
         if delta.merged:
             raise DeltaError(f"delta {name!r} is already merged")
+        if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
+            raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
         delta.merge_into(self.backbone)
         delta.merged = True
 

@@ -25,11 +25,54 @@ MAX_INT = (1 << 63) - 1  # what torch can hold (seeds, counts)
 
 
 def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-            lt: float | None = None, size: bool = False) -> Any:  # fmt: skip
-    """A config field with its allowed range. `size=True`: the method's size knob, an int in [1, MAX_SIZE]."""
+            lt: float | None = None, size: bool = False, limit: str | None = None) -> Any:  # fmt: skip
+    """A config field with its allowed range. `size=True`: the method's size knob, an int in [1, MAX_SIZE].
+
+    `limit="width"` bounds it by the model it is attached to (checked by `check_limits` at attach
+    time, when the model is known): at most the hidden size, since a rank or bottleneck beyond it adds
+    parameters, never capacity. (Prompt tokens have no such bound: deltatune numbers them position 0.)
+    """
     if size:
         ge, le = 1 if ge is None else ge, MAX_SIZE if le is None else le
-    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "size": size})
+    if limit not in (None, *LIMITS):
+        raise ValueError(f"limit must be one of {', '.join(LIMITS)}, got {limit!r}")
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "size": size, "limit": limit}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# what a model limit is read from: the config attributes transformers' architectures use for it
+# (DistilBERT calls its width `dim`, GPT-2 `n_embd`, T5/BART `d_model`), not any method's fields
+LIMITS = {"width": ("hidden size", tuple("hidden_size d_model n_embd dim".split()))}
+
+
+def model_limit(model: Any, kind: str) -> int | None:
+    """The model's hidden size from its config; None when it has none."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in LIMITS[kind][1]:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_limits(config: Any, model: Any) -> None:
+    """Refuse a size setting beyond what this model can use, naming the setting and the model's limit."""
+    for field in dataclasses.fields(config):
+        kind = field.metadata.get("limit")
+        value = getattr(config, field.name)
+        if isinstance(value, dict):  # per-module sizes (LoRA's rank_pattern): the largest must fit
+            value = max((v for v in value.values() if isinstance(v, int) and not isinstance(v, bool)), default=None)
+        if kind is None or not isinstance(value, int) or isinstance(value, bool):
+            continue
+        bound = model_limit(model, kind)
+        if bound is None:
+            continue
+        if value > bound:
+            raise ValueError(
+                f"{type(config).__name__}.{field.name} is {value}, but {type(model).__name__} has a {LIMITS[kind][0]} "
+                f"of {bound} (a rank or bottleneck beyond it adds parameters, never capacity); use at most {bound}"
+            )
 
 
 @functools.cache
@@ -137,10 +180,16 @@ def check_fields(config: Any) -> None:
         is_int = not _conforms(0.5, hint)
         if not _conforms(value, hint):
             wanted = describe(hint)
+            shown = repr(value)
+            shown = (
+                shown
+                if len(shown) <= 80
+                else f"{shown[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} items)"
+            )
             if numeric and _has_range(field.metadata):
                 wanted = _range_text(field.metadata, is_int, noun=True) + (" or None" if _conforms(None, hint) else "")
             note = _bound_note(field.metadata, is_int) if numeric else ""
-            raise ValueError(f"{where} must be {wanted}, got {value!r} ({type(value).__name__}){note}")
+            raise ValueError(f"{where} must be {wanted}, got {shown} ({type(value).__name__}){note}")
         if not _in_range(value, field.metadata):
             note = _bound_note(field.metadata, is_int)
             raise ValueError(f"{where} must be {_range_text(field.metadata, is_int)}, got {value!r}{note}")

@@ -96,15 +96,20 @@ def parse_layers(layers: Layers, n_layers: int) -> set[int]:
                 chosen.update(range(n_layers)[slice(int(start) if start else None, int(stop) if stop else None)])
             elif re.fullmatch(r"\d+-\d+", item):
                 lo, hi = (int(x) for x in item.split("-"))
+                if hi >= n_layers:  # refused before a range of 10**8 layers is built
+                    raise TargetError(f"layers {item} do not exist: the model has layers 0-{n_layers - 1}")
                 chosen.update(range(lo, hi + 1))
             else:
                 i = int(item)
                 chosen.add(i + n_layers if i < 0 else i)
+        except TargetError:
+            raise
         except ValueError as err:
             raise TargetError(f"cannot read layer selection {item!r}: use e.g. '6-11', '0,2', '9:' or -2") from err
     bad = sorted(i for i in chosen if not 0 <= i < n_layers)
     if bad:
-        raise TargetError(f"layers {bad} do not exist: the model has layers 0-{n_layers - 1}")
+        shown = f"{bad[:8]}"[:-1] + (", ...]" if len(bad) > 8 else "]")
+        raise TargetError(f"layers {shown} do not exist: the model has layers 0-{n_layers - 1}")
     return chosen
 
 

@@ -44,7 +44,7 @@ def _folder_bytes(folder: Path) -> int:
 def _budget_config(model: Any, name: str, settings: dict[str, Any], budget: int) -> dict[str, Any]:
     """The size setting that brings a method's trainable parameters closest to `budget` on this model."""
     from ..core.model import DeltaModel
-    from ..core.settings import size_field
+    from ..core.settings import model_limit, size_field
     from ..methods import METHODS
 
     knob = size_field(METHODS[name])  # the field the method declares as its size (core.settings)
@@ -58,7 +58,10 @@ def _budget_config(model: Any, name: str, settings: dict[str, Any], budget: int)
         dm.detach()
         return n
 
-    top = next(f.metadata.get("le") for f in dataclasses.fields(METHODS[name]) if f.name == knob) or 1 << 16
+    field = next(f for f in dataclasses.fields(METHODS[name]) if f.name == knob)
+    top = field.metadata.get("le") or 1 << 16
+    if field.metadata.get("limit"):  # a size bounded by the model (a rank at most its width): search below that
+        top = min(top, model_limit(model, field.metadata["limit"]) or top)
     lo, hi = 1, 1
     while count(hi) < budget and hi < top:
         lo, hi = hi, min(hi * 2, top)
@@ -274,6 +277,10 @@ class RayExecutor:
             ray.init(
                 address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False
             )
+            if address is None:  # a local Ray started here: its processes must not outlive this runner
+                from .reaper import descendants, reap_when_dead
+
+                reap_when_dead(descendants())
         self.remote = ray.remote(num_cpus=1)(execute)
         self.workers = workers
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
+from ..train.checks import MAX_SEED, check_max_length
 from ..train.trainer import TrainConfig
 from .lr_grid import LRGrid, grid_key, lr_group, rate_field
 from .lr_grid import parse as parse_lr_grid
+from .spec_file import SpecError, read_spec_file  # noqa: F401 - both importable from here, as before
 
 ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
 BASELINES = ("full", "head")  # full fine-tuning; a frozen backbone with a trained head (the paper's "none")
@@ -44,10 +45,7 @@ TOP_FIELDS = {
     "task_train",
 }
 PRESETS_DIR = Path(__file__).parent / "presets"
-
-
-class SpecError(ValueError):
-    """A study spec that cannot run; the message names the field and the fix."""
+MAX_RUNS = 20_000
 
 
 @dataclasses.dataclass
@@ -296,6 +294,8 @@ def _resolve_tasks(value: Any, field: str) -> list[str]:
 
 def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     """Check a spec mapping (as read from YAML/TOML) field by field and build the StudySpec."""
+    if raw is None:
+        raise _fail("(top level)", "the file is empty", "write a spec, e.g. `deltatune study presets` lists examples")
     if not isinstance(raw, dict):
         raise _fail("(top level)", f"got {type(raw).__name__}", "a study spec is a mapping of fields")
     unknown = sorted(set(raw) - TOP_FIELDS)
@@ -317,13 +317,25 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     methods = _parse_methods(raw.get("methods"))
     seeds = _list(raw, "seeds", [42])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise _fail("seeds", f"{seeds} are not all integers", "write e.g. `seeds: [42, 43, 44]`")
+        raise _fail("seeds", f"{_short(seeds)} are not all integers", "write e.g. `seeds: [42, 43, 44]`")
+    if not all(0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise _fail(
+            "seeds",
+            f"{_short(seeds)} holds a repeat or a seed outside 0..{MAX_SEED}",
+            "list distinct seeds, e.g. [42, 43]",
+        )
     k_shot, max_train = raw.get("k_shot"), raw.get("max_train")
     if k_shot is not None and max_train is not None:
         raise _fail("k_shot", "k_shot and max_train both set", "keep one of them")
     for field, v in (("k_shot", k_shot), ("max_train", max_train), ("threads", raw.get("threads"))):
-        if v is not None and (not isinstance(v, int) or v <= 0):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise _fail(field, f"{v!r} is not a positive integer", f"write e.g. `{field}: 16` or drop it")
+    threads = raw.get("threads")
+    if threads is not None and threads > max_threads():
+        raise _fail(
+            "threads", f"{threads} is more than {max_threads()} (4 per core here)", "use at most the cores you have"
+        )
+    _check_train_values(train, "train")
     analyses = _list(raw, "analyses", ["performance", "convergence", "efficiency"])
     for a in analyses:
         if a not in ANALYSES:
@@ -369,6 +381,15 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
                 "give the model folder by its path, e.g. ./models/tiny-bert",
             )
         check_model(model)
+        for where, over in [
+            ("train", train),
+            *((f"task_train.{t}", o or {}) for t, o in (raw.get("task_train") or {}).items()),
+        ]:
+            length = over.get("max_length")  # only a length the spec sets (the default suits short texts)
+            try:
+                check_max_length(model, length, f"{where}.max_length") if isinstance(length, int) else None
+            except ValueError as err:
+                raise _fail("models", str(err), f"lower {where}.max_length") from None
     if "name" in raw:
         _check_name("name", str(raw["name"]))
     grid = parse_lr_grid(raw.get("lr_grid"), labels, tasks, seeds, _fail)
@@ -390,6 +411,10 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         bad = sorted(set(over or {}) - TRAIN_FIELDS)
         if bad:
             raise _fail(f"task_train.{t}.{bad[0]}", "not a TrainConfig field", "use a field of `train`")
+        _check_train_values(dict(over or {}), f"task_train.{t}")
+    runs = len(models) * len(tasks) * len(methods) * (len(seeds) + len(more_seeds))
+    if runs > MAX_RUNS:
+        raise _fail("seeds", f"the grid is {runs:,} runs, more than {MAX_RUNS:,}", "split it into several studies")
     return StudySpec(
         name=str(raw.get("name", name)),
         models=models,
@@ -431,20 +456,28 @@ def check_model(model: str) -> None:
         )
 
 
-def read_spec_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".toml":
-        import tomllib
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} items)"
 
-        return tomllib.loads(text)
-    if path.suffix == ".json":
-        return json.loads(text)
-    try:
-        import yaml
-    except ImportError as err:  # pragma: no cover - pyyaml is in the [study] extra
-        raise ImportError("YAML study specs need pyyaml: pip install 'deltatune[study]' (or write TOML)") from err
-    return yaml.safe_load(text)
+
+def max_threads() -> int:
+    import os
+
+    return 4 * (os.cpu_count() or 1)
+
+
+def _check_train_values(values: dict[str, Any], where: str) -> None:
+    """The training settings of a spec, checked by the rules `deltatune train`'s flags follow."""
+    from ..train.checks import check_train_value
+
+    for key, value in values.items():
+        try:
+            check_train_value(key, value)
+        except ValueError as err:
+            raise _fail(
+                f"{where}.{key}", str(err), "see `deltatune train --help` for what each setting takes"
+            ) from None
 
 
 def presets() -> dict[str, Path]:

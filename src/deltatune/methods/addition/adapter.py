@@ -61,7 +61,7 @@ class AdapterConfig(DeltaConfig):
     placement: str = "houlsby"
     targets: Targets = None
     layers: Layers = None
-    bottleneck: int = setting(24, size=True)
+    bottleneck: int = setting(24, size=True, limit="width")
     non_linearity: str = "relu"
     scaling: float = setting(1.0, gt=0)
 

@@ -40,7 +40,7 @@ class CompacterConfig(DeltaConfig):
     placement: str = "houlsby"
     targets: Targets = None
     layers: Layers = None
-    bottleneck: int = setting(24, size=True)
+    bottleneck: int = setting(24, size=True, limit="width")
     phm_dim: int = setting(4, size=True)
     phm_rank: int = setting(1, size=True)
     non_linearity: str = "gelu"

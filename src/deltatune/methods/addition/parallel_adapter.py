@@ -41,7 +41,7 @@ class ParallelAdapterConfig(DeltaConfig):
     targets: Targets = ("ffn.out",)
     input_from: Targets = ("ffn.in",)
     layers: Layers = None
-    bottleneck: int = setting(24, size=True)
+    bottleneck: int = setting(24, size=True, limit="width")
     non_linearity: str = "relu"
     scaling: float = setting(4.0, gt=0)
 

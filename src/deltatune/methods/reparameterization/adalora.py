@@ -44,7 +44,7 @@ class AdaLoRAConfig(DeltaConfig):
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None
-    init_r: int = setting(12, size=True)
+    init_r: int = setting(12, size=True, limit="width")
     target_r: int | None = setting(None, ge=0)  # None: PEFT's 8 of 12, i.e. round(2/3 of init_r)
     alpha: float = setting(8.0, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)

@@ -30,7 +30,7 @@ class LoHaConfig(DeltaConfig):
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None
-    r: int = setting(8, size=True)
+    r: int = setting(8, size=True, limit="width")
     alpha: float = setting(8.0, gt=0)
 
     def build(self) -> LoHa:

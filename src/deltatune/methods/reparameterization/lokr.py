@@ -31,7 +31,7 @@ class LoKrConfig(DeltaConfig):
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None
-    r: int = setting(8, size=True)
+    r: int = setting(8, size=True, limit="width")
     alpha: float = setting(8.0, gt=0)
     factor: int = setting(-1, ge=-1)
 

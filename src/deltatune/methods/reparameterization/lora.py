@@ -19,6 +19,7 @@ from torch import nn
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import first_input, is_linear, linear_dims, weight_update
 from ...core.routing import needs_graph
+from ...core.settings import MAX_SIZE
 from ...core.targeting import Layers, Targets
 
 
@@ -34,11 +35,11 @@ class LoRAConfig(DeltaConfig):
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None
-    r: int = setting(8, size=True)
+    r: int = setting(8, size=True, limit="width")
     alpha: float = setting(16.0, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)
     # per-module rank / alpha, as PEFT's: a key matches a module named `key` or ending in `.key` (a regex)
-    rank_pattern: dict[str, int] | None = None
+    rank_pattern: dict[str, int] | None = setting(None, limit="width")
     alpha_pattern: dict[str, float] | None = None
 
     def build(self) -> LoRA:
@@ -51,11 +52,13 @@ class LoRAConfig(DeltaConfig):
             if pattern is None:
                 continue
             ok = isinstance(pattern, dict) and all(
-                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0
+                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and 0 < v <= MAX_SIZE
                 for k, v in pattern.items()
             )
             if not ok:
-                raise ValueError(f"LoRAConfig.{field} maps module names to positive numbers, got {pattern!r}")
+                raise ValueError(
+                    f"LoRAConfig.{field} maps module names to positive numbers (at most {MAX_SIZE}), got {pattern!r}"
+                )
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """This module's (r, alpha): the first matching pattern key, else `r` and `alpha`."""

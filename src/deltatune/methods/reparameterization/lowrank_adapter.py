@@ -33,7 +33,7 @@ class LowRankAdapterConfig(DeltaConfig):
 
     targets: Targets = ("attn.o", "ffn.out")
     layers: Layers = None
-    bottleneck: int = setting(24, size=True)
+    bottleneck: int = setting(24, size=True, limit="width")
     rank: int = setting(1, size=True)
     non_linearity: str = "gelu"
 
