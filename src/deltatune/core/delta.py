@@ -37,6 +37,10 @@ class DeltaError(RuntimeError):
     """A delta used in a way it does not support (merge of a non-mergeable method, ...)."""
 
 
+class DeltaIOError(ValueError):
+    """A delta folder that cannot be loaded onto this model, with what to do about it."""
+
+
 @dataclasses.dataclass
 class DeltaConfig:
     """Base of every method's config. Subclasses set `method`, `family` and `trains`.

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import conventions
+from .claims import check_claims, check_shared_rows
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
 from .merge import export_merged
 from .routing import RoutingError, RowIds, input_rows, routes_for, row_names
 from .settings import check_limits
-from .targeting import HEAD_KEY, head_names
+from .targeting import HEAD_KEY, head_names, head_trains_by_default
 from .tree import render
 
 
@@ -145,7 +146,7 @@ class DeltaModel(nn.Module):
                     f"delta {n!r} ({delta.config.method}) cannot act on only some rows of a batch; "
                     "give every row this delta, or serve its rows in a batch of their own"
                 )
-        self._check_shared_params({row for row in rows if len(row) > 1})
+        check_shared_rows(self.deltas, {row for row in rows if len(row) > 1})
         previous = {n: d.route for n, d in self.deltas.items()}
         try:
             for n, delta in self.deltas.items():
@@ -157,38 +158,6 @@ class DeltaModel(nn.Module):
 
     def _active_names(self) -> set[str]:
         return {n for n, d in self.deltas.items() if d.enabled}
-
-    def _overlap(self, names: Iterable[str], key: Callable[[nn.Module, str], Hashable]) -> tuple | None:
-        """The first two of `names` that reparametrize the same `key(module, param)`, or None."""
-        owner: dict[Hashable, str] = {}
-        for n in names:
-            hooks = self._get(n)._hooks
-            for module, pname in hooks.claimed() if hooks is not None else []:
-                other = owner.setdefault(key(module, pname), n)
-                if other != n:
-                    return other, n, module, pname
-        return None
-
-    def _check_claims(self, names: set[str]) -> None:
-        """Deltas reparametrizing one parameter may be attached together but not enabled together."""
-        clash = self._overlap(sorted(names), lambda module, pname: (id(module), pname))
-        if clash is not None:
-            other, n, module, pname = clash
-            raise DeltaError(
-                f"deltas {other!r} and {n!r} both reparametrize {pname!r} of a {type(module).__name__} "
-                "and cannot be enabled together; enable one at a time or serve them as separate rows"
-            )
-
-    def _check_shared_params(self, combos: set[tuple[str, ...]]) -> None:
-        """Two deltas that both reparametrize one module cannot be recomputed together for a shared row."""
-        for combo in combos:
-            clash = self._overlap(combo, lambda module, pname: id(module))
-            if clash is not None:
-                other, n, module, _ = clash
-                raise RoutingError(
-                    f"deltas {other!r} and {n!r} both change the weights of one {type(module).__name__} "
-                    "and cannot share a row of a mixed batch; serve that combination unmixed"
-                )
 
     def _device(self) -> torch.device:
         ref = next(self.backbone.parameters(), None)
@@ -280,8 +249,9 @@ class DeltaModel(nn.Module):
         return self._get(name)
 
     def enable(self, name: str) -> None:
-        self._check_claims(self._active_names() | {name})
-        self._get(name).enabled = True
+        delta = self._get(name)
+        check_claims(self.deltas, self._active_names() | {name})
+        delta.enabled = True
 
     def disable(self, name: str) -> None:
         """Switch a delta off without removing it: the backbone then computes as if it were absent."""
@@ -297,7 +267,7 @@ class DeltaModel(nn.Module):
         for n in wanted:
             self._get(n)
         self._refuse_while_merged("switch deltas (the weights would still hold them)", set(self.deltas) - wanted)
-        self._check_claims(wanted)
+        check_claims(self.deltas, wanted)
         for n, delta in self.deltas.items():
             delta.enabled = n in wanted
 
@@ -428,18 +398,6 @@ class DeltaModel(nn.Module):
 
     def tree(self, **kwargs: Any) -> str:
         return render(self, **kwargs)
-
-
-# Task models whose head is new for the task (transformers initializes it randomly): a delta alone
-# would train against a frozen random projection. PEFT's task types train the same heads
-# (modules_to_save: classifier, score, qa_outputs).
-TRAINED_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
-
-
-def head_trains_by_default(model: nn.Module) -> bool:
-    """What train_head="auto" means: train the head of classification, QA and multiple-choice models;
-    leave LM heads (pretrained, usually tied to the embeddings) and bare models alone."""
-    return type(model).__name__.endswith(TRAINED_HEADS) and bool(head_names(model))
 
 
 def attach(

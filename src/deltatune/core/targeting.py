@@ -203,3 +203,15 @@ HEAD_KEY = "__head__."  # the prefix of task head tensors in a delta's state and
 def plain_name(name: str) -> str:
     """A parameter's backbone name, also while a parametrization wraps it (`x.parametrizations.weight.original`)."""
     return name.replace(".parametrizations.", ".").replace(".original", "")
+
+
+# Task models whose head is new for the task (transformers initializes it randomly): a delta alone
+# would train against a frozen random projection. PEFT's task types train the same heads
+# (modules_to_save: classifier, score, qa_outputs).
+TRAINED_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
+def head_trains_by_default(model: nn.Module) -> bool:
+    """What train_head="auto" means: train the head of classification, QA and multiple-choice models;
+    leave LM heads (pretrained, usually tied to the embeddings) and bare models alone."""
+    return type(model).__name__.endswith(TRAINED_HEADS) and bool(head_names(model))
