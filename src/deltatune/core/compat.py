@@ -373,3 +373,18 @@ def tokenizer_as_config(tokenizer: Any, config: Any) -> None:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     if getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False
+
+
+# the config attribute each architecture family calls its hidden size by
+WIDTH_ATTRIBUTES = ("hidden_size", "d_model", "n_embd", "dim")  # BERT/Llama, T5/BART, GPT-2, DistilBERT
+
+
+def model_width(model: Any) -> int | None:
+    """The model's hidden size from its (text) config; None when it has none."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in WIDTH_ATTRIBUTES:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

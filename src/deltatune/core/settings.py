@@ -17,6 +17,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
+from . import compat
 from .registry import METHODS
 
 MAX_SIZE = 1 << 16  # largest size setting (rank, bottleneck, tokens): beyond it a delta outgrows any backbone
@@ -40,20 +41,12 @@ def setting(default: Any, *, ge: float | None = None, gt: float | None = None, l
     return dataclasses.field(default=default, metadata=meta)
 
 
-# what a model limit is read from: the config attributes transformers' architectures use for it
-# (DistilBERT calls its width `dim`, GPT-2 `n_embd`, T5/BART `d_model`), not any method's fields
-LIMITS = {"width": ("hidden size", tuple("hidden_size d_model n_embd dim".split()))}
+LIMITS = {"width": "hidden size"}  # what a size setting may be bounded by, as the message names it
 
 
 def model_limit(model: Any, kind: str) -> int | None:
-    """The model's hidden size from its config; None when it has none."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in LIMITS[kind][1]:
-        value = getattr(text, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    """The model's bound of this kind (its hidden size, read by `core.compat`); None when unknown."""
+    return compat.model_width(model) if kind == "width" else None
 
 
 def check_limits(config: Any, model: Any) -> None:
@@ -70,7 +63,7 @@ def check_limits(config: Any, model: Any) -> None:
             continue
         if value > bound:
             raise ValueError(
-                f"{type(config).__name__}.{field.name} is {value}, but {type(model).__name__} has a {LIMITS[kind][0]} "
+                f"{type(config).__name__}.{field.name} is {value}, but {type(model).__name__} has a {LIMITS[kind]} "
                 f"of {bound} (a rank or bottleneck beyond it adds parameters, never capacity); use at most {bound}"
             )
 
