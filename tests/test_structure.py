@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -212,3 +213,22 @@ def test_no_private_name_is_imported_across_packages() -> None:
             private += [p for p in target.split(".") if p.startswith("_") and not p.startswith("__")]
             found += [f"{name} imports {target}.{p}" for p in private]
     assert not found, "\n".join(found)
+
+
+def test_every_method_file_is_found_and_registers_a_method() -> None:
+    """A new method is one file: methods/__init__ discovers the family folders' files, no import list."""
+    import deltatune.methods as methods
+
+    files = {
+        f"deltatune.methods.{family}.{path.stem}"
+        for family in methods.FAMILIES
+        for path in (SRC / "methods" / family).glob("*.py")
+        if not path.stem.startswith("_")
+    }
+    registered = {cls.__module__ for cls in dt.METHODS.values()}
+    assert files == registered
+    assert all(getattr(methods, cls.__name__) is cls for cls in dt.METHODS.values())
+    listed = re.findall(
+        r"^from \.(?:addition|specification|reparameterization)\.", (SRC / "methods" / "__init__.py").read_text(), re.M
+    )
+    assert not listed, "methods/__init__.py lists method files by name again"

@@ -1,59 +1,36 @@
 """The methods: one file per method under its family's folder; each file registers itself.
 
-Importing a method file defines its config class, which registers it in `core.registry`; this
-package only imports the files (in the order the CLI and the tables list them) and re-exports
-the registry. A new method is its file plus one import line here.
+Importing a method file defines its config class, which registers it in `core.registry`. This
+package imports every public module of the three family folders (files starting with `_` hold
+shared pieces), family by family in the paper's order and alphabetically within a family, and
+re-exports each config class by its name (`deltatune.methods.LoRAConfig`). A new method is one
+file in its family's folder: nothing here changes.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from pathlib import Path
+
 from ..core.registry import METHODS, get_config
 
-# the import order is the registration order, which is the order methods are listed in
-# isort: off
-from .addition.adapter import AdapterConfig
-from .addition.parallel_adapter import ParallelAdapterConfig
-from .addition.compacter import CompacterConfig
-from .addition.prefix import PrefixConfig
-from .addition.prompt import PromptConfig
-from .addition.ia3 import IA3Config
-from .specification.bitfit import BitFitConfig
-from .specification.layernorm import LayerNormConfig
-from .specification.selective import SelectiveConfig
-from .specification.diff_pruning import DiffPruningConfig
-from .specification.random_subset import RandomSubsetConfig
-from .reparameterization.lora import LoRAConfig
-from .reparameterization.lowrank_adapter import LowRankAdapterConfig
-from .reparameterization.said import SAIDConfig
-from .reparameterization.dora import DoRAConfig
-from .reparameterization.loha import LoHaConfig
-from .reparameterization.lokr import LoKrConfig
-from .reparameterization.oft import OFTConfig
-from .reparameterization.vera import VeRAConfig
-from .reparameterization.adalora import AdaLoRAConfig
-# isort: on
+FAMILIES = ("addition", "specification", "reparameterization")  # the paper's order
 
-__all__ = [
-    "METHODS",
-    "AdaLoRAConfig",
-    "AdapterConfig",
-    "BitFitConfig",
-    "CompacterConfig",
-    "DiffPruningConfig",
-    "DoRAConfig",
-    "IA3Config",
-    "LayerNormConfig",
-    "LoHaConfig",
-    "LoKrConfig",
-    "LoRAConfig",
-    "LowRankAdapterConfig",
-    "OFTConfig",
-    "ParallelAdapterConfig",
-    "PrefixConfig",
-    "PromptConfig",
-    "RandomSubsetConfig",
-    "SAIDConfig",
-    "SelectiveConfig",
-    "VeRAConfig",
-    "get_config",
-]
+
+def _import_all() -> dict[str, type]:
+    configs = {}
+    for family in FAMILIES:
+        folder = Path(__file__).parent / family
+        for info in sorted(pkgutil.iter_modules([str(folder)]), key=lambda m: m.name):
+            if info.name.startswith("_"):
+                continue
+            module = importlib.import_module(f"{__name__}.{family}.{info.name}")
+            configs |= {cls.__name__: cls for cls in METHODS.values() if cls.__module__ == module.__name__}
+    return configs
+
+
+_CONFIGS = _import_all()
+globals().update(_CONFIGS)
+
+__all__ = ["METHODS", "get_config", *sorted(_CONFIGS)]
