@@ -923,3 +923,22 @@ def test_a_max_length_beyond_the_model_is_refused_by_the_cli_and_the_spec(tmp_pa
         capsys, "eval", "--delta", str(_saved(tmp_path)), "--model", str(tmp_path / "tiny"), "--max-length", "100"
     )
     _one_line_error(code, err, r"--max-length 100 is more than .*tiny can read \(64 positions\); use at most 64")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"rank_pattern": {"query": 0}},
+            r"LoRAConfig\.rank_pattern values must be a positive integer, got 0 for 'query'",
+        ),
+        ({"rank_pattern": {"query": 2.5}}, r"rank_pattern must be a mapping of strings to integers or None"),
+        ({"rank_pattern": {1: 2}}, r"rank_pattern must be a mapping of strings to integers or None"),
+        ({"alpha_pattern": {"query": -1}}, r"alpha_pattern values must be a finite number > 0, got -1 for 'query'"),
+        ({"alpha_pattern": {"query": float("nan")}}, r"alpha_pattern must be a mapping of strings to finite numbers"),
+    ],
+)
+def test_per_module_mappings_are_checked_from_their_declared_types(settings: dict, message: str) -> None:
+    """dict[str, X] settings get their types and ranges from the declaration, as scalar settings do."""
+    with pytest.raises(ValueError, match=message):
+        dt.METHODS["lora"](**settings).validate()

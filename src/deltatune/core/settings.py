@@ -102,6 +102,10 @@ def _conforms(value: Any, hint: Any) -> bool:
         if origin is tuple and args and args[-1] is not Ellipsis:
             return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
         return all(_conforms(v, args[0]) for v in value) if args else True
+    if origin is dict:
+        if not isinstance(value, dict) or len(value) > MAX_ITEMS:
+            return False
+        return all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()) if args else True
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True  # a hint this checker does not know: the method's own validate decides
@@ -119,6 +123,8 @@ def describe(hint: Any) -> str:
     words = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
     if hint in words:
         return words[hint]
+    if origin is dict and args:
+        return f"a mapping of {describe(args[0]).removeprefix('a ')}s to {describe(args[1]).removeprefix('an ').removeprefix('a ')}s"
     if origin in (tuple, list, Sequence):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} ({', '.join(describe(a) for a in args)})"
@@ -150,6 +156,8 @@ def _bound_note(meta: Any, is_int: bool) -> str:
 
 
 def _in_range(value: Any, meta: dict[str, Any]) -> bool:
+    if isinstance(value, dict):  # a per-module mapping: each value has the setting's range
+        return all(_in_range(v, meta) for v in value.values())
     if not isinstance(value, int | float) or isinstance(value, bool):
         return True  # None (where allowed) and non-numbers have no range
     ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
@@ -183,6 +191,12 @@ def check_fields(config: Any) -> None:
                 wanted = _range_text(field.metadata, is_int, noun=True) + (" or None" if _conforms(None, hint) else "")
             note = _bound_note(field.metadata, is_int) if numeric else ""
             raise ValueError(f"{where} must be {wanted}, got {shown} ({type(value).__name__}){note}")
+        if isinstance(value, dict) and not _in_range(value, field.metadata):  # a per-module mapping
+            key, bad = next((k, v) for k, v in value.items() if not _in_range(v, field.metadata))
+            is_int = not _conforms({key: 0.5}, hint)
+            note = _bound_note(field.metadata, is_int)
+            text = _range_text(field.metadata, is_int, noun=True)
+            raise ValueError(f"{where} values must be {text}, got {bad!r} for {key!r}{note}")
         if not _in_range(value, field.metadata):
             note = _bound_note(field.metadata, is_int)
             raise ValueError(f"{where} must be {_range_text(field.metadata, is_int)}, got {value!r}{note}")

@@ -39,26 +39,11 @@ class LoRAConfig(DeltaConfig):
     alpha: float = setting(16.0, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)
     # per-module rank / alpha, as PEFT's: a key matches a module named `key` or ending in `.key` (a regex)
-    rank_pattern: dict[str, int] | None = setting(None, limit="width")
-    alpha_pattern: dict[str, float] | None = None
+    rank_pattern: dict[str, int] | None = setting(None, ge=1, le=MAX_SIZE, limit="width")
+    alpha_pattern: dict[str, float] | None = setting(None, gt=0)
 
     def build(self) -> LoRA:
         return LoRA(self)
-
-    def validate(self) -> None:
-        super().validate()
-        for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
-            pattern = getattr(self, field)
-            if pattern is None:
-                continue
-            ok = isinstance(pattern, dict) and all(
-                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and 0 < v <= MAX_SIZE
-                for k, v in pattern.items()
-            )
-            if not ok:
-                raise ValueError(
-                    f"LoRAConfig.{field} maps module names to positive numbers (at most {MAX_SIZE}), got {pattern!r}"
-                )
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """This module's (r, alpha): the first matching pattern key, else `r` and `alpha`."""
