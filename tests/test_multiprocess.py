@@ -33,23 +33,29 @@ def _curve(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_same_run(tmp_path: Path, atol: float) -> list[dict]:
+    """Runs `one` (1 process) and `two` (2 processes) logged the same curve and saved the same delta."""
+    a, b = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 12, 16]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)  # the schedule counts global steps
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=atol)
+        assert ra["accuracy"] == rb["accuracy"]
+    da, db = (load_file(str(tmp_path / run / "delta-lora" / "delta.safetensors")) for run in ("one", "two"))
+    assert da.keys() == db.keys()
+    for k in da:
+        torch.testing.assert_close(db[k], da[k], rtol=0, atol=atol)
+    return b
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU")
 def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     task = _write_task(tmp_path / "toy", n_train=64, n_dev=24)
     one = _run([sys.executable], task, tmp_path / "one")
     two = _run(TORCHRUN, task, tmp_path / "two")
     assert one.count("done") == 1 and two.count("done") == 2  # both ranks ran to the end...
-    a, b = _curve(tmp_path / "one"), _curve(tmp_path / "two")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 12, 16]  # ...one wrote the curve
+    b = _assert_same_run(tmp_path, atol=1e-5)  # ...one wrote the curve
     assert [r["epoch"] for r in b] == [0.5, 1.0, 1.5, 2.0]  # 64 examples / global batch 8 = 8 steps an epoch
-    for ra, rb in zip(a, b, strict=True):
-        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)  # the schedule counts global steps
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
-        assert ra["accuracy"] == rb["accuracy"]
-    da, db = (load_file(str(tmp_path / run / "delta-lora" / "delta.safetensors")) for run in ("one", "two"))
-    assert da.keys() == db.keys()
-    for k in da:
-        torch.testing.assert_close(db[k], da[k], rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU")
@@ -61,13 +67,4 @@ def test_two_processes_stopped_mid_run_and_resumed_train_what_one_process_trains
     assert [r["step"] for r in _curve(tmp_path / "two")] == [4]
     resumed = _run(TORCHRUN, task, tmp_path / "two", "resume")
     assert resumed.count("done") == 2 and "checkpoints=2" in resumed  # it went on from step 4, not from 0
-    a, b = _curve(tmp_path / "one"), _curve(tmp_path / "two")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 12, 16]
-    for ra, rb in zip(a, b, strict=True):
-        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
-        assert ra["accuracy"] == rb["accuracy"]
-    da, db = (load_file(str(tmp_path / run / "delta-lora" / "delta.safetensors")) for run in ("one", "two"))
-    assert da.keys() == db.keys()
-    for k in da:
-        torch.testing.assert_close(db[k], da[k], rtol=0, atol=1e-6)
+    _assert_same_run(tmp_path, atol=1e-6)
