@@ -146,8 +146,8 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..train.evaluation import evaluate
     from ..train.objectives import objective_for
-    from ..train.trainer import evaluate
 
     set_threads(args.threads)
     meta = saved_meta(args.delta)

@@ -216,8 +216,8 @@ def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN00
     cause is a learning rate too low for the steps given.
     """
     from ..backbones import load_tokenizer
+    from ..train.evaluation import eval_sample, predict
     from ..train.objectives import has_lm_head, objective_for
-    from ..train.trainer import eval_sample, predict
 
     if task.type not in ("classification", "pair_classification") or len(task.labels) < 2:
         return None

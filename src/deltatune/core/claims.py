@@ -2,17 +2,19 @@
 
 Two deltas that reparametrize the same parameter may both be attached (to be served on different
 rows or switched), but not enabled together, and two that change one module's weights cannot be
-recomputed together for a shared row. These rules read only what each delta's hooks claimed.
+recomputed together for a shared row. These rules read what each delta's hooks claimed; a mixed
+batch also needs every delta unmerged and, where it gets only some rows, a method that can route.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from .delta import Delta, DeltaError
-from .routing import RoutingError
+from .routing import Route, RoutingError, routes_for
 
 
 def _overlap(
@@ -50,3 +52,23 @@ def check_shared_rows(deltas: Mapping[str, Delta], combos: set[tuple[str, ...]])
                 f"deltas {other!r} and {n!r} both change the weights of one {type(module).__name__} "
                 "and cannot share a row of a mixed batch; serve that combination unmixed"
             )
+
+
+def check_routes(deltas: Mapping[str, Delta], rows: list[tuple[str, ...]], device: torch.device) -> dict[str, Route]:
+    """Each delta's rows of a mixed batch (row i wants the deltas `rows[i]`), once the deltas can serve it as asked."""
+    merged = [n for n, d in deltas.items() if d.merged]
+    if merged:
+        raise RoutingError(
+            f"delta(s) {', '.join(merged)} are merged into the weights and would act on every row; "
+            "unmerge them before serving a mixed batch"
+        )
+    routes = routes_for(rows, list(deltas), device)
+    for n, delta in deltas.items():
+        route = routes[n]
+        if not (route.empty or route.full) and not type(delta.config).routable:
+            raise RoutingError(
+                f"delta {n!r} ({delta.config.method}) cannot act on only some rows of a batch; "
+                "give every row this delta, or serve its rows in a batch of their own"
+            )
+    check_shared_rows(deltas, {row for row in rows if len(row) > 1})
+    return routes

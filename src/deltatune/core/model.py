@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from . import conventions
-from .claims import check_claims, check_shared_rows
+from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
 from .merge import export_merged
-from .routing import RoutingError, RowIds, input_rows, routes_for, row_names
+from .routing import RoutingError, RowIds, input_rows, row_names
 from .settings import check_limits
+from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
 from .tree import render
 
@@ -132,21 +133,7 @@ class DeltaModel(nn.Module):
         names = {n for row in rows for n in row}
         for n in sorted(names):
             self._get(n)
-        merged = [n for n, d in self.deltas.items() if d.merged]
-        if merged:
-            raise RoutingError(
-                f"delta(s) {', '.join(merged)} are merged into the weights and would act on every row; "
-                "unmerge them before serving a mixed batch"
-            )
-        routes = routes_for(rows, list(self.deltas), self._device())
-        for n, delta in self.deltas.items():
-            route = routes[n]
-            if not (route.empty or route.full) and not type(delta.config).routable:
-                raise RoutingError(
-                    f"delta {n!r} ({delta.config.method}) cannot act on only some rows of a batch; "
-                    "give every row this delta, or serve its rows in a batch of their own"
-                )
-        check_shared_rows(self.deltas, {row for row in rows if len(row) > 1})
+        routes = check_routes(self.deltas, rows, self._device())
         previous = {n: d.route for n, d in self.deltas.items()}
         try:
             for n, delta in self.deltas.items():
@@ -318,43 +305,13 @@ class DeltaModel(nn.Module):
         """Load a delta's tensors (and task head tensors, `__head__.` keys); no other backbone weight is reachable."""
         delta = self._get(name)
         self._refuse_while_merged(f"load tensors into {name!r} (unmerging would then subtract other values)", [name])
-        head = {k.removeprefix(HEAD_KEY): v for k, v in state.items() if k.startswith(HEAD_KEY)}
-        own = {k: v for k, v in state.items() if not k.startswith(HEAD_KEY)}
-        allowed = set(self.head_parameter_names())
-        stray = sorted(set(head) - allowed)
-        if stray:
-            raise DeltaError(
-                f"{stray[0]!r} is not a task head parameter of this model (its head: {', '.join(sorted(allowed)) or 'none'}); "
-                "a delta's state may hold only its own tensors and the task head's"
-            )
         params = dict(self.backbone.named_parameters())
-        bad = [n for n, v in head.items() if params[n].shape != v.shape]
-        if bad:
-            raise DeltaError(
-                f"head tensor {bad[0]!r} has shape {tuple(head[bad[0]].shape)}, the model's {tuple(params[bad[0]].shape)}"
-            )
-        mine = delta.state_dict()
-        unexpected, missing = sorted(set(own) - set(mine)), sorted(set(mine) - set(own)) if strict else []
-        wrong = [k for k in own if k in mine and tuple(own[k].shape) != tuple(mine[k].shape)]
-        if unexpected or missing or wrong:
-            detail = (
-                f"shape {tuple(own[wrong[0]].shape)} for {wrong[0]!r}, here {tuple(mine[wrong[0]].shape)}"
-                if wrong
-                else ""
-            )
-            raise DeltaError(
-                f"the state does not fit delta {name!r}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
-                f"{'; ' + detail if detail else ''}; pass the state dm.delta_state_dict({name!r}) gives"
-            )
-        nonfinite = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
-        if nonfinite is not None:
-            raise DeltaError(
-                f"tensor {nonfinite!r} holds NaN or infinite values; load a state from a run that did not diverge"
-            )
+        heads = {n: params[n] for n in self.head_parameter_names()}
+        own, head = check_state(name, delta, state, heads, strict)
         delta.load_state_dict(own, strict=strict)
         with torch.no_grad():
             for n, v in head.items():
-                params[n].copy_(v)
+                heads[n].copy_(v)
 
     # -- merging (mergeable methods implement the math) -----------------------------------------
     def merge(self, name: str = "default") -> None:

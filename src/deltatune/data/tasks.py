@@ -3,21 +3,20 @@
 The shared collection (`<task>/{train,dev,test}.jsonl` + `meta.json`) is the main source, but a
 folder in the same format, a single JSONL/CSV/TSV file or a Hugging Face `datasets` object load the
 same way, so training code never special-cases where data came from. Everything is checked at load
-time and every error names the file and line, because a bad row found mid-training wastes an hour.
+time (by the rules in examples.py) and every error names the file and line, because a bad row found
+mid-training wastes an hour.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .collection import _resolve_name, candidate_roots, data_root, format_task_table, list_tasks
+from .examples import Example, Task, _build
 from .files import (
-    COLUMN_ALIASES,
     ENV_VAR,
     FILE_SUFFIXES,
     SPLIT_ALIASES,
@@ -43,241 +42,6 @@ __all__ = [
     "list_tasks",
     "load_task",
 ]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One row. Classification: `label` is the class index; regression: a float; generation: the target text."""
-
-    text: str
-    text_pair: str | None = None
-    label: int | float | str | None = None
-    references: tuple[str, ...] = ()
-
-
-@dataclass
-class Task:
-    """A named task with its splits; `meta` is the task's meta.json (empty for plain files)."""
-
-    name: str
-    type: str
-    labels: list[str] = field(default_factory=list)
-    splits: dict[str, list[Example]] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
-    license: str = "unknown"
-    # what load_task was given (a collection name, or a file/folder as an absolute path), so that a
-    # saved delta can name its data and `deltatune eval` can load it again; None for datasets objects
-    source: str | None = None
-
-    @property
-    def num_labels(self) -> int:
-        """Size of a classification head: the number of classes, 1 for regression, 0 for generation."""
-        if self.type == "regression":
-            return 1
-        return len(self.labels)
-
-    @property
-    def is_pair(self) -> bool:
-        return any(ex.text_pair is not None for rows in self.splits.values() for ex in rows[:50])
-
-    @property
-    def metric_names(self) -> list[str]:
-        from .metrics import metric_names
-
-        return metric_names(self)
-
-    @property
-    def primary_metric(self) -> str:
-        from .metrics import primary_metric
-
-        return primary_metric(self)
-
-    def __getitem__(self, split: str) -> list[Example]:
-        key = SPLIT_ALIASES.get(split, split)
-        if key not in self.splits:
-            raise KeyError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.splits)}")
-        return self.splits[key]
-
-    def __repr__(self) -> str:  # the default would print every example
-        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
-        return f"Task(name={self.name!r}, type={self.type!r}, num_labels={self.num_labels}, {sizes})"
-
-
-def _canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
-    if columns:
-        row = {columns.get(k, k): v for k, v in row.items()}
-    label = row.get("label")
-    if label is not None and not isinstance(label, str) and hasattr(label, "item"):  # numpy/torch scalars
-        row["label"] = label.item()
-    for key, aliases in COLUMN_ALIASES.items():
-        if key not in row:
-            for alias in aliases:
-                if alias in row:
-                    row[key] = row[alias]
-                    break
-    return row
-
-
-def _csv_number(value: Any, labels: Sequence[str]) -> Any:
-    """A CSV cell is always a string: keep it if it names a label, else read it as an int or float."""
-    if not isinstance(value, str) or value in labels:
-        return value
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
-
-
-def _kind(label: Any) -> str:
-    if isinstance(label, bool):
-        return "bool"
-    if isinstance(label, int):
-        return "int"
-    if isinstance(label, float):
-        return "float"
-    if isinstance(label, str):
-        return "str"
-    return type(label).__name__
-
-
-def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
-    """Task type and label names for data without meta.json, judged from all rows of all splits."""
-    if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
-        return "generation", []
-    pair = any("text_pair" in r for _, r in rows)
-    first: dict[str, str] = {}
-    values = []
-    for where, row in rows:
-        if "label" not in row:
-            continue
-        label = row["label"]
-        kind = _kind(label)
-        first.setdefault(kind, where)
-        values.append(label)
-    if "str" in first and len(first) > 1:
-        other = next(k for k in first if k != "str")
-        raise DataError(
-            f"{first[other]}: mixed label types: {other} label here but str label at {first['str']}; "
-            "use either class indices or label strings throughout"
-        )
-    if "bool" in first:
-        raise DataError(f"{first['bool']}: boolean label; use 0/1 or a label string")
-    if "float" in first:
-        return "regression", []
-    if "str" in first:
-        return ("pair_classification" if pair else "classification"), sorted(set(values))
-    if "int" in first:
-        top = max(values)
-        return ("pair_classification" if pair else "classification"), [str(i) for i in range(top + 1)]
-    raise DataError(f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row")
-
-
-def _text(where: str, row: dict, key: str, required: bool = True) -> str | None:
-    if key not in row or row[key] is None:
-        if required:
-            raise DataError(f"{where}: missing field {key!r} (row has {', '.join(sorted(row)) or 'no fields'})")
-        return None
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Example]:
-    out = []
-    seen: tuple[str, str] | None = None  # (kind, where) of the first classification label, for mixed-type errors
-    index = {name: i for i, name in enumerate(labels)}
-    for where, row in rows:
-        if task_type == "generation":
-            source = _text(where, row, "source")
-            target = _text(where, row, "target")
-            refs = row.get("references") or [target]
-            if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
-                raise DataError(f"{where}: 'references' must be a list of strings")
-            out.append(Example(source, None, target, tuple(refs)))
-            continue
-        text = _text(where, row, "text")
-        pair = _text(where, row, "text_pair", required=False)
-        if "label" not in row or row["label"] is None:
-            raise DataError(f"{where}: missing field 'label' (row has {', '.join(sorted(row))})")
-        label = row["label"]
-        kind = _kind(label)
-        if task_type == "regression":
-            if kind == "str":
-                try:
-                    label = float(label)
-                except ValueError:
-                    raise DataError(f"{where}: non-numeric regression label {row['label']!r}") from None
-            elif kind not in ("int", "float"):
-                raise DataError(f"{where}: non-numeric regression label {row['label']!r}")
-            if not math.isfinite(label):
-                raise DataError(f"{where}: regression label {row['label']!r} is not a finite number")
-            out.append(Example(text, pair, float(label)))
-            continue
-        if seen is None:
-            seen = (kind, where)
-        elif kind != seen[0]:
-            raise DataError(
-                f"{where}: mixed label types: {kind} label {label!r} here but {seen[0]} label at {seen[1]}; "
-                "use either class indices or label strings throughout"
-            )
-        if kind == "str":
-            if label not in index:
-                raise DataError(f"{where}: unknown label {label!r}; the task's labels are {labels}")
-            label = index[label]
-        elif kind == "int":
-            if not 0 <= label < len(labels):
-                raise DataError(f"{where}: label index {label} out of range for {len(labels)} labels {labels}")
-        else:
-            raise DataError(
-                f"{where}: a classification label must be a class index (int) or a label string, got {kind} {label!r}"
-            )
-        out.append(Example(text, pair, label))
-    return out
-
-
-def _build(
-    name: str,
-    raw: dict[str, list[Raw]],
-    meta: dict,
-    columns: Mapping[str, str] | None,
-    from_csv: dict[str, bool],
-    task_type: str | None = None,
-    labels: Sequence[str] | None = None,
-) -> Task:
-    """Validate raw rows of all splits into a Task; meta.json wins over inference, explicit arguments over both."""
-    raw = {s: [(w, _canonical(r, columns)) for w, r in rows] for s, rows in raw.items()}
-    task_type = task_type or meta.get("type")
-    labels = list(labels) if labels is not None else meta.get("labels")
-    for split, rows in raw.items():
-        if from_csv[split]:
-            for _, row in rows:
-                if "label" in row:
-                    row["label"] = _csv_number(row["label"], [str(x) for x in labels or []])
-    if task_type is None:
-        every = [r for rows in raw.values() for r in rows]
-        if labels is None:
-            task_type, labels = _infer(every)
-        else:
-            task_type = "pair_classification" if any("text_pair" in r for _, r in every) else "classification"
-    if task_type not in TASK_TYPES:
-        raise DataError(f"task {name!r}: unknown type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
-    if task_type in ("classification", "pair_classification"):
-        if labels is None:
-            _, labels = _infer([r for rows in raw.values() for r in rows])
-        if not labels:
-            raise DataError(f"task {name!r}: a {task_type} task needs labels (meta.json 'labels' or labels=[...])")
-    else:
-        labels = []
-    labels = [str(x) for x in labels]
-    splits = {s: _examples(rows, task_type, labels) for s, rows in raw.items()}
-    meta = dict(meta) or {"name": name, "type": task_type, "labels": labels}
-    return Task(name, task_type, labels, splits, meta, str(meta.get("license") or "unknown"))
-
-
-# ----------------------------------------------------------------------------- public entry points
 
 
 def _norm_splits(splits: Sequence[str] | str | None) -> tuple[str, ...] | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import verdicts
-from .spec import combination_labels
+from .grid import combination_labels
 from .store import Store
 
 # Data about the paper (Ding et al. 2023, T5-base), not special cases: the methods it ranks, by the names

@@ -79,7 +79,7 @@ def _load_task(name: str, cap: int | None) -> Any:
     test split of cr), and their first 150 rows are a single class.
     """
     from ..data.tasks import load_task
-    from ..train.trainer import eval_sample
+    from ..train.evaluation import eval_sample
 
     task = load_task(name)
     if cap is None:

@@ -47,7 +47,7 @@ def _dev_majority(task: str, metric: str, cap: int | None) -> float | None:
     try:
         from ..data.metrics import compute_metrics
         from ..data.tasks import load_task
-        from ..train.trainer import eval_sample
+        from ..train.evaluation import eval_sample
 
         t = load_task(task, splits=("dev",))
     except (FileNotFoundError, KeyError, ValueError, ImportError):

@@ -22,8 +22,9 @@ from torch import nn
 from ..backbones import load_backbone, load_tokenizer
 from ..core.io import HEAD
 from ..core.model import DeltaModel
+from ..train.evaluation import evaluate
 from ..train.objectives import ClassifierObjective
-from ..train.trainer import TrainConfig, evaluate, fit
+from ..train.trainer import TrainConfig, fit
 from .config import StudyConfig, TaskData, task_data
 from .flatten import Layout, flatten, load_vectors, save_vectors
 from .store import Store

@@ -5,6 +5,7 @@ Outside a launch (no accelerate state, or one process) every function answers as
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -30,3 +31,36 @@ def global_mean(accelerator: Any, loss: torch.Tensor) -> float:
     if accelerator.num_processes == 1:
         return loss.item()
     return accelerator.reduce(loss.detach(), reduction="mean").item()
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int, batch_size: int) -> Any:
+    """An Accelerator for a run's precision, gradient accumulation and global batch size.
+
+    accelerate keeps its state in a process-wide singleton that refuses a second precision; a study
+    runs fp32 and bf16 runs one after another in one process, so outside a distributed launch the
+    state is reset when the precision changes (under `accelerate launch` the launch decides).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    if AcceleratorState._shared_state and PartialState().distributed_type == DistributedType.NO:
+        if AcceleratorState().mixed_precision != mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    from accelerate.utils import DataLoaderConfiguration
+
+    # several processes without a GPU (torchrun on CPUs): accelerate uses gloo only when told cpu=True
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # split_batches: `batch_size` is the global batch, each of N processes gets 1/N of every batch, so
+    # steps per epoch, the schedule and every update equal one process's (see docs/ecosystem.md)
+    processes = PartialState(cpu=cpu).num_processes
+    if batch_size % processes:
+        raise ValueError(
+            f"batch_size {batch_size} is the global batch and must split evenly over {processes} processes; "
+            f"use a multiple of {processes}"
+        )
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +25,11 @@ from tqdm.auto import tqdm
 from ..core import atomic
 from ..core.delta import Delta, DeltaConfig
 from ..core.model import DeltaModel
-from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
 from . import checkpoint
-from .distributed import global_mean, process_share
-from .objectives import GenerationObjective, has_lm_head, objective_for
+from .distributed import global_mean, make_accelerator
+from .evaluation import eval_sample, evaluate, majority_metrics
+from .objectives import has_lm_head, objective_for
 
 FULL_FT_LR = 5e-5
 
@@ -122,18 +121,6 @@ def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, **({"fused": True} if fused else {"foreach": True}), **kwargs)
 
 
-def eval_sample(examples: list[Example], cap: int | None) -> list[Example]:
-    """At most `cap` evaluation examples, drawn at random (seed 0: the same for every run) in file order.
-
-    Several task files are sorted by label: their first rows are all one class, so a cap that took
-    the first rows would evaluate on one class only.
-    """
-    if cap is None or len(examples) <= cap:
-        return examples
-    keep = sorted(random.Random(0).sample(range(len(examples)), cap))
-    return [examples[i] for i in keep]
-
-
 def auto_eval_every(steps_per_epoch: int, dev_size: int = 0, batch_size: int = 32) -> int:
     """About two dev evaluations per epoch, but no more often than one per dev set's worth of
     training examples; at least every 200 and at most every 10 steps.
@@ -158,89 +145,8 @@ def step_budget(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, str]:
     return min(bounds, key=lambda b: b[0])
 
 
-def majority_metrics(task: Task, dev: Sequence[Example]) -> dict[str, float] | None:
-    """Dev metrics of a constant prediction of the most frequent dev label: the score a run must beat.
-
-    None for regression and generation, where a constant predictor has no meaningful score.
-    """
-    if task.type not in ("classification", "pair_classification") or not dev:
-        return None
-    from collections import Counter
-
-    label = Counter(e.label for e in dev).most_common(1)[0][0]
-    return compute_metrics(task, [label] * len(dev), list(dev))
-
-
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def evaluate(
-    model: nn.Module, objective: Any, examples: Sequence[Example], task: Task, batch_size: int
-) -> dict[str, float]:
-    """Dev/test metrics of the model as it is now (eval mode, no gradients)."""
-    return compute_metrics(task, predict(model, objective, examples, batch_size), list(examples))
-
-
-def predict(model: nn.Module, objective: Any, examples: Sequence[Example], batch_size: int) -> list:
-    """The model's predictions (class indices, numbers or generated texts) as it is now, in order.
-
-    Under a multi-process launch every process predicts its share (every world-th example) and the
-    predictions are gathered back into file order, so every process returns one process's numbers.
-    """
-    rank, world = process_share()
-    indices = list(range(rank, len(examples), world))
-    examples = [examples[i] for i in indices]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    predictions: list = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        if isinstance(objective, GenerationObjective):
-            predictions += objective.generate(model, chunk)
-        else:
-            batch = {k: v.to(device) for k, v in objective.collate(chunk).items()}
-            predictions += objective.predict(model, batch)
-    model.train(was_training)
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        predictions = [p for _, p in sorted(gather_object(list(zip(indices, predictions, strict=True))))]
-    return predictions
-
-
-def _accelerator(cfg: TrainConfig) -> Any:
-    """An Accelerator for this run's precision.
-
-    accelerate keeps its state in a process-wide singleton that refuses a second precision; a study
-    runs fp32 and bf16 runs one after another in one process, so outside a distributed launch the
-    state is reset when the precision changes (under `accelerate launch` the launch decides).
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, DistributedType, PartialState
-
-    if AcceleratorState._shared_state and PartialState().distributed_type == DistributedType.NO:
-        if AcceleratorState().mixed_precision != cfg.mixed_precision:
-            AcceleratorState._reset_state(reset_partial_state=True)
-    from accelerate.utils import DataLoaderConfiguration
-
-    # several processes without a GPU (torchrun on CPUs): accelerate uses gloo only when told cpu=True
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    # split_batches: `batch_size` is the global batch, each of N processes gets 1/N of every batch, so
-    # steps per epoch, the schedule and every update equal one process's (see docs/ecosystem.md)
-    processes = PartialState(cpu=cpu).num_processes
-    if cfg.batch_size % processes:
-        raise ValueError(
-            f"batch_size {cfg.batch_size} is the global batch and must split evenly over {processes} processes; "
-            f"use a multiple of {processes}"
-        )
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
 
 
 def fit(
@@ -310,7 +216,7 @@ def fit(
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * max_steps), max_steps)
-    accelerator = _accelerator(cfg)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.batch_size)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     resume_dir = Path(output_dir) if resume and output_dir is not None else None
