@@ -32,7 +32,7 @@ if str(ROOT / "src") not in sys.path:
 
 import deltatune as dt  # noqa: E402
 from deltatune.data import load_task  # noqa: E402
-from deltatune.train.heads import head_for  # noqa: E402
+from deltatune.train.objectives import objective_for  # noqa: E402
 from deltatune.train.run import RunSpec, load_for_task, run, training_examples  # noqa: E402
 from deltatune.train.trainer import TrainConfig, adamw, eval_sample, evaluate  # noqa: E402
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _, result, _ = run(spec)
         from deltatune.backbones import load_tokenizer
 
-        head = head_for(task, load_tokenizer(a.model), lm=False, max_length=a.max_length)
+        head = objective_for(task, load_tokenizer(a.model), lm=False, max_length=a.max_length)
         dev = eval_sample(list(task["dev"]), a.max_eval)
         report["paths"]["deltatune-train"] = {
             "train_s": round(result.train_seconds, 2),

@@ -46,3 +46,11 @@ def test_unknown_model_is_refused_with_the_known_names(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         main(["--models", "gpt-5"])
     assert "tiny-bert" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"))
+def test_every_benchmark_module_imports(module: str) -> None:
+    """A rename inside deltatune must not silently break a benchmark nobody runs in CI (e2e did once)."""
+    import importlib
+
+    importlib.import_module(f"benchmarks.{module}")
