@@ -215,7 +215,7 @@ def check(method: str, arch: str, head: str, folder: Path) -> tuple[str, list[st
     state: dict = {}
 
     def attach() -> None:
-        state["dm"] = dt.attach(model, config_cls(**SETTINGS.get(method, {})))
+        state["dm"] = dt.attach(model, config_cls(**SETTINGS.get(method, {})), train_head=False)
         if config_cls.identity_at_init:
             close(output(state["dm"], inputs), plain, 1e-6, "output at init vs the backbone's")
 
