@@ -84,6 +84,21 @@ def test_loading_onto_other_weights_of_the_same_shape_is_refused(tmp_path: Path)
         dt.load_delta(make_model("bert", seed=5), tmp_path / "d")
 
 
+def test_batched_signatures_equal_each_tensor_summed_alone() -> None:
+    """Signatures are computed for all parameters at once (grouped by sample length); each must be
+    exactly its own tensor's, or every saved delta would be checked against the wrong parameter."""
+    from deltatune.core import identity
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=gen) for shape in [(7,), (384,), (64, 64), (3, 5), (1000,)]]
+    for tensor, sig in zip(tensors, identity.signatures(tensors), strict=True):
+        flat = tensor.reshape(-1).double()
+        n = min(flat.numel(), 256)
+        values = flat[[i * (flat.numel() - 1) // max(n - 1, 1) for i in range(n)]]
+        expected = [float((identity._signs(n, k) * values).sum()) for k in (0, 1)] + [float(values.abs().sum())]
+        assert sig == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
 def test_a_bf16_copy_of_the_backbone_accepts_the_delta_cast_to_bf16(tmp_path: Path) -> None:
     _trained("lora").save_delta(tmp_path / "d")
     model = make_model("bert").to(torch.bfloat16)

@@ -9,6 +9,7 @@ matches (an exact hash could not: rounding differs value by value).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -32,16 +33,15 @@ def base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted((plain_name(n), p) for n, p in model.named_parameters() if not (heads and n.startswith(heads)))
 
 
+@functools.lru_cache(maxsize=256)
+def _positions(numel: int, count: int) -> torch.Tensor:
+    count = min(count, numel)
+    return torch.arange(count, dtype=torch.int64) * (numel - 1) // max(count - 1, 1)
+
+
 def probe_index(numel: int, count: int) -> torch.Tensor:
     """`count` evenly spread positions in a tensor, in integers (float steps overflow past 2^24)."""
-    count = min(count, numel)
-    return torch.tensor([i * (numel - 1) // max(count - 1, 1) for i in range(count)], dtype=torch.long)
-
-
-def _sample(p: torch.Tensor) -> torch.Tensor:
-    flat = p.detach().reshape(-1)
-    idx = probe_index(flat.numel(), _SAMPLE).to(flat.device)
-    return flat[idx].double().cpu()
+    return _positions(numel, count).clone()
 
 
 def _signs(n: int, k: int) -> torch.Tensor:
@@ -50,38 +50,64 @@ def _signs(n: int, k: int) -> torch.Tensor:
     return ((h >> 16) & 1).double() * 2 - 1
 
 
-def signature(p: torch.Tensor) -> list[float]:
-    """Two sign-weighted sums and the sum of magnitudes of a fixed strided sample of `p`.
+@functools.lru_cache(maxsize=64)
+def _patterns(n: int) -> torch.Tensor:
+    """Both sign patterns over n positions as one (n, 2) matrix: one product gives both sums."""
+    return torch.stack([_signs(n, 0), _signs(n, 1)], dim=1)
+
+
+def signatures(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """Each tensor's two sign-weighted sums and sum of magnitudes of a fixed strided sample.
 
     Independent sign patterns: a re-drawn tensor escapes both only with odds ~1e-3 per tensor.
+    Tensors with samples of one length are summed together (one product per length), which keeps
+    saving and loading a delta cheap: this runs over every backbone parameter on each of them.
     """
-    values = _sample(p)
-    n = values.numel()
-    return [float((_signs(n, 0) * values).sum()), float((_signs(n, 1) * values).sum()), float(values.abs().sum())]
+    samples = [t.detach().reshape(-1)[_positions(t.numel(), _SAMPLE).to(t.device)] for t in tensors]
+    out: list[list[float]] = [[] for _ in tensors]
+    by_len: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_len.setdefault(sample.numel(), []).append(i)
+    for n, rows in by_len.items():
+        values = torch.stack([samples[i].to("cpu", torch.float64) for i in rows])
+        sums = (values @ _patterns(n)).tolist()
+        mags = values.abs().sum(dim=1).tolist()
+        for i, pair, mag in zip(rows, sums, mags, strict=True):
+            out[i] = [*pair, mag]
+    return out
 
 
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Structure hash, dtypes, a per-parameter signature and (for older readers) a few probe values."""
-    params = base_parameters(model)
+def signature(p: torch.Tensor) -> list[float]:
+    """One tensor's signature (see `signatures`)."""
+    return signatures([p])[0]
+
+
+def _structure(params: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
     for name, p in params:
         digest.update(f"{name}:{tuple(p.shape)};".encode())
+    return digest.hexdigest()
+
+
+def fingerprint(model: nn.Module, params: list[tuple[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Structure hash, dtypes, a per-parameter signature and (for older readers) a few probe values."""
+    params = base_parameters(model) if params is None else params
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params})
     probes = {}
     for name, p in (params[0], params[len(params) // 2], params[-1]) if params else ():
         flat = p.detach().reshape(-1)
-        probes[name] = [float(v) for v in flat[probe_index(flat.numel(), _SLICE)].float().cpu()]
+        probes[name] = [float(v) for v in flat[probe_index(flat.numel(), _SLICE).to(flat.device)].float().cpu()]
     config = getattr(model, "config", None)
     return {
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None),
         "class": type(model).__name__,
         "num_parameters": sum(p.numel() for _, p in params),
-        "structure_sha256": digest.hexdigest(),
+        "structure_sha256": _structure(params),
         "dtypes": dtypes,
         "probes": probes,
-        # one [sum, magnitude] pair per parameter, in the sorted order the structure hash fixes
-        "signatures": [[float(f"{v:.4g}") for v in signature(p)] for _, p in params],
+        # one [sum, sum, magnitude] triple per parameter, in the sorted order the structure hash fixes
+        "signatures": [[float(f"{v:.4g}") for v in sig] for sig in signatures([p for _, p in params])],
     }
 
 
@@ -96,25 +122,25 @@ def check(saved: dict[str, Any], model: nn.Module) -> None:
     """Refuse a delta made for another backbone, naming both; dtype differences are fine (cast on load)."""
     if not isinstance(saved, dict):
         raise IdentityError("delta.json's backbone identity is not a mapping; was the JSON edited?")
-    here = fingerprint(model)
-    if saved.get("structure_sha256") != here["structure_sha256"]:
+    params = base_parameters(model)
+    if saved.get("structure_sha256") != _structure(params):
         raise IdentityError(
-            f"this delta was trained on {describe(saved)} but the model is {describe(here)}: "
+            f"this delta was trained on {describe(saved)} but the model is {describe(fingerprint(model, params))}: "
             "their parameter names or shapes differ; load it onto the backbone it was trained on"
         )
-    params = base_parameters(model)
     other = (
         f"this delta was trained on {describe(saved)}; the model has the same shapes but other weights "
         "(e.g. {name!r} differs): it is another checkpoint of the same architecture; load the right one"
     )
-    signatures = saved.get("signatures")
-    if signatures is not None:
-        if not isinstance(signatures, list) or len(signatures) != len(params):
+    recorded = saved.get("signatures")
+    if recorded is not None:
+        if not isinstance(recorded, list) or len(recorded) != len(params):
             raise IdentityError("delta.json's backbone signatures do not fit the model's parameters; was it edited?")
-        for (name, p), pair in zip(params, signatures, strict=True):
+        for pair in recorded:
             if not (isinstance(pair, list) and len(pair) == 3 and all(isinstance(v, int | float) for v in pair)):
                 raise IdentityError("delta.json's backbone signatures are malformed; was the JSON edited?")
-            *sums, mag = signature(p)
+        here = signatures([p for _, p in params])
+        for (name, _), pair, (*sums, mag) in zip(params, recorded, here, strict=True):
             tol = _RTOL * max(mag, abs(pair[2])) + 1e-6
             if any(abs(a - b) > tol for a, b in zip(sums, pair[:2], strict=True)) or abs(mag - pair[2]) > tol:
                 raise IdentityError(other.format(name=name))
