@@ -21,6 +21,13 @@ def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integer seeds, e.g. 42,43,44") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="stage", required=True)
     for stage in STAGES:
@@ -31,7 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if stage in ("init", "collect", "all"):
             _study_arguments(s)
         if stage == "find":
-            s.add_argument("--which", type=_list, default=["single", "multi"], help="single,multi (default both)")
+            s.add_argument(
+                "--which", type=_list, default=None,
+                help="single,multi,heldout (default all; heldout only in studies with several --solution-seeds)",
+            )  # fmt: skip
             s.add_argument(
                 "--init", choices=("joint", "random"), default="joint",
                 help="joint: warm start from the joint decomposition (unified-* spaces); random: projections "
@@ -40,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if stage == "optimize":
             s.add_argument(
                 "--spaces", type=_list, default=None,
-                help="single,multi,scratch-single,scratch-multi,pca,random (default all that were found)",
+                help="single,multi,heldout,scratch-single,scratch-multi,scratch-heldout,pca,random (default all found)",
             )  # fmt: skip
         if stage == "landscape":
             s.add_argument("--method", default="lora", help="the method whose basis scores the plane")
@@ -77,6 +87,11 @@ def _study_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--methods", type=_list, default=None, help="default adapter,lora,prefix,selective")
     s.add_argument("--method-arg", action="append", default=[], help="method.key=value, e.g. lora.r=8")
     s.add_argument("--lr", action="append", default=[], help="method=rate, e.g. lora=5e-3")
+    s.add_argument(
+        "--solution-seeds", type=_seeds, default=None,
+        help="seeds of the solutions per task and method, the --seed among them, e.g. 42,43,44 (default the --seed "
+        "alone); with several, `find` adds held-out subspaces (heldout-<task>) found without the --seed's solution",
+    )  # fmt: skip
     for name, kind in _COUNTS:
         s.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
 
@@ -115,6 +130,10 @@ def _check_paths_and_counts(args: argparse.Namespace) -> None:
     elif workdir is not None and workdir.is_dir():
         checks.sqlite_file(workdir / "subspace.db", "--workdir's subspace.db")
     checks.out_folder(getattr(args, "out", None), "--out")
+    kinds = ("single", "multi", "heldout")
+    unknown = [w for w in getattr(args, "which", None) or () if w not in kinds]
+    if unknown:
+        raise ValueError(f"--which {','.join(unknown)}: not a kind of subspace; choose from {','.join(kinds)}")
     checks.at_least(getattr(args, "grid", None), 2, "--grid")
     for flag in ("said_steps", "d_max"):
         checks.at_least(getattr(args, flag, None), 1, "--" + flag.replace("_", "-"))
@@ -136,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stage in ("init", "collect", "all"):
         cfg = _study_config(args)
         if args.stage == "init":
-            print(f"study in {args.workdir}: {len(cfg.tasks)} tasks, methods {', '.join(cfg.methods)}, d={cfg.d}")
+            print(
+                f"study in {args.workdir}: {len(cfg.tasks)} tasks, methods {', '.join(cfg.methods)}, d={cfg.d}, "
+                f"solution seeds {','.join(map(str, cfg.seeds))}"
+            )
             return 0
     study = Study(args.workdir, args.db)
     tasks = args.tasks
@@ -149,8 +171,11 @@ def run(args: argparse.Namespace) -> int:
         if stage == "collect":
             study.collect(tasks)
         elif stage == "find":
-            which = getattr(args, "which", ["single", "multi"])
-            study.find(tasks, single="single" in which, multi="multi" in which, init=getattr(args, "init", "joint"))
+            which, init = getattr(args, "which", None), getattr(args, "init", "joint")
+            if which is None:  # every kind; held-out spaces when the study has seeds to hold one out from
+                study.find(tasks, init=init)
+            else:
+                study.find(tasks, "single" in which, "multi" in which, init, heldout="heldout" in which)
         elif stage == "optimize":
             study.optimize(tasks, getattr(args, "spaces", None))
         elif stage == "transfer":

@@ -5,6 +5,11 @@ fixed while each method trains its delta: all methods of a task share one head, 
 means the same thing whichever method produced it, and the subspace covers only the delta.
 Each method's initial delta is recorded too (same seed, same attach order, so the same random
 numbers): subspaces are anchored there, and optimizing in them starts from the untrained method.
+
+With several `solution_seeds`, each method trains once per seed. The seed varies the training
+randomness (batch order, dropout), not the initial delta nor the head: every solution of a method
+starts from the same initial delta (the study seed's), so all of them are displacements from one
+anchor and a subspace found from some seeds' solutions is a space the others can be compared in.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def backbone_for(cfg: StudyConfig, num_labels: int) -> nn.Module:
     return load_backbone(cfg.model, head, num_labels=num_labels)
 
 
-def _train_config(cfg: StudyConfig, lr: float | None) -> TrainConfig:
+def _train_config(cfg: StudyConfig, lr: float | None, seed: int | None = None) -> TrainConfig:
     return TrainConfig(
         lr=lr,
         head_lr=cfg.head_lr,
@@ -59,7 +64,7 @@ def _train_config(cfg: StudyConfig, lr: float | None) -> TrainConfig:
         batch_size=cfg.batch_size,
         max_length=cfg.max_length,
         eval_every=cfg.eval_every,
-        seed=cfg.seed,
+        seed=cfg.seed if seed is None else seed,
         progress=False,
     )
 
@@ -83,8 +88,10 @@ def _head_path(workdir: Path, task: str) -> Path:
     return workdir / "heads" / f"{task}.safetensors"
 
 
-def _solution_path(workdir: Path, task: str, method: str) -> Path:
-    return workdir / "solutions" / task / f"{method}.safetensors"
+def _solution_path(workdir: Path, task: str, method: str, seed: int | None = None) -> Path:
+    """The study seed's solution keeps the name it had before studies had several seeds (None: that one)."""
+    name = f"{method}.safetensors" if seed is None else f"{method}-seed{seed}.safetensors"
+    return workdir / "solutions" / task / name
 
 
 def collect_task(
@@ -95,11 +102,16 @@ def collect_task(
     tokenizer: Any,
     make_backbone: Callable[[int], nn.Module] | None = None,
 ) -> None:
-    """Train (or skip, when the store has them) the head and every method's solution on one task.
+    """Train (or skip, when the store has them) the head and every method's solution per seed on one task.
 
     `make_backbone(num_labels)` builds the model (default: `cfg.model`); tests pass tiny ones.
     """
-    todo = [m for m in cfg.methods if not store.has("subspace_solutions", task=name, method=m, seed=cfg.seed)]
+    todo = [
+        (seed, m)
+        for seed in cfg.seeds  # the study's seed first: the reference solutions exist before any other
+        for m in cfg.methods
+        if not store.has("subspace_solutions", task=name, method=m, seed=seed)
+    ]
     has_head = store.has("subspace_solutions", task=name, method="head", seed=cfg.seed)
     if not todo and has_head:
         return
@@ -123,22 +135,24 @@ def collect_task(
     with torch.no_grad():
         for k, v in head.items():
             params[k].copy_(v)
-    for method in todo:
+    for seed, method in todo:
         start = time.perf_counter()
         config = cfg.method_config(method)
         dm = DeltaModel(backbone)
         init = initial_state(dm, method, config, cfg.seed)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # every seed's delta starts from the same initial delta: one anchor
         dm.add(method, config)
-        model, result = fit(dm, tokenizer, data.task, (), _train_config(cfg, cfg.lrs.get(method)), train_head=False)
+        train = _train_config(cfg, cfg.lrs.get(method), seed)  # the seed: batch order and dropout
+        model, result = fit(dm, tokenizer, data.task, (), train, train_head=False)
         state = dm.delta_state_dict(method)
         layout = Layout.of(state)
         score = _score(model, tokenizer, data, cfg)[metric]
-        path = _solution_path(workdir, name, method)
-        meta = {"task": name, "method": method, "layout": layout.to_dict(), "config": config.to_dict(), "score": score}
+        path = _solution_path(workdir, name, method, None if seed == cfg.seed else seed)
+        meta = {"task": name, "method": method, "seed": seed, "layout": layout.to_dict(), "config": config.to_dict(),
+                "score": score}  # fmt: skip
         save_vectors(path, {"solution": flatten(state, layout), "init": flatten(init, layout)}, meta)
         store.put(
-            "subspace_solutions", task=name, method=method, seed=cfg.seed, size=layout.size, score=score,
+            "subspace_solutions", task=name, method=method, seed=seed, size=layout.size, score=score,
             metric=metric, path=str(path), seconds=time.perf_counter() - start,
             meta={"dev": result.best, "best_step": result.best_step, "diverged": result.diverged},
         )  # fmt: skip
@@ -169,6 +183,8 @@ def load_head(workdir: str | os.PathLike, task: str) -> dict[str, torch.Tensor]:
 def load_solution(store: Store, task: str, method: str, seed: int) -> Solution:
     row = store.one("subspace_solutions", task=task, method=method, seed=seed)
     if row is None:
-        raise FileNotFoundError(f"no {method} solution for {task!r} in {store.path}; run `deltatune subspace collect`")
+        raise FileNotFoundError(
+            f"no {method} solution of seed {seed} for {task!r} in {store.path}; run `deltatune subspace collect`"
+        )
     tensors, meta = load_vectors(row["path"])
     return Solution(task, method, tensors["solution"], tensors["init"], Layout.from_dict(meta["layout"]), row["score"])

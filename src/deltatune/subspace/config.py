@@ -46,6 +46,9 @@ class StudyConfig:
     dev_k: int = 16  # few-shot dev examples per class (model selection only)
     n_eval: int = 256  # examples of the task's dev split every score is measured on
     seed: int = 42
+    # seeds of the solutions collected per (task, method); None = [seed]. More than one lets `find --which
+    # heldout` build each task's subspace from the OTHER seeds' solutions (see `other_seeds`)
+    solution_seeds: list[int] | None = None
     max_length: int = 64
     batch_size: int = 16
     steps: int = 80  # training steps of each collected solution (and of the head)
@@ -75,6 +78,22 @@ class StudyConfig:
     def seen(self) -> list[str]:
         return [t for t in self.tasks if t not in self.unseen]
 
+    @property
+    def seeds(self) -> list[int]:
+        """Every solution seed, the study's own first: its solutions are the ones every score is compared with."""
+        return [self.seed, *(s for s in self.solution_seeds or () if s != self.seed)]
+
+    @property
+    def other_seeds(self) -> list[int]:
+        """The seeds a held-out subspace is found from: all but the study's seed, which is held out.
+
+        One held-out seed per task (not every fold): the held-out seed's solution is the very one the
+        in-sample spaces are compared with, so both settings share their reference scores and differ only
+        in whether that solution shaped the space; each further fold would cost a find, 4 optimizations
+        and 12 transfers per task for the same question.
+        """
+        return self.seeds[1:]
+
     def validate(self) -> None:
         if len(self.tasks) != len(set(self.tasks)):
             raise ValueError(f"a task is listed twice in {self.tasks}")
@@ -86,6 +105,14 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in self.method_args]
         if unknown:
             raise ValueError(f"no settings for {unknown}; give them with --method-arg or use {', '.join(PRESETS)}")
+        if self.solution_seeds is not None:
+            if len(set(self.solution_seeds)) != len(self.solution_seeds):
+                raise ValueError(f"a seed is listed twice in --solution-seeds {self.solution_seeds}")
+            if self.seed not in self.solution_seeds:
+                raise ValueError(
+                    f"--solution-seeds {self.solution_seeds} must include the study's --seed {self.seed}: its "
+                    "solutions are the reference every score is compared with"
+                )
         if self.d <= 0:
             raise ValueError(f"the intrinsic dimension d must be positive, got {self.d}")
         for m in self.methods:

@@ -107,6 +107,9 @@ def find_unified(
 ) -> Space:
     """Train the projections on the solutions of `data`'s tasks; return the subspace with each solution's z.
 
+    `data`'s keys name solution sets: a task, or one seed's solutions of a task (`task@seed`, sharing the
+    task's data and head); each set gets its own intrinsic vector, as a task does.
+
     `init` is "joint" (warm start from the joint decomposition) or "random" (from scratch); `lr` (the last
     down layer) and `up_lr` (per entry x sqrt of the method's size) default to that init's rates.
     """

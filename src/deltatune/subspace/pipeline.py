@@ -22,7 +22,17 @@ from tqdm.auto import tqdm
 from .collect import Solution, backbone_for, collect, load_head, load_solution
 from .config import StudyConfig, TaskData, task_data
 from .functional import Bank
-from .space import MULTI, SCRATCH_MULTI, SCRATCH_SINGLE, SINGLE, Space, space_kind, space_path
+from .space import (
+    HELDOUT,
+    MULTI,
+    SCRATCH_HELDOUT,
+    SCRATCH_MULTI,
+    SCRATCH_SINGLE,
+    SINGLE,
+    Space,
+    space_kind,
+    space_path,
+)
 from .store import Store
 
 
@@ -60,8 +70,25 @@ class Study:
     def head(self, task: str) -> dict[str, torch.Tensor]:
         return load_head(self.workdir, task)
 
-    def solutions(self, tasks: list[str]) -> dict[tuple[str, str], Solution]:
-        return {(t, m): load_solution(self.store, t, m, self.cfg.seed) for t in tasks for m in self.cfg.methods}
+    def solutions(self, tasks: list[str], seeds: list[int] | None = None) -> dict[tuple[str, str], Solution]:
+        """Every method's solution of `tasks` at `seeds` (default the study's), keyed by (solution set, method)."""
+        return {
+            (self.solution_set(t, s), m): load_solution(self.store, t, m, s)
+            for t in tasks
+            for s in seeds or [self.cfg.seed]
+            for m in self.cfg.methods
+        }
+
+    def solution_set(self, task: str, seed: int) -> str:
+        """A task's solutions of one seed, as a subspace names them: the study seed's by the task alone (as in
+        studies with one seed), another seed's as `task@seed`; the finder treats each set like a task."""
+        return task if seed == self.cfg.seed else f"{task}@{seed}"
+
+    def _find_inputs(self, tasks: list[str], seeds: list[int]) -> tuple[dict, dict, dict]:
+        """Solutions, task data and heads keyed by solution set: every seed of a task shares its data and head."""
+        sets = {self.solution_set(t, s): t for t in tasks for s in seeds}
+        data = {name: self.data(t) for name, t in sets.items()}
+        return self.solutions(tasks, seeds), data, {name: self.head(t) for name, t in sets.items()}
 
     def original(self, task: str, method: str) -> float:
         row = self.store.one("subspace_solutions", task=task, method=method, seed=self.cfg.seed)
@@ -86,48 +113,69 @@ class Study:
         collect(self.cfg, self.store, self.workdir, tasks, self.tokenizer, self.make_backbone)
 
     def find(
-        self, tasks: list[str] | None = None, single: bool = True, multi: bool = True, init: str = "joint"
+        self,
+        tasks: list[str] | None = None,
+        single: bool = True,
+        multi: bool = True,
+        init: str = "joint",
+        heldout: bool | None = None,
     ) -> None:
         """Single-task subspaces (one per task) and the multi-task one with its PCA and random baselines.
 
         `init="random"` trains the projections from scratch into `scratch-*` spaces, beside the warm-started
         `unified-*` ones, so both can be optimized and reported from one set of solutions.
+        `heldout` (default: when the study has several solution seeds) adds `heldout-<task>` spaces found from
+        the task's solutions of every seed but the study's: the in-sample `unified-<task>` holds the study
+        seed's solution by construction, the held-out one never saw it, and both are compared with it. The
+        multi-task subspace and its baselines use every seed's solutions of the seen tasks. Every space gets
+        `find_steps` (or `scratch_find_steps`) per solution set (task and seed) it is found from.
         """
         from .baselines import pca_space, random_space
         from .find import find_unified
 
         cfg = self.cfg
+        heldout = bool(cfg.other_seeds) if heldout is None else heldout
+        if heldout and not cfg.other_seeds:
+            raise ValueError(
+                f"held-out subspaces need solutions of a second seed; start a study with --solution-seeds "
+                f"{cfg.seed},{cfg.seed + 1},... (this one has only seed {cfg.seed})"
+            )
         scratch = init == "random"
-        one, many = (SCRATCH_SINGLE, SCRATCH_MULTI) if scratch else (SINGLE, MULTI)
-        per_task = cfg.scratch_find_steps if scratch else cfg.find_steps
-        jobs = [(one.format(task=t), [t], per_task) for t in (tasks or cfg.tasks)] if single else []
+        one, many, out = (SCRATCH_SINGLE, SCRATCH_MULTI, SCRATCH_HELDOUT) if scratch else (SINGLE, MULTI, HELDOUT)
+        per_set = cfg.scratch_find_steps if scratch else cfg.find_steps
+        chosen = tasks or cfg.tasks
+        jobs = [(one.format(task=t), [t], [cfg.seed]) for t in chosen] if single else []
+        jobs += [(out.format(task=t), [t], cfg.other_seeds) for t in chosen] if heldout else []
         if multi and cfg.unseen:
-            jobs.append((many, cfg.seen, per_task * len(cfg.seen)))
-        for name, on, steps in tqdm(jobs, desc="find", dynamic_ncols=True):
+            jobs.append((many, cfg.seen, cfg.seeds))
+        for name, on, seeds in tqdm(jobs, desc="find", dynamic_ncols=True):
             if self.store.has("subspace_spaces", name=name):
                 continue
             start, log = time.perf_counter(), []
+            solutions, data, heads = self._find_inputs(on, seeds)
             space = find_unified(
-                self.bank, self.solutions(on), {t: self.data(t) for t in on}, {t: self.head(t) for t in on},
-                name=name, d=cfg.d, hidden=cfg.hidden, steps=steps, alpha=cfg.alpha, batch_size=cfg.batch_size,
-                seed=cfg.seed, init=init, log=log,
+                self.bank, solutions, data, heads, name=name, d=cfg.d, hidden=cfg.hidden, steps=per_set * len(data),
+                alpha=cfg.alpha, batch_size=cfg.batch_size, seed=cfg.seed, init=init, log=log,
             )  # fmt: skip
-            space.meta["log"] = log
+            space.meta.update(log=log, seeds=seeds)
             self._put_space(space, time.perf_counter() - start)
         if multi and cfg.unseen:
+            sets = [self.solution_set(t, s) for t in cfg.seen for s in cfg.seeds]
             for build in (pca_space, random_space):
                 if not self.store.has("subspace_spaces", name=build.__name__.removesuffix("_space")):
                     start = time.perf_counter()
-                    space = build(self.solutions(cfg.seen), cfg.seen, cfg.methods, cfg.d, seed=cfg.seed)
+                    space = build(self.solutions(cfg.seen, cfg.seeds), sets, cfg.methods, cfg.d, seed=cfg.seed)
                     self._put_space(space, time.perf_counter() - start)
 
     def optimize_jobs(self, tasks: list[str] | None = None) -> list[tuple[str, str, str]]:
-        """(space, task, method): single-task subspaces on their own task, multi-task ones on unseen tasks."""
+        """(space, task, method): single-task subspaces (in-sample, from scratch, held-out seed: those found) on
+        their own task, multi-task ones on unseen tasks."""
         cfg, chosen = self.cfg, tasks or self.cfg.tasks
         jobs = [(SINGLE.format(task=t), t, m) for t in chosen for m in cfg.methods]
         found = {r["name"] for r in self.store.rows("subspace_spaces")}
-        jobs += [(SCRATCH_SINGLE.format(task=t), t, m) for t in chosen if SCRATCH_SINGLE.format(task=t) in found
-                 for m in cfg.methods]  # fmt: skip
+        for pattern in (SCRATCH_SINGLE, HELDOUT, SCRATCH_HELDOUT):
+            jobs += [(pattern.format(task=t), t, m) for t in chosen if pattern.format(task=t) in found
+                     for m in cfg.methods]  # fmt: skip
         multis = (MULTI, "pca", "random", *((SCRATCH_MULTI,) if SCRATCH_MULTI in found else ()))
         for name in multis if cfg.unseen else ():
             jobs += [(name, t, m) for t in cfg.unseen if t in chosen for m in cfg.methods]
@@ -155,7 +203,7 @@ class Study:
     def transfer(self, tasks: list[str] | None = None) -> None:
         from .optimize import transfer_scores
 
-        learned = ("single", "multi", "scratch-single", "scratch-multi")
+        learned = ("single", "multi", "scratch-single", "scratch-multi", "heldout", "scratch-heldout")
         jobs = [j for j in self.optimize_jobs(tasks) if space_kind(j[0]) in learned]
         for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
             row = self.store.one("subspace_results", space=name, stage="optimize", task=task, method=source)

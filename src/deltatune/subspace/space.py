@@ -82,15 +82,23 @@ SINGLE = "unified-{task}"
 MULTI = "unified-multi"
 SCRATCH_SINGLE = "scratch-{task}"  # the same, with projections trained from scratch (`find --init random`)
 SCRATCH_MULTI = "scratch-multi"
+# a task's subspace found from its solutions of every seed but the study's (`find --which heldout`), and from scratch
+HELDOUT = "heldout-{task}"
+SCRATCH_HELDOUT = "scratch-heldout-{task}"
 
 
 def space_kind(name: str) -> str:
     """What `--spaces` selects and the report groups by: single (unified-<task>), multi (unified-multi),
-    their from-scratch counterparts scratch-single (scratch-<task>) and scratch-multi, pca or random."""
+    heldout (heldout-<task>), their from-scratch counterparts scratch-single (scratch-<task>), scratch-multi
+    and scratch-heldout (scratch-heldout-<task>), pca or random."""
     if name in (MULTI, SCRATCH_MULTI):
         return name.replace("unified-", "")
     if name.startswith("unified-"):
         return "single"
+    if name.startswith("scratch-heldout-"):
+        return "scratch-heldout"
+    if name.startswith("heldout-"):
+        return "heldout"
     return "scratch-single" if name.startswith("scratch-") else name
 
 
