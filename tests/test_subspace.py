@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -15,10 +16,12 @@ import deltatune as dt
 from deltatune.core.fastfood import Fastfood
 from deltatune.subspace.baselines import fastfood_basis, random_space
 from deltatune.subspace.collect import Solution
+from deltatune.subspace.config import StudyConfig
 from deltatune.subspace.find import find_unified
 from deltatune.subspace.flatten import Layout, flatten, unflatten
 from deltatune.subspace.functional import Bank
 from deltatune.subspace.intrinsic import search_d90
+from deltatune.subspace.pipeline import Study
 from deltatune.subspace.store import Store
 
 NOUNS = ["movie", "film", "plot", "cast"]
@@ -44,6 +47,23 @@ def write_task(root: Path, name: str, seed: int, flip: bool = False) -> None:
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     meta = {"name": name, "type": "classification", "labels": ["negative", "positive"], "license": "test"}
     (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def toy_study(root: Path, mp: pytest.MonkeyPatch, **overrides: object) -> Study:
+    """Three toy tasks (toyc unseen) and a study over them with CONFIGS' tiny methods, ready to collect."""
+    for i, name in enumerate(("toya", "toyb", "toyc")):
+        write_task(root / "tasks", name, seed=i, flip=name == "toyb")
+    mp.setenv("DELTATUNE_DATA", str(root / "tasks"))
+    cfg = StudyConfig(
+        tasks=["toya", "toyb", "toyc"], unseen=["toyc"], methods=list(CONFIGS),
+        method_args={m: dataclasses.asdict(c) for m, c in CONFIGS.items()},
+        k_shot=8, dev_k=4, n_eval=16, max_length=16, batch_size=8, steps=4, eval_every=2, d=2, hidden=4,
+        find_steps=2, optimize_steps=3, said_steps=2, d_max=8, **overrides,
+    )  # fmt: skip
+    cfg.validate()
+    cfg.save(root / "work")
+    tokenizer = make_tokenizer(WORDS)
+    return Study(root / "work", tokenizer=tokenizer, make_backbone=lambda n: tiny_bert(tokenizer, n))
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from test_subspace import CONFIGS, WORDS, tiny_bert, write_task
-from tiny import make_tokenizer
+from test_subspace import CONFIGS, toy_study
 
 from deltatune.cli import main
-from deltatune.subspace.config import StudyConfig
 from deltatune.subspace.pipeline import Study, landscape
 from deltatune.subspace.report import build
 
@@ -22,21 +19,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on busy shared cores: one thread is several times faster
     root = tmp_path_factory.mktemp("subspace")
-    data = root / "tasks"
-    for i, name in enumerate(("toya", "toyb", "toyc")):
-        write_task(data, name, seed=i, flip=name == "toyb")
     mp = pytest.MonkeyPatch()
-    mp.setenv("DELTATUNE_DATA", str(data))
-    cfg = StudyConfig(
-        tasks=["toya", "toyb", "toyc"], unseen=["toyc"], methods=list(CONFIGS),
-        method_args={m: {k: v for k, v in dataclasses.asdict(c).items()} for m, c in CONFIGS.items()},
-        k_shot=8, dev_k=4, n_eval=16, max_length=16, batch_size=8, steps=4, eval_every=2, d=2, hidden=4,
-        find_steps=2, optimize_steps=3, said_steps=2, d_max=8,
-    )  # fmt: skip
-    cfg.validate()
-    cfg.save(root / "work")
-    tokenizer = make_tokenizer(WORDS)
-    s = Study(root / "work", tokenizer=tokenizer, make_backbone=lambda n: tiny_bert(tokenizer, n))
+    s = toy_study(root, mp)
     s.collect()
     s.find()
     s.optimize()

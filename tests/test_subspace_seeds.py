@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_subspace import CONFIGS, WORDS, tiny_bert, write_task
-from tiny import make_tokenizer
+from test_subspace import toy_study
 
 from deltatune.cli import main
 from deltatune.subspace import find as find_module
@@ -34,10 +33,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("seeds")
-    for i, name in enumerate(("toya", "toyb", "toyc")):
-        write_task(root / "tasks", name, seed=i, flip=name == "toyb")
     mp = pytest.MonkeyPatch()
-    mp.setenv("DELTATUNE_DATA", str(root / "tasks"))
     calls: dict[str, dict] = {}
     real = find_module.find_unified
 
@@ -46,16 +42,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
         return real(bank, solutions, data, heads, **kw)
 
     mp.setattr(find_module, "find_unified", recording)
-    cfg = StudyConfig(
-        tasks=["toya", "toyb", "toyc"], unseen=["toyc"], methods=list(CONFIGS), solution_seeds=SEEDS,
-        method_args={m: dataclasses.asdict(c) for m, c in CONFIGS.items()},
-        k_shot=8, dev_k=4, n_eval=16, max_length=16, batch_size=8, steps=4, eval_every=2, d=2, hidden=4,
-        find_steps=2, optimize_steps=3, said_steps=2, d_max=8,
-    )  # fmt: skip
-    cfg.validate()
-    cfg.save(root / "work")
-    tokenizer = make_tokenizer(WORDS)
-    study = Study(root / "work", tokenizer=tokenizer, make_backbone=lambda n: tiny_bert(tokenizer, n))
+    study = toy_study(root, mp, solution_seeds=SEEDS)
     study.collect()
     study.find()  # held-out spaces by default: the study has a second seed
     study.optimize()
