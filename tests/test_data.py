@@ -333,6 +333,18 @@ def test_classification_metrics_match_hand_computed_values():
     assert M.matthews(preds, refs) == pytest.approx(2 / math.sqrt(12))
 
 
+def test_macro_f1_averages_over_the_classes_that_occur():
+    # a dev split (or a --max-eval sample) without class "c": perfect predictions are a macro-F1 of 1, not 2/3
+    from deltatune.data import Task
+
+    task = Task("t", "classification", ["a", "b", "c"])
+    assert compute_metrics(task, [0, 1, 0, 1], [0, 1, 0, 1])["macro_f1"] == pytest.approx(1.0)
+    # a wrongly predicted absent class still counts: class 2 has F1 0 (predicted, never true)
+    assert compute_metrics(task, [0, 1, 2, 1], [0, 1, 0, 1])["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # an unknown label string is a miss of the true class, not a class of its own
+    assert compute_metrics(task, ["a", "b", "zzz"], [0, 1, 1])["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+
+
 def test_correlations_of_perfect_and_monotone_relations():
     assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
