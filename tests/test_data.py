@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -198,6 +199,25 @@ def test_mixed_label_types_without_meta_are_an_error(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": 1}])
     msg = error_of(path)
     assert "x.jsonl" in msg and "line 2" in msg and "line 1" in msg and "mixed label types" in msg
+
+
+def test_inferred_labels_refuse_a_dev_label_that_train_never_shows(tmp_path):
+    # without meta.json the classes come from every split: "Pos" in dev became a third class, never trained
+    rows = [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"}]
+    folder = make_task(tmp_path, "typo", None, train=rows, dev=[rows[0], {"text": "c", "label": "Pos"}])
+    msg = error_of(folder)
+    assert "dev.jsonl" in msg and "line 2" in msg and "'Pos'" in msg and "meta.json" in msg
+    # listing the classes in meta.json says the train split really lacks one: accepted
+    meta = {"type": "classification", "labels": ["neg", "pos", "Pos"]}
+    shutil.rmtree(folder)
+    task = load_task(make_task(tmp_path, "typo", meta, train=rows, dev=[rows[0], {"text": "c", "label": "Pos"}]))
+    assert [e.label for e in task["dev"]] == [0, 2]
+
+
+def test_a_null_label_is_a_missing_label_not_a_crash(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": None}, {"text": "b", "label": 1}])
+    msg = error_of(path)
+    assert "x.jsonl, line 1" in msg and "null" in msg
 
 
 def test_non_numeric_regression_label_names_file_and_line(tmp_path):
