@@ -86,6 +86,20 @@ def test_a_single_file_needs_a_dev_split_and_gets_a_recorded_one(tmp_path: Path,
     assert "dev (20 examples" in out and f"accuracy {best:.4f}" in out
 
 
+def test_eval_on_other_data_scores_all_of_it_not_the_held_out_fraction(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    data = _csv(tmp_path / "mine.csv")
+    assert _train(model_dir, data, tmp_path / "r", "--max-steps", "4", "--dev-split", "0.25") == 0
+    other = _csv(tmp_path / "other.csv", n=12)
+    delta = str(tmp_path / "r" / "delta-lora")
+    capsys.readouterr()
+    # the training file's held-out split is not cut out of another file: all 12 rows, not 9 (train) or 3 (dev)
+    assert main(["eval", "--delta", delta, "--model", str(model_dir), "--task", str(other), "--split", "train"]) == 0
+    assert "train (12 examples" in capsys.readouterr().out
+    assert main(["eval", "--delta", delta, "--model", str(model_dir), "--task", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "no dev split" in err and "--split train" in err and len(err.strip().splitlines()) == 1
+
+
 def test_train_scores_test_and_eval_reruns_the_training_settings(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
     task = _folder(tmp_path / "mine")
     assert _train(model_dir, task, tmp_path / "r", "--epochs", "12", "--max-length", "7") == 0

@@ -131,8 +131,16 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
         raise ValueError(f"{args.delta} does not record the data it was trained on; name it with --task")
     task = load_task(source)
     held = info.get("dev_split")
-    if held and "dev" not in task.splits:  # the dev split held out at training, rebuilt from its seed
+    # the dev split held out at training, rebuilt from its seed, on that data only: other data given
+    # with --task was scored on a 'dev' fraction of itself (1 row of 3) and 'train' lost that fraction
+    own = task.source == info.get("task_source")
+    if held and "dev" not in task.splits and own:
         task = hold_out_dev(task, held["fraction"], held["seed"])
+    elif held and not own and args.split == "dev" and "dev" not in task.splits:
+        raise ValueError(
+            f"{source} has no dev split (it has {', '.join(task.splits)}); the delta's dev split was held out of "
+            f"its own training data, so score this data whole with --split {next(iter(task.splits))}"
+        )
     recorded = info.get("labels")
     if recorded and task.labels and list(recorded) != task.labels:
         raise ValueError(
