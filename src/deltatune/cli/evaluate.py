@@ -122,6 +122,23 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
 
 
+def _with_labels(task, again, held: dict | None):  # noqa: ANN001, ANN202
+    """`again` (the data loaded with the delta's labels) when every row names the same class in both.
+
+    Data holding only some of the trained classes (a test file of positive reviews) infers fewer
+    labels, so its indices differ from the head's; loaded with the delta's labels they agree. Rows
+    given as indices against another label order would not: then the first load stands (and is refused).
+    """
+    from ..data.split import hold_out_dev
+
+    if held and "dev" not in again.splits:
+        again = hold_out_dev(again, held["fraction"], held["seed"])
+    names = {s: [again.labels[e.label] for e in rows] for s, rows in again.splits.items()}
+    if names == {s: [task.labels[e.label] for e in rows] for s, rows in task.splits.items()}:
+        return again
+    return task
+
+
 def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN202
     from ..data.split import hold_out_dev
     from ..data.tasks import load_task
@@ -142,6 +159,8 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
             f"its own training data, so score this data whole with --split {next(iter(task.splits))}"
         )
     recorded = info.get("labels")
+    if recorded and task.labels and list(recorded) != task.labels and set(task.labels) < set(recorded):
+        task = _with_labels(task, load_task(source, labels=recorded), held if own else None)
     if recorded and task.labels and list(recorded) != task.labels:
         raise ValueError(
             f"the delta was trained with labels {recorded} but {source} has {task.labels}; "
