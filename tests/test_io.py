@@ -143,6 +143,21 @@ def test_keys_that_do_not_fit_are_listed(tmp_path: Path) -> None:
         dt.load_delta(make_model("bert"), tmp_path / "d")
 
 
+def test_load_delta_names_the_loader_of_a_peft_or_save_pretrained_folder(tmp_path: Path) -> None:
+    with pytest.raises(dt.DeltaIOError, match="nope: no such folder"):
+        dt.load_delta(make_model("bert"), tmp_path / "nope")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(dt.DeltaIOError, match=r"is a PEFT adapter: load it with deltatune.interop.import_peft"):
+        dt.load_delta(make_model("bert"), tmp_path / "peft")
+    dm = dt.DeltaModel(make_model("bert"))
+    dm.add("a", dt.LoRAConfig())
+    dm.add("b", dt.METHODS["ia3"]())
+    dm.save_pretrained(tmp_path / "several")
+    with pytest.raises(dt.DeltaIOError, match=r"holds several deltas \(save_pretrained\): .*DeltaModel.from_pretrained"):
+        dt.load_delta(make_model("bert"), tmp_path / "several")
+
+
 def test_folder_without_json_and_merged_delta_are_refused(tmp_path: Path) -> None:
     with pytest.raises(dt.DeltaIOError, match="not a delta folder"):
         dt.load_delta(make_model("bert"), tmp_path)

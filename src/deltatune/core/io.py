@@ -220,6 +220,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     atomic.recover(path, [WEIGHTS, META])
     file = path / META
     if not file.exists() and not file.is_symlink():
+        if not path.exists():
+            raise DeltaIOError(f"{path}: no such folder; pass the folder save_delta wrote (it holds {META})")
+        if (path / "adapter_config.json").exists():
+            raise DeltaIOError(f"{path} is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)")
+        if (path / "deltatune_model.json").exists():
+            raise DeltaIOError(f"{path} holds several deltas (save_pretrained): load it with DeltaModel.from_pretrained")
         hint = " (it holds a delta.safetensors but no delta.json)" if (path / WEIGHTS).exists() else ""
         raise DeltaIOError(f"{path} is not a delta folder: no {META}{hint}; save deltas with DeltaModel.save_delta")
     data = _read_regular(file, _MAX_META_BYTES, "save deltas with DeltaModel.save_delta")
