@@ -117,6 +117,13 @@ def test_train_head_auto_trains_the_qa_head_of_t5_too() -> None:
     assert not any(p.requires_grad for n, p in dm.backbone.named_parameters() if not n.startswith("qa_outputs."))
 
 
+def test_a_peft_model_is_refused_with_the_way_over() -> None:
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model("bert"), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    with pytest.raises(TypeError, match=r"this is a PEFT PeftModelForSequenceClassification: .*import_peft"):
+        dt.attach(model, dt.LoRAConfig())
+
+
 def test_a_trained_head_is_saved_and_loaded_with_the_delta(tmp_path: Path) -> None:
     dm = dt.attach(make_model("bert"), dt.LoRAConfig())
     with torch.no_grad():
