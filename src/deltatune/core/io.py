@@ -315,13 +315,34 @@ def load_into(
     name = name or meta.get("name") or "default"
     if not isinstance(name, str):
         raise DeltaIOError(f"delta.json names the delta {name!r}, not a string; pass name=... or fix the JSON")
+    _check_one_head(dm, path, tensors)
     dm.add(name, config, enabled=enabled)
     try:
         _load_into(dm, name, tensors, meta)
     except BaseException:
         dm.detach(name)
         raise
+    if any(k.startswith(HEAD) for k in tensors):
+        dm._head_source = name
     return dm
+
+
+def _check_one_head(dm: DeltaModel, path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Rows share the backbone's one task head: a second delta's own head would replace the first's,
+    and the first delta's rows would be scored by it without a word (deltas served side by side)."""
+    previous = getattr(dm, "_head_source", None)
+    if previous not in dm.deltas:
+        return
+    params = dict(dm.backbone.named_parameters())
+    for key, value in tensors.items():
+        k = key.removeprefix(HEAD)
+        if key.startswith(HEAD) and k in params and params[k].shape == value.shape:
+            if not torch.equal(params[k], value.to(dtype=params[k].dtype, device=params[k].device)):
+                raise DeltaIOError(
+                    f"{path} carries its own task head, but delta {previous!r} brought another and rows share the "
+                    f"backbone's one head, so {previous!r} would run with this one: load it with head=False if both "
+                    "were trained for one head, or serve deltas with their own heads on separate models"
+                )
 
 
 def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

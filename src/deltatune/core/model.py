@@ -64,6 +64,7 @@ class DeltaModel(nn.Module):
         self.backbone = backbone
         self.deltas = nn.ModuleDict()
         self.train_head = False
+        self._head_source: str | None = None  # the loaded delta whose task head the backbone holds (core.io)
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self.__class__ = conventions.signed_class(type(self), type(backbone))  # Trainer reads the signature
         conventions.register_state_hooks(self)
