@@ -214,6 +214,17 @@ def test_inferred_labels_refuse_a_dev_label_that_train_never_shows(tmp_path):
     assert [e.label for e in task["dev"]] == [0, 2]
 
 
+def test_two_files_for_one_split_are_refused_not_one_ignored(tmp_path):
+    rows = [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"}]
+    folder = make_task(tmp_path, "two", None, train=rows, dev=rows)
+    (folder / "train.csv").write_text("text,label\nc,pos\n", encoding="utf-8")
+    msg = error_of(folder)
+    assert "several files for the train split (train.jsonl, train.csv)" in msg
+    (folder / "train.csv").unlink()
+    write_jsonl(folder / "validation.jsonl", rows)  # "validation" is read as dev, beside dev.jsonl
+    assert "several files for the dev split (dev.jsonl, validation.jsonl)" in error_of(folder)
+
+
 def test_a_null_label_is_a_missing_label_not_a_crash(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": None}, {"text": "b", "label": 1}])
     msg = error_of(path)

@@ -97,11 +97,13 @@ def _read_file(path: Path) -> list[Raw]:
 
 def _split_file(folder: Path, split: str) -> Path | None:
     names = [split] + [alias for alias, canon in SPLIT_ALIASES.items() if canon == split]
-    for name in names:
-        for suffix in FILE_SUFFIXES:
-            if (folder / f"{name}{suffix}").exists():
-                return folder / f"{name}{suffix}"
-    return None
+    found = [folder / f"{name}{suffix}" for name in names for suffix in FILE_SUFFIXES]
+    found = [path for path in found if path.exists()]
+    if len(found) > 1:  # one would be read and the other ignored without a word (an old CSV beside its JSONL)
+        raise DataError(
+            f"{folder}: several files for the {split} split ({', '.join(p.name for p in found)}); keep one of them"
+        )
+    return found[0] if found else None
 
 
 # ----------------------------------------------------------------------------- validating rows into Examples
