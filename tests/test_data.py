@@ -225,6 +225,14 @@ def test_two_files_for_one_split_are_refused_not_one_ignored(tmp_path):
     assert "several files for the dev split (dev.jsonl, validation.jsonl)" in error_of(folder)
 
 
+def test_tsv_quotes_are_text_not_quoting(tmp_path):
+    # GLUE-style TSV has no quoting: a sentence opening with '"' swallowed the next rows into itself (3 rows -> 1)
+    path = tmp_path / "q.tsv"
+    path.write_text('sentence\tlabel\n"the movie was great\t1\nawful film\t0\n"quoted" text\t1\n', encoding="utf-8")
+    task = load_task(path)
+    assert [(e.text, e.label) for e in task["train"]] == [('"the movie was great', 1), ("awful film", 0), ('"quoted" text', 1)]
+
+
 def test_a_null_label_is_a_missing_label_not_a_crash(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": None}, {"text": "b", "label": 1}])
     msg = error_of(path)

@@ -55,10 +55,12 @@ def _read_jsonl(path: Path) -> list[Raw]:
 
 
 def _read_csv(path: Path) -> list[Raw]:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
+    tsv = path.suffix == ".tsv"
     rows = []
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
+        # TSV (GLUE's format) has no quoting: a text that starts with '"' would otherwise open a quoted
+        # field that swallows the following lines, tabs and labels into one row without a word
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.DictReader(fh)
         end = 1  # the header line
         for row in reader:
             start, end = end + 1, reader.line_num
