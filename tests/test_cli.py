@@ -101,7 +101,9 @@ def test_eval_on_other_data_scores_all_of_it_not_the_held_out_fraction(tmp_path:
 
 
 def test_eval_on_data_with_some_of_the_classes_scores_them_by_name(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
-    assert _train(model_dir, _csv(tmp_path / "mine.csv"), tmp_path / "r", "--max-steps", "8", "--dev-split", "0.25") == 0
+    assert (
+        _train(model_dir, _csv(tmp_path / "mine.csv"), tmp_path / "r", "--max-steps", "8", "--dev-split", "0.25") == 0
+    )
     delta = str(tmp_path / "r" / "delta-lora")
     # a test file of positive reviews only: "pos" is class 1 of the head, not class 0 of the file's own labels
     rows = [r for r in _rows(40, 9) if r["label"] == "pos"]

@@ -230,7 +230,11 @@ def test_tsv_quotes_are_text_not_quoting(tmp_path):
     path = tmp_path / "q.tsv"
     path.write_text('sentence\tlabel\n"the movie was great\t1\nawful film\t0\n"quoted" text\t1\n', encoding="utf-8")
     task = load_task(path)
-    assert [(e.text, e.label) for e in task["train"]] == [('"the movie was great', 1), ("awful film", 0), ('"quoted" text', 1)]
+    assert [(e.text, e.label) for e in task["train"]] == [
+        ('"the movie was great', 1),
+        ("awful film", 0),
+        ('"quoted" text', 1),
+    ]
 
 
 def test_a_null_label_is_a_missing_label_not_a_crash(tmp_path):

@@ -77,9 +77,7 @@ def head_names(model: nn.Module) -> list[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     return [
-        name
-        for name, child in model.named_children()
-        if (out is not None and child is out) or type(child) is nn.Linear
+        name for name, child in model.named_children() if (out is not None and child is out) or type(child) is nn.Linear
     ]
 
 

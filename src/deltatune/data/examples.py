@@ -174,7 +174,9 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Exampl
         if "label" not in row:
             raise DataError(f"{where}: missing field 'label' (row has {', '.join(sorted(row))})")
         if row["label"] is None:
-            raise DataError(f"{where}: label is null; give every row a label (unlabelled rows have no place in a split)")
+            raise DataError(
+                f"{where}: label is null; give every row a label (unlabelled rows have no place in a split)"
+            )
         label = row["label"]
         kind = _kind(label)
         if task_type == "regression":
