@@ -120,6 +120,27 @@ def test_eval_on_data_with_some_of_the_classes_scores_them_by_name(tmp_path: Pat
     assert "trained with labels" in capsys.readouterr().err
 
 
+def test_a_joint_run_s_delta_folders_load_together(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    import shutil
+
+    import deltatune as dt
+    from deltatune.train.saved import load_saved
+
+    def _bert_from(folder: Path) -> tf.PreTrainedModel:
+        return tf.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+
+    task = _folder(tmp_path / "mine")
+    extra = ("--method", "lora", "--method", "bitfit", "--max-steps", "8")
+    assert _train(model_dir, task, tmp_path / "r", *extra) == 0
+    # `eval --delta r/delta-lora` (the command train suggests) scored LoRA alone, without the BitFit it trained with
+    for folder in ("delta-lora", "delta-bitfit"):
+        dm = load_saved(_bert_from(model_dir), tmp_path / "r" / folder)
+        assert sorted(dm.deltas) == ["bitfit", "lora"]
+    shutil.rmtree(tmp_path / "r" / "delta-bitfit")
+    with pytest.raises(dt.DeltaIOError, match=r"trained together with 'bitfit' \(lora\+bitfit\), and .*missing"):
+        load_saved(_bert_from(model_dir), tmp_path / "r" / "delta-lora")
+
+
 def test_train_scores_test_and_eval_reruns_the_training_settings(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
     task = _folder(tmp_path / "mine")
     assert _train(model_dir, task, tmp_path / "r", "--epochs", "12", "--max-length", "7") == 0
