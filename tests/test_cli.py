@@ -86,6 +86,61 @@ def test_a_single_file_needs_a_dev_split_and_gets_a_recorded_one(tmp_path: Path,
     assert "dev (20 examples" in out and f"accuracy {best:.4f}" in out
 
 
+def test_eval_on_other_data_scores_all_of_it_not_the_held_out_fraction(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    data = _csv(tmp_path / "mine.csv")
+    assert _train(model_dir, data, tmp_path / "r", "--max-steps", "4", "--dev-split", "0.25") == 0
+    other = _csv(tmp_path / "other.csv", n=12)
+    delta = str(tmp_path / "r" / "delta-lora")
+    capsys.readouterr()
+    # the training file's held-out split is not cut out of another file: all 12 rows, not 9 (train) or 3 (dev)
+    assert main(["eval", "--delta", delta, "--model", str(model_dir), "--task", str(other), "--split", "train"]) == 0
+    assert "train (12 examples" in capsys.readouterr().out
+    assert main(["eval", "--delta", delta, "--model", str(model_dir), "--task", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "no dev split" in err and "--split train" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_on_data_with_some_of_the_classes_scores_them_by_name(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    assert (
+        _train(model_dir, _csv(tmp_path / "mine.csv"), tmp_path / "r", "--max-steps", "8", "--dev-split", "0.25") == 0
+    )
+    delta = str(tmp_path / "r" / "delta-lora")
+    # a test file of positive reviews only: "pos" is class 1 of the head, not class 0 of the file's own labels
+    rows = [r for r in _rows(40, 9) if r["label"] == "pos"]
+    (tmp_path / "pos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--delta", delta, "--model", str(model_dir), "--task", str(tmp_path / "pos.jsonl"), "--split", "train"]
+    capsys.readouterr()
+    assert main(["predict", "--delta", delta, "--model", str(model_dir), *[r["text"] for r in rows]]) == 0
+    said = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert main(["eval", *args]) == 0
+    assert f"accuracy {said.count('pos') / len(rows):.4f}" in capsys.readouterr().out
+    # rows of a class the delta never learnt stay refused
+    (tmp_path / "neu.jsonl").write_text(json.dumps({"text": "the plot", "label": "neutral"}) + "\n")
+    assert main(["eval", *args[:-3], str(tmp_path / "neu.jsonl"), "--split", "train"]) == 2
+    assert "trained with labels" in capsys.readouterr().err
+
+
+def test_a_joint_run_s_delta_folders_load_together(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    import shutil
+
+    import deltatune as dt
+    from deltatune.train.saved import load_saved
+
+    def _bert_from(folder: Path) -> tf.PreTrainedModel:
+        return tf.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+
+    task = _folder(tmp_path / "mine")
+    extra = ("--method", "lora", "--method", "bitfit", "--max-steps", "8")
+    assert _train(model_dir, task, tmp_path / "r", *extra) == 0
+    # `eval --delta r/delta-lora` (the command train suggests) scored LoRA alone, without the BitFit it trained with
+    for folder in ("delta-lora", "delta-bitfit"):
+        dm = load_saved(_bert_from(model_dir), tmp_path / "r" / folder)
+        assert sorted(dm.deltas) == ["bitfit", "lora"]
+    shutil.rmtree(tmp_path / "r" / "delta-bitfit")
+    with pytest.raises(dt.DeltaIOError, match=r"trained together with 'bitfit' \(lora\+bitfit\), and .*missing"):
+        load_saved(_bert_from(model_dir), tmp_path / "r" / "delta-lora")
+
+
 def test_train_scores_test_and_eval_reruns_the_training_settings(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
     task = _folder(tmp_path / "mine")
     assert _train(model_dir, task, tmp_path / "r", "--epochs", "12", "--max-length", "7") == 0

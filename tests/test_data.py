@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -200,6 +201,48 @@ def test_mixed_label_types_without_meta_are_an_error(tmp_path):
     assert "x.jsonl" in msg and "line 2" in msg and "line 1" in msg and "mixed label types" in msg
 
 
+def test_inferred_labels_refuse_a_dev_label_that_train_never_shows(tmp_path):
+    # without meta.json the classes come from every split: "Pos" in dev became a third class, never trained
+    rows = [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"}]
+    folder = make_task(tmp_path, "typo", None, train=rows, dev=[rows[0], {"text": "c", "label": "Pos"}])
+    msg = error_of(folder)
+    assert "dev.jsonl" in msg and "line 2" in msg and "'Pos'" in msg and "meta.json" in msg
+    # listing the classes in meta.json says the train split really lacks one: accepted
+    meta = {"type": "classification", "labels": ["neg", "pos", "Pos"]}
+    shutil.rmtree(folder)
+    task = load_task(make_task(tmp_path, "typo", meta, train=rows, dev=[rows[0], {"text": "c", "label": "Pos"}]))
+    assert [e.label for e in task["dev"]] == [0, 2]
+
+
+def test_two_files_for_one_split_are_refused_not_one_ignored(tmp_path):
+    rows = [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"}]
+    folder = make_task(tmp_path, "two", None, train=rows, dev=rows)
+    (folder / "train.csv").write_text("text,label\nc,pos\n", encoding="utf-8")
+    msg = error_of(folder)
+    assert "several files for the train split (train.jsonl, train.csv)" in msg
+    (folder / "train.csv").unlink()
+    write_jsonl(folder / "validation.jsonl", rows)  # "validation" is read as dev, beside dev.jsonl
+    assert "several files for the dev split (dev.jsonl, validation.jsonl)" in error_of(folder)
+
+
+def test_tsv_quotes_are_text_not_quoting(tmp_path):
+    # GLUE-style TSV has no quoting: a sentence opening with '"' swallowed the next rows into itself (3 rows -> 1)
+    path = tmp_path / "q.tsv"
+    path.write_text('sentence\tlabel\n"the movie was great\t1\nawful film\t0\n"quoted" text\t1\n', encoding="utf-8")
+    task = load_task(path)
+    assert [(e.text, e.label) for e in task["train"]] == [
+        ('"the movie was great', 1),
+        ("awful film", 0),
+        ('"quoted" text', 1),
+    ]
+
+
+def test_a_null_label_is_a_missing_label_not_a_crash(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": None}, {"text": "b", "label": 1}])
+    msg = error_of(path)
+    assert "x.jsonl, line 1" in msg and "null" in msg
+
+
 def test_non_numeric_regression_label_names_file_and_line(tmp_path):
     folder = make_task(
         tmp_path, "sts", {"type": "regression"}, train=[{"text": "a", "label": 1.0}, {"text": "b", "label": "high"}]
@@ -331,6 +374,18 @@ def test_classification_metrics_match_hand_computed_values():
     assert M.macro_f1(preds, refs) == pytest.approx((0.8 + 2 / 3) / 2)
     # TP=1 TN=2 FP=1 FN=0: (1*2 - 1*0) / sqrt(2*1*3*2)
     assert M.matthews(preds, refs) == pytest.approx(2 / math.sqrt(12))
+
+
+def test_macro_f1_averages_over_the_classes_that_occur():
+    # a dev split (or a --max-eval sample) without class "c": perfect predictions are a macro-F1 of 1, not 2/3
+    from deltatune.data import Task
+
+    task = Task("t", "classification", ["a", "b", "c"])
+    assert compute_metrics(task, [0, 1, 0, 1], [0, 1, 0, 1])["macro_f1"] == pytest.approx(1.0)
+    # a wrongly predicted absent class still counts: class 2 has F1 0 (predicted, never true)
+    assert compute_metrics(task, [0, 1, 2, 1], [0, 1, 0, 1])["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # an unknown label string is a miss of the true class, not a class of its own
+    assert compute_metrics(task, ["a", "b", "zzz"], [0, 1, 1])["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
 
 
 def test_correlations_of_perfect_and_monotone_relations():

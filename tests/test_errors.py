@@ -156,7 +156,7 @@ def test_a_backbone_weight_smuggled_in_as_a_head_key_is_refused(tmp_path: Path) 
 
 
 def test_head_tensors_the_json_does_not_declare_are_refused(tmp_path: Path) -> None:
-    folder = _saved(tmp_path)  # saved without a head
+    folder = _saved(tmp_path, include_head=False)  # saved without a head
     _rewrite_tensors(folder, lambda t: t.update({"__head__.classifier.weight": torch.zeros(3, 32)}))
     _refused_load(folder, "holds task head tensors .* that delta.json does not declare")
 

@@ -135,12 +135,48 @@ def test_keys_that_do_not_fit_are_listed(tmp_path: Path) -> None:
     _trained("lora").save_delta(tmp_path / "d")
     file = tmp_path / "d" / WEIGHTS
     tensors = load_file(str(file))
-    first = sorted(tensors)[0]
+    first = sorted(k for k in tensors if not k.startswith("__head__."))[0]
     tensors["surprise"] = tensors.pop(first)
     save_file(tensors, str(file))
     _rehash(tmp_path / "d")  # a deliberate edit that also updates the recorded hash: the keys are what fail
     with pytest.raises(dt.DeltaIOError, match=rf"missing keys \['{first}'\], unexpected keys \['surprise'\]"):
         dt.load_delta(make_model("bert"), tmp_path / "d")
+
+
+def test_a_frozen_new_head_is_saved_so_the_outputs_survive_a_fresh_load(tmp_path: Path) -> None:
+    # train_head=False on a classifier: its random head shapes the outputs, and the next load of the
+    # model draws another one; without it in the folder the reloaded delta gave other outputs, silently
+    dm = _trained("lora")
+    inputs = make_inputs(dm.backbone)
+    dm.save_delta(tmp_path / "d")
+    dm.save_pretrained(tmp_path / "p")
+    other = make_model("bert", seed=5)  # the same backbone, another draw of its new head
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if not n.startswith("classifier."):
+                p.copy_(dict(dm.backbone.named_parameters())[n])
+    assert not torch.equal(other.classifier.weight, dm.backbone.classifier.weight)
+    torch.testing.assert_close(logits(dt.load_delta(other, tmp_path / "d"), inputs), logits(dm, inputs))
+    lm = dt.attach(make_model("gpt2", "lm"), dt.LoRAConfig(targets="c_attn"))  # a pretrained LM head is the backbone's
+    lm.save_delta(tmp_path / "lm")
+    assert json.loads((tmp_path / "lm" / META).read_text())["head_parameters"] == 0
+
+
+def test_load_delta_names_the_loader_of_a_peft_or_save_pretrained_folder(tmp_path: Path) -> None:
+    with pytest.raises(dt.DeltaIOError, match="nope: no such folder"):
+        dt.load_delta(make_model("bert"), tmp_path / "nope")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(dt.DeltaIOError, match=r"is a PEFT adapter: load it with deltatune.interop.import_peft"):
+        dt.load_delta(make_model("bert"), tmp_path / "peft")
+    dm = dt.DeltaModel(make_model("bert"))
+    dm.add("a", dt.LoRAConfig())
+    dm.add("b", dt.METHODS["ia3"]())
+    dm.save_pretrained(tmp_path / "several")
+    with pytest.raises(
+        dt.DeltaIOError, match=r"holds several deltas \(save_pretrained\): .*DeltaModel.from_pretrained"
+    ):
+        dt.load_delta(make_model("bert"), tmp_path / "several")
 
 
 def test_folder_without_json_and_merged_delta_are_refused(tmp_path: Path) -> None:

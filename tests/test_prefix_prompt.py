@@ -132,6 +132,20 @@ def test_prompt_changes_lm_logits_keeps_their_shape_and_disable_restores_backbon
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
+def test_prompt_acts_without_a_mask_and_a_cache_as_with_them(arch: str) -> None:
+    # input_ids alone with use_cache=False (what gradient checkpointing sets): transformers took the kept
+    # positions (prompt at 0, then 0, 1, ... again) for packed sequences and hid the prompt from the text
+    dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
+    ids = make_inputs(dm.backbone)["input_ids"]
+    with torch.no_grad():
+        masked = dm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    out = dm(input_ids=ids, labels=ids, use_cache=False)  # eval mode (no dropout), gradients on
+    assert torch.allclose(out.logits, masked, atol=1e-6)
+    out.loss.backward()
+    assert dm.delta("default").prompt.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
 def test_prompt_generation_of_a_left_padded_row_equals_it_alone(arch: str) -> None:
     dm = dt.attach(make_model(arch, "lm"), PromptConfig(num_tokens=4, init="uniform"))
     ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(5))

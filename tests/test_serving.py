@@ -169,6 +169,23 @@ def test_saved_deltas_served_together_from_one_backbone(tmp_path: Path) -> None:
     assert same_state(base, state(model))
 
 
+def test_a_second_delta_with_its_own_head_is_refused_not_served_with_the_wrong_one(tmp_path: Path) -> None:
+    # two deltas trained apart, each with its task head (train_head="auto"): rows share the backbone's
+    # one head, so loading the second replaced the first's and the first's rows were scored by it
+    for i, n in enumerate(("sentiment", "topic")):
+        dm = dt.attach(make_model("bert"), dt.LoRAConfig())
+        with torch.no_grad():
+            dm.backbone.classifier.weight.add_(float(i + 1))
+        dm.save_delta(tmp_path / n)
+    served = dt.load_delta(make_model("bert"), tmp_path / "sentiment", "sentiment", enabled=False)
+    head = served.backbone.classifier.weight.clone()
+    with pytest.raises(dt.DeltaIOError, match="carries its own task head, but delta 'sentiment' brought another"):
+        dt.load_delta(served, tmp_path / "topic", "topic", enabled=False)
+    assert list(served.deltas) == ["sentiment"] and torch.equal(served.backbone.classifier.weight, head)
+    dt.load_delta(served, tmp_path / "topic", "topic", enabled=False, head=False)  # one head for both: said so
+    dt.load_delta(served, tmp_path / "sentiment", "again", enabled=False)  # the same head again is no conflict
+
+
 # -- deltas that change one parameter: attached together, enabled one at a time -------------------
 def test_two_enabled_deltas_on_one_parameter_are_refused_but_disabled_ones_coexist() -> None:
     dm = dt.attach(make_model("bert"), dt.METHODS["bitfit"](), "a")

@@ -119,6 +119,21 @@ def test_a_causal_lm_classifies_through_label_words(task, tokenizer) -> None:  #
     assert result.best["accuracy"] >= 0.75
 
 
+def test_label_words_follow_the_answer_cue_of_a_text_longer_than_max_length(tokenizer) -> None:  # noqa: ANN001
+    from deltatune.data import Example, Task
+    from deltatune.train import objective_for
+
+    task = Task("t", "classification", ["negative", "positive"])
+    objective = objective_for(task, tokenizer, lm=True, max_length=6)
+    long, short = Example(" ".join(["the film was"] * 5), None, 1), Example("dull", None, 0)
+    batch = objective.collate([long, short])
+    answer = tokenizer.convert_tokens_to_ids("Answer:")
+    # right truncation kept "the film was the film was" and dropped "Answer:" (the label word's cue)
+    assert batch["input_ids"][0].tolist() == tokenizer("the film was the film Answer:")["input_ids"]
+    assert batch["input_ids"][1, :2].tolist() == [tokenizer.convert_tokens_to_ids("dull"), answer]
+    assert batch["attention_mask"].sum(1).tolist() == [6, 2] and batch["labels"].tolist() == [1, 0]
+
+
 def test_a_causal_lm_learns_a_generation_task(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
     gen = load_task(_write_generation_task(tmp_path / "gen"))
     cfg = TrainConfig(lr=5e-2, max_new_tokens=4, **(FAST | {"epochs": 20, "eval_every": 10}))

@@ -67,3 +67,19 @@ def test_resume_without_a_checkpoint_names_the_fix(tmp_path: Path) -> None:
     task = load_task(_write_task(tmp_path / "toy"))
     with pytest.raises(FileNotFoundError, match="drop --resume"):
         _fit(task, make_tokenizer(WORDS), tmp_path / "none", 4, resume=True)
+
+
+def test_resume_with_other_settings_is_refused_not_mixed_in(tmp_path: Path) -> None:
+    # the checkpoint restores the step budget, schedule and data order: a larger max_steps was ignored and
+    # another lr or batch size trained on under the old schedule, and run.json then recorded the new flags
+    task = load_task(_write_task(tmp_path / "toy"))
+    tokenizer = make_tokenizer(WORDS)
+    _fit(task, tokenizer, tmp_path / "run", 4)
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=32, eval_every=4, patience=None, progress=False)
+    with pytest.raises(ValueError, match=r"other settings: max_steps 16 \(now 32\); .*drop --resume"):
+        fit(_bert(tokenizer), tokenizer, task, [dt.LoRAConfig()], cfg, output_dir=tmp_path / "run", resume=True)
+    same = TrainConfig(lr=1e-2, batch_size=8, max_steps=16, eval_every=4, patience=None, progress=False)
+    lora = dt.LoRAConfig(alpha=4.0)  # same tensors, another scale: it would load and train on silently
+    with pytest.raises(ValueError, match=r"other settings: deltas \{'lora': \{.*'alpha': 16\.0.*\(now .*'alpha': 4\.0"):
+        fit(_bert(tokenizer), tokenizer, task, [lora], same, output_dir=tmp_path / "run", resume=True)
+    fit(_bert(tokenizer), tokenizer, task, [dt.LoRAConfig()], same, output_dir=tmp_path / "run", resume=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import VOCAB, make_model
+from tiny import VOCAB, make_config, make_model
 
 import deltatune as dt
 
@@ -105,6 +105,23 @@ def test_train_head_auto_trains_new_task_heads_only() -> None:
     assert not chosen.train_head
     with pytest.raises(TypeError, match="train_head must be True, False or 'auto'"):
         dt.attach(make_model("bert"), dt.LoRAConfig(), train_head="yes")
+
+
+def test_train_head_auto_trains_the_qa_head_of_t5_too() -> None:
+    # T5ForQuestionAnswering keeps its stacks at the top (no `transformer` child): its new qa_outputs was
+    # left frozen and random, so a QA script trained its delta against a random head without a word
+    model = transformers.T5ForQuestionAnswering(make_config("t5"))
+    dm = dt.attach(model, dt.LoRAConfig())
+    assert dm.train_head and dm.backbone.qa_outputs.weight.requires_grad
+    assert "__head__.qa_outputs.weight" in dm.head_state_dict()
+    assert not any(p.requires_grad for n, p in dm.backbone.named_parameters() if not n.startswith("qa_outputs."))
+
+
+def test_a_peft_model_is_refused_with_the_way_over() -> None:
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model("bert"), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    with pytest.raises(TypeError, match=r"this is a PEFT PeftModelForSequenceClassification: .*import_peft"):
+        dt.attach(model, dt.LoRAConfig())
 
 
 def test_a_trained_head_is_saved_and_loaded_with_the_delta(tmp_path: Path) -> None:

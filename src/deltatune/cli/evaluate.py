@@ -122,6 +122,23 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
 
 
+def _with_labels(task, again, held: dict | None):  # noqa: ANN001, ANN202
+    """`again` (the data loaded with the delta's labels) when every row names the same class in both.
+
+    Data holding only some of the trained classes (a test file of positive reviews) infers fewer
+    labels, so its indices differ from the head's; loaded with the delta's labels they agree. Rows
+    given as indices against another label order would not: then the first load stands (and is refused).
+    """
+    from ..data.split import hold_out_dev
+
+    if held and "dev" not in again.splits:
+        again = hold_out_dev(again, held["fraction"], held["seed"])
+    names = {s: [again.labels[e.label] for e in rows] for s, rows in again.splits.items()}
+    if names == {s: [task.labels[e.label] for e in rows] for s, rows in task.splits.items()}:
+        return again
+    return task
+
+
 def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN202
     from ..data.split import hold_out_dev
     from ..data.tasks import load_task
@@ -131,9 +148,19 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
         raise ValueError(f"{args.delta} does not record the data it was trained on; name it with --task")
     task = load_task(source)
     held = info.get("dev_split")
-    if held and "dev" not in task.splits:  # the dev split held out at training, rebuilt from its seed
+    # the dev split held out at training, rebuilt from its seed, on that data only: other data given
+    # with --task was scored on a 'dev' fraction of itself (1 row of 3) and 'train' lost that fraction
+    own = task.source == info.get("task_source")
+    if held and "dev" not in task.splits and own:
         task = hold_out_dev(task, held["fraction"], held["seed"])
+    elif held and not own and args.split == "dev" and "dev" not in task.splits:
+        raise ValueError(
+            f"{source} has no dev split (it has {', '.join(task.splits)}); the delta's dev split was held out of "
+            f"its own training data, so score this data whole with --split {next(iter(task.splits))}"
+        )
     recorded = info.get("labels")
+    if recorded and task.labels and list(recorded) != task.labels and set(task.labels) < set(recorded):
+        task = _with_labels(task, load_task(source, labels=recorded), held if own else None)
     if recorded and task.labels and list(recorded) != task.labels:
         raise ValueError(
             f"the delta was trained with labels {recorded} but {source} has {task.labels}; "

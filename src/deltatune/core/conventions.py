@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .io import META, WEIGHTS, DeltaIOError, load_into, save_delta
+from .io import META, WEIGHTS, DeltaIOError, default_include_head, load_into, save_delta
 from .merge import merged_state_dict
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
     """
     if not len(dm.deltas):
         raise ValueError("this DeltaModel has no deltas to save; save the backbone itself with its save_pretrained")
-    include_head = dm.train_head if include_head is None else include_head
+    include_head = default_include_head(dm) if include_head is None else include_head
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     single = len(dm.deltas) == 1

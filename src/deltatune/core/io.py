@@ -29,7 +29,7 @@ from . import atomic, identity
 from .delta import DeltaConfig, DeltaIOError
 from .settings import config_from_dict
 from .sites import compact_sites, expand_sites  # noqa: F401 - importable from here as before
-from .targeting import HEAD_KEY
+from .targeting import HEAD_KEY, head_trains_by_default
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -73,6 +73,12 @@ def saved_config(meta: dict[str, Any]) -> DeltaConfig:
     return _config_from_json({**meta["config"], **finalized})
 
 
+def default_include_head(dm: DeltaModel) -> bool:
+    """Whether a save keeps the task head unless told: when it trains, or when it is new for the task
+    (`head_trains_by_default`); a frozen pretrained LM head comes from the backbone itself."""
+    return bool(dm.train_head) or head_trains_by_default(dm.backbone)
+
+
 def save_delta(
     dm: DeltaModel,
     path: str | os.PathLike,
@@ -84,9 +90,10 @@ def save_delta(
     """Write one named delta (tensors + config + backbone identity) to a folder, atomically.
 
     `include_head` adds the task head (a trained classifier is part of what a classification delta
-    needs at inference), stored under `__head__.` keys; by default, when the head trains.
+    needs at inference), stored under `__head__.` keys; by default, when the head trains or is new for
+    the task: a frozen random classifier shapes the outputs too, and each load draws another one.
     """
-    include_head = dm.train_head if include_head is None else include_head
+    include_head = default_include_head(dm) if include_head is None else include_head
 
     delta = dm.delta(name)
     if delta.merged:
@@ -220,6 +227,16 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     atomic.recover(path, [WEIGHTS, META])
     file = path / META
     if not file.exists() and not file.is_symlink():
+        if not path.exists():
+            raise DeltaIOError(f"{path}: no such folder; pass the folder save_delta wrote (it holds {META})")
+        if (path / "adapter_config.json").exists():
+            raise DeltaIOError(
+                f"{path} is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
+            )
+        if (path / "deltatune_model.json").exists():
+            raise DeltaIOError(
+                f"{path} holds several deltas (save_pretrained): load it with DeltaModel.from_pretrained"
+            )
         hint = " (it holds a delta.safetensors but no delta.json)" if (path / WEIGHTS).exists() else ""
         raise DeltaIOError(f"{path} is not a delta folder: no {META}{hint}; save deltas with DeltaModel.save_delta")
     data = _read_regular(file, _MAX_META_BYTES, "save deltas with DeltaModel.save_delta")
@@ -309,13 +326,34 @@ def load_into(
     name = name or meta.get("name") or "default"
     if not isinstance(name, str):
         raise DeltaIOError(f"delta.json names the delta {name!r}, not a string; pass name=... or fix the JSON")
+    _check_one_head(dm, path, tensors)
     dm.add(name, config, enabled=enabled)
     try:
         _load_into(dm, name, tensors, meta)
     except BaseException:
         dm.detach(name)
         raise
+    if any(k.startswith(HEAD) for k in tensors):
+        dm._head_source = name
     return dm
+
+
+def _check_one_head(dm: DeltaModel, path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Rows share the backbone's one task head: a second delta's own head would replace the first's,
+    and the first delta's rows would be scored by it without a word (deltas served side by side)."""
+    previous = getattr(dm, "_head_source", None)
+    if previous not in dm.deltas:
+        return
+    params = dict(dm.backbone.named_parameters())
+    for key, value in tensors.items():
+        k = key.removeprefix(HEAD)
+        if key.startswith(HEAD) and k in params and params[k].shape == value.shape:
+            if not torch.equal(params[k], value.to(dtype=params[k].dtype, device=params[k].device)):
+                raise DeltaIOError(
+                    f"{path} carries its own task head, but delta {previous!r} brought another and rows share the "
+                    f"backbone's one head, so {previous!r} would run with this one: load it with head=False if both "
+                    "were trained for one head, or serve deltas with their own heads on separate models"
+                )
 
 
 def _load_into(dm: DeltaModel, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

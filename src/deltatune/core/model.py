@@ -56,9 +56,15 @@ class DeltaModel(nn.Module):
             raise TypeError("this model already carries deltas; call .add(name, config) on it instead")
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"expected a transformers model (a torch.nn.Module), got {type(backbone).__name__}")
+        if type(backbone).__module__.split(".")[0] == "peft":  # its layers are PEFT's, its targets renamed
+            raise TypeError(
+                f"this is a PEFT {type(backbone).__name__}: attach to the plain transformers model, or bring a saved "
+                "PEFT adapter over with deltatune.interop.import_peft(model, folder)"
+            )
         self.backbone = backbone
         self.deltas = nn.ModuleDict()
         self.train_head = False
+        self._head_source: str | None = None  # the loaded delta whose task head the backbone holds (core.io)
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self.__class__ = conventions.signed_class(type(self), type(backbone))  # Trainer reads the signature
         conventions.register_state_hooks(self)

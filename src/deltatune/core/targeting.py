@@ -68,14 +68,17 @@ def head_names(model: nn.Module) -> list[str]:
     """Top-level children outside the base model: the task head (classifier, lm_head, ...).
 
     Models without a base-model attribute (T5ForConditionalGeneration keeps encoder and decoder
-    at the top) have their output embeddings as the head.
+    at the top) have their output embeddings as the head, and the linear layers beside the stacks
+    (T5ForQuestionAnswering's `qa_outputs`, which was otherwise left frozen and random).
     """
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and hasattr(model, prefix):
         return [name for name, _ in model.named_children() if name != prefix]
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
-    return [name for name, child in model.named_children() if out is not None and child is out]
+    return [
+        name for name, child in model.named_children() if (out is not None and child is out) or type(child) is nn.Linear
+    ]
 
 
 def parse_layers(layers: Layers, n_layers: int) -> set[int]:

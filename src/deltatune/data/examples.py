@@ -121,7 +121,7 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
     first: dict[str, str] = {}
     values = []
     for where, row in rows:
-        if "label" not in row:
+        if row.get("label") is None:  # null is a missing label: _examples names the row
             continue
         label = row["label"]
         kind = _kind(label)
@@ -171,8 +171,12 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Exampl
             continue
         text = _text(where, row, "text")
         pair = _text(where, row, "text_pair", required=False)
-        if "label" not in row or row["label"] is None:
+        if "label" not in row:
             raise DataError(f"{where}: missing field 'label' (row has {', '.join(sorted(row))})")
+        if row["label"] is None:
+            raise DataError(
+                f"{where}: label is null; give every row a label (unlabelled rows have no place in a split)"
+            )
         label = row["label"]
         kind = _kind(label)
         if task_type == "regression":
@@ -209,6 +213,22 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Exampl
     return out
 
 
+def _check_unseen(raw: dict[str, list[Raw]], splits: dict[str, list[Example]], labels: list[str]) -> None:
+    """Inferred classes come from every split, so a dev/test label that training never shows (a typo,
+    "Pos" beside "pos", a stray space) would silently become a class the model can never learn."""
+    if "train" not in splits:
+        return
+    trained = {ex.label for ex in splits["train"]}
+    for split, examples in splits.items():
+        for (where, _), ex in zip(raw[split], examples, strict=True):
+            if ex.label not in trained:
+                raise DataError(
+                    f"{where}: label {labels[ex.label]!r} never occurs in the train split (its labels: "
+                    f"{sorted(labels[i] for i in trained)}); fix the label, or list every class in meta.json "
+                    '("labels": [...]) if the train split really lacks it'
+                )
+
+
 def _build(
     name: str,
     raw: dict[str, list[Raw]],
@@ -222,6 +242,7 @@ def _build(
     raw = {s: [(w, _canonical(r, columns)) for w, r in rows] for s, rows in raw.items()}
     task_type = task_type or meta.get("type")
     labels = list(labels) if labels is not None else meta.get("labels")
+    inferred = labels is None
     for split, rows in raw.items():
         if from_csv[split]:
             for _, row in rows:
@@ -244,5 +265,7 @@ def _build(
         labels = []
     labels = [str(x) for x in labels]
     splits = {s: _examples(rows, task_type, labels) for s, rows in raw.items()}
+    if inferred and task_type in ("classification", "pair_classification"):
+        _check_unseen(raw, splits, labels)
     meta = dict(meta) or {"name": name, "type": task_type, "labels": labels}
     return Task(name, task_type, labels, splits, meta, str(meta.get("license") or "unknown"))

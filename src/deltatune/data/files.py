@@ -55,10 +55,12 @@ def _read_jsonl(path: Path) -> list[Raw]:
 
 
 def _read_csv(path: Path) -> list[Raw]:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
+    tsv = path.suffix == ".tsv"
     rows = []
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
+        # TSV (GLUE's format) has no quoting: a text that starts with '"' would otherwise open a quoted
+        # field that swallows the following lines, tabs and labels into one row without a word
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.DictReader(fh)
         end = 1  # the header line
         for row in reader:
             start, end = end + 1, reader.line_num
@@ -97,11 +99,13 @@ def _read_file(path: Path) -> list[Raw]:
 
 def _split_file(folder: Path, split: str) -> Path | None:
     names = [split] + [alias for alias, canon in SPLIT_ALIASES.items() if canon == split]
-    for name in names:
-        for suffix in FILE_SUFFIXES:
-            if (folder / f"{name}{suffix}").exists():
-                return folder / f"{name}{suffix}"
-    return None
+    found = [folder / f"{name}{suffix}" for name in names for suffix in FILE_SUFFIXES]
+    found = [path for path in found if path.exists()]
+    if len(found) > 1:  # one would be read and the other ignored without a word (an old CSV beside its JSONL)
+        raise DataError(
+            f"{folder}: several files for the {split} split ({', '.join(p.name for p in found)}); keep one of them"
+        )
+    return found[0] if found else None
 
 
 # ----------------------------------------------------------------------------- validating rows into Examples

@@ -51,7 +51,7 @@ def accuracy(predictions: Sequence, references: Sequence) -> float:
 
 
 def macro_f1(predictions: Sequence, references: Sequence, labels: Sequence | None = None) -> float:
-    """Unweighted mean of per-class F1; pass `labels` so classes never predicted still count (as 0)."""
+    """Unweighted mean of per-class F1 over `labels` (default: the classes in references or predictions)."""
     predictions, references = _pair(predictions, references)
     metrics = _require("sklearn.metrics", "scikit-learn")
     labels = list(labels) if labels is not None else None
@@ -185,7 +185,12 @@ def compute_metrics(task: Any, predictions: Sequence, references: Sequence) -> d
     out = {}
     for name in metric_names(task):
         if name == "macro_f1" and labels:
-            out[name] = macro_f1(predictions, refs, labels=range(len(labels)))
+            # average over the classes that occur (in the references or the predictions), as sklearn and
+            # GLUE do: a class absent from both would add an F1 of 0, so perfect predictions on a dev
+            # split (or a --max-eval sample) lacking a class scored 0.67; -1 (an unknown label string) is
+            # no class, only a miss
+            seen = set(refs) | set(predictions)
+            out[name] = macro_f1(predictions, refs, labels=[i for i in range(len(labels)) if i in seen])
         else:
             out[name] = METRICS[name](predictions, refs)
     return out

@@ -80,16 +80,21 @@ class VerbalizerObjective:
         self.label_ids = torch.tensor(first)
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        self.tokenizer.padding_side = "right"
-        batch = self.tokenizer(
-            [_prompt(e) for e in examples],
-            truncation=True,
-            max_length=self.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
-        return dict(batch)
+        tok = self.tokenizer
+        # a long text is cut before its "\nAnswer:", never through it: truncating the whole prompt on the
+        # right dropped the cue, and the label words were read as the next word of the text
+        tail = len(tok("\nAnswer:", add_special_tokens=False)["input_ids"])
+        rows = []
+        for e in examples:
+            ids = tok(_prompt(e))["input_ids"]
+            rows.append(ids if len(ids) <= self.max_length else ids[: self.max_length - tail] + ids[-tail:])
+        width = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([e.label for e in examples], dtype=torch.long),
+        }
 
     def _label_logits(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]

@@ -149,6 +149,30 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _settings(cfg: TrainConfig, dm: DeltaModel | None, task: Task, n_train: int, n_dev: int) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint (JSON, as it is stored)."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+    deltas = {n: d.config.to_dict() for n, d in dm.deltas.items()} if dm is not None else None
+    info = {"train": train, "deltas": deltas, "task": task.name, "labels": task.labels, "examples": [n_train, n_dev]}
+    return json.loads(json.dumps(info, default=str))
+
+
+def _check_same_settings(saved: dict[str, Any] | None, now: dict[str, Any], out: Path) -> None:
+    """A checkpoint restores the step budget, schedule and data order it was written with: other flags
+    would be ignored (a larger --max-steps) or mixed in (another --lr, batch size or data) without a word."""
+    if saved is None:  # written before checkpoints recorded their settings
+        return
+    flat_saved = {**saved.get("train", {}), **{k: v for k, v in saved.items() if k != "train"}}
+    flat_now = {**now["train"], **{k: v for k, v in now.items() if k != "train"}}
+    differ = [k for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {flat_saved.get(k)!r} (now {flat_now.get(k)!r})" for k in differ[:4])
+        raise ValueError(
+            f"the checkpoint in {out} was written by a run with other settings: {shown}; resume with the "
+            "settings it was started with, or drop --resume to start afresh"
+        )
+
+
 def fit(
     model: nn.Module,
     tokenizer: Any,
@@ -205,6 +229,7 @@ def fit(
 
     train = list(train_examples if train_examples is not None else task["train"])
     dev = eval_sample(list(dev_examples if dev_examples is not None else task["dev"]), cfg.max_eval)
+    settings = _settings(cfg, dm, task, len(train), len(dev))
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         train, batch_size=cfg.batch_size, shuffle=True, collate_fn=objective.collate, generator=generator
@@ -241,6 +266,7 @@ def fit(
     skip, checkpointed = 0, 0  # batches of the current epoch already trained on; evaluations checkpointed
     if resume_dir is not None:
         tensors, saved = checkpoint.load(resume_dir)
+        _check_same_settings(saved["loop"].get("settings"), settings, resume_dir)
         best_state = checkpoint.restore(tensors, saved, unwrapped, optimizer, scheduler)
         loop = saved["loop"]
         step, max_steps, best, best_step, stale = (loop[k] for k in ("step", "max_steps", "best", "best_step", "stale"))
@@ -273,7 +299,7 @@ def fit(
             if dm is not None and out is not None and len(history) > checkpointed:  # an evaluation is complete
                 checkpointed = len(history)
                 loop = {"step": step, "max_steps": max_steps, "best": best, "best_step": best_step, "stale": stale}
-                loop |= {"history": history, "elapsed": time.perf_counter() - start}
+                loop |= {"history": history, "elapsed": time.perf_counter() - start, "settings": settings}
                 checkpoint.save(out, unwrapped, optimizer, scheduler, epoch_state, best_state, loop)
             with accelerator.accumulate(model):
                 loss = objective.loss(model, batch)  # with the deltas' regularization (DeltaModel.forward)

@@ -209,6 +209,11 @@ class Prompt(Delta):
         call.set("inputs_embeds", torch.cat([prompt, embeds], dim=1))
         if mask is not None:
             call.set("attention_mask", _ones_before(mask, n))
+        elif call.accepts("attention_mask") and not bool(self._shifts(peers, batch, embeds.device).all()):
+            # "keep" restarts the positions after the prompt; with no mask and no cache (use_cache=False,
+            # gradient checkpointing) transformers reads restarting positions as packed sequences and
+            # hides the prompt from the text: outputs of the bare model and a zero gradient for the prompt
+            call.set("attention_mask", torch.ones(batch, n + embeds.shape[1], dtype=torch.long, device=embeds.device))
         compat.token_types_with_prefix(module, call, n, batch, embeds.shape[1], embeds.device)
         compat.renumber_cache_position(call, past, n + embeds.shape[1], embeds.device)
         if call.accepts("position_ids"):
