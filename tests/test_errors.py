@@ -6,6 +6,7 @@ changed: the backbone's tensors, the attached deltas, the files on disk. docs/er
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -115,6 +116,34 @@ def test_a_bad_setting_is_refused_before_the_model_is_touched(method: str, kwarg
     with pytest.raises(ValueError, match=match):
         dm.add("x", dt.METHODS[method](**kwargs))
     assert list(dm.deltas) == [] and same_state(before, state(model)) and _no_trace(model)
+
+
+@pytest.mark.parametrize(
+    "method,kwargs,match",
+    [
+        (
+            "lora",
+            {"target_modules": ["query"]},
+            r"LoRAConfig has no setting 'target_modules'; deltatune calls it 'targets'",
+        ),
+        ("lora", {"lora_alpha": 32}, r"LoRAConfig has no setting 'lora_alpha'; deltatune calls it 'alpha'$"),
+        ("prompt", {"num_virtual_tokens": 8}, r"calls it 'num_tokens'$"),
+        ("lora", {"task_type": "SEQ_CLS"}, r"'task_type' \(a PEFT setting\); in deltatune: not needed"),
+        ("lora", {"num_virtual_tokens": 8}, r"no setting 'num_virtual_tokens'; its settings: targets, layers, r,"),
+        ("lora", {"alpah": 8}, r"no setting 'alpah'; did you mean 'alpha'"),
+    ],
+)
+def test_peft_s_setting_names_get_deltatune_s(method: str, kwargs: dict, match: str) -> None:
+    """Users arrive from PEFT: its spelling of a setting names ours, one line, before anything is built."""
+    with pytest.raises(TypeError, match=match):
+        dt.METHODS[method](**kwargs)
+
+
+def test_every_peft_name_points_at_a_real_setting() -> None:
+    for cls in dt.METHODS.values():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(cls.peft_names.values()) <= fields, cls.__name__
+        assert not set(cls.peft_names) & fields, cls.__name__
 
 
 def test_the_core_names_no_method_field() -> None:

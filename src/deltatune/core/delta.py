@@ -29,7 +29,7 @@ from .routing import (
     take_rows,
     with_hidden,
 )
-from .settings import check_fields, setting  # noqa: F401 - methods declare their fields with it
+from .settings import check_fields, setting, unknown_setting_message  # noqa: F401 - methods declare fields with `setting`
 from .targeting import Layers, Targets, resolve
 
 
@@ -59,11 +59,22 @@ class DeltaConfig:
     identity_at_init: ClassVar[bool] = False
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate that works for this method at base-model scale
     routable: ClassVar[bool] = True  # can serve some rows of a batch while other rows use other deltas
+    peft_names: ClassVar[dict[str, str]] = {}  # PEFT's name of a setting -> ours, for the unknown-setting error
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("method"):
             registry.register(cls)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DeltaConfig:
+        """Refuse an unknown setting by name, with deltatune's spelling of PEFT's (users arrive from PEFT:
+        `LoRAConfig(target_modules=..., lora_alpha=...)`) or the closest settings, before the dataclass
+        `__init__` raises its bare TypeError."""
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        unknown = [k for k in kwargs if fields and k not in fields]
+        if unknown:
+            raise TypeError(unknown_setting_message(cls, unknown[0]))
+        return super().__new__(cls)
 
     @property
     def can_merge(self) -> bool:

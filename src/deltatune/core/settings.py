@@ -10,6 +10,7 @@ ints are ints (not bools, floats or strings), numbers are finite, sizes are boun
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import types
@@ -23,6 +24,34 @@ from .registry import METHODS
 MAX_SIZE = 1 << 16  # largest size setting (rank, bottleneck, tokens): beyond it a delta outgrows any backbone
 MAX_ITEMS = 4096  # longest list setting
 MAX_INT = (1 << 63) - 1  # what torch can hold (seeds, counts)
+
+
+# PEFT's config fields that every method shares, and deltatune's setting or what replaces it; each
+# config adds its own (`DeltaConfig.peft_names`, e.g. LoRA's lora_alpha)
+PEFT_NAMES: dict[str, tuple[str | None, str]] = {
+    "target_modules": ("targets", "'targets' (module names, regexes or aliases such as 'attn.q')"),
+    "layers_to_transform": ("layers", "'layers'"),
+    "modules_to_save": (None, "attach(..., train_head=True) for the task head"),
+    "task_type": (None, "not needed, the task is read from the model class"),
+    "use_dora": (None, "DoRAConfig"),
+    "fan_in_fan_out": (None, "not needed, GPT-2's Conv1D layers are handled by the method"),
+    "inference_mode": (None, "not needed, call DeltaModel.eval() or merge"),
+    "bias": (None, "BitFitConfig, for trained biases"),
+}
+
+
+def unknown_setting_message(cls: type, key: str) -> str:
+    """One line for an unknown config setting: PEFT's name mapped to ours, else the closest names."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    own = getattr(cls, "peft_names", {}).get(key)
+    field, text = (own, repr(own)) if own else PEFT_NAMES.get(key, (None, ""))
+    if text and field in fields:
+        return f"{cls.__name__} has no setting {key!r}; deltatune calls it {text}"
+    if text and field is None:
+        return f"{cls.__name__} has no setting {key!r} (a PEFT setting); in deltatune: {text}"
+    close = difflib.get_close_matches(key, fields, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{cls.__name__} has no setting {key!r}; {hint}its settings: {', '.join(fields)}"
 
 
 def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,

@@ -37,6 +37,7 @@ class IA3Config(DeltaConfig):
     mergeable: ClassVar[bool] = True
     default_lr: ClassVar[float] = 3e-3
     identity_at_init: ClassVar[bool] = True
+    peft_names: ClassVar[dict[str, str]] = {"target_modules": "targets", "feedforward_modules": "feedforward"}
 
     targets: Targets = ("attn.k", "attn.v", "ffn.out")
     feedforward: Targets = ("ffn.out",)

@@ -64,6 +64,11 @@ class PrefixConfig(DeltaConfig):
     trains: ClassVar[str] = "num_tokens key/value prefix vectors per attention layer (via an MLP while training)"
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
+    peft_names: ClassVar[dict[str, str]] = {
+        "num_virtual_tokens": "num_tokens",
+        "encoder_hidden_size": "mid_dim",
+        "prefix_projection": "reparameterize",
+    }
     routable: ClassVar[bool] = False  # its prefixes live in the attention cache, shared by the batch
     default_lr: ClassVar[float] = 5e-4  # measured: 5e-5 stayed at chance, 5e-3 failed too (docs/study.md)
 

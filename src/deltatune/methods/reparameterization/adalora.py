@@ -41,6 +41,7 @@ class AdaLoRAConfig(DeltaConfig):
     trains: ClassVar[str] = "SVD-form updates P·diag(λ)·Q whose ranks are allocated by importance during training"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
+    peft_names: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout", "r": "init_r"}
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None

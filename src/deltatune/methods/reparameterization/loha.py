@@ -27,6 +27,7 @@ class LoHaConfig(DeltaConfig):
     trains: ClassVar[str] = "two pairs of rank-r factors whose products are multiplied entrywise into an update"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
+    peft_names: ClassVar[dict[str, str]] = {"rank": "r"}
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None

@@ -28,6 +28,7 @@ class LoKrConfig(DeltaConfig):
     trains: ClassVar[str] = "two factors whose Kronecker product is an update (the larger one low-rank)"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
+    peft_names: ClassVar[dict[str, str]] = {"rank": "r", "decompose_factor": "factor"}
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None

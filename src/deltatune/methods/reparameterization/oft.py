@@ -29,6 +29,7 @@ class OFTConfig(DeltaConfig):
     trains: ClassVar[str] = "skew-symmetric blocks whose Cayley transforms rotate a layer's input"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
+    peft_names: ClassVar[dict[str, str]] = {"oft_block_size": "block_size"}
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None

@@ -31,6 +31,7 @@ class VeRAConfig(DeltaConfig):
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-2
+    peft_names: ClassVar[dict[str, str]] = {"vera_dropout": "dropout", "projection_prng_key": "seed", "rank": "r"}
 
     targets: Targets = ("attn.q", "attn.v")
     layers: Layers = None
