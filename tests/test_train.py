@@ -134,6 +134,30 @@ def test_label_words_follow_the_answer_cue_of_a_text_longer_than_max_length(toke
     assert batch["attention_mask"].sum(1).tolist() == [6, 2] and batch["labels"].tolist() == [1, 0]
 
 
+def test_a_generation_source_longer_than_max_length_is_cut_not_its_target(tokenizer) -> None:  # noqa: ANN001
+    """Cutting source + target at the end left a long source's row without a target token: a batch of
+    such rows gave a NaN loss (the run stopped as diverged) and taught nothing."""
+    from deltatune.data import Example, Task
+    from deltatune.train import objective_for
+
+    objective = objective_for(Task("g", "generation", None), tokenizer, lm=True, max_length=8)
+    long = Example(" ".join(["the film was"] * 5), None, "the film")
+    batch = objective.collate([long, long])
+    target = tokenizer("the film", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    source = tokenizer(long.text, add_special_tokens=False)["input_ids"]
+    assert batch["labels"][0].tolist() == [-100] * 5 + target
+    assert batch["input_ids"][0].tolist() == source[:4] + source[-1:] + target
+    model = _llama(tokenizer)
+    assert torch.isfinite(objective.loss(model, batch))
+    seen = []
+    real = model.generate
+    model.generate = lambda **kw: seen.append(kw["input_ids"]) or real(**kw)
+    objective.max_new_tokens = 4
+    objective.generate(model, [long, Example("dull", None, "x")])  # at inference the source is cut alike
+    assert seen[0][0].tolist() == source[:3] + source[-1:]
+    assert seen[0][1].tolist()[-1] == tokenizer.convert_tokens_to_ids("dull")
+
+
 def test_a_causal_lm_learns_a_generation_task(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
     gen = load_task(_write_generation_task(tmp_path / "gen"))
     cfg = TrainConfig(lr=5e-2, max_new_tokens=4, **(FAST | {"epochs": 20, "eval_every": 10}))

@@ -134,9 +134,9 @@ class GenerationObjective:
         for e in examples:
             p = tok(self.prompt(e), add_special_tokens=False)["input_ids"]
             t = tok(str(e.label), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = (p + t)[: self.max_length]
-            rows.append(ids)
-            labels.append(([-100] * len(p) + t)[: self.max_length])
+            p, t = self.fit_window(p, t)
+            rows.append(p + t)
+            labels.append([-100] * len(p) + t)
         width = max(map(len, rows))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return {
@@ -145,24 +145,45 @@ class GenerationObjective:
             "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
         }
 
+    def fit_window(self, source: list[int], target: list[int]) -> tuple[list[int], list[int]]:
+        """Cut a source + target longer than `max_length` in the source's text, keeping its last token
+        (the newline the target follows) and at least half the window for the target.
+
+        Cutting the joined sequence at the end, as before, left a long source's row with no target token
+        at all: it taught nothing, and a batch of such rows gave a NaN loss that ended the run as diverged.
+        """
+        room = self.max_length
+        if len(source) + len(target) <= room:
+            return source, target
+        target = target[: max(room // 2, room - len(source))]
+        keep = room - len(target)
+        if len(source) > keep:
+            source = source[: keep - 1] + source[-1:] if keep > 1 else source[-keep:]
+        return source, target
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
     @torch.no_grad()
     def generate(self, model: Any, examples: Sequence[Example]) -> list[str]:
         tok = self.tokenizer
-        tok.padding_side = "left"  # generation continues from the right end of every row
-        enc = tok([self.prompt(e) for e in examples], return_tensors="pt", padding=True, add_special_tokens=False)
-        tok.padding_side = "right"
+        # a source is cut as in training, leaving room for the answer (at least half the window)
+        keep = max(self.max_length - self.max_new_tokens, self.max_length // 2)
+        rows = [tok(self.prompt(e), add_special_tokens=False)["input_ids"] for e in examples]
+        rows = [r if len(r) <= keep else r[: keep - 1] + r[-1:] for r in rows]
+        width = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left: generation continues at the right
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         device = next(model.parameters()).device
         out = model.generate(  # ids and mask only: 4.57 refuses the token_type_ids some tokenizers add
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
-        return [s.strip() for s in tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+        return [s.strip() for s in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
 
 
 def has_lm_head(model: Any) -> bool:
