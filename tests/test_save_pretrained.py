@@ -78,6 +78,21 @@ def test_state_dict_is_what_training_changes() -> None:
     assert torch.equal(fresh.backbone.classifier.weight, dm.backbone.classifier.weight)
 
 
+def test_state_dict_keeps_a_frozen_new_head_so_a_trainer_resume_in_a_new_process_matches() -> None:
+    """Trainer checkpoints are `state_dict()`; a classifier head left frozen (train_head=False) is still
+    new and random, and a new process draws another: without it the resumed model gives other outputs."""
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"](), train_head=False)
+    state = dm.state_dict()
+    assert {k for k in state if k.startswith("backbone.")} == {"backbone.classifier.weight", "backbone.classifier.bias"}
+    other = make_model("bert")
+    torch.nn.init.normal_(other.classifier.weight)  # the same backbone, another draw of the new head
+    fresh = dt.attach(other, dt.METHODS["lora"](), train_head=False)
+    inputs = make_inputs(dm.backbone)
+    assert not torch.equal(logits(fresh, inputs), logits(dm, inputs))
+    fresh.load_state_dict(state, strict=False)
+    assert torch.equal(logits(fresh, inputs), logits(dm, inputs))
+
+
 @pytest.mark.parametrize("attr", ["push_to_hub", "load_adapter", "add_adapter", "unload"])
 def test_backbone_calls_that_would_lose_the_delta_name_the_right_call(attr: str) -> None:
     dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())

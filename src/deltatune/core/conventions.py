@@ -100,12 +100,22 @@ def _trained(dm: DeltaModel) -> set[str]:
     return {n for n, p in dm.backbone.named_parameters() if p.requires_grad}
 
 
+def _saved(dm: DeltaModel) -> set[str]:
+    """What `state_dict()` keeps of the backbone: what trains, and a task head new for the task even when
+    frozen (`default_include_head`): Trainer checkpoints go through `state_dict()`, and a resume in a new
+    process draws another random head, so a checkpoint without it silently gives other outputs."""
+    keep = _trained(dm)
+    if default_include_head(dm):
+        keep |= set(dm.head_parameter_names())
+    return keep
+
+
 def register_state_hooks(dm: DeltaModel) -> None:
     """`state_dict()` drops frozen backbone tensors; `load_state_dict` does not miss them."""
 
     def drop_frozen(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         start = prefix + "backbone."
-        keep = _trained(dm)
+        keep = _saved(dm)
         for key in [k for k in state if k.startswith(start)]:
             if key[len(start) :] not in keep:
                 del state[key]
