@@ -2,7 +2,8 @@
 
 The backbone object itself is kept (not copied) and called unchanged; deltas reach it only
 through hooks (see `core.delta`). Freezing is remembered per parameter so that removing the
-last delta hands back the backbone exactly as it came: same tensors, same `requires_grad`.
+last delta hands back the backbone exactly as it came: same tensors, same `requires_grad` (the task
+head excepted, which keeps what training or a loaded delta wrote into it).
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ class DeltaModel(nn.Module):
         return self
 
     def detach(self, name: str | None = None) -> nn.Module:
-        """Remove one delta (or all). With none left, the plain backbone is returned, as it came."""
+        """Remove one delta (or all). With none left, the plain backbone is returned, as it came (its task head
+        keeps what training or a loaded delta put there, as PEFT's unload does)."""
         names = list(self.deltas) if name is None else [self._get(name) and name]
         # all or nothing: with any delta merged, removing one would leave the weights out of step
         merged = self._merged()
