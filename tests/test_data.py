@@ -532,3 +532,17 @@ def test_a_loaded_task_remembers_where_it_came_from(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "sub" / "train.jsonl", [{"text": "a", "label": 0}])
     assert load_task(path).source == str(path.resolve())
     assert load_task(path.parent).source == str(path.parent.resolve())
+
+
+# ----------------------------------------------------------------------------- numeric labels in users' own files
+
+
+def test_numeric_string_labels_sort_numerically_in_every_split(tmp_path):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": "a", "label": "10"}, {"text": "b", "label": "2"}])
+    write_jsonl(folder / "dev.jsonl", [{"text": "c", "label": "2"}])
+    task = load_task(folder)
+    assert task.labels == ["2", "10"]
+    assert [e.label for e in task["train"]] == [1, 0] and [e.label for e in task["dev"]] == [0]
+    assert load_task(write_jsonl(tmp_path / "w.jsonl", [{"text": "a", "label": "b10"}, {"text": "b", "label": "b2"}])).labels == ["b10", "b2"]

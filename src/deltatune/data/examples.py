@@ -9,7 +9,7 @@ line, because a bad row found mid-training wastes an hour.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,19 @@ def _kind(label: Any) -> str:
     return type(label).__name__
 
 
+def _name_order(names: Iterable[str]) -> list[str]:
+    """Class names sorted numerically when every name is a number ("2" before "10"), else as text.
+    The order is the class index, so it must not depend on how a file happened to spell its numbers."""
+    names = set(names)
+    try:
+        values = {name: float(name) for name in names}
+    except ValueError:
+        return sorted(names)
+    if not all(math.isfinite(v) for v in values.values()):
+        return sorted(names)
+    return sorted(names, key=lambda name: (values[name], name))
+
+
 def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
     """Task type and label names for data without meta.json, judged from all rows of all splits."""
     if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
@@ -138,7 +151,7 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
     if "float" in first:
         return "regression", []
     if "str" in first:
-        return ("pair_classification" if pair else "classification"), sorted(set(values))
+        return ("pair_classification" if pair else "classification"), _name_order(values)
     if "int" in first:
         top = max(values)
         return ("pair_classification" if pair else "classification"), [str(i) for i in range(top + 1)]
