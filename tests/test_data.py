@@ -537,6 +537,17 @@ def test_a_loaded_task_remembers_where_it_came_from(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- numeric labels in users' own files
 
 
+def test_integer_labels_1_to_3_are_three_classes_mapped_by_value_in_every_split(tmp_path):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": "a", "label": 3}, {"text": "b", "label": 1}, {"text": "c", "label": 2}])
+    (folder / "dev.csv").write_text("text,label\nd,2\ne,3\n", encoding="utf-8")
+    task = load_task(folder)
+    assert task.labels == ["1", "2", "3"] and task.num_labels == 3  # no dead class "0"
+    assert [task.labels[e.label] for e in task["train"]] == ["3", "1", "2"]
+    assert [task.labels[e.label] for e in task["dev"]] == ["2", "3"]
+
+
 def test_numeric_string_labels_sort_numerically_in_every_split(tmp_path):
     folder = tmp_path / "t"
     folder.mkdir()

@@ -127,7 +127,11 @@ def _name_order(names: Iterable[str]) -> list[str]:
 
 
 def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
-    """Task type and label names for data without meta.json, judged from all rows of all splits."""
+    """Task type and label names for data without meta.json, judged from all rows of all splits.
+
+    Numeric classes are the values that occur, named by their value ("1", "2", "3": no unused "0"
+    class) and ordered numerically; `_build` then maps each row by that name.
+    """
     if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
         return "generation", []
     pair = any("text_pair" in r for _, r in rows)
@@ -153,8 +157,7 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
     if "str" in first:
         return ("pair_classification" if pair else "classification"), _name_order(values)
     if "int" in first:
-        top = max(values)
-        return ("pair_classification" if pair else "classification"), [str(i) for i in range(top + 1)]
+        return ("pair_classification" if pair else "classification"), _name_order(str(v) for v in values)
     raise DataError(f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row")
 
 
@@ -277,6 +280,14 @@ def _build(
     else:
         labels = []
     labels = [str(x) for x in labels]
+    if inferred and task_type in ("classification", "pair_classification"):
+        # inferred numeric classes are named by their values (labels 1..3 are classes "1", "2", "3"), so
+        # each row maps by name, never as an index into a list that starts at another number
+        for rows in raw.values():
+            for _, row in rows:
+                label = row.get("label")
+                if _kind(label) == "int":
+                    row["label"] = str(label)
     splits = {s: _examples(rows, task_type, labels) for s, rows in raw.items()}
     if inferred and task_type in ("classification", "pair_classification"):
         _check_unseen(raw, splits, labels)
