@@ -537,6 +537,16 @@ def test_a_loaded_task_remembers_where_it_came_from(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- numeric labels in users' own files
 
 
+def test_whole_number_float_labels_are_classes_not_regression(tmp_path):
+    # pandas writes an int column holding a NaN as 1.0/0.0; the same labels written as 1/0 are classes
+    task = load_task(write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1.0}, {"text": "b", "label": 0.0}]))
+    assert task.type == "classification" and task.labels == ["0", "1"]
+    assert [task.labels[e.label] for e in task["train"]] == ["1", "0"]
+    many = write_jsonl(tmp_path / "many.jsonl", [{"text": str(i), "label": float(i)} for i in range(30)])
+    assert 'meta.json: "type": "classification" or "regression"' in error_of(many)
+    assert load_task(write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "label": 1.5}])).type == "regression"
+
+
 def test_integer_labels_1_to_3_are_three_classes_mapped_by_value_in_every_split(tmp_path):
     folder = tmp_path / "t"
     folder.mkdir()

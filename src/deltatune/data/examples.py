@@ -113,6 +113,17 @@ def _kind(label: Any) -> str:
     return type(label).__name__
 
 
+# More distinct whole-number float labels than this read as regression targets, not classes: ambiguous.
+MAX_WHOLE_CLASSES = 20
+
+
+def _whole(label: Any) -> Any:
+    """1.0 -> 1: pandas writes an int column holding a NaN as floats, so `1.0` is a class written as a float."""
+    if isinstance(label, float) and math.isfinite(label) and label.is_integer():
+        return int(label)
+    return label
+
+
 def _name_order(names: Iterable[str]) -> list[str]:
     """Class names sorted numerically when every name is a number ("2" before "10"), else as text.
     The order is the class index, so it must not depend on how a file happened to spell its numbers."""
@@ -130,7 +141,11 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
     """Task type and label names for data without meta.json, judged from all rows of all splits.
 
     Numeric classes are the values that occur, named by their value ("1", "2", "3": no unused "0"
-    class) and ordered numerically; `_build` then maps each row by that name.
+    class) and ordered numerically; `_build` then maps each row by that name. Whole-number floats
+    (1.0/0.0) are classes like the ints they stand for: the same labels written as 1/0 are already
+    classification, and the float spelling is an artefact of pandas (an int column with a NaN). Only
+    when there are many distinct whole values (more than MAX_WHOLE_CLASSES) could they as well be
+    regression targets; then we refuse and ask for meta.json's "type" rather than guess.
     """
     if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
         return "generation", []
@@ -152,12 +167,21 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
         )
     if "bool" in first:
         raise DataError(f"{first['bool']}: boolean label; use 0/1 or a label string")
+    kind = "pair_classification" if pair else "classification"
     if "float" in first:
-        return "regression", []
+        whole = {_whole(v) for v in values}
+        if not all(isinstance(v, int) for v in whole):
+            return "regression", []
+        if len(whole) > MAX_WHOLE_CLASSES:
+            raise DataError(
+                f"{first['float']}: {len(whole)} distinct whole-number labels ({min(whole)}..{max(whole)}) read as "
+                'either classes or regression targets; say which in meta.json: "type": "classification" or "regression"'
+            )
+        return kind, _name_order(str(v) for v in whole)
     if "str" in first:
-        return ("pair_classification" if pair else "classification"), _name_order(values)
+        return kind, _name_order(values)
     if "int" in first:
-        return ("pair_classification" if pair else "classification"), _name_order(str(v) for v in values)
+        return kind, _name_order(str(v) for v in values)
     raise DataError(f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row")
 
 
@@ -193,7 +217,7 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Exampl
             raise DataError(
                 f"{where}: label is null; give every row a label (unlabelled rows have no place in a split)"
             )
-        label = row["label"]
+        label = row["label"] if task_type == "regression" else _whole(row["label"])
         kind = _kind(label)
         if task_type == "regression":
             if kind == "str":
@@ -285,7 +309,7 @@ def _build(
         # each row maps by name, never as an index into a list that starts at another number
         for rows in raw.values():
             for _, row in rows:
-                label = row.get("label")
+                label = _whole(row.get("label"))
                 if _kind(label) == "int":
                     row["label"] = str(label)
     splits = {s: _examples(rows, task_type, labels) for s, rows in raw.items()}
