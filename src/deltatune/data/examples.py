@@ -196,10 +196,18 @@ def _text(where: str, row: dict, key: str, required: bool = True) -> str | None:
     return value
 
 
-def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Example]:
+def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices: bool = False) -> list[Example]:
     out = []
     seen: tuple[str, str] | None = None  # (kind, where) of the first classification label, for mixed-type errors
     index = {name: i for i, name in enumerate(labels)}
+    # Given labels (meta.json, labels=[...]) make an int a class index; if the names are themselves numbers
+    # that are not the indices (["1", "0"]), a CSV "1" (a name) and a JSONL 1 (an index) would silently
+    # be different classes, so an int is refused there rather than guessed.
+    numeric_names = (
+        not class_indices
+        and labels != [str(i) for i in range(len(labels))]
+        and all(name.lstrip("-").isdigit() for name in labels)
+    )
     for where, row in rows:
         if task_type == "generation":
             source = _text(where, row, "source")
@@ -243,6 +251,12 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Exampl
                 raise DataError(f"{where}: unknown label {label!r}; the task's labels are {labels}")
             label = index[label]
         elif kind == "int":
+            if numeric_names:
+                raise DataError(
+                    f"{where}: label {label} is ambiguous: the labels {labels} are numbers but not 0..{len(labels) - 1} "
+                    f"in that order, so {label} could be a class index or a class name; write each label as its name "
+                    f'(in JSONL a string: "{label}"), or list meta.json\'s "labels" as {[str(i) for i in range(len(labels))]}'
+                )
             if not 0 <= label < len(labels):
                 raise DataError(f"{where}: label index {label} out of range for {len(labels)} labels {labels}")
         else:
@@ -277,8 +291,11 @@ def _build(
     from_csv: dict[str, bool],
     task_type: str | None = None,
     labels: Sequence[str] | None = None,
+    class_indices: bool = False,
 ) -> Task:
-    """Validate raw rows of all splits into a Task; meta.json wins over inference, explicit arguments over both."""
+    """Validate raw rows of all splits into a Task; meta.json wins over inference, explicit arguments over both.
+
+    `class_indices`: the labels are a `datasets` ClassLabel's names, so its ints are indices for sure."""
     raw = {s: [(w, _canonical(r, columns)) for w, r in rows] for s, rows in raw.items()}
     task_type = task_type or meta.get("type")
     labels = list(labels) if labels is not None else meta.get("labels")
@@ -312,7 +329,7 @@ def _build(
                 label = _whole(row.get("label"))
                 if _kind(label) == "int":
                     row["label"] = str(label)
-    splits = {s: _examples(rows, task_type, labels) for s, rows in raw.items()}
+    splits = {s: _examples(rows, task_type, labels, class_indices) for s, rows in raw.items()}
     if inferred and task_type in ("classification", "pair_classification"):
         _check_unseen(raw, splits, labels)
     meta = dict(meta) or {"name": name, "type": task_type, "labels": labels}

@@ -98,6 +98,7 @@ def _load_dataset_obj(
     if kw.get("labels") is None:
         first = next(iter(parts.values()))
         kw["labels"] = _dataset_labels(first, columns)
+        kw["class_indices"] = kw["labels"] is not None
     return _build(name, raw, {}, columns, dict.fromkeys(raw, False), **kw)
 
 
