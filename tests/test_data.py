@@ -544,6 +544,8 @@ def test_whole_number_float_labels_are_classes_not_regression(tmp_path):
     assert [task.labels[e.label] for e in task["train"]] == ["1", "0"]
     many = write_jsonl(tmp_path / "many.jsonl", [{"text": str(i), "label": float(i)} for i in range(30)])
     assert 'meta.json: "type": "classification" or "regression"' in error_of(many)
+    assert load_task(many, task_type="classification").num_labels == 30  # the advice, taken, works
+    assert load_task(many, task_type="regression")["train"][29].label == 29.0
     assert load_task(write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "label": 1.5}])).type == "regression"
 
 

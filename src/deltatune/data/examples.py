@@ -137,7 +137,7 @@ def _name_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda name: (values[name], name))
 
 
-def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
+def _infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
     """Task type and label names for data without meta.json, judged from all rows of all splits.
 
     Numeric classes are the values that occur, named by their value ("1", "2", "3": no unused "0"
@@ -145,7 +145,8 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
     (1.0/0.0) are classes like the ints they stand for: the same labels written as 1/0 are already
     classification, and the float spelling is an artefact of pandas (an int column with a NaN). Only
     when there are many distinct whole values (more than MAX_WHOLE_CLASSES) could they as well be
-    regression targets; then we refuse and ask for meta.json's "type" rather than guess.
+    regression targets; then we refuse and ask for meta.json's "type" rather than guess (`classes`: the
+    type says classification, so they are classes whatever their count).
     """
     if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
         return "generation", []
@@ -172,7 +173,7 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
         whole = {_whole(v) for v in values}
         if not all(isinstance(v, int) for v in whole):
             return "regression", []
-        if len(whole) > MAX_WHOLE_CLASSES:
+        if len(whole) > MAX_WHOLE_CLASSES and not classes:
             raise DataError(
                 f"{first['float']}: {len(whole)} distinct whole-number labels ({min(whole)}..{max(whole)}) read as "
                 'either classes or regression targets; say which in meta.json: "type": "classification" or "regression"'
@@ -315,7 +316,7 @@ def _build(
         raise DataError(f"task {name!r}: unknown type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
     if task_type in ("classification", "pair_classification"):
         if labels is None:
-            _, labels = _infer([r for rows in raw.values() for r in rows])
+            _, labels = _infer([r for rows in raw.values() for r in rows], classes=True)
         if not labels:
             raise DataError(f"task {name!r}: a {task_type} task needs labels (meta.json 'labels' or labels=[...])")
     else:
