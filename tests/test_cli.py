@@ -382,3 +382,35 @@ def test_merge_asks_whether_these_settings_can_merge(tmp_path: Path, model_dir: 
     err = capsys.readouterr().err
     assert "cannot be merged" in err and len(err.strip().splitlines()) == 1, err
     assert main(["merge", str(model_dir), str(tmp_path / "i" / "delta-lowrank_adapter"), str(tmp_path / "mi")]) == 0
+
+
+def test_integer_labels_1_and_2_are_two_classes_reported_and_scored_by_value(
+    tmp_path: Path, model_dir: Path, capsys
+) -> None:  # noqa: ANN001
+    # labels 1/2 made a 3-way head (a dead class "0") that the 2-label model refused; they are two classes
+    rows = [{"text": r["text"], "label": 2 if r["label"] == "pos" else 1} for r in _rows(60, 3)]
+    data = tmp_path / "stars.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _train(model_dir, data, tmp_path / "r", "--max-steps", "4", "--dev-split", "0.25") == 0
+    delta = tmp_path / "r" / "delta-lora"
+    assert _delta_meta(delta)["labels"] == ["1", "2"]
+    capsys.readouterr()
+    assert main(["predict", "--delta", str(delta), "--model", str(model_dir), *[r["text"] for r in rows]]) == 0
+    said = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert set(said) <= {"1", "2"} and len(said) == len(rows)  # the original label values
+    # a test file of class 2 only infers labels ["2"]: its 2s are scored as the head's class "2", by value
+    twos = [r for r in rows if r["label"] == 2]
+    (tmp_path / "twos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in twos))
+    args = [
+        "--delta",
+        str(delta),
+        "--model",
+        str(model_dir),
+        "--task",
+        str(tmp_path / "twos.jsonl"),
+        "--split",
+        "train",
+    ]
+    assert main(["eval", *args]) == 0
+    hits = sum(s == "2" for s, r in zip(said, rows, strict=True) if r["label"] == 2)
+    assert f"accuracy {hits / len(twos):.4f}" in capsys.readouterr().out

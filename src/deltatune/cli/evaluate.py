@@ -139,7 +139,20 @@ def _with_labels(task, again, held: dict | None):  # noqa: ANN001, ANN202
     return task
 
 
+def _by_name(task, labels: list[str]):  # noqa: ANN001, ANN202
+    """`task` renumbered into `labels`, each row keeping its class name (the first load read it right)."""
+    import dataclasses
+
+    index = {name: i for i, name in enumerate(labels)}
+    splits = {
+        split: [dataclasses.replace(e, label=index[task.labels[e.label]]) for e in rows]
+        for split, rows in task.splits.items()
+    }
+    return dataclasses.replace(task, labels=labels, splits=splits)
+
+
 def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN202
+    from ..data.files import DataError
     from ..data.split import hold_out_dev
     from ..data.tasks import load_task
 
@@ -160,7 +173,11 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
         )
     recorded = info.get("labels")
     if recorded and task.labels and list(recorded) != task.labels and set(task.labels) < set(recorded):
-        task = _with_labels(task, load_task(source, labels=recorded), held if own else None)
+        try:
+            again = load_task(source, labels=recorded)
+        except DataError:  # integer rows that name classes ("1", "2") are no indices into numeric names
+            again = _by_name(task, list(recorded))
+        task = _with_labels(task, again, held if own else None)
     if recorded and task.labels and list(recorded) != task.labels:
         raise ValueError(
             f"the delta was trained with labels {recorded} but {source} has {task.labels}; "

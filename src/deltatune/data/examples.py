@@ -9,7 +9,7 @@ line, because a bad row found mid-training wastes an hour.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +113,41 @@ def _kind(label: Any) -> str:
     return type(label).__name__
 
 
-def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
-    """Task type and label names for data without meta.json, judged from all rows of all splits."""
+# More distinct whole-number float labels than this read as regression targets, not classes: ambiguous.
+MAX_WHOLE_CLASSES = 20
+
+
+def _whole(label: Any) -> Any:
+    """1.0 -> 1: pandas writes an int column holding a NaN as floats, so `1.0` is a class written as a float."""
+    if isinstance(label, float) and math.isfinite(label) and label.is_integer():
+        return int(label)
+    return label
+
+
+def _name_order(names: Iterable[str]) -> list[str]:
+    """Class names sorted numerically when every name is a number ("2" before "10"), else as text.
+    The order is the class index, so it must not depend on how a file happened to spell its numbers."""
+    names = set(names)
+    try:
+        values = {name: float(name) for name in names}
+    except ValueError:
+        return sorted(names)
+    if not all(math.isfinite(v) for v in values.values()):
+        return sorted(names)
+    return sorted(names, key=lambda name: (values[name], name))
+
+
+def _infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
+    """Task type and label names for data without meta.json, judged from all rows of all splits.
+
+    Numeric classes are the values that occur, named by their value ("1", "2", "3": no unused "0"
+    class) and ordered numerically; `_build` then maps each row by that name. Whole-number floats
+    (1.0/0.0) are classes like the ints they stand for: the same labels written as 1/0 are already
+    classification, and the float spelling is an artefact of pandas (an int column with a NaN). Only
+    when there are many distinct whole values (more than MAX_WHOLE_CLASSES) could they as well be
+    regression targets; then we refuse and ask for meta.json's "type" rather than guess (`classes`: the
+    type says classification, so they are classes whatever their count).
+    """
     if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
         return "generation", []
     pair = any("text_pair" in r for _, r in rows)
@@ -135,13 +168,21 @@ def _infer(rows: list[Raw]) -> tuple[str, list[str]]:
         )
     if "bool" in first:
         raise DataError(f"{first['bool']}: boolean label; use 0/1 or a label string")
+    kind = "pair_classification" if pair else "classification"
     if "float" in first:
-        return "regression", []
+        whole = {_whole(v) for v in values}
+        if not all(isinstance(v, int) for v in whole):
+            return "regression", []
+        if len(whole) > MAX_WHOLE_CLASSES and not classes:
+            raise DataError(
+                f"{first['float']}: {len(whole)} distinct whole-number labels ({min(whole)}..{max(whole)}) read as "
+                'either classes or regression targets; say which in meta.json: "type": "classification" or "regression"'
+            )
+        return kind, _name_order(str(v) for v in whole)
     if "str" in first:
-        return ("pair_classification" if pair else "classification"), sorted(set(values))
+        return kind, _name_order(values)
     if "int" in first:
-        top = max(values)
-        return ("pair_classification" if pair else "classification"), [str(i) for i in range(top + 1)]
+        return kind, _name_order(str(v) for v in values)
     raise DataError(f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row")
 
 
@@ -156,10 +197,18 @@ def _text(where: str, row: dict, key: str, required: bool = True) -> str | None:
     return value
 
 
-def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Example]:
+def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices: bool = False) -> list[Example]:
     out = []
     seen: tuple[str, str] | None = None  # (kind, where) of the first classification label, for mixed-type errors
     index = {name: i for i, name in enumerate(labels)}
+    # Given labels (meta.json, labels=[...]) make an int a class index; if the names are themselves numbers
+    # that are not the indices (["1", "0"]), a CSV "1" (a name) and a JSONL 1 (an index) would silently
+    # be different classes, so an int is refused there rather than guessed.
+    numeric_names = (
+        not class_indices
+        and labels != [str(i) for i in range(len(labels))]
+        and all(name.lstrip("-").isdigit() for name in labels)
+    )
     for where, row in rows:
         if task_type == "generation":
             source = _text(where, row, "source")
@@ -177,7 +226,7 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Exampl
             raise DataError(
                 f"{where}: label is null; give every row a label (unlabelled rows have no place in a split)"
             )
-        label = row["label"]
+        label = row["label"] if task_type == "regression" else _whole(row["label"])
         kind = _kind(label)
         if task_type == "regression":
             if kind == "str":
@@ -203,6 +252,12 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str]) -> list[Exampl
                 raise DataError(f"{where}: unknown label {label!r}; the task's labels are {labels}")
             label = index[label]
         elif kind == "int":
+            if numeric_names:
+                raise DataError(
+                    f"{where}: label {label} is ambiguous: the labels {labels} are numbers but not 0..{len(labels) - 1} "
+                    f"in that order, so {label} could be a class index or a class name; write each label as its name "
+                    f'(in JSONL a string: "{label}"), or list meta.json\'s "labels" as {[str(i) for i in range(len(labels))]}'
+                )
             if not 0 <= label < len(labels):
                 raise DataError(f"{where}: label index {label} out of range for {len(labels)} labels {labels}")
         else:
@@ -237,8 +292,11 @@ def _build(
     from_csv: dict[str, bool],
     task_type: str | None = None,
     labels: Sequence[str] | None = None,
+    class_indices: bool = False,
 ) -> Task:
-    """Validate raw rows of all splits into a Task; meta.json wins over inference, explicit arguments over both."""
+    """Validate raw rows of all splits into a Task; meta.json wins over inference, explicit arguments over both.
+
+    `class_indices`: the labels are a `datasets` ClassLabel's names, so its ints are indices for sure."""
     raw = {s: [(w, _canonical(r, columns)) for w, r in rows] for s, rows in raw.items()}
     task_type = task_type or meta.get("type")
     labels = list(labels) if labels is not None else meta.get("labels")
@@ -258,13 +316,21 @@ def _build(
         raise DataError(f"task {name!r}: unknown type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
     if task_type in ("classification", "pair_classification"):
         if labels is None:
-            _, labels = _infer([r for rows in raw.values() for r in rows])
+            _, labels = _infer([r for rows in raw.values() for r in rows], classes=True)
         if not labels:
             raise DataError(f"task {name!r}: a {task_type} task needs labels (meta.json 'labels' or labels=[...])")
     else:
         labels = []
     labels = [str(x) for x in labels]
-    splits = {s: _examples(rows, task_type, labels) for s, rows in raw.items()}
+    if inferred and task_type in ("classification", "pair_classification"):
+        # inferred numeric classes are named by their values (labels 1..3 are classes "1", "2", "3"), so
+        # each row maps by name, never as an index into a list that starts at another number
+        for rows in raw.values():
+            for _, row in rows:
+                label = _whole(row.get("label"))
+                if _kind(label) == "int":
+                    row["label"] = str(label)
+    splits = {s: _examples(rows, task_type, labels, class_indices) for s, rows in raw.items()}
     if inferred and task_type in ("classification", "pair_classification"):
         _check_unseen(raw, splits, labels)
     meta = dict(meta) or {"name": name, "type": task_type, "labels": labels}

@@ -98,6 +98,7 @@ def _load_dataset_obj(
     if kw.get("labels") is None:
         first = next(iter(parts.values()))
         kw["labels"] = _dataset_labels(first, columns)
+        kw["class_indices"] = kw["labels"] is not None
     return _build(name, raw, {}, columns, dict.fromkeys(raw, False), **kw)
 
 
@@ -115,9 +116,10 @@ def load_task(
 
     Folders: `{train,dev,test}.{jsonl,csv,tsv}` (`validation` is read as `dev`) plus an optional
     `meta.json` giving `type`, `labels` and `license`. Without one, the type and labels are inferred:
-    `source`/`target` rows are generation, float labels regression, int or string labels
-    classification (string labels sorted). With the default `splits`, a folder's missing splits are
-    skipped; splits named explicitly must exist. A single file is one split, "train" unless
+    `source`/`target` rows are generation, float labels regression, int, whole-number float (1.0) or
+    string labels classification, the classes being the values that occur (numbers sorted
+    numerically). With the default `splits`, a folder's missing splits are skipped; splits named
+    explicitly must exist. A single file is one split, "train" unless
     `splits=("test",)` says otherwise (a meta.json beside it still applies). `task_type` and
     `labels` override meta.json and inference; `columns` renames fields, e.g. `{"sentence": "text"}`.
     `datasets` objects: a DatasetDict (or dict of Datasets) gives its splits, a Dataset one split;
