@@ -24,6 +24,31 @@ import torch.nn.functional as F
 from ..data.tasks import Example, Task
 
 
+def _cut(ids: list[int], keep: int, tail: int) -> list[int]:
+    """At most `keep` tokens of `ids`, always ending with its last `tail` (the cue the answer follows)."""
+    if len(ids) <= keep:
+        return ids
+    return ids[: keep - tail] + ids[-tail:] if keep > tail else ids[-keep:]
+
+
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _padded(rows: list[list[int]], pad: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Token rows as one batch: padded to the longest row (on the left for generation, which continues
+    at the right end of every row), with the attention mask."""
+    width = max(map(len, rows))
+
+    def side(row: list[int], fill: list[int]) -> list[int]:
+        return fill + row if left else row + fill
+
+    return {
+        "input_ids": torch.tensor([side(r, [pad] * (width - len(r))) for r in rows]),
+        "attention_mask": torch.tensor([side([1] * len(r), [0] * (width - len(r))) for r in rows]),
+    }
+
+
 def _texts(examples: Sequence[Example]) -> tuple[list[str], list[str] | None]:
     pairs = [e.text_pair for e in examples]
     return [e.text for e in examples], (pairs if any(p is not None for p in pairs) else None)
@@ -84,17 +109,9 @@ class VerbalizerObjective:
         # a long text is cut before its "\nAnswer:", never through it: truncating the whole prompt on the
         # right dropped the cue, and the label words were read as the next word of the text
         tail = len(tok("\nAnswer:", add_special_tokens=False)["input_ids"])
-        rows = []
-        for e in examples:
-            ids = tok(_prompt(e))["input_ids"]
-            rows.append(ids if len(ids) <= self.max_length else ids[: self.max_length - tail] + ids[-tail:])
-        width = max(map(len, rows))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return {
-            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-            "labels": torch.tensor([e.label for e in examples], dtype=torch.long),
-        }
+        rows = [_cut(tok(_prompt(e))["input_ids"], self.max_length, tail) for e in examples]
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return _padded(rows, _pad_id(tok)) | {"labels": labels}
 
     def _label_logits(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]
@@ -137,13 +154,7 @@ class GenerationObjective:
             p, t = self.fit_window(p, t)
             rows.append(p + t)
             labels.append([-100] * len(p) + t)
-        width = max(map(len, rows))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return {
-            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
-        }
+        return _padded(rows, _pad_id(tok)) | {"labels": _padded(labels, -100)["input_ids"]}
 
     def fit_window(self, source: list[int], target: list[int]) -> tuple[list[int], list[int]]:
         """Cut a source + target longer than `max_length` in the source's text, keeping its last token
@@ -156,10 +167,7 @@ class GenerationObjective:
         if len(source) + len(target) <= room:
             return source, target
         target = target[: max(room // 2, room - len(source))]
-        keep = room - len(target)
-        if len(source) > keep:
-            source = source[: keep - 1] + source[-1:] if keep > 1 else source[-keep:]
-        return source, target
+        return _cut(source, room - len(target), 1), target
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -169,20 +177,17 @@ class GenerationObjective:
         tok = self.tokenizer
         # a source is cut as in training, leaving room for the answer (at least half the window)
         keep = max(self.max_length - self.max_new_tokens, self.max_length // 2)
-        rows = [tok(self.prompt(e), add_special_tokens=False)["input_ids"] for e in examples]
-        rows = [r if len(r) <= keep else r[: keep - 1] + r[-1:] for r in rows]
-        width = max(map(len, rows))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left: generation continues at the right
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        rows = [_cut(tok(self.prompt(e), add_special_tokens=False)["input_ids"], keep, 1) for e in examples]
+        batch = _padded(rows, _pad_id(tok), left=True)
         device = next(model.parameters()).device
         out = model.generate(  # ids and mask only: 4.57 refuses the token_type_ids some tokenizers add
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            pad_token_id=_pad_id(tok),
         )
+        width = batch["input_ids"].shape[1]
         return [s.strip() for s in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
 
 
