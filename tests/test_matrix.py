@@ -6,6 +6,11 @@ generically: what is special to one method lives in that method's own test file.
 
 from __future__ import annotations
 
+import copy
+import gc
+import pickle
+import weakref
+
 import pytest
 import torch
 from tiny import CASES, anatomy, logits, loss, make_inputs, make_model, same_anatomy, same_state, state
@@ -76,6 +81,42 @@ def test_detach_restores_backbone_bitwise(method: str, arch: str, head: str) -> 
     left = same_anatomy(shape, anatomy(model))  # classes, attributes, hooks of every kind, buffers
     assert not left, left
     assert torch.equal(logits(model, inputs), out)
+
+
+@pytest.mark.parametrize("method,arch,head", ALL, ids=map(_ids, ALL))
+def test_deep_copy_is_a_model_of_its_own(method: str, arch: str, head: str) -> None:
+    """A `best = copy.deepcopy(dm)` snapshot keeps its outputs while the original trains on, and detaching
+    either leaves the other whole (a plain deep copy kept the original's hook closures: it read the
+    original's delta weights, and its detach reached the original)."""
+    model = make_model(arch, head)
+    inputs = make_inputs(model)
+    dm = dt.attach(model, dt.METHODS[method](), train_head=False)
+    _step(dm, inputs)
+    out = logits(dm, inputs)
+    twin = copy.deepcopy(dm)
+    assert torch.equal(logits(twin, inputs), out)
+    for _ in range(2):
+        _step(dm, inputs)
+    trained = logits(dm, inputs)
+    assert not torch.equal(trained, out), "training the original changed nothing; the test would prove nothing"
+    assert torch.equal(logits(twin, inputs), out), "the copy follows the original's training"
+    shape = anatomy(dm.backbone)
+    twin.detach()
+    assert not same_anatomy(shape, anatomy(dm.backbone)), "the copy's detach reached the original"
+    assert torch.equal(logits(dm, inputs), trained)
+    copy.deepcopy(dm).detach()
+    original = weakref.ref(dm)
+    del dm
+    gc.collect()
+    assert original() is None, "a copy keeps the original alive"
+
+
+def test_pickling_a_delta_model_names_the_formats_to_use() -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())
+    with pytest.raises(TypeError, match=r"save_pretrained\(folder\).*state_dict\(\)"):
+        pickle.dumps(dm)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        torch.save(dm, "unused.pt")
 
 
 @pytest.mark.parametrize("method,arch,head", ALL, ids=map(_ids, ALL))

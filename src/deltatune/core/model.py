@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import conventions
+from . import conventions, copying
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
@@ -69,6 +69,18 @@ class DeltaModel(nn.Module):
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self.__class__ = conventions.signed_class(type(self), type(backbone))  # Trainer reads the signature
         conventions.register_state_hooks(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeltaModel:
+        """A copy whose hooks act on its own deltas (`core.copying`); a plain deep copy read the original's."""
+        return copying.deep_copy(self, memo)
+
+    def __copy__(self) -> DeltaModel:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(copying.NO_PICKLE)
 
     # -- behaving as the backbone -------------------------------------------------------------
     def forward(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
