@@ -186,6 +186,24 @@ def test_a_second_delta_with_its_own_head_is_refused_not_served_with_the_wrong_o
     dt.load_delta(served, tmp_path / "sentiment", "again", enabled=False)  # the same head again is no conflict
 
 
+def test_loading_a_delta_with_its_own_head_keeps_a_head_trained_here(tmp_path: Path) -> None:
+    # a delta attached and trained in this process (its head with it), then a saved one loaded beside it
+    # to serve both: the saved head replaced the one the first delta was trained with, without a word
+    saved = dt.attach(make_model("bert"), dt.LoRAConfig())
+    with torch.no_grad():
+        saved.backbone.classifier.weight.add_(1.0)
+    saved.save_delta(tmp_path / "topic")
+    dm = dt.attach(make_model("bert"), dt.LoRAConfig(), "sentiment")
+    with torch.no_grad():
+        dm.backbone.classifier.weight.add_(2.0)  # what training the head here does
+    head = dm.backbone.classifier.weight.clone()
+    with pytest.raises(dt.DeltaIOError, match="carries its own task head, but delta 'sentiment' brought another"):
+        dt.load_delta(dm, tmp_path / "topic", "topic", enabled=False)
+    assert list(dm.deltas) == ["sentiment"] and torch.equal(dm.backbone.classifier.weight, head)
+    dt.load_delta(dm, tmp_path / "topic", "topic", enabled=False, head=False)
+    assert torch.equal(dm.backbone.classifier.weight, head)
+
+
 # -- deltas that change one parameter: attached together, enabled one at a time -------------------
 def test_two_enabled_deltas_on_one_parameter_are_refused_but_disabled_ones_coexist() -> None:
     dm = dt.attach(make_model("bert"), dt.METHODS["bitfit"](), "a")

@@ -340,9 +340,14 @@ def load_into(
 
 def _check_one_head(dm: DeltaModel, path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
     """Rows share the backbone's one task head: a second delta's own head would replace the first's,
-    and the first delta's rows would be scored by it without a word (deltas served side by side)."""
+    and the first delta's rows would be scored by it without a word (deltas served side by side).
+
+    The first may have been loaded with its head, or attached and trained here against the head the
+    model holds now: either way its outputs depend on that head."""
     previous = getattr(dm, "_head_source", None)
     if previous not in dm.deltas:
+        previous = next(iter(dm.deltas), None)
+    if previous is None:
         return
     params = dict(dm.backbone.named_parameters())
     for key, value in tensors.items():
