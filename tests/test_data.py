@@ -549,6 +549,19 @@ def test_whole_number_float_labels_are_classes_not_regression(tmp_path):
     assert load_task(write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "label": 1.5}])).type == "regression"
 
 
+def test_many_integer_labels_are_classes_only_when_they_number_classes(tmp_path):
+    # 77 intent ids are classes; 40 distinct ages or scores were silently a 40-way classifier
+    intents = write_jsonl(tmp_path / "i.jsonl", [{"text": str(i), "label": i} for i in range(77)])
+    assert load_task(intents).num_labels == 77
+    ages = write_jsonl(tmp_path / "a.jsonl", [{"text": str(i), "label": 18 + 2 * i} for i in range(40)])
+    assert '40 distinct integer labels (18..96' in error_of(ages)
+    assert 'meta.json: "type": "classification" or "regression"' in error_of(ages)
+    assert load_task(ages, task_type="regression")["train"][1].label == 20.0
+    assert load_task(ages, task_type="classification").num_labels == 40
+    few = write_jsonl(tmp_path / "f.jsonl", [{"text": str(i), "label": 18 + 2 * i} for i in range(20)])
+    assert load_task(few).num_labels == 20
+
+
 def test_integer_labels_1_to_3_are_three_classes_mapped_by_value_in_every_split(tmp_path):
     folder = tmp_path / "t"
     folder.mkdir()

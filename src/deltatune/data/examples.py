@@ -124,6 +124,11 @@ def _whole(label: Any) -> Any:
     return label
 
 
+def _indices(values: set[int]) -> bool:
+    """Whether integers are class numbers, 0..n-1 or 1..n (77 intents), not scores or ages (18..90 with gaps)."""
+    return min(values) in (0, 1) and max(values) - min(values) + 1 == len(values)
+
+
 def _name_order(names: Iterable[str]) -> list[str]:
     """Class names sorted numerically when every name is a number ("2" before "10"), else as text.
     The order is the class index, so it must not depend on how a file happened to spell its numbers."""
@@ -146,7 +151,9 @@ def _infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
     classification, and the float spelling is an artefact of pandas (an int column with a NaN). Only
     when there are many distinct whole values (more than MAX_WHOLE_CLASSES) could they as well be
     regression targets; then we refuse and ask for meta.json's "type" rather than guess (`classes`: the
-    type says classification, so they are classes whatever their count).
+    type says classification, so they are classes whatever their count). Many distinct ints are
+    classes when they number them (0..n-1 or 1..n: intent ids); otherwise (scores, years, ages) the
+    same question is asked.
     """
     if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
         return "generation", []
@@ -182,6 +189,13 @@ def _infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
     if "str" in first:
         return kind, _name_order(values)
     if "int" in first:
+        ints = set(values)
+        if len(ints) > MAX_WHOLE_CLASSES and not classes and not _indices(ints):
+            raise DataError(
+                f"{first['int']}: {len(ints)} distinct integer labels ({min(ints)}..{max(ints)}, not class numbers "
+                '0..n-1 or 1..n) read as either classes or regression targets; say which in meta.json: "type": '
+                '"classification" or "regression"'
+            )
         return kind, _name_order(str(v) for v in values)
     raise DataError(f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row")
 
