@@ -225,6 +225,16 @@ def test_two_files_for_one_split_are_refused_not_one_ignored(tmp_path):
     assert "several files for the dev split (dev.jsonl, validation.jsonl)" in error_of(folder)
 
 
+def test_a_csv_quote_left_open_is_refused_not_read_as_one_long_text(tmp_path):
+    # `"bad movie,0` opened a quoted text that swallowed the next line: 'bad movie,0\nfine film' labelled 1
+    bad = tmp_path / "bad.csv"
+    bad.write_text('text,label\ngood movie,1\n"bad movie,0\nfine film",1\nawful,0\n', encoding="utf-8")
+    assert "bad.csv, line 3: the quoted 'text' runs over several lines and holds 'bad movie,0'" in error_of(bad)
+    ok = tmp_path / "ok.csv"  # a real text over two lines, with a comma and a digit in it
+    ok.write_text('text,label\n"a long review\nwith two parts, 1 short",1\nawful,0\n', encoding="utf-8")
+    assert [e.text for e in load_task(ok)["train"]] == ["a long review\nwith two parts, 1 short", "awful"]
+
+
 def test_tsv_quotes_are_text_not_quoting(tmp_path):
     # GLUE-style TSV has no quoting: a sentence opening with '"' swallowed the next rows into itself (3 rows -> 1)
     path = tmp_path / "q.tsv"

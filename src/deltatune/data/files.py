@@ -69,7 +69,33 @@ def _read_csv(path: Path) -> list[Raw]:
                 raise DataError(f"{where}: more fields than the header {reader.fieldnames}")
             # CSV has no types: empty cells are absent, numbers are parsed later against the task's labels.
             rows.append((where, {k: v for k, v in row.items() if v not in ("", None)}))
+    if not tsv:
+        _check_swallowed(rows, reader.fieldnames or [])
     return rows
+
+
+def _check_swallowed(rows: list[Raw], fields: list[str]) -> None:
+    """Refuse a quoted field that holds whole rows of the file: a quote opened and never closed.
+
+    CSV lets a quoted text span lines, so `"bad movie,0` is legal and swallows the lines after it into
+    one text until the next quote, under the later row's label, without a word. A text line that parses
+    as a complete row whose label the file uses elsewhere is the mark of that; real multi-line texts
+    (reviews with paragraphs) do not end their lines in `,<label>`.
+    """
+    if "label" not in fields:
+        return
+    labels = {row["label"] for _, row in rows if "label" in row}
+    for where, row in rows:
+        for key, value in row.items():
+            if key == "label" or "\n" not in value:
+                continue
+            for line in value.splitlines()[:-1]:
+                cells = next(csv.reader([line]), [])
+                if len(cells) == len(fields) and cells[fields.index("label")] in labels:
+                    raise DataError(
+                        f"{where}: the quoted {key!r} runs over several lines and holds {line!r}, a row of its own: "
+                        "a quote opened and not closed; close it (write a quote inside a text as two) or remove it"
+                    )
 
 
 def _not_utf8(path: Path) -> DataError:
