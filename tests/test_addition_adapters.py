@@ -260,16 +260,34 @@ def test_ia3_merge_matches_unmerged_and_unmerge_restores_weights(arch: str) -> N
         torch.testing.assert_close(p.detach(), weights[n], rtol=0, atol=1e-6)
 
 
-def test_ia3_unmerge_with_a_zero_scale_raises_and_keeps_weights() -> None:
+def test_ia3_with_a_zero_scale_refuses_a_merge_it_could_not_undo() -> None:
+    # the merge used to succeed and the unmerge to be refused: the backbone stayed changed for good
     model = make_model("bert")
+    inputs = make_inputs(model)
     dm = dt.attach(model, dt.get_config("ia3"))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    vector = next(iter(_delta(dm).vectors.values()))
     with torch.no_grad():
-        next(iter(_delta(dm).vectors.values()))[0] = 0.0
+        vector[0] = 0.0
+    with pytest.raises(dt.DeltaError, match=r"not merged: .*\|l\| < 1e-08.*merge_and_unload\(\)"):
+        dm.merge()
+    assert all(torch.equal(base[n], p) for n, p in model.named_parameters())
+    with torch.no_grad():
+        vector[0] = 1.0
     dm.merge()
     merged = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(dt.DeltaError, match=r"\|l\| < 1e-08"):
+    with torch.no_grad():
+        vector[0] = 0.0  # changed while merged: the unmerge still refuses rather than divide by it
+    with pytest.raises(dt.DeltaError, match=r"\|l\| < 1e-08.*reload the backbone"):
         dm.unmerge()
     assert all(torch.equal(merged[n], p) for n, p in model.named_parameters())
+    with torch.no_grad():
+        vector[0] = 1.0
+    dm.unmerge()
+    with torch.no_grad():
+        vector[0] = 0.0
+    expected = logits(dm, inputs)
+    torch.testing.assert_close(logits(dm.merge_and_unload(), inputs), expected, rtol=0, atol=1e-5)
 
 
 def test_adapters_refuse_to_merge() -> None:

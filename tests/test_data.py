@@ -564,7 +564,7 @@ def test_many_integer_labels_are_classes_only_when_they_number_classes(tmp_path)
     intents = write_jsonl(tmp_path / "i.jsonl", [{"text": str(i), "label": i} for i in range(77)])
     assert load_task(intents).num_labels == 77
     ages = write_jsonl(tmp_path / "a.jsonl", [{"text": str(i), "label": 18 + 2 * i} for i in range(40)])
-    assert '40 distinct integer labels (18..96' in error_of(ages)
+    assert "40 distinct integer labels (18..96" in error_of(ages)
     assert 'meta.json: "type": "classification" or "regression"' in error_of(ages)
     assert load_task(ages, task_type="regression")["train"][1].label == 20.0
     assert load_task(ages, task_type="classification").num_labels == 40

@@ -362,3 +362,11 @@ class Delta(nn.Module):
 
     def unmerge_from(self, model: nn.Module) -> None:
         self.merge_into(model)
+
+    def unmerge_refusal(self) -> str | None:
+        """Why `unmerge_from` could not undo a merge of the delta as it is now; None when it can.
+
+        `DeltaModel.merge` asks before merging: a merge that cannot be undone would leave the backbone
+        changed for good behind a call that promises a way back.
+        """
+        return None

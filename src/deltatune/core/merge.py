@@ -30,19 +30,22 @@ def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
             f"cannot export a merged model: {', '.join(refused)} add computation that no weight change expresses; "
             "disable or detach them (dm.disable(name)) to export the rest, or save the delta with save_delta"
         )
-    # unmerge undoes merge only to rounding (e.g. (IA)^3 divides); exporting must change nothing, so the
-    # exact tensors are put back afterwards
+    # unmerge undoes merge only to rounding (e.g. (IA)^3 divides), or not at all (an (IA)^3 scale of 0);
+    # exporting must change nothing, so the exact tensors are put back afterwards
     original = {k: v.detach().clone() for k, v in dm.backbone.state_dict().items()}
     before = {plain_name(k) for k in original}
     done = []
     try:
         for name in active:
-            dm.merge(name)
+            dm._merge(name, undoable=False)
             done.append(name)
         state = {plain_name(k): v.detach().clone() for k, v in dm.backbone.state_dict().items()}
     finally:
         for name in reversed(done):
-            dm.unmerge(name)
+            if dm.deltas[name].unmerge_refusal() is None:
+                dm.unmerge(name)  # also takes away what a merge added (BitFit's new biases)
+            else:
+                dm.deltas[name].merged = False
         current = dm.backbone.state_dict()
         with torch.no_grad():
             for k, v in original.items():

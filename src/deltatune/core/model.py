@@ -335,11 +335,20 @@ class DeltaModel(nn.Module):
 
     # -- merging (mergeable methods implement the math) -----------------------------------------
     def merge(self, name: str = "default") -> None:
+        """Fold the delta into the weights (inference at the backbone's cost); `unmerge` takes it out again."""
+        self._merge(name, undoable=True)
+
+    def _merge(self, name: str, undoable: bool) -> None:
         delta = self._get(name)
         if delta.merged:
             raise DeltaError(f"delta {name!r} is already merged")
         if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
             raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
+        refusal = delta.unmerge_refusal() if undoable else None
+        if refusal:
+            raise DeltaError(
+                f"delta {name!r} is not merged: {refusal}; merge_and_unload() folds it in for good if that is meant"
+            )
         delta.merge_into(self.backbone)
         delta.merged = True
 

@@ -116,14 +116,20 @@ class IA3(Delta):
     def merge_into(self, model: nn.Module) -> None:
         self._rescale_weights(model, divide=False)
 
-    @torch.no_grad()
-    def unmerge_from(self, model: nn.Module) -> None:
+    def unmerge_refusal(self) -> str | None:
         for key, vector in self.vectors.items():
             if bool((vector.abs() < _MIN_ABS).any()):
-                raise DeltaError(
-                    f"(IA)^3 vector for {self._names[key]!r} has entries with |l| < {_MIN_ABS}: unmerging divides by "
-                    "them, so the original weights cannot be recovered; reload the backbone instead"
+                return (
+                    f"(IA)^3 vector for {self._names[key]!r} has entries with |l| < {_MIN_ABS}, and unmerging divides "
+                    "by them, so the original weights could not be recovered"
                 )
+        return None
+
+    @torch.no_grad()
+    def unmerge_from(self, model: nn.Module) -> None:
+        refusal = self.unmerge_refusal()
+        if refusal:
+            raise DeltaError(f"{refusal}; reload the backbone instead")
         self._rescale_weights(model, divide=True)
 
 
