@@ -527,3 +527,26 @@ def test_convergence_counts_steps_to_the_best_score_not_to_the_last() -> None:
     stopped_by_patience = [(50, 50.0), (100, 80.0), (150, 90.0), (200, 70.0), (250, 70.0)]
     assert steps_to_90(stopped_by_patience) == 150  # 90% of the best gain (40 points) is 86
     assert steps_to_90([(50, 50.0), (100, 51.0)]) is None
+
+
+def test_an_edited_spec_or_another_study_is_refused_on_its_store(world: dict[str, str], tmp_path: Path) -> None:
+    raw = _spec(world, tasks=[world["sent"]], methods={"lora": {"r": 4}})
+    raw["train"] = raw["train"] | {"max_steps": 2}
+    db = tmp_path / "edit.sqlite"
+    assert run_study(parse_spec(raw), db, progress=False)["done"] == 1
+    for edited, says in [
+        (
+            raw | {"methods": {"lora": {"r": 8}}},
+            "study column lora .* other settings: methods.lora.r 4 -> 8; use a new --db",
+        ),
+        (raw | {"train": raw["train"] | {"max_steps": 4}}, "train.max_steps 2 -> 4"),
+        (raw | {"name": "other"}, "holds the study 'tiny', not 'other'; use a new --db"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            run_study(parse_spec(edited), db, progress=False)
+    moved = tmp_path / "elsewhere" / "copy.sqlite"  # a store copied to another path resumes; threads change no result
+    moved.parent.mkdir()
+    moved.write_bytes(db.read_bytes())
+    assert run_study(parse_spec(raw | {"threads": 2}), moved, progress=False) == {
+        "pending": 0, "running": 0, "done": 1, "failed": 0,
+    }  # fmt: skip

@@ -26,6 +26,12 @@ def runs_dir_for(db: str | Path) -> Path:
 
 
 def plan(spec: StudySpec, store: Store, runs_dir: Path) -> int:
+    recorded = store.meta("name")
+    if recorded is not None and recorded != spec.name:  # another study's file: its runs would mix into this report
+        raise ValueError(
+            f"{store.path.name} holds the study {recorded!r}, not {spec.name!r}; use a new --db for this study, "
+            f"or set `name: {recorded}` in the spec if it is that study"
+        )
     jobs = spec.jobs()
     for job in jobs:
         job["output_dir"] = str(Path(runs_dir.name) / job["key"].replace("->", "-to-"))  # relative to the db

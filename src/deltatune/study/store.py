@@ -126,12 +126,12 @@ class Store:
             for job in jobs:
                 row = c.execute("SELECT job FROM runs WHERE key = ?", (job["key"],)).fetchone()
                 if row is not None:
-                    old = json.loads(row[0])
-                    diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k) and (k in old or job[k]))
-                    if diff:
+                    changes = settings_changes(json.loads(row[0]), job)
+                    if changes:
                         raise ValueError(
-                            f"run {job['key']} is already in {self.path} with other settings ({', '.join(diff)}); "
-                            "use a new --db for the changed study, or change the study's name/seeds"
+                            f"study column {job['label']} (run {job['key']}) is already in {self.path.name} with other "
+                            f"settings: {'; '.join(changes[:4])}; use a new --db for the changed study, or restore "
+                            "the spec's settings"
                         )
                     continue
                 c.execute(
@@ -321,6 +321,36 @@ class Store:
             "SELECT r.key FROM runs r JOIN runs d ON d.key = r.depends_on WHERE r.status = 'pending' AND d.status = 'failed'"
         )
         return [r[0] for r in rows]
+
+
+IGNORED = {"threads", "output_dir"}  # how a run is executed and where it is filed, not what it computes
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a run as recorded and as the spec plans it now, as `methods.lora.r 4 -> 8`.
+
+    A model or task compares by folder name (the run's key names it): a store and its data moved to
+    another folder still resume. A setting the old record lacks and the spec leaves empty is no change
+    (stores written before the setting existed).
+    """
+    was, now = {}, {}
+    for key in (set(old) | set(new)) - IGNORED:
+        was |= _flat(old.get(key), key)
+        now |= _flat(new.get(key), key)
+    for key in ("model", "task", "source_task"):
+        for d in (was, now):
+            d[key] = d.get(key) and Path(d[key]).name
+    return [
+        f"{k} {was.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(was) | set(now))
+        if was.get(k) != now.get(k) and (k in was or now.get(k) not in (None, False, 0, "", [], {}))
+    ]
 
 
 def _column(value: Any) -> Any:
