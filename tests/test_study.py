@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -550,3 +551,17 @@ def test_an_edited_spec_or_another_study_is_refused_on_its_store(world: dict[str
     assert run_study(parse_spec(raw | {"threads": 2}), moved, progress=False) == {
         "pending": 0, "running": 0, "done": 1, "failed": 0,
     }  # fmt: skip
+
+
+def test_a_cell_scored_on_dev_is_marked_dev_in_the_report(world: dict[str, str], tmp_path: Path) -> None:
+    notest = tmp_path / "notest"
+    shutil.copytree(world["sent"], notest)
+    (notest / "test.jsonl").unlink()
+    raw = _spec(world, tasks=[world["topic"], str(notest)], methods={"bitfit": {}}, analyses=["performance"])
+    raw["train"] = raw["train"] | {"max_steps": 2}
+    db = tmp_path / "dev.sqlite"
+    assert run_study(parse_spec(raw), db, progress=False)["done"] == 2
+    md = (write_report(db).parent / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| notest"))
+    assert "(dev)" in row and "(dev)" not in next(line for line in md.splitlines() if line.startswith("| topic"))
+    assert "not a test score" in md

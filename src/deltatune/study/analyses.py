@@ -118,6 +118,17 @@ def score(run: dict[str, Any]) -> float:
     return 100.0 * value if value is not None else math.nan
 
 
+DEV_NOTE = (
+    "(dev): a run of this cell has no test score (its task has no test split, or eval_test is off): the "
+    "number is the dev score the delta was chosen on, not a test score."
+)
+
+
+def _dev(runs: list[dict[str, Any]]) -> str:
+    """The mark of a cell scored on dev: without it a dev score would read as a test score."""
+    return " (dev)" if any(r["test_score"] is None for r in runs) else ""
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -166,7 +177,9 @@ def performance(data: StudyData) -> list[Table]:
             rows.append(
                 [f"{t} ({metric})"]
                 + [
-                    _fmt(*_mean_std(cells[(t, m)])) + verdicts.cell_marks(runs[(t, m)], data.curves)
+                    _fmt(*_mean_std(cells[(t, m)]))
+                    + verdicts.cell_marks(runs[(t, m)], data.curves)
+                    + _dev(runs[(t, m)])
                     if (t, m) in cells
                     else "-"
                     for m in methods
@@ -190,6 +203,8 @@ def performance(data: StudyData) -> list[Table]:
             f"only tasks where every method finished. {verdicts.MARKS_NOTE} Learning rate: the delta's (the "
             "head's for head-only), chosen on dev where the study has a learning-rate grid."
         )
+        if any(_dev(r) for r in runs.values()):
+            note += f" {DEV_NOTE}"
         tables.append(Table(f"Performance: {model}", ["task"] + methods, rows, note))
     if data.tuning:
         note = (
