@@ -617,3 +617,17 @@ def test_classlabel_ints_stay_indices_even_when_its_names_are_numbers():
     ds = FakeDataset([{"text": "a", "label": 0}, {"text": "b", "label": 4}], {"label": FakeLabel(list("12345"))})
     task = load_task(ds)
     assert [task.labels[e.label] for e in task["train"]] == ["1", "5"]
+
+
+def test_datasetdict_splits_with_their_own_classlabel_order_map_by_name():
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    dd = {
+        "train": FakeDataset(rows, {"label": FakeLabel(["neg", "pos"])}),
+        "validation": FakeDataset([{"text": "good", "label": 0}], {"label": FakeLabel(["pos", "neg"])}),
+        "test": FakeDataset([{"text": "bad", "label": 0}]),  # no ClassLabel here: the others name the classes
+    }
+    task = load_task(dd, name="swap")
+    assert task.labels == ["neg", "pos"]
+    assert [task.labels[e.label] for e in task["dev"]] == ["pos"] and task["train"][0].label == 1
+    dd["validation"] = FakeDataset([{"text": "good", "label": 0}], {"label": FakeLabel(["yes", "no"])})
+    assert "split 'dev' has the classes ['yes', 'no'], split 'train' has ['neg', 'pos']" in error_of(dd, name="x")

@@ -78,6 +78,29 @@ def _dataset_labels(ds: Any, columns: Mapping[str, str] | None) -> list[str] | N
     return None
 
 
+def _split_labels(name: str, parts: dict[str, Any], raw: dict[str, list], columns: Mapping[str, str] | None) -> Any:
+    """The class names of the splits' ClassLabels (any split may carry them). A split whose ClassLabel
+    lists the same names in another order has its ints renumbered by name; other names are refused."""
+    named = {s: n for s, ds in parts.items() if (n := _dataset_labels(ds, columns)) is not None}
+    if not named:
+        return None
+    first, labels = next(iter(named.items()))
+    key = next((k for k, v in (columns or {}).items() if v == "label"), None)
+    for split, names in named.items():
+        if names == labels:
+            continue
+        if sorted(names) != sorted(labels):
+            raise DataError(
+                f"dataset {name!r}: split {split!r} has the classes {names}, split {first!r} has {labels}; "
+                "give every split the same ClassLabel (datasets' cast_column) or pass labels=[...]"
+            )
+        for _, row in raw[split]:  # the same classes numbered in another order: index by name
+            col = key if key in row else "label" if "label" in row else "labels"
+            if isinstance(row.get(col), int) and 0 <= row[col] < len(names):
+                row[col] = labels.index(names[row[col]])
+    return labels
+
+
 def _load_dataset_obj(
     obj: Any, name: str | None, splits: tuple[str, ...] | None, columns: Mapping[str, str] | None, **kw: Any
 ) -> Task:
@@ -96,8 +119,7 @@ def _load_dataset_obj(
         parts = {(splits or ("train",))[0]: obj}
     raw = {s: _dataset_rows(ds, f"dataset {name!r} split {s!r}") for s, ds in parts.items()}
     if kw.get("labels") is None:
-        first = next(iter(parts.values()))
-        kw["labels"] = _dataset_labels(first, columns)
+        kw["labels"] = _split_labels(name, parts, raw, columns)
         kw["class_indices"] = kw["labels"] is not None
     return _build(name, raw, {}, columns, dict.fromkeys(raw, False), **kw)
 
