@@ -340,3 +340,51 @@ def test_the_reported_dev_and_test_scores_are_the_saved_deltas(method: str, task
         json.dumps(config.to_dict())
     )  # the config as asked; what finalize changed is recorded beside it
     assert meta["finalized"] == ({"mode": "magnitude"} if method == "diff_pruning" else {"reparameterize": False})
+
+
+def _saved(model: torch.nn.Module, tokenizer, folder: Path) -> str:  # noqa: ANN001
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_checkpoint_with_its_classes_in_another_order_has_its_head_rows_reordered_by_name(
+    task, tokenizer, tmp_path: Path
+) -> None:  # noqa: ANN001
+    from deltatune.train.run import load_for_task
+
+    model = _bert(tokenizer)
+    model.config.id2label, model.config.label2id = {0: "positive", 1: "negative"}, {"positive": 0, "negative": 1}
+    rows = model.classifier.weight.detach().clone()
+    loaded, _, _ = load_for_task(_saved(model, tokenizer, tmp_path / "swapped"), task)  # task: [negative, positive]
+    assert torch.equal(loaded.classifier.weight[0], rows[1]) and torch.equal(loaded.classifier.weight[1], rows[0])
+    assert loaded.config.id2label == {0: "negative", 1: "positive"}
+    model.config.id2label = {0: "bad", 1: "good"}
+    with pytest.raises(ValueError, match=r"classifier of the classes \['bad', 'good'\] and task 'toy' has"):
+        load_for_task(_saved(model, tokenizer, tmp_path / "other"), task)
+
+
+def test_a_checkpoint_with_another_class_count_gets_a_new_head_with_a_notice(task, tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
+    from deltatune.train.run import load_for_task
+
+    folder = _saved(_bert(tokenizer, num_labels=3), tokenizer, tmp_path / "nli")
+    loaded, _, _ = load_for_task(folder, task)
+    assert loaded.classifier.weight.shape[0] == 2
+    assert "is a classifier of 3 classes" in capsys.readouterr().err
+
+
+def test_a_decoder_saved_as_a_classifier_trains_through_its_own_head(task, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from deltatune.train.run import RunSpec, load_for_task, run
+
+    torch.manual_seed(0)
+    config = _llama(tokenizer).config
+    config.num_labels = 2
+    folder = _saved(tf.LlamaForSequenceClassification(config), tokenizer, tmp_path / "llama-cls")
+    model, _, lm = load_for_task(folder, task)
+    assert not lm and type(model).__name__ == "LlamaForSequenceClassification"
+    score = tf.LlamaForSequenceClassification.from_pretrained(folder).score.weight
+    assert torch.equal(model.score.weight, score)  # its own head, not a second one drawn
+    spec = RunSpec(folder, task, {"lora": dt.LoRAConfig(r=4)}, train=TrainConfig(**FAST | {"epochs": 1}))
+    trained, result, _ = run(spec)
+    heads = [m for m in trained.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 2]
+    assert "accuracy" in result.best and len(heads) == 1

@@ -18,6 +18,7 @@ from ..core.delta import DeltaConfig
 from ..core.model import DeltaModel
 from ..data.fewshot import few_shot
 from ..data.tasks import Task, load_task
+from . import own_head
 from .distributed import is_main_process
 from .trainer import TrainConfig, TrainResult, fit
 
@@ -53,6 +54,8 @@ def is_causal_lm(model_name: str) -> bool:
 
     config = AutoConfig.from_pretrained(model_path(model_name))
     archs = getattr(config, "architectures", None) or []
+    if own_head.saved_classifier(config):  # a decoder saved as a classifier trains through its own head
+        return False
     return config.model_type in CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs)
 
 
@@ -75,8 +78,14 @@ def load_for_task(model_name: str, task: Task, seed: int | None = None) -> tuple
     elif task.type == "generation":
         raise ValueError(f"{task.name!r} is a generation task; use a causal LM backbone such as smollm2-135m")
     else:
+        from transformers import AutoConfig
+
+        from ..backbones import model_path
+
         head = "regression" if task.type == "regression" else "cls"
-        model = load_backbone(model_name, head, num_labels=task.num_labels)
+        extra, rows = own_head.plan(model_name, AutoConfig.from_pretrained(model_path(model_name)), task)
+        model = load_backbone(model_name, head, num_labels=task.num_labels, **extra)
+        own_head.align(model, rows, task)
     if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
