@@ -565,3 +565,23 @@ def test_a_cell_scored_on_dev_is_marked_dev_in_the_report(world: dict[str, str],
     row = next(line for line in md.splitlines() if line.startswith("| notest"))
     assert "(dev)" in row and "(dev)" not in next(line for line in md.splitlines() if line.startswith("| topic"))
     assert "not a test score" in md
+
+
+def test_a_grid_the_runner_cannot_honor_is_refused_at_planning(world: dict[str, str], tmp_path: Path) -> None:
+    twin = tmp_path / "copy" / "sent"  # another folder named like world["sent"]: their runs would share keys
+    shutil.copytree(world["sent"], twin)
+    with pytest.raises(SpecError, match="share the folder name 'sent'.*rename one folder"):
+        parse_spec(_spec(world, tasks=[world["sent"], str(twin)]))
+    t5 = tmp_path / "tiny-t5"
+    config = tf.T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
+    tf.T5ForConditionalGeneration(config).save_pretrained(t5)
+    with pytest.raises(SpecError, match="models: .*tiny-t5' is an encoder-decoder \\(t5\\), which the study runner"):
+        parse_spec(_spec(world, models=[str(t5)]))
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "dev.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    (gen / "train.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    with pytest.raises(SpecError, match="'gen' is a generation task and .* is not a causal LM"):
+        parse_spec(_spec(world, tasks=[str(gen)]))

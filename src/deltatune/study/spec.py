@@ -18,6 +18,7 @@ from ..train.checks import MAX_SEED, check_max_length
 from ..train.trainer import TrainConfig
 from .grid import Method, StudySpec, combination_labels, task_name  # noqa: F401 - importable from here, as before
 from .lr_grid import parse as parse_lr_grid
+from .spec_checks import check_grid
 from .spec_file import SpecError, read_spec_file  # noqa: F401 - both importable from here, as before
 
 ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
@@ -247,6 +248,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
                 check_max_length(model, length, f"{where}.max_length") if isinstance(length, int) else None
             except ValueError as err:
                 raise _fail("models", str(err), f"lower {where}.max_length") from None
+    check_grid(models, list(dict.fromkeys(tasks + t_tasks)), _fail)
     if "name" in raw:
         _check_name("name", str(raw["name"]))
     grid = parse_lr_grid(raw.get("lr_grid"), labels, tasks, seeds, _fail)
