@@ -96,3 +96,12 @@ def test_an_adapter_for_another_model_is_refused_cleanly(tmp_path: Path) -> None
     with pytest.raises(dt.TargetError, match="matches no module"):
         import_peft_lora(llama.model, tmp_path / "peft")  # a bare body: no head to fill, wrong modules
     assert not any(m._forward_hooks for m in list(model.modules()) + list(llama.modules()))
+
+
+def test_a_delta_on_the_task_head_is_refused_on_export(tmp_path: Path) -> None:
+    # PEFT wraps the classifier as modules_to_save and loaded this adapter without its classifier LoRA:
+    # the export gave logits 0.85 away from the model's, without an error
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"](r=4, targets=("query", "classifier")), train_head=False)
+    with pytest.raises(PeftFormatError, match="the delta sits on 'classifier', part of the task head"):
+        export_peft_lora(dm, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -31,6 +31,7 @@ from .peft_common import (
     as_delta_model,
     base_config,
     check_head,
+    check_sites_outside_head,
     copy_head,
     head_for_export,
     read_folder,
@@ -133,6 +134,7 @@ def export_peft_lora(
     cfg: LoRAConfig = delta.config
     modules = list(delta.sites)
     tensors, heads = head_for_export(dm, PREFIX, include_head)
+    check_sites_outside_head(dm, modules, heads)
     rank_pattern, alpha_pattern = {}, {}
     for module in modules:
         layer = delta.layers[safe_key(module)]
