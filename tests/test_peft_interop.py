@@ -105,3 +105,24 @@ def test_a_delta_on_the_task_head_is_refused_on_export(tmp_path: Path) -> None:
     with pytest.raises(PeftFormatError, match="the delta sits on 'classifier', part of the task head"):
         export_peft_lora(dm, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unknown_config_field_that_is_set_is_refused_not_ignored(tmp_path: Path) -> None:
+    # a later PEFT's field (made up here) was ignored without a word, whatever it did to the outputs
+    import json
+
+    pm = _peft_model("bert", "cls", ["query", "value"], "SEQ_CLS")
+    inputs = make_inputs(make_model("bert"))
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | {"lora_foo": 1, "lora_off": False}))
+    with pytest.raises(PeftFormatError, match=r"sets lora_foo=1, unknown .* pass ignore_fields=\['lora_foo'\]"):
+        import_peft_lora(make_model("bert"), tmp_path / "peft")
+    dm = import_peft_lora(make_model("bert"), tmp_path / "peft", ignore_fields=("lora_foo",))
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+    for field, value in (("kasa_config", {"r": 2}), ("use_bdlora", {"blocks": 2})):
+        path.write_text(json.dumps(config | {field: value}))
+        with pytest.raises(PeftFormatError, match="cannot represent it exactly"):
+            import_peft_lora(make_model("bert"), tmp_path / "peft")
