@@ -126,3 +126,20 @@ def test_an_unknown_config_field_that_is_set_is_refused_not_ignored(tmp_path: Pa
         path.write_text(json.dumps(config | {field: value}))
         with pytest.raises(PeftFormatError, match="cannot represent it exactly"):
             import_peft_lora(make_model("bert"), tmp_path / "peft")
+
+
+def test_a_saved_copy_of_gpt2_s_tied_lm_head_is_refused_on_a_tied_model_and_exact_untied(tmp_path: Path) -> None:
+    # PEFT's modules_to_save copy of lm_head is untied from the input embeddings; the import called it a
+    # head tensor "this model lacks" (named_parameters lists the tied weight once, as transformer.wte.weight)
+    base = make_model("gpt2", "lm")
+    base.save_pretrained(tmp_path / "base")
+    pm = _peft_model("gpt2", "lm", ["c_attn"], "CAUSAL_LM", modules_to_save=["lm_head"])
+    inputs = make_inputs(base)
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")
+    with pytest.raises(PeftFormatError, match="ties to 'transformer.wte.weight'.*tie_word_embeddings=False"):
+        import_peft_lora(make_model("gpt2", "lm"), tmp_path / "peft")
+    untied = type(base).from_pretrained(tmp_path / "base", tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    dm = import_peft_lora(untied, tmp_path / "peft")
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)

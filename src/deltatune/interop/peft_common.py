@@ -111,6 +111,15 @@ def split(tensors: dict[str, torch.Tensor], prefix: str, is_adapter) -> tuple[di
 def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
     """Before anything is attached: every saved head tensor has a place of the same shape."""
     params = dict(dm.backbone.named_parameters())
+    shared = {id(p): n for n, p in params.items()}
+    for k in head:  # a tied weight (GPT-2's lm_head is the input embeddings) is listed under its first name only
+        tied = _parameter(dm.backbone, k) if k not in params else None
+        if tied is not None and id(tied) in shared:
+            raise PeftFormatError(
+                f"the adapter saves a trained {k!r} (modules_to_save), which this model ties to {shared[id(tied)]!r}: "
+                "PEFT's copy is untied, deltatune's head would change both; load the model untied "
+                "(from_pretrained(..., tie_word_embeddings=False)) to import it"
+            )
     missing = sorted(k for k in head if k not in params)
     if missing:
         raise PeftFormatError(f"the adapter saves head tensors this model lacks: {missing[:4]}")
@@ -127,6 +136,13 @@ def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
                 f"the adapter's head tensor {k!r} has shape {tuple(v.shape)}, this model's {tuple(params[k].shape)}: "
                 "load the backbone with the same number of labels"
             )
+
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 @torch.no_grad()
