@@ -3,6 +3,7 @@ only the delta and the head, resumes to the same tensors as an uninterrupted run
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,18 @@ def test_adalora_trained_without_its_schedule_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="DeltaScheduleCallback"):
         for _ in range(100):
             dm(**batch)
+
+
+def test_trainer_given_the_backbone_warns_that_no_delta_trains(tmp_path: Path) -> None:
+    # Trainer(model=backbone): the optimizer held the head alone, LoRA never moved, the run "succeeded"
+    model = make_model("bert").train()
+    dm = dt.attach(model, dt.METHODS["lora"](), train_head=True)
+    before = _trained(dm)
+    args = _args(tmp_path, max_steps=101, disable_tqdm=True)
+    with pytest.warns(UserWarning, match=r"no optimizer step changed it.*Trainer\(model=dm\), not the backbone"):
+        transformers.Trainer(model=model, args=args, train_dataset=Rows()).train()
+    assert all(torch.equal(before[k], v) for k, v in _trained(dm).items() if k.startswith("deltas."))
+    with warnings.catch_warnings():  # the DeltaModel itself, with accumulation: steps reset the count
+        warnings.simplefilter("error")
+        args = _args(tmp_path / "dm", max_steps=101, gradient_accumulation_steps=2, disable_tqdm=True)
+        transformers.Trainer(model=_dm(), args=args, train_dataset=Rows()).train()

@@ -68,3 +68,31 @@ def test_two_processes_stopped_mid_run_and_resumed_train_what_one_process_trains
     resumed = _run(TORCHRUN, task, tmp_path / "two", "resume")
     assert resumed.count("done") == 2 and "checkpoints=2" in resumed  # it went on from step 4, not from 0
     _assert_same_run(tmp_path, atol=1e-6)
+
+
+def _cli_train(launcher: list[str], model: Path, task: Path, out: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    flags = ["--batch-size", "8", "--max-steps", "4", "--eval-every", "2", "--quiet", "--threads", "1"]
+    cmd = [*launcher, "-m", "deltatune.cli", "train", "--model", str(model), "--task", str(task), "--out", str(out)]
+    return subprocess.run([*cmd, *flags], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU")
+def test_two_process_cli_train_of_a_classifier_exits_0_and_scores_as_one_process(tmp_path: Path) -> None:
+    # the one-class check after training predicted on the main process alone: its gather waited for
+    # the other process, which had returned, and the launch exited 1 after a successful run
+    from multiprocess_fit import WORDS
+    from tiny import make_tokenizer, tiny_bert
+
+    tokenizer = make_tokenizer(WORDS)
+    tiny_bert(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    # 23 dev rows: 12 and 11 per process, gathered without a repeated row, so the scores equal 1 process's
+    task = _write_task(tmp_path / "toy", n_train=64, n_dev=23)
+    one = _cli_train([sys.executable], tmp_path / "model", task, tmp_path / "one")
+    two = _cli_train(TORCHRUN, tmp_path / "model", task, tmp_path / "two")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("lora on toy") == 1  # the banner: the main process alone prints
+    best = [line for line in one.stdout.splitlines() if "best dev" in line]
+    assert best and best == [line for line in two.stdout.splitlines() if "best dev" in line]

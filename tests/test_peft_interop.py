@@ -96,3 +96,50 @@ def test_an_adapter_for_another_model_is_refused_cleanly(tmp_path: Path) -> None
     with pytest.raises(dt.TargetError, match="matches no module"):
         import_peft_lora(llama.model, tmp_path / "peft")  # a bare body: no head to fill, wrong modules
     assert not any(m._forward_hooks for m in list(model.modules()) + list(llama.modules()))
+
+
+def test_a_delta_on_the_task_head_is_refused_on_export(tmp_path: Path) -> None:
+    # PEFT wraps the classifier as modules_to_save and loaded this adapter without its classifier LoRA:
+    # the export gave logits 0.85 away from the model's, without an error
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"](r=4, targets=("query", "classifier")), train_head=False)
+    with pytest.raises(PeftFormatError, match="the delta sits on 'classifier', part of the task head"):
+        export_peft_lora(dm, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_unknown_config_field_that_is_set_is_refused_not_ignored(tmp_path: Path) -> None:
+    # a later PEFT's field (made up here) was ignored without a word, whatever it did to the outputs
+    import json
+
+    pm = _peft_model("bert", "cls", ["query", "value"], "SEQ_CLS")
+    inputs = make_inputs(make_model("bert"))
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | {"lora_foo": 1, "lora_off": False}))
+    with pytest.raises(PeftFormatError, match=r"sets lora_foo=1, unknown .* pass ignore_fields=\['lora_foo'\]"):
+        import_peft_lora(make_model("bert"), tmp_path / "peft")
+    dm = import_peft_lora(make_model("bert"), tmp_path / "peft", ignore_fields=("lora_foo",))
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+    for field, value in (("kasa_config", {"r": 2}), ("use_bdlora", {"blocks": 2})):
+        path.write_text(json.dumps(config | {field: value}))
+        with pytest.raises(PeftFormatError, match="cannot represent it exactly"):
+            import_peft_lora(make_model("bert"), tmp_path / "peft")
+
+
+def test_a_saved_copy_of_gpt2_s_tied_lm_head_is_refused_on_a_tied_model_and_exact_untied(tmp_path: Path) -> None:
+    # PEFT's modules_to_save copy of lm_head is untied from the input embeddings; the import called it a
+    # head tensor "this model lacks" (named_parameters lists the tied weight once, as transformer.wte.weight)
+    base = make_model("gpt2", "lm")
+    base.save_pretrained(tmp_path / "base")
+    pm = _peft_model("gpt2", "lm", ["c_attn"], "CAUSAL_LM", modules_to_save=["lm_head"])
+    inputs = make_inputs(base)
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")
+    with pytest.raises(PeftFormatError, match="ties to 'transformer.wte.weight'.*tie_word_embeddings=False"):
+        import_peft_lora(make_model("gpt2", "lm"), tmp_path / "peft")
+    untied = type(base).from_pretrained(tmp_path / "base", tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    dm = import_peft_lora(untied, tmp_path / "peft")
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)

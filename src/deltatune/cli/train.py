@@ -258,12 +258,15 @@ def run(args: argparse.Namespace) -> int:
     if is_main_process():
         print(f"{spec.label} on {task.name} ({sizes}{held}) with {args.model}; {threads} CPU thread(s)")
     model, result, task = run_spec(spec)
+    # every process predicts its share of dev (predict gathers them): one process alone waited forever
+    # for the others, which had returned, and the launch failed after a successful run
+    warning = constant_prediction_warning(model, task, spec) if task.type != "generation" else None
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 1 if result.diverged else 0
     print_result(spec.label, result, str(spec.output_dir))
     if task.type == "generation":
-        show_samples(model, task, spec, n=3)
-    elif (warning := constant_prediction_warning(model, task, spec)) is not None:
+        show_samples(model, task, spec, n=3)  # no collective: the main process alone generates
+    elif warning is not None:
         print(warning)
     return 1 if result.diverged else 0
 

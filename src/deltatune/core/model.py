@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import conventions, copying
+from . import conventions, copying, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
@@ -214,6 +214,7 @@ class DeltaModel(nn.Module):
                     p.data = p.data.to(ref.dtype)
         delta.train(self.backbone.training)
         self.deltas[name] = delta
+        unstepped.watch(self.backbone, self.deltas)  # Trainer(model=backbone) trains no delta: say so
         if train_head is not None:
             self.train_head = train_head
         self.freeze()
@@ -240,6 +241,7 @@ class DeltaModel(nn.Module):
             self.deltas[n].uninstall()
             del self.deltas[n]
         if len(self.deltas) == 0:
+            unstepped.unwatch(self.backbone)
             for pname, p in self.backbone.named_parameters():
                 p.requires_grad_(self._requires_grad.get(pname, p.requires_grad))
             return self.backbone

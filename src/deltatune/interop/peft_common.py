@@ -22,6 +22,7 @@ from torch import nn
 from ..core.atomic import replacing_folder
 from ..core.io import HEAD
 from ..core.model import DeltaModel
+from ..core.targeting import head_names
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # injected-layer methods
@@ -110,6 +111,15 @@ def split(tensors: dict[str, torch.Tensor], prefix: str, is_adapter) -> tuple[di
 def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
     """Before anything is attached: every saved head tensor has a place of the same shape."""
     params = dict(dm.backbone.named_parameters())
+    shared = {id(p): n for n, p in params.items()}
+    for k in head:  # a tied weight (GPT-2's lm_head is the input embeddings) is listed under its first name only
+        tied = _parameter(dm.backbone, k) if k not in params else None
+        if tied is not None and id(tied) in shared:
+            raise PeftFormatError(
+                f"the adapter saves a trained {k!r} (modules_to_save), which this model ties to {shared[id(tied)]!r}: "
+                "PEFT's copy is untied, deltatune's head would change both; load the model untied "
+                "(from_pretrained(..., tie_word_embeddings=False)) to import it"
+            )
     missing = sorted(k for k in head if k not in params)
     if missing:
         raise PeftFormatError(f"the adapter saves head tensors this model lacks: {missing[:4]}")
@@ -128,6 +138,13 @@ def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
             )
 
 
+def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
 @torch.no_grad()
 def copy_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
     params = dict(dm.backbone.named_parameters())
@@ -144,6 +161,22 @@ def head_for_export(dm: DeltaModel, prefix: str, include_head: bool) -> tuple[di
     tensors = {prefix + k.removeprefix(HEAD): v for k, v in dm.head_state_dict().items()}
     heads = sorted({n.split(".")[0] for n in dm.head_parameter_names()})
     return tensors, heads or None
+
+
+def check_sites_outside_head(dm: DeltaModel, sites: Any, modules_to_save: list | None) -> None:
+    """Refuse a delta on a module PEFT replaces by a saved copy: `modules_to_save` (and the head of a
+    classifier, which PEFT's SEQ_CLS/TOKEN_CLS add themselves) is wrapped, and the adapter's tensors on it
+    are dropped with a warning at most, so the exported adapter would compute other outputs."""
+    wrapped = set(modules_to_save or ())
+    if task_type(dm.backbone) in ("SEQ_CLS", "TOKEN_CLS"):
+        wrapped |= set(head_names(dm.backbone))
+    on_head = sorted(s for s in sites if s.split(".")[0] in wrapped)
+    if on_head:
+        raise PeftFormatError(
+            f"the delta sits on {on_head[0]!r}, part of the task head that PEFT saves whole (modules_to_save) and "
+            "would load without the delta: the export would give other outputs; attach the delta to backbone "
+            "modules only and train the head with train_head=True, or export_merged for a plain checkpoint"
+        )
 
 
 def task_type(model: nn.Module) -> str | None:

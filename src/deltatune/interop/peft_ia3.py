@@ -25,6 +25,7 @@ from .peft_common import (
     as_delta_model,
     base_config,
     check_head,
+    check_sites_outside_head,
     copy_head,
     exported_delta,
     head_for_export,
@@ -70,6 +71,7 @@ def export_peft_ia3(
     delta = exported_delta(dm, name, ("ia3",), "(IA)^3", "IA3 format")
     tensors, heads = head_for_export(dm, PREFIX, include_head)
     modules, feedforward = list(delta.sites), []
+    check_sites_outside_head(dm, modules, heads)
     for module in modules:
         vector = delta.vectors[safe_key(module)].detach()
         scales_input = delta._scales_input[safe_key(module)]

@@ -33,6 +33,7 @@ from .peft_common import (
     as_delta_model,
     base_config,
     check_head,
+    check_sites_outside_head,
     copy_head,
     head_for_export,
     read_folder,
@@ -230,6 +231,7 @@ def export_peft_layers(
         raise PeftFormatError(f"{delta.config.method} is not one of {', '.join(BY_METHOD)}")
     fmt = FORMATS[peft_type]
     tensors, heads = head_for_export(dm, PREFIX, include_head)
+    check_sites_outside_head(dm, delta.sites, heads)
     for key, layer in delta.layers.items():
         module = delta._names[key]
         for part, param in layer.named_parameters():

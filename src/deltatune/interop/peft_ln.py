@@ -22,6 +22,7 @@ from .peft_common import (
     as_delta_model,
     base_config,
     check_head,
+    check_sites_outside_head,
     copy_head,
     exported_delta,
     head_for_export,
@@ -72,5 +73,6 @@ def export_peft_ln(dm: DeltaModel, folder: str | os.PathLike, name: str = "defau
             value = delta._original(dm.backbone, key) + delta.merge_value(key).to(ref.dtype)
             tensors[f"{PREFIX}{ref.module}{MARK}{ref.param}"] = value
             modules.add(ref.module)
+    check_sites_outside_head(dm, modules, heads)
     config = base_config(dm, "LN_TUNING", heads) | {"target_modules": sorted(modules)}
     return write_folder(folder, config, tensors)

@@ -31,6 +31,7 @@ from .peft_common import (
     as_delta_model,
     base_config,
     check_head,
+    check_sites_outside_head,
     copy_head,
     head_for_export,
     read_folder,
@@ -45,24 +46,52 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
 }
+# PEFT LoraConfig fields (0.21) that import honors (r, alphas, rsLoRA, DoRA, dropout, bias 'none', the head,
+# fan_in_fan_out: the same tensor layout) or that leave a trained adapter's outputs unchanged: metadata,
+# targeting (the tensors name the modules), initialisation and training-time settings
+_KNOWN = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+    "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "use_dora", "velora_config", "qalora_group_size", "runtime_config",
+    "ensure_weight_tying",
+}  # fmt: skip
 
 
-def _check(config: dict) -> None:
+def _check(config: dict, ignore_fields: tuple[str, ...] = ()) -> None:
     if config.get("peft_type") != "LORA":
         raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not LoRA; use import_peft")
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise PeftFormatError(f"this adapter uses {what} ({key}); deltatune's LoRA cannot represent it exactly")
+    # a field of a later PEFT may change the outputs: set (not off/empty), it is refused rather than ignored
+    unknown = sorted(k for k, v in config.items() if k not in _KNOWN | set(_UNSUPPORTED) | set(ignore_fields) and v)
+    if unknown:
+        shown = ", ".join(f"{k}={config[k]!r}" for k in unknown[:4])
+        raise PeftFormatError(
+            f"adapter_config.json sets {shown}, unknown to deltatune's LoRA import (a later PEFT's?), and it may change "
+            f"the outputs; if it does not, pass ignore_fields={unknown!r}"
+        )
     if config.get("bias", "none") != "none":
         raise PeftFormatError(f"this adapter also trains biases (bias={config['bias']!r}); import supports bias='none'")
 
 
-def import_peft_lora(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
-    """Attach a PEFT LoRA adapter as a deltatune LoRA delta (and copy its saved task head)."""
+def import_peft_lora(
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: tuple[str, ...] = ()
+) -> DeltaModel:
+    """Attach a PEFT LoRA adapter as a deltatune LoRA delta (and copy its saved task head).
+
+    `ignore_fields`: adapter_config.json fields this import does not know that you know leave the outputs as
+    they are (otherwise refused)."""
     folder = Path(folder)
     config, tensors = read_folder(folder)
-    _check(config)
+    _check(config, tuple(ignore_fields))
     dora = bool(config.get("use_dora"))
     adapter, head = split(tensors, PREFIX, lambda k: ".lora_" in k)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -133,6 +162,7 @@ def export_peft_lora(
     cfg: LoRAConfig = delta.config
     modules = list(delta.sites)
     tensors, heads = head_for_export(dm, PREFIX, include_head)
+    check_sites_outside_head(dm, modules, heads)
     rank_pattern, alpha_pattern = {}, {}
     for module in modules:
         layer = delta.layers[safe_key(module)]

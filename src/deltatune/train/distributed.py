@@ -22,7 +22,15 @@ def process_share() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    """True outside a distributed launch, and in its first process."""
+    """True outside a distributed launch, and in its first process.
+
+    Before accelerate's state exists (a command's banner, printed before the run starts) the launcher's
+    RANK says it: reading the state alone, every process of a torchrun launch answered True.
+    """
+    from accelerate.state import PartialState
+
+    if not PartialState._shared_state:
+        return os.environ.get("RANK", "0") == "0"
     return process_share()[0] == 0
 
 
