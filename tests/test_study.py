@@ -585,3 +585,13 @@ def test_a_grid_the_runner_cannot_honor_is_refused_at_planning(world: dict[str, 
     (gen / "train.jsonl").write_text('{"source": "a", "target": "b"}\n')
     with pytest.raises(SpecError, match="'gen' is a generation task and .* is not a causal LM"):
         parse_spec(_spec(world, tasks=[str(gen)]))
+
+
+def test_two_seeds_that_agree_show_a_zero_spread_not_a_lone_score() -> None:
+    """A cell of two seeds with equal scores read as one run ("87.8"): the spread is shown whenever seeds are."""
+    from deltatune.study.analyses import _fmt, _mean_std
+
+    assert _fmt(*_mean_std([87.8, 87.8])) == "87.8 ± 0.0"
+    assert _fmt(*_mean_std([86.0, 86.4])) == "86.2 ± 0.3"
+    assert _fmt(*_mean_std([87.8])) == "87.8"
+    assert _fmt(*_mean_std([])) == "-"

@@ -129,17 +129,18 @@ def _dev(runs: list[dict[str, Any]]) -> str:
     return " (dev)" if any(r["test_score"] is None for r in runs) else ""
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and std over seeds; std None for one seed (two seeds that agree show "± 0.0", not a lone score)."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return math.nan, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
     if math.isnan(mean):
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def cell_runs(data: StudyData, model: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
