@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,60 @@ def test_a_saved_copy_of_gpt2_s_tied_lm_head_is_refused_on_a_tied_model_and_exac
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     dm = import_peft_lora(untied, tmp_path / "peft")
     torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch,head,targets,task,init,options",
+    [
+        ("bert", "cls", ["query", "value"], "SEQ_CLS", "pissa", {}),
+        ("bert", "cls", ["query", "value"], "SEQ_CLS", "olora", {}),
+        ("bert", "cls", ["query", "value"], "SEQ_CLS", "pissa", {"use_rslora": True, "rank_pattern": {"query": 2}}),
+        ("gpt2", "lm", ["c_attn"], "CAUSAL_LM", "pissa", {}),
+        ("llama", "lm", ["q_proj", "v_proj", "down_proj"], "CAUSAL_LM", "olora", {"alpha_pattern": {"v_proj": 3}}),
+    ],
+    ids=["bert-pissa", "bert-olora", "bert-pissa-rslora-pattern", "gpt2-pissa", "llama-olora-pattern"],
+)
+def test_pissa_and_olora_adapters_saved_unconverted_import_on_the_original_base_equal_to_peft(
+    arch: str, head: str, targets: list, task: str, init: str, options: dict, tmp_path: Path
+) -> None:
+    # PiSSA/OLoRA subtract their initial B0 A0 from the base weights; read as a plain LoRA on the original
+    # base, a folder saved without PEFT's conversion was off by s B0 A0 (0.011 on tiny BERT) with no error
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, task_type=task, init_lora_weights=init, **options
+    )
+    pm = peft.get_peft_model(make_model(arch, head), config).eval()
+    with torch.no_grad():  # trained: B moved away from B0 (at B0 the model equals the base)
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    inputs = make_inputs(make_model(arch, head))
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")
+    plain = logits(
+        import_peft_lora(make_model(arch, head), tmp_path / "peft", ignore_fields=("init_lora_weights",)), inputs
+    )
+    assert (plain - expected).abs().max() > 1e-4  # the offset matters: read plainly, it is wrong
+    dm = import_peft_lora(make_model(arch, head), tmp_path / "peft")
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+    reloaded = peft.PeftModel.from_pretrained(make_model(arch, head), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(dm, inputs), logits(reloaded, inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "init,match",
+    [("corda", "activation statistics"), ("loftq", "LoftQ base"), ("eigen_init", "unknown to deltatune")],
+)
+def test_inits_whose_base_change_cannot_be_recomputed_are_refused(init: str, match: str, tmp_path: Path) -> None:
+    pm = _peft_model("bert", "cls", ["query"], "SEQ_CLS")
+    pm.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | {"init_lora_weights": init}))
+    with pytest.raises(PeftFormatError, match=match):
+        import_peft_lora(make_model("bert"), tmp_path / "peft")
+    for plain in ("gaussian", "orthogonal", "mica", "eva"):  # these leave the base as it is
+        path.write_text(json.dumps(config | {"init_lora_weights": plain}))
+        import_peft_lora(make_model("bert"), tmp_path / "peft")
+    path.write_text(json.dumps(config | {"init_lora_weights": "pissa_niter_4"}))
+    with pytest.warns(UserWarning, match="randomized SVD"):
+        import_peft_lora(make_model("bert"), tmp_path / "peft")

@@ -38,6 +38,7 @@ from .peft_common import (
     split,
     write_folder,
 )
+from .peft_init import initial_offset, residual_kind
 
 _UNSUPPORTED = {
     "lora_bias": "trained LoRA biases",
@@ -88,10 +89,12 @@ def import_peft_lora(
     """Attach a PEFT LoRA adapter as a deltatune LoRA delta (and copy its saved task head).
 
     `ignore_fields`: adapter_config.json fields this import does not know that you know leave the outputs as
-    they are (otherwise refused)."""
+    they are (otherwise refused). A PiSSA or OLoRA adapter becomes a LoRA of twice its rank that also undoes
+    its init's change to the base weights (see peft_init)."""
     folder = Path(folder)
     config, tensors = read_folder(folder)
     _check(config, tuple(ignore_fields))
+    residual = residual_kind(config, tuple(ignore_fields))
     dora = bool(config.get("use_dora"))
     adapter, head = split(tensors, PREFIX, lambda k: ".lora_" in k)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -110,26 +113,34 @@ def import_peft_lora(
     r = int(config["r"])
     alpha = float(config.get("lora_alpha", r))
     rs = bool(config.get("use_rslora"))
+    dm = as_delta_model(model)
+    resolve(dm.backbone, tuple(factors))  # the adapter's modules must exist: a TargetError names close ones
+    grow = 2 if residual else 1
+    r_all, alpha_all = r * grow, (alpha * math.sqrt(r) if rs else alpha) * grow  # ours: scale = alpha / r
     rank_pattern, alpha_pattern = {}, {}
     for module, f in factors.items():
         r_m = int(f["A"].shape[0])
         alpha_m = float(pattern_value(config.get("alpha_pattern"), module, alpha))
         if rs:
             alpha_m *= math.sqrt(r_m)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
-        if r_m != r:
+        if residual:  # r_m more terms at the same scale alpha_m / r_m that undo the init's offset
+            layer = dm.backbone.get_submodule(module)
+            p, q = initial_offset(layer.weight, residual, r_m, alpha_m / r_m, is_transposed(layer))
+            f["A"] = torch.cat([f["A"], q.to(f["A"].dtype)])
+            f["B"] = torch.cat([f["B"], (-p * r_m / alpha_m).to(f["B"].dtype)], dim=1)
+            r_m, alpha_m = grow * r_m, grow * alpha_m
+        if r_m != r_all:
             rank_pattern[re.escape(module)] = r_m
-        if alpha_m != (alpha * math.sqrt(r) if rs else alpha):
+        if alpha_m != alpha_all:
             alpha_pattern[re.escape(module)] = alpha_m
     lora = (DoRAConfig if dora else LoRAConfig)(
         targets=tuple(factors),
-        r=r,
-        alpha=alpha * math.sqrt(r) if rs else alpha,
+        r=r_all,
+        alpha=alpha_all,
         dropout=float(config.get("lora_dropout", 0.0)),
         rank_pattern=rank_pattern or None,
         alpha_pattern=alpha_pattern or None,
     )
-    dm = as_delta_model(model)
-    resolve(dm.backbone, tuple(factors))  # the adapter's modules must exist: a TargetError names close ones
     check_head(dm, head)
     dm.add(name, lora)
     delta = dm.delta(name)
