@@ -12,7 +12,7 @@ first and by the known names second, so a pure rename is survived, and the one t
 What differs between the ends of the range deltatune admits (pyproject.toml; CI runs both). The
 releases in between each have one or the other form, which the detection does not need to know:
 
-| what                                   | 4.57.6                                  | 5.24.0                          |
+| what                                   | 4.57.6                                  | 5.24.0, 5.25.0                  |
 |----------------------------------------|-----------------------------------------|---------------------------------|
 | attention's KV-cache keyword           | past_key_values (old name past_key_value) | cache                         |
 | model call / output cache name         | past_key_values                         | cache (past_key_values deprecated, removal 5.40) |
