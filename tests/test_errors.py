@@ -751,7 +751,11 @@ def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
         dm.add("a", dt.METHODS["lora"](), enabled="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected a method config such as"):
         dm.add("a", dt.METHODS["lora"])  # the class, not a config  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match="unknown method 'lroa'; did you mean lora"):
+        dm.add("a", "lroa")
     assert list(dm.deltas) == [] and _no_trace(model)
+    # a method name attaches it with its defaults, as get_config(name) does
+    assert dt.attach(make_model("bert"), "lora").delta().config == dt.get_config("lora")
 
 
 def test_cli_refuses_to_add_study_tables_to_someone_elses_database(tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -78,7 +78,7 @@ def deep_copy(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """The default deep copy of `model`, with its closures rebuilt over deep-copied cells."""
     new = type(model).__new__(type(model))
     memo[id(model)] = new
-    functions = _closures(model)
+    functions = [fn for fn in _closures(model) if id(fn) not in memo]  # a DeltaModel's copy made them already
     cells: list[tuple[types.CellType, types.CellType]] = []
     for fn in functions:  # first every copy into the memo, empty, so that cycles through them resolve
         fresh = tuple(types.CellType() for _ in fn.__closure__ or ()) or None
@@ -101,6 +101,34 @@ def deep_copy(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
         if parametrize.is_parametrized(module):
             _own_class(module)
     return new
+
+
+class BackboneCopier:
+    """A backbone's own `__deepcopy__` (an instance attribute) once a DeltaModel wraps it.
+
+    Users keep the `model` they attached to, and `best = copy.deepcopy(model)` copied its modules but not
+    the deltas acting on them through hooks: the snapshot's outputs followed the original's deltas as they
+    trained on (measured: 0.025 on tiny BERT's logits with LoRA), no error. The copy now carries copies of
+    the deltas' hooks and weights, so it keeps the outputs it had when it was taken; its `parameters()`
+    are the backbone's (the deltas' are the DeltaModel's, as on the original)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, memo: dict[int, Any]) -> nn.Module:
+        return deep_copy(self.module, memo)
+
+
+def copy_with_deltas(backbone: nn.Module) -> None:
+    """Make `copy.deepcopy(backbone)` copy the deltas acting on it (copy.deepcopy reads instance attributes)."""
+    if not isinstance(vars(backbone).get("__deepcopy__"), BackboneCopier):
+        vars(backbone)["__deepcopy__"] = BackboneCopier(backbone)
+
+
+def copy_plainly(backbone: nn.Module) -> None:
+    """Undo `copy_with_deltas` once the last delta is gone: the backbone as it came."""
+    if isinstance(vars(backbone).get("__deepcopy__"), BackboneCopier):
+        del vars(backbone)["__deepcopy__"]
 
 
 def _own_class(module: nn.Module) -> None:

@@ -21,6 +21,7 @@ from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
 from .merge import export_merged
+from .registry import get_config
 from .routing import RoutingError, RowIds, input_rows, row_names
 from .settings import check_limits
 from .state import check_state
@@ -181,7 +182,7 @@ class DeltaModel(nn.Module):
 
     # -- managing deltas ----------------------------------------------------------------------
     def add(
-        self, name: str, config: DeltaConfig, *, train_head: bool | str | None = None, enabled: bool = True
+        self, name: str, config: DeltaConfig | str, *, train_head: bool | str | None = None, enabled: bool = True
     ) -> DeltaModel:
         """Attach another delta; several methods on one backbone are trained jointly.
 
@@ -191,6 +192,8 @@ class DeltaModel(nn.Module):
         _check_name(name)
         if name in self.deltas:
             raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
+        if isinstance(config, str):  # a method name with its defaults: attach(model, "lora")
+            config = get_config(config)
         if not isinstance(config, DeltaConfig):
             raise TypeError(
                 f"expected a method config such as deltatune.get_config(method, **settings), got {type(config).__name__}"
@@ -215,6 +218,7 @@ class DeltaModel(nn.Module):
         delta.train(self.backbone.training)
         self.deltas[name] = delta
         unstepped.watch(self.backbone, self.deltas)  # Trainer(model=backbone) trains no delta: say so
+        copying.copy_with_deltas(self.backbone)  # best = copy.deepcopy(model) keeps the deltas' outputs
         if train_head is not None:
             self.train_head = train_head
         self.freeze()
@@ -242,6 +246,7 @@ class DeltaModel(nn.Module):
             del self.deltas[n]
         if len(self.deltas) == 0:
             unstepped.unwatch(self.backbone)
+            copying.copy_plainly(self.backbone)
             for pname, p in self.backbone.named_parameters():
                 p.requires_grad_(self._requires_grad.get(pname, p.requires_grad))
             return self.backbone
@@ -389,7 +394,7 @@ class DeltaModel(nn.Module):
 
 
 def attach(
-    model: nn.Module, config: DeltaConfig, name: str = "default", *, train_head: bool | str | None = "auto"
+    model: nn.Module, config: DeltaConfig | str, name: str = "default", *, train_head: bool | str | None = "auto"
 ) -> DeltaModel:
     """Attach a delta to a transformers model; the model's code is not edited.
 
