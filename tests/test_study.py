@@ -557,14 +557,25 @@ def test_a_cell_scored_on_dev_is_marked_dev_in_the_report(world: dict[str, str],
     notest = tmp_path / "notest"
     shutil.copytree(world["sent"], notest)
     (notest / "test.jsonl").unlink()
-    raw = _spec(world, tasks=[world["topic"], str(notest)], methods={"bitfit": {}}, analyses=["performance"])
+    raw = _spec(
+        world,
+        tasks=[world["topic"], str(notest)],
+        methods={"bitfit": {}},
+        combination={"methods": ["bitfit"]},
+        analyses=["performance", "combination"],
+    )
     raw["train"] = raw["train"] | {"max_steps": 2}
     db = tmp_path / "dev.sqlite"
-    assert run_study(parse_spec(raw), db, progress=False)["done"] == 2
+    assert run_study(parse_spec(raw), db, progress=False)["done"] == 4  # bitfit and head-only on both tasks
     md = (write_report(db).parent / "report.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| notest"))
+    performance, combination = md.split("### Combination")
+    row = next(line for line in performance.splitlines() if line.startswith("| notest"))
     assert "(dev)" in row and "(dev)" not in next(line for line in md.splitlines() if line.startswith("| topic"))
-    assert "not a test score" in md
+    assert "not a test score" in performance
+    # the combination table shows the same cells: marked there too (columns: delta, topic, notest, average)
+    cells = next(line for line in combination.splitlines() if line.startswith("| B |")).split("|")
+    assert "(dev)" in cells[3] and "(dev)" not in cells[2]
+    assert "not a test score" in combination
 
 
 def test_a_grid_the_runner_cannot_honor_is_refused_at_planning(world: dict[str, str], tmp_path: Path) -> None:

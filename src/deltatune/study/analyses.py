@@ -320,14 +320,16 @@ def combination(data: StudyData) -> list[Table]:
         return []
     tables = []
     for model in data.models():
-        cells = grid(data, model)
+        cells, runs = grid(data, model), cell_runs(data, model)
         labels = combination_labels(chosen)
         tasks = [t for t in data.tasks() if any((t, lbl) in cells for lbl in labels)]
         complete = [t for t in tasks if all((t, lbl) in cells for lbl in labels)]
         rows = []
         for lbl in labels:
             short = "none" if lbl == "head" else "+".join(LETTERS.get(m, m) for m in lbl.split("+"))
-            row = [short] + [_fmt(_mean_std(cells[(t, lbl)])[0]) if (t, lbl) in cells else "-" for t in tasks]
+            row = [short] + [
+                _fmt(_mean_std(cells[(t, lbl)])[0]) + _dev(runs[(t, lbl)]) if (t, lbl) in cells else "-" for t in tasks
+            ]
             scores = [_mean_std(cells[(t, lbl)])[0] for t in complete]
             row.append(_fmt(statistics.fmean(scores)) if scores else "-")
             rows.append(row + [_fmt(PAPER_COMBINATION.get(short, math.nan))])
@@ -335,7 +337,7 @@ def combination(data: StudyData) -> list[Table]:
             "Rows in the paper's order (P prompt, B BitFit, A adapter; none = frozen backbone + trained head). "
             f"Average over the {len(complete)} tasks every subset finished. Paper column: RoBERTa-large, GLUE "
             "average, full data."
-        )
+        ) + (f" {DEV_NOTE}" if any(_dev(runs[(t, lbl)]) for t in tasks for lbl in labels if (t, lbl) in runs) else "")
         tables.append(Table(f"Combination: {model}", ["delta"] + tasks + ["average", "paper"], rows, note))
     return tables
 
@@ -357,8 +359,17 @@ def transfer(data: StudyData) -> list[Table]:
     for model in data.models():
         for method in sorted({r["method"] for r in data.runs if r["source_task"] and r["model"] == model}):
             tasks, gains = transfer_matrix(data, model, method)
-            rows = [[s] + [_fmt(gains[(s, t)]) if (s, t) in gains else "" for t in tasks] for s in tasks]
+            on_dev = {t for t in tasks if _dev(cell_runs(data, model)[(t, method)])}  # no test split: dev both ways
+            rows = [
+                [s]
+                + [_fmt(gains[(s, t)]) + (" (dev)" if t in on_dev else "") if (s, t) in gains else "" for t in tasks]
+                for s in tasks
+            ]
             note = "Rows: the task the delta was trained on; columns: the task it continued on. Gain over training from scratch (points x100)."
+            if on_dev:
+                note += (
+                    " (dev): the target task has no test score; the gain is measured on its dev split, both runs alike."
+                )
             tables.append(Table(f"Transfer ({method}): {model}", ["from \\ to"] + tasks, rows, note))
     return tables
 
@@ -371,6 +382,8 @@ def scaling(data: StudyData) -> list[Table]:
     avgs = {m: method_averages(data, m) for m in models}
     rows = [[f"{m} ({sizes[m] / 1e6:.1f}M)"] + [_fmt(avgs[m].get(x, math.nan)) for x in data.methods()] for m in models]
     note = "Average test score over the tasks each model finished with every method. Paper: the gap to full FT shrinks with size."
+    if any(r["test_score"] is None for r in data.base):
+        note += " A task without a test score counts its dev score (marked (dev) in the Performance tables)."
     return [Table("Scaling", ["model"] + data.methods(), rows, note)]
 
 
