@@ -414,3 +414,30 @@ def test_integer_labels_1_and_2_are_two_classes_reported_and_scored_by_value(
     assert main(["eval", *args]) == 0
     hits = sum(s == "2" for s, r in zip(said, rows, strict=True) if r["label"] == 2)
     assert f"accuracy {hits / len(twos):.4f}" in capsys.readouterr().out
+
+
+def test_a_semicolon_csv_with_its_own_column_names_trains_with_columns_and_evals_as_trained(
+    tmp_path: Path,
+    model_dir: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    """Excel's ';' CSV with 'Review'/'Sentiment' columns: read as one column 'Review;Sentiment' and refused
+    with "no 'label' field" (the cause hidden). Now the delimiter is read from the header, the refusal names
+    the columns and --columns, and the mapping is recorded so that eval reads the file the same way."""
+    rows = _rows(80, 5)
+    data = tmp_path / "excel.csv"
+    lines = ["Review;Sentiment"] + [f"{r['text']};{r['label']}" for r in rows]
+    data.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+    assert _train(model_dir, data, tmp_path / "r0", "--dev-split", "0.25") == 2
+    err = capsys.readouterr().err
+    assert "the rows have 'Review', 'Sentiment'" in err and "--columns Sentiment=label" in err
+    assert len(err.strip().splitlines()) == 1
+    mapping = ["--columns", "Review=text,Sentiment=label", "--dev-split", "0.25", "--max-steps", "4"]
+    assert _train(model_dir, data, tmp_path / "r", *mapping) == 0
+    delta = tmp_path / "r" / "delta-lora"
+    assert _delta_meta(delta)["columns"] == {"Review": "text", "Sentiment": "label"}
+    capsys.readouterr()
+    assert main(["eval", "--delta", str(delta), "--model", str(model_dir)]) == 0
+    assert "dev (20 examples" in capsys.readouterr().out
+    assert main(["train", "--task", str(data), "--columns", "Review"]) == 2
+    assert "give COLUMN=FIELD pairs" in capsys.readouterr().err

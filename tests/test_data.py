@@ -631,3 +631,24 @@ def test_datasetdict_splits_with_their_own_classlabel_order_map_by_name():
     assert [task.labels[e.label] for e in task["dev"]] == ["pos"] and task["train"][0].label == 1
     dd["validation"] = FakeDataset([{"text": "good", "label": 0}], {"label": FakeLabel(["yes", "no"])})
     assert "split 'dev' has the classes ['yes', 'no'], split 'train' has ['neg', 'pos']" in error_of(dd, name="x")
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_a_csv_with_another_delimiter_is_read_by_its_header(tmp_path: Path, delimiter: str) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text(f"text{delimiter}label\ngood, really{delimiter}pos\nbad{delimiter}neg\n")
+    task = load_task(path)
+    assert task.labels == ["neg", "pos"] and task["train"][0].text == "good, really"
+
+
+def test_columns_map_a_users_fields_from_the_call_or_meta_json_and_are_kept(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("Review,Sentiment\ngood,pos\nbad,neg\n")
+    with pytest.raises(DataError, match="the rows have 'Review', 'Sentiment'.*--columns Sentiment=label"):
+        load_task(tmp_path)
+    task = load_task(tmp_path, columns={"Review": "text", "Sentiment": "label"})
+    assert task.labels == ["neg", "pos"] and task.meta["columns"] == {"Review": "text", "Sentiment": "label"}
+    (tmp_path / "meta.json").write_text(json.dumps({"columns": {"Review": "text", "Sentiment": "label"}}))
+    assert load_task(tmp_path)["train"][0].text == "good"
+    for bad, match in (({"Review": "txt"}, "'txt' is not a field"), (["Review"], "must map a column name")):
+        with pytest.raises(DataError, match=match):
+            load_task(tmp_path, columns=bad)

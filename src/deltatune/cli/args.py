@@ -118,6 +118,16 @@ def fraction(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (e.g. 0.1)")
 
 
+def columns(text: str) -> dict[str, str]:
+    """--columns Review=text,Sentiment=label: which of the data's columns is which field."""
+    pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+    if not pairs or any(not k.strip() or not eq or not v.strip() for k, eq, v in pairs):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give COLUMN=FIELD pairs separated by commas, e.g. Review=text,Sentiment=label"
+        )
+    return {k.strip(): v.strip() for k, _, v in pairs}
+
+
 def unit_interval(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a fraction from 0 up to (not including) 1")
 

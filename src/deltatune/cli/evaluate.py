@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checks
-from .args import add_threads_argument, check_max_length, positive_int, set_threads
+from .args import add_threads_argument, check_max_length, columns, positive_int, set_threads
 
 HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trained with)"
 HELP_PREDICT = "predict labels (or generate text) for input texts with a saved delta"
@@ -113,6 +113,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="the split to score (default: dev)")
     p.add_argument(
+        "--columns",
+        type=columns,
+        default=None,
+        help="which column is which field, e.g. Review=text,Sentiment=label (default: as the delta's training read them)",
+    )
+    p.add_argument(
         "--batch-size",
         type=positive_int,
         default=None,
@@ -159,7 +165,8 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
     source = args.task or info.get("task_source")
     if source is None:
         raise ValueError(f"{args.delta} does not record the data it was trained on; name it with --task")
-    task = load_task(source)
+    mapped = args.columns or info.get("columns")  # the columns as training read them, unless told otherwise
+    task = load_task(source, columns=mapped)
     held = info.get("dev_split")
     # the dev split held out at training, rebuilt from its seed, on that data only: other data given
     # with --task was scored on a 'dev' fraction of itself (1 row of 3) and 'train' lost that fraction
@@ -174,7 +181,7 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
     recorded = info.get("labels")
     if recorded and task.labels and list(recorded) != task.labels and set(task.labels) < set(recorded):
         try:
-            again = load_task(source, labels=recorded)
+            again = load_task(source, labels=recorded, columns=mapped)
         except DataError:  # integer rows that name classes ("1", "2") are no indices into numeric names
             again = _by_name(task, list(recorded))
         task = _with_labels(task, again, held if own else None)

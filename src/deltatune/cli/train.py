@@ -12,6 +12,7 @@ from . import checks
 from .args import (
     add_threads_argument,
     check_max_length,
+    columns,
     fraction,
     method_configs,
     non_negative_float,
@@ -78,6 +79,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "train/dev/test .jsonl/.csv files, or a single .jsonl/.csv file (README: Your own data)",
     )
     p.add_argument(
+        "--columns",
+        type=columns,
+        default=None,
+        help="which of your data's columns is which field, e.g. Review=text,Sentiment=label (fields: text, "
+        "text_pair, label, source, target; default: those names, or common ones such as sentence/premise)",
+    )
+    p.add_argument(
         "--dev-split",
         type=fraction,
         default=None,
@@ -133,7 +141,7 @@ def load_task_for_run(args: argparse.Namespace):  # noqa: ANN201
     from ..data.split import hold_out_dev
     from ..data.tasks import load_task
 
-    task = load_task(args.task)
+    task = load_task(args.task, columns=args.columns)
     if args.dev_split is not None and "dev" in task.splits:
         raise ValueError(
             f"task {task.name!r} has a dev split already ({len(task.splits['dev'])} rows); drop --dev-split"

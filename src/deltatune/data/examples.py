@@ -197,13 +197,52 @@ def _infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
                 '"classification" or "regression"'
             )
         return kind, _name_order(str(v) for v in values)
-    raise DataError(f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row")
+    raise DataError(
+        f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row; "
+        + map_hint(sorted({k for _, r in rows[:1000] for k in r}), "label")
+    )
+
+
+FIELDS = ("text", "text_pair", "label", "source", "target", "references")
+
+
+def check_columns(columns: Any) -> dict[str, str] | None:
+    """A {their column: our field} mapping, or one line saying what a mapping must look like."""
+    if not columns:
+        return None
+    if not isinstance(columns, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in columns.items()
+    ):
+        raise DataError(f'columns must map a column name to a field name, e.g. {{"Review": "text"}}; got {columns!r}')
+    wrong = sorted(v for v in columns.values() if v not in FIELDS)
+    if wrong:
+        raise DataError(f"columns: {wrong[0]!r} is not a field deltatune reads; map columns to {', '.join(FIELDS)}")
+    return dict(columns)
+
+
+def map_hint(fields: list[str], wanted: str) -> str:
+    """How to say which of a user's columns is `wanted`: rename it, or map it (CLI, API, meta.json)."""
+    have = ", ".join(repr(f) for f in fields[:8]) or "none"
+    words = _LIKELY.get(wanted, ())
+    likely = [f for f in fields if any(w in f.lower() for w in words)]
+    other = (likely or fields[-1:] if wanted == "label" else likely or fields[:1]) or ["COLUMN"]
+    return (
+        f"the rows have {have}: rename a column to {wanted!r}, or map it, e.g. --columns {other[0]}={wanted} "
+        f'(load_task(..., columns={{"{other[0]}": "{wanted}"}}); "columns" in meta.json)'
+    )
+
+
+# words in column names that suggest a field, for the example in `map_hint` only
+_LIKELY = {
+    "label": ("label", "class", "sentiment", "category", "target", "tag", "intent", "score"),
+    "text": ("text", "review", "sentence", "comment", "content", "tweet", "body", "message", "utterance"),
+}
 
 
 def _text(where: str, row: dict, key: str, required: bool = True) -> str | None:
     if key not in row or row[key] is None:
         if required:
-            raise DataError(f"{where}: missing field {key!r} (row has {', '.join(sorted(row)) or 'no fields'})")
+            raise DataError(f"{where}: missing field {key!r}; {map_hint(sorted(row), key)}")
         return None
     value = row[key]
     if not isinstance(value, str):
@@ -310,7 +349,12 @@ def _build(
 ) -> Task:
     """Validate raw rows of all splits into a Task; meta.json wins over inference, explicit arguments over both.
 
-    `class_indices`: the labels are a `datasets` ClassLabel's names, so its ints are indices for sure."""
+    `class_indices`: the labels are a `datasets` ClassLabel's names, so its ints are indices for sure.
+    `columns` (else meta.json's "columns") renames the user's fields and is kept in `meta`, so that a
+    delta's `eval` reads the data the way its training did."""
+    columns = check_columns(columns if columns is not None else meta.get("columns"))
+    if columns:
+        meta = meta | {"columns": dict(columns)}
     raw = {s: [(w, _canonical(r, columns)) for w, r in rows] for s, rows in raw.items()}
     task_type = task_type or meta.get("type")
     labels = list(labels) if labels is not None else meta.get("labels")

@@ -54,13 +54,29 @@ def _read_jsonl(path: Path) -> list[Raw]:
     return rows
 
 
+def _delimiter(header: str) -> str:
+    """',' unless the header line has none and one of ';', tab, '|': Excel writes ';' where the decimal
+    separator is a comma, and a ';' file read with ',' is one column named 'text;label' whose error
+    ("no 'label' field") hid the cause."""
+    if "," not in header:
+        for candidate in (";", "\t", "|"):
+            if candidate in header:
+                return candidate
+    return ","
+
+
 def _read_csv(path: Path) -> list[Raw]:
     tsv = path.suffix == ".tsv"
     rows = []
     with path.open(encoding="utf-8-sig", newline="") as fh:
         # TSV (GLUE's format) has no quoting: a text that starts with '"' would otherwise open a quoted
         # field that swallows the following lines, tabs and labels into one row without a word
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.DictReader(fh)
+        if tsv:
+            reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            delimiter = _delimiter(fh.readline())
+            fh.seek(0)
+            reader = csv.DictReader(fh, delimiter=delimiter)
         end = 1  # the header line
         for row in reader:
             start, end = end + 1, reader.line_num
@@ -70,11 +86,11 @@ def _read_csv(path: Path) -> list[Raw]:
             # CSV has no types: empty cells are absent, numbers are parsed later against the task's labels.
             rows.append((where, {k: v for k, v in row.items() if v not in ("", None)}))
     if not tsv:
-        _check_swallowed(rows, reader.fieldnames or [])
+        _check_swallowed(rows, reader.fieldnames or [], delimiter)
     return rows
 
 
-def _check_swallowed(rows: list[Raw], fields: list[str]) -> None:
+def _check_swallowed(rows: list[Raw], fields: list[str], delimiter: str = ",") -> None:
     """Refuse a quoted field that holds whole rows of the file: a quote opened and never closed.
 
     CSV lets a quoted text span lines, so `"bad movie,0` is legal and swallows the lines after it into
@@ -90,7 +106,7 @@ def _check_swallowed(rows: list[Raw], fields: list[str]) -> None:
             if key == "label" or "\n" not in value:
                 continue
             for line in value.splitlines()[:-1]:
-                cells = next(csv.reader([line]), [])
+                cells = next(csv.reader([line], delimiter=delimiter), [])
                 if len(cells) == len(fields) and cells[fields.index("label")] in labels:
                     raise DataError(
                         f"{where}: the quoted {key!r} runs over several lines and holds {line!r}, a row of its own: "

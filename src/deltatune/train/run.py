@@ -169,6 +169,7 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
             "max_train": spec.max_train,
             "task_source": task.source,
             "dev_split": task.meta.get("dev_split"),
+            "columns": task.meta.get("columns"),
             "test": result.test,
             "init_from": None if spec.init_from is None else str(spec.init_from),
         }

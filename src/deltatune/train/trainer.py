@@ -388,6 +388,7 @@ def _save(
         "pairs": task.is_pair,  # inputs are text pairs ("a ||| b" on the command line)
         "task_source": task.source,
         "dev_split": task.meta.get("dev_split"),
+        "columns": task.meta.get("columns"),  # the user's column names, as --columns mapped them
         "best": result.best,
         "best_step": result.best_step,
         "test": result.test,
