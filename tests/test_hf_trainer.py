@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tiny import VOCAB, make_model
 
 import deltatune as dt
+from deltatune.core.delta import DeltaError
 from deltatune.train.hf import SaveDeltaCallback, optimizer, param_groups
 
 transformers = pytest.importorskip("transformers")
@@ -200,7 +201,10 @@ def test_trainer_given_the_backbone_warns_that_no_delta_trains(tmp_path: Path) -
     dm = dt.attach(model, dt.METHODS["lora"](), train_head=True)
     before = _trained(dm)
     args = _args(tmp_path, max_steps=101, disable_tqdm=True)
-    with pytest.warns(UserWarning, match=r"no optimizer step changed it.*Trainer\(model=dm\), not the backbone"):
+    with (
+        pytest.warns(UserWarning, match=r"no optimizer step changed it.*Trainer\(model=dm\), not the backbone"),
+        pytest.raises(DeltaError, match="save_pretrained of this model would write it without its deltas"),
+    ):  # and its checkpoint (the backbone's save_pretrained) would have dropped them: refused (core.marks)
         transformers.Trainer(model=model, args=args, train_dataset=Rows()).train()
     assert all(torch.equal(before[k], v) for k, v in _trained(dm).items() if k.startswith("deltas."))
     with warnings.catch_warnings():  # the DeltaModel itself, with accumulation: steps reset the count

@@ -10,6 +10,7 @@ import transformers as tf
 from tiny import logits, make_inputs, make_model
 
 import deltatune as dt
+from deltatune.core.delta import DeltaError
 
 MERGEABLE = [m for m, cls in dt.METHODS.items() if cls.mergeable]
 
@@ -140,7 +141,11 @@ def test_cli_inspect_and_merge_a_saved_delta(tmp_path: Path, capsys) -> None:  #
     assert main(["inspect", str(tmp_path / "d")]) == 0
     text = capsys.readouterr().out
     assert "lora (reparameterization), 2,048 parameters" in text and "BertForSequenceClassification" in text
-    model.save_pretrained(tmp_path / "backbone")
+    with pytest.raises(DeltaError, match="would write it without its deltas"):  # core.marks
+        model.save_pretrained(tmp_path / "backbone")
+    dm.disable("default")
+    dm.export_merged(tmp_path / "backbone")  # the bare backbone, as the refusal says
+    dm.enable("default")
     from tiny import make_tokenizer
 
     make_tokenizer(["x"]).save_pretrained(tmp_path / "backbone")
@@ -149,3 +154,34 @@ def test_cli_inspect_and_merge_a_saved_delta(tmp_path: Path, capsys) -> None:  #
     plain = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     inputs = make_inputs(model)
     torch.testing.assert_close(logits(plain, inputs), logits(dm, inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "prefix"])
+def test_the_model_kept_after_attach_refuses_what_would_silently_drop_or_double_its_deltas(
+    method: str, tmp_path: Path
+) -> None:
+    """`model` (the name users keep) with deltas attached: its save_pretrained wrote it without them
+    (reloaded 4e-4 off with LoRA, 0.019 with prefix, BitFit's biases re-initialised), and a second attach
+    (a notebook cell run twice) ran the first DeltaModel's deltas unseen in the second's outputs."""
+    import copy
+    import gc
+
+    model = make_model("bert")
+    dm = dt.attach(model, dt.METHODS[method]())
+    _perturb(dm)
+    with pytest.raises(DeltaError, match="would write it without its deltas"):
+        model.save_pretrained(tmp_path / "m")
+    with pytest.raises(DeltaError, match=rf"already carries deltas of another DeltaModel \('default' \({method}\)\)"):
+        dt.attach(model, dt.METHODS["lora"]())
+    snapshot = copy.deepcopy(model)  # carries copies of the deltas: refused alike
+    with pytest.raises(DeltaError, match="would write it without its deltas"):
+        snapshot.save_pretrained(tmp_path / "s")
+    with pytest.raises(DeltaError, match="whose DeltaModel is gone"):
+        dt.DeltaModel(snapshot)
+    assert dm.detach() is model  # the last delta gone: the model is as it came, and saves
+    model.save_pretrained(tmp_path / "m")
+    dm = dt.attach(model, dt.METHODS[method]())
+    del dm
+    gc.collect()  # dropped without detach(): its deltas still act on `model`
+    with pytest.raises(DeltaError, match="whose DeltaModel is gone"):
+        dt.attach(model, dt.METHODS["lora"]())

@@ -119,18 +119,6 @@ class BackboneCopier:
         return deep_copy(self.module, memo)
 
 
-def copy_with_deltas(backbone: nn.Module) -> None:
-    """Make `copy.deepcopy(backbone)` copy the deltas acting on it (copy.deepcopy reads instance attributes)."""
-    if not isinstance(vars(backbone).get("__deepcopy__"), BackboneCopier):
-        vars(backbone)["__deepcopy__"] = BackboneCopier(backbone)
-
-
-def copy_plainly(backbone: nn.Module) -> None:
-    """Undo `copy_with_deltas` once the last delta is gone: the backbone as it came."""
-    if isinstance(vars(backbone).get("__deepcopy__"), BackboneCopier):
-        del vars(backbone)["__deepcopy__"]
-
-
 def _own_class(module: nn.Module) -> None:
     """Give a copied parametrized module a class of its own, as torch gives each parametrized module.
 

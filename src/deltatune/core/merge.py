@@ -70,7 +70,7 @@ def export_merged(dm: DeltaModel, path: str | os.PathLike, tokenizer: object | N
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)  # temp folders of exports that were killed midway
     with replacing_folder(path) as tmp:  # `path` is missing or empty (checked above)
-        dm.backbone.save_pretrained(tmp, state_dict=state)
+        type(dm.backbone).save_pretrained(dm.backbone, tmp, state_dict=state)  # the class's: core.marks
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import conventions, copying, unstepped
+from . import conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
@@ -63,6 +63,7 @@ class DeltaModel(nn.Module):
                 f"this is a PEFT {type(backbone).__name__}: attach to the plain transformers model, or bring a saved "
                 "PEFT adapter over with deltatune.interop.import_peft(model, folder)"
             )
+        marks.check_free(backbone)  # another DeltaModel's deltas already act on it
         self.backbone = backbone
         self.deltas = nn.ModuleDict()
         self.train_head = False
@@ -218,7 +219,7 @@ class DeltaModel(nn.Module):
         delta.train(self.backbone.training)
         self.deltas[name] = delta
         unstepped.watch(self.backbone, self.deltas)  # Trainer(model=backbone) trains no delta: say so
-        copying.copy_with_deltas(self.backbone)  # best = copy.deepcopy(model) keeps the deltas' outputs
+        marks.mark(self.backbone, self)  # `model` itself: copies keep the deltas, saves refuse to drop them
         if train_head is not None:
             self.train_head = train_head
         self.freeze()
@@ -246,7 +247,7 @@ class DeltaModel(nn.Module):
             del self.deltas[n]
         if len(self.deltas) == 0:
             unstepped.unwatch(self.backbone)
-            copying.copy_plainly(self.backbone)
+            marks.unmark(self.backbone)
             for pname, p in self.backbone.named_parameters():
                 p.requires_grad_(self._requires_grad.get(pname, p.requires_grad))
             return self.backbone

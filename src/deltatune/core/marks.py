@@ -1,0 +1,85 @@
+"""What a backbone carries while deltas act on it, so that the `model` users keep stays honest.
+
+`dm = dt.attach(model, ...)` leaves `model` in the user's hands, with the deltas acting on it through
+hooks that its own methods do not know of. Three things went wrong without a word (each measured on
+tiny BERT with a trained LoRA):
+- `best = copy.deepcopy(model)` shared the hooks: the snapshot followed the original's training (0.025);
+- `model.save_pretrained(dir)` wrote the backbone without the deltas (reloaded: 4e-4 off with LoRA,
+  0.019 with prefix tuning; BitFit's biases came back re-initialised);
+- a second `dt.attach(model, ...)` (a notebook cell run twice) gave a DeltaModel whose outputs included
+  the first one's trained LoRA, absent from its parameters, tree and saves.
+So while a delta is attached the backbone carries instance attributes: its own `__deepcopy__` (copies
+the deltas with it), a `save_pretrained` that refuses and names the calls that keep the deltas, and a
+weak reference to its DeltaModel, which a second DeltaModel finds and refuses. The last `detach()`
+removes them: the backbone is as it came.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .copying import BackboneCopier
+from .delta import DeltaError
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+OWNER = "_deltatune_owner"
+
+SAVE_REFUSED = (
+    "save_pretrained of this model would write it without its deltas, which act through hooks: save the deltas "
+    "with dm.save_pretrained(folder) (DeltaModel.from_pretrained(model, folder) loads them), or a plain model with "
+    "them merged with dm.export_merged(folder); the bare backbone: dm.export_merged(folder) with every delta "
+    "disabled (dm.disable(name)), or dm.detach() first"
+)
+
+
+class SaveRefused:
+    """The backbone's `save_pretrained` (and so `push_to_hub`'s) while deltas are attached."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise DeltaError(SAVE_REFUSED)
+
+
+def mark(backbone: nn.Module, dm: DeltaModel) -> None:
+    """Called when a delta is attached (again harmless)."""
+    found = vars(backbone)
+    found.setdefault("__deepcopy__", BackboneCopier(backbone))
+    found.setdefault("save_pretrained", SaveRefused(backbone))
+    found[OWNER] = weakref.ref(dm)
+
+
+def unmark(backbone: nn.Module) -> None:
+    """Called when the last delta is gone."""
+    found = vars(backbone)
+    for key, kind in (("__deepcopy__", BackboneCopier), ("save_pretrained", SaveRefused)):
+        if isinstance(found.get(key), kind):
+            del found[key]
+    found.pop(OWNER, None)
+
+
+def check_free(backbone: nn.Module) -> None:
+    """Refuse a second DeltaModel on a backbone whose deltas another one (or none, any more) holds."""
+    ref = vars(backbone).get(OWNER)
+    if ref is None:
+        return
+    owner = ref()
+    if owner is not None and owner.backbone is backbone and len(owner.deltas):
+        held = ", ".join(f"{n!r} ({d.config.method})" for n, d in owner.deltas.items())
+        raise DeltaError(
+            f"this model already carries deltas of another DeltaModel ({held}), which a second one would run "
+            "unseen (in its outputs, not in its parameters, tree or saves): add to that one with "
+            "dm.add(name, config) or dt.attach(dm, config, name=...), or remove them with dm.detach() first "
+            "(a notebook cell run twice: detach, or reload the model)"
+        )
+    raise DeltaError(
+        "this model carries deltas whose DeltaModel is gone (a deep copy of a model with deltas attached, or a "
+        "DeltaModel dropped without detach()), and they act on its outputs: start from a freshly loaded model, "
+        "or copy the DeltaModel instead (copy.deepcopy(dm))"
+    )
