@@ -116,6 +116,7 @@ EQUAL = {
     "adalora-lora-options": ("AdaLoraConfig", "bert", {"init_r": 6, "target_r": 2, "total_step": 10, "r": 4,
                                                        "use_rslora": True, "alpha_pattern": {"query": 3},
                                                        "lora_bias": True, "lora_dropout": 0.2}),
+    "adalora-alpha-0": ("AdaLoraConfig", "bert", {"init_r": 6, "target_r": 2, "total_step": 10, "lora_alpha": 0}),
     "ia3-random-init": ("IA3Config", "bert", {"target_modules": ["key", "value"], "feedforward_modules": [],
                                               "init_ia3_weights": False}),
     "ia3-conv1d": ("IA3Config", "gpt2", {"feedforward_modules": ["mlp.c_proj"], "fan_in_fan_out": True}),
@@ -160,3 +161,29 @@ def test_a_peft_option_deltatune_cannot_represent_is_refused_by_name(case: str, 
     _save(config_cls, arch, tmp_path, **settings)
     with pytest.raises(PeftFormatError, match=match):
         import_peft(_model(arch), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_adalora_saved_after_rank_allocation_imports_with_its_ranks(arch: str, tmp_path: Path) -> None:
+    """PEFT saves only the kept triplets (rank_pattern); was refused as "another base model?"."""
+    head = "cls" if arch == "bert" else "lm"
+    config = peft.AdaLoraConfig(target_modules=TARGETS[arch], task_type=TASK[head], init_r=6, target_r=2, tinit=1,
+                                tfinal=3, total_step=10)  # fmt: skip
+    pm = peft.get_peft_model(make_model(arch, head), config)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    inputs = make_inputs(make_model(arch, head))
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    for step in range(1, 11):
+        pm(**inputs).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    pm.eval().save_pretrained(tmp_path)
+    pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    dm = import_peft(make_model(arch, head), tmp_path)
+    _assert_peft_s_outputs(dm, logits(pm, inputs), inputs, arch)
+    assert dm.delta().ranks() == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
+    assert max(dm.delta().ranks().values()) < 6  # PEFT saved fewer than init_r ranks in every module

@@ -8,7 +8,8 @@ unchanged, or change them beyond what deltatune represents (refused by name; any
 refused as possibly a later PEFT's, see peft_common.check_fields). VeRA's shared projections are
 regenerated from the seed; a folder whose saved projections differ from what that seed gives is
 refused rather than loaded wrongly. A tensor of the method that deltatune has no place for (LoKr's
-decompose_both factors, conv kernels) is refused naming the option that made it.
+decompose_both factors, conv kernels) is refused naming the option that made it. AdaLoRA saved after
+rank allocation holds only the kept ranks; they are put back among init_r with the pruned ones zero.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Format:
     refuse: Mapping[str, str] = dataclasses.field(default_factory=dict)  # field -> what it is (changes outputs)
     marker: str = ""  # what every PEFT tensor name of this method holds
     extra: Mapping[str, str] = dataclasses.field(default_factory=dict)  # PEFT tensor we lack -> the option behind it
+    full: Callable[[dict, str, Tensors], Tensors] | None = None  # a module's saved tensors at our shapes
 
 
 def _oft_settings(c: dict, modules: dict[str, Tensors], model: nn.Module) -> dict:
@@ -76,10 +78,11 @@ def _oft_settings(c: dict, modules: dict[str, Tensors], model: nn.Module) -> dic
 
 
 def _adalora_settings(c: dict, modules: dict[str, Tensors], model: nn.Module) -> dict:
+    alpha = float(c.get("lora_alpha", 8))
     return {
         "init_r": c["init_r"],
         "target_r": c["target_r"],
-        "alpha": float(c.get("lora_alpha", 8)),
+        "alpha": alpha if alpha > 0 else float(c["init_r"]),  # PEFT: lora_alpha if lora_alpha > 0 else r
         "tinit": c.get("tinit", 0),
         "tfinal": c.get("tfinal", 0),
         "delta_t": c.get("deltaT", 1),
@@ -88,6 +91,30 @@ def _adalora_settings(c: dict, modules: dict[str, Tensors], model: nn.Module) ->
         "orth_weight": c.get("orth_reg_weight", 0.5),
         "dropout": c.get("lora_dropout", 0.0),
     }
+
+
+def _adalora_full(c: dict, module: str, saved: Tensors) -> Tensors:
+    """PEFT saves an AdaLoRA whose ranks were allocated (`rank_pattern`, a kept-mask per module) with only the
+    kept triplets: E and A rows, B columns. It reloads them keeping the scaling of all init_r ranks, so at
+    init_r, with the pruned triplets zero, they compute the same and deltatune's ranks() reads the allocation."""
+    masks = {k.split(".lora_E")[0]: v for k, v in (c.get("rank_pattern") or {}).items()}
+    init_r = int(c["init_r"])
+    if module not in masks or set(saved) != {"A", "B", "E"} or saved["E"].shape[0] == init_r:
+        return saved
+    mask = torch.tensor(masks[module], dtype=torch.bool).reshape(-1)
+    if mask.numel() != init_r or int(mask.sum()) != saved["E"].shape[0]:
+        raise PeftFormatError(
+            f"rank_pattern keeps {int(mask.sum())} of {mask.numel()} ranks of {module!r}, whose tensors hold "
+            f"{saved['E'].shape[0]} of init_r={init_r}: the config and the weights disagree"
+        )
+    e, a, b = (saved[k] for k in "EAB")
+    full = {
+        "E": e.new_zeros(init_r, *e.shape[1:]),
+        "A": a.new_zeros(init_r, a.shape[1]),
+        "B": b.new_zeros(b.shape[0], init_r),
+    }
+    full["E"][mask], full["A"][mask], full["B"][:, mask] = e, a, b
+    return full
 
 
 # Config fields (PEFT 0.21) each import honors or that leave a trained adapter's outputs unchanged (metadata,
@@ -200,6 +227,7 @@ FORMATS = {
         _ADALORA,
         _ADALORA_REFUSED,
         "lora_",
+        full=_adalora_full,
     ),
 }
 BY_METHOD = {f.method: t for t, f in FORMATS.items()}
@@ -249,6 +277,7 @@ def import_peft_layers(
         _check_projections(delta, projections)
         with torch.no_grad():
             for module, saved in modules.items():
+                saved = fmt.full(config, module, saved) if fmt.full else saved
                 layer = delta.layers[safe_key(module)]
                 ours = {n for n, _ in layer.named_parameters()}
                 if set(saved) != ours:
