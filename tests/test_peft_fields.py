@@ -136,6 +136,8 @@ REFUSED = {
     "oft-coft": ("OFTConfig", "bert", {"r": 0, "oft_block_size": 8, "coft": True}, r"constrained OFT \(coft\)"),
     "oft-block-share": ("OFTConfig", "bert", {"r": 0, "oft_block_size": 8, "block_share": True}, r"block_share"),
     "oft-bias": ("OFTConfig", "bert", {"r": 0, "oft_block_size": 8, "bias": "oft_only"}, r"bias='oft_only'"),
+    "oft-r-on-two-widths": ("OFTConfig", "llama", {"r": 4, "oft_block_size": 0, "target_modules": ["q_proj", "down_proj"]},
+                            r"r=4 blocks per layer, so its block sizes differ .* retrain with oft_block_size"),
     "vera-bias": ("VeraConfig", "bert", {"r": 16, "bias": "vera_only"}, r"bias='vera_only'"),
     "adalora-layer-replication": ("AdaLoraConfig", "bert", {"init_r": 6, "target_r": 2, "total_step": 10,
                                                             "layer_replication": [[0, 2], [1, 2]]},

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..core.delta import safe_key
-from ..core.layers import is_transposed
+from ..core.layers import is_transposed, linear_dims
 from ..core.model import DeltaModel
 from ..core.targeting import resolve
 from ..methods import METHODS
+from ..methods.reparameterization.oft import nearest_divisor
 from .peft_common import (
     PREFIX,
     TARGETING_FIELDS,
@@ -65,14 +66,33 @@ class Format:
 
 
 def _oft_settings(c: dict, modules: dict[str, Tensors], model: nn.Module) -> dict:
+    """One block size for all modules: PEFT's `oft_block_size`, moved per layer to the nearest divisor of
+    its width as deltatune's OFT does too, or with `r` (blocks per layer) the size its tensors show."""
     version = tuple(int(v) for v in c.get("peft_version", "0.0.0").partition("@")[0].split(".")[:2] if v.isdigit())
     if c.get("use_cayley_neumann") and version < (0, 18):
         raise PeftFormatError(
             "this OFT adapter was saved before PEFT 0.18 with the Cayley-Neumann series, whose form changed then; "
             "deltatune computes the current one, so the outputs would differ: retrain it with PEFT >= 0.18"
         )
-    n = next(iter(modules.values()))["weight"].shape[1]  # b(b-1)/2 numbers per block
-    block = int(round((1 + math.sqrt(1 + 8 * n)) / 2))
+    blocks, widths = {}, {}
+    for module, saved in modules.items():
+        if "weight" not in saved:
+            continue  # import_peft_layers names the missing tensor
+        n = saved["weight"].shape[1]  # b(b-1)/2 numbers per block
+        blocks[module] = int(round((1 + math.sqrt(1 + 8 * n)) / 2))
+        layer = model.get_submodule(module)
+        try:
+            widths[module] = linear_dims(layer)[0]
+        except TypeError as err:
+            raise PeftFormatError(f"this OFT adapter rotates {module!r}, a {type(layer).__name__}: {err}") from err
+    candidates = ([int(c["oft_block_size"])] if c.get("oft_block_size") else []) + sorted(set(blocks.values()))
+    block = next((b for b in candidates if all(nearest_divisor(widths[m], b) == blocks[m] for m in blocks)), None)
+    if block is None:
+        shown = ", ".join(f"{m} ({widths[m]} wide): {blocks[m]}" for m in list(blocks)[:3])
+        raise PeftFormatError(
+            f"this OFT adapter has r={c.get('r')} blocks per layer, so its block sizes differ by layer width ({shown}); "
+            "deltatune's OFT has one block size per delta: retrain with oft_block_size (and r=0)"
+        )
     return {"block_size": block, "cayley_neumann": c.get("use_cayley_neumann", True),
             "neumann_terms": c.get("num_cayley_neumann_terms", 5)}  # fmt: skip
 
