@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import logits, make_inputs, make_model
+import transformers
+from tiny import logits, make_config, make_inputs, make_model
 
-from deltatune.interop import CONFIG_FIELDS, PeftFormatError, import_peft
+import deltatune as dt
+from deltatune.interop import CONFIG_FIELDS, PeftFormatError, export_peft, import_peft
 from deltatune.interop.peft_common import COMMON_FIELDS
 
 peft = pytest.importorskip("peft")
@@ -189,3 +191,27 @@ def test_adalora_saved_after_rank_allocation_imports_with_its_ranks(arch: str, t
     _assert_peft_s_outputs(dm, logits(pm, inputs), inputs, arch)
     assert dm.delta().ranks() == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
     assert max(dm.delta().ranks().values()) < 6  # PEFT saved fewer than init_r ranks in every module
+
+
+@pytest.mark.parametrize("kind,arch", [("PromptTuningConfig", "bert"), ("PrefixTuningConfig", "llama")])
+def test_a_prompt_adapter_without_a_task_type_is_refused(kind: str, arch: str, tmp_path: Path) -> None:
+    # PeftModel(model, config) accepts task_type=None and then never prepends the prompt (PEFT's reload
+    # computes the base model's outputs); the import prepended it: logits 0.033 (BERT) to 0.46 (Llama prefix) apart
+    pm = peft.PeftModel(_model(arch), getattr(peft, kind)(num_virtual_tokens=3))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(PeftFormatError, match=r"task_type=None, under which PEFT never prepends"):
+        import_peft(_model(arch), tmp_path)
+
+
+def test_a_prompt_delta_on_a_model_without_a_peft_task_type_is_not_exported(tmp_path: Path) -> None:
+    # the folder said task_type=None and PEFT ran BertForQuestionAnswering without the prompt: start logits 0.13
+    # from deltatune's, no error
+    config = make_config("bert")
+    config.num_labels = 2
+    dm = dt.attach(transformers.BertForQuestionAnswering(config), dt.METHODS["prompt"](num_tokens=3, positions="shift"))
+    with pytest.raises(PeftFormatError, match="BertForQuestionAnswering maps to no PEFT task type"):
+        export_peft(dm, tmp_path)
