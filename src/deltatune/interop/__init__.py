@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..core.model import DeltaModel
+from . import peft_ia3, peft_ln, peft_lora, peft_prompt
 from .peft_common import PeftFormatError, read_folder
 from .peft_ia3 import export_peft_ia3, import_peft_ia3
 from .peft_layers import FORMATS, export_peft_layers, import_peft_layers
@@ -29,6 +30,15 @@ IMPORTERS = {
     "PROMPT_TUNING": import_peft_prompt,
     "PREFIX_TUNING": import_peft_prefix,
 } | dict.fromkeys(FORMATS, import_peft_layers)
+# per PEFT type, the adapter_config.json fields its import knows (honored, or without effect on a trained
+# adapter's outputs) and those it refuses by name; any other field that is set is refused (check_fields)
+CONFIG_FIELDS = {
+    "LORA": (peft_lora._KNOWN, peft_lora._UNSUPPORTED),
+    "IA3": (peft_ia3.FIELDS, {}),
+    "LN_TUNING": (peft_ln.FIELDS, {}),
+    "PROMPT_TUNING": (peft_prompt.PROMPT_FIELDS, {}),
+    "PREFIX_TUNING": (peft_prompt.PREFIX_FIELDS, {}),
+} | {t: (f.known, f.refuse) for t, f in FORMATS.items()}
 EXPORTERS = {
     "lora": export_peft_lora,
     "ia3": export_peft_ia3,
@@ -40,7 +50,11 @@ EXPORTERS = {
 
 
 def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "default", **kwargs: Any) -> DeltaModel:
-    """Attach the PEFT adapter in `folder` to `model` as a deltatune delta named `name`."""
+    """Attach the PEFT adapter in `folder` to `model` as a deltatune delta named `name`.
+
+    Every import refuses an adapter_config.json field it does not know that is set (a later PEFT's option
+    may change the outputs); `ignore_fields=[...]` names those you know leave them unchanged. Other
+    keyword arguments go to the format's importer (`outputs_may_differ` for prompt tuning)."""
     config, _ = read_folder(folder)
     peft_type = config.get("peft_type")
     if peft_type not in IMPORTERS:
@@ -59,6 +73,7 @@ def export_peft(dm: DeltaModel, folder: str | os.PathLike, name: str = "default"
 
 
 __all__ = [
+    "CONFIG_FIELDS",
     "EXPORTERS",
     "IMPORTERS",
     "PeftFormatError",

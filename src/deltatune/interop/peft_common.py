@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,54 @@ TASK_TYPES = {
 }
 
 
+# fields of every PEFT config that say what the adapter is for, not what it computes: metadata, the
+# PeftModel wrapper (task_type; the prompt methods check theirs) and the saved head (check_head)
+COMMON_FIELDS = frozenset(
+    {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+     "inference_mode", "modules_to_save"}
+)  # fmt: skip
+# where an injected-layer method went: the saved tensors name the modules themselves
+TARGETING_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"})
+
+
 class PeftFormatError(ValueError):
     """A PEFT folder deltatune cannot represent exactly; the message says what and why."""
+
+
+def check_fields(
+    config: dict,
+    what: str,
+    known: Collection[str],
+    refused: Mapping[str, str] | None = None,
+    ignore_fields: Collection[str] = (),
+) -> None:
+    """Refuse a config field the import would otherwise pass over while PEFT acts on it.
+
+    `known`: the fields the import honors or that leave a trained adapter's outputs as they are
+    (metadata, targeting, initialisation, training-only settings); `refused`: field -> what it is, for the
+    fields that change the outputs in a way deltatune cannot represent. Any other field that is set (not
+    null/false/empty) may be a later PEFT's that changes the outputs: refused in one line, unless the caller
+    names it in `ignore_fields` (a refused field cannot be ignored: its effect is known)."""
+    refused = refused or {}
+    for key, meaning in refused.items():
+        if config.get(key):
+            raise PeftFormatError(
+                f"this adapter uses {meaning} ({key}); deltatune's {what} cannot represent it exactly"
+            )
+    allowed = COMMON_FIELDS | set(known) | set(refused) | set(ignore_fields)
+    unknown = sorted(k for k, v in config.items() if v and k not in allowed)
+    if unknown:
+        shown = ", ".join(f"{k}={config[k]!r}" for k in unknown[:4])
+        raise PeftFormatError(
+            f"adapter_config.json sets {shown}, unknown to deltatune's {what} import (a later PEFT's?), and it may "
+            f"change the outputs; if it does not, pass ignore_fields={unknown!r}"
+        )
+
+
+def check_bias(config: dict) -> None:
+    """PEFT's `bias` other than 'none' also trains (and saves) the base layers' biases."""
+    if config.get("bias", "none") != "none":
+        raise PeftFormatError(f"this adapter also trains biases (bias={config['bias']!r}); import supports bias='none'")
 
 
 def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

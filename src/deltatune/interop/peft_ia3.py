@@ -9,6 +9,7 @@ renaming plus a reshape, and the shape tells the side.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -21,9 +22,11 @@ from ..core.targeting import resolve
 from ..methods.addition.ia3 import IA3Config
 from .peft_common import (
     PREFIX,
+    TARGETING_FIELDS,
     PeftFormatError,
     as_delta_model,
     base_config,
+    check_fields,
     check_head,
     check_sites_outside_head,
     copy_head,
@@ -34,11 +37,19 @@ from .peft_common import (
 )
 
 MARK = ".ia3_l"
+# PEFT IA3Config fields (0.21) the import honors or that leave the outputs unchanged: feedforward_modules (the
+# vectors' shapes say the side), fan_in_fan_out (the base weight's layout, not the vectors'), the init
+FIELDS = TARGETING_FIELDS | {"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"}
 
 
-def import_peft_ia3(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
-    """Attach a PEFT (IA)^3 adapter as a deltatune (IA)^3 delta (and copy its saved task head)."""
+def import_peft_ia3(
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: Collection[str] = ()
+) -> DeltaModel:
+    """Attach a PEFT (IA)^3 adapter as a deltatune (IA)^3 delta (and copy its saved task head).
+
+    `ignore_fields`: adapter_config.json fields unknown to this import that you know leave the outputs as they are."""
     config, adapter, head = read_adapter(folder, "IA3", lambda k: k.endswith(MARK), "ia3_l")
+    check_fields(config, "(IA)^3", FIELDS, None, ignore_fields)
     vectors = {k.removesuffix(MARK): v for k, v in adapter.items()}
     bad = [m for m, v in vectors.items() if v.dim() != 2 or 1 not in v.shape]
     if bad:

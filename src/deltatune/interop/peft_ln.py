@@ -9,6 +9,7 @@ rounding of the subtraction, far inside the 1e-5 the tests ask for.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -18,9 +19,11 @@ from ..core.model import DeltaModel
 from ..methods.specification.layernorm import LayerNormConfig
 from .peft_common import (
     PREFIX,
+    TARGETING_FIELDS,
     PeftFormatError,
     as_delta_model,
     base_config,
+    check_fields,
     check_head,
     check_sites_outside_head,
     copy_head,
@@ -31,11 +34,17 @@ from .peft_common import (
 )
 
 MARK = ".ln_tuning_layers."
+FIELDS = TARGETING_FIELDS  # LNTuningConfig (0.21) has no other field than the common ones
 
 
-def import_peft_ln(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
-    """Attach a PEFT LN tuning adapter as a deltatune layernorm delta (and copy its saved task head)."""
+def import_peft_ln(
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: Collection[str] = ()
+) -> DeltaModel:
+    """Attach a PEFT LN tuning adapter as a deltatune layernorm delta (and copy its saved task head).
+
+    `ignore_fields`: adapter_config.json fields unknown to this import that you know leave the outputs as they are."""
     config, adapter, head = read_adapter(folder, "LN_TUNING", lambda k: MARK in k, "ln_tuning_layers")
+    check_fields(config, "LN tuning", FIELDS, None, ignore_fields)
     trained = {k.replace(MARK, "."): v for k, v in adapter.items()}  # "<module>.<param>"
     modules = tuple(sorted({k.rsplit(".", 1)[0] for k in trained}))
     dm = as_delta_model(model)

@@ -26,10 +26,13 @@ from ..methods.reparameterization.dora import DoRAConfig
 from ..methods.reparameterization.lora import LoRAConfig, pattern_value
 from .peft_common import (
     PREFIX,
+    TARGETING_FIELDS,
     WEIGHTS,
     PeftFormatError,
     as_delta_model,
     base_config,
+    check_bias,
+    check_fields,
     check_head,
     check_sites_outside_head,
     copy_head,
@@ -54,11 +57,10 @@ _UNSUPPORTED = {
 }
 # PEFT LoraConfig fields (0.21) that import honors (r, alphas, rsLoRA, DoRA, dropout, bias 'none', the head,
 # fan_in_fan_out: the same tensor layout) or that leave a trained adapter's outputs unchanged: metadata,
-# targeting (the tensors name the modules), initialisation and training-time settings
-_KNOWN = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
-    "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+# targeting (the tensors name the modules), initialisation (peft_init reads init_lora_weights) and
+# training-time settings
+_KNOWN = TARGETING_FIELDS | {
+    "r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "init_lora_weights",
     "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "use_dora", "velora_config", "qalora_group_size", "runtime_config",
     "ensure_weight_tying",
@@ -68,19 +70,8 @@ _KNOWN = {
 def _check(config: dict, ignore_fields: tuple[str, ...] = ()) -> None:
     if config.get("peft_type") != "LORA":
         raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not LoRA; use import_peft")
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key):
-            raise PeftFormatError(f"this adapter uses {what} ({key}); deltatune's LoRA cannot represent it exactly")
-    # a field of a later PEFT may change the outputs: set (not off/empty), it is refused rather than ignored
-    unknown = sorted(k for k, v in config.items() if k not in _KNOWN | set(_UNSUPPORTED) | set(ignore_fields) and v)
-    if unknown:
-        shown = ", ".join(f"{k}={config[k]!r}" for k in unknown[:4])
-        raise PeftFormatError(
-            f"adapter_config.json sets {shown}, unknown to deltatune's LoRA import (a later PEFT's?), and it may change "
-            f"the outputs; if it does not, pass ignore_fields={unknown!r}"
-        )
-    if config.get("bias", "none") != "none":
-        raise PeftFormatError(f"this adapter also trains biases (bias={config['bias']!r}); import supports bias='none'")
+    check_fields(config, "LoRA", _KNOWN, _UNSUPPORTED, ignore_fields)
+    check_bias(config)
 
 
 def import_peft_lora(

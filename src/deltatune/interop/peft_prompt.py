@@ -22,6 +22,7 @@ refused elsewhere unless `positions_may_differ=True` says the caller accepts the
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -36,17 +37,32 @@ from .peft_common import (
     PeftFormatError,
     as_delta_model,
     base_config,
+    check_fields,
     check_head,
     copy_head,
     exported_delta,
     head_for_export,
     read_folder,
     split,
+    task_type,
     write_folder,
 )
 
 KEY = "prompt_embeddings"
 RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # no position embeddings a shift could change
+# PEFT config fields (0.21) the imports honor or that leave the outputs unchanged. Both: num_virtual_tokens and
+# token_dim (the tensor's shape says them), num_transformer_submodules (checked). Prompt tuning: the layer and
+# head counts (unused) and the init. Prefix tuning: the cache layout (the tensor's width and num_layers are
+# checked), the init, and the MLP (PEFT saves its output, which is what it runs in inference mode).
+PROMPT_FIELDS = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                  "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                  "tokenizer_kwargs"}  # fmt: skip
+PREFIX_FIELDS = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                  "num_layers", "init_weights", "encoder_hidden_size", "prefix_projection"}  # fmt: skip
+_FIELDS = {"PROMPT_TUNING": ("prompt tuning", PROMPT_FIELDS), "PREFIX_TUNING": ("prefix tuning", PREFIX_FIELDS)}
+# the task types under which PEFT prepends the prompt (its MODEL_TYPE_TO_PEFT_MODEL_MAPPING); a plain PeftModel
+# (task_type None or another) runs the base model alone, so its outputs are the base model's
+PEFT_TASKS = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 def _check_positions(delta: nn.Module, model: nn.Module, what: str, positions_may_differ: bool) -> None:
@@ -78,10 +94,28 @@ def _check_pooling(model: nn.Module, outputs_may_differ: bool) -> None:
         )
 
 
-def _read(folder: Path, peft_type: str) -> tuple[dict, torch.Tensor, dict]:
+def _check_task(model: nn.Module, what: str) -> None:
+    """Exporting: PEFT prepends the vectors only under a task type, which the model class gives (TASK_TYPES)."""
+    if task_type(model) not in PEFT_TASKS:
+        raise PeftFormatError(
+            f"{type(model).__name__} maps to no PEFT task type, so PEFT would load this {what} delta into a plain "
+            f"PeftModel that never prepends it (its outputs would be the base model's); PEFT's {what} runs on "
+            "classifiers, token classifiers, causal and seq2seq LMs and bare models"
+        )
+
+
+def _read(folder: Path, peft_type: str, ignore_fields: Collection[str]) -> tuple[dict, torch.Tensor, dict]:
     config, tensors = read_folder(folder)
     if config.get("peft_type") != peft_type:
         raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not {peft_type}; use import_peft")
+    what, known = _FIELDS[peft_type]
+    check_fields(config, what, known, None, ignore_fields)
+    if config.get("task_type") not in PEFT_TASKS:
+        raise PeftFormatError(
+            f"adapter_config.json has task_type={config.get('task_type')!r}, under which PEFT never prepends the "
+            f"{what} vectors (its outputs are the base model's, so they were not trained either); a {what} adapter "
+            f"needs one of {', '.join(PEFT_TASKS)}"
+        )
     if KEY not in tensors:
         raise PeftFormatError(f"{folder / WEIGHTS} holds no {KEY}")
     _, head = split(tensors, PROMPT_PREFIX, lambda k: k == KEY)
@@ -89,12 +123,18 @@ def _read(folder: Path, peft_type: str) -> tuple[dict, torch.Tensor, dict]:
 
 
 def import_peft_prompt(
-    model: nn.Module, folder: str | os.PathLike, name: str = "default", *, outputs_may_differ: bool = False
+    model: nn.Module,
+    folder: str | os.PathLike,
+    name: str = "default",
+    *,
+    outputs_may_differ: bool = False,
+    ignore_fields: Collection[str] = (),
 ) -> DeltaModel:
     """Attach a PEFT prompt tuning adapter as a deltatune prompt delta numbering positions as PEFT does
-    (and copy its saved task head)."""
+    (and copy its saved task head). `ignore_fields`: adapter_config.json fields unknown to this import that
+    you know leave the outputs as they are."""
     folder = Path(folder)
-    config, embeddings, head = _read(folder, "PROMPT_TUNING")
+    config, embeddings, head = _read(folder, "PROMPT_TUNING", ignore_fields)
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise PeftFormatError(
             "this prompt also prepends vectors to the decoder (num_transformer_submodules=2, PEFT's default for "
@@ -125,6 +165,7 @@ def export_peft_prompt(
 ) -> Path:
     """Write a prompt delta as a PEFT prompt tuning folder."""
     delta = exported_delta(dm, name, ("prompt",), "prompt", "PROMPT_TUNING")
+    _check_task(dm.backbone, "prompt")
     _check_positions(delta, dm.backbone, "prompt", positions_may_differ)
     _check_pooling(dm.backbone, outputs_may_differ)
     tensors, heads = head_for_export(dm, PROMPT_PREFIX, include_head)
@@ -159,11 +200,13 @@ def _check_decoder_only(model: nn.Module) -> None:
         )
 
 
-def import_peft_prefix(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> DeltaModel:
+def import_peft_prefix(
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", *, ignore_fields: Collection[str] = ()
+) -> DeltaModel:
     """Attach a PEFT prefix tuning adapter as a deltatune prefix delta without reparameterization,
-    numbering positions as PEFT does."""
+    numbering positions as PEFT does. `ignore_fields`: as import_peft_prompt's."""
     folder = Path(folder)
-    config, embeddings, head = _read(folder, "PREFIX_TUNING")
+    config, embeddings, head = _read(folder, "PREFIX_TUNING", ignore_fields)
     dm = as_delta_model(model)
     _check_decoder_only(dm.backbone)
     check_head(dm, head)
@@ -198,6 +241,7 @@ def export_peft_prefix(
 ) -> Path:
     """Write a prefix delta as a PEFT prefix tuning folder (its MLP, if any, evaluated first)."""
     delta = exported_delta(dm, name, ("prefix",), "prefix", "PREFIX_TUNING")
+    _check_task(dm.backbone, "prefix")
     _check_decoder_only(dm.backbone)
     _check_positions(delta, dm.backbone, "prefix", positions_may_differ)
     with torch.no_grad():
