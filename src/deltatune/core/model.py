@@ -22,7 +22,7 @@ from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
 from .merge import export_merged
 from .registry import get_config
-from .routing import RoutingError, RowIds, input_rows, row_names
+from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
 from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
@@ -142,17 +142,11 @@ class DeltaModel(nn.Module):
         would act on every row, so they must be unmerged first. `rows`, when known, is the batch size
         `delta_ids` must match.
         """
-        rows_given = rows
-        rows = row_names(delta_ids)
-        if not rows:
-            raise RoutingError("delta_ids is empty; pass one entry per row of the batch")
-        if rows_given is not None and len(rows) != rows_given:
-            raise RoutingError(
-                f"delta_ids has {len(rows)} entries for a batch of {rows_given} rows; pass one delta id per row"
-            )
+        rows = row_names(delta_ids, batch=rows)
         names = {n for row in rows for n in row}
         for n in sorted(names):
             self._get(n)
+        refuse_recomputation(self.backbone)
         routes = check_routes(self.deltas, rows, self._device())
         previous = {n: d.route for n, d in self.deltas.items()}
         try:
