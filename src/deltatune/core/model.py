@@ -83,6 +83,13 @@ class DeltaModel(nn.Module):
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(copying.NO_PICKLE)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Tools wrap `forward` (accelerate's autocast) or replace it (TRL's fused LM head): a replacement that
+        computes the loss without it is refused where a delta would silently train wrongly (`core.conventions`)."""
+        if name == "forward":
+            conventions.check_replaced_forward(self, value)
+        super().__setattr__(name, value)
+
     # -- behaving as the backbone -------------------------------------------------------------
     def forward(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
         """The backbone's forward; with `delta_ids` (one per row) each row uses its own deltas.
@@ -216,6 +223,7 @@ class DeltaModel(nn.Module):
         if train_head is not None:
             self.train_head = train_head
         self.freeze()
+        conventions.check_added(self, name)  # after SFTTrainer patched the forward: refused deltas are detached
         return self
 
     def detach(self, name: str | None = None) -> nn.Module:
