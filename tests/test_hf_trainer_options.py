@@ -3,7 +3,8 @@
 test_hf_trainer.py covers the defaults (columns, delta-sized checkpoints, resume to the same tensors);
 here each option is held to what it promises for a plain model: the best step's outputs come back,
 a resumed run logs the uninterrupted run's losses, checkpointing and accumulation change no update,
-bf16 autocast trains the fp32 delta, evaluation and prediction see the deltas.
+bf16 autocast trains the fp32 delta, evaluation and prediction see the deltas, and the folder
+`save_model` writes is named for what it is.
 """
 
 from __future__ import annotations
@@ -195,3 +196,20 @@ def test_evaluate_and_predict_see_the_deltas(kind: str, tmp_path: Path) -> None:
         expected = dm.eval()(**batch).logits.numpy()
     assert (got["predictions"] == expected).all()
     assert (trainer.predict(dev).predictions == expected).all()
+
+
+def test_the_folder_save_model_writes_is_named_with_the_calls_that_read_it(tmp_path: Path) -> None:
+    """`Trainer.save_model` writes a DeltaModel's state dict (no configs): both folder loaders say what to do,
+    and the state loads back into the DeltaModel built as for training with equal outputs."""
+    dm = _dm("lm", several=True)
+    trainer = transformers.Trainer(model=dm, args=_args(tmp_path), train_dataset=Rows(lm=True))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for load in (dt.DeltaModel.from_pretrained, dt.load_delta):
+        with pytest.raises(
+            dt.DeltaIOError, match=r"Trainer.save_model.*load_state_dict.*dm\.save_pretrained\(folder\)"
+        ):
+            load(make_model("llama", "lm"), tmp_path / "final")
+    fresh = _dm("lm", several=True)
+    fresh.load_state_dict(load_file(str(tmp_path / "final" / "model.safetensors")))
+    torch.testing.assert_close(_outputs(fresh), _outputs(dm), rtol=0, atol=0)

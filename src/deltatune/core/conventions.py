@@ -35,6 +35,7 @@ from torch import nn
 from .delta import DeltaError
 from .io import META, WEIGHTS, DeltaIOError, default_include_head, load_into, save_delta
 from .merge import merged_state_dict
+from .state import TRAINER_STATE_HINT
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -262,10 +263,7 @@ def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any)
         if (path / "adapter_config.json").exists():
             hint = "it is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
         elif (path / "model.safetensors").exists():
-            hint = (
-                "it holds a model.safetensors (a Trainer checkpoint of a DeltaModel?): rebuild the DeltaModel "
-                "as for training and call dm.load_state_dict(safetensors.torch.load_file(file))"
-            )
+            hint = TRAINER_STATE_HINT
         else:
             hint = "save deltas with DeltaModel.save_pretrained(folder)"
         raise DeltaIOError(f"{path} holds no {INDEX} and no {META}: {hint}")
