@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import conventions, copying, unstepped
+from . import checkpointing, conventions, copying, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
@@ -219,6 +219,7 @@ class DeltaModel(nn.Module):
         delta.train(self.backbone.training)
         self.deltas[name] = delta
         unstepped.watch(self.backbone, self.deltas)  # Trainer(model=backbone) trains no delta: say so
+        checkpointing.watch(self.backbone)  # reentrant gradient checkpointing reaches the deltas too
         copying.copy_with_deltas(self.backbone)  # best = copy.deepcopy(model) keeps the deltas' outputs
         if train_head is not None:
             self.train_head = train_head
@@ -248,6 +249,7 @@ class DeltaModel(nn.Module):
             del self.deltas[n]
         if len(self.deltas) == 0:
             unstepped.unwatch(self.backbone)
+            checkpointing.unwatch(self.backbone)
             copying.copy_plainly(self.backbone)
             for pname, p in self.backbone.named_parameters():
                 p.requires_grad_(self._requires_grad.get(pname, p.requires_grad))
