@@ -124,6 +124,27 @@ def test_gradients_reach_only_the_deltas_that_have_rows() -> None:
     assert grads == {"a": True, "b": True, "c": False}
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_mixed_batch_is_refused_for_training_with_gradient_checkpointing(reentrant: bool) -> None:
+    """Checkpointed layers run again during backward, after the routing ended: reentrant checkpointing gave
+    LoRA gradients 7e-4 off (no error), non-reentrant a bare CheckpointError. Inference still routes."""
+    dm = _served("lora", "bert", "cls", names=("a", "b"))
+    inputs = make_inputs(dm.backbone, batch=2)
+    expected = logits(dm, inputs)
+    dm.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    dm.train()
+    with pytest.raises(RoutingError, match=r"cannot train with gradient checkpointing.*gradient_checkpointing_disable"):
+        dm(**inputs, delta_ids=["a", "b"])
+    assert all(d.route is None for d in dm.deltas.values())
+    with torch.no_grad():  # no backward, nothing recomputed
+        dm(**inputs, delta_ids=["a", "b"])
+    dm.eval()
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=0)
+    dm.backbone.gradient_checkpointing_disable()
+    dm.train()
+    dm(**inputs, delta_ids=["a", "b"]).loss.backward()
+
+
 @pytest.mark.parametrize("method", ["lora", "prompt", "ia3"])
 def test_mixed_generate_matches_each_row_generated_alone(method: str) -> None:
     dm = _served(method, "llama", "lm")

@@ -11,7 +11,9 @@ them by itself, so a Trainer script runs unchanged:
 - its state is what training changes: the deltas and the backbone parameters that train (the
   task head when `train_head`). The frozen backbone weights come from where the backbone came
   from, so a checkpoint is delta-sized, and loading a state without them is complete;
-- `save_pretrained`/`from_pretrained` write and read deltatune's own delta folders.
+- `save_pretrained`/`from_pretrained` write and read deltatune's own delta folders;
+- a tool that replaces its `forward` with one that computes the loss itself (TRL's fused LM head)
+  is refused when a delta would then act wrongly without an error (`check_replaced_forward`).
 
 Everything here knows the conventions, nothing knows a method.
 """
@@ -30,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .delta import DeltaError
 from .io import META, WEIGHTS, DeltaIOError, default_include_head, load_into, save_delta
 from .merge import merged_state_dict
+from .state import TRAINER_STATE_HINT
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -93,6 +97,69 @@ def signed_class(cls: type, backbone_cls: type) -> type:
     sub = type(name, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": name})
     _CLASSES[key] = sub
     return sub
+
+
+# -- a forward replaced by a tool --------------------------------------------------------------------
+def computes_loss_without_forward(forward: Any) -> bool:
+    """Whether `forward` is TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, SFTTrainer from TRL 1.x).
+
+    Called with `fused_lm_head=True` (what SFTTrainer's `compute_loss` does), it runs `model.base_model` and
+    multiplies the hidden states by `get_output_embeddings().weight` itself, and SFTTrainer takes the loss
+    from the per-token log-probabilities it returns: the forward it replaced, `DeltaModel.forward`, is not
+    called for training. It is told by that keyword, the contract SFTTrainer calls it with, here or in a
+    function it wraps (accelerate wraps the forward in autocast when training starts).
+    """
+    for _ in range(16):  # a chain of functools.wraps wrappers, bounded
+        func = getattr(forward, "__func__", forward)
+        code = getattr(func, "__code__", None)
+        if code is not None and "fused_lm_head" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
+            return True
+        forward = getattr(func, "__wrapped__", None)
+        if forward is None:
+            return False
+    return False
+
+
+def check_replaced_forward(dm: DeltaModel, forward: Any = None) -> None:
+    """Refuse a forward that computes the loss without `DeltaModel.forward` when a delta would then train wrongly.
+
+    Under TRL's fused LM head two kinds of delta are silently lost: one that acts on the output embedding
+    (LM head) module through hooks (the head's weight is read, the module never called: LoRA on `lm_head`
+    never trains), and one whose loss term `DeltaModel.forward` adds (AdaLoRA's orthogonality, diff pruning's
+    L0 penalty). Deltas inside the transformer, reparametrized weights and prompts are unaffected.
+    `forward` is the one being installed; None checks the one installed now (a delta being added).
+    """
+    forward = dm.__dict__.get("forward") if forward is None else forward
+    if forward is None or not computes_loss_without_forward(forward):
+        return
+    get_head = getattr(dm.backbone, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, delta in dm.deltas.items():
+        hooked = delta.hooked_modules()
+        if head is not None and any(m is head for m in hooked):
+            why = "it acts when the LM head is called, and the fused head only reads the head's weight"
+            fix = "target modules other than the LM head, or "
+        elif any(m is dm.backbone for m in hooked):
+            why, fix = "it acts when the whole model is called, and the fused head calls model.base_model", ""
+        elif delta.has_loss_term():
+            why, fix = "DeltaModel.forward adds its loss term, which the fused loss leaves out", ""
+        else:
+            continue
+        raise DeltaError(
+            f"TRL's fused LM head (SFTTrainer) computes the loss without calling DeltaModel.forward, so delta "
+            f"{name!r} ({delta.config.method}) would train wrongly without an error: {why}; {fix}train with "
+            "transformers.Trainer(model=dm, ...) on the same tokenized data"
+        )
+
+
+def check_added(dm: DeltaModel, name: str) -> None:
+    """`check_replaced_forward` for a delta just added (after SFTTrainer patched the forward); it is detached
+    again when refused, so the model stays as it was."""
+    try:
+        check_replaced_forward(dm)
+    except DeltaError:
+        dm.detach(name)
+        raise
 
 
 # -- state: what training changes -------------------------------------------------------------------
@@ -196,10 +263,7 @@ def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any)
         if (path / "adapter_config.json").exists():
             hint = "it is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
         elif (path / "model.safetensors").exists():
-            hint = (
-                "it holds a model.safetensors (a Trainer checkpoint of a DeltaModel?): rebuild the DeltaModel "
-                "as for training and call dm.load_state_dict(safetensors.torch.load_file(file))"
-            )
+            hint = TRAINER_STATE_HINT
         else:
             hint = "save deltas with DeltaModel.save_pretrained(folder)"
         raise DeltaIOError(f"{path} holds no {INDEX} and no {META}: {hint}")

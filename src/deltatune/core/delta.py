@@ -154,6 +154,7 @@ class Hooks:
         self._handles: list[RemovableHandle] = []
         self._params: list[tuple[nn.Module, str]] = []
         self._shared: list[tuple[nn.Module, str]] = []
+        self._hooked: list[nn.Module] = []  # modules whose forward this delta rewrites (on_output, on_input)
 
     def on_output(
         self, module: nn.Module, fn: Callable[[nn.Module, tuple, dict, Any], Any], *, route_aware: bool = False
@@ -172,6 +173,7 @@ class Hooks:
             return fn(mod, args, kwargs, output) if scope else None
 
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        self._hooked.append(module)
 
     def on_input(
         self,
@@ -190,6 +192,7 @@ class Hooks:
             return fn(mod, args, kwargs) if scope else None
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        self._hooked.append(module)
 
     def on_param(self, module: nn.Module, param_name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Reparametrize `module.<param_name>` as `fn(original)` while the delta is active.
@@ -248,6 +251,11 @@ class Hooks:
         """(module, parameter name) pairs this delta reparametrizes."""
         return list(self._params)
 
+    def hooked(self) -> list[nn.Module]:
+        """Modules whose calls this delta rewrites: it acts only when they are called, not when a tool reads
+        their weights directly (TRL's fused LM head reads `lm_head.weight`; see `core.conventions`)."""
+        return list(self._hooked)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -269,6 +277,7 @@ class Hooks:
         self._handles.clear()
         self._params.clear()
         self._shared.clear()
+        self._hooked.clear()
 
 
 class Delta(nn.Module):
@@ -328,6 +337,15 @@ class Delta(nn.Module):
     def regularization(self) -> torch.Tensor | None:
         """A term the training loop adds to the loss (e.g. diff pruning's L0 penalty); None for most methods."""
         return None
+
+    def has_loss_term(self) -> bool:
+        """Whether `regularization()` adds a non-zero term while training, without computing it (a loop that
+        computes the loss itself, not through `DeltaModel.forward`, would leave it out; see `core.conventions`)."""
+        return False
+
+    def hooked_modules(self) -> list[nn.Module]:
+        """The backbone modules whose calls this delta rewrites (`Hooks.hooked`); empty when not installed."""
+        return self._hooks.hooked() if self._hooks is not None else []
 
     def on_step(self, step: int, total: int) -> None:
         """Called by `fit` after optimizer step `step` (from 1) of `total`, before the gradients are cleared.

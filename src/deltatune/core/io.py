@@ -29,6 +29,7 @@ from . import atomic, identity
 from .delta import DeltaConfig, DeltaIOError
 from .settings import config_from_dict
 from .sites import compact_sites, expand_sites  # noqa: F401 - importable from here as before
+from .state import TRAINER_STATE_HINT
 from .targeting import HEAD_KEY, head_trains_by_default
 
 if TYPE_CHECKING:
@@ -237,6 +238,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             raise DeltaIOError(
                 f"{path} holds several deltas (save_pretrained): load it with DeltaModel.from_pretrained"
             )
+        if (path / "model.safetensors").exists():
+            raise DeltaIOError(f"{path} is not a delta folder: {TRAINER_STATE_HINT}")
         hint = " (it holds a delta.safetensors but no delta.json)" if (path / WEIGHTS).exists() else ""
         raise DeltaIOError(f"{path} is not a delta folder: no {META}{hint}; save deltas with DeltaModel.save_delta")
     data = _read_regular(file, _MAX_META_BYTES, "save deltas with DeltaModel.save_delta")

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import conventions, copying, marks, unstepped
+from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import load_into, save_delta
 from .merge import export_merged
 from .registry import get_config
-from .routing import RoutingError, RowIds, input_rows, row_names
+from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
 from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
@@ -84,6 +84,13 @@ class DeltaModel(nn.Module):
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(copying.NO_PICKLE)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Tools wrap `forward` (accelerate's autocast) or replace it (TRL's fused LM head): a replacement that
+        computes the loss without it is refused where a delta would silently train wrongly (`core.conventions`)."""
+        if name == "forward":
+            conventions.check_replaced_forward(self, value)
+        super().__setattr__(name, value)
+
     # -- behaving as the backbone -------------------------------------------------------------
     def forward(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
         """The backbone's forward; with `delta_ids` (one per row) each row uses its own deltas.
@@ -143,17 +150,11 @@ class DeltaModel(nn.Module):
         would act on every row, so they must be unmerged first. `rows`, when known, is the batch size
         `delta_ids` must match.
         """
-        rows_given = rows
-        rows = row_names(delta_ids)
-        if not rows:
-            raise RoutingError("delta_ids is empty; pass one entry per row of the batch")
-        if rows_given is not None and len(rows) != rows_given:
-            raise RoutingError(
-                f"delta_ids has {len(rows)} entries for a batch of {rows_given} rows; pass one delta id per row"
-            )
+        rows = row_names(delta_ids, batch=rows)
         names = {n for row in rows for n in row}
         for n in sorted(names):
             self._get(n)
+        refuse_recomputation(self.backbone)
         routes = check_routes(self.deltas, rows, self._device())
         previous = {n: d.route for n, d in self.deltas.items()}
         try:
@@ -219,10 +220,12 @@ class DeltaModel(nn.Module):
         delta.train(self.backbone.training)
         self.deltas[name] = delta
         unstepped.watch(self.backbone, self.deltas)  # Trainer(model=backbone) trains no delta: say so
+        checkpointing.watch(self.backbone)  # reentrant gradient checkpointing reaches the deltas too
         marks.mark(self.backbone, self)  # `model` itself: copies keep the deltas, saves refuse to drop them
         if train_head is not None:
             self.train_head = train_head
         self.freeze()
+        conventions.check_added(self, name)  # after SFTTrainer patched the forward: refused deltas are detached
         return self
 
     def detach(self, name: str | None = None) -> nn.Module:
@@ -247,6 +250,7 @@ class DeltaModel(nn.Module):
             del self.deltas[n]
         if len(self.deltas) == 0:
             unstepped.unwatch(self.backbone)
+            checkpointing.unwatch(self.backbone)
             marks.unmark(self.backbone)
             for pname, p in self.backbone.named_parameters():
                 p.requires_grad_(self._requires_grad.get(pname, p.requires_grad))

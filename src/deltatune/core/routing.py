@@ -55,10 +55,11 @@ class Route:
 RowIds = Sequence[str | Sequence[str] | None]
 
 
-def row_names(delta_ids: RowIds) -> list[tuple[str, ...]]:
+def row_names(delta_ids: RowIds, batch: int | None = None) -> list[tuple[str, ...]]:
     """Normalise each row's id to a tuple of delta names (None: the bare backbone).
 
     `delta_ids` itself must be a list or tuple: a string would otherwise be read one character per row.
+    `batch`, when known, is the number of rows it must have.
     """
     if not isinstance(delta_ids, list | tuple):
         raise RoutingError(
@@ -77,6 +78,10 @@ def row_names(delta_ids: RowIds) -> list[tuple[str, ...]]:
             rows.append(tuple(entry))
         else:
             raise RoutingError(f"delta_ids[{i}] must be a delta name, a list of names or None, got {entry!r}")
+    if not rows:
+        raise RoutingError("delta_ids is empty; pass one entry per row of the batch")
+    if batch is not None and len(rows) != batch:
+        raise RoutingError(f"delta_ids has {len(rows)} entries for a batch of {batch} rows; pass one delta id per row")
     return rows
 
 
@@ -90,6 +95,24 @@ def input_rows(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return value.shape[0]
     return None
+
+
+def refuse_recomputation(model: torch.nn.Module) -> None:
+    """Refuse a mixed batch that would train with gradient (activation) checkpointing on.
+
+    Checkpointed layers run their forward again during backward, after `DeltaModel.route` has ended:
+    every delta's hooks then act on every row (reentrant checkpointing: other rows' gradients, no error;
+    non-reentrant: a bare CheckpointError). Inference (eval mode or no grad) checkpoints nothing.
+    """
+    if not (model.training and torch.is_grad_enabled()):
+        return
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise RoutingError(
+            "a mixed batch (delta_ids) cannot train with gradient checkpointing on: the checkpointed layers run again "
+            "during backward, after the routing has ended, so each enabled delta would act on every row and the "
+            "gradients would be other rows'; turn it off (model.gradient_checkpointing_disable()) to train routed batches, or "
+            "train each delta on batches of its own"
+        )
 
 
 def routes_for(rows: list[tuple[str, ...]], names: Sequence[str], device: torch.device) -> dict[str, Route]:

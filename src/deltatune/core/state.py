@@ -15,6 +15,16 @@ from torch import nn
 from .delta import DeltaError
 from .targeting import HEAD_KEY
 
+# Trainer.save_model and Trainer's checkpoints write a DeltaModel's state_dict() as model.safetensors: the
+# deltas' tensors without their configs, which a folder load needs (a PEFT user expects save_model to
+# write what from_pretrained reads, as PeftModel's does).
+TRAINER_STATE_HINT = (
+    "it holds a model.safetensors, the state dict that Trainer.save_model and Trainer's checkpoints write for a "
+    "DeltaModel (tensors without the deltas' configs): rebuild the DeltaModel as for training and call "
+    "dm.load_state_dict(safetensors.torch.load_file(file)); for a folder this call reads, save with "
+    "dm.save_pretrained(folder) after training (SaveDeltaCallback does it at each Trainer checkpoint)"
+)
+
 
 def check_state(
     name: str, delta: nn.Module, state: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], strict: bool

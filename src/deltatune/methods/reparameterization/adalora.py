@@ -99,6 +99,9 @@ class AdaLoRA(LinearDelta):
         cfg = self.config
         return AdaLoRAUpdate(in_features, out_features, cfg.init_r, cfg.alpha, cfg.dropout)
 
+    def has_loss_term(self) -> bool:
+        return bool(self.config.orth_weight)
+
     def regularization(self) -> torch.Tensor | None:
         """orth_weight times the mean distance of each PᵀP and QQᵀ from the identity."""
         self._unscheduled += 1

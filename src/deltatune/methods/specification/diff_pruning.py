@@ -128,6 +128,9 @@ class DiffPruning(ParamDelta):
         shift = self.config.temperature * math.log(-low / high)
         return sum(torch.sigmoid(a - shift).sum() for a in self.log_alpha.values())
 
+    def has_loss_term(self) -> bool:
+        return self.mode == "l0" and bool(self.config.l0_lambda)
+
     def regularization(self) -> torch.Tensor:
         """The term a training loop adds to the task loss: `l0_lambda * l0_penalty()`."""
         return self.config.l0_lambda * self.l0_penalty()
