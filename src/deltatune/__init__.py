@@ -1,8 +1,8 @@
 """deltatune: delta tuning (parameter-efficient fine-tuning) of pretrained transformers."""
 
 from .core import Delta, DeltaConfig, DeltaError, DeltaModel, Hooks, TargetError, attach, resolve
+from .core.entry import load_delta
 from .core.io import DeltaIOError, save_delta
-from .core.model import load_delta
 from .methods import (
     METHODS,
     AdapterConfig,

@@ -7,7 +7,8 @@ import time
 
 from transformers.utils import logging as transformers_logging
 
-from ..core.model import DeltaModel, attach
+from ..core.entry import attach
+from ..core.model import DeltaModel
 from ..methods import METHODS
 from .args import method_config, positive_int
 

@@ -306,7 +306,7 @@ def load_into(
     enabled: bool = True,
     head: bool = True,
 ) -> DeltaModel:
-    """Attach a saved delta to `dm` and return it (`core.model.load_delta` wraps a plain backbone first).
+    """Attach a saved delta to `dm` and return it (`core.entry.load_delta` wraps a plain backbone first).
 
     `head=False` leaves the model's task head as it is (a delta moved to a task with other labels).
 

@@ -9,7 +9,6 @@ head excepted, which keeps what training or a loaded delta wrote into it).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
-from .io import load_into, save_delta
+from .io import save_delta
 from .merge import export_merged
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
@@ -396,33 +395,3 @@ class DeltaModel(nn.Module):
 
     def tree(self, **kwargs: Any) -> str:
         return render(self, **kwargs)
-
-
-def attach(
-    model: nn.Module, config: DeltaConfig | str, name: str = "default", *, train_head: bool | str | None = "auto"
-) -> DeltaModel:
-    """Attach a delta to a transformers model; the model's code is not edited.
-
-    The default train_head="auto" trains the task head where the model's head is new for the task
-    (`head_trains_by_default`), as PEFT's SEQ_CLS/TOKEN_CLS/QA task types do, so a Trainer script
-    does not silently train a delta against a frozen random classifier. Pass True or False to choose.
-    On a DeltaModel, "auto" keeps the choice already made.
-    """
-    if isinstance(model, DeltaModel) and train_head == "auto":
-        train_head = None
-    wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    return wrapped.add(name, config, train_head=train_head)
-
-
-def load_delta(
-    model: nn.Module,
-    path: str | os.PathLike,
-    name: str | None = None,
-    *,
-    strict_backbone: bool = True,
-    enabled: bool = True,
-    head: bool = True,
-) -> DeltaModel:
-    """Attach a saved delta to `model` (a backbone or a DeltaModel) and return the DeltaModel (see `core.io`)."""
-    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    return load_into(dm, path, name, strict_backbone=strict_backbone, enabled=enabled, head=head)

@@ -116,8 +116,8 @@ def start_from(model: nn.Module, run_dir: str | Path, task: Task) -> DeltaModel:
     The saved task head comes along only when the source task had the same labels and type; otherwise
     the model keeps the head it was loaded with (drawn fresh for this task's labels).
     """
+    from ..core.entry import load_delta
     from ..core.io import read_meta
-    from ..core.model import load_delta
     from .saved import is_head_only
 
     folders = [f for f in sorted(Path(run_dir).glob("delta-*")) if not is_head_only(read_meta(f))]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.entry import load_delta
 from ..core.io import (
     FORMAT,
     HEAD,
@@ -27,7 +28,7 @@ from ..core.io import (
     read_tensors,
     write_delta_folder,
 )
-from ..core.model import DeltaModel, load_delta
+from ..core.model import DeltaModel
 from ..version import __version__
 
 HEAD_ONLY = "head"  # the "method" a head-only folder names in its delta.json
