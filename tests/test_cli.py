@@ -441,3 +441,36 @@ def test_a_semicolon_csv_with_its_own_column_names_trains_with_columns_and_evals
     assert "dev (20 examples" in capsys.readouterr().out
     assert main(["train", "--task", str(data), "--columns", "Review"]) == 2
     assert "give COLUMN=FIELD pairs" in capsys.readouterr().err
+
+
+def test_one_train_per_out_folder_and_no_run_replaced_unasked(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """Two `train`s into one --out (two terminals trying two rates: the default --out names neither)
+    both "succeeded" with their curves interleaved in metrics.jsonl and the last one's delta; a later run
+    replaced a finished one without a word. Now the folder is locked and kept unless --overwrite."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data, out = _folder(tmp_path / "task"), tmp_path / "run"
+    out.mkdir()
+    lock = out / ".deltatune-train.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0, "launch": ""}))
+    assert _train(model_dir, data, out, "--max-steps", "2") == 2  # this process is alive: a run in progress
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in err and "is writing to" in err and len(err.strip().splitlines()) == 1
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(), "started": 0}))
+    assert _train(model_dir, data, out, "--max-steps", "16", "--method", "adapter") == 0  # a dead run's lock
+    assert not lock.exists() and (out / "delta-adapter").is_dir()
+    before = (out / "result.json").read_text()
+    assert _train(model_dir, data, out, "--max-steps", "16") == 2
+    assert (
+        "holds a finished run (adapter on task); choose another --out, or pass --overwrite" in capsys.readouterr().err
+    )
+    assert (out / "result.json").read_text() == before
+    assert _train(model_dir, data, out, "--max-steps", "16", "--overwrite") == 0
+    assert (out / "delta-lora").is_dir() and not (out / "delta-adapter").exists()  # nothing of the old run left
+    (out / "result.json").unlink()  # as if killed before the end: its checkpoint remains
+    assert _train(model_dir, data, out, "--max-steps", "16") == 2
+    assert "holds an unfinished run; --resume continues it" in capsys.readouterr().err

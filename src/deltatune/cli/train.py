@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train.trainer import FULL_FT_LR, TrainConfig
-from . import checks
+from . import checks, run_folder
 from .args import (
     add_threads_argument,
     check_max_length,
@@ -134,6 +134,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (default: a folder holding a run is refused, not overwritten)",
+    )
 
 
 def load_task_for_run(args: argparse.Namespace):  # noqa: ANN201
@@ -251,7 +256,6 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..train.distributed import is_main_process
-    from ..train.run import run as run_spec
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -263,8 +267,19 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args, task)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in task.splits.items())
     held = f"; dev = {args.dev_split:g} of train, seeded and stratified" if args.dev_split else ""
-    if is_main_process():
-        print(f"{spec.label} on {task.name} ({sizes}{held}) with {args.model}; {threads} CPU thread(s)")
+    release = run_folder.claim(Path(spec.output_dir), spec.resume, args.overwrite, is_main_process())
+    try:
+        if is_main_process():
+            print(f"{spec.label} on {task.name} ({sizes}{held}) with {args.model}; {threads} CPU thread(s)")
+        return _train_and_report(spec)
+    finally:
+        release()
+
+
+def _train_and_report(spec: Any) -> int:
+    from ..train.distributed import is_main_process
+    from ..train.run import run as run_spec
+
     model, result, task = run_spec(spec)
     # every process predicts its share of dev (predict gathers them): one process alone waited forever
     # for the others, which had returned, and the launch failed after a successful run
