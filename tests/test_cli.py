@@ -474,3 +474,32 @@ def test_one_train_per_out_folder_and_no_run_replaced_unasked(tmp_path: Path, mo
     (out / "result.json").unlink()  # as if killed before the end: its checkpoint remains
     assert _train(model_dir, data, out, "--max-steps", "16") == 2
     assert "holds an unfinished run; --resume continues it" in capsys.readouterr().err
+
+
+def test_predict_reads_a_file_in_batches_and_writes_each_row_with_its_prediction(
+    tmp_path: Path,
+    model_dir: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    """A file of rows went in as texts on the command line: one batch of all of them, printed lines out.
+    Now --input reads it as training reads data (its own column names through --columns), predicts in
+    batches, and --output writes each row with its own fields and the prediction, equal to the texts'."""
+    data = _folder(tmp_path / "task")
+    assert _train(model_dir, data, tmp_path / "r", "--max-steps", "8") == 0
+    delta = str(tmp_path / "r" / "delta-lora")
+    texts = [json.loads(line)["text"] for line in (data / "test.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    assert main(["predict", "--delta", delta, *texts]) == 0
+    printed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    mine = tmp_path / "mine.csv"
+    mine.write_text("id;Review\n" + "".join(f"{i};{t}\n" for i, t in enumerate(texts)))
+    out = tmp_path / "preds.jsonl"
+    args = ["predict", "--delta", delta, "--input", str(mine), "--output", str(out), "--batch-size", "3"]
+    assert main(args) == 2  # 'Review' is not a text column it knows: the refusal names --columns
+    assert "--columns Review=text" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--columns", "Review=text"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == printed  # batches of 3 give what one batch gave
+    assert rows[0] == {"id": "0", "Review": texts[0], "prediction": printed[0]}
+    assert main(["predict", "--delta", delta, "--input", str(mine), "x"]) == 2
+    assert "not both" in capsys.readouterr().err

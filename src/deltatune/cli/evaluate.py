@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import checks
+from . import checks, predict_io
 from .args import add_threads_argument, check_max_length, columns, positive_int, set_threads
 
 HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trained with)"
@@ -226,8 +226,28 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("texts", nargs="+", help="input texts (for a delta trained on pairs: 'first ||| second')")
+    p.add_argument("texts", nargs="*", help="input texts (for a delta trained on pairs: 'first ||| second')")
     p.add_argument("--delta", required=True, help="a delta folder `deltatune train` wrote (runs/<run>/delta-lora)")
+    p.add_argument(
+        "--input",
+        default=None,
+        help="a file of rows to predict instead of texts: .jsonl, .csv, .tsv (a text column, and text_pair for pairs) "
+        "or .txt (one text per line); - reads lines from stdin",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="write each row with its prediction to this .jsonl or .csv file (default: print 'prediction<TAB>text')",
+    )
+    p.add_argument(
+        "--columns",
+        type=columns,
+        default=None,
+        help="which --input column is which field, e.g. Review=text (default: as the delta's training read them)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="rows per batch (default: the training eval batch)"
+    )
     _model_argument(p)
     _max_length_argument(p)
     add_threads_argument(p)
@@ -248,6 +268,8 @@ def _examples(texts: list[str], pairs: bool) -> list:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    import torch
+
     from ..train.objectives import GenerationObjective, objective_for
 
     set_threads(args.threads)
@@ -258,22 +280,42 @@ def run_predict(args: argparse.Namespace) -> int:
     max_length = resolve(args.max_length, "--max-length", train.get("max_length"), DEFAULT_MAX_LENGTH, "max length")
     if args.max_length is not None:  # a length asked for now (the recorded one ran at training)
         check_max_length(model, max_length)
+    if bool(args.texts) == bool(args.input):
+        raise ValueError("give texts to predict, or --input FILE (not both)")
+    predict_io.check_output(args.output)
     pairs = info.get("pairs")
-    if pairs is None:  # deltas saved before "pairs" was recorded
-        pairs = task.type == "pair_classification" or all(" ||| " in t for t in args.texts)
-    examples = _examples(args.texts, pairs)
+    if args.input:
+        read = predict_io.read_rows(args.input, args.columns or info.get("columns"))
+        rows, texts = [row for row, _ in read], [m["text"] for _, m in read]
+        if pairs is None:  # deltas saved before "pairs" was recorded
+            pairs = task.type == "pair_classification"
+        examples = predict_io.examples_from(read, pairs)
+    else:
+        texts = args.texts
+        rows = [{"text": t} for t in texts]
+        if pairs is None:
+            pairs = task.type == "pair_classification" or all(" ||| " in t for t in texts)
+        examples = _examples(texts, pairs)
     dm, tokenizer, lm = _load(model, args.delta, task)
     objective = objective_for(
         task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48)
     )
-    if isinstance(objective, GenerationObjective):
-        outputs = objective.generate(dm, examples)
-    else:
+
+    def predict(chunk: list) -> list[str]:
+        if isinstance(objective, GenerationObjective):
+            return objective.generate(dm, chunk)
         label = 0.0 if task.type == "regression" else 0
-        batch = objective.collate([type(e)(e.text, e.text_pair, label) for e in examples])
-        raw = objective.predict(dm, batch)
-        outputs = [f"{v:.4f}" if task.type == "regression" else task.labels[v] for v in raw]
-    for text, out in zip(args.texts, outputs, strict=True):
+        with torch.inference_mode():
+            raw = objective.predict(dm, objective.collate([type(e)(e.text, e.text_pair, label) for e in chunk]))
+        return [f"{v:.4f}" if task.type == "regression" else task.labels[v] for v in raw]
+
+    size = args.batch_size or train.get("eval_batch_size") or DEFAULT_BATCH
+    outputs = predict_io.predict_all(examples, size, predict, progress=args.output is not None)
+    if args.output:
+        predict_io.write_rows(args.output, rows, outputs)
+        print(f"{len(outputs)} predictions written to {args.output}")
+        return 0
+    for text, out in zip(texts, outputs, strict=True):
         print(f"{out}\t{text}")
     return 0
 

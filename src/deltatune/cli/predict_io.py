@@ -1,0 +1,115 @@
+"""`deltatune predict --input FILE --output FILE`: a saved delta over a user's own unlabeled rows.
+
+Texts on the command line suit a try-out; real use is a file of thousands of rows, which went in as
+one batch (all rows padded together: memory grew with the file) and came out as printed lines to be
+parsed back. Here the rows are read as training reads them (JSONL, CSV with its header's delimiter,
+TSV, or a .txt of one text per line; the columns training mapped, or --columns), predicted in batches
+with a progress bar, and written next to their own fields as JSONL or CSV in one atomic rename.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+FIELD = "prediction"
+
+
+def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dict]]:
+    """(the row as the file has it, the row with text/text_pair as training names them); '-': stdin lines."""
+    from ..data.examples import _canonical, map_hint
+    from ..data.files import DataError, _read_file
+
+    if path == "-" or path.endswith(".txt"):
+        lines = sys.stdin.read().splitlines() if path == "-" else _read_text(Path(path))
+        where = "stdin" if path == "-" else path
+        raw = [(f"{where}, line {n}", {"text": t}) for n, t in enumerate(lines, 1) if t.strip()]
+    else:
+        raw = _read_file(Path(path))
+    if not raw:
+        raise DataError(f"{path}: no rows to predict")
+    rows = []
+    for where, row in raw:
+        mapped = _canonical(dict(row), columns)
+        if not isinstance(mapped.get("text"), str):
+            raise DataError(f"{where}: no 'text' to predict from; {map_hint(sorted(row), 'text')}")
+        rows.append((row, mapped))
+    return rows
+
+
+def examples_from(read: list[tuple[dict, dict]], pairs: bool) -> list:
+    """Examples of the mapped rows; a pair delta needs a text_pair in every row (a single text is refused)."""
+    from ..data.examples import map_hint
+    from ..data.files import DataError
+    from ..data.tasks import Example
+
+    if pairs:
+        for n, (row, mapped) in enumerate(read, 1):
+            if not isinstance(mapped.get("text_pair"), str):
+                raise DataError(
+                    f"row {n}: this delta was trained on text pairs and the row has no 'text_pair'; "
+                    f"{map_hint(sorted(row), 'text_pair')}"
+                )
+    return [Example(m["text"], m.get("text_pair") if pairs else None) for _, m in read]
+
+
+def _read_text(path: Path) -> list[str]:
+    from ..data.files import DataError, _not_utf8
+
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def check_output(path: str | None) -> None:
+    """Before the model loads: an output the run could not write is refused first."""
+    if path is None:
+        return
+    out = Path(path)
+    if out.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--output {path}: write {' or '.join(OUTPUT_SUFFIXES)} (the format follows the suffix)")
+    if out.is_dir():
+        raise ValueError(f"--output {path} is a folder; name a file")
+
+
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def predict_all(examples: list, size: int, predict: Callable[[list], list], progress: bool) -> list:
+    """Predictions in batches of `size` (a file of any length in bounded memory)."""
+    from tqdm.auto import tqdm
+
+    out: list = []
+    with tqdm(total=len(examples), desc="predict", unit="row", disable=not progress) as bar:
+        for chunk in batches(examples, size):
+            out.extend(predict(list(chunk)))
+            bar.update(len(chunk))
+    return out
+
+
+def write_rows(path: str, rows: list[dict], outputs: list[str]) -> None:
+    """Each input row, with its own columns, and its prediction added; JSONL or CSV by suffix, in one rename."""
+    from ..core.atomic import write_file
+
+    records = [{**row, FIELD: out} for row, out in zip(rows, outputs, strict=True)]
+    if Path(path).suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        fields = list(dict.fromkeys(k for r in records for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        text = buffer.getvalue()
+    write_file(path, text)
