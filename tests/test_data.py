@@ -652,3 +652,18 @@ def test_columns_map_a_users_fields_from_the_call_or_meta_json_and_are_kept(tmp_
     for bad, match in (({"Review": "txt"}, "'txt' is not a field"), (["Review"], "must map a column name")):
         with pytest.raises(DataError, match=match):
             load_task(tmp_path, columns=bad)
+
+
+@pytest.mark.parametrize("test_rows", ["id,text\n1,lovely\n2,horrid\n", "text,label\nlovely,-1\nhorrid,-1\n"])
+def test_an_unlabeled_test_split_is_left_out_with_a_warning_not_a_failure(tmp_path: Path, test_rows: str) -> None:
+    """Kaggle's test.csv (no label column) or GLUE's (labels -1) failed the whole task, so nothing could
+    train: "missing field 'label'" / "mixed label types". It is left out now, saying how to predict it."""
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    (tmp_path / "dev.csv").write_text("text,label\nnice,pos\nawful,neg\n")
+    (tmp_path / "test.csv").write_text(test_rows)
+    with pytest.warns(UserWarning, match="has no labels, so it is not loaded as the test split.*--input"):
+        task = load_task(tmp_path)
+    assert list(task.splits) == ["train", "dev"] and task.labels == ["neg", "pos"]
+    (tmp_path / "test.csv").write_text("text,label\nlovely,pos\nhorrid,\n")  # one label missing: a mistake
+    with pytest.raises(DataError, match="line 3: missing field 'label'; the rows have 'text'"):
+        load_task(tmp_path)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sqlite3
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -89,6 +90,10 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"warning: {message}\n" if category is UserWarning else f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. User errors print one line naming the fix (exit 2), never a traceback;
     `--debug` (anywhere on the line) lets the exception through with its traceback."""
@@ -99,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help (0) or a usage error, already printed as one line (2)
         return done.code if isinstance(done.code, int) else 2
+    formatter = warnings.formatwarning
+    if not debug:  # deltatune's own warnings as a line each, like its errors (not file:line + source)
+        warnings.formatwarning = _warning_line
+    try:
+        return _run(args, debug)
+    finally:
+        warnings.formatwarning = formatter  # main() also runs inside other programs (tests, notebooks)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         model = getattr(args, "model", None)
         if isinstance(model, str):

@@ -9,6 +9,7 @@ line, because a bad row found mid-training wastes an hour.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,6 +205,22 @@ def _infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
 
 
 FIELDS = ("text", "text_pair", "label", "source", "target", "references")
+UNLABELED = (None, -1, "-1", "")  # GLUE's test files mark their hidden labels -1
+
+
+def _without_unlabeled_test(raw: dict[str, list[Raw]]) -> dict[str, list[Raw]]:
+    """A test split with no label in any row (Kaggle's test.csv, GLUE's -1) cannot be scored: it is left out
+    with a warning, instead of failing the whole task ("missing field 'label'") so that nothing could train."""
+    rows = raw.get("test")
+    if not rows or "train" not in raw or any(r.get("label") not in UNLABELED or "target" in r for _, r in rows):
+        return raw
+    where = rows[0][0].rsplit(", line", 1)[0]
+    warnings.warn(
+        f"{where} has no labels, so it is not loaded as the test split (nothing to score); "
+        f"predict its rows with: deltatune predict --delta ... --input {where} --output predictions.csv",
+        stacklevel=5,  # load_task's caller
+    )
+    return {s: r for s, r in raw.items() if s != "test"}
 
 
 def check_columns(columns: Any) -> dict[str, str] | None:
@@ -274,7 +291,7 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices:
         text = _text(where, row, "text")
         pair = _text(where, row, "text_pair", required=False)
         if "label" not in row:
-            raise DataError(f"{where}: missing field 'label' (row has {', '.join(sorted(row))})")
+            raise DataError(f"{where}: missing field 'label'; {map_hint(sorted(row), 'label')}")
         if row["label"] is None:
             raise DataError(
                 f"{where}: label is null; give every row a label (unlabelled rows have no place in a split)"
@@ -356,6 +373,7 @@ def _build(
     if columns:
         meta = meta | {"columns": dict(columns)}
     raw = {s: [(w, _canonical(r, columns)) for w, r in rows] for s, rows in raw.items()}
+    raw = _without_unlabeled_test(raw)
     task_type = task_type or meta.get("type")
     labels = list(labels) if labels is not None else meta.get("labels")
     inferred = labels is None
