@@ -503,3 +503,35 @@ def test_predict_reads_a_file_in_batches_and_writes_each_row_with_its_prediction
     assert rows[0] == {"id": "0", "Review": texts[0], "prediction": printed[0]}
     assert main(["predict", "--delta", delta, "--input", str(mine), "x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_a_hub_model_is_taken_when_the_hub_answers_and_refused_in_one_line_when_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--model bert-base-uncased` was refused unless already cached, even where the hub works (users'
+    machines): now one short request decides, and only a hub that is away, offline or without the name
+    gets the one-line refusal, in a second instead of transformers' minute of retries."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from deltatune.cli import check_model
+
+    def answer(name: str, timeout: float) -> object:
+        if name == "someone/missing":  # as model_info raises it (built without an HTTP response)
+            missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+            Exception.__init__(missing, "404")
+            raise missing
+        if name == "someone/away":
+            raise ConnectionError("no route")
+        return object()
+
+    monkeypatch.setattr(huggingface_hub, "model_info", answer)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    check_model("someone/model")  # on the hub: the command goes on and transformers downloads it
+    with pytest.raises(ValueError, match="hub has no model of that name"):
+        check_model("someone/missing")
+    with pytest.raises(ValueError, match=r"hub cannot be reached from here \(ConnectionError\)"):
+        check_model("someone/away")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        check_model("someone/model")
