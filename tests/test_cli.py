@@ -525,7 +525,7 @@ def test_a_hub_model_is_taken_when_the_hub_answers_and_refused_in_one_line_when_
             raise ConnectionError("no route")
         return object()
 
-    monkeypatch.setattr(huggingface_hub, "model_info", answer)
+    monkeypatch.setattr(huggingface_hub, "model_info", answer)  # read at call time by backbones.hub_refusal
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     check_model("someone/model")  # on the hub: the command goes on and transformers downloads it
     with pytest.raises(ValueError, match="hub has no model of that name"):

@@ -215,3 +215,21 @@ def load_tokenizer(name: str):  # noqa: ANN201 - a transformers tokenizer
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path(name))
+
+
+def hub_refusal(name: str) -> str | None:
+    """Why `name` cannot come from the hub now (None: it can). One request with a short timeout: a
+    machine without the hub learns it in a second instead of transformers' minute of retries, and a
+    user with it gets the model downloaded as transformers would."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        model_info(name, timeout=5)
+    except (RepositoryNotFoundError, HFValidationError):
+        return "the Hugging Face hub has no model of that name"
+    except Exception as err:  # noqa: BLE001 - no connection, a proxy's refusal, a timeout: all "not now"
+        return f"the Hugging Face hub cannot be reached from here ({type(err).__name__})"
+    return None

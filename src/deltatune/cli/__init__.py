@@ -57,9 +57,9 @@ def check_model(name: str) -> None:
     """Fail in milliseconds on a model name that cannot load offline, before anything heavy is imported.
 
     A short name passes (its package is checked where it is loaded), a path must be a model folder,
-    anything else must be in the Hugging Face cache or on a hub that answers now (`_not_on_hub`).
+    anything else must be in the Hugging Face cache or on a hub that answers now (`backbones.hub_refusal`).
     """
-    from ..backbones import ALIASES, SHORT_NAMES
+    from ..backbones import ALIASES, SHORT_NAMES, hub_refusal
 
     if name in SHORT_NAMES or name in ALIASES:
         return  # loading checks the package and names the install command (a command may not load it at all)
@@ -75,31 +75,13 @@ def check_model(name: str) -> None:
     except Exception:  # noqa: BLE001 - a malformed repo id is simply not cached
         cached = False
     if not cached:
-        reason = _not_on_hub(name)
+        reason = hub_refusal(name)
         if reason is None:
             return  # on the hub, which answers: transformers downloads it when the command loads it
         raise ValueError(
             f"unknown model {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local model folder, "
             f"or a model in the Hugging Face cache, and {reason}; pass one of those"
         )
-
-
-def _not_on_hub(name: str) -> str | None:
-    """Why `name` cannot come from the hub now (None: it can). One request with a short timeout: a
-    machine without the hub learns it in a second instead of transformers' minute of retries, and a
-    user with it gets the model downloaded as transformers would."""
-    from huggingface_hub import constants, model_info
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        model_info(name, timeout=5)
-    except (RepositoryNotFoundError, HFValidationError):
-        return "the Hugging Face hub has no model of that name"
-    except Exception as err:  # noqa: BLE001 - no connection, a proxy's refusal, a timeout: all "not now"
-        return f"the Hugging Face hub cannot be reached from here ({type(err).__name__})"
-    return None
 
 
 def _one_line(err: BaseException) -> str:

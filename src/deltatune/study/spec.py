@@ -300,18 +300,18 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
 
 def check_model(model: str) -> None:
     """Fail before the study starts when a backbone cannot be loaded offline."""
-    from ..backbones import ALIASES, SHORT_NAMES, check_installed
+    from ..backbones import ALIASES, SHORT_NAMES, check_installed, hub_refusal
 
     if model in SHORT_NAMES or model in ALIASES:
         try:
             check_installed(model)
         except FileNotFoundError as err:
             raise _fail("models", str(err), f"install it, or drop {model!r} from models") from err
-    elif not Path(model, "config.json").exists():
+    elif not Path(model, "config.json").exists() and (reason := hub_refusal(model)) is not None:
         raise _fail(
             "models",
-            f"{model!r} is neither a short name nor a model folder with config.json",
-            "use minilm-l6, smollm2-135m, mpnet-base or a local folder",
+            f"{model!r} is neither a short name nor a model folder with config.json, and {reason}",
+            "use minilm-l6, smollm2-135m, mpnet-base, a local folder or a hub id the hub has",
         )
 
 
