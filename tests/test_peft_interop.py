@@ -201,3 +201,16 @@ def test_inits_whose_base_change_cannot_be_recomputed_are_refused(init: str, mat
     path.write_text(json.dumps(config | {"init_lora_weights": "pissa_niter_4"}))
     with pytest.warns(UserWarning, match="randomized SVD"):
         import_peft_lora(make_model("bert"), tmp_path / "peft")
+
+
+def test_an_adapterhub_folder_is_named_as_such_not_as_a_broken_peft_one(tmp_path: Path) -> None:
+    """AdapterHub's `adapters` also writes adapter_config.json: its folder was read as a PEFT folder missing
+    adapter_model.safetensors, and DeltaModel.from_pretrained called it a PEFT adapter to import."""
+    folder = tmp_path / "sst-2"
+    folder.mkdir()
+    config = {"config": {"output_adapter": True, "reduction_factor": 16}, "hidden_size": 32, "model_class": "BertModel"}
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"name": "sst-2", "version": "adapters.1.0.0"}))
+    with pytest.raises(PeftFormatError, match="is AdapterHub's .*adapters.1.0.0.*'sst-2'.*not PEFT's"):
+        dt.interop.import_peft(make_model("bert"), folder)
+    with pytest.raises(dt.DeltaIOError, match="not PEFT's \\(AdapterHub's `adapters` library\\?\\)"):
+        dt.DeltaModel.from_pretrained(make_model("bert"), folder)

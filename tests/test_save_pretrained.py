@@ -113,7 +113,7 @@ def test_merge_and_unload_returns_a_plain_backbone_with_equal_outputs() -> None:
 
 
 def test_from_pretrained_on_a_peft_folder_names_the_importer(tmp_path: Path) -> None:
-    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     with pytest.raises(DeltaIOError, match="import_peft"):
         dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path)
 

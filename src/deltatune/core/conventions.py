@@ -260,8 +260,12 @@ def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any)
     if not (path / INDEX).exists():
         if (path / META).exists():
             return load_into(dm, path, **load_kwargs)
-        if (path / "adapter_config.json").exists():
+        if (path / "adapter_config.json").exists() and '"peft_type"' in (path / "adapter_config.json").read_text(
+            errors="replace"
+        ):
             hint = "it is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
+        elif (path / "adapter_config.json").exists():
+            hint = "its adapter_config.json is not PEFT's (AdapterHub's `adapters` library?), a format deltatune does not read"
         elif (path / "model.safetensors").exists():
             hint = TRAINER_STATE_HINT
         else:

@@ -93,6 +93,12 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     folder = Path(folder)
     if not (folder / CONFIG).exists():
         raise PeftFormatError(f"{folder} has no {CONFIG}: not a PEFT adapter folder")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PeftFormatError(f"{folder / CONFIG} is not valid JSON ({err})") from err
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise PeftFormatError(f"{folder / CONFIG} {_not_peft(config)}")
     if not (folder / WEIGHTS).exists():
         bin_file = folder / "adapter_model.bin"
         hint = (
@@ -101,11 +107,19 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
             else ""
         )
         raise PeftFormatError(f"{folder} has no {WEIGHTS}{hint}")
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PeftFormatError(f"{folder / CONFIG} is not valid JSON ({err})") from err
     return config, load_file(str(folder / WEIGHTS))
+
+
+def _not_peft(config: object) -> str:
+    """What an adapter_config.json without peft_type is: AdapterHub's `adapters` writes one of that name too."""
+    if isinstance(config, dict) and isinstance(config.get("config"), dict) and "model_class" in config:
+        kind = config["config"].get("architecture") or "bottleneck"
+        return (
+            f"is AdapterHub's (the `adapters` library, {config.get('version', 'unknown version')}: a {kind} adapter "
+            f"{config.get('name', '')!r}), not PEFT's; deltatune imports PEFT adapter folders and its own deltas, "
+            "not AdapterHub's format: retrain the adapter with deltatune (method adapter)"
+        )
+    return "has no peft_type: not a PEFT adapter config"
 
 
 def read_adapter(
