@@ -53,7 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 help="single,multi,heldout,scratch-single,scratch-multi,scratch-heldout,pca,random (default all found)",
             )  # fmt: skip
         if stage == "landscape":
-            s.add_argument("--method", default="lora", help="the method whose basis scores the plane")
+            s.add_argument(
+                "--method",
+                default=None,
+                help="the method whose basis scores the plane (default lora, or the study's first)",
+            )
             s.add_argument("--grid", type=int, default=5, help="grid points per axis")
         if stage == "intrinsic-dim":
             s.add_argument("--said-steps", type=int, default=None, help="steps per SAID run (default the study's)")
@@ -181,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
         elif stage == "transfer":
             study.transfer(tasks)
         elif stage == "landscape":
+            methods = study.cfg.methods
+            method = getattr(args, "method", None) or ("lora" if "lora" in methods else methods[0])
             for task in tasks or study.cfg.tasks[:1]:
-                landscape(study, task, getattr(args, "method", "lora"), n=getattr(args, "grid", 5))
+                landscape(study, task, method, n=getattr(args, "grid", 5))
         elif stage == "intrinsic-dim":
             study.intrinsic(tasks, getattr(args, "said_steps", None), getattr(args, "d_max", None))
         elif stage == "report":

@@ -16,7 +16,7 @@ from typing import Any
 from ..core.delta import DeltaConfig
 from ..data.fewshot import few_shot_task
 from ..data.tasks import Example, Task, load_task
-from ..methods import get_config
+from ..methods import METHODS, get_config
 from .flatten import write_json
 
 # Sized for MiniLM-L6 (6 layers, hidden 384) so the flattened solutions are about the same size:
@@ -29,6 +29,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lora": {"r": 10, "targets": ["attn.q", "attn.v"]},
     "prefix": {"num_tokens": 20, "mid_dim": 24},
     "selective": {"targets": ["attn.o"], "layers": -1},
+}
+# Methods whose trained delta is more than its flat vector: a subspace point run through them would not be
+# the solution it stands for (measured: diff pruning's logits 1e-3 off its own solution's, no error).
+UNUSABLE = {
+    "diff_pruning": "a trained diff-pruning delta keeps a mask of the entries that survived pruning, which its "
+    "flat vector does not hold, so every point of a subspace would run through another solution's mask; use "
+    "selective or random_subset for a sparse subset of the weights",
 }
 # AdamW rates for short few-shot runs (the library defaults suit thousands of steps).
 LEARNING_RATES = {"adapter": 2e-3, "lora": 2e-3, "prefix": 2e-3, "selective": 3e-4}
@@ -102,9 +109,22 @@ class StudyConfig:
             raise ValueError(f"--unseen names tasks not in --tasks: {stray}; list them in --tasks too")
         if self.unseen and not self.seen:
             raise ValueError("every task is unseen: leave at least one task to find the multi-task subspace on")
-        unknown = [m for m in self.methods if m not in self.method_args]
-        if unknown:
-            raise ValueError(f"no settings for {unknown}; give them with --method-arg or use {', '.join(PRESETS)}")
+        if len(self.methods) != len(set(self.methods)):
+            raise ValueError(f"a method is listed twice in --methods {','.join(self.methods)}")
+        for m in self.methods:
+            if m not in METHODS:  # the registry's refusal names the closest method
+                get_config(m)
+            if m in UNUSABLE:
+                raise ValueError(f"--methods {m}: {UNUSABLE[m]}")
+        for flag, given in (("--method-arg", self.method_args), ("--lr", self.lrs)):
+            # a setting for a method the study does not run is a typo (`--lr lroa=1e-3`) that would leave
+            # the intended method at its default without a word; the presets of unused methods are not
+            stray = [m for m in given if m not in self.methods and not _preset(flag, m, given[m])]
+            if stray:
+                raise ValueError(
+                    f"{flag} names {stray[0]!r}, which is not among --methods {','.join(self.methods)}; "
+                    "fix the name or add the method to --methods"
+                )
         if self.solution_seeds is not None:
             if len(set(self.solution_seeds)) != len(self.solution_seeds):
                 raise ValueError(f"a seed is listed twice in --solution-seeds {self.solution_seeds}")
@@ -115,6 +135,8 @@ class StudyConfig:
                 )
         if self.d <= 0:
             raise ValueError(f"the intrinsic dimension d must be positive, got {self.d}")
+        if self.hidden < self.d:  # found out at `find`, after the whole collect, otherwise
+            raise ValueError(f"--hidden {self.hidden} (the down-projections' width) must be at least --d {self.d}")
         for m in self.methods:
             self.method_config(m).validate()
 
@@ -137,25 +159,44 @@ class StudyConfig:
         """The study in `workdir`: started with `given` (over the defaults) if it has no study.json yet, else
         resumed, refusing settings that differ from what it was started with (`tasks` may grow).
 
-        `method_args` and `lrs` merge per method into what is there; every other setting replaces.
+        `lrs` merge per method into what is there, `method_args` per method AND per setting (`--method-arg
+        lora.r=8` keeps the preset's targets); every other setting replaces.
         """
-        merging = ("method_args", "lrs")
         path = Path(workdir) / "study.json"
         if not path.exists():
             cfg = cls()
             for key, value in given.items():
-                setattr(cfg, key, {**getattr(cfg, key), **value} if key in merging else value)
+                setattr(cfg, key, _merged(cfg, key, value))
             cfg.validate()
             cfg.save(workdir)
             return cfg
         cfg = cls.load(workdir)
-        merged = {k: {**getattr(cfg, k), **v} if k in merging else v for k, v in given.items()}
+        merged = {k: _merged(cfg, k, v) for k, v in given.items()}
         differ = [k for k, v in merged.items() if k != "tasks" and getattr(cfg, k) != v]
         if differ:
             raise ValueError(
                 f"{path} was started with other settings ({', '.join(differ)}); resume without them or use a new --workdir"
             )
         return cfg
+
+
+def _merged(cfg: StudyConfig, key: str, value: Any) -> Any:
+    """`value` over what `cfg` has for `key`: per method for `lrs`, per method and setting for `method_args`.
+
+    Replacing a method's whole settings by the one given would silently drop the rest of its preset:
+    `--method-arg selective.layers=-2` would tune every weight of the layer instead of its attention
+    output, `--method-arg prefix.num_tokens=10` would train through an MLP of width 512 instead of 24.
+    """
+    if key == "method_args":
+        return {**cfg.method_args, **{m: {**cfg.method_args.get(m, {}), **v} for m, v in value.items()}}
+    if key == "lrs":
+        return {**cfg.lrs, **value}
+    return value
+
+
+def _preset(flag: str, method: str, value: Any) -> bool:
+    """Whether `value` is the default a study carries for `method` (kept for methods it does not run)."""
+    return (PRESETS if flag == "--method-arg" else LEARNING_RATES).get(method) == value
 
 
 @dataclasses.dataclass

@@ -253,6 +253,8 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     from .flatten import write_json
     from .landscape import path, plane, plot
 
+    if method not in study.cfg.methods:
+        raise ValueError(f"--method {method}: not a method of this study ({', '.join(study.cfg.methods)})")
     name = MULTI if task in study.cfg.unseen and study.cfg.unseen else SINGLE.format(task=task)
     space, data, head = study.space(name), study.data(task), study.head(task)
     if name == MULTI:
