@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 
-from .store import Store
+from .store import Store, share
 
 Measure = Callable[[int], float]
 
@@ -105,7 +105,7 @@ def said_measure(
         score = _score(model, tokenizer, data, cfg)[data.task.primary_metric]
         store.put(
             "subspace_intrinsic", task=task, d=d, steps=steps, score=score, reference=reference,
-            ratio=score / reference if reference else None, seconds=time.perf_counter() - start,
+            ratio=share(score, reference), seconds=time.perf_counter() - start,
         )  # fmt: skip
         return score
 

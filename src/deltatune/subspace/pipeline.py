@@ -33,7 +33,7 @@ from .space import (
     space_kind,
     space_path,
 )
-from .store import Store
+from .store import Store, share
 
 
 class Study:
@@ -197,7 +197,7 @@ class Study:
             score, original = metrics[self.data(task).task.primary_metric], self.original(task, method)
             self.store.put(
                 "subspace_results", space=name, stage="optimize", task=task, method=method, source=method,
-                score=score, original=original, ratio=score / original, meta=record,
+                score=score, original=original, ratio=share(score, original), meta=record,
             )  # fmt: skip
 
     def transfer(self, tasks: list[str] | None = None) -> None:
@@ -217,7 +217,7 @@ class Study:
                 original = self.original(task, method)
                 self.store.put(
                     "subspace_results", space=name, stage="transfer", task=task, method=method, source=source,
-                    score=score, original=original, ratio=score / original, meta={"z": z.tolist()},
+                    score=score, original=original, ratio=share(score, original), meta={"z": z.tolist()},
                 )  # fmt: skip
 
     def intrinsic(self, tasks: list[str] | None = None, steps: int | None = None, d_max: int | None = None) -> None:
@@ -281,7 +281,7 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     best = max(max(row) for row in result["plane"]["metric"])
     study.store.put(
         "subspace_results", space=name, stage="landscape", task=task, method=method, source=method, score=best,
-        original=study.original(task, method), ratio=best / study.original(task, method),
+        original=study.original(task, method), ratio=share(best, study.original(task, method)),
         meta={"json": str(out / f"{task}.json"), "png": str(out / f"{task}.png")},
     )  # fmt: skip
     return result

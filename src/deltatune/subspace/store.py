@@ -36,6 +36,19 @@ SCHEMA = {
 JSON_COLUMNS = {"meta", "tasks", "methods"}
 
 
+def share(score: float, original: float | None) -> float | None:
+    """`score` as a fraction of `original`, or None where that is no measure of how much was recovered.
+
+    Only a positive original makes "% of the original" mean anything: a correlation (Pearson on a regression
+    task, Matthews) of a short run can be zero or negative, and dividing by it inverts the scale (a score of
+    -0.04 against an original of -0.05 read as 80%, a worse -0.10 as 200%). Those rows keep their scores;
+    the report leaves them out of the averages and says how many.
+    """
+    if original is None or score is None or not original > 0:
+        return None
+    return score / original
+
+
 class Store:
     """A thin, explicit wrapper: `put` a row (replacing one with the same key), `rows` to read them back."""
 

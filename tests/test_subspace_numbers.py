@@ -1,0 +1,45 @@
+"""Numbers of the subspace study that could be wrong without an error: what the report averages and compares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deltatune.subspace.report import build, main_table, transfer_matrix
+from deltatune.subspace.store import Store, share
+
+METHODS = ["adapter", "lora"]
+
+
+def _solution(store: Store, task: str, method: str, score: float, metric: str = "accuracy") -> None:
+    store.put("subspace_solutions", task=task, method=method, seed=42, size=1, score=score, metric=metric, path="-")
+
+
+def _result(store: Store, space: str, stage: str, task: str, method: str, source: str, score: float) -> None:
+    original = store.one("subspace_solutions", task=task, method=method)["score"]
+    store.put(
+        "subspace_results", space=space, stage=stage, task=task, method=method, source=source, score=score,
+        original=original, ratio=score / original,  # what stores written before `share` hold
+    )  # fmt: skip
+
+
+def test_a_share_of_a_non_positive_original_is_undefined_not_inverted(tmp_path: Path) -> None:
+    """A regression task's Pearson after a short run can be negative: -0.04 against -0.05 read as 80%, and a
+    worse -0.10 as 200%, averaged with the accuracy tasks' shares without a word."""
+    assert share(0.5, 0.8) == 0.625 and share(-0.04, -0.05) is None and share(0.1, 0.0) is None
+    store = Store(tmp_path / "s.db")
+    for method, acc, corr in (("head", 0.5, -0.06), ("adapter", 0.8, -0.05), ("lora", 0.8, 0.04)):
+        _solution(store, "sent", method, acc)
+        _solution(store, "sts", method, corr, "pearson")
+    for task, score in (("sent", 0.8), ("sts", -0.10)):
+        for method in METHODS:
+            _result(store, f"unified-{task}", "optimize", task, method, method, score)
+            _result(store, f"unified-{task}", "transfer", task, method, "lora" if method == "adapter" else "adapter",
+                    score)  # fmt: skip
+    table = {row[0]: row for row in main_table(store, METHODS)}
+    # the accuracy task alone counts for the adapter (its Pearson original is negative); LoRA's Pearson
+    # original (0.04) is positive, so its -0.10 counts as -250%, a real loss, not a gain
+    assert table["Subspace optimization, single-task (seen)"][1:4] == ["100.0 (1)", "-75.0 (2)", "-16.7 (3)"]
+    assert transfer_matrix(store, METHODS)[2][1] == "100.0 (1)"  # lora -> adapter: the sts row left out
+    assert table["The fixed task head alone, all tasks"][1] == "62.5 (1)"
+    md, _ = build(store, METHODS, tmp_path / "r")
+    assert "2 of 8 results are left out of the % tables: their method's own solution scored <= 0 (sts" in md.read_text()
