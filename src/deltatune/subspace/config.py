@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 from ..core.delta import DeltaConfig
-from ..data.fewshot import few_shot_task
-from ..data.tasks import Example, Task, load_task
 from ..methods import METHODS, get_config
 from .flatten import write_json
+from .sources import TaskData, check_name, resolve, resolve_all, task_data
+
+__all__ = ["StudyConfig", "TaskData", "task_data"]
 
 # Sized for MiniLM-L6 (6 layers, hidden 384) so the flattened solutions are about the same size:
 # LoRA r=10 on query and value: 6 x 2 x 10 x (384 + 384) = 92,160; prefix 20 tokens: 6 x 2 x 20 x 384 =
@@ -70,6 +70,11 @@ class StudyConfig:
     optimize_lr: float = 0.05  # Adam rate of the d-dim vector, in units of the typical solution norm
     d_max: int = 4096  # intrinsic-dimension search stops here
     said_steps: int = 60
+    # the user's own data (sources.py): where each task given as a path is read from (name -> absolute path),
+    # which of its columns is which field, and the fraction of train held out as dev where a task has none
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    columns: dict[str, str] | None = None
+    dev_split: float | None = None
 
     def method_config(self, method: str) -> DeltaConfig:
         args = dict(self.method_args.get(method, {}))
@@ -77,6 +82,24 @@ class StudyConfig:
             if isinstance(value, list):
                 args[key] = tuple(value)
         return get_config(method, **args)
+
+    def task_names(self, texts: list[str]) -> list[str]:
+        """The study's names for `texts`: its task names, the paths its own data was given as, or another
+        spelling of a collection name (SST-2). A task the study does not have is refused, naming its tasks."""
+        names = []
+        for text in texts:
+            name = text if text in self.tasks else None
+            if name is None:
+                try:
+                    found, source = resolve(text)
+                except ValueError:
+                    found, source = None, None
+                if found in self.tasks and self.sources.get(found) == source:
+                    name = found
+            if name is None:
+                raise ValueError(f"{text} is not a task of this study ({', '.join(self.tasks)})")
+            names.append(name)
+        return names
 
     def configs(self) -> dict[str, DeltaConfig]:
         return {m: self.method_config(m) for m in self.methods}
@@ -133,6 +156,10 @@ class StudyConfig:
                     f"--solution-seeds {self.solution_seeds} must include the study's --seed {self.seed}: its "
                     "solutions are the reference every score is compared with"
                 )
+        for t in self.tasks:
+            check_name(t)
+        if self.dev_split is not None and not 0 < self.dev_split < 1:
+            raise ValueError(f"--dev-split must be a fraction between 0 and 1, e.g. 0.2; got {self.dev_split}")
         if self.d <= 0:
             raise ValueError(f"the intrinsic dimension d must be positive, got {self.d}")
         if self.hidden < self.d:  # found out at `find`, after the whole collect, otherwise
@@ -163,14 +190,24 @@ class StudyConfig:
         lora.r=8` keeps the preset's targets); every other setting replaces.
         """
         path = Path(workdir) / "study.json"
-        if not path.exists():
-            cfg = cls()
+        fresh = not path.exists()
+        cfg = cls() if fresh else cls.load(workdir)
+        given = dict(given)
+        if fresh and "tasks" in given:  # paths become names, their absolute paths `sources` (sources.py)
+            given["tasks"], added = resolve_all(given["tasks"], [], {})
+            given["sources"] = added
+        if "unseen" in given:  # named as in --tasks (a path, or the name a path was given)
+            given["unseen"] = resolve_all(
+                given["unseen"], given.get("tasks", cfg.tasks), given.get("sources", cfg.sources)
+            )[0]
+        if fresh:
             for key, value in given.items():
                 setattr(cfg, key, _merged(cfg, key, value))
             cfg.validate()
+            for name in cfg.sources:  # the user's own data is read now: a missing column or dev split is
+                task_data(name, cfg)  # said before the study exists, not at collect
             cfg.save(workdir)
             return cfg
-        cfg = cls.load(workdir)
         merged = {k: _merged(cfg, k, v) for k, v in given.items()}
         differ = [k for k, v in merged.items() if k != "tasks" and getattr(cfg, k) != v]
         if differ:
@@ -197,19 +234,3 @@ def _merged(cfg: StudyConfig, key: str, value: Any) -> Any:
 def _preset(flag: str, method: str, value: Any) -> bool:
     """Whether `value` is the default a study carries for `method` (kept for methods it does not run)."""
     return (PRESETS if flag == "--method-arg" else LEARNING_RATES).get(method) == value
-
-
-@dataclasses.dataclass
-class TaskData:
-    task: Task  # few-shot train and dev (model selection)
-    eval: list[Example]  # a sample of the real dev split: what every reported score is measured on
-
-
-def task_data(name: str | Task, cfg: StudyConfig) -> TaskData:
-    task = name if isinstance(name, Task) else load_task(name)
-    if task.type not in ("classification", "pair_classification", "regression"):
-        raise ValueError(f"task {task.name!r} is {task.type}; the subspace study uses classification tasks")
-    fs = few_shot_task(task, cfg.k_shot, seed=cfg.seed, dev_k=cfg.dev_k)
-    dev = list(task["dev"])
-    held = random.Random(0).sample(dev, min(cfg.n_eval, len(dev)))
-    return TaskData(fs, held)
