@@ -110,7 +110,6 @@ def test_cli_refuses_to_resume_a_study_with_other_settings(study: Study, capsys:
 
 def test_projections_trained_from_scratch_form_their_own_spaces(study: Study, tmp_path: Path) -> None:
     before = _results(study)
-    study.cfg.scratch_find_steps = 3
     study.find(init="random")
     spaces = {r["name"]: r for r in study.store.rows("subspace_spaces")}
     scratch = {n for n in spaces if n.startswith("scratch-")}

@@ -32,6 +32,7 @@ from ..train.objectives import ClassifierObjective
 from ..train.trainer import TrainConfig, fit
 from .config import StudyConfig, TaskData, task_data
 from .flatten import Layout, flatten, load_vectors, save_vectors
+from .sources import checked, fingerprint
 from .store import Store
 
 
@@ -115,7 +116,7 @@ def collect_task(
     has_head = store.has("subspace_solutions", task=name, method="head", seed=cfg.seed)
     if not todo and has_head:
         return
-    data = task_data(name, cfg)
+    data = checked(task_data(name, cfg), name, recorded_data(store, name, cfg.seed))
     metric = data.task.primary_metric
     backbone = (make_backbone or (lambda n: backbone_for(cfg, n)))(data.task.num_labels)
     if has_head:
@@ -129,7 +130,7 @@ def collect_task(
         store.put(
             "subspace_solutions", task=name, method="head", seed=cfg.seed, size=sum(v.numel() for v in head.values()),
             score=score, metric=metric, path=str(_head_path(workdir, name)),
-            seconds=time.perf_counter() - start, meta={"dev": result.best},
+            seconds=time.perf_counter() - start, meta={"dev": result.best, "data": fingerprint(data)},
         )  # fmt: skip
     params = dict(backbone.named_parameters())
     with torch.no_grad():
@@ -180,11 +181,25 @@ def load_head(workdir: str | os.PathLike, task: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_solution(store: Store, task: str, method: str, seed: int) -> Solution:
+def load_solution(
+    store: Store, task: str, method: str, seed: int, workdir: str | os.PathLike | None = None
+) -> Solution:
+    """The stored solution; with `workdir`, its file is looked up there rather than at the path the store holds.
+
+    The store keeps the path as `collect` was given it, often relative to the folder it ran in: from another
+    folder that path is missing, or names another study's file.
+    """
     row = store.one("subspace_solutions", task=task, method=method, seed=seed)
     if row is None:
         raise FileNotFoundError(
             f"no {method} solution of seed {seed} for {task!r} in {store.path}; run `deltatune subspace collect`"
         )
-    tensors, meta = load_vectors(row["path"])
+    path = Path(row["path"]) if workdir is None else Path(workdir) / "solutions" / task / Path(row["path"]).name
+    tensors, meta = load_vectors(path)
     return Solution(task, method, tensors["solution"], tensors["init"], Layout.from_dict(meta["layout"]), row["score"])
+
+
+def recorded_data(store: Store, task: str, seed: int) -> str | None:
+    """The fingerprint of the data `task` was collected on (None: not collected yet, or an older store)."""
+    row = store.one("subspace_solutions", task=task, method="head", seed=seed)
+    return (row["meta"] or {}).get("data") if row else None

@@ -193,6 +193,8 @@ class StudyConfig:
         fresh = not path.exists()
         cfg = cls() if fresh else cls.load(workdir)
         given = dict(given)
+        if "model" in given and Path(given["model"]).expanduser().exists():  # a local folder, read from any folder
+            given["model"] = str(Path(given["model"]).expanduser().resolve())
         if fresh and "tasks" in given:  # paths become names, their absolute paths `sources` (sources.py)
             given["tasks"], added = resolve_all(given["tasks"], [], {})
             given["sources"] = added

@@ -82,10 +82,11 @@ def said_measure(
     from ..core.model import DeltaModel
     from ..methods import get_config
     from ..train.trainer import TrainConfig, fit
-    from .collect import _score, load_head
+    from .collect import _score, load_head, recorded_data
     from .config import task_data
+    from .sources import checked
 
-    data = task_data(task, cfg)
+    data = checked(task_data(task, cfg), task, recorded_data(store, task, cfg.seed))
     head = load_head(workdir, task)
 
     def measure(d: int) -> float:

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .collect import Solution, backbone_for, collect, load_head, load_solution
+from .binding import bind
+from .collect import Solution, backbone_for, collect, load_head, load_solution, recorded_data
 from .config import StudyConfig, TaskData, task_data
 from .functional import Bank
-from .sources import resolve_all
+from .sources import checked, resolve_all
 from .space import (
     HELDOUT,
     MULTI,
@@ -50,8 +51,13 @@ class Study:
         self.workdir = Path(workdir)
         self.cfg = StudyConfig.load(self.workdir)
         self.store = Store(db or self.workdir / "subspace.db")
+        self.bind()
         self._tokenizer = tokenizer
         self.make_backbone = make_backbone or (lambda n: backbone_for(self.cfg, n))
+
+    def bind(self) -> None:
+        """Refuse a store whose results were made with other settings (binding.py); every stage starts here."""
+        bind(self.cfg, self.store, self.workdir)
 
     @functools.cached_property
     def tokenizer(self):  # noqa: ANN201
@@ -65,7 +71,7 @@ class Study:
 
     @functools.cache  # noqa: B019 - one Study per process; the cache lives as long as it
     def data(self, task: str) -> TaskData:
-        return task_data(task, self.cfg)
+        return checked(task_data(task, self.cfg), task, recorded_data(self.store, task, self.cfg.seed))
 
     @functools.cache  # noqa: B019
     def head(self, task: str) -> dict[str, torch.Tensor]:
@@ -74,7 +80,7 @@ class Study:
     def solutions(self, tasks: list[str], seeds: list[int] | None = None) -> dict[tuple[str, str], Solution]:
         """Every method's solution of `tasks` at `seeds` (default the study's), keyed by (solution set, method)."""
         return {
-            (self.solution_set(t, s), m): load_solution(self.store, t, m, s)
+            (self.solution_set(t, s), m): load_solution(self.store, t, m, s, self.workdir)
             for t in tasks
             for s in seeds or [self.cfg.seed]
             for m in self.cfg.methods
@@ -146,6 +152,7 @@ class Study:
     # -- stages ------------------------------------------------------------------------------------
     def collect(self, tasks: list[str] | None = None) -> None:
         """Heads and solutions of `tasks` (default all); tasks the study does not have yet are added."""
+        self.bind()
         tasks = self.add_tasks(tasks) if tasks else None
         collect(self.cfg, self.store, self.workdir, tasks, self.tokenizer, self.make_backbone)
 
@@ -170,6 +177,7 @@ class Study:
         from .baselines import pca_space, random_space
         from .find import find_unified
 
+        self.bind()
         cfg = self.cfg
         heldout = bool(cfg.other_seeds) if heldout is None else heldout
         if heldout and not cfg.other_seeds:
@@ -221,6 +229,7 @@ class Study:
     def optimize(self, tasks: list[str] | None = None, spaces: list[str] | None = None) -> None:
         from .optimize import optimize_vector
 
+        self.bind()
         cfg = self.cfg
         jobs = [j for j in self.optimize_jobs(tasks) if spaces is None or space_kind(j[0]) in spaces]
         for name, task, method in tqdm(jobs, desc="optimize", dynamic_ncols=True):
@@ -240,6 +249,7 @@ class Study:
     def transfer(self, tasks: list[str] | None = None) -> None:
         from .optimize import transfer_scores
 
+        self.bind()
         learned = ("single", "multi", "scratch-single", "scratch-multi", "heldout", "scratch-heldout")
         jobs = [j for j in self.optimize_jobs(tasks) if space_kind(j[0]) in learned]
         for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
@@ -262,6 +272,7 @@ class Study:
         runs are stored with their step budget, so searches at different budgets never mix."""
         from .intrinsic import said_measure, search_d90
 
+        self.bind()
         cfg = self.cfg
         steps, d_max = steps or cfg.said_steps, d_max or cfg.d_max
         for task in tqdm(tasks or cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
@@ -290,6 +301,7 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     from .flatten import write_json
     from .landscape import path, plane, plot
 
+    study.bind()
     if method not in study.cfg.methods:
         raise ValueError(f"--method {method}: not a method of this study ({', '.join(study.cfg.methods)})")
     name = MULTI if task in study.cfg.unseen and study.cfg.unseen else SINGLE.format(task=task)

@@ -11,6 +11,8 @@ its absolute path is recorded in study.json (`sources`) for every later stage to
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import re
@@ -123,3 +125,28 @@ def task_data(name: str | Task, cfg: StudyConfig) -> TaskData:
     dev = list(task["dev"])
     held = random.Random(0).sample(dev, min(cfg.n_eval, len(dev)))
     return TaskData(fs, held)
+
+
+def fingerprint(data: TaskData) -> str:
+    """A hash of what a task's solutions were trained, selected and scored on (labels with their names)."""
+    parts = {
+        split: [[e.text, e.text_pair, e.label] for e in examples]
+        for split, examples in (("train", data.task["train"]), ("dev", data.task["dev"]), ("eval", data.eval))
+    }
+    parts["labels"] = list(data.task.labels)
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def checked(data: TaskData, name: str, recorded: str | None) -> TaskData:
+    """`data`, refused when it is not what the task's head and solutions were collected on.
+
+    A file edited after `collect` (a row fixed, rows appended, labels renamed) changes the few-shot samples and
+    the evaluation sample: every later score would be compared with solutions scored on the old sample.
+    Stores written before the fingerprint existed have none to compare (`recorded` None).
+    """
+    if recorded is not None and fingerprint(data) != recorded:
+        raise ValueError(
+            f"task {name!r}'s data is not what its solutions were collected on (its few-shot or evaluation sample "
+            "changed: was the file edited, or --columns/--dev-split?); restore the data, or start a new --workdir"
+        )
+    return data

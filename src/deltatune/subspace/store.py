@@ -28,12 +28,13 @@ SCHEMA = {
         "space TEXT, stage TEXT, task TEXT, method TEXT, source TEXT, score REAL, original REAL, ratio REAL, "
         "meta TEXT, created REAL, PRIMARY KEY (space, stage, task, method, source)"
     ),
+    "subspace_study": "key TEXT PRIMARY KEY, value TEXT, created REAL",  # binding.py: what the results were made with
     "subspace_intrinsic": (
         "task TEXT, d INTEGER, score REAL, reference REAL, ratio REAL, seconds REAL, created REAL, steps INTEGER, "
         "PRIMARY KEY (task, d, steps)"
     ),
 }
-JSON_COLUMNS = {"meta", "tasks", "methods"}
+JSON_COLUMNS = {"meta", "tasks", "methods", "value"}
 
 
 def share(score: float, original: float | None) -> float | None:
