@@ -105,3 +105,23 @@ def test_landscape_names_the_study_s_methods_for_one_it_does_not_run(tmp_path: P
     code = main(["subspace", "landscape", "--workdir", str(tmp_path / "w"), "--method", "lora"])
     err = capsys.readouterr().err  # was: "spaces/unified-sst2.safetensors is missing", or "run `optimize` first"
     assert code == 2 and "--method lora: not a method of this study (adapter, prefix)" in err
+
+
+def test_a_d_above_a_method_s_size_is_refused_before_its_solutions_train(tmp_path: Path) -> None:
+    """Before: collected and found; the prefix basis came out 256 columns wide and optimize failed midway with
+    torch's 'size mismatch, got input (256), ...', rows of the other methods already written."""
+    import torch
+    from test_subspace import toy_study
+
+    from deltatune.subspace.space import orthonormal_completion
+
+    mp = pytest.MonkeyPatch()
+    try:
+        study = toy_study(tmp_path, mp, d=300, hidden=300)
+        with pytest.raises(ValueError, match=r"--d 300 is larger than the prefix delta's 256 numbers: .*use --d 256"):
+            study.collect(["toya"])
+    finally:
+        mp.undo()
+    assert [r["method"] for r in study.store.rows("subspace_solutions")] == ["head"]
+    with pytest.raises(ValueError, match=r"cannot complete 5 orthonormal directions in 4 dimensions"):
+        orthonormal_completion(torch.zeros(4, 0), 5, seed=0)

@@ -33,6 +33,7 @@ from ..train.trainer import TrainConfig, fit
 from .config import StudyConfig, TaskData, task_data
 from .flatten import Layout, flatten, load_vectors, save_vectors
 from .sources import checked, fingerprint
+from .space import check_dimension
 from .store import Store
 
 
@@ -136,6 +137,10 @@ def collect_task(
     with torch.no_grad():
         for k, v in head.items():
             params[k].copy_(v)
+    if todo:  # a --d no subspace of these deltas can have is refused before the first one trains
+        sizes = {m: Layout.of(initial_state(DeltaModel(backbone), m, cfg.method_config(m), cfg.seed)).size
+                 for m in dict.fromkeys(m for _, m in todo)}  # fmt: skip
+        check_dimension(cfg.d, sizes)
     for seed, method in todo:
         start = time.perf_counter()
         config = cfg.method_config(method)

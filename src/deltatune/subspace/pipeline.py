@@ -32,6 +32,7 @@ from .space import (
     SCRATCH_SINGLE,
     SINGLE,
     Space,
+    check_dimension,
     space_kind,
     space_path,
 )
@@ -179,6 +180,7 @@ class Study:
 
         self.bind()
         cfg = self.cfg
+        check_dimension(cfg.d, {m: layout.size for m, layout in self.bank.layouts.items()})
         heldout = bool(cfg.other_seeds) if heldout is None else heldout
         if heldout and not cfg.other_seeds:
             raise ValueError(
