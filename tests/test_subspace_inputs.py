@@ -125,3 +125,24 @@ def test_a_d_above_a_method_s_size_is_refused_before_its_solutions_train(tmp_pat
     assert [r["method"] for r in study.store.rows("subspace_solutions")] == ["head"]
     with pytest.raises(ValueError, match=r"cannot complete 5 orthonormal directions in 4 dimensions"):
         orthonormal_completion(torch.zeros(4, 0), 5, seed=0)
+
+
+def test_stages_run_out_of_order_say_which_stage_comes_first(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from test_subspace import toy_study
+
+    mp = pytest.MonkeyPatch()
+    try:
+        study = toy_study(tmp_path, mp)
+        with pytest.raises(ValueError, match=r"pca, random, unified-multi, unified-toya ... not found "
+                                             r"yet: run `deltatune subspace find` first$"):  # fmt: skip
+            study.optimize()  # was: 'spaces/unified-toya.safetensors is missing; run the stage that writes it first'
+        with pytest.raises(ValueError, match=r"no vector to transfer: none was optimized yet; run `deltatune "
+                                             r"subspace optimize` first"):  # fmt: skip
+            study.transfer()  # was: a progress bar over nothing, exit 0
+        with pytest.raises(FileNotFoundError, match=r"subspace unified-toya was not found yet .*run `deltatune "
+                                                     r"subspace find` first"):  # fmt: skip
+            study.space("unified-toya")
+    finally:
+        mp.undo()
+    assert main(["subspace", "optimize", "--workdir", str(study.workdir), "--spaces", "singel"]) == 2
+    assert "--spaces singel: not a kind of subspace; choose from single,multi," in capsys.readouterr().err

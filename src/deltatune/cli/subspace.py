@@ -152,6 +152,10 @@ def _check_paths_and_counts(args: argparse.Namespace) -> None:
     unknown = [w for w in getattr(args, "which", None) or () if w not in kinds]
     if unknown:
         raise ValueError(f"--which {','.join(unknown)}: not a kind of subspace; choose from {','.join(kinds)}")
+    spaces = ("single", "multi", "heldout", "scratch-single", "scratch-multi", "scratch-heldout", "pca", "random")
+    unknown = [w for w in getattr(args, "spaces", None) or () if w not in spaces]
+    if unknown:  # was: nothing optimized, exit 0
+        raise ValueError(f"--spaces {','.join(unknown)}: not a kind of subspace; choose from {','.join(spaces)}")
     checks.at_least(getattr(args, "grid", None), 2, "--grid")
     for flag in ("said_steps", "d_max"):
         checks.at_least(getattr(args, flag, None), 1, "--" + flag.replace("_", "-"))

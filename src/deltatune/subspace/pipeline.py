@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,10 @@ class Study:
         return row["score"]
 
     def space(self, name: str) -> Space:
-        return Space.load(space_path(self.workdir, name))
+        path = space_path(self.workdir, name)
+        if not path.exists():
+            raise FileNotFoundError(f"subspace {name} was not found yet ({path}); run `deltatune subspace find` first")
+        return Space.load(path)
 
     def _put_space(self, space: Space, seconds: float) -> None:
         path = space_path(self.workdir, space.name)
@@ -234,6 +238,13 @@ class Study:
         self.bind()
         cfg = self.cfg
         jobs = [j for j in self.optimize_jobs(tasks) if spaces is None or space_kind(j[0]) in spaces]
+        found = {r["name"] for r in self.store.rows("subspace_spaces")}
+        missing = sorted({name for name, _, _ in jobs if name not in found})
+        if missing:  # said before any optimization, not as a missing file halfway through the jobs
+            raise ValueError(
+                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} not found yet: run `deltatune subspace "
+                "find` first" + (" (or choose the kinds found with --spaces)" if found else "")
+            )
         for name, task, method in tqdm(jobs, desc="optimize", dynamic_ncols=True):
             if self.store.has("subspace_results", space=name, stage="optimize", task=task, method=method):
                 continue
@@ -254,6 +265,14 @@ class Study:
         self.bind()
         learned = ("single", "multi", "scratch-single", "scratch-multi", "heldout", "scratch-heldout")
         jobs = [j for j in self.optimize_jobs(tasks) if space_kind(j[0]) in learned]
+        pending = [j for j in jobs if not self.store.has("subspace_results", space=j[0], stage="optimize", task=j[1],
+                                                         method=j[2])]  # fmt: skip
+        if jobs and len(pending) == len(jobs):  # was: a progress bar over nothing, exit 0
+            raise ValueError("no vector to transfer: none was optimized yet; run `deltatune subspace optimize` first")
+        if pending:
+            name, task, method = pending[0]
+            print(f"transfer: {len(pending)} of {len(jobs)} vectors are not optimized yet ({name}, {task}, {method}, "
+                  "...); run `deltatune subspace optimize` and transfer again for them", file=sys.stderr)  # fmt: skip
         for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
             row = self.store.one("subspace_results", space=name, stage="optimize", task=task, method=source)
             if row is None or self.store.has(
