@@ -91,14 +91,42 @@ def test_landscape_intrinsic_dimension_and_report(study: Study, tmp_path: Path) 
     grid = result["plane"]["metric"]
     assert len(grid) == 3 and all(len(row) == 3 and all(0 <= v <= 1 for v in row) for row in grid)
     assert {p["to"] for p in result["paths"]} == {"adapter", "prefix", "selective"}
-    assert (study.workdir / "landscape" / "toya.png").stat().st_size > 1000
+    assert (study.workdir / "landscape" / "toya-lora.png").stat().st_size > 1000
     unseen = landscape(study, "toyc", "adapter", n=2, examples=4)  # the vectors optimized in the multi-task space
     assert unseen["space"] == "unified-multi" and set(unseen["points"]) == set(CONFIGS)
     study.intrinsic(["toya"])  # runs SAID at a few d, or says the delta never beat the head
-    md, page = build(study.store, study.cfg.methods, tmp_path, [study.workdir / "landscape" / "toya.png"])
+    md, page = build(study.store, study.cfg.methods, tmp_path, [study.workdir / "landscape" / "toya-lora.png"])
     text = md.read_text()
     assert "Subspace optimization, single-task (seen)" in text and "| toya |" in text
     assert "data:image/png;base64," in page.read_text()
+
+
+def test_a_landscape_through_another_basis_keeps_the_first_and_a_killed_plot_leaves_it_whole(study: Study) -> None:
+    """Before: `--method adapter` overwrote toya.png (the LoRA row's figure) and a kill mid-savefig left half a PNG."""
+    import matplotlib.figure
+
+    landscape(study, "toya", "lora", n=2, examples=4)
+    first = (study.workdir / "landscape" / "toya-lora.png").read_bytes()
+    landscape(study, "toya", "adapter", n=2, examples=4)
+    assert (study.workdir / "landscape" / "toya-lora.png").read_bytes() == first
+    rows = study.store.rows("subspace_results", stage="landscape", task="toya")
+    assert {r["method"]: Path(r["meta"]["png"]).name for r in rows} == {
+        "lora": "toya-lora.png",
+        "adapter": "toya-adapter.png",
+    }
+
+    def killed(self, target, **kw) -> None:  # noqa: ANN001 - writes part of the figure, then dies
+        (target.write(b"\x89PNG half") if hasattr(target, "write") else Path(target).write_bytes(b"\x89PNG half"))
+        raise KeyboardInterrupt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(matplotlib.figure.Figure, "savefig", killed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            landscape(study, "toya", "lora", n=2, examples=4)
+    finally:
+        mp.undo()
+    assert (study.workdir / "landscape" / "toya-lora.png").read_bytes() == first
 
 
 def test_cli_refuses_to_resume_a_study_with_other_settings(study: Study, capsys: pytest.CaptureFixture) -> None:

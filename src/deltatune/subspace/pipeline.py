@@ -346,12 +346,17 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     }  # fmt: skip
     out = study.workdir / "landscape"
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{task}.json", result)
-    plot(result, str(out / f"{task}.png"), f"{task}: subspace {name} (d={space.d}), {len(sample)} evaluation examples")
+    stem = out / f"{task}-{method}"  # one figure per basis: another --method used to overwrite the first
+    write_json(stem.with_suffix(".json"), result)
+    plot(
+        result,
+        str(stem.with_suffix(".png")),
+        f"{task}: subspace {name} (d={space.d}), {len(sample)} evaluation examples",
+    )
     best = max(max(row) for row in result["plane"]["metric"])
     study.store.put(
         "subspace_results", space=name, stage="landscape", task=task, method=method, source=method, score=best,
         original=study.original(task, method), ratio=share(best, study.original(task, method)),
-        meta={"json": str(out / f"{task}.json"), "png": str(out / f"{task}.png")},
+        meta={"json": str(stem.with_suffix(".json")), "png": str(stem.with_suffix(".png"))},
     )  # fmt: skip
     return result

@@ -15,6 +15,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from ..core import atomic
 from .space import space_kind
 from .store import Store, share
 
@@ -266,7 +267,7 @@ def build(store: Store, methods: list[str], out: str | Path, figures: list[str |
         md += [f"## {title}", "", markdown(table), ""] + ([note, ""] if note else [])
     figures = [Path(f) for f in figures if Path(f).exists()]
     md += [f"![{f.stem}]({f.name})" for f in figures]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic.write_file(out / "report.md", "\n".join(md) + "\n")  # a kill leaves the previous report whole
     style = "body{font-family:sans-serif;max-width:1100px}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}"
     parts = [f"<html><head><meta charset='utf-8'><style>{style}</style></head><body><h1>deltatune subspace report</h1>"]
     for title, table, note in sections:
@@ -274,5 +275,5 @@ def build(store: Store, methods: list[str], out: str | Path, figures: list[str |
     for f in figures:
         data = base64.b64encode(f.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(f.stem)}</h2><img src='data:image/png;base64,{data}' style='max-width:100%'>")
-    (out / "report.html").write_text("".join(parts) + "</body></html>\n")
+    atomic.write_file(out / "report.html", "".join(parts) + "</body></html>\n")
     return out / "report.md", out / "report.html"
