@@ -147,3 +147,17 @@ def test_collect_adds_a_task_until_a_multi_task_subspace_was_found_on_the_others
         study.collect([str(tmp_path / "tasks" / "toyd")])
     assert StudyConfig.load(tmp_path / "w").tasks == ["toya", "toyb", "toyc"]
     assert torch.get_num_threads() >= 1 and CONFIGS  # the shared fixtures' module is imported for its tiny model
+
+
+def test_two_processes_adding_tasks_keep_both(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
+    """Each process read study.json when it started: the second one's save dropped the first one's task."""
+    from test_subspace import write_task
+
+    for name in ("toya", "toyb", "toyc"):
+        write_task(tmp_path / "tasks", name, seed=len(name))
+    StudyConfig(tasks=["toya"], methods=["lora"], method_args={"lora": {"r": 2}}, k_shot=4, dev_k=2, d=2,
+                hidden=4, sources={"toya": str(tmp_path / "tasks" / "toya")}).save(tmp_path / "w")  # fmt: skip
+    first, second = (Study(tmp_path / "w", tokenizer=tokenizer) for _ in range(2))
+    assert first.add_tasks([str(tmp_path / "tasks" / "toyb")]) == ["toyb"]
+    assert second.add_tasks([str(tmp_path / "tasks" / "toyc")]) == ["toyc"]
+    assert StudyConfig.load(tmp_path / "w").tasks == ["toya", "toyb", "toyc"] == second.cfg.tasks

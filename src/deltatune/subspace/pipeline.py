@@ -24,7 +24,7 @@ from .binding import bind
 from .collect import Solution, backbone_for, collect, load_head, load_solution, recorded_data
 from .config import StudyConfig, TaskData, task_data
 from .functional import Bank
-from .sources import checked, resolve_all
+from .sources import checked
 from .space import (
     HELDOUT,
     MULTI,
@@ -121,38 +121,10 @@ class Study:
         )  # fmt: skip
 
     def add_tasks(self, texts: list[str]) -> list[str]:
-        """The study's names for `texts`, adding the tasks it does not have yet to study.json (as seen tasks).
+        """The study's names for `texts`, adding the tasks it lacks to study.json (growth.py says when it may)."""
+        from .growth import add_tasks
 
-        Refused once a multi-task subspace (or its PCA and random baselines) was found: those were found on
-        the seen tasks of that time, and a new seen task would be missing from them while every table
-        counted it as seen.
-        """
-        new = [t for t in texts if not self._has(t)]
-        if not new:
-            return self.cfg.task_names(texts)
-        names, added = resolve_all(new, self.cfg.tasks, self.cfg.sources)
-        multi = sorted(r["name"] for r in self.store.rows("subspace_spaces") if r["kind"] != "unified" or
-                       space_kind(r["name"]) in ("multi", "scratch-multi"))  # fmt: skip
-        if multi:
-            raise ValueError(
-                f"{', '.join(multi)} of this study were found on its seen tasks {', '.join(self.cfg.seen)}; adding "
-                f"{', '.join(names)} would leave {'them' if len(names) > 1 else 'it'} out of those subspaces: start a "
-                "new --workdir with every task"
-            )
-        self.cfg.tasks = [*self.cfg.tasks, *(n for n in dict.fromkeys(names) if n not in self.cfg.tasks)]
-        self.cfg.sources = {**self.cfg.sources, **added}
-        self.cfg.validate()
-        for name in added:
-            task_data(name, self.cfg)  # own data that does not load is refused before it joins the study
-        self.cfg.save(self.workdir)
-        return self.cfg.task_names(texts)
-
-    def _has(self, text: str) -> bool:
-        try:
-            self.cfg.task_names([text])
-        except ValueError:
-            return False
-        return True
+        return add_tasks(self, texts)
 
     # -- stages ------------------------------------------------------------------------------------
     def collect(self, tasks: list[str] | None = None) -> None:
