@@ -146,3 +146,21 @@ def test_stages_run_out_of_order_say_which_stage_comes_first(tmp_path: Path, cap
         mp.undo()
     assert main(["subspace", "optimize", "--workdir", str(study.workdir), "--spaces", "singel"]) == 2
     assert "--spaces singel: not a kind of subspace; choose from single,multi," in capsys.readouterr().err
+
+
+def test_a_classifier_checkpoint_of_another_class_count_gets_a_new_head(tmp_path: Path) -> None:
+    """Before: transformers' 'You set `ignore_mismatched_sizes` to `False`' at collect (3-class task) and in
+    the evaluation bank (built with 2 labels) for every task."""
+    from test_subspace import WORDS, tiny_bert
+    from tiny import make_tokenizer
+
+    from deltatune.subspace.collect import backbone_for
+    from deltatune.subspace.config import StudyConfig
+
+    tokenizer = make_tokenizer(WORDS)
+    tiny_bert(tokenizer, num_labels=3).save_pretrained(tmp_path / "nli")
+    tokenizer.save_pretrained(tmp_path / "nli")
+    cfg = StudyConfig(model=str(tmp_path / "nli"))
+    assert backbone_for(cfg, 2).classifier.out_features == 2
+    assert backbone_for(cfg, 1).classifier.out_features == 1
+    assert backbone_for(cfg, 3).classifier.out_features == 3

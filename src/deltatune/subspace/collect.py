@@ -52,8 +52,22 @@ class Solution:
 
 
 def backbone_for(cfg: StudyConfig, num_labels: int) -> nn.Module:
+    """`cfg.model` with a head of `num_labels` outputs (1: regression).
+
+    A checkpoint saved as a classifier of another class count (a 3-class NLI model for a 2-class task, or
+    for the evaluation bank's 2) gets a new head, as `deltatune train` gives it: transformers refuses the
+    mismatch otherwise. The study trains every task's head itself, so the checkpoint's head was only ever
+    the starting point of that training.
+    """
+    from transformers import AutoConfig
+
+    from ..backbones import model_path
+    from ..train.own_head import saved_classifier
+
     head = "regression" if num_labels == 1 else "cls"
-    return load_backbone(cfg.model, head, num_labels=num_labels)
+    config = AutoConfig.from_pretrained(model_path(cfg.model))
+    extra = {"ignore_mismatched_sizes": True} if saved_classifier(config) and config.num_labels != num_labels else {}
+    return load_backbone(cfg.model, head, num_labels=num_labels, **extra)
 
 
 def _train_config(cfg: StudyConfig, lr: float | None, seed: int | None = None) -> TrainConfig:
