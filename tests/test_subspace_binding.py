@@ -111,3 +111,27 @@ def test_data_edited_after_collect_is_refused_where_it_would_be_compared(collect
         dev.write_text(text)
     collected.collect(["toya"])
     assert collected.store.one("subspace_solutions", task="toya", method="adapter")
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            {"find_step": 100},
+            r"has a setting 'find_step' the subspace study does not know; did you mean 'find_steps'\?",
+        ),
+        ({"d": "4"}, r"study\.json: d must be int, got '4'; was it edited by hand\?"),
+        ({"optimize_lr": True}, r"optimize_lr must be float, got True"),
+    ],
+)
+def test_a_hand_edited_study_json_is_refused_by_the_key_it_breaks(tmp_path: Path, edit: dict, match: str) -> None:
+    """Before: a misspelt key was dropped without a word (the study ran with the default), a quoted number
+    failed deep inside a stage."""
+    StudyConfig().save(tmp_path)
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(ValueError, match=match):
+        StudyConfig.load(tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"is not valid JSON .*fix it or start a new --workdir"):
+        StudyConfig.load(tmp_path)

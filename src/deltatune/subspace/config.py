@@ -8,6 +8,7 @@ picks up exactly the study it left.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -177,9 +178,7 @@ class StudyConfig:
             raise FileNotFoundError(
                 f"{path} is missing; start the study with `deltatune subspace collect --workdir ...`"
             )
-        data = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**_checked_json(path))
 
     @classmethod
     def start_or_resume(cls, workdir: str | Path, given: dict[str, Any]) -> StudyConfig:
@@ -217,6 +216,34 @@ class StudyConfig:
                 f"{path} was started with other settings ({', '.join(differ)}); resume without them or use a new --workdir"
             )
         return cfg
+
+
+def _checked_json(path: Path) -> dict[str, Any]:
+    """study.json's settings, refused when a hand edit broke them: every stage reads them, and a misspelt key
+    (`"find_step": 100`) was ignored without a word, a quoted number (`"d": "4"`) failed deep in a stage."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); was it edited by hand? fix it or start a new --workdir"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a subspace study's settings; is --workdir another tool's folder?")
+    fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (a newer deltatune's, or an edit?)"
+            raise ValueError(f"{path} has a setting {key!r} the subspace study does not know{hint}")
+        default = fields[key].default
+        if default is None or default is dataclasses.MISSING or value is None:
+            continue
+        kind = float if type(default) is float else type(default)  # an int is a fine float
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else (
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool)))  # fmt: skip
+        if not ok:
+            raise ValueError(f"{path}: {key} must be {kind.__name__}, got {value!r}; was it edited by hand?")
+    return data
 
 
 def _merged(cfg: StudyConfig, key: str, value: Any) -> Any:
