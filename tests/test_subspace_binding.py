@@ -135,3 +135,25 @@ def test_a_hand_edited_study_json_is_refused_by_the_key_it_breaks(tmp_path: Path
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"is not valid JSON .*fix it or start a new --workdir"):
         StudyConfig.load(tmp_path)
+
+
+def test_a_stage_killed_mid_write_leaves_no_file_behind_once_resumed(tmp_path: Path) -> None:
+    """SIGKILL between writing a space's temporary file and renaming it: the space is absent (not half), and the
+    next stage run removes the orphaned temporary file (before: it stayed in spaces/ for good)."""
+    import subprocess
+    import sys
+
+    StudyConfig(tasks=["toya"]).save(tmp_path)
+    target = tmp_path / "spaces" / "unified-toya.safetensors"
+    code = (
+        "import os, signal, torch\n"
+        "from deltatune.subspace.flatten import save_vectors\n"
+        "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"save_vectors({str(target)!r}, {{'x': torch.zeros(3)}}, {{}})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == -9
+    left = list((tmp_path / "spaces").iterdir())
+    assert not target.exists() and len(left) == 1 and left[0].name.startswith(".unified-toya.safetensors.tmp-")
+    Study(tmp_path)
+    assert list((tmp_path / "spaces").iterdir()) == []

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import atomic
 from .binding import bind
 from .collect import Solution, backbone_for, collect, load_head, load_solution, recorded_data
 from .config import StudyConfig, TaskData, task_data
@@ -54,6 +55,7 @@ class Study:
         self.cfg = StudyConfig.load(self.workdir)
         self.store = Store(db or self.workdir / "subspace.db")
         self.bind()
+        atomic.clean_stale_files(self.workdir)  # what a killed stage's file writes left; the files themselves are whole
         self._tokenizer = tokenizer
         self.make_backbone = make_backbone or (lambda n: backbone_for(self.cfg, n))
 
