@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data.collection import _resolve_name
+from ..data.collection import resolve_name
 from ..data.fewshot import few_shot_task
 from ..data.files import FILE_SUFFIXES
 from ..data.split import hold_out_dev
@@ -46,7 +46,7 @@ def resolve(text: str) -> tuple[str, str | None]:
     if path.suffix in FILE_SUFFIXES or os.sep in text or (os.altsep and os.altsep in text):
         raise ValueError(f"--tasks {text}: no such file or folder")
     try:
-        name = _resolve_name(text, None).name  # SST-2 -> sst2: one task, one name
+        name = resolve_name(text).name  # SST-2 -> sst2: one task, one name
     except DataError as err:
         if "no task collection found" in str(err):
             return text, None  # no collection on this machine to check against; loading says so
