@@ -157,3 +157,31 @@ def test_a_stage_killed_mid_write_leaves_no_file_behind_once_resumed(tmp_path: P
     assert not target.exists() and len(left) == 1 and left[0].name.startswith(".unified-toya.safetensors.tmp-")
     Study(tmp_path)
     assert list((tmp_path / "spaces").iterdir()) == []
+
+
+def test_a_deleted_file_is_redone_unless_later_results_were_made_from_it(tmp_path: Path) -> None:
+    """Before: collect skipped a solution whose file was deleted (its row stayed) and find said the file was
+    missing and to run collect, in a loop; the same for a space between find and optimize."""
+    mp = pytest.MonkeyPatch()
+    try:
+        study = toy_study(tmp_path, mp)
+        study.collect(["toya"])
+        solution = study.workdir / "solutions" / "toya" / "lora.safetensors"
+        solution.unlink()
+        study.collect(["toya"])  # redone: nothing was made from it yet
+        assert solution.exists()
+        study.find(["toya"], multi=False)
+        space = study.workdir / "spaces" / "unified-toya.safetensors"
+        space.unlink()
+        study.find(["toya"], multi=False)
+        assert space.exists()
+        study.optimize(["toya"], ["single"])
+        space.unlink()
+        with pytest.raises(ValueError, match=r"unified-toya\.safetensors is missing, and results were computed in "
+                                             r"it: restore the file, or start a new --workdir"):  # fmt: skip
+            study.find(["toya"], multi=False)
+        solution.unlink()
+        with pytest.raises(ValueError, match=r"lora\.safetensors is missing, and unified-toya were found from it"):
+            study.collect(["toya"])
+    finally:
+        mp.undo()

@@ -122,13 +122,14 @@ def collect_task(
 
     `make_backbone(num_labels)` builds the model (default: `cfg.model`); tests pass tiny ones.
     """
+    has_head = _stored(store, _head_path(workdir, name), name, "head", cfg.seed)
     todo = [
         (seed, m)
         for seed in cfg.seeds  # the study's seed first: the reference solutions exist before any other
-        for m in cfg.methods
-        if not store.has("subspace_solutions", task=name, method=m, seed=seed)
+        for m in cfg.methods  # a new head (its file was lost) means new solutions: they were trained with it
+        if not has_head
+        or not _stored(store, _solution_path(workdir, name, m, None if seed == cfg.seed else seed), name, m, seed)
     ]
-    has_head = store.has("subspace_solutions", task=name, method="head", seed=cfg.seed)
     if not todo and has_head:
         return
     data = checked(task_data(name, cfg), name, recorded_data(store, name, cfg.seed))
@@ -177,6 +178,24 @@ def collect_task(
             meta={"dev": result.best, "best_step": result.best_step, "diverged": result.diverged},
         )  # fmt: skip
         dm.detach(method)
+
+
+def _stored(store: Store, path: Path, task: str, method: str, seed: int) -> bool:
+    """Whether a head or solution is done: its row AND its file. A row whose file was deleted (to redo it) is
+    redone, unless subspaces were found from the task: they hold the lost file's numbers, and redoing it
+    beside them would mix two solutions in one study (before: collect skipped it, and find said the file
+    was missing and to run collect, in a loop)."""
+    if not store.has("subspace_solutions", task=task, method=method, seed=seed):
+        return False
+    if path.exists():
+        return True
+    used = sorted(r["name"] for r in store.rows("subspace_spaces") if task in {t.split("@")[0] for t in r["tasks"]})
+    if used:
+        raise ValueError(
+            f"{path} is missing, and {', '.join(used[:3])}{' ...' if len(used) > 3 else ''} were found from it: "
+            "restore the file, or start a new --workdir"
+        )
+    return False
 
 
 def collect(

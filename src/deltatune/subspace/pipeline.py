@@ -174,7 +174,7 @@ class Study:
         if multi and cfg.unseen:
             jobs.append((many, cfg.seen, cfg.seeds))
         for name, on, seeds in tqdm(jobs, desc="find", dynamic_ncols=True):
-            if self.store.has("subspace_spaces", name=name):
+            if self._found(name):
                 continue
             start, log = time.perf_counter(), []
             solutions, data, heads = self._find_inputs(on, seeds)
@@ -187,10 +187,23 @@ class Study:
         if multi and cfg.unseen:
             sets = [self.solution_set(t, s) for t in cfg.seen for s in cfg.seeds]
             for build in (pca_space, random_space):
-                if not self.store.has("subspace_spaces", name=build.__name__.removesuffix("_space")):
+                if not self._found(build.__name__.removesuffix("_space")):
                     start = time.perf_counter()
                     space = build(self.solutions(cfg.seen, cfg.seeds), sets, cfg.methods, cfg.d, seed=cfg.seed)
                     self._put_space(space, time.perf_counter() - start)
+
+    def _found(self, name: str) -> bool:
+        """Whether a space is done: its row and its file; a deleted file is found again unless results were
+        computed in it (they would then mix with the new space's)."""
+        if not self.store.has("subspace_spaces", name=name):
+            return False
+        path = space_path(self.workdir, name)
+        if path.exists():
+            return True
+        if self.store.has("subspace_results", space=name):
+            raise ValueError(f"{path} is missing, and results were computed in it: restore the file, or start a new "
+                             "--workdir")  # fmt: skip
+        return False
 
     def optimize_jobs(self, tasks: list[str] | None = None) -> list[tuple[str, str, str]]:
         """(space, task, method): single-task subspaces (in-sample, from scratch, held-out seed: those found) on
