@@ -43,3 +43,23 @@ def test_a_share_of_a_non_positive_original_is_undefined_not_inverted(tmp_path: 
     assert table["The fixed task head alone, all tasks"][1] == "62.5 (1)"
     md, _ = build(store, METHODS, tmp_path / "r")
     assert "2 of 8 results are left out of the % tables: their method's own solution scored <= 0 (sts" in md.read_text()
+
+
+def test_a_multi_task_subspace_with_more_dimensions_than_solutions_says_how_many_are_random(
+    tmp_path: Path, capsys
+) -> None:  # noqa: ANN001
+    """2 seen tasks x 1 seed give 2 directions; the other d - 2 of the multi-task and "PCA" subspaces are random
+    completions, which the report's "PCA subspace (same d)" did not say."""
+    import pytest
+    from test_subspace import toy_study
+
+    mp = pytest.MonkeyPatch()
+    try:
+        study = toy_study(tmp_path, mp, d=3, methods=["lora"], method_args={"lora": {"r": 2}})
+        study.collect()
+        study.find(single=False)
+    finally:
+        mp.undo()
+    assert (
+        "found from 2 solutions per method, fewer than d=3: 1 of their directions are random" in capsys.readouterr().err
+    )

@@ -186,6 +186,10 @@ class Study:
             self._put_space(space, time.perf_counter() - start)
         if multi and cfg.unseen:
             sets = [self.solution_set(t, s) for t in cfg.seen for s in cfg.seeds]
+            if len(sets) < cfg.d and not self._found("pca"):  # said once, when they are found
+                print(f"find: the multi-task and PCA subspaces are found from {len(sets)} solutions per method, fewer "
+                      f"than d={cfg.d}: {cfg.d - len(sets)} of their directions are random (more seen tasks or "
+                      "--solution-seeds give them directions from solutions)", file=sys.stderr)  # fmt: skip
             for build in (pca_space, random_space):
                 if not self._found(build.__name__.removesuffix("_space")):
                     start = time.perf_counter()
