@@ -83,6 +83,10 @@ def test_a_study_over_own_files_and_folders_reads_them_as_train_does(tmp_path: P
                                                             "pairs.safetensors"}  # fmt: skip
     # later stages take a task by the path it was given as, from another folder too
     assert study.cfg.task_names([str(data["reviews"]), "scores"]) == ["reviews", "scores"]
+    # the Python stages too (before: find(["data/reviews.csv"]) looked for a solution of that path)
+    assert {j[0] for j in study.optimize_jobs([str(data["reviews"])])} == {"unified-reviews"}
+    with pytest.raises(ValueError, match=r"nope is not a task of this study \(reviews, scores, pairs\)"):
+        study.find(["nope"])
 
 
 @pytest.mark.parametrize(

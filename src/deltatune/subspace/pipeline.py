@@ -168,7 +168,7 @@ class Study:
         scratch = init == "random"
         one, many, out = (SCRATCH_SINGLE, SCRATCH_MULTI, SCRATCH_HELDOUT) if scratch else (SINGLE, MULTI, HELDOUT)
         per_set = cfg.scratch_find_steps if scratch else cfg.find_steps
-        chosen = tasks or cfg.tasks
+        chosen = cfg.task_names(tasks) if tasks else cfg.tasks  # names, or the paths they were given as
         jobs = [(one.format(task=t), [t], [cfg.seed]) for t in chosen] if single else []
         jobs += [(out.format(task=t), [t], cfg.other_seeds) for t in chosen] if heldout else []
         if multi and cfg.unseen:
@@ -212,7 +212,7 @@ class Study:
     def optimize_jobs(self, tasks: list[str] | None = None) -> list[tuple[str, str, str]]:
         """(space, task, method): single-task subspaces (in-sample, from scratch, held-out seed: those found) on
         their own task, multi-task ones on unseen tasks."""
-        cfg, chosen = self.cfg, tasks or self.cfg.tasks
+        cfg, chosen = self.cfg, self.cfg.task_names(tasks) if tasks else self.cfg.tasks
         jobs = [(SINGLE.format(task=t), t, m) for t in chosen for m in cfg.methods]
         found = {r["name"] for r in self.store.rows("subspace_spaces")}
         for pattern in (SCRATCH_SINGLE, HELDOUT, SCRATCH_HELDOUT):
@@ -287,7 +287,7 @@ class Study:
         self.bind()
         cfg = self.cfg
         steps, d_max = steps or cfg.said_steps, d_max or cfg.d_max
-        for task in tqdm(tasks or cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
+        for task in tqdm(cfg.task_names(tasks) if tasks else cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
             reference = max(self.original(task, m) for m in cfg.methods)
             baseline = self.original(task, "head")
             if reference <= baseline:
@@ -314,6 +314,7 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     from .landscape import path, plane, plot
 
     study.bind()
+    task = study.cfg.task_names([task])[0]
     if method not in study.cfg.methods:
         raise ValueError(f"--method {method}: not a method of this study ({', '.join(study.cfg.methods)})")
     name = MULTI if task in study.cfg.unseen and study.cfg.unseen else SINGLE.format(task=task)
