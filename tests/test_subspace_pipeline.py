@@ -179,3 +179,28 @@ def test_said_runs_are_kept_per_step_budget(study: Study) -> None:
         db.execute("INSERT INTO subspace_intrinsic VALUES ('sst2', 64, 0.6, 0.7, 0.86, 3.0, 1.0)")
     rows = Store(old).rows("subspace_intrinsic")
     assert [(r["task"], r["d"], r["score"], r["steps"]) for r in rows] == [("sst2", 64, 0.6, None)]
+
+
+def test_invariants_transfer_uses_the_receiver_s_basis_and_pca_is_orthonormal(study: Study) -> None:
+    """Invariants a silent slip would break: a transfer row is the source's optimized z run through the
+    receiving method's basis and divided by the receiver's own solution; a vector through its own method
+    scores its optimize row; PCA bases are orthonormal up to the method's scale; the warm start reconstructs
+    each solution it was found from (tanh's near-linear range costs < 1%)."""
+    space, data, head = study.space("unified-multi"), study.data("toyc"), study.head("toyc")
+    rows = study.store.rows("subspace_results", space="unified-multi", task="toyc")
+    optimized = {r["method"]: r for r in rows if r["stage"] == "optimize"}
+    for r in (r for r in rows if r["stage"] == "transfer"):
+        z = torch.tensor(optimized[r["source"]]["meta"]["z"])
+        assert r["meta"]["z"] == optimized[r["source"]]["meta"]["z"]
+        metrics = study.bank.evaluate(r["method"], space.point(r["method"], z), head, data.task, data.eval)
+        assert metrics[data.task.primary_metric] == pytest.approx(r["score"])
+        assert r["original"] == study.original("toyc", r["method"])
+    for method, r in optimized.items():
+        vector = space.point(method, torch.tensor(r["meta"]["z"]))
+        assert study.bank.evaluate(method, vector, head, data.task, data.eval)[data.task.primary_metric] == r["score"]
+    pca = study.space("pca")
+    for method, basis in pca.bases.items():
+        q = basis / pca.meta["scales"][method]
+        assert torch.allclose(q.T @ q, torch.eye(q.shape[1]), atol=1e-5)
+    single = study.space("unified-toya")
+    assert max(single.meta["relative_error"].values()) < 0.05
