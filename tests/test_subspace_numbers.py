@@ -63,3 +63,36 @@ def test_a_multi_task_subspace_with_more_dimensions_than_solutions_says_how_many
     assert (
         "found from 2 solutions per method, fewer than d=3: 1 of their directions are random" in capsys.readouterr().err
     )
+
+
+def test_a_task_s_head_does_not_depend_on_the_tasks_collected_before_it(tmp_path: Path) -> None:
+    """transformers draws a new classifier head from the global RNG: unseeded, `collect --tasks bin` and
+    `collect --tasks pairs,bin` gave `bin` different heads (0.39 against -0.08 summed weight on a tiny BERT),
+    hence different solutions, whatever --seed said."""
+    import pytest
+    import torch
+    from test_subspace import WORDS, tiny_bert, toy_study
+    from tiny import make_tokenizer
+
+    from deltatune.subspace.collect import load_head
+
+    tokenizer = make_tokenizer(WORDS)
+
+    def fresh_head(n: int) -> torch.nn.Module:  # a new head as transformers draws it: from the global RNG
+        state = torch.get_rng_state()
+        model = tiny_bert(tokenizer, n)  # (seeds itself; the head below is drawn from the state it found)
+        torch.set_rng_state(state)
+        torch.nn.init.normal_(model.classifier.weight, std=0.02)
+        return model
+
+    heads = []
+    for order in (["toyb"], ["toya", "toyb"]):
+        mp = pytest.MonkeyPatch()
+        try:
+            study = toy_study(tmp_path / "-".join(order), mp, methods=["lora"], method_args={"lora": {"r": 2}})
+            study.make_backbone = fresh_head
+            study.collect(order)
+            heads.append(load_head(study.workdir, "toyb"))
+        finally:
+            mp.undo()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

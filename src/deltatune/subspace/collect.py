@@ -134,6 +134,9 @@ def collect_task(
         return
     data = checked(task_data(name, cfg), name, recorded_data(store, name, cfg.seed))
     metric = data.task.primary_metric
+    # the new head is drawn from the global RNG while the model loads: seeded, a task's head (and so its
+    # solutions) is the same whether it is collected alone or after other tasks in one process (before: not)
+    torch.manual_seed(cfg.seed)
     backbone = (make_backbone or (lambda n: backbone_for(cfg, n)))(data.task.num_labels)
     if has_head:
         head = load_head(workdir, name)
