@@ -68,6 +68,9 @@ def test_a_study_over_own_files_and_folders_reads_them_as_train_does(tmp_path: P
     assert main([*argv, "--columns", "Review=text,Sentiment=label", "--dev-split", "0.25"]) == 0, capsys.readouterr()
     cfg = StudyConfig.load(work)
     assert cfg.tasks == ["reviews", "scores", "pairs"] and cfg.unseen == ["pairs"]
+    # resumed with the unseen task by its name (was: looked up in the collection, "unknown task 'pairs'")
+    again = ["subspace", "init", "--workdir", str(work), "--tasks", tasks, "--unseen", "pairs", *SMALL]
+    assert main([*again, "--columns", "Review=text,Sentiment=label", "--dev-split", "0.25"]) == 0, capsys.readouterr()
     assert cfg.sources == {k: str(v.resolve()) for k, v in data.items()}
     study = Study(work, tokenizer=tokenizer, make_backbone=lambda n: tiny_bert(tokenizer, n))
     reviews = study.data("reviews")

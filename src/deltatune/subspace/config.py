@@ -198,9 +198,12 @@ class StudyConfig:
             given["tasks"], added = resolve_all(given["tasks"], [], {})
             given["sources"] = added
         if "unseen" in given:  # named as in --tasks (a path, or the name a path was given)
-            given["unseen"] = resolve_all(
-                given["unseen"], given.get("tasks", cfg.tasks), given.get("sources", cfg.sources)
-            )[0]
+            known = (
+                (given.get("tasks", cfg.tasks), given.get("sources", cfg.sources))
+                if fresh
+                else (cfg.tasks, cfg.sources)
+            )
+            given["unseen"] = resolve_all(given["unseen"], *known)[0]
         if fresh:
             for key, value in given.items():
                 setattr(cfg, key, _merged(cfg, key, value))
