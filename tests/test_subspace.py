@@ -54,12 +54,13 @@ def toy_study(root: Path, mp: pytest.MonkeyPatch, **overrides: object) -> Study:
     for i, name in enumerate(("toya", "toyb", "toyc")):
         write_task(root / "tasks", name, seed=i, flip=name == "toyb")
     mp.setenv("DELTATUNE_DATA", str(root / "tasks"))
-    cfg = StudyConfig(
+    settings = dict(
         tasks=["toya", "toyb", "toyc"], unseen=["toyc"], methods=list(CONFIGS),
         method_args={m: dataclasses.asdict(c) for m, c in CONFIGS.items()},
         k_shot=8, dev_k=4, n_eval=16, max_length=16, batch_size=8, steps=4, eval_every=2, d=2, hidden=4,
-        find_steps=2, optimize_steps=3, said_steps=2, d_max=8, **overrides,
+        find_steps=2, scratch_find_steps=3, optimize_steps=3, said_steps=2, d_max=8,
     )  # fmt: skip
+    cfg = StudyConfig(**{**settings, **overrides})
     cfg.validate()
     cfg.save(root / "work")
     tokenizer = make_tokenizer(WORDS)

@@ -91,14 +91,42 @@ def test_landscape_intrinsic_dimension_and_report(study: Study, tmp_path: Path) 
     grid = result["plane"]["metric"]
     assert len(grid) == 3 and all(len(row) == 3 and all(0 <= v <= 1 for v in row) for row in grid)
     assert {p["to"] for p in result["paths"]} == {"adapter", "prefix", "selective"}
-    assert (study.workdir / "landscape" / "toya.png").stat().st_size > 1000
+    assert (study.workdir / "landscape" / "toya-lora.png").stat().st_size > 1000
     unseen = landscape(study, "toyc", "adapter", n=2, examples=4)  # the vectors optimized in the multi-task space
     assert unseen["space"] == "unified-multi" and set(unseen["points"]) == set(CONFIGS)
     study.intrinsic(["toya"])  # runs SAID at a few d, or says the delta never beat the head
-    md, page = build(study.store, study.cfg.methods, tmp_path, [study.workdir / "landscape" / "toya.png"])
+    md, page = build(study.store, study.cfg.methods, tmp_path, [study.workdir / "landscape" / "toya-lora.png"])
     text = md.read_text()
     assert "Subspace optimization, single-task (seen)" in text and "| toya |" in text
     assert "data:image/png;base64," in page.read_text()
+
+
+def test_a_landscape_through_another_basis_keeps_the_first_and_a_killed_plot_leaves_it_whole(study: Study) -> None:
+    """Before: `--method adapter` overwrote toya.png (the LoRA row's figure) and a kill mid-savefig left half a PNG."""
+    import matplotlib.figure
+
+    landscape(study, "toya", "lora", n=2, examples=4)
+    first = (study.workdir / "landscape" / "toya-lora.png").read_bytes()
+    landscape(study, "toya", "adapter", n=2, examples=4)
+    assert (study.workdir / "landscape" / "toya-lora.png").read_bytes() == first
+    rows = study.store.rows("subspace_results", stage="landscape", task="toya")
+    assert {r["method"]: Path(r["meta"]["png"]).name for r in rows} == {
+        "lora": "toya-lora.png",
+        "adapter": "toya-adapter.png",
+    }
+
+    def killed(self, target, **kw) -> None:  # noqa: ANN001 - writes part of the figure, then dies
+        (target.write(b"\x89PNG half") if hasattr(target, "write") else Path(target).write_bytes(b"\x89PNG half"))
+        raise KeyboardInterrupt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(matplotlib.figure.Figure, "savefig", killed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            landscape(study, "toya", "lora", n=2, examples=4)
+    finally:
+        mp.undo()
+    assert (study.workdir / "landscape" / "toya-lora.png").read_bytes() == first
 
 
 def test_cli_refuses_to_resume_a_study_with_other_settings(study: Study, capsys: pytest.CaptureFixture) -> None:
@@ -110,7 +138,6 @@ def test_cli_refuses_to_resume_a_study_with_other_settings(study: Study, capsys:
 
 def test_projections_trained_from_scratch_form_their_own_spaces(study: Study, tmp_path: Path) -> None:
     before = _results(study)
-    study.cfg.scratch_find_steps = 3
     study.find(init="random")
     spaces = {r["name"]: r for r in study.store.rows("subspace_spaces")}
     scratch = {n for n in spaces if n.startswith("scratch-")}
@@ -152,3 +179,28 @@ def test_said_runs_are_kept_per_step_budget(study: Study) -> None:
         db.execute("INSERT INTO subspace_intrinsic VALUES ('sst2', 64, 0.6, 0.7, 0.86, 3.0, 1.0)")
     rows = Store(old).rows("subspace_intrinsic")
     assert [(r["task"], r["d"], r["score"], r["steps"]) for r in rows] == [("sst2", 64, 0.6, None)]
+
+
+def test_invariants_transfer_uses_the_receiver_s_basis_and_pca_is_orthonormal(study: Study) -> None:
+    """Invariants a silent slip would break: a transfer row is the source's optimized z run through the
+    receiving method's basis and divided by the receiver's own solution; a vector through its own method
+    scores its optimize row; PCA bases are orthonormal up to the method's scale; the warm start reconstructs
+    each solution it was found from (tanh's near-linear range costs < 1%)."""
+    space, data, head = study.space("unified-multi"), study.data("toyc"), study.head("toyc")
+    rows = study.store.rows("subspace_results", space="unified-multi", task="toyc")
+    optimized = {r["method"]: r for r in rows if r["stage"] == "optimize"}
+    for r in (r for r in rows if r["stage"] == "transfer"):
+        z = torch.tensor(optimized[r["source"]]["meta"]["z"])
+        assert r["meta"]["z"] == optimized[r["source"]]["meta"]["z"]
+        metrics = study.bank.evaluate(r["method"], space.point(r["method"], z), head, data.task, data.eval)
+        assert metrics[data.task.primary_metric] == pytest.approx(r["score"])
+        assert r["original"] == study.original("toyc", r["method"])
+    for method, r in optimized.items():
+        vector = space.point(method, torch.tensor(r["meta"]["z"]))
+        assert study.bank.evaluate(method, vector, head, data.task, data.eval)[data.task.primary_metric] == r["score"]
+    pca = study.space("pca")
+    for method, basis in pca.bases.items():
+        q = basis / pca.meta["scales"][method]
+        assert torch.allclose(q.T @ q, torch.eye(q.shape[1]), atol=1e-5)
+    single = study.space("unified-toya")
+    assert max(single.meta["relative_error"].values()) < 0.05

@@ -168,7 +168,7 @@ def test_a_study_made_before_solution_seeds_loads_finds_no_held_out_space_and_re
 
 def test_cli_init_takes_solution_seeds_and_refuses_bad_ones(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     work = tmp_path / "w"
-    assert main(["subspace", "init", "--workdir", str(work), "--tasks", "sst2", "--solution-seeds", "42,43,44"]) == 0
+    assert main(["subspace", "init", "--workdir", str(work), "--tasks", "toya", "--solution-seeds", "42,43,44"]) == 0
     assert json.loads((work / "study.json").read_text())["solution_seeds"] == [42, 43, 44]
     assert "solution seeds 42,43,44" in capsys.readouterr().out
     assert main(["subspace", "init", "--workdir", str(tmp_path / "x"), "--solution-seeds", "43,44"]) == 2

@@ -23,20 +23,21 @@ FIELD = "prediction"
 
 def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dict]]:
     """(the row as the file has it, the row with text/text_pair as training names them); '-': stdin lines."""
-    from ..data.examples import _canonical, map_hint
-    from ..data.files import DataError, _read_file
+    from ..data.examples import canonical, map_hint
+    from ..data.files import DataError, read_text_lines
+    from ..data.files import read_rows as read_file_rows
 
     if path == "-" or path.endswith(".txt"):
-        lines = sys.stdin.read().splitlines() if path == "-" else _read_text(Path(path))
+        lines = sys.stdin.read().splitlines() if path == "-" else read_text_lines(Path(path))
         where = "stdin" if path == "-" else path
         raw = [(f"{where}, line {n}", {"text": t}) for n, t in enumerate(lines, 1) if t.strip()]
     else:
-        raw = _read_file(Path(path))
+        raw = read_file_rows(Path(path))
     if not raw:
         raise DataError(f"{path}: no rows to predict")
     rows = []
     for where, row in raw:
-        mapped = _canonical(dict(row), columns)
+        mapped = canonical(dict(row), columns)
         if not isinstance(mapped.get("text"), str):
             raise DataError(f"{where}: no 'text' to predict from; {map_hint(sorted(row), 'text')}")
         rows.append((row, mapped))
@@ -57,17 +58,6 @@ def examples_from(read: list[tuple[dict, dict]], pairs: bool) -> list:
                     f"{map_hint(sorted(row), 'text_pair')}"
                 )
     return [Example(m["text"], m.get("text_pair") if pairs else None) for _, m in read]
-
-
-def _read_text(path: Path) -> list[str]:
-    from ..data.files import DataError, _not_utf8
-
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise _not_utf8(path) from None
 
 
 def check_output(path: str | None) -> None:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from . import checks
+from .args import columns
 
 HELP = "unified subspace of delta methods: collect, find, optimize, transfer, landscape, intrinsic-dim, report"
 STAGES = ("init", "collect", "find", "optimize", "transfer", "landscape", "intrinsic-dim", "report", "all")
@@ -34,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         s = sub.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage])
         s.add_argument("--workdir", default="runs/subspace", help="the study's folder (default runs/subspace)")
         s.add_argument("--db", default=None, help="SQLite file for the results (default <workdir>/subspace.db)")
-        s.add_argument("--tasks", type=_list, default=None, help="comma list; restricts this stage to these tasks")
+        s.add_argument(
+            "--tasks", type=_list, default=None,
+            help="comma list of collection names or your own folders/files (init and collect add them to the "
+            "study); restricts this stage to these tasks",
+        )  # fmt: skip
         if stage in ("init", "collect", "all"):
             _study_arguments(s)
         if stage == "find":
@@ -53,7 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 help="single,multi,heldout,scratch-single,scratch-multi,scratch-heldout,pca,random (default all found)",
             )  # fmt: skip
         if stage == "landscape":
-            s.add_argument("--method", default="lora", help="the method whose basis scores the plane")
+            s.add_argument(
+                "--method",
+                default=None,
+                help="the method whose basis scores the plane (default lora, or the study's first)",
+            )
             s.add_argument("--grid", type=int, default=5, help="grid points per axis")
         if stage == "intrinsic-dim":
             s.add_argument("--said-steps", type=int, default=None, help="steps per SAID run (default the study's)")
@@ -94,6 +103,15 @@ def _study_arguments(s: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     for name, kind in _COUNTS:
         s.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    s.add_argument(
+        "--columns", type=columns, default=None,
+        help="which of your data's columns is which field, for every task, e.g. Review=text,Sentiment=label",
+    )  # fmt: skip
+    s.add_argument(
+        "--dev-split", type=float, default=None,
+        help="for tasks without a dev split (which every score is measured on): hold out this fraction of train, "
+        "seeded and stratified, e.g. 0.2",
+    )  # fmt: skip
 
 
 def _study_config(args: argparse.Namespace):  # noqa: ANN202
@@ -134,6 +152,10 @@ def _check_paths_and_counts(args: argparse.Namespace) -> None:
     unknown = [w for w in getattr(args, "which", None) or () if w not in kinds]
     if unknown:
         raise ValueError(f"--which {','.join(unknown)}: not a kind of subspace; choose from {','.join(kinds)}")
+    spaces = ("single", "multi", "heldout", "scratch-single", "scratch-multi", "scratch-heldout", "pca", "random")
+    unknown = [w for w in getattr(args, "spaces", None) or () if w not in spaces]
+    if unknown:  # was: nothing optimized, exit 0
+        raise ValueError(f"--spaces {','.join(unknown)}: not a kind of subspace; choose from {','.join(spaces)}")
     checks.at_least(getattr(args, "grid", None), 2, "--grid")
     for flag in ("said_steps", "d_max"):
         checks.at_least(getattr(args, flag, None), 1, "--" + flag.replace("_", "-"))
@@ -152,20 +174,21 @@ def run(args: argparse.Namespace) -> int:
     from ..subspace.report import build
 
     _check_paths_and_counts(args)
-    if args.stage in ("init", "collect", "all"):
-        cfg = _study_config(args)
-        if args.stage == "init":
-            print(
-                f"study in {args.workdir}: {len(cfg.tasks)} tasks, methods {', '.join(cfg.methods)}, d={cfg.d}, "
-                f"solution seeds {','.join(map(str, cfg.seeds))}"
-            )
-            return 0
+    starting = args.stage in ("init", "collect", "all")
+    if starting:
+        _study_config(args)
     study = Study(args.workdir, args.db)
     tasks = args.tasks
-    if tasks:
-        unknown = [t for t in tasks if t not in study.cfg.tasks]
-        if unknown and args.stage != "collect":
-            raise ValueError(f"{unknown} are not tasks of this study ({', '.join(study.cfg.tasks)})")
+    if tasks:  # names or the paths they were given as; init, collect and all add tasks the study lacks
+        tasks = study.add_tasks(tasks) if starting else study.cfg.task_names(tasks)
+    if args.stage == "init":
+        cfg = study.cfg
+        named = [f"{t} ({cfg.sources[t]})" if t in cfg.sources else t for t in cfg.tasks]
+        print(
+            f"study in {args.workdir}: {len(cfg.tasks)} tasks ({', '.join(named)}), methods {', '.join(cfg.methods)}, "
+            f"d={cfg.d}, solution seeds {','.join(map(str, cfg.seeds))}"
+        )
+        return 0
     stages = STAGES[1:-1] if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "collect":
@@ -181,8 +204,10 @@ def run(args: argparse.Namespace) -> int:
         elif stage == "transfer":
             study.transfer(tasks)
         elif stage == "landscape":
+            methods = study.cfg.methods
+            method = getattr(args, "method", None) or ("lora" if "lora" in methods else methods[0])
             for task in tasks or study.cfg.tasks[:1]:
-                landscape(study, task, getattr(args, "method", "lora"), n=getattr(args, "grid", 5))
+                landscape(study, task, method, n=getattr(args, "grid", 5))
         elif stage == "intrinsic-dim":
             study.intrinsic(tasks, getattr(args, "said_steps", None), getattr(args, "d_max", None))
         elif stage == "report":

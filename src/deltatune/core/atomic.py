@@ -90,6 +90,21 @@ def clean_stale(path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def clean_stale_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files `write_file`s killed midway left anywhere under `folder` (their writer is dead).
+
+    A kill between writing `.<name>.tmp-<pid>` and renaming it leaves that file: the real one is intact (old or
+    absent), but a work folder that is resumed again and again would collect them. Returns what was removed.
+    """
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[-1]
+        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def recover(path: Path, names: list[str]) -> None:
     """Finish or drop an interrupted in-place update of `names` in `path`; a no-op when none was interrupted.
 

@@ -76,6 +76,11 @@ def _resolve_name(name: str, root: Path | None) -> Path:
     raise DataError(f"unknown task {name!r} in {base}{hint} (set ${ENV_VAR} or pass a folder/file path)")
 
 
+def resolve_name(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder of collection task `name` (SST-2 finds sst2); a DataError naming close names when none is."""
+    return _resolve_name(name, Path(root) if root is not None else None)
+
+
 def list_tasks(root: str | os.PathLike | None = None) -> list[dict]:
     """One row per task: name, type, num_labels, splits (sizes), license; from INDEX.json and meta.json files."""
     base = data_root(root)

@@ -75,6 +75,11 @@ class Task:
         return f"Task(name={self.name!r}, type={self.type!r}, num_labels={self.num_labels}, {sizes})"
 
 
+def canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
+    """A row with its fields under the names deltatune reads (`columns` first, then the common aliases)."""
+    return _canonical(row, columns)
+
+
 def _canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
     if columns:
         row = {columns.get(k, k): v for k, v in row.items()}

@@ -168,3 +168,19 @@ def _count_rows(path: Path) -> int:
         with path.open(encoding="utf-8-sig") as fh:
             return sum(1 for line in fh if line.strip())
     return len(_read_csv(path))
+
+
+def read_rows(path: Path) -> list[Raw]:
+    """A .jsonl/.csv/.tsv file's rows with where each came from, as task loading reads them (public for
+    readers of unlabeled rows, e.g. `deltatune predict --input`)."""
+    return _read_file(path)
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """A UTF-8 text file's lines; a byte that is not UTF-8 is refused with its line, as data files are."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None

@@ -32,6 +32,8 @@ from ..train.objectives import ClassifierObjective
 from ..train.trainer import TrainConfig, fit
 from .config import StudyConfig, TaskData, task_data
 from .flatten import Layout, flatten, load_vectors, save_vectors
+from .sources import checked, fingerprint
+from .space import check_dimension
 from .store import Store
 
 
@@ -50,8 +52,22 @@ class Solution:
 
 
 def backbone_for(cfg: StudyConfig, num_labels: int) -> nn.Module:
+    """`cfg.model` with a head of `num_labels` outputs (1: regression).
+
+    A checkpoint saved as a classifier of another class count (a 3-class NLI model for a 2-class task, or
+    for the evaluation bank's 2) gets a new head, as `deltatune train` gives it: transformers refuses the
+    mismatch otherwise. The study trains every task's head itself, so the checkpoint's head was only ever
+    the starting point of that training.
+    """
+    from transformers import AutoConfig
+
+    from ..backbones import model_path
+    from ..train.own_head import saved_classifier
+
     head = "regression" if num_labels == 1 else "cls"
-    return load_backbone(cfg.model, head, num_labels=num_labels)
+    config = AutoConfig.from_pretrained(model_path(cfg.model))
+    extra = {"ignore_mismatched_sizes": True} if saved_classifier(config) and config.num_labels != num_labels else {}
+    return load_backbone(cfg.model, head, num_labels=num_labels, **extra)
 
 
 def _train_config(cfg: StudyConfig, lr: float | None, seed: int | None = None) -> TrainConfig:
@@ -106,17 +122,21 @@ def collect_task(
 
     `make_backbone(num_labels)` builds the model (default: `cfg.model`); tests pass tiny ones.
     """
+    has_head = _stored(store, _head_path(workdir, name), name, "head", cfg.seed)
     todo = [
         (seed, m)
         for seed in cfg.seeds  # the study's seed first: the reference solutions exist before any other
-        for m in cfg.methods
-        if not store.has("subspace_solutions", task=name, method=m, seed=seed)
+        for m in cfg.methods  # a new head (its file was lost) means new solutions: they were trained with it
+        if not has_head
+        or not _stored(store, _solution_path(workdir, name, m, None if seed == cfg.seed else seed), name, m, seed)
     ]
-    has_head = store.has("subspace_solutions", task=name, method="head", seed=cfg.seed)
     if not todo and has_head:
         return
-    data = task_data(name, cfg)
+    data = checked(task_data(name, cfg), name, recorded_data(store, name, cfg.seed))
     metric = data.task.primary_metric
+    # the new head is drawn from the global RNG while the model loads: seeded, a task's head (and so its
+    # solutions) is the same whether it is collected alone or after other tasks in one process (before: not)
+    torch.manual_seed(cfg.seed)
     backbone = (make_backbone or (lambda n: backbone_for(cfg, n)))(data.task.num_labels)
     if has_head:
         head = load_head(workdir, name)
@@ -129,12 +149,16 @@ def collect_task(
         store.put(
             "subspace_solutions", task=name, method="head", seed=cfg.seed, size=sum(v.numel() for v in head.values()),
             score=score, metric=metric, path=str(_head_path(workdir, name)),
-            seconds=time.perf_counter() - start, meta={"dev": result.best},
+            seconds=time.perf_counter() - start, meta={"dev": result.best, "data": fingerprint(data)},
         )  # fmt: skip
     params = dict(backbone.named_parameters())
     with torch.no_grad():
         for k, v in head.items():
             params[k].copy_(v)
+    if todo:  # a --d no subspace of these deltas can have is refused before the first one trains
+        sizes = {m: Layout.of(initial_state(DeltaModel(backbone), m, cfg.method_config(m), cfg.seed)).size
+                 for m in dict.fromkeys(m for _, m in todo)}  # fmt: skip
+        check_dimension(cfg.d, sizes)
     for seed, method in todo:
         start = time.perf_counter()
         config = cfg.method_config(method)
@@ -159,6 +183,24 @@ def collect_task(
         dm.detach(method)
 
 
+def _stored(store: Store, path: Path, task: str, method: str, seed: int) -> bool:
+    """Whether a head or solution is done: its row AND its file. A row whose file was deleted (to redo it) is
+    redone, unless subspaces were found from the task: they hold the lost file's numbers, and redoing it
+    beside them would mix two solutions in one study (before: collect skipped it, and find said the file
+    was missing and to run collect, in a loop)."""
+    if not store.has("subspace_solutions", task=task, method=method, seed=seed):
+        return False
+    if path.exists():
+        return True
+    used = sorted(r["name"] for r in store.rows("subspace_spaces") if task in {t.split("@")[0] for t in r["tasks"]})
+    if used:
+        raise ValueError(
+            f"{path} is missing, and {', '.join(used[:3])}{' ...' if len(used) > 3 else ''} were found from it: "
+            "restore the file, or start a new --workdir"
+        )
+    return False
+
+
 def collect(
     cfg: StudyConfig,
     store: Store,
@@ -180,11 +222,25 @@ def load_head(workdir: str | os.PathLike, task: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_solution(store: Store, task: str, method: str, seed: int) -> Solution:
+def load_solution(
+    store: Store, task: str, method: str, seed: int, workdir: str | os.PathLike | None = None
+) -> Solution:
+    """The stored solution; with `workdir`, its file is looked up there rather than at the path the store holds.
+
+    The store keeps the path as `collect` was given it, often relative to the folder it ran in: from another
+    folder that path is missing, or names another study's file.
+    """
     row = store.one("subspace_solutions", task=task, method=method, seed=seed)
     if row is None:
         raise FileNotFoundError(
             f"no {method} solution of seed {seed} for {task!r} in {store.path}; run `deltatune subspace collect`"
         )
-    tensors, meta = load_vectors(row["path"])
+    path = Path(row["path"]) if workdir is None else Path(workdir) / "solutions" / task / Path(row["path"]).name
+    tensors, meta = load_vectors(path)
     return Solution(task, method, tensors["solution"], tensors["init"], Layout.from_dict(meta["layout"]), row["score"])
+
+
+def recorded_data(store: Store, task: str, seed: int) -> str | None:
+    """The fingerprint of the data `task` was collected on (None: not collected yet, or an older store)."""
+    row = store.one("subspace_solutions", task=task, method="head", seed=seed)
+    return (row["meta"] or {}).get("data") if row else None

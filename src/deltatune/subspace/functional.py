@@ -36,7 +36,10 @@ class Bank:
             raise ValueError("the subspace study needs a sequence-classification backbone (e.g. minilm-l6)")
         self.dm = DeltaModel(backbone)
         for method, config in configs.items():
-            self.dm.add(method, config)
+            # attached switched off: `logits` enables one at a time, so methods that claim the same weights
+            # (BitFit and diff pruning both reparametrize the biases) share the bank as they shared nothing
+            # while each was collected on its own
+            self.dm.add(method, config, enabled=False)
             self.dm.delta(method).finalize()
         self.dm.eval()
         for p in self.dm.parameters():

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 
-from .store import Store
+from .store import Store, share
 
 Measure = Callable[[int], float]
 
@@ -82,10 +82,11 @@ def said_measure(
     from ..core.model import DeltaModel
     from ..methods import get_config
     from ..train.trainer import TrainConfig, fit
-    from .collect import _score, load_head
+    from .collect import _score, load_head, recorded_data
     from .config import task_data
+    from .sources import checked
 
-    data = task_data(task, cfg)
+    data = checked(task_data(task, cfg), task, recorded_data(store, task, cfg.seed))
     head = load_head(workdir, task)
 
     def measure(d: int) -> float:
@@ -105,7 +106,7 @@ def said_measure(
         score = _score(model, tokenizer, data, cfg)[data.task.primary_metric]
         store.put(
             "subspace_intrinsic", task=task, d=d, steps=steps, score=score, reference=reference,
-            ratio=score / reference if reference else None, seconds=time.perf_counter() - start,
+            ratio=share(score, reference), seconds=time.perf_counter() - start,
         )  # fmt: skip
         return score
 

@@ -9,11 +9,13 @@ methods' vectors and score each point through both methods: a flat, high path is
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..core import atomic
 from ..data.tasks import Example, Task
 from .functional import Bank
 from .space import Space
@@ -128,5 +130,7 @@ def plot(result: dict, path_png: str, title: str) -> None:
     ax2.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    atomic.write_file(path_png, buffer.getvalue())  # a kill mid-write leaves the old figure, not half a PNG

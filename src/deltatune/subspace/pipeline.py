@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .collect import Solution, backbone_for, collect, load_head, load_solution
+from ..core import atomic
+from .binding import bind
+from .collect import Solution, backbone_for, collect, load_head, load_solution, recorded_data
 from .config import StudyConfig, TaskData, task_data
 from .functional import Bank
+from .sources import checked
 from .space import (
     HELDOUT,
     MULTI,
@@ -30,10 +34,11 @@ from .space import (
     SCRATCH_SINGLE,
     SINGLE,
     Space,
+    check_dimension,
     space_kind,
     space_path,
 )
-from .store import Store
+from .store import Store, share
 
 
 class Study:
@@ -49,8 +54,14 @@ class Study:
         self.workdir = Path(workdir)
         self.cfg = StudyConfig.load(self.workdir)
         self.store = Store(db or self.workdir / "subspace.db")
+        self.bind()
+        atomic.clean_stale_files(self.workdir)  # what a killed stage's file writes left; the files themselves are whole
         self._tokenizer = tokenizer
         self.make_backbone = make_backbone or (lambda n: backbone_for(self.cfg, n))
+
+    def bind(self) -> None:
+        """Refuse a store whose results were made with other settings (binding.py); every stage starts here."""
+        bind(self.cfg, self.store, self.workdir)
 
     @functools.cached_property
     def tokenizer(self):  # noqa: ANN201
@@ -64,7 +75,7 @@ class Study:
 
     @functools.cache  # noqa: B019 - one Study per process; the cache lives as long as it
     def data(self, task: str) -> TaskData:
-        return task_data(task, self.cfg)
+        return checked(task_data(task, self.cfg), task, recorded_data(self.store, task, self.cfg.seed))
 
     @functools.cache  # noqa: B019
     def head(self, task: str) -> dict[str, torch.Tensor]:
@@ -73,7 +84,7 @@ class Study:
     def solutions(self, tasks: list[str], seeds: list[int] | None = None) -> dict[tuple[str, str], Solution]:
         """Every method's solution of `tasks` at `seeds` (default the study's), keyed by (solution set, method)."""
         return {
-            (self.solution_set(t, s), m): load_solution(self.store, t, m, s)
+            (self.solution_set(t, s), m): load_solution(self.store, t, m, s, self.workdir)
             for t in tasks
             for s in seeds or [self.cfg.seed]
             for m in self.cfg.methods
@@ -97,7 +108,10 @@ class Study:
         return row["score"]
 
     def space(self, name: str) -> Space:
-        return Space.load(space_path(self.workdir, name))
+        path = space_path(self.workdir, name)
+        if not path.exists():
+            raise FileNotFoundError(f"subspace {name} was not found yet ({path}); run `deltatune subspace find` first")
+        return Space.load(path)
 
     def _put_space(self, space: Space, seconds: float) -> None:
         path = space_path(self.workdir, space.name)
@@ -108,8 +122,17 @@ class Study:
             methods=space.methods, path=str(path), meta={**meta, "seconds": round(seconds, 1)},
         )  # fmt: skip
 
+    def add_tasks(self, texts: list[str]) -> list[str]:
+        """The study's names for `texts`, adding the tasks it lacks to study.json (growth.py says when it may)."""
+        from .growth import add_tasks
+
+        return add_tasks(self, texts)
+
     # -- stages ------------------------------------------------------------------------------------
     def collect(self, tasks: list[str] | None = None) -> None:
+        """Heads and solutions of `tasks` (default all); tasks the study does not have yet are added."""
+        self.bind()
+        tasks = self.add_tasks(tasks) if tasks else None
         collect(self.cfg, self.store, self.workdir, tasks, self.tokenizer, self.make_backbone)
 
     def find(
@@ -133,7 +156,9 @@ class Study:
         from .baselines import pca_space, random_space
         from .find import find_unified
 
+        self.bind()
         cfg = self.cfg
+        check_dimension(cfg.d, {m: layout.size for m, layout in self.bank.layouts.items()})
         heldout = bool(cfg.other_seeds) if heldout is None else heldout
         if heldout and not cfg.other_seeds:
             raise ValueError(
@@ -143,13 +168,13 @@ class Study:
         scratch = init == "random"
         one, many, out = (SCRATCH_SINGLE, SCRATCH_MULTI, SCRATCH_HELDOUT) if scratch else (SINGLE, MULTI, HELDOUT)
         per_set = cfg.scratch_find_steps if scratch else cfg.find_steps
-        chosen = tasks or cfg.tasks
+        chosen = cfg.task_names(tasks) if tasks else cfg.tasks  # names, or the paths they were given as
         jobs = [(one.format(task=t), [t], [cfg.seed]) for t in chosen] if single else []
         jobs += [(out.format(task=t), [t], cfg.other_seeds) for t in chosen] if heldout else []
         if multi and cfg.unseen:
             jobs.append((many, cfg.seen, cfg.seeds))
         for name, on, seeds in tqdm(jobs, desc="find", dynamic_ncols=True):
-            if self.store.has("subspace_spaces", name=name):
+            if self._found(name):
                 continue
             start, log = time.perf_counter(), []
             solutions, data, heads = self._find_inputs(on, seeds)
@@ -161,16 +186,33 @@ class Study:
             self._put_space(space, time.perf_counter() - start)
         if multi and cfg.unseen:
             sets = [self.solution_set(t, s) for t in cfg.seen for s in cfg.seeds]
+            if len(sets) < cfg.d and not self._found("pca"):  # said once, when they are found
+                print(f"find: the multi-task and PCA subspaces are found from {len(sets)} solutions per method, fewer "
+                      f"than d={cfg.d}: {cfg.d - len(sets)} of their directions are random (more seen tasks or "
+                      "--solution-seeds give them directions from solutions)", file=sys.stderr)  # fmt: skip
             for build in (pca_space, random_space):
-                if not self.store.has("subspace_spaces", name=build.__name__.removesuffix("_space")):
+                if not self._found(build.__name__.removesuffix("_space")):
                     start = time.perf_counter()
                     space = build(self.solutions(cfg.seen, cfg.seeds), sets, cfg.methods, cfg.d, seed=cfg.seed)
                     self._put_space(space, time.perf_counter() - start)
 
+    def _found(self, name: str) -> bool:
+        """Whether a space is done: its row and its file; a deleted file is found again unless results were
+        computed in it (they would then mix with the new space's)."""
+        if not self.store.has("subspace_spaces", name=name):
+            return False
+        path = space_path(self.workdir, name)
+        if path.exists():
+            return True
+        if self.store.has("subspace_results", space=name):
+            raise ValueError(f"{path} is missing, and results were computed in it: restore the file, or start a new "
+                             "--workdir")  # fmt: skip
+        return False
+
     def optimize_jobs(self, tasks: list[str] | None = None) -> list[tuple[str, str, str]]:
         """(space, task, method): single-task subspaces (in-sample, from scratch, held-out seed: those found) on
         their own task, multi-task ones on unseen tasks."""
-        cfg, chosen = self.cfg, tasks or self.cfg.tasks
+        cfg, chosen = self.cfg, self.cfg.task_names(tasks) if tasks else self.cfg.tasks
         jobs = [(SINGLE.format(task=t), t, m) for t in chosen for m in cfg.methods]
         found = {r["name"] for r in self.store.rows("subspace_spaces")}
         for pattern in (SCRATCH_SINGLE, HELDOUT, SCRATCH_HELDOUT):
@@ -184,8 +226,16 @@ class Study:
     def optimize(self, tasks: list[str] | None = None, spaces: list[str] | None = None) -> None:
         from .optimize import optimize_vector
 
+        self.bind()
         cfg = self.cfg
         jobs = [j for j in self.optimize_jobs(tasks) if spaces is None or space_kind(j[0]) in spaces]
+        found = {r["name"] for r in self.store.rows("subspace_spaces")}
+        missing = sorted({name for name, _, _ in jobs if name not in found})
+        if missing:  # said before any optimization, not as a missing file halfway through the jobs
+            raise ValueError(
+                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} not found yet: run `deltatune subspace "
+                "find` first" + (" (or choose the kinds found with --spaces)" if found else "")
+            )
         for name, task, method in tqdm(jobs, desc="optimize", dynamic_ncols=True):
             if self.store.has("subspace_results", space=name, stage="optimize", task=task, method=method):
                 continue
@@ -197,14 +247,23 @@ class Study:
             score, original = metrics[self.data(task).task.primary_metric], self.original(task, method)
             self.store.put(
                 "subspace_results", space=name, stage="optimize", task=task, method=method, source=method,
-                score=score, original=original, ratio=score / original, meta=record,
+                score=score, original=original, ratio=share(score, original), meta=record,
             )  # fmt: skip
 
     def transfer(self, tasks: list[str] | None = None) -> None:
         from .optimize import transfer_scores
 
+        self.bind()
         learned = ("single", "multi", "scratch-single", "scratch-multi", "heldout", "scratch-heldout")
         jobs = [j for j in self.optimize_jobs(tasks) if space_kind(j[0]) in learned]
+        pending = [j for j in jobs if not self.store.has("subspace_results", space=j[0], stage="optimize", task=j[1],
+                                                         method=j[2])]  # fmt: skip
+        if jobs and len(pending) == len(jobs):  # was: a progress bar over nothing, exit 0
+            raise ValueError("no vector to transfer: none was optimized yet; run `deltatune subspace optimize` first")
+        if pending:
+            name, task, method = pending[0]
+            print(f"transfer: {len(pending)} of {len(jobs)} vectors are not optimized yet ({name}, {task}, {method}, "
+                  "...); run `deltatune subspace optimize` and transfer again for them", file=sys.stderr)  # fmt: skip
         for name, task, source in tqdm(jobs, desc="transfer", dynamic_ncols=True):
             row = self.store.one("subspace_results", space=name, stage="optimize", task=task, method=source)
             if row is None or self.store.has(
@@ -217,7 +276,7 @@ class Study:
                 original = self.original(task, method)
                 self.store.put(
                     "subspace_results", space=name, stage="transfer", task=task, method=method, source=source,
-                    score=score, original=original, ratio=score / original, meta={"z": z.tolist()},
+                    score=score, original=original, ratio=share(score, original), meta={"z": z.tolist()},
                 )  # fmt: skip
 
     def intrinsic(self, tasks: list[str] | None = None, steps: int | None = None, d_max: int | None = None) -> None:
@@ -225,9 +284,10 @@ class Study:
         runs are stored with their step budget, so searches at different budgets never mix."""
         from .intrinsic import said_measure, search_d90
 
+        self.bind()
         cfg = self.cfg
         steps, d_max = steps or cfg.said_steps, d_max or cfg.d_max
-        for task in tqdm(tasks or cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
+        for task in tqdm(cfg.task_names(tasks) if tasks else cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
             reference = max(self.original(task, m) for m in cfg.methods)
             baseline = self.original(task, "head")
             if reference <= baseline:
@@ -253,6 +313,10 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     from .flatten import write_json
     from .landscape import path, plane, plot
 
+    study.bind()
+    task = study.cfg.task_names([task])[0]
+    if method not in study.cfg.methods:
+        raise ValueError(f"--method {method}: not a method of this study ({', '.join(study.cfg.methods)})")
     name = MULTI if task in study.cfg.unseen and study.cfg.unseen else SINGLE.format(task=task)
     space, data, head = study.space(name), study.data(task), study.head(task)
     if name == MULTI:
@@ -274,12 +338,17 @@ def landscape(study: Study, task: str, method: str = "lora", n: int = 5, example
     }  # fmt: skip
     out = study.workdir / "landscape"
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{task}.json", result)
-    plot(result, str(out / f"{task}.png"), f"{task}: subspace {name} (d={space.d}), {len(sample)} evaluation examples")
+    stem = out / f"{task}-{method}"  # one figure per basis: another --method used to overwrite the first
+    write_json(stem.with_suffix(".json"), result)
+    plot(
+        result,
+        str(stem.with_suffix(".png")),
+        f"{task}: subspace {name} (d={space.d}), {len(sample)} evaluation examples",
+    )
     best = max(max(row) for row in result["plane"]["metric"])
     study.store.put(
         "subspace_results", space=name, stage="landscape", task=task, method=method, source=method, score=best,
-        original=study.original(task, method), ratio=best / study.original(task, method),
-        meta={"json": str(out / f"{task}.json"), "png": str(out / f"{task}.png")},
+        original=study.original(task, method), ratio=share(best, study.original(task, method)),
+        meta={"json": str(stem.with_suffix(".json")), "png": str(stem.with_suffix(".png"))},
     )  # fmt: skip
     return result

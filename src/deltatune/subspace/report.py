@@ -15,8 +15,9 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from ..core import atomic
 from .space import space_kind
-from .store import Store
+from .store import Store, share
 
 PAPER = {  # Yi et al., % of the original method's performance (T5-base, 1,105,920-number solutions)
     "single": {"adapter": 88.5, "lora": 80.9, "prefix": 85.3, "avg": 84.9},
@@ -30,6 +31,26 @@ SAMPLE_NOTE = (
     "from its solutions of the other seeds only, and is compared with the held-out (study) seed's solution, or with "
     "the mean of every seed's solution."
 )
+
+
+def of_original(r: dict) -> float | None:
+    """A result row's share of its method's own solution, recomputed (stores written before `share` existed
+    hold plain quotients, inverted where the original was negative)."""
+    return share(r["score"], r["original"])
+
+
+def undefined_note(store: Store) -> str:
+    """Says how many results the %-of-original tables leave out because their solution scored <= 0."""
+    rows = [r for r in store.rows("subspace_results") if r["stage"] in ("optimize", "transfer")]
+    left = [r for r in rows if of_original(r) is None]
+    if not left:
+        return ""
+    tasks = ", ".join(sorted({r["task"] for r in left}))
+    return (
+        f"{len(left)} of {len(rows)} results are left out of the % tables: their method's own solution scored "
+        f"<= 0 ({tasks}; a correlation of a short run), where a share of it is undefined. Their gain over "
+        "the head is in the next table."
+    )
 
 
 def _cell(values: list[float]) -> str:
@@ -59,14 +80,14 @@ def main_table(store: Store, methods: list[str]) -> list[list[str]]:
     rows = store.rows("subspace_results")
     seeds = seed_scores(store)
 
-    def of_mean(r: dict) -> float:  # the score against the mean of every seed's solution of its method
-        return r["score"] / mean(seeds[(r["task"], r["method"])])
+    def of_mean(r: dict) -> float | None:  # the score against the mean of every seed's solution of its method
+        return share(r["score"], mean(seeds[(r["task"], r["method"])]))
 
-    def ratios(select, value=lambda r: r["ratio"]) -> dict[str, list[float]]:  # noqa: ANN001
+    def ratios(select, value=of_original) -> dict[str, list[float]]:  # noqa: ANN001
         out: dict[str, list[float]] = defaultdict(list)
         for r in rows:
-            if select(r):
-                out[r["method"]].append(value(r))
+            if select(r) and (v := value(r)) is not None:
+                out[r["method"]].append(v)
         return out
 
     def rows_of(kind: str, stage: str):  # noqa: ANN202
@@ -119,8 +140,9 @@ def _head_ratios(store: Store, methods: list[str], tasks: set[str] | None = None
     sols = {key: r["score"] for key, r in reference_solutions(store).items()}
     out: dict[str, list[float]] = defaultdict(list)
     for (task, method), score in sols.items():
-        if method in methods and (task, "head") in sols and score and (tasks is None or task in tasks):
-            out[method].append(sols[(task, "head")] / score)
+        if method in methods and (task, "head") in sols and (tasks is None or task in tasks):
+            if (value := share(sols[(task, "head")], score)) is not None:
+                out[method].append(value)
     return out
 
 
@@ -202,8 +224,8 @@ def transfer_matrix(store: Store, methods: list[str], kind: str = "single") -> l
     """Per (source, receiving) method pair, the receiver's % of its own solution; None when `kind` has no transfers."""
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in store.rows("subspace_results", stage="transfer"):
-        if space_kind(r["space"]) == kind:
-            cells[(r["source"], r["method"])].append(r["ratio"])
+        if space_kind(r["space"]) == kind and (value := of_original(r)) is not None:
+            cells[(r["source"], r["method"])].append(value)
     if not cells and kind not in ("single", "multi"):
         return None
     table = [["found through \\ used through", *methods]]
@@ -230,6 +252,7 @@ def build(store: Store, methods: list[str], out: str | Path, figures: list[str |
     out.mkdir(parents=True, exist_ok=True)
     main = main_table(store, methods)
     legend = SAMPLE_NOTE if any("held-out" in row[0].lower() for row in main) else ""
+    legend = " ".join(n for n in (legend, undefined_note(store)) if n)
     sections = [
         ("Subspace optimization and transfer (% of each method's own solution; (n) = runs averaged)", main, legend),
         ("Share of the gain over the fixed head recovered (%; (n) = runs averaged)", gain_table(store, methods), ""),
@@ -244,7 +267,7 @@ def build(store: Store, methods: list[str], out: str | Path, figures: list[str |
         md += [f"## {title}", "", markdown(table), ""] + ([note, ""] if note else [])
     figures = [Path(f) for f in figures if Path(f).exists()]
     md += [f"![{f.stem}]({f.name})" for f in figures]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic.write_file(out / "report.md", "\n".join(md) + "\n")  # a kill leaves the previous report whole
     style = "body{font-family:sans-serif;max-width:1100px}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}"
     parts = [f"<html><head><meta charset='utf-8'><style>{style}</style></head><body><h1>deltatune subspace report</h1>"]
     for title, table, note in sections:
@@ -252,5 +275,5 @@ def build(store: Store, methods: list[str], out: str | Path, figures: list[str |
     for f in figures:
         data = base64.b64encode(f.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(f.stem)}</h2><img src='data:image/png;base64,{data}' style='max-width:100%'>")
-    (out / "report.html").write_text("".join(parts) + "</body></html>\n")
+    atomic.write_file(out / "report.html", "".join(parts) + "</body></html>\n")
     return out / "report.md", out / "report.html"

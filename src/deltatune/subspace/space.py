@@ -102,9 +102,26 @@ def space_kind(name: str) -> str:
     return "scratch-single" if name.startswith("scratch-") else name
 
 
+def check_dimension(d: int, sizes: dict[str, int]) -> None:
+    """A d-dimensional subspace of a method's solutions needs d independent directions among its D numbers.
+
+    With d > D the bases came out D columns wide for that method and d for the others: `optimize` failed
+    midway with torch's "size mismatch, got input (2560), mat (2560x2560), vec (2664)", rows already written.
+    """
+    small = {m: n for m, n in sizes.items() if n < d}
+    if small:
+        m, n = min(small.items(), key=lambda kv: kv[1])
+        raise ValueError(
+            f"--d {d} is larger than the {m} delta's {n} numbers: a subspace cannot have more dimensions than the "
+            f"space it lies in; use --d {n} or less (or larger {m} settings)"
+        )
+
+
 def orthonormal_completion(basis: torch.Tensor, d: int, seed: int) -> torch.Tensor:
     """`basis` (D, k) with orthonormal columns, completed to d columns by random orthonormal directions."""
     D, k = basis.shape
+    if d > D:  # QR would give D columns, not d (check_dimension says it in the user's terms first)
+        raise ValueError(f"cannot complete {d} orthonormal directions in {D} dimensions")
     if k >= d:
         return basis[:, :d]
     g = torch.Generator().manual_seed(seed)

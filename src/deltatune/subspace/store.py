@@ -28,12 +28,26 @@ SCHEMA = {
         "space TEXT, stage TEXT, task TEXT, method TEXT, source TEXT, score REAL, original REAL, ratio REAL, "
         "meta TEXT, created REAL, PRIMARY KEY (space, stage, task, method, source)"
     ),
+    "subspace_study": "key TEXT PRIMARY KEY, value TEXT, created REAL",  # binding.py: what the results were made with
     "subspace_intrinsic": (
         "task TEXT, d INTEGER, score REAL, reference REAL, ratio REAL, seconds REAL, created REAL, steps INTEGER, "
         "PRIMARY KEY (task, d, steps)"
     ),
 }
-JSON_COLUMNS = {"meta", "tasks", "methods"}
+JSON_COLUMNS = {"meta", "tasks", "methods", "value"}
+
+
+def share(score: float, original: float | None) -> float | None:
+    """`score` as a fraction of `original`, or None where that is no measure of how much was recovered.
+
+    Only a positive original makes "% of the original" mean anything: a correlation (Pearson on a regression
+    task, Matthews) of a short run can be zero or negative, and dividing by it inverts the scale (a score of
+    -0.04 against an original of -0.05 read as 80%, a worse -0.10 as 200%). Those rows keep their scores;
+    the report leaves them out of the averages and says how many.
+    """
+    if original is None or score is None or not original > 0:
+        return None
+    return score / original
 
 
 class Store:
