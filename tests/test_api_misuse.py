@@ -58,3 +58,21 @@ def test_deltas_on_other_modules_unmerge_in_any_order() -> None:
     dm.unmerge("a")
     dm.unmerge("b")
     assert torch.allclose(logits(dm, inputs), ref, atol=1e-6)
+
+
+def test_merging_a_disabled_delta_is_refused_and_changes_nothing() -> None:
+    model = make_model("bert")
+    inputs = make_inputs(model)
+    dm = dt.attach(model, "lora")
+    _perturbed(dm)
+    dm.eval()
+    dm.disable("default")
+    off = logits(dm, inputs)
+    with pytest.raises(
+        DeltaError, match=r"delta 'default' is disabled; enable it before merging \(dm.enable\('default'\)\)"
+    ):
+        dm.merge("default")
+    assert not dm.deltas["default"].merged
+    assert torch.equal(logits(dm, inputs), off)  # still acts as off
+    dm.enable("default")
+    dm.merge("default")

@@ -353,6 +353,8 @@ class DeltaModel(nn.Module):
         delta = self._get(name)
         if delta.merged:
             raise DeltaError(f"delta {name!r} is already merged")
+        if not delta.enabled:  # merged, it would act on every input while listed as off
+            raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
         if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
             raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
         refusal = delta.unmerge_refusal() if undoable else None
