@@ -268,6 +268,7 @@ def test_wrong_number_of_ids_is_refused() -> None:
 
 def test_a_merged_delta_cannot_be_served_in_a_mixed_batch() -> None:
     dm = _served("lora", "bert", "cls")
+    dm.set_active("a")  # a disabled delta cannot be merged (errors.md row 152)
     dm.merge("a")
     with pytest.raises(RoutingError, match="unmerge them before serving a mixed batch"):
         dm(**_inputs(dm.backbone), delta_ids=["a", "b", None, None])

@@ -7,6 +7,7 @@ exported folder loads with `from_pretrained` and no deltatune at all.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,11 +15,41 @@ from typing import TYPE_CHECKING
 import torch
 
 from .atomic import clean_stale, replacing_folder
-from .delta import DeltaError
+from .delta import Delta, DeltaError
 from .targeting import plain_name
 
 if TYPE_CHECKING:
     from .model import DeltaModel
+
+
+_MERGE_ORDER = itertools.count()  # merges are numbered, so unmerging can be held to the reverse order
+
+
+def stamp_merge(delta: Delta) -> None:
+    """Record that `delta` was just merged (its place in the order of merges)."""
+    delta.merge_seq = next(_MERGE_ORDER)
+
+
+def check_unmerge_order(deltas: dict[str, Delta], name: str) -> None:
+    """Refuse to unmerge a delta while one merged after it into the same modules is still merged.
+
+    Merges do not commute in general (OFT rotates, (IA)^3 and DoRA rescale what the weight holds): taking
+    an earlier one out first divides or rotates the later one's change too, and the weights stay wrong.
+    """
+    delta = deltas[name]
+    seq = getattr(delta, "merge_seq", -1)
+    later = [
+        n for n, d in deltas.items()
+        if n != name and d.merged and getattr(d, "merge_seq", -1) > seq and set(d.sites) & set(delta.sites)
+    ]  # fmt: skip
+    if later:
+        last = max(later, key=lambda n: deltas[n].merge_seq)
+        shared = sorted(set(deltas[last].sites) & set(delta.sites))[0]
+        raise DeltaError(
+            f"cannot unmerge {name!r} yet: {', '.join(repr(n) for n in later)} were merged after it into the same "
+            f"modules ({shared}, ...), and unmerging out of order would leave the weights changed; "
+            f"unmerge in reverse order (dm.unmerge({last!r}) first)"
+        )
 
 
 def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:

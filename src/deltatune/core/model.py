@@ -19,7 +19,7 @@ from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .merge import export_merged
+from .merge import check_unmerge_order, export_merged, stamp_merge
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
@@ -353,6 +353,8 @@ class DeltaModel(nn.Module):
         delta = self._get(name)
         if delta.merged:
             raise DeltaError(f"delta {name!r} is already merged")
+        if not delta.enabled:  # merged, it would act on every input while listed as off
+            raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
         if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
             raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
         refusal = delta.unmerge_refusal() if undoable else None
@@ -362,11 +364,13 @@ class DeltaModel(nn.Module):
             )
         delta.merge_into(self.backbone)
         delta.merged = True
+        stamp_merge(delta)
 
     def unmerge(self, name: str = "default") -> None:
         delta = self._get(name)
         if not delta.merged:
             raise DeltaError(f"delta {name!r} is not merged; nothing to unmerge")
+        check_unmerge_order(self.deltas, name)
         delta.unmerge_from(self.backbone)
         delta.merged = False
 
