@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tiny import logits, make_inputs, make_model
@@ -19,30 +17,6 @@ def _perturbed(dm: dt.DeltaModel) -> None:
             for p in delta.parameters():
                 if p.is_floating_point():
                     p.add_(torch.randn_like(p) * 0.5)
-
-
-@pytest.mark.parametrize("first", ["oft", "ia3", "lora"])
-def test_unmerging_out_of_order_is_refused_and_the_reverse_order_restores_the_weights(first: str) -> None:
-    model = make_model("bert")
-    before = copy.deepcopy(model.state_dict())
-    settings = {"feedforward": ()} if first == "ia3" else {}
-    second = "dora" if first == "lora" else "lora"
-    dm = dt.attach(model, dt.get_config(first, targets=("attn.v",), **settings), first)
-    dm.add(second, dt.get_config(second, targets=("attn.v",)))
-    _perturbed(dm)
-    dm.merge(first)
-    dm.merge(second)
-    merged = copy.deepcopy(dm.backbone.state_dict())
-    with pytest.raises(
-        DeltaError,
-        match=rf"cannot unmerge '{first}' yet: '{second}' were merged after it.*dm.unmerge\('{second}'\) first",
-    ):
-        dm.unmerge(first)
-    assert dm.deltas[first].merged and dm.deltas[second].merged  # nothing changed by the refusal
-    assert all(torch.equal(v, merged[k]) for k, v in dm.backbone.state_dict().items())
-    dm.unmerge(second)
-    dm.unmerge(first)
-    assert all(torch.allclose(v, before[k], atol=1e-5) for k, v in dm.backbone.state_dict().items() if k in before)
 
 
 def test_deltas_on_other_modules_unmerge_in_any_order() -> None:
@@ -76,3 +50,54 @@ def test_merging_a_disabled_delta_is_refused_and_changes_nothing() -> None:
     assert torch.equal(logits(dm, inputs), off)  # still acts as off
     dm.enable("default")
     dm.merge("default")
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [("lora", "random_subset"), ("random_subset", "lora"), ("diff_pruning", "lokr"), ("said", "vera"),
+     ("selective", "loha"), ("lora", "loha"), ("bitfit", "adalora")],
+)  # fmt: skip
+def test_deltas_that_add_to_the_same_weights_merge_exactly_in_any_order(first: str, second: str) -> None:
+    """A LoRA-like merge beside a specification delta (which reparametrizes the weight as W + d) wrote into
+    the parametrization's computed tensor, a temporary: the merge was lost without a word (logits 2e-3 off
+    with LoRA + random-subset). Deltas that add to the weights now merge in any order, one or both."""
+    model = make_model("bert").eval()
+    inputs = make_inputs(model)
+    dm = dt.attach(model, first)
+    dm.add("b", second)
+    _perturbed(dm)
+    dm.eval()
+    expected = logits(dm, inputs)
+    for order in (["default"], ["b"], ["default", "b"], ["b", "default"]):
+        for name in order:
+            dm.merge(name)
+        torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+        for name in order:  # unmerged in the order they were merged: additions commute
+            dm.unmerge(name)
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("odd", ["oft", "dora", "ia3"])
+def test_a_merge_that_does_not_commute_with_another_delta_on_its_modules_is_refused(odd: str) -> None:
+    """OFT, DoRA or (IA)^3 with LoRA on the same modules: merging either gave outputs 3e-4 to 3e-3 off the
+    unmerged ones (logits ~1e-1), and so did switching one on beside the other merged; refused now."""
+    model = make_model("bert").eval()
+    odd_config = dt.get_config(odd, targets=("attn.v",), **({"feedforward": ()} if odd == "ia3" else {}))
+    dm = dt.attach(model, dt.get_config("lora", targets=("attn.v",)))
+    dm.add("b", odd_config)
+    for name in ("default", "b"):
+        with pytest.raises(DeltaError, match="does not commute with another delta there"):
+            dm.merge(name)
+    assert not dm._merged()
+    dm.disable("b")
+    dm.merge("default")  # alone on its modules: fine
+    with pytest.raises(DeltaError, match="cannot enable 'b'"):
+        dm.enable("b")
+    with pytest.raises(DeltaError, match="cannot enable 'b'"):
+        dm.set_active(["default", "b"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(DeltaError, match="cannot add 'c'"):
+        dm.add("c", odd_config)
+    assert "c" not in dm.deltas and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    dm.unmerge("default")
+    dm.enable("b")

@@ -56,6 +56,10 @@ class DeltaConfig:
     trains: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False  # the method can merge with some settings; `can_merge` says whether these can
     merge_requires: ClassVar[str] = ""  # where only some settings merge: which, in words ("non_linearity=identity")
+    # merged, it adds a tensor to the weights it acts on (W + dW), so it commutes with other such deltas on the
+    # same modules: merging one of them while another acts there unmerged (or enabling one beside a merged one)
+    # gives the unmerged outputs; rotations, scalings and DoRA's norm do not (core.merge.check_commutes)
+    merge_adds: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate that works for this method at base-model scale
     routable: ClassVar[bool] = True  # can serve some rows of a batch while other rows use other deltas

@@ -31,6 +31,20 @@ def is_transposed(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
 
 
+def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor that holds a layer's weight (or bias), which a merge must change.
+
+    Under a parametrization (random-subset, diff pruning, SAID or selective tuning reparametrize the weight
+    as W + d, BitFit the bias) `module.weight` is computed on each read, so a merge written into it changed a temporary and
+    was lost without a word (LoRA merged beside random-subset tuning: logits 2e-3 off the unmerged ones).
+    The parametrization's original is W itself; merging into it keeps W + dW + d."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
+
+
 def weight_update(module: nn.Module, delta_out_in: torch.Tensor) -> torch.Tensor:
     """Lay out an (out, in) weight change the way `module.weight` stores it."""
     return delta_out_in.T if is_transposed(module) else delta_out_in

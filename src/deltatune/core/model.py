@@ -19,7 +19,7 @@ from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .merge import check_unmerge_order, export_merged, stamp_merge
+from .merge import check_commutes, check_unmerge_order, export_merged, stamp_merge
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
@@ -210,6 +210,12 @@ class DeltaModel(nn.Module):
         delta = config.build()
         delta.enabled = enabled
         delta.install(self.backbone)
+        if enabled:  # beside a merged delta it does not commute with, its outputs would be wrong
+            try:
+                check_commutes({**self.deltas, name: delta}, name, f"add {name!r}", merged_only=True)
+            except DeltaError:
+                delta.uninstall()
+                raise
         ref = next(self.backbone.parameters(), None)
         if ref is not None:
             delta.to(device=ref.device)
@@ -269,6 +275,7 @@ class DeltaModel(nn.Module):
     def enable(self, name: str) -> None:
         delta = self._get(name)
         check_claims(self.deltas, self._active_names() | {name})
+        check_commutes(dict(self.deltas), name, f"enable {name!r}", merged_only=True)
         delta.enabled = True
 
     def disable(self, name: str) -> None:
@@ -286,6 +293,8 @@ class DeltaModel(nn.Module):
             self._get(n)
         self._refuse_while_merged("switch deltas (the weights would still hold them)", set(self.deltas) - wanted)
         check_claims(self.deltas, wanted)
+        for n in wanted:
+            check_commutes(dict(self.deltas), n, f"enable {n!r}", merged_only=True)
         for n, delta in self.deltas.items():
             delta.enabled = n in wanted
 
@@ -355,6 +364,7 @@ class DeltaModel(nn.Module):
             raise DeltaError(f"delta {name!r} is already merged")
         if not delta.enabled:  # merged, it would act on every input while listed as off
             raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
+        check_commutes(dict(self.deltas), name, f"merge {name!r}")
         if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
             raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
         refusal = delta.unmerge_refusal() if undoable else None

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key
-from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden
+from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden, stored_weight
 from ...core.targeting import Layers, TargetError, Targets, resolve
 
 _MIN_ABS = 1e-8
@@ -103,14 +103,15 @@ class IA3(Delta):
     def _rescale_weights(self, model: nn.Module, divide: bool) -> None:
         for key, vector in self.vectors.items():
             module = model.get_submodule(self._names[key])
-            v = vector.detach().to(module.weight.dtype)
+            weight = stored_weight(module)  # under another delta's parametrization: its original
+            v = vector.detach().to(weight.dtype)
             if divide:
                 v = 1.0 / v
             # (out, in) layout: output scaling hits rows; Conv1D stores (in, out), so the axes swap.
             on_rows = (not self._scales_input[key]) != is_transposed(module)
-            module.weight.mul_(v[:, None] if on_rows else v[None, :])
+            weight.mul_(v[:, None] if on_rows else v[None, :])
             if not self._scales_input[key] and getattr(module, "bias", None) is not None:
-                module.bias.mul_(v)
+                stored_weight(module, "bias").mul_(v)
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> None:

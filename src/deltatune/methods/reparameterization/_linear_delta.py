@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
-from ...core.layers import first_input, is_linear, linear_dims, weight_update
+from ...core.layers import first_input, is_linear, linear_dims, stored_weight, weight_update
 
 
 class LinearUpdate(nn.Module):
@@ -89,18 +89,20 @@ class LinearDelta(Delta):
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> None:
         for key, module, layer in self.each(model):
+            weight = stored_weight(module)
             if not layer.additive:
-                self._stash[key] = module.weight.detach().clone()
-            new = layer.merged_weight(dense_weight(module).detach())
-            module.weight.copy_(weight_update(module, new).to(module.weight.dtype))
+                self._stash[key] = weight.detach().clone()
+            new = layer.merged_weight(weight_update(module, weight).detach())  # W, not W + a specification's d
+            weight.copy_(weight_update(module, new).to(weight.dtype))
 
     @torch.no_grad()
     def unmerge_from(self, model: nn.Module) -> None:
         for key, module, layer in self.each(model):
+            weight = stored_weight(module)
             if layer.additive:
-                module.weight.sub_(weight_update(module, layer.weight_delta()).to(module.weight.dtype))
+                weight.sub_(weight_update(module, layer.weight_delta()).to(weight.dtype))
             else:
-                module.weight.copy_(self._stash.pop(key))
+                weight.copy_(self._stash.pop(key))
 
 
 def map_first_input(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:  # noqa: ANN001

@@ -40,6 +40,7 @@ class AdaLoRAConfig(DeltaConfig):
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "SVD-form updates P·diag(λ)·Q whose ranks are allocated by importance during training"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     identity_at_init: ClassVar[bool] = True
     peft_names: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout", "r": "init_r"}
 

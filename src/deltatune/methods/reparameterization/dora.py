@@ -24,6 +24,7 @@ from .lora import LoRAConfig, LoRALayer
 class DoRAConfig(LoRAConfig):
     method: ClassVar[str] = "dora"
     trains: ClassVar[str] = "a magnitude per output feature and LoRA factors on the weight's direction"
+    merge_adds: ClassVar[bool] = False  # its norm of the whole weight changes with what else is merged there
 
     def build(self) -> DoRA:
         return DoRA(self)

@@ -26,6 +26,7 @@ class LoHaConfig(DeltaConfig):
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "two pairs of rank-r factors whose products are multiplied entrywise into an update"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     identity_at_init: ClassVar[bool] = True
     peft_names: ClassVar[dict[str, str]] = {"rank": "r"}
 

@@ -27,6 +27,7 @@ class LoKrConfig(DeltaConfig):
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "two factors whose Kronecker product is an update (the larger one low-rank)"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     identity_at_init: ClassVar[bool] = True
     peft_names: ClassVar[dict[str, str]] = {"rank": "r", "decompose_factor": "factor"}
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key, setting
-from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden
+from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden, stored_weight
 from ...core.targeting import Layers, Targets
 from ..bottleneck import ACTIVATIONS, Bottleneck
 
@@ -143,8 +143,10 @@ class LowRankAdapter(Delta):
         eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
         a = eye + m.double()
         transposed = is_transposed(module)  # Conv1D stores (in, out)
-        w = module.weight.double().T if transposed else module.weight.double()
-        b = module.bias.double() if module.bias is not None else None
+        weight = stored_weight(module)  # under another delta's parametrization: its original
+        bias = stored_weight(module, "bias") if module.bias is not None else None
+        w = weight.double().T if transposed else weight.double()
+        b = bias.double() if bias is not None else None
         if invert:
             w_new = torch.linalg.solve(a, w)
             b_new = torch.linalg.solve(a, (b - c.double()).unsqueeze(-1)).squeeze(-1) if b is not None else None
@@ -152,6 +154,6 @@ class LowRankAdapter(Delta):
             w_new = a @ w
             b_new = a @ b + c.double() if b is not None else None
         w_new = w_new.T if transposed else w_new
-        module.weight.copy_(w_new.to(module.weight.dtype))
-        if b_new is not None:
-            module.bias.copy_(b_new.to(module.bias.dtype))
+        weight.copy_(w_new.to(weight.dtype))
+        if b_new is not None and bias is not None:
+            bias.copy_(b_new.to(bias.dtype))

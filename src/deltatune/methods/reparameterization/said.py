@@ -27,6 +27,7 @@ class SAIDConfig(DeltaConfig):
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "a d-dim vector projected onto chosen weights by Fastfood (+1 scale per tensor)"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     default_lr: ClassVar[float] = 1e-2
     identity_at_init: ClassVar[bool] = True
 

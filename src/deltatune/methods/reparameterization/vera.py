@@ -29,6 +29,7 @@ class VeRAConfig(DeltaConfig):
     family: ClassVar[str] = "reparameterization"
     trains: ClassVar[str] = "two scaling vectors per layer around frozen random matrices shared by all layers"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     identity_at_init: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-2
     peft_names: ClassVar[dict[str, str]] = {"vera_dropout": "dropout", "projection_prng_key": "seed", "rank": "r"}

@@ -36,6 +36,7 @@ class BitFitConfig(DeltaConfig):
     family: ClassVar[str] = "specification"
     trains: ClassVar[str] = "bias terms (deltas of existing biases; added zero biases where a model has none)"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     identity_at_init: ClassVar[bool] = True
 
     targets: Targets = None

@@ -40,6 +40,7 @@ class DiffPruningConfig(DeltaConfig):
     family: ClassVar[str] = "specification"
     trains: ClassVar[str] = "a sparse diff on chosen weights (hard-concrete L0 gates or magnitude pruning)"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     default_lr: ClassVar[float] = 5e-4
     identity_at_init: ClassVar[bool] = True
 

@@ -27,6 +27,7 @@ class LayerNormConfig(DeltaConfig):
     family: ClassVar[str] = "specification"
     trains: ClassVar[str] = "deltas of the weight and bias of the normalisation layers"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     identity_at_init: ClassVar[bool] = True
 
     targets: Targets = ("ln",)

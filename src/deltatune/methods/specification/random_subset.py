@@ -28,6 +28,7 @@ class RandomSubsetConfig(DeltaConfig):
     family: ClassVar[str] = "specification"
     trains: ClassVar[str] = "a seeded random choice of entries of chosen weights (the choice is not stored)"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     identity_at_init: ClassVar[bool] = True
 
     targets: Targets = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out")

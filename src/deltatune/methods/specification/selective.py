@@ -34,6 +34,7 @@ class SelectiveConfig(DeltaConfig):
     family: ClassVar[str] = "specification"
     trains: ClassVar[str] = "deltas of every parameter of chosen modules (default: the last layer of each stack)"
     mergeable: ClassVar[bool] = True
+    merge_adds: ClassVar[bool] = True  # W + dW: commutes with other such deltas on a module (core.merge)
     default_lr: ClassVar[float] = 1e-4
     identity_at_init: ClassVar[bool] = True
 
