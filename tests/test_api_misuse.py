@@ -101,3 +101,16 @@ def test_a_merge_that_does_not_commute_with_another_delta_on_its_modules_is_refu
     assert "c" not in dm.deltas and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     dm.unmerge("default")
     dm.enable("b")
+
+
+def test_an_ia3_feedforward_module_outside_the_targets_is_refused_not_ignored() -> None:
+    """`get_config("ia3", feedforward=("attn.q",))` was accepted and scaled nothing's input (attn.q is not a
+    target): the setting did nothing, without a word. PEFT refuses it; so does deltatune now."""
+    model = make_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="feedforward names .*query.* not among the targets"):
+        dt.attach(model, dt.get_config("ia3", feedforward=("attn.q",)))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    dt.attach(make_model("bert"), dt.get_config("ia3", targets=("attn.q",)))  # the default feedforward: unused
+    dm = dt.attach(make_model("bert"), dt.get_config("ia3", targets=("attn.q", "ffn.out"), feedforward=("ffn.out",)))
+    assert dm.delta_parameters() > 0

@@ -78,6 +78,13 @@ class IA3(Delta):
                 raise ValueError(
                     f"IA3Config.feedforward: {err}; set feedforward=() if no target scales its input"
                 ) from err
+        stray = sorted(feedforward - set(self.targets(model, cfg.targets, None)))
+        if stray and tuple(cfg.feedforward) != IA3Config.feedforward:  # a default outside custom targets: unused
+            raise ValueError(
+                f"IA3Config.feedforward names {stray[0]!r}{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}, "
+                "which is not among the targets, so nothing would scale its input; add it to targets, or drop it "
+                "from feedforward (PEFT's rule: feedforward modules are a subset of the targets)"
+            )
         for name in targets:
             module = model.get_submodule(name)
             if not is_linear(module):
