@@ -96,8 +96,10 @@ def test_bad_targets_and_layers_raise_clear_errors() -> None:
         resolve(model, "re:(")
     with pytest.raises(TargetError, match="empty target list"):
         resolve(model, [])
-    with pytest.raises(TargetError, match=r"layers \[5\] do not exist: the model has layers 0-1"):
+    with pytest.raises(TargetError, match=r"layer 5 does not exist: the model has layers 0-1"):
         resolve(model, "attn.q", layers=5)
+    with pytest.raises(TargetError, match=r"layer -3 does not exist: .*\(-2..-1 from the end\)"):
+        resolve(model, "attn.q", layers=-3)  # named as written (was: 'layers [-1]', the index it became)
     with pytest.raises(TargetError, match="cannot read layer selection"):
         resolve(model, "attn.q", layers="first")
     with pytest.raises(TargetError, match="unknown side"):

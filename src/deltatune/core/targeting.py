@@ -104,6 +104,10 @@ def parse_layers(layers: Layers, n_layers: int) -> set[int]:
                 chosen.update(range(lo, hi + 1))
             else:
                 i = int(item)
+                if not -n_layers <= i < n_layers:  # named as written: -3 on 2 layers, not the -1 it becomes
+                    raise TargetError(
+                        f"layer {i} does not exist: the model has layers 0-{n_layers - 1} (-{n_layers}..-1 from the end)"
+                    )
                 chosen.add(i + n_layers if i < 0 else i)
         except TargetError:
             raise
