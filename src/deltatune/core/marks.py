@@ -40,9 +40,6 @@ SAVE_REFUSED = (
 class SaveRefused:
     """The backbone's `save_pretrained` (and so `push_to_hub`'s) while deltas are attached."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         raise DeltaError(SAVE_REFUSED)
 
@@ -51,7 +48,7 @@ def mark(backbone: nn.Module, dm: DeltaModel) -> None:
     """Called when a delta is attached (again harmless)."""
     found = vars(backbone)
     found.setdefault("__deepcopy__", BackboneCopier(backbone))
-    found.setdefault("save_pretrained", SaveRefused(backbone))
+    found.setdefault("save_pretrained", SaveRefused())
     found[OWNER] = weakref.ref(dm)
 
 

@@ -7,7 +7,6 @@ exported folder loads with `from_pretrained` and no deltatune at all.
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,38 +21,6 @@ if TYPE_CHECKING:
     from .model import DeltaModel
 
 
-_MERGE_ORDER = itertools.count()  # merges are numbered, so unmerging can be held to the reverse order
-
-
-def stamp_merge(delta: Delta) -> None:
-    """Record that `delta` was just merged (its place in the order of merges)."""
-    delta.merge_seq = next(_MERGE_ORDER)
-
-
-def check_unmerge_order(deltas: dict[str, Delta], name: str) -> None:
-    """Refuse to unmerge a delta while one merged after it into the same modules is still merged.
-
-    Merges do not commute in general (OFT rotates, (IA)^3 and DoRA rescale what the weight holds): taking
-    an earlier one out first divides or rotates the later one's change too, and the weights stay wrong.
-    """
-    delta = deltas[name]
-    seq = getattr(delta, "merge_seq", -1)
-    adds = type(delta.config).merge_adds
-    later = [
-        n for n, d in deltas.items()
-        if n != name and d.merged and getattr(d, "merge_seq", -1) > seq and set(d.sites) & set(delta.sites)
-        and not (adds and type(d.config).merge_adds)  # additions commute: any order restores the weights
-    ]  # fmt: skip
-    if later:
-        last = max(later, key=lambda n: deltas[n].merge_seq)
-        shared = sorted(set(deltas[last].sites) & set(delta.sites))[0]
-        raise DeltaError(
-            f"cannot unmerge {name!r} yet: {', '.join(repr(n) for n in later)} were merged after it into the same "
-            f"modules ({shared}, ...), and unmerging out of order would leave the weights changed; "
-            f"unmerge in reverse order (dm.unmerge({last!r}) first)"
-        )
-
-
 def check_commutes(deltas: dict[str, Delta], name: str, action: str, merged_only: bool = False) -> None:
     """Refuse a merge (or, `merged_only`, switching a delta on beside merged ones) whose outputs would not be
     the unmerged ones.
@@ -62,6 +29,8 @@ def check_commutes(deltas: dict[str, Delta], name: str, action: str, merged_only
     the same module unmerged then sees (or skips) that change in another order than before. For deltas that
     add to the weights (`merge_adds`) the order does not matter; otherwise it does: OFT + LoRA on attn.v gave
     logits 2e-3 to 3e-3 off (10^-1 logits), LoRA + DoRA 7e-4 to 3e-3, (IA)^3 after LoRA 3e-4, no error.
+    With this guard, deltas merged into one module all add to its weights, so they unmerge in any order
+    (an unmerge-order guard that held non-commuting merges to the reverse order has nothing left to hold).
     """
     delta = deltas[name]
     for other_name, other in deltas.items():

@@ -19,7 +19,7 @@ from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .merge import check_commutes, check_unmerge_order, export_merged, stamp_merge
+from .merge import check_commutes, export_merged
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
@@ -374,13 +374,11 @@ class DeltaModel(nn.Module):
             )
         delta.merge_into(self.backbone)
         delta.merged = True
-        stamp_merge(delta)
 
     def unmerge(self, name: str = "default") -> None:
         delta = self._get(name)
         if not delta.merged:
             raise DeltaError(f"delta {name!r} is not merged; nothing to unmerge")
-        check_unmerge_order(self.deltas, name)
         delta.unmerge_from(self.backbone)
         delta.merged = False
 
