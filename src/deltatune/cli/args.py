@@ -189,6 +189,17 @@ def set_threads(requested: int | None) -> int:
     return threads
 
 
+def add_columns_argument(p: argparse.ArgumentParser, default: str) -> None:
+    """--columns, as train, eval, predict and subspace take it (`default`: what happens without it)."""
+    p.add_argument(
+        "--columns",
+        type=columns,
+        default=None,
+        help="which of your data's columns is which field, e.g. Review=text,Sentiment=label (fields: text, "
+        f"text_pair, label, source, target; default: {default})",
+    )
+
+
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",

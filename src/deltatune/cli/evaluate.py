@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checks, predict_io
-from .args import add_threads_argument, check_max_length, columns, positive_int, set_threads
+from .args import add_columns_argument, add_threads_argument, check_max_length, positive_int, set_threads
 
 HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trained with)"
 HELP_PREDICT = "predict labels (or generate text) for input texts with a saved delta"
@@ -112,12 +112,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="a task name, folder or file (default: the data the delta was trained on)",
     )
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="the split to score (default: dev)")
-    p.add_argument(
-        "--columns",
-        type=columns,
-        default=None,
-        help="which column is which field, e.g. Review=text,Sentiment=label (default: as the delta's training read them)",
-    )
+    add_columns_argument(p, "as the delta's training read them")
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -239,12 +234,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="write each row with its prediction to this .jsonl or .csv file (default: print 'prediction<TAB>text')",
     )
-    p.add_argument(
-        "--columns",
-        type=columns,
-        default=None,
-        help="which --input column is which field, e.g. Review=text (default: as the delta's training read them)",
-    )
+    add_columns_argument(p, "as the delta's training read them")
     p.add_argument(
         "--batch-size", type=positive_int, default=None, help="rows per batch (default: the training eval batch)"
     )

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from . import checks
-from .args import columns
+from .args import add_columns_argument
 
 HELP = "unified subspace of delta methods: collect, find, optimize, transfer, landscape, intrinsic-dim, report"
 STAGES = ("init", "collect", "find", "optimize", "transfer", "landscape", "intrinsic-dim", "report", "all")
@@ -103,10 +103,7 @@ def _study_arguments(s: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     for name, kind in _COUNTS:
         s.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
-    s.add_argument(
-        "--columns", type=columns, default=None,
-        help="which of your data's columns is which field, for every task, e.g. Review=text,Sentiment=label",
-    )  # fmt: skip
+    add_columns_argument(s, "those names, or common ones; the same for every task")
     s.add_argument(
         "--dev-split", type=float, default=None,
         help="for tasks without a dev split (which every score is measured on): hold out this fraction of train, "

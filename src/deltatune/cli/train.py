@@ -10,9 +10,9 @@ from typing import Any
 from ..train.trainer import FULL_FT_LR, TrainConfig
 from . import checks, run_folder
 from .args import (
+    add_columns_argument,
     add_threads_argument,
     check_max_length,
-    columns,
     fraction,
     method_configs,
     non_negative_float,
@@ -78,13 +78,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="a task of the collection (see `deltatune tasks`; default: sst2), or your own data: a folder with "
         "train/dev/test .jsonl/.csv files, or a single .jsonl/.csv file (README: Your own data)",
     )
-    p.add_argument(
-        "--columns",
-        type=columns,
-        default=None,
-        help="which of your data's columns is which field, e.g. Review=text,Sentiment=label (fields: text, "
-        "text_pair, label, source, target; default: those names, or common ones such as sentence/premise)",
-    )
+    add_columns_argument(p, "those names, or common ones such as sentence/premise")
     p.add_argument(
         "--dev-split",
         type=fraction,
