@@ -21,7 +21,7 @@ import torch
 from tiny import logits, make_inputs, make_model, same_state, state
 
 import deltatune as dt
-from deltatune.core import io
+from deltatune.core import io, seal
 from deltatune.core.io import META, WEIGHTS
 from deltatune.core.routing import RoutingError
 
@@ -268,7 +268,7 @@ def test_a_delta_saved_before_hashes_loads_with_one_warning(tmp_path: Path, monk
     folder = _saved(tmp_path)
     _edit_meta(folder, lambda m: (m.pop("weights_sha256"), m.pop("meta_sha256")), reseal=False)
     monkeypatch.setattr(io, "_warned_unhashed", False)
-    monkeypatch.setattr(io, "_warned_unsealed", False)
+    monkeypatch.setattr(seal, "_warned_unsealed", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dt.load_delta(make_model("bert"), folder)
