@@ -23,7 +23,7 @@ FIELD = "prediction"
 
 def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dict]]:
     """(the row as the file has it, the row with text/text_pair as training names them); '-': stdin lines."""
-    from ..data.examples import canonical, map_hint
+    from ..data.columns import canonical, map_hint
     from ..data.files import DataError, read_text_lines
     from ..data.files import read_rows as read_file_rows
 
@@ -46,7 +46,7 @@ def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dic
 
 def examples_from(read: list[tuple[dict, dict]], pairs: bool) -> list:
     """Examples of the mapped rows; a pair delta needs a text_pair in every row (a single text is refused)."""
-    from ..data.examples import map_hint
+    from ..data.columns import map_hint
     from ..data.files import DataError
     from ..data.tasks import Example
 

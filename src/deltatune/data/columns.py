@@ -1,0 +1,65 @@
+"""Which of a user's columns is which field: `columns` mappings, the common aliases, and the hint that names them.
+
+Users' files call the text "Review" or "sentence" and the label "Sentiment" or "category". A row is
+read under deltatune's field names (`canonical`) before any check, and every refusal about a missing
+field shows the row's own columns and the `--columns` mapping that would fix it (`map_hint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .files import COLUMN_ALIASES, DataError
+
+
+def canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
+    """A row with its fields under the names deltatune reads (`columns` first, then the common aliases)."""
+    if columns:
+        row = {columns.get(k, k): v for k, v in row.items()}
+    label = row.get("label")
+    if label is not None and not isinstance(label, str) and hasattr(label, "item"):  # numpy/torch scalars
+        row["label"] = label.item()
+    for key, aliases in COLUMN_ALIASES.items():
+        if key not in row:
+            for alias in aliases:
+                if alias in row:
+                    row[key] = row[alias]
+                    break
+    return row
+
+
+FIELDS = ("text", "text_pair", "label", "source", "target", "references")
+
+
+def check_columns(columns: Any) -> dict[str, str] | None:
+    """A {their column: our field} mapping, or one line saying what a mapping must look like."""
+    if not columns:
+        return None
+    if not isinstance(columns, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in columns.items()
+    ):
+        raise DataError(f'columns must map a column name to a field name, e.g. {{"Review": "text"}}; got {columns!r}')
+    wrong = sorted(v for v in columns.values() if v not in FIELDS)
+    if wrong:
+        raise DataError(f"columns: {wrong[0]!r} is not a field deltatune reads; map columns to {', '.join(FIELDS)}")
+    return dict(columns)
+
+
+def map_hint(fields: list[str], wanted: str) -> str:
+    """How to say which of a user's columns is `wanted`: rename it, or map it (CLI, API, meta.json)."""
+    have = ", ".join(repr(f) for f in fields[:8]) or "none"
+    words = _LIKELY.get(wanted, ())
+    likely = [f for f in fields if any(w in f.lower() for w in words)]
+    other = (likely or fields[-1:] if wanted == "label" else likely or fields[:1]) or ["COLUMN"]
+    return (
+        f"the rows have {have}: rename a column to {wanted!r}, or map it, e.g. --columns {other[0]}={wanted} "
+        f'(load_task(..., columns={{"{other[0]}": "{wanted}"}}); "columns" in meta.json)'
+    )
+
+
+# words in column names that suggest a field, for the example in `map_hint` only
+_LIKELY = {
+    "label": ("label", "class", "sentiment", "category", "target", "tag", "intent", "score"),
+    "text": ("text", "review", "sentence", "comment", "content", "tweet", "body", "message", "utterance"),
+}

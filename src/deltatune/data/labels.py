@@ -1,0 +1,130 @@
+"""What a label column holds when no meta.json says it: classes or regression targets, and the class order.
+
+Files made elsewhere spell one label many ways: CSV cells are strings, pandas writes an int column
+holding a NaN as floats (1.0), class numbers may start at 1 (77 intents), and scores or ages look like
+integers too. The rules here decide from every row of every split, and ask for meta.json's "type"
+instead of guessing where the data could be read either way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .columns import map_hint
+from .files import DataError, Raw
+
+
+def csv_number(value: Any, labels: Sequence[str]) -> Any:
+    """A CSV cell is always a string: keep it if it names a label, else read it as an int or float."""
+    if not isinstance(value, str) or value in labels:
+        return value
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def label_kind(label: Any) -> str:
+    if isinstance(label, bool):
+        return "bool"
+    if isinstance(label, int):
+        return "int"
+    if isinstance(label, float):
+        return "float"
+    if isinstance(label, str):
+        return "str"
+    return type(label).__name__
+
+
+# More distinct whole-number float labels than this read as regression targets, not classes: ambiguous.
+MAX_WHOLE_CLASSES = 20
+
+
+def whole(label: Any) -> Any:
+    """1.0 -> 1: pandas writes an int column holding a NaN as floats, so `1.0` is a class written as a float."""
+    if isinstance(label, float) and math.isfinite(label) and label.is_integer():
+        return int(label)
+    return label
+
+
+def _indices(values: set[int]) -> bool:
+    """Whether integers are class numbers, 0..n-1 or 1..n (77 intents), not scores or ages (18..90 with gaps)."""
+    return min(values) in (0, 1) and max(values) - min(values) + 1 == len(values)
+
+
+def name_order(names: Iterable[str]) -> list[str]:
+    """Class names sorted numerically when every name is a number ("2" before "10"), else as text.
+    The order is the class index, so it must not depend on how a file happened to spell its numbers."""
+    names = set(names)
+    try:
+        values = {name: float(name) for name in names}
+    except ValueError:
+        return sorted(names)
+    if not all(math.isfinite(v) for v in values.values()):
+        return sorted(names)
+    return sorted(names, key=lambda name: (values[name], name))
+
+
+def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
+    """Task type and label names for data without meta.json, judged from all rows of all splits.
+
+    Numeric classes are the values that occur, named by their value ("1", "2", "3": no unused "0"
+    class) and ordered numerically; `_build` then maps each row by that name. Whole-number floats
+    (1.0/0.0) are classes like the ints they stand for: the same labels written as 1/0 are already
+    classification, and the float spelling is an artefact of pandas (an int column with a NaN). Only
+    when there are many distinct whole values (more than MAX_WHOLE_CLASSES) could they as well be
+    regression targets; then we refuse and ask for meta.json's "type" rather than guess (`classes`: the
+    type says classification, so they are classes whatever their count). Many distinct ints are
+    classes when they number them (0..n-1 or 1..n: intent ids); otherwise (scores, years, ages) the
+    same question is asked.
+    """
+    if any("source" in r or "target" in r for _, r in rows) and not any("text" in r for _, r in rows):
+        return "generation", []
+    pair = any("text_pair" in r for _, r in rows)
+    first: dict[str, str] = {}
+    values = []
+    for where, row in rows:
+        if row.get("label") is None:  # null is a missing label: _examples names the row
+            continue
+        label = row["label"]
+        kind = label_kind(label)
+        first.setdefault(kind, where)
+        values.append(label)
+    if "str" in first and len(first) > 1:
+        other = next(k for k in first if k != "str")
+        raise DataError(
+            f"{first[other]}: mixed label types: {other} label here but str label at {first['str']}; "
+            "use either class indices or label strings throughout"
+        )
+    if "bool" in first:
+        raise DataError(f"{first['bool']}: boolean label; use 0/1 or a label string")
+    kind = "pair_classification" if pair else "classification"
+    if "float" in first:
+        numbers = {whole(v) for v in values}
+        if not all(isinstance(v, int) for v in numbers):
+            return "regression", []
+        if len(numbers) > MAX_WHOLE_CLASSES and not classes:
+            raise DataError(
+                f"{first['float']}: {len(numbers)} distinct whole-number labels ({min(numbers)}..{max(numbers)}) read as "
+                'either classes or regression targets; say which in meta.json: "type": "classification" or "regression"'
+            )
+        return kind, name_order(str(v) for v in numbers)
+    if "str" in first:
+        return kind, name_order(values)
+    if "int" in first:
+        ints = set(values)
+        if len(ints) > MAX_WHOLE_CLASSES and not classes and not _indices(ints):
+            raise DataError(
+                f"{first['int']}: {len(ints)} distinct integer labels ({min(ints)}..{max(ints)}, not class numbers "
+                '0..n-1 or 1..n) read as either classes or regression targets; say which in meta.json: "type": '
+                '"classification" or "regression"'
+            )
+        return kind, name_order(str(v) for v in values)
+    raise DataError(
+        f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row; "
+        + map_hint(sorted({k for _, r in rows[:1000] for k in r}), "label")
+    )
