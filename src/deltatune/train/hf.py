@@ -29,30 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..core.model import DeltaModel
-from .trainer import adamw
-
-DEFAULT_HEAD_LR = 1e-3
-
-
-def param_groups(dm: DeltaModel, lr: float | None = None, head_lr: float = DEFAULT_HEAD_LR) -> list[dict[str, Any]]:
-    """AdamW parameter groups: one per delta at `lr` or its method's `default_lr`, one for the trained head.
-
-    Each group carries its delta's `name`, so a callback can tell them apart; groups with nothing
-    to train are left out (a frozen delta, a head that does not train).
-    """
-    if not isinstance(dm, DeltaModel):
-        raise TypeError(f"param_groups needs a DeltaModel (deltatune.attach(model, config)), got {type(dm).__name__}")
-    groups = []
-    for name, delta in dm.deltas.items():
-        params = [p for p in delta.parameters() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr or type(delta.config).default_lr, "name": name})
-    head = [p for p in dm.backbone.parameters() if p.requires_grad]
-    if head:
-        groups.append({"params": head, "lr": head_lr, "name": "head"})
-    if not groups:
-        raise ValueError("nothing in this DeltaModel trains: every delta is frozen and the head does not train")
-    return groups
+from .optim import DEFAULT_HEAD_LR, adamw, param_groups  # noqa: F401 - param_groups is public here
 
 
 def optimizer(
