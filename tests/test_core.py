@@ -151,6 +151,22 @@ def test_several_named_deltas_enable_disable_and_set_active() -> None:
     assert dm.trainable_parameters() == dm.delta_parameters("a") + dm.delta_parameters("b")
 
 
+def test_enable_and_disable_default_to_the_default_delta_like_merge_and_save() -> None:
+    model = make_model("bert")
+    inputs = make_inputs(model)
+    base = logits(model, inputs)
+    dm = dt.attach(model, _perturbed_lora(), train_head=False)
+    _randomize(dm, "default", 0)
+    on = logits(dm, inputs)
+    dm.disable()
+    torch.testing.assert_close(logits(dm, inputs), base, rtol=0, atol=0)
+    dm.enable()
+    torch.testing.assert_close(logits(dm, inputs), on, rtol=0, atol=0)
+    other = dt.attach(make_model("bert"), _perturbed_lora(), name="a")
+    with pytest.raises(KeyError, match="no delta named 'default'; attached deltas: a"):
+        other.disable()
+
+
 def test_detaching_one_of_two_keeps_the_other() -> None:
     model = make_model("gpt2", "lm")
     inputs = make_inputs(model)

@@ -47,6 +47,29 @@ def check_commutes(deltas: dict[str, Delta], name: str, action: str, merged_only
             )
 
 
+def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
+    """Fold one delta into the weights, after the checks that keep the outputs those of the unmerged model.
+
+    `undoable`: refuse a delta whose merge could not be taken out again (an (IA)^3 scale of 0); exporting
+    (`merged_state_dict`) puts the exact tensors back itself, so it merges those too.
+    """
+    delta = dm._get(name)
+    if delta.merged:
+        raise DeltaError(f"delta {name!r} is already merged")
+    if not delta.enabled:  # merged, it would act on every input while listed as off
+        raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
+    check_commutes(dict(dm.deltas), name, f"merge {name!r}")
+    if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
+        raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
+    refusal = delta.unmerge_refusal() if undoable else None
+    if refusal:
+        raise DeltaError(
+            f"delta {name!r} is not merged: {refusal}; merge_and_unload() folds it in for good if that is meant"
+        )
+    delta.merge_into(dm.backbone)
+    delta.merged = True
+
+
 def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
     """The backbone's state dict with every enabled delta folded in; the DeltaModel is left as it was."""
     active = [n for n, d in dm.deltas.items() if d.enabled and not d.merged]
@@ -63,7 +86,7 @@ def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
     done = []
     try:
         for name in active:
-            dm._merge(name, undoable=False)
+            merge_in(dm, name, undoable=False)
             done.append(name)
         state = {plain_name(k): v.detach().clone() for k, v in dm.backbone.state_dict().items()}
     finally:

@@ -19,7 +19,7 @@ from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .merge import check_commutes, export_merged
+from .merge import check_commutes, export_merged, merge_in
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
@@ -272,13 +272,13 @@ class DeltaModel(nn.Module):
     def delta(self, name: str = "default") -> Delta:
         return self._get(name)
 
-    def enable(self, name: str) -> None:
+    def enable(self, name: str = "default") -> None:
         delta = self._get(name)
         check_claims(self.deltas, self._active_names() | {name})
         check_commutes(dict(self.deltas), name, f"enable {name!r}", merged_only=True)
         delta.enabled = True
 
-    def disable(self, name: str) -> None:
+    def disable(self, name: str = "default") -> None:
         """Switch a delta off without removing it: the backbone then computes as if it were absent."""
         self._get(name)
         self._refuse_while_merged(f"disable {name!r} (the weights would still hold it)", [name])
@@ -356,24 +356,7 @@ class DeltaModel(nn.Module):
     # -- merging (mergeable methods implement the math) -----------------------------------------
     def merge(self, name: str = "default") -> None:
         """Fold the delta into the weights (inference at the backbone's cost); `unmerge` takes it out again."""
-        self._merge(name, undoable=True)
-
-    def _merge(self, name: str, undoable: bool) -> None:
-        delta = self._get(name)
-        if delta.merged:
-            raise DeltaError(f"delta {name!r} is already merged")
-        if not delta.enabled:  # merged, it would act on every input while listed as off
-            raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
-        check_commutes(dict(self.deltas), name, f"merge {name!r}")
-        if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
-            raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
-        refusal = delta.unmerge_refusal() if undoable else None
-        if refusal:
-            raise DeltaError(
-                f"delta {name!r} is not merged: {refusal}; merge_and_unload() folds it in for good if that is meant"
-            )
-        delta.merge_into(self.backbone)
-        delta.merged = True
+        merge_in(self, name, undoable=True)
 
     def unmerge(self, name: str = "default") -> None:
         delta = self._get(name)
