@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run deltatune's test suite against one transformers release:  scripts/compat.sh 5.25.0 [pytest args]
 # A fresh virtual environment (.compat-venv-VERSION, or $COMPAT_VENV) gets torch and everything else at
-# the versions of constraints.txt, except transformers (VERSION) and the tokenizers and huggingface-hub
-# releases it requires, which pip resolves. Prints what it tested, runs scripts/check_methods.py (every
+# the versions of constraints.txt, except transformers (VERSION) and the tokenizers, huggingface-hub and
+# datasets releases it allows, which pip resolves. Prints what it tested, runs scripts/check_methods.py (every
 # method x architecture, independent of the tests; stops here if it fails), then exits with pytest's
 # status (5, "no tests collected", is a failure like any other non-zero status).
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 venv=${COMPAT_VENV:-.compat-venv-$version}
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-grep -v -i -E '^(transformers|tokenizers|huggingface-hub)==' constraints.txt > "$constraints"
+grep -v -i -E '^(transformers|tokenizers|huggingface-hub|datasets)==' constraints.txt > "$constraints"
 rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q -c "$constraints" torch

@@ -86,17 +86,27 @@ def _without_unlabeled_test(raw: dict[str, list[Raw]]) -> dict[str, list[Raw]]:
     rows = raw.get("test")
     if not rows or "train" not in raw or any(r.get("label") not in UNLABELED or "target" in r for _, r in rows):
         return raw
-    where = rows[0][0].rsplit(", line", 1)[0]
+    first = rows[0][0]
+    if ", line " in first:  # a file: predict it as it is
+        where = first.rsplit(", line", 1)[0]
+        how = f"deltatune predict --delta ... --input {where} --output predictions.csv"
+    else:  # a `datasets` split (GLUE's test labels are -1): write it to a file first
+        where = first.rsplit(", row", 1)[0]
+        how = "ds['test'].to_csv('test.csv'), then deltatune predict --delta ... --input test.csv --output predictions.csv"
     warnings.warn(
-        f"{where} has no labels, so it is not loaded as the test split (nothing to score); "
-        f"predict its rows with: deltatune predict --delta ... --input {where} --output predictions.csv",
+        f"{where} has no labels, so it is not loaded as the test split (nothing to score); predict its rows with: {how}",
         stacklevel=5,  # load_task's caller
     )
     return {s: r for s, r in raw.items() if s != "test"}
 
 
-def _text(where: str, row: dict, key: str, required: bool = True) -> str | None:
+def _text(where: str, row: dict, key: str, required: bool = True, elsewhere: bool = False) -> str | None:
+    """`elsewhere`: other rows of the split have `key`, so this row's cell is empty (a CSV drops empty cells)."""
     if key not in row or row[key] is None:
+        if required and (key in row or elsewhere):  # the column is there, this cell is empty
+            raise DataError(
+                f"{where}: {key!r} is empty (a blank cell or null); give every row its {key}, or drop the row"
+            )
         if required:
             raise DataError(f"{where}: missing field {key!r}; {map_hint(sorted(row), key)}")
         return None
@@ -118,22 +128,24 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices:
         and labels != [str(i) for i in range(len(labels))]
         and all(name.lstrip("-").isdigit() for name in labels)
     )
+    present = {key for _, row in rows for key in row}  # a key some row has is a column: where it lacks, a cell is empty
     for where, row in rows:
         if task_type == "generation":
-            source = _text(where, row, "source")
-            target = _text(where, row, "target")
+            source = _text(where, row, "source", elsewhere="source" in present)
+            target = _text(where, row, "target", elsewhere="target" in present)
             refs = row.get("references") or [target]
             if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
                 raise DataError(f"{where}: 'references' must be a list of strings")
             out.append(Example(source, None, target, tuple(refs)))
             continue
-        text = _text(where, row, "text")
+        text = _text(where, row, "text", elsewhere="text" in present)
         pair = _text(where, row, "text_pair", required=False)
-        if "label" not in row:
+        if "label" not in row and "label" not in present:
             raise DataError(f"{where}: missing field 'label'; {map_hint(sorted(row), 'label')}")
-        if row["label"] is None:
+        if row.get("label") is None:
             raise DataError(
-                f"{where}: label is null; give every row a label (unlabelled rows have no place in a split)"
+                f"{where}: label is empty (a blank cell or null); give every row a label (unlabelled rows have no place "
+                "in a split)"
             )
         label = row["label"] if task_type == "regression" else whole(row["label"])
         kind = label_kind(label)
@@ -167,6 +179,11 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices:
                     f"in that order, so {label} could be a class index or a class name; write each label as its name "
                     f'(in JSONL a string: "{label}"), or list meta.json\'s "labels" as {[str(i) for i in range(len(labels))]}'
                 )
+            if label == -1 and class_indices:  # a datasets ClassLabel's missing value
+                raise DataError(
+                    f"{where}: label -1 marks a missing label (as in GLUE's hidden test labels); drop those rows, "
+                    "e.g. ds.filter(lambda row: row['label'] != -1)"
+                )
             if not 0 <= label < len(labels):
                 raise DataError(f"{where}: label index {label} out of range for {len(labels)} labels {labels}")
         else:
@@ -191,6 +208,19 @@ def _check_unseen(raw: dict[str, list[Raw]], splits: dict[str, list[Example]], l
                     f"{sorted(labels[i] for i in trained)}); fix the label, or list every class in meta.json "
                     '("labels": [...]) if the train split really lacks it'
                 )
+
+
+def _warn_empty_texts(raw: dict[str, list[Raw]], splits: dict[str, list[Example]]) -> None:
+    """Rows whose text is empty (a blank CSV cell) train on the label alone; many of them usually mean the
+    wrong column was read as the text, which no error would reveal."""
+    for split, examples in splits.items():
+        empty = [where for (where, _), ex in zip(raw[split], examples, strict=True) if not ex.text.strip()]
+        if empty:
+            warnings.warn(
+                f"{len(empty)} of {len(examples)} rows of {split} have an empty text (first: {empty[0]}); they "
+                "carry nothing but their label: check that the text column is the right one (--columns)",
+                stacklevel=5,  # load_task's caller
+            )
 
 
 def _build(
@@ -246,6 +276,7 @@ def _build(
                 if label_kind(label) == "int":
                     row["label"] = str(label)
     splits = {s: _examples(rows, task_type, labels, class_indices) for s, rows in raw.items()}
+    _warn_empty_texts(raw, splits)
     if inferred and task_type in ("classification", "pair_classification"):
         _check_unseen(raw, splits, labels)
     meta = dict(meta) or {"name": name, "type": task_type, "labels": labels}

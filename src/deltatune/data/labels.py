@@ -92,6 +92,11 @@ def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
             continue
         label = row["label"]
         kind = label_kind(label)
+        if kind in ("list", "tuple", "dict"):
+            raise DataError(
+                f"{where}: label {label!r} is a {kind}, not one class or number; several labels per row (multi-label) "
+                "are not supported: give each row one label"
+            )
         first.setdefault(kind, where)
         values.append(label)
     if "str" in first and len(first) > 1:

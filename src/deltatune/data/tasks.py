@@ -57,6 +57,10 @@ def _is_dataset(obj: Any) -> bool:
 
 
 def _dataset_rows(ds: Any, label: str) -> list[Raw]:
+    """A `datasets` object's rows as Python values: a formatted one (`with_format("numpy")`, "torch",
+    "pandas") would yield numpy strings, tensors or whole DataFrames, so it is read unformatted."""
+    if callable(getattr(ds, "with_format", None)):
+        ds = ds.with_format(None)
     rows = []
     for i, row in enumerate(ds):
         if not isinstance(row, Mapping):
