@@ -114,3 +114,12 @@ def test_an_ia3_feedforward_module_outside_the_targets_is_refused_not_ignored() 
     dt.attach(make_model("bert"), dt.get_config("ia3", targets=("attn.q",)))  # the default feedforward: unused
     dm = dt.attach(make_model("bert"), dt.get_config("ia3", targets=("attn.q", "ffn.out"), feedforward=("ffn.out",)))
     assert dm.delta_parameters() > 0
+
+
+@pytest.mark.parametrize("method", ["prompt", "said", "vera", "random_subset"])
+def test_every_method_seed_is_a_non_negative_integer(method: str) -> None:
+    """Prompt and SAID took seed=-1 while VeRA and random-subset refused it: one rule for every seed."""
+    for wrong in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"\.seed must be an integer >= 0, got {wrong}"):
+            dt.get_config(method, seed=wrong).validate()
+    dt.get_config(method, seed=0).validate()

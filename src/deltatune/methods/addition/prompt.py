@@ -61,7 +61,7 @@ class PromptConfig(DeltaConfig):
     # "random": normal with the embedding matrix's std; "uniform": U(-0.5, 0.5) as in the paper;
     # "vocab": embeddings of randomly drawn vocabulary tokens; "text": embeddings of `init_text` tokens.
     init: str = "random"
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     init_text: str | None = None
     tokenizer_path: str | None = None
     init_token_ids: list[int] | None = None

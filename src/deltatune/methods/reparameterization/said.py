@@ -36,7 +36,7 @@ class SAIDConfig(DeltaConfig):
     dim: int = setting(1000, size=True, le=1 << 24)
     param_names: tuple[str, ...] = ("weight", "bias")
     structured: bool = True
-    seed: int = 0
+    seed: int = setting(0, ge=0)
 
     def validate(self) -> None:
         super().validate()
