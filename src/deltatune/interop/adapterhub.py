@@ -158,7 +158,11 @@ def _bottleneck(
         if not match:
             raise AdapterHubFormatError(f"the adapter holds {key!r}, a bottleneck tensor deltatune does not know")
         blocks[place(model, match[1])][f"{match[2].split('.')[0].removeprefix('adapter_')}.{match[3]}"] = value
-    widths = {v["down.weight"].shape[0] for v in blocks.values() if "down.weight" in v}
+    for block, parts in blocks.items():
+        missing = sorted({"down.weight", "down.bias", "up.weight", "up.bias"} - set(parts))
+        if missing:
+            raise AdapterHubFormatError(f"the adapter at {block} lacks {', '.join(missing)}: an edited file?")
+    widths = {v["down.weight"].shape[0] for v in blocks.values()}
     if len(widths) != 1:
         raise AdapterHubFormatError(f"the adapter's bottlenecks have widths {sorted(widths)} (per-layer reduction "
                                     "factors?); deltatune imports one width")  # fmt: skip
