@@ -250,3 +250,24 @@ def test_adapterhub_folders_are_pointed_to_the_importer(tmp_path: Path) -> None:
         deltatune.interop.import_peft(_base(FIXTURES, "seq_bn"), FIXTURES / "seq_bn")
     with pytest.raises(dt.DeltaIOError, match="import_adapterhub"):
         dt.DeltaModel.from_pretrained(_base(FIXTURES, "seq_bn"), FIXTURES / "seq_bn")
+
+
+def test_live_flexible_head_model_onto_a_bare_encoder(tmp_path: Path) -> None:
+    """AutoAdapterModel (keys under bert., a flexible head) onto a BertModel: same hidden states, head left out."""
+    adapters = pytest.importorskip("adapters")
+    model = adapters.AutoAdapterModel.from_pretrained(FIXTURES / "base_bert").eval()
+    model.add_adapter("x", config="seq_bn")
+    model.add_classification_head("x", num_labels=3)
+    model.set_active_adapters("x")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".x." in n:
+                p.add_(torch.randn(p.shape, generator=g))
+        ids = torch.randint(3, 100, (2, 7), generator=g)
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    model.save_adapter(str(tmp_path / "x"), "x", use_safetensors=True)
+    with pytest.warns(UserWarning, match="flexible head \\(classification\\)"):
+        dm = import_adapterhub(tf.BertModel.from_pretrained(FIXTURES / "base_bert").eval(), tmp_path / "x")
+    with torch.no_grad():
+        assert (dm(input_ids=ids).last_hidden_state - want).abs().max().item() <= TOL
