@@ -167,7 +167,9 @@ def test_load_delta_names_the_loader_of_a_peft_or_save_pretrained_folder(tmp_pat
         dt.load_delta(make_model("bert"), tmp_path / "nope")
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text("{}")
-    with pytest.raises(dt.DeltaIOError, match=r"is a PEFT adapter: load it with deltatune.interop.import_peft"):
+    with pytest.raises(
+        dt.DeltaIOError, match=r"is a PEFT or AdapterHub adapter: load it with .*import_peft.* or import_adapterhub"
+    ):
         dt.load_delta(make_model("bert"), tmp_path / "peft")
     dm = dt.DeltaModel(make_model("bert"))
     dm.add("a", dt.LoRAConfig())

@@ -23,6 +23,7 @@ ROUTABLE = {
     "adapter": {},
     "prompt": {"num_tokens": 3},
     "parallel_adapter": {},
+    "norm_adapter": {},
     "compacter": {},
     "lowrank_adapter": {},
     "layernorm": {},

@@ -265,7 +265,10 @@ def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any)
         ):
             hint = "it is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
         elif (path / "adapter_config.json").exists():
-            hint = "its adapter_config.json is not PEFT's (AdapterHub's `adapters` library?), a format deltatune does not read"
+            hint = (
+                "its adapter_config.json is not PEFT's (AdapterHub's `adapters` library?): load it with "
+                "deltatune.interop.import_adapterhub(backbone, folder)"
+            )
         elif (path / "model.safetensors").exists():
             hint = TRAINER_STATE_HINT
         else:

@@ -165,7 +165,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             raise DeltaIOError(f"{path}: no such folder; pass the folder save_delta wrote (it holds {META})")
         if (path / "adapter_config.json").exists():
             raise DeltaIOError(
-                f"{path} is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
+                f"{path} is a PEFT or AdapterHub adapter: load it with deltatune.interop.import_peft(backbone, folder) "
+                "or import_adapterhub(backbone, folder)"
             )
         if (path / "deltatune_model.json").exists():
             raise DeltaIOError(

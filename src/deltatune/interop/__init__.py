@@ -4,6 +4,8 @@
 with rsLoRA and rank/alpha patterns, DoRA, LoHa, LoKr, OFT, VeRA, AdaLoRA, IA3, LN tuning, prompt
 tuning, prefix tuning) and
 `export_peft(dm, folder)` writes one; everything else is refused with the reason.
+`import_adapterhub(model, folder)` reads an AdapterHub (`adapters` library) folder: bottleneck adapters
+(seq_bn, double_seq_bn, par_bn), LoRA and (IA)^3, with AdapterHub's outputs exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 
 from ..core.model import DeltaModel
 from . import peft_ia3, peft_ln, peft_lora, peft_prompt
+from .adapterhub import import_adapterhub
+from .adapterhub_common import AdapterHubFormatError
 from .peft_common import PeftFormatError, read_folder
 from .peft_ia3 import export_peft_ia3, import_peft_ia3
 from .peft_layers import FORMATS, export_peft_layers, import_peft_layers
@@ -73,6 +77,7 @@ def export_peft(dm: DeltaModel, folder: str | os.PathLike, name: str = "default"
 
 
 __all__ = [
+    "AdapterHubFormatError",
     "CONFIG_FIELDS",
     "EXPORTERS",
     "IMPORTERS",
@@ -84,6 +89,7 @@ __all__ = [
     "export_peft_lora",
     "export_peft_prefix",
     "export_peft_prompt",
+    "import_adapterhub",
     "import_peft",
     "import_peft_ia3",
     "import_peft_layers",

@@ -116,8 +116,7 @@ def _not_peft(config: object) -> str:
         kind = config["config"].get("architecture") or "bottleneck"
         return (
             f"is AdapterHub's (the `adapters` library, {config.get('version', 'unknown version')}: a {kind} adapter "
-            f"{config.get('name', '')!r}), not PEFT's; deltatune imports PEFT adapter folders and its own deltas, "
-            "not AdapterHub's format: retrain the adapter with deltatune (method adapter)"
+            f"{config.get('name', '')!r}), not PEFT's: load it with deltatune.interop.import_adapterhub(model, folder)"
         )
     return "has no peft_type: not a PEFT adapter config"
 
