@@ -297,6 +297,8 @@ class Delta(nn.Module):
         self.config = config
         self.enabled = True
         self.merged = False
+        self._undo: dict[tuple[str, str], torch.Tensor] = {}  # a half-precision merge's weights before it (core.merge)
+        self._merge_seq = -1
         self.sites: dict[str, int] = {}
         self._hooks: Hooks | None = None
         self.route: Route | None = None  # set by DeltaModel.route for a mixed batch

@@ -19,7 +19,7 @@ from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .merge import check_commutes, export_merged, merge_in
+from .merge import check_commutes, export_merged, merge_in, unmerge_out
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
@@ -359,11 +359,8 @@ class DeltaModel(nn.Module):
         merge_in(self, name, undoable=True)
 
     def unmerge(self, name: str = "default") -> None:
-        delta = self._get(name)
-        if not delta.merged:
-            raise DeltaError(f"delta {name!r} is not merged; nothing to unmerge")
-        delta.unmerge_from(self.backbone)
-        delta.merged = False
+        """Take the delta out of the weights again (bitwise for half-precision merges: `core.merge.unmerge_out`)."""
+        unmerge_out(self, name)
 
     def save_delta(self, path: str, name: str = "default", *, include_head: bool | None = None, **metadata: Any) -> Any:
         """Write only this delta (tensors, config, backbone identity; the task head when it trains) to a folder."""
