@@ -99,3 +99,58 @@ def test_whitespace_only_texts_load_with_one_warning_per_split(tmp_path: Path) -
     with pytest.warns(UserWarning, match=r"2 of 4 rows of train have an empty text \(first: .*line 3\)") as caught:
         task = load_task(tmp_path / "train.csv")
     assert len(caught) == 1 and [e.label for e in task["train"]] == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("orient", ["columns", "records", "split", "table", "index", "lines"])
+def test_json_files_in_every_layout_pandas_writes_load_as_their_rows(orient: str, tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "y", "x"]})
+    file = tmp_path / "train.json"
+    frame.to_json(file, orient="records", lines=True) if orient == "lines" else frame.to_json(file, orient=orient)
+    task = load_task(file)
+    assert task.labels == ["x", "y"] and [(e.text, e.label) for e in task["train"]] == [("a", 0), ("b", 1), ("c", 0)]
+
+
+def test_json_files_that_are_not_a_table_are_refused_in_one_line(tmp_path: Path) -> None:
+    for content, match in [
+        ("3", "expected an array of row objects or an object of columns, got a JSON int"),
+        ('[["a", 1], ["b", 0]]', r"item 0: expected a JSON object per row, got list \(a table without column names"),
+        ('{"text": ["a", "b"], "label": [1]}', r"its columns have different lengths \(\[1, 2\]\)"),
+        ('[{"text": "a", "label": 1},', r"line 1: invalid JSON"),
+    ]:
+        (tmp_path / "t.json").write_text(content)
+        with pytest.raises(DataError, match=match):
+            load_task(tmp_path / "t.json")
+
+
+def test_parquet_files_and_folders_of_mixed_formats(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    pd.DataFrame({"sentence": ["good", "bad"], "label": [1, 0]}).to_parquet(tmp_path / "train.parquet")
+    pd.DataFrame({"sentence": ["fine"], "label": [1]}).to_json(tmp_path / "validation.json", orient="records")
+    (tmp_path / "test.jsonl").write_text('{"sentence": "awful", "label": -1}\n')
+    with pytest.warns(UserWarning, match=r"test.jsonl has no labels.*--input .*test.jsonl"):
+        task = load_task(tmp_path)
+    assert task.labels == ["0", "1"] and task["train"] == [Example("good", None, 1), Example("bad", None, 0)]
+    assert task["dev"] == [Example("fine", None, 1)]
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
+        load_task(tmp_path / "broken.parquet")
+
+
+def test_a_save_to_disk_folder_loads_as_its_datasets_object(tmp_path: Path) -> None:
+    train = _sst(["good", "bad", "fine"], [1, 0, 1])
+    D.DatasetDict({"train": train, "validation": train}).save_to_disk(str(tmp_path / "dd"))
+    train.save_to_disk(str(tmp_path / "one"))
+    task = load_task(tmp_path / "dd")
+    assert task.name == "dd" and task.labels == ["neg", "pos"] and list(task.splits) == ["train", "dev"]
+    assert load_task(tmp_path / "one")["train"] == task["train"]
+
+
+def test_a_save_to_disk_folder_without_datasets_installed_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _sst(["good"], [1]).save_to_disk(str(tmp_path / "one"))
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets now fails
+    with pytest.raises(DataError, match=r"written by datasets' save_to_disk; reading it needs .*pip install datasets"):
+        load_task(tmp_path / "one")

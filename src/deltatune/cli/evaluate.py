@@ -226,7 +226,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input",
         default=None,
-        help="a file of rows to predict instead of texts: .jsonl, .csv, .tsv (a text column, and text_pair for pairs) "
+        help="a file of rows to predict instead of texts: .jsonl, .csv, .tsv, .json, .parquet (a text column, and text_pair for pairs) "
         "or .txt (one text per line); - reads lines from stdin",
     )
     p.add_argument(

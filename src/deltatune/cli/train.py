@@ -76,7 +76,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--task",
         default="sst2",
         help="a task of the collection (see `deltatune tasks`; default: sst2), or your own data: a folder with "
-        "train/dev/test .jsonl/.csv files, or a single .jsonl/.csv file (README: Your own data)",
+        "train/dev/test .jsonl/.csv/.tsv/.json/.parquet files (or a datasets save_to_disk folder), or a single "
+        "such file (README: Your own data)",
     )
     add_columns_argument(p, "those names, or common ones such as sentence/premise")
     p.add_argument(

@@ -86,12 +86,10 @@ def _without_unlabeled_test(raw: dict[str, list[Raw]]) -> dict[str, list[Raw]]:
     rows = raw.get("test")
     if not rows or "train" not in raw or any(r.get("label") not in UNLABELED or "target" in r for _, r in rows):
         return raw
-    first = rows[0][0]
-    if ", line " in first:  # a file: predict it as it is
-        where = first.rsplit(", line", 1)[0]
+    where = rows[0][0].rsplit(", ", 1)[0]  # "<file>, line 2" / "dataset 'x' split 'test', row 0"
+    if not where.startswith("dataset "):  # a file: predict it as it is
         how = f"deltatune predict --delta ... --input {where} --output predictions.csv"
     else:  # a `datasets` split (GLUE's test labels are -1): write it to a file first
-        where = first.rsplit(", row", 1)[0]
         how = "ds['test'].to_csv('test.csv'), then deltatune predict --delta ... --input test.csv --output predictions.csv"
     warnings.warn(
         f"{where} has no labels, so it is not loaded as the test split (nothing to score); predict its rows with: {how}",

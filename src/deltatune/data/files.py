@@ -14,7 +14,8 @@ TASK_TYPES = ("classification", "pair_classification", "regression", "generation
 SPLITS = ("train", "dev", "test")
 # Hugging Face and many repos call the dev split "validation"; we keep one canonical name.
 SPLIT_ALIASES = {"validation": "dev", "valid": "dev", "val": "dev", "eval": "dev"}
-FILE_SUFFIXES = (".jsonl", ".csv", ".tsv")
+FILE_SUFFIXES = (".jsonl", ".csv", ".tsv", ".json", ".parquet")
+TEXT_SUFFIXES = (".csv", ".tsv")  # no types: numbers arrive as strings (see examples.csv_number)
 ENV_VAR = "DELTATUNE_DATA"
 
 # Column names of common public datasets (GLUE, SuperGLUE, E2E) accepted when the canonical one is absent.
@@ -52,6 +53,60 @@ def _read_jsonl(path: Path) -> list[Raw]:
                 raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
             rows.append((where, row))
     return rows
+
+
+def _read_json(path: Path) -> list[Raw]:
+    """A .json file as the tools that write one lay it out: an array of row objects (pandas
+    `orient="records"`), columns of values or of index-keyed values (pandas' default `to_json`), pandas'
+    "split", "table" and "index" layouts, or JSON lines under a .json name (what `datasets`' `to_json` writes)."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one object per line
+            return _read_jsonl(path)
+        raise DataError(f"{path}, line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(data, dict) and {"columns", "data"} <= set(data) and isinstance(data["data"], list):
+        data = [dict(zip(data["columns"], r, strict=False)) for r in data["data"]]  # pandas orient="split"
+    elif isinstance(data, dict) and {"schema", "data"} <= set(data) and isinstance(data["data"], list):
+        data = data["data"]  # pandas orient="table": the records, with their index
+    elif isinstance(data, dict) and data and all(k.isdigit() and isinstance(v, dict) for k, v in data.items()):
+        data = list(data.values())  # pandas orient="index": rows keyed by their index
+    elif isinstance(data, dict) and data and all(isinstance(v, (list, dict)) for v in data.values()):
+        columns = {k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()}
+        sizes = {len(v) for v in columns.values()}
+        if len(sizes) != 1:
+            raise DataError(f"{path}: its columns have different lengths ({sorted(sizes)}); is it one table?")
+        data = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    if not isinstance(data, list):
+        raise DataError(
+            f"{path}: expected an array of row objects or an object of columns, got a JSON {type(data).__name__}"
+        )
+    rows = []
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            hint = " (a table without column names, like pandas' orient='values': write orient='records')"
+            raise DataError(
+                f"{path}, item {i}: expected a JSON object per row, got {type(row).__name__}"
+                + (hint if isinstance(row, list) else "")
+            )
+        rows.append((f"{path}, item {i}", row))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Raw]:
+    """A Parquet file (what the Hugging Face hub and pandas `to_parquet` store), read with pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or save the table as .jsonl or .csv"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow's errors have no common base worth naming
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    return [(f"{path}, row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
 def _delimiter(header: str) -> str:
@@ -131,7 +186,8 @@ def _read_file(path: Path) -> list[Raw]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     try:
-        rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+        rows = readers.get(path.suffix, _read_csv)(path)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     if not rows:
@@ -167,11 +223,11 @@ def _count_rows(path: Path) -> int:
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8-sig") as fh:
             return sum(1 for line in fh if line.strip())
-    return len(_read_csv(path))
+    return len(_read_file(path))
 
 
 def read_rows(path: Path) -> list[Raw]:
-    """A .jsonl/.csv/.tsv file's rows with where each came from, as task loading reads them (public for
+    """A data file's rows (FILE_SUFFIXES) with where each came from, as task loading reads them (public for
     readers of unlabeled rows, e.g. `deltatune predict --input`)."""
     return _read_file(path)
 

@@ -22,6 +22,7 @@ from .files import (
     SPLIT_ALIASES,
     SPLITS,
     TASK_TYPES,
+    TEXT_SUFFIXES,
     DataError,
     Raw,
     _read_file,
@@ -103,6 +104,20 @@ def _split_labels(name: str, parts: dict[str, Any], raw: dict[str, list], column
             if isinstance(row.get(col), int) and 0 <= row[col] < len(names):
                 row[col] = labels.index(names[row[col]])
     return labels
+
+
+def _load_saved_dataset(
+    path: Path, name: str | None, splits: tuple[str, ...] | None, columns: Mapping[str, str] | None, kw: dict
+) -> Task:
+    """A folder `datasets`' `save_to_disk` wrote (a DatasetDict's dataset_dict.json, or one Dataset's state.json)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{path} is a folder written by datasets' save_to_disk; reading it needs the datasets library "
+            "(pip install datasets), or export its splits as train/dev/test .jsonl files"
+        ) from None
+    return _load_dataset_obj(datasets.load_from_disk(str(path)), name or path.name, splits, columns, **kw)
 
 
 def _load_dataset_obj(
@@ -190,7 +205,7 @@ def _load_path(
             raw,
             meta,
             columns,
-            {target[0]: path.suffix != ".jsonl"},
+            {target[0]: path.suffix in TEXT_SUFFIXES},
             **kw,
         )
     meta = _read_meta(path / "meta.json") if (path / "meta.json").exists() else {}
@@ -202,16 +217,18 @@ def _load_path(
         elif explicit:
             present = sorted(p.name for p in path.iterdir() if p.suffix in FILE_SUFFIXES)
             raise DataError(
-                f"{path}: no {split}.jsonl/.csv/.tsv for split {split!r}; found {present or 'no data files'}"
+                f"{path}: no {split}{'/'.join(FILE_SUFFIXES)} for split {split!r}; found {present or 'no data files'}"
             )
     if not files:
-        raise DataError(f"{path}: no train/dev/test .jsonl/.csv/.tsv files")
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _load_saved_dataset(path, name, wanted if explicit else None, columns, kw)
+        raise DataError(f"{path}: no train/dev/test {'/'.join(FILE_SUFFIXES)} files")
     raw = {s: _read_file(f) for s, f in files.items()}
     return _build(
         name or path.name,
         raw,
         meta,
         columns,
-        {s: f.suffix != ".jsonl" for s, f in files.items()},
+        {s: f.suffix in TEXT_SUFFIXES for s, f in files.items()},
         **kw,
     )
