@@ -197,3 +197,34 @@ def test_other_peft_methods_are_refused_by_name(tmp_path: Path) -> None:
     dm = dt.attach(make_model("bert"), dt.METHODS["bitfit"]())
     with pytest.raises(PeftFormatError, match="bitfit has no PEFT equivalent"):
         export_peft(dm, tmp_path / "x")
+
+
+class _Payload:
+    def __reduce__(self):  # noqa: ANN204 - what a hostile pickle does: run code when loaded
+        return (Path.touch, (Path(self.flag),))
+
+
+def test_an_adapter_model_bin_from_older_peft_imports_exactly_and_a_hostile_one_runs_nothing(tmp_path: Path) -> None:
+    """PEFT before 0.7 saved adapter_model.bin (a pickle), as many published adapters still are; it was refused."""
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    pm = peft.get_peft_model(make_model("bert", "cls"), config).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").exists() and not (
+        tmp_path / "bin" / "adapter_model.safetensors"
+    ).exists()
+    expected = logits(pm, make_inputs(make_model("bert", "cls")))
+    dm = import_peft(make_model("bert", "cls"), tmp_path / "bin").eval()
+    torch.testing.assert_close(logits(dm, make_inputs(make_model("bert", "cls"))), expected, rtol=0, atol=1e-5)
+    payload = _Payload()
+    payload.flag = str(tmp_path / "ran")
+    torch.save({"x": payload}, tmp_path / "bin" / "adapter_model.bin")
+    with pytest.raises(PeftFormatError, match="adapter_model.bin is not a plain tensor file"):
+        import_peft(make_model("bert", "cls"), tmp_path / "bin")
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "bin" / "adapter_model.bin").unlink()
+    with pytest.raises(PeftFormatError, match="has neither adapter_model.safetensors nor adapter_model.bin"):
+        import_peft(make_model("bert", "cls"), tmp_path / "bin")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.model import DeltaModel
+from .tensor_files import read_tensors
 
 CONFIG, HEAD_CONFIG = "adapter_config.json", "head_config.json"
 WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -50,28 +51,11 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.
         raise AdapterHubFormatError(f"{folder} is a PEFT adapter: load it with deltatune.interop.import_peft")
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "model_class" not in meta:
         raise AdapterHubFormatError(f"{folder / CONFIG} is not AdapterHub's (no 'config' and 'model_class')")
-    return meta, meta["config"], read_tensors(folder, WEIGHTS, "save_adapter")
-
-
-def read_tensors(folder: Path, names: tuple[str, str], saver: str) -> dict[str, torch.Tensor]:
-    """The safetensors file if there is one, else the .bin read with weights_only=True (tensors only, no code)."""
-    from safetensors.torch import load_file
-
-    safe, pickle = (folder / n for n in names)
-    if safe.exists():
-        return load_file(str(safe))
-    if not pickle.exists():
-        raise AdapterHubFormatError(f"{folder} has neither {names[0]} nor {names[1]}; save it with {saver}")
-    try:
-        tensors = torch.load(pickle, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - the unpickler refuses anything but tensors and plain containers
-        raise AdapterHubFormatError(
-            f"{pickle} is not a plain tensor file ({type(err).__name__}); re-save it with {saver}(..., "
-            "use_safetensors=True)"
-        ) from err
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise AdapterHubFormatError(f"{pickle} does not hold a name -> tensor mapping")
-    return tensors
+    return (
+        meta,
+        meta["config"],
+        read_tensors(folder, WEIGHTS, "save_adapter(..., use_safetensors=True)", AdapterHubFormatError),
+    )
 
 
 def check_fields(
@@ -167,7 +151,7 @@ def import_head(dm: DeltaModel, folder: str | os.PathLike, head: bool) -> None:
     folder = Path(folder)
     if not any((folder / n).exists() for n in HEAD_WEIGHTS):
         return
-    tensors = read_tensors(folder, HEAD_WEIGHTS, "save_adapter")
+    tensors = read_tensors(folder, HEAD_WEIGHTS, "save_adapter(..., use_safetensors=True)", AdapterHubFormatError)
     try:
         head_meta = json.loads((folder / HEAD_CONFIG).read_text()) if (folder / HEAD_CONFIG).exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):

@@ -23,6 +23,7 @@ from ..core.atomic import replacing_folder
 from ..core.io import HEAD
 from ..core.model import DeltaModel
 from ..core.targeting import head_names
+from .tensor_files import read_tensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # injected-layer methods
@@ -88,8 +89,6 @@ def check_bias(config: dict) -> None:
 
 
 def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / CONFIG).exists():
         raise PeftFormatError(f"{folder} has no {CONFIG}: not a PEFT adapter folder")
@@ -99,15 +98,7 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise PeftFormatError(f"{folder / CONFIG} is not valid JSON ({err})") from err
     if not isinstance(config, dict) or "peft_type" not in config:
         raise PeftFormatError(f"{folder / CONFIG} {_not_peft(config)}")
-    if not (folder / WEIGHTS).exists():
-        bin_file = folder / "adapter_model.bin"
-        hint = (
-            " (it has adapter_model.bin, a pickle: re-save it with safe_serialization=True)"
-            if bin_file.exists()
-            else ""
-        )
-        raise PeftFormatError(f"{folder} has no {WEIGHTS}{hint}")
-    return config, load_file(str(folder / WEIGHTS))
+    return config, read_tensors(folder, (WEIGHTS, "adapter_model.bin"), "save_pretrained", PeftFormatError)
 
 
 def _not_peft(config: object) -> str:
