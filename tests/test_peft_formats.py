@@ -3,6 +3,8 @@ ours load into PEFT with ours: tested against PEFT itself on tiny models."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,23 @@ def test_an_adapter_model_bin_from_older_peft_imports_exactly_and_a_hostile_one_
     (tmp_path / "bin" / "adapter_model.bin").unlink()
     with pytest.raises(PeftFormatError, match="has neither adapter_model.safetensors nor adapter_model.bin"):
         import_peft(make_model("bert", "cls"), tmp_path / "bin")
+
+
+def test_an_adapter_trained_on_another_hub_checkpoint_warns_naming_both(tmp_path: Path) -> None:
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    pm = peft.get_peft_model(make_model("bert", "cls"), config)
+    pm.save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    saved["base_model_name_or_path"] = "google-bert/bert-base-cased"
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(saved))
+    model = make_model("bert", "cls")
+    model.config._name_or_path = "bert-base-uncased"
+    with pytest.warns(
+        UserWarning, match=r"trained on 'google-bert/bert-base-cased', but the model is 'bert-base-uncased'"
+    ):
+        import_peft(model, tmp_path / "a")
+    same = make_model("bert", "cls")
+    same.config._name_or_path = "bert-base-cased"  # the legacy alias of the same checkpoint: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        import_peft(same, tmp_path / "a")

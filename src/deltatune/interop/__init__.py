@@ -11,6 +11,7 @@ tuning, prefix tuning) and
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,27 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "defaul
     may change the outputs); `ignore_fields=[...]` names those you know leave them unchanged. Other
     keyword arguments go to the format's importer (`outputs_may_differ` for prompt tuning)."""
     config, _ = read_folder(folder)
+    _check_base(config.get("base_model_name_or_path"), model, folder)
     peft_type = config.get("peft_type")
     if peft_type not in IMPORTERS:
         raise PeftFormatError(
             f"PEFT {peft_type!r} adapters have no deltatune equivalent; importable: {', '.join(IMPORTERS)}"
         )
     return IMPORTERS[peft_type](model, folder, name, **kwargs)
+
+
+def _check_base(saved: Any, model: nn.Module, folder: str | os.PathLike) -> None:
+    """An adapter on another checkpoint of the same architecture (bert-base-cased for -uncased) loads without an
+    error and computes nonsense. Only hub ids can be compared: a local folder's name says nothing."""
+    ours = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not isinstance(saved, str) or not saved or not ours or os.path.isdir(ours) or os.path.isdir(saved):
+        return
+    if saved.rstrip("/").rsplit("/", 1)[-1].lower() != ours.rstrip("/").rsplit("/", 1)[-1].lower():
+        warnings.warn(
+            f"{folder}: this adapter was trained on {saved!r}, but the model is {ours!r}; its outputs are meaningful "
+            "only on the base model it was trained on",
+            stacklevel=3,
+        )
 
 
 def export_peft(dm: DeltaModel, folder: str | os.PathLike, name: str = "default", **kwargs: Any) -> Path:
