@@ -123,3 +123,34 @@ def test_every_method_seed_is_a_non_negative_integer(method: str) -> None:
         with pytest.raises(ValueError, match=rf"\.seed must be an integer >= 0, got {wrong}"):
             dt.get_config(method, seed=wrong).validate()
     dt.get_config(method, seed=0).validate()
+
+
+def test_attach_takes_a_method_name_with_its_settings_or_a_saved_config_mapping() -> None:
+    """`attach(model, "lora", r=16)` was a TypeError (unexpected keyword), 'LoRA' an unknown method."""
+    dm = dt.attach(make_model("bert"), "LoRA", r=16, targets=("attn.q",))
+    assert dm.delta().config == dt.get_config("lora", r=16, targets=("attn.q",))
+    assert dt.get_config("Diff-Pruning").method == "diff_pruning" and dt.get_config(" IA3 ").method == "ia3"
+    mapping = dt.attach(make_model("bert"), {"method": "lora", "r": 4})  # as delta.json keeps a config
+    assert mapping.delta().config == dt.get_config("lora", r=4)
+    with pytest.raises(TypeError, match=r"settings \(r\) go with a method name.*LoRAConfig\(r=\.\.\.\)"):
+        dt.attach(make_model("bert"), dt.LoRAConfig(), r=16)
+    with pytest.raises(ValueError, match="lora has no setting 'lora_alpha'"):
+        dt.attach(make_model("bert"), "lora", lora_alpha=16)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dt.LoRAConfig, r"got the class LoRAConfig; pass an instance, LoRAConfig\(\)"),
+        (["lora", "bitfit"], r"one delta per call: to combine methods, attach one and add the others"),
+        (None, r"expected a method config such as deltatune.get_config"),
+    ],
+)
+def test_what_is_not_a_config_is_named_with_the_fix_and_leaves_the_model_untouched(config: object, match: str) -> None:
+    model = make_model("bert")
+    inputs = make_inputs(model)
+    before = logits(model, inputs)
+    with pytest.raises(TypeError, match=match):
+        dt.attach(model, config)
+    torch.testing.assert_close(logits(model, inputs), before, rtol=0, atol=0)
+    dt.attach(model, "lora")  # nothing was left attached

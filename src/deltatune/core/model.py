@@ -43,6 +43,14 @@ def _check_name(name: str) -> None:
         )
 
 
+def _not_a_config(config: Any) -> str:
+    if isinstance(config, type) and issubclass(config, DeltaConfig):
+        return f"got the class {config.__name__}; pass an instance, {config.__name__}() or {config.__name__}(r=...)"
+    if isinstance(config, list | tuple):
+        return "one delta per call: to combine methods, attach one and add the others, dm.add('bitfit', 'bitfit')"
+    return f"expected a method config such as deltatune.get_config(method, **settings), got {type(config).__name__}"
+
+
 class DeltaModel(nn.Module):
     """A transformers model with any number of named deltas attached.
 
@@ -195,10 +203,10 @@ class DeltaModel(nn.Module):
             raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
         if isinstance(config, str):  # a method name with its defaults: attach(model, "lora")
             config = get_config(config)
+        elif isinstance(config, dict) and "method" in config:  # as delta.json keeps it: {"method": "lora", "r": 8}
+            config = get_config(config["method"], **{k: v for k, v in config.items() if k != "method"})
         if not isinstance(config, DeltaConfig):
-            raise TypeError(
-                f"expected a method config such as deltatune.get_config(method, **settings), got {type(config).__name__}"
-            )
+            raise TypeError(_not_a_config(config))
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
         if train_head == "auto":

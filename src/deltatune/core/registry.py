@@ -32,7 +32,12 @@ def register(cls: type[DeltaConfig]) -> type[DeltaConfig]:
 
 
 def get_config(name: str, **kwargs: object) -> DeltaConfig:
-    """`get_config("lora", r=4)`: a config by method name, with a clear error for a wrong name."""
+    """`get_config("lora", r=4)`: a config by method name, with a clear error for a wrong name.
+
+    Names are read as written elsewhere too: "LoRA", PEFT's "LORA", "diff-pruning" name lora and diff_pruning."""
+    if not isinstance(name, str):
+        raise TypeError(f"a method name is a string such as 'lora', got {type(name).__name__} {name!r}")
+    name = name.strip().lower().replace("-", "_")
     if name not in METHODS:
         close = difflib.get_close_matches(name, list(METHODS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
