@@ -535,3 +535,12 @@ def test_a_hub_model_is_taken_when_the_hub_answers_and_refused_in_one_line_when_
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
         check_model("someone/model")
+
+
+def test_method_flags_take_names_as_users_write_them() -> None:
+    from deltatune.cli.args import method_configs
+
+    configs = method_configs(["LoRA", "BitFit"], ["LoRA.r=4"])
+    assert list(configs) == ["lora", "bitfit"] and configs["lora"].r == 4
+    with pytest.raises(ValueError, match="a method is named twice"):
+        method_configs(["lora", "LORA"], None)

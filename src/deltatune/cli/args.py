@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.delta import DeltaConfig
+from ..core.registry import method_name
 from ..methods import METHODS, get_config
 from ..train.checks import check_max_length  # noqa: F401 - the commands import it from here
 
@@ -44,7 +45,7 @@ def method_config(name: str, pairs: list[str] | None) -> DeltaConfig:
 
 def method_configs(names: list[str] | None, pairs: list[str] | None) -> dict[str, DeltaConfig]:
     """Configs for one or more methods; with several, `--method-arg lora.r=4` addresses one of them."""
-    names = names or []
+    names = [method_name(n) for n in names or []]
     if len(set(names)) != len(names):
         raise ValueError(f"a method is named twice in {names}; each method can be attached once")
     if len(names) <= 1:
@@ -52,6 +53,7 @@ def method_configs(names: list[str] | None, pairs: list[str] | None) -> dict[str
     per: dict[str, list[str]] = {n: [] for n in names}
     for pair in pairs or []:
         owner, dot, rest = pair.partition(".")
+        owner = method_name(owner)
         if not dot or owner not in per:
             raise ValueError(f"with several methods, write --method-arg <method>.<key>=<value> (got {pair!r})")
         per[owner].append(rest)

@@ -31,13 +31,18 @@ def register(cls: type[DeltaConfig]) -> type[DeltaConfig]:
     return cls
 
 
+def method_name(name: str) -> str:
+    """A method's name as registered, from the ways users write it: "LoRA", PEFT's "LORA", "diff-pruning"."""
+    if not isinstance(name, str):
+        raise TypeError(f"a method name is a string such as 'lora', got {type(name).__name__} {name!r}")
+    return name.strip().lower().replace("-", "_")
+
+
 def get_config(name: str, **kwargs: object) -> DeltaConfig:
     """`get_config("lora", r=4)`: a config by method name, with a clear error for a wrong name.
 
     Names are read as written elsewhere too: "LoRA", PEFT's "LORA", "diff-pruning" name lora and diff_pruning."""
-    if not isinstance(name, str):
-        raise TypeError(f"a method name is a string such as 'lora', got {type(name).__name__} {name!r}")
-    name = name.strip().lower().replace("-", "_")
+    name = method_name(name)
     if name not in METHODS:
         close = difflib.get_close_matches(name, list(METHODS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
