@@ -174,9 +174,9 @@ def _bottleneck(delta: Delta, name: str, blocks: str, model: nn.Module) -> tuple
 def _lora(delta: Delta, name: str, blocks: str, model: nn.Module) -> tuple[dict, dict]:
     ia3, places = delta.config.method == "ia3", {}
     for module, (loc, matrix) in LORA_LOCATIONS.items():
-        places[module] = f"{loc}:{matrix}" if matrix else loc  # each attention matrix is a location of its own
+        places[module] = f"{matrix} ({loc})" if matrix else loc  # each attention matrix is a location of its own
     found = _sites(delta, blocks, places, "(IA)^3" if ia3 else "LoRA")
-    matrices = [m for m in "qkv" if f"selfattn_lora:{m}" in found]
+    matrices = [m for m in "qkv" if f"{m} (selfattn_lora)" in found]
     config = LORA_CONFIG | {
         "attn_matrices": matrices or (["k", "v"] if ia3 else ["q", "v"]),
         "composition_mode": "scale" if ia3 else "add",
