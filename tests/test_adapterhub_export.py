@@ -202,6 +202,25 @@ def test_what_adapterhub_cannot_express_is_refused_in_one_line(
     assert not (tmp_path / "ah").exists() and not list(tmp_path.iterdir())
 
 
+def test_a_head_with_a_tied_weight_is_refused_unless_left_out(tmp_path: Path) -> None:
+    """BertForMaskedLM's decoder is the word embeddings: AdapterHub would save it as head; include_head=False."""
+    config = tf.AutoConfig.from_pretrained(FIXTURES / "base_bert")
+    dm = dt.DeltaModel(tf.BertForMaskedLM(config)).add("x", dt.get_config("lora"))
+    with pytest.raises(AdapterHubFormatError, match=r"'cls\.predictions\.decoder\.\w+' with the head, .*include_head"):
+        export_adapterhub(dm, tmp_path / "ah", "x")
+    export_adapterhub(dm, tmp_path / "ah", "x", include_head=False)
+    assert sorted(p.name for p in (tmp_path / "ah").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_a_merged_delta_exports_the_same_folder(tmp_path: Path) -> None:
+    dm = _attached("lora_all")
+    export_adapterhub(dm, tmp_path / "unmerged", "lora_all")
+    dm.merge("lora_all")
+    export_adapterhub(dm, tmp_path / "merged", "lora_all")
+    for file in ("adapter_config.json", "adapter.safetensors", "model_head.safetensors"):
+        assert (tmp_path / "merged" / file).read_bytes() == (tmp_path / "unmerged" / file).read_bytes()
+
+
 def test_a_folder_holding_other_files_is_refused_and_an_old_adapter_is_replaced_whole(tmp_path: Path) -> None:
     dm = _attached("lora")
     (tmp_path / "mine").mkdir()
