@@ -172,13 +172,15 @@ REFUSED = [
     ("lora", {}, "distilbert", r"writes bert/roberta adapters .*on a distilbert model: use export_peft or save_delta"),
     ("lora", {"targets": ("attn.o",)}, "bert", r"sits on 'bert.encoder.layer.0.attention.output.dense', where "
      r"AdapterHub has no LoRA; it has one on bert.encoder.layer.<i>.\{attention.self.query, "),
-    ("adapter", {"targets": ("attn.q",)}, "bert", r"where AdapterHub has no adapter"),
-    ("norm_adapter", {"targets": ("embeddings.LayerNorm",), "layers": None}, "bert", r"sits on 'bert.embeddings"),
+    ("adapter", {"targets": ("attn.q",)}, "bert", r"where AdapterHub has no sequential bottleneck; it has one on "
+     r".*attention.output.dense, output.dense"),
+    ("norm_adapter", {"targets": ("embeddings.LayerNorm",), "layers": None}, "bert", r"sits on "
+     r"'bert.embeddings.LayerNorm', where AdapterHub has no seq_bn"),
     ("adapter", {"targets": ("bert.encoder.layer.0.attention.output.dense", "ffn.out")}, "bert",
      r"mh_adapter on layers \[0\]; output_adapter on layers \[0, 1\], but AdapterHub's bottleneck adapter takes one "
      r"leave_out for every location"),
-    ("lora", {"targets": ("attn.q", "bert.encoder.layer.1.attention.self.value")}, "bert", r"q \(selfattn_lora\) on layers \[0, 1\]; "
-     r"v \(selfattn_lora\) on layers \[1\]"),
+    ("lora", {"targets": ("attn.q", "bert.encoder.layer.1.attention.self.value")}, "bert",
+     r"q \(selfattn_lora\) on layers \[0, 1\]; v \(selfattn_lora\) on layers \[1\]"),
     ("lora", {"rank_pattern": {"query": 4}}, "bert", r"several \(r, alpha\) .*one r and one alpha: attach it without "
      r"rank_pattern/alpha_pattern"),
     ("ia3", {}, "bert", r"scales the input of 'bert.encoder.layer.0.output.dense' \(feedforward\); AdapterHub's "
@@ -186,7 +188,7 @@ REFUSED = [
     ("parallel_adapter", {"input_from": ("attn.o",)}, "bert", r"reads 'bert.encoder.layer.0.attention.output.dense''s "
      r"input; AdapterHub's par_bn reads the FFN's input"),
     ("parallel_adapter", {"targets": ("attn.o",), "input_from": ("attn.q",)}, "bert", r"where AdapterHub has no "
-     r"parallel adapter"),
+     r"par_bn; it has one on bert.encoder.layer.<i>.\{output.dense\}"),
 ]  # fmt: skip
 
 

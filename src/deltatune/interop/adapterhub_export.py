@@ -46,7 +46,8 @@ NON_LINEARITIES = {ours: theirs for theirs, ours in reversed(ACTIVATIONS.items()
 # BnConfig.to_dict() of adapters 1.3.0 for the fields the export does not set (PHM, invertible adapters: off)
 BN_CONFIG = {k: v for k, (v, _) in BN_REQUIRED.items()} | {
     "adapter_residual_before_ln": False, "dropout": 0.0, "factorized_phm_W": True, "factorized_phm_rule": False,
-    "hypercomplex_nonlinearity": "glorot-uniform", "init_weights_seed": None, "inv_adapter_reduction_factor": None, "learn_phm": True, "phm_bias": True, "phm_c_init": "normal", "phm_dim": 4,
+    "hypercomplex_nonlinearity": "glorot-uniform", "init_weights_seed": None, "inv_adapter_reduction_factor": None,
+    "learn_phm": True, "phm_bias": True, "phm_c_init": "normal", "phm_dim": 4,
     "phm_init_range": 0.0001, "phm_rank": 1, "residual_before_ln": True, "shared_W_phm": False,
     "shared_phm_rule": True, "stochastic_depth": 0.0,
 }  # fmt: skip
@@ -140,7 +141,8 @@ def _bottleneck(delta: Delta, name: str, blocks: str, model: nn.Module) -> tuple
     places = {f"{b}.{sub}": loc for b, loc in BN_LOCATIONS.items()}
     if method == "parallel_adapter":
         places = {"output.dense": "output_adapter"}
-    found = _sites(delta, blocks, places, f"{method.replace('_', ' ')} (its par_bn / seq_bn / double_seq_bn)")
+    what = {"norm_adapter": "seq_bn", "adapter": "sequential bottleneck", "parallel_adapter": "par_bn"}[method]
+    found = _sites(delta, blocks, places, what)
     for layer, site in found["output_adapter"] if method == "parallel_adapter" else []:
         source, want = delta.sources[site], f"{blocks}{layer}.intermediate.dense"
         if source != want:
