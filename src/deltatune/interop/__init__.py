@@ -5,7 +5,8 @@ with rsLoRA and rank/alpha patterns, DoRA, LoHa, LoKr, OFT, VeRA, AdaLoRA, IA3, 
 tuning, prefix tuning) and
 `export_peft(dm, folder)` writes one; everything else is refused with the reason.
 `import_adapterhub(model, folder)` reads an AdapterHub (`adapters` library) folder: bottleneck adapters
-(seq_bn, double_seq_bn, par_bn), LoRA and (IA)^3, with AdapterHub's outputs exactly.
+(seq_bn, double_seq_bn, par_bn), LoRA and (IA)^3, with AdapterHub's outputs exactly, and
+`export_adapterhub(dm, folder)` writes one (`model.load_adapter(folder, use_safetensors=True)` loads it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..core.model import DeltaModel
 from . import peft_ia3, peft_ln, peft_lora, peft_prompt
 from .adapterhub import import_adapterhub
 from .adapterhub_common import AdapterHubFormatError
+from .adapterhub_export import export_adapterhub
 from .peft_common import PeftFormatError, read_folder
 from .peft_ia3 import export_peft_ia3, import_peft_ia3
 from .peft_layers import FORMATS, export_peft_layers, import_peft_layers
@@ -98,6 +100,7 @@ __all__ = [
     "EXPORTERS",
     "IMPORTERS",
     "PeftFormatError",
+    "export_adapterhub",
     "export_peft",
     "export_peft_ia3",
     "export_peft_layers",
