@@ -1,0 +1,49 @@
+"""Merges whose weights another module (or another merged delta) also holds.
+
+A merge writes tensors; when a module the delta does not act on holds the same tensor (GPT-2's
+`lm_head` tied to `wte`), or another merged delta owns what is written (two BitFit deltas each
+adding a bias to one bias-free layer), the merged outputs are no longer the unmerged ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model, state
+
+import deltatune as dt
+from deltatune.core.delta import DeltaError
+
+
+def _perturb(dm: dt.DeltaModel, name: str = "default", scale: float = 0.3, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dm.delta(name).parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "said"])
+def test_a_delta_on_a_tied_lm_head_is_not_merged_into_the_embeddings(method: str, tmp_path: Path) -> None:
+    """LoRA merged into GPT-2's lm_head wrote the tied wte too: logits 35 off the unmerged ones, no error."""
+    model = make_model("gpt2", "lm")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    dm = dt.attach(model, dt.METHODS[method](targets=("lm_head",)), train_head=False)
+    _perturb(dm)
+    before = state(model)
+    for act in (dm.merge, lambda: dm.export_merged(tmp_path / "out")):
+        with pytest.raises(DeltaError, match=r"lm_head.*also held by transformer\.wte"):
+            act()
+        assert not dm.delta().merged
+        assert all(torch.equal(v, before[k]) for k, v in state(model).items())
+
+
+def test_a_delta_reparametrizing_every_holder_of_a_tied_tensor_still_merges() -> None:
+    model = make_model("gpt2", "lm")
+    inputs = make_inputs(model)
+    dm = dt.attach(model, dt.METHODS["selective"](targets=("lm_head",), last_k=None), train_head=False)
+    _perturb(dm, scale=0.05)
+    unmerged = logits(dm, inputs)
+    dm.merge()
+    torch.testing.assert_close(logits(dm, inputs), unmerged)
