@@ -47,3 +47,30 @@ def test_a_delta_reparametrizing_every_holder_of_a_tied_tensor_still_merges() ->
     unmerged = logits(dm, inputs)
     dm.merge()
     torch.testing.assert_close(logits(dm, inputs), unmerged)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_bitfit_deltas_adding_a_bias_to_one_layer_do_not_merge_over_each_other(dtype: torch.dtype) -> None:
+    """The second merge replaced the first's bias (10 where 1 + 10 was due), and unmerging the first
+    then removed the second's: merged outputs wrong, no error."""
+    model = make_model("llama").to(dtype)
+    dm = dt.attach(model, dt.METHODS["bitfit"](targets=("attn.q",)), name="a", train_head=False)
+    dm.add("b", dt.METHODS["bitfit"](targets=("attn.q",)))
+    with torch.no_grad():
+        for name, value in (("a", 1.0), ("b", 10.0)):
+            for p in dm.delta(name).added.values():
+                p.fill_(value)
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 32, dtype=dtype)
+    unmerged = q(x)
+    dm.merge("a")
+    torch.testing.assert_close(q(x), unmerged)
+    with pytest.raises(DeltaError, match=r"q_proj already has a bias that another merged BitFit delta added"):
+        dm.merge("b")
+    assert not dm.delta("b").merged
+    torch.testing.assert_close(q(x), unmerged)  # b's refusal changed nothing
+    dm.unmerge("a")
+    assert q.bias is None
+    dm.disable("a")
+    dm.merge("b")  # alone, it merges
+    assert torch.equal(q.bias, torch.full_like(q.bias, 10.0))
