@@ -74,3 +74,24 @@ def test_two_bitfit_deltas_adding_a_bias_to_one_layer_do_not_merge_over_each_oth
     dm.disable("a")
     dm.merge("b")  # alone, it merges
     assert torch.equal(q.bias, torch.full_like(q.bias, 10.0))
+
+
+def test_head_tensors_are_not_loaded_under_a_merged_delta_on_the_head() -> None:
+    """Loaded under a bf16 merge of LoRA on the classifier, the head was then overwritten by the copy unmerge
+    puts back (the pre-merge head, the loaded one lost; before that copy, loaded - dW), no error."""
+    model = make_model("bert").to(torch.bfloat16)
+    dm = dt.attach(model, dt.METHODS["lora"](targets=("classifier",)), name="a", train_head=True)
+    dm.add("b", dt.METHODS["bitfit"]())
+    _perturb(dm, "a")
+    dm.merge("a")
+    merged = state(model)
+    loaded = {
+        f"__head__.{n}": torch.full_like(p, 7.0) for n, p in model.named_parameters() if n.startswith("classifier")
+    }
+    with pytest.raises(DeltaError, match=r"head.*'a' is merged into classifier"):
+        dm.load_delta_state_dict("b", {**dm.delta_state_dict("b"), **loaded})
+    assert all(torch.equal(v, merged[k]) for k, v in state(model).items())
+    dm.load_delta_state_dict("b", dm.delta_state_dict("b"))  # without head tensors: nothing to refuse
+    dm.unmerge("a")
+    dm.load_delta_state_dict("b", {**dm.delta_state_dict("b"), **loaded})
+    assert torch.equal(model.classifier.weight, torch.full_like(model.classifier.weight, 7.0))

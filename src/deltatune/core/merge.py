@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,19 @@ def check_not_tied(backbone: nn.Module, delta: Delta, name: str) -> None:
                 f"{delta.config.method} does not act on, so merging would change it too and the outputs "
                 "would differ from the unmerged ones; serve the delta unmerged, or target modules whose "
                 "weights are their own"
+            )
+
+
+def check_head_load(dm: DeltaModel, head: Iterable[str]) -> None:
+    """Refuse loading head tensors under a merged delta acting on the head: unmerging would then put back the
+    head as it was before that merge (a half-precision merge's copy) or subtract from the loaded one."""
+    modules = {n.rsplit(".", 1)[0] for n in head}
+    for name, delta in dm.deltas.items():
+        hit = [s for s in delta.sites if delta.merged and any(s == m or s.startswith(m + ".") for m in modules)]
+        if hit:
+            raise DeltaError(
+                f"cannot load the head's tensors: delta {name!r} is merged into {hit[0]}, and unmerging it would "
+                f"then overwrite them; unmerge it first (dm.unmerge({name!r}))"
             )
 
 
