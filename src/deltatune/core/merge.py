@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .atomic import clean_stale, replacing_folder
 from .delta import Delta, DeltaError
@@ -62,6 +64,7 @@ def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
     if not delta.enabled:  # merged, it would act on every input while listed as off
         raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
     check_commutes(dict(dm.deltas), name, f"merge {name!r}")
+    check_not_tied(dm.backbone, delta, name)
     if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
         raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
     refusal = delta.unmerge_refusal() if undoable else None
@@ -74,6 +77,48 @@ def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
     delta._merge_seq = next(_MERGE_SEQ)
     delta.merge_into(dm.backbone)
     delta.merged = True
+
+
+def check_not_tied(backbone: nn.Module, delta: Delta, name: str) -> None:
+    """Refuse a merge that would write a tensor another module also holds, unless the delta acts there too.
+
+    GPT-2's lm_head is tied to wte: LoRA merged into lm_head changed the embeddings as well (logits 35 off
+    the unmerged ones on tiny GPT-2, no error). A delta that reparametrizes every holder of the tensor
+    (selective, BitFit, diff pruning) changes them all unmerged too, so its merge is exact.
+    """
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mname, module in backbone.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):  # its `original` is listed under its owner
+            continue
+        pnames = list(module._parameters) + list(getattr(module, "parametrizations", {}).keys())
+        for pname in pnames:
+            if isinstance(tensor := stored_weight(module, pname), torch.Tensor):
+                holders.setdefault(id(tensor), []).append((mname, module, pname))
+    hooks = delta._hooks
+    covered = {(id(m), p) for m, p in hooks._params} if hooks is not None else set()
+    for (site, pname), tensor in _site_tensors(backbone, delta).items():
+        held = holders.get(id(tensor), [])
+        others = [f"{m}.{p}" for m, mod, p in held if m != site and (id(mod), p) not in covered]
+        if others:
+            raise DeltaError(
+                f"cannot merge {name!r}: {site}.{pname} is also held by {others[0]} (tied weights), which "
+                f"{delta.config.method} does not act on, so merging would change it too and the outputs "
+                "would differ from the unmerged ones; serve the delta unmerged, or target modules whose "
+                "weights are their own"
+            )
+
+
+def check_head_load(dm: DeltaModel, head: Iterable[str]) -> None:
+    """Refuse loading head tensors under a merged delta acting on the head: unmerging would then put back the
+    head as it was before that merge (a half-precision merge's copy) or subtract from the loaded one."""
+    modules = {n.rsplit(".", 1)[0] for n in head}
+    for name, delta in dm.deltas.items():
+        hit = [s for s in delta.sites if delta.merged and any(s == m or s.startswith(m + ".") for m in modules)]
+        if hit:
+            raise DeltaError(
+                f"cannot load the head's tensors: delta {name!r} is merged into {hit[0]}, and unmerging it would "
+                f"then overwrite them; unmerge it first (dm.unmerge({name!r}))"
+            )
 
 
 # Merging in half precision rounds W + dW, so subtracting dW again leaves W up to 1e-3 off (bf16 LoRA,

@@ -19,7 +19,7 @@ from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .merge import check_commutes, export_merged, merge_in, unmerge_out
+from .merge import check_commutes, check_head_load, export_merged, merge_in, unmerge_out
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
@@ -356,6 +356,7 @@ class DeltaModel(nn.Module):
         params = dict(self.backbone.named_parameters())
         heads = {n: params[n] for n in self.head_parameter_names()}
         own, head = check_state(name, delta, state, heads, strict)
+        check_head_load(self, head)
         delta.load_state_dict(own, strict=strict)
         with torch.no_grad():
             for n, v in head.items():

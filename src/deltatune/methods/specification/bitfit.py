@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...core.delta import DeltaConfig, Hooks, safe_key
+from ...core.delta import DeltaConfig, DeltaError, Hooks, safe_key
 from ...core.layers import is_linear, linear_dims, map_hidden
 from ...core.targeting import Layers, Targets, backbone_modules
 from ._param_delta import ParamDelta, collect, head_prefixes, in_any
@@ -104,6 +104,13 @@ class BitFit(ParamDelta):
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> None:
+        for name in self._added_modules.values():  # checked before anything is written
+            if model.get_submodule(name).bias is not None:  # another BitFit delta's, merged: replacing it lost it
+                raise DeltaError(
+                    f"cannot merge: {name} already has a bias that another merged BitFit delta added there, and this "
+                    "one's would replace it (the merged outputs would lose it); unmerge that delta first, or serve "
+                    "them unmerged"
+                )
         super().merge_into(model)
         for key, bias in self.added.items():
             module = model.get_submodule(self._added_modules[key])
