@@ -544,3 +544,11 @@ def test_method_flags_take_names_as_users_write_them() -> None:
     assert list(configs) == ["lora", "bitfit"] and configs["lora"].r == 4
     with pytest.raises(ValueError, match="a method is named twice"):
         method_configs(["lora", "LORA"], None)
+
+
+def test_the_run_header_says_how_much_of_each_split_is_used(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """It printed 'train 64, dev 24' under --max-train 16 and --max-eval 8, as if every row trained and scored."""
+    task = _folder(tmp_path / "mine")
+    args = ("--max-steps", "1", "--max-train", "16", "--max-eval", "8", "--no-test")
+    assert _train(model_dir, task, tmp_path / "r", *args) == 0
+    assert "(train 16 of 64, dev 8 of 24 per evaluation, test 20)" in capsys.readouterr().out

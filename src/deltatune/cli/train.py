@@ -247,6 +247,18 @@ def constant_prediction_warning(model, task, spec) -> str | None:  # noqa: ANN00
     )
 
 
+def _split_size(split: str, rows: list, spec: Any, task: Any) -> str:
+    """'train 64 of 6920' when --max-train or --k-shot trains on part of it, 'dev 500 of 872 per evaluation'."""
+    from ..train.run import training_examples
+
+    if split == "train" and (spec.max_train is not None or spec.k_shot is not None):
+        used = len(training_examples(task, spec.k_shot, spec.max_train, spec.train.seed))
+        return f"train {used} of {len(rows)}" if used != len(rows) else f"train {used}"
+    if split == "dev" and spec.train.max_eval is not None and spec.train.max_eval < len(rows):
+        return f"dev {spec.train.max_eval} of {len(rows)} per evaluation"
+    return f"{split} {len(rows)}"
+
+
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -260,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_length != TrainConfig.max_length:  # a length asked for (the default suits short texts)
         check_max_length(args.model, args.max_length)
     spec = spec_from_args(args, task)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in task.splits.items())
+    sizes = ", ".join(_split_size(k, v, spec, task) for k, v in task.splits.items())
     held = f"; dev = {args.dev_split:g} of train, seeded and stratified" if args.dev_split else ""
     release = run_folder.claim(Path(spec.output_dir), spec.resume, args.overwrite, is_main_process())
     try:
