@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import checks, predict_io
+from . import checks, foreign, predict_io
 from .args import add_columns_argument, add_threads_argument, check_max_length, positive_int, set_threads
 
 HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trained with)"
 HELP_PREDICT = "predict labels (or generate text) for input texts with a saved delta"
 HELP_MERGE = "merge a saved delta into its backbone and write a plain transformers model folder"
 DEFAULT_MODEL, DEFAULT_MAX_LENGTH, DEFAULT_BATCH = "minilm-l6", 128, 64
+DELTA_HELP = (
+    "a delta folder `deltatune train` wrote (runs/<run>/delta-lora), or a PEFT or AdapterHub adapter folder "
+    "(with --model, unless the adapter names a base model on this machine)"
+)
 
 
 def saved_meta(delta: str, flag: str = "--delta ") -> dict[str, Any]:
@@ -90,7 +94,8 @@ def _model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help=f"the backbone (default: the one the delta was trained on, else {DEFAULT_MODEL})",
+        help=f"the backbone (default: the one the delta was trained on, else {DEFAULT_MODEL}; for a PEFT or "
+        "AdapterHub folder, the base model it names when that loads offline)",
     )
 
 
@@ -104,7 +109,7 @@ def _max_length_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--delta", required=True, help="a delta folder `deltatune train` wrote (runs/<run>/delta-lora)")
+    p.add_argument("--delta", required=True, help=DELTA_HELP + "; --task then names the data")
     _model_argument(p)
     p.add_argument(
         "--task",
@@ -196,6 +201,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..train.objectives import objective_for
 
     set_threads(args.threads)
+    if (ad := foreign.adapter(args.delta)) is not None:  # a PEFT or AdapterHub folder
+        return foreign.run_eval(args, ad)
     meta = saved_meta(args.delta)
     info = _training(meta)
     train = info.get("train") or {}
@@ -222,7 +229,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", help="input texts (for a delta trained on pairs: 'first ||| second')")
-    p.add_argument("--delta", required=True, help="a delta folder `deltatune train` wrote (runs/<run>/delta-lora)")
+    p.add_argument("--delta", required=True, help=DELTA_HELP + "; --task then names the labels")
     p.add_argument(
         "--input",
         default=None,
@@ -233,6 +240,12 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         "--output",
         default=None,
         help="write each row with its prediction to this .jsonl or .csv file (default: print 'prediction<TAB>text')",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="for a PEFT or AdapterHub folder: the task whose label names to print (a task name, folder or file; "
+        "default: class indices)",
     )
     add_columns_argument(p, "as the delta's training read them")
     p.add_argument(
@@ -258,11 +271,13 @@ def _examples(texts: list[str], pairs: bool) -> list:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..train.objectives import GenerationObjective, objective_for
+    from ..train.objectives import objective_for
 
     set_threads(args.threads)
+    if (ad := foreign.adapter(args.delta)) is not None:  # a PEFT or AdapterHub folder
+        return foreign.run_predict(args, ad)
+    if args.task is not None:  # a delta folder records its task and labels
+        raise ValueError(f"--task is for PEFT and AdapterHub folders; {args.delta} records its own task and labels")
     info = _training(saved_meta(args.delta))
     train = info.get("train") or {}
     task = task_of(args.delta)
@@ -290,24 +305,8 @@ def run_predict(args: argparse.Namespace) -> int:
     objective = objective_for(
         task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48)
     )
-
-    def predict(chunk: list) -> list[str]:
-        if isinstance(objective, GenerationObjective):
-            return objective.generate(dm, chunk)
-        label = 0.0 if task.type == "regression" else 0
-        with torch.inference_mode():
-            raw = objective.predict(dm, objective.collate([type(e)(e.text, e.text_pair, label) for e in chunk]))
-        return [f"{v:.4f}" if task.type == "regression" else task.labels[v] for v in raw]
-
     size = args.batch_size or train.get("eval_batch_size") or DEFAULT_BATCH
-    outputs = predict_io.predict_all(examples, size, predict, progress=args.output is not None)
-    if args.output:
-        predict_io.write_rows(args.output, rows, outputs)
-        print(f"{len(outputs)} predictions written to {args.output}")
-        return 0
-    for text, out in zip(texts, outputs, strict=True):
-        print(f"{out}\t{text}")
-    return 0
+    return predict_io.emit(args, dm, task, objective, examples, rows, texts, size)
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:

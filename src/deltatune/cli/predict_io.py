@@ -103,3 +103,29 @@ def write_rows(path: str, rows: list[dict], outputs: list[str]) -> None:
         writer.writerows(records)
         text = buffer.getvalue()
     write_file(path, text)
+
+
+def emit(
+    args: Any, dm: Any, task: Any, objective: Any, examples: list, rows: list[dict], texts: list[str], size: int
+) -> int:
+    """Predict `examples` in batches of `size`; write them beside their rows to --output, else print them."""
+    import torch
+
+    from ..train.objectives import GenerationObjective
+
+    def predict(chunk: list) -> list[str]:
+        if isinstance(objective, GenerationObjective):
+            return objective.generate(dm, chunk)
+        label = 0.0 if task.type == "regression" else 0
+        with torch.inference_mode():
+            raw = objective.predict(dm, objective.collate([type(e)(e.text, e.text_pair, label) for e in chunk]))
+        return [f"{v:.4f}" if task.type == "regression" else task.labels[v] for v in raw]
+
+    outputs = predict_all(examples, size, predict, progress=args.output is not None)
+    if args.output:
+        write_rows(args.output, rows, outputs)
+        print(f"{len(outputs)} predictions written to {args.output}")
+        return 0
+    for text, out in zip(texts, outputs, strict=True):
+        print(f"{out}\t{text}")
+    return 0
