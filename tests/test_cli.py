@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import transformers as tf
 from tiny import BAD, GOOD, make_model, make_tokenizer, tiny_bert
 
+import deltatune as dt
 from deltatune.cli import build_parser, main
 
 NOUNS = ["movie", "film", "plot", "cast", "story", "score"]
@@ -552,3 +554,30 @@ def test_the_run_header_says_how_much_of_each_split_is_used(tmp_path: Path, mode
     args = ("--max-steps", "1", "--max-train", "16", "--max-eval", "8", "--no-test")
     assert _train(model_dir, task, tmp_path / "r", *args) == 0
     assert "(train 16 of 64, dev 8 of 24 per evaluation, test 20)" in capsys.readouterr().out
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused_not_trained_on_unknown_tokens(
+    tmp_path: Path, model_dir: Path, capsys
+) -> None:  # noqa: ANN001
+    """transformers 5.x built a tokenizer of special tokens only for such a folder (every word [UNK]), so a run
+    'trained' to the majority class without an error; 4.57 failed with a TypeError about a None path."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, bare / name)
+    assert _train(bare, _folder(tmp_path / "mine"), tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert f"{bare} holds no tokenizer" in err and "tokenizer.save_pretrained(folder)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()  # a failed start leaves no folder
+
+
+def test_a_prompt_init_text_of_unknown_words_only_is_refused(model_dir: Path) -> None:
+    config = dt.get_config("prompt", num_tokens=4, init="text", init_text="zebra quokka", tokenizer_path=str(model_dir))
+    with pytest.raises(ValueError, match=r"init_text 'zebra quokka' is all unknown tokens under the tokenizer"):
+        dt.attach(tiny_bert(make_tokenizer(WORDS)), config)
+    dt.attach(
+        tiny_bert(make_tokenizer(WORDS)),
+        dt.get_config(
+            "prompt", num_tokens=4, init="text", init_text=" ".join(WORDS[:2]), tokenizer_path=str(model_dir)
+        ),
+    )

@@ -211,10 +211,30 @@ def load_backbone(name: str, head: str = "cls", num_labels: int = 2, **kwargs: o
     raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
 
 
+# A folder holding none of these has no tokenizer: transformers 5.x then builds one with only its special tokens
+# (every word [UNK]: training "succeeds" at the majority class), 4.57 fails on a None path.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def load_tokenizer(name: str):  # noqa: ANN201 - a transformers tokenizer
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path(name))
+    path = model_path(name)
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save it beside the model, "
+            "tokenizer.save_pretrained(folder), or copy the tokenizer files of the model it came from"
+        )
+    return AutoTokenizer.from_pretrained(path)
 
 
 def hub_refusal(name: str) -> str | None:

@@ -86,6 +86,7 @@ def claim(out: Path, resume: bool, overwrite: bool, main: bool) -> Callable[[], 
     _check_earlier(out, resume, overwrite)
     if not main:
         return lambda: None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "launch": _launch()}
     try:
@@ -107,6 +108,8 @@ def claim(out: Path, resume: bool, overwrite: bool, main: bool) -> Callable[[], 
         try:
             if json.loads((out / LOCK).read_text()).get("pid") == me["pid"]:
                 (out / LOCK).unlink()
+            if created and not any(out.iterdir()):  # a run that failed before writing anything leaves nothing
+                out.rmdir()
         except (OSError, ValueError):
             pass
 

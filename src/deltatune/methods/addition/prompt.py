@@ -305,4 +305,11 @@ def _tokenize(cfg: PromptConfig) -> list[int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-    return list(tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"])
+    if ids and tokenizer.unk_token_id is not None and all(i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(
+            f"PromptConfig.init_text {cfg.init_text!r} is all unknown tokens under the tokenizer at "
+            f"{cfg.tokenizer_path!r}: is it the model's tokenizer (a folder without tokenizer files gives one "
+            "that knows no words)?"
+        )
+    return ids
