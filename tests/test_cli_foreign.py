@@ -214,3 +214,36 @@ def test_an_adapterhub_folder_without_its_head_over_a_bare_encoder_is_refused(hu
     assert main(["eval", "--delta", str(moved), "--task", str(hub["task"])]) == 2
     err = capsys.readouterr().err
     assert "pass --model" in err and "model_name" in err
+
+
+def test_a_head_whose_classes_are_the_tasks_in_another_order_is_refused(hub, tmp_path, capsys) -> None:  # noqa: ANN001
+    """AdapterHub's head_config.json names the head's classes: scored against a task that lists the same names in
+    another order, every prediction would land on the wrong class without an error."""
+    swapped = tmp_path / "lora"
+    shutil.copytree(FIXTURES / "lora", swapped)
+    head = json.loads((swapped / "head_config.json").read_text())
+    for order, code in ((["c", "b", "a"], 2), (["a", "b", "c"], 0), (["x", "y", "z"], 0)):
+        (swapped / "head_config.json").write_text(json.dumps(head | {"label2id": {n: i for i, n in enumerate(order)}}))
+        assert main(["eval", "--delta", str(swapped), "--model", str(hub["base"]), "--task", str(hub["task"])]) == code
+        err = capsys.readouterr().err
+        if code == 2:
+            assert "the head orders its classes ['c', 'b', 'a'], task 'task' its labels ['a', 'b', 'c']" in err
+        elif order[0] == "x":  # other names: said, and scored in order
+            assert "the head was trained with the classes ['x', 'y', 'z']" in err
+        else:
+            assert "classes" not in err
+
+
+def test_predict_names_classes_as_the_adapterhub_head_does_and_refuses_a_swapped_task(hub, tmp_path, capsys) -> None:  # noqa: ANN001
+    named = tmp_path / "lora"
+    shutil.copytree(FIXTURES / "lora", named)
+    head = json.loads((named / "head_config.json").read_text())
+    (named / "head_config.json").write_text(json.dumps(head | {"label2id": {"a": 0, "b": 1, "c": 2}}))
+    want = hub["expected"]["lora"].argmax(-1).tolist()
+    assert main(["predict", "--delta", str(named), "--model", str(hub["base"]), *hub["texts"]]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [["a", "b", "c"][p] for p in want]
+    assert "labels as the adapter's head names them (a, b, c)" in err
+    (named / "head_config.json").write_text(json.dumps(head | {"label2id": {"b": 0, "a": 1, "c": 2}}))
+    args = ["predict", "--delta", str(named), "--model", str(hub["base"]), "--task", str(hub["task"]), "t5"]
+    assert main(args) == 2 and "classes would be swapped" in capsys.readouterr().err

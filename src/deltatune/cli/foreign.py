@@ -145,6 +145,42 @@ def head_rows(ad: Adapter, model: str) -> int | None:
     return None
 
 
+def head_classes(ad: Adapter, model: str) -> list[str] | None:
+    """The class names the head was trained with, in its order: AdapterHub's head_config.json label2id, else the
+    --model checkpoint's id2label; None when they are only transformers' defaults (LABEL_0, LABEL_1, ...)."""
+    names: dict[int, str] = {}
+    head = Path(ad.folder) / "head_config.json"
+    if ad.kind == ADAPTERHUB and head.is_file():
+        try:
+            label2id = json.loads(head.read_text()).get("label2id") or {}
+            names = {int(i): str(n) for n, i in label2id.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+            names = {}
+    if not names:
+        names = {int(i): str(n) for i, n in (getattr(_config(model), "id2label", None) or {}).items()}
+    ordered = [names[i] for i in sorted(names)]
+    if not ordered or sorted(names) != list(range(len(ordered))) or ordered == [f"LABEL_{i}" for i in names]:
+        return None
+    return ordered
+
+
+def check_classes(ad: Adapter, model: str, task) -> None:  # noqa: ANN001
+    """The head's class i is scored as the task's label i: the same names in another order would swap them."""
+    classes = head_classes(ad, model)
+    if classes is None or classes == list(task.labels):
+        return
+    if sorted(classes) == sorted(task.labels):
+        raise ValueError(
+            f"the head orders its classes {classes}, task {task.name!r} its labels {list(task.labels)}: scored as "
+            'they are, classes would be swapped; give the task its labels in the head\'s order (meta.json "labels")'
+        )
+    print(
+        f"note: the head was trained with the classes {classes}; they are scored as {task.name}'s labels "
+        f"{list(task.labels)}, in that order",
+        file=sys.stderr,
+    )
+
+
 def _no_head(ad: Adapter, model: str, rows: int) -> ValueError:
     saved = (
         "PEFT saves it with modules_to_save, as task_type SEQ_CLS does"
@@ -243,11 +279,13 @@ def run_eval(args: argparse.Namespace, ad: Adapter) -> int:
     lm = _is_lm(model)
     if not lm and task.type != "generation":
         check_head(ad, model, task, head_rows(ad, model))
-        if task.type != "regression":
+        if task.type != "regression" and head_classes(ad, model) is None:
             print(
                 f"note: the head's class i is scored as {task.name}'s label i ({', '.join(task.labels)})",
                 file=sys.stderr,
             )
+        elif task.type != "regression":
+            check_classes(ad, model, task)
     max_length, batch = _settings(args, ad, model)
     dm, tokenizer, lm = load(ad, model, task)
     objective = objective_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=48)
@@ -283,7 +321,11 @@ def _index_task(ad: Adapter, model: str, lm: bool):  # noqa: ANN202
         print("note: the adapter's head has one output: printing it as a regression score", file=sys.stderr)
         return Task(name=name, type="regression")
     named = _names(config) if saved_classifier(config) and config.num_labels == rows else []
-    if named and not all(_GENERIC.fullmatch(n) for n in named):
+    classes = head_classes(ad, model) if ad.kind == ADAPTERHUB else None
+    if classes and len(classes) == rows:
+        labels = classes
+        print(f"note: no --task given; labels as the adapter's head names them ({', '.join(labels)})", file=sys.stderr)
+    elif named and not all(_GENERIC.fullmatch(n) for n in named):
         labels = named
         print(
             f"note: no --task given; labels as {model}'s config names its classes ({', '.join(labels)})",
@@ -313,6 +355,8 @@ def run_predict(args: argparse.Namespace, ad: Adapter) -> int:
         task = _task(args)
         if not lm and task.type != "generation":
             check_head(ad, model, task, head_rows(ad, model))
+            if task.type != "regression":
+                check_classes(ad, model, task)
     else:
         task = _index_task(ad, model, lm)
     max_length, size = _settings(args, ad, model)
