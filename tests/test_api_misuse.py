@@ -154,3 +154,14 @@ def test_what_is_not_a_config_is_named_with_the_fix_and_leaves_the_model_untouch
         dt.attach(model, config)
     torch.testing.assert_close(logits(model, inputs), before, rtol=0, atol=0)
     dt.attach(model, "lora")  # nothing was left attached
+
+
+def test_an_integer_state_is_refused_for_float_delta_tensors_before_anything_is_copied() -> None:
+    """load_delta_state_dict cast an int64 state into the float LoRA factors without a word."""
+    dm = dt.attach(make_model("bert"), "lora")
+    before = {k: v.clone() for k, v in dm.delta_state_dict().items()}
+    ints = {k: torch.ones_like(v, dtype=torch.int64) for k, v in before.items()}
+    with pytest.raises(DeltaError, match=r"is torch.int64, where the delta holds torch.float32"):
+        dm.load_delta_state_dict("default", ints)
+    assert all(torch.equal(v, dm.delta_state_dict()[k]) for k, v in before.items())
+    dm.load_delta_state_dict("default", {k: v.double() for k, v in before.items()})  # another float width: fine

@@ -59,6 +59,13 @@ def check_state(
             f"the state does not fit delta {name!r}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
             f"{'; ' + detail if detail else ''}; pass the state dm.delta_state_dict({name!r}) gives"
         )
+    targets = {**{k: mine[k] for k in own if k in mine}, **{HEAD_KEY + n: heads[n] for n in head}}
+    kind = next((k for k, v in state.items() if v.is_floating_point() != targets[k].is_floating_point()), None)
+    if kind is not None:  # an int tensor cast into float weights (or the reverse) is a different file, not a state
+        raise DeltaError(
+            f"tensor {kind!r} is {state[kind].dtype}, where the delta holds {targets[kind].dtype}; was the file written "
+            "for another delta or edited?"
+        )
     nonfinite = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
     if nonfinite is not None:
         raise DeltaError(
