@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,15 @@ def test_two_processes_adding_tasks_keep_both(tmp_path: Path, tokenizer) -> None
     assert first.add_tasks([str(tmp_path / "tasks" / "toyb")]) == ["toyb"]
     assert second.add_tasks([str(tmp_path / "tasks" / "toyc")]) == ["toyc"]
     assert StudyConfig.load(tmp_path / "w").tasks == ["toya", "toyb", "toyc"] == second.cfg.tasks
+
+
+def test_a_dev_split_flag_that_no_task_needs_is_said_to_be_unused(tmp_path: Path) -> None:
+    data = _own_data(tmp_path / "data")
+    work = tmp_path / "w"
+    argv = ["subspace", "init", "--workdir", str(work), "--tasks", str(data["pairs"]), *SMALL, "--dev-split", "0.2"]
+    with pytest.warns(UserWarning, match="every task of the study has its own dev split, so --dev-split 0.2 is unused"):
+        assert main(argv) == 0
+    mixed = ["subspace", "init", "--workdir", str(tmp_path / "w2"), "--tasks", f"{data['pairs']},{data['scores']}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # scores.jsonl has no dev split: the flag holds one out
+        assert main([*mixed, *SMALL, "--dev-split", "0.2"]) == 0

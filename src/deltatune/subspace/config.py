@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,7 @@ class StudyConfig:
             cfg.validate()
             for name in cfg.sources:  # the user's own data is read now: a missing column or dev split is
                 task_data(name, cfg)  # said before the study exists, not at collect
+            _check_dev_split_used(cfg)
             cfg.save(workdir)
             return cfg
         merged = {k: _merged(cfg, k, v) for k, v in given.items()}
@@ -219,6 +221,22 @@ class StudyConfig:
                 f"{path} was started with other settings ({', '.join(differ)}); resume without them or use a new --workdir"
             )
         return cfg
+
+
+def _check_dev_split_used(cfg: StudyConfig) -> None:
+    """--dev-split holds dev out of train only for tasks without a dev split: where every task has one, the flag
+    changes nothing, which a user who asked for it should hear."""
+    if cfg.dev_split is None:
+        return
+    from ..data.tasks import load_task
+
+    tasks = list(dict.fromkeys([*cfg.tasks, *cfg.unseen]))
+    if all("dev" in load_task(cfg.sources.get(t, t), columns=cfg.columns).splits for t in tasks):
+        warnings.warn(
+            f"every task of the study has its own dev split, so --dev-split {cfg.dev_split:g} is unused "
+            "(it holds dev out of train only for tasks without one)",
+            stacklevel=3,
+        )
 
 
 def _checked_json(path: Path) -> dict[str, Any]:
