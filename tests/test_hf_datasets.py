@@ -154,3 +154,40 @@ def test_a_save_to_disk_folder_without_datasets_installed_says_what_to_install(
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets now fails
     with pytest.raises(DataError, match=r"written by datasets' save_to_disk; reading it needs .*pip install datasets"):
         load_task(tmp_path / "one")
+
+
+def test_json_of_number_named_columns_is_not_read_transposed(tmp_path: Path) -> None:
+    # pd.read_csv(header=None).to_json(): column and index keys are both numbers, as in orient="index"
+    pd = pytest.importorskip("pandas")
+    pairs = [["name food", "It serves food."], ["name area", "It is in the area."], ["eat it", "Eat."]]
+    pd.DataFrame(pairs).to_json(tmp_path / "g.json")
+    with pytest.raises(DataError, match=r"g.json: .*columns .*or rows .*orient='records'"):
+        load_task(tmp_path / "g.json", columns={"0": "source", "1": "target"})
+    # named columns (or named fields in rows) say which layout it is, whatever the index
+    pd.DataFrame(pairs, columns=["source", "target"], index=[5, 2, 9]).to_json(tmp_path / "c.json")
+    pd.DataFrame(pairs, columns=["source", "target"], index=["a", "b", "c"]).to_json(
+        tmp_path / "i.json", orient="index"
+    )
+    for name in ("c.json", "i.json"):
+        task = load_task(tmp_path / name)
+        assert [(e.text, e.label) for e in task["train"]] == [tuple(p) for p in pairs], name
+
+
+def test_json_columns_keyed_by_index_are_joined_by_key_not_by_position(tmp_path: Path) -> None:
+    # another tool's columns layout, its keys in another order per column: position would swap the labels
+    (tmp_path / "t.json").write_text('{"text": {"a": "good", "b": "bad"}, "label": {"b": 0, "a": 1}}')
+    assert [(e.text, e.label) for e in load_task(tmp_path / "t.json")["train"]] == [("good", 1), ("bad", 0)]
+    (tmp_path / "t.json").write_text('{"text": {"a": "good", "b": "bad"}, "label": {"a": 1, "c": 0}}')
+    with pytest.raises(DataError, match=r"t.json: column 'label' has no row 'b'"):
+        load_task(tmp_path / "t.json")
+
+
+def test_a_json_file_of_one_object_is_one_row(tmp_path: Path) -> None:
+    # datasets' to_json of a one-row split writes one line: one row, not "expected an array"
+    (tmp_path / "train.json").write_text('{"text": "good", "label": 1}\n')
+    (tmp_path / "dev.json").write_text('{"source": "x", "target": "y", "references": ["y", "z"]}')
+    assert load_task(tmp_path / "train.json")["train"] == [Example("good", None, 0)]
+    assert load_task(tmp_path / "dev.json")["train"][0].references == ("y", "z")
+    (tmp_path / "squad.json").write_text('{"version": "1.1", "data": [{"text": "good", "label": 1}]}')
+    with pytest.raises(DataError, match=r"squad.json: its 'data' holds 1 row objects; save those alone"):
+        load_task(tmp_path / "squad.json")

@@ -70,14 +70,21 @@ def _read_json(path: Path) -> list[Raw]:
         data = [dict(zip(data["columns"], r, strict=False)) for r in data["data"]]  # pandas orient="split"
     elif isinstance(data, dict) and {"schema", "data"} <= set(data) and isinstance(data["data"], list):
         data = data["data"]  # pandas orient="table": the records, with their index
-    elif isinstance(data, dict) and data and all(k.isdigit() and isinstance(v, dict) for k, v in data.items()):
-        data = list(data.values())  # pandas orient="index": rows keyed by their index
-    elif isinstance(data, dict) and data and all(isinstance(v, (list, dict)) for v in data.values()):
-        columns = {k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()}
-        sizes = {len(v) for v in columns.values()}
+    elif isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        data = _keyed_table(path, data)
+    elif isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        sizes = {len(v) for v in data.values()}
         if len(sizes) != 1:
             raise DataError(f"{path}: its columns have different lengths ({sorted(sizes)}); is it one table?")
-        data = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    elif isinstance(data, dict) and data:  # one row (a one-row split datasets' to_json wrote as a JSON line)
+        for key, value in data.items():
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                raise DataError(
+                    f"{path}: its {key!r} holds {len(value)} row objects; save those alone, as an array of row "
+                    "objects (pandas orient='records') or JSON lines"
+                )
+        data = [data]
     if not isinstance(data, list):
         raise DataError(
             f"{path}: expected an array of row objects or an object of columns, got a JSON {type(data).__name__}"
@@ -91,6 +98,34 @@ def _read_json(path: Path) -> list[Raw]:
                 + (hint if isinstance(row, list) else "")
             )
         rows.append((f"{path}, item {i}", row))
+    return rows
+
+
+# Field names that say which side of a keyed table holds the columns (files.COLUMN_ALIASES and the canonical ones).
+_FIELDS = {*COLUMN_ALIASES, *(n for names in COLUMN_ALIASES.values() for n in names), "references"}
+
+
+def _keyed_table(path: Path, data: dict[str, dict]) -> list[dict]:
+    """Rows of an object of objects: pandas' default "columns" layout ({column: {index: value}}) or its "index"
+    layout ({index: {column: value}}). Field names on one side, else number keys on the other, say which; keys
+    that are numbers on both sides (pd.read_csv(header=None).to_json()) could be either, read transposed
+    without an error, so they are refused. Columns are joined by their index keys, not by position."""
+    inner = list(dict.fromkeys(k for v in data.values() for k in v))
+    outer_named, inner_named = bool(_FIELDS & set(data)), bool(_FIELDS & set(inner))
+    outer_numbers, inner_numbers = all(k.isdigit() for k in data), all(k.isdigit() for k in inner)
+    if inner_named and not outer_named or outer_numbers and not inner_numbers and not outer_named:
+        return list(data.values())  # orient="index": rows keyed by their index
+    if outer_numbers and inner_numbers and not outer_named:
+        raise DataError(
+            f"{path}: its keys and those of every object in it are numbers, so it could hold columns (pandas' "
+            "default to_json) or rows (orient='index'); write it as an array of row objects (orient='records')"
+        )
+    rows = []
+    for index in inner:
+        for column, values in data.items():
+            if index not in values:
+                raise DataError(f"{path}: column {column!r} has no row {index!r}, which other columns have")
+        rows.append({column: values[index] for column, values in data.items()})
     return rows
 
 
