@@ -247,3 +247,23 @@ def test_predict_names_classes_as_the_adapterhub_head_does_and_refuses_a_swapped
     (named / "head_config.json").write_text(json.dumps(head | {"label2id": {"b": 0, "a": 1, "c": 2}}))
     args = ["predict", "--delta", str(named), "--model", str(hub["base"]), "--task", str(hub["task"]), "t5"]
     assert main(args) == 2 and "classes would be swapped" in capsys.readouterr().err
+
+
+def test_head_classes_spelt_in_another_case_are_the_tasks_classes(hub, tmp_path, capsys) -> None:  # noqa: ANN001
+    """roberta-large-mnli's id2label says CONTRADICTION/NEUTRAL/ENTAILMENT, GLUE's MNLI entailment/neutral/contradiction:
+    the same classes in another order, which a case-sensitive comparison took for other names (a note, then swapped)."""
+    head_path = FIXTURES / "lora" / "head_config.json"
+    head = json.loads(head_path.read_text())
+    swapped = tmp_path / "lora"
+    shutil.copytree(FIXTURES / "lora", swapped)
+    common = ["eval", "--delta", str(swapped), "--model", str(hub["base"]), "--task", str(hub["task"])]
+    for label2id, code in (({"C": 0, "B": 1, "A": 2}, 2), ({" A": 0, "B": 1, "c": 2}, 0)):
+        (swapped / "head_config.json").write_text(json.dumps(head | {"label2id": label2id}))
+        assert main(common) == code
+        err = capsys.readouterr().err
+        assert ("classes would be swapped" in err) == (code == 2) and "trained with the classes" not in err
+    # transformers' generic names, in any key order, name no classes
+    (swapped / "head_config.json").write_text(
+        json.dumps(head | {"label2id": {"LABEL_1": 1, "LABEL_0": 0, "LABEL_2": 2}})
+    )
+    assert main(common) == 0 and "class i is scored as" in capsys.readouterr().err

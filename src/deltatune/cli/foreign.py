@@ -159,17 +159,19 @@ def head_classes(ad: Adapter, model: str) -> list[str] | None:
     if not names:
         names = {int(i): str(n) for i, n in (getattr(_config(model), "id2label", None) or {}).items()}
     ordered = [names[i] for i in sorted(names)]
-    if not ordered or sorted(names) != list(range(len(ordered))) or ordered == [f"LABEL_{i}" for i in names]:
+    if not ordered or sorted(names) != list(range(len(ordered))) or ordered == [f"LABEL_{i}" for i in sorted(names)]:
         return None
     return ordered
 
 
 def check_classes(ad: Adapter, model: str, task) -> None:  # noqa: ANN001
-    """The head's class i is scored as the task's label i: the same names in another order would swap them."""
+    """The head's class i is scored as the task's label i: the same names in another order would swap them. Names
+    compare without case or outer spaces (roberta-large-mnli's CONTRADICTION is GLUE MNLI's contradiction)."""
     classes = head_classes(ad, model)
-    if classes is None or classes == list(task.labels):
+    folded, labels = [c.strip().casefold() for c in classes or []], [str(n).strip().casefold() for n in task.labels]
+    if classes is None or folded == labels:
         return
-    if sorted(classes) == sorted(task.labels):
+    if sorted(folded) == sorted(labels):
         raise ValueError(
             f"the head orders its classes {classes}, task {task.name!r} its labels {list(task.labels)}: scored as "
             'they are, classes would be swapped; give the task its labels in the head\'s order (meta.json "labels")'
