@@ -191,3 +191,18 @@ def test_a_json_file_of_one_object_is_one_row(tmp_path: Path) -> None:
     (tmp_path / "squad.json").write_text('{"version": "1.1", "data": [{"text": "good", "label": 1}]}')
     with pytest.raises(DataError, match=r"squad.json: its 'data' holds 1 row objects; save those alone"):
         load_task(tmp_path / "squad.json")
+
+
+def test_predict_output_keeps_a_parquet_rows_dates_and_bytes(tmp_path: Path) -> None:
+    # `predict --input x.parquet --output out.jsonl` wrote nothing: json.dumps failed on a timestamp cell after the
+    # model had predicted every row
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    from deltatune.cli.predict_io import read_rows, write_rows
+
+    dates = pd.to_datetime(["2024-01-02", "2024-02-03"])
+    pd.DataFrame({"text": ["good", "bad"], "date": dates, "blob": [b"x", b"y"]}).to_parquet(tmp_path / "in.parquet")
+    rows = [row for row, _ in read_rows(str(tmp_path / "in.parquet"), None)]
+    write_rows(str(tmp_path / "out.jsonl"), rows, ["pos", "neg"])
+    first = __import__("json").loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert first == {"text": "good", "date": "2024-01-02T00:00:00", "blob": "b'x'", "prediction": "pos"}

@@ -88,13 +88,18 @@ def predict_all(examples: list, size: int, predict: Callable[[list], list], prog
     return out
 
 
+def _cell(value: Any) -> str:
+    """A cell JSON has no type for (a Parquet file's timestamps, dates, bytes, decimals) as text, as CSV writes it."""
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
 def write_rows(path: str, rows: list[dict], outputs: list[str]) -> None:
     """Each input row, with its own columns, and its prediction added; JSONL or CSV by suffix, in one rename."""
     from ..core.atomic import write_file
 
     records = [{**row, FIELD: out} for row, out in zip(rows, outputs, strict=True)]
     if Path(path).suffix == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        text = "".join(json.dumps(r, ensure_ascii=False, default=_cell) + "\n" for r in records)
     else:
         fields = list(dict.fromkeys(k for r in records for k in r))
         buffer = io.StringIO()
