@@ -131,26 +131,29 @@ def _spread(samples: list[float]) -> dict[str, float]:
 
 
 def versus(times: dict[str, list[float]], methods: list[str], suffix: str = "") -> dict[str, dict[str, float]]:
-    """deltatune / AdapterHub per method, from the same interleaved run."""
+    """deltatune / AdapterHub per method, from the same interleaved run; the paired ratios' range is the noise."""
     out = {}
     for m in methods:
         ours, theirs = f"dt-{m}{suffix}", f"ah-{m}{suffix}"
         if ours in times and theirs in times:
             row = summarize({ours: times[ours], theirs: times[theirs]}, theirs)[ours]
             out[m + suffix] = {k: v for k, v in row.items() if k.startswith("ratio")}
+            paired = [a / b for a, b in zip(times[ours], times[theirs], strict=True)]
+            out[m + suffix] |= {"paired_low": min(paired), "paired_high": max(paired)}
     return out
 
 
 def render(title: str, summary: dict[str, dict[str, float]], vs: dict[str, dict[str, float]], baseline: str) -> str:
     """One line per method: both libraries' medians [min-max], dt/AH ratios, each over the baseline (paired)."""
     head = f"{title}\n{'method':<16} {'AdapterHub ms':>22} {'deltatune ms':>22}  {'dt/AH min':>9} {'median':>7} "
-    head += f"{'paired':>7}  {'AH/' + baseline:>9} {'dt/' + baseline:>9}"
+    head += f"{'paired':>7} {'[range]':>13}  {'AH/' + baseline:>9} {'dt/' + baseline:>9}"
     lines = [head, f"{baseline:<16} {_ms(summary[baseline]):>22}"]
     for m, r in vs.items():
         a, d = summary[f"ah-{m}"], summary[f"dt-{m}"]
         lines.append(
             f"{m:<16} {_ms(a):>22} {_ms(d):>22}  {r['ratio_min']:>9.3f} {r['ratio_median']:>7.3f} "
-            f"{r['ratio_paired_median']:>7.3f}  {a['ratio_paired_median']:>9.3f} {d['ratio_paired_median']:>9.3f}"
+            f"{r['ratio_paired_median']:>7.3f} [{r['paired_low']:.2f}-{r['paired_high']:.2f}]"
+            f"  {a['ratio_paired_median']:>9.3f} {d['ratio_paired_median']:>9.3f}"
         )
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import importlib.util
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ MERGEABLE = ("lora", "ia3")  # AdapterHub's merge_adapter covers its LoRA-family
 
 
 def available() -> bool:
+    if "adapters" in sys.modules:  # imported: its lazy module has no __spec__, which find_spec refuses
+        return True
     return importlib.util.find_spec("adapters") is not None
 
 
