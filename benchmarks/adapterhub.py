@@ -188,7 +188,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         log(
             f"[{m}] config is AdapterHub's preset: {i['config_is_the_preset']}; trainable AH {i['trainable_adapterhub']:,}"
             f" dt {i['trainable_deltatune']:,}; max |logit diff| dt->AH {i['max_logit_diff_dt_to_ah']:.2g},"
-            f" AH->dt {i['max_logit_diff_ah_to_dt']:.2g} (the delta moves them {i['max_logit_diff_delta_off']:.2g})"
+            f" AH->dt {i['max_logit_diff_ah_to_dt']:.2g} (the delta moves them {i['max_logit_diff_delta_off']:.2g});"
+            f" with the blocks' dropout as x * 0.5 {i['max_logit_diff_block_dropout_halved']:.2g}"
         )
     merged = {}  # before any training step: both libraries' merges start from the same weights
     for m in (m for m in ahm.MERGEABLE if m in pairs):

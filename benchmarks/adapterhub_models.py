@@ -156,6 +156,7 @@ def pair(base: nn.Module, method: str, data: dict[str, torch.Tensor], seed: int 
         "max_logit_diff_dt_to_ah": max_diff(ours, theirs, data),
         "max_logit_diff_ah_to_dt": max_diff(theirs, back, data),
         "max_logit_diff_delta_off": _delta_off(ours, method, data),
+        "max_logit_diff_block_dropout_halved": _train_mode_placement(ours, theirs, data),
     }
     if loaded != preset:
         info["config_difference"] = {k: (loaded.get(k), preset.get(k)) for k in preset if loaded.get(k) != preset[k]}
@@ -172,6 +173,31 @@ def _delta_off(dm: dt.DeltaModel, method: str, data: dict[str, torch.Tensor]) ->
     off = logits(dm, data)
     dm.enable(method)
     return (on - off).abs().max().item()
+
+
+class _Half(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5
+
+
+def _train_mode_placement(ours: nn.Module, theirs: nn.Module, data: dict[str, torch.Tensor]) -> float:
+    """Logits apart with each block's hidden dropout replaced by a deterministic x * 0.5 in both models.
+
+    Eval mode makes dropout the identity, so eval outputs cannot tell whether an adapter's output passes
+    through the block's dropout (deltatune's hooked `adapter`/`parallel_adapter`) or is added after it
+    (AdapterHub's bottlenecks): this does, without comparing random masks.
+    """
+    swapped = []
+    for model in (ours, theirs):
+        for name, module in model.named_modules():
+            if name.endswith("output") and isinstance(getattr(module, "dropout", None), nn.Dropout):
+                swapped.append((module, module.dropout))
+                module.dropout = _Half()
+    try:
+        return max_diff(ours, theirs, data)
+    finally:
+        for module, dropout in swapped:
+            module.dropout = dropout
 
 
 def merged(base: nn.Module, p: Pair, data: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module, dict[str, float]]:
