@@ -73,10 +73,13 @@ def table(summary: dict[str, dict[str, float]], baseline: str | None, unit: str 
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on, and how busy the machine was."""
-    import peft
+def machine(packages: tuple[str, ...] = ("peft",)) -> dict[str, Any]:
+    """What the numbers were measured on, how busy the machine was, and the compared `packages`' versions."""
+    import importlib.metadata
+
     import transformers
+
+    import deltatune
 
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -87,7 +90,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "deltatune": deltatune.__version__,
+        **{name: importlib.metadata.version(name) for name in packages},
         "loadavg_start": list(os.getloadavg()),
     }
     if torch.cuda.is_available():

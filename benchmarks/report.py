@@ -60,7 +60,62 @@ def io(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _paired(times: dict[str, list[float]], ours: str, theirs: str) -> list[float]:
+    return sorted(a / b for a, b in zip(times[ours], times[theirs], strict=True))
+
+
+def adapterhub(report: dict[str, Any]) -> str:
+    """`benchmarks.adapterhub`'s JSON: deltatune / AdapterHub per method, exactness, memory."""
+    m = report["machine"]
+    out = [
+        f"Measured {m['date']}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}, "
+        f"adapters {m['adapters']}, 1 thread; 1-minute load average {m['loadavg_start'][0]:.1f} at the start, "
+        f"{m.get('loadavg_end', [0.0])[0]:.1f} at the end; {report['args']['repeats']} interleaved repeats.",
+    ]
+    for suite, base in (("train", "full"), ("infer", "backbone")):
+        r = report[suite]
+        out += ["", f"{suite} ({r['batch']} x {r['seq']}): median ms [min-max], dt / AH, each over {base} (paired)", ""]
+        out += [f"| method | AdapterHub | deltatune | dt/AH min / median / paired [range] | AH/{base} | dt/{base} |"]
+        out += ["|---|---:|---:|---:|---:|---:|"]
+        b = r["summary"][base]
+        out.append(
+            f"| {base} | {b['median_s'] * 1e3:.0f} [{b['min_s'] * 1e3:.0f}-{max(r['times_s'][base]) * 1e3:.0f}] | | | | |"
+        )
+        for method, v in r["dt_over_ah"].items():
+            a, d = r["summary"][f"ah-{method}"], r["summary"][f"dt-{method}"]
+            p = _paired(r["times_s"], f"dt-{method}", f"ah-{method}")
+            cells = [
+                f"{x['median_s'] * 1e3:.0f} [{x['min_s'] * 1e3:.0f}-{max(r['times_s'][k]) * 1e3:.0f}]"
+                for x, k in ((a, f"ah-{method}"), (d, f"dt-{method}"))
+            ]
+            out.append(
+                f"| {method} | {cells[0]} | {cells[1]} | {_ratio(v)} [{p[0]:.2f}-{p[-1]:.2f}] | "
+                f"{a['ratio_paired_median']:.3f} | {d['ratio_paired_median']:.3f} |"
+            )
+    out += ["", "| method | trainable (AH = dt) | max \\|logit diff\\| dt->AH, AH->dt | merged dt vs AH | merged vs "]
+    out[-1] += "unmerged dt, AH | the delta's own effect | saved for backward MiB AH, dt | peak RSS MiB AH, dt |"
+    out += ["|---|---:|---|---|---|---:|---|---|"]
+    for method, e in report["exactness"].items():
+        merged = f"{e['max_logit_diff_merged_dt_vs_ah']:.2g}" if "max_logit_diff_merged_dt_vs_ah" in e else "-"
+        own = "-"
+        if merged != "-":
+            own = f"{e['max_logit_diff_dt_merged_vs_unmerged']:.2g}, {e['max_logit_diff_ah_merged_vs_unmerged']:.2g}"
+        saved = report.get("saved_activations_mb", {})
+        rss = report.get("peak_rss", {})
+        peaks = ", ".join(
+            f"{rss[k]['peak_mb']:.0f}" if "peak_mb" in rss.get(k, {}) else "-" for k in (f"ah-{method}", f"dt-{method}")
+        )
+        out.append(
+            f"| {method} | {e['trainable_deltatune']:,} | {e['max_logit_diff_dt_to_ah']:.2g}, "
+            f"{e['max_logit_diff_ah_to_dt']:.2g} | {merged} | {own} | {e['max_logit_diff_delta_off']:.2g} | "
+            f"{saved.get(f'ah-{method}', '-')}, {saved.get(f'dt-{method}', '-')} | {peaks} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def render(report: dict[str, Any]) -> str:
+    if "exactness" in report:
+        return adapterhub(report)
     m = report["machine"]
     out = [
         f"Measured {m['date']} on {m['platform']}, {m['cpu_count']} CPUs; torch {m['torch']}, "
