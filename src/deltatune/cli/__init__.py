@@ -8,13 +8,13 @@ import sqlite3
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn
 
 from . import evaluate, quickstart, tasks, train
 from . import inspect as inspect_cmd
 from . import study as study_cmd
 from . import subspace as subspace_cmd
+from .args import check_model  # noqa: F401 - deltatune.cli.check_model, as before
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
@@ -51,37 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
-
-
-def check_model(name: str) -> None:
-    """Fail in milliseconds on a model name that cannot load offline, before anything heavy is imported.
-
-    A short name passes (its package is checked where it is loaded), a path must be a model folder,
-    anything else must be in the Hugging Face cache or on a hub that answers now (`backbones.hub_refusal`).
-    """
-    from ..backbones import ALIASES, SHORT_NAMES, hub_refusal
-
-    if name in SHORT_NAMES or name in ALIASES:
-        return  # loading checks the package and names the install command (a command may not load it at all)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{name} is not a model folder (no config.json); pass a transformers model folder")
-        return
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # noqa: BLE001 - a malformed repo id is simply not cached
-        cached = False
-    if not cached:
-        reason = hub_refusal(name)
-        if reason is None:
-            return  # on the hub, which answers: transformers downloads it when the command loads it
-        raise ValueError(
-            f"unknown model {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local model folder, "
-            f"or a model in the Hugging Face cache, and {reason}; pass one of those"
-        )
 
 
 def _one_line(err: BaseException) -> str:

@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..core.delta import DeltaConfig
@@ -210,3 +211,34 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores other processes "
         "are not keeping busy right now, at least 1)",
     )
+
+
+def check_model(name: str) -> None:
+    """Fail in milliseconds on a model name that cannot load offline, before anything heavy is imported.
+
+    A short name passes (its package is checked where it is loaded), a path must be a model folder,
+    anything else must be in the Hugging Face cache or on a hub that answers now (`backbones.hub_refusal`).
+    """
+    from ..backbones import ALIASES, SHORT_NAMES, hub_refusal
+
+    if name in SHORT_NAMES or name in ALIASES:
+        return  # loading checks the package and names the install command (a command may not load it at all)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name} is not a model folder (no config.json); pass a transformers model folder")
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed repo id is simply not cached
+        cached = False
+    if not cached:
+        reason = hub_refusal(name)
+        if reason is None:
+            return  # on the hub, which answers: transformers downloads it when the command loads it
+        raise ValueError(
+            f"unknown model {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local model folder, "
+            f"or a model in the Hugging Face cache, and {reason}; pass one of those"
+        )

@@ -15,11 +15,11 @@ from typing import Any
 
 from . import checks, foreign, predict_io
 from .args import add_columns_argument, add_threads_argument, check_max_length, positive_int, set_threads
+from .predict_io import DEFAULT_BATCH, DEFAULT_MAX_LENGTH, DEFAULT_MODEL, texts_to_examples
 
 HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trained with)"
 HELP_PREDICT = "predict labels (or generate text) for input texts with a saved delta"
 HELP_MERGE = "merge a saved delta into its backbone and write a plain transformers model folder"
-DEFAULT_MODEL, DEFAULT_MAX_LENGTH, DEFAULT_BATCH = "minilm-l6", 128, 64
 DELTA_HELP = (
     "a delta folder `deltatune train` wrote (runs/<run>/delta-lora), or a PEFT or AdapterHub adapter folder "
     "(with --model, unless the adapter names a base model on this machine)"
@@ -256,20 +256,6 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
 
 
-def _examples(texts: list[str], pairs: bool) -> list:
-    from ..data.tasks import Example
-
-    if not pairs:
-        return [Example(t) for t in texts]
-    out = []
-    for text in texts:
-        first, sep, second = text.partition(" ||| ")
-        if not sep:
-            raise ValueError(f"this delta was trained on text pairs; write each input as 'first ||| second' ({text!r})")
-        out.append(Example(first, second))
-    return out
-
-
 def run_predict(args: argparse.Namespace) -> int:
     from ..train.objectives import objective_for
 
@@ -300,7 +286,7 @@ def run_predict(args: argparse.Namespace) -> int:
         rows = [{"text": t} for t in texts]
         if pairs is None:
             pairs = task.type == "pair_classification" or all(" ||| " in t for t in texts)
-        examples = _examples(texts, pairs)
+        examples = texts_to_examples(texts, pairs)
     dm, tokenizer, lm = _load(model, args.delta, task)
     objective = objective_for(
         task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48)

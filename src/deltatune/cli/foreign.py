@@ -68,7 +68,7 @@ def adapter(folder: str) -> Adapter | None:
 def backbone(ad: Adapter, given: str | None) -> str:
     """--model, else the base model the adapter names when it loads offline (a folder, short name, cached id)."""
     from ..backbones import ALIASES, SHORT_NAMES
-    from . import check_model
+    from .args import check_model
 
     if given is not None:
         return given
@@ -243,7 +243,7 @@ def load(ad: Adapter, model: str, task):  # noqa: ANN001, ANN201
 def _settings(args: argparse.Namespace, ad: Adapter, model: str) -> tuple[int, int]:
     """(max length, batch size): the flags, else the defaults (at most the model's positions), with a note."""
     from ..train.checks import check_max_length
-    from .evaluate import DEFAULT_BATCH, DEFAULT_MAX_LENGTH
+    from .predict_io import DEFAULT_BATCH, DEFAULT_MAX_LENGTH
 
     batch = args.batch_size or DEFAULT_BATCH
     if args.max_length is not None:
@@ -308,7 +308,7 @@ def _is_lm(model: str) -> bool:
 def _index_task(ad: Adapter, model: str, lm: bool):  # noqa: ANN202
     """Without --task: a task of the saved head's classes, named by index (or by the checkpoint's config)."""
     from ..data.tasks import Task
-    from ..train.own_head import _GENERIC, _names, saved_classifier
+    from ..train.own_head import GENERIC_LABEL, label_names, saved_classifier
 
     name = Path(ad.folder).name or "adapter"
     if lm:
@@ -322,12 +322,12 @@ def _index_task(ad: Adapter, model: str, lm: bool):  # noqa: ANN202
     if rows == 1:
         print("note: the adapter's head has one output: printing it as a regression score", file=sys.stderr)
         return Task(name=name, type="regression")
-    named = _names(config) if saved_classifier(config) and config.num_labels == rows else []
+    named = label_names(config) if saved_classifier(config) and config.num_labels == rows else []
     classes = head_classes(ad, model) if ad.kind == ADAPTERHUB else None
     if classes and len(classes) == rows:
         labels = classes
         print(f"note: no --task given; labels as the adapter's head names them ({', '.join(labels)})", file=sys.stderr)
-    elif named and not all(_GENERIC.fullmatch(n) for n in named):
+    elif named and not all(GENERIC_LABEL.fullmatch(n) for n in named):
         labels = named
         print(
             f"note: no --task given; labels as {model}'s config names its classes ({', '.join(labels)})",
@@ -345,7 +345,6 @@ def _index_task(ad: Adapter, model: str, lm: bool):  # noqa: ANN202
 def run_predict(args: argparse.Namespace, ad: Adapter) -> int:
     from ..train.objectives import objective_for
     from . import predict_io
-    from .evaluate import _examples
 
     set_threads(args.threads)
     if bool(args.texts) == bool(args.input):
@@ -371,7 +370,7 @@ def run_predict(args: argparse.Namespace, ad: Adapter) -> int:
     else:
         texts, rows = args.texts, [{"text": t} for t in args.texts]
         pairs = given_pairs if given_pairs is not None else all(" ||| " in t for t in texts)
-        examples = _examples(texts, pairs)
+        examples = predict_io.texts_to_examples(texts, pairs)
     dm, tokenizer, lm = load(ad, model, task)
     objective = objective_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=48)
     return predict_io.emit(args, dm, task, objective, examples, rows, texts, size)

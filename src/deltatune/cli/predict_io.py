@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
+DEFAULT_MODEL, DEFAULT_MAX_LENGTH, DEFAULT_BATCH = "minilm-l6", 128, 64  # eval and predict without a record
 FIELD = "prediction"
 
 
@@ -134,3 +135,18 @@ def emit(
     for text, out in zip(texts, outputs, strict=True):
         print(f"{out}\t{text}")
     return 0
+
+
+def texts_to_examples(texts: list[str], pairs: bool) -> list:
+    """Command-line texts as Examples; pairs are written 'first ||| second'."""
+    from ..data.tasks import Example
+
+    if not pairs:
+        return [Example(t) for t in texts]
+    out = []
+    for text in texts:
+        first, sep, second = text.partition(" ||| ")
+        if not sep:
+            raise ValueError(f"this delta was trained on text pairs; write each input as 'first ||| second' ({text!r})")
+        out.append(Example(first, second))
+    return out

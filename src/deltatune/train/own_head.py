@@ -18,14 +18,14 @@ from torch import nn
 
 from ..data.tasks import Task
 
-_GENERIC = re.compile(r"LABEL_\d+")  # transformers' default names: they say nothing about the classes
+GENERIC_LABEL = re.compile(r"LABEL_\d+")  # transformers' default names: they say nothing about the classes
 
 
 def saved_classifier(config: Any) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
 
 
-def _names(config: Any) -> list[str]:
+def label_names(config: Any) -> list[str]:
     id2label = getattr(config, "id2label", None) or {}
     return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)]
 
@@ -35,7 +35,7 @@ def plan(model_name: str, config: Any, task: Task) -> tuple[dict[str, Any], list
     if not saved_classifier(config):
         return {}, None
     want = 1 if task.type == "regression" else task.num_labels
-    names = _names(config)
+    names = label_names(config)
     if config.num_labels != want:
         print(
             f"deltatune: {model_name} is a classifier of {config.num_labels} classes {names}; task {task.name!r} "
@@ -43,7 +43,7 @@ def plan(model_name: str, config: Any, task: Task) -> tuple[dict[str, Any], list
             file=sys.stderr,
         )
         return {"ignore_mismatched_sizes": True}, None
-    if task.type == "regression" or all(_GENERIC.fullmatch(n) for n in names):
+    if task.type == "regression" or all(GENERIC_LABEL.fullmatch(n) for n in names):
         return {}, None
     have = [n.lower() for n in names]
     labels = [str(x).lower() for x in task.labels]
