@@ -92,9 +92,17 @@ def signed_class(cls: type, backbone_cls: type) -> type:
         return base_forward(self, *args, **kwargs)
 
     forward.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    # the backbone's name in ours: Trainer tells question answering models by their class name
-    name = f"{cls.__name__}[{backbone_cls.__name__}]"
-    sub = type(name, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": name})
+    # Tools tell a model's family by its class name (`__name__` or `_get_name()`): Trainer shifts the labels
+    # of label smoothing only for names of causal LMs and tells question answering models by theirs, and
+    # pipelines check it against the task's models. So the class carries the backbone's `__name__`; its
+    # `__qualname__` (type reprs, `repr(dm)`) says what it is.
+    qualname = f"{cls.__name__}[{backbone_cls.__name__}]"
+
+    def __repr__(self: nn.Module) -> str:
+        return qualname + super(sub, self).__repr__().removeprefix(backbone_cls.__name__)
+
+    body = {"forward": forward, "__repr__": __repr__, "__module__": cls.__module__, "__qualname__": qualname}
+    sub = type(backbone_cls.__name__, (cls,), body)
     _CLASSES[key] = sub
     return sub
 

@@ -87,3 +87,28 @@ def param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     if p is None:
         return torch.get_default_dtype(), torch.device("cpu")
     return (p.dtype if p.is_floating_point() else torch.get_default_dtype()), p.device
+
+
+def check_in_memory(model: nn.Module) -> None:
+    """Refuse a backbone whose weights are not in memory, before a delta reads them.
+
+    Deltas are built from their targets' weights (device, dtype, and values for DoRA's magnitude or an SVD
+    init) and merges write into them. accelerate's offloading (a `device_map` with "disk" or "cpu" entries)
+    keeps those modules' weights on the meta device and loads them only inside each forward; a model built
+    under `init_empty_weights` has none at all. Attaching there failed with torch's "Cannot copy out of meta
+    tensor", and a merge or export would have had no weights to change."""
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if not empty:
+        return
+    owner = model.get_submodule(empty[0].rpartition(".")[0])
+    if getattr(getattr(owner, "_hf_hook", None), "offload", False):
+        raise ValueError(
+            f"{len(empty)} of the model's weights are offloaded by accelerate (e.g. {empty[0]}: a device_map with "
+            "'disk' or 'cpu' entries, or cpu_offload), so they are not in memory for a delta to be built on or "
+            "merged into; load the model on devices that hold it all (device_map=None or one device, or more "
+            "max_memory)"
+        )
+    raise ValueError(
+        f"the model's weights are not loaded ({empty[0]} and {len(empty) - 1} more are on the meta device, e.g. "
+        "built under init_empty_weights); load them first (from_pretrained, or load_state_dict(state, assign=True))"
+    )

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .atomic import clean_stale, replacing_folder
 from .delta import Delta, DeltaError
-from .layers import stored_weight
+from .layers import check_in_memory, stored_weight
 from .targeting import plain_name
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
     if not delta.enabled:  # merged, it would act on every input while listed as off
         raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
     check_commutes(dict(dm.deltas), name, f"merge {name!r}")
+    check_in_memory(dm.backbone)  # dispatched with offloading after attaching: no weights to merge into
     check_not_tied(dm.backbone, delta, name)
     if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
         raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
@@ -173,6 +174,7 @@ def unmerge_out(dm: DeltaModel, name: str) -> None:
 
 def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
     """The backbone's state dict with every enabled delta folded in; the DeltaModel is left as it was."""
+    check_in_memory(dm.backbone)
     active = [n for n, d in dm.deltas.items() if d.enabled and not d.merged]
     refused = [f"{n} ({dm.deltas[n].config.method})" for n in active if not dm.deltas[n].config.can_merge]
     if refused:

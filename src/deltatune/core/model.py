@@ -19,6 +19,7 @@ from . import checkpointing, conventions, copying, marks, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
+from .layers import check_in_memory
 from .merge import check_commutes, check_head_load, export_merged, merge_in, unmerge_out
 from .registry import get_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
@@ -214,6 +215,7 @@ class DeltaModel(nn.Module):
         elif not isinstance(train_head, bool) and train_head is not None:
             raise TypeError(f"train_head must be True, False or 'auto', got {train_head!r}")
         config.validate()
+        check_in_memory(self.backbone)  # offloaded or never-loaded weights: one line, before anything is built
         check_limits(config, self.backbone)  # sizes bounded by this model, before anything is allocated
         delta = config.build()
         delta.enabled = enabled

@@ -1,0 +1,65 @@
+"""Backbones whose weights are not in memory: accelerate's offloading and models built empty.
+
+accelerate keeps an offloaded module's weights on the meta device and loads them inside each forward.
+Attaching there failed with torch's "Cannot copy out of meta tensor"; a delta attached before
+offloading (`cpu_offload`) still computes its outputs, but merging it wrote into the meta weights:
+the merged model's logits were 0.46 off the unmerged ones on tiny Llama, without an error. Each is
+now one line naming the fix (`core.layers.check_in_memory`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model
+
+import deltatune as dt
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+
+def _perturbed(dm: dt.DeltaModel) -> dt.DeltaModel:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in dm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return dm.eval()
+
+
+def test_attaching_to_a_disk_offloaded_model_is_refused_in_one_line(tmp_path) -> None:
+    make_model("llama", head="lm").save_pretrained(tmp_path / "m")
+    where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    where |= {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", device_map=where, offload_folder=tmp_path / "offload"
+    )
+    assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    with pytest.raises(ValueError, match=r"9 of the model's weights are offloaded by accelerate .*device_map=None"):
+        dt.attach(model, "lora")
+    assert not any(n.startswith("deltas") for n, _ in model.named_parameters())  # nothing was attached
+
+
+def test_attaching_to_a_model_built_without_weights_is_refused_in_one_line() -> None:
+    with accelerate.init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(make_model("llama", head="lm").config)
+    with pytest.raises(
+        ValueError, match=r"weights are not loaded \(model.embed_tokens.weight and 20 more .*assign=True"
+    ):
+        dt.attach(model, dt.LoRAConfig(r=4))
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+def test_a_delta_offloaded_after_attaching_computes_but_refuses_to_merge(method: str, tmp_path) -> None:
+    inputs = make_inputs(make_model("llama", head="lm"))
+    dm = _perturbed(dt.attach(make_model("llama", head="lm"), method))
+    before = logits(dm, inputs)
+    accelerate.cpu_offload(dm.backbone, execution_device="cpu")
+    assert (logits(dm, inputs) - before).abs().max() < 1e-6  # the hooks act on the loaded weights
+    with pytest.raises(ValueError, match="offloaded by accelerate"):
+        dm.merge()
+    assert not dm.delta().merged and (logits(dm, inputs) - before).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="offloaded by accelerate"):
+        dm.export_merged(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
