@@ -60,7 +60,7 @@ def _load_spec(source: str):  # noqa: ANN202 - a StudySpec
         ) from err
     except Exception as err:
         mark = getattr(err, "problem_mark", None)  # a YAML error: where it is
-        if mark is None and type(err).__module__.split(".")[0] not in ("yaml", "tomllib", "json"):
+        if mark is None and type(err).__module__.split(".")[0] not in ("yaml", "tomllib", "tomli", "json"):
             raise
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]

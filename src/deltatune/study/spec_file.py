@@ -51,9 +51,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
+            data = _toml().loads(text)
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
@@ -62,6 +60,20 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"study spec {path} is nested far deeper than a spec; fix the file") from None
     _check_size(data)
     return data
+
+
+def _toml() -> Any:
+    """The standard library's TOML reader (Python 3.11+), or `tomli`, the same code, on Python 3.10."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise SpecError(
+                "reading a .toml spec on Python 3.10 needs tomli (pip install tomli), or write it as .yaml"
+            ) from None
+    return tomllib
 
 
 def _load_yaml(text: str) -> Any:
