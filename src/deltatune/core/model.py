@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing, conventions, copying, marks, unstepped
+from . import checkpointing, conventions, copying, marks, replaced, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
@@ -173,9 +173,6 @@ class DeltaModel(nn.Module):
             for n, delta in self.deltas.items():
                 delta.route = previous[n]
 
-    def _active_names(self) -> set[str]:
-        return {n for n, d in self.deltas.items() if d.enabled}
-
     def _device(self) -> torch.device:
         ref = next(self.backbone.parameters(), None)
         return ref.device if ref is not None else torch.device("cpu")
@@ -235,6 +232,7 @@ class DeltaModel(nn.Module):
         delta.train(self.backbone.training)
         self.deltas[name] = delta
         unstepped.watch(self.backbone, self.deltas)  # Trainer(model=backbone) trains no delta: say so
+        replaced.watch(self.backbone, self.deltas)  # resize_token_embeddings after attaching: refused, not lost
         checkpointing.watch(self.backbone)  # reentrant gradient checkpointing reaches the deltas too
         marks.mark(self.backbone, self)  # `model` itself: copies keep the deltas, saves refuse to drop them
         if train_head is not None:
@@ -265,6 +263,7 @@ class DeltaModel(nn.Module):
             del self.deltas[n]
         if len(self.deltas) == 0:
             unstepped.unwatch(self.backbone)
+            replaced.unwatch(self.backbone)
             checkpointing.unwatch(self.backbone)
             marks.unmark(self.backbone)
             for pname, p in self.backbone.named_parameters():
@@ -284,7 +283,7 @@ class DeltaModel(nn.Module):
 
     def enable(self, name: str = "default") -> None:
         delta = self._get(name)
-        check_claims(self.deltas, self._active_names() | {name})
+        check_claims(self.deltas, {n for n, d in self.deltas.items() if d.enabled} | {name})
         check_commutes(dict(self.deltas), name, f"enable {name!r}", merged_only=True)
         delta.enabled = True
 

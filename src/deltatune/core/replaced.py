@@ -1,0 +1,92 @@
+"""A delta whose module was replaced or resized after attaching: refused at the next forward, not lost.
+
+Deltas act through hooks on module objects and are sized for their weights. `model.resize_token_embeddings(n)`
+after attaching builds a new LM head (Llama) or resizes a tied one's weight in place (GPT-2), and
+`model.classifier = nn.Linear(...)` replaces a module: the delta then acted on nothing (LoRA on Llama's
+`lm_head`: logits 15.3 off, no error) or on a tensor of another shape (GPT-2: torch's "shape '[-1, 100]'
+is invalid for input of size 1664"). Each module a delta acts on is recorded with its parent and its
+parameters' shapes when the delta is added; a forward pre-hook on the backbone checks them (a dict
+lookup and a shape per module), so any way of calling the model (the DeltaModel, the backbone, pipelines,
+`generate`) says what happened instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .delta import Delta, DeltaError
+from .layers import stored_weight
+
+HANDLE = "_deltatune_replaced"  # the backbone attribute holding the hook's handle: one hook per backbone
+# name, parent's submodules, attribute, module, its parameters' dict, and per stored tensor: (name, tensor, shape)
+Anchor = tuple[str, dict, str, nn.Module, dict, list[tuple[str, torch.Tensor, torch.Size]]]
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Size]]:
+    names = list(module._parameters) + list(getattr(module, "parametrizations", {}).keys())
+    return [(n, t, t.shape) for n in names if (t := stored_weight(module, n)) is not None]
+
+
+def anchor(backbone: nn.Module, delta: Delta) -> None:
+    """Record where each module `delta` acts on sits (its parent and attribute) and its parameters' shapes."""
+    hooks = delta._hooks
+    if hooks is None:
+        return
+    wanted = {id(m) for m in hooks.hooked()} | {id(m) for m, _ in hooks.claimed()}
+    anchors: list[Anchor] = []
+    for parent_name, parent in backbone.named_modules():
+        for attr, child in parent._modules.items():
+            if child is not None and id(child) in wanted:
+                wanted.discard(id(child))
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                anchors.append((name, parent._modules, attr, child, child._parameters, _tensors(child)))
+    delta._anchors = anchors
+
+
+def check(deltas: dict[str, Delta]) -> None:
+    """Refuse to compute with a delta (enabled or merged) whose module is gone from its place or resized.
+
+    Per module: one dict lookup, and per parameter an identity and a shape (about 0.3 us; LoRA on the seven
+    projections of a 30-layer model, 210 modules, checks in well under a millisecond)."""
+    for dname, delta in deltas.items():
+        if not (delta.enabled or delta.merged):
+            continue
+        for name, siblings, attr, module, params, tensors in getattr(delta, "_anchors", ()):
+            if siblings.get(attr) is not module:
+                raise DeltaError(
+                    f"delta {dname!r} ({delta.config.method}) acts on {name}, which was replaced after attaching "
+                    "(resize_token_embeddings, or a module assigned there), so the delta no longer reaches it; "
+                    "resize or replace modules before attaching, or detach the delta and attach it again"
+                )
+            for pname, tensor, shape in tensors:
+                if tensor.shape != shape or params.get(pname, tensor) is not tensor:
+                    now = tuple(stored_weight(module, pname).shape)
+                    raise DeltaError(
+                        f"delta {dname!r} ({delta.config.method}) was built for {name}.{pname} of shape "
+                        f"{tuple(shape)}, which is now {now} (resize_token_embeddings after attaching?); resize "
+                        "before attaching, or detach the delta and attach it again"
+                    )
+
+
+def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
+    """Anchor the deltas added since the last call; check every delta's modules before each forward of `backbone`."""
+    for delta in deltas.values():
+        if not hasattr(delta, "_anchors"):
+            anchor(backbone, delta)
+    if getattr(backbone, HANDLE, None) is not None:
+        return
+
+    def before_forward(module: nn.Module, args: Any) -> None:
+        check(deltas)
+
+    setattr(backbone, HANDLE, backbone.register_forward_pre_hook(before_forward))
+
+
+def unwatch(backbone: nn.Module) -> None:
+    """Remove the hook (the last delta is gone: the backbone goes back as it came)."""
+    handle = backbone.__dict__.pop(HANDLE, None)
+    if handle is not None:
+        handle.remove()

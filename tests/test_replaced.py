@@ -1,0 +1,84 @@
+"""A module resized or replaced after attaching: the delta on it is refused at the next forward, not lost.
+
+`resize_token_embeddings` after attaching (users add a pad or chat token) builds a new LM head on Llama and
+resizes the tied one's weight in place on GPT-2. Before, LoRA on Llama's `lm_head` silently stopped acting
+(logits 15.3 off the model's before the resize, on the old vocabulary) and GPT-2 failed inside the hook with
+torch's "shape '[-1, 100]' is invalid". Deltas elsewhere keep working through a resize.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import logits, make_inputs, make_model
+from torch import nn
+
+import deltatune as dt
+from deltatune.core.delta import DeltaError
+
+
+def _perturbed(dm: dt.DeltaModel) -> dt.DeltaModel:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in dm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return dm.eval()
+
+
+def test_lora_on_a_head_that_resize_replaced_is_refused_on_every_call_path() -> None:
+    model = make_model("llama", head="lm")
+    inputs = make_inputs(model)
+    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "q_proj"])))
+    model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
+    message = r"delta 'default' \(lora\) acts on lm_head, which was replaced after attaching .*attach it again"
+    for call in (
+        lambda: dm(**inputs),
+        lambda: model(**inputs),
+        lambda: dm.generate(inputs["input_ids"], max_new_tokens=2),
+    ):
+        with pytest.raises(DeltaError, match=message):
+            call()
+    dm.disable()  # off, it computes nothing with the old head: the backbone runs
+    assert logits(dm, inputs).shape[-1] == model.config.vocab_size
+    dm.enable()
+    model = dm.detach()  # and it comes off cleanly
+    assert not model._forward_pre_hooks
+
+
+def test_lora_on_a_tied_head_resized_in_place_names_both_shapes() -> None:
+    model = make_model("gpt2", head="lm")
+    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "c_attn"])))
+    model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
+    with pytest.raises(DeltaError, match=r"built for lm_head.weight of shape \(100, 32\), which is now \(104, 32\)"):
+        dm(**make_inputs(model))
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "bitfit", "adapter"])
+def test_deltas_away_from_the_embeddings_and_head_keep_working_through_a_resize(method: str) -> None:
+    model = make_model("llama", head="lm")
+    inputs = make_inputs(model)
+    dm = _perturbed(dt.attach(model, method))
+    before = logits(dm, inputs)
+    model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
+    after = logits(dm, inputs)
+    assert after.shape[-1] == before.shape[-1] + 4
+    assert (after[..., : before.shape[-1]] - before).abs().max() < 1e-6
+
+
+def test_resizing_before_attaching_is_the_way() -> None:
+    model = make_model("llama", head="lm")
+    model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
+    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head"])))
+    dm.disable()
+    base = logits(dm, make_inputs(model))
+    dm.enable()
+    assert (logits(dm, make_inputs(model)) - base).abs().max() > 1e-3  # the delta acts on the new head
+
+
+def test_a_targeted_module_replaced_by_assignment_is_refused() -> None:
+    model = make_model("bert")
+    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4)))
+    model.bert.encoder.layer[0].attention.self.query = nn.Linear(32, 32)
+    with pytest.raises(DeltaError, match=r"acts on bert.encoder.layer.0.attention.self.query, which was replaced"):
+        dm(**make_inputs(model))
