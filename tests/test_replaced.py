@@ -82,3 +82,23 @@ def test_a_targeted_module_replaced_by_assignment_is_refused() -> None:
     model.bert.encoder.layer[0].attention.self.query = nn.Linear(32, 32)
     with pytest.raises(DeltaError, match=r"acts on bert.encoder.layer.0.attention.self.query, which was replaced"):
         dm(**make_inputs(model))
+
+
+def test_quantizing_after_attaching_is_refused_and_a_quantized_layer_is_named_as_one() -> None:
+    """torch's `quantize_dynamic` (the CPU speed-up) swaps every nn.Linear for a quantized layer also called Linear."""
+    quantize = torch.ao.quantization.quantize_dynamic
+    model = make_model("bert")
+    dm = dt.attach(model, dt.LoRAConfig(r=4))
+    with pytest.warns(Warning):  # torch's deprecation notice for eager-mode quantization
+        quantize(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    with pytest.raises(
+        DeltaError, match=r"attention.self.query, which was replaced after attaching \(.*quantize_dynamic"
+    ):
+        dm(**make_inputs(model))
+    with pytest.warns(Warning):
+        quantized = quantize(make_model("bert"), {nn.Linear}, dtype=torch.qint8)
+    for method in ("lora", "ia3", "dora", "parallel_adapter"):
+        with pytest.raises(
+            ValueError, match=r"is a Linear \(torch.ao.nn.quantized.dynamic.*quantize after merge_and_unload"
+        ):
+            dt.attach(quantized, method)

@@ -112,3 +112,25 @@ def check_in_memory(model: nn.Module) -> None:
         f"the model's weights are not loaded ({empty[0]} and {len(empty) - 1} more are on the meta device, e.g. "
         "built under init_empty_weights); load them first (from_pretrained, or load_state_dict(state, assign=True))"
     )
+
+
+PROJECTIONS = "target projections such as 'attn.q', 'attn.v', 'ffn.in' or their module names"
+
+
+def linear_target(model: nn.Module, name: str, what: str, hint: str) -> nn.Module:
+    """The linear layer `name` of `model`, or a one-line refusal naming what it is instead and `hint`.
+
+    A quantized layer (torch's `quantize_dynamic`, bitsandbytes, ...) is named with its module path: torch's
+    dynamically quantized layer is also called `Linear`, and "a Linear, not a linear layer" said nothing."""
+    module = model.get_submodule(name)
+    if is_linear(module):
+        return module
+    cls = type(module)
+    kind = (
+        cls.__name__
+        if cls.__module__.startswith(("torch.nn.", "transformers."))
+        else f"{cls.__name__} ({cls.__module__})"
+    )
+    if "quantiz" in cls.__module__ or "bitsandbytes" in cls.__module__:
+        hint = "a quantized layer carries no delta: attach to the model before quantizing it (quantize after merge_and_unload())"
+    raise ValueError(f"{what} {name!r} is a {kind}, not a linear layer; {hint}")

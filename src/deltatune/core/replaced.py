@@ -58,8 +58,8 @@ def check(deltas: dict[str, Delta]) -> None:
             if siblings.get(attr) is not module:
                 raise DeltaError(
                     f"delta {dname!r} ({delta.config.method}) acts on {name}, which was replaced after attaching "
-                    "(resize_token_embeddings, or a module assigned there), so the delta no longer reaches it; "
-                    "resize or replace modules before attaching, or detach the delta and attach it again"
+                    "(resize_token_embeddings, quantize_dynamic, or a module assigned there), so the delta no "
+                    "longer reaches it; resize or replace modules before attaching, or detach it and attach it again"
                 )
             for pname, tensor, shape in tensors:
                 if tensor.shape != shape or params.get(pname, tensor) is not tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key
-from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden, stored_weight
+from ...core.layers import is_transposed, linear_dims, linear_target, map_hidden, stored_weight
 from ...core.targeting import Layers, TargetError, Targets, resolve
 
 _MIN_ABS = 1e-8
@@ -86,12 +86,9 @@ class IA3(Delta):
                 "from feedforward (PEFT's rule: feedforward modules are a subset of the targets)"
             )
         for name in targets:
-            module = model.get_submodule(name)
-            if not is_linear(module):
-                raise ValueError(
-                    f"(IA)^3 target {name!r} is a {type(module).__name__}, not a linear layer; "
-                    "target projections such as 'attn.k', 'attn.v' and 'ffn.out'"
-                )
+            module = linear_target(
+                model, name, "(IA)^3 target", "target projections such as 'attn.k', 'attn.v' and 'ffn.out'"
+            )
             in_f, out_f = linear_dims(module)
             scales_input = name in feedforward
             vector = nn.Parameter(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
-from ...core.layers import first_input, is_linear, linear_dims, param_dtype_device
+from ...core.layers import first_input, linear_dims, linear_target, param_dtype_device
 from ...core.targeting import Layers, Targets, block_of, resolve
 from ..bottleneck import Bottleneck, check_non_linearity
 
@@ -56,13 +56,8 @@ class ParallelAdapterConfig(DeltaConfig):
 
 
 def _linear_or_error(model: nn.Module, name: str, role: str) -> nn.Module:
-    module = model.get_submodule(name)
-    if not is_linear(module):
-        raise ValueError(
-            f"parallel adapter {role} {name!r} is a {type(module).__name__}, not a linear layer; "
-            "use FFN projections such as 'ffn.in' (input_from) and 'ffn.out' (targets)"
-        )
-    return module
+    hint = "use FFN projections such as 'ffn.in' (input_from) and 'ffn.out' (targets)"
+    return linear_target(model, name, f"parallel adapter {role}", hint)
 
 
 class ParallelAdapter(Delta):

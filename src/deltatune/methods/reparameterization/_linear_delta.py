@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
-from ...core.layers import first_input, is_linear, linear_dims, stored_weight, weight_update
+from ...core.layers import PROJECTIONS, first_input, linear_dims, linear_target, stored_weight, weight_update
 
 
 class LinearUpdate(nn.Module):
@@ -60,12 +60,7 @@ class LinearDelta(Delta):
         cfg = self.config
         names = self.targets(model, cfg.targets, cfg.layers)
         for name in names:
-            module = model.get_submodule(name)
-            if not is_linear(module):
-                raise ValueError(
-                    f"{cfg.method} target {name!r} is a {type(module).__name__}, not a linear layer; "
-                    "target projections such as 'attn.q', 'attn.v', 'ffn.in' or their module names"
-                )
+            linear_target(model, name, f"{cfg.method} target", PROJECTIONS)
         return names
 
     def attach(self, model: nn.Module, hooks: Hooks) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
-from ...core.layers import first_input, is_linear, linear_dims, stored_weight, weight_update
+from ...core.layers import PROJECTIONS, first_input, linear_dims, linear_target, stored_weight, weight_update
 from ...core.routing import needs_graph
 from ...core.settings import MAX_SIZE
 from ...core.targeting import Layers, Targets
@@ -119,12 +119,7 @@ class LoRA(Delta):
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         cfg = self.config
         for name in self.targets(model, cfg.targets, cfg.layers):
-            module = model.get_submodule(name)
-            if not is_linear(module):
-                raise ValueError(
-                    f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; "
-                    "target projections such as 'attn.q', 'attn.v', 'ffn.in' or their module names"
-                )
+            module = linear_target(model, name, "LoRA target", PROJECTIONS)
             in_f, out_f = linear_dims(module)
             r, alpha = cfg.rank_alpha(name)
             layer = LoRALayer(in_f, out_f, r, alpha, cfg.dropout, module.weight.dtype, module.weight.device)
