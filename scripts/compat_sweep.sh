@@ -19,7 +19,7 @@ venv=$1
 table=$2
 shift 2
 cd "$(dirname "$0")/.."
-SUBSET=(tests/test_compat.py tests/test_prefix_prompt.py
+SUBSET=(tests/test_compat.py tests/test_prompt.py tests/test_prefix.py tests/test_prefix_prompt_generation.py
     tests/test_serving.py::test_mixed_generate_matches_each_row_generated_alone
     tests/test_core.py::test_generate_runs_through_the_delta
     tests/test_train.py::test_a_causal_lm_learns_a_generation_task)

@@ -1,9 +1,9 @@
 """Tasks from real `datasets` objects and from the files users' tools write, as users pass them.
 
-The loader reads `datasets` objects by duck typing (test_data.py covers that with stand-ins); these
-tests use the library itself, so a release that changes what a Dataset yields (numpy strings, ClassLabel
--1 for hidden labels, IterableDataset) is caught. Each bad input must fail at its row, in one line that
-says what is wrong with the row, not a neighbouring cause.
+The loader reads `datasets` objects by duck typing (test_data_loading.py and test_data_labels.py cover
+that with stand-ins); these tests use the library itself, so a release that changes what a Dataset yields
+(numpy strings, ClassLabel -1 for hidden labels, IterableDataset) is caught. Each bad input must fail at
+its row, in one line that says what is wrong with the row, not a neighbouring cause.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """PEFT LoHa, LoKr, OFT, VeRA and AdaLoRA folders in and out.
 
 Each of these stores per-module tensors under `base_model.model.<module>.<name>` that are, up to a
-reshape, the tensors of deltatune's method of the same math (tests/test_new_methods.py checks the
+reshape, the tensors of deltatune's method of the same math (tests/test_new_methods_peft.py checks the
 outputs against PEFT's own layers), so a format is a table: which PEFT name is which of our tensors,
 how the settings translate, and which config fields are honored, leave a trained adapter's outputs
 unchanged, or change them beyond what deltatune represents (refused by name; any other set field is

@@ -1,0 +1,139 @@
+"""deltatune.data: invalid task data is refused with an error that names the file, the line and the fix."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from data_helpers import SENTIMENT, error_of, make_task, write_jsonl
+
+from deltatune.data import DataError, data_root, load_task
+
+
+def test_empty_file_is_an_error(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=[])
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 1" in msg and "empty" in msg
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": 0}, '{"text": "b", "label": 1'])
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "invalid JSON" in msg
+
+
+def test_missing_text_field_names_file_and_line(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, dev=[{"text": "a", "label": 0}, {"sentenc": "b", "label": 1}])
+    msg = error_of(folder)
+    assert "dev.jsonl" in msg and "line 2" in msg and "'text'" in msg
+
+
+def test_missing_source_field_in_generation_names_file_and_line(tmp_path):
+    folder = make_task(tmp_path, "gen", {"type": "generation"}, test=[{"source": "a", "target": "b"}, {"target": "c"}])
+    msg = error_of(folder)
+    assert "test.jsonl" in msg and "line 2" in msg and "'source'" in msg
+
+
+def test_unknown_label_string_names_file_line_and_labels(tmp_path):
+    folder = make_task(
+        tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": "positive"}, {"text": "b", "label": "neutral"}]
+    )
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "'neutral'" in msg and "positive" in msg
+
+
+def test_label_index_out_of_range_names_file_and_line(tmp_path):
+    folder = make_task(
+        tmp_path,
+        "senti",
+        SENTIMENT,
+        train=[{"text": "a", "label": 1}, {"text": "b", "label": 0}, {"text": "c", "label": 2}],
+    )
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 3" in msg and "out of range" in msg
+
+
+def test_mixed_int_and_string_labels_name_both_lines(tmp_path):
+    folder = make_task(
+        tmp_path,
+        "senti",
+        SENTIMENT,
+        train=[{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c", "label": "positive"}],
+    )
+    msg = error_of(folder)
+    assert "line 3" in msg and "line 1" in msg and "mixed label types" in msg
+
+
+def test_mixed_int_and_float_labels_in_classification_are_an_error(tmp_path):
+    folder = make_task(tmp_path, "senti", SENTIMENT, train=[{"text": "a", "label": 0}, {"text": "b", "label": 0.5}])
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "mixed label types" in msg
+
+
+def test_mixed_label_types_without_meta_are_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": 1}])
+    msg = error_of(path)
+    assert "x.jsonl" in msg and "line 2" in msg and "line 1" in msg and "mixed label types" in msg
+
+
+def test_inferred_labels_refuse_a_dev_label_that_train_never_shows(tmp_path):
+    # without meta.json the classes come from every split: "Pos" in dev became a third class, never trained
+    rows = [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"}]
+    folder = make_task(tmp_path, "typo", None, train=rows, dev=[rows[0], {"text": "c", "label": "Pos"}])
+    msg = error_of(folder)
+    assert "dev.jsonl" in msg and "line 2" in msg and "'Pos'" in msg and "meta.json" in msg
+    # listing the classes in meta.json says the train split really lacks one: accepted
+    meta = {"type": "classification", "labels": ["neg", "pos", "Pos"]}
+    shutil.rmtree(folder)
+    task = load_task(make_task(tmp_path, "typo", meta, train=rows, dev=[rows[0], {"text": "c", "label": "Pos"}]))
+    assert [e.label for e in task["dev"]] == [0, 2]
+
+
+def test_two_files_for_one_split_are_refused_not_one_ignored(tmp_path):
+    rows = [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"}]
+    folder = make_task(tmp_path, "two", None, train=rows, dev=rows)
+    (folder / "train.csv").write_text("text,label\nc,pos\n", encoding="utf-8")
+    msg = error_of(folder)
+    assert "several files for the train split (train.jsonl, train.csv)" in msg
+    (folder / "train.csv").unlink()
+    write_jsonl(folder / "validation.jsonl", rows)  # "validation" is read as dev, beside dev.jsonl
+    assert "several files for the dev split (dev.jsonl, validation.jsonl)" in error_of(folder)
+
+
+def test_a_csv_quote_left_open_is_refused_not_read_as_one_long_text(tmp_path):
+    # `"bad movie,0` opened a quoted text that swallowed the next line: 'bad movie,0\nfine film' labelled 1
+    bad = tmp_path / "bad.csv"
+    bad.write_text('text,label\ngood movie,1\n"bad movie,0\nfine film",1\nawful,0\n', encoding="utf-8")
+    assert "bad.csv, line 3: the quoted 'text' runs over several lines and holds 'bad movie,0'" in error_of(bad)
+    ok = tmp_path / "ok.csv"  # a real text over two lines, with a comma and a digit in it
+    ok.write_text('text,label\n"a long review\nwith two parts, 1 short",1\nawful,0\n', encoding="utf-8")
+    assert [e.text for e in load_task(ok)["train"]] == ["a long review\nwith two parts, 1 short", "awful"]
+
+
+def test_a_null_label_is_a_missing_label_not_a_crash(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": None}, {"text": "b", "label": 1}])
+    msg = error_of(path)
+    assert "x.jsonl, line 1" in msg and "null" in msg
+
+
+def test_non_numeric_regression_label_names_file_and_line(tmp_path):
+    folder = make_task(
+        tmp_path, "sts", {"type": "regression"}, train=[{"text": "a", "label": 1.0}, {"text": "b", "label": "high"}]
+    )
+    msg = error_of(folder)
+    assert "train.jsonl" in msg and "line 2" in msg and "non-numeric" in msg
+
+
+def test_unknown_task_name_suggests_close_names_and_says_where_it_looked(tmp_path, monkeypatch):
+    for name in ("sst2", "sst5", "stsb"):
+        make_task(tmp_path, name, SENTIMENT, train=[{"text": "a", "label": 0}])
+    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path))
+    msg = error_of("sst3")
+    assert "sst2" in msg and "sst5" in msg and str(tmp_path) in msg
+    assert load_task("SST-2").name == "sst2"
+
+
+def test_data_root_env_pointing_nowhere_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="DELTATUNE_DATA"):
+        data_root()
