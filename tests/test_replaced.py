@@ -102,3 +102,32 @@ def test_quantizing_after_attaching_is_refused_and_a_quantized_layer_is_named_as
             ValueError, match=r"is a Linear \(torch.ao.nn.quantized.dynamic.*quantize after merge_and_unload"
         ):
             dt.attach(quantized, method)
+
+
+def test_a_module_wrapped_in_place_still_calls_the_delta_and_is_accepted() -> None:
+    """PEFT's LoRA layer wraps the module it replaces (`base_layer`), so deltatune's hooks on it still fire; a new
+    parameter of the same shape (weights assigned) leaves the delta fitting."""
+    peft = pytest.importorskip("peft")
+    model = make_model("llama", head="lm")
+    inputs = make_inputs(model)
+    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4)))
+    before = logits(dm, inputs)
+    wrapped = peft.get_peft_model(dm, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=True))
+    assert (wrapped(**inputs).logits - before).abs().max() < 1e-6  # PEFT's B = 0: only deltatune's LoRA acts
+    q = model.model.layers[0].self_attn.q_proj.base_layer
+    q.weight = nn.Parameter(q.weight.detach().clone())
+    assert (wrapped(**inputs).logits - before).abs().max() < 1e-6
+
+
+def test_a_parameter_sharded_in_place_keeping_its_shape_as_ds_shape_is_not_taken_for_a_resize() -> None:
+    """DeepSpeed ZeRO-3 empties each parameter's storage between forwards and records its shape as `ds_shape`."""
+    from deltatune.core import replaced
+
+    model = make_model("llama", head="lm")
+    dm = dt.attach(model, dt.LoRAConfig(r=4, targets=["q_proj"]))
+    q = model.model.layers[0].self_attn.q_proj.weight
+    q.ds_shape, q.data = q.shape, torch.empty(0)
+    replaced.check(dm.deltas)  # no error
+    del q.ds_shape
+    with pytest.raises(DeltaError, match=r"q_proj.weight of shape \(32, 32\), which is now \(0,\)"):
+        replaced.check(dm.deltas)

@@ -46,28 +46,37 @@ def anchor(backbone: nn.Module, delta: Delta) -> None:
     delta._anchors = anchors
 
 
+def _holds(current: nn.Module | None, module: nn.Module) -> bool:
+    """Whether `module` is still called from its place: the module there now wraps it (PEFT's layer around its
+    `base_layer`, a distributed wrapper), so its hooks still fire."""
+    return current is not None and any(m is module for m in current.modules())
+
+
 def check(deltas: dict[str, Delta]) -> None:
     """Refuse to compute with a delta (enabled or merged) whose module is gone from its place or resized.
 
-    Per module: one dict lookup, and per parameter an identity and a shape (about 0.3 us; LoRA on the seven
-    projections of a 30-layer model, 210 modules, checks in well under a millisecond)."""
+    Per module: one dict lookup, and per parameter a shape (about 0.3 us; LoRA on the seven projections of a
+    30-layer model, 210 modules, checks in well under a millisecond). A new parameter of the same shape
+    (weights loaded by assignment) leaves the delta fitting, and DeepSpeed ZeRO-3 empties a parameter's
+    storage between forwards but keeps its shape as `ds_shape`: neither is refused."""
     for dname, delta in deltas.items():
         if not (delta.enabled or delta.merged):
             continue
         for name, siblings, attr, module, params, tensors in getattr(delta, "_anchors", ()):
-            if siblings.get(attr) is not module:
+            current = siblings.get(attr)
+            if current is not module and not _holds(current, module):
                 raise DeltaError(
                     f"delta {dname!r} ({delta.config.method}) acts on {name}, which was replaced after attaching "
                     "(resize_token_embeddings, quantize_dynamic, or a module assigned there), so the delta no "
                     "longer reaches it; resize or replace modules before attaching, or detach it and attach it again"
                 )
             for pname, tensor, shape in tensors:
-                if tensor.shape != shape or params.get(pname, tensor) is not tensor:
-                    now = tuple(stored_weight(module, pname).shape)
+                now = params.get(pname, tensor)
+                if now is not None and now.shape != shape and getattr(now, "ds_shape", None) != shape:
                     raise DeltaError(
                         f"delta {dname!r} ({delta.config.method}) was built for {name}.{pname} of shape "
-                        f"{tuple(shape)}, which is now {now} (resize_token_embeddings after attaching?); resize "
-                        "before attaching, or detach the delta and attach it again"
+                        f"{tuple(shape)}, which is now {tuple(now.shape)} (resize_token_embeddings after attaching?); "
+                        "resize before attaching, or detach the delta and attach it again"
                     )
 
 
