@@ -14,20 +14,11 @@ import tempfile
 
 import pytest
 import torch
-from tiny import TOY_WORDS, VOCAB, make_model, make_tokenizer
+from tiny import TOY_WORDS, VOCAB, make_model, make_tokenizer, perturbed
 
 import deltatune as dt
 
 transformers = pytest.importorskip("transformers")
-
-
-def _perturbed(dm: dt.DeltaModel, seed: int = 0) -> dt.DeltaModel:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in dm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return dm.eval()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -59,7 +50,7 @@ def test_the_class_has_the_backbone_s_name_and_says_what_it_is() -> None:
 def test_a_text_classification_pipeline_takes_a_delta_model_silently(
     method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dm = _perturbed(dt.attach(make_model("bert"), method))
+    dm = perturbed(dt.attach(make_model("bert"), method))
     tok = make_tokenizer(TOY_WORDS)
     with caplog.at_level(logging.WARNING, logger="transformers"):
         pipe = transformers.pipeline("text-classification", model=dm, tokenizer=tok, top_k=None)
@@ -77,7 +68,7 @@ def test_a_text_classification_pipeline_takes_a_delta_model_silently(
 def test_a_text_generation_pipeline_generates_the_delta_model_s_tokens(
     arch: str, method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dm = _perturbed(dt.attach(make_model(arch, head="lm"), method))
+    dm = perturbed(dt.attach(make_model(arch, head="lm"), method))
     tok = make_tokenizer(TOY_WORDS)
     with caplog.at_level(logging.WARNING, logger="transformers"):
         pipe = transformers.pipeline("text-generation", model=dm, tokenizer=tok)

@@ -10,22 +10,12 @@ now one line naming the fix (`core.layers.check_in_memory`).
 from __future__ import annotations
 
 import pytest
-import torch
-from tiny import logits, make_inputs, make_model
+from tiny import logits, make_inputs, make_model, perturbed
 
 import deltatune as dt
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
-
-
-def _perturbed(dm: dt.DeltaModel) -> dt.DeltaModel:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in dm.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return dm.eval()
 
 
 def test_attaching_to_a_disk_offloaded_model_is_refused_in_one_line(tmp_path) -> None:
@@ -53,7 +43,7 @@ def test_attaching_to_a_model_built_without_weights_is_refused_in_one_line() -> 
 @pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
 def test_a_delta_offloaded_after_attaching_computes_but_refuses_to_merge(method: str, tmp_path) -> None:
     inputs = make_inputs(make_model("llama", head="lm"))
-    dm = _perturbed(dt.attach(make_model("llama", head="lm"), method))
+    dm = perturbed(dt.attach(make_model("llama", head="lm"), method), scale=0.1)
     before = logits(dm, inputs)
     accelerate.cpu_offload(dm.backbone, execution_device="cpu")
     assert (logits(dm, inputs) - before).abs().max() < 1e-6  # the hooks act on the loaded weights

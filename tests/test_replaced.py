@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import logits, make_inputs, make_model
+from tiny import logits, make_inputs, make_model, perturbed
 from torch import nn
 
 import deltatune as dt
 from deltatune.core.delta import DeltaError
 
 
-def _perturbed(dm: dt.DeltaModel) -> dt.DeltaModel:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in dm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return dm.eval()
-
-
 def test_lora_on_a_head_that_resize_replaced_is_refused_on_every_call_path() -> None:
     model = make_model("llama", head="lm")
     inputs = make_inputs(model)
-    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "q_proj"])))
+    dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "q_proj"])))
     model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
     message = r"delta 'default' \(lora\) acts on lm_head, which was replaced after attaching .*attach it again"
     for call in (
@@ -48,7 +39,7 @@ def test_lora_on_a_head_that_resize_replaced_is_refused_on_every_call_path() -> 
 
 def test_lora_on_a_tied_head_resized_in_place_names_both_shapes() -> None:
     model = make_model("gpt2", head="lm")
-    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "c_attn"])))
+    dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "c_attn"])))
     model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
     with pytest.raises(DeltaError, match=r"built for lm_head.weight of shape \(100, 32\), which is now \(104, 32\)"):
         dm(**make_inputs(model))
@@ -58,7 +49,7 @@ def test_lora_on_a_tied_head_resized_in_place_names_both_shapes() -> None:
 def test_deltas_away_from_the_embeddings_and_head_keep_working_through_a_resize(method: str) -> None:
     model = make_model("llama", head="lm")
     inputs = make_inputs(model)
-    dm = _perturbed(dt.attach(model, method))
+    dm = perturbed(dt.attach(model, method))
     before = logits(dm, inputs)
     model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
     after = logits(dm, inputs)
@@ -69,7 +60,7 @@ def test_deltas_away_from_the_embeddings_and_head_keep_working_through_a_resize(
 def test_resizing_before_attaching_is_the_way() -> None:
     model = make_model("llama", head="lm")
     model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
-    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head"])))
+    dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head"])))
     dm.disable()
     base = logits(dm, make_inputs(model))
     dm.enable()
@@ -78,7 +69,7 @@ def test_resizing_before_attaching_is_the_way() -> None:
 
 def test_a_targeted_module_replaced_by_assignment_is_refused() -> None:
     model = make_model("bert")
-    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4)))
+    dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4)))
     model.bert.encoder.layer[0].attention.self.query = nn.Linear(32, 32)
     with pytest.raises(DeltaError, match=r"acts on bert.encoder.layer.0.attention.self.query, which was replaced"):
         dm(**make_inputs(model))
@@ -110,7 +101,7 @@ def test_a_module_wrapped_in_place_still_calls_the_delta_and_is_accepted() -> No
     peft = pytest.importorskip("peft")
     model = make_model("llama", head="lm")
     inputs = make_inputs(model)
-    dm = _perturbed(dt.attach(model, dt.LoRAConfig(r=4)))
+    dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4)))
     before = logits(dm, inputs)
     wrapped = peft.get_peft_model(dm, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=True))
     assert (wrapped(**inputs).logits - before).abs().max() < 1e-6  # PEFT's B = 0: only deltatune's LoRA acts

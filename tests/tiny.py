@@ -156,6 +156,16 @@ def _decoder_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> 
     return {}
 
 
+def perturbed(dm: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """`dm` in eval mode with every trainable tensor moved off its init (many deltas start as the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dm.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return dm.eval()
+
+
 def loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**inputs).loss
 
