@@ -1,4 +1,5 @@
-"""Everything deltatune knows about transformers' internals, in one module.
+"""Everything deltatune knows about transformers' internals, in one module (and `compat_config.py` for
+the config attributes architectures name their sizes by, and converted tokenizers).
 
 Methods that reach past the public model call (prefix and prompt tuning) ask this module how the
 installed transformers names things; they never inspect signatures or spell internal keywords
@@ -357,34 +358,3 @@ def token_types_with_prefix(
             call.set("token_type_ids", torch.zeros(batch, n + length, dtype=torch.long, device=device))
     else:
         call.set("token_type_ids", torch.cat([given.new_zeros(batch, n), given.expand(batch, -1)], dim=1))
-
-
-# -- converted backbones --------------------------------------------------------------------------
-def tokenizer_as_config(tokenizer: Any, config: Any) -> None:
-    """Give a tokenizer converted from a GGUF file the special tokens of the model's config.
-
-    4.57 converts SmolLM2's GGUF tokenizer with eos = bos (<|im_start|>), no pad token and a bos
-    prepended to every input; 5.24 takes eos and pad from the config (<|im_end|>) and adds no bos.
-    Every release builds the 5.24 tokenizer, so a backbone tokenizes alike across the range.
-    """
-    for role in ("bos", "eos", "pad"):
-        token_id = getattr(config, f"{role}_token_id", None)
-        if isinstance(token_id, int):
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
-    if getattr(tokenizer, "add_bos_token", False):
-        tokenizer.add_bos_token = False
-
-
-# the config attribute each architecture family calls its hidden size by
-WIDTH_ATTRIBUTES = ("hidden_size", "d_model", "n_embd", "dim")  # BERT/Llama, T5/BART, GPT-2, DistilBERT
-
-
-def model_width(model: Any) -> int | None:
-    """The model's hidden size from its (text) config; None when it has none."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in WIDTH_ATTRIBUTES:
-        value = getattr(text, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
