@@ -48,6 +48,7 @@ SAVED_FORMAT = f"transformers{VERSION.split('.')[0]}"
 # every name a KV cache argument has had, newest first (see the table above)
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
 MASK_KEYWORDS = ("attention_mask", "mask")
+ROW_MASKS = ("sliding_window_mask",)  # ModernBERT 4.x passes its local layers' mask beside attention_mask
 
 
 class UnsupportedError(ValueError):
@@ -257,6 +258,24 @@ def renumber_cache_position(call: CallArgs, past: int, length: int, device: torc
     """
     if call.get("cache_position") is not None:
         call.set("cache_position", torch.arange(past, past + length, device=device))
+
+
+def rows_in_front(call: CallArgs, n: int) -> None:
+    """Give an attention that gets `n` placeholder rows in front of its hidden states (prefix tuning where it
+    takes no cache) those rows in its rotary positions too, unrotated, as the cache route leaves prefix keys:
+    `position_embeddings` (cos, sin: ModernBERT 5.x) get cos 1 and sin 0, `position_ids` (ModernBERT 4.x
+    rotates inside its attention) position 0. Without this the rows did not fit (a size error)."""
+    rotary = call.get("position_embeddings")
+    if isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary):
+        cos, sin = rotary
+        shape = (*cos.shape[:-2], n, cos.shape[-1])
+        call.set(
+            "position_embeddings",
+            (torch.cat([cos.new_ones(shape), cos], -2), torch.cat([sin.new_zeros(shape), sin], -2)),
+        )
+    ids = call.get("position_ids")
+    if isinstance(ids, torch.Tensor):
+        call.set("position_ids", torch.cat([ids.new_zeros(*ids.shape[:-1], n), ids], dim=-1))
 
 
 # -- stacks, positions, token types ---------------------------------------------------------------
