@@ -22,6 +22,8 @@ releases in between each have one or the other form, which the detection does no
 | DistilBERT position_ids argument       | none (a max_position buffer, by length) | taken                           |
 | get_encoder() on *ForSequenceClassif.  | missing; get_decoder() returns the model | present                        |
 | RoBERTa position helper                | module function                         | static method                   |
+| ModernBERT attention inputs            | position_ids (rotates inside), sliding_window_mask | position_embeddings (cos, sin); 5.25 run |
+| Gemma3ForCausalLM.base_model           | itself (prefix "language_model" unset)  | the Gemma3TextModel; 5.25 run   |
 | BERT token_type_ids buffer             | sliced by sequence length               | gathered by position            |
 | SmolLM2 GGUF tokenizer conversion      | eos = bos, no pad, bos added to inputs  | eos = pad = <|im_end|>, no bos  |
 | tokenizer folders (save_pretrained)    | 4.x format                              | not readable by 4.x             |
@@ -292,6 +294,18 @@ def _stack(model: nn.Module, which: str) -> nn.Module:
 
 def encoder(model: nn.Module) -> nn.Module:
     return _stack(model, "encoder")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The stack a task model wraps (`model.base_model`). 4.57's Gemma3ForCausalLM names its prefix
+    "language_model" but holds the stack as `model`, so `base_model` was the whole model (prompt tuning
+    failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)]
+        if len(inner) == 1:
+            return inner[0]
+    return base
 
 
 def decoder(model: nn.Module) -> nn.Module:

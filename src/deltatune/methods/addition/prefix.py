@@ -203,7 +203,7 @@ class Prefix(Delta):
         """Number real tokens from num_tokens on: each stack that takes position_ids gets them moved up."""
         n = self.config.num_tokens
         enc_dec = getattr(model.config, "is_encoder_decoder", False)
-        stacks = [compat.encoder(model), compat.decoder(model)] if enc_dec else [model.base_model]
+        stacks = [compat.encoder(model), compat.decoder(model)] if enc_dec else [compat.base_model(model)]
         for stack in stacks:
             sig = compat.signature(stack)
             if "position_ids" not in sig.parameters:
