@@ -171,7 +171,7 @@ def _smollm2_folder() -> Path:
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .core import compat
+        from .core import compat_config
 
         print(f"deltatune: dequantizing {gguf.name} once (about 20 s)", file=sys.stderr)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
@@ -184,7 +184,7 @@ def _smollm2_folder() -> Path:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
-        compat.tokenizer_as_config(tokenizer, config)
+        compat_config.tokenizer_as_config(tokenizer, config)
         tokenizer.save_pretrained(tmp)
         return tmp
 

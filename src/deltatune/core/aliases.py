@@ -2,8 +2,10 @@
 
 Each table maps an alias to a regular expression matched against the *tail* of a module's
 qualified name, so the same table serves `BertModel` and `BertForSequenceClassification`
-(whose names carry a `bert.` prefix). Fused projections (GPT-2's `c_attn`) are the honest
-answer for `attn.q`/`attn.k`/`attn.v`: there is no separate query module to target.
+(whose names carry a `bert.` prefix). Fused projections (GPT-2's `c_attn`, Phi-3's `qkv_proj`,
+ModernBERT's `Wqkv`) are the honest answer for `attn.q`/`attn.k`/`attn.v`: there is no separate query
+module to target. A fused projection mapped here lays out q|k|v one after the other (prefix tuning
+splits it so, by the config's query and key/value head counts); one that interleaves heads does not fit.
 
 `attn` and `xattn` name the attention modules themselves (what prefix tuning hooks);
 `head` is not in the tables: it is derived from `base_model_prefix` for every model.
@@ -93,6 +95,39 @@ _LLAMA = {
     "embeddings.word": r"embed_tokens",
 }
 
+# Qwen3 and OLMo 2 (and Gemma 3) also normalise queries and keys per head (`q_norm`, `k_norm`); `ln` keeps
+# to the norms on the residual stream, as on Llama: those are reachable by name ('re:.*\.[qk]_norm').
+_GEMMA3 = _LLAMA | {
+    "ln": r"(?:input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm|norm)",
+}
+
+_OLMO2 = _LLAMA | {"ln": r"(?:post_attention_layernorm|post_feedforward_layernorm|norm)"}  # norms after sublayers
+
+# Phi-3 fuses q|k|v into `qkv_proj` and gate|up into `gate_up_proj`: the fused layer is the honest answer.
+_PHI3 = _LLAMA | {
+    "attn.q": rf"{_L}\.self_attn\.qkv_proj",
+    "attn.k": rf"{_L}\.self_attn\.qkv_proj",
+    "attn.v": rf"{_L}\.self_attn\.qkv_proj",
+    "ffn.in": rf"{_L}\.mlp\.gate_up_proj",
+}
+
+# ModernBERT fuses q|k|v into `Wqkv` and input|gate into `Wi`. Its first layer's `attn_norm` is an
+# nn.Identity (the embeddings' norm comes just before): `ln` names the real norms only; the head's norm
+# belongs to the head.
+_MODERNBERT = {
+    "attn.q": rf"{_L}\.attn\.Wqkv",
+    "attn.k": rf"{_L}\.attn\.Wqkv",
+    "attn.v": rf"{_L}\.attn\.Wqkv",
+    "attn.o": rf"{_L}\.attn\.Wo",
+    "attn": rf"{_L}\.attn",
+    "ffn.in": rf"{_L}\.mlp\.Wi",
+    "ffn.out": rf"{_L}\.mlp\.Wo",
+    "ln": r"(?:embeddings\.norm|layers\.[1-9]\d*\.attn_norm|layers\.\d+\.mlp_norm|final_norm)",
+    "layer": _L,
+    "embeddings": r"embeddings",
+    "embeddings.word": r"embeddings\.tok_embeddings",
+}
+
 _T5 = {
     "attn.q": rf"{_L}\.layer\.0\.SelfAttention\.q",
     "attn.k": rf"{_L}\.layer\.0\.SelfAttention\.k",
@@ -143,6 +178,12 @@ ALIASES: dict[str, dict[str, str]] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "smollm3": _LLAMA,
+    "gemma3_text": _GEMMA3,
+    "olmo2": _OLMO2,
+    "phi3": _PHI3,
+    "modernbert": _MODERNBERT,
     "t5": _T5,
     "mt5": _T5,
     "bart": _BART,

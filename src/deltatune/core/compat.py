@@ -1,4 +1,5 @@
-"""Everything deltatune knows about transformers' internals, in one module.
+"""Everything deltatune knows about transformers' internals, in one module (and `compat_config.py` for
+the config attributes architectures name their sizes by, and converted tokenizers).
 
 Methods that reach past the public model call (prefix and prompt tuning) ask this module how the
 installed transformers names things; they never inspect signatures or spell internal keywords
@@ -21,6 +22,8 @@ releases in between each have one or the other form, which the detection does no
 | DistilBERT position_ids argument       | none (a max_position buffer, by length) | taken                           |
 | get_encoder() on *ForSequenceClassif.  | missing; get_decoder() returns the model | present                        |
 | RoBERTa position helper                | module function                         | static method                   |
+| ModernBERT attention inputs            | position_ids (rotates inside), sliding_window_mask | position_embeddings (cos, sin); 5.25 run |
+| Gemma3ForCausalLM.base_model           | itself (prefix "language_model" unset)  | the Gemma3TextModel; 5.25 run   |
 | BERT token_type_ids buffer             | sliced by sequence length               | gathered by position            |
 | SmolLM2 GGUF tokenizer conversion      | eos = bos, no pad, bos added to inputs  | eos = pad = <|im_end|>, no bos  |
 | tokenizer folders (save_pretrained)    | 4.x format                              | not readable by 4.x             |
@@ -47,6 +50,7 @@ SAVED_FORMAT = f"transformers{VERSION.split('.')[0]}"
 # every name a KV cache argument has had, newest first (see the table above)
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
 MASK_KEYWORDS = ("attention_mask", "mask")
+ROW_MASKS = ("sliding_window_mask",)  # ModernBERT 4.x passes its local layers' mask beside attention_mask
 
 
 class UnsupportedError(ValueError):
@@ -258,6 +262,24 @@ def renumber_cache_position(call: CallArgs, past: int, length: int, device: torc
         call.set("cache_position", torch.arange(past, past + length, device=device))
 
 
+def rows_in_front(call: CallArgs, n: int) -> None:
+    """Give an attention that gets `n` placeholder rows in front of its hidden states (prefix tuning where it
+    takes no cache) those rows in its rotary positions too, unrotated, as the cache route leaves prefix keys:
+    `position_embeddings` (cos, sin: ModernBERT 5.x) get cos 1 and sin 0, `position_ids` (ModernBERT 4.x
+    rotates inside its attention) position 0. Without this the rows did not fit (a size error)."""
+    rotary = call.get("position_embeddings")
+    if isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary):
+        cos, sin = rotary
+        shape = (*cos.shape[:-2], n, cos.shape[-1])
+        call.set(
+            "position_embeddings",
+            (torch.cat([cos.new_ones(shape), cos], -2), torch.cat([sin.new_zeros(shape), sin], -2)),
+        )
+    ids = call.get("position_ids")
+    if isinstance(ids, torch.Tensor):
+        call.set("position_ids", torch.cat([ids.new_zeros(*ids.shape[:-1], n), ids], dim=-1))
+
+
 # -- stacks, positions, token types ---------------------------------------------------------------
 def _stack(model: nn.Module, which: str) -> nn.Module:
     """A model's encoder or decoder stack. 4.57's *ForSequenceClassification lack get_encoder, and the
@@ -272,6 +294,18 @@ def _stack(model: nn.Module, which: str) -> nn.Module:
 
 def encoder(model: nn.Module) -> nn.Module:
     return _stack(model, "encoder")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The stack a task model wraps (`model.base_model`). 4.57's Gemma3ForCausalLM names its prefix
+    "language_model" but holds the stack as `model`, so `base_model` was the whole model (prompt tuning
+    failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)]
+        if len(inner) == 1:
+            return inner[0]
+    return base
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -357,34 +391,3 @@ def token_types_with_prefix(
             call.set("token_type_ids", torch.zeros(batch, n + length, dtype=torch.long, device=device))
     else:
         call.set("token_type_ids", torch.cat([given.new_zeros(batch, n), given.expand(batch, -1)], dim=1))
-
-
-# -- converted backbones --------------------------------------------------------------------------
-def tokenizer_as_config(tokenizer: Any, config: Any) -> None:
-    """Give a tokenizer converted from a GGUF file the special tokens of the model's config.
-
-    4.57 converts SmolLM2's GGUF tokenizer with eos = bos (<|im_start|>), no pad token and a bos
-    prepended to every input; 5.24 takes eos and pad from the config (<|im_end|>) and adds no bos.
-    Every release builds the 5.24 tokenizer, so a backbone tokenizes alike across the range.
-    """
-    for role in ("bos", "eos", "pad"):
-        token_id = getattr(config, f"{role}_token_id", None)
-        if isinstance(token_id, int):
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
-    if getattr(tokenizer, "add_bos_token", False):
-        tokenizer.add_bos_token = False
-
-
-# the config attribute each architecture family calls its hidden size by
-WIDTH_ATTRIBUTES = ("hidden_size", "d_model", "n_embd", "dim")  # BERT/Llama, T5/BART, GPT-2, DistilBERT
-
-
-def model_width(model: Any) -> int | None:
-    """The model's hidden size from its (text) config; None when it has none."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in WIDTH_ATTRIBUTES:
-        value = getattr(text, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
-from . import compat
+from . import compat_config
 from .registry import METHODS
 
 MAX_SIZE = 1 << 16  # largest size setting (rank, bottleneck, tokens): beyond it a delta outgrows any backbone
@@ -74,8 +74,8 @@ LIMITS = {"width": "hidden size"}  # what a size setting may be bounded by, as t
 
 
 def model_limit(model: Any, kind: str) -> int | None:
-    """The model's bound of this kind (its hidden size, read by `core.compat`); None when unknown."""
-    return compat.model_width(model) if kind == "width" else None
+    """The model's bound of this kind (its hidden size, read by `core.compat_config`); None when unknown."""
+    return compat_config.model_width(model) if kind == "width" else None
 
 
 def check_limits(config: Any, model: Any) -> None:

@@ -21,9 +21,11 @@ already processed", so prefilling needs overriding generation internals that cha
 releases (PEFT's prepare_inputs_for_generation fixes), and it shifts real positions by num_tokens.
 The per-attention cache argument is the narrower contract: one keyword, found by capability.
 
-Attention modules without a cache argument (DistilBERT) get the prefix another way: the pre-hook
-prepends `num_tokens` placeholder rows to the hidden states, output hooks on the key and value
-projections overwrite those rows with the prefix, and an output hook drops the rows again.
+Attention modules without a cache argument (DistilBERT, ModernBERT) get the prefix another way: the
+pre-hook prepends `num_tokens` placeholder rows to the hidden states (and to the rotary positions,
+unrotated: `compat.rows_in_front`), output hooks on the key and value projections overwrite those
+rows with the prefix (their key or value columns, in a fused q|k|v projection), and an output hook
+drops the rows again.
 
 Positions (`positions`): "keep" (the default) leaves the real tokens at the positions the model
 gives them, which the public route above does not. "shift" reproduces that route (PEFT's): a
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core import compat
+from ...core import compat, compat_config
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import linear_dims
@@ -98,8 +100,11 @@ class PrefixConfig(DeltaConfig):
 class _Site:
     """One prefixed attention module: where its slice of the MLP output starts, and how it is fed."""
 
-    def __init__(self, name: str, key: str, width: int, offset: int, cross: bool, module: nn.Module):
+    def __init__(
+        self, name: str, key: str, width: int, offset: int, cross: bool, module: nn.Module, columns: dict[str, slice]
+    ) -> None:
         self.name, self.key, self.width, self.offset, self.cross = name, key, width, offset, cross
+        self.columns = columns  # where keys ("k") and values ("v") lie in their projections' outputs (hidden route)
         self.signature = compat.signature(module)
         self.mask_arg = compat.mask_keyword(module)
         self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
@@ -128,8 +133,8 @@ class Prefix(Delta):
         offset = 0
         for name, cross in chosen:
             module = model.get_submodule(name)
-            width = _kv_width(model, name, cross)
-            site = _Site(name, safe_key(name), width, offset, cross, module)
+            width, columns = _kv_layout(model, name, cross)
+            site = _Site(name, safe_key(name), width, offset, cross, module, columns)
             offset += 2 * width
             self._sites.append(site)
             if site.cache_arg is not None:
@@ -142,8 +147,8 @@ class Prefix(Delta):
                 )
             k_proj, v_proj = (model.get_submodule(_projection(model, name, p, cross)) for p in ("k", "v"))
             hooks.on_input(module, self._rows_hook(site))
-            hooks.on_output(k_proj, self._overwrite_hook(site, 0))
-            hooks.on_output(v_proj, self._overwrite_hook(site, 1))
+            hooks.on_output(k_proj, self._overwrite_hook(site, 0, site.columns["k"]))
+            hooks.on_output(v_proj, self._overwrite_hook(site, 1, site.columns["v"]))
             hooks.on_output(module, self._drop_rows_hook(site))
         if cfg.positions == "shift":
             self._shift_positions(model, hooks)
@@ -198,7 +203,7 @@ class Prefix(Delta):
         """Number real tokens from num_tokens on: each stack that takes position_ids gets them moved up."""
         n = self.config.num_tokens
         enc_dec = getattr(model.config, "is_encoder_decoder", False)
-        stacks = [compat.encoder(model), compat.decoder(model)] if enc_dec else [model.base_model]
+        stacks = [compat.encoder(model), compat.decoder(model)] if enc_dec else [compat.base_model(model)]
         for stack in stacks:
             sig = compat.signature(stack)
             if "position_ids" not in sig.parameters:
@@ -243,23 +248,30 @@ class Prefix(Delta):
             for arg in site.hidden_args:  # DistilBERT 4.x passes the hidden states as query, key and value
                 states = call.get(arg)
                 call.set(arg, torch.cat([states.new_zeros(len(states), n, states.shape[-1]), states], 1))
-            mask = call.get(site.mask_arg)
-            if mask is not None:
+            for name in (site.mask_arg, *compat.ROW_MASKS):
+                mask = call.get(name)
+                if mask is None:
+                    continue
                 mask = _extend_mask(mask, n, hidden, 0, False)
                 if mask.dim() == 4 and mask.shape[-2] > 1:  # placeholder rows' queries attend anywhere: dropped
                     mask = torch.cat([mask[..., :1, :].expand(*mask.shape[:-2], n, -1), mask], dim=-2)
-                call.set(site.mask_arg, mask)
+                call.set(name, mask)
+            compat.rows_in_front(call, n)  # rotary positions (ModernBERT): the rows stay unrotated
             return call.result()
 
         return hook
 
-    def _overwrite_hook(self, site: _Site, which: int):
+    def _overwrite_hook(self, site: _Site, which: int, columns: slice):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
             if site.current is None:
                 return output
             prefix = site.current[which].to(output.dtype)
             n = prefix.shape[0]
-            return torch.cat([prefix.unsqueeze(0).expand(len(output), -1, -1), output[:, n:]], dim=1)
+            rows = output[:, :n]  # a fused projection's placeholder rows keep their other columns (queries)
+            rows = torch.cat(
+                [rows[..., : columns.start], prefix.expand(len(output), -1, -1), rows[..., columns.stop :]], dim=-1
+            )
+            return torch.cat([rows, output[:, n:]], dim=1)
 
         return hook
 
@@ -309,9 +321,30 @@ def _projection(model: nn.Module, attn: str, which: str, cross: bool) -> str:
     return found[0]
 
 
-def _kv_width(model: nn.Module, attn: str, cross: bool) -> int:
-    """Width of one attention's keys: heads x head size, num_key_value_heads for grouped-query attention."""
+def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str, slice]]:
+    """Width of one attention's keys (heads x head size, num_key_value_heads for grouped-query attention)
+    and where the keys and the values lie in the outputs of their projections.
+
+    A fused projection (GPT-2's `c_attn`, Phi-3's `qkv_proj`, ModernBERT's `Wqkv`) lays out q|k|v one
+    after the other (k|v in GPT-2's cross-attention): queries take heads x head size, keys and values
+    key/value heads x head size each. Split by thirds, Phi-3 with grouped-query attention (4 query, 2
+    key/value heads of 8: 64 columns) got 21-column prefixes and failed in a reshape."""
     names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
-    _, out = linear_dims(model.get_submodule(names["k"]))
-    fused = sum(1 for p in ("q", "k", "v") if names[p] == names["k"])  # GPT-2's c_attn holds q, k and v
-    return out // fused
+    columns = {}
+    for which in ("k", "v"):
+        _, out = linear_dims(model.get_submodule(names[which]))
+        fused = [p for p in ("q", "k", "v") if names[p] == names[which]]
+        heads, kv_heads = compat_config.attention_heads(model) or (1, 1)
+        share = {"q": heads, "k": kv_heads, "v": kv_heads}
+        if len(fused) == 1:
+            columns[which] = slice(0, out)
+            continue
+        unit, rest = divmod(out, sum(share[p] for p in fused))
+        if rest:
+            raise compat.unsupported(
+                f"prefix tuning cannot split {names[which]!r} ({out} outputs) into {'|'.join(fused)} for "
+                f"{heads} query and {kv_heads} key/value heads"
+            )
+        start = sum(share[p] for p in fused[: fused.index(which)]) * unit
+        columns[which] = slice(start, start + kv_heads * unit)
+    return columns["k"].stop - columns["k"].start, columns

@@ -114,7 +114,7 @@ class Prompt(Delta):
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         cfg = self.config
         self.enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-        stack = compat.encoder(model) if self.enc_dec else model.base_model
+        stack = compat.encoder(model) if self.enc_dec else compat.base_model(model)
         object.__setattr__(self, "embed", stack.get_input_embeddings())  # the backbone's: not a submodule of ours
         weight = self.embed.weight
         self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))

@@ -1,0 +1,119 @@
+"""Tiny random models of the architectures users fine-tune in 2026, for tests/test_arch_modern*.py.
+
+A table of its own, apart from tiny.py's `_CONFIGS` (which other tests parametrize over). Each config
+keeps what sets the architecture apart: grouped-query attention (4 query, 2 key/value heads of 8),
+Phi-3's and ModernBERT's fused projections, sliding-window layers whose 4-token window is shorter than
+the test sequences (Gemma 3, Mistral, Qwen2 and ModernBERT), per-head query/key norms (Qwen3, OLMo 2,
+Gemma 3), SmolLM3's layer without rotary positions, Gemma 3's scaled embeddings and zero-centred norms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+VOCAB = 100
+NUM_LABELS = 3
+V4 = tf.__version__.startswith("4.")
+_GQA = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_CONFIGS = {
+    "qwen3": lambda: tf.Qwen3Config(**_GQA, head_dim=8),
+    # layer 0 full attention, layer 1 a 4-token sliding window
+    "qwen2": lambda: tf.Qwen2Config(**_GQA, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(
+        **_GQA, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+    ),
+    "mistral": lambda: tf.MistralConfig(**_GQA, sliding_window=4),
+    "phi3": lambda: tf.Phi3Config(**_GQA),  # qkv_proj holds 4 + 2 + 2 heads of 8: 64 outputs
+    "smollm3": lambda: tf.SmolLM3Config(**_GQA, no_rope_layer_interval=2),  # layer 1 has no rotary positions
+    "olmo2": lambda: tf.Olmo2Config(**_GQA),
+    # layer 0 global, layer 1 local: each token sees 2 tokens either side
+    "modernbert": lambda: tf.ModernBertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        local_attention=4,
+        global_attn_every_n_layers=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    ),
+}
+ARCHS = tuple(_CONFIGS)
+CAUSAL = tuple(a for a in ARCHS if a != "modernbert")
+SLIDING = ("qwen2", "gemma3_text", "mistral")  # decoders with a sliding-window layer
+_AUTO = {
+    "lm": tf.AutoModelForCausalLM,
+    "cls": tf.AutoModelForSequenceClassification,
+    "mlm": tf.AutoModelForMaskedLM,
+}
+MISSING = {("olmo2", "cls"): V4}  # Olmo2ForSequenceClassification came with transformers 5
+
+
+def heads(arch: str) -> tuple[str, ...]:
+    return ("cls", "mlm") if arch == "modernbert" else ("lm", "cls")
+
+
+CASES = [(a, h) for a in ARCHS for h in heads(a)]
+MAIN = [(a, heads(a)[0]) for a in ARCHS]  # the LM head of each decoder, ModernBERT's classifier
+
+
+def make_config(arch: str) -> tf.PretrainedConfig:
+    config = _CONFIGS[arch]()
+    config.num_labels = NUM_LABELS
+    return config
+
+
+def make_model(arch: str, head: str, seed: int = 0) -> torch.nn.Module:
+    """A seeded tiny model in eval mode; skips the test where this transformers lacks the class."""
+    if MISSING.get((arch, head)):
+        pytest.skip(f"transformers {tf.__version__} has no {arch} {head} model")
+    torch.manual_seed(seed)
+    return _AUTO[head].from_config(make_config(arch)).eval()
+
+
+def make_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded rows (every second one 3 shorter), longer than the 4-token windows, with the head's labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(1, batch, 2):
+        ids[i, seq - 3 :] = model.config.pad_token_id
+        mask[i, seq - 3 :] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        inputs["labels"] = torch.randint(0, NUM_LABELS, (batch,), generator=g)
+    else:
+        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+    return inputs
+
+
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by full forward passes over the whole sequence: no KV cache anywhere."""
+    for _ in range(steps):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
+    return ids

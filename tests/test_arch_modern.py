@@ -1,0 +1,99 @@
+"""The architectures users fine-tune in 2026 (Qwen3, Qwen2, Gemma 3, Mistral, Phi-3, SmolLM3, OLMo 2,
+ModernBERT) under the main methods with their default settings, on each head (tests/modern.py).
+
+Every case attaches (none is refused since the alias tables map these model types) and keeps what
+the method claims: the backbone's output at init where it says so, a changed output once perturbed,
+gradients on the delta (and the task head where it trains) only, merge == unmerged and unmerge back
+where it merges, and a save/load round trip onto a fresh backbone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from modern import ARCHS, CASES, logits, make_inputs, make_model
+from tiny import perturbed
+
+import deltatune as dt
+from deltatune.core.targeting import TargetError, resolve
+
+METHODS = (
+    "lora", "adapter", "parallel_adapter", "prefix", "prompt", "bitfit", "ia3",
+    "dora", "layernorm", "compacter", "vera", "loha", "lokr", "oft",
+)  # fmt: skip
+
+
+def _ids(case: tuple) -> str:
+    return "-".join(case)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch,head", CASES, ids=map(_ids, CASES))
+def test_default_settings_attach_and_keep_their_promises(arch: str, head: str, method: str, tmp_path: Path) -> None:
+    model = make_model(arch, head)
+    inputs = make_inputs(model)
+    plain = logits(model, inputs)
+    dm = dt.attach(model, method)
+    config = dm.delta().config
+    if config.identity_at_init:
+        torch.testing.assert_close(logits(dm, inputs), plain, rtol=0, atol=1e-6)
+
+    dm(**inputs).loss.backward()
+    head_params = set(dm.head_parameter_names()) if head == "cls" else set()  # a new classifier trains
+    assert head != "cls" or head_params, "the classification head is not found"
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (p.grad is not None) == (n in head_params), n
+    trained = [p for p in dm.delta().parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained), "a delta tensor got no gradient"
+    dm.zero_grad(set_to_none=True)
+
+    out = logits(perturbed(dm), inputs)
+    # ModernBERT's small init keeps its MLM logits within 0.2 and moves them least (prompt, ia3: 3e-4)
+    assert (out - plain).abs().max() > 1e-4, "perturbing the delta changed nothing"
+    if config.can_merge:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        dm.merge()
+        torch.testing.assert_close(logits(dm, inputs), out, rtol=0, atol=1e-5)
+        dm.unmerge()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), weights[n], rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(logits(dm, inputs), out, rtol=0, atol=1e-5)
+
+    dm.save_delta(tmp_path / "delta")  # with the classifier where it trained (perturbed too: it must come along)
+    loaded = dt.load_delta(make_model(arch, head), tmp_path / "delta")
+    torch.testing.assert_close(logits(loaded, inputs), out, rtol=0, atol=1e-6)
+
+
+# What each alias names on each architecture's first layer: fused projections are the honest answer.
+FIRST_LAYER = {
+    "qwen3": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj|mlp.up_proj", "mlp.down_proj"),
+    "phi3": ("self_attn.qkv_proj",) * 3 + ("mlp.gate_up_proj", "mlp.down_proj"),
+    "modernbert": ("attn.Wqkv",) * 3 + ("mlp.Wi", "mlp.Wo"),
+}
+_LLAMA_NORMS = {"layers.N.input_layernorm", "layers.N.post_attention_layernorm", "model.norm"}
+NORMS = {  # `ln`: the norms on the residual stream (layer numbers as N), not the per-head q_norm/k_norm
+    **dict.fromkeys(("qwen3", "qwen2", "mistral", "phi3", "smollm3"), _LLAMA_NORMS),
+    "gemma3_text": _LLAMA_NORMS | {"layers.N.pre_feedforward_layernorm", "layers.N.post_feedforward_layernorm"},
+    "olmo2": {"layers.N.post_attention_layernorm", "layers.N.post_feedforward_layernorm", "model.norm"},
+    # layer 0's attn_norm is an nn.Identity; the head's norm belongs to the head
+    "modernbert": {"model.embeddings.norm", "layers.N.mlp_norm", "layers.N.attn_norm", "model.final_norm"},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_aliases_name_the_same_roles(arch: str) -> None:
+    model = make_model(arch, "cls" if arch == "modernbert" else "lm")
+    layer0 = "model.layers.0."
+    q, k, v, ffn_in, ffn_out = FIRST_LAYER.get(arch, FIRST_LAYER["qwen3"])
+    for alias, tail in (("attn.q", q), ("attn.k", k), ("attn.v", v), ("ffn.out", ffn_out)):
+        assert [n for n in resolve(model, alias) if n.startswith(layer0)] == [layer0 + tail], alias
+    assert [n for n in resolve(model, "ffn.in") if n.startswith(layer0)] == [layer0 + t for t in ffn_in.split("|")]
+    norms = resolve(model, "ln")
+    assert {re.sub(r"^model\.layers\.\d+", "layers.N", n) for n in norms} == NORMS[arch]
+    assert all(type(model.get_submodule(n)).__name__ != "Identity" for n in norms), norms
+    assert len(resolve(model, "attn")) == len(resolve(model, "layer")) == 2
+    with pytest.raises(TargetError, match="not mapped"):
+        resolve(model, "xattn.q")  # no cross-attention: refused by name, not an empty selection

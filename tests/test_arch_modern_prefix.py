@@ -1,0 +1,166 @@
+"""Prefix and prompt tuning on the 2026 architectures (tests/modern.py): the attention a prefix defines,
+checked against a prefilled KV cache and against attention computed by hand where the model is unusual:
+a fused grouped-query projection (Phi-3), sliding windows (Mistral), an encoder with a fused q|k|v,
+rotary positions inside the attention and no KV cache (ModernBERT, on the placeholder-row route).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from modern import ARCHS, CAUSAL, MAIN, logits, make_inputs, make_model
+from transformers import DynamicCache
+
+import deltatune as dt
+from deltatune.core import compat
+
+N = 3  # prefix keys and values per attention
+FULL = tuple(a for a in CAUSAL if a not in ("qwen2", "gemma3_text", "mistral"))  # no sliding-window layer
+
+
+def _ids(case: tuple) -> str:
+    return "-".join(case)
+
+
+def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in make_inputs(model).items() if k != "labels"}
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _attend(q, k, v, allowed: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """softmax(q k^T / sqrt(d)) v over (batch, heads, seq, dim), keys repeated for grouped-query heads."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_detected_cache_keywords_are_the_known_ones(arch: str) -> None:
+    """The canary of tests/test_compat.py on these models: ModernBERT's encoder attention takes no cache."""
+    model = make_model(arch, "cls" if arch == "modernbert" else "lm")
+    found = {
+        compat.cache_keyword(layer.self_attn if arch != "modernbert" else layer.attn) for layer in model.model.layers
+    }
+    assert found == ({None} if arch == "modernbert" else {compat.cache_keyword(model.model.layers[0].self_attn)})
+    assert found <= {None, *compat.CACHE_KEYWORDS}, (
+        f"add {found} to compat.CACHE_KEYWORDS and the table in core/compat.py"
+    )
+
+
+@pytest.mark.parametrize("arch", FULL)
+def test_prefix_equals_a_kv_cache_prefilled_with_the_prefix(arch: str) -> None:
+    """Phi-3 reads its key width off a fused qkv_proj with 2 key/value heads: thirds gave 21 columns."""
+    model = make_model(arch, "lm")
+    inputs = _inputs(model)
+    dm = dt.attach(model, "prefix", num_tokens=N, reparameterize=False)
+    delta = dm.delta()
+    assert [s.width for s in delta._sites] == [16, 16]  # 2 key/value heads of 8
+    with torch.no_grad():
+        ours = dm(**inputs).logits
+        dm.disable("default")
+        cache, batch = DynamicCache(config=model.config), len(inputs["input_ids"])
+        for i, site in enumerate(delta._sites):
+            kv = delta.prefix(site).view(2, N, 2, 8).transpose(1, 2)
+            cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
+        mask = torch.cat([torch.ones(batch, N, dtype=torch.long), inputs["attention_mask"]], dim=1)
+        positions = torch.arange(inputs["input_ids"].shape[1]).expand(batch, -1)  # "keep": the backbone's own
+        reference = dm(
+            input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions, **{_cache_arg(dm): cache}
+        ).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], reference[real], rtol=0, atol=1e-5)
+
+
+def _cache_arg(dm: dt.DeltaModel) -> str:
+    return compat.cache_keyword(dm.backbone)
+
+
+def test_prefix_in_a_sliding_window_is_seen_by_every_token_as_computed_by_hand() -> None:
+    """Mistral windows every layer (4 tokens here). The prefix is not a token of the sequence: every query
+    attends it, however far it is from the start (a prefix prefilled into a cache would slide out)."""
+    model = make_model("mistral", "lm")
+    inputs = _inputs(model)
+    attn = model.model.layers[0].self_attn
+    seen: dict = {}
+    attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(h=(a or (kw["hidden_states"],))[0], kw=kw), with_kwargs=True
+    )
+    dm = dt.attach(model, "prefix", num_tokens=N, reparameterize=False)
+    attn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))
+    logits(dm, inputs)
+    h, (cos, sin) = seen["h"], seen["kw"]["position_embeddings"]
+    batch, seq, _ = h.shape
+    pk, pv = dm.delta().prefix(dm.delta()._sites[0]).detach().view(2, 1, N, 2, 8).transpose(2, 3)
+    with torch.no_grad():
+        split = lambda x, heads: x.view(batch, seq, heads, 8).transpose(1, 2)  # noqa: E731
+        q = _rotate(split(attn.q_proj(h), 4), cos[:, None], sin[:, None])
+        k = torch.cat([pk.expand(batch, -1, -1, -1), _rotate(split(attn.k_proj(h), 2), cos[:, None], sin[:, None])], 2)
+        v = torch.cat([pv.expand(batch, -1, -1, -1), split(attn.v_proj(h), 2)], 2)
+        i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+        window = (j <= i) & (j > i - 4)
+        real = window[None] & inputs["attention_mask"].bool()[:, None, :]
+        allowed = torch.cat([torch.ones(batch, seq, N, dtype=torch.bool), real], dim=-1)[:, None]
+        expected = attn.o_proj(_attend(q, k, v, allowed))
+    rows = inputs["attention_mask"].bool()
+    torch.testing.assert_close(seen["out"][rows], expected[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_modernbert_prefix_attention_matches_a_hand_computed_attention(layer: int) -> None:
+    """No KV cache, so placeholder rows carry the prefix: their key and value columns of the fused Wqkv are
+    overwritten, their rotary positions leave them unrotated. Layer 0 is global, layer 1 sees 2 tokens
+    either side."""
+    model = make_model("modernbert", "cls")
+    inputs = _inputs(model)
+    attn = model.model.layers[layer].attn
+    seen: dict = {}
+    attn.register_forward_pre_hook(lambda m, a, kw: seen.update(h=(a or (kw["hidden_states"],))[0]), with_kwargs=True)
+    dm = dt.attach(model, "prefix", num_tokens=N, reparameterize=False)
+    attn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))
+    logits(dm, inputs)
+    h = seen["h"]
+    batch, seq, _ = h.shape
+    site = next(s for s in dm.delta()._sites if s.name == f"model.layers.{layer}.attn")
+    pk, pv = dm.delta().prefix(site).detach().view(2, 1, N, 4, 8).transpose(2, 3)
+    theta = 160000.0 if layer == 0 else 10000.0  # ModernBERT's global and local rotary bases
+    freqs = torch.arange(seq)[:, None] / theta ** (torch.arange(0, 8, 2) / 8)
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    with torch.no_grad():
+        q, k, v = attn.Wqkv(h).view(batch, seq, 3, 4, 8).transpose(1, 3).unbind(2)  # (batch, heads, seq, 8)
+        k = torch.cat([pk.expand(batch, -1, -1, -1), _rotate(k, cos, sin)], 2)
+        v = torch.cat([pv.expand(batch, -1, -1, -1), v], 2)
+        i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+        near = (i - j).abs() <= 2 if layer == 1 else torch.ones(seq, seq, dtype=torch.bool)
+        real = near[None] & inputs["attention_mask"].bool()[:, None, :]
+        allowed = torch.cat([torch.ones(batch, seq, N, dtype=torch.bool), real], dim=-1)[:, None]
+        expected = attn.Wo(_attend(_rotate(q, cos, sin), k, v, allowed))
+    rows = inputs["attention_mask"].bool()
+    torch.testing.assert_close(seen["out"][rows], expected[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_padded_row_classifies_as_it_does_alone(arch: str, method: str) -> None:
+    model = make_model(arch, "cls")
+    inputs = _inputs(model)
+    dm = dt.attach(model, method, num_tokens=4)
+    batched = logits(dm, inputs)
+    n = int(inputs["attention_mask"][1].sum())
+    alone = logits(dm, {"input_ids": inputs["input_ids"][1:, :n], "attention_mask": inputs["attention_mask"][1:, :n]})
+    torch.testing.assert_close(batched[1], alone[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,head", MAIN, ids=map(_ids, MAIN))
+def test_prefix_gives_the_same_output_under_eager_and_sdpa_attention(arch: str, head: str) -> None:
+    """The two get different masks (additive, boolean or none, one per window size): each is extended."""
+    outs = []
+    for impl in ("sdpa", "eager"):
+        model = make_model(arch, head)
+        model.set_attn_implementation(impl)
+        torch.manual_seed(0)
+        outs.append(logits(dt.attach(model, "prefix", num_tokens=N), _inputs(model)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
