@@ -95,5 +95,5 @@ def test_aliases_name_the_same_roles(arch: str) -> None:
     assert {re.sub(r"^model\.layers\.\d+", "layers.N", n) for n in norms} == NORMS[arch]
     assert all(type(model.get_submodule(n)).__name__ != "Identity" for n in norms), norms
     assert len(resolve(model, "attn")) == len(resolve(model, "layer")) == 2
-    with pytest.raises(TargetError, match="not mapped"):
+    with pytest.raises(TargetError, match=r"has no 'xattn.q' \(its aliases: attn.q"):
         resolve(model, "xattn.q")  # no cross-attention: refused by name, not an empty selection

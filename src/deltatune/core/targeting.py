@@ -146,11 +146,15 @@ def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]
     elif target in ALIAS_NAMES:
         pattern = _alias_pattern(model, target)
         if pattern is None:
-            known = ", ".join(sorted(ALIASES))
-            raise TargetError(
-                f"alias {target!r} is not mapped for model type {model_type(model)!r} (mapped: {known}); "
-                "target modules by name or 're:<regex>' instead"
-            )
+            mtype = model_type(model)
+            if mtype in ALIASES:  # the model type is known, this alias is not part of it (xattn on a decoder)
+                has = ", ".join(a for a in ALIASES[mtype] if a in ALIAS_NAMES)
+                where = f"{mtype!r} has no {target!r} (its aliases: {has})"
+            else:
+                where = (
+                    f"alias {target!r} is not mapped for model type {mtype!r} (mapped: {', '.join(sorted(ALIASES))})"
+                )
+            raise TargetError(f"{where}; target modules by name or 're:<regex>' instead")
         found = [n for n in names if pattern.fullmatch(n)]
     else:
         found = [n for n in names if n == target or n.endswith("." + target)]
