@@ -128,6 +128,11 @@ _MODERNBERT = {
     "embeddings.word": r"embeddings\.tok_embeddings",
 }
 
+# Mixture-of-experts decoders (Mixtral, Qwen3-MoE): the experts are fused 3-D parameters in transformers 5
+# (a ModuleList of linear layers in 4.57), so no one module is "the FFN's projection": the table maps
+# attention, norms and layers, and `ffn.*` is refused by name (target experts by module name where they are
+# modules). LoRA's default targets (attn.q, attn.v) are the usual choice for these models.
+_MOE = {alias: pattern for alias, pattern in _LLAMA.items() if not alias.startswith("ffn.")}
 _T5 = {
     "attn.q": rf"{_L}\.layer\.0\.SelfAttention\.q",
     "attn.k": rf"{_L}\.layer\.0\.SelfAttention\.k",
@@ -179,6 +184,8 @@ ALIASES: dict[str, dict[str, str]] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "mixtral": _MOE,
+    "qwen3_moe": _MOE,
     "smollm3": _LLAMA,
     "gemma3_text": _GEMMA3,
     "olmo2": _OLMO2,
