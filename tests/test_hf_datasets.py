@@ -206,3 +206,23 @@ def test_predict_output_keeps_a_parquet_rows_dates_and_bytes(tmp_path: Path) -> 
     write_rows(str(tmp_path / "out.jsonl"), rows, ["pos", "neg"])
     first = __import__("json").loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
     assert first == {"text": "good", "date": "2024-01-02T00:00:00", "blob": "b'x'", "prediction": "pos"}
+
+
+def test_parquet_files_datasets_wrote_keep_their_class_names_and_order(tmp_path: Path) -> None:
+    # A hub parquet file (or `ds.to_parquet`) records its ClassLabel in the schema; the labels read as "0"/"1"
+    # before, named by the ints. Now by the names, numbered in the ClassLabel's order (not sorted), and a split
+    # whose ClassLabel lists them in another order is renumbered by name.
+    features = D.Features({"sentence": D.Value("string"), "label": D.ClassLabel(names=["pos", "neg"])})
+    D.Dataset.from_dict({"sentence": ["good", "bad", "fine"], "label": [0, 1, 0]}, features=features).to_parquet(
+        tmp_path / "train.parquet"
+    )
+    other = D.Features({"sentence": D.Value("string"), "label": D.ClassLabel(names=["neg", "pos"])})
+    D.Dataset.from_dict({"sentence": ["nice", "awful"], "label": [1, 0]}, features=other).to_parquet(
+        tmp_path / "dev.parquet"
+    )
+    task = load_task(tmp_path)
+    assert task.labels == ["pos", "neg"]
+    assert [(e.text, e.label) for e in task.splits["train"]] == [("good", 0), ("bad", 1), ("fine", 0)]
+    assert [(e.text, e.label) for e in task.splits["dev"]] == [("nice", 0), ("awful", 1)]
+    (tmp_path / "meta.json").write_text('{"labels": ["neg", "pos"]}')  # meta.json still wins
+    assert load_task(tmp_path).labels == ["neg", "pos"]

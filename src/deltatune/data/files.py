@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 TASK_TYPES = ("classification", "pair_classification", "regression", "generation")
 SPLITS = ("train", "dev", "test")
@@ -127,6 +128,24 @@ def _keyed_table(path: Path, data: dict[str, dict]) -> list[dict]:
                 raise DataError(f"{path}: column {column!r} has no row {index!r}, which other columns have")
         rows.append({column: values[index] for column, values in data.items()})
     return rows
+
+
+def parquet_class_names(path: Path) -> dict[str, SimpleNamespace]:
+    """The ClassLabel columns `datasets` recorded in a Parquet file's schema (`to_parquet`, the hub's parquet
+    conversion): {column: an object with `.names`}, shaped like a `datasets` feature. Without them its labels
+    read as the bare ints "0", "1", ...; with them as the names, numbered in the ClassLabel's order."""
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.read_schema(path).metadata or {}
+        features = json.loads(meta.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except Exception:  # no pyarrow, or no readable metadata: the file reads without names (see _read_parquet)
+        return {}
+    return {
+        column: SimpleNamespace(names=[str(n) for n in feature["names"]])
+        for column, feature in features.items()
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list)
+    }
 
 
 def _read_parquet(path: Path) -> list[Raw]:

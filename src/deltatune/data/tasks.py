@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .collection import _resolve_name, candidate_roots, data_root, format_task_table, list_tasks
@@ -28,6 +29,7 @@ from .files import (
     _read_file,
     _read_meta,
     _split_file,
+    parquet_class_names,
 )
 
 __all__ = [
@@ -104,6 +106,24 @@ def _split_labels(name: str, parts: dict[str, Any], raw: dict[str, list], column
             if isinstance(row.get(col), int) and 0 <= row[col] < len(names):
                 row[col] = labels.index(names[row[col]])
     return labels
+
+
+def _parquet_labels(
+    name: str, files: dict[str, Path], raw: dict[str, list], meta: dict, columns: Mapping[str, str] | None, kw: dict
+) -> None:
+    """Parquet files `datasets` wrote carry their ClassLabel names: use them as a `datasets` object's are,
+    unless meta.json or `labels=` name the classes."""
+    if kw.get("labels") is not None or meta.get("labels"):
+        return
+    parts = {
+        s: SimpleNamespace(features=f)
+        for s, p in files.items()
+        if p.suffix == ".parquet"
+        if (f := parquet_class_names(p))
+    }
+    if parts:
+        kw["labels"] = _split_labels(name, parts, raw, columns)
+        kw["class_indices"] = kw["labels"] is not None
 
 
 def _load_saved_dataset(
@@ -200,14 +220,9 @@ def _load_path(
             raise DataError(f"{path} is a single file, so one split; pass splits=('train',) or a folder")
         meta = _read_meta(path.parent / "meta.json") if (path.parent / "meta.json").exists() else {}
         raw = {target[0]: _read_file(path)}
-        return _build(
-            name or (path.parent.name if meta else path.stem),
-            raw,
-            meta,
-            columns,
-            {target[0]: path.suffix in TEXT_SUFFIXES},
-            **kw,
-        )
+        name = name or (path.parent.name if meta else path.stem)
+        _parquet_labels(name, {target[0]: path}, raw, meta, columns, kw)
+        return _build(name, raw, meta, columns, {target[0]: path.suffix in TEXT_SUFFIXES}, **kw)
     meta = _read_meta(path / "meta.json") if (path / "meta.json").exists() else {}
     files = {}
     for split in wanted or SPLITS:
@@ -224,6 +239,7 @@ def _load_path(
             return _load_saved_dataset(path, name, wanted if explicit else None, columns, kw)
         raise DataError(f"{path}: no train/dev/test {'/'.join(FILE_SUFFIXES)} files")
     raw = {s: _read_file(f) for s, f in files.items()}
+    _parquet_labels(name or path.name, files, raw, meta, columns, kw)
     return _build(
         name or path.name,
         raw,
