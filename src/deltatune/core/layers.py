@@ -45,6 +45,22 @@ def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return getattr(module, name)
 
 
+def loaded(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """`module.<name>`, or where accelerate offloads it (on the meta device outside the module's own call, as
+    in a delta's output hook) the stored tensor on the module's execution device: DoRA's norm reads it."""
+    tensor = getattr(module, name)
+    if tensor.device.type != "meta":
+        return tensor
+    hooks = getattr(module, "_hf_hook", None)
+    for hook in getattr(hooks, "hooks", None) or [hooks]:  # accelerate's SequentialHook holds several
+        weights = getattr(hook, "weights_map", None)
+        try:
+            return weights[name].to(hook.execution_device)  # a disk offload reads the file on each lookup
+        except (KeyError, TypeError):
+            continue
+    return tensor
+
+
 def weight_update(module: nn.Module, delta_out_in: torch.Tensor) -> torch.Tensor:
     """Lay out an (out, in) weight change the way `module.weight` stores it."""
     return delta_out_in.T if is_transposed(module) else delta_out_in
@@ -106,7 +122,8 @@ def check_in_memory(model: nn.Module) -> None:
             f"{len(empty)} of the model's weights are offloaded by accelerate (e.g. {empty[0]}: a device_map with "
             "'disk' or 'cpu' entries, or cpu_offload), so they are not in memory for a delta to be built on or "
             "merged into; load the model on devices that hold it all (device_map=None or one device, or more "
-            "max_memory)"
+            "max_memory), or attach first and offload after (accelerate.dispatch_model(dm.backbone, device_map), "
+            "cpu_offload): the delta then computes exactly, unmerged"
         )
     raise ValueError(
         f"the model's weights are not loaded ({empty[0]} and {len(empty) - 1} more are on the meta device, e.g. "

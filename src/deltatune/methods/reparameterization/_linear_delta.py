@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
-from ...core.layers import PROJECTIONS, first_input, linear_dims, linear_target, stored_weight, weight_update
+from ...core.layers import PROJECTIONS, first_input, linear_dims, linear_target, loaded, stored_weight, weight_update
 
 
 class LinearUpdate(nn.Module):
@@ -41,7 +41,7 @@ class LinearUpdate(nn.Module):
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as (out, in), whatever its storage (GPT-2's Conv1D stores (in, out))."""
-    return weight_update(module, module.weight)
+    return weight_update(module, loaded(module))
 
 
 class LinearDelta(Delta):
