@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from . import registry
+from . import compiled, registry
 from .routing import (
     Route,
     batch_size,
@@ -325,6 +325,9 @@ class Delta(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def install(self, model: nn.Module) -> None:
+        if (wrapped := compiled.refuse_wrapped(model)) is not None:
+            raise DeltaError(f"cannot attach {self.config.method}: {wrapped}")
+        compiled.guard_hooks()  # a graph compiled before now must notice these hooks (core.compiled)
         hooks = Hooks(self, model)
         try:
             self.attach(model, hooks)

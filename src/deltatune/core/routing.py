@@ -169,9 +169,12 @@ def scatter_rows(full: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, args
 
     In place when no graph needs the old values (serving) and the output is fresh memory, not one of
     the module's inputs passed through (an eval-mode dropout returns its input, the residual stream);
-    otherwise out of place.
+    otherwise out of place. Under torch.compile always out of place: dynamo cannot read storage pointers
+    (each check broke the graph) and the compiled graph reuses memory by itself.
     """
     rows = rows.to(full.dtype)
+    if torch.compiler.is_compiling():
+        return full.index_copy(0, idx, rows)
     storage = full.untyped_storage().data_ptr()
     aliased = any(
         isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == storage for v in (*args, *kwargs.values())
