@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from prefix_prompt_helpers import _cache, _greedy, _greedy_seq2seq, _prompt_ids
-from tiny import CAUSAL, LM_ARCHS, SEQ2SEQ, make_model
+from tiny import CAUSAL, LM_ARCHS, SEQ2SEQ, make_model, perturbed
 
 import deltatune as dt
 from deltatune.core import compat
@@ -61,3 +61,24 @@ def test_a_cached_decoding_step_equals_the_full_forward(arch: str, method) -> No
         cache = compat.output_cache(dm(input_ids=ids[:, :-1], use_cache=True))
         step = dm(input_ids=ids[:, -1:], **_cache(dm, cache), attention_mask=torch.ones_like(ids)).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_fixed_size_kv_cache_is_refused_when_asked_and_replaced_when_only_the_default(method: str) -> None:
+    """A static cache is sized for the prompt and the new tokens: prompt tuning failed in it with "index 7 is
+    out of bounds for dimension 2 with size 7", prefix tuning with "size of tensor a (13) must match ... (10)".
+    Asked for, it is refused; as the checkpoint's default (Gemma 3's generation_config: "hybrid") the call
+    uses the dynamic cache and gives its tokens. LoRA keeps the static cache."""
+    dm = perturbed(dt.attach(make_model("llama", head="lm"), method), scale=0.1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    dynamic = dm.generate(ids, max_new_tokens=4, do_sample=False)
+    with pytest.raises(dt.DeltaError, match=rf"\({method}\) cannot generate with a fixed-size KV cache \('static'\)"):
+        dm.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    dm.backbone.generation_config.cache_implementation = "static"
+    assert dm.generate(ids, max_new_tokens=4, do_sample=False).tolist() == dynamic.tolist()
+    lora = perturbed(dt.attach(make_model("llama", head="lm"), "lora"), scale=0.1)
+    expected = lora.generate(ids, max_new_tokens=4, do_sample=False)
+    assert (
+        lora.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static").tolist()
+        == expected.tolist()
+    )

@@ -35,6 +35,7 @@ from torch import nn
 from .delta import DeltaError
 from .io import META, WEIGHTS, DeltaIOError, default_include_head, load_into, save_delta
 from .merge import merged_state_dict
+from .routing import row_names
 from .state import TRAINER_STATE_HINT
 
 if TYPE_CHECKING:
@@ -301,3 +302,41 @@ def merge_and_unload(dm: DeltaModel) -> nn.Module:
     with torch.no_grad():
         backbone.load_state_dict(state, strict=True)
     return backbone
+
+
+# -- generating with a fixed-size KV cache ---------------------------------------------------------------
+_FIXED = ("Static", "Hybrid", "SlidingWindow")  # the cache classes transformers sizes in advance
+
+
+def generation_cache(dm: DeltaModel, delta_ids: Any, kwargs: dict[str, Any]) -> None:
+    """Generate with a dynamic KV cache where a delta does not fit a fixed-size one, or refuse a request for one.
+
+    A static cache (`cache_implementation="static"`, "hybrid", ...) is allocated for the prompt and the new
+    tokens; prompt tuning's virtual tokens and prefix tuning's keys do not fit it (methods say so with
+    `static_cache = False`): generate failed with "index_copy_(): index 7 is out of bounds for dimension 2 with
+    size 7" (prompt) and "The size of tensor a (13) must match the size of tensor b (10)" (prefix) on tiny
+    Llama. Asked for in the call, that is refused in one line; where it is only the checkpoint's default
+    (Gemma 3's generation_config says "hybrid"), the call uses the dynamic cache, which gives the same tokens.
+    """
+    if delta_ids is None:
+        names = {n for n, d in dm.deltas.items() if d.enabled}
+    else:
+        names = {n for row in row_names(delta_ids) for n in row if n in dm.deltas}
+    odd = [n for n in sorted(names) if not getattr(type(dm.deltas[n].config), "static_cache", True)]
+    if not odd:
+        return
+    given = kwargs.get("generation_config")
+    asked = kwargs.get("cache_implementation") or getattr(given, "cache_implementation", None)
+    cache = kwargs.get("past_key_values")
+    if cache is not None and any(k in type(cache).__name__ for k in _FIXED):
+        asked = type(cache).__name__
+    if asked not in (None, "dynamic", "dynamic_full", "offloaded") and "Dynamic" not in str(asked):
+        method = dm.deltas[odd[0]].config.method
+        raise DeltaError(
+            f"delta {odd[0]!r} ({method}) cannot generate with a fixed-size KV cache ({asked!r}): the cache is "
+            f"sized for the prompt and the new tokens, and {method} tuning adds positions it has no room for; "
+            "generate with cache_implementation='dynamic' (the default)"
+        )
+    default = getattr(getattr(dm.backbone, "generation_config", None), "cache_implementation", None)
+    if asked is None and default not in (None, "dynamic", "dynamic_full", "offloaded"):
+        kwargs["cache_implementation"] = "dynamic"

@@ -126,6 +126,7 @@ class DeltaModel(nn.Module):
         return sum(terms[1:], terms[0]) if terms else None
 
     def generate(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
+        conventions.generation_cache(self, delta_ids, kwargs)  # prompt/prefix tuning outgrow a static KV cache
         if delta_ids is None:
             return self.backbone.generate(*args, **kwargs)
         with self.route(delta_ids, rows=input_rows(args, kwargs)):
