@@ -66,7 +66,9 @@ class PrefixConfig(DeltaConfig):
     trains: ClassVar[str] = "num_tokens key/value prefix vectors per attention layer (via an MLP while training)"
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
-    static_cache: ClassVar[bool] = False  # generate refuses a fixed-size KV cache: its keys and values are added to every attention layer's, beyond the cache's length (core.conventions)
+    static_cache: ClassVar[bool] = (
+        False  # generate refuses a fixed-size KV cache: its keys and values are added to every attention layer's, beyond the cache's length (core.conventions)
+    )
     peft_names: ClassVar[dict[str, str]] = {
         "num_virtual_tokens": "num_tokens",
         "encoder_hidden_size": "mid_dim",

@@ -54,7 +54,9 @@ class PromptConfig(DeltaConfig):
     trains: ClassVar[str] = "num_tokens soft token embeddings prepended to the (encoder's) input"
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
-    static_cache: ClassVar[bool] = False  # generate refuses a fixed-size KV cache: its virtual tokens lengthen the sequence the cache holds (core.conventions)
+    static_cache: ClassVar[bool] = (
+        False  # generate refuses a fixed-size KV cache: its virtual tokens lengthen the sequence the cache holds (core.conventions)
+    )
     peft_names: ClassVar[dict[str, str]] = {"num_virtual_tokens": "num_tokens", "prompt_tuning_init_text": "init_text"}
     default_lr: ClassVar[float] = 3e-2  # prompts need large steps (the paper: 0.3 with Adafactor)
 
