@@ -45,10 +45,19 @@ def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return getattr(module, name)
 
 
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A quantized weight held as a tensor subclass (torchao's `quantize_`: Int8Tensor, ...), which computes
+    its matmul but supports no in-place arithmetic: a merge cannot write into it."""
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and callable(getattr(tensor, "dequantize", None))
+
+
 def loaded(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """`module.<name>`, or where accelerate offloads it (on the meta device outside the module's own call, as
-    in a delta's output hook) the stored tensor on the module's execution device: DoRA's norm reads it."""
+    """`module.<name>` as plain numbers: a quantized weight dequantized, and where accelerate offloads it (on the
+    meta device outside the module's own call, as in a delta's output hook) the stored tensor on the module's
+    execution device. DoRA's norm reads it."""
     tensor = getattr(module, name)
+    if is_quantized(tensor):
+        return tensor.dequantize()
     if tensor.device.type != "meta":
         return tensor
     hooks = getattr(module, "_hf_hook", None)

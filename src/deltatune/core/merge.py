@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .atomic import clean_stale, replacing_folder
 from .delta import Delta, DeltaError
-from .layers import check_in_memory, stored_weight
+from .layers import check_in_memory, is_quantized, stored_weight
 from .targeting import plain_name
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
         raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
     check_commutes(dict(dm.deltas), name, f"merge {name!r}")
     check_in_memory(dm.backbone)  # dispatched with offloading after attaching: no weights to merge into
+    check_not_quantized(dm.backbone, delta, name)
     check_not_tied(dm.backbone, delta, name)
     if any(p.is_floating_point() and not p.isfinite().all() for p in delta.parameters()):
         raise DeltaError(f"delta {name!r} holds NaN or infinite values; merging would write them into the weights")
@@ -78,6 +79,19 @@ def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
     delta._merge_seq = next(_MERGE_SEQ)
     delta.merge_into(dm.backbone)
     delta.merged = True
+
+
+def check_not_quantized(backbone: nn.Module, delta: Delta, name: str) -> None:
+    """Refuse a merge into quantized weights (torchao's tensor subclasses): they take no in-place arithmetic,
+    and torch failed inside the merge with "Int8Tensor dispatch: attempting to run unimplemented operator"."""
+    writes = getattr(delta, "merge_writes", None)  # a method that merges into some parameters says which
+    for (site, pname), tensor in _site_tensors(backbone, delta).items():
+        if is_quantized(tensor) and (writes is None or pname in writes):
+            raise DeltaError(
+                f"cannot merge {name!r}: {site}.{pname} is quantized ({type(tensor).__name__}), and a merge cannot "
+                "write into quantized weights; serve the delta unmerged, or merge it into the unquantized model "
+                "(dm.export_merged) and quantize that"
+            )
 
 
 def check_not_tied(backbone: nn.Module, delta: Delta, name: str) -> None:

@@ -57,6 +57,7 @@ class BitFitConfig(DeltaConfig):
 
 class BitFit(ParamDelta):
     config: BitFitConfig
+    merge_writes: ClassVar[tuple[str, ...]] = ("bias",)  # a merge leaves the weights alone (quantized ones too)
 
     def __init__(self, config: BitFitConfig) -> None:
         super().__init__(config)
