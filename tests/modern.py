@@ -12,22 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from tiny import GQA
 
 VOCAB = 100
 NUM_LABELS = 3
 V4 = tf.__version__.startswith("4.")
-_GQA = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_GQA = GQA
 _CONFIGS = {
     "qwen3": lambda: tf.Qwen3Config(**_GQA, head_dim=8),
     # layer 0 full attention, layer 1 a 4-token sliding window

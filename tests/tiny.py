@@ -19,6 +19,19 @@ GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]  
 NOUNS = ["movie", "film", "plot", "cast", "story", "score"]
 TOY_WORDS = GOOD + BAD + NOUNS + ["the", "was", "Answer:", "positive", "negative", "name", "food", "area", "eat", "it"]
 
+# the settings of a Llama-like decoder with grouped-query attention (tests/modern.py builds its kin from them)
+GQA = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 _CONFIGS = {
     "bert": lambda: tf.BertConfig(
         vocab_size=VOCAB,
@@ -46,18 +59,7 @@ _CONFIGS = {
     "gpt2": lambda: tf.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2
     ),
-    "llama": lambda: tf.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    "llama": lambda: tf.LlamaConfig(**GQA),
     "t5": lambda: tf.T5Config(
         vocab_size=VOCAB,
         d_model=32,
