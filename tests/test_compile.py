@@ -58,6 +58,9 @@ def build(arch: str = "bert", head: str = "cls", *specs: tuple[str, str, dict]) 
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for attr in ("dropout_prob", "attention_dropout"):  # 4.57's BERT sdpa attention reads a float, not a module
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
     dm = dt.DeltaModel(model)
     for i, (name, method, settings) in enumerate(specs):
         dm.add(name, dt.get_config(method, **{**SMALL.get(method, {}), **settings}))
