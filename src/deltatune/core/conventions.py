@@ -306,6 +306,7 @@ def merge_and_unload(dm: DeltaModel) -> nn.Module:
 
 # -- generating with a fixed-size KV cache ---------------------------------------------------------------
 _FIXED = ("Static", "Hybrid", "SlidingWindow")  # the cache classes transformers sizes in advance
+_GROWING = (None, "dynamic", "dynamic_full", "offloaded")  # cache_implementation values that grow with the input
 
 
 def generation_cache(dm: DeltaModel, delta_ids: Any, kwargs: dict[str, Any]) -> None:
@@ -330,7 +331,7 @@ def generation_cache(dm: DeltaModel, delta_ids: Any, kwargs: dict[str, Any]) -> 
     cache = kwargs.get("past_key_values")
     if cache is not None and any(k in type(cache).__name__ for k in _FIXED):
         asked = type(cache).__name__
-    if asked not in (None, "dynamic", "dynamic_full", "offloaded") and "Dynamic" not in str(asked):
+    if asked not in _GROWING and "Dynamic" not in str(asked):
         method = dm.deltas[odd[0]].config.method
         raise DeltaError(
             f"delta {odd[0]!r} ({method}) cannot generate with a fixed-size KV cache ({asked!r}): the cache is "
@@ -338,5 +339,5 @@ def generation_cache(dm: DeltaModel, delta_ids: Any, kwargs: dict[str, Any]) -> 
             "generate with cache_implementation='dynamic' (the default)"
         )
     default = getattr(getattr(dm.backbone, "generation_config", None), "cache_implementation", None)
-    if asked is None and default not in (None, "dynamic", "dynamic_full", "offloaded"):
+    if asked is None and default not in _GROWING:
         kwargs["cache_implementation"] = "dynamic"
