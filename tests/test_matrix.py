@@ -113,12 +113,12 @@ def test_deep_copy_is_a_model_of_its_own(method: str, arch: str, head: str) -> N
     assert original() is None, "a copy keeps the original alive"
 
 
-def test_pickling_a_delta_model_names_the_formats_to_use() -> None:
+def test_pickling_a_delta_model_names_the_formats_to_use(tmp_path) -> None:
     dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())
     with pytest.raises(TypeError, match=r"save_pretrained\(folder\).*state_dict\(\)"):
         pickle.dumps(dm)
     with pytest.raises(TypeError, match="cannot be pickled"):
-        torch.save(dm, "unused.pt")
+        torch.save(dm, tmp_path / "unused.pt")
 
 
 @pytest.mark.parametrize("method,arch,head", ALL, ids=map(_ids, ALL))
