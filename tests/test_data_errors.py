@@ -137,3 +137,24 @@ def test_data_root_env_pointing_nowhere_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path / "missing"))
     with pytest.raises(DataError, match="DELTATUNE_DATA"):
         data_root()
+
+
+def test_a_columns_mapping_naming_no_column_names_the_close_one(tmp_path):
+    """`--columns review=text` on a file whose column is `Review`: the typo is named, not a missing field."""
+    rows = [{"Review": "good", "Rating": "pos"}, {"Review": "bad", "Rating": "neg"}]
+    folder = make_task(tmp_path, "senti", {}, train=rows, dev=rows)
+    with pytest.raises(DataError, match=r"columns maps 'review', which no row has; did you mean 'Review'\?"):
+        load_task(folder, columns={"review": "text", "Rating": "label"})
+    with pytest.raises(DataError, match=r"columns maps 'Ratin', which no row has; did you mean 'Rating'\?"):
+        load_task(folder, columns={"Review": "text", "Ratin": "label"})
+    task = load_task(folder, columns={"Review": "text", "Rating": "label"})
+    assert [e.text for e in task.splits["train"]] == ["good", "bad"]
+
+
+def test_a_columns_mapping_is_checked_over_every_split(tmp_path):
+    """A label column only train and dev have (an unlabelled test split) is a column all the same."""
+    rows = [{"Review": "good", "Rating": "pos"}, {"Review": "bad", "Rating": "neg"}]
+    folder = make_task(tmp_path, "senti", {}, train=rows, dev=rows, test=[{"Review": "fine"}])
+    with pytest.warns(UserWarning, match="no labels"):
+        task = load_task(folder, columns={"Review": "text", "Rating": "label"})
+    assert set(task.splits) == {"train", "dev"}

@@ -7,7 +7,9 @@ field shows the row's own columns and the `--columns` mapping that would fix it 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import itertools
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .files import COLUMN_ALIASES, DataError
@@ -44,6 +46,26 @@ def check_columns(columns: Any) -> dict[str, str] | None:
     if wrong:
         raise DataError(f"columns: {wrong[0]!r} is not a field deltatune reads; map columns to {', '.join(FIELDS)}")
     return dict(columns)
+
+
+def check_mapped(columns: Mapping[str, str] | None, rows: Iterable[dict], where: str) -> None:
+    """Refuse a mapping whose column no row has (`Review` spelled `review`): otherwise the refusal that
+    follows says a field is missing and suggests a mapping, and the user's own typo goes unnamed."""
+    if not columns:
+        return
+    seen: set[str] = set()
+    for row in itertools.islice(rows, 10_000):
+        seen.update(row)
+    missing = [c for c in columns if c not in seen]
+    if not missing or not seen:
+        return
+    name = missing[0]
+    close = [c for c in seen if c.lower() == name.lower()] or difflib.get_close_matches(name, sorted(seen), n=1)
+    hint = f"did you mean {close[0]!r}? (" if close else "("
+    have = ", ".join(repr(c) for c in sorted(seen)[:8])
+    raise DataError(
+        f"{where}: columns maps {name!r}, which no row has; {hint}column names are case-sensitive; the rows have {have})"
+    )
 
 
 def map_hint(fields: list[str], wanted: str) -> str:

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .columns import canonical, check_columns, map_hint
+from .columns import canonical, check_columns, check_mapped, map_hint
 from .files import SPLIT_ALIASES, TASK_TYPES, DataError, Raw
 from .labels import csv_number, infer, label_kind, whole
 
@@ -239,6 +239,7 @@ def _build(
     columns = check_columns(columns if columns is not None else meta.get("columns"))
     if columns:
         meta = meta | {"columns": dict(columns)}
+        check_mapped(columns, (r for rows in raw.values() for _, r in rows), f"task {name!r}")
     raw = {s: [(w, canonical(r, columns)) for w, r in rows] for s, rows in raw.items()}
     raw = _without_unlabeled_test(raw)
     task_type = task_type or meta.get("type")
