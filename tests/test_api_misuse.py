@@ -134,7 +134,7 @@ def test_attach_takes_a_method_name_with_its_settings_or_a_saved_config_mapping(
     assert mapping.delta().config == dt.get_config("lora", r=4)
     with pytest.raises(TypeError, match=r"settings \(r\) go with a method name.*LoRAConfig\(r=\.\.\.\)"):
         dt.attach(make_model("bert"), dt.LoRAConfig(), r=16)
-    with pytest.raises(ValueError, match="lora has no setting 'lora_alpha'"):
+    with pytest.raises(ValueError, match="LoRAConfig has no setting 'lora_alpha'; deltatune calls it 'alpha'"):
         dt.attach(make_model("bert"), "lora", lora_alpha=16)
 
 

@@ -47,6 +47,8 @@ def junk(tmp_path: Path) -> dict[str, Path]:
 
 CLI_CASES = [
     (("train", "--model", "no-such-model", "--task", "sst2"), r"unknown model 'no-such-model': not a short name"),
+    (("train", "--method", "prefix", "--method-arg", "num_virtual_tokens=5"), r"deltatune calls it 'num_tokens'"),
+    (("train", "--method-arg", "alpah=3"), r"has no setting 'alpah'; did you mean 'alpha'\?"),
     (("inspect", "--model", "{nomodel}"), r"is not a model folder \(no config\.json\)"),
     (("study", "run", "{yaml}"), r"does not parse at line 2, column 7: .*fix the file's syntax"),
     (("study", "run", "smoke", "--db", "{text}"), r"--db .*text\.txt is not an SQLite database"),

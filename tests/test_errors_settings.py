@@ -98,9 +98,11 @@ def test_delta_names_that_could_leave_their_folder_are_refused(name: object) -> 
 def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
     with pytest.raises(
         ValueError,
-        match="lora has no setting 'rank'; its settings: alpha, alpha_pattern, dropout, layers, r, rank_pattern, targets",
+        match="LoRAConfig has no setting 'rank'; deltatune calls it 'r'$",
     ):
         dt.get_config("lora", rank=4)
+    with pytest.raises(ValueError, match="LoRAConfig has no setting 'alpah'; did you mean 'alpha'"):
+        dt.get_config("lora", alpah=4)
     with pytest.raises(TypeError, match="expected a transformers model .*got str"):
         dt.DeltaModel("bert-base")  # type: ignore[arg-type]
     model = make_model("bert")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.delta import DeltaConfig
 from ..core.registry import method_name
+from ..core.settings import unknown_setting_message
 from ..methods import METHODS, get_config
 from ..train.checks import check_max_length  # noqa: F401 - the commands import it from here
 
@@ -37,7 +38,7 @@ def method_config(name: str, pairs: list[str] | None) -> DeltaConfig:
         if not sep:
             raise ValueError(f"--method-arg {pair!r} is not key=value, e.g. --method-arg r=8")
         if fields and key not in fields:
-            raise ValueError(f"{name} has no setting {key!r}; its settings: {', '.join(sorted(fields))}")
+            raise ValueError(unknown_setting_message(METHODS[name], key))  # PEFT's names mapped to ours
         kwargs[key] = parse_value(value)
     config = get_config(name, **kwargs)
     config.validate()

@@ -50,5 +50,7 @@ def get_config(name: str, **kwargs: object) -> DeltaConfig:
     fields = sorted(f.name for f in dataclasses.fields(METHODS[name]))
     stray = sorted(set(kwargs) - set(fields))
     if stray:
-        raise ValueError(f"{name} has no setting {stray[0]!r}; its settings: {', '.join(fields)}")
+        from .settings import unknown_setting_message  # settings reads the registry
+
+        raise ValueError(unknown_setting_message(METHODS[name], stray[0]))
     return METHODS[name](**kwargs)
