@@ -6,6 +6,8 @@ rotary positions inside the attention and no KV cache (ModernBERT, on the placeh
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from modern import ARCHS, CAUSAL, MAIN, logits, make_inputs, make_model
@@ -164,3 +166,24 @@ def test_prefix_gives_the_same_output_under_eager_and_sdpa_attention(arch: str, 
         torch.manual_seed(0)
         outs.append(logits(dt.attach(model, "prefix", num_tokens=N), _inputs(model)))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DELTATUNE_SLOW_TESTS"), reason="DELTATUNE_SLOW_TESTS=1 (inductor on CPU)")
+def test_prefix_as_placeholder_rows_under_flex_attention_equals_sdpa() -> None:
+    """ModernBERT's fused Wqkv takes the prefix as placeholder rows: flex attention's BlockMask gets the rows'
+    queries and keys in front, its sliding windows and padding asked at the shifted positions."""
+    outs = []
+    for impl in ("sdpa", "flex_attention"):
+        model = make_model("modernbert", "cls")
+        try:
+            model.set_attn_implementation(impl)
+        except (ValueError, ImportError) as e:
+            pytest.skip(f"no {impl} here: {str(e)[:80]}")
+        torch.manual_seed(0)
+        dm = dt.attach(model, "prefix", num_tokens=3)
+        with torch.no_grad():
+            for p in dm.delta().parameters():
+                p.mul_(3)
+        outs.append(logits(dm, _inputs(model)))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)

@@ -55,6 +55,7 @@ from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import linear_dims
 from ...core.targeting import TargetError, resolve
+from ._masks import extend_mask
 
 POSITIONS = ("keep", "shift")  # real tokens keep their positions, or come after the prefix (PEFT's numbering)
 
@@ -236,7 +237,7 @@ class Prefix(Delta):
             hidden = call.first()
             past = compat.seq_length(inner, module)
             causal = not site.cross and compat.is_causal(module)
-            mask = _extend_mask(call.get(site.mask_arg), kv.shape[1], hidden, past, causal)
+            mask = extend_mask(call.get(site.mask_arg), kv.shape[1], hidden, past, causal)
             call.set(site.mask_arg, mask)
             return call.result()
 
@@ -255,8 +256,10 @@ class Prefix(Delta):
                 mask = call.get(name)
                 if mask is None:
                     continue
-                mask = _extend_mask(mask, n, hidden, 0, False)
-                if mask.dim() == 4 and mask.shape[-2] > 1:  # placeholder rows' queries attend anywhere: dropped
+                mask = extend_mask(mask, n, hidden, 0, False, rows=True)
+                if (
+                    isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] > 1
+                ):  # placeholder rows' queries attend anywhere: dropped
                     mask = torch.cat([mask[..., :1, :].expand(*mask.shape[:-2], n, -1), mask], dim=-2)
                 call.set(name, mask)
             compat.rows_in_front(call, n)  # rotary positions (ModernBERT): the rows stay unrotated
@@ -290,30 +293,6 @@ class Prefix(Delta):
             return (output[0][:, n:], weights, *output[2:])
 
         return hook
-
-
-def _extend_mask(
-    mask: torch.Tensor | None, n: int, hidden: torch.Tensor, past: int, causal: bool
-) -> torch.Tensor | None:
-    """The mask with `n` always-attended key columns in front; built in full where a causal model passed none."""
-    queries = hidden.shape[1]
-    if mask is None:
-        if not causal or queries == 1:
-            return None  # every query sees every key: prefix included
-        keys = torch.arange(past + queries, device=hidden.device)
-        allowed = keys[None, :] <= torch.arange(queries, device=hidden.device)[:, None] + past
-        allowed = torch.cat([allowed.new_ones(queries, n), allowed], dim=1)
-        additive = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
-        return additive.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[None, None]
-    if mask.dim() == 2:  # a (batch, keys) padding mask, 1 = attend (DistilBERT 4.x eager)
-        return torch.cat([mask.new_ones(len(mask), n), mask], dim=-1)
-    if mask.dim() != 4:
-        raise ValueError(
-            f"prefix tuning extends 4-D attention masks, but this attention got a {mask.dim()}-D one; "
-            "load the model with attn_implementation='sdpa' or 'eager'"
-        )
-    pad = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
-    return torch.cat([pad(*mask.shape[:-1], n), mask], dim=-1)
 
 
 def _projection(model: nn.Module, attn: str, which: str, cross: bool) -> str:
