@@ -44,7 +44,7 @@ def anchor(backbone: nn.Module, delta: Delta) -> None:
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 anchors.append((name, parent._modules, attr, child, child._parameters, _tensors(child)))
     delta._anchors = anchors
-    delta._shapes = {n: p.shape for n, p in delta.named_parameters()}  # FSDP1 flattens them (core.sharded)
+    delta._own_shapes = {n: p.shape for n, p in delta.named_parameters()}  # FSDP1 flattens them (core.sharded)
 
 
 def _holds(current: nn.Module | None, module: nn.Module) -> bool:

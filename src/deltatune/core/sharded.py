@@ -64,7 +64,7 @@ def find(dm: DeltaModel) -> tuple[str, str] | None:
         if is_dtensor(p):
             return "fsdp2", name
     for dname, delta in dm.deltas.items():
-        shapes = getattr(delta, "_shapes", {})
+        shapes = getattr(delta, "_own_shapes", {})
         for pname, p in delta.named_parameters():
             if getattr(p, "_fsdp_flattened", False) and p.shape != shapes.get(pname, p.shape):
                 return "fsdp1", f"deltas.{dname}.{pname}"
