@@ -186,10 +186,17 @@ def _saved(dm: DeltaModel) -> set[str]:
     return keep
 
 
+# the attribute under which FSDP1 (`FullyShardedDataParallel`) holds the module it wraps: a DeltaModel inside it keeps
+# the frozen tensors in `state_dict()`, which FSDP1's full state dict asserts are there (an AssertionError before)
+FSDP1_WRAPPED = "_fsdp_wrapped_module."
+
+
 def register_state_hooks(dm: DeltaModel) -> None:
     """`state_dict()` drops frozen backbone tensors; `load_state_dict` does not miss them."""
 
     def drop_frozen(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if FSDP1_WRAPPED in prefix:  # FSDP1's own hook runs next and fails on any missing parameter of its unit
+            return
         start = prefix + "backbone."
         keep = _saved(dm)
         for key in [k for k in state if k.startswith(start)]:
@@ -225,7 +232,9 @@ def _place(src: Path, dest: Path) -> None:
         os.replace(src, dest)
 
 
-def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool | None = None) -> Path:
+def save_pretrained(
+    dm: DeltaModel, path: str | os.PathLike, include_head: bool | None = None, is_main_process: bool | None = None
+) -> Path | None:
     """Write every delta (and the task head) into `path`, beside whatever else is there (a tokenizer).
 
     One delta: its folder is `path` itself (so `load_delta(path)` reads it too); several: one
@@ -235,6 +244,10 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
     if not len(dm.deltas):
         raise ValueError("this DeltaModel has no deltas to save; save the backbone itself with its save_pretrained")
     include_head = default_include_head(dm) if include_head is None else include_head
+    if is_main_process is False:  # nothing to write; under FSDP2 the shards are gathered with the main process
+        for name in dm.deltas:
+            save_delta(dm, path, name, include_head=include_head, is_main_process=False)
+        return None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     single = len(dm.deltas) == 1
@@ -245,7 +258,13 @@ def save_pretrained(dm: DeltaModel, path: str | os.PathLike, include_head: bool 
             folder = "." if single else name
             if not single and (name in (".", "..") or os.sep in name or name.startswith(".")):
                 raise ValueError(f"delta name {name!r} cannot be a folder name; rename it before save_pretrained")
-            save_delta(dm, tmp / ("single" if single else name), name, include_head=include_head)
+            save_delta(
+                dm,
+                tmp / ("single" if single else name),
+                name,
+                include_head=include_head,
+                is_main_process=is_main_process,
+            )
             entries.append({"name": name, "folder": folder, "enabled": bool(delta.enabled)})
         index = {"format": INDEX_FORMAT, "deltas": entries, "train_head": bool(dm.train_head)}
         (tmp / INDEX).write_text(json.dumps(index, indent=1))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..version import __version__
-from . import atomic, identity
+from . import atomic, identity, sharded
 from .delta import DeltaConfig, DeltaIOError
 from .seal import _MAX_DEPTH, _MAX_META_BYTES, META, _depth, _read_regular, _sealed, check_seal
 from .settings import config_from_dict
@@ -82,22 +82,28 @@ def save_delta(
     name: str = "default",
     *,
     include_head: bool | None = None,
+    is_main_process: bool | None = None,
     **metadata: Any,
-) -> Path:
+) -> Path | None:
     """Write one named delta (tensors + config + backbone identity) to a folder, atomically.
 
     `include_head` adds the task head (a trained classifier is part of what a classification delta
     needs at inference), stored under `__head__.` keys; by default, when the head trains or is new for
     the task: a frozen random classifier shapes the outputs too, and each load draws another one.
+    `is_main_process` (given on every process of a launch): only the main one writes; under FSDP2 every process
+    gathers the shards with it (`core.sharded`).
     """
     include_head = default_include_head(dm) if include_head is None else include_head
 
     delta = dm.delta(name)
     if delta.merged:
         raise DeltaIOError(f"delta {name!r} is merged into the weights; unmerge it before saving")
-    tensors = {
-        k: v.detach().contiguous().cpu() for k, v in dm.delta_state_dict(name, include_head=include_head).items()
-    }
+    gather = sharded.check_save(dm, name, is_main_process)
+    if is_main_process is False and not gather:
+        return None
+    state = dm.delta_state_dict(name, include_head=include_head)
+    tensors = {k: sharded.full(v).detach().contiguous().cpu() for k, v in state.items()}
+    whole = [(n, sharded.full(p)) for n, p in identity.base_parameters(dm.backbone)] if gather else None
     meta = {
         "format": FORMAT,
         "name": name,
@@ -107,12 +113,12 @@ def save_delta(
         "sites": compact_sites(delta.sites),
         "num_parameters": sum(v.numel() for k, v in tensors.items() if not k.startswith(HEAD)),
         "head_parameters": sum(v.numel() for k, v in tensors.items() if k.startswith(HEAD)),
-        "backbone": fingerprint(dm.backbone),
+        "backbone": fingerprint(dm.backbone, whole),
         "deltatune_version": __version__,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "metadata": metadata,
     }
-    return write_delta_folder(path, tensors, meta)
+    return None if is_main_process is False else write_delta_folder(path, tensors, meta)
 
 
 def write_delta_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from .atomic import clean_stale, replacing_folder
 from .delta import Delta, DeltaError
 from .layers import check_in_memory, is_quantized, stored_weight
+from .sharded import refuse_merge
 from .targeting import plain_name
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
     if not delta.enabled:  # merged, it would act on every input while listed as off
         raise DeltaError(f"delta {name!r} is disabled; enable it before merging (dm.enable({name!r}))")
     check_commutes(dict(dm.deltas), name, f"merge {name!r}")
+    refuse_merge(dm, f"merge {name!r}")  # before the checks below, which would take a shard for quantized or tied
     check_in_memory(dm.backbone)  # dispatched with offloading after attaching: no weights to merge into
     check_not_quantized(dm.backbone, delta, name)
     check_not_tied(dm.backbone, delta, name)
@@ -168,6 +170,7 @@ def unmerge_out(dm: DeltaModel, name: str) -> None:
     delta = dm._get(name)
     if not delta.merged:
         raise DeltaError(f"delta {name!r} is not merged; nothing to unmerge")
+    refuse_merge(dm, f"unmerge {name!r}")
     delta.unmerge_from(dm.backbone)
     delta.merged = False
     undo, delta._undo = delta._undo, {}
@@ -189,6 +192,7 @@ def unmerge_out(dm: DeltaModel, name: str) -> None:
 def merged_state_dict(dm: DeltaModel) -> dict[str, torch.Tensor]:
     """The backbone's state dict with every enabled delta folded in; the DeltaModel is left as it was."""
     check_in_memory(dm.backbone)
+    refuse_merge(dm, "export a merged model")
     active = [n for n, d in dm.deltas.items() if d.enabled and not d.merged]
     refused = [f"{n} ({dm.deltas[n].config.method})" for n in active if not dm.deltas[n].config.can_merge]
     if refused:

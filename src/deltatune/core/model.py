@@ -377,9 +377,9 @@ class DeltaModel(nn.Module):
         """Write only this delta (tensors, config, backbone identity; the task head when it trains) to a folder."""
         return save_delta(self, path, name, include_head=include_head, **metadata)
 
-    def save_pretrained(self, path: str, *, include_head: bool | None = None, is_main_process: bool = True) -> Any:
-        """Write every delta (and the head, when it trains) as deltatune delta folders; not the backbone."""
-        return conventions.save_pretrained(self, path, include_head) if is_main_process else None
+    def save_pretrained(self, path: str, *, include_head: bool | None = None, is_main_process: Any = None) -> Any:
+        """Every delta (and the head, when it trains) as delta folders, not the backbone; FSDP: `core.sharded`."""
+        return conventions.save_pretrained(self, path, include_head, is_main_process)
 
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, path: str, **kwargs: Any) -> DeltaModel:

@@ -44,6 +44,7 @@ def anchor(backbone: nn.Module, delta: Delta) -> None:
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 anchors.append((name, parent._modules, attr, child, child._parameters, _tensors(child)))
     delta._anchors = anchors
+    delta._own_shapes = {n: p.shape for n, p in delta.named_parameters()}  # FSDP1 flattens them (core.sharded)
 
 
 def _holds(current: nn.Module | None, module: nn.Module) -> bool:
@@ -52,13 +53,21 @@ def _holds(current: nn.Module | None, module: nn.Module) -> bool:
     return current is not None and any(m is module for m in current.modules())
 
 
+def _sharded_in_place(tensor: torch.Tensor, shape: torch.Size) -> bool:
+    """The same parameter, sharded between forwards by a distributed wrapper that restores it inside its unit's
+    forward: DeepSpeed ZeRO-3 keeps the shape as `ds_shape`; FSDP1 with use_orig_params keeps the Parameter object
+    as a flat view of this rank's shard (`_fsdp_flattened`)."""
+    return getattr(tensor, "ds_shape", None) == shape or bool(getattr(tensor, "_fsdp_flattened", False))
+
+
 def check(deltas: dict[str, Delta]) -> None:
     """Refuse to compute with a delta (enabled or merged) whose module is gone from its place or resized.
 
     Per module: one dict lookup, and per parameter a shape (about 0.3 us; LoRA on the seven projections of a
     30-layer model, 210 modules, checks in well under a millisecond). A new parameter of the same shape
     (weights loaded by assignment) leaves the delta fitting, and DeepSpeed ZeRO-3 empties a parameter's
-    storage between forwards but keeps its shape as `ds_shape`: neither is refused."""
+    storage between forwards but keeps its shape as `ds_shape`, FSDP1 flattens it (`_sharded_in_place`): none is
+    refused."""
     for dname, delta in deltas.items():
         if not (delta.enabled or delta.merged):
             continue
@@ -72,7 +81,7 @@ def check(deltas: dict[str, Delta]) -> None:
                 )
             for pname, tensor, shape in tensors:
                 now = params.get(pname, tensor)
-                if now is not None and now.shape != shape and getattr(now, "ds_shape", None) != shape:
+                if now is not None and now.shape != shape and not _sharded_in_place(now, shape):
                     raise DeltaError(
                         f"delta {dname!r} ({delta.config.method}) was built for {name}.{pname} of shape "
                         f"{tuple(shape)}, which is now {tuple(now.shape)} (resize_token_embeddings after attaching?); "

@@ -212,8 +212,9 @@ HEAD_KEY = "__head__."  # the prefix of task head tensors in a delta's state and
 
 
 def plain_name(name: str) -> str:
-    """A parameter's backbone name, also while a parametrization wraps it (`x.parametrizations.weight.original`)."""
-    return name.replace(".parametrizations.", ".").replace(".original", "")
+    """A parameter's backbone name, also while a parametrization wraps it (`x.parametrizations.weight.original`)
+    or FSDP1 wraps its block (`layer.0._fsdp_wrapped_module.attention...`)."""
+    return name.replace(".parametrizations.", ".").replace(".original", "").replace("_fsdp_wrapped_module.", "")
 
 
 # Task models whose head is new for the task (transformers initializes it randomly): a delta alone

@@ -39,7 +39,8 @@ def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
             return
         for name, delta in deltas.items():
             p = next((p for p in delta.parameters() if p.requires_grad), None)
-            if p is None or p.grad is None:
+            # inside FSDP2's forward the parameter is its gathered copy, not a leaf: its gradient lives on the shard
+            if p is None or not p.is_leaf or p.grad is None:
                 seen.pop(name, None)
                 continue
             state = seen.setdefault(name, [p._version, 0])

@@ -46,11 +46,9 @@ class SaveDeltaCallback(TrainerCallback):
         self.subfolder = subfolder
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
-        if not state.is_world_process_zero:
-            return control
         dm = _delta_model(model, "SaveDeltaCallback")
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.subfolder)
-        dm.save_pretrained(folder)
+        dm.save_pretrained(folder, is_main_process=state.is_world_process_zero)  # every process: FSDP2 gathers
         return control
 
 

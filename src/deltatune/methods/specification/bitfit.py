@@ -101,7 +101,7 @@ class BitFit(ParamDelta):
             self.added[key] = bias
             self._added_modules[key] = name
             self.sites[name] = self.sites.get(name, 0) + bias.numel()
-            hooks.on_output(module, _offset_hook(bias))
+            hooks.on_output(module, _offset_hook(self.added, key))
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> None:
@@ -125,8 +125,12 @@ class BitFit(ParamDelta):
             model.get_submodule(self._added_modules[key]).bias = None
 
 
-def _offset_hook(bias: nn.Parameter):
+def _offset_hook(added: nn.ParameterDict, key: str):
+    """Reads the bias from `added` at each call: FSDP (and `load_state_dict(assign=True)`) put new Parameter objects
+    there, and a hook holding the first one trained a stale copy (FSDP2, tiny Llama: the biases never moved)."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        bias = added[key]
         return map_hidden(output, lambda h: h + bias.to(h.dtype))
 
     return hook

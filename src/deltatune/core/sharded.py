@@ -1,0 +1,95 @@
+"""A DeltaModel sharded by FSDP: what each process holds, and the calls that need the whole tensors.
+
+Under FSDP (PyTorch's Fully Sharded Data Parallel) each process keeps a part of every parameter between
+forwards and gathers the whole one inside its unit's forward. Training works unchanged (the hooks read the
+deltas' parameters when they run, inside the forward), but a call made between forwards sees the parts:
+FSDP2 (`fully_shard`) holds each parameter as a `DTensor`; FSDP1 (`FullyShardedDataParallel`,
+use_orig_params=True) keeps the Parameter objects as flat views of this process's part. Before, FSDP1's
+`save_delta` wrote the flat parts as the delta without a word and FSDP2's failed inside the identity hash;
+a merge was refused as "quantized" or "tied". Now:
+
+- saving under FSDP2 gathers: `dm.save_pretrained(path, is_main_process=rank == 0)` on every process
+  (each gathers, the main one writes); called without `is_main_process`, or `save_delta`, it is refused,
+  since a gather that only one process enters never ends;
+- under FSDP1 saving is refused outside `FSDP.summon_full_params(model)`, where the tensors are whole;
+- merging and unmerging are refused while sharded: merge on an unsharded model after training.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .delta import DeltaError
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
+SAVE_FIX = (
+    "call dm.save_pretrained(path, is_main_process=<rank == 0>) on every process (each gathers the shards, "
+    "the main one writes)"
+)
+FSDP1_SAVE_FIX = (
+    "save inside `with FullyShardedDataParallel.summon_full_params(model):`, where the tensors are whole "
+    "(dm.save_pretrained(path, is_main_process=<rank == 0>))"
+)
+MERGE_FIX = (
+    "merge after training, on an unsharded model: save the delta (dm.save_pretrained(path, is_main_process=...) "
+    "on every process) and merge it on a fresh backbone (DeltaModel.from_pretrained(model, path).merge())"
+)
+
+
+def is_dtensor(tensor: object) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 `DTensor` gathered from every process (a collective), anything else as it is."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def find(dm: DeltaModel) -> tuple[str, str] | None:
+    """("fsdp2" | "fsdp1", the name of a sharded tensor) when the model is sharded now, else None.
+
+    FSDP1's flat views are told by shape: `core.replaced` records the shapes of the deltas' own tensors and of
+    the backbone tensors they act on when each delta is added; inside `summon_full_params` they are whole again.
+    """
+    for name, p in dm.named_parameters():
+        if is_dtensor(p):
+            return "fsdp2", name
+    for dname, delta in dm.deltas.items():
+        shapes = getattr(delta, "_own_shapes", {})
+        for pname, p in delta.named_parameters():
+            if getattr(p, "_fsdp_flattened", False) and p.shape != shapes.get(pname, p.shape):
+                return "fsdp1", f"deltas.{dname}.{pname}"
+        for mname, _, _, _, params, tensors in getattr(delta, "_anchors", ()):
+            for pname, _, shape in tensors:
+                now = params.get(pname)
+                if now is not None and getattr(now, "_fsdp_flattened", False) and now.shape != shape:
+                    return "fsdp1", f"{mname}.{pname}"
+    return None
+
+
+def refuse_merge(dm: DeltaModel, action: str) -> None:
+    """A merge writes into every process's part of a weight as if it were the whole weight."""
+    if (found := find(dm)) is not None:
+        raise DeltaError(f"cannot {action}: the model is sharded by FSDP ({found[1]} is a shard); {MERGE_FIX}")
+
+
+def check_save(dm: DeltaModel, name: str, is_main_process: bool | None) -> str | None:
+    """Refuse a save that would write a shard, or gather on one process alone; "fsdp2" when saving must gather."""
+    found = find(dm)
+    if found is None:
+        return None
+    kind, tensor = found
+    if kind == "fsdp1":
+        raise DeltaError(f"cannot save {name!r}: the model is sharded by FSDP ({tensor} is a shard); {FSDP1_SAVE_FIX}")
+    if is_main_process is None:
+        raise DeltaError(f"cannot save {name!r}: the model is sharded by FSDP ({tensor} is a DTensor); {SAVE_FIX}")
+    return kind
