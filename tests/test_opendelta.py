@@ -135,7 +135,12 @@ def test_tensors_the_model_lacks_or_another_backbone(tmp_path: Path) -> None:
     wider = saved | {k: torch.zeros(8, 32) for k in saved if k.endswith("lora_A")}
     with pytest.raises(OpenDeltaFormatError, match="not of rank lora_r=4"):
         import_opendelta(_base("bert"), _edited(tmp_path / "w", "lora", tensors=wider))
-    assert not any(True for _ in model.modules() if hasattr(model, "_delta"))  # nothing half-attached
+    base = _base("bert")
+    narrow = saved | {"bert.encoder.layer.1.attention.self.value.lora.lora_B": torch.zeros(16, 4)}
+    with pytest.raises(OpenDeltaFormatError, match=r"shape \(16, 4\), this model needs \(32, 4\)"):
+        import_opendelta(base, _edited(tmp_path / "n", "lora", tensors=narrow))  # attached, then detached
+    with torch.no_grad():
+        assert torch.equal(base(**_inputs("bert")).logits, EXPECTED["bert.base"])
 
 
 def test_low_rank_above_one_is_refused(tmp_path: Path) -> None:
