@@ -299,7 +299,9 @@ def test_adapters_refuse_to_merge() -> None:
 # -- bad configs ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_unknown_non_linearity_raises(method: str) -> None:
-    with pytest.raises(ValueError, match=r"non_linearity must be one of relu, gelu, tanh, silu, got 'swish'"):
+    with pytest.raises(
+        ValueError, match=r"non_linearity must be one of relu, gelu, tanh, silu, gelu_tanh, got 'swish'"
+    ):
         dt.attach(make_model("bert"), dt.get_config(method, non_linearity="swish"))
 
 

@@ -7,6 +7,8 @@ tuning, prefix tuning) and
 `import_adapterhub(model, folder)` reads an AdapterHub (`adapters` library) folder: bottleneck adapters
 (seq_bn, double_seq_bn, par_bn), LoRA and (IA)^3, with AdapterHub's outputs exactly, and
 `export_adapterhub(dm, folder)` writes one (`model.load_adapter(folder, use_safetensors=True)` loads it).
+`import_opendelta(model, folder)` reads an OpenDelta `save_finetuned` folder (LoRA, adapter, low-rank and
+parallel adapter, BitFit) with OpenDelta's outputs exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from . import peft_ia3, peft_ln, peft_lora, peft_prompt
 from .adapterhub import import_adapterhub
 from .adapterhub_common import AdapterHubFormatError
 from .adapterhub_export import export_adapterhub
+from .opendelta import OpenDeltaFormatError, import_opendelta
 from .peft_common import PeftFormatError, read_folder
 from .peft_ia3 import export_peft_ia3, import_peft_ia3
 from .peft_layers import FORMATS, export_peft_layers, import_peft_layers
@@ -100,6 +103,7 @@ __all__ = [
     "EXPORTERS",
     "IMPORTERS",
     "PeftFormatError",
+    "OpenDeltaFormatError",
     "export_adapterhub",
     "export_peft",
     "export_peft_ia3",
@@ -109,6 +113,7 @@ __all__ = [
     "export_peft_prefix",
     "export_peft_prompt",
     "import_adapterhub",
+    "import_opendelta",
     "import_peft",
     "import_peft_ia3",
     "import_peft_layers",

@@ -150,6 +150,11 @@ def _bottleneck(delta: Delta, name: str, blocks: str, model: nn.Module) -> tuple
                 f"the parallel adapter on {site!r} reads {source!r}'s input; AdapterHub's par_bn reads the FFN's "
                 f"input ({want}): attach it with input_from=('ffn.in',) to export it"
             )
+    if cfg.non_linearity not in NON_LINEARITIES:
+        raise AdapterHubFormatError(
+            f"this {method} uses non_linearity={cfg.non_linearity!r}; the export writes "
+            f"{', '.join(NON_LINEARITIES)} (AdapterHub's {', '.join(NON_LINEARITIES.values())})"
+        )
     hidden = int(model.config.hidden_size)
     config = BN_CONFIG | {
         "init_weights": "mam_adapter" if method == "parallel_adapter" else "bert",

@@ -7,19 +7,24 @@ not in the block; it lives here once.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..core.delta import DeltaConfig
 
-NON_LINEARITIES: dict[str, type[nn.Module]] = {
+NON_LINEARITIES: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
     "silu": nn.SiLU,
+    # GELU's tanh approximation: transformers' "gelu_new", the default of OpenDelta's adapters
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
 }
 # "identity" makes the block linear, which only a method that can then merge it allows (the low-rank adapter)
-ACTIVATIONS: dict[str, type[nn.Module]] = {**NON_LINEARITIES, "identity": nn.Identity}
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {**NON_LINEARITIES, "identity": nn.Identity}
 
 
 def check_non_linearity(config: DeltaConfig, value: str) -> None:

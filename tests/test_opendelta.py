@@ -1,0 +1,154 @@
+"""OpenDelta delta checkpoints imported with OpenDelta's outputs, and what is refused.
+
+tests/fixtures/opendelta/ comes from scripts/make_opendelta_fixtures.py run with OpenDelta 0.3.2
+(transformers 4.57.6): tiny random BERT/GPT-2/T5 bases, one perturbed `save_finetuned` folder per case
+and OpenDelta's outputs on fixed inputs. OpenDelta is not installed here (nor in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file, save_file
+
+import deltatune.interop
+from deltatune.interop import OpenDeltaFormatError, import_opendelta
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "opendelta"
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_opendelta_fixtures import CASES, CONFIGS  # noqa: E402
+
+METHOD = {
+    "lora": "lora", "lora_names": "lora", "lora_unfrozen": "lora", "t5_lora": "lora",
+    "adapter": "adapter", "adapter_relu": "adapter", "gpt2_adapter": "adapter", "t5_adapter": "adapter",
+    "bitfit": "bitfit", "gpt2_bitfit": "bitfit", "low_rank_adapter": "lowrank_adapter",
+    "parallel_adapter": "parallel_adapter",
+}  # fmt: skip
+REFUSED = {"parallel_adapter_attn": "BertAttention", "soft_prompt": "soft prompt tuning"}
+TOL = 1e-5
+EXPECTED = load_file(str(FIXTURES / "expected.safetensors"))
+
+
+def _base(arch: str) -> torch.nn.Module:
+    cls, kwargs = CONFIGS[arch]
+    model_cls = getattr(tf, cls)
+    model = model_cls(model_cls.config_class(**kwargs))
+    model.load_state_dict(load_file(str(FIXTURES / f"base_{arch}.safetensors")), strict=False)
+    model.tie_weights()  # GPT-2's and T5's output embeddings are their input embeddings
+    return model.eval()
+
+
+def _inputs(arch: str) -> dict[str, torch.Tensor]:
+    prefix = f"{arch}.input."
+    return {k[len(prefix) :]: v for k, v in EXPECTED.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD))
+def test_imported_delta_gives_opendeltas_outputs(case: str) -> None:
+    arch = CASES[case][0]
+    dm = import_opendelta(_base(arch), FIXTURES / case).eval()
+    assert [d.config.method for d in dm.deltas.values()] == [METHOD[case]]
+    with torch.no_grad():
+        assert (dm(**_inputs(arch)).logits - EXPECTED[case]).abs().max().item() <= TOL
+        dm.disable("default")  # the delta matters: without it the outputs are far from OpenDelta's
+        assert (dm(**_inputs(arch)).logits - EXPECTED[case]).abs().max().item() > 1e-3
+
+
+def test_every_fixture_is_checked() -> None:
+    assert set(CASES) == set(METHOD) | set(REFUSED)
+    assert {k for k in EXPECTED if "." not in k} == set(CASES)
+
+
+def test_saved_classifier_is_copied_and_trains() -> None:
+    dm = import_opendelta(_base("bert"), FIXTURES / "lora")
+    saved = torch.load(FIXTURES / "lora" / "pytorch_model.bin", weights_only=True, map_location="cpu")
+    assert torch.equal(dm.backbone.classifier.weight, saved["classifier.weight"])
+    assert dm.backbone.classifier.weight.requires_grad and not dm.backbone.bert.pooler.dense.weight.requires_grad
+
+
+def test_delta_onto_the_bare_encoder_leaves_the_head_out() -> None:
+    arch_cls, kwargs = CONFIGS["bert"]
+    bare = tf.BertModel(tf.BertConfig(**kwargs)).eval()
+    bare.load_state_dict({k.removeprefix("bert."): v for k, v in load_file(str(FIXTURES / "base_bert.safetensors")).items()
+                          if k.startswith("bert.")})  # fmt: skip
+    with pytest.warns(UserWarning, match="task head .* not imported"):
+        dm = import_opendelta(bare, FIXTURES / "adapter")
+    assert list(dm.deltas) == ["default"] and dm.delta("default").sites
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unmappable_deltas_are_refused(case: str) -> None:
+    with pytest.raises(OpenDeltaFormatError, match=REFUSED[case]):
+        import_opendelta(_base(CASES[case][0]), FIXTURES / case)
+
+
+def _edited(tmp_path: Path, case: str, config: dict | None = None, tensors: dict | None = None) -> Path:
+    folder = tmp_path / case
+    shutil.copytree(FIXTURES / case, folder)
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(json.loads((folder / "config.json").read_text()) | config))
+    if tensors is not None:
+        (folder / "pytorch_model.bin").unlink()
+        save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"delta_type": "compacter"}, "Compacter"),
+        ({"delta_type": "prefix"}, "prefix tuning"),
+        ({"delta_type": "lora_plus"}, "'lora_plus' has no deltatune mapping"),
+        ({"backbone_class": "GPT2LMHeadModel"}, r"saved from a GPT2LMHeadModel \(gpt2\)"),
+        ({"non_linearity": "leakyrelu"}, "non_linearity='leakyrelu'"),
+    ],
+)
+def test_config_refusals(tmp_path: Path, edit: dict, message: str) -> None:
+    case = "adapter" if "non_linearity" in edit else "lora"
+    with pytest.raises(OpenDeltaFormatError, match=message):
+        import_opendelta(_base("bert"), _edited(tmp_path, case, edit))
+
+
+def test_not_an_opendelta_folder(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))  # a transformers model folder
+    with pytest.raises(OpenDeltaFormatError, match="not an OpenDelta delta checkpoint"):
+        import_opendelta(_base("bert"), tmp_path)
+
+
+def test_tensors_the_model_lacks_or_another_backbone(tmp_path: Path) -> None:
+    saved = torch.load(FIXTURES / "lora" / "pytorch_model.bin", weights_only=True, map_location="cpu")
+    deeper = saved | {"bert.encoder.layer.5.attention.self.query.lora.lora_A": torch.zeros(4, 32)}
+    with pytest.raises(OpenDeltaFormatError, match="layer.5.attention.self.query', which BertFor.* lacks"):
+        import_opendelta(_base("bert"), _edited(tmp_path, "lora", tensors=deeper))
+    model = _base("bert")
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.add_(0.01)  # another checkpoint of the architecture
+    with pytest.raises(OpenDeltaFormatError, match="values other than this model's"):
+        import_opendelta(model, FIXTURES / "lora_unfrozen")  # the whole backbone was saved: it is compared
+    wider = saved | {k: torch.zeros(8, 32) for k in saved if k.endswith("lora_A")}
+    with pytest.raises(OpenDeltaFormatError, match="not of rank lora_r=4"):
+        import_opendelta(_base("bert"), _edited(tmp_path / "w", "lora", tensors=wider))
+    base = _base("bert")
+    narrow = saved | {"bert.encoder.layer.1.attention.self.value.lora.lora_B": torch.zeros(16, 4)}
+    with pytest.raises(OpenDeltaFormatError, match=r"shape \(16, 4\), this model needs \(32, 4\)"):
+        import_opendelta(base, _edited(tmp_path / "n", "lora", tensors=narrow))  # attached, then detached
+    with torch.no_grad():
+        assert torch.equal(base(**_inputs("bert")).logits, EXPECTED["bert.base"])
+
+
+def test_low_rank_above_one_is_refused(tmp_path: Path) -> None:
+    saved = torch.load(FIXTURES / "low_rank_adapter" / "pytorch_model.bin", weights_only=True, map_location="cpu")
+    ranked = {k: (torch.zeros(v.shape[0], 2) if k.endswith("W_left") else v) for k, v in saved.items()}
+    with pytest.raises(OpenDeltaFormatError, match="elementwise"):
+        import_opendelta(_base("bert"), _edited(tmp_path, "low_rank_adapter", tensors=ranked))
+
+
+def test_exported_next_to_peft_and_adapterhub() -> None:
+    assert deltatune.interop.import_opendelta is import_opendelta
