@@ -91,3 +91,11 @@ def test_calls_that_need_whole_tensors_are_refused_while_sharded(results: dict) 
                 assert "is_main_process=<rank == 0>) on every process" in refused[call]
         else:
             assert "summon_full_params" in refused["save_delta"] and "summon_full_params" in refused["save_pretrained"]
+
+
+def test_deltas_left_outside_fsdp_are_refused(results: dict) -> None:
+    """`fully_shard(dm.backbone)` (or FSDP1 around the backbone) leaves the deltas as plain tensors on each
+    process: nothing averaged their gradients and each process trained its own delta, without an error."""
+    for variant, refused in results["outside"].items():
+        assert refused.startswith("DeltaError: delta 'default' is outside FSDP"), (variant, refused)
+        assert "fully_shard(dm)" in refused and "\n" not in refused

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing, conventions, copying, marks, replaced, unstepped
+from . import checkpointing, conventions, copying, marks, replaced, sharded, unstepped
 from .claims import check_claims, check_routes
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
@@ -107,7 +107,7 @@ class DeltaModel(nn.Module):
         penalty, AdaLoRA's orthogonality), as PEFT's AdaLoRA does: any loop that trains on
         `outputs.loss`, `transformers.Trainer` included, trains the method as its paper does.
         """
-        self._refuse_training_while_merged()
+        self._check_training()
         if delta_ids is None:
             out = self.backbone(*args, **kwargs)
         else:
@@ -135,8 +135,9 @@ class DeltaModel(nn.Module):
     def _merged(self) -> list[str]:
         return [n for n, d in self.deltas.items() if d.merged]
 
-    def _refuse_training_while_merged(self) -> None:
-        """A merged delta's tensors no longer act (the weights hold them): training them would do nothing."""
+    def _check_training(self) -> None:
+        """Merged deltas no longer act (the weights hold them); deltas outside FSDP would train per process."""
+        sharded.check_inside(self)
         if self.backbone.training and torch.is_grad_enabled() and (merged := self._merged()):
             raise DeltaError(
                 f"delta(s) {', '.join(merged)} are merged into the weights, so training would not reach them; "
