@@ -7,6 +7,7 @@ launcher then stops the others), as a killed run would; resume: continue the run
 
 from __future__ import annotations
 
+import atexit
 import sys
 from pathlib import Path
 
@@ -38,7 +39,16 @@ def _count_saves(die_after: int | None) -> None:
     checkpoint.save = counted
 
 
+def _report_process_group_at_shutdown() -> None:
+    """Registered before `fit` so it runs after deltatune's exit hooks: is the process group still up when
+    Python starts tearing down modules (where it was destroyed before, racing its gloo threads)?"""
+    import torch.distributed as dist
+
+    print(f"process group at shutdown: {'up' if dist.is_initialized() else 'down'}", flush=True)
+
+
 def main(task_dir: str, out: str, *flags: str) -> None:
+    atexit.register(_report_process_group_at_shutdown)
     stop = [int(f.split("=", 1)[1]) for f in flags if f.startswith("stop-after=")]
     _count_saves(stop[0] if stop else None)
     tokenizer = make_tokenizer(WORDS)

@@ -5,6 +5,7 @@ Outside a launch (no accelerate state, or one process) every function answers as
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -41,6 +42,20 @@ def global_mean(accelerator: Any, loss: torch.Tensor) -> float:
     return accelerator.reduce(loss.detach(), reduction="mean").item()
 
 
+def end_process_group() -> None:
+    """Destroy the default process group of a launch, if one is up (what `Accelerator.end_training()` does).
+
+    Left alone, the gloo group (its two worker threads and its socket loop thread) lived into interpreter
+    shutdown, and was destroyed while Python cleared module globals (`Py_FinalizeEx` -> `finalize_modules`),
+    in an order that depends on every module imported. With torchao installed (transformers imports it:
+    1,031 more modules), a 2-process `deltatune train` once aborted in rank 1 at the end of the run
+    (docs/ecosystem.md). `make_accelerator` registers this at exit, so it runs after the last collective
+    and before that shutdown.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def make_accelerator(mixed_precision: str, grad_accum: int, batch_size: int) -> Any:
     """An Accelerator for a run's precision, gradient accumulation and global batch size.
 
@@ -61,6 +76,9 @@ def make_accelerator(mixed_precision: str, grad_accum: int, batch_size: int) -> 
     # split_batches: `batch_size` is the global batch, each of N processes gets 1/N of every batch, so
     # steps per epoch, the schedule and every update equal one process's (see docs/ecosystem.md)
     processes = PartialState(cpu=cpu).num_processes
+    if processes > 1:  # once per process: atexit.unregister first keeps a study's many runs to one entry
+        atexit.unregister(end_process_group)
+        atexit.register(end_process_group)
     if batch_size % processes:
         raise ValueError(
             f"batch_size {batch_size} is the global batch and must split evenly over {processes} processes; "
