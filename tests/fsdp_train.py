@@ -157,6 +157,10 @@ def outside_case(variant: str) -> str:
     """The backbone sharded, the DeltaModel not: the deltas' gradients would stay per process. Refused?"""
     dm = build("bert", "cls", "lora")
     blocks = [m for m in dm.backbone.modules() if type(m).__name__ in BLOCKS]
+    inputs = make_inputs(make_model("bert", "cls"), batch=2)
+    if variant == "ddp":  # accelerator.prepare(model) with the model deltas were attached to: the head trains
+        ddp = nn.parallel.DistributedDataParallel(dm.backbone)
+        return attempt(lambda: ddp(**inputs).loss.backward())
     if variant == "fsdp2":
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for block in blocks:
@@ -165,7 +169,6 @@ def outside_case(variant: str) -> str:
     else:
         dm.backbone = FSDP(dm.backbone, auto_wrap_policy=ModuleWrapPolicy({type(b) for b in blocks}),
                            use_orig_params=True, device_id=torch.device("cpu"))  # fmt: skip
-    inputs = make_inputs(make_model("bert", "cls"), batch=2)
     first = attempt(lambda: dm(**inputs).loss.backward())  # FSDP2: refused at once
     return first if first != "ok" else attempt(lambda: dm(**inputs).loss.backward())  # FSDP1 knows its root then
 
@@ -180,7 +183,7 @@ def main() -> None:
             results["train"].append(train_case(*case))
         except Exception:  # noqa: BLE001 - reported, the test fails on it
             results["errors"].append(f"{case}: {traceback.format_exc()[-1500:]}")
-    results["outside"] = {v: outside_case(v) for v in ("fsdp2", "fsdp1")}
+    results["outside"] = {v: outside_case(v) for v in ("fsdp2", "fsdp1", "ddp")}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shared = [str(folder)]  # the main process's folder, for both

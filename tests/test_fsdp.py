@@ -93,9 +93,13 @@ def test_calls_that_need_whole_tensors_are_refused_while_sharded(results: dict) 
             assert "summon_full_params" in refused["save_delta"] and "summon_full_params" in refused["save_pretrained"]
 
 
-def test_deltas_left_outside_fsdp_are_refused(results: dict) -> None:
-    """`fully_shard(dm.backbone)` (or FSDP1 around the backbone) leaves the deltas as plain tensors on each
+def test_deltas_left_outside_fsdp_or_ddp_are_refused(results: dict) -> None:
+    """DDP around the backbone (`accelerator.prepare(model)` with the model deltas were attached to) averaged the
+    head's gradients and none of the deltas'. `fully_shard(dm.backbone)` (or FSDP1 around the backbone) leaves the deltas as plain tensors on each
     process: nothing averaged their gradients and each process trained its own delta, without an error."""
+    ddp = results["outside"].pop("ddp")
+    assert ddp.startswith("DeltaError: DistributedDataParallel wraps the backbone, not the DeltaModel"), ddp
+    assert "accelerator.prepare(dm)" in ddp
     for variant, refused in results["outside"].items():
         assert refused.startswith("DeltaError: delta 'default' is outside FSDP"), (variant, refused)
         assert "fully_shard(dm)" in refused and "\n" not in refused

@@ -127,6 +127,25 @@ def check_inside(dm: DeltaModel) -> None:
             )
 
 
+def check_wrapped(backbone: torch.nn.Module, deltas: dict) -> None:
+    """Refuse a training forward of a backbone that DistributedDataParallel wraps in place of the DeltaModel.
+
+    `accelerator.prepare(model)` or `DistributedDataParallel(model)` with the model deltas were attached to
+    (not the DeltaModel): DDP averages the gradients of the backbone's trainable tensors (the head) and of
+    none of the deltas', so each process trained its own delta, without an error. DDP names the module it
+    runs while its forward runs (`_active_ddp_module`): a class attribute read, nothing else."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+    if ddp is None or ddp.module is not backbone or not any(p.requires_grad for p in deltas.parameters()):
+        return
+    raise DeltaError(
+        "DistributedDataParallel wraps the backbone, not the DeltaModel: it averages the head's gradients and "
+        "none of the deltas', so each process would train its own delta; wrap the DeltaModel "
+        "(accelerator.prepare(dm), DistributedDataParallel(dm), Trainer(model=dm))"
+    )
+
+
 def _several_processes() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sharded
+
 UNSTEPPED_FORWARDS = 100  # above any usual gradient accumulation (there the count restarts at each step)
 UNSTEPPED_MESSAGE = (
     "delta {name!r} has had gradients for {n} training forwards but no optimizer step changed it: the optimizer "
@@ -37,6 +39,7 @@ def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
     def before_forward(module: nn.Module, args: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        sharded.check_wrapped(module, deltas)  # DDP around the backbone: the deltas' gradients averaged by nothing
         for name, delta in deltas.items():
             p = next((p for p in delta.parameters() if p.requires_grad), None)
             # inside FSDP2's forward the parameter is its gathered copy, not a leaf: its gradient lives on the shard
