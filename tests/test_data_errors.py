@@ -149,6 +149,9 @@ def test_a_columns_mapping_naming_no_column_names_the_close_one(tmp_path):
         load_task(folder, columns={"Review": "text", "Ratin": "label"})
     task = load_task(folder, columns={"Review": "text", "Rating": "label"})
     assert [e.text for e in task.splits["train"]] == ["good", "bad"]
+    # one --columns serves every task of a study: a column this task lacks, with no near name, is let be
+    task = load_task(folder, columns={"Review": "text", "Rating": "label", "Sentence2": "text_pair"})
+    assert [e.text_pair for e in task.splits["train"]] == [None, None]
 
 
 def test_a_columns_mapping_is_checked_over_every_split(tmp_path):

@@ -227,7 +227,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys) -> No
     assert main(["train", "--task", str(tmp_path / "missing.jsonl"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["train", "--method", "lora", "--method-arg", "rank=3"]) == 2
-    assert "its settings: alpha, alpha_pattern, dropout, layers, r, rank_pattern, targets" in capsys.readouterr().err
+    assert "LoRAConfig has no setting 'rank'; deltatune calls it 'r'" in capsys.readouterr().err
 
 
 def test_bf16_mixed_precision_runs_on_the_cpu(task, tokenizer) -> None:  # noqa: ANN001

@@ -49,23 +49,22 @@ def check_columns(columns: Any) -> dict[str, str] | None:
 
 
 def check_mapped(columns: Mapping[str, str] | None, rows: Iterable[dict], where: str) -> None:
-    """Refuse a mapping whose column no row has (`Review` spelled `review`): otherwise the refusal that
-    follows says a field is missing and suggests a mapping, and the user's own typo goes unnamed."""
+    """Refuse a mapping whose column no row has but one nearly has (`review` for `Review`): otherwise the
+    refusal that follows says a field is missing, and the user's own typo goes unnamed. A mapped column
+    with no near name is let be: one `--columns` serves every task of a study, each with its own columns."""
     if not columns:
         return
     seen: set[str] = set()
     for row in itertools.islice(rows, 10_000):
         seen.update(row)
-    missing = [c for c in columns if c not in seen]
-    if not missing or not seen:
-        return
-    name = missing[0]
-    close = [c for c in seen if c.lower() == name.lower()] or difflib.get_close_matches(name, sorted(seen), n=1)
-    hint = f"did you mean {close[0]!r}? (" if close else "("
-    have = ", ".join(repr(c) for c in sorted(seen)[:8])
-    raise DataError(
-        f"{where}: columns maps {name!r}, which no row has; {hint}column names are case-sensitive; the rows have {have})"
-    )
+    for name in (c for c in columns if c not in seen):
+        close = [c for c in seen if c.lower() == name.lower()] or difflib.get_close_matches(name, sorted(seen), n=1)
+        if close:
+            have = ", ".join(repr(c) for c in sorted(seen)[:8])
+            raise DataError(
+                f"{where}: columns maps {name!r}, which no row has; did you mean {close[0]!r}? (column names are "
+                f"case-sensitive; the rows have {have})"
+            )
 
 
 def map_hint(fields: list[str], wanted: str) -> str:
