@@ -115,13 +115,7 @@ def import_opendelta(
     `head`: also copy saved task-head tensors (OpenDelta saves `unfrozen_modules` such as the classifier)
     when they are this model's head, which then trains with the delta; another head is left out with a warning."""
     config, tensors = read_folder(folder)
-    kind = config["delta_type"]
-    if kind in REFUSED:
-        raise OpenDeltaFormatError(f"{folder} holds OpenDelta {REFUSED[kind]}, which deltatune does not import; "
-                                   f"importable: {', '.join(IMPORTERS)}")  # fmt: skip
-    if kind not in IMPORTERS:
-        raise OpenDeltaFormatError(f"OpenDelta delta_type {kind!r} has no deltatune mapping; importable: "
-                                   f"{', '.join(IMPORTERS)}")  # fmt: skip
+    kind = check_type(config, folder)
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
     _check_backbone(config, dm.backbone)
     parts, heads = _split(dm, kind, tensors)
@@ -139,6 +133,18 @@ def import_opendelta(
         raise
     _import_head(dm, heads, head, folder)
     return dm
+
+
+def check_type(config: dict, folder: str | os.PathLike) -> str:
+    """The checkpoint's delta_type, when deltatune imports it (the CLI asks before loading a model)."""
+    kind = config["delta_type"]
+    if kind in REFUSED:
+        raise OpenDeltaFormatError(f"{folder} holds OpenDelta {REFUSED[kind]}, which deltatune does not import; "
+                                   f"importable: {', '.join(IMPORTERS)}")  # fmt: skip
+    if kind not in IMPORTERS:
+        raise OpenDeltaFormatError(f"OpenDelta delta_type {kind!r} has no deltatune mapping; importable: "
+                                   f"{', '.join(IMPORTERS)}")  # fmt: skip
+    return kind
 
 
 def _check_backbone(config: dict, model: nn.Module) -> None:
