@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_opendelta_fixtures import CONFIGS  # noqa: E402
 
 EXPECTED = load_file(str(FIXTURES / "expected.safetensors"))
-CASES = ("lora", "adapter", "bitfit", "low_rank_adapter", "parallel_adapter")
+CASES = ("lora", "adapter", "bitfit", "low_rank_adapter", "parallel_adapter", "soft_prompt")
 
 
 def _model() -> tf.BertForSequenceClassification:

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..interop.opendelta import CONFIG, check_type, is_opendelta_folder
+from ..interop.opendelta import check_type
+from ..interop.opendelta_common import CONFIG, is_opendelta_folder, read_folder
 
 FIELD = "backbone_checkpoint_name"
 NO_HEAD = (
@@ -47,8 +48,6 @@ def head_rows(folder: str, weight: str, saved_class: str | None, model_class: st
 
     OpenDelta keys the tensors as `saved_class`'s state dict names them: the same class puts the head under the
     same name; another (a bare BertModel) saves no head that `import_opendelta` copies."""
-    from ..interop.opendelta import read_folder
-
     if saved_class != model_class:
         return None
     _, tensors = read_folder(folder)
