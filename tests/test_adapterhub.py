@@ -124,7 +124,8 @@ REFUSED = [
     ("seq_bn", {"original_ln_after": False}, r"original_ln_after=False"),
     ("seq_bn", {"residual_before_ln": False}, r"residual_before_ln=False with original_ln_before=True"),
     ("seq_bn", {"scaling": "learned"}, r"scaling='learned'; deltatune imports a positive number"),
-    ("seq_bn", {"non_linearity": "gelu_new"}, r"non_linearity='gelu_new'; deltatune's bottleneck has relu, gelu"),
+    ("seq_bn", {"non_linearity": "gelu_10"}, r"non_linearity='gelu_10'; deltatune's bottleneck has relu, gelu"),
+    ("seq_bn", {"non_linearity": "quick_gelu"}, r"non_linearity='quick_gelu'"),
     ("seq_bn", {"dropout": 0.1}, r"dropout=0.1, used in training only.*ignore_fields=\['dropout'\]"),
     ("seq_bn", {"shiny_option": 3}, r"sets shiny_option=3, unknown to .*ignore_fields=\['shiny_option'\]"),
     ("seq_bn", {"mh_adapter": True}, r"the mh_adapter tensors cover layers \[\]"),
@@ -271,3 +272,48 @@ def test_live_flexible_head_model_onto_a_bare_encoder(tmp_path: Path) -> None:
         dm = import_adapterhub(tf.BertModel.from_pretrained(FIXTURES / "base_bert").eval(), tmp_path / "x")
     with torch.no_grad():
         assert (dm(input_ids=ids).last_hidden_state - want).abs().max().item() <= TOL
+
+
+# transformers' GELU variants, which AdapterHub runs by name (ACT2FN), -> the bottleneck activation computing each
+GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+         "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh", "GELU_New": "gelu_tanh", "gelu_python": "gelu"}  # fmt: skip
+
+
+@pytest.mark.parametrize("act", sorted(GELUS))
+def test_gelu_variants_import_as_the_function_adapterhub_runs(tmp_path: Path, act: str) -> None:
+    """AdapterHub lower-cases the name and takes transformers' ACT2FN: the same function as deltatune's gelu_tanh
+    (gelu: the exact GELU) up to float32 rounding (float64: <= 9e-13); the tanh and exact GELU differ by 4.7e-4."""
+    from transformers.activations import ACT2FN
+
+    from deltatune.methods.bottleneck import activation
+
+    folder = _edit(tmp_path, "double_seq_bn", non_linearity=act)
+    dm = import_adapterhub(_base(FIXTURES, "double_seq_bn"), folder)
+    assert dm.delta("double_seq_bn").config.non_linearity == GELUS[act]
+    x = torch.linspace(-12, 12, 20001)
+    with torch.no_grad():
+        assert (ACT2FN[act.lower()](x) - activation(GELUS[act])(x)).abs().max().item() <= 1e-6  # float32 ulps
+        other = "gelu" if GELUS[act] == "gelu_tanh" else "gelu_tanh"
+        assert (ACT2FN[act.lower()](x) - activation(other)(x)).abs().max().item() > 4e-4
+
+
+def test_live_gelu_variants_give_adapterhubs_logits(tmp_path: Path) -> None:
+    """Each variant named in the fixtures' double_seq_bn and seq_bn folders, loaded by AdapterHub and imported."""
+    adapters = pytest.importorskip("adapters")
+    inputs = {
+        k: v
+        for k, v in load_file(str(FIXTURES / "expected.safetensors")).items()
+        if k in ("input_ids", "attention_mask")
+    }
+    diffs = {}
+    for case in ("double_seq_bn", "seq_bn"):
+        for act in GELUS:
+            folder = _edit(tmp_path / f"{case}-{act}", case, non_linearity=act)
+            theirs = _base(FIXTURES, case)
+            adapters.init(theirs)
+            theirs.set_active_adapters(theirs.load_adapter(str(folder), use_safetensors=True))
+            dm = import_adapterhub(_base(FIXTURES, case), folder).eval()
+            with torch.no_grad():
+                diffs[case, act] = (dm(**inputs).logits - theirs.eval()(**inputs).logits).abs().max().item()
+    print("LIVE gelu variants, max |logit diff|:", {f"{c} {a}": f"{d:.2g}" for (c, a), d in diffs.items()})
+    assert max(diffs.values()) <= TOL, diffs

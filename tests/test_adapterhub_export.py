@@ -32,6 +32,8 @@ CASES = {
     "norm_adapter_ffn_layer1": ("bert", "norm_adapter", {"targets": (r"re:.*\d\.output\.LayerNorm",), "layers": [1],
                                                          "bottleneck": 3, "non_linearity": "gelu", "scaling": 0.5}),
     "adapter_houlsby": ("bert", "adapter", {"bottleneck": 2, "non_linearity": "silu"}),
+    "adapter_gelu_tanh": ("bert", "adapter", {"bottleneck": 4, "non_linearity": "gelu_tanh"}),  # as "gelu_new"
+    "norm_adapter_gelu_tanh": ("bert", "norm_adapter", {"bottleneck": 3, "non_linearity": "gelu_tanh"}),
     "adapter_pfeiffer": ("bert", "adapter", {"placement": "pfeiffer", "layers": [0], "bottleneck": 5,
                                              "non_linearity": "tanh", "scaling": 2.0}),
     "parallel_adapter": ("bert", "parallel_adapter", {"bottleneck": 16}),
@@ -316,3 +318,9 @@ def test_live_load_adapter_without_use_safetensors_fails_loudly(tmp_path: Path) 
     adapters.init(model)
     with pytest.raises(OSError, match="Unable to load weights"):
         model.load_adapter(str(tmp_path / "ah"))
+
+
+def test_gelu_tanh_is_written_as_gelu_new(tmp_path: Path) -> None:
+    """AdapterHub runs transformers' "gelu_new" for it (the tanh approximation; its configs' name for it)."""
+    export_adapterhub(_attached("adapter_gelu_tanh"), tmp_path / "ah", "adapter_gelu_tanh")
+    assert json.loads((tmp_path / "ah" / "adapter_config.json").read_text())["config"]["non_linearity"] == "gelu_new"

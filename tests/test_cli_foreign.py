@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
-from tiny import TOY_WORDS, make_tokenizer, tiny_bert, write_toy_task
+from tiny import TOY_WORDS, ids_tokenizer, make_tokenizer, tiny_bert, write_toy_task
 
 from deltatune.cli import main
 
@@ -150,16 +150,6 @@ def test_wrong_inputs_get_one_line_each(bases, tmp_path, capsys) -> None:  # noq
 # --- AdapterHub -------------------------------------------------------------------------------------------
 
 
-def _ids_tokenizer(size: int):  # noqa: ANN202
-    """Token `t<i>` is id i (0 pad, 1 unknown), no special tokens added: a text spells its input ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1} | {f"t{i}": i for i in range(2, size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """base_bert with a tokenizer, the fixtures' inputs as texts, AdapterHub's logits, a 3-class task of those texts."""
@@ -167,7 +157,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = root / "base"
     shutil.copytree(FIXTURES / "base_bert", base)
     config = json.loads((base / "config.json").read_text())
-    _ids_tokenizer(config["vocab_size"]).save_pretrained(base)
+    ids_tokenizer(config["vocab_size"]).save_pretrained(base)
     expected = load_file(str(FIXTURES / "expected.safetensors"))
     texts = [
         " ".join(f"t{i}" for i, m in zip(ids.tolist(), mask.tolist(), strict=True) if m)

@@ -30,8 +30,9 @@ METHOD = {
     "adapter": "adapter", "adapter_relu": "adapter", "gpt2_adapter": "adapter", "t5_adapter": "adapter",
     "bitfit": "bitfit", "gpt2_bitfit": "bitfit", "low_rank_adapter": "lowrank_adapter",
     "parallel_adapter": "parallel_adapter",
+    "soft_prompt": "prompt", "gpt2_soft_prompt": "prompt", "t5_soft_prompt": "prompt",
 }  # fmt: skip
-REFUSED = {"parallel_adapter_attn": "BertAttention", "soft_prompt": "soft prompt tuning"}
+REFUSED = {"parallel_adapter_attn": "BertAttention"}
 TOL = 1e-5
 EXPECTED = load_file(str(FIXTURES / "expected.safetensors"))
 
@@ -55,10 +56,17 @@ def test_imported_delta_gives_opendeltas_outputs(case: str) -> None:
     arch = CASES[case][0]
     dm = import_opendelta(_base(arch), FIXTURES / case).eval()
     assert [d.config.method for d in dm.deltas.values()] == [METHOD[case]]
+    want = _real(EXPECTED[case], dm)
     with torch.no_grad():
-        assert (dm(**_inputs(arch)).logits - EXPECTED[case]).abs().max().item() <= TOL
+        assert (dm(**_inputs(arch)).logits - want).abs().max().item() <= TOL
         dm.disable("default")  # the delta matters: without it the outputs are far from OpenDelta's
-        assert (dm(**_inputs(arch)).logits - EXPECTED[case]).abs().max().item() > 1e-3
+        assert (dm(**_inputs(arch)).logits - want).abs().max().item() > 1e-3
+
+
+def _real(logits: torch.Tensor, dm: torch.nn.Module) -> torch.Tensor:
+    """OpenDelta's outputs at the real tokens: its soft prompt's LM logits also cover the prompt positions."""
+    n = next((d.config.num_tokens for d in dm.deltas.values() if d.config.method == "prompt"), 0)
+    return logits[:, n:] if n and logits.dim() == 3 and not dm.config.is_encoder_decoder else logits
 
 
 def test_every_fixture_is_checked() -> None:
@@ -152,3 +160,37 @@ def test_low_rank_above_one_is_refused(tmp_path: Path) -> None:
 
 def test_exported_next_to_peft_and_adapterhub() -> None:
     assert deltatune.interop.import_opendelta is import_opendelta
+
+
+@pytest.mark.parametrize(("case", "arch"), [("soft_prompt", "bert"), ("gpt2_soft_prompt", "gpt2")])
+def test_soft_prompt_numbers_positions_as_opendelta(case: str, arch: str) -> None:
+    """OpenDelta lets the model number [prompt; text] from 0: positions="shift"; "keep" computes other outputs."""
+    dm = import_opendelta(_base(arch), FIXTURES / case).eval()
+    assert dm.delta("default").config.positions == "shift"
+    keep = import_opendelta(_base(arch), FIXTURES / case).eval()
+    keep.delta("default").config.positions = "keep"
+    with torch.no_grad():
+        assert (keep(**_inputs(arch)).logits - _real(EXPECTED[case], dm)).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("case", "arch"), [("soft_prompt", "bert"), ("gpt2_soft_prompt", "gpt2"), ("t5_soft_prompt", "t5")]
+)
+def test_soft_prompt_without_a_mask_differs_where_the_input_holds_id_0(case: str, arch: str) -> None:
+    """With no attention_mask OpenDelta masks every id 0 (input_ids != 0); deltatune, as the backbone, attends to
+    all tokens. Row 0 holds no 0 and agrees; row 1 is padded with 0 and differs."""
+    dm = import_opendelta(_base(arch), FIXTURES / case).eval()
+    inputs = {k: v for k, v in _inputs(arch).items() if k != "attention_mask"}
+    assert (inputs["input_ids"][0] != 0).all() and (inputs["input_ids"][1] == 0).any()
+    with torch.no_grad():
+        diff = (dm(**inputs).logits - _real(EXPECTED[f"{case}.no_mask"], dm)).abs().flatten(1).amax(1)
+    assert diff[0] <= TOL and diff[1] > 1e-4
+
+
+def test_soft_prompt_onto_a_classifier_reading_a_position_is_refused() -> None:
+    """GPT-2's classifier reads the last position in OpenDelta (it passes no input_ids), deltatune's the last real
+    token; BERT's pooler (the first prompt vector in both) imports exactly (above)."""
+    cls, kwargs = CONFIGS["gpt2"]
+    model = tf.GPT2ForSequenceClassification(tf.GPT2Config(**kwargs))
+    with pytest.raises(OpenDeltaFormatError, match="hands GPT2ForSequenceClassification's classifier the prompt"):
+        import_opendelta(model, FIXTURES / "gpt2_soft_prompt")

@@ -261,3 +261,14 @@ def make_tokenizer(words: list[str]):  # noqa: ANN201 - a transformers fast toke
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>", cls_token="[CLS]"
     )
+
+
+def ids_tokenizer(size: int):  # noqa: ANN201 - a transformers fast tokenizer
+    """Token `t<i>` is id i (0 pad, 1 unknown), no special tokens added: a text spells its input ids, so a CLI
+    run on such texts sees the very inputs a fixture's outputs were taken on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1} | {f"t{i}": i for i in range(2, size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")

@@ -21,7 +21,7 @@ HELP_EVAL = "evaluate a saved delta on a task split (settings: those it was trai
 HELP_PREDICT = "predict labels (or generate text) for input texts with a saved delta"
 HELP_MERGE = "merge a saved delta into its backbone and write a plain transformers model folder"
 DELTA_HELP = (
-    "a delta folder `deltatune train` wrote (runs/<run>/delta-lora), or a PEFT or AdapterHub adapter folder "
+    "a delta folder `deltatune train` wrote (runs/<run>/delta-lora), or a PEFT, AdapterHub or OpenDelta folder "
     "(with --model, unless the adapter names a base model on this machine)"
 )
 
@@ -201,7 +201,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..train.objectives import objective_for
 
     set_threads(args.threads)
-    if (ad := foreign.adapter(args.delta)) is not None:  # a PEFT or AdapterHub folder
+    if (ad := foreign.adapter(args.delta)) is not None:  # a PEFT, AdapterHub or OpenDelta folder
         return foreign.run_eval(args, ad)
     meta = saved_meta(args.delta)
     info = _training(meta)
@@ -244,7 +244,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default=None,
-        help="for a PEFT or AdapterHub folder: the task whose label names to print (a task name, folder or file; "
+        help="for a PEFT, AdapterHub or OpenDelta folder: the task whose label names to print (a task name, folder or file; "
         "default: class indices)",
     )
     add_columns_argument(p, "as the delta's training read them")
@@ -260,10 +260,12 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..train.objectives import objective_for
 
     set_threads(args.threads)
-    if (ad := foreign.adapter(args.delta)) is not None:  # a PEFT or AdapterHub folder
+    if (ad := foreign.adapter(args.delta)) is not None:  # a PEFT, AdapterHub or OpenDelta folder
         return foreign.run_predict(args, ad)
     if args.task is not None:  # a delta folder records its task and labels
-        raise ValueError(f"--task is for PEFT and AdapterHub folders; {args.delta} records its own task and labels")
+        raise ValueError(
+            f"--task is for PEFT, AdapterHub and OpenDelta folders; {args.delta} records its own task and labels"
+        )
     info = _training(saved_meta(args.delta))
     train = info.get("train") or {}
     task = task_of(args.delta)

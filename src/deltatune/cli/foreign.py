@@ -1,11 +1,12 @@
-"""`deltatune eval` and `predict` on adapter folders PEFT (`save_pretrained`) and AdapterHub (`save_adapter`) wrote.
+"""`deltatune eval` and `predict` on folders PEFT (`save_pretrained`), AdapterHub (`save_adapter`) and OpenDelta
+(`save_finetuned`) wrote.
 
 Such a folder records the adapter and, at most, its base model's name and a classifier head; not the data,
 the label names, the max length or the batch size a deltatune delta folder records. So the backbone comes
 from --model (or a base model the adapter names that loads offline), the data and label names from --task
 (predict without it prints class indices), and the settings from the flags or their defaults, each said in
 a note. The head must be one the adapter was trained with: the one it saves (PEFT `modules_to_save`,
-AdapterHub's static head), or the backbone's own when --model is a classifier checkpoint of that many
+AdapterHub's static head, OpenDelta's trained classifier), or the backbone's own when --model is a classifier checkpoint of that many
 classes; a freshly drawn head would score chance without an error, so that is refused.
 """
 
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import foreign_opendelta
 from .args import set_threads
 
-PEFT, ADAPTERHUB = "PEFT", "AdapterHub"
+PEFT, ADAPTERHUB, OPENDELTA = "PEFT", "AdapterHub", "OpenDelta"
+BASE_FIELD = {PEFT: "base_model_name_or_path", ADAPTERHUB: "model_name", OPENDELTA: foreign_opendelta.FIELD}
 CONFIG = "adapter_config.json"
 MODELS = "minilm-l6, smollm2-135m or a model folder"
 
@@ -28,28 +31,35 @@ MODELS = "minilm-l6, smollm2-135m or a model folder"
 @dataclass
 class Adapter:
     folder: str
-    kind: str  # PEFT or ADAPTERHUB
+    kind: str  # PEFT, ADAPTERHUB or OPENDELTA
     config: dict[str, Any]
 
     @property
     def base(self) -> Any:
-        return self.config.get("base_model_name_or_path" if self.kind == PEFT else "model_name")
+        return self.config.get(self.base_field)
 
     @property
     def base_field(self) -> str:
-        return "base_model_name_or_path" if self.kind == PEFT else "model_name"
+        return BASE_FIELD[self.kind]
 
     def __str__(self) -> str:
         if self.kind == PEFT:
             return f"{self.folder} (a PEFT {self.config.get('peft_type')} adapter)"
+        if self.kind == OPENDELTA:
+            return f"{self.folder} (an OpenDelta {self.config.get('delta_type')} delta)"
         kind = self.config["config"].get("architecture") or "bottleneck"
         return f"{self.folder} (an AdapterHub {kind} adapter)"
 
 
 def adapter(folder: str) -> Adapter | None:
-    """The PEFT or AdapterHub adapter in `folder`; None for anything else (a deltatune folder, or no folder)."""
+    """The PEFT, AdapterHub or OpenDelta adapter in `folder`; None for anything else (a deltatune folder, a model
+    folder, or no folder)."""
     path = Path(folder)
-    if (path / "delta.json").exists() or not (path / CONFIG).is_file():
+    if (path / "delta.json").exists():
+        return None
+    if (opendelta := foreign_opendelta.config(folder)) is not None:
+        return Adapter(folder, OPENDELTA, opendelta)
+    if not (path / CONFIG).is_file():
         return None
     try:
         config = json.loads((path / CONFIG).read_text())
@@ -75,9 +85,10 @@ def backbone(ad: Adapter, given: str | None) -> str:
     base = ad.base
     usable = isinstance(base, str) and base.strip() and (base in SHORT_NAMES or base in ALIASES or _local(base))
     if not usable:
+        only = " (OpenDelta keeps the last part of the model's name only)" if ad.kind == OPENDELTA and base else ""
         raise ValueError(
             f"{ad} needs the backbone it was trained on: pass --model ({MODELS}); its {ad.base_field} is "
-            f"{base!r}, which deltatune cannot load offline"
+            f"{base!r}{only}, which deltatune cannot load offline"
         )
     check_model(base)
     print(f"note: no --model given; using the adapter's base model {base} ({ad.base_field})", file=sys.stderr)
@@ -137,6 +148,10 @@ def head_rows(ad: Adapter, model: str) -> int | None:
     weights = [n for n, p in skeleton.named_parameters() if heads and n.startswith(heads) and p.dim() == 2]
     if not weights:
         return None
+    if ad.kind == OPENDELTA:
+        return foreign_opendelta.head_rows(
+            ad.folder, weights[-1], ad.config.get("backbone_class"), type(skeleton).__name__
+        )
     _, tensors = read_folder(folder)
     for key, value in tensors.items():
         inner = key.removeprefix(PREFIX) if key.startswith(PREFIX) else key.removeprefix(PROMPT_PREFIX)
@@ -184,12 +199,12 @@ def check_classes(ad: Adapter, model: str, task) -> None:  # noqa: ANN001
 
 
 def _no_head(ad: Adapter, model: str, rows: int) -> ValueError:
-    saved = (
-        "PEFT saves it with modules_to_save, as task_type SEQ_CLS does"
-        if ad.kind == PEFT
-        else "save_adapter writes the model's own classifier as model_head.safetensors; a flexible head from "
-        "add_classification_head is not imported"
-    )
+    saved = {
+        PEFT: "PEFT saves it with modules_to_save, as task_type SEQ_CLS does",
+        ADAPTERHUB: "save_adapter writes the model's own classifier as model_head.safetensors; a flexible head "
+        "from add_classification_head is not imported",
+        OPENDELTA: foreign_opendelta.NO_HEAD,
+    }[ad.kind]
     return ValueError(
         f"{ad} saves no classifier head ({saved}), and {model} is no classifier checkpoint of {rows} classes: "
         "its scores would come from a randomly drawn head, so it is not run; save the adapter with its head"
@@ -215,7 +230,7 @@ def load(ad: Adapter, model: str, task):  # noqa: ANN001, ANN201
     from transformers.utils import logging as hf_logging
 
     from ..core.targeting import head_names
-    from ..interop import import_adapterhub, import_peft
+    from ..interop import import_adapterhub, import_opendelta, import_peft
     from ..train.run import load_for_task
 
     hf_logging.set_verbosity_error()
@@ -229,7 +244,9 @@ def load(ad: Adapter, model: str, task):  # noqa: ANN001, ANN201
     ):  # marked, so that what the import did not write shows (a drawn bias of zeros equals a saved one)
         for p in params.values():
             p.fill_(float("nan"))
-    dm = (import_peft if ad.kind == PEFT else import_adapterhub)(backbone_model, ad.folder)
+    dm = {PEFT: import_peft, ADAPTERHUB: import_adapterhub, OPENDELTA: import_opendelta}[ad.kind](
+        backbone_model, ad.folder
+    )
     dm.eval()
     kept = [n for n, p in params.items() if torch.isnan(p).all()]
     with torch.no_grad():
@@ -273,6 +290,8 @@ def run_eval(args: argparse.Namespace, ad: Adapter) -> int:
     if args.task is None:
         raise ValueError(f"{ad} does not record the data it was trained on; name the task to score with --task")
     model = backbone(ad, args.model)
+    if ad.kind == OPENDELTA:
+        foreign_opendelta.check(ad.folder, ad.config, model, getattr(_config(model), "model_type", None))
     task = _task(args)
     if args.split not in task.splits:
         raise ValueError(
@@ -351,6 +370,8 @@ def run_predict(args: argparse.Namespace, ad: Adapter) -> int:
         raise ValueError("give texts to predict, or --input FILE (not both)")
     predict_io.check_output(args.output)
     model = backbone(ad, args.model)
+    if ad.kind == OPENDELTA:
+        foreign_opendelta.check(ad.folder, ad.config, model, getattr(_config(model), "model_type", None))
     lm = _is_lm(model)
     if args.task is not None:
         task = _task(args)

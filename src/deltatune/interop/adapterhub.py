@@ -49,8 +49,12 @@ from .adapterhub_common import (
     read_folder,
 )
 
-# AdapterHub's activation names (lower-cased, as it reads them) -> deltatune's bottleneck's
-ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "tanh": "tanh", "swish": "silu", "silu": "silu"}
+# AdapterHub's activation names (lower-cased, as it reads them; transformers' ACT2FN) -> deltatune's bottleneck's.
+# The GELU variants are the same functions (float64 over [-12, 12]: 9e-13 for gelu_fast's rounded constant, <= 2e-15
+# for the others; float32 rounding 2.4e-7); gelu_10 (clipped) and quick_gelu (x sigmoid(1.702 x)) are others.
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_python": "gelu", "tanh": "tanh", "swish": "silu", "silu": "silu",
+               "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+               "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh"}  # fmt: skip
 REFUSED_ARCHITECTURES = {
     "prefix_tuning": "prefix tuning",
     "prompt_tuning": "prompt tuning",

@@ -41,7 +41,7 @@ from .adapterhub_common import CONFIG, HEAD_CONFIG, HEAD_WEIGHTS, WEIGHTS, Adapt
 FORMAT_VERSION = "adapters.1.3.0"
 MODEL_TYPES = ("bert", "roberta")
 EXPORTABLE = "norm_adapter (seq_bn), adapter (double_seq_bn), parallel_adapter (par_bn), lora, ia3"
-# deltatune's activation -> AdapterHub's name (the first the import maps to it: silu -> "swish")
+# deltatune's activation -> AdapterHub's name (the first the import maps to it: silu -> "swish", gelu_tanh -> "gelu_new")
 NON_LINEARITIES = {ours: theirs for theirs, ours in reversed(ACTIVATIONS.items())}
 # BnConfig.to_dict() of adapters 1.3.0 for the fields the export does not set (PHM, invertible adapters: off)
 BN_CONFIG = {k: v for k, (v, _) in BN_REQUIRED.items()} | {

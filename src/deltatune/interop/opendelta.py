@@ -17,7 +17,9 @@ What each delta computes (read from `opendelta/delta_models/*.py`), with h the m
 * bitfit: the saved biases are the trained values b' -> `bitfit` with D = b' - b; a `bitfit.bias`
   offset after a leaf module is D itself (added to the module's own bias, or an added bias).
 
-Refused in one line: compacter, prefix and soft_prompt (see `REFUSED`), other delta types,
+* soft_prompt: [soft_embeds; text] numbered from 0 -> `prompt` with positions="shift" (interop/opendelta_prompt.py).
+
+Refused in one line: compacter and prefix (see `REFUSED`), other delta types,
 activations deltatune's bottleneck lacks, module names the model lacks, a backbone of another
 architecture, and saved backbone tensors whose values differ from the model's (modules OpenDelta
 trained besides the delta, or another checkpoint). `backbone_hash` cannot be checked: OpenDelta
@@ -27,12 +29,10 @@ which no other library reproduces; OpenDelta itself only warns on a mismatch.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,15 +46,9 @@ from ..methods.addition.parallel_adapter import ParallelAdapterConfig
 from ..methods.reparameterization.lora import LoRAConfig
 from ..methods.reparameterization.lowrank_adapter import LowRankAdapterConfig
 from ..methods.specification.bitfit import BitFitConfig
-from .tensor_files import read_tensors
+from .opendelta_common import OpenDeltaFormatError, read_folder
+from .opendelta_prompt import soft_prompt
 
-
-class OpenDeltaFormatError(ValueError):
-    """An OpenDelta checkpoint deltatune cannot represent exactly, or not an OpenDelta checkpoint."""
-
-
-CONFIG, WEIGHTS = "config.json", ("model.safetensors", "pytorch_model.bin")
-SAVER = "delta_model.save_finetuned(folder)"
 # OpenDelta's activation names (lower-cased, as its Activations reads them) -> deltatune's bottleneck's
 ACTIVATIONS = {
     "relu": "relu",
@@ -71,8 +65,6 @@ REFUSED = {
     "on transformers 4.57 saves no PHM tensors at all)",
     "prefix": "prefix tuning (OpenDelta hands per-layer past_key_value tuples to each attention module, "
     "an interface transformers replaced by Cache objects; on 4.57 its saved prefix covers layer 0 only)",
-    "soft_prompt": "soft prompt tuning (OpenDelta runs the model on [prompt; text], returns outputs for the "
-    "prompt positions too and rewrites the caller's attention_mask in place)",
 }
 # OpenDelta's common-structure names -> deltatune's aliases (parallel adapter pairs)
 COMMON = {"attn.q": "attn.q", "attn.k": "attn.k", "attn.v": "attn.v", "attn.proj": "attn.o", "ff.w1": "ffn.in",
@@ -83,28 +75,9 @@ _KEYS = {
     "low_rank_adapter": re.compile(r"^(.+)\.low_rank_adapter\.(down_sampler|up_sampler)\.(W_left|W_right|b)$"),
     "parallel_adapter": re.compile(r"^(.+)\.(parallel_adapter(?:_\d+)?)\.modulelist\.(down_proj|up_proj)\.(weight|bias)$"),
     "bitfit": re.compile(r"^(.+?)(\.bitfit)?\.bias$"),
+    "soft_prompt": re.compile(r"^(.*?)\.?soft_prompt_layer\.(soft_embeds)$"),
 }  # fmt: skip
 Parts = dict[str, dict[str, torch.Tensor]]
-
-
-def is_opendelta_folder(folder: str | os.PathLike) -> bool:
-    """A folder `save_finetuned` wrote: config.json with OpenDelta's `delta_type` and `backbone_class`."""
-    path = Path(folder) / CONFIG
-    try:
-        config = json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and "delta_type" in config and "backbone_class" in config
-
-
-def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    if not is_opendelta_folder(folder):
-        raise OpenDeltaFormatError(
-            f"{folder} is not an OpenDelta delta checkpoint (a config.json with delta_type and backbone_class, "
-            f"as {SAVER} writes)"
-        )
-    return json.loads((folder / CONFIG).read_text()), read_tensors(folder, WEIGHTS, SAVER, OpenDeltaFormatError)
 
 
 def import_opendelta(
@@ -115,13 +88,7 @@ def import_opendelta(
     `head`: also copy saved task-head tensors (OpenDelta saves `unfrozen_modules` such as the classifier)
     when they are this model's head, which then trains with the delta; another head is left out with a warning."""
     config, tensors = read_folder(folder)
-    kind = config["delta_type"]
-    if kind in REFUSED:
-        raise OpenDeltaFormatError(f"{folder} holds OpenDelta {REFUSED[kind]}, which deltatune does not import; "
-                                   f"importable: {', '.join(IMPORTERS)}")  # fmt: skip
-    if kind not in IMPORTERS:
-        raise OpenDeltaFormatError(f"OpenDelta delta_type {kind!r} has no deltatune mapping; importable: "
-                                   f"{', '.join(IMPORTERS)}")  # fmt: skip
+    kind = check_type(config, folder)
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
     _check_backbone(config, dm.backbone)
     parts, heads = _split(dm, kind, tensors)
@@ -139,6 +106,18 @@ def import_opendelta(
         raise
     _import_head(dm, heads, head, folder)
     return dm
+
+
+def check_type(config: dict, folder: str | os.PathLike) -> str:
+    """The checkpoint's delta_type, when deltatune imports it (the CLI asks before loading a model)."""
+    kind = config["delta_type"]
+    if kind in REFUSED:
+        raise OpenDeltaFormatError(f"{folder} holds OpenDelta {REFUSED[kind]}, which deltatune does not import; "
+                                   f"importable: {', '.join(IMPORTERS)}")  # fmt: skip
+    if kind not in IMPORTERS:
+        raise OpenDeltaFormatError(f"OpenDelta delta_type {kind!r} has no deltatune mapping; importable: "
+                                   f"{', '.join(IMPORTERS)}")  # fmt: skip
+    return kind
 
 
 def _check_backbone(config: dict, model: nn.Module) -> None:
@@ -395,4 +374,5 @@ IMPORTERS = {
     "low_rank_adapter": _low_rank,
     "parallel_adapter": _parallel,
     "bitfit": _bitfit,
+    "soft_prompt": soft_prompt,
 }
