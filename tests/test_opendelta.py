@@ -194,3 +194,18 @@ def test_soft_prompt_onto_a_classifier_reading_a_position_is_refused() -> None:
     model = tf.GPT2ForSequenceClassification(tf.GPT2Config(**kwargs))
     with pytest.raises(OpenDeltaFormatError, match="hands GPT2ForSequenceClassification's classifier the prompt"):
         import_opendelta(model, FIXTURES / "gpt2_soft_prompt")
+
+
+def test_deltatune_loaders_name_import_opendelta_for_an_opendelta_folder() -> None:
+    """`load_delta` / `DeltaModel.from_pretrained` on OpenDelta's folder said only "no delta.json"."""
+    import deltatune as dt
+
+    folder = FIXTURES / "lora"
+    with pytest.raises(
+        dt.DeltaIOError, match=r"OpenDelta checkpoint: load it with deltatune\.interop\.import_opendelta"
+    ):
+        dt.load_delta(_base("bert"), folder)
+    with pytest.raises(
+        dt.DeltaIOError, match=r"OpenDelta checkpoint: load it with deltatune\.interop\.import_opendelta"
+    ):
+        dt.DeltaModel.from_pretrained(_base("bert"), folder)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .delta import DeltaError
-from .io import META, WEIGHTS, DeltaIOError, default_include_head, load_into, save_delta
+from .io import META, OPENDELTA_HINT, WEIGHTS, DeltaIOError, default_include_head, is_opendelta, load_into, save_delta
 from .merge import merged_state_dict
 from .routing import row_names
 from .state import TRAINER_STATE_HINT
@@ -297,6 +297,8 @@ def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any)
                 "its adapter_config.json is not PEFT's (AdapterHub's `adapters` library?): load it with "
                 "deltatune.interop.import_adapterhub(backbone, folder)"
             )
+        elif is_opendelta(path):
+            hint = OPENDELTA_HINT
         elif (path / "model.safetensors").exists():
             hint = TRAINER_STATE_HINT
         else:

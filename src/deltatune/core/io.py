@@ -161,6 +161,18 @@ def reseal(path: str | os.PathLike) -> Path:
     return path
 
 
+OPENDELTA_HINT = "it is an OpenDelta checkpoint: load it with deltatune.interop.import_opendelta(backbone, folder)"
+
+
+def is_opendelta(path: Path) -> bool:
+    """OpenDelta's `save_finetuned` folder: a config.json naming `delta_type` and `backbone_class`."""
+    config = path / "config.json"
+    if not config.is_file() or config.stat().st_size > 1 << 20:
+        return False
+    text = config.read_text(errors="replace")
+    return '"delta_type"' in text and '"backbone_class"' in text
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """delta.json, parsed within bounds (size, nesting, site ranges) before anything is allocated from it."""
     path = Path(path)
@@ -178,6 +190,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             raise DeltaIOError(
                 f"{path} holds several deltas (save_pretrained): load it with DeltaModel.from_pretrained"
             )
+        if is_opendelta(path):
+            raise DeltaIOError(f"{path} is not a delta folder: {OPENDELTA_HINT}")
         if (path / "model.safetensors").exists():
             raise DeltaIOError(f"{path} is not a delta folder: {TRAINER_STATE_HINT}")
         hint = " (it holds a delta.safetensors but no delta.json)" if (path / WEIGHTS).exists() else ""
