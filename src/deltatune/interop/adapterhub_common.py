@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.model import DeltaModel
+from .module_names import saved_name_candidates
 from .tensor_files import read_tensors
 
 CONFIG, HEAD_CONFIG = "adapter_config.json", "head_config.json"
@@ -113,13 +114,7 @@ def check_backbone(meta: dict, model: nn.Module) -> None:
 def place(model: nn.Module, saved: str) -> str:
     """The name in `model` of the module AdapterHub's saving model called `saved` (prefixes differ by head)."""
     names = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [saved]
-    if prefix and saved.startswith(prefix + "."):
-        candidates.append(saved[len(prefix) + 1 :])
-    if prefix and getattr(model, prefix, None) is not None:
-        candidates.append(f"{prefix}.{saved}")
-    for name in candidates:
+    for name in saved_name_candidates(model, saved):
         if name in names:
             return name
     raise AdapterHubFormatError(

@@ -46,6 +46,7 @@ from ..methods.addition.parallel_adapter import ParallelAdapterConfig
 from ..methods.reparameterization.lora import LoRAConfig
 from ..methods.reparameterization.lowrank_adapter import LowRankAdapterConfig
 from ..methods.specification.bitfit import BitFitConfig
+from .module_names import saved_name_candidates
 from .opendelta_common import OpenDeltaFormatError, read_folder
 from .opendelta_prompt import soft_prompt
 
@@ -136,13 +137,7 @@ def _check_backbone(config: dict, model: nn.Module) -> None:
 
 def _place(model: nn.Module, saved: str, names: set[str]) -> str | None:
     """The name in `model` of the module the saving model called `saved` (prefixes differ by head)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [saved]
-    if prefix and saved.startswith(prefix + "."):
-        candidates.append(saved[len(prefix) + 1 :])
-    if prefix and getattr(model, prefix, None) is not None:
-        candidates.append(f"{prefix}.{saved}")
-    return next((c for c in candidates if c in names), None)
+    return next((c for c in saved_name_candidates(model, saved) if c in names), None)
 
 
 def _split(dm: DeltaModel, kind: str, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
