@@ -173,6 +173,17 @@ def outside_case(variant: str) -> str:
     return first if first != "ok" else attempt(lambda: dm(**inputs).loss.backward())  # FSDP1 knows its root then
 
 
+def added_after_case(variant: str) -> str:
+    """A delta added once the model is sharded (or DDP-wrapped): the wrapper never registered its tensors. Refused?"""
+    dm = build("bert", "cls", "bitfit")
+    if variant == "ddp":  # DDP cannot refuse the add (it does not know), the next training forward is refused
+        ddp = nn.parallel.DistributedDataParallel(dm)
+        dm.add("late", "lora")
+        return attempt(lambda: ddp(**make_inputs(make_model("bert", "cls"), batch=2)).loss.backward())
+    shard(variant, dm)
+    return attempt(lambda: dm.add("late", "lora"))
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -183,6 +194,7 @@ def main() -> None:
             results["train"].append(train_case(*case))
         except Exception:  # noqa: BLE001 - reported, the test fails on it
             results["errors"].append(f"{case}: {traceback.format_exc()[-1500:]}")
+    results["added_after"] = {v: added_after_case(v) for v in ("fsdp2", "fsdp1", "ddp")}
     results["outside"] = {v: outside_case(v) for v in ("fsdp2", "fsdp1", "ddp")}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -103,3 +103,13 @@ def test_deltas_left_outside_fsdp_or_ddp_are_refused(results: dict) -> None:
     for variant, refused in results["outside"].items():
         assert refused.startswith("DeltaError: delta 'default' is outside FSDP"), (variant, refused)
         assert "fully_shard(dm)" in refused and "\n" not in refused
+
+
+def test_a_delta_added_after_sharding_or_ddp_is_refused(results: dict) -> None:
+    """FSDP registers the tensors when it wraps the model: LoRA added after `fully_shard(dm)` trained per process,
+    without an error (prompt tuning failed in torch's DTensor dispatch); the same after DistributedDataParallel."""
+    ddp = results["added_after"].pop("ddp")
+    assert ddp.startswith("DeltaError: delta 'late' was added after DistributedDataParallel wrapped the model"), ddp
+    for variant, refused in results["added_after"].items():
+        assert refused.startswith("DeltaError: cannot add 'late': the model is already sharded by FSDP"), variant
+        assert "attach every delta first, then shard" in refused

@@ -31,13 +31,8 @@ from .tree import render
 
 def _check_name(name: str) -> None:
     """Names become module keys and folder names (delta-<name>/): no dots, no path separators."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or len(name) > 100
-        or any(c in name for c in "./\\\0")
-        or not name.isprintable()
-    ):
+    bad = not isinstance(name, str) or not 0 < len(name) <= 100 or not name.isprintable()
+    if bad or any(c in name for c in "./\\\0"):
         raise ValueError(
             f"delta name must be a non-empty string of at most 100 printable characters without dots or slashes, "
             f"got {name!r}"
@@ -215,6 +210,7 @@ class DeltaModel(nn.Module):
             raise TypeError(f"train_head must be True, False or 'auto', got {train_head!r}")
         config.validate()
         check_in_memory(self.backbone)  # offloaded or never-loaded weights: one line, before anything is built
+        sharded.check_unsharded(self, name)  # a delta added under FSDP would lie outside it: each process its own
         check_limits(config, self.backbone)  # sizes bounded by this model, before anything is allocated
         delta = config.build()
         delta.enabled = enabled

@@ -111,20 +111,55 @@ def check_inside(dm: DeltaModel) -> None:
     Only a training forward of a multi-process launch is checked (a walk over the modules, ~25 us for 500)."""
     if not (torch.is_grad_enabled() and dm.training and _several_processes()):
         return
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    fsdp2 = _fsdp2_type()
+    _check_ddp_registered(dm)
+    fsdp2, fsdp1 = _fsdp2_type(), _fsdp1_type()
     if fsdp2 is not None and isinstance(dm, fsdp2):
         return
     for module in dm.backbone.modules():
         if (fsdp2 is not None and isinstance(module, fsdp2)) or (
-            isinstance(module, FullyShardedDataParallel) and getattr(module, "_is_root", None) is True
+            fsdp1 is not None and isinstance(module, fsdp1) and getattr(module, "_is_root", None) is True
         ):
             name = next(iter(dm.deltas), "")
             raise DeltaError(
                 f"delta {name!r} is outside FSDP while the backbone's modules are sharded: nothing averages "
                 f"its gradients across processes, so each would train its own delta; {OUTSIDE_FIX}"
             )
+
+
+def _check_ddp_registered(dm: DeltaModel) -> None:
+    """A delta added after DistributedDataParallel wrapped the DeltaModel: DDP averages the gradients of the
+    tensors it registered when it wrapped it, and trained the new delta per process, without an error."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+    registered = getattr(ddp, "_module_parameters", None) if ddp is not None and ddp.module is dm else None
+    if registered is None:
+        return
+    known = ddp.__dict__.get("_deltatune_known")
+    if known is None or known[0] != len(registered):  # DDP's list is fixed at wrapping: counted once
+        known = (len(registered), {id(p) for p in registered})
+        ddp.__dict__["_deltatune_known"] = known
+    for name, delta in dm.deltas.items():
+        if any(p.requires_grad and id(p) not in known[1] for p in delta.parameters()):
+            raise DeltaError(
+                f"delta {name!r} was added after DistributedDataParallel wrapped the model, so DDP averages none of "
+                "its gradients and each process would train its own; attach every delta before "
+                "accelerator.prepare(dm) / DistributedDataParallel(dm)"
+            )
+
+
+def check_unsharded(dm: DeltaModel, name: str) -> None:
+    """Refuse to add a delta to a model FSDP already shards: FSDP registered its tensors when it wrapped the
+    model, so the new delta's would lie outside it (LoRA, adapters, (IA)^3 trained per process, silently;
+    prompt tuning failed in torch's DTensor dispatch)."""
+    kinds = tuple(t for t in (_fsdp2_type(), _fsdp1_type()) if t is not None)
+    sharded = bool(kinds) and (isinstance(dm, kinds) or any(isinstance(m, kinds) for m in dm.backbone.modules()))
+    if sharded or any(getattr(p, "_fsdp_flattened", False) for p in dm.backbone.parameters()):
+        raise DeltaError(
+            f"cannot add {name!r}: the model is already sharded by FSDP, which registered its tensors when it "
+            "wrapped it, so the new delta's would lie outside (each process training its own); attach every "
+            "delta first, then shard"
+        )
 
 
 def check_wrapped(backbone: torch.nn.Module, deltas: dict) -> None:
@@ -157,3 +192,11 @@ def _fsdp2_type() -> type | None:
     except ImportError:  # a torch before FSDP2
         return None
     return FSDPModule
+
+
+def _fsdp1_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return None
+    return FullyShardedDataParallel
