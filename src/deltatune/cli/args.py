@@ -225,9 +225,15 @@ def check_model(name: str) -> None:
     if name in SHORT_NAMES or name in ALIASES:
         return  # loading checks the package and names the install command (a command may not load it at all)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return  # dequantized once when loaded (backbones.model_path)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{name} is not a model folder (no config.json); pass a transformers model folder")
+            ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+            hint = f"; for its GGUF file pass the file: --model {ggufs[0]}" if ggufs else ""
+            raise FileNotFoundError(
+                f"{name} is not a model folder (no config.json); pass a transformers model folder{hint}"
+            )
         return
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -71,7 +71,11 @@ FIELD_TYPE: dict[str, Any] = {
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm-l6", help="minilm-l6 (default), smollm2-135m, a hub id or a local folder")
+    p.add_argument(
+        "--model",
+        default="minilm-l6",
+        help="minilm-l6 (default), smollm2-135m, a hub id, a local folder or a .gguf file",
+    )
     p.add_argument(
         "--task",
         default="sst2",
