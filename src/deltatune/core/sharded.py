@@ -151,7 +151,11 @@ def _check_ddp_registered(dm: DeltaModel) -> None:
 def check_unsharded(dm: DeltaModel, name: str) -> None:
     """Refuse to add a delta to a model FSDP already shards: FSDP registered its tensors when it wrapped the
     model, so the new delta's would lie outside it (LoRA, adapters, (IA)^3 trained per process, silently;
-    prompt tuning failed in torch's DTensor dispatch)."""
+    prompt tuning failed in torch's DTensor dispatch). FSDP needs a process group: without one nothing is
+    imported (torch.distributed.fsdp takes 0.6 s to import, once, on the first attach)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
     kinds = tuple(t for t in (_fsdp2_type(), _fsdp1_type()) if t is not None)
     sharded = bool(kinds) and (isinstance(dm, kinds) or any(isinstance(m, kinds) for m in dm.backbone.modules()))
     if sharded or any(getattr(p, "_fsdp_flattened", False) for p in dm.backbone.parameters()):
