@@ -164,13 +164,17 @@ def reseal(path: str | os.PathLike) -> Path:
 OPENDELTA_HINT = "it is an OpenDelta checkpoint: load it with deltatune.interop.import_opendelta(backbone, folder)"
 
 
-def is_opendelta(path: Path) -> bool:
-    """OpenDelta's `save_finetuned` folder: a config.json naming `delta_type` and `backbone_class`."""
-    config = path / "config.json"
+def is_opendelta(path: str | os.PathLike) -> bool:
+    """OpenDelta's `save_finetuned` folder: a config.json (at most 1 MiB) with `delta_type` and `backbone_class`.
+    Here, not in `interop`, so that the loaders' refusals can name `import_opendelta` (interop reads core)."""
+    config = Path(path) / "config.json"
     if not config.is_file() or config.stat().st_size > 1 << 20:
         return False
-    text = config.read_text(errors="replace")
-    return '"delta_type"' in text and '"backbone_class"' in text
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "delta_type" in data and "backbone_class" in data
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

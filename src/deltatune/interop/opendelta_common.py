@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.io import is_opendelta
 from .tensor_files import read_tensors
 
 
@@ -19,14 +20,7 @@ CONFIG, WEIGHTS = "config.json", ("model.safetensors", "pytorch_model.bin")
 SAVER = "delta_model.save_finetuned(folder)"
 
 
-def is_opendelta_folder(folder: str | os.PathLike) -> bool:
-    """A folder `save_finetuned` wrote: config.json with OpenDelta's `delta_type` and `backbone_class`."""
-    path = Path(folder) / CONFIG
-    try:
-        config = json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and "delta_type" in config and "backbone_class" in config
+is_opendelta_folder = is_opendelta  # one test for the loaders' refusals, the import and the CLI
 
 
 def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
