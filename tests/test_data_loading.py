@@ -141,8 +141,8 @@ def test_a_csv_with_another_delimiter_is_read_by_its_header(tmp_path: Path, deli
 
 def test_columns_map_a_users_fields_from_the_call_or_meta_json_and_are_kept(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("Review,Sentiment\ngood,pos\nbad,neg\n")
-    with pytest.raises(DataError, match="the rows have 'Review', 'Sentiment'.*--columns Sentiment=label"):
-        load_task(tmp_path)
+    with pytest.raises(DataError, match="the rows have 'Review', 'Sentiment'.*--columns Sentiment=label,Review=text "):
+        load_task(tmp_path)  # both fields missing: one hint maps both, not one per attempt
     task = load_task(tmp_path, columns={"Review": "text", "Sentiment": "label"})
     assert task.labels == ["neg", "pos"] and task.meta["columns"] == {"Review": "text", "Sentiment": "label"}
     (tmp_path / "meta.json").write_text(json.dumps({"columns": {"Review": "text", "Sentiment": "label"}}))
@@ -150,6 +150,18 @@ def test_columns_map_a_users_fields_from_the_call_or_meta_json_and_are_kept(tmp_
     for bad, match in (({"Review": "txt"}, "'txt' is not a field"), (["Review"], "must map a column name")):
         with pytest.raises(DataError, match=match):
             load_task(tmp_path, columns=bad)
+
+
+def test_a_header_that_differs_from_a_field_only_in_case_is_that_field(tmp_path: Path) -> None:
+    """A spreadsheet's "Text,Label" header was refused ("missing field 'text'") and the hint asked for
+    --columns Text=text. The one column whose name folds to a field or an alias is that field; two such
+    columns ("Text" and "TEXT") are left for the user to say which."""
+    (tmp_path / "train.csv").write_text("Sentence,Label\ngood,pos\nbad,neg\n")
+    task = load_task(tmp_path)
+    assert task.labels == ["neg", "pos"] and [e.text for e in task["train"]] == ["good", "bad"]
+    (tmp_path / "train.csv").write_text("Text,TEXT,label\ngood,x,pos\nbad,y,neg\n")
+    with pytest.raises(DataError, match="missing field 'text'.*'TEXT', 'Text'"):
+        load_task(tmp_path)
 
 
 @pytest.mark.parametrize("test_rows", ["id,text\n1,lovely\n2,horrid\n", "text,label\nlovely,-1\nhorrid,-1\n"])

@@ -22,12 +22,23 @@ def canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
     label = row.get("label")
     if label is not None and not isinstance(label, str) and hasattr(label, "item"):  # numpy/torch scalars
         row["label"] = label.item()
+    folded: dict[str, list[str]] | None = None
     for key, aliases in COLUMN_ALIASES.items():
         if key not in row:
             for alias in aliases:
                 if alias in row:
                     row[key] = row[alias]
                     break
+            else:  # "Text", "Label", "Sentence" (a spreadsheet's or pandas' header): the one column of that name
+                if folded is None:
+                    folded = {}
+                    for name in row:
+                        if isinstance(name, str):
+                            folded.setdefault(name.lower(), []).append(name)
+                for alias in (key, *aliases):
+                    if len(folded.get(alias, ())) == 1:
+                        row[key] = row[folded[alias][0]]
+                        break
     return row
 
 
@@ -68,14 +79,30 @@ def check_mapped(columns: Mapping[str, str] | None, rows: Iterable[dict], where:
 
 
 def map_hint(fields: list[str], wanted: str) -> str:
-    """How to say which of a user's columns is `wanted`: rename it, or map it (CLI, API, meta.json)."""
+    """How to say which of a user's columns is `wanted`: rename it, or map it (CLI, API, meta.json). Where the
+    rows lack both a text and a label, the example maps both, so that one correction is enough."""
     have = ", ".join(repr(f) for f in fields[:8]) or "none"
-    words = _LIKELY.get(wanted, ())
-    likely = [f for f in fields if any(w in f.lower() for w in words)]
-    other = (likely or fields[-1:] if wanted == "label" else likely or fields[:1]) or ["COLUMN"]
+    missing = [wanted]
+    if wanted == "label" and not {"text", "source"} & set(fields):
+        missing.append("text")
+    elif wanted == "text" and "label" not in fields:
+        missing.append("label")
+    mapping: dict[str, str] = {}
+    for field in missing:
+        free = [f for f in fields if f not in mapping and f not in FIELDS] or ["COLUMN"]
+        likely = [f for f in free if any(w in f.lower() for w in _LIKELY.get(field, ()))]
+        mapping[(likely or (free[-1:] if field == "label" else free[:1]))[0]] = field
+    if len(mapping) < len(missing):  # one column could only stand for one field
+        mapping = dict(itertools.islice(mapping.items(), 1))
+    names = " and ".join(repr(f) for f in mapping.values())
+    cli = ",".join(f"{c}={f}" for c, f in mapping.items())
+    api = ", ".join(f'"{c}": "{f}"' for c, f in mapping.items())
     return (
-        f"the rows have {have}: rename a column to {wanted!r}, or map it, e.g. --columns {other[0]}={wanted} "
-        f'(load_task(..., columns={{"{other[0]}": "{wanted}"}}); "columns" in meta.json)'
+        f"the rows have {have}: rename columns to {names}, or map them, e.g. --columns {cli} "
+        f'(load_task(..., columns={{{api}}}); "columns" in meta.json)'
+        if len(mapping) > 1
+        else f"the rows have {have}: rename a column to {wanted!r}, or map it, e.g. --columns {cli} "
+        f'(load_task(..., columns={{{api}}}); "columns" in meta.json)'
     )
 
 
