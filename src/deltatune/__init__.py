@@ -3,6 +3,7 @@
 from .core import Delta, DeltaConfig, DeltaError, DeltaModel, Hooks, TargetError, attach, resolve
 from .core.entry import load_delta
 from .core.io import DeltaIOError, save_delta
+from .interop import peft_config as _peft_config  # noqa: F401  (attach reads PEFT's LoraConfig/IA3Config)
 from .methods import (
     METHODS,
     AdapterConfig,

@@ -23,7 +23,8 @@ def attach(
 ) -> DeltaModel:
     """Attach a delta to a transformers model; the model's code is not edited.
 
-    `config`: a method config, or a method name with its settings as keywords: `attach(model, "lora", r=16)`.
+    `config`: a method config, or a method name with its settings as keywords: `attach(model, "lora", r=16)`, or
+    another library's config that a registered reader translates (PEFT's LoraConfig and IA3Config).
 
     The default train_head="auto" trains the task head where the model's head is new for the task
     (`head_trains_by_default`), as PEFT's SEQ_CLS/TOKEN_CLS/QA task types do, so a Trainer script

@@ -21,7 +21,7 @@ from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
 from .layers import check_in_memory
 from .merge import check_commutes, check_head_load, export_merged, merge_in, unmerge_out
-from .registry import get_config
+from .registry import as_config
 from .routing import RowIds, input_rows, refuse_recomputation, row_names
 from .settings import check_limits
 from .state import check_state
@@ -196,10 +196,7 @@ class DeltaModel(nn.Module):
         _check_name(name)
         if name in self.deltas:
             raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
-        if isinstance(config, str):  # a method name with its defaults: attach(model, "lora")
-            config = get_config(config)
-        elif isinstance(config, dict) and "method" in config:  # as delta.json keeps it: {"method": "lora", "r": 8}
-            config = get_config(config["method"], **{k: v for k, v in config.items() if k != "method"})
+        config = as_config(config, self.backbone)  # a name, a delta.json dict, another library's config
         if not isinstance(config, DeltaConfig):
             raise TypeError(_not_a_config(config))
         if not isinstance(enabled, bool):

@@ -9,12 +9,19 @@ importing deltatune fills the registry.
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .delta import DeltaConfig
 
 METHODS: dict[str, type[DeltaConfig]] = {}
+
+# Readers of configs written for other libraries, (config, model) -> DeltaConfig, or None where the object is not
+# theirs; `deltatune.interop.peft_config` registers PEFT's (LoraConfig, IA3Config, ...). The core names no library.
+CONFIG_READERS: list[Callable[[Any, nn.Module], DeltaConfig | None]] = []
 
 
 def register(cls: type[DeltaConfig]) -> type[DeltaConfig]:
@@ -52,3 +59,18 @@ def get_config(name: str, **kwargs: object) -> DeltaConfig:
         if "has no setting" in str(e):
             raise ValueError(str(e)) from None
         raise
+
+
+def as_config(config: Any, model: nn.Module) -> Any:
+    """What `add` was given, as a DeltaConfig where it can be read as one: a method name (its defaults), a
+    delta.json dict ({"method": "lora", "r": 8}), or another library's config (`CONFIG_READERS`). Anything else is
+    returned as it came, for the caller's error."""
+    if isinstance(config, str):  # a method name with its defaults: attach(model, "lora")
+        return get_config(config)
+    if isinstance(config, dict) and "method" in config:  # as delta.json keeps it
+        return get_config(config["method"], **{k: v for k, v in config.items() if k != "method"})
+    for reader in CONFIG_READERS:
+        read = reader(config, model)
+        if read is not None:
+            return read
+    return config

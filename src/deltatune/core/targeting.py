@@ -4,6 +4,8 @@ A target string is one of:
   * an alias from `core.aliases` (`attn.q`, `ffn.out`, `ln`, `head`, ...), optionally restricted
     to one side of an encoder-decoder with `encoder:` or `decoder:` (`decoder:attn.q`);
   * `re:<pattern>`: a regular expression that must match the whole qualified name;
+  * `all-linear`: every linear layer (nn.Linear, GPT-2's Conv1D) outside the task or LM head, as PEFT's
+    `target_modules="all-linear"` (QLoRA's recipe);
   * anything else: an exact qualified name, or a suffix of one at a dot boundary (`query`).
 A target that selects nothing is an error listing the closest names, never a silent no-op:
 a typo in a target list would otherwise train a different model than the user asked for.
@@ -18,12 +20,14 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from .aliases import ALIAS_NAMES, ALIASES
+from .layers import is_linear
 
 Targets = str | Sequence[str] | None
 Layers = int | str | Sequence[int] | None
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block)\.(\d+)(?:\.|$)")
 _SIDES = ("encoder", "decoder")
+ALL_LINEAR = "all-linear"
 
 
 class TargetError(ValueError):
@@ -137,6 +141,8 @@ def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]
     if target == "head":
         heads = head_names(model)
         found = [n for n in names if n.split(".")[0] in heads]
+    elif target.lower() == ALL_LINEAR:
+        found = _all_linear(model, names)
     elif target.startswith("re:"):
         try:
             pattern = re.compile(target[3:])
@@ -163,9 +169,19 @@ def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]
     return found
 
 
+def _all_linear(model: nn.Module, names: list[str]) -> list[str]:
+    """The linear layers outside the head: the output embeddings (LM head) and the task head stay as they are,
+    as PEFT's "all-linear" leaves them (the head trains with `train_head`, not through a delta)."""
+    modules = dict(model.named_modules())
+    heads = set(head_names(model))
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    return [n for n in names if is_linear(modules[n]) and modules[n] is not out and n.split(".")[0] not in heads]
+
+
 def _closest(model: nn.Module, names: list[str], target: str) -> list[str]:
     target = target.split(":", 1)[-1]
-    candidates = set(names) | {n.rsplit(".", 1)[-1] for n in names} | set(ALIAS_NAMES)
+    candidates = set(names) | {n.rsplit(".", 1)[-1] for n in names} | set(ALIAS_NAMES) | {ALL_LINEAR}
     close = difflib.get_close_matches(target, sorted(candidates), n=6, cutoff=0.5)
     if not close:
         close = difflib.get_close_matches(target.rsplit(".", 1)[-1], sorted(candidates), n=6, cutoff=0.4)
