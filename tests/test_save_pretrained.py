@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,29 @@ def test_backbone_calls_that_would_lose_the_delta_name_the_right_call(attr: str)
     assert hasattr(dm.backbone, attr) or attr == "unload"
     with pytest.raises(AttributeError, match="dm\\.|deltatune"):
         getattr(dm, attr)
+
+
+@pytest.mark.parametrize(
+    "attr, call",
+    [("delete_adapter", "dm.detach(name)"), ("active_adapters", "dm.tree()"), ("disable_adapter", "dm.disable(name)"),
+     ("merge_adapter", "dm.merge(name)"), ("get_base_model", "dm.backbone"), ("peft_config", "dm.delta(name).config")],
+)  # fmt: skip
+def test_peftmodel_calls_a_migrated_script_keeps_name_deltatunes_call(attr: str, call: str) -> None:
+    """delete_adapter reached transformers' PEFT integration ("The version of PEFT you are using is not compatible"),
+    the others the backbone's bare "no attribute"."""
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"]())
+    with pytest.raises(AttributeError, match=rf"DeltaModel\.{attr} is PEFT's.*; .*{re.escape(call)}"):
+        getattr(dm, attr)
+
+
+def test_print_trainable_parameters_prints_peft_s_line(capsys: pytest.CaptureFixture[str]) -> None:
+    dm = dt.attach(make_model("bert"), dt.METHODS["lora"](), train_head=False)
+    dm.print_trainable_parameters()
+    total = sum(p.numel() for p in dm.parameters())
+    trainable = dm.delta_parameters()
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}\n"
+    )
 
 
 def test_merge_and_unload_returns_a_plain_backbone_with_equal_outputs() -> None:

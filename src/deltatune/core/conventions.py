@@ -59,12 +59,34 @@ NOT_THROUGH_DELTAS = {
     "get_adapter_state_dict": "reads PEFT adapters; use dm.delta_state_dict(name)",
     "unload": "is PEFT's; dm.detach() removes every delta and returns the backbone as it came",
 }
+# PeftModel's own calls, which a PEFT script keeps after its model line changed: the deltatune call instead of
+# the backbone's "no attribute" (or transformers' PEFT integration answering for an adapter it never saw)
+PEFT_CALLS = {
+    "delete_adapter": "is PEFT's; dm.detach(name) removes one delta",
+    "active_adapter": "is PEFT's; dm.tree() shows each delta, enabled or not",
+    "active_adapters": "is PEFT's; dm.tree() shows each delta, enabled or not",
+    "disable_adapter": "is PEFT's context manager; dm.disable(name), then dm.enable(name)",
+    "merge_adapter": "is PEFT's; dm.merge(name), undone by dm.unmerge(name)",
+    "unmerge_adapter": "is PEFT's; dm.unmerge(name)",
+    "get_base_model": "is PEFT's; dm.backbone is the model the deltas were attached to",
+    "peft_config": "is PEFT's; dm.delta(name).config is a delta's config",
+    "get_nb_trainable_parameters": "is PEFT's; dm.trainable_parameters(), or dm.print_trainable_parameters()",
+}
+
+
+def trainable_line(trainable: int, model: nn.Module) -> str:
+    """`trainable params: 74,498 || all params: 22,787,522 || trainable%: 0.3269`, as PEFT prints it (every tensor
+    counted once, the deltas' included in all params)."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
 
 
 def refuse(name: str) -> None:
     """Raise the AttributeError that names the right call (hasattr() then answers False, as it should)."""
     if name in NOT_THROUGH_DELTAS:
         raise AttributeError(f"DeltaModel.{name}: the backbone's {name} {NOT_THROUGH_DELTAS[name]}")
+    if name in PEFT_CALLS:
+        raise AttributeError(f"DeltaModel.{name} {PEFT_CALLS[name]}")
 
 
 # -- the forward signature Trainer reads ------------------------------------------------------------

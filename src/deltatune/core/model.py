@@ -329,6 +329,10 @@ class DeltaModel(nn.Module):
                 total += p.numel()
         return total
 
+    def print_trainable_parameters(self) -> None:
+        """PEFT's one-line summary, so that a PEFT script's call keeps working (`tree()` shows where they sit)."""
+        print(conventions.trainable_line(self.trainable_parameters(), self))
+
     def delta_parameters(self, name: str | None = None) -> int:
         deltas = self.deltas.values() if name is None else [self._get(name)]
         return sum(p.numel() for d in deltas for p in d.parameters())
