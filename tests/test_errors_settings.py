@@ -113,6 +113,9 @@ def test_api_type_mistakes_get_a_sentence_not_a_stack_of_internals() -> None:
         dm.add("a", dt.METHODS["lora"])  # the class, not a config  # type: ignore[arg-type]
     with pytest.raises(KeyError, match="unknown method 'lroa'; did you mean lora"):
         dm.add("a", "lroa")
+    for combined in ("lora,bitfit", "LoRA + BitFit"):  # was: "unknown method ...; did you mean bitfit?"
+        with pytest.raises(KeyError, match=r"names 2 methods; .*--method lora --method bitfit .*dm\.add\('bitfit'"):
+            dm.add("a", combined)
     assert list(dm.deltas) == [] and _no_trace(model)
     # a method name attaches it with its defaults, as get_config(name) does
     assert dt.attach(make_model("bert"), "lora").delta().config == dt.get_config("lora")

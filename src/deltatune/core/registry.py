@@ -9,6 +9,7 @@ importing deltatune fills the registry.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,13 @@ def get_config(name: str, **kwargs: object) -> DeltaConfig:
     Names are read as written elsewhere too: "LoRA", PEFT's "LORA", "diff-pruning" name lora and diff_pruning."""
     name = method_name(name)
     if name not in METHODS:
+        parts = [method_name(p) for p in re.split(r"[,+;\s]+", name) if p]
+        if len(parts) > 1 and all(p in METHODS for p in parts):  # "lora,bitfit": a combination in one name
+            raise KeyError(
+                f"{name!r} names {len(parts)} methods; combine them one per delta: "
+                + " ".join(f"--method {p}" for p in parts)
+                + f" on the command line, dm.add({parts[1]!r}, {parts[1]!r}) after attaching {parts[0]!r} in Python"
+            )
         close = difflib.get_close_matches(name, list(METHODS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown method {name!r}{hint} (known: {', '.join(METHODS)})")
