@@ -88,6 +88,25 @@ def test_a_row_equals_that_row_run_on_its_own() -> None:
             torch.testing.assert_close(mixed[i : i + 1], row, rtol=0, atol=1e-5)
 
 
+def test_peft_s_adapter_names_route_rows_as_delta_ids_do() -> None:
+    """`adapter_names=[..., "__base__"]` (PEFT's mixed batch) was passed on to Llama's forward, which takes unknown
+    keywords and dropped it: every row ran with every enabled delta, with no error."""
+    dm = _served("lora", "llama", "lm")
+    dm.set_active(["a", "b"])
+    inputs = _inputs(dm.backbone)
+    with torch.no_grad():
+        routed = dm(**inputs, delta_ids=["a", None, "b", "a"]).logits
+        peft_named = dm(**inputs, adapter_names=["a", "__base__", "b", "a"]).logits
+        assert torch.equal(peft_named, routed) and not torch.allclose(routed, dm(**inputs).logits)
+        kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(
+            dm.generate(**inputs, adapter_names=["b", "a", "__base__", "b"], **kwargs),
+            dm.generate(**inputs, delta_ids=["b", "a", None, "b"], **kwargs),
+        )
+    with pytest.raises(RoutingError, match="delta_ids or PEFT's adapter_names, not both"):
+        dm(**inputs, delta_ids=["a"] * 4, adapter_names=["a"] * 4)
+
+
 def test_rows_may_combine_several_deltas() -> None:
     model = make_model("bert")
     dm = dt.DeltaModel(model)

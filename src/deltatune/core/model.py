@@ -22,7 +22,7 @@ from .io import save_delta
 from .layers import check_in_memory
 from .merge import check_commutes, check_head_load, export_merged, merge_in, unmerge_out
 from .registry import as_config
-from .routing import RowIds, input_rows, refuse_recomputation, row_names
+from .routing import RowIds, input_rows, peft_rows, refuse_recomputation, row_names
 from .settings import check_limits
 from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
@@ -103,7 +103,7 @@ class DeltaModel(nn.Module):
         `outputs.loss`, `transformers.Trainer` included, trains the method as its paper does.
         """
         self._check_training()
-        if delta_ids is None:
+        if (delta_ids := peft_rows(delta_ids, kwargs)) is None:  # PEFT's adapter_names too
             out = self.backbone(*args, **kwargs)
         else:
             with self.route(delta_ids, rows=input_rows(args, kwargs)):
@@ -121,6 +121,7 @@ class DeltaModel(nn.Module):
         return sum(terms[1:], terms[0]) if terms else None
 
     def generate(self, *args: Any, delta_ids: RowIds | None = None, **kwargs: Any) -> Any:
+        delta_ids = peft_rows(delta_ids, kwargs)
         conventions.generation_cache(self, delta_ids, kwargs)  # prompt/prefix tuning outgrow a static KV cache
         if delta_ids is None:
             return self.backbone.generate(*args, **kwargs)

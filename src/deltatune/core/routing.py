@@ -85,6 +85,23 @@ def row_names(delta_ids: RowIds, batch: int | None = None) -> list[tuple[str, ..
     return rows
 
 
+PEFT_BASE = "__base__"  # PEFT's name for "no adapter on this row"
+
+
+def peft_rows(delta_ids: RowIds | None, kwargs: dict) -> RowIds | None:
+    """PEFT's mixed-batch keyword, `adapter_names=["a", "__base__"]`, read as `delta_ids=["a", None]` (taken out of
+    `kwargs`). Passed on, it was dropped unseen: transformers models take unknown keywords (**kwargs), so every
+    row ran with every enabled delta, and only generate() said a word."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return delta_ids
+    if delta_ids is not None:
+        raise RoutingError("give delta_ids or PEFT's adapter_names, not both (they say the same: one entry per row)")
+    if not isinstance(names, list | tuple):
+        raise RoutingError(f"adapter_names must be a list with one name per row, got {type(names).__name__}")
+    return [None if n == PEFT_BASE else n for n in names]
+
+
 def input_rows(args: tuple, kwargs: dict) -> int | None:
     """The batch size of a model call (input_ids or inputs_embeds, else the first tensor argument)."""
     for key in ("input_ids", "inputs_embeds"):
