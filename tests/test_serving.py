@@ -105,6 +105,9 @@ def test_peft_s_adapter_names_route_rows_as_delta_ids_do() -> None:
         )
     with pytest.raises(RoutingError, match="delta_ids or PEFT's adapter_names, not both"):
         dm(**inputs, delta_ids=["a"] * 4, adapter_names=["a"] * 4)
+    for typo, meant in (("delta_id", "delta_ids"), ("deltas", "delta_ids"), ("adapter_name", "adapter_names")):
+        with pytest.raises(RoutingError, match=f"unknown keyword '{typo}'; did you mean {meant}\\?"):
+            dm(**inputs, **{typo: ["a"] * 4})  # the model's **kwargs would drop it: all rows, all deltas
 
 
 def test_rows_may_combine_several_deltas() -> None:

@@ -14,6 +14,7 @@ Rows are expanded automatically when generation widens the batch (beam search,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,12 +87,21 @@ def row_names(delta_ids: RowIds, batch: int | None = None) -> list[tuple[str, ..
 
 
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter on this row"
+_OURS = ("delta_ids", "adapter_names")
+_PASSED: set[str] = {"adapter_names"}  # keywords seen and let through (checked once each)
 
 
 def peft_rows(delta_ids: RowIds | None, kwargs: dict) -> RowIds | None:
     """PEFT's mixed-batch keyword, `adapter_names=["a", "__base__"]`, read as `delta_ids=["a", None]` (taken out of
     `kwargs`). Passed on, it was dropped unseen: transformers models take unknown keywords (**kwargs), so every
     row ran with every enabled delta, and only generate() said a word."""
+    for key in kwargs.keys() - _PASSED:  # a misspelt delta_ids: the model would drop it unseen (its **kwargs)
+        close = difflib.get_close_matches(key, _OURS, n=1, cutoff=0.75)
+        if key != "adapter_names" and ("delta" in key.lower() or close):
+            raise RoutingError(
+                f"unknown keyword {key!r}; did you mean {(close or _OURS)[0]}? (the model would ignore it unseen)"
+            )
+        _PASSED.add(key)
     names = kwargs.pop("adapter_names", None)
     if names is None:
         return delta_ids
