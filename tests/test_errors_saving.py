@@ -94,6 +94,7 @@ def test_exporting_over_a_file_is_refused_and_stale_exports_are_cleaned(tmp_path
     assert (tmp_path / "out" / "config.json").exists() and not stale.exists()
 
 
+@pytest.mark.plumbing
 def test_kill_9_during_repeated_saves_always_leaves_a_whole_delta(tmp_path: Path) -> None:
     """A writer saving two deltas in turn into one folder is killed at random moments: every load gets one of them."""
     folder = tmp_path / "d"

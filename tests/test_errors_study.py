@@ -78,6 +78,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.plumbing
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_process_workers_die_with_their_runner(tmp_path: Path) -> None:
     script = (

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import write_toy_task as _write_task
 
+pytestmark = pytest.mark.plumbing  # process launches: the same under every transformers release (.ci/run)
 HERE = Path(__file__).parent
 SCRIPT = HERE / "multiprocess_fit.py"
 

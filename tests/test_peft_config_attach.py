@@ -43,7 +43,7 @@ LORA_CASES = {
     "bert-regex-exclude": (
         "bert",
         "cls",
-        dict(r=2, target_modules=r".*\.(query|key|dense)", exclude_modules="bert\.pooler\..*"),
+        dict(r=2, target_modules=r".*\.(query|key|dense)", exclude_modules=r"bert\.pooler\..*"),
     ),
     "bert-dora": ("bert", "cls", dict(r=4, use_dora=True, target_modules=["query", "value"])),
     "gpt2-conv1d": ("gpt2", "lm", dict(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),

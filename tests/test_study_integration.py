@@ -10,7 +10,7 @@ import pytest
 from deltatune.study import Store, load_spec, run_study
 from deltatune.study.report import write_report
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.plumbing]
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tasks"
 
 

@@ -63,6 +63,7 @@ def test_transfer_starts_from_the_source_delta(world: dict[str, str], tmp_path: 
     assert "Transfer (lora)" in write_report(db).read_text()
 
 
+@pytest.mark.plumbing
 def test_process_pool_runs_each_run_once(world: dict[str, str], tmp_path: Path) -> None:
     spec = parse_spec(_spec(world, methods={"bitfit": {}}))
     db = tmp_path / "p.sqlite"
@@ -70,6 +71,7 @@ def test_process_pool_runs_each_run_once(world: dict[str, str], tmp_path: Path) 
     assert [r["attempts"] for r in Store(db).runs()] == [1, 1]
 
 
+@pytest.mark.plumbing
 def test_ray_executor_runs_a_study(world: dict[str, str], tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -80,6 +82,7 @@ def test_ray_executor_runs_a_study(world: dict[str, str], tmp_path: Path) -> Non
         ray.shutdown()
 
 
+@pytest.mark.plumbing
 def test_kill_9_mid_study_then_resume_records_every_run_once(world: dict[str, str], tmp_path: Path) -> None:
     raw = _spec(world, methods={"lora": {"r": 4}, "bitfit": {}, "full": {}})
     raw["train"] = raw["train"] | {"max_steps": 16, "eval_every": 4}
