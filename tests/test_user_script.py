@@ -122,6 +122,13 @@ def test_a_peft_model_is_refused_with_the_way_over() -> None:
     model = peft.get_peft_model(make_model("bert"), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
     with pytest.raises(TypeError, match=r"this is a PEFT PeftModelForSequenceClassification: .*import_peft"):
         dt.attach(model, dt.LoRAConfig())
+    # the model inside it, with PEFT's layers injected: BitFit attached, PEFT's LoRA acting (frozen) in the outputs
+    # and left out of the saves, silently; LoRA was refused as "a Linear ..., not a linear layer"
+    for config in (dt.BitFitConfig(), dt.LoRAConfig()):
+        with pytest.raises(
+            TypeError, match=r"carries PEFT layers \(bert\.encoder\.layer\.0\.attention\.self\.query is a peft"
+        ):
+            dt.attach(model.base_model.model, config)
 
 
 def test_a_trained_head_is_saved_and_loaded_with_the_delta(tmp_path: Path) -> None:

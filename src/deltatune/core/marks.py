@@ -80,3 +80,22 @@ def check_free(backbone: nn.Module) -> None:
         "DeltaModel dropped without detach()), and they act on its outputs: start from a freshly loaded model, "
         "or copy the DeltaModel instead (copy.deepcopy(dm))"
     )
+
+
+def check_not_peft(backbone: nn.Module) -> None:
+    """Refuse a PeftModel, and a model with PEFT's layers injected (`PeftModel.from_pretrained(...).base_model.model`):
+    PEFT's adapters would act in the outputs, frozen, but be left out of the deltas' saves (a reload scores without
+    them), and a PEFT layer is no linear layer to target. Both are PEFT's to merge or unload first."""
+    if type(backbone).__module__.split(".")[0] == "peft":  # its layers are PEFT's, its targets renamed
+        raise TypeError(
+            f"this is a PEFT {type(backbone).__name__}: attach to the plain transformers model, or bring a saved "
+            "PEFT adapter over with deltatune.interop.import_peft(model, folder)"
+        )
+    for name, module in backbone.named_modules():
+        if type(module).__module__.split(".")[0] == "peft":
+            raise TypeError(
+                f"this model carries PEFT layers ({name} is a {type(module).__module__}.{type(module).__name__}), "
+                "which would act in the outputs but be left out of the deltas' saves: fold them in with PEFT's "
+                "merge_and_unload() or remove them with unload() first, or bring a saved PEFT adapter over with "
+                "deltatune.interop.import_peft(model, folder)"
+            )

@@ -61,11 +61,7 @@ class DeltaModel(nn.Module):
             raise TypeError("this model already carries deltas; call .add(name, config) on it instead")
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"expected a transformers model (a torch.nn.Module), got {type(backbone).__name__}")
-        if type(backbone).__module__.split(".")[0] == "peft":  # its layers are PEFT's, its targets renamed
-            raise TypeError(
-                f"this is a PEFT {type(backbone).__name__}: attach to the plain transformers model, or bring a saved "
-                "PEFT adapter over with deltatune.interop.import_peft(model, folder)"
-            )
+        marks.check_not_peft(backbone)  # a PeftModel, or PEFT's layers injected into it
         marks.check_free(backbone)  # another DeltaModel's deltas already act on it
         self.backbone = backbone
         self.deltas = nn.ModuleDict()
