@@ -8,6 +8,7 @@ modules_to_save, deltatune through attach's train_head="auto".
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,23 @@ def test_a_peft_model_is_refused_with_the_way_over() -> None:
             TypeError, match=r"carries PEFT layers \(bert\.encoder\.layer\.0\.attention\.self\.query is a peft"
         ):
             dt.attach(model.base_model.model, config)
+
+
+def test_a_model_with_adapterhub_adapters_added_is_refused() -> None:
+    """`adapters.init(model); model.add_adapter("a", ...)`: the adapter acted in the outputs, left out of the
+    deltas' saves. The check reads AdapterHub's `adapters_config.adapters`; `adapters` itself pins transformers
+    4.57, so the live half runs where it is installed."""
+    model = make_model("bert")
+    model.adapters_config = types.SimpleNamespace(adapters={"sentiment": "seq_bn"})
+    with pytest.raises(TypeError, match=r"carries AdapterHub adapters \('sentiment'\).*delete_adapter"):
+        dt.attach(model, dt.BitFitConfig())
+    adapters = pytest.importorskip("adapters")
+    live = make_model("bert")
+    adapters.init(live)
+    dt.attach(live, dt.BitFitConfig()).detach()  # ready for adapters, none added: nothing acts unseen
+    live.add_adapter("a", config="seq_bn")
+    with pytest.raises(TypeError, match=r"carries AdapterHub adapters \('a'\)"):
+        dt.attach(live, dt.BitFitConfig())
 
 
 def test_a_trained_head_is_saved_and_loaded_with_the_delta(tmp_path: Path) -> None:

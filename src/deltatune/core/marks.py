@@ -83,13 +83,20 @@ def check_free(backbone: nn.Module) -> None:
 
 
 def check_not_peft(backbone: nn.Module) -> None:
-    """Refuse a PeftModel, and a model with PEFT's layers injected (`PeftModel.from_pretrained(...).base_model.model`):
+    """Refuse a PeftModel, a model with AdapterHub adapters added, and a model with PEFT's layers injected (`PeftModel.from_pretrained(...).base_model.model`):
     PEFT's adapters would act in the outputs, frozen, but be left out of the deltas' saves (a reload scores without
     them), and a PEFT layer is no linear layer to target. Both are PEFT's to merge or unload first."""
     if type(backbone).__module__.split(".")[0] == "peft":  # its layers are PEFT's, its targets renamed
         raise TypeError(
             f"this is a PEFT {type(backbone).__name__}: attach to the plain transformers model, or bring a saved "
             "PEFT adapter over with deltatune.interop.import_peft(model, folder)"
+        )
+    held = getattr(getattr(backbone, "adapters_config", None), "adapters", None)  # AdapterHub's (`adapters`)
+    if isinstance(held, dict) and held:
+        raise TypeError(
+            f"this model carries AdapterHub adapters ({', '.join(map(repr, held))}), which would act in the outputs but "
+            "be left out of the deltas' saves: merge them (model.merge_adapter(name)) or delete them "
+            "(model.delete_adapter(name)) first, or bring a saved one over with deltatune.interop.import_adapterhub"
         )
     for name, module in backbone.named_modules():
         if type(module).__module__.split(".")[0] == "peft":
