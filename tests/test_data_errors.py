@@ -161,3 +161,13 @@ def test_a_columns_mapping_is_checked_over_every_split(tmp_path):
     with pytest.warns(UserWarning, match="no labels"):
         task = load_task(folder, columns={"Review": "text", "Rating": "label"})
     assert set(task.splits) == {"train", "dev"}
+
+
+def test_labels_that_differ_only_in_case_or_spaces_are_refused_not_two_classes(tmp_path: Path) -> None:
+    """A spreadsheet's "positive " and "Negative" beside "positive" and "negative" became four classes, silently."""
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\ngood,positive\ngreat,positive \nbad,negative\nawful,Negative\n")
+    with pytest.raises(DataError, match=r"line 3: label 'positive ' differs from 'positive' \(first at .*line 2\)"):
+        load_task(path)
+    labels = ["Negative", "negative", "positive", "positive "]  # said to be four classes: so they are
+    assert load_task(path, labels=labels).labels == labels

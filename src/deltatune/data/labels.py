@@ -87,6 +87,7 @@ def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
     pair = any("text_pair" in r for _, r in rows)
     first: dict[str, str] = {}
     values = []
+    spelled: dict[str, str] = {}  # each label string: where it first occurs
     for where, row in rows:
         if row.get("label") is None:  # null is a missing label: _examples names the row
             continue
@@ -99,6 +100,8 @@ def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
             )
         first.setdefault(kind, where)
         values.append(label)
+        if kind == "str":
+            spelled.setdefault(label, where)
     if "str" in first and len(first) > 1:
         other = next(k for k in first if k != "str")
         raise DataError(
@@ -119,6 +122,7 @@ def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
             )
         return kind, name_order(str(v) for v in numbers)
     if "str" in first:
+        _check_spellings(spelled)
         return kind, name_order(values)
     if "int" in first:
         ints = set(values)
@@ -133,3 +137,18 @@ def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
         f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row; "
         + map_hint(sorted({k for _, r in rows[:1000] for k in r}), "label")
     )
+
+
+def _check_spellings(spelled: dict[str, str]) -> None:
+    """Refuse label names that differ only in case or surrounding spaces ("positive" and "positive "): read as
+    they are, each spelling became a class of its own and the model trained one class more, without a word."""
+    same: dict[str, str] = {}
+    for label, where in spelled.items():
+        key = label.strip().casefold()
+        if key in same and same[key] != label:
+            raise DataError(
+                f"{where}: label {label!r} differs from {same[key]!r} (first at {spelled[same[key]]}) only in case or "
+                "spaces, so the two would be two classes; spell them alike in the file, or, if they are different "
+                'classes, list every label in meta.json "labels" (or load_task(..., labels=[...]))'
+            )
+        same.setdefault(key, label)
