@@ -163,7 +163,7 @@ def test_a_columns_mapping_is_checked_over_every_split(tmp_path):
     assert set(task.splits) == {"train", "dev"}
 
 
-def test_labels_that_differ_only_in_case_or_spaces_are_refused_not_two_classes(tmp_path: Path) -> None:
+def test_labels_that_differ_only_in_case_or_spaces_are_refused_not_two_classes(tmp_path) -> None:  # noqa: ANN001
     """A spreadsheet's "positive " and "Negative" beside "positive" and "negative" became four classes, silently."""
     path = tmp_path / "mine.csv"
     path.write_text("text,label\ngood,positive\ngreat,positive \nbad,negative\nawful,Negative\n")
