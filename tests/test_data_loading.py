@@ -177,3 +177,15 @@ def test_an_unlabeled_test_split_is_left_out_with_a_warning_not_a_failure(tmp_pa
     (tmp_path / "test.csv").write_text("text,label\nlovely,pos\nhorrid,\n")  # one label missing: a mistake
     with pytest.raises(DataError, match=r"line 3: label is empty \(a blank cell or null\)"):
         load_task(tmp_path)
+
+
+def test_dev_and_test_rows_that_repeat_a_train_row_are_counted_in_a_note(tmp_path: Path) -> None:
+    from deltatune.data.split import overlap_note
+
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", [{"text": f"d{i}", "label": i % 2} for i in range(10)])
+    write_jsonl(tmp_path / "test.jsonl", rows[:4] + [{"text": "new", "label": 0}] * 6)
+    assert overlap_note(load_task(tmp_path)).startswith("note: 4 of 10 test rows (40%) have the same input as a train")
+    write_jsonl(tmp_path / "test.jsonl", rows[:2] + [{"text": "new", "label": 0}] * 8)  # 2 rows: no note
+    assert overlap_note(load_task(tmp_path)) is None

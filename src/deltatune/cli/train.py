@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if is_main_process():
             print(f"{spec.label} on {task.name} ({sizes}{held}) with {args.model}; {threads} CPU thread(s)")
+            from ..data.split import overlap_note
+
+            if (note := overlap_note(task)) is not None:
+                print(note, file=sys.stderr)
         return _train_and_report(spec)
     finally:
         release()

@@ -55,3 +55,24 @@ def hold_out_dev(task: Task, fraction: float, seed: int = 42) -> Task:
     record = {"fraction": fraction, "seed": seed, "stratified": stratified, "train": len(rest), "dev": len(dev)}
     splits = {"train": rest, "dev": dev} | {k: v for k, v in task.splits.items() if k != "train"}
     return dataclasses.replace(task, splits=splits, meta=dict(task.meta) | {"dev_split": record})
+
+
+def overlap_note(task: Task) -> str | None:
+    """A note when dev or test rows repeat a training row's input (the same text, and pair), as split by hand
+    from a file with duplicates: their score then measures recall of seen rows as much as learning. Among the
+    collection, MPQA's short phrases (553 of its 2,000 test rows) and tweet_eval_hate (233 of 2,970) do so."""
+    if "train" not in task.splits:
+        return None
+    seen = {(e.text, e.text_pair) for e in task["train"]}
+    parts = []
+    for split in ("dev", "test"):
+        rows = task.splits.get(split) or []
+        n = sum((e.text, e.text_pair) in seen for e in rows)
+        if n >= 3 and n >= 0.01 * len(rows):
+            parts.append(f"{n} of {len(rows)} {split} rows ({100 * n / len(rows):.0f}%)")
+    if not parts:
+        return None
+    return (
+        f"note: {' and '.join(parts)} have the same input as a train row; their score measures recall of seen rows "
+        "as much as learning (split the data by unique text to avoid it)"
+    )
