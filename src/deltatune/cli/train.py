@@ -283,16 +283,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if is_main_process():
             print(f"{spec.label} on {task.name} ({sizes}{held}) with {args.model}; {threads} CPU thread(s)")
-            from ..data.split import overlap_note
-
-            if (note := overlap_note(task)) is not None:
-                print(note, file=sys.stderr)
         return _train_and_report(spec)
     finally:
         release()
 
 
 def _train_and_report(spec: Any) -> int:
+    from ..data.split import overlap_note
     from ..train.distributed import is_main_process
     from ..train.run import run as run_spec
 
@@ -303,6 +300,8 @@ def _train_and_report(spec: Any) -> int:
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 1 if result.diverged else 0
     print_result(spec.label, result, str(spec.output_dir))
+    if (note := overlap_note(task)) is not None:  # beside the scores it qualifies
+        print(note, file=sys.stderr)
     if task.type == "generation":
         show_samples(model, task, spec, n=3)  # no collective: the main process alone generates
     elif warning is not None:
