@@ -65,8 +65,9 @@ def _extend_block_mask(mask: Any, n: int, rows: bool) -> Any:
     at the positions it knows: keys (and, with `rows`, queries) shifted back by n, clamped at 0 where
     the answer is not used."""
     global _last
-    if _last is not None and _last[0] is mask and _last[1:3] == (n, rows):
-        return _last[3]
+    last = _last  # read once: another thread may replace it between the check and the return
+    if last is not None and last[0] is mask and last[1:3] == (n, rows):
+        return last[3]
     from torch.nn.attention.flex_attention import create_block_mask
 
     inner = mask.mask_mod
