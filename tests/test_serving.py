@@ -6,6 +6,7 @@ whole batch runs with that row's deltas (and when the row runs alone).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,32 @@ def test_peft_s_adapter_names_route_rows_as_delta_ids_do() -> None:
     for typo, meant in (("delta_id", "delta_ids"), ("deltas", "delta_ids"), ("adapter_name", "adapter_names")):
         with pytest.raises(RoutingError, match=f"unknown keyword '{typo}'; did you mean {meant}\\?"):
             dm(**inputs, **{typo: ["a"] * 4})  # the model's **kwargs would drop it: all rows, all deltas
+
+
+def test_threads_sharing_a_model_each_get_their_own_rows() -> None:
+    """Two server threads routing mixed batches through one model, a third calling it plainly: the rows live on
+    the deltas while a routed batch runs, so another thread's call read them (before: 197 RoutingErrors about
+    row counts and 1 wrong output in 2 x 200 calls). Routed batches now run alone; plain calls together."""
+    dm = _served("lora", "bert", "cls", names=("a", "b", "c"))
+    dm.set_active("a")
+    batches = [(_inputs(dm.backbone, batch=4), ["a", "b", None, "c"]), (_inputs(dm.backbone, batch=2), ["c", "c"])]
+    plain = _inputs(dm.backbone, batch=3)
+    with torch.no_grad():
+        expected = [dm(**x, delta_ids=ids).logits for x, ids in batches] + [dm(**plain).logits]
+    results: list[list[bool]] = [[], [], []]
+
+    def serve(i: int) -> None:
+        for _ in range(40):
+            with torch.no_grad():
+                out = dm(**batches[i][0], delta_ids=batches[i][1]).logits if i < 2 else dm(**plain).logits
+            results[i].append(torch.equal(out, expected[i]))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [sum(r) for r in results] == [40, 40, 40]
 
 
 def test_rows_may_combine_several_deltas() -> None:

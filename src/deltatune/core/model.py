@@ -26,6 +26,7 @@ from .routing import RowIds, input_rows, peft_rows, refuse_recomputation, row_na
 from .settings import check_limits
 from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
+from .traffic import Traffic
 from .tree import render
 
 
@@ -68,6 +69,7 @@ class DeltaModel(nn.Module):
         self.train_head = False
         self._head_source: str | None = None  # the loaded delta whose task head the backbone holds (core.io)
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
+        self._traffic = Traffic()  # threads: plain calls together, a routed batch alone
         self.__class__ = conventions.signed_class(type(self), type(backbone))  # Trainer reads the signature
         conventions.register_state_hooks(self)
 
@@ -100,7 +102,8 @@ class DeltaModel(nn.Module):
         """
         self._check_training()
         if (delta_ids := peft_rows(delta_ids, kwargs)) is None:  # PEFT's adapter_names too
-            out = self.backbone(*args, **kwargs)
+            with self._traffic.plain():
+                out = self.backbone(*args, **kwargs)
         else:
             with self.route(delta_ids, rows=input_rows(args, kwargs)):
                 out = self.backbone(*args, **kwargs)
@@ -120,7 +123,8 @@ class DeltaModel(nn.Module):
         delta_ids = peft_rows(delta_ids, kwargs)
         conventions.generation_cache(self, delta_ids, kwargs)  # prompt/prefix tuning outgrow a static KV cache
         if delta_ids is None:
-            return self.backbone.generate(*args, **kwargs)
+            with self._traffic.plain():
+                return self.backbone.generate(*args, **kwargs)
         with self.route(delta_ids, rows=input_rows(args, kwargs)):
             return self.backbone.generate(*args, **kwargs)
 
@@ -153,19 +157,19 @@ class DeltaModel(nn.Module):
         `delta_ids` must match.
         """
         rows = row_names(delta_ids, batch=rows)
-        names = {n for row in rows for n in row}
-        for n in sorted(names):
+        for n in sorted({n for row in rows for n in row}):
             self._get(n)
         refuse_recomputation(self.backbone)
         routes = check_routes(self.deltas, rows, self._device())
-        previous = {n: d.route for n, d in self.deltas.items()}
-        try:
-            for n, delta in self.deltas.items():
-                delta.route = routes[n]
-            yield
-        finally:
-            for n, delta in self.deltas.items():
-                delta.route = previous[n]
+        with self._traffic.routed():  # other threads' calls wait: the rows live on the deltas (core.traffic)
+            previous = {n: d.route for n, d in self.deltas.items()}
+            try:
+                for n, delta in self.deltas.items():
+                    delta.route = routes[n]
+                yield
+            finally:
+                for n, delta in self.deltas.items():
+                    delta.route = previous[n]
 
     def _device(self) -> torch.device:
         ref = next(self.backbone.parameters(), None)
