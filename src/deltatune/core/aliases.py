@@ -128,6 +128,38 @@ _MODERNBERT = {
     "embeddings.word": r"embeddings\.tok_embeddings",
 }
 
+# Gemma 2 has Gemma 3's four norms per layer (around each sublayer, before and after).
+_GEMMA2 = _GEMMA3
+
+# Phi-2 runs attention and MLP in parallel off one `input_layernorm`; attention's output is `dense`.
+# With qk_layernorm its per-head `q_layernorm`/`k_layernorm` stay out of `ln`, as Qwen3's q_norm does.
+_PHI = _LLAMA | {
+    "attn.o": rf"{_L}\.self_attn\.dense",
+    "ffn.in": rf"{_L}\.mlp\.fc1",
+    "ffn.out": rf"{_L}\.mlp\.fc2",
+    "ln": r"(?:input_layernorm|final_layernorm)",
+}
+
+# StarCoder2: Llama's attention and norms (LayerNorm, with biases), a plain two-layer MLP.
+_STARCODER2 = _LLAMA | {"ffn.in": rf"{_L}\.mlp\.c_fc", "ffn.out": rf"{_L}\.mlp\.c_proj"}
+
+# OPT: BART's decoder layer without cross-attention (`xattn` refused by name, not an empty selection);
+# `final_layer_norm` names each layer's FFN norm and the decoder's last norm. Learned positions are
+# embeddings too; `project_in`/`project_out` (OPT-350m's narrower embeddings) are projections, not embeddings.
+_OPT = {
+    "attn.q": rf"{_L}\.self_attn\.q_proj",
+    "attn.k": rf"{_L}\.self_attn\.k_proj",
+    "attn.v": rf"{_L}\.self_attn\.v_proj",
+    "attn.o": rf"{_L}\.self_attn\.out_proj",
+    "attn": rf"{_L}\.self_attn",
+    "ffn.in": rf"{_L}\.fc1",
+    "ffn.out": rf"{_L}\.fc2",
+    "ln": r"(?:self_attn_layer_norm|final_layer_norm)",
+    "layer": _L,
+    "embeddings": r"(?:embed_tokens|embed_positions)",
+    "embeddings.word": r"embed_tokens",
+}
+
 # Mixture-of-experts decoders (Mixtral, Qwen3-MoE): the experts are fused 3-D parameters in transformers 5
 # (a ModuleList of linear layers in 4.57), so no one module is "the FFN's projection": the table maps
 # attention, norms and layers, and `ffn.*` is refused by name (target experts by module name where they are
@@ -187,6 +219,12 @@ ALIASES: dict[str, dict[str, str]] = {
     "mixtral": _MOE,
     "qwen3_moe": _MOE,
     "smollm3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _GEMMA2,
+    "granite": _LLAMA,
+    "starcoder2": _STARCODER2,
+    "phi": _PHI,
+    "opt": _OPT,
     "gemma3_text": _GEMMA3,
     "olmo2": _OLMO2,
     "phi3": _PHI3,

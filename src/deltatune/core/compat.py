@@ -299,12 +299,17 @@ def encoder(model: nn.Module) -> nn.Module:
 def base_model(model: nn.Module) -> nn.Module:
     """The stack a task model wraps (`model.base_model`). 4.57's Gemma3ForCausalLM names its prefix
     "language_model" but holds the stack as `model`, so `base_model` was the whole model (prompt tuning
-    failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one."""
+    failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one.
+    OPTForCausalLM (and BartForCausalLM) call their base model's `decoder` past the base model's forward,
+    so hooks there never ran (a prompt changed nothing): a base holding only a decoder stack gives it."""
     base = getattr(model, "base_model", model)
     if base is model:
         inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)]
         if len(inner) == 1:
             return inner[0]
+    stack = getattr(base, "decoder", None)
+    if isinstance(stack, transformers.PreTrainedModel) and getattr(base, "encoder", None) is None:
+        return stack
     return base
 
 
