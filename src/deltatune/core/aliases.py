@@ -160,10 +160,12 @@ _OPT = {
     "embeddings.word": r"embed_tokens",
 }
 
-# Mixture-of-experts decoders (Mixtral, Qwen3-MoE): the experts are fused 3-D parameters in transformers 5
+# Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): the experts are fused 3-D parameters in transformers 5
 # (a ModuleList of linear layers in 4.57), so no one module is "the FFN's projection": the table maps
 # attention, norms and layers, and `ffn.*` is refused by name (target experts by module name where they are
-# modules). LoRA's default targets (attn.q, attn.v) are the usual choice for these models.
+# modules). LoRA's default targets (attn.q, attn.v) are the usual choice for these models. Qwen2-MoE adds a
+# gated `shared_expert` MLP beside the routed experts: its projections are only part of the FFN, so `ffn.*`
+# stays refused there too (an adapter after `shared_expert.down_proj` would not follow the FFN).
 _MOE = {alias: pattern for alias, pattern in _LLAMA.items() if not alias.startswith("ffn.")}
 _T5 = {
     "attn.q": rf"{_L}\.layer\.0\.SelfAttention\.q",
@@ -217,6 +219,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "mixtral": _MOE,
+    "qwen2_moe": _MOE,
     "qwen3_moe": _MOE,
     "smollm3": _LLAMA,
     "gemma": _LLAMA,
