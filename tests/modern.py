@@ -7,7 +7,8 @@ the test sequences (Gemma 3, Mistral, Qwen2 and ModernBERT), per-head query/key 
 Gemma 3), SmolLM3's layer without rotary positions, Gemma 3's scaled embeddings and zero-centred norms.
 Also the established families: Gemma and Gemma 2 (attention-score soft-capping, a sliding layer), Granite
 (its embedding, attention, residual and logit multipliers), StarCoder2 (windowed, with biases), Phi-2
-(attention and MLP in parallel, rotary on half of each head) and OPT (learned positions, no grouped heads).
+(attention and MLP in parallel, rotary on half of each head), OPT (learned positions, no grouped heads) and
+DeBERTa v3 (disentangled relative attention in log buckets, its key projection shared with positions).
 """
 
 from __future__ import annotations
@@ -71,9 +72,27 @@ _CONFIGS = {
         cls_token_id=1,
         sep_token_id=2,
     ),
+    # v3's settings: no absolute positions, relative ones in 8 log buckets, c2p and p2c sharing key_proj
+    "deberta-v2": lambda: tf.DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        relative_attention=True,
+        position_buckets=8,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        initializer_range=0.1,  # at 0.02 the pooled logits stay within 0.02: two prompts' rows differed by 1e-4
+        pad_token_id=0,
+    ),
 }
 ARCHS = tuple(_CONFIGS)
-CAUSAL = tuple(a for a in ARCHS if a != "modernbert")
+ENCODERS = ("modernbert", "deberta-v2")
+CAUSAL = tuple(a for a in ARCHS if a not in ENCODERS)
 SLIDING = ("qwen2", "gemma3_text", "mistral", "gemma2", "starcoder2")  # decoders with a sliding-window layer
 _AUTO = {
     "lm": tf.AutoModelForCausalLM,
@@ -87,11 +106,11 @@ MISSING = {
 
 
 def heads(arch: str) -> tuple[str, ...]:
-    return ("cls", "mlm") if arch == "modernbert" else ("lm", "cls")
+    return ("cls", "mlm") if arch in ENCODERS else ("lm", "cls")
 
 
 CASES = [(a, h) for a in ARCHS for h in heads(a)]
-MAIN = [(a, heads(a)[0]) for a in ARCHS]  # the LM head of each decoder, ModernBERT's classifier
+MAIN = [(a, heads(a)[0]) for a in ARCHS]  # the LM head of each decoder, the encoders' classifier
 
 
 def make_config(arch: str) -> tf.PretrainedConfig:

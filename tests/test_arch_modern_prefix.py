@@ -10,8 +10,9 @@ import os
 
 import pytest
 import torch
-from modern import ARCHS, CAUSAL, MAIN, SLIDING, logits, make_inputs, make_model
+from modern import ARCHS, CAUSAL, ENCODERS, MAIN, SLIDING, heads, logits, make_inputs, make_model
 from transformers import DynamicCache
+from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
 import deltatune as dt
 from deltatune.core import compat, compat_config
@@ -43,10 +44,10 @@ def _attend(q, k, v, allowed: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_detected_cache_keywords_are_the_known_ones(arch: str) -> None:
-    """The canary of tests/test_compat.py on these models: ModernBERT's encoder attention takes no cache."""
-    model = make_model(arch, "cls" if arch == "modernbert" else "lm")
+    """The canary of tests/test_compat.py on these models: ModernBERT's and DeBERTa's attention take no cache."""
+    model = make_model(arch, heads(arch)[0])
     found = {compat.cache_keyword(model.get_submodule(name)) for name in resolve(model, "attn")}
-    assert len(found) == 1 and (found == {None}) == (arch == "modernbert"), found
+    assert len(found) == 1 and (found == {None}) == (arch in ENCODERS), found
     assert found <= {None, *compat.CACHE_KEYWORDS}, (
         f"add {found} to compat.CACHE_KEYWORDS and the table in core/compat.py"
     )
@@ -141,6 +142,44 @@ def test_modernbert_prefix_attention_matches_a_hand_computed_attention(layer: in
         real = near[None] & inputs["attention_mask"].bool()[:, None, :]
         allowed = torch.cat([torch.ones(batch, seq, N, dtype=torch.bool), real], dim=-1)[:, None]
         expected = attn.Wo(_attend(_rotate(q, cos, sin), k, v, allowed))
+    rows = inputs["attention_mask"].bool()
+    torch.testing.assert_close(seen["out"][rows], expected[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_deberta_prefix_attention_matches_one_computed_beside_the_hooks(layer: int) -> None:
+    """No KV cache: placeholder rows carry the prefix, just before the first token, so its keys get
+    relative positions -1..-3 from it (as T5's). The reference builds q, k, v itself and asks the attention's
+    own disentangled bias for those positions: the rows, the rebuilt relative positions, the 0/1 mask with
+    attended columns in front, and key_proj's second call (on the position embeddings) left as it was."""
+    model = make_model("deberta-v2", "cls")
+    # 24 tokens: distances of 11 and more reach the far buckets, whose position keys come first in key_proj's
+    # output, where the prefix rows are written (at the default 10 no query used them)
+    inputs = {k: v for k, v in make_inputs(model, seq=24).items() if k != "labels"}
+    attn = model.deberta.encoder.layer[layer].attention.self
+    seen: dict = {}
+    attn.register_forward_pre_hook(lambda m, a, kw: seen.update(a=a, kw=kw), with_kwargs=True)
+    dm = dt.attach(model, "prefix", num_tokens=N, reparameterize=False)
+    attn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))
+    logits(dm, inputs)
+    h, mask = seen["a"][:2] if len(seen["a"]) > 1 else (seen["a"][0], seen["kw"]["attention_mask"])
+    rel_embeddings = seen["kw"]["rel_embeddings"]
+    batch, seq, _ = h.shape
+    site = next(s for s in dm.delta()._sites if s.name.endswith(f"layer.{layer}.attention.self"))
+    pk, pv = dm.delta().prefix(site).detach().view(2, 1, N, 4, 8).transpose(2, 3).flatten(0, 1)  # (4 heads, N, 8)
+    with torch.no_grad():
+        split = lambda x: x.view(batch, -1, 4, 8).transpose(1, 2).flatten(0, 1)  # noqa: E731  (batch*heads, n, 8)
+        q = torch.cat([h.new_zeros(batch * 4, N, 8), split(attn.query_proj(h))], 1)  # placeholder queries unused
+        k = torch.cat([pk.repeat(batch, 1, 1), split(attn.key_proj(h))], 1)
+        v = torch.cat([pv.repeat(batch, 1, 1), split(attn.value_proj(h))], 1)
+        positions = build_relative_position(
+            q, k, bucket_size=attn.position_buckets, max_position=attn.max_relative_positions
+        )
+        bias = attn.disentangled_attention_bias(q, k, positions, rel_embeddings, 3)  # c2p, p2c: scale 1/sqrt(3*8)
+        scores = (q @ k.transpose(-1, -2) / (3 * 8) ** 0.5 + bias)[:, N:].view(batch, 4, seq, N + seq)
+        allowed = torch.cat([torch.ones(batch, 1, seq, N, dtype=torch.bool), mask.bool()], dim=-1)
+        probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
+        expected = (probs @ v[:, None].view(batch, 4, N + seq, 8)).transpose(1, 2).flatten(2)
     rows = inputs["attention_mask"].bool()
     torch.testing.assert_close(seen["out"][rows], expected[rows], rtol=0, atol=1e-5)
 

@@ -48,6 +48,23 @@ _MPNET = {
     "embeddings.word": r"embeddings\.word_embeddings",
 }
 
+# DeBERTa v2/v3: BERT's layout with `*_proj` names; `pos_query_proj`/`pos_key_proj` (disentangled position
+# projections) are not attn.q/attn.k. `ln` keeps to the norms on the residual stream, not v3's norm of the
+# relative position embeddings (`encoder.LayerNorm`), which are embeddings too.
+_DEBERTA_V2 = {
+    "attn.q": rf"{_L}\.attention\.self\.query_proj",
+    "attn.k": rf"{_L}\.attention\.self\.key_proj",
+    "attn.v": rf"{_L}\.attention\.self\.value_proj",
+    "attn.o": rf"{_L}\.attention\.output\.dense",
+    "attn": rf"{_L}\.attention\.self",
+    "ffn.in": rf"{_L}\.intermediate\.dense",
+    "ffn.out": rf"{_L}\.output\.dense",
+    "ln": rf"(?:embeddings|{_L}\.attention\.output|{_L}\.output)\.LayerNorm",
+    "layer": _L,
+    "embeddings": r"(?:embeddings|encoder\.rel_embeddings)",
+    "embeddings.word": r"embeddings\.word_embeddings",
+}
+
 _DISTILBERT = {
     "attn.q": rf"{_L}\.attention\.q_lin",
     "attn.k": rf"{_L}\.attention\.k_lin",
@@ -212,6 +229,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "electra": _BERT,
     "camembert": _BERT,
     "mpnet": _MPNET,
+    "deberta-v2": _DEBERTA_V2,
     "distilbert": _DISTILBERT,
     "gpt2": _GPT2,
     "llama": _LLAMA,

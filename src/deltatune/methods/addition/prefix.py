@@ -114,6 +114,7 @@ class _Site:
         self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
         self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
+        self.pending: set[int] = set()  # keys (0), values (1) not yet written into the call's placeholder rows
 
 
 class Prefix(Delta):
@@ -248,6 +249,7 @@ class Prefix(Delta):
             call = CallArgs(site.signature, args, kwargs)
             hidden = call.first()
             site.current = self.prefix(site)
+            site.pending = {0, 1}
             n = site.current.shape[1]
             for arg in site.hidden_args:  # DistilBERT 4.x passes the hidden states as query, key and value
                 states = call.get(arg)
@@ -269,8 +271,9 @@ class Prefix(Delta):
 
     def _overwrite_hook(self, site: _Site, which: int, columns: slice):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-            if site.current is None:
-                return output
+            if site.current is None or which not in site.pending:  # DeBERTa's key_proj also projects its
+                return output  # relative position embeddings, after the hidden states: those stay as they are
+            site.pending.discard(which)
             prefix = site.current[which].to(output.dtype)
             n = prefix.shape[0]
             rows = output[:, :n]  # a fused projection's placeholder rows keep their other columns (queries)
