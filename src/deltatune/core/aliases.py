@@ -177,6 +177,21 @@ _OPT = {
     "embeddings.word": r"embed_tokens",
 }
 
+# GPT-NeoX (Pythia) fuses q|k|v into `query_key_value` head by head (q, k, v of head 0, then head 1, ...), not
+# one after the other: no slice of it is "the keys", so attn.q/attn.k/attn.v are refused by name (target
+# 'query_key_value' by name: LoRA on the whole fused layer is sound). Prefix tuning takes its keys' width from the
+# config, as this attention takes a KV cache. Attention and MLP run in parallel by default, each with its norm.
+_GPT_NEOX = {
+    "attn.o": rf"{_L}\.attention\.dense",
+    "attn": rf"{_L}\.attention",
+    "ffn.in": rf"{_L}\.mlp\.dense_h_to_4h",
+    "ffn.out": rf"{_L}\.mlp\.dense_4h_to_h",
+    "ln": r"(?:input_layernorm|post_attention_layernorm|final_layer_norm)",
+    "layer": _L,
+    "embeddings": r"embed_in",
+    "embeddings.word": r"embed_in",
+}
+
 # Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): the experts are fused 3-D parameters in transformers 5
 # (a ModuleList of linear layers in 4.57), so no one module is "the FFN's projection": the table maps
 # attention, norms and layers, and `ffn.*` is refused by name (target experts by module name where they are
@@ -246,6 +261,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "starcoder2": _STARCODER2,
     "phi": _PHI,
     "opt": _OPT,
+    "gpt_neox": _GPT_NEOX,
     "gemma3_text": _GEMMA3,
     "olmo2": _OLMO2,
     "phi3": _PHI3,

@@ -314,7 +314,12 @@ def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str,
     after the other (k|v in GPT-2's cross-attention): queries take heads x head size, keys and values
     key/value heads x head size each. Split by thirds, Phi-3 with grouped-query attention (4 query, 2
     key/value heads of 8: 64 columns) got 21-column prefixes and failed in a reshape."""
-    names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
+    try:
+        names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
+    except TargetError:
+        if cross or compat.cache_keyword(model.get_submodule(attn)) is None:
+            raise
+        return _width_from_config(model, attn), {}  # the cache route needs no columns
     columns = {}
     for which in ("k", "v"):
         _, out = linear_dims(model.get_submodule(names[which]))
@@ -333,3 +338,16 @@ def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str,
         start = sum(share[p] for p in fused[: fused.index(which)]) * unit
         columns[which] = slice(start, start + kv_heads * unit)
     return columns["k"].stop - columns["k"].start, columns
+
+
+def _width_from_config(model: nn.Module, attn: str) -> int:
+    """Key width from the config, for an attention whose projections the aliases do not split: GPT-NeoX
+    interleaves q|k|v per head in `query_key_value`, so no alias names its keys. On the cache route the
+    prefix only needs the width; a wrong one fails loudly when the cache views it per head."""
+    heads = compat_config.attention_heads(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None)
+    width = compat_config.model_width(model)
+    if heads is None or (not isinstance(head_dim, int) and width is None):
+        raise compat.unsupported(f"prefix tuning cannot tell the key width of {attn!r} from the model's config")
+    return heads[1] * (head_dim if isinstance(head_dim, int) else width // heads[0])
