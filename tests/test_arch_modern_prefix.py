@@ -184,6 +184,17 @@ def test_deberta_prefix_attention_matches_one_computed_beside_the_hooks(layer: i
     torch.testing.assert_close(seen["out"][rows], expected[rows], rtol=0, atol=1e-5)
 
 
+def test_deberta_prefix_without_a_mask_equals_one_with_a_mask_of_ones() -> None:
+    """Given no mask DeBERTa makes a float one of 1s (1 = attend): the prefix's columns in front must be 1s,
+    not the 0s an additive mask would take (they hid the prefix)."""
+    dm = dt.attach(make_model("deberta-v2", "cls"), "prefix", num_tokens=N)
+    ids = make_inputs(dm.backbone)["input_ids"]
+    unmasked = logits(dm, {"input_ids": ids})
+    torch.testing.assert_close(unmasked, logits(dm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    dm.disable("default")
+    assert (logits(dm, {"input_ids": ids}) - unmasked).abs().max() > 1e-4, "the prefix changes nothing"
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_padded_row_classifies_as_it_does_alone(arch: str, method: str) -> None:
