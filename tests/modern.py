@@ -5,6 +5,10 @@ keeps what sets the architecture apart: grouped-query attention (4 query, 2 key/
 Phi-3's and ModernBERT's fused projections, sliding-window layers whose 4-token window is shorter than
 the test sequences (Gemma 3, Mistral, Qwen2 and ModernBERT), per-head query/key norms (Qwen3, OLMo 2,
 Gemma 3), SmolLM3's layer without rotary positions, Gemma 3's scaled embeddings and zero-centred norms.
+Also the established families: Gemma and Gemma 2 (attention-score soft-capping, a sliding layer), Granite
+(its embedding, attention, residual and logit multipliers), StarCoder2 (windowed, with biases), Phi-2
+(attention and MLP in parallel, rotary on half of each head), OPT (learned positions, no grouped heads) and
+DeBERTa v3 (disentangled relative attention in log buckets, its key projection shared with positions).
 """
 
 from __future__ import annotations
@@ -29,6 +33,29 @@ _CONFIGS = {
     "phi3": lambda: tf.Phi3Config(**_GQA),  # qkv_proj holds 4 + 2 + 2 heads of 8: 64 outputs
     "smollm3": lambda: tf.SmolLM3Config(**_GQA, no_rope_layer_interval=2),  # layer 1 has no rotary positions
     "olmo2": lambda: tf.Olmo2Config(**_GQA),
+    "gemma": lambda: tf.GemmaConfig(**_GQA, head_dim=8),
+    # scores soft-capped at 50 (eager attention), logits at 30; layer 0 slides over 4 tokens
+    "gemma2": lambda: tf.Gemma2Config(
+        **_GQA, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+    ),
+    # Granite 3's multipliers: scores scaled by 1/64 (not 1/sqrt(8)), residual branches by 0.22
+    "granite": lambda: tf.GraniteConfig(
+        **_GQA, embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0
+    ),
+    "starcoder2": lambda: tf.Starcoder2Config(**_GQA, sliding_window=4),
+    "phi": lambda: tf.PhiConfig(**_GQA, partial_rotary_factor=0.5),  # rotary on 4 of each head's 8 dimensions
+    "opt": lambda: tf.OPTConfig(  # 4 heads of 8, keys and values as many
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     # layer 0 global, layer 1 local: each token sees 2 tokens either side
     "modernbert": lambda: tf.ModernBertConfig(
         vocab_size=VOCAB,
@@ -45,24 +72,45 @@ _CONFIGS = {
         cls_token_id=1,
         sep_token_id=2,
     ),
+    # v3's settings: no absolute positions, relative ones in 8 log buckets, c2p and p2c sharing key_proj
+    "deberta-v2": lambda: tf.DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        relative_attention=True,
+        position_buckets=8,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        initializer_range=0.1,  # at 0.02 the pooled logits stay within 0.02: two prompts' rows differed by 1e-4
+        pad_token_id=0,
+    ),
 }
 ARCHS = tuple(_CONFIGS)
-CAUSAL = tuple(a for a in ARCHS if a != "modernbert")
-SLIDING = ("qwen2", "gemma3_text", "mistral")  # decoders with a sliding-window layer
+ENCODERS = ("modernbert", "deberta-v2")
+CAUSAL = tuple(a for a in ARCHS if a not in ENCODERS)
+SLIDING = ("qwen2", "gemma3_text", "mistral", "gemma2", "starcoder2")  # decoders with a sliding-window layer
 _AUTO = {
     "lm": tf.AutoModelForCausalLM,
     "cls": tf.AutoModelForSequenceClassification,
     "mlm": tf.AutoModelForMaskedLM,
 }
-MISSING = {("olmo2", "cls"): V4}  # Olmo2ForSequenceClassification came with transformers 5
+MISSING = {
+    ("olmo2", "cls"): V4,  # Olmo2ForSequenceClassification came with transformers 5
+    ("granite", "cls"): not hasattr(tf, "GraniteForSequenceClassification"),  # none in 4.57 or 5.25
+}
 
 
 def heads(arch: str) -> tuple[str, ...]:
-    return ("cls", "mlm") if arch == "modernbert" else ("lm", "cls")
+    return ("cls", "mlm") if arch in ENCODERS else ("lm", "cls")
 
 
 CASES = [(a, h) for a in ARCHS for h in heads(a)]
-MAIN = [(a, heads(a)[0]) for a in ARCHS]  # the LM head of each decoder, ModernBERT's classifier
+MAIN = [(a, heads(a)[0]) for a in ARCHS]  # the LM head of each decoder, the encoders' classifier
 
 
 def make_config(arch: str) -> tf.PretrainedConfig:

@@ -1,5 +1,5 @@
 """The architectures users fine-tune in 2026 (Qwen3, Qwen2, Gemma 3, Mistral, Phi-3, SmolLM3, OLMo 2,
-ModernBERT) under the main methods with their default settings, on each head (tests/modern.py).
+ModernBERT, and Gemma, Gemma 2, Granite, StarCoder2, Phi-2, OPT, DeBERTa v3) under the main methods with their default settings, on each head (tests/modern.py).
 
 Every case attaches (none is refused since the alias tables map these model types) and keeps what
 the method claims: the backbone's output at init where it says so, a changed output once perturbed,
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from modern import ARCHS, CASES, logits, make_inputs, make_model
+from modern import ARCHS, CASES, heads, logits, make_inputs, make_model
 from tiny import perturbed
 
 import deltatune as dt
@@ -71,28 +71,40 @@ def test_default_settings_attach_and_keep_their_promises(arch: str, head: str, m
 FIRST_LAYER = {
     "qwen3": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj|mlp.up_proj", "mlp.down_proj"),
     "phi3": ("self_attn.qkv_proj",) * 3 + ("mlp.gate_up_proj", "mlp.down_proj"),
+    "phi": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1", "mlp.fc2"),
+    "starcoder2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.c_fc", "mlp.c_proj"),
+    "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1", "fc2"),
     "modernbert": ("attn.Wqkv",) * 3 + ("mlp.Wi", "mlp.Wo"),
+    "deberta-v2": tuple(f"attention.self.{p}_proj" for p in ("query", "key", "value"))
+    + ("intermediate.dense", "output.dense"),
 }
 _LLAMA_NORMS = {"layers.N.input_layernorm", "layers.N.post_attention_layernorm", "model.norm"}
 NORMS = {  # `ln`: the norms on the residual stream (layer numbers as N), not the per-head q_norm/k_norm
-    **dict.fromkeys(("qwen3", "qwen2", "mistral", "phi3", "smollm3"), _LLAMA_NORMS),
-    "gemma3_text": _LLAMA_NORMS | {"layers.N.pre_feedforward_layernorm", "layers.N.post_feedforward_layernorm"},
+    **dict.fromkeys(("qwen3", "qwen2", "mistral", "phi3", "smollm3", "gemma", "granite", "starcoder2"), _LLAMA_NORMS),
+    **dict.fromkeys(
+        ("gemma3_text", "gemma2"),
+        _LLAMA_NORMS | {"layers.N.pre_feedforward_layernorm", "layers.N.post_feedforward_layernorm"},
+    ),
+    "phi": {"layers.N.input_layernorm", "model.final_layernorm"},  # one norm feeds attention and MLP alike
+    "opt": {"layers.N.self_attn_layer_norm", "layers.N.final_layer_norm", "model.decoder.final_layer_norm"},
     "olmo2": {"layers.N.post_attention_layernorm", "layers.N.post_feedforward_layernorm", "model.norm"},
     # layer 0's attn_norm is an nn.Identity; the head's norm belongs to the head
     "modernbert": {"model.embeddings.norm", "layers.N.mlp_norm", "layers.N.attn_norm", "model.final_norm"},
+    # not encoder.LayerNorm, the norm of the relative position embeddings
+    "deberta-v2": {"deberta.embeddings.LayerNorm", "layers.N.attention.output.LayerNorm", "layers.N.output.LayerNorm"},
 }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_aliases_name_the_same_roles(arch: str) -> None:
-    model = make_model(arch, "cls" if arch == "modernbert" else "lm")
-    layer0 = "model.layers.0."
+    model = make_model(arch, heads(arch)[0])
+    layer0 = resolve(model, "layer")[0] + "."  # model.layers.0. (OPT: model.decoder.layers.0.)
     q, k, v, ffn_in, ffn_out = FIRST_LAYER.get(arch, FIRST_LAYER["qwen3"])
     for alias, tail in (("attn.q", q), ("attn.k", k), ("attn.v", v), ("ffn.out", ffn_out)):
         assert [n for n in resolve(model, alias) if n.startswith(layer0)] == [layer0 + tail], alias
     assert [n for n in resolve(model, "ffn.in") if n.startswith(layer0)] == [layer0 + t for t in ffn_in.split("|")]
     norms = resolve(model, "ln")
-    assert {re.sub(r"^model\.layers\.\d+", "layers.N", n) for n in norms} == NORMS[arch]
+    assert {re.sub(r"^.*\blayers?\.\d+", "layers.N", n) for n in norms} == NORMS[arch]
     assert all(type(model.get_submodule(n)).__name__ != "Identity" for n in norms), norms
     assert len(resolve(model, "attn")) == len(resolve(model, "layer")) == 2
     with pytest.raises(TargetError, match=r"has no 'xattn.q' \(its aliases: attn.q"):

@@ -1,4 +1,4 @@
-"""Mixture-of-experts decoders (Mixtral, Qwen3-MoE): attention aliases mapped, the fused experts refused by name."""
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): attention aliases mapped, the fused experts refused by name."""
 
 from __future__ import annotations
 
@@ -19,11 +19,19 @@ def _moe(kind: str) -> torch.nn.Module:
     if kind == "mixtral":
         config = transformers.MixtralConfig(intermediate_size=64, num_local_experts=4, **common)
         return transformers.MixtralForCausalLM(config).eval()
+    if kind == "qwen2_moe":  # routed experts beside a gated shared expert
+        config = transformers.Qwen2MoeConfig(
+            intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, **common
+        )
+        return transformers.Qwen2MoeForCausalLM(config).eval()
     config = transformers.Qwen3MoeConfig(moe_intermediate_size=32, num_experts=4, head_dim=8, **common)
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["lora", "dora", "prefix", "prompt", "bitfit", "layernorm"])
 def test_methods_on_attention_and_norms_act_exactly(kind: str, method: str) -> None:
     model = _moe(kind)
@@ -42,7 +50,7 @@ def test_methods_on_attention_and_norms_act_exactly(kind: str, method: str) -> N
     assert (dm.detach() is model) and (logits(model, inputs) - base).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_the_fused_experts_are_refused_by_name_with_the_type_s_aliases(kind: str) -> None:
     with pytest.raises(TargetError, match=rf"'{kind}' has no 'ffn.out' \(its aliases: attn.q, .*\)"):
         dt.attach(_moe(kind), "adapter")

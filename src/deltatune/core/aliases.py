@@ -48,6 +48,23 @@ _MPNET = {
     "embeddings.word": r"embeddings\.word_embeddings",
 }
 
+# DeBERTa v2/v3: BERT's layout with `*_proj` names; `pos_query_proj`/`pos_key_proj` (disentangled position
+# projections) are not attn.q/attn.k. `ln` keeps to the norms on the residual stream, not v3's norm of the
+# relative position embeddings (`encoder.LayerNorm`), which are embeddings too.
+_DEBERTA_V2 = {
+    "attn.q": rf"{_L}\.attention\.self\.query_proj",
+    "attn.k": rf"{_L}\.attention\.self\.key_proj",
+    "attn.v": rf"{_L}\.attention\.self\.value_proj",
+    "attn.o": rf"{_L}\.attention\.output\.dense",
+    "attn": rf"{_L}\.attention\.self",
+    "ffn.in": rf"{_L}\.intermediate\.dense",
+    "ffn.out": rf"{_L}\.output\.dense",
+    "ln": rf"(?:embeddings|{_L}\.attention\.output|{_L}\.output)\.LayerNorm",
+    "layer": _L,
+    "embeddings": r"(?:embeddings|encoder\.rel_embeddings)",
+    "embeddings.word": r"embeddings\.word_embeddings",
+}
+
 _DISTILBERT = {
     "attn.q": rf"{_L}\.attention\.q_lin",
     "attn.k": rf"{_L}\.attention\.k_lin",
@@ -128,10 +145,59 @@ _MODERNBERT = {
     "embeddings.word": r"embeddings\.tok_embeddings",
 }
 
-# Mixture-of-experts decoders (Mixtral, Qwen3-MoE): the experts are fused 3-D parameters in transformers 5
+# Gemma 2 has Gemma 3's four norms per layer (around each sublayer, before and after).
+_GEMMA2 = _GEMMA3
+
+# Phi-2 runs attention and MLP in parallel off one `input_layernorm`; attention's output is `dense`.
+# With qk_layernorm its per-head `q_layernorm`/`k_layernorm` stay out of `ln`, as Qwen3's q_norm does.
+_PHI = _LLAMA | {
+    "attn.o": rf"{_L}\.self_attn\.dense",
+    "ffn.in": rf"{_L}\.mlp\.fc1",
+    "ffn.out": rf"{_L}\.mlp\.fc2",
+    "ln": r"(?:input_layernorm|final_layernorm)",
+}
+
+# StarCoder2: Llama's attention and norms (LayerNorm, with biases), a plain two-layer MLP.
+_STARCODER2 = _LLAMA | {"ffn.in": rf"{_L}\.mlp\.c_fc", "ffn.out": rf"{_L}\.mlp\.c_proj"}
+
+# OPT: BART's decoder layer without cross-attention (`xattn` refused by name, not an empty selection);
+# `final_layer_norm` names each layer's FFN norm and the decoder's last norm. Learned positions are
+# embeddings too; `project_in`/`project_out` (OPT-350m's narrower embeddings) are projections, not embeddings.
+_OPT = {
+    "attn.q": rf"{_L}\.self_attn\.q_proj",
+    "attn.k": rf"{_L}\.self_attn\.k_proj",
+    "attn.v": rf"{_L}\.self_attn\.v_proj",
+    "attn.o": rf"{_L}\.self_attn\.out_proj",
+    "attn": rf"{_L}\.self_attn",
+    "ffn.in": rf"{_L}\.fc1",
+    "ffn.out": rf"{_L}\.fc2",
+    "ln": r"(?:self_attn_layer_norm|final_layer_norm)",
+    "layer": _L,
+    "embeddings": r"(?:embed_tokens|embed_positions)",
+    "embeddings.word": r"embed_tokens",
+}
+
+# GPT-NeoX (Pythia) fuses q|k|v into `query_key_value` head by head (q, k, v of head 0, then head 1, ...), not
+# one after the other: no slice of it is "the keys", so attn.q/attn.k/attn.v are refused by name (target
+# 'query_key_value' by name: LoRA on the whole fused layer is sound). Prefix tuning takes its keys' width from the
+# config, as this attention takes a KV cache. Attention and MLP run in parallel by default, each with its norm.
+_GPT_NEOX = {
+    "attn.o": rf"{_L}\.attention\.dense",
+    "attn": rf"{_L}\.attention",
+    "ffn.in": rf"{_L}\.mlp\.dense_h_to_4h",
+    "ffn.out": rf"{_L}\.mlp\.dense_4h_to_h",
+    "ln": r"(?:input_layernorm|post_attention_layernorm|final_layer_norm)",
+    "layer": _L,
+    "embeddings": r"embed_in",
+    "embeddings.word": r"embed_in",
+}
+
+# Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): the experts are fused 3-D parameters in transformers 5
 # (a ModuleList of linear layers in 4.57), so no one module is "the FFN's projection": the table maps
 # attention, norms and layers, and `ffn.*` is refused by name (target experts by module name where they are
-# modules). LoRA's default targets (attn.q, attn.v) are the usual choice for these models.
+# modules). LoRA's default targets (attn.q, attn.v) are the usual choice for these models. Qwen2-MoE adds a
+# gated `shared_expert` MLP beside the routed experts: its projections are only part of the FFN, so `ffn.*`
+# stays refused there too (an adapter after `shared_expert.down_proj` would not follow the FFN).
 _MOE = {alias: pattern for alias, pattern in _LLAMA.items() if not alias.startswith("ffn.")}
 _T5 = {
     "attn.q": rf"{_L}\.layer\.0\.SelfAttention\.q",
@@ -178,6 +244,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "electra": _BERT,
     "camembert": _BERT,
     "mpnet": _MPNET,
+    "deberta-v2": _DEBERTA_V2,
     "distilbert": _DISTILBERT,
     "gpt2": _GPT2,
     "llama": _LLAMA,
@@ -185,8 +252,16 @@ ALIASES: dict[str, dict[str, str]] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "mixtral": _MOE,
+    "qwen2_moe": _MOE,
     "qwen3_moe": _MOE,
     "smollm3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _GEMMA2,
+    "granite": _LLAMA,
+    "starcoder2": _STARCODER2,
+    "phi": _PHI,
+    "opt": _OPT,
+    "gpt_neox": _GPT_NEOX,
     "gemma3_text": _GEMMA3,
     "olmo2": _OLMO2,
     "phi3": _PHI3,

@@ -266,7 +266,8 @@ def rows_in_front(call: CallArgs, n: int) -> None:
     """Give an attention that gets `n` placeholder rows in front of its hidden states (prefix tuning where it
     takes no cache) those rows in its rotary positions too, unrotated, as the cache route leaves prefix keys:
     `position_embeddings` (cos, sin: ModernBERT 5.x) get cos 1 and sin 0, `position_ids` (ModernBERT 4.x
-    rotates inside its attention) position 0. Without this the rows did not fit (a size error)."""
+    rotates inside its attention) position 0; DeBERTa's `relative_pos`, built for the real length, is dropped.
+    Without this the rows did not fit (a size error)."""
     rotary = call.get("position_embeddings")
     if isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary):
         cos, sin = rotary
@@ -278,6 +279,8 @@ def rows_in_front(call: CallArgs, n: int) -> None:
     ids = call.get("position_ids")
     if isinstance(ids, torch.Tensor):
         call.set("position_ids", torch.cat([ids.new_zeros(*ids.shape[:-1], n), ids], dim=-1))
+    if isinstance(call.get("relative_pos"), torch.Tensor):  # DeBERTa: rebuilt from its query and key lengths,
+        call.set("relative_pos", None)  # which puts the rows just before the first token (as T5's cache does)
 
 
 # -- stacks, positions, token types ---------------------------------------------------------------
@@ -299,12 +302,17 @@ def encoder(model: nn.Module) -> nn.Module:
 def base_model(model: nn.Module) -> nn.Module:
     """The stack a task model wraps (`model.base_model`). 4.57's Gemma3ForCausalLM names its prefix
     "language_model" but holds the stack as `model`, so `base_model` was the whole model (prompt tuning
-    failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one."""
+    failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one.
+    OPTForCausalLM (and BartForCausalLM) call their base model's `decoder` past the base model's forward,
+    so hooks there never ran (a prompt changed nothing): a base holding only a decoder stack gives it."""
     base = getattr(model, "base_model", model)
     if base is model:
         inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)]
         if len(inner) == 1:
             return inner[0]
+    stack = getattr(base, "decoder", None)
+    if isinstance(stack, transformers.PreTrainedModel) and getattr(base, "encoder", None) is None:
+        return stack
     return base
 
 

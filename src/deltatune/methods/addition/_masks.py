@@ -39,8 +39,21 @@ def extend_mask(
             f"prefix tuning extends 4-D attention masks, but this attention got a {mask.dim()}-D one; "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
-    pad = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+    pad = mask.new_ones if _one_attends(mask, rows) else mask.new_zeros
     return torch.cat([pad(*mask.shape[:-1], n), mask], dim=-1)
+
+
+def _one_attends(mask: torch.Tensor, rows: bool) -> bool:
+    """Whether 1 (True) means "attend" in this 4-D mask, rather than 0 in an additive one.
+
+    Boolean and integer masks say attend with 1. DeBERTa's attention takes a 0/1 mask of the input's
+    dtype (float where it made the mask itself) and attends where it is nonzero: a 0 column in front
+    hid the prefix. Additive masks hold 0 and large negatives, so a floating mask of 0s and 1s with a 1
+    is such a mask. Asked on the placeholder-row route only (attentions without a cache, DeBERTa's
+    among them), so the cache route's float masks cost no look at their values."""
+    if mask.dtype == torch.bool or not mask.is_floating_point():
+        return True
+    return rows and bool(((mask == 0) | (mask == 1)).all() and (mask == 1).any())
 
 
 def _is_block_mask(mask: Any) -> bool:

@@ -114,6 +114,7 @@ class _Site:
         self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
         self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
+        self.pending: set[int] = set()  # keys (0), values (1) not yet written into the call's placeholder rows
 
 
 class Prefix(Delta):
@@ -248,6 +249,7 @@ class Prefix(Delta):
             call = CallArgs(site.signature, args, kwargs)
             hidden = call.first()
             site.current = self.prefix(site)
+            site.pending = {0, 1}
             n = site.current.shape[1]
             for arg in site.hidden_args:  # DistilBERT 4.x passes the hidden states as query, key and value
                 states = call.get(arg)
@@ -269,8 +271,9 @@ class Prefix(Delta):
 
     def _overwrite_hook(self, site: _Site, which: int, columns: slice):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-            if site.current is None:
-                return output
+            if site.current is None or which not in site.pending:  # DeBERTa's key_proj also projects its
+                return output  # relative position embeddings, after the hidden states: those stay as they are
+            site.pending.discard(which)
             prefix = site.current[which].to(output.dtype)
             n = prefix.shape[0]
             rows = output[:, :n]  # a fused projection's placeholder rows keep their other columns (queries)
@@ -311,7 +314,12 @@ def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str,
     after the other (k|v in GPT-2's cross-attention): queries take heads x head size, keys and values
     key/value heads x head size each. Split by thirds, Phi-3 with grouped-query attention (4 query, 2
     key/value heads of 8: 64 columns) got 21-column prefixes and failed in a reshape."""
-    names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
+    try:
+        names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
+    except TargetError:
+        if cross or compat.cache_keyword(model.get_submodule(attn)) is None:
+            raise
+        return _width_from_config(model, attn), {}  # the cache route needs no columns
     columns = {}
     for which in ("k", "v"):
         _, out = linear_dims(model.get_submodule(names[which]))
@@ -330,3 +338,16 @@ def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str,
         start = sum(share[p] for p in fused[: fused.index(which)]) * unit
         columns[which] = slice(start, start + kv_heads * unit)
     return columns["k"].stop - columns["k"].start, columns
+
+
+def _width_from_config(model: nn.Module, attn: str) -> int:
+    """Key width from the config, for an attention whose projections the aliases do not split: GPT-NeoX
+    interleaves q|k|v per head in `query_key_value`, so no alias names its keys. On the cache route the
+    prefix only needs the width; a wrong one fails loudly when the cache views it per head."""
+    heads = compat_config.attention_heads(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None)
+    width = compat_config.model_width(model)
+    if heads is None or (not isinstance(head_dim, int) and width is None):
+        raise compat.unsupported(f"prefix tuning cannot tell the key width of {attn!r} from the model's config")
+    return heads[1] * (head_dim if isinstance(head_dim, int) else width // heads[0])
