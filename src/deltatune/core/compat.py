@@ -306,10 +306,9 @@ def base_model(model: nn.Module) -> nn.Module:
     OPTForCausalLM (and BartForCausalLM) call their base model's `decoder` past the base model's forward,
     so hooks there never ran (a prompt changed nothing): a base holding only a decoder stack gives it."""
     base = getattr(model, "base_model", model)
-    if base is model:
-        inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)]
-        if len(inner) == 1:
-            return inner[0]
+    inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)] if base is model else []
+    if len(inner) == 1:
+        return inner[0]
     stack = getattr(base, "decoder", None)
     if isinstance(stack, transformers.PreTrainedModel) and getattr(base, "encoder", None) is None:
         return stack
