@@ -52,5 +52,7 @@ def test_methods_on_attention_and_norms_act_exactly(kind: str, method: str) -> N
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_fused_experts_are_refused_by_name_with_the_type_s_aliases(kind: str) -> None:
-    with pytest.raises(TargetError, match=rf"'{kind}' has no 'ffn.out' \(its aliases: attn.q, .*\)"):
+    with pytest.raises(
+        TargetError, match=rf"'{kind}' has no 'ffn.out': its FFN is a mixture of experts.* \(its aliases: attn.q, .*\)"
+    ):
         dt.attach(_moe(kind), "adapter")

@@ -273,3 +273,11 @@ ALIASES: dict[str, dict[str, str]] = {
 }
 
 ALIAS_NAMES: tuple[str, ...] = tuple(sorted({k for t in ALIASES.values() for k in t} | {"head"}))
+
+# Why a model type leaves an alias out, said where it is asked for (the generic "has no 'attn.q'" named no reason)
+_INTERLEAVED = "its query_key_value interleaves each head's q, k and v (targets='query_key_value' adapts all three)"
+_MOE_FFN = "its FFN is a mixture of experts, no one module (the aliases cover attention, norms and layers)"
+WHY_ABSENT: dict[str, dict[str, str]] = {
+    "gpt_neox": dict.fromkeys(("attn.q", "attn.k", "attn.v"), _INTERLEAVED),
+    **{t: dict.fromkeys(("ffn.in", "ffn.out"), _MOE_FFN) for t in ("mixtral", "qwen2_moe", "qwen3_moe")},
+}

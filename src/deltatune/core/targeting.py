@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from .aliases import ALIAS_NAMES, ALIASES
+from .aliases import ALIAS_NAMES, ALIASES, WHY_ABSENT
 from .layers import is_linear
 
 Targets = str | Sequence[str] | None
@@ -155,7 +155,8 @@ def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]
             mtype = model_type(model)
             if mtype in ALIASES:  # the model type is known, this alias is not part of it (xattn on a decoder)
                 has = ", ".join(a for a in ALIASES[mtype] if a in ALIAS_NAMES)
-                where = f"{mtype!r} has no {target!r} (its aliases: {has})"
+                why = WHY_ABSENT.get(mtype, {}).get(target)
+                where = f"{mtype!r} has no {target!r}" + (f": {why}" if why else "") + f" (its aliases: {has})"
             else:
                 where = (
                     f"alias {target!r} is not mapped for model type {mtype!r} (mapped: {', '.join(sorted(ALIASES))})"
