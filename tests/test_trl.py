@@ -62,6 +62,8 @@ def _sft(dm: dt.DeltaModel, out: Path, **kwargs: Any) -> Any:
     import datasets
     import trl
 
+    peft_config = kwargs.pop("peft_config", None)
+
     texts = ["the movie was great", "the plot was awful", "the cast was fine", "the story was sad"]
     config = dict(
         output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,
@@ -72,7 +74,7 @@ def _sft(dm: dt.DeltaModel, out: Path, **kwargs: Any) -> Any:
         args = trl.SFTConfig(**(config | kwargs))
         return trl.SFTTrainer(
             model=dm, args=args, train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts * 2]),
-            processing_class=make_tokenizer(TOY_WORDS), peft_config=None,
+            processing_class=make_tokenizer(TOY_WORDS), peft_config=peft_config,
         )  # fmt: skip
 
 
@@ -127,3 +129,15 @@ def test_sft_trainer_refuses_deltas_its_fused_head_would_drop(method: str, setti
     dm = dt.attach(make_model("llama", "lm"), dt.get_config(method, **settings))
     with pytest.raises(dt.DeltaError, match=r"TRL's fused LM head \(SFTTrainer\)"):
         _sft(dm, tmp_path)
+
+
+@needs_trl
+def test_a_peft_config_given_with_a_delta_model_is_refused_not_trained_beside_it(tmp_path: Path) -> None:
+    """SFTTrainer(model=dm, peft_config=config) ran get_peft_model on the DeltaModel: PEFT's LoRA trained beside
+    deltatune's and dm.save_pretrained wrote deltatune's only, without an error."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(dt.DeltaError, match=r"PEFT is injecting its layers into a DeltaModel .*Pass peft_config=None"):
+        _sft(dt.attach(make_model("llama", "lm"), config), tmp_path, peft_config=config)
+    with pytest.raises(dt.DeltaError, match="PEFT is injecting its layers"):
+        peft.get_peft_model(dt.attach(make_model("llama", "lm"), "lora"), config)

@@ -151,6 +151,20 @@ def computes_loss_without_forward(forward: Any) -> bool:
     return False
 
 
+def check_setattr(dm: DeltaModel, name: str, value: Any) -> None:
+    """A new `forward` (check_replaced_forward), or `peft_config`, which PEFT sets on a model it injected its layers
+    into (`get_peft_model(dm, ...)`, as `SFTTrainer(model=dm, peft_config=...)` calls it): its adapter trained
+    beside the deltas and was left out of their saves, without an error (tiny Llama with TRL 1.16)."""
+    if name == "forward":
+        check_replaced_forward(dm, value)
+    elif name == "peft_config":
+        raise DeltaError(
+            "PEFT is injecting its layers into a DeltaModel (get_peft_model(dm, ...), or SFTTrainer(model=dm, "
+            "peft_config=...)): they would train beside the deltas and be left out of their saves. Pass peft_config="
+            "None (dt.attach(model, lora_config) reads a PEFT LoraConfig), and rebuild the model: PEFT's layers are in it"
+        )
+
+
 def check_replaced_forward(dm: DeltaModel, forward: Any = None) -> None:
     """Refuse a forward that computes the loss without `DeltaModel.forward` when a delta would then train wrongly.
 

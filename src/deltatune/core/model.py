@@ -87,9 +87,9 @@ class DeltaModel(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Tools wrap `forward` (accelerate's autocast) or replace it (TRL's fused LM head): a replacement that
-        computes the loss without it is refused where a delta would silently train wrongly (`core.conventions`)."""
-        if name == "forward":
-            conventions.check_replaced_forward(self, value)
+        computes the loss without it is refused where a delta would silently train wrongly; PEFT wrapping the
+        DeltaModel is refused as it marks it (`core.conventions`)."""
+        conventions.check_setattr(self, name, value)
         super().__setattr__(name, value)
 
     # -- behaving as the backbone -------------------------------------------------------------
