@@ -33,6 +33,21 @@ def test_claims_are_exclusive_and_results_need_the_claim(tmp_path: Path) -> None
     assert a.counts()["done"] == 1
 
 
+def test_a_store_replaced_on_disk_mid_study_is_named_not_written_blind(tmp_path: Path) -> None:
+    """`git stash` (or checkout, pull) of a committed store under a running study put another file at its path;
+    the open connection wrote on into the unlinked one and SQLite then said 'attempt to write a readonly
+    database': the runs finished in between were lost without a word about why (measured: two runs here)."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    store.add_jobs([_job("r1"), _job("r2")])
+    run = store.claim("host:1:-")
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(path.read_bytes())
+    copy.replace(path)  # what git does: a new file under the old name
+    with pytest.raises(RuntimeError, match=r"s\.sqlite was replaced while this study ran \(a git checkout"):
+        store.finish(run["id"], "host:1:-", {"metric": "accuracy", "dev_score": 0.5, "history": []})
+
+
 def test_dependent_runs_wait_for_their_source(tmp_path: Path) -> None:
     s = Store(tmp_path / "s.sqlite")
     s.add_jobs([_job("src"), _job("dst", depends_on="src")])

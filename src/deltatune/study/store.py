@@ -76,6 +76,16 @@ def owner_alive(owner: str) -> bool | None:
     return start == "-" or _proc_start(int(pid)) == start
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file behind `path` (device, inode): a store replaced on disk is another file, which SQLite's open
+    connection does not follow."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 class Store:
     def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
         """Open (or create) a study file; `readonly` opens an existing one without creating or upgrading
@@ -87,6 +97,7 @@ class Store:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.identity = _identity(self.path)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.conn.executescript(SCHEMA)
@@ -101,6 +112,14 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE takes the write lock up front: a claim cannot interleave with another."""
+        if _identity(self.path) != self.identity:
+            raise RuntimeError(
+                f"{self.path} was replaced while this study ran (a git checkout, stash or pull of the store?): this "
+                "process wrote to the file it opened, which is gone, and the runs it finished since are not in the new "
+                "one (before, SQLite said 'attempt to write a readonly database'). Keep the store out of such commands "
+                "while a study runs; run the study again to go on (finished runs are kept, add --reclaim for the ones "
+                "the replaced file shows running)"
+            )
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
