@@ -96,18 +96,42 @@ def test_quantizing_after_attaching_is_refused_and_a_quantized_layer_is_named_as
 
 
 def test_a_module_wrapped_in_place_still_calls_the_delta_and_is_accepted() -> None:
-    """PEFT's LoRA layer wraps the module it replaces (`base_layer`), so deltatune's hooks on it still fire; a new
-    parameter of the same shape (weights assigned) leaves the delta fitting."""
-    peft = pytest.importorskip("peft")
+    """A wrapper put in a module's place that calls it (as PEFT's layer calls its `base_layer`) keeps deltatune's
+    hooks firing; a new parameter of the same shape (weights assigned) leaves the delta fitting."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, base_layer: nn.Module) -> None:
+            super().__init__()
+            self.base_layer = base_layer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base_layer(x)
+
     model = make_model("llama", head="lm")
     inputs = make_inputs(model)
     dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4)))
     before = logits(dm, inputs)
-    wrapped = peft.get_peft_model(dm, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=True))
-    assert (wrapped(**inputs).logits - before).abs().max() < 1e-6  # PEFT's B = 0: only deltatune's LoRA acts
-    q = model.model.layers[0].self_attn.q_proj.base_layer
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = Wrapper(attn.q_proj)
+    assert (logits(dm, inputs) - before).abs().max() < 1e-6
+    q = attn.q_proj.base_layer
     q.weight = nn.Parameter(q.weight.detach().clone())
-    assert (wrapped(**inputs).logits - before).abs().max() < 1e-6
+    assert (logits(dm, inputs) - before).abs().max() < 1e-6
+
+
+def test_peft_injected_into_the_model_or_the_delta_model_is_refused() -> None:
+    """get_peft_model on the DeltaModel (as SFTTrainer(model=dm, peft_config=...) does) or on the model the deltas
+    were attached to: PEFT's adapter trained beside the deltas and was left out of their saves, without an error."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"])
+    with pytest.raises(DeltaError, match="PEFT is injecting its layers into a DeltaModel"):
+        peft.get_peft_model(dt.attach(make_model("llama", head="lm"), dt.LoRAConfig(r=4)), config)
+    model = make_model("llama", head="lm")
+    dm = dt.attach(model, dt.LoRAConfig(r=4))
+    wrapped = peft.get_peft_model(model, config)
+    for call in (lambda: dm(**make_inputs(model)), lambda: wrapped(**make_inputs(model))):
+        with pytest.raises(DeltaError, match=r"PEFT injected its layers into this model after deltas were attached"):
+            call()
 
 
 def test_a_parameter_sharded_in_place_keeping_its_shape_as_ds_shape_is_not_taken_for_a_resize() -> None:

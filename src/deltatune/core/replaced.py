@@ -98,6 +98,12 @@ def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
         return
 
     def before_forward(module: nn.Module, args: Any) -> None:
+        if "peft_config" in module.__dict__:  # get_peft_model(model) after attaching: PEFT marks the model it injected
+            raise DeltaError(
+                "PEFT injected its layers into this model after deltas were attached (get_peft_model(model, ...) or "
+                "model.add_adapter(...)): they would train beside the deltas and be left out of their saves; rebuild "
+                "the model and attach one library's adapters (dt.attach(model, lora_config) reads a PEFT LoraConfig)"
+            )
         check(deltas)
 
     setattr(backbone, HANDLE, backbone.register_forward_pre_hook(before_forward))
