@@ -97,7 +97,7 @@ def peft_rows(delta_ids: RowIds | None, kwargs: dict) -> RowIds | None:
     row ran with every enabled delta, and only generate() said a word."""
     for key in kwargs.keys() - _PASSED:  # a misspelt delta_ids: the model would drop it unseen (its **kwargs)
         close = difflib.get_close_matches(key, _OURS, n=1, cutoff=0.75)
-        if key != "adapter_names" and ("delta" in key.lower() or close):
+        if key != "adapter_names" and (key.lower().startswith("delta") or close):
             raise RoutingError(
                 f"unknown keyword {key!r}; did you mean {(close or _OURS)[0]}? (the model would ignore it unseen)"
             )
