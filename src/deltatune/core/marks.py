@@ -83,9 +83,9 @@ def check_free(backbone: nn.Module) -> None:
 
 
 def check_not_peft(backbone: nn.Module) -> None:
-    """Refuse a PeftModel, a model with AdapterHub adapters added, and a model with PEFT's layers injected (`PeftModel.from_pretrained(...).base_model.model`):
-    PEFT's adapters would act in the outputs, frozen, but be left out of the deltas' saves (a reload scores without
-    them), and a PEFT layer is no linear layer to target. Both are PEFT's to merge or unload first."""
+    """Refuse a PeftModel, a model with AdapterHub adapters added, and one with PEFT's layers injected (the model
+    inside `PeftModel.from_pretrained(...)`): the foreign adapters would act in the outputs, frozen, but be left out
+    of the deltas' saves (a reload scores without them). They are their library's to merge or remove first."""
     if type(backbone).__module__.split(".")[0] == "peft":  # its layers are PEFT's, its targets renamed
         raise TypeError(
             f"this is a PEFT {type(backbone).__name__}: attach to the plain transformers model, or bring a saved "
