@@ -4,6 +4,7 @@ from .core import Delta, DeltaConfig, DeltaError, DeltaModel, Hooks, TargetError
 from .core.entry import load_delta
 from .core.io import DeltaIOError, save_delta
 from .interop import peft_config as _peft_config  # noqa: F401  (attach reads PEFT's LoraConfig/IA3Config)
+from .interop import sentence_transformers as _sentence_transformers  # noqa: F401  (its trainer reloads checkpoints)
 from .methods import (
     METHODS,
     AdapterConfig,

@@ -20,8 +20,6 @@ Everything here knows the conventions, nothing knows a method.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import shutil
@@ -35,15 +33,13 @@ from torch import nn
 from .delta import DeltaError
 from .io import META, OPENDELTA_HINT, WEIGHTS, DeltaIOError, default_include_head, is_opendelta, load_into, save_delta
 from .merge import merged_state_dict
+from .reload import INDEX, INDEX_FORMAT, read_index
 from .routing import row_names
 from .state import TRAINER_STATE_HINT
 
 if TYPE_CHECKING:
     from .model import DeltaModel
 
-INDEX = "deltatune_model.json"
-INDEX_FORMAT = "deltatune.model/1"
-_CLASSES: dict[tuple[type, type], type] = {}
 
 # Backbone attributes that would persist or rewrite weights without the deltas, or inject another
 # library's adapters beside them: reaching them through a DeltaModel names the call to use instead.
@@ -87,47 +83,6 @@ def refuse(name: str) -> None:
         raise AttributeError(f"DeltaModel.{name}: the backbone's {name} {NOT_THROUGH_DELTAS[name]}")
     if name in PEFT_CALLS:
         raise AttributeError(f"DeltaModel.{name} {PEFT_CALLS[name]}")
-
-
-# -- the forward signature Trainer reads ------------------------------------------------------------
-def signed_class(cls: type, backbone_cls: type) -> type:
-    """A subclass of `cls` whose `forward` advertises `backbone_cls.forward`'s parameters plus `delta_ids`.
-
-    Trainer reads `type(model).forward` for the label names (`find_labels`) and `model.forward` for
-    the columns to keep, so the signature must live on the class; the real forward is unchanged.
-    """
-    key = (cls, backbone_cls)
-    if key in _CLASSES:
-        return _CLASSES[key]
-    try:
-        sig = inspect.signature(backbone_cls.forward)
-    except (TypeError, ValueError):  # a backbone without an inspectable forward: keep the generic one
-        return cls
-    params = list(sig.parameters.values())
-    if "delta_ids" not in sig.parameters:
-        extra = inspect.Parameter("delta_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        params.insert(at, extra)
-    base_forward = cls.forward
-
-    @functools.wraps(base_forward)
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return base_forward(self, *args, **kwargs)
-
-    forward.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    # Tools tell a model's family by its class name (`__name__` or `_get_name()`): Trainer shifts the labels
-    # of label smoothing only for names of causal LMs and tells question answering models by theirs, and
-    # pipelines check it against the task's models. So the class carries the backbone's `__name__`; its
-    # `__qualname__` (type reprs, `repr(dm)`) says what it is.
-    qualname = f"{cls.__name__}[{backbone_cls.__name__}]"
-
-    def __repr__(self: nn.Module) -> str:
-        return qualname + super(sub, self).__repr__().removeprefix(backbone_cls.__name__)
-
-    body = {"forward": forward, "__repr__": __repr__, "__module__": cls.__module__, "__qualname__": qualname}
-    sub = type(backbone_cls.__name__, (cls,), body)
-    _CLASSES[key] = sub
-    return sub
 
 
 # -- a forward replaced by a tool --------------------------------------------------------------------
@@ -269,9 +224,16 @@ def _place(src: Path, dest: Path) -> None:
 
 
 def save_pretrained(
-    dm: DeltaModel, path: str | os.PathLike, include_head: bool | None = None, is_main_process: bool | None = None
+    dm: DeltaModel,
+    path: str | os.PathLike,
+    include_head: bool | None = None,
+    is_main_process: bool | None = None,
+    safe_serialization: bool = True,
 ) -> Path | None:
     """Write every delta (and the task head) into `path`, beside whatever else is there (a tokenizer).
+
+    `safe_serialization` is accepted as trainers pass it (sentence-transformers' with transformers 4.x): the
+    tensors are always safetensors, never a pickle.
 
     One delta: its folder is `path` itself (so `load_delta(path)` reads it too); several: one
     subfolder per name. An index records names, order and which are enabled. Each file is written
@@ -340,12 +302,7 @@ def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any)
         else:
             hint = "save deltas with DeltaModel.save_pretrained(folder)"
         raise DeltaIOError(f"{path} holds no {INDEX} and no {META}: {hint}")
-    try:
-        index = json.loads((path / INDEX).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DeltaIOError(f"{path / INDEX} is not valid JSON ({err}); save the model again") from err
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not index.get("deltas"):
-        raise DeltaIOError(f"{path / INDEX} is not a deltatune model index (format {INDEX_FORMAT!r} expected)")
+    index = read_index(path)
     for entry in index["deltas"]:
         load_into(dm, path / entry["folder"], entry["name"], enabled=bool(entry.get("enabled", True)), **load_kwargs)
     dm.freeze(bool(index.get("train_head", False)))

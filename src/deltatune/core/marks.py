@@ -44,20 +44,30 @@ class SaveRefused:
         raise DeltaError(SAVE_REFUSED)
 
 
+def _savers(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone and every module inside it whose class saves it (`save_pretrained`): a model inside another
+    (`model.bert`, a sentence-transformers model's transformer, whose `st.save(dir)` calls it) saves the weights
+    the deltas act on just as the backbone's own would, without them."""
+    return [m for m in backbone.modules() if m is backbone or callable(getattr(type(m), "save_pretrained", None))]
+
+
 def mark(backbone: nn.Module, dm: DeltaModel) -> None:
     """Called when a delta is attached (again harmless)."""
     found = vars(backbone)
     found.setdefault("__deepcopy__", BackboneCopier(backbone))
-    found.setdefault("save_pretrained", SaveRefused())
+    for module in _savers(backbone):
+        vars(module).setdefault("save_pretrained", SaveRefused())
     found[OWNER] = weakref.ref(dm)
 
 
 def unmark(backbone: nn.Module) -> None:
     """Called when the last delta is gone."""
     found = vars(backbone)
-    for key, kind in (("__deepcopy__", BackboneCopier), ("save_pretrained", SaveRefused)):
-        if isinstance(found.get(key), kind):
-            del found[key]
+    if isinstance(found.get("__deepcopy__"), BackboneCopier):
+        del found["__deepcopy__"]
+    for module in _savers(backbone):
+        if isinstance(vars(module).get("save_pretrained"), SaveRefused):
+            del vars(module)["save_pretrained"]
     found.pop(OWNER, None)
 
 

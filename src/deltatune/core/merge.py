@@ -7,6 +7,8 @@ exported folder loads with `from_pretrained` and no deltatune at all.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import itertools
 import os
 from collections.abc import Iterable
@@ -236,11 +238,15 @@ def export_merged(dm: DeltaModel, path: str | os.PathLike, tokenizer: object | N
         raise FileExistsError(f"{path} is a file; choose a new folder for the merged model")
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; choose a new folder for the merged model")
-    state = merged_state_dict(dm)
+    save = type(dm.backbone).save_pretrained  # the class's: core.marks refuses the instance's
+    if "state_dict" in inspect.signature(save).parameters:  # transformers': the merged tensors under the weights' names
+        backbone, kwargs = dm.backbone, {"state_dict": merged_state_dict(dm)}
+    else:  # a model wrapping one (sentence-transformers saves its modules in turn): a merged copy, saved whole
+        backbone, kwargs = copy.deepcopy(dm).merge_and_unload(), {}
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)  # temp folders of exports that were killed midway
     with replacing_folder(path) as tmp:  # `path` is missing or empty (checked above)
-        type(dm.backbone).save_pretrained(dm.backbone, tmp, state_dict=state)  # the class's: core.marks
+        save(backbone, tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path

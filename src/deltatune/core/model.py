@@ -24,6 +24,7 @@ from .merge import check_commutes, check_head_load, export_merged, merge_in, unm
 from .registry import as_config
 from .routing import RowIds, input_rows, peft_rows, refuse_recomputation, row_names
 from .settings import check_limits
+from .signed import signed_class
 from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
 from .traffic import Traffic
@@ -70,7 +71,7 @@ class DeltaModel(nn.Module):
         self._head_source: str | None = None  # the loaded delta whose task head the backbone holds (core.io)
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self._traffic = Traffic()  # threads: plain calls together, a routed batch alone
-        self.__class__ = conventions.signed_class(type(self), type(backbone))  # Trainer reads the signature
+        self.__class__ = signed_class(type(self), type(backbone))  # Trainer reads the signature
         conventions.register_state_hooks(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DeltaModel:
@@ -376,9 +377,9 @@ class DeltaModel(nn.Module):
         """Write only this delta (tensors, config, backbone identity; the task head when it trains) to a folder."""
         return save_delta(self, path, name, include_head=include_head, **metadata)
 
-    def save_pretrained(self, path: str, *, include_head: bool | None = None, is_main_process: Any = None) -> Any:
+    def save_pretrained(self, path: str, *, include_head: bool | None = None, **kwargs: Any) -> Any:
         """Every delta (and the head, when it trains) as delta folders, not the backbone; FSDP: `core.sharded`."""
-        return conventions.save_pretrained(self, path, include_head, is_main_process)
+        return conventions.save_pretrained(self, path, include_head, **kwargs)
 
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, path: str, **kwargs: Any) -> DeltaModel:

@@ -23,6 +23,9 @@ METHODS: dict[str, type[DeltaConfig]] = {}
 # Readers of configs written for other libraries, (config, model) -> DeltaConfig, or None where the object is not
 # theirs; `deltatune.interop.peft_config` registers PEFT's (LoraConfig, IA3Config, ...). The core names no library.
 CONFIG_READERS: list[Callable[[Any, nn.Module], DeltaConfig | None]] = []
+# Attributes that another library's tools call on a DeltaModel's class (`core.signed`), given the backbone's class:
+# `deltatune.interop.sentence_transformers` registers how its trainer reloads a checkpoint.
+CLASS_EXTRAS: list[Callable[[type], dict[str, Any]]] = []
 
 
 def register(cls: type[DeltaConfig]) -> type[DeltaConfig]:

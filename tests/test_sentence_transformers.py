@@ -1,0 +1,149 @@
+"""Deltas on a sentence-transformers model (`interop/sentence_transformers.py`), trained with its own trainer.
+
+A tiny BERT with a word-level tokenizer, loaded as `SentenceTransformer(folder)` (mean pooling), stands for
+all-MiniLM-L6-v2; the same code paths run at both ends of the transformers range (sentence-transformers 5.x
+with transformers 4.57, 6.x with 5.x).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from tiny import GOOD, NOUNS, TOY_WORDS, make_tokenizer, perturbed
+
+import deltatune as dt
+from deltatune import DeltaError
+
+st_lib = pytest.importorskip("sentence_transformers")
+datasets = pytest.importorskip("datasets")
+from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator  # noqa: E402
+from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss  # noqa: E402
+
+TEXTS = ["the movie was good", "the plot was awful", "a nice cast"]
+
+
+def _sentence_model(tmp_path: Path, seed: int = 0) -> st_lib.SentenceTransformer:
+    folder = tmp_path / "tiny-st"
+    if not folder.exists():
+        tok = make_tokenizer(TOY_WORDS + ["a"])
+        torch.manual_seed(seed)
+        config = tf.BertConfig(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, pad_token_id=0,
+        )  # fmt: skip
+        tf.BertModel(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return st_lib.SentenceTransformer(str(folder), device="cpu")
+
+
+def _embed(model: torch.nn.Module) -> torch.Tensor:
+    return model.encode(TEXTS, convert_to_tensor=True, batch_size=8).detach().clone()
+
+
+def test_attach_embeds_with_the_deltas_and_starts_as_the_model(tmp_path: Path) -> None:
+    st = _sentence_model(tmp_path)
+    before = _embed(st)
+    dm = dt.attach(st, "lora", targets=["attn.q", "attn.v"])
+    torch.testing.assert_close(_embed(st), before, rtol=0, atol=0)
+    perturbed(dm)
+    assert (_embed(st) - before).abs().max() > 1e-3, "the deltas do not act in st.encode"
+    torch.testing.assert_close(_embed(dm), _embed(st), rtol=0, atol=0)
+    assert {n for n, p in st.named_parameters() if p.requires_grad} == set(), "the backbone's weights train"
+
+
+def test_saving_the_model_without_its_deltas_is_refused_and_a_merged_export_loads(tmp_path: Path) -> None:
+    # st.save(dir) calls the transformer's save_pretrained: it wrote the base model (reloaded: the deltas gone)
+    st = _sentence_model(tmp_path)
+    dm = perturbed(dt.attach(st, "lora"))
+    trained = _embed(st)
+    for save in (st.save, st.save_pretrained, st[0].auto_model.save_pretrained):
+        with pytest.raises(DeltaError, match="without its deltas"):
+            save(str(tmp_path / "out"))
+    dm.export_merged(tmp_path / "merged")
+    torch.testing.assert_close(
+        _embed(st_lib.SentenceTransformer(str(tmp_path / "merged"), device="cpu")), trained, rtol=0, atol=1e-5
+    )
+    dm.save_pretrained(tmp_path / "delta")
+    fresh = _sentence_model(tmp_path)
+    torch.testing.assert_close(_embed(dt.DeltaModel.from_pretrained(fresh, tmp_path / "delta")), trained)
+    dm.detach()
+    st.save(str(tmp_path / "plain"))  # the model as it came saves again
+
+
+def _pairs(n: int = 32) -> datasets.Dataset:
+    rng = random.Random(0)
+    one = [f"{rng.choice(NOUNS)} was {rng.choice(GOOD)}" for _ in range(n)]
+    two = [f"the {rng.choice(NOUNS)} was {rng.choice(TOY_WORDS)}" for _ in range(n)]
+    return datasets.Dataset.from_dict({"sentence1": one, "sentence2": two, "score": [rng.random() for _ in one]})
+
+
+class _Scripted(SentenceEvaluator):
+    """An evaluator whose scores are given: the best checkpoint is the one the test names."""
+
+    def __init__(self, scores: list[float], seen: dict[int, torch.Tensor], dm: dt.DeltaModel) -> None:
+        super().__init__()
+        self.scores, self.seen, self.dm = iter(scores), seen, dm
+        self.primary_metric, self.greater_is_better = "score", True
+
+    def __call__(self, model: object, output_path: object = None, epoch: object = -1, steps: int = -1) -> dict:
+        self.seen[steps] = _embed(self.dm)
+        return {"score": next(self.scores)}
+
+
+def _trainer(tmp_path: Path, dm: dt.DeltaModel, evaluator: object = None, **kwargs: object) -> object:
+    args = st_lib.SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, learning_rate=5e-3, report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=3, save_strategy="steps", save_steps=2, **kwargs,
+    )  # fmt: skip
+    return st_lib.SentenceTransformerTrainer(
+        model=dm, args=args, train_dataset=_pairs(), loss=CosineSimilarityLoss(dm), evaluator=evaluator
+    )
+
+
+def test_trainer_trains_the_deltas_and_loads_the_best_checkpoint_at_the_end(tmp_path: Path) -> None:
+    # the trainer rebuilds the model's class from the best checkpoint; before, that failed into a logged error
+    # and the last step's deltas stayed
+    st = _sentence_model(tmp_path)
+    dm = dt.attach(st, "lora")
+    seen: dict[int, torch.Tensor] = {}
+    trainer = _trainer(
+        tmp_path, dm, _Scripted([0.0, 1.0, 0.5], seen, dm), max_steps=6, eval_strategy="steps", eval_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_score", greater_is_better=True,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    assert (seen[4] - seen[6]).abs().max() > 1e-4, "the last steps did not train"
+    torch.testing.assert_close(_embed(dm), seen[4], rtol=0, atol=0)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir())
+    assert "delta.safetensors" in saved and "model.safetensors" not in saved, saved
+
+
+def test_resume_from_a_checkpoint_reaches_the_uninterrupted_deltas(tmp_path: Path) -> None:
+    def run(resume: str | None = None) -> dict[str, torch.Tensor]:
+        dm = dt.attach(_sentence_model(tmp_path), "lora")  # a fresh draw of LoRA's A: the checkpoint replaces it
+        _trainer(tmp_path / ("b" if resume else "a"), dm, max_steps=6).train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in dm.state_dict().items()}
+
+    whole = run()
+    resumed = run(resume=str(tmp_path / "a" / "run" / "checkpoint-4"))  # a new process would do the same
+    assert whole.keys() == resumed.keys() and whole
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6)
+
+
+def test_rebuilding_the_class_from_a_folder_reads_its_deltas_and_names_a_wrong_one(tmp_path: Path) -> None:
+    dm = perturbed(dt.attach(_sentence_model(tmp_path), "lora"))
+    dm.add("bits", "bitfit")
+    dm.save_pretrained(tmp_path / "two")
+    loaded = type(dm)(str(tmp_path / "two"), trust_remote_code=False)  # sentence-transformers 5's reload
+    state = dm.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(dt.DeltaIOError, match="no such folder"):
+        type(dm)(str(tmp_path / "missing"))
+    with pytest.raises(TypeError, match="deltatune.attach"):
+        type(dm)(dm.backbone)
