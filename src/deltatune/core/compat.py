@@ -304,7 +304,12 @@ def base_model(model: nn.Module) -> nn.Module:
     "language_model" but holds the stack as `model`, so `base_model` was the whole model (prompt tuning
     failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one.
     OPTForCausalLM (and BartForCausalLM) call their base model's `decoder` past the base model's forward,
-    so hooks there never ran (a prompt changed nothing): a base holding only a decoder stack gives it."""
+    so hooks there never ran (a prompt changed nothing): a base holding only a decoder stack gives it.
+    A module that is no transformers model but holds one (a SentenceTransformer) gives that one's stack."""
+    if not isinstance(model, transformers.PreTrainedModel):
+        held = [m for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
+        if held and {id(m) for m in held} <= {id(m) for m in held[0].modules()}:  # one outermost
+            return base_model(held[0])
     base = getattr(model, "base_model", model)
     inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)] if base is model else []
     if len(inner) == 1:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from . import called
 from .copying import BackboneCopier
 from .delta import DeltaError
 
@@ -57,6 +58,7 @@ def mark(backbone: nn.Module, dm: DeltaModel) -> None:
     found.setdefault("__deepcopy__", BackboneCopier(backbone))
     for module in _savers(backbone):
         vars(module).setdefault("save_pretrained", SaveRefused())
+    called.guard(backbone)  # a wrapper that calls its model's forward directly still runs the deltas' hooks
     found[OWNER] = weakref.ref(dm)
 
 
@@ -68,6 +70,7 @@ def unmark(backbone: nn.Module) -> None:
     for module in _savers(backbone):
         if isinstance(vars(module).get("save_pretrained"), SaveRefused):
             del vars(module)["save_pretrained"]
+    called.unguard(backbone)
     found.pop(OWNER, None)
 
 

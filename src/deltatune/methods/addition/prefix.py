@@ -161,7 +161,7 @@ class Prefix(Delta):
         dtype = next(ref.parameters()).dtype
         n = cfg.num_tokens
         if cfg.reparameterize:
-            dim = model.get_input_embeddings().weight.shape[1]
+            dim = compat.base_model(model).get_input_embeddings().weight.shape[1]
             self.embedding = nn.Embedding(n, dim, dtype=dtype)
             self.mlp_in = nn.Linear(dim, cfg.mid_dim, dtype=dtype)
             self.mlp_out = nn.Linear(cfg.mid_dim, offset, dtype=dtype)
