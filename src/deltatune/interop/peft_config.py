@@ -11,7 +11,6 @@ only where such an object was given, so it is installed.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -29,8 +28,8 @@ from ..core.targeting import (
     resolve,
 )
 from ..methods.addition.ia3 import IA3Config
-from ..methods.reparameterization.dora import DoRAConfig
 from ..methods.reparameterization.lora import LoRAConfig, pattern_value
+from .peft_lora import lora_config, peft_alpha
 
 # fields that say what the adapter is for, not what it computes (task_type: deltatune's train_head="auto" trains
 # the heads PEFT's task types train); fan_in_fan_out: the layout is read from the layer, as PEFT corrects it
@@ -89,25 +88,12 @@ def read_peft_config(config: Any, model: nn.Module) -> DeltaConfig | None:
 
 
 def _lora(c: dict, targets: Any, modules: list[str]) -> LoRAConfig:
-    r, alpha, rs = int(c["r"]), float(c["lora_alpha"]), bool(c.get("use_rslora"))
-    alpha_all = alpha * math.sqrt(r) if rs else alpha  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
-    rank_pattern, alpha_pattern = {}, {}
+    r = int(c["r"])
+    per_module = {}
     for module in modules:  # PEFT's pattern rule per module, kept as exact per-module patterns
         r_m = int(pattern_value(c.get("rank_pattern"), module, r))
-        alpha_m = float(pattern_value(c.get("alpha_pattern"), module, alpha))
-        alpha_m = alpha_m * math.sqrt(r_m) if rs else alpha_m
-        if r_m != r:
-            rank_pattern[re.escape(module)] = r_m
-        if alpha_m != alpha_all:
-            alpha_pattern[re.escape(module)] = alpha_m
-    return (DoRAConfig if c.get("use_dora") else LoRAConfig)(
-        targets=targets,
-        r=r,
-        alpha=alpha_all,
-        dropout=float(c.get("lora_dropout") or 0.0),
-        rank_pattern=rank_pattern or None,
-        alpha_pattern=alpha_pattern or None,
-    )
+        per_module[module] = (r_m, peft_alpha(c, r_m, module))
+    return lora_config(c, targets, r, peft_alpha(c, r), per_module)
 
 
 def _ia3(name: str, c: dict, model: nn.Module, targets: Any, modules: list[str]) -> IA3Config:

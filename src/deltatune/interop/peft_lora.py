@@ -14,6 +14,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,6 +68,32 @@ _KNOWN = TARGETING_FIELDS | {
 }  # fmt: skip
 
 
+def peft_alpha(config: dict, r: int, module: str | None = None) -> float:
+    """deltatune's alpha (its scale is alpha / r) for a module of rank `r` under a PEFT LoRA config: the module's
+    `alpha_pattern` entry (PEFT's rule), and rsLoRA's scale alpha / sqrt(r) written as alpha * sqrt(r) / r."""
+    alpha = float(config.get("lora_alpha", config["r"]))
+    if module is not None:
+        alpha = float(pattern_value(config.get("alpha_pattern"), module, alpha))
+    return alpha * math.sqrt(r) if config.get("use_rslora") else alpha
+
+
+def lora_config(
+    config: dict, targets: Any, r: int, alpha: float, per_module: dict[str, tuple[int, float]]
+) -> LoRAConfig:
+    """PEFT's LoRA (or DoRA) as deltatune's config: each module's (rank, alpha) that differs from (r, alpha) kept
+    as an exact per-module pattern. Used by the folder import and by `attach(model, peft.LoraConfig(...))`."""
+    ranks = {re.escape(m): r_m for m, (r_m, _) in per_module.items() if r_m != r}
+    alphas = {re.escape(m): a_m for m, (_, a_m) in per_module.items() if a_m != alpha}
+    return (DoRAConfig if config.get("use_dora") else LoRAConfig)(
+        targets=targets,
+        r=r,
+        alpha=alpha,
+        dropout=float(config.get("lora_dropout") or 0.0),
+        rank_pattern=ranks or None,
+        alpha_pattern=alphas or None,
+    )
+
+
 def _check(config: dict, ignore_fields: tuple[str, ...] = ()) -> None:
     if config.get("peft_type") != "LORA":
         raise PeftFormatError(f"this is a PEFT {config.get('peft_type')!r} adapter, not LoRA; use import_peft")
@@ -101,37 +128,22 @@ def import_peft_lora(
     broken = sorted(m for m, f in factors.items() if set(f) != ({"A", "B", "m"} if dora else {"A", "B"}))
     if broken:
         raise PeftFormatError(f"modules with only one LoRA factor in {WEIGHTS}: {broken[:4]}")
-    r = int(config["r"])
-    alpha = float(config.get("lora_alpha", r))
-    rs = bool(config.get("use_rslora"))
     dm = as_delta_model(model)
     resolve(dm.backbone, tuple(factors))  # the adapter's modules must exist: a TargetError names close ones
     grow = 2 if residual else 1
-    r_all, alpha_all = r * grow, (alpha * math.sqrt(r) if rs else alpha) * grow  # ours: scale = alpha / r
-    rank_pattern, alpha_pattern = {}, {}
+    r = int(config["r"])
+    per_module = {}
     for module, f in factors.items():
         r_m = int(f["A"].shape[0])
-        alpha_m = float(pattern_value(config.get("alpha_pattern"), module, alpha))
-        if rs:
-            alpha_m *= math.sqrt(r_m)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
+        alpha_m = peft_alpha(config, r_m, module)
         if residual:  # r_m more terms at the same scale alpha_m / r_m that undo the init's offset
             layer = dm.backbone.get_submodule(module)
             p, q = initial_offset(layer.weight, residual, r_m, alpha_m / r_m, is_transposed(layer))
             f["A"] = torch.cat([f["A"], q.to(f["A"].dtype)])
             f["B"] = torch.cat([f["B"], (-p * r_m / alpha_m).to(f["B"].dtype)], dim=1)
             r_m, alpha_m = grow * r_m, grow * alpha_m
-        if r_m != r_all:
-            rank_pattern[re.escape(module)] = r_m
-        if alpha_m != alpha_all:
-            alpha_pattern[re.escape(module)] = alpha_m
-    lora = (DoRAConfig if dora else LoRAConfig)(
-        targets=tuple(factors),
-        r=r_all,
-        alpha=alpha_all,
-        dropout=float(config.get("lora_dropout", 0.0)),
-        rank_pattern=rank_pattern or None,
-        alpha_pattern=alpha_pattern or None,
-    )
+        per_module[module] = (r_m, alpha_m)
+    lora = lora_config(config, tuple(factors), r * grow, peft_alpha(config, r) * grow, per_module)
     check_head(dm, head)
     dm.add(name, lora)
     delta = dm.delta(name)
