@@ -7,6 +7,7 @@ whole batch runs with that row's deltas (and when the row runs alone).
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,45 @@ def test_threads_sharing_a_model_each_get_their_own_rows() -> None:
     for t in threads:
         t.join()
     assert [sum(r) for r in results] == [40, 40, 40]
+
+
+def test_switching_deltas_while_another_thread_computes_never_gives_half_a_switch() -> None:
+    """A server hot-loading a delta (`add`) or switching one (`disable`, `set_active`, `merge`) while another thread
+    computed gave that call some layers with the delta and some without (the slow layer widens the window)."""
+    dm = _served("lora", "bert", "cls", names=("a",))
+    x = _inputs(dm.backbone, batch=2)
+    layer = dm.backbone.bert.encoder.layer[0]
+    slow = layer.register_forward_hook(lambda *_: time.sleep(0.004))
+    with torch.no_grad():
+        dm.disable("a")
+        without = dm(**x).logits
+        dm.enable("a")
+        with_a = dm(**x).logits
+    seen: list[torch.Tensor] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with torch.no_grad():
+                seen.append(dm(**x).logits)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        for switch in [lambda: dm.disable("a"), lambda: dm.enable("a"), lambda: dm.set_active([])] * 4 + [
+            lambda: dm.set_active("a"),
+            lambda: dm.add("b", "bitfit", enabled=False),  # attached switched off: outputs stay as they were
+            lambda: dm.detach("b"),
+        ]:
+            switch()
+            time.sleep(0.006)  # each state holds across a forward's slow layer
+    finally:
+        stop.set()
+        server.join()
+        slow.remove()
+    assert len(seen) > 5
+    bad = [i for i, out in enumerate(seen) if not (torch.equal(out, with_a) or torch.equal(out, without))]
+    assert not bad, f"{len(bad)} of {len(seen)} calls saw half a switch"
 
 
 def test_rows_may_combine_several_deltas() -> None:

@@ -9,25 +9,25 @@ head excepted, which keeps what training or a loaded delta wrote into it).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import checkpointing, conventions, copying, marks, replaced, sharded, unstepped
-from .claims import check_claims, check_routes
+from . import checkpointing, conventions, copying, marks, replaced, sharded, traffic, unstepped
+from .claims import check_claims
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
 from .layers import check_in_memory
 from .merge import check_commutes, check_head_load, export_merged, merge_in, unmerge_out
 from .registry import as_config
-from .routing import RowIds, input_rows, peft_rows, refuse_recomputation, row_names
+from .routing import RowIds, input_rows, peft_rows
 from .settings import check_limits
 from .signed import signed_class
 from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
-from .traffic import Traffic
+from .traffic import Traffic, switch
 from .tree import render
 
 
@@ -149,28 +149,14 @@ class DeltaModel(nn.Module):
                 f"unmerge them first (dm.unmerge({merged[0]!r}))"
             )
 
-    @contextlib.contextmanager
-    def route(self, delta_ids: RowIds, rows: int | None = None) -> Iterator[None]:
+    def route(self, delta_ids: RowIds, rows: int | None = None) -> contextlib.AbstractContextManager[None]:
         """Serve a mixed batch: row i uses the deltas named by `delta_ids[i]` (a name, names, or None).
 
         Inside, enable/disable flags are ignored: each delta acts exactly on its rows. Merged deltas
         would act on every row, so they must be unmerged first. `rows`, when known, is the batch size
-        `delta_ids` must match.
+        `delta_ids` must match. Other threads' calls wait meanwhile: the rows live on the deltas.
         """
-        rows = row_names(delta_ids, batch=rows)
-        for n in sorted({n for row in rows for n in row}):
-            self._get(n)
-        refuse_recomputation(self.backbone)
-        routes = check_routes(self.deltas, rows, self._device())
-        with self._traffic.routed():  # other threads' calls wait: the rows live on the deltas (core.traffic)
-            previous = {n: d.route for n, d in self.deltas.items()}
-            try:
-                for n, delta in self.deltas.items():
-                    delta.route = routes[n]
-                yield
-            finally:
-                for n, delta in self.deltas.items():
-                    delta.route = previous[n]
+        return traffic.routed_batch(self, delta_ids, rows)
 
     def _device(self) -> torch.device:
         ref = next(self.backbone.parameters(), None)
@@ -187,6 +173,7 @@ class DeltaModel(nn.Module):
             return getattr(backbone, name)
 
     # -- managing deltas ----------------------------------------------------------------------
+    @switch
     def add(
         self, name: str, config: DeltaConfig | str, *, train_head: bool | str | None = None, enabled: bool = True
     ) -> DeltaModel:
@@ -238,6 +225,7 @@ class DeltaModel(nn.Module):
         conventions.check_added(self, name)  # after SFTTrainer patched the forward: refused deltas are detached
         return self
 
+    @switch
     def detach(self, name: str | None = None) -> nn.Module:
         """Remove one delta (or all). With none left, the plain backbone is returned, as it came (its task head
         keeps what training or a loaded delta put there, as PEFT's unload does)."""
@@ -278,18 +266,21 @@ class DeltaModel(nn.Module):
     def delta(self, name: str = "default") -> Delta:
         return self._get(name)
 
+    @switch
     def enable(self, name: str = "default") -> None:
         delta = self._get(name)
         check_claims(self.deltas, {n for n, d in self.deltas.items() if d.enabled} | {name})
         check_commutes(dict(self.deltas), name, f"enable {name!r}", merged_only=True)
         delta.enabled = True
 
+    @switch
     def disable(self, name: str = "default") -> None:
         """Switch a delta off without removing it: the backbone then computes as if it were absent."""
         self._get(name)
         self._refuse_while_merged(f"disable {name!r} (the weights would still hold it)", [name])
         self.deltas[name].enabled = False
 
+    @switch
     def set_active(self, names: str | list[str]) -> None:
         """Enable exactly these deltas and disable all others."""
         wanted = {names} if isinstance(names, str) else set(names)
@@ -351,6 +342,7 @@ class DeltaModel(nn.Module):
         params = dict(self.backbone.named_parameters())
         return {f"{HEAD_KEY}{n}": params[n].detach() for n in self.head_parameter_names()}
 
+    @switch
     def load_delta_state_dict(self, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load a delta's tensors (and task head tensors, `__head__.` keys); no other backbone weight is reachable."""
         delta = self._get(name)
@@ -365,10 +357,12 @@ class DeltaModel(nn.Module):
                 heads[n].copy_(v)
 
     # -- merging (mergeable methods implement the math) -----------------------------------------
+    @switch
     def merge(self, name: str = "default") -> None:
         """Fold the delta into the weights (inference at the backbone's cost); `unmerge` takes it out again."""
         merge_in(self, name, undoable=True)
 
+    @switch
     def unmerge(self, name: str = "default") -> None:
         """Take the delta out of the weights again (bitwise for half-precision merges: `core.merge.unmerge_out`)."""
         unmerge_out(self, name)

@@ -6,18 +6,28 @@ one model gave another batch's rows (a RoutingError about row counts) or, with e
 deltas, without an error (tiny BERT, 3 LoRA deltas, 2 threads x 200 calls: 197 errors, 1 wrong output). So a routed
 batch waits until the plain calls in flight are done and holds the model until it ends; plain calls wait while
 another thread's routed batch runs, and run together otherwise. The routing thread's own calls inside its
-`dm.route(...)` block pass. Compiled graphs do not run this Python: under torch.compile callers serialize routed
-batches themselves.
+`dm.route(...)` block pass. Calls that switch deltas (`switch`: add, detach, enable, merge, ...) hold the model
+the same way, and a waiting router or switch goes before new plain calls. Compiled graphs do not run this Python:
+under torch.compile callers serialize routed batches and switches themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+
+from .claims import check_routes
+from .routing import RowIds, refuse_recomputation, row_names
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Traffic:
@@ -28,6 +38,7 @@ class Traffic:
         self._plain: dict[int, int] = {}  # plain calls in flight per thread
         self._router: int | None = None
         self._depth = 0
+        self._waiting = 0  # routed batches and switches waiting: new plain calls let them in first
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Traffic:
         return Traffic()  # a copied model is a model of its own: nobody is inside it yet
@@ -39,7 +50,9 @@ class Traffic:
             return
         me = threading.get_ident()
         with self._cv:
-            while self._router not in (None, me):  # this thread's own routed batch passes (`with dm.route(...)`)
+            # this thread's own routed batch passes (`with dm.route(...)`), and its nested calls; others queue
+            # behind a waiting router, else a steady stream of calls kept it out for good
+            while self._router not in (None, me) or (self._waiting and me not in self._plain and self._router != me):
                 self._cv.wait()
             self._plain[me] = self._plain.get(me, 0) + 1
         try:
@@ -59,8 +72,12 @@ class Traffic:
         me = threading.get_ident()
         with self._cv:
             if self._router != me:
-                while self._router is not None or any(t != me for t in self._plain):  # its own plain call passes
-                    self._cv.wait()
+                self._waiting += 1
+                try:
+                    while self._router is not None or any(t != me for t in self._plain):  # its own plain call passes
+                        self._cv.wait()
+                finally:
+                    self._waiting -= 1
                 self._router = me
             self._depth += 1
         try:
@@ -71,3 +88,36 @@ class Traffic:
                 if not self._depth:
                     self._router = None
                     self._cv.notify_all()
+
+
+def switch(method: F) -> F:
+    """A DeltaModel call that changes which deltas act or how (add, detach, enable, disable, set_active, merge,
+    unmerge, loading tensors): it waits for other threads' calls in flight and holds the model while it runs.
+    A server that hot-loads a delta (`dm.add`) or switches one while another thread computes gave that call some
+    layers with the delta and some without, no error."""
+
+    @functools.wraps(method)
+    def run(self: DeltaModel, *args: Any, **kwargs: Any) -> Any:
+        with self._traffic.routed():
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def routed_batch(dm: DeltaModel, delta_ids: RowIds, rows: int | None) -> Iterator[None]:
+    """`dm.route(...)`: each delta's rows set on it while the batch runs, the model held by this thread."""
+    rows = row_names(delta_ids, batch=rows)
+    for n in sorted({n for row in rows for n in row}):
+        dm.delta(n)
+    refuse_recomputation(dm.backbone)
+    routes = check_routes(dm.deltas, rows, dm._device())
+    with dm._traffic.routed():  # other threads' calls wait: the rows live on the deltas
+        previous = {n: d.route for n, d in dm.deltas.items()}
+        try:
+            for n, delta in dm.deltas.items():
+                delta.route = routes[n]
+            yield
+        finally:
+            for n, delta in dm.deltas.items():
+                delta.route = previous[n]
