@@ -13,6 +13,9 @@ DeBERTa v3 (disentangled relative attention in log buckets, its key projection s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -155,3 +158,45 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tenso
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
         ids = torch.cat([ids, out[:, -1:].argmax(-1)], dim=1)
     return ids
+
+
+def keeps_promises(method: str, head: str, fresh: Callable[[], torch.nn.Module], tmp_path: Path, **settings) -> None:  # noqa: ANN003
+    """What every method claims on a backbone `fresh()` builds: its output at init where it says so; gradients on the
+    delta and, where a new classifier trains, the head, and on nothing else; a changed output once perturbed;
+    merge == unmerged and unmerge back to the weights where it merges; a save/load round trip onto a fresh one."""
+    from tiny import perturbed
+
+    import deltatune as dt
+
+    model = fresh()
+    inputs = make_inputs(model)
+    plain = logits(model, inputs)
+    dm = dt.attach(model, method, **settings)
+    config = dm.delta().config
+    if config.identity_at_init:
+        torch.testing.assert_close(logits(dm, inputs), plain, rtol=0, atol=1e-6)
+
+    dm(**inputs).loss.backward()
+    head_params = set(dm.head_parameter_names()) if head == "cls" else set()  # a new classifier trains
+    assert head != "cls" or head_params, "the classification head is not found"
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (p.grad is not None) == (n in head_params), n
+    trained = [p for p in dm.delta().parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained), "a delta tensor got no gradient"
+    dm.zero_grad(set_to_none=True)
+
+    out = logits(perturbed(dm), inputs)
+    # ModernBERT's small init keeps its MLM logits within 0.2 and moves them least (prompt, ia3: 3e-4)
+    assert (out - plain).abs().max() > 1e-4, "perturbing the delta changed nothing"
+    if config.can_merge:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        dm.merge()
+        torch.testing.assert_close(logits(dm, inputs), out, rtol=0, atol=1e-5)
+        dm.unmerge()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), weights[n], rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(logits(dm, inputs), out, rtol=0, atol=1e-5)
+
+    dm.save_delta(tmp_path / "delta")  # with the classifier where it trained (perturbed too: it must come along)
+    loaded = dt.load_delta(fresh(), tmp_path / "delta")
+    torch.testing.assert_close(logits(loaded, inputs), out, rtol=0, atol=1e-6)

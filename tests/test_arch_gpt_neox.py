@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from modern import NUM_LABELS, VOCAB, greedy, logits, make_inputs
+from modern import NUM_LABELS, VOCAB, greedy, keeps_promises, logits, make_inputs
 from tiny import perturbed
 from transformers import DynamicCache
 
@@ -74,25 +74,7 @@ def test_aliases_name_the_roles_and_refuse_the_interleaved_projections() -> None
 @pytest.mark.parametrize("head", ["lm", "cls"])
 @pytest.mark.parametrize("method", METHODS)
 def test_methods_keep_their_promises(head: str, method: str, tmp_path: Path) -> None:
-    model = _model(head)
-    inputs = make_inputs(model)
-    plain = logits(model, inputs)
-    dm = dt.attach(model, method, **METHODS[method])
-    config = dm.delta().config
-    if config.identity_at_init:
-        torch.testing.assert_close(logits(dm, inputs), plain, rtol=0, atol=1e-6)
-    dm(**inputs).loss.backward()
-    trained = [p for p in dm.delta().parameters() if p.requires_grad]
-    assert trained and all(p.grad is not None for p in trained), "a delta tensor got no gradient"
-    dm.zero_grad(set_to_none=True)
-    out = logits(perturbed(dm), inputs)
-    assert (out - plain).abs().max() > 1e-4, "perturbing the delta changed nothing"
-    if config.can_merge:
-        dm.merge()
-        torch.testing.assert_close(logits(dm, inputs), out, rtol=0, atol=1e-5)
-        dm.unmerge()
-    dm.save_delta(tmp_path / "delta")
-    torch.testing.assert_close(logits(dt.load_delta(_model(head), tmp_path / "delta"), inputs), out, rtol=0, atol=1e-6)
+    keeps_promises(method, head, lambda: _model(head), tmp_path, **METHODS[method])
 
 
 def test_prefix_equals_a_kv_cache_prefilled_with_the_prefix() -> None:

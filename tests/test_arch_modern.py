@@ -13,11 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from modern import ARCHS, CASES, heads, logits, make_inputs, make_model
-from tiny import perturbed
+from modern import ARCHS, CASES, heads, keeps_promises, make_model
 
-import deltatune as dt
 from deltatune.core.targeting import TargetError, resolve
 
 METHODS = (
@@ -33,38 +30,7 @@ def _ids(case: tuple) -> str:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch,head", CASES, ids=map(_ids, CASES))
 def test_default_settings_attach_and_keep_their_promises(arch: str, head: str, method: str, tmp_path: Path) -> None:
-    model = make_model(arch, head)
-    inputs = make_inputs(model)
-    plain = logits(model, inputs)
-    dm = dt.attach(model, method)
-    config = dm.delta().config
-    if config.identity_at_init:
-        torch.testing.assert_close(logits(dm, inputs), plain, rtol=0, atol=1e-6)
-
-    dm(**inputs).loss.backward()
-    head_params = set(dm.head_parameter_names()) if head == "cls" else set()  # a new classifier trains
-    assert head != "cls" or head_params, "the classification head is not found"
-    for n, p in model.named_parameters():
-        assert p.requires_grad == (p.grad is not None) == (n in head_params), n
-    trained = [p for p in dm.delta().parameters() if p.requires_grad]
-    assert trained and all(p.grad is not None for p in trained), "a delta tensor got no gradient"
-    dm.zero_grad(set_to_none=True)
-
-    out = logits(perturbed(dm), inputs)
-    # ModernBERT's small init keeps its MLM logits within 0.2 and moves them least (prompt, ia3: 3e-4)
-    assert (out - plain).abs().max() > 1e-4, "perturbing the delta changed nothing"
-    if config.can_merge:
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-        dm.merge()
-        torch.testing.assert_close(logits(dm, inputs), out, rtol=0, atol=1e-5)
-        dm.unmerge()
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(p.detach(), weights[n], rtol=0, atol=1e-6, msg=n)
-        torch.testing.assert_close(logits(dm, inputs), out, rtol=0, atol=1e-5)
-
-    dm.save_delta(tmp_path / "delta")  # with the classifier where it trained (perturbed too: it must come along)
-    loaded = dt.load_delta(make_model(arch, head), tmp_path / "delta")
-    torch.testing.assert_close(logits(loaded, inputs), out, rtol=0, atol=1e-6)
+    keeps_promises(method, head, lambda: make_model(arch, head), tmp_path)
 
 
 # What each alias names on each architecture's first layer: fused projections are the honest answer.
