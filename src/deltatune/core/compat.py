@@ -43,6 +43,8 @@ import transformers
 from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
+from .targeting import held_model
+
 VERSION = transformers.__version__
 # Folders written by save_pretrained do not load across major releases (5.x writes tokenizer_class
 # "TokenizersBackend", unknown to 4.x), so what deltatune converts once is kept per major release.
@@ -300,16 +302,13 @@ def encoder(model: nn.Module) -> nn.Module:
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The stack a task model wraps (`model.base_model`). 4.57's Gemma3ForCausalLM names its prefix
-    "language_model" but holds the stack as `model`, so `base_model` was the whole model (prompt tuning
-    failed on a KeyError): a model that is its own base but wraps one pretrained model gives that one.
-    OPTForCausalLM (and BartForCausalLM) call their base model's `decoder` past the base model's forward,
-    so hooks there never ran (a prompt changed nothing): a base holding only a decoder stack gives it.
-    A module that is no transformers model but holds one (a SentenceTransformer) gives that one's stack."""
-    if not isinstance(model, transformers.PreTrainedModel):
-        held = [m for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
-        if held and {id(m) for m in held} <= {id(m) for m in held[0].modules()}:  # one outermost
-            return base_model(held[0])
+    """The stack a task model wraps (`model.base_model`); a module holding one transformers model (a
+    SentenceTransformer), that one's. 4.57's Gemma3ForCausalLM holds its stack as `model` but names its prefix
+    "language_model", so `base_model` was the whole model (prompt tuning failed on a KeyError): a model that is its
+    own base but wraps one pretrained model gives that one. OPTForCausalLM (and BartForCausalLM) call their base
+    model's `decoder` past its forward (a prompt there changed nothing): a base holding only a decoder gives it."""
+    if (held := held_model(model)) is not None:
+        return base_model(held[1])
     base = getattr(model, "base_model", model)
     inner = [c for c in model.children() if isinstance(c, transformers.PreTrainedModel)] if base is model else []
     if len(inner) == 1:

@@ -17,6 +17,7 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 
+import transformers
 from torch import nn
 
 from .aliases import ALIAS_NAMES, ALIASES, WHY_ABSENT
@@ -68,13 +69,32 @@ def side_of(name: str) -> str | None:
     return None
 
 
+def held_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The one outermost transformers model inside a module that is none itself, with its name (a sentence-transformers
+    model holds its transformer at `0.model`); None for a transformers model, or a module holding none or several."""
+    if isinstance(model, transformers.PreTrainedModel):
+        return None
+    held = [(n, m) for n, m in model.named_modules() if isinstance(m, transformers.PreTrainedModel)]
+    if held and {id(m) for _, m in held} <= {id(m) for m in held[0][1].modules()}:
+        return held[0]
+    return None
+
+
+def in_head(name: str, heads: Iterable[str]) -> bool:
+    """Whether module or parameter `name` lies in one of the head modules `heads`."""
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
 def head_names(model: nn.Module) -> list[str]:
     """Top-level children outside the base model: the task head (classifier, lm_head, ...).
 
     Models without a base-model attribute (T5ForConditionalGeneration keeps encoder and decoder
     at the top) have their output embeddings as the head, and the linear layers beside the stacks
-    (T5ForQuestionAnswering's `qa_outputs`, which was otherwise left frozen and random).
+    (T5ForQuestionAnswering's `qa_outputs`, which was otherwise left frozen and random). A module holding
+    one transformers model (a CrossEncoder's classifier) has that model's head, named from the module.
     """
+    if (held := held_model(model)) is not None:
+        return [f"{held[0]}.{h}" for h in head_names(held[1])]
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and hasattr(model, prefix):
         return [name for name, _ in model.named_children() if name != prefix]
@@ -140,7 +160,7 @@ def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]
             raise TargetError(f"unknown side {side!r} in target; use 'encoder:' or 'decoder:'")
     if target == "head":
         heads = head_names(model)
-        found = [n for n in names if n.split(".")[0] in heads]
+        found = [n for n in names if in_head(n, heads)]
     elif target.lower() == ALL_LINEAR:
         found = _all_linear(model, names)
     elif target.startswith("re:"):
@@ -177,7 +197,7 @@ def _all_linear(model: nn.Module, names: list[str]) -> list[str]:
     heads = set(head_names(model))
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
-    return [n for n in names if is_linear(modules[n]) and modules[n] is not out and n.split(".")[0] not in heads]
+    return [n for n in names if is_linear(modules[n]) and modules[n] is not out and not in_head(n, heads)]
 
 
 def _closest(model: nn.Module, names: list[str], target: str) -> list[str]:
@@ -243,4 +263,5 @@ TRAINED_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQues
 def head_trains_by_default(model: nn.Module) -> bool:
     """What train_head="auto" means: train the head of classification, QA and multiple-choice models;
     leave LM heads (pretrained, usually tied to the embeddings) and bare models alone."""
-    return type(model).__name__.endswith(TRAINED_HEADS) and bool(head_names(model))
+    inner = held[1] if (held := held_model(model)) is not None else model
+    return type(inner).__name__.endswith(TRAINED_HEADS) and bool(head_names(model))

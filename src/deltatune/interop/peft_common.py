@@ -22,7 +22,7 @@ from torch import nn
 from ..core.atomic import replacing_folder
 from ..core.io import HEAD
 from ..core.model import DeltaModel
-from ..core.targeting import head_names
+from ..core.targeting import head_names, in_head
 from .tensor_files import read_tensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -220,7 +220,7 @@ def check_sites_outside_head(dm: DeltaModel, sites: Any, modules_to_save: list |
     wrapped = set(modules_to_save or ())
     if task_type(dm.backbone) in ("SEQ_CLS", "TOKEN_CLS"):
         wrapped |= set(head_names(dm.backbone))
-    on_head = sorted(s for s in sites if s.split(".")[0] in wrapped)
+    on_head = sorted(s for s in sites if in_head(s, wrapped))
     if on_head:
         raise PeftFormatError(
             f"the delta sits on {on_head[0]!r}, part of the task head that PEFT saves whole (modules_to_save) and "

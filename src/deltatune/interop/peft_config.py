@@ -23,6 +23,7 @@ from ..core.targeting import (
     TargetError,
     head_names,
     head_trains_by_default,
+    in_head,
     layer_index,
     model_type,
     resolve,
@@ -151,7 +152,7 @@ def _check_saved_modules(name: str, saved: Any, model: nn.Module) -> None:
     if not saved:
         return
     heads = set(head_names(model))
-    others = sorted(m for m in saved if m.split(".")[0] not in heads)
+    others = sorted(m for m in saved if not in_head(m, heads))
     if others:
         raise ValueError(
             f"{name}.modules_to_save={others}: deltatune trains whole modules only as the task head "
