@@ -81,6 +81,23 @@ def test_every_family_acts_in_encode_as_in_the_transformer_called_as_a_module(me
     torch.testing.assert_close(_embed(st), base, rtol=0, atol=0)
 
 
+def test_a_forward_wrapped_after_attaching_still_runs_and_detach_leaves_no_loop(tmp_path: Path) -> None:
+    # accelerate's hooks (offloading: attach first, then offload) wrap the instance forward core.called set; detach
+    # must still remove its hooks (it kept them before), and the wrapper's call of it is then the plain forward
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    st = _sentence_model(tmp_path)
+    base = _embed(st)
+    dm = perturbed(dt.attach(st, "prompt"))
+    tuned = _embed(st)
+    add_hook_to_module(st[0].auto_model, ModelHook())
+    torch.testing.assert_close(_embed(st), tuned, rtol=0, atol=0)
+    dm.detach()
+    inner = st[0].auto_model
+    assert not inner._forward_pre_hooks and not inner._forward_hooks
+    torch.testing.assert_close(_embed(st), base, rtol=0, atol=0)
+
+
 def test_saving_the_model_without_its_deltas_is_refused_and_a_merged_export_loads(tmp_path: Path) -> None:
     # st.save(dir) calls the transformer's save_pretrained: it wrote the base model (reloaded: the deltas gone)
     st = _sentence_model(tmp_path)

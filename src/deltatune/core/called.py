@@ -27,6 +27,7 @@ class CallThrough:
         self.module = module
         self.own = vars(module).get("forward")  # a forward set on the instance before (accelerate's hooks)
         self.inside: dict[int, int] = {}
+        self.removed = False
         forward = self.own or type(module).forward.__get__(module)
         try:
             self.__signature__ = inspect.signature(forward)  # tools read the parameters of model.forward
@@ -49,12 +50,14 @@ class CallThrough:
             self.inside[ident] -= 1
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.inside.get(threading.get_ident()):  # nn.Module's call is running: the real forward
+        # inside nn.Module's call, or removed while another wrapper (accelerate's offload hooks) still holds it
+        if self.removed or self.inside.get(threading.get_ident()):
             forward = self.own or type(self.module).forward.__get__(self.module)
             return forward(*args, **kwargs)
         return self.module(*args, **kwargs)
 
     def remove(self) -> None:
+        self.removed = True
         for handle in self.handles:
             handle.remove()
         if vars(self.module).get("forward") is self:
@@ -77,15 +80,19 @@ def _held(backbone: nn.Module) -> list[nn.Module]:
     return found
 
 
+HELD = "_deltatune_call_through"  # where a guarded module keeps its CallThrough (its forward may be wrapped again)
+
+
 def guard(backbone: nn.Module) -> None:
     """Route direct `forward` calls of the models held inside `backbone` through their call (again harmless)."""
     for module in _held(backbone):
-        if not isinstance(vars(module).get("forward"), CallThrough):
-            vars(module)["forward"] = CallThrough(module)
+        if HELD not in vars(module):
+            vars(module)[HELD] = vars(module)["forward"] = CallThrough(module)
 
 
 def unguard(backbone: nn.Module) -> None:
+    """Remove the guards; one that another wrapper took in since (accelerate's hooks) is then the plain forward."""
     for module in _held(backbone):
-        through = vars(module).get("forward")
-        if isinstance(through, CallThrough):
+        through = vars(module).pop(HELD, None)
+        if through is not None:
             through.remove()
