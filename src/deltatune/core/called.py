@@ -15,8 +15,9 @@ import inspect
 import threading
 from typing import Any
 
-import transformers
 from torch import nn
+
+from .targeting import held_models
 
 
 class CallThrough:
@@ -67,32 +68,19 @@ class CallThrough:
                 vars(self.module)["forward"] = self.own
 
 
-def _held(backbone: nn.Module) -> list[nn.Module]:
-    """The outermost transformers models inside a backbone that is none itself (a SentenceTransformer's)."""
-    if isinstance(backbone, transformers.PreTrainedModel):
-        return []
-    found: list[nn.Module] = []
-    for module in backbone.modules():
-        if isinstance(module, transformers.PreTrainedModel) and not any(
-            module is m for outer in found for m in outer.modules()
-        ):
-            found.append(module)
-    return found
-
-
 HELD = "_deltatune_call_through"  # where a guarded module keeps its CallThrough (its forward may be wrapped again)
 
 
 def guard(backbone: nn.Module) -> None:
     """Route direct `forward` calls of the models held inside `backbone` through their call (again harmless)."""
-    for module in _held(backbone):
+    for _, module in held_models(backbone):
         if HELD not in vars(module):
             vars(module)[HELD] = vars(module)["forward"] = CallThrough(module)
 
 
 def unguard(backbone: nn.Module) -> None:
     """Remove the guards; one that another wrapper took in since (accelerate's hooks) is then the plain forward."""
-    for module in _held(backbone):
+    for _, module in held_models(backbone):
         through = vars(module).pop(HELD, None)
         if through is not None:
             through.remove()

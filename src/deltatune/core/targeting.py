@@ -69,15 +69,22 @@ def side_of(name: str) -> str | None:
     return None
 
 
-def held_model(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The one outermost transformers model inside a module that is none itself, with its name (a sentence-transformers
-    model holds its transformer at `0.model`); None for a transformers model, or a module holding none or several."""
+def held_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost transformers models inside a module that is none itself, with their names (a sentence-transformers
+    model holds its transformer at `0.model`); none for a transformers model."""
     if isinstance(model, transformers.PreTrainedModel):
-        return None
-    held = [(n, m) for n, m in model.named_modules() if isinstance(m, transformers.PreTrainedModel)]
-    if held and {id(m) for _, m in held} <= {id(m) for m in held[0][1].modules()}:
-        return held[0]
-    return None
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, transformers.PreTrainedModel) and not any(name.startswith(f"{n}.") for n, _ in found):
+            found.append((name, module))
+    return found
+
+
+def held_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """`held_models`' one model, or None where there are none or several."""
+    held = held_models(model)
+    return held[0] if len(held) == 1 else None
 
 
 def in_head(name: str, heads: Iterable[str]) -> bool:
