@@ -165,6 +165,22 @@ def test_trainer_trains_the_deltas_and_loads_the_best_checkpoint_at_the_end(tmp_
     assert "delta.safetensors" in saved and "model.safetensors" not in saved, saved
 
 
+def test_the_trainer_given_the_model_instead_of_the_delta_model_warns_that_nothing_trains(tmp_path: Path) -> None:
+    st = _sentence_model(tmp_path)
+    dm = dt.attach(st, "lora")
+    before = {k: v.clone() for k, v in dm.state_dict().items()}
+    args = st_lib.SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=101, report_to=[], use_cpu=True,
+        disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = st_lib.SentenceTransformerTrainer(
+        model=st, args=args, train_dataset=_pairs(), loss=CosineSimilarityLoss(st)
+    )
+    with pytest.warns(UserWarning, match=r"no optimizer step changed it.*sentence-transformers' trainer"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in dm.state_dict().items())
+
+
 def test_resume_from_a_checkpoint_reaches_the_uninterrupted_deltas(tmp_path: Path) -> None:
     def run(resume: str | None = None) -> dict[str, torch.Tensor]:
         dm = dt.attach(_sentence_model(tmp_path), "lora")  # a fresh draw of LoRA's A: the checkpoint replaces it

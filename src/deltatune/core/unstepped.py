@@ -21,8 +21,8 @@ from . import sharded
 UNSTEPPED_FORWARDS = 100  # above any usual gradient accumulation (there the count restarts at each step)
 UNSTEPPED_MESSAGE = (
     "delta {name!r} has had gradients for {n} training forwards but no optimizer step changed it: the optimizer "
-    "does not hold the deltas' parameters, so they never train. With transformers.Trainer pass the DeltaModel, "
-    "Trainer(model=dm), not the backbone; in your own loop optimize dm.parameters() (or "
+    "does not hold the deltas' parameters, so they never train. With transformers.Trainer (or sentence-transformers' "
+    "trainer) pass the DeltaModel, Trainer(model=dm), not the backbone; in your own loop optimize dm.parameters() (or "
     "deltatune.train.hf.optimizer(dm))"
 )
 
