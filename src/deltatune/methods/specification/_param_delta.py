@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key
-from ...core.targeting import backbone_modules, head_names
+from ...core.targeting import backbone_modules, head_names, in_head
 
 Keep = Callable[[str, nn.Module, str, torch.Tensor], bool]
 
@@ -70,12 +70,6 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(sorted(heads))
 
 
-def in_any(name: str, prefixes: tuple[str, ...] | set[str]) -> bool:
-    """True when `name` is one of `prefixes` or lies inside one of them."""
-    parts = name.split(".")
-    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
-
-
 def is_norm(module: nn.Module) -> bool:
     """Normalisation layers by class (LayerNorm, LlamaRMSNorm, T5LayerNorm, GroupNorm, BatchNorm1d ...)."""
     if isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._NormBase):
@@ -103,7 +97,7 @@ def collect(
     seen: set[int] = set()
     refs: list[ParamRef] = []
     for mname, module in modules.items():
-        if not in_any(mname, chosen) or (exclude and in_any(mname, exclude)):
+        if not in_head(mname, chosen) or (exclude and in_head(mname, exclude)):
             continue
         for pname, tensor in own_parameters(module):
             if id(tensor) in seen or (keep is not None and not keep(mname, module, pname, tensor)):

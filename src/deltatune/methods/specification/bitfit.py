@@ -26,8 +26,8 @@ from torch import nn
 
 from ...core.delta import DeltaConfig, DeltaError, Hooks, safe_key
 from ...core.layers import is_linear, linear_dims, map_hidden
-from ...core.targeting import Layers, Targets, backbone_modules
-from ._param_delta import ParamDelta, collect, head_prefixes, in_any
+from ...core.targeting import Layers, Targets, backbone_modules, in_head
+from ._param_delta import ParamDelta, collect, head_prefixes
 
 
 @dataclasses.dataclass
@@ -68,7 +68,7 @@ class BitFit(ParamDelta):
         cfg = self.config
         selected = self.targets(model, cfg.targets, cfg.layers)
         exclude = head_prefixes(model) if cfg.exclude_head else ()
-        if exclude and selected and all(in_any(n, exclude) for n in selected):
+        if exclude and selected and all(in_head(n, exclude) for n in selected):
             raise ValueError(
                 f"BitFit targets select only the task head ({', '.join(exclude)}), which exclude_head=True leaves out; "
                 "set BitFitConfig(exclude_head=False) to tune the head's biases"
@@ -91,7 +91,7 @@ class BitFit(ParamDelta):
     def _add_biases(self, model: nn.Module, hooks: Hooks, selected: list[str], exclude: tuple[str, ...]) -> None:
         chosen = set(selected)
         for name, module in backbone_modules(model).items():
-            if not in_any(name, chosen) or (exclude and in_any(name, exclude)):
+            if not in_head(name, chosen) or (exclude and in_head(name, exclude)):
                 continue
             if not is_linear(module) or getattr(module, "bias", None) is not None:
                 continue

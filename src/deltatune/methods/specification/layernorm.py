@@ -17,8 +17,8 @@ from typing import ClassVar
 from torch import nn
 
 from ...core.delta import DeltaConfig, Hooks
-from ...core.targeting import Layers, Targets, backbone_modules
-from ._param_delta import ParamDelta, collect, in_any, is_norm
+from ...core.targeting import Layers, Targets, backbone_modules, in_head
+from ._param_delta import ParamDelta, collect, is_norm
 
 
 @dataclasses.dataclass
@@ -45,10 +45,10 @@ class LayerNormTuning(ParamDelta):
         selected = self.targets(model, cfg.targets, cfg.layers)
         modules = backbone_modules(model)
         chosen = set(selected)
-        norms = {n for n, m in modules.items() if is_norm(m) and in_any(n, chosen)}
+        norms = {n for n, m in modules.items() if is_norm(m) and in_head(n, chosen)}
         if cfg.targets is not None:
             for name in selected:
-                if not is_norm(modules[name]) and not any(in_any(n, {name}) for n in norms):
+                if not is_norm(modules[name]) and not any(in_head(n, {name}) for n in norms):
                     raise ValueError(
                         f"layernorm target {name!r} is a {type(modules[name]).__name__} with no normalisation "
                         "layer in it; target norm layers with 'ln' or their module names"
