@@ -52,7 +52,7 @@ class Traffic:
         with self._cv:
             # this thread's own routed batch passes (`with dm.route(...)`), and its nested calls; others queue
             # behind a waiting router, else a steady stream of calls kept it out for good
-            while self._router not in (None, me) or (self._waiting and me not in self._plain and self._router != me):
+            while self._router != me and (self._router is not None or (self._waiting and me not in self._plain)):
                 self._cv.wait()
             self._plain[me] = self._plain.get(me, 0) + 1
         try:
