@@ -7,8 +7,9 @@ the test sequences (Gemma 3, Mistral, Qwen2 and ModernBERT), per-head query/key 
 Gemma 3), SmolLM3's layer without rotary positions, Gemma 3's scaled embeddings and zero-centred norms.
 Also the established families: Gemma and Gemma 2 (attention-score soft-capping, a sliding layer), Granite
 (its embedding, attention, residual and logit multipliers), StarCoder2 (windowed, with biases), Phi-2
-(attention and MLP in parallel, rotary on half of each head), OPT (learned positions, no grouped heads) and
-DeBERTa v3 (disentangled relative attention in log buckets, its key projection shared with positions).
+(attention and MLP in parallel, rotary on half of each head), OPT (learned positions, no grouped heads),
+DeBERTa v3 (disentangled relative attention in log buckets, its key projection shared with positions) and MPNet
+(a relative position bias the encoder builds once and every attention adds).
 """
 
 from __future__ import annotations
@@ -92,9 +93,23 @@ _CONFIGS = {
         initializer_range=0.1,  # at 0.02 the pooled logits stay within 0.02: two prompts' rows differed by 1e-4
         pad_token_id=0,
     ),
+    # MPNet (the backbone mpnet-base): relative position bias built once per call by the encoder, added in
+    # every attention; 32 buckets of up to 128 positions, as all-mpnet-base-v2's
+    "mpnet": lambda: tf.MPNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=70,
+        initializer_range=0.1,  # at 0.02 two prompts' pooled logits differed by 1e-4, as DeBERTa's
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
 }
 ARCHS = tuple(_CONFIGS)
-ENCODERS = ("modernbert", "deberta-v2")
+ENCODERS = ("modernbert", "deberta-v2", "mpnet")
 CAUSAL = tuple(a for a in ARCHS if a not in ENCODERS)
 SLIDING = ("qwen2", "gemma3_text", "mistral", "gemma2", "starcoder2")  # decoders with a sliding-window layer
 _AUTO = {

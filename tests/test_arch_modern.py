@@ -43,6 +43,7 @@ FIRST_LAYER = {
     "modernbert": ("attn.Wqkv",) * 3 + ("mlp.Wi", "mlp.Wo"),
     "deberta-v2": tuple(f"attention.self.{p}_proj" for p in ("query", "key", "value"))
     + ("intermediate.dense", "output.dense"),
+    "mpnet": tuple(f"attention.attn.{p}" for p in "qkv") + ("intermediate.dense", "output.dense"),
 }
 _LLAMA_NORMS = {"layers.N.input_layernorm", "layers.N.post_attention_layernorm", "model.norm"}
 NORMS = {  # `ln`: the norms on the residual stream (layer numbers as N), not the per-head q_norm/k_norm
@@ -58,6 +59,7 @@ NORMS = {  # `ln`: the norms on the residual stream (layer numbers as N), not th
     "modernbert": {"model.embeddings.norm", "layers.N.mlp_norm", "layers.N.attn_norm", "model.final_norm"},
     # not encoder.LayerNorm, the norm of the relative position embeddings
     "deberta-v2": {"deberta.embeddings.LayerNorm", "layers.N.attention.output.LayerNorm", "layers.N.output.LayerNorm"},
+    "mpnet": {"mpnet.embeddings.LayerNorm", "layers.N.attention.LayerNorm", "layers.N.output.LayerNorm"},
 }
 
 

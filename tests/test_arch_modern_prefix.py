@@ -1,7 +1,8 @@
 """Prefix and prompt tuning on the 2026 architectures (tests/modern.py): the attention a prefix defines,
 checked against a prefilled KV cache and against attention computed by hand where the model is unusual:
 a fused grouped-query projection (Phi-3), sliding windows (Mistral), an encoder with a fused q|k|v,
-rotary positions inside the attention and no KV cache (ModernBERT, on the placeholder-row route).
+rotary positions inside the attention and no KV cache (ModernBERT, on the placeholder-row route), relative
+position biases without a KV cache (DeBERTa, MPNet).
 """
 
 from __future__ import annotations
@@ -180,6 +181,39 @@ def test_deberta_prefix_attention_matches_one_computed_beside_the_hooks(layer: i
         allowed = torch.cat([torch.ones(batch, 1, seq, N, dtype=torch.bool), mask.bool()], dim=-1)
         probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
         expected = (probs @ v[:, None].view(batch, 4, N + seq, 8)).transpose(1, 2).flatten(2)
+    rows = inputs["attention_mask"].bool()
+    torch.testing.assert_close(seen["out"][rows], expected[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq", [10, 40])
+def test_mpnet_prefix_attention_matches_a_hand_computed_attention(seq: int) -> None:
+    """No KV cache: placeholder rows carry the prefix, just before the first token. MPNet's encoder builds the
+    relative position bias once for the real length and every attention adds it; rebuilt for N + seq, real
+    tokens keep their bias among themselves and the prefix's keys get distances -1..-N from the first token.
+    At 40 tokens distances pass 8 and reach the log buckets. (It failed on a size before: 13 keys, a 10 x 10 bias.)"""
+    model = make_model("mpnet", "cls")
+    inputs = {k: v for k, v in make_inputs(model, seq=seq).items() if k != "labels"}
+    attn = model.mpnet.encoder.layer[1].attention.attn
+    seen: dict = {}
+    attn.register_forward_pre_hook(lambda m, a, kw: seen.update(h=a[0]), with_kwargs=True)
+    dm = dt.attach(model, "prefix", num_tokens=N, reparameterize=False)
+    attn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))
+    logits(dm, inputs)
+    h = seen["h"]  # registered before the prefix's hooks: without its rows, as the output hook after them
+    batch = len(h)
+    site = next(s for s in dm.delta()._sites if s.name == "mpnet.encoder.layer.1.attention.attn")
+    pk, pv = dm.delta().prefix(site).detach().view(2, 1, N, 4, 8).transpose(2, 3)
+    with torch.no_grad():
+        split = lambda x: x.view(batch, seq, 4, 8).transpose(1, 2)  # noqa: E731
+        k = torch.cat([pk.expand(batch, -1, -1, -1), split(attn.k(h))], 2)
+        v = torch.cat([pv.expand(batch, -1, -1, -1), split(attn.v(h))], 2)
+        scores = split(attn.q(h)) @ k.transpose(-1, -2) / 8**0.5
+        position = torch.arange(N + seq)
+        buckets = model.mpnet.encoder.relative_position_bucket(position[None, :] - position[N:, None])
+        scores = scores + model.mpnet.encoder.relative_attention_bias(buckets).permute(2, 0, 1)
+        allowed = torch.cat([torch.ones(batch, N, dtype=torch.bool), inputs["attention_mask"].bool()], -1)
+        probs = scores.masked_fill(~allowed[:, None, None], torch.finfo(scores.dtype).min).softmax(-1)
+        expected = attn.o((probs @ v).transpose(1, 2).flatten(2))
     rows = inputs["attention_mask"].bool()
     torch.testing.assert_close(seen["out"][rows], expected[rows], rtol=0, atol=1e-5)
 

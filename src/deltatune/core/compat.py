@@ -264,27 +264,6 @@ def renumber_cache_position(call: CallArgs, past: int, length: int, device: torc
         call.set("cache_position", torch.arange(past, past + length, device=device))
 
 
-def rows_in_front(call: CallArgs, n: int) -> None:
-    """Give an attention that gets `n` placeholder rows in front of its hidden states (prefix tuning where it
-    takes no cache) those rows in its rotary positions too, unrotated, as the cache route leaves prefix keys:
-    `position_embeddings` (cos, sin: ModernBERT 5.x) get cos 1 and sin 0, `position_ids` (ModernBERT 4.x
-    rotates inside its attention) position 0; DeBERTa's `relative_pos`, built for the real length, is dropped.
-    Without this the rows did not fit (a size error)."""
-    rotary = call.get("position_embeddings")
-    if isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary):
-        cos, sin = rotary
-        shape = (*cos.shape[:-2], n, cos.shape[-1])
-        call.set(
-            "position_embeddings",
-            (torch.cat([cos.new_ones(shape), cos], -2), torch.cat([sin.new_zeros(shape), sin], -2)),
-        )
-    ids = call.get("position_ids")
-    if isinstance(ids, torch.Tensor):
-        call.set("position_ids", torch.cat([ids.new_zeros(*ids.shape[:-1], n), ids], dim=-1))
-    if isinstance(call.get("relative_pos"), torch.Tensor):  # DeBERTa: rebuilt from its query and key lengths,
-        call.set("relative_pos", None)  # which puts the rows just before the first token (as T5's cache does)
-
-
 # -- stacks, positions, token types ---------------------------------------------------------------
 def _stack(model: nn.Module, which: str) -> nn.Module:
     """A model's encoder or decoder stack. 4.57's *ForSequenceClassification lack get_encoder, and the

@@ -23,7 +23,7 @@ The per-attention cache argument is the narrower contract: one keyword, found by
 
 Attention modules without a cache argument (DistilBERT, ModernBERT) get the prefix another way: the
 pre-hook prepends `num_tokens` placeholder rows to the hidden states (and to the rotary positions,
-unrotated: `compat.rows_in_front`), output hooks on the key and value projections overwrite those
+unrotated: `compat_rows.rows_in_front`; MPNet's relative position bias rebuilt for the longer sequence), output hooks on the key and value projections overwrite those
 rows with the prefix (their key or value columns, in a fused q|k|v projection), and an output hook
 drops the rows again.
 
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core import compat, compat_config
+from ...core import compat, compat_config, compat_rows
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import linear_dims
@@ -115,6 +115,7 @@ class _Site:
         self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
         self.pending: set[int] = set()  # keys (0), values (1) not yet written into the call's placeholder rows
+        self.bias = None  # what rebuilds a position_bias argument for the rows too (hidden route, MPNet)
 
 
 class Prefix(Delta):
@@ -150,6 +151,7 @@ class Prefix(Delta):
                     f"prefix tuning cannot reach the keys of {name!r} ({type(module).__name__}): its forward takes "
                     f"no KV cache (none of {', '.join(compat.CACHE_KEYWORDS)}, none annotated Cache)"
                 )
+            site.bias = compat_rows.position_bias_builder(model, name)
             k_proj, v_proj = (model.get_submodule(_projection(model, name, p, cross)) for p in ("k", "v"))
             hooks.on_input(module, self._rows_hook(site))
             hooks.on_output(k_proj, self._overwrite_hook(site, 0, site.columns["k"]))
@@ -264,7 +266,7 @@ class Prefix(Delta):
                 ):  # placeholder rows' queries attend anywhere: dropped
                     mask = torch.cat([mask[..., :1, :].expand(*mask.shape[:-2], n, -1), mask], dim=-2)
                 call.set(name, mask)
-            compat.rows_in_front(call, n)  # rotary positions (ModernBERT): the rows stay unrotated
+            compat_rows.rows_in_front(call, n, site.bias)  # rotary positions stay unrotated; relative ones grow
             return call.result()
 
         return hook

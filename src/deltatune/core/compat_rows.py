@@ -1,0 +1,65 @@
+"""Placeholder rows in front of an attention's hidden states: the position arguments that must grow with them.
+
+Prefix tuning reaches an attention that takes no KV cache (DistilBERT, ModernBERT, DeBERTa, MPNet) by
+prepending `num_tokens` placeholder rows to its hidden states (methods/addition/prefix.py). Whatever the
+attention receives per position then has to cover those rows too, or it fails on a size (or worse, fits
+by broadcasting). Like `compat.py`, this module is where those transformers internals are named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .compat import CallArgs, unsupported
+
+BIAS_BUILDER = "compute_position_bias"  # MPNet's encoder: (batch, heads, length, length) relative position bias
+
+
+def position_bias_builder(model: nn.Module, attention: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What builds the `position_bias` an attention adds to its scores, for a longer sequence: the nearest
+    module above it with `compute_position_bias` (MPNet's encoder computes it once per call for every layer,
+    from the sequence length alone). None where no module above has one."""
+    parts = attention.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:i]))
+        build = getattr(owner, BIAS_BUILDER, None)
+        if callable(build):
+            return build
+    return None
+
+
+def rows_in_front(call: CallArgs, n: int, bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Give an attention that gets `n` placeholder rows in front of its hidden states (prefix tuning where it
+    takes no cache) those rows in its position arguments too. Rotary ones stay unrotated, as the cache route
+    leaves prefix keys: `position_embeddings` (cos, sin: ModernBERT 5.x) get cos 1 and sin 0, `position_ids`
+    (ModernBERT 4.x rotates inside its attention) position 0. Relative ones put the rows just before the first
+    token, as T5's cache does: DeBERTa's `relative_pos`, built for the real length, is dropped (it rebuilds it
+    from its query and key lengths); MPNet's `position_bias` is rebuilt by `bias` (`position_bias_builder`) for
+    the longer sequence, so real tokens keep their bias among themselves. Without this the rows did not fit."""
+    rotary = call.get("position_embeddings")
+    if isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary):
+        cos, sin = rotary
+        shape = (*cos.shape[:-2], n, cos.shape[-1])
+        call.set(
+            "position_embeddings",
+            (torch.cat([cos.new_ones(shape), cos], -2), torch.cat([sin.new_zeros(shape), sin], -2)),
+        )
+    ids = call.get("position_ids")
+    if isinstance(ids, torch.Tensor):
+        call.set("position_ids", torch.cat([ids.new_zeros(*ids.shape[:-1], n), ids], dim=-1))
+    if isinstance(call.get("relative_pos"), torch.Tensor):
+        call.set("relative_pos", None)
+    given = call.get("position_bias")
+    if isinstance(given, torch.Tensor):
+        if bias is None:
+            raise unsupported("prefix tuning cannot extend this attention's position_bias: nothing above it builds one")
+        rows = given.shape[-1] + n
+        built = bias(given.new_empty(given.shape[0], rows, 0))
+        if built.shape[-2:] != (rows, rows):
+            raise unsupported(
+                f"prefix tuning rebuilt a position_bias of shape {tuple(built.shape)}, not {rows} x {rows}"
+            )
+        call.set("position_bias", built)
