@@ -237,6 +237,74 @@ _BART = {
     "embeddings.word": r"(?:shared|embed_tokens)",
 }
 
+# GPT-J: q/k/v/out projections, attention and MLP in parallel off `ln_1`; rotary positions, a KV cache.
+_GPTJ = {
+    "attn.q": rf"{_L}\.attn\.q_proj",
+    "attn.k": rf"{_L}\.attn\.k_proj",
+    "attn.v": rf"{_L}\.attn\.v_proj",
+    "attn.o": rf"{_L}\.attn\.out_proj",
+    "attn": rf"{_L}\.attn",
+    "ffn.in": rf"{_L}\.mlp\.fc_in",
+    "ffn.out": rf"{_L}\.mlp\.fc_out",
+    "ln": r"(?:ln_1|ln_f)",
+    "layer": _L,
+    "embeddings": r"wte",
+    "embeddings.word": r"wte",
+}
+
+# CodeGen: GPT-J's block, with q|v|k fused in `qkv_proj` in four interleaved groups (refused by name, WHY_ABSENT).
+_CODEGEN = {alias: pattern for alias, pattern in _GPTJ.items() if alias not in ("attn.q", "attn.k", "attn.v")}
+
+# GPT-Neo: the projections sit one level down, in `attn.attention`; learned positions (`wpe`).
+_GPT_NEO = _GPT2 | {
+    "attn.q": rf"{_L}\.attn\.attention\.q_proj",
+    "attn.k": rf"{_L}\.attn\.attention\.k_proj",
+    "attn.v": rf"{_L}\.attn\.attention\.v_proj",
+    "attn.o": rf"{_L}\.attn\.attention\.out_proj",
+    "attn": rf"{_L}\.attn\.attention",
+}
+_GPT_NEO = {alias: pattern for alias, pattern in _GPT_NEO.items() if not alias.startswith("xattn")}
+
+# GPT-BigCode (SantaCoder, StarCoder 1): GPT-2's names on nn.Linear layers; `c_attn` holds q|k|v one after the
+# other with one key/value head (multi-query), or head by head without it (the fused layer is the honest answer).
+_GPT_BIGCODE = {alias: pattern for alias, pattern in _GPT2.items() if not alias.startswith("xattn")}
+
+# BLOOM and Falcon: `query_key_value` interleaves the heads' q, k and v (Falcon-7B's multi-query layout does not,
+# but one table serves the type): refused by name, WHY_ABSENT. BLOOM adds ALiBi biases, no position embeddings.
+_BLOOM = {
+    "attn.o": rf"{_L}\.self_attention\.dense",
+    "attn": rf"{_L}\.self_attention",
+    "ffn.in": rf"{_L}\.mlp\.dense_h_to_4h",
+    "ffn.out": rf"{_L}\.mlp\.dense_4h_to_h",
+    "ln": r"(?:word_embeddings_layernorm|input_layernorm|post_attention_layernorm|ln_f)",
+    "layer": _L,
+    "embeddings": r"word_embeddings",
+    "embeddings.word": r"word_embeddings",
+}
+# Falcon: one norm before parallel attention and MLP (`input_layernorm`), or two (`ln_attn`, `ln_mlp`: 40B/180B)
+_FALCON = _BLOOM | {"ln": r"(?:input_layernorm|post_attention_layernorm|ln_attn|ln_mlp|ln_f)"}
+
+# ALBERT shares one layer (`albert_layer_groups.0.albert_layers.0`) across every depth: a delta on it acts at
+# every depth, as the weights do. Its embeddings are narrower and mapped up by `embedding_hidden_mapping_in`.
+_AL = r"albert_layer_groups\.\d+\.albert_layers\.\d+"
+_ALBERT = {
+    "attn.q": rf"{_AL}\.attention\.query",
+    "attn.k": rf"{_AL}\.attention\.key",
+    "attn.v": rf"{_AL}\.attention\.value",
+    "attn.o": rf"{_AL}\.attention\.dense",
+    "attn": rf"{_AL}\.attention",
+    "ffn.in": rf"{_AL}\.ffn",
+    "ffn.out": rf"{_AL}\.ffn_output",
+    "ln": rf"(?:embeddings\.LayerNorm|{_AL}\.attention\.LayerNorm|{_AL}\.full_layer_layer_norm)",
+    "layer": _AL,
+    "embeddings": r"embeddings",
+    "embeddings.word": r"embeddings\.word_embeddings",
+}
+
+# DeBERTa (v1): `in_proj` interleaves each head's q, k and v (refused by name, WHY_ABSENT); the rest is BERT's.
+_DEBERTA = {alias: pattern for alias, pattern in _BERT.items() if alias not in ("attn.q", "attn.k", "attn.v")}
+_DEBERTA = {alias: pattern for alias, pattern in _DEBERTA.items() if not alias.startswith("xattn")}
+
 ALIASES: dict[str, dict[str, str]] = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -266,6 +334,14 @@ ALIASES: dict[str, dict[str, str]] = {
     "olmo2": _OLMO2,
     "phi3": _PHI3,
     "modernbert": _MODERNBERT,
+    "gptj": _GPTJ,
+    "codegen": _CODEGEN,
+    "gpt_neo": _GPT_NEO,
+    "gpt_bigcode": _GPT_BIGCODE,
+    "bloom": _BLOOM,
+    "falcon": _FALCON,
+    "albert": _ALBERT,
+    "deberta": _DEBERTA,
     "t5": _T5,
     "mt5": _T5,
     "bart": _BART,
@@ -277,7 +353,14 @@ ALIAS_NAMES: tuple[str, ...] = tuple(sorted({k for t in ALIASES.values() for k i
 # Why a model type leaves an alias out, said where it is asked for (the generic "has no 'attn.q'" named no reason)
 _INTERLEAVED = "its query_key_value interleaves each head's q, k and v (targets='query_key_value' adapts all three)"
 _MOE_FFN = "its FFN is a mixture of experts, no one module (the aliases cover attention, norms and layers)"
+_QKV = ("attn.q", "attn.k", "attn.v")
 WHY_ABSENT: dict[str, dict[str, str]] = {
-    "gpt_neox": dict.fromkeys(("attn.q", "attn.k", "attn.v"), _INTERLEAVED),
+    **{t: dict.fromkeys(_QKV, _INTERLEAVED) for t in ("gpt_neox", "bloom", "falcon")},
+    "codegen": dict.fromkeys(
+        _QKV, "its qkv_proj interleaves q, v and k in four groups (targets='qkv_proj' adapts all three)"
+    ),
+    "deberta": dict.fromkeys(
+        _QKV, "its in_proj interleaves each head's q, k and v (targets='in_proj' adapts all three)"
+    ),
     **{t: dict.fromkeys(("ffn.in", "ffn.out"), _MOE_FFN) for t in ("mixtral", "qwen2_moe", "qwen3_moe")},
 }

@@ -50,7 +50,7 @@ VERSION = transformers.__version__
 # "TokenizersBackend", unknown to 4.x), so what deltatune converts once is kept per major release.
 SAVED_FORMAT = f"transformers{VERSION.split('.')[0]}"
 # every name a KV cache argument has had, newest first (see the table above)
-CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")  # the last: GPT-Neo's, unannotated
 MASK_KEYWORDS = ("attention_mask", "mask")
 ROW_MASKS = ("sliding_window_mask",)  # ModernBERT 4.x passes its local layers' mask beside attention_mask
 
@@ -178,6 +178,17 @@ def is_causal(attention: nn.Module) -> bool:
     return bool(getattr(attention, "is_causal", False) or getattr(attention, "is_decoder", False))
 
 
+def keys_limit(attention: nn.Module) -> int | None:
+    """How many keys an attention that masks by a fixed causal buffer (`bias`, 4-D bool: GPT-Neo; GPT-2 4.57 under
+    eager) can take with its first key still seen by every query: the window of GPT-Neo's local layers, the
+    buffer's length (max positions) elsewhere. None where it has no such buffer. The buffer treats keys in front
+    of the real ones (a prefix) as tokens: past the limit a prefix would slide out of a window, or not fit."""
+    bias = getattr(attention, "bias", None)
+    if not isinstance(bias, torch.Tensor) or bias.dtype != torch.bool or bias.dim() != 4:
+        return None
+    return int(bias[0, 0, -1].sum())
+
+
 class PrefixedCache:
     """What one attention call sees as its KV cache: the real cache (or none) with fixed keys/values in front.
 
@@ -204,10 +215,12 @@ class PrefixedCache:
             kwargs = {k: self._unshifted(v) for k, v in kwargs.items()}
             keys, values = self.inner.update(keys, values, layer_idx, *args, **kwargs)
         batch, heads, _, head_dim = keys.shape
-        n = self.key.shape[0]
+        n, own = self.key.shape[0], self.key.shape[-1] // head_dim  # the prefix's key/value heads
 
         def heads_first(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            prefix = prefix.to(like.dtype).view(n, heads, head_dim).transpose(0, 1)
+            prefix = prefix.to(like.dtype).view(n, own, head_dim).transpose(0, 1)
+            if own != heads and heads % own == 0:  # Falcon 4.57 caches each query head's copy of its group's keys
+                prefix = prefix.repeat_interleave(heads // own, dim=0)
             return prefix.unsqueeze(0).expand(batch, -1, -1, -1)
 
         return (
@@ -236,7 +249,10 @@ def seq_length(cache: Any, attention: nn.Module | None = None) -> int:
     """How many tokens a cache holds (for this attention's layer, where layers differ: sliding windows)."""
     if cache is None:
         return 0
-    layer_idx = getattr(attention, "layer_idx", 0) or 0
+    # GPT-Neo calls it layer_id; without it layer 1 read layer 0's length, updated earlier in the same call
+    layer_idx = next(
+        (i for i in (getattr(attention, n, None) for n in ("layer_idx", "layer_id")) if isinstance(i, int)), 0
+    )
     return int(cache.get_seq_length(layer_idx))
 
 

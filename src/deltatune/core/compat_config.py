@@ -29,15 +29,21 @@ def tokenizer_as_config(tokenizer: Any, config: Any) -> None:
 def attention_heads(model: Any) -> tuple[int, int] | None:
     """(query heads, key/value heads) from the model's (text) config; None where it names no head count.
 
-    Grouped-query models (Llama, Phi-3, ...) have fewer key/value heads; the rest as many as queries.
+    Grouped-query models (Llama, Phi-3, Falcon 40B, ...) have fewer key/value heads, multi-query ones one;
+    the rest as many as queries.
     GPT-2's n_head is read through the config's attribute map."""
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
     if not isinstance(heads, int) or heads <= 0:
         return None
-    kv_heads = getattr(text, "num_key_value_heads", None)
-    return heads, kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads
+    if getattr(text, "multi_query", False) is True and not getattr(text, "new_decoder_architecture", False):
+        return heads, 1  # GPT-BigCode, Falcon-7B: one key/value head (Falcon's new layout counts num_kv_heads)
+    for name in ("num_key_value_heads", "num_kv_heads"):  # Llama's name; Falcon's
+        kv_heads = getattr(text, name, None)
+        if isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and kv_heads > 0:
+            return heads, kv_heads
+    return heads, heads
 
 
 # the config attribute each architecture family calls its hidden size by

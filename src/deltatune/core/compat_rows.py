@@ -1,9 +1,11 @@
-"""Placeholder rows in front of an attention's hidden states: the position arguments that must grow with them.
+"""Keys in front of an attention's own (a prefix): the position arguments that must grow with them.
 
 Prefix tuning reaches an attention that takes no KV cache (DistilBERT, ModernBERT, DeBERTa, MPNet) by
-prepending `num_tokens` placeholder rows to its hidden states (methods/addition/prefix.py). Whatever the
-attention receives per position then has to cover those rows too, or it fails on a size (or worse, fits
-by broadcasting). Like `compat.py`, this module is where those transformers internals are named.
+prepending `num_tokens` placeholder rows to its hidden states, and one that takes a cache by handing it
+keys and values in front of the real ones (methods/addition/prefix.py). Whatever the attention receives
+per key position (rotary tables, relative position biases, BLOOM's ALiBi) then has to cover those keys
+too, or it fails on a size (or worse, fits by broadcasting). Like `compat.py`, this module is where those
+transformers internals are named.
 """
 
 from __future__ import annotations
@@ -18,17 +20,43 @@ from .compat import CallArgs, unsupported
 BIAS_BUILDER = "compute_position_bias"  # MPNet's encoder: (batch, heads, length, length) relative position bias
 
 
-def position_bias_builder(model: nn.Module, attention: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """What builds the `position_bias` an attention adds to its scores, for a longer sequence: the nearest
-    module above it with `compute_position_bias` (MPNet's encoder computes it once per call for every layer,
-    from the sequence length alone). None where no module above has one."""
+ALIBI_BUILDER = "build_alibi_tensor"  # BLOOM's model: (batch * heads, 1, keys) linear biases by key position
+
+
+def _above(model: nn.Module, attention: str, method: str) -> Callable | None:
+    """The method `method` of the nearest module above `attention` that has one; None where none has."""
     parts = attention.split(".")
     for i in range(len(parts) - 1, -1, -1):
-        owner = model.get_submodule(".".join(parts[:i]))
-        build = getattr(owner, BIAS_BUILDER, None)
+        build = getattr(model.get_submodule(".".join(parts[:i])), method, None)
         if callable(build):
             return build
     return None
+
+
+def position_bias_builder(model: nn.Module, attention: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What builds the `position_bias` an attention adds to its scores, for a longer sequence: MPNet's encoder
+    computes it once per call for every layer, from the sequence length alone. None where nothing above does."""
+    return _above(model, attention, BIAS_BUILDER)
+
+
+def alibi_builder(model: nn.Module, attention: str) -> Callable | None:
+    """What builds the ALiBi biases (BLOOM) an attention adds to its scores; None where nothing above does."""
+    return _above(model, attention, ALIBI_BUILDER)
+
+
+def alibi_in_front(call: CallArgs, n: int, build: Callable, heads: int) -> None:
+    """Give `n` prefix keys in front of the cache's their ALiBi biases: BLOOM's `alibi` (batch * heads, 1, keys)
+    is slope x key position, so the prefix is placed just before the first token, at -n..-1 (as T5's and
+    MPNet's relative positions place it). A bias constant along a query's row cancels in the softmax, so this
+    equals a cache prefilled with the prefix at positions 0..n-1 (PEFT's route). Without it BLOOM failed on
+    a size (alibi of the real keys only)."""
+    alibi = call.get("alibi")
+    if not isinstance(alibi, torch.Tensor):
+        return
+    ones = torch.ones(alibi.shape[0] // heads, 2, dtype=torch.long, device=alibi.device)
+    slopes = build(ones, heads, alibi.dtype)[:, 0, 1]  # the bias at position 1 is the slope
+    before = slopes[:, None, None] * torch.arange(-n, 0, device=alibi.device, dtype=alibi.dtype)
+    call.set("alibi", torch.cat([before.expand(-1, alibi.shape[1], -1), alibi], dim=-1))
 
 
 def rows_in_front(call: CallArgs, n: int, bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

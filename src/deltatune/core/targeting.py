@@ -26,7 +26,8 @@ from .layers import is_linear
 Targets = str | Sequence[str] | None
 Layers = int | str | Sequence[int] | None
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block)\.(\d+)(?:\.|$)")
+# ALBERT's shared layer is `albert_layer_groups.0.albert_layers.0`: one block, called at every depth
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|albert_layers)\.(\d+)(?:\.|$)")
 _SIDES = ("encoder", "decoder")
 ALL_LINEAR = "all-linear"
 

@@ -112,6 +112,8 @@ class _Site:
         self.signature = compat.signature(module)
         self.mask_arg = compat.mask_keyword(module)
         self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
+        self.limit = compat.keys_limit(module)  # keys its fixed causal buffer lets every query see (GPT-Neo)
+        self.alibi = None  # (builder, query heads) of the ALiBi biases the prefix's keys need too (BLOOM)
         self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
         self.pending: set[int] = set()  # keys (0), values (1) not yet written into the call's placeholder rows
@@ -144,6 +146,8 @@ class Prefix(Delta):
             offset += 2 * width
             self._sites.append(site)
             if site.cache_arg is not None:
+                build = compat_rows.alibi_builder(model, name)
+                site.alibi = None if build is None else (build, compat_config.attention_heads(model)[0])
                 hooks.on_input(module, self._cache_hook(site))
                 continue
             if cross or compat.is_causal(module):  # placeholder rows would see, or be seen by, the wrong tokens
@@ -239,9 +243,18 @@ class Prefix(Delta):
                 compat.shift_cache_position(call, kv.shape[1])
             hidden = call.first()
             past = compat.seq_length(inner, module)
+            if site.limit is not None and past + hidden.shape[1] + kv.shape[1] > site.limit:
+                raise compat.unsupported(
+                    f"prefix tuning on {site.name!r} ({type(module).__name__}): its causal mask lets a query see "
+                    f"{site.limit} keys back, so with {kv.shape[1]} prefix tokens in front every query sees the "
+                    f"prefix only up to {max(site.limit - kv.shape[1], 0)} tokens; this call has {past + hidden.shape[1]}: "
+                    "give shorter inputs (or fewer num_tokens)"
+                )
             causal = not site.cross and compat.is_causal(module)
             mask = extend_mask(call.get(site.mask_arg), kv.shape[1], hidden, past, causal)
             call.set(site.mask_arg, mask)
+            if site.alibi is not None:
+                compat_rows.alibi_in_front(call, kv.shape[1], *site.alibi)
             return call.result()
 
         return hook
@@ -318,9 +331,14 @@ def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str,
     key/value heads of 8: 64 columns) got 21-column prefixes and failed in a reshape."""
     try:
         names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
-    except TargetError:
-        if cross or compat.cache_keyword(model.get_submodule(attn)) is None:
+    except TargetError as err:
+        if cross:
             raise
+        if compat.cache_keyword(model.get_submodule(attn)) is None:  # DeBERTa (v1): one in_proj, head by head
+            raise compat.unsupported(
+                f"prefix tuning cannot reach the keys of {attn!r} ({type(model.get_submodule(attn)).__name__}): it "
+                "takes no KV cache, and no one layer computes its keys and values to write the prefix into"
+            ) from err
         return _width_from_config(model, attn), {}  # the cache route needs no columns
     columns = {}
     for which in ("k", "v"):
