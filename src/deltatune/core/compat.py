@@ -25,6 +25,7 @@ releases in between each have one or the other form, which the detection does no
 | ModernBERT attention inputs            | position_ids (rotates inside), sliding_window_mask | position_embeddings (cos, sin); 5.25 run |
 | Gemma3ForCausalLM.base_model           | itself (prefix "language_model" unset)  | the Gemma3TextModel; 5.25 run   |
 | BERT token_type_ids buffer             | sliced by sequence length               | gathered by position            |
+| Falcon (new layout) KV cache heads     | one per query head (groups copied)      | key/value heads                 |
 | SmolLM2 GGUF tokenizer conversion      | eos = bos, no pad, bos added to inputs  | eos = pad = <|im_end|>, no bos  |
 | tokenizer folders (save_pretrained)    | 4.x format                              | not readable by 4.x             |
 
