@@ -156,14 +156,20 @@ def make_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 10, seed: int
     inputs = {"input_ids": ids, "attention_mask": mask}
     if type(model).__name__.endswith("ForSequenceClassification"):
         inputs["labels"] = torch.randint(0, NUM_LABELS, (batch,), generator=g)
+    elif getattr(model.config, "is_encoder_decoder", False):  # a target sequence, also the decoder's inputs
+        inputs["labels"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     else:
         inputs["labels"] = ids.masked_fill(mask == 0, -100)
     return inputs
 
 
 def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's logits; an encoder-decoder LM decodes its labels (tests/test_arch_seq2seq.py)."""
+    given = {k: v for k, v in inputs.items() if k != "labels"}
+    if getattr(model.config, "is_encoder_decoder", False) and inputs.get("labels") is not None:
+        given["decoder_input_ids"] = inputs["labels"]
     with torch.no_grad():
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        return model(**given).logits
 
 
 def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:

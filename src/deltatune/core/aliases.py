@@ -346,6 +346,9 @@ ALIASES: dict[str, dict[str, str]] = {
     "mt5": _T5,
     "bart": _BART,
     "mbart": _BART,
+    # BART's module names, with sinusoidal positions (Marian, Pegasus, M2M-100/NLLB) or pre-norm layers
+    **dict.fromkeys(("marian", "pegasus", "m2m_100", "blenderbot", "blenderbot-small", "plbart"), _BART),
+    "umt5": _T5,
 }
 
 ALIAS_NAMES: tuple[str, ...] = tuple(sorted({k for t in ALIASES.values() for k in t} | {"head"}))

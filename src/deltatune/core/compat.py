@@ -179,17 +179,6 @@ def is_causal(attention: nn.Module) -> bool:
     return bool(getattr(attention, "is_causal", False) or getattr(attention, "is_decoder", False))
 
 
-def keys_limit(attention: nn.Module) -> int | None:
-    """How many keys an attention that masks by a fixed causal buffer (`bias`, 4-D bool: GPT-Neo; GPT-2 4.57 under
-    eager) can take with its first key still seen by every query: the window of GPT-Neo's local layers, the
-    buffer's length (max positions) elsewhere. None where it has no such buffer. The buffer treats keys in front
-    of the real ones (a prefix) as tokens: past the limit a prefix would slide out of a window, or not fit."""
-    bias = getattr(attention, "bias", None)
-    if not isinstance(bias, torch.Tensor) or bias.dtype != torch.bool or bias.dim() != 4:
-        return None
-    return int(bias[0, 0, -1].sum())
-
-
 class PrefixedCache:
     """What one attention call sees as its KV cache: the real cache (or none) with fixed keys/values in front.
 
@@ -337,7 +326,9 @@ def shape_numbered_positions(stack: nn.Module, n: int) -> list[tuple[nn.Module, 
     if positions is not None and "position_ids" in signature(positions).parameters:
 
         def by_keyword(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            shaped = args[0] if args else kwargs["input_ids"]
+            shaped = args[0] if args else next(iter(kwargs.values()))  # ids, or their torch.Size (Marian, Pegasus)
+            if isinstance(shaped, torch.Size):
+                return args, {**kwargs, "position_ids": numbered(shaped[1], module.weight.device)}
             return args, {**kwargs, "position_ids": numbered(shaped.shape[1], shaped.device)}
 
         return [(positions, by_keyword)]

@@ -59,6 +59,17 @@ def alibi_in_front(call: CallArgs, n: int, build: Callable, heads: int) -> None:
     call.set("alibi", torch.cat([before.expand(-1, alibi.shape[1], -1), alibi], dim=-1))
 
 
+def keys_limit(attention: nn.Module) -> int | None:
+    """How many keys an attention that masks by a fixed causal buffer (`bias`, 4-D bool: GPT-Neo; GPT-2 4.57 under
+    eager) can take with its first key still seen by every query: the window of GPT-Neo's local layers, the
+    buffer's length (max positions) elsewhere. None where it has no such buffer. The buffer treats keys in front
+    of the real ones (a prefix) as tokens: past the limit a prefix would slide out of a window, or not fit."""
+    bias = getattr(attention, "bias", None)
+    if not isinstance(bias, torch.Tensor) or bias.dtype != torch.bool or bias.dim() != 4:
+        return None
+    return int(bias[0, 0, -1].sum())
+
+
 def rows_in_front(call: CallArgs, n: int, bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Give an attention that gets `n` placeholder rows in front of its hidden states (prefix tuning where it
     takes no cache) those rows in its position arguments too. Rotary ones stay unrotated, as the cache route

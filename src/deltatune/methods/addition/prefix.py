@@ -112,7 +112,7 @@ class _Site:
         self.signature = compat.signature(module)
         self.mask_arg = compat.mask_keyword(module)
         self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
-        self.limit = compat.keys_limit(module)  # keys its fixed causal buffer lets every query see (GPT-Neo)
+        self.limit = compat_rows.keys_limit(module)  # keys its fixed causal buffer lets every query see (GPT-Neo)
         self.alibi = None  # (builder, query heads) of the ALiBi biases the prefix's keys need too (BLOOM)
         self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
