@@ -165,3 +165,34 @@ def test_an_integer_state_is_refused_for_float_delta_tensors_before_anything_is_
         dm.load_delta_state_dict("default", ints)
     assert all(torch.equal(v, dm.delta_state_dict()[k]) for k, v in before.items())
     dm.load_delta_state_dict("default", {k: v.double() for k, v in before.items()})  # another float width: fine
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_optimizer_without_the_deltas_is_warned_even_when_zero_grad_clears_them(fused: bool) -> None:
+    """`dm.zero_grad()` at every step (what Trainer(model=dm) does) cleared the evidence: an optimizer over the
+    head alone trained no delta for 150 steps, no warning (CrossEncoderTrainer with a loss built on the
+    CrossEncoder). An optimizer over every parameter does not warn, fused AdamW included, whose steps leave
+    the tensors' `_version` as it was."""
+    import warnings
+
+    from deltatune.core.unstepped import UNSTEPPED_FORWARDS
+
+    model = make_model("bert").train()
+    dm = dt.attach(model, "lora", train_head=True)
+    inputs = make_inputs(model)
+    head = [p for n, p in model.named_parameters() if n in set(dm.head_parameter_names())]
+
+    def run(params: list[torch.nn.Parameter]) -> None:
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=fused)
+        for _ in range(UNSTEPPED_FORWARDS + 50):
+            dm(**inputs).loss.backward()
+            opt.step()
+            dm.zero_grad(set_to_none=True)
+
+    lora = {k: v.clone() for k, v in dm.delta_state_dict("default").items()}
+    with pytest.warns(UserWarning, match="no optimizer step changed it"):
+        run(head)
+    assert all(torch.equal(v, lora[k]) for k, v in dm.delta_state_dict("default").items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run([p for p in dm.parameters() if p.requires_grad])

@@ -263,3 +263,46 @@ def test_real_minilm_lora_exports_a_sentence_transformers_folder_that_loads_equa
     dm.export_merged(tmp_path / "merged")
     merged = st_lib.SentenceTransformer(str(tmp_path / "merged"), device="cpu")
     torch.testing.assert_close(_embed(merged), tuned, rtol=0, atol=1e-5)
+
+
+def _cross_encoder_trainer(tmp_path: Path, to_dm: bool, **kwargs: object) -> tuple[object, dt.DeltaModel]:
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    _sentence_model(tmp_path)  # writes the tiny BERT and its tokenizer
+    torch.manual_seed(1)
+    ce = st_lib.CrossEncoder(str(tmp_path / "tiny-st"), device="cpu", num_labels=1)
+    dm = dt.attach(ce, "lora")
+    loss = BinaryCrossEntropyLoss(ce)  # its losses take a CrossEncoder only (isinstance)
+    if to_dm:
+        loss.model = dm  # the trainer builds its optimizer from the loss's parameters: the deltas must be in them
+    pairs = _pairs()
+    data = datasets.Dataset.from_dict(
+        {"a": pairs["sentence1"], "b": pairs["sentence2"], "label": [round(s) for s in pairs["score"]]}
+    )
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, learning_rate=5e-3, report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=3, **kwargs,
+    )  # fmt: skip
+    return CrossEncoderTrainer(model=dm, args=args, train_dataset=data, loss=loss), dm
+
+
+def test_cross_encoder_trainer_trains_the_deltas_when_the_loss_holds_the_delta_model(tmp_path: Path) -> None:
+    trainer, dm = _cross_encoder_trainer(tmp_path, to_dm=True, max_steps=4, save_strategy="steps", save_steps=2)
+    before = {k: v.clone() for k, v in dm.state_dict().items()}
+    trainer.train()
+    moved = {k for k, v in dm.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == set(before), sorted(set(before) - moved)  # every LoRA tensor and the classifier
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir())
+    assert "delta.safetensors" in saved and "model.safetensors" not in saved, saved
+
+
+def test_cross_encoder_trainer_with_the_loss_on_the_model_warns_with_the_fix(tmp_path: Path) -> None:
+    """The loss built on the CrossEncoder: the optimizer holds its classifier only. The deltas get gradients
+    (sentence-transformers hands the loss the trainer's model after the optimizer is built) but never a step:
+    warned, naming `loss.model = dm`."""
+    trainer, dm = _cross_encoder_trainer(tmp_path, to_dm=False, max_steps=101, save_strategy="no")
+    lora = {k: v.clone() for k, v in dm.delta_state_dict("default").items()}
+    with pytest.warns(UserWarning, match=r"no optimizer step changed it.*loss\.model = dm"):
+        trainer.train()
+    assert all(torch.equal(v, lora[k]) for k, v in dm.delta_state_dict("default").items())
