@@ -169,7 +169,8 @@ def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
     if getattr(model.config, "is_encoder_decoder", False) and inputs.get("labels") is not None:
         given["decoder_input_ids"] = inputs["labels"]
     with torch.no_grad():
-        return model(**given).logits
+        out = model(**given)
+    return out.logits if getattr(out, "logits", None) is not None else out.logits_per_image  # CLIP: no .logits
 
 
 def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -181,16 +182,24 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tenso
     return ids
 
 
-def keeps_promises(method: str, head: str, fresh: Callable[[], torch.nn.Module], tmp_path: Path, **settings) -> None:  # noqa: ANN003
+def keeps_promises(
+    method: str,
+    head: str,
+    fresh: Callable[[], torch.nn.Module],
+    tmp_path: Path,
+    given: dict[str, torch.Tensor] | None = None,
+    **settings,  # noqa: ANN003
+) -> None:
     """What every method claims on a backbone `fresh()` builds: its output at init where it says so; gradients on the
     delta and, where a new classifier trains, the head, and on nothing else; a changed output once perturbed;
-    merge == unmerged and unmerge back to the weights where it merges; a save/load round trip onto a fresh one."""
+    merge == unmerged and unmerge back to the weights where it merges; a save/load round trip onto a fresh one.
+    `given`: the inputs, with what makes a loss, for models that take no token ids (images, audio)."""
     from tiny import perturbed
 
     import deltatune as dt
 
     model = fresh()
-    inputs = make_inputs(model)
+    inputs = make_inputs(model) if given is None else given
     plain = logits(model, inputs)
     dm = dt.attach(model, method, **settings)
     config = dm.delta().config

@@ -13,6 +13,8 @@ splits it so, by the config's query and key/value head counts); one that interle
 
 from __future__ import annotations
 
+from .aliases_vision import VISION
+
 _L = r"(?:layer|layers|h|block)\.\d+"
 
 _BERT = {
@@ -349,6 +351,8 @@ ALIASES: dict[str, dict[str, str]] = {
     # BART's module names, with sinusoidal positions (Marian, Pegasus, M2M-100/NLLB) or pre-norm layers
     **dict.fromkeys(("marian", "pegasus", "m2m_100", "blenderbot", "blenderbot-small", "plbart"), _BART),
     "umt5": _T5,
+    "whisper": _BART,  # BART's names; its encoder takes audio features (prompt tuning refused there)
+    **VISION,
 }
 
 ALIAS_NAMES: tuple[str, ...] = tuple(sorted({k for t in ALIASES.values() for k in t} | {"head"}))

@@ -29,7 +29,10 @@ def checkpointing_on(backbone: nn.Module) -> bool:
 def watch(backbone: nn.Module) -> None:
     """Make the input embeddings' output require grad in training forwards while checkpointing is on."""
     get = getattr(backbone, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
+    try:
+        embeddings = get() if callable(get) else None
+    except NotImplementedError:  # CLIPModel: two towers, no one input embedding (attach failed on it)
+        return
     if getattr(backbone, HANDLE, None) is not None or not isinstance(embeddings, nn.Module):
         return
 

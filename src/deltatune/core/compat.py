@@ -53,7 +53,7 @@ SAVED_FORMAT = f"transformers{VERSION.split('.')[0]}"
 # every name a KV cache argument has had, newest first (see the table above)
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")  # the last: GPT-Neo's, unannotated
 MASK_KEYWORDS = ("attention_mask", "mask")
-ROW_MASKS = ("sliding_window_mask",)  # ModernBERT 4.x passes its local layers' mask beside attention_mask
+ROW_MASKS = ("sliding_window_mask", "causal_attention_mask")  # beside attention_mask: ModernBERT 4.x, CLIP 4.x text
 
 
 class UnsupportedError(ValueError):
@@ -302,6 +302,16 @@ def base_model(model: nn.Module) -> nn.Module:
     if isinstance(stack, transformers.PreTrainedModel) and getattr(base, "encoder", None) is None:
         return stack
     return base
+
+
+def token_embeddings(stack: nn.Module) -> nn.Embedding | None:
+    """A stack's token embedding table; None where its inputs are no tokens (ViT, Whisper's encoder) or it names
+    none (CLIPModel's two towers: NotImplementedError)."""
+    try:
+        embed = stack.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # AttributeError: no PreTrainedModel (4.57's CLIPTextTransformer)
+        return None
+    return embed if isinstance(embed, nn.Embedding) else None
 
 
 def decoder(model: nn.Module) -> nn.Module:

@@ -265,7 +265,11 @@ def plain_name(name: str) -> str:
 # Task models whose head is new for the task (transformers initializes it randomly): a delta alone
 # would train against a frozen random projection. PEFT's task types train the same heads
 # (modules_to_save: classifier, score, qa_outputs).
-TRAINED_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+# ViT's and Whisper's classifiers too: before, `attach(ViTForImageClassification, "lora")` left its new classifier frozen.
+TRAINED_HEADS = (
+    "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice",
+    "ForImageClassification", "ForAudioClassification",
+)  # fmt: skip
 
 
 def head_trains_by_default(model: nn.Module) -> bool:

@@ -167,7 +167,8 @@ class Prefix(Delta):
         dtype = next(ref.parameters()).dtype
         n = cfg.num_tokens
         if cfg.reparameterize:
-            dim = compat.base_model(model).get_input_embeddings().weight.shape[1]
+            embed = compat.token_embeddings(compat.base_model(model))  # none on ViT (patches) or CLIP (two towers)
+            dim = embed.weight.shape[1] if embed is not None else compat_config.model_width(model)
             self.embedding = nn.Embedding(n, dim, dtype=dtype)
             self.mlp_in = nn.Linear(dim, cfg.mid_dim, dtype=dtype)
             self.mlp_out = nn.Linear(cfg.mid_dim, offset, dtype=dtype)

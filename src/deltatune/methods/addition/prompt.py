@@ -118,7 +118,14 @@ class Prompt(Delta):
         cfg = self.config
         self.enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         stack = compat.encoder(model) if self.enc_dec else compat.base_model(model)
-        object.__setattr__(self, "embed", stack.get_input_embeddings())  # the backbone's: not a submodule of ours
+        embed, params = compat.token_embeddings(stack), compat.signature(stack).parameters
+        if embed is None or not {"input_ids", "inputs_embeds"} & set(params):
+            first = next(iter(params), "?")
+            raise ValueError(
+                f"prompt tuning prepends vectors to a stack's token embeddings, and {type(stack).__name__} takes "
+                f"{first!r}, not tokens alone: use prefix tuning, LoRA or adapters on this model"
+            )
+        object.__setattr__(self, "embed", embed)  # the backbone's: not a submodule of ours
         weight = self.embed.weight
         self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))
         self.sites[module_name(model, stack)] = self.prompt.numel()
