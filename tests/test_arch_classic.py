@@ -213,3 +213,16 @@ def test_each_row_of_a_mixed_batch_equals_its_delta_alone(arch: str) -> None:
     assert not torch.allclose(alone["a"], alone["b"], rtol=0, atol=1e-4), "the two deltas agree: nothing is tested"
     for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-5)
+
+
+def test_gpt_neo_prompt_past_its_causal_buffer_is_refused_in_one_line() -> None:
+    """GPT-Neo masks by a buffer of max_position_embeddings (64 here) that counts the prompt's tokens: past it the
+    call failed inside on a size ("The size of tensor a (64) must match the size of tensor b (110)"), in a forward
+    and at a generation step alike."""
+    dm = dt.attach(_model("gpt_neo", "lm"), "prompt", num_tokens=10)
+    logits(dm, {"input_ids": torch.randint(3, VOCAB, (1, 54))})  # 10 + 54 = 64: fits
+    with pytest.raises(ValueError, match=r"10 prompt tokens \+ 55 input tokens are more than the 64 positions"):
+        logits(dm, {"input_ids": torch.randint(3, VOCAB, (1, 55))})
+    dm.backbone.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="give at most 54 input tokens"):
+        dm.generate(input_ids=torch.randint(3, VOCAB, (1, 50)), max_new_tokens=10, do_sample=False, pad_token_id=0)

@@ -59,15 +59,29 @@ def alibi_in_front(call: CallArgs, n: int, build: Callable, heads: int) -> None:
     call.set("alibi", torch.cat([before.expand(-1, alibi.shape[1], -1), alibi], dim=-1))
 
 
-def keys_limit(attention: nn.Module) -> int | None:
-    """How many keys an attention that masks by a fixed causal buffer (`bias`, 4-D bool: GPT-Neo; GPT-2 4.57 under
-    eager) can take with its first key still seen by every query: the window of GPT-Neo's local layers, the
-    buffer's length (max positions) elsewhere. None where it has no such buffer. The buffer treats keys in front
-    of the real ones (a prefix) as tokens: past the limit a prefix would slide out of a window, or not fit."""
+def _causal_buffer(attention: nn.Module, model: nn.Module) -> torch.Tensor | None:
+    """The fixed causal buffer (`bias`, 4-D bool) an attention masks by under eager attention: GPT-Neo's (a window
+    on its local layers), GPT-2 4.57's. None elsewhere, and under sdpa or flash attention, which do not read it."""
     bias = getattr(attention, "bias", None)
-    if not isinstance(bias, torch.Tensor) or bias.dtype != torch.bool or bias.dim() != 4:
+    if getattr(model.config, "_attn_implementation", None) not in (None, "eager"):
         return None
-    return int(bias[0, 0, -1].sum())
+    return bias if isinstance(bias, torch.Tensor) and bias.dtype == torch.bool and bias.dim() == 4 else None
+
+
+def keys_limit(attention: nn.Module, model: nn.Module) -> int | None:
+    """How many keys an attention with a fixed causal buffer can take with its first key still seen by every
+    query: the window of GPT-Neo's local layers, the buffer's length (max positions) elsewhere. None without
+    one. The buffer treats keys in front of the real ones (a prefix) as tokens: past the limit a prefix would
+    slide out of a window, or not fit."""
+    bias = _causal_buffer(attention, model)
+    return None if bias is None else int(bias[0, 0, -1].sum())
+
+
+def tokens_limit(stack: nn.Module, model: nn.Module) -> int | None:
+    """How many tokens (a prompt's included) the fixed causal buffers inside `stack` cover; None without one.
+    Past it GPT-Neo failed inside on a size ("The size of tensor a (2048) must match ...")."""
+    sizes = [b.shape[-1] for m in stack.modules() if (b := _causal_buffer(m, model)) is not None]
+    return min(sizes) if sizes else None
 
 
 def rows_in_front(call: CallArgs, n: int, bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

@@ -112,7 +112,7 @@ class _Site:
         self.signature = compat.signature(module)
         self.mask_arg = compat.mask_keyword(module)
         self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
-        self.limit = compat_rows.keys_limit(module)  # keys its fixed causal buffer lets every query see (GPT-Neo)
+        self.limit: int | None = None  # keys its fixed causal buffer lets every query see (GPT-Neo)
         self.alibi = None  # (builder, query heads) of the ALiBi biases the prefix's keys need too (BLOOM)
         self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
@@ -143,6 +143,7 @@ class Prefix(Delta):
             module = model.get_submodule(name)
             width, columns = _kv_layout(model, name, cross)
             site = _Site(name, safe_key(name), width, offset, cross, module, columns)
+            site.limit = compat_rows.keys_limit(module, model)
             offset += 2 * width
             self._sites.append(site)
             if site.cache_arg is not None:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core import compat
+from ...core import compat, compat_rows
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.routing import RoutingError
@@ -126,6 +126,7 @@ class Prompt(Delta):
                 f"{first!r}, not tokens alone: use prefix tuning, LoRA or adapters on this model"
             )
         object.__setattr__(self, "embed", embed)  # the backbone's: not a submodule of ours
+        self._limit = compat_rows.tokens_limit(stack, model)  # GPT-Neo: tokens its causal buffer covers
         weight = self.embed.weight
         self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))
         self.sites[module_name(model, stack)] = self.prompt.numel()
@@ -201,6 +202,7 @@ class Prompt(Delta):
                 )
             new = (ids if ids is not None else embeds).shape[1]
             device = (ids if ids is not None else embeds).device
+            self._check_limit(module, past - n + new)
             if mask is not None and mask.shape[1] == past - n + new:
                 call.set("attention_mask", _ones_before(mask, n))
             if call.accepts("position_ids"):
@@ -215,6 +217,7 @@ class Prompt(Delta):
         if embeds is None:
             embeds = self.embed(ids)
         batch = embeds.shape[0]
+        self._check_limit(module, embeds.shape[1])
         prompt = self._batch_prompt(peers, batch, embeds.dtype)
         call.set("input_ids", None)
         call.set("inputs_embeds", torch.cat([prompt, embeds], dim=1))
@@ -237,6 +240,15 @@ class Prompt(Delta):
             setattr(cache, _TAG, n)
         self._calls.append(not self.enc_dec)
         return call.result()
+
+    def _check_limit(self, stack: nn.Module, tokens: int) -> None:
+        """The prompt and `tokens` real tokens (generated ones included) must fit the stack's causal buffer."""
+        n = self.config.num_tokens
+        if self._limit is not None and n + tokens > self._limit:
+            raise ValueError(
+                f"prompt tuning: {n} prompt tokens + {tokens} input tokens are more than the {self._limit} positions "
+                f"{type(stack).__name__}'s causal mask covers; give at most {self._limit - n} input tokens"
+            )
 
     def _shifts(self, peers: list[Prompt] | None, batch: int, device: torch.device) -> torch.Tensor:
         """(batch, 1): how far each row's real tokens move, num_tokens where its prompt says "shift"."""
