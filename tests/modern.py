@@ -230,3 +230,29 @@ def keeps_promises(
     dm.save_delta(tmp_path / "delta")  # with the classifier where it trained (perturbed too: it must come along)
     loaded = dt.load_delta(fresh(), tmp_path / "delta")
     torch.testing.assert_close(logits(loaded, inputs), out, rtol=0, atol=1e-6)
+
+
+def prefilled_cache(delta: object, config: object, kv_heads: int, batch: int, copies: int = 1) -> object:
+    """A DynamicCache holding each prefixed attention's prefix (heads of 8), what PEFT's route hands the model;
+    `copies`: each key/value head repeated, for a cache that holds one per query head (Falcon 4.57)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i, site in enumerate(delta._sites):
+        n = delta.config.num_tokens
+        kv = delta.prefix(site).view(2, n, kv_heads, 8).transpose(1, 2).repeat_interleave(copies, dim=1)
+        cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
+    return cache
+
+
+def assert_rows_alone(dm: object, inputs: dict[str, torch.Tensor], rows: list[str | None]) -> None:
+    """Every row of a mixed batch (`delta_ids=rows`, deltas "a" and "b") equals that row under its delta alone."""
+    with torch.no_grad():
+        mixed = dm(**inputs, delta_ids=rows).logits
+    alone = {}
+    for name in ("a", "b", None):
+        dm.set_active([] if name is None else name)
+        alone[name] = logits(dm, inputs)
+    assert not torch.allclose(alone["a"], alone["b"], rtol=0, atol=1e-4), "the two deltas agree: nothing is tested"
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-5)

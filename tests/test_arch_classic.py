@@ -18,13 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from modern import NUM_LABELS, VOCAB, greedy, keeps_promises, logits, make_inputs
+from modern import NUM_LABELS, VOCAB, assert_rows_alone, greedy, keeps_promises, logits, make_inputs, prefilled_cache
 from tiny import perturbed
-from transformers import DynamicCache
 
 import deltatune as dt
 from deltatune.core import compat, compat_config, registry
-from deltatune.core.routing import RoutingError
 from deltatune.core.targeting import TargetError, resolve
 
 N = 3  # prefix keys and values per attention
@@ -145,12 +143,9 @@ def test_prefix_equals_a_kv_cache_prefilled_with_the_prefix(arch: str) -> None:
     with torch.no_grad():
         ours = dm(**inputs).logits
         dm.disable("default")
-        cache, batch = DynamicCache(config=model.config), len(inputs["input_ids"])
-        for i, site in enumerate(delta._sites):
-            kv = delta.prefix(site).view(2, N, kv_heads, 8).transpose(1, 2)
-            if arch == "falcon" and tf.__version__.startswith("4."):  # 4.57 caches each query head's copy
-                kv = kv.repeat_interleave(2, dim=1)
-            cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
+        batch = len(inputs["input_ids"])
+        copies = 2 if arch == "falcon" and tf.__version__.startswith("4.") else 1  # 4.57: a copy per query head
+        cache = prefilled_cache(delta, model.config, kv_heads, batch, copies)
         mask = torch.cat([torch.ones(batch, N, dtype=torch.long), inputs["attention_mask"]], dim=1)
         extra = (
             {} if arch == "bloom" else {"position_ids": torch.arange(inputs["input_ids"].shape[1]).expand(batch, -1)}
@@ -200,19 +195,7 @@ def test_each_row_of_a_mixed_batch_equals_its_delta_alone(arch: str) -> None:
         dm.add(name, dt.get_config("lora", **_settings(arch, "lora")), enabled=False)
         perturbed(dm, scale=0.3, seed=i)
     inputs = {k: v for k, v in make_inputs(dm.backbone, batch=4).items() if k != "labels"}
-    rows = ["a", None, "b", "a"]
-    try:
-        with torch.no_grad():
-            mixed = dm(**inputs, delta_ids=rows).logits
-    except RoutingError:
-        pytest.fail("a mixed batch was refused")
-    alone = {}
-    for name in ("a", "b", None):
-        dm.set_active([] if name is None else name)
-        alone[name] = logits(dm, inputs)
-    assert not torch.allclose(alone["a"], alone["b"], rtol=0, atol=1e-4), "the two deltas agree: nothing is tested"
-    for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-5)
+    assert_rows_alone(dm, inputs, ["a", None, "b", "a"])
 
 
 def test_gpt_neo_prompt_past_its_causal_buffer_is_refused_in_one_line() -> None:

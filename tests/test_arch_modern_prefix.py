@@ -11,8 +11,7 @@ import os
 
 import pytest
 import torch
-from modern import ARCHS, CAUSAL, ENCODERS, MAIN, SLIDING, heads, logits, make_inputs, make_model
-from transformers import DynamicCache
+from modern import ARCHS, CAUSAL, ENCODERS, MAIN, SLIDING, heads, logits, make_inputs, make_model, prefilled_cache
 from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
 import deltatune as dt
@@ -67,10 +66,8 @@ def test_prefix_equals_a_kv_cache_prefilled_with_the_prefix(arch: str) -> None:
     with torch.no_grad():
         ours = dm(**inputs).logits
         dm.disable("default")
-        cache, batch = DynamicCache(config=model.config), len(inputs["input_ids"])
-        for i, site in enumerate(delta._sites):
-            kv = delta.prefix(site).view(2, N, kv_heads, 8).transpose(1, 2)
-            cache.update(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1), i)
+        batch = len(inputs["input_ids"])
+        cache = prefilled_cache(delta, model.config, kv_heads, batch)
         mask = torch.cat([torch.ones(batch, N, dtype=torch.long), inputs["attention_mask"]], dim=1)
         positions = torch.arange(inputs["input_ids"].shape[1]).expand(batch, -1)  # "keep": the backbone's own
         reference = dm(

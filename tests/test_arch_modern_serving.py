@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modern import CAUSAL, MAIN, greedy, logits, make_inputs, make_model
+from modern import CAUSAL, MAIN, assert_rows_alone, greedy, logits, make_inputs, make_model
 from tiny import perturbed
 
 import deltatune as dt
@@ -83,15 +83,7 @@ def test_each_row_of_a_mixed_batch_equals_its_delta_alone(arch: str, head: str, 
             dm(**inputs, delta_ids=["a", None, "b", "a"])
         return
     rows = ["a", "b", "b", "a"] if method == "prompt" else ["a", None, "b", "a"]  # a prompt row needs a prompt
-    with torch.no_grad():
-        mixed = dm(**inputs, delta_ids=rows).logits
-    alone = {}
-    for name in ("a", "b", None):
-        dm.set_active([] if name is None else name)
-        alone[name] = logits(dm, inputs)
-    assert not torch.allclose(alone["a"], alone["b"], rtol=0, atol=1e-4), "the two deltas agree: nothing is tested"
-    for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-5)
+    assert_rows_alone(dm, inputs, rows)
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers as tf
 from modern import VOCAB, keeps_promises, logits, make_inputs
+from prefix_prompt_helpers import _greedy_seq2seq
 from tiny import perturbed
 
 import deltatune as dt
@@ -67,16 +68,6 @@ def test_aliases_name_both_sides(arch: str) -> None:
     assert len(resolve(model, "xattn.q")) == 2  # the decoder's cross-attention, one per layer
 
 
-def _greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding by full forward passes over the whole decoder sequence: no KV cache anywhere."""
-    out = torch.full((len(ids), 1), model.config.decoder_start_token_id)
-    for _ in range(steps):
-        with torch.no_grad():
-            step = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=out, use_cache=False)
-        out = torch.cat([out, step.logits[:, -1:].argmax(-1)], dim=1)
-    return out
-
-
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @pytest.mark.parametrize("arch", CONFIGS)
 def test_generate_equals_greedy_decoding_without_a_cache(arch: str, method: str) -> None:
@@ -86,7 +77,7 @@ def test_generate_equals_greedy_decoding_without_a_cache(arch: str, method: str)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = dm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    assert torch.equal(out, _greedy(dm, ids, 6))
+    assert torch.equal(out, _greedy_seq2seq(dm, ids, 6))
     inputs = make_inputs(dm.backbone)
     delta = logits(dm, inputs)
     dm.disable("default")
