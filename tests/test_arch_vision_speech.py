@@ -1,4 +1,5 @@
-"""Transformers that take no token ids: ViT (images), CLIP (a text and a vision tower), Whisper (audio in, text out).
+"""Transformers that take no token ids: ViT (images), CLIP and SigLIP (a text and a vision tower), Whisper (audio in,
+text out).
 Before, every method but bitfit was refused on each ("alias 'attn.q' is not mapped for model type 'vit'"), prompt
 tuning failed inside (`'ViTPatchEmbeddings' object has no attribute 'weight'`, Whisper: `too many values to
 unpack`) and prefix tuning on ViT read a token table it has not. Held to tests/modern.py's promises on tiny
@@ -43,6 +44,14 @@ def _clip() -> torch.nn.Module:
     return tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
 
 
+def _siglip() -> torch.nn.Module:
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                  patch_size=4)  # fmt: skip
+    return tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision))
+
+
 def _whisper() -> torch.nn.Module:
     config = tf.WhisperConfig(
         vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -56,6 +65,7 @@ def _whisper() -> torch.nn.Module:
 MODELS = {
     "vit": (_vit, "cls", {"pixel_values": PIXELS, "labels": torch.tensor([0, 2])}, 2),
     "clip": (_clip, "base", {"input_ids": TEXT, "pixel_values": PIXELS, "return_loss": True}, 4),  # both towers
+    "siglip": (_siglip, "base", {"input_ids": TEXT, "pixel_values": PIXELS, "return_loss": True}, 4),
     "whisper": (_whisper, "lm", {"input_features": AUDIO, "labels": TEXT}, 4),  # encoder and decoder
 }
 
@@ -71,7 +81,7 @@ def test_methods_keep_their_promises(arch: str, method: str, tmp_path: Path) -> 
     _, head, given, _ = MODELS[arch]
     # float64, as tests/test_arch_classic.py: these check which modules and tensors, not float32 rounding; CLIP in
     # float32 (at 4.57.6 the plain model fails in float64: "value cannot be converted to type float without overflow")
-    dtype = torch.float32 if arch == "clip" else torch.float64
+    dtype = torch.float32 if arch in ("clip", "siglip") else torch.float64
     given = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in given.items()}
     keeps_promises(method, head, lambda: _fresh(arch).to(dtype), tmp_path, given=given, **SMALL.get(method, {}))
 
@@ -82,7 +92,7 @@ def test_aliases_name_every_attention_and_prompt_tuning_is_refused_in_one_line(a
     attentions = MODELS[arch][3]
     for alias in ("attn", "attn.q", "attn.o", "ffn.in", "ffn.out"):
         assert len(resolve(model, alias)) == attentions, alias
-    with pytest.raises(ValueError, match=r"prompt tuning prepends vectors to a stack's token embeddings.*not tokens"):
+    with pytest.raises(ValueError, match=r"prompt tuning prepends vectors to a stack's token embeddings .* has no "):
         dt.attach(model, "prompt")
 
 

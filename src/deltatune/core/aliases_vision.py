@@ -1,4 +1,4 @@
-"""Common-structure aliases (see `aliases.py`) for the transformers that take images: ViT and CLIP.
+"""Common-structure aliases (see `aliases.py`) for the transformers that take images: ViT, CLIP and SigLIP.
 
 Whisper (audio in, text out) keeps BART's module names and is mapped there. These models have no token
 embedding table where their inputs enter, so prompt tuning is refused on them in one line
@@ -43,5 +43,7 @@ _CLIP = {
 
 VISION: dict[str, dict[str, str]] = {
     "vit": _VIT,
+    # SigLIP (the vision encoder of many vision-language models): CLIP's layout, an attention-pooling head apart
     **dict.fromkeys(("clip", "clip_text_model", "clip_vision_model"), _CLIP),
+    **dict.fromkeys(("siglip", "siglip_text_model", "siglip_vision_model"), _CLIP),
 }

@@ -119,11 +119,12 @@ class Prompt(Delta):
         self.enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         stack = compat.encoder(model) if self.enc_dec else compat.base_model(model)
         embed, params = compat.token_embeddings(stack), compat.signature(stack).parameters
-        if embed is None or not {"input_ids", "inputs_embeds"} & set(params):
-            first = next(iter(params), "?")
+        if embed is None or "inputs_embeds" not in params:  # SigLIP's two towers take input_ids, no inputs_embeds
+            lacks = "no token embedding table" if embed is None else "no inputs_embeds"
             raise ValueError(
-                f"prompt tuning prepends vectors to a stack's token embeddings, and {type(stack).__name__} takes "
-                f"{first!r}, not tokens alone: use prefix tuning, LoRA or adapters on this model"
+                f"prompt tuning prepends vectors to a stack's token embeddings and passes them as inputs_embeds; "
+                f"{type(stack).__name__} takes {next(iter(params), '?')!r} first and has {lacks}: use prefix tuning, "
+                "LoRA or adapters on this model"
             )
         object.__setattr__(self, "embed", embed)  # the backbone's: not a submodule of ours
         self._limit = compat_rows.tokens_limit(stack, model)  # GPT-Neo: tokens its causal buffer covers
