@@ -163,13 +163,18 @@ def make_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 10, seed: int
     return inputs
 
 
-def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The head's logits; an encoder-decoder LM decodes its labels (tests/test_arch_seq2seq.py)."""
+def _unlabelled(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs without labels; an encoder-decoder LM decodes its labels (tests/test_arch_seq2seq.py)."""
     given = {k: v for k, v in inputs.items() if k != "labels"}
     if getattr(model.config, "is_encoder_decoder", False) and inputs.get("labels") is not None:
         given["decoder_input_ids"] = inputs["labels"]
+    return given
+
+
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's logits."""
     with torch.no_grad():
-        out = model(**given)
+        out = model(**_unlabelled(model, inputs))
     return out.logits if getattr(out, "logits", None) is not None else out.logits_per_image  # CLIP: no .logits
 
 
@@ -248,7 +253,7 @@ def prefilled_cache(delta: object, config: object, kv_heads: int, batch: int, co
 def assert_rows_alone(dm: object, inputs: dict[str, torch.Tensor], rows: list[str | None]) -> None:
     """Every row of a mixed batch (`delta_ids=rows`, deltas "a" and "b") equals that row under its delta alone."""
     with torch.no_grad():
-        mixed = dm(**inputs, delta_ids=rows).logits
+        mixed = dm(**_unlabelled(dm, inputs), delta_ids=rows).logits
     alone = {}
     for name in ("a", "b", None):
         dm.set_active([] if name is None else name)

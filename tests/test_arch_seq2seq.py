@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from modern import VOCAB, keeps_promises, logits, make_inputs
+from modern import VOCAB, assert_rows_alone, keeps_promises, logits, make_inputs
 from prefix_prompt_helpers import _greedy_seq2seq
 from tiny import perturbed
 
@@ -83,3 +83,14 @@ def test_generate_equals_greedy_decoding_without_a_cache(arch: str, method: str)
     dm.disable("default")
     # Blenderbot-small's post-norm layers keep a perturbed prompt's effect on its logits to 9e-4
     assert (logits(dm, inputs) - delta).abs().max() > 1e-4, "the delta changes nothing: the comparison proves nothing"
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prompt"])
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_each_row_of_a_mixed_batch_equals_its_delta_alone(arch: str, method: str) -> None:
+    dm = dt.DeltaModel(_model(arch))
+    for i, name in enumerate(("a", "b")):
+        dm.add(name, dt.get_config(method, **SMALL.get(method, {})), enabled=False)
+        perturbed(dm, scale=0.3, seed=i)
+    rows = ["a", "b", "b", "a"] if method == "prompt" else ["a", None, "b", "a"]  # a prompt row needs a prompt
+    assert_rows_alone(dm, make_inputs(dm.backbone, batch=4), rows)
