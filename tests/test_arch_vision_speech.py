@@ -36,6 +36,14 @@ def _vit() -> torch.nn.Module:
     return tf.ViTForImageClassification(config)
 
 
+def _dinov2() -> torch.nn.Module:
+    config = tf.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=16, patch_size=4,
+        num_labels=NUM_LABELS,
+    )  # fmt: skip
+    return tf.Dinov2ForImageClassification(config)
+
+
 def _clip() -> torch.nn.Module:
     text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
@@ -64,6 +72,7 @@ def _whisper() -> torch.nn.Module:
 # (build, head, inputs with what makes a loss, attention modules the aliases name)
 MODELS = {
     "vit": (_vit, "cls", {"pixel_values": PIXELS, "labels": torch.tensor([0, 2])}, 2),
+    "dinov2": (_dinov2, "cls", {"pixel_values": PIXELS, "labels": torch.tensor([0, 2])}, 2),
     "clip": (_clip, "base", {"input_ids": TEXT, "pixel_values": PIXELS, "return_loss": True}, 4),  # both towers
     "siglip": (_siglip, "base", {"input_ids": TEXT, "pixel_values": PIXELS, "return_loss": True}, 4),
     "whisper": (_whisper, "lm", {"input_features": AUDIO, "labels": TEXT}, 4),  # encoder and decoder

@@ -1,4 +1,4 @@
-"""Common-structure aliases (see `aliases.py`) for the transformers that take images: ViT, CLIP and SigLIP.
+"""Common-structure aliases (see `aliases.py`) for the transformers that take images: ViT, DINOv2, CLIP and SigLIP.
 
 Whisper (audio in, text out) keeps BART's module names and is mapped there. These models have no token
 embedding table where their inputs enter, so prompt tuning is refused on them in one line
@@ -6,6 +6,8 @@ embedding table where their inputs enter, so prompt tuning is refused on them in
 """
 
 from __future__ import annotations
+
+import transformers
 
 _L = r"(?:layer|layers|h|block)\.\d+"  # as aliases.py numbers a transformer block
 
@@ -41,8 +43,25 @@ _CLIP = {
     "embeddings.word": r"token_embedding",
 }
 
+# DINOv2: the same renaming as ViT but in `encoder.layer.N` at both ends, so 4.57's `layer.N.attention` (the wrapper of
+# the self-attention) and 5.x's (the attention itself) are different modules: `attn` is chosen by the release.
+_V5 = int(transformers.__version__.split(".")[0]) >= 5
+_DINOV2 = {
+    "attn.q": r"layer\.\d+\.attention\.(?:attention\.query|q_proj)",
+    "attn.k": r"layer\.\d+\.attention\.(?:attention\.key|k_proj)",
+    "attn.v": r"layer\.\d+\.attention\.(?:attention\.value|v_proj)",
+    "attn.o": r"layer\.\d+\.attention\.(?:output\.dense|o_proj)",
+    "attn": r"layer\.\d+\.attention" if _V5 else r"layer\.\d+\.attention\.attention",
+    "ffn.in": rf"{_L}\.mlp\.(?:fc1|weights_in)",  # weights_in: the SwiGLU MLP of the giant model
+    "ffn.out": rf"{_L}\.mlp\.(?:fc2|weights_out)",
+    "ln": r"(?:norm1|norm2|layernorm)",
+    "layer": _L,
+    "embeddings": r"embeddings",
+}
+
 VISION: dict[str, dict[str, str]] = {
     "vit": _VIT,
+    "dinov2": _DINOV2,
     # SigLIP (the vision encoder of many vision-language models): CLIP's layout, an attention-pooling head apart
     **dict.fromkeys(("clip", "clip_text_model", "clip_vision_model"), _CLIP),
     **dict.fromkeys(("siglip", "siglip_text_model", "siglip_vision_model"), _CLIP),
