@@ -209,3 +209,34 @@ def test_gpt_neo_prompt_past_its_causal_buffer_is_refused_in_one_line() -> None:
     dm.backbone.generation_config.eos_token_id = None
     with pytest.raises(ValueError, match="give at most 54 input tokens"):
         dm.generate(input_ids=torch.randint(3, VOCAB, (1, 50)), max_new_tokens=10, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+@pytest.mark.parametrize("arch", ["bloom", "falcon", "gptj", "gpt_neo"])
+def test_peft_adapters_made_on_these_families_import_with_pefts_outputs(arch: str, method: str, tmp_path: Path) -> None:
+    """Files made elsewhere: PEFT's LoRA (on the fused `query_key_value` where q, k, v interleave), prefix tuning
+    (its keys in a prefilled cache: on BLOOM the ALiBi positions differ from ours by a constant per query, which
+    the softmax cancels) and prompt tuning, trained-looking (perturbed), saved by PEFT, imported by deltatune."""
+    peft = pytest.importorskip("peft")
+    from deltatune.interop import import_peft
+
+    if (arch, method) == ("falcon", "prefix") and tf.__version__.startswith("4."):
+        pytest.skip("4.57's Falcon caches a key per query head, so PEFT's prefix has 4 heads; ours has its 2 groups")
+
+    configs = {
+        "lora": peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["query_key_value"]) if _fused(arch)
+        else peft.LoraConfig(task_type="CAUSAL_LM", r=4),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+    }  # fmt: skip
+    pm = peft.get_peft_model(_model(arch, "lm"), configs[method])
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = pm.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -7:]  # prompt: real tokens
+    pm.save_pretrained(tmp_path / "peft")
+    dm = import_peft(_model(arch, "lm"), tmp_path / "peft")
+    torch.testing.assert_close(logits(dm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}), theirs)
