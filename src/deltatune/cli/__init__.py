@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
 import sys
 import warnings
@@ -58,6 +59,9 @@ def _one_line(err: BaseException) -> str:
     text = " ".join(str(message).split())
     if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
+    named = re.search(r"targets='([^']+)'", text)  # the library's advice in Python: say it as a flag too
+    if named:
+        text = f"{text} (on the command line: --method-arg targets={named.group(1)})"
     return text or type(err).__name__
 
 

@@ -15,6 +15,7 @@ right end of the logits so that the extra positions never shift what is scored.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,14 @@ def _texts(examples: Sequence[Example]) -> tuple[list[str], list[str] | None]:
     return [e.text for e in examples], (pairs if any(p is not None for p in pairs) else None)
 
 
+def _taken(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the token_type_ids a tokenizer added for a model whose forward names none: BLOOM 4.57
+    refuses them ("Got unexpected arguments"), others would take them through **kwargs and ignore them."""
+    if "token_type_ids" in batch and "token_type_ids" not in inspect.signature(model.forward).parameters:
+        return {k: v for k, v in batch.items() if k != "token_type_ids"}
+    return batch
+
+
 class ClassifierObjective:
     kind = "cls"
 
@@ -72,11 +81,11 @@ class ClassifierObjective:
         return dict(batch)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+        return model(**_taken(model, batch)).loss
 
     @torch.no_grad()
     def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in _taken(model, batch).items() if k != "labels"}
         logits = model(**inputs).logits.float()
         return logits[:, 0].tolist() if self.regression else logits.argmax(-1).tolist()
 
