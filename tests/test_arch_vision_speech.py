@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from modern import NUM_LABELS, VOCAB, keeps_promises
+from modern import NUM_LABELS, VOCAB, assert_rows_alone, keeps_promises
+from tiny import perturbed
 
 import deltatune as dt
 from deltatune.core import registry
@@ -121,3 +122,16 @@ def test_prefix_on_clip_text_keeps_its_causal_mask() -> None:
     torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=1e-6)
     assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
     assert (a[:, 0] - plain[:, 0]).abs().max() > 1e-4, "the first token does not see the prefix"
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "ia3"])
+@pytest.mark.parametrize("arch", ["vit", "dinov2", "whisper"])
+def test_each_row_of_a_mixed_batch_equals_its_delta_alone(arch: str, method: str) -> None:
+    """Serving many deltas in one batch of images or audio: rows are routed by the batch dimension, whatever the
+    input is (two rows repeated: four rows, two deltas and the bare model)."""
+    dm = dt.DeltaModel(_fresh(arch))
+    for i, name in enumerate(("a", "b")):
+        dm.add(name, dt.get_config(method), enabled=False)
+        perturbed(dm, scale=0.3, seed=i)
+    inputs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in MODELS[arch][2].items()}
+    assert_rows_alone(dm, inputs, ["a", None, "b", "a"])
