@@ -187,8 +187,9 @@ class PrefixedCache:
     cache only ever stores real tokens.
     """
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, inner: Any) -> None:
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, inner: Any, copies: int = 1) -> None:
         self.key, self.value, self.inner = key, value, inner
+        self.copies = copies  # of each key/value head in the cache (compat_rows.cached_copies: Falcon 4.57)
         self.is_updated: dict[int, bool] = {}  # cross-attentions consult it: never "already cached"
 
     @property
@@ -205,13 +206,11 @@ class PrefixedCache:
             kwargs = {k: self._unshifted(v) for k, v in kwargs.items()}
             keys, values = self.inner.update(keys, values, layer_idx, *args, **kwargs)
         batch, heads, _, head_dim = keys.shape
-        n, own = self.key.shape[0], self.key.shape[-1] // head_dim  # the prefix's key/value heads
+        n = self.key.shape[0]
 
         def heads_first(prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            prefix = prefix.to(like.dtype).view(n, own, head_dim).transpose(0, 1)
-            if own != heads and heads % own == 0:  # Falcon 4.57 caches each query head's copy of its group's keys
-                prefix = prefix.repeat_interleave(heads // own, dim=0)
-            return prefix.unsqueeze(0).expand(batch, -1, -1, -1)
+            prefix = prefix.to(like.dtype).view(n, heads // self.copies, head_dim).transpose(0, 1)
+            return prefix.repeat_interleave(self.copies, dim=0).unsqueeze(0).expand(batch, -1, -1, -1)
 
         return (
             torch.cat([heads_first(self.key, keys), keys], dim=2),

@@ -84,6 +84,15 @@ def tokens_limit(stack: nn.Module, model: nn.Module) -> int | None:
     return min(sizes) if sizes else None
 
 
+def cached_copies(attention: nn.Module) -> int:
+    """How many copies of each key/value head an attention puts in its KV cache, so a prefix's heads are copied
+    alike: Falcon's grouped layout at 4.57 copies each group's keys to its query heads before caching (5.x
+    caches the groups; its attention has `num_key_value_groups`); 1 elsewhere."""
+    if getattr(attention, "new_decoder_architecture", False) and not hasattr(attention, "num_key_value_groups"):
+        return attention.num_heads // attention.num_kv_heads
+    return 1
+
+
 def rows_in_front(call: CallArgs, n: int, bias: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Give an attention that gets `n` placeholder rows in front of its hidden states (prefix tuning where it
     takes no cache) those rows in its position arguments too. Rotary ones stay unrotated, as the cache route

@@ -113,6 +113,7 @@ class _Site:
         self.mask_arg = compat.mask_keyword(module)
         self.cache_arg = compat.cache_keyword(module)  # None: the attention takes no cache (hidden route)
         self.limit: int | None = None  # keys its fixed causal buffer lets every query see (GPT-Neo)
+        self.copies = 1  # of each key/value head its cache holds (Falcon 4.57: one per query head)
         self.alibi = None  # (builder, query heads) of the ALiBi biases the prefix's keys need too (BLOOM)
         self.hidden_args = compat.hidden_inputs(module)
         self.current: torch.Tensor | None = None  # the (2, n, width) prefix of the call in flight (hidden route)
@@ -144,6 +145,7 @@ class Prefix(Delta):
             width, columns = _kv_layout(model, name, cross)
             site = _Site(name, safe_key(name), width, offset, cross, module, columns)
             site.limit = compat_rows.keys_limit(module, model)
+            site.copies = compat_rows.cached_copies(module)
             offset += 2 * width
             self._sites.append(site)
             if site.cache_arg is not None:
@@ -240,7 +242,7 @@ class Prefix(Delta):
             call = CallArgs(site.signature, args, kwargs)
             inner = None if site.cross else compat.self_attention_cache(call.get(site.cache_arg))
             kv = self.prefix(site)
-            call.set(site.cache_arg, compat.PrefixedCache(kv[0], kv[1], inner))
+            call.set(site.cache_arg, compat.PrefixedCache(kv[0], kv[1], inner, site.copies))
             if not site.cross:
                 compat.shift_cache_position(call, kv.shape[1])
             hidden = call.first()
