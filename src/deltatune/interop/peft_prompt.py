@@ -217,6 +217,13 @@ def import_peft_prefix(
     width = sum(s.width for s in sites)
     if embeddings.shape[1] != 2 * width or int(config.get("num_layers", len(sites))) != len(sites):
         dm.detach(name)
+        copies = {s.copies for s in sites}
+        if embeddings.shape[1] == 2 * width * max(copies) != 2 * width:  # PEFT gave every query head its own keys
+            raise PeftFormatError(
+                f"{KEY} has a prefix for every query head ({tuple(embeddings.shape)}): this transformers release's "
+                f"{type(dm.backbone).__name__} caches a copy of each key/value group per query head, and deltatune's "
+                "prefix has one per group (the 5.x layout), so these keys cannot be loaded exactly"
+            )
         raise PeftFormatError(
             f"{KEY} has shape {tuple(embeddings.shape)} for {config.get('num_layers')} layers; this model has "
             f"{len(sites)} attention layers needing (n, {2 * width}): another base model?"
