@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compat
+
 HANDLE = "_deltatune_checkpointing"  # the backbone attribute holding the hook's handle: one hook per backbone
 
 
@@ -28,11 +30,7 @@ def checkpointing_on(backbone: nn.Module) -> bool:
 
 def watch(backbone: nn.Module) -> None:
     """Make the input embeddings' output require grad in training forwards while checkpointing is on."""
-    get = getattr(backbone, "get_input_embeddings", None)
-    try:
-        embeddings = get() if callable(get) else None
-    except NotImplementedError:  # CLIPModel: two towers, no one input embedding (attach failed on it)
-        return
+    embeddings = compat.input_embeddings(backbone)  # none on CLIPModel (two towers: attach failed on it)
     if getattr(backbone, HANDLE, None) is not None or not isinstance(embeddings, nn.Module):
         return
 

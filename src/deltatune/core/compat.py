@@ -303,13 +303,18 @@ def base_model(model: nn.Module) -> nn.Module:
     return base
 
 
-def token_embeddings(stack: nn.Module) -> nn.Embedding | None:
-    """A stack's token embedding table; None where its inputs are no tokens (ViT, Whisper's encoder) or it names
-    none (CLIPModel's two towers: NotImplementedError)."""
+def input_embeddings(stack: nn.Module) -> nn.Module | None:
+    """What embeds a stack's input; None where it names none (CLIPModel's two towers raise NotImplementedError,
+    4.57's CLIPTextTransformer is no PreTrainedModel)."""
     try:
-        embed = stack.get_input_embeddings()
-    except (NotImplementedError, AttributeError):  # AttributeError: no PreTrainedModel (4.57's CLIPTextTransformer)
+        return stack.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
         return None
+
+
+def token_embeddings(stack: nn.Module) -> nn.Embedding | None:
+    """A stack's token embedding table; None also where its inputs are no tokens (ViT, Whisper's encoder)."""
+    embed = input_embeddings(stack)
     return embed if isinstance(embed, nn.Embedding) else None
 
 
