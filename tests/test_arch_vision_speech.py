@@ -29,36 +29,27 @@ AUDIO = torch.randn(2, 8, 32, generator=_G)  # 8 mel bins, 32 frames (Whisper's 
 TEXT = torch.randint(3, VOCAB, (2, 6), generator=_G)
 
 
+_IMAGE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16)
+
+
 def _vit() -> torch.nn.Module:
-    config = tf.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4,
-        num_labels=NUM_LABELS,
-    )  # fmt: skip
-    return tf.ViTForImageClassification(config)
+    return tf.ViTForImageClassification(tf.ViTConfig(**_IMAGE, intermediate_size=64, num_labels=NUM_LABELS))
 
 
 def _dinov2() -> torch.nn.Module:
-    config = tf.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=16, patch_size=4,
-        num_labels=NUM_LABELS,
-    )  # fmt: skip
-    return tf.Dinov2ForImageClassification(config)
+    return tf.Dinov2ForImageClassification(tf.Dinov2Config(**_IMAGE, mlp_ratio=2, num_labels=NUM_LABELS))
 
 
 def _clip() -> torch.nn.Module:
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                  patch_size=4)  # fmt: skip
-    return tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    text = dict(_TEXT, intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = tf.CLIPConfig(text_config=text, vision_config=dict(_IMAGE, intermediate_size=64), projection_dim=16)
+    return tf.CLIPModel(config)
 
 
 def _siglip() -> torch.nn.Module:
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=16)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                  patch_size=4)  # fmt: skip
-    return tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision))
+    vision = dict(_IMAGE, intermediate_size=64)
+    return tf.SiglipModel(tf.SiglipConfig(text_config=dict(_TEXT, intermediate_size=64), vision_config=vision))
 
 
 def _whisper() -> torch.nn.Module:
