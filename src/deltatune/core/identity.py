@@ -14,6 +14,7 @@ import hashlib
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from .targeting import head_names, plain_name
@@ -104,6 +105,7 @@ def fingerprint(model: nn.Module, params: list[tuple[str, torch.Tensor]] | None 
         "class": type(model).__name__,
         "num_parameters": sum(p.numel() for _, p in params),
         "structure_sha256": _structure(params),
+        "transformers": transformers.__version__,  # releases rename modules (ViT, DINOv2 from 4.x to 5.x)
         "dtypes": dtypes,
         "probes": probes,
         # one [sum, sum, magnitude] triple per parameter, in the sorted order the structure hash fixes
@@ -124,6 +126,16 @@ def check(saved: dict[str, Any], model: nn.Module) -> None:
         raise IdentityError("delta.json's backbone identity is not a mapping; was the JSON edited?")
     params = base_parameters(model)
     if saved.get("structure_sha256") != _structure(params):
+        here = fingerprint(model, params)
+        release = saved.get("transformers")
+        same = (saved.get("class"), saved.get("num_parameters")) == (here["class"], here["num_parameters"])
+        if same and release not in (None, here["transformers"]):
+            raise IdentityError(
+                f"this delta was trained on {describe(saved)} under transformers {release}; this transformers "
+                f"({transformers.__version__}) names the same {here['num_parameters']:,} parameters otherwise: "
+                f"{here['class']}'s modules were renamed between releases (ViT's and DINOv2's from 4.x to 5.x). Load it "
+                "with the transformers it was saved with"
+            )
         raise IdentityError(
             f"this delta was trained on {describe(saved)} but the model is {describe(fingerprint(model, params))}: "
             "their parameter names or shapes differ; load it onto the backbone it was trained on"
