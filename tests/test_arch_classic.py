@@ -1,6 +1,8 @@
 """The established families users still fine-tune, mapped: GPT-J, CodeGen, GPT-Neo, GPT-BigCode (StarCoder 1),
 BLOOM, Falcon (grouped and multi-query), ALBERT and DeBERTa (v1). Before, every method but prompt and bitfit was
 refused on each ("alias 'attn.q' is not mapped for model type 'bloom'"), so a user had to know module names.
+Where q|k|v interleave in one fused layer, `attn.q`/`attn.k`/`attn.v` name that layer (GPT-2's `c_attn` rule), so
+every method's defaults learn, on the modules PEFT's defaults pick.
 
 Each tiny config keeps what sets its family apart: BLOOM's ALiBi biases and interleaved `query_key_value`,
 Falcon's grouped q|k|v layout (new decoder architecture, 2 key/value heads) and Falcon-7B's multi-query one,
@@ -23,7 +25,8 @@ from tiny import perturbed
 
 import deltatune as dt
 from deltatune.core import compat, compat_config, registry
-from deltatune.core.targeting import TargetError, resolve
+from deltatune.core.delta import safe_key
+from deltatune.core.targeting import resolve
 
 N = 3  # prefix keys and values per attention
 _C = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -49,7 +52,7 @@ CONFIGS = {
 }  # fmt: skip
 DECODERS = ("gptj", "codegen", "gpt_neo", "gpt_bigcode", "bloom", "falcon", "falcon-mq")
 ENCODERS = ("albert", "deberta")
-# where q|k|v interleave (head by head, or CodeGen's groups), no alias names one of them: the fused layer by name
+# where q|k|v interleave (head by head, or CodeGen's groups) in one fused layer, which attn.q/k/v name
 FUSED = {"codegen": "qkv_proj", "bloom": "query_key_value", "falcon": "query_key_value", "deberta": "in_proj"}
 _AUTO = {"lm": tf.AutoModelForCausalLM, "cls": tf.AutoModelForSequenceClassification, "mlm": tf.AutoModelForMaskedLM}
 METHODS = tuple(sorted(registry.METHODS))
@@ -73,14 +76,9 @@ def _model(arch: str, head: str, seed: int = 0) -> torch.nn.Module:
     return _AUTO[head].from_config(config).eval()
 
 
-def _settings(arch: str, method: str) -> dict:
-    """A method's defaults, but the fused layer where its default targets name queries, keys or values."""
-    settings = dict(SMALL.get(method, {}))
-    defaults = getattr(registry.METHODS[method], "targets", ())
-    defaults = (defaults,) if isinstance(defaults, str) else tuple(defaults or ())
-    if _fused(arch) and any(t in ("attn.q", "attn.k", "attn.v") for t in defaults):
-        settings["targets"] = tuple(dict.fromkeys(_fused(arch) if t.startswith("attn.") else t for t in defaults))
-    return settings
+def _settings(method: str) -> dict:
+    """A method's defaults, smaller where its size follows the model."""
+    return dict(SMALL.get(method, {}))
 
 
 CASES = [(a, h, m) for a in CONFIGS for h in _heads(a) for m in METHODS if not (a == "deberta" and m == "prefix")]
@@ -91,24 +89,36 @@ def test_methods_keep_their_promises(arch: str, head: str, method: str, tmp_path
     # in float64: merged OFT on GPT-BigCode's classifier and merged LoRA on Falcon-7B's differed from unmerged by
     # 1.4e-5 and 1.3e-5 in float32 (logits up to 2.2; 2e-14 in float64), rounding that passes or not by the seed.
     # The prefix and generation tests below run in float32.
-    keeps_promises(method, head, lambda: _model(arch, head).double(), tmp_path, **_settings(arch, method))
+    keeps_promises(method, head, lambda: _model(arch, head).double(), tmp_path, **_settings(method))
 
 
 @pytest.mark.parametrize("arch", CONFIGS)
-def test_aliases_name_the_roles_and_refuse_interleaved_projections(arch: str) -> None:
+def test_aliases_name_the_roles_and_the_fused_projection(arch: str) -> None:
     model = _model(arch, _heads(arch)[0])
     shared = arch == "albert"  # one layer module, called at every depth
     assert len(resolve(model, "attn")) == len(resolve(model, "layer")) == (1 if shared else 2)
     for alias in ("attn.o", "ffn.in", "ffn.out", "ln", "embeddings.word"):
         assert resolve(model, alias), alias
-    if _fused(arch):
-        for alias in ("attn.q", "attn.k", "attn.v"):
-            with pytest.raises(TargetError, match=rf"has no '{alias}': its {_fused(arch)} interleaves"):
-                resolve(model, alias)
-        with pytest.raises(TargetError, match=f"targets='{_fused(arch)}' adapts all three"):
-            dt.attach(model, "lora")  # LoRA's default targets: refused, not spread over the fused layer
-    else:
-        assert len(resolve(model, "attn.q")) == (1 if shared else 2)
+    queries = resolve(model, "attn.q")
+    assert len(queries) == (1 if shared else 2)
+    if _fused(arch):  # one fused layer per attention answers for all three
+        assert all(n.endswith("." + _fused(arch)) for n in queries)
+        assert resolve(model, "attn.k") == resolve(model, "attn.v") == queries
+
+
+@pytest.mark.parametrize("arch", [a for a in CONFIGS if a != "albert"])  # PEFT has no default for ALBERT
+def test_default_lora_targets_the_modules_peft_defaults_to(arch: str) -> None:
+    """`dt.attach(model, "lora")` adapts what `get_peft_model(model, LoraConfig())` adapts. On the interleaved
+    layouts it was refused, so LoRA's defaults (and `deltatune train`'s) did not run there at all."""
+    peft = pytest.importorskip("peft")
+    model = _model(arch, _heads(arch)[0])
+    pm = peft.get_peft_model(_model(arch, _heads(arch)[0]), peft.LoraConfig(r=2))
+    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    dm = dt.attach(model, "lora", r=2, train_head=False)
+    ours = {n for n, _ in model.named_modules() if safe_key(n) in dm.deltas["default"].layers}
+    assert ours == theirs and ours
+    weights = [model.get_submodule(n).weight for n in ours]
+    assert dm.trainable_parameters() == sum(2 * sum(w.shape) for w in weights)  # r x (in + out) each, r = 2
 
 
 def test_albert_shares_one_delta_across_depths_as_it_shares_weights() -> None:
@@ -192,7 +202,7 @@ def test_gpt_neo_prefix_beyond_its_local_window_is_refused() -> None:
 def test_each_row_of_a_mixed_batch_equals_its_delta_alone(arch: str) -> None:
     dm = dt.DeltaModel(_model(arch, _heads(arch)[-1]))
     for i, name in enumerate(("a", "b")):
-        dm.add(name, dt.get_config("lora", **_settings(arch, "lora")), enabled=False)
+        dm.add(name, dt.get_config("lora", **_settings("lora")), enabled=False)
         perturbed(dm, scale=0.3, seed=i)
     inputs = {k: v for k, v in make_inputs(dm.backbone, batch=4).items() if k != "labels"}
     assert_rows_alone(dm, inputs, ["a", None, "b", "a"])

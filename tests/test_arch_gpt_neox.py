@@ -1,5 +1,5 @@
-"""GPT-NeoX (Pythia), mapped in part: its `query_key_value` interleaves q, k, v head by head, so no alias names
-its queries, keys or values (refused by name). Everything else is mapped and held to what tests/modern.py's
+"""GPT-NeoX (Pythia): its `query_key_value` interleaves q, k, v head by head, so `attn.q`/`attn.k`/`attn.v` name
+the whole fused layer (as GPT-2's `c_attn`, and PEFT's default targets). Everything is mapped and held to what tests/modern.py's
 table checks: identity at init, merge == unmerged, save/load, prefix tuning against a prefilled KV cache and
 generate() against greedy decoding without one (rotary on a quarter of each head, as Pythia's)."""
 
@@ -16,13 +16,14 @@ from transformers import DynamicCache
 
 import deltatune as dt
 from deltatune.core import compat
-from deltatune.core.targeting import TargetError, resolve
+from deltatune.core.targeting import resolve
 
 N = 3  # prefix keys and values per attention
-# what the methods take here: LoRA and OFT name the fused layer, where a whole-layer update is sound
+# what the methods take here: their defaults, LoRA also on the output projection
 METHODS = {
-    "lora": {"targets": ("query_key_value", "attn.o")},
-    "oft": {"targets": ("query_key_value",)},
+    "lora": {"targets": ("attn.q", "attn.v", "attn.o")},
+    "oft": {},
+    "ia3": {},
     "adapter": {},
     "parallel_adapter": {},
     "prefix": {"num_tokens": N},
@@ -52,7 +53,7 @@ def _model(head: str = "lm", seed: int = 0) -> torch.nn.Module:
     return auto.from_config(config).eval()
 
 
-def test_aliases_name_the_roles_and_refuse_the_interleaved_projections() -> None:
+def test_aliases_name_the_roles_and_the_fused_projection() -> None:
     model = _model()
     layer0 = "gpt_neox.layers.0."
     for alias, tail in (("attn", "attention"), ("attn.o", "attention.dense"), ("ffn.in", "mlp.dense_h_to_4h")):
@@ -61,14 +62,14 @@ def test_aliases_name_the_roles_and_refuse_the_interleaved_projections() -> None
         *(f"gpt_neox.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")),
         "gpt_neox.final_layer_norm",
     ]
+    fused = [f"gpt_neox.layers.{i}.attention.query_key_value" for i in (0, 1)]
     for alias in ("attn.q", "attn.k", "attn.v"):
-        with pytest.raises(
-            TargetError,
-            match=rf"'gpt_neox' has no '{alias}': its query_key_value interleaves .* \(its aliases: attn.o, attn, ffn",
-        ):
-            resolve(model, alias)
-    with pytest.raises(TargetError, match="'gpt_neox' has no 'attn.q': its query_key_value interleaves"):
-        dt.attach(model, "lora")  # LoRA's default targets: refused, not spread over the fused layer
+        assert resolve(model, alias) == fused, alias
+    dm = dt.attach(model, "lora")  # LoRA's defaults learn here: one update per fused layer (q and v name it once)
+    trained = {n: p.numel() for n, p in dm.named_parameters() if p.requires_grad}
+    r = dm.deltas["default"].config.r
+    assert sum(trained.values()) == 2 * r * (32 + 96)  # A (r x 32) and B (96 x r) per layer, nothing else
+    assert all("query_key_value" in n for n in trained)
 
 
 @pytest.mark.parametrize("head", ["lm", "cls"])

@@ -197,24 +197,37 @@ def test_a_max_length_beyond_the_model_is_refused_by_the_cli_and_the_spec(tmp_pa
     _one_line_error(code, err, r"--max-length 100 is more than .*tiny can read \(64 positions\); use at most 64")
 
 
-def test_a_refused_default_target_names_the_command_line_flag(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    """`deltatune train --model <a BLOOM folder>` with LoRA's defaults: BLOOM's query_key_value interleaves heads, so
-    attn.q is refused with the fused layer to name; the line said it in Python (`targets='query_key_value'`) only.
-    With the flag it names, the run trains (at 4.57 it stopped next on the token_type_ids this BERT-style tokenizer
-    adds: BLOOM's forward names none and refused them; they are left out now)."""
+def test_default_targets_train_where_q_k_v_interleave_and_a_refused_target_names_the_flag(
+    tmp_path: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    """`deltatune train --model <a BLOOM folder>` with LoRA's defaults: BLOOM's query_key_value interleaves heads.
+    attn.q was refused there, so the defaults did not run; it now names the fused layer (as GPT-2's c_attn, and
+    PEFT's defaults) and the run trains (at 4.57 it stopped next on the token_type_ids this BERT-style tokenizer
+    adds: BLOOM's forward names none and refused them; they are left out now). A target a model lacks (IA3's
+    ffn.out on Mixtral's experts) is refused with the advice in Python only ("target modules by name"): the line
+    names the flag, and with it the run trains."""
     import transformers as tf
     from tiny import TOY_WORDS, make_tokenizer, write_toy_task
 
     tok = make_tokenizer(TOY_WORDS)
-    config = tf.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)
-    tf.AutoModel.from_config(config).save_pretrained(tmp_path / "bloom")
-    tok.save_pretrained(tmp_path / "bloom")
+    common = dict(vocab_size=len(tok), hidden_size=32, num_attention_heads=4, pad_token_id=0)
+    configs = {
+        "bloom": tf.BloomConfig(n_layer=2, n_head=4, **common),
+        "mixtral": tf.MixtralConfig(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=64,
+                                    num_local_experts=4, num_experts_per_tok=2, **common),
+    }  # fmt: skip
+    for name, config in configs.items():
+        tf.AutoModel.from_config(config).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
     task = write_toy_task(tmp_path / "toy")
-    base = ["train", "--model", str(tmp_path / "bloom"), "--task", str(task), "--max-steps", "4", "--eval-every", "2",
-            "--no-test", "--quiet"]  # fmt: skip
-    code, err = _cli(capsys, *base, "--out", str(tmp_path / "a"))
+    base = ["train", "--task", str(task), "--max-steps", "4", "--eval-every", "2", "--no-test", "--quiet"]
+    code, err = _cli(capsys, *base, "--model", str(tmp_path / "bloom"), "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    mixtral = [*base, "--model", str(tmp_path / "mixtral"), "--method", "ia3"]
+    code, err = _cli(capsys, *mixtral, "--out", str(tmp_path / "b"))
     _one_line_error(
-        code, err, r"'bloom' has no 'attn.q'.*\(on the command line: --method-arg targets=query_key_value\)"
+        code, err, r"'mixtral' has no 'ffn.out': its FFN is a mixture of experts.*--method-arg targets=<name>,<name>\)"
     )
-    code, err = _cli(capsys, *base, "--out", str(tmp_path / "b"), "--method-arg", "targets=query_key_value")
+    code, err = _cli(capsys, *mixtral, "--out", str(tmp_path / "c"), "--method-arg", "targets=attn.k,attn.v")
     assert code == 0, err

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sqlite3
 import sys
 import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
+from ..core.targeting import TargetError
 from . import evaluate, quickstart, tasks, train
 from . import inspect as inspect_cmd
 from . import study as study_cmd
@@ -59,9 +59,8 @@ def _one_line(err: BaseException) -> str:
     text = " ".join(str(message).split())
     if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
-    named = re.search(r"targets='([^']+)'", text)  # the library's advice in Python: say it as a flag too
-    if named:
-        text = f"{text} (on the command line: --method-arg targets={named.group(1)})"
+    if isinstance(err, TargetError):  # the library's advice is in Python ("target modules by name"): the flag
+        text = f"{text} (on the command line: --method-arg targets=<name>,<name>)"
     return text or type(err).__name__
 
 

@@ -4,8 +4,9 @@ Each table maps an alias to a regular expression matched against the *tail* of a
 qualified name, so the same table serves `BertModel` and `BertForSequenceClassification`
 (whose names carry a `bert.` prefix). Fused projections (GPT-2's `c_attn`, Phi-3's `qkv_proj`,
 ModernBERT's `Wqkv`) are the honest answer for `attn.q`/`attn.k`/`attn.v`: there is no separate query
-module to target. A fused projection mapped here lays out q|k|v one after the other (prefix tuning
-splits it so, by the config's query and key/value head counts); one that interleaves heads does not fit.
+module to target, and a method on it adapts all three (PEFT's defaults pick the same layers). A fused
+projection lays out q|k|v one after the other (prefix tuning splits it so, by the config's query and
+key/value head counts) unless its model type is in `INTERLEAVED`: there no slice of it is "the keys".
 
 `attn` and `xattn` name the attention modules themselves (what prefix tuning hooks);
 `head` is not in the tables: it is derived from `base_model_prefix` for every model.
@@ -180,10 +181,11 @@ _OPT = {
 }
 
 # GPT-NeoX (Pythia) fuses q|k|v into `query_key_value` head by head (q, k, v of head 0, then head 1, ...), not
-# one after the other: no slice of it is "the keys", so attn.q/attn.k/attn.v are refused by name (target
-# 'query_key_value' by name: LoRA on the whole fused layer is sound). Prefix tuning takes its keys' width from the
-# config, as this attention takes a KV cache. Attention and MLP run in parallel by default, each with its norm.
+# one after the other (INTERLEAVED): attn.q/attn.k/attn.v name the whole fused layer, as GPT-2's `c_attn`, and
+# prefix tuning takes its keys' width from the config, as this attention takes a KV cache. Attention and MLP
+# run in parallel by default, each with its norm.
 _GPT_NEOX = {
+    **dict.fromkeys(("attn.q", "attn.k", "attn.v"), rf"{_L}\.attention\.query_key_value"),
     "attn.o": rf"{_L}\.attention\.dense",
     "attn": rf"{_L}\.attention",
     "ffn.in": rf"{_L}\.mlp\.dense_h_to_4h",
@@ -254,8 +256,8 @@ _GPTJ = {
     "embeddings.word": r"wte",
 }
 
-# CodeGen: GPT-J's block, with q|v|k fused in `qkv_proj` in four interleaved groups (refused by name, WHY_ABSENT).
-_CODEGEN = {alias: pattern for alias, pattern in _GPTJ.items() if alias not in ("attn.q", "attn.k", "attn.v")}
+# CodeGen: GPT-J's block, with q|v|k fused in `qkv_proj` in four interleaved groups (INTERLEAVED).
+_CODEGEN = _GPTJ | dict.fromkeys(("attn.q", "attn.k", "attn.v"), rf"{_L}\.attn\.qkv_proj")
 
 # GPT-Neo: the projections sit one level down, in `attn.attention`; learned positions (`wpe`).
 _GPT_NEO = _GPT2 | {
@@ -272,8 +274,9 @@ _GPT_NEO = {alias: pattern for alias, pattern in _GPT_NEO.items() if not alias.s
 _GPT_BIGCODE = {alias: pattern for alias, pattern in _GPT2.items() if not alias.startswith("xattn")}
 
 # BLOOM and Falcon: `query_key_value` interleaves the heads' q, k and v (Falcon-7B's multi-query layout does not,
-# but one table serves the type): refused by name, WHY_ABSENT. BLOOM adds ALiBi biases, no position embeddings.
+# but one table serves the type: INTERLEAVED). BLOOM adds ALiBi biases, no position embeddings.
 _BLOOM = {
+    **dict.fromkeys(("attn.q", "attn.k", "attn.v"), rf"{_L}\.self_attention\.query_key_value"),
     "attn.o": rf"{_L}\.self_attention\.dense",
     "attn": rf"{_L}\.self_attention",
     "ffn.in": rf"{_L}\.mlp\.dense_h_to_4h",
@@ -303,9 +306,10 @@ _ALBERT = {
     "embeddings.word": r"embeddings\.word_embeddings",
 }
 
-# DeBERTa (v1): `in_proj` interleaves each head's q, k and v (refused by name, WHY_ABSENT); the rest is BERT's.
-_DEBERTA = {alias: pattern for alias, pattern in _BERT.items() if alias not in ("attn.q", "attn.k", "attn.v")}
-_DEBERTA = {alias: pattern for alias, pattern in _DEBERTA.items() if not alias.startswith("xattn")}
+# DeBERTa (v1): `in_proj` interleaves each head's q, k and v (INTERLEAVED; it takes no cache, so prefix tuning
+# is refused there); the rest is BERT's.
+_DEBERTA = {alias: pattern for alias, pattern in _BERT.items() if not alias.startswith("xattn")}
+_DEBERTA |= dict.fromkeys(("attn.q", "attn.k", "attn.v"), rf"{_L}\.attention\.self\.in_proj")
 
 ALIASES: dict[str, dict[str, str]] = {
     "bert": _BERT,
@@ -357,17 +361,13 @@ ALIASES: dict[str, dict[str, str]] = {
 
 ALIAS_NAMES: tuple[str, ...] = tuple(sorted({k for t in ALIASES.values() for k in t} | {"head"}))
 
+# Model types whose fused q|k|v layer (named by attn.q/attn.k/attn.v) is not laid out one after the other:
+# no column slice of it is the keys (prefix tuning takes the key width from the config, on the cache route).
+# GPT-BigCode interleaves head by head unless multi-query.
+INTERLEAVED: frozenset[str] = frozenset({"gpt_neox", "bloom", "falcon", "codegen", "deberta", "gpt_bigcode"})
+
 # Why a model type leaves an alias out, said where it is asked for (the generic "has no 'attn.q'" named no reason)
-_INTERLEAVED = "its query_key_value interleaves each head's q, k and v (targets='query_key_value' adapts all three)"
 _MOE_FFN = "its FFN is a mixture of experts, no one module (the aliases cover attention, norms and layers)"
-_QKV = ("attn.q", "attn.k", "attn.v")
 WHY_ABSENT: dict[str, dict[str, str]] = {
-    **{t: dict.fromkeys(_QKV, _INTERLEAVED) for t in ("gpt_neox", "bloom", "falcon")},
-    "codegen": dict.fromkeys(
-        _QKV, "its qkv_proj interleaves q, v and k in four groups (targets='qkv_proj' adapts all three)"
-    ),
-    "deberta": dict.fromkeys(
-        _QKV, "its in_proj interleaves each head's q, k and v (targets='in_proj' adapts all three)"
-    ),
     **{t: dict.fromkeys(("ffn.in", "ffn.out"), _MOE_FFN) for t in ("mixtral", "qwen2_moe", "qwen3_moe")},
 }

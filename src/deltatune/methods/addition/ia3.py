@@ -75,9 +75,12 @@ class IA3(Delta):
             try:
                 feedforward = set(resolve(model, cfg.feedforward))
             except TargetError as err:
-                raise ValueError(
-                    f"IA3Config.feedforward: {err}; set feedforward=() if no target scales its input"
-                ) from err
+                if tuple(cfg.feedforward) == IA3Config.feedforward:  # the default, where the model has no ffn.out
+                    feedforward = set()  # (Mixtral's experts): the targets resolved without it, none scales input
+                else:
+                    raise ValueError(
+                        f"IA3Config.feedforward: {err}; set feedforward=() if no target scales its input"
+                    ) from err
         stray = sorted(feedforward - set(self.targets(model, cfg.targets, None)))
         if stray and tuple(cfg.feedforward) != IA3Config.feedforward:  # a default outside custom targets: unused
             raise ValueError(

@@ -51,10 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core import compat, compat_config, compat_rows
+from ...core.aliases import INTERLEAVED
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
 from ...core.layers import linear_dims
-from ...core.targeting import TargetError, resolve
+from ...core.targeting import TargetError, model_type, resolve
 from ._masks import extend_mask
 
 POSITIONS = ("keep", "shift")  # real tokens keep their positions, or come after the prefix (PEFT's numbering)
@@ -333,16 +334,19 @@ def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str,
     after the other (k|v in GPT-2's cross-attention): queries take heads x head size, keys and values
     key/value heads x head size each. Split by thirds, Phi-3 with grouped-query attention (4 query, 2
     key/value heads of 8: 64 columns) got 21-column prefixes and failed in a reshape."""
+    interleaved = not cross and model_type(model) in INTERLEAVED
     try:
-        names = {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
-    except TargetError as err:
+        names = {} if interleaved else {p: _projection(model, attn, p, cross) for p in ("q", "k", "v")}
+    except TargetError:
         if cross:
             raise
+        interleaved = True
+    if interleaved:
         if compat.cache_keyword(model.get_submodule(attn)) is None:  # DeBERTa (v1): one in_proj, head by head
             raise compat.unsupported(
                 f"prefix tuning cannot reach the keys of {attn!r} ({type(model.get_submodule(attn)).__name__}): it "
-                "takes no KV cache, and no one layer computes its keys and values to write the prefix into"
-            ) from err
+                "takes no KV cache, and no one layer computes its keys and values alone to write the prefix into"
+            )
         return _width_from_config(model, attn), {}  # the cache route needs no columns
     columns = {}
     for which in ("k", "v"):
@@ -365,8 +369,8 @@ def _kv_layout(model: nn.Module, attn: str, cross: bool) -> tuple[int, dict[str,
 
 
 def _width_from_config(model: nn.Module, attn: str) -> int:
-    """Key width from the config, for an attention whose projections the aliases do not split: GPT-NeoX
-    interleaves q|k|v per head in `query_key_value`, so no alias names its keys. On the cache route the
+    """Key width from the config, for an attention whose fused projection is not split: GPT-NeoX
+    interleaves q|k|v per head in `query_key_value` (`INTERLEAVED`), so no slice is its keys. On the cache route the
     prefix only needs the width; a wrong one fails loudly when the cache views it per head."""
     heads = compat_config.attention_heads(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
