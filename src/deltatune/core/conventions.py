@@ -77,6 +77,11 @@ def trainable_line(trainable: int, model: nn.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
 
 
+# Flags tools read off the model they train, answered by the DeltaModel, not its backbone: transformers' Trainer
+# refuses a quantized model (bitsandbytes, QLoRA) as "purely quantized" unless this says adapters are loaded
+OWN_FLAGS = {"_hf_peft_config_loaded": lambda dm: len(dm.deltas) > 0}
+
+
 def refuse(name: str) -> None:
     """Raise the AttributeError that names the right call (hasattr() then answers False, as it should)."""
     if name in NOT_THROUGH_DELTAS:

@@ -4,7 +4,11 @@ A delta is meaningful only on the weights it was trained on. The identity is a s
 (parameter names and shapes), the dtypes, and one signature per parameter: sign-weighted sums of a
 fixed strided sample of its values. Every tensor is covered, so re-randomizing any of them is
 noticed; the sums are compared with a tolerance, so a bf16 or fp16 copy of the same model still
-matches (an exact hash could not: rounding differs value by value).
+matches (an exact hash could not: rounding differs value by value). A quantized weight (bitsandbytes' 4-bit
+and 8-bit layers: QLoRA) counts by its logical shape and carries no signature: 4-bit rounding moves a
+signature as far as re-drawing the tensor does. Its model's other tensors (embeddings, norms, biases) are
+still compared, so a delta trained on a quantized model loads onto the same model unquantized (to merge it
+there), and not onto another checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import transformers
 from torch import nn
 
+from .layers import is_quantized, logical_shape
 from .targeting import head_names, plain_name
 
 _SLICE = 8  # values kept from each of three probe tensors (the identity files written before signatures hold)
@@ -86,7 +91,7 @@ def signature(p: torch.Tensor) -> list[float]:
 def _structure(params: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
     for name, p in params:
-        digest.update(f"{name}:{tuple(p.shape)};".encode())
+        digest.update(f"{name}:{tuple(logical_shape(p))};".encode())
     return digest.hexdigest()
 
 
@@ -99,17 +104,18 @@ def fingerprint(model: nn.Module, params: list[tuple[str, torch.Tensor]] | None 
         flat = p.detach().reshape(-1)
         probes[name] = [float(v) for v in flat[probe_index(flat.numel(), _SLICE).to(flat.device)].float().cpu()]
     config = getattr(model, "config", None)
+    sigs = iter(signatures([p for _, p in params if not is_quantized(p)]))
     return {
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None),
         "class": type(model).__name__,
-        "num_parameters": sum(p.numel() for _, p in params),
+        "num_parameters": sum(logical_shape(p).numel() for _, p in params),
         "structure_sha256": _structure(params),
         "transformers": transformers.__version__,  # releases rename modules (ViT, DINOv2 from 4.x to 5.x)
         "dtypes": dtypes,
         "probes": probes,
-        # one [sum, sum, magnitude] triple per parameter, in the sorted order the structure hash fixes
-        "signatures": [[float(f"{v:.4g}") for v in sig] for sig in signatures([p for _, p in params])],
+        # one [sum, sum, magnitude] triple per parameter (None: quantized), in the structure hash's sorted order
+        "signatures": [None if is_quantized(p) else [float(f"{v:.4g}") for v in next(sigs)] for _, p in params],
     }
 
 
@@ -149,10 +155,14 @@ def check(saved: dict[str, Any], model: nn.Module) -> None:
         if not isinstance(recorded, list) or len(recorded) != len(params):
             raise IdentityError("delta.json's backbone signatures do not fit the model's parameters; was it edited?")
         for pair in recorded:
-            if not (isinstance(pair, list) and len(pair) == 3 and all(isinstance(v, int | float) for v in pair)):
+            if pair is not None and not (
+                isinstance(pair, list) and len(pair) == 3 and all(isinstance(v, int | float) for v in pair)
+            ):
                 raise IdentityError("delta.json's backbone signatures are malformed; was the JSON edited?")
-        here = signatures([p for _, p in params])
-        for (name, _), pair, (*sums, mag) in zip(params, recorded, here, strict=True):
+        compared = [(name, p, pair) for (name, p), pair in zip(params, recorded, strict=True)]
+        compared = [(name, p, pair) for name, p, pair in compared if pair is not None and not is_quantized(p)]
+        here = signatures([p for _, p, _ in compared])
+        for (name, _, pair), (*sums, mag) in zip(compared, here, strict=True):
             tol = _RTOL * max(mag, abs(pair[2])) + 1e-6
             if any(abs(a - b) > tol for a, b in zip(sums, pair[:2], strict=True)) or abs(mag - pair[2]) > tol:
                 raise IdentityError(other.format(name=name))

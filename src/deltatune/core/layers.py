@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -46,9 +47,77 @@ def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
-    """A quantized weight held as a tensor subclass (torchao's `quantize_`: Int8Tensor, ...), which computes
-    its matmul but supports no in-place arithmetic: a merge cannot write into it."""
+    """A quantized weight held as a tensor subclass (torchao's `quantize_`: Int8Tensor, ...; bitsandbytes'
+    Params4bit and Int8Params), which computes its matmul but supports no in-place arithmetic: a merge cannot
+    write into it."""
     return type(tensor) not in (torch.Tensor, nn.Parameter) and callable(getattr(tensor, "dequantize", None))
+
+
+def refuse_quantized(name: str, tensor: torch.Tensor) -> None:
+    """One line for a method that would change a quantized weight entry by entry (W + D: diff pruning, random
+    subset, selective, SAID): it holds no such values. Before, bitsandbytes weights failed inside torch ("Only
+    Tensors of floating point ... can require gradients") or were left out without a word (random subset and
+    SAID counted only floating tensors)."""
+    if is_quantized(tensor):
+        raise ValueError(
+            f"{name} is quantized ({type(tensor).__name__}), and this method would train it entry by entry (W + D), "
+            "which a quantized weight cannot hold; choose tensors left unquantized (param_names=('bias',), or the "
+            "norms: 'layernorm'), a method on the layer's output (lora, dora, ia3, adapter), or attach before quantizing"
+        )
+
+
+def bnb_bits(tensor: torch.Tensor) -> int | None:
+    """4 or 8 for a bitsandbytes weight (QLoRA's `load_in_4bit`, `load_in_8bit`), else None. Its dtype is
+    uint8/int8 and a 4-bit one's shape is its packed storage's ((n, 1), repacked on CPU at the first forward)."""
+    return {"Params4bit": 4, "Int8Params": 8}.get(type(tensor).__name__)
+
+
+def logical_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape a weight has as numbers: a 4-bit weight's packed storage reports another, and changes it."""
+    state = getattr(tensor, "quant_state", None) if bnb_bits(tensor) == 4 else None
+    return torch.Size(state.shape) if getattr(state, "shape", None) is not None else tensor.shape
+
+
+def delta_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of a delta on `module`: its weight's, or, where the weight is stored as integers
+    (bitsandbytes' 4-bit and 8-bit layers), the dtype the layer computes in (`compute_dtype`), else its first
+    floating parameter's (the bias), else torch's default. A delta in uint8 failed: "Only Tensors of floating
+    point and complex dtype can require gradients"."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    compute = getattr(module, "compute_dtype", None)
+    if isinstance(compute, torch.dtype) and compute.is_floating_point:
+        return compute
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.get_default_dtype()
+
+
+def bnb_dequantized(tensor: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+    """A bitsandbytes weight's values as floats, (out, in). On CPU, a 4-bit layer's first forward in eval mode
+    repacks its storage for its own kernel, which bitsandbytes' `dequantize_4bit` does not read (values 26%
+    off, no error): that layout is unpacked first, on copies. An 8-bit weight's scales move from the weight to
+    `module.state` at its first forward."""
+    import bitsandbytes.functional as bnbf  # only reached with a bitsandbytes weight, so it is installed
+
+    if bnb_bits(tensor) == 4:
+        data, state = tensor.data, tensor.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            inverse = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+            if inverse is None:
+                raise ValueError(
+                    "this bitsandbytes repacked a 4-bit weight for its CPU kernel and offers no way back to its "
+                    "values; read them before the first forward in eval mode, or use bitsandbytes 0.50"
+                )
+            nested = state.original_nested
+            data, state = inverse(data.clone(), copy.deepcopy(state))
+            if not nested:  # bitsandbytes' inverse leaves these scales transposed (N, K/64 as K/64, N) in bf16
+                state.absmax = state.absmax.T.reshape(-1).float()
+        return bnbf.dequantize_4bit(data, state)
+    scale = getattr(tensor, "SCB", None)
+    if scale is None and module is not None:
+        scale = getattr(getattr(module, "state", None), "SCB", None)
+    return bnbf.int8_vectorwise_dequant(tensor.data, scale)
 
 
 def loaded(module: nn.Module, name: str = "weight") -> torch.Tensor:
@@ -56,6 +125,8 @@ def loaded(module: nn.Module, name: str = "weight") -> torch.Tensor:
     meta device outside the module's own call, as in a delta's output hook) the stored tensor on the module's
     execution device. DoRA's norm reads it."""
     tensor = getattr(module, name)
+    if bnb_bits(tensor):
+        return bnb_dequantized(tensor, module).to(delta_dtype(module))
     if is_quantized(tensor):
         return tensor.dequantize()
     if tensor.device.type != "meta":
@@ -111,7 +182,7 @@ def param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     p = next(module.parameters(), None)
     if p is None:
         return torch.get_default_dtype(), torch.device("cpu")
-    return (p.dtype if p.is_floating_point() else torch.get_default_dtype()), p.device
+    return delta_dtype(module), p.device
 
 
 def check_in_memory(model: nn.Module) -> None:
@@ -146,7 +217,7 @@ PROJECTIONS = "target projections such as 'attn.q', 'attn.v', 'ffn.in' or their 
 def linear_target(model: nn.Module, name: str, what: str, hint: str) -> nn.Module:
     """The linear layer `name` of `model`, or a one-line refusal naming what it is instead and `hint`.
 
-    A quantized layer (torch's `quantize_dynamic`, bitsandbytes, ...) is named with its module path: torch's
+    A quantized layer (torch's `quantize_dynamic`) is named with its module path: torch's
     dynamically quantized layer is also called `Linear`, and "a Linear, not a linear layer" said nothing."""
     module = model.get_submodule(name)
     if is_linear(module):
@@ -157,6 +228,6 @@ def linear_target(model: nn.Module, name: str, what: str, hint: str) -> nn.Modul
         if cls.__module__.startswith(("torch.nn.", "transformers."))
         else f"{cls.__name__} ({cls.__module__})"
     )
-    if "quantiz" in cls.__module__ or "bitsandbytes" in cls.__module__:
+    if "quantiz" in cls.__module__:  # torch's quantize_dynamic (bitsandbytes' layers are nn.Linear: they take deltas)
         hint = "a quantized layer carries no delta: attach to the model before quantizing it (quantize after merge_and_unload())"
     raise ValueError(f"{what} {name!r} is a {kind}, not a linear layer; {hint}")

@@ -93,8 +93,9 @@ def check_not_quantized(backbone: nn.Module, delta: Delta, name: str) -> None:
         if is_quantized(tensor) and (writes is None or pname in writes):
             raise DeltaError(
                 f"cannot merge {name!r}: {site}.{pname} is quantized ({type(tensor).__name__}), and a merge cannot "
-                "write into quantized weights; serve the delta unmerged, or merge it into the unquantized model "
-                "(dm.export_merged) and quantize that"
+                "write into quantized weights; serve the delta unmerged, or save it (dm.save_delta) and load it onto "
+                "the model loaded without quantization (dt.load_delta(model, folder)), then merge or export_merged "
+                "there (and quantize that)"
             )
 
 

@@ -170,6 +170,8 @@ class DeltaModel(nn.Module):
             if backbone is None:
                 raise
             conventions.refuse(name)
+            if name in conventions.OWN_FLAGS:
+                return conventions.OWN_FLAGS[name](self)
             return getattr(backbone, name)
 
     # -- managing deltas ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .delta import Delta, DeltaError
-from .layers import stored_weight
+from .layers import logical_shape, stored_weight
 
 HANDLE = "_deltatune_replaced"  # the backbone attribute holding the hook's handle: one hook per backbone
 # name, parent's submodules, attribute, module, its parameters' dict, and per stored tensor: (name, tensor, shape)
@@ -27,7 +27,7 @@ Anchor = tuple[str, dict, str, nn.Module, dict, list[tuple[str, torch.Tensor, to
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Size]]:
     names = list(module._parameters) + list(getattr(module, "parametrizations", {}).keys())
-    return [(n, t, t.shape) for n in names if (t := stored_weight(module, n)) is not None]
+    return [(n, t, logical_shape(t)) for n in names if (t := stored_weight(module, n)) is not None]
 
 
 def anchor(backbone: nn.Module, delta: Delta) -> None:
@@ -67,7 +67,8 @@ def check(deltas: dict[str, Delta]) -> None:
     30-layer model, 210 modules, checks in well under a millisecond). A new parameter of the same shape
     (weights loaded by assignment) leaves the delta fitting, and DeepSpeed ZeRO-3 empties a parameter's
     storage between forwards but keeps its shape as `ds_shape`, FSDP1 flattens it (`_sharded_in_place`): none is
-    refused."""
+    refused. A 4-bit weight (bitsandbytes) is compared by its logical shape: its packed storage is repacked at
+    the first CPU forward."""
     for dname, delta in deltas.items():
         if not (delta.enabled or delta.merged):
             continue
@@ -81,7 +82,7 @@ def check(deltas: dict[str, Delta]) -> None:
                 )
             for pname, tensor, shape in tensors:
                 now = params.get(pname, tensor)
-                if now is not None and now.shape != shape and not _sharded_in_place(now, shape):
+                if now is not None and logical_shape(now) != shape and not _sharded_in_place(now, shape):
                     raise DeltaError(
                         f"delta {dname!r} ({delta.config.method}) was built for {name}.{pname} of shape "
                         f"{tuple(shape)}, which is now {tuple(now.shape)} (resize_token_embeddings after attaching?); "

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key
-from ...core.layers import is_transposed, linear_dims, linear_target, map_hidden, stored_weight
+from ...core.layers import delta_dtype, is_transposed, linear_dims, linear_target, map_hidden, stored_weight
 from ...core.targeting import Layers, TargetError, Targets, resolve
 
 _MIN_ABS = 1e-8
@@ -95,7 +95,7 @@ class IA3(Delta):
             in_f, out_f = linear_dims(module)
             scales_input = name in feedforward
             vector = nn.Parameter(
-                torch.ones(in_f if scales_input else out_f, dtype=module.weight.dtype, device=module.weight.device)
+                torch.ones(in_f if scales_input else out_f, dtype=delta_dtype(module), device=module.weight.device)
             )
             key = safe_key(name)
             self.vectors[key] = vector

@@ -54,7 +54,7 @@ from ...core import compat, compat_config, compat_rows
 from ...core.aliases import INTERLEAVED
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
-from ...core.layers import linear_dims
+from ...core.layers import delta_dtype, linear_dims
 from ...core.targeting import TargetError, model_type, resolve
 from ._masks import extend_mask
 
@@ -168,7 +168,7 @@ class Prefix(Delta):
         if cfg.positions == "shift":
             self._shift_positions(model, hooks)
         ref = model.get_submodule(chosen[0][0])
-        dtype = next(ref.parameters()).dtype
+        dtype = delta_dtype(ref)  # a float dtype where the weights are stored as integers (bitsandbytes)
         n = cfg.num_tokens
         if cfg.reparameterize:
             embed = compat.token_embeddings(compat.base_model(model))  # none on ViT (patches) or CLIP (two towers)

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key
-from ...core.layers import PROJECTIONS, first_input, linear_dims, linear_target, loaded, stored_weight, weight_update
+from ...core.layers import (
+    PROJECTIONS,
+    delta_dtype,
+    first_input,
+    linear_dims,
+    linear_target,
+    loaded,
+    stored_weight,
+    weight_update,
+)
 
 
 class LinearUpdate(nn.Module):
@@ -67,7 +76,7 @@ class LinearDelta(Delta):
         for name in self.linear_targets(model):
             module = model.get_submodule(name)
             layer = self.make_layer(name, module, *linear_dims(module))
-            layer.to(dtype=module.weight.dtype, device=module.weight.device)
+            layer.to(dtype=delta_dtype(module), device=module.weight.device)
             key = safe_key(name)
             self.layers[key] = layer
             self._names[key] = name

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
-from ...core.layers import PROJECTIONS, first_input, linear_dims, linear_target, stored_weight, weight_update
+from ...core.layers import (
+    PROJECTIONS,
+    delta_dtype,
+    first_input,
+    linear_dims,
+    linear_target,
+    stored_weight,
+    weight_update,
+)
 from ...core.routing import needs_graph
 from ...core.settings import MAX_SIZE
 from ...core.targeting import Layers, Targets
@@ -122,7 +130,7 @@ class LoRA(Delta):
             module = linear_target(model, name, "LoRA target", PROJECTIONS)
             in_f, out_f = linear_dims(module)
             r, alpha = cfg.rank_alpha(name)
-            layer = LoRALayer(in_f, out_f, r, alpha, cfg.dropout, module.weight.dtype, module.weight.device)
+            layer = LoRALayer(in_f, out_f, r, alpha, cfg.dropout, delta_dtype(module), module.weight.device)
             key = safe_key(name)
             self.layers[key] = layer
             self._modules_by_key[key] = name

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key, setting
-from ...core.layers import is_linear, is_transposed, linear_dims, map_hidden, stored_weight
+from ...core.layers import delta_dtype, is_linear, is_transposed, linear_dims, map_hidden, stored_weight
 from ...core.targeting import Layers, Targets
 from ..bottleneck import ACTIVATIONS, Bottleneck
 
@@ -108,7 +108,7 @@ class LowRankAdapter(Delta):
                     f"low-rank adapter target {name!r} is a {type(module).__name__}; target the output projection "
                     "of a sublayer (a linear layer), e.g. 'attn.o' or 'ffn.out'"
                 )
-            adapter = LowRankBottleneck(linear_dims(module)[1], self.config, module.weight.dtype, module.weight.device)
+            adapter = LowRankBottleneck(linear_dims(module)[1], self.config, delta_dtype(module), module.weight.device)
             key = safe_key(name)
             self.adapters[key] = adapter
             self._names[key] = name

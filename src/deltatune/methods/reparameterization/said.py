@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.fastfood import Fastfood
+from ...core.layers import refuse_quantized
 from ...core.targeting import Layers, Targets
 
 
@@ -67,6 +68,8 @@ class SAID(Delta):
                 param = module._parameters.get(pname)
                 if param is None and parametrize.is_parametrized(module, pname):  # another delta's, disabled
                     param = module.parametrizations[pname].original
+                if param is not None:
+                    refuse_quantized(f"{name}.{pname}", param)
                 if param is not None and param.is_floating_point():
                     chosen.append((name, pname, param))
         if not chosen:

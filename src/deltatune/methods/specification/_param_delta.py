@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, safe_key
+from ...core.layers import refuse_quantized
 from ...core.targeting import backbone_modules, head_names, in_head
 
 Keep = Callable[[str, nn.Module, str, torch.Tensor], bool]
@@ -103,6 +104,7 @@ def collect(
             if id(tensor) in seen or (keep is not None and not keep(mname, module, pname, tensor)):
                 continue
             seen.add(id(tensor))
+            refuse_quantized(f"{mname}.{pname}", tensor)
             refs.append(ParamRef(mname, pname, tuple(owners[id(tensor)]), tensor.shape, tensor.dtype, tensor.device))
     return refs
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...core.delta import DeltaConfig, DeltaError, Hooks, safe_key
-from ...core.layers import is_linear, linear_dims, map_hidden
+from ...core.layers import delta_dtype, is_linear, linear_dims, map_hidden
 from ...core.targeting import Layers, Targets, backbone_modules, in_head
 from ._param_delta import ParamDelta, collect, head_prefixes
 
@@ -97,7 +97,7 @@ class BitFit(ParamDelta):
                 continue
             key = safe_key(f"{name}.bias")
             weight = module.weight
-            bias = nn.Parameter(torch.zeros(linear_dims(module)[1], dtype=weight.dtype, device=weight.device))
+            bias = nn.Parameter(torch.zeros(linear_dims(module)[1], dtype=delta_dtype(module), device=weight.device))
             self.added[key] = bias
             self._added_modules[key] = name
             self.sites[name] = self.sites.get(name, 0) + bias.numel()
@@ -115,7 +115,7 @@ class BitFit(ParamDelta):
         super().merge_into(model)
         for key, bias in self.added.items():
             module = model.get_submodule(self._added_modules[key])
-            dtype = module.weight.dtype
+            dtype = delta_dtype(module)
             module.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
 
     @torch.no_grad()
