@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import transformers
 from torch import nn
 
+from .alias_inference import follows, inferred_table
 from .aliases import ALIAS_NAMES, ALIASES, WHY_ABSENT
 from .layers import is_linear
 
@@ -153,7 +154,8 @@ def parse_layers(layers: Layers, n_layers: int) -> set[int]:
 
 
 def _alias_pattern(model: nn.Module, alias: str) -> re.Pattern[str] | None:
-    table = ALIASES.get(model_type(model))
+    mtype = model_type(model)
+    table = ALIASES.get(mtype) or inferred_table(model, mtype)
     if table is None or alias not in table:
         return None
     return re.compile(r"(?:.*\.)?" + table[alias])
@@ -185,6 +187,11 @@ def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]
                 has = ", ".join(a for a in ALIASES[mtype] if a in ALIAS_NAMES)
                 why = WHY_ABSENT.get(mtype, {}).get(target)
                 where = f"{mtype!r} has no {target!r}" + (f": {why}" if why else "") + f" (its aliases: {has})"
+            elif (canon := follows(model)) is not None:  # inferred from the names; attn/xattn never are
+                where = (
+                    f"alias {target!r} is not mapped for model type {mtype!r}, whose other aliases follow {canon}'s "
+                    "module names (the attention modules themselves are mapped family by family)"
+                )
             else:
                 where = (
                     f"alias {target!r} is not mapped for model type {mtype!r} (mapped: {', '.join(sorted(ALIASES))})"

@@ -85,7 +85,10 @@ def _is_norm(module: nn.Module) -> bool:
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return True
     weight = getattr(module, "weight", None)
-    return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    width = isinstance(weight, torch.Tensor) and weight.dim() == 1  # OLMo's has none: its normalized_shape
+    return "norm" in type(module).__name__.lower() and (
+        width or isinstance(getattr(module, "normalized_shape", None), tuple)
+    )
 
 
 def _norm_input_hook(block: nn.Module):

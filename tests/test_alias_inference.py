@@ -1,0 +1,108 @@
+"""Model types outside our alias tables whose module names follow one of them (core/alias_inference.py).
+
+Before, every method's defaults were refused on them ("alias 'attn.q' is not mapped for model type 'olmo'"):
+OLMo, Cohere (Llama's names), RoFormer, ESM (BERT's), XGLM (BART's) and, in transformers 5.25, about 70 more
+types named as Llama, BERT, BART or GPT-2 are. Each method but prefix tuning (which needs a mapped attention)
+now keeps tests/modern.py's promises on them, with one warning naming the table used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from modern import NUM_LABELS, VOCAB, keeps_promises
+
+import deltatune as dt
+from deltatune.core import alias_inference, registry
+from deltatune.core.targeting import TargetError, resolve
+
+_C = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    max_position_embeddings=64, pad_token_id=0,
+)  # fmt: skip
+CONFIGS = {  # model type -> (config, the table its names follow, the module answering attn.q)
+    "olmo": (lambda: tf.OlmoConfig(num_key_value_heads=2, **_C), "llama", "self_attn.q_proj"),
+    "cohere": (lambda: tf.CohereConfig(num_key_value_heads=2, **_C), "llama", "self_attn.q_proj"),
+    "roformer": (lambda: tf.RoFormerConfig(**_C), "bert", "attention.self.query"),
+    "esm": (lambda: tf.EsmConfig(mask_token_id=1, **_C), "bert", "attention.self.query"),
+    "xglm": (
+        lambda: tf.XGLMConfig(
+            d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64
+        ),
+        "bart",
+        "self_attn.q_proj",
+    ),
+}
+DECODERS = ("olmo", "cohere", "xglm")
+METHODS = sorted(m for m in registry.METHODS if m != "prefix")
+SMALL = {"prompt": {"num_tokens": 4}, "random_subset": {"count": 1000}}
+
+
+def _model(arch: str, head: str) -> torch.nn.Module:
+    config = CONFIGS[arch][0]()
+    config.num_labels = NUM_LABELS
+    torch.manual_seed(0)
+    auto = tf.AutoModelForCausalLM if head == "lm" else tf.AutoModelForSequenceClassification
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notes on tiny configs
+        return auto.from_config(config).eval()
+
+
+def _wide(model: torch.nn.Module, arch: str) -> torch.nn.Module:
+    """float64, which keeps merge == unmerged clear of float32 rounding; XGLM's attention fails in it inside
+    transformers (`torch.full((), finfo(float64).min)` into a float32 tensor), so it stays in float32."""
+    return model if arch == "xglm" else model.double()
+
+
+def _head(arch: str) -> str:
+    return "lm" if arch in DECODERS else "cls"
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_the_aliases_follow_the_table_the_names_follow_and_say_so_once(arch: str) -> None:
+    model = _model(arch, _head(arch))
+    alias_inference._warned.discard(arch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        queries = resolve(model, "attn.q")
+        resolve(model, "ffn.out")
+    said = [str(w.message) for w in caught if "alias tables" in str(w.message)]
+    assert len(said) == 1 and f"its module names follow {CONFIGS[arch][1]}'s" in said[0]
+    assert len(queries) == 2 and all(q.endswith(CONFIGS[arch][2]) for q in queries)
+    with pytest.raises(TargetError, match=rf"'attn' is not mapped for model type '{arch}', whose other aliases follow"):
+        dt.attach(model, "prefix")  # how each attention takes its keys is checked family by family
+
+
+NOTHING_TO_TRAIN = {("olmo", "layernorm")}  # OLMo's norms have no weight or bias: refused with that line
+# ESM's base model holds a contact-prediction head its classifier never calls: BitFit's delta on that bias gets
+# no gradient (it is a bias of the backbone, as any other); the promise "every delta tensor learns" fails there
+UNUSED_MODULE = {("esm", "bitfit")}
+CASES = [(a, m) for a in CONFIGS for m in METHODS if (a, m) not in NOTHING_TO_TRAIN | UNUSED_MODULE]
+
+
+@pytest.mark.parametrize("arch,method", CASES, ids=["-".join(c) for c in CASES])
+def test_methods_keep_their_promises(arch: str, method: str, tmp_path: Path) -> None:
+    head = _head(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        keeps_promises(method, head, lambda: _wide(_model(arch, head), arch), tmp_path, **SMALL.get(method, {}))
+
+
+def test_olmo_norms_without_weights_are_refused_for_layernorm_tuning_and_take_a_norm_adapter() -> None:
+    """OLMo's LayerNorm has no affine weight: layernorm tuning says so; the norm adapter takes its width from
+    `normalized_shape` (it was refused as "a OlmoLayerNorm, not a normalisation layer")."""
+    with pytest.raises(ValueError, match="have no affine weight or bias"):
+        dt.attach(_model("olmo", "lm"), "layernorm")
+    dm = dt.attach(_model("olmo", "lm"), "norm_adapter")
+    assert dm.trainable_parameters() > 0
+
+
+def test_names_that_follow_no_table_are_refused_as_before() -> None:
+    """Mamba has no attention projections: nothing is inferred, and the line lists the mapped types."""
+    config = tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4)
+    with pytest.raises(TargetError, match=r"alias 'attn.q' is not mapped for model type 'mamba' \(mapped: albert"):
+        resolve(tf.MambaForCausalLM(config), "attn.q")
