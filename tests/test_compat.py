@@ -15,7 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 import deltatune as dt
-from deltatune.core import compat
+from deltatune.core import compat, compat_prompt
 from deltatune.core.targeting import TargetError, resolve
 from deltatune.methods.addition.prefix import PrefixConfig
 from deltatune.methods.addition.prompt import PromptConfig
@@ -87,7 +87,7 @@ def test_real_positions_are_the_stacks_own_numbering(arch: str) -> None:
     ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, pad, pad]])
     mask = (ids != pad).long()
     embeds = stack.get_input_embeddings()(ids)
-    positions, first = compat.real_positions(stack, ids, embeds, None)
+    positions, first = compat_prompt.real_positions(stack, ids, embeds, None)
     assert first == (pad + 1 if arch == "roberta" else 0)
     with torch.no_grad():
         own = stack(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core import compat, compat_config, compat_rows
+from ...core import compat, compat_config, compat_prompt, compat_rows
 from ...core.aliases import INTERLEAVED
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, safe_key, setting
@@ -232,7 +232,7 @@ class Prefix(Delta):
                 if given is None:  # what the stack numbers itself: from the real cache's length on
                     ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
                     past = compat.seq_length(compat.self_attention_cache(compat.call_cache(call, cache_arg)))
-                    given = compat.real_positions(module, ids, embeds if ids is None else ids, None)[0] + past
+                    given = compat_prompt.real_positions(module, ids, embeds if ids is None else ids, None)[0] + past
                 call.set("position_ids", given + n)
                 return call.result()
 

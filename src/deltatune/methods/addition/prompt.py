@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core import compat, compat_rows
+from ...core import compat, compat_prompt, compat_rows
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.routing import RoutingError
@@ -140,7 +140,9 @@ class Prompt(Delta):
         hooks.on_output(stack, self._strip, route_aware=True)
         # BART (and DistilBERT 4.x) number positions by length: the real tokens keep theirs (with
         # "shift", the lengthened input numbering itself is PEFT's numbering)
-        for module, hook in compat.shape_numbered_positions(stack, cfg.num_tokens) if cfg.positions == "keep" else ():
+        for module, hook in (
+            compat_prompt.shape_numbered_positions(stack, cfg.num_tokens) if cfg.positions == "keep" else ()
+        ):
             hooks.on_input(module, hook, route_aware=True)
         if self.enc_dec:
             decoder = compat.decoder(model)
@@ -229,10 +231,10 @@ class Prompt(Delta):
             # gradient checkpointing) transformers reads restarting positions as packed sequences and
             # hides the prompt from the text: outputs of the bare model and a zero gradient for the prompt
             call.set("attention_mask", torch.ones(batch, n + embeds.shape[1], dtype=torch.long, device=embeds.device))
-        compat.token_types_with_prefix(module, call, n, batch, embeds.shape[1], embeds.device)
+        compat_prompt.token_types_with_prefix(module, call, n, batch, embeds.shape[1], embeds.device)
         compat.renumber_cache_position(call, past, n + embeds.shape[1], embeds.device)
         if call.accepts("position_ids"):
-            real, first = compat.real_positions(module, ids, embeds, call.get("position_ids"))
+            real, first = compat_prompt.real_positions(module, ids, embeds, call.get("position_ids"))
             shifts = self._shifts(peers, batch, embeds.device)  # (batch, 1): 0 ("keep") or n ("shift")
             # "keep": every prompt vector at the first position; "shift": the prompt counts from it
             ahead = first + torch.arange(n, device=embeds.device).expand(batch, -1) * shifts.clamp(max=1)
