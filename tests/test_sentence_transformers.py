@@ -55,6 +55,35 @@ def test_attach_embeds_with_the_deltas_and_starts_as_the_model(tmp_path: Path) -
     assert {n for n, p in st.named_parameters() if p.requires_grad} == set(), "the backbone's weights train"
 
 
+def test_encode_with_delta_ids_embeds_each_sentence_with_its_own_deltas_in_shared_batches(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`dm.encode(texts, delta_ids=...)`: st.encode refused the keyword ("additional keyword arguments that this
+    model does not use: ['delta_ids']"); each row now equals the sentence embedded alone with its deltas."""
+    st = _sentence_model(tmp_path)
+    dm = dt.attach(st, "lora", name="a")
+    dm.add("b", dt.get_config("bitfit"))
+    perturbed(dm, scale=0.3)
+    texts = [*TEXTS, "good", "the cast was nice and the plot good"]
+    ids = ["a", "b", None, ["a", "b"], "a"]
+    mixed = dm.encode(texts, delta_ids=ids, batch_size=2, normalize_embeddings=True, convert_to_tensor=True)
+    for text, row, names in zip(texts, mixed, ids, strict=True):
+        wanted = [] if names is None else [names] if isinstance(names, str) else names
+        for n in dm.deltas:
+            (dm.enable if n in wanted else dm.disable)(n)
+        alone = st.encode([text], normalize_embeddings=True, convert_to_tensor=True)[0]
+        torch.testing.assert_close(row, alone, rtol=0, atol=1e-5)
+    assert (mixed[0] - mixed[2]).abs().max() > 1e-3  # the deltas act
+    shown = dm.encode(texts, delta_ids=ids, batch_size=2, normalize_embeddings=True, show_progress_bar=True)
+    assert abs(shown - mixed.numpy()).max() < 1e-6 and "Batches" in capsys.readouterr().err
+    single = dm.encode(texts[1], delta_ids="b", normalize_embeddings=True)
+    assert single.shape == (32,) and abs(single - mixed[1].numpy()).max() < 1e-5
+    with pytest.raises(TypeError, match=r"encode with delta_ids takes batch_size, .* not \['precision'\]"):
+        dm.encode(texts, delta_ids=ids, precision="int8")
+    with pytest.raises(ValueError, match="delta_ids has 2 entries for 5 sentences"):
+        dm.encode(texts, delta_ids=["a", "b"])
+
+
 def _mean_pooled(st: st_lib.SentenceTransformer, folder: Path) -> torch.Tensor:
     """The embeddings computed by hand: the transformer called as a module (its hooks run), mean-pooled."""
     batch = tf.AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")

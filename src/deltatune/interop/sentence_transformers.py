@@ -12,15 +12,27 @@ them with `dm.save_pretrained`. What needed care (each measured on all-MiniLM-L6
   failed into a logged error and the last step's deltas stayed; a resume stopped on an AttributeError.
 `SentenceTransformerTrainer(model=st)` trains nothing, as `Trainer(model=backbone)` (the optimizer does not
 hold the deltas): `core.unstepped` warns, and its first checkpoint is refused as above.
+
+`dm.encode(sentences, delta_ids=[...])` embeds each sentence with its own deltas in shared batches (a mixed
+batch, `DeltaModel.route`). `st.encode` sorts sentences by length and takes no per-row keyword ("called with
+additional keyword arguments that this model does not use: ['delta_ids']"), so these batches are made here:
+by length, as it does, through the model's own preprocessing and modules.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from ..core.registry import CLASS_EXTRAS
 from ..core.reload import SavedDeltas
+
+# encode()'s options a mixed batch keeps; any other is refused by name rather than ignored
+ROUTED_OPTIONS = ("batch_size", "normalize_embeddings", "convert_to_tensor", "convert_to_numpy", "show_progress_bar")
 
 
 def _load_with_module_classes(cls: type, path: str | os.PathLike, *args: Any, **kwargs: Any) -> SavedDeltas:
@@ -28,11 +40,68 @@ def _load_with_module_classes(cls: type, path: str | os.PathLike, *args: Any, **
     return SavedDeltas(path)
 
 
+def _features(st: Any, texts: list[str]) -> dict[str, torch.Tensor]:
+    """The model's own preprocessing (`preprocess` from sentence-transformers 6, `tokenize` before)."""
+    prepare = getattr(st, "preprocess", None) or st.tokenize
+    features = prepare(texts)
+    device = next(st.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
+    """`st.encode`; with `delta_ids` (one entry per sentence: a delta name, names, or None), a mixed batch."""
+    if delta_ids is None:
+        return self.backbone.encode(sentences, *args, **kwargs)
+    single = isinstance(sentences, str)
+    texts = [sentences] if single else list(sentences)
+    rows = [delta_ids] if single else list(delta_ids)
+    other = sorted(set(kwargs) - set(ROUTED_OPTIONS))
+    if args or other:
+        raise TypeError(
+            f"encode with delta_ids takes {', '.join(ROUTED_OPTIONS)} by keyword; not {other or 'positional options'} "
+            "(encode without delta_ids takes every sentence-transformers option)"
+        )
+    if len(rows) != len(texts):
+        raise ValueError(f"delta_ids has {len(rows)} entries for {len(texts)} sentences; give one per sentence")
+    batch_size = int(kwargs.get("batch_size", 32))
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # as st.encode: similar lengths together
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    st = self.backbone
+    was_training = st.training
+    st.eval()
+    try:
+        starts = range(0, len(order), batch_size)
+        if kwargs.get("show_progress_bar"):
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="Batches")
+        for start in starts:
+            chunk = order[start : start + batch_size]
+            features = _features(st, [texts[i] for i in chunk])
+            with torch.no_grad(), self.route([rows[i] for i in chunk]):
+                embedded = st(features)["sentence_embedding"]
+            if kwargs.get("normalize_embeddings"):
+                embedded = F.normalize(embedded, p=2, dim=1)
+            for i, vector in zip(chunk, embedded, strict=True):
+                out[i] = vector
+    finally:
+        st.train(was_training)
+    stacked = torch.stack(out) if out else torch.empty(0)  # type: ignore[arg-type]
+    result = stacked[0] if single else stacked
+    if kwargs.get("convert_to_tensor") or not kwargs.get("convert_to_numpy", True):
+        return result
+    return result.float().cpu().numpy()
+
+
 def class_extras(backbone_cls: type) -> dict[str, Any]:
-    """What sentence-transformers' trainer calls on the class of a DeltaModel over one of its models."""
+    """What sentence-transformers' trainer calls on the class of a DeltaModel over one of its models, and
+    `encode` with per-sentence deltas."""
     if not backbone_cls.__module__.startswith("sentence_transformers."):
         return {}
-    return {"_load_with_module_classes": classmethod(_load_with_module_classes)}
+    extras: dict[str, Any] = {"_load_with_module_classes": classmethod(_load_with_module_classes)}
+    if callable(getattr(backbone_cls, "encode", None)):
+        extras["encode"] = encode
+    return extras
 
 
 CLASS_EXTRAS.append(class_extras)
