@@ -26,6 +26,7 @@ VOCAB = 100
 NUM_LABELS = 3
 V4 = tf.__version__.startswith("4.")
 _GQA = GQA
+_SLIDE_FULL = ["sliding_attention", "full_attention"]
 _CONFIGS = {
     "qwen3": lambda: tf.Qwen3Config(**_GQA, head_dim=8),
     # layer 0 full attention, layer 1 a 4-token sliding window
@@ -93,6 +94,21 @@ _CONFIGS = {
         initializer_range=0.1,  # at 0.02 the pooled logits stay within 0.02: two prompts' rows differed by 1e-4
         pad_token_id=0,
     ),
+    # Llama's names on other blocks (their tables are Llama's or OLMo 2's; before, the types were unmapped):
+    # OLMo's norms have no weights, Cohere runs attention and MLP in parallel off one norm (logits scaled),
+    # StableLM rotates a quarter of each head, Arcee's MLP has no gate, Apertus normalises queries and keys
+    "olmo": lambda: tf.OlmoConfig(**_GQA),
+    "cohere": lambda: tf.CohereConfig(**_GQA),
+    "stablelm": lambda: tf.StableLmConfig(**_GQA),
+    "helium": lambda: tf.HeliumConfig(**_GQA, head_dim=8),
+    "seed_oss": lambda: tf.SeedOssConfig(**_GQA, head_dim=8),
+    "arcee": lambda: tf.ArceeConfig(**_GQA, head_dim=8),
+    "apertus": lambda: tf.ApertusConfig(**_GQA, head_dim=8),
+    # ... and with a sliding-window layer (layer 0 slides over 4 tokens)
+    "cohere2": lambda: tf.Cohere2Config(**_GQA, sliding_window=4, layer_types=_SLIDE_FULL),
+    "ministral": lambda: tf.MinistralConfig(**_GQA, head_dim=8, sliding_window=4, layer_types=_SLIDE_FULL),
+    "olmo3": lambda: tf.Olmo3Config(**_GQA, sliding_window=4, layer_types=_SLIDE_FULL),
+    "exaone4": lambda: tf.Exaone4Config(**_GQA, head_dim=8, sliding_window=4, layer_types=_SLIDE_FULL),
     # MPNet (the backbone mpnet-base): relative position bias built once per call by the encoder, added in
     # every attention; 32 buckets of up to 128 positions, as all-mpnet-base-v2's
     "mpnet": lambda: tf.MPNetConfig(
@@ -111,7 +127,17 @@ _CONFIGS = {
 ARCHS = tuple(_CONFIGS)
 ENCODERS = ("modernbert", "deberta-v2", "mpnet")
 CAUSAL = tuple(a for a in ARCHS if a not in ENCODERS)
-SLIDING = ("qwen2", "gemma3_text", "mistral", "gemma2", "starcoder2")  # decoders with a sliding-window layer
+SLIDING = (
+    "qwen2",
+    "gemma3_text",
+    "mistral",
+    "gemma2",
+    "starcoder2",
+    "cohere2",
+    "ministral",
+    "olmo3",
+    "exaone4",
+)  # decoders with a sliding-window layer
 _AUTO = {
     "lm": tf.AutoModelForCausalLM,
     "cls": tf.AutoModelForSequenceClassification,
@@ -120,7 +146,9 @@ _AUTO = {
 MISSING = {
     ("olmo2", "cls"): V4,  # Olmo2ForSequenceClassification came with transformers 5
     ("granite", "cls"): not hasattr(tf, "GraniteForSequenceClassification"),  # none in 4.57 or 5.25
-}
+    **{(a, "cls"): not hasattr(tf, f"{c}ForSequenceClassification") for a, c in (
+        ("olmo", "Olmo"), ("olmo3", "Olmo3"), ("cohere", "Cohere"), ("cohere2", "Cohere2"), ("apertus", "Apertus"))},
+}  # fmt: skip
 
 
 def heads(arch: str) -> tuple[str, ...]:

@@ -1,9 +1,10 @@
 """Model types outside our alias tables whose module names follow one of them (core/alias_inference.py).
 
-Before, every method's defaults were refused on them ("alias 'attn.q' is not mapped for model type 'olmo'"):
-OLMo, Cohere (Llama's names), RoFormer, ESM (BERT's), XGLM (BART's) and, in transformers 5.25, about 70 more
-types named as Llama, BERT, BART or GPT-2 are. Each method but prefix tuning (which needs a mapped attention)
-now keeps tests/modern.py's promises on them, with one warning naming the table used.
+Before, every method's defaults were refused on them ("alias 'attn.q' is not mapped for model type 'nemotron'"):
+Nemotron, DiffLlama (Llama's names), RoFormer, ESM (BERT's), XGLM (BART's) and, in transformers 5.25, about 60
+more types named as Llama, BERT, BART or GPT-2 are. Each method but prefix tuning (which needs a mapped
+attention) now keeps tests/modern.py's promises on them, with one warning naming the table used. (OLMo, Cohere
+and nine more Llama-named types are mapped outright and tested in tests/modern.py, prefix included.)
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ _C = dict(
     max_position_embeddings=64, pad_token_id=0,
 )  # fmt: skip
 CONFIGS = {  # model type -> (config, the table its names follow, the module answering attn.q)
-    "olmo": (lambda: tf.OlmoConfig(num_key_value_heads=2, **_C), "llama", "self_attn.q_proj"),
-    "cohere": (lambda: tf.CohereConfig(num_key_value_heads=2, **_C), "llama", "self_attn.q_proj"),
+    "nemotron": (lambda: tf.NemotronConfig(num_key_value_heads=2, head_dim=8, **_C), "llama", "self_attn.q_proj"),
+    "diffllama": (lambda: tf.DiffLlamaConfig(num_key_value_heads=2, **_C), "llama", "self_attn.q_proj"),
     "roformer": (lambda: tf.RoFormerConfig(**_C), "bert", "attention.self.query"),
     "esm": (lambda: tf.EsmConfig(mask_token_id=1, **_C), "bert", "attention.self.query"),
     "xglm": (
@@ -37,7 +38,7 @@ CONFIGS = {  # model type -> (config, the table its names follow, the module ans
         "self_attn.q_proj",
     ),
 }
-DECODERS = ("olmo", "cohere", "xglm")
+DECODERS = ("nemotron", "diffllama", "xglm")
 METHODS = sorted(m for m in registry.METHODS if m != "prefix")
 SMALL = {"prompt": {"num_tokens": 4}, "random_subset": {"count": 1000}}
 
@@ -77,11 +78,10 @@ def test_the_aliases_follow_the_table_the_names_follow_and_say_so_once(arch: str
         dt.attach(model, "prefix")  # how each attention takes its keys is checked family by family
 
 
-NOTHING_TO_TRAIN = {("olmo", "layernorm")}  # OLMo's norms have no weight or bias: refused with that line
 # ESM's base model holds a contact-prediction head its classifier never calls: BitFit's delta on that bias gets
 # no gradient (it is a bias of the backbone, as any other); the promise "every delta tensor learns" fails there
 UNUSED_MODULE = {("esm", "bitfit")}
-CASES = [(a, m) for a in CONFIGS for m in METHODS if (a, m) not in NOTHING_TO_TRAIN | UNUSED_MODULE]
+CASES = [(a, m) for a in CONFIGS for m in METHODS if (a, m) not in UNUSED_MODULE]
 
 
 @pytest.mark.parametrize("arch,method", CASES, ids=["-".join(c) for c in CASES])
@@ -90,15 +90,6 @@ def test_methods_keep_their_promises(arch: str, method: str, tmp_path: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         keeps_promises(method, head, lambda: _wide(_model(arch, head), arch), tmp_path, **SMALL.get(method, {}))
-
-
-def test_olmo_norms_without_weights_are_refused_for_layernorm_tuning_and_take_a_norm_adapter() -> None:
-    """OLMo's LayerNorm has no affine weight: layernorm tuning says so; the norm adapter takes its width from
-    `normalized_shape` (it was refused as "a OlmoLayerNorm, not a normalisation layer")."""
-    with pytest.raises(ValueError, match="have no affine weight or bias"):
-        dt.attach(_model("olmo", "lm"), "layernorm")
-    dm = dt.attach(_model("olmo", "lm"), "norm_adapter")
-    assert dm.trainable_parameters() > 0
 
 
 def test_names_that_follow_no_table_are_refused_as_before() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from modern import ARCHS, CASES, heads, keeps_promises, make_model
 
+import deltatune as dt
 from deltatune.core.targeting import TargetError, resolve
 
 METHODS = (
@@ -30,6 +31,10 @@ def _ids(case: tuple) -> str:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch,head", CASES, ids=map(_ids, CASES))
 def test_default_settings_attach_and_keep_their_promises(arch: str, head: str, method: str, tmp_path: Path) -> None:
+    if (arch, method) == ("olmo", "layernorm"):  # OLMo's norms have no weight or bias: nothing to tune, said so
+        with pytest.raises(ValueError, match="have no affine weight or bias"):
+            keeps_promises(method, head, lambda: make_model(arch, head), tmp_path)
+        return
     keeps_promises(method, head, lambda: make_model(arch, head), tmp_path)
 
 
@@ -44,17 +49,43 @@ FIRST_LAYER = {
     "deberta-v2": tuple(f"attention.self.{p}_proj" for p in ("query", "key", "value"))
     + ("intermediate.dense", "output.dense"),
     "mpnet": tuple(f"attention.attn.{p}" for p in "qkv") + ("intermediate.dense", "output.dense"),
-}
+    **dict.fromkeys(("arcee", "apertus"), ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj",
+                                           "mlp.down_proj")),  # no gate projection
+}  # fmt: skip
 _LLAMA_NORMS = {"layers.N.input_layernorm", "layers.N.post_attention_layernorm", "model.norm"}
 NORMS = {  # `ln`: the norms on the residual stream (layer numbers as N), not the per-head q_norm/k_norm
-    **dict.fromkeys(("qwen3", "qwen2", "mistral", "phi3", "smollm3", "gemma", "granite", "starcoder2"), _LLAMA_NORMS),
+    **dict.fromkeys(
+        (
+            "qwen3",
+            "qwen2",
+            "mistral",
+            "phi3",
+            "smollm3",
+            "gemma",
+            "granite",
+            "starcoder2",
+            "olmo",
+            "stablelm",
+            "helium",
+            "seed_oss",
+            "arcee",
+            "ministral",
+        ),
+        _LLAMA_NORMS,
+    ),  # fmt: skip
+    # Cohere runs attention and MLP off one norm, as Phi-2
+    **dict.fromkeys(("cohere", "cohere2"), {"layers.N.input_layernorm", "model.norm"}),
+    "apertus": {"layers.N.attention_layernorm", "layers.N.feedforward_layernorm", "model.norm"},
     **dict.fromkeys(
         ("gemma3_text", "gemma2"),
         _LLAMA_NORMS | {"layers.N.pre_feedforward_layernorm", "layers.N.post_feedforward_layernorm"},
     ),
     "phi": {"layers.N.input_layernorm", "model.final_layernorm"},  # one norm feeds attention and MLP alike
     "opt": {"layers.N.self_attn_layer_norm", "layers.N.final_layer_norm", "model.decoder.final_layer_norm"},
-    "olmo2": {"layers.N.post_attention_layernorm", "layers.N.post_feedforward_layernorm", "model.norm"},
+    **dict.fromkeys(
+        ("olmo2", "olmo3", "exaone4"),
+        {"layers.N.post_attention_layernorm", "layers.N.post_feedforward_layernorm", "model.norm"},
+    ),
     # layer 0's attn_norm is an nn.Identity; the head's norm belongs to the head
     "modernbert": {"model.embeddings.norm", "layers.N.mlp_norm", "layers.N.attn_norm", "model.final_norm"},
     # not encoder.LayerNorm, the norm of the relative position embeddings
@@ -77,3 +108,12 @@ def test_aliases_name_the_same_roles(arch: str) -> None:
     assert len(resolve(model, "attn")) == len(resolve(model, "layer")) == 2
     with pytest.raises(TargetError, match=r"has no 'xattn.q' \(its aliases: attn.q"):
         resolve(model, "xattn.q")  # no cross-attention: refused by name, not an empty selection
+
+
+def test_olmo_norms_without_weights_are_refused_for_layernorm_tuning_and_take_a_norm_adapter() -> None:
+    """OLMo's LayerNorm has no affine weight: layernorm tuning says so; the norm adapter takes its width from
+    `normalized_shape` (it was refused as "a OlmoLayerNorm, not a normalisation layer")."""
+    with pytest.raises(ValueError, match="have no affine weight or bias"):
+        dt.attach(make_model("olmo", "lm"), "layernorm")
+    dm = dt.attach(make_model("olmo", "lm"), "norm_adapter")
+    assert dm.trainable_parameters() > 0

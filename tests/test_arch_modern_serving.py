@@ -74,6 +74,8 @@ def _served(arch: str, head: str, method: str) -> dt.DeltaModel:
 @pytest.mark.parametrize("method", ROUTABLE)
 @pytest.mark.parametrize("arch,head", MAIN, ids=map(_ids, MAIN))
 def test_each_row_of_a_mixed_batch_equals_its_delta_alone(arch: str, head: str, method: str) -> None:
+    if (arch, method) == ("olmo", "layernorm"):
+        pytest.skip("OLMo's norms have no weight or bias: layernorm tuning is refused (test_arch_modern)")
     dm = _served(arch, head, method)
     inputs = {k: v for k, v in make_inputs(dm.backbone, batch=4).items() if k != "labels"}
     if arch == "deberta-v2" and any(n.endswith(("query_proj", "key_proj")) for n in dm.delta("a").sites):

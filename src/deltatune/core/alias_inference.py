@@ -25,7 +25,7 @@ CANDIDATES = ("bert", "llama", "bart", "opt", "gpt2", "gpt_neox")  # in order: B
 CORE = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "layer")
 NOT_INFERRED = ("attn", "xattn")
 
-_seen: dict[type, str | None] = {}  # model class -> the table its names follow (one answer per class)
+_seen: dict[type, tuple[str, dict[str, str]] | None] = {}  # model class -> (table followed, its aliases)
 _warned: set[str] = set()  # model types told about, once per process
 
 
@@ -34,25 +34,33 @@ def _matches(names: list[str], pattern: str) -> list[str]:
     return [n for n in names if compiled.fullmatch(n)]
 
 
-def _fits(names: list[str], table: dict[str, str]) -> bool:
-    """Every layer holds a module for each core role (LLama's FFN input is two: gate and up)."""
-    layers = _matches(names, table["layer"])
-    if not layers:
-        return False
-    for alias in CORE[:-1]:
-        found = _matches(names, table[alias])
-        if not all(any(m.startswith(layer + ".") for m in found) for layer in layers):
-            return False
-    return True
+def _in_every_layer(names: list[str], layers: list[str], pattern: str) -> bool:
+    found = _matches(names, pattern)
+    return all(any(m.startswith(layer + ".") for m in found) for layer in layers)
+
+
+def _inferred(names: list[str]) -> tuple[str, dict[str, str]] | None:
+    """The first table that names each core role in every layer (Llama's FFN input is two: gate and up), with
+    its aliases but `attn`/`xattn`, and but `ln` where that names no norm inside the layers (Apertus calls its
+    norms `attention_layernorm`: Llama's `ln` would have reached the final norm alone, without a word)."""
+    for canon in CANDIDATES:
+        table = ALIASES[canon]
+        layers = _matches(names, table["layer"])
+        if layers and all(_in_every_layer(names, layers, table[a]) for a in CORE[:-1]):
+            keep = {a: p for a, p in table.items() if a not in NOT_INFERRED}
+            if not _in_every_layer(names, layers, table["ln"]):
+                del keep["ln"]
+            return canon, keep
+    return None
 
 
 def follows(model: nn.Module) -> str | None:
     """The model type whose table names each of `model`'s core roles in every layer, or None."""
     cls = type(model)
     if cls not in _seen:
-        names = [n for n, _ in model.named_modules()]
-        _seen[cls] = next((c for c in CANDIDATES if _fits(names, ALIASES[c])), None)
-    return _seen[cls]
+        _seen[cls] = _inferred([n for n, _ in model.named_modules()])
+    found = _seen[cls]
+    return found[0] if found else None
 
 
 def inferred_table(model: nn.Module, model_type: str) -> dict[str, str] | None:
@@ -60,13 +68,15 @@ def inferred_table(model: nn.Module, model_type: str) -> dict[str, str] | None:
     canon = follows(model)
     if canon is None:
         return None
+    table = _seen[type(model)][1]  # type: ignore[index]
     if model_type not in _warned:
         _warned.add(model_type)
+        unread = "" if "ln" in table else f", nor 'ln' ({canon}'s norm names are not in its layers)"
         warnings.warn(
             f"model type {model_type!r} is not in deltatune's alias tables; its module names follow {canon}'s, "
-            "whose aliases (attn.q, ffn.out, ln, ...) are used for it; 'attn' is not (prefix tuning needs a mapped "
-            "attention)",
+            f"whose aliases (attn.q, ffn.out, ...) are used for it; 'attn' is not (prefix tuning needs a mapped "
+            f"attention){unread}",
             UserWarning,
             stacklevel=4,
         )
-    return {a: p for a, p in ALIASES[canon].items() if a not in NOT_INFERRED}
+    return table

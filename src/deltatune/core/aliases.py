@@ -122,6 +122,8 @@ _GEMMA3 = _LLAMA | {
 }
 
 _OLMO2 = _LLAMA | {"ln": r"(?:post_attention_layernorm|post_feedforward_layernorm|norm)"}  # norms after sublayers
+# Apertus: Llama's names but its norms' (`attention_layernorm`, `feedforward_layernorm`), and no gate projection
+_APERTUS = _LLAMA | {"ln": r"(?:attention_layernorm|feedforward_layernorm|norm)"}
 
 # Phi-3 fuses q|k|v into `qkv_proj` and gate|up into `gate_up_proj`: the fused layer is the honest answer.
 _PHI3 = _LLAMA | {
@@ -338,6 +340,10 @@ ALIASES: dict[str, dict[str, str]] = {
     "gpt_neox": _GPT_NEOX,
     "gemma3_text": _GEMMA3,
     "olmo2": _OLMO2,
+    # Llama's names, checked each by tests/modern.py (the alias inference would find most, but not `attn`)
+    **dict.fromkeys(("olmo", "cohere", "cohere2", "stablelm", "helium", "ministral", "seed_oss", "arcee"), _LLAMA),
+    **dict.fromkeys(("olmo3", "exaone4"), _OLMO2),
+    "apertus": _APERTUS,
     "phi3": _PHI3,
     "modernbert": _MODERNBERT,
     "gptj": _GPTJ,

@@ -190,7 +190,7 @@ def _match_one(model: nn.Module, names: Iterable[str], target: str) -> list[str]
             elif (canon := follows(model)) is not None:  # inferred from the names; attn/xattn never are
                 where = (
                     f"alias {target!r} is not mapped for model type {mtype!r}, whose other aliases follow {canon}'s "
-                    "module names (the attention modules themselves are mapped family by family)"
+                    "module names (the attention modules, and norms named otherwise, are mapped family by family)"
                 )
             else:
                 where = (
