@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers as tf
 from modern import NUM_LABELS, VOCAB, keeps_promises
+from tiny import perturbed
 
 import deltatune as dt
 from deltatune.core import alias_inference, registry
@@ -30,6 +31,8 @@ CONFIGS = {  # model type -> (config, the table its names follow, the module ans
     "diffllama": (lambda: tf.DiffLlamaConfig(num_key_value_heads=2, **_C), "llama", "self_attn.q_proj"),
     "roformer": (lambda: tf.RoFormerConfig(**_C), "bert", "attention.self.query"),
     "esm": (lambda: tf.EsmConfig(mask_token_id=1, **_C), "bert", "attention.self.query"),
+    # local attention over 4-token windows; its classifier gives the first token global attention
+    "longformer": (lambda: tf.LongformerConfig(attention_window=4, **_C), "bert", "attention.self.query"),
     "xglm": (
         lambda: tf.XGLMConfig(
             d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64
@@ -97,3 +100,27 @@ def test_names_that_follow_no_table_are_refused_as_before() -> None:
     config = tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4)
     with pytest.raises(TargetError, match=r"alias 'attn.q' is not mapped for model type 'mamba' \(mapped: albert"):
         resolve(tf.MambaForCausalLM(config), "attn.q")
+
+
+def test_a_prompt_on_longformer_keeps_the_first_token_global_and_the_prompt_local() -> None:
+    """Longformer's classifier gives the first token global attention by a mask built from the input ids; the
+    prompt's rows failed it on a size. They now join that mask as local rows: the same as the encoder called with
+    the prompt's vectors in front, its rows local, the first real token global (positions: the prompt at the
+    first, real tokens as numbered without it)."""
+    model = _model("longformer", "cls").double()
+    dm = dt.attach(model, "prompt", num_tokens=3)
+    perturbed(dm, scale=0.5)
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with torch.no_grad():
+        out = dm(input_ids=ids).logits
+        dm.disable()  # the encoder by hand, without the prompt's hook
+        prompt = dm.delta().prompt.detach().double().expand(2, -1, -1)
+        embeds = torch.cat([prompt, model.get_input_embeddings()(ids)], dim=1)
+        glob = torch.zeros(2, 10, dtype=torch.long)
+        glob[:, 3] = 1
+        first = model.config.pad_token_id + 1
+        positions = torch.cat([torch.full((2, 3), first), torch.arange(first, first + 7).expand(2, -1)], dim=1)
+        hidden = model.longformer(inputs_embeds=embeds, global_attention_mask=glob, position_ids=positions)[0]
+        by_hand = model.classifier(hidden[:, 3:])  # the prompt's rows leave the output: the head reads the first token
+    torch.testing.assert_close(out, by_hand, rtol=0, atol=1e-10)

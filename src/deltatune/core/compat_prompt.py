@@ -97,3 +97,19 @@ def token_types_with_prefix(
             call.set("token_type_ids", torch.zeros(batch, n + length, dtype=torch.long, device=device))
     else:
         call.set("token_type_ids", torch.cat([given.new_zeros(batch, n), given.expand(batch, -1)], dim=1))
+
+
+# Per-token flags a stack takes beside attention_mask, and the value the prompt's rows get: Longformer's (and
+# LED's) global attention, which its classifier sets on the first token from the input ids (the prompt's rows
+# attend locally, as any token; the first real token keeps its global attention)
+ROW_FLAGS = {"global_attention_mask": 0}
+
+
+def row_flags_with_prefix(call: CallArgs, n: int, batch: int) -> None:
+    """Give per-token flags `n` leading rows of their value. Longformer's classifier failed on a size ("The size
+    of tensor a (11) must match the size of tensor b (8)") where its global mask missed the prompt's rows."""
+    for keyword, value in ROW_FLAGS.items():
+        given = call.get(keyword) if call.accepts(keyword) else None
+        if isinstance(given, torch.Tensor) and given.dim() == 2:
+            ahead = torch.full((batch, n), value, dtype=given.dtype, device=given.device)
+            call.set(keyword, torch.cat([ahead, given.expand(batch, -1)], dim=1))

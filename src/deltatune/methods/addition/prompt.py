@@ -232,6 +232,7 @@ class Prompt(Delta):
             # hides the prompt from the text: outputs of the bare model and a zero gradient for the prompt
             call.set("attention_mask", torch.ones(batch, n + embeds.shape[1], dtype=torch.long, device=embeds.device))
         compat_prompt.token_types_with_prefix(module, call, n, batch, embeds.shape[1], embeds.device)
+        compat_prompt.row_flags_with_prefix(call, n, batch)
         compat.renumber_cache_position(call, past, n + embeds.shape[1], embeds.device)
         if call.accepts("position_ids"):
             real, first = compat_prompt.real_positions(module, ids, embeds, call.get("position_ids"))
