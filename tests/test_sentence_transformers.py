@@ -17,6 +17,7 @@ from tiny import GOOD, NOUNS, TOY_WORDS, make_tokenizer, perturbed
 
 import deltatune as dt
 from deltatune import DeltaError
+from deltatune.core.routing import RoutingError
 
 st_lib = pytest.importorskip("sentence_transformers")
 datasets = pytest.importorskip("datasets")
@@ -82,6 +83,10 @@ def test_encode_with_delta_ids_embeds_each_sentence_with_its_own_deltas_in_share
         dm.encode(texts, delta_ids=ids, precision="int8")
     with pytest.raises(ValueError, match="delta_ids has 2 entries for 5 sentences"):
         dm.encode(texts, delta_ids=["a", "b"])
+    with pytest.raises(RoutingError, match=r"delta_ids\[3\] must be a delta name"):  # the caller's index, not a batch's
+        dm.encode(texts, delta_ids=["a", "b", None, 3, "a"], batch_size=2)
+    every = dm.encode(texts, delta_ids="a", normalize_embeddings=True, convert_to_tensor=True)  # one name: every row
+    torch.testing.assert_close(every[[0, 4]], mixed[[0, 4]], rtol=0, atol=1e-6)
 
 
 def _mean_pooled(st: st_lib.SentenceTransformer, folder: Path) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..core.registry import CLASS_EXTRAS
 from ..core.reload import SavedDeltas
+from ..core.routing import row_names
 
 # encode()'s options a mixed batch keeps; any other is refused by name rather than ignored
 ROUTED_OPTIONS = ("batch_size", "normalize_embeddings", "convert_to_tensor", "convert_to_numpy", "show_progress_bar")
@@ -54,7 +55,7 @@ def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any
         return self.backbone.encode(sentences, *args, **kwargs)
     single = isinstance(sentences, str)
     texts = [sentences] if single else list(sentences)
-    rows = [delta_ids] if single else list(delta_ids)
+    rows = [delta_ids] * len(texts) if single or isinstance(delta_ids, str) else list(delta_ids)  # a name: every row
     other = sorted(set(kwargs) - set(ROUTED_OPTIONS))
     if args or other:
         raise TypeError(
@@ -63,6 +64,9 @@ def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any
         )
     if len(rows) != len(texts):
         raise ValueError(f"delta_ids has {len(rows)} entries for {len(texts)} sentences; give one per sentence")
+    for names in row_names(rows) if rows else ():  # checked in the caller's order, before batches reorder rows
+        for name in names:
+            self.delta(name)
     batch_size = int(kwargs.get("batch_size", 32))
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # as st.encode: similar lengths together
     out: list[torch.Tensor | None] = [None] * len(texts)
