@@ -27,6 +27,11 @@ NUM_LABELS = 3
 V4 = tf.__version__.startswith("4.")
 _GQA = GQA
 _SLIDE_FULL = ["sliding_attention", "full_attention"]
+_ENC = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=70, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    initializer_range=0.1,  # as MPNet's below: at 0.02 two prompts' pooled logits differed by ~1e-4
+)  # fmt: skip
 _CONFIGS = {
     "qwen3": lambda: tf.Qwen3Config(**_GQA, head_dim=8),
     # layer 0 full attention, layer 1 a 4-token sliding window
@@ -109,6 +114,13 @@ _CONFIGS = {
     "ministral": lambda: tf.MinistralConfig(**_GQA, head_dim=8, sliding_window=4, layer_types=_SLIDE_FULL),
     "olmo3": lambda: tf.Olmo3Config(**_GQA, sliding_window=4, layer_types=_SLIDE_FULL),
     "exaone4": lambda: tf.Exaone4Config(**_GQA, head_dim=8, sliding_window=4, layer_types=_SLIDE_FULL),
+    # BERT's names on other encoders: ESM (rotary positions, protein vocabularies), ERNIE (task type embeddings),
+    # XLM-R XL and Megatron-BERT (norms before the sublayers; Megatron names them `ln`), Data2Vec-text (RoBERTa's)
+    "esm": lambda: tf.EsmConfig(**_ENC, mask_token_id=3, position_embedding_type="rotary"),
+    "ernie": lambda: tf.ErnieConfig(**_ENC),
+    "xlm-roberta-xl": lambda: tf.XLMRobertaXLConfig(**_ENC),
+    "megatron-bert": lambda: tf.MegatronBertConfig(**_ENC),
+    "data2vec-text": lambda: tf.Data2VecTextConfig(**_ENC),
     # MPNet (the backbone mpnet-base): relative position bias built once per call by the encoder, added in
     # every attention; 32 buckets of up to 128 positions, as all-mpnet-base-v2's
     "mpnet": lambda: tf.MPNetConfig(
@@ -125,7 +137,8 @@ _CONFIGS = {
     ),
 }
 ARCHS = tuple(_CONFIGS)
-ENCODERS = ("modernbert", "deberta-v2", "mpnet")
+ENCODERS = ("modernbert", "deberta-v2", "mpnet", "esm", "ernie", "xlm-roberta-xl", "megatron-bert", "data2vec-text")
+NO_CACHE = ("modernbert", "deberta-v2", "mpnet", "esm")  # encoders whose attention takes no KV cache
 CAUSAL = tuple(a for a in ARCHS if a not in ENCODERS)
 SLIDING = (
     "qwen2",

@@ -1,10 +1,10 @@
 """Model types outside our alias tables whose module names follow one of them (core/alias_inference.py).
 
 Before, every method's defaults were refused on them ("alias 'attn.q' is not mapped for model type 'nemotron'"):
-Nemotron, DiffLlama (Llama's names), RoFormer, ESM (BERT's), XGLM (BART's) and, in transformers 5.25, about 60
+Nemotron, DiffLlama (Llama's names), RoFormer, BigBird, Longformer (BERT's), XGLM (BART's) and, in transformers 5.25, about 60
 more types named as Llama, BERT, BART or GPT-2 are. Each method but prefix tuning (which needs a mapped
 attention) now keeps tests/modern.py's promises on them, with one warning naming the table used. (OLMo, Cohere
-and nine more Llama-named types are mapped outright and tested in tests/modern.py, prefix included.)
+nine more Llama-named types, ESM, ERNIE and four more BERT-named ones are mapped outright and tested in tests/modern.py, prefix included.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ CONFIGS = {  # model type -> (config, the table its names follow, the module ans
     "nemotron": (lambda: tf.NemotronConfig(num_key_value_heads=2, head_dim=8, **_C), "llama", "self_attn.q_proj"),
     "diffllama": (lambda: tf.DiffLlamaConfig(num_key_value_heads=2, **_C), "llama", "self_attn.q_proj"),
     "roformer": (lambda: tf.RoFormerConfig(**_C), "bert", "attention.self.query"),
-    "esm": (lambda: tf.EsmConfig(mask_token_id=1, **_C), "bert", "attention.self.query"),
+    "big_bird": (lambda: tf.BigBirdConfig(attention_type="original_full", **_C), "bert", "attention.self.query"),
     # local attention over 4-token windows; its classifier gives the first token global attention
     "longformer": (lambda: tf.LongformerConfig(attention_window=4, **_C), "bert", "attention.self.query"),
     "xglm": (
@@ -81,9 +81,9 @@ def test_the_aliases_follow_the_table_the_names_follow_and_say_so_once(arch: str
         dt.attach(model, "prefix")  # how each attention takes its keys is checked family by family
 
 
-# ESM's base model holds a contact-prediction head its classifier never calls: BitFit's delta on that bias gets
-# no gradient (it is a bias of the backbone, as any other); the promise "every delta tensor learns" fails there
-UNUSED_MODULE = {("esm", "bitfit")}
+# BigBird's classifier reads the first token itself and never calls the base model's pooler: BitFit's delta on
+# the pooler's bias gets no gradient, as that bias would not (the promise "every delta tensor learns" fails there)
+UNUSED_MODULE = {("big_bird", "bitfit")}
 CASES = [(a, m) for a in CONFIGS for m in METHODS if (a, m) not in UNUSED_MODULE]
 
 

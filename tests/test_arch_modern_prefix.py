@@ -11,7 +11,18 @@ import os
 
 import pytest
 import torch
-from modern import ARCHS, CAUSAL, ENCODERS, MAIN, SLIDING, heads, logits, make_inputs, make_model, prefilled_cache
+from modern import (
+    ARCHS,
+    CAUSAL,
+    MAIN,
+    NO_CACHE,
+    SLIDING,
+    heads,
+    logits,
+    make_inputs,
+    make_model,
+    prefilled_cache,
+)
 from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
 import deltatune as dt
@@ -44,10 +55,11 @@ def _attend(q, k, v, allowed: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_detected_cache_keywords_are_the_known_ones(arch: str) -> None:
-    """The canary of tests/test_compat.py on these models: ModernBERT's and DeBERTa's attention take no cache."""
+    """The canary of tests/test_compat.py on these models: ModernBERT's, DeBERTa's, MPNet's and ESM's attention take
+    no cache; BERT's names on other encoders (ERNIE, XLM-R XL, ...) take one, as BERT's."""
     model = make_model(arch, heads(arch)[0])
     found = {compat.cache_keyword(model.get_submodule(name)) for name in resolve(model, "attn")}
-    assert len(found) == 1 and (found == {None}) == (arch in ENCODERS), found
+    assert len(found) == 1 and (found == {None}) == (arch in NO_CACHE), found
     assert found <= {None, *compat.CACHE_KEYWORDS}, (
         f"add {found} to compat.CACHE_KEYWORDS and the table in core/compat.py"
     )

@@ -320,6 +320,11 @@ ALIASES: dict[str, dict[str, str]] = {
     "electra": _BERT,
     "camembert": _BERT,
     "mpnet": _MPNET,
+    # BERT's names, checked each by tests/modern.py (the alias inference would find them, but not `attn`)
+    **dict.fromkeys(("ernie", "data2vec-text"), _BERT),
+    "esm": _BERT | {"ln": r"(?:LayerNorm|emb_layer_norm_after)"},  # its final norm is named so
+    "xlm-roberta-xl": _BERT | {"ln": r"(?:LayerNorm|self_attn_layer_norm)"},  # the norm before attention
+    "megatron-bert": _BERT | {"ln": r"(?:embeddings\.LayerNorm|ln)"},  # pre-norms named `ln`
     "deberta-v2": _DEBERTA_V2,
     "distilbert": _DISTILBERT,
     "gpt2": _GPT2,
