@@ -39,16 +39,24 @@ def _in_every_layer(names: list[str], layers: list[str], pattern: str) -> bool:
     return all(any(m.startswith(layer + ".") for m in found) for layer in layers)
 
 
-def _inferred(names: list[str]) -> tuple[str, dict[str, str]] | None:
+def _norms_named(norms: list[str], layers: list[str], pattern: str) -> bool:
+    """Whether `pattern` names every norm on the residual stream inside the layers (per-head q/k norms aside)."""
+    inside = [n for n in norms if any(n.startswith(layer + ".") for layer in layers)]
+    inside = [n for n in inside if not re.search(r"(?:^|\.)[qk]_(?:norm|layernorm)$", n)]
+    return bool(inside) and len(_matches(inside, pattern)) == len(inside)
+
+
+def _inferred(names: list[str], norms: list[str]) -> tuple[str, dict[str, str]] | None:
     """The first table that names each core role in every layer (Llama's FFN input is two: gate and up), with
-    its aliases but `attn`/`xattn`, and but `ln` where that names no norm inside the layers (Apertus calls its
-    norms `attention_layernorm`: Llama's `ln` would have reached the final norm alone, without a word)."""
+    its aliases but `attn`/`xattn`, and but `ln` where that misses a norm inside the layers. Apertus calls its
+    norms `attention_layernorm` (Llama's `ln` would have reached the final norm alone), XLM-R XL adds
+    `self_attn_layer_norm` to BERT's (one of its two norms per layer), each without a word."""
     for canon in CANDIDATES:
         table = ALIASES[canon]
         layers = _matches(names, table["layer"])
         if layers and all(_in_every_layer(names, layers, table[a]) for a in CORE[:-1]):
             keep = {a: p for a, p in table.items() if a not in NOT_INFERRED}
-            if not _in_every_layer(names, layers, table["ln"]):
+            if not _norms_named(norms, layers, table["ln"]):
                 del keep["ln"]
             return canon, keep
     return None
@@ -58,7 +66,9 @@ def follows(model: nn.Module) -> str | None:
     """The model type whose table names each of `model`'s core roles in every layer, or None."""
     cls = type(model)
     if cls not in _seen:
-        _seen[cls] = _inferred([n for n, _ in model.named_modules()])
+        modules = list(model.named_modules())
+        norms = [n for n, m in modules if "norm" in type(m).__name__.lower()]
+        _seen[cls] = _inferred([n for n, _ in modules], norms)
     found = _seen[cls]
     return found[0] if found else None
 
@@ -71,7 +81,7 @@ def inferred_table(model: nn.Module, model_type: str) -> dict[str, str] | None:
     table = _seen[type(model)][1]  # type: ignore[index]
     if model_type not in _warned:
         _warned.add(model_type)
-        unread = "" if "ln" in table else f", nor 'ln' ({canon}'s norm names are not in its layers)"
+        unread = "" if "ln" in table else f", nor 'ln' ({canon}'s norm names miss norms in its layers)"
         warnings.warn(
             f"model type {model_type!r} is not in deltatune's alias tables; its module names follow {canon}'s, "
             f"whose aliases (attn.q, ffn.out, ...) are used for it; 'attn' is not (prefix tuning needs a mapped "
