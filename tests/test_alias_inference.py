@@ -77,7 +77,10 @@ def test_the_aliases_follow_the_table_the_names_follow_and_say_so_once(arch: str
     said = [str(w.message) for w in caught if "alias tables" in str(w.message)]
     assert len(said) == 1 and f"its module names follow {CONFIGS[arch][1]}'s" in said[0]
     assert len(queries) == 2 and all(q.endswith(CONFIGS[arch][2]) for q in queries)
-    with pytest.raises(TargetError, match=rf"'attn' is not mapped for model type '{arch}', whose other aliases follow"):
+    with pytest.raises(
+        ValueError,
+        match=rf"prefix tuning hooks attention modules .* model type '{arch}' are not among them \(alias 'attn'",
+    ):
         dt.attach(model, "prefix")  # how each attention takes its keys is checked family by family
 
 

@@ -131,7 +131,14 @@ class Prefix(Delta):
 
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         cfg = self.config
-        chosen = [(n, False) for n in resolve(model, "attn")]
+        try:
+            chosen = [(n, False) for n in resolve(model, "attn")]
+        except TargetError as err:  # "target modules by name" is no advice here: prefix tuning takes no targets
+            raise ValueError(
+                f"prefix tuning hooks attention modules deltatune has checked, and those of model type "
+                f"{model_type(model)!r} are not among them ({str(err).split('; target modules')[0]}); prompt tuning "
+                "or another method works there"
+            ) from err
         if cfg.cross_attention:
             try:
                 chosen += [(n, True) for n in resolve(model, "xattn")]
