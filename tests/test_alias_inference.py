@@ -150,3 +150,15 @@ def test_ln_is_not_inferred_where_the_table_names_only_some_norms_of_the_layers(
     assert canon == "bert" and "ln" not in table and "attn.q" in table and "attn" not in table
     canon, table = inferred(tf.BertForMaskedLM(tf.BertConfig(**config)))
     assert canon == "bert" and "ln" in table
+
+
+def test_a_prompt_past_roformers_rotary_table_is_refused_in_one_line() -> None:
+    """RoFormer numbers its rotary positions by the whole sequence's length, prompt rows included, from a table
+    of max_position_embeddings rows (64 here): past it transformers failed with "IndexError: index out of range
+    in self" (the default 100 prompt tokens alone did)."""
+    with pytest.raises(ValueError, match=r"num_tokens is 100, but RoFormerModel's position table numbers 64 positions"):
+        dt.attach(_model("roformer", "cls"), "prompt")
+    dm = dt.attach(_model("roformer", "cls"), "prompt", num_tokens=4)
+    dm(input_ids=torch.randint(3, VOCAB, (1, 60)))  # 4 + 60 = 64: fits
+    with pytest.raises(ValueError, match=r"4 prompt tokens \+ 61 input tokens are more than the 64 positions"):
+        dm(input_ids=torch.randint(3, VOCAB, (1, 61)))

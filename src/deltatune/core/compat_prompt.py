@@ -113,3 +113,19 @@ def row_flags_with_prefix(call: CallArgs, n: int, batch: int) -> None:
         if isinstance(given, torch.Tensor) and given.dim() == 2:
             ahead = torch.full((batch, n), value, dtype=given.dtype, device=given.device)
             call.set(keyword, torch.cat([ahead, given.expand(batch, -1)], dim=1))
+
+
+def length_numbered_limit(stack: nn.Module) -> int | None:
+    """Rows a position table deeper in the stack numbers by the whole sequence's length (RoFormer's rotary table,
+    in its encoder, takes the hidden states' shape): a prompt's rows count there, and past its size transformers
+    failed with "IndexError: index out of range in self". The stack's own `embed_positions` (Marian, Pegasus) is
+    renumbered by `shape_numbered_positions` instead, and does not count."""
+    own = getattr(stack, "embed_positions", None)
+    sizes = [
+        m.num_embeddings
+        for m in stack.modules()
+        if m is not own
+        and isinstance(m, nn.Embedding)
+        and next(iter(signature(m).parameters), None) in ("input_ids_shape", "input_shape")
+    ]
+    return min(sizes) if sizes else None

@@ -128,6 +128,16 @@ class Prompt(Delta):
             )
         object.__setattr__(self, "embed", embed)  # the backbone's: not a submodule of ours
         self._limit = compat_rows.tokens_limit(stack, model)  # GPT-Neo: tokens its causal buffer covers
+        self._limit_of = "causal mask covers"
+        table = compat_prompt.length_numbered_limit(stack)  # RoFormer: rows its rotary table numbers
+        if table is not None and (self._limit is None or table < self._limit):
+            self._limit, self._limit_of = table, "position table numbers"
+        if self._limit is not None and cfg.num_tokens >= self._limit:
+            raise ValueError(
+                f"PromptConfig.num_tokens is {cfg.num_tokens}, but {type(stack).__name__}'s {self._limit_of} "
+                f"{self._limit} positions, input tokens included; use fewer prompt tokens (e.g. "
+                f"num_tokens={max(1, min(20, self._limit // 4))})"
+            )
         weight = self.embed.weight
         self.prompt = nn.Parameter(_initial_prompt(cfg, self.embed).to(weight.dtype))
         self.sites[module_name(model, stack)] = self.prompt.numel()
@@ -246,12 +256,13 @@ class Prompt(Delta):
         return call.result()
 
     def _check_limit(self, stack: nn.Module, tokens: int) -> None:
-        """The prompt and `tokens` real tokens (generated ones included) must fit the stack's causal buffer."""
+        """The prompt and `tokens` real tokens (generated ones included) must fit the stack's causal buffer, or the
+        position table it numbers the whole sequence by."""
         n = self.config.num_tokens
         if self._limit is not None and n + tokens > self._limit:
             raise ValueError(
                 f"prompt tuning: {n} prompt tokens + {tokens} input tokens are more than the {self._limit} positions "
-                f"{type(stack).__name__}'s causal mask covers; give at most {self._limit - n} input tokens"
+                f"{type(stack).__name__}'s {self._limit_of}; give at most {self._limit - n} input tokens"
             )
 
     def _shifts(self, peers: list[Prompt] | None, batch: int, device: torch.device) -> torch.Tensor:
