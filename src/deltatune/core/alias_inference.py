@@ -25,7 +25,8 @@ CANDIDATES = ("bert", "llama", "bart", "opt", "gpt2", "gpt_neox")  # in order: B
 CORE = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "layer")
 NOT_INFERRED = ("attn", "xattn")
 
-_seen: dict[type, tuple[str, dict[str, str]] | None] = {}  # model class -> (table followed, its aliases)
+# (model class, its module names) -> (table followed, its aliases): a config can add or drop modules (norms)
+_seen: dict[tuple[type, int], tuple[str, dict[str, str]] | None] = {}
 _warned: set[str] = set()  # model types told about, once per process
 
 
@@ -62,23 +63,27 @@ def _inferred(names: list[str], norms: list[str]) -> tuple[str, dict[str, str]] 
     return None
 
 
+def _found(model: nn.Module) -> tuple[str, dict[str, str]] | None:
+    modules = list(model.named_modules())
+    key = (type(model), hash(tuple(n for n, _ in modules)))
+    if key not in _seen:
+        norms = [n for n, m in modules if "norm" in type(m).__name__.lower()]
+        _seen[key] = _inferred([n for n, _ in modules], norms)
+    return _seen[key]
+
+
 def follows(model: nn.Module) -> str | None:
     """The model type whose table names each of `model`'s core roles in every layer, or None."""
-    cls = type(model)
-    if cls not in _seen:
-        modules = list(model.named_modules())
-        norms = [n for n, m in modules if "norm" in type(m).__name__.lower()]
-        _seen[cls] = _inferred([n for n, _ in modules], norms)
-    found = _seen[cls]
+    found = _found(model)
     return found[0] if found else None
 
 
 def inferred_table(model: nn.Module, model_type: str) -> dict[str, str] | None:
     """The aliases of the table `model`'s names follow, without `attn`/`xattn`; warns which table, once."""
-    canon = follows(model)
-    if canon is None:
+    found = _found(model)
+    if found is None:
         return None
-    table = _seen[type(model)][1]  # type: ignore[index]
+    canon, table = found
     if model_type not in _warned:
         _warned.add(model_type)
         unread = "" if "ln" in table else f", nor 'ln' ({canon}'s norm names miss norms in its layers)"
