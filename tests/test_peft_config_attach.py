@@ -143,3 +143,14 @@ def test_all_linear_is_every_linear_layer_outside_the_head() -> None:
     chosen = dt.resolve(model, "all-linear")
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert chosen == [n for n in linear if not n.startswith("classifier")] and "bert.pooler.dense" in chosen
+
+
+def test_a_config_without_targets_on_a_type_peft_has_no_default_for_names_this_models_own_modules() -> None:
+    """PEFT refuses a LoraConfig without target_modules for ESM ("Please specify `target_modules`"), and so do
+    we; the line suggested ['q_proj', 'v_proj'], which ESM does not have. It names ESM's own query and value."""
+    import transformers as tf
+
+    config = tf.EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, mask_token_id=1, pad_token_id=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"no default for model type 'esm'; .* target_modules=\['query', 'value'\]"):
+        dt.attach(tf.EsmForMaskedLM(config), peft.LoraConfig(r=2))

@@ -126,9 +126,21 @@ def _targets(name: str, field: str, value: Any, model: nn.Module, mapping: str) 
         if value is None:
             raise ValueError(
                 f"{name}.{field} is not set and PEFT has no default for model type {model_type(model)!r}; "
-                "name the modules, e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'"
+                + (
+                    f"name the modules, e.g. {field}={_example(model)} or 'all-linear'"
+                    if field == "target_modules"
+                    else "name the modules"
+                )
             )
     return _as_targets(value)
+
+
+def _example(model: nn.Module) -> list[str]:
+    """This model's query and value projections by their own names (ESM's 'query', 'value'), as PEFT names them."""
+    try:
+        return sorted({n.rpartition(".")[2] for alias in ("attn.q", "attn.v") for n in resolve(model, alias)})
+    except TargetError:
+        return ["q_proj", "v_proj"]
 
 
 def _layers(name: str, value: Any, modules: list[str]) -> set[int] | None:
