@@ -82,7 +82,12 @@ def check(deltas: dict[str, Delta]) -> None:
                 )
             for pname, tensor, shape in tensors:
                 now = params.get(pname, tensor)
-                if now is not None and logical_shape(now) != shape and not _sharded_in_place(now, shape):
+                if (
+                    now is not None
+                    and now.shape != shape
+                    and logical_shape(now) != shape
+                    and not _sharded_in_place(now, shape)
+                ):
                     raise DeltaError(
                         f"delta {dname!r} ({delta.config.method}) was built for {name}.{pname} of shape "
                         f"{tuple(shape)}, which is now {tuple(now.shape)} (resize_token_embeddings after attaching?); "
