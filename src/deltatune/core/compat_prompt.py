@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compat_rows
 from .compat import CallArgs, signature
 
 
@@ -129,3 +130,12 @@ def length_numbered_limit(stack: nn.Module) -> int | None:
         and next(iter(signature(m).parameters), None) in ("input_ids_shape", "input_shape")
     ]
     return min(sizes) if sizes else None
+
+
+def rows_limit(stack: nn.Module, model: nn.Module) -> tuple[int | None, str]:
+    """How many rows, a prompt's included, the stack can take, and what bounds them: a fixed causal buffer (GPT-Neo,
+    `compat_rows.tokens_limit`) or a position table numbered by the whole sequence (`length_numbered_limit`)."""
+    buffer, table = compat_rows.tokens_limit(stack, model), length_numbered_limit(stack)
+    if table is not None and (buffer is None or table < buffer):
+        return table, "position table numbers"
+    return buffer, "causal mask covers"

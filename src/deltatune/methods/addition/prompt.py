@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core import compat, compat_prompt, compat_rows
+from ...core import compat, compat_prompt
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, Hooks, setting
 from ...core.routing import RoutingError
@@ -127,11 +127,7 @@ class Prompt(Delta):
                 "LoRA or adapters on this model"
             )
         object.__setattr__(self, "embed", embed)  # the backbone's: not a submodule of ours
-        self._limit = compat_rows.tokens_limit(stack, model)  # GPT-Neo: tokens its causal buffer covers
-        self._limit_of = "causal mask covers"
-        table = compat_prompt.length_numbered_limit(stack)  # RoFormer: rows its rotary table numbers
-        if table is not None and (self._limit is None or table < self._limit):
-            self._limit, self._limit_of = table, "position table numbers"
+        self._limit, self._limit_of = compat_prompt.rows_limit(stack, model)  # GPT-Neo's mask, RoFormer's table
         if self._limit is not None and cfg.num_tokens >= self._limit:
             raise ValueError(
                 f"PromptConfig.num_tokens is {cfg.num_tokens}, but {type(stack).__name__}'s {self._limit_of} "
