@@ -231,3 +231,36 @@ def test_default_targets_train_where_q_k_v_interleave_and_a_refused_target_names
     )
     code, err = _cli(capsys, *mixtral, "--out", str(tmp_path / "c"), "--method-arg", "targets=attn.k,attn.v")
     assert code == 0, err
+
+
+def test_cli_drops_bitsandbytes_offline_kernel_fetch_line(capsys, caplog) -> None:  # noqa: ANN001
+    """peft imports bitsandbytes (installed with the test extra) inside transformers' first `from_pretrained`;
+    offline, bitsandbytes logs "Failed to load CPU gemm_4bit_forward ... pip install kernels" on CPUs with
+    AVX512-BF16: every `deltatune train` and study worker printed it, with no quantized layer in play. The CLI
+    drops that record alone; any other line of that logger still shows."""
+    import logging
+
+    from deltatune.train.upstream import BNB_CPU_LOGGER, BNB_KERNEL_FETCH
+
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    kept = list(logger.filters)
+    for f in kept:
+        logger.removeFilter(f)
+    try:
+        with caplog.at_level(logging.WARNING, logger=BNB_CPU_LOGGER):
+            logger.warning("%s from kernels-community: offline", BNB_KERNEL_FETCH)
+            assert len(caplog.records) == 1  # as bitsandbytes prints it when nothing drops it
+            caplog.clear()
+            code, _ = _cli(capsys, "tasks")
+            assert code == 0
+            logger.warning("%s from kernels-community: offline", BNB_KERNEL_FETCH)
+            logger.warning("another bitsandbytes warning")
+            assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+            main_twice = len(logger.filters)
+            _cli(capsys, "tasks")
+            assert len(logger.filters) == main_twice  # installed once, however often main() runs
+    finally:
+        for f in list(logger.filters):
+            logger.removeFilter(f)
+        for f in kept:
+            logger.addFilter(f)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from ..core.targeting import TargetError
+from ..train.upstream import quiet_upstream
 from . import evaluate, quickstart, tasks, train
 from . import inspect as inspect_cmd
 from . import study as study_cmd
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     formatter = warnings.formatwarning
     if not debug:  # deltatune's own warnings as a line each, like its errors (not file:line + source)
         warnings.formatwarning = _warning_line
+        quiet_upstream()
     try:
         return _run(args, debug)
     finally:

@@ -127,8 +127,11 @@ def execute(job_text: str) -> str:
             torch.set_num_threads(job["threads"])
         from transformers.utils import logging as hf_logging
 
+        from ..train.upstream import quiet_upstream
+
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        quiet_upstream()
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
