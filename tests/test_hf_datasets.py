@@ -226,3 +226,22 @@ def test_parquet_files_datasets_wrote_keep_their_class_names_and_order(tmp_path:
     assert [(e.text, e.label) for e in task.splits["dev"]] == [("nice", 0), ("awful", 1)]
     (tmp_path / "meta.json").write_text('{"labels": ["neg", "pos"]}')  # meta.json still wins
     assert load_task(tmp_path).labels == ["neg", "pos"]
+
+
+def test_token_level_rows_are_named_as_token_classification_not_sent_to_a_mapping(tmp_path: Path) -> None:
+    """CoNLL-style rows (`tokens`, `ner_tags`): the advice to map `ner_tags=label` led to a second refusal
+    ("several labels per row"). Both the unmapped and the mapped rows now say what the data is."""
+    rows = '{"tokens": ["EU", "rejects"], "ner_tags": [3, 0]}\n{"tokens": ["Peter"], "ner_tags": [1]}\n'
+    (tmp_path / "train.jsonl").write_text(rows)
+    token_level = r"line 1: the rows hold a tag per token \('{}' and '{}'.*token classification \(NER, tagging\)"
+    with pytest.raises(DataError, match=token_level.format("tokens", "ner_tags")):
+        load_task(tmp_path)
+    with pytest.raises(DataError, match=token_level.format("text", "label")):
+        load_task(tmp_path, columns={"tokens": "text", "ner_tags": "label"})
+    ds = D.Dataset.from_dict({"tokens": [["EU", "rejects"]], "ner_tags": [[3, 0]]})
+    with pytest.raises(DataError, match=r"row 0: the rows hold a tag per token"):
+        load_task(ds, name="conll")
+    # multi-label rows (a text and a list of classes) keep their own message
+    (tmp_path / "train.jsonl").write_text('{"text": "a b", "labels": ["joy", "anger"]}\n')
+    with pytest.raises(DataError, match=r"is a list, not one class or number.*multi-label"):
+        load_task(tmp_path)

@@ -94,6 +94,7 @@ def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
         label = row["label"]
         kind = label_kind(label)
         if kind in ("list", "tuple", "dict"):
+            _refuse_token_level(where, row)
             raise DataError(
                 f"{where}: label {label!r} is a {kind}, not one class or number; several labels per row (multi-label) "
                 "are not supported: give each row one label"
@@ -133,10 +134,27 @@ def infer(rows: list[Raw], classes: bool = False) -> tuple[str, list[str]]:
                 '"classification" or "regression"'
             )
         return kind, name_order(str(v) for v in values)
+    _refuse_token_level(*rows[0])
     raise DataError(
         f"{rows[0][0]}: no 'label' (classification) or 'source'/'target' (generation) field in any row; "
         + map_hint(sorted({k for _, r in rows[:1000] for k in r}), "label")
     )
+
+
+def _refuse_token_level(where: str, row: dict) -> None:
+    """Rows with a tag per token (CoNLL-style `tokens` and `ner_tags`, lists of one length) are token
+    classification. The generic advice, mapping a column to `label`, led to a second refusal ("several labels
+    per row"), so such rows are named for what they are."""
+    lists = {k: v for k, v in row.items() if isinstance(v, (list, tuple)) and v}
+    words = [k for k, v in lists.items() if all(isinstance(x, str) for x in v)]
+    for word in words:
+        tags = [k for k, v in lists.items() if len(v) == len(lists[word]) and list(v) != list(lists[word])]
+        if tags:
+            raise DataError(
+                f"{where}: the rows hold a tag per token ({word!r} and {tags[0]!r}, lists of one length): token "
+                "classification (NER, tagging) is not a task deltatune trains; it trains one label, score or "
+                "target text per row (classification, regression, generation)"
+            )
 
 
 def _check_spellings(spelled: dict[str, str]) -> None:
