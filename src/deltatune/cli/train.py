@@ -60,6 +60,8 @@ FIELD_HELP: dict[str, str] = {
     "mixed_precision": "no, bf16 or fp16 (default: %(default)s, float32 throughout)",
     "max_eval": "evaluate on at most this many dev rows, a fixed random sample (default: all)",
     "max_new_tokens": "longest generated text, for generation tasks (default: %(default)s)",
+    "report_to": "log the run to experiment trackers: tensorboard, wandb, mlflow, trackio, ... (comma-separated, "
+    "or all; TensorBoard writes under <out>/logs; default: none)",
 }
 # The range each numeric setting must be in; others are checked by their type (numbers above 0).
 FIELD_TYPE: dict[str, Any] = {
@@ -179,6 +181,9 @@ def spec_from_args(args: argparse.Namespace, task: Any = None):  # noqa: ANN201
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "progress"}
     )
     train.progress = not args.quiet
+    from ..train.tracking import parse
+
+    parse(train.report_to)  # a tracker not installed is refused before the model loads, not after
     label = "full" if args.full else ("+".join(methods) or "head")
     model_tag = Path(args.model).name
     out = args.out or f"runs/{Path(str(args.task)).stem}-{label}-{model_tag}-s{args.seed}"

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..methods import METHODS
 from ..train.checks import MAX_SEED, check_max_length
+from ..train.tracking import parse as parse_trackers
 from ..train.trainer import TrainConfig
 from .grid import Method, StudySpec, combination_labels, task_name  # noqa: F401 - importable from here, as before
 from .lr_grid import parse as parse_lr_grid
@@ -171,6 +172,10 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         TrainConfig(**train)
     except TypeError as err:
         raise _fail("train", str(err), "check the training settings") from err
+    try:  # every run would fail on a tracker not installed: refused with the spec, before the first run
+        parse_trackers(train.get("report_to"))
+    except ValueError as err:
+        raise _fail("train.report_to", str(err), "install it, or drop report_to") from err
     models = [str(m) for m in _list(raw, "models", ["minilm-l6"])]
     methods = _parse_methods(raw.get("methods"))
     seeds = _list(raw, "seeds", [42])

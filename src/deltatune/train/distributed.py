@@ -56,8 +56,15 @@ def end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int, batch_size: int) -> Any:
-    """An Accelerator for a run's precision, gradient accumulation and global batch size.
+def make_accelerator(
+    mixed_precision: str,
+    grad_accum: int,
+    batch_size: int,
+    log_with: list[str] | None = None,
+    logging_dir: str | None = None,
+) -> Any:
+    """An Accelerator for a run's precision, gradient accumulation, global batch size and trackers
+    (`log_with`, checked by train.tracking.parse; `logging_dir` for those that write files).
 
     accelerate keeps its state in a process-wide singleton that refuses a second precision; a study
     runs fp32 and bf16 runs one after another in one process, so outside a distributed launch the
@@ -89,4 +96,6 @@ def make_accelerator(mixed_precision: str, grad_accum: int, batch_size: int) -> 
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=log_with or None,
+        project_dir=logging_dir,
     )

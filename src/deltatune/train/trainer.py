@@ -26,7 +26,7 @@ from ..core import atomic
 from ..core.delta import Delta, DeltaConfig
 from ..core.model import DeltaModel
 from ..data.tasks import Example, Task
-from . import checkpoint
+from . import checkpoint, tracking
 from .distributed import global_mean, make_accelerator
 from .evaluation import eval_sample, evaluate, majority_metrics
 from .objectives import has_lm_head, objective_for
@@ -36,6 +36,7 @@ FULL_FT_LR = 5e-5
 
 
 STOP_REASONS = ("patience", "max_steps", "max_epochs", "diverged")
+RUN_ONLY = ("progress", "report_to")  # how a run shows itself, not what it trains: a resume may change them
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,6 +76,7 @@ class TrainConfig:
     max_eval: int | None = None  # cap on dev examples per evaluation
     max_new_tokens: int = 48
     progress: bool = True
+    report_to: str | None = None  # trackers: "tensorboard", "wandb", "mlflow", ... comma-separated (train/tracking.py)
 
 
 @dataclasses.dataclass
@@ -132,7 +134,7 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _settings(cfg: TrainConfig, dm: DeltaModel | None, task: Task, n_train: int, n_dev: int) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint (JSON, as it is stored)."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
     deltas = {n: d.config.to_dict() for n, d in dm.deltas.items()} if dm is not None else None
     info = {"train": train, "deltas": deltas, "task": task.name, "labels": task.labels, "examples": [n_train, n_dev]}
     return json.loads(json.dumps(info, default=str))
@@ -222,7 +224,9 @@ def fit(
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * max_steps), max_steps)
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.batch_size)
+    trackers = tracking.parse(cfg.report_to)
+    logs = tracking.logging_dir(output_dir, trackers)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.batch_size, trackers, logs)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     resume_dir = Path(output_dir) if resume and output_dir is not None else None
@@ -235,6 +239,8 @@ def fit(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
+    run_name = Path(output_dir).name if output_dir is not None else f"{task.name}-{mode}"
+    tracking.start(accelerator, trackers, run_name, {**settings, "mode": mode, "trainable": trainable})
     history: list[dict[str, Any]] = []
     primary = task.primary_metric
     # until a first evaluation, the "best" state is the starting one: a run that diverges early keeps it
@@ -268,6 +274,7 @@ def fit(
             **metrics,
         }
         history.append(row)
+        accelerator.log(tracking.evaluation(row), step=step)
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -347,6 +354,9 @@ def fit(
     )  # fmt: skip
     if test_examples is not None:
         result.test = evaluate(unwrapped, objective, list(test_examples), task, cfg.eval_batch_size)
+    if trackers:
+        accelerator.log(tracking.summary(result.best, result.best_step, result.test), step=step)
+        accelerator.end_training()
     if out is not None:
         _save(unwrapped, dm, out, result, task, cfg, metadata)
     return unwrapped, result
@@ -374,7 +384,7 @@ def _save(
         "best_step": result.best_step,
         "test": result.test,
         "mode": result.mode,
-        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"} if cfg else None,
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY} if cfg else None,
         **(metadata or {}),
     }
     if cfg is not None and dm is not None:  # the rates the run used, where cfg.lr=None meant each method's own
