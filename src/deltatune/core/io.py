@@ -287,7 +287,7 @@ def load_into(
     name = name or meta.get("name") or "default"
     if not isinstance(name, str):
         raise DeltaIOError(f"delta.json names the delta {name!r}, not a string; pass name=... or fix the JSON")
-    _check_one_head(dm, path, tensors)
+    check_one_head(dm, str(path), {k.removeprefix(HEAD): v for k, v in tensors.items() if k.startswith(HEAD)})
     dm.add(name, config, enabled=enabled)
     try:
         _load_into(dm, name, tensors, meta)
@@ -299,26 +299,30 @@ def load_into(
     return dm
 
 
-def _check_one_head(dm: DeltaModel, path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+HEAD_FIX = (
+    "load it with head=False if both were trained for one head, or serve deltas with their own heads on separate models"
+)
+
+
+def check_one_head(dm: DeltaModel, source: str, head: dict[str, torch.Tensor], fix: str = HEAD_FIX) -> None:
     """Rows share the backbone's one task head: a second delta's own head would replace the first's,
     and the first delta's rows would be scored by it without a word (deltas served side by side).
 
     The first may have been loaded with its head, or attached and trained here against the head the
-    model holds now: either way its outputs depend on that head."""
+    model holds now: either way its outputs depend on that head. `head`: the new head's tensors by their names
+    in the backbone (a saved delta's, or a PEFT adapter's `modules_to_save`)."""
     previous = getattr(dm, "_head_source", None)
     if previous not in dm.deltas:
         previous = next(iter(dm.deltas), None)
     if previous is None:
         return
     params = dict(dm.backbone.named_parameters())
-    for key, value in tensors.items():
-        k = key.removeprefix(HEAD)
-        if key.startswith(HEAD) and k in params and params[k].shape == value.shape:
+    for k, value in head.items():
+        if k in params and params[k].shape == value.shape:
             if not torch.equal(params[k], value.to(dtype=params[k].dtype, device=params[k].device)):
                 raise DeltaIOError(
-                    f"{path} carries its own task head, but delta {previous!r} brought another and rows share the "
-                    f"backbone's one head, so {previous!r} would run with this one: load it with head=False if both "
-                    "were trained for one head, or serve deltas with their own heads on separate models"
+                    f"{source} carries its own task head, but delta {previous!r} brought another and rows share the "
+                    f"backbone's one head, so {previous!r} would run with this one: {fix}"
                 )
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.atomic import replacing_folder
-from ..core.io import HEAD
+from ..core.io import HEAD, check_one_head
 from ..core.model import DeltaModel
 from ..core.targeting import head_names, in_head
 from .tensor_files import read_tensors
@@ -46,6 +46,12 @@ COMMON_FIELDS = frozenset(
 )  # fmt: skip
 # where an injected-layer method went: the saved tensors name the modules themselves
 TARGETING_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"})
+
+
+ONE_HEAD_FIX = (
+    "import each adapter with its own head onto a model of its own, or, if both were trained for one head, "
+    "remove the head's tensors (modules_to_save) from this adapter's file"
+)
 
 
 class PeftFormatError(ValueError):
@@ -158,9 +164,22 @@ def split(tensors: dict[str, torch.Tensor], prefix: str, is_adapter) -> tuple[di
     return adapter, head
 
 
-def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
-    """Before anything is attached: every saved head tensor has a place of the same shape."""
+def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Before anything is attached: every saved head tensor has a place of the same shape, and no delta already
+    on the model depends on the head this one would replace (core.io.check_one_head). Returns the head to copy.
+
+    PEFT's `save_embedding_layers="auto"` also writes the untouched base weight of a targeted `lm_head` or
+    embedding (`lm_head.base_layer.weight`); such a copy must equal the model's weight and is not copied."""
     params = dict(dm.backbone.named_parameters())
+    head = dict(head)
+    for key in [k for k in head if ".base_layer." in k]:
+        own = _parameter(dm.backbone, key.replace(".base_layer.", "."))
+        saved = head.pop(key)
+        if own is None or own.shape != saved.shape or not torch.equal(own.detach().cpu(), saved.to(own.dtype)):
+            raise PeftFormatError(
+                f"the adapter saves {key!r}, the base weight under its delta, and this model's differs: another "
+                "base model, or embeddings resized differently"
+            )
     shared = {id(p): n for n, p in params.items()}
     for k in head:  # a tied weight (GPT-2's lm_head is the input embeddings) is listed under its first name only
         tied = _parameter(dm.backbone, k) if k not in params else None
@@ -186,6 +205,8 @@ def check_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
                 f"the adapter's head tensor {k!r} has shape {tuple(v.shape)}, this model's {tuple(params[k].shape)}: "
                 "load the backbone with the same number of labels"
             )
+    check_one_head(dm, "the adapter", head, ONE_HEAD_FIX)
+    return head
 
 
 def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
@@ -196,16 +217,31 @@ def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
 
 
 @torch.no_grad()
-def copy_head(dm: DeltaModel, head: dict[str, torch.Tensor]) -> None:
+def copy_head(dm: DeltaModel, head: dict[str, torch.Tensor], name: str) -> None:
+    """The adapter's head into the model, recorded as delta `name`'s (a later import with another is refused)."""
     params = dict(dm.backbone.named_parameters())
     for key, value in head.items():
         params[key].copy_(value.to(params[key].dtype))
     if head:
         dm.freeze(train_head=True)  # PEFT trained it (modules_to_save); keep training it
+        dm._head_source = name
 
 
-def head_for_export(dm: DeltaModel, prefix: str, include_head: bool) -> tuple[dict[str, torch.Tensor], list | None]:
-    """The head tensors under PEFT's keys, and the `modules_to_save` naming their modules."""
+def head_for_export(
+    dm: DeltaModel, prefix: str, include_head: bool | None
+) -> tuple[dict[str, torch.Tensor], list | None]:
+    """The head tensors under PEFT's keys, and the `modules_to_save` naming their modules.
+
+    `include_head=None` (the exporters' default): the head, unless it is a language model's own head that
+    neither trains nor came with a loaded delta. That one is the base checkpoint's: saving it wrote a
+    vocabulary x hidden copy into every causal LM's adapter and made PEFT train it (`modules_to_save`). A
+    classifier's head is always saved: the base checkpoint holds none, or a random one."""
+    if include_head is None:
+        generative = task_type(dm.backbone) in ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+        names = dm.head_parameter_names()
+        params = dict(dm.backbone.named_parameters())
+        trained = any(params[n].requires_grad for n in names) or getattr(dm, "_head_source", None) in dm.deltas
+        include_head = not generative or trained
     if not include_head:
         return {}, None
     tensors = {prefix + k.removeprefix(HEAD): v for k, v in dm.head_state_dict().items()}
@@ -225,7 +261,8 @@ def check_sites_outside_head(dm: DeltaModel, sites: Any, modules_to_save: list |
         raise PeftFormatError(
             f"the delta sits on {on_head[0]!r}, part of the task head that PEFT saves whole (modules_to_save) and "
             "would load without the delta: the export would give other outputs; attach the delta to backbone "
-            "modules only and train the head with train_head=True, or export_merged for a plain checkpoint"
+            "modules only and train the head with train_head=True, export with include_head=False if the head "
+            "did not train, or export_merged for a plain checkpoint"
         )
 
 

@@ -18,7 +18,6 @@ from torch import nn
 from ..core.delta import safe_key
 from ..core.layers import is_transposed
 from ..core.model import DeltaModel
-from ..core.targeting import resolve
 from ..methods.addition.ia3 import IA3Config
 from .peft_common import (
     PREFIX,
@@ -35,6 +34,7 @@ from .peft_common import (
     read_adapter,
     write_folder,
 )
+from .peft_names import all_or_nothing, check_modules, rebase
 
 MARK = ".ia3_l"
 # PEFT IA3Config fields (0.21) the import honors or that leave the outputs unchanged: feedforward_modules (the
@@ -42,6 +42,7 @@ MARK = ".ia3_l"
 FIELDS = TARGETING_FIELDS | {"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"}
 
 
+@all_or_nothing
 def import_peft_ia3(
     model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: Collection[str] = ()
 ) -> DeltaModel:
@@ -49,6 +50,7 @@ def import_peft_ia3(
 
     `ignore_fields`: adapter_config.json fields unknown to this import that you know leave the outputs as they are."""
     config, adapter, head = read_adapter(folder, "IA3", lambda k: k.endswith(MARK), "ia3_l")
+    adapter = rebase(model, adapter)
     check_fields(config, "(IA)^3", FIELDS, None, ignore_fields)
     vectors = {k.removesuffix(MARK): v for k, v in adapter.items()}
     bad = [m for m, v in vectors.items() if v.dim() != 2 or 1 not in v.shape]
@@ -58,8 +60,8 @@ def import_peft_ia3(
         )
     feedforward = tuple(m for m, v in vectors.items() if v.shape[0] == 1 and v.shape[1] != 1)
     dm = as_delta_model(model)
-    resolve(dm.backbone, tuple(vectors))  # the adapter's modules must exist: a TargetError names close ones
-    check_head(dm, head)
+    check_modules(dm, vectors, PeftFormatError)  # the adapter's modules must exist, by their full names
+    head = check_head(dm, head)
     dm.add(name, IA3Config(targets=tuple(vectors), feedforward=feedforward))
     delta = dm.delta(name)
     with torch.no_grad():
@@ -71,12 +73,12 @@ def import_peft_ia3(
                     f"{module}.ia3_l has {v.numel()} entries, this model needs {target.numel()}: another base model?"
                 )
             target.copy_(v.reshape(-1))
-    copy_head(dm, head)
+    copy_head(dm, head, name)
     return dm
 
 
 def export_peft_ia3(
-    dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool = True
+    dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool | None = None
 ) -> Path:
     """Write an (IA)^3 delta as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
     delta = exported_delta(dm, name, ("ia3",), "(IA)^3", "IA3 format")

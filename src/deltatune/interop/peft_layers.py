@@ -27,7 +27,6 @@ from torch import nn
 from ..core.delta import safe_key
 from ..core.layers import is_transposed, linear_dims
 from ..core.model import DeltaModel
-from ..core.targeting import resolve
 from ..methods import METHODS
 from ..methods.reparameterization.oft import nearest_divisor
 from .peft_common import (
@@ -47,6 +46,7 @@ from .peft_common import (
     split,
     write_folder,
 )
+from .peft_names import all_or_nothing, check_modules, rebase
 
 Tensors = dict[str, torch.Tensor]
 
@@ -267,6 +267,7 @@ def _modules(fmt: Format, adapter: Tensors) -> dict[str, Tensors]:
     return modules
 
 
+@all_or_nothing
 def import_peft_layers(
     model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: Collection[str] = ()
 ) -> DeltaModel:
@@ -284,13 +285,14 @@ def import_peft_layers(
     check_bias(config)
     projections = {k: tensors.pop(k) for k in ("base_model.vera_A", "base_model.vera_B") if k in tensors}
     adapter, head = split(tensors, PREFIX, lambda k: fmt.marker in k)
+    adapter = rebase(model, adapter)
     modules = _modules(fmt, adapter)
     if not modules:
         raise PeftFormatError(f"{folder / WEIGHTS} holds no {peft_type} tensors")
     dm = as_delta_model(model)
-    resolve(dm.backbone, tuple(modules))  # the adapter's modules must exist: a TargetError names close ones
+    check_modules(dm, modules, PeftFormatError)  # the adapter's modules must exist, by their full names
     settings = fmt.settings(config, modules, dm.backbone) | {"targets": tuple(modules)}
-    check_head(dm, head)
+    head = check_head(dm, head)
     dm.add(name, METHODS[fmt.method](**settings))
     delta = dm.delta(name)
     try:
@@ -315,7 +317,7 @@ def import_peft_layers(
     except PeftFormatError:
         dm.detach(name)
         raise
-    copy_head(dm, head)
+    copy_head(dm, head, name)
     return dm
 
 
@@ -330,7 +332,7 @@ def _check_projections(delta: nn.Module, saved: dict[str, torch.Tensor]) -> None
 
 
 def export_peft_layers(
-    dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool = True
+    dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool | None = None
 ) -> Path:
     """Write a LoHa/LoKr/OFT/VeRA/AdaLoRA delta as a PEFT adapter folder `PeftModel.from_pretrained` loads."""
     delta = dm.delta(name)

@@ -32,11 +32,13 @@ from .peft_common import (
     read_adapter,
     write_folder,
 )
+from .peft_names import all_or_nothing, check_modules, rebase
 
 MARK = ".ln_tuning_layers."
 FIELDS = TARGETING_FIELDS  # LNTuningConfig (0.21) has no other field than the common ones
 
 
+@all_or_nothing
 def import_peft_ln(
     model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: Collection[str] = ()
 ) -> DeltaModel:
@@ -44,11 +46,13 @@ def import_peft_ln(
 
     `ignore_fields`: adapter_config.json fields unknown to this import that you know leave the outputs as they are."""
     config, adapter, head = read_adapter(folder, "LN_TUNING", lambda k: MARK in k, "ln_tuning_layers")
+    adapter = rebase(model, adapter)
     check_fields(config, "LN tuning", FIELDS, None, ignore_fields)
     trained = {k.replace(MARK, "."): v for k, v in adapter.items()}  # "<module>.<param>"
     modules = tuple(sorted({k.rsplit(".", 1)[0] for k in trained}))
     dm = as_delta_model(model)
-    check_head(dm, head)
+    check_modules(dm, modules, PeftFormatError)
+    head = check_head(dm, head)
     dm.add(name, LayerNormConfig(targets=modules))
     delta = dm.delta(name)
     here = {ref.name: key for key, ref in delta._refs.items()}
@@ -68,13 +72,18 @@ def import_peft_ln(
                     f"{pname} has shape {tuple(value.shape)} in the adapter, here {tuple(original.shape)}"
                 )
             delta.delta[key].copy_(value.to(original.dtype) - original)
-    copy_head(dm, head)
+    copy_head(dm, head, name)
     return dm
 
 
-def export_peft_ln(dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool = True) -> Path:
+def export_peft_ln(
+    dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool | None = None
+) -> Path:
     """Write a layernorm delta as a PEFT LN tuning folder (W + D per parameter)."""
     delta = exported_delta(dm, name, ("layernorm",), "layernorm", "LN_TUNING")
+    # the file holds whole norm weights, read from the backbone: a merged delta is in them already (the export
+    # wrote W + 2D for its own merged delta, with no error), and another merged delta is not this adapter's
+    dm._refuse_while_merged(f"export {name!r} as PEFT LN tuning (its file holds whole norm weights)")
     tensors, heads = head_for_export(dm, PREFIX, include_head)
     modules = set()
     with torch.no_grad():

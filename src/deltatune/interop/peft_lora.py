@@ -22,7 +22,6 @@ from torch import nn
 from ..core.delta import safe_key
 from ..core.layers import is_transposed
 from ..core.model import DeltaModel
-from ..core.targeting import resolve
 from ..methods.reparameterization.dora import DoRAConfig
 from ..methods.reparameterization.lora import LoRAConfig, pattern_value
 from .peft_common import (
@@ -43,6 +42,7 @@ from .peft_common import (
     write_folder,
 )
 from .peft_init import initial_offset, residual_kind
+from .peft_names import all_or_nothing, check_modules, rebase
 
 _UNSUPPORTED = {
     "lora_bias": "trained LoRA biases",
@@ -101,6 +101,7 @@ def _check(config: dict, ignore_fields: tuple[str, ...] = ()) -> None:
     check_bias(config)
 
 
+@all_or_nothing
 def import_peft_lora(
     model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: tuple[str, ...] = ()
 ) -> DeltaModel:
@@ -115,6 +116,7 @@ def import_peft_lora(
     residual = residual_kind(config, tuple(ignore_fields))
     dora = bool(config.get("use_dora"))
     adapter, head = split(tensors, PREFIX, lambda k: ".lora_" in k)
+    adapter = rebase(model, adapter)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in adapter.items():
         for part, marker in (("A", ".lora_A.weight"), ("B", ".lora_B.weight"), ("m", ".lora_magnitude_vector")):
@@ -129,7 +131,7 @@ def import_peft_lora(
     if broken:
         raise PeftFormatError(f"modules with only one LoRA factor in {WEIGHTS}: {broken[:4]}")
     dm = as_delta_model(model)
-    resolve(dm.backbone, tuple(factors))  # the adapter's modules must exist: a TargetError names close ones
+    check_modules(dm, factors, PeftFormatError)  # the adapter's modules must exist, by their full names
     grow = 2 if residual else 1
     r = int(config["r"])
     per_module = {}
@@ -144,7 +146,7 @@ def import_peft_lora(
             r_m, alpha_m = grow * r_m, grow * alpha_m
         per_module[module] = (r_m, alpha_m)
     lora = lora_config(config, tuple(factors), r * grow, peft_alpha(config, r) * grow, per_module)
-    check_head(dm, head)
+    head = check_head(dm, head)
     dm.add(name, lora)
     delta = dm.delta(name)
     with torch.no_grad():
@@ -159,12 +161,12 @@ def import_peft_lora(
                         f"this model needs {tuple(target.shape)}: another base model?"
                     )
                 target.copy_(f[part])
-    copy_head(dm, head)
+    copy_head(dm, head, name)
     return dm
 
 
 def export_peft_lora(
-    dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool = True
+    dm: DeltaModel, folder: str | os.PathLike, name: str = "default", include_head: bool | None = None
 ) -> Path:
     """Write a LoRA delta as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
     delta = dm.delta(name)

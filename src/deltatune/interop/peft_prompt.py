@@ -47,6 +47,7 @@ from .peft_common import (
     task_type,
     write_folder,
 )
+from .peft_names import all_or_nothing
 
 KEY = "prompt_embeddings"
 RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # no position embeddings a shift could change
@@ -122,6 +123,7 @@ def _read(folder: Path, peft_type: str, ignore_fields: Collection[str]) -> tuple
     return config, tensors[KEY], head
 
 
+@all_or_nothing
 def import_peft_prompt(
     model: nn.Module,
     folder: str | os.PathLike,
@@ -142,7 +144,7 @@ def import_peft_prompt(
         )
     dm = as_delta_model(model)
     _check_pooling(dm.backbone, outputs_may_differ)
-    check_head(dm, head)
+    head = check_head(dm, head)
     dm.add(name, PromptConfig(num_tokens=int(embeddings.shape[0]), positions="shift"))
     prompt = dm.delta(name).prompt
     if prompt.shape != embeddings.shape:
@@ -150,7 +152,7 @@ def import_peft_prompt(
         raise PeftFormatError(f"{KEY} has shape {tuple(embeddings.shape)}, this model needs {tuple(prompt.shape)}")
     with torch.no_grad():
         prompt.copy_(embeddings)
-    copy_head(dm, head)
+    copy_head(dm, head, name)
     return dm
 
 
@@ -158,7 +160,7 @@ def export_peft_prompt(
     dm: DeltaModel,
     folder: str | os.PathLike,
     name: str = "default",
-    include_head: bool = True,
+    include_head: bool | None = None,
     *,
     positions_may_differ: bool = False,
     outputs_may_differ: bool = False,
@@ -200,6 +202,7 @@ def _check_decoder_only(model: nn.Module) -> None:
         )
 
 
+@all_or_nothing
 def import_peft_prefix(
     model: nn.Module, folder: str | os.PathLike, name: str = "default", *, ignore_fields: Collection[str] = ()
 ) -> DeltaModel:
@@ -209,7 +212,7 @@ def import_peft_prefix(
     config, embeddings, head = _read(folder, "PREFIX_TUNING", ignore_fields)
     dm = as_delta_model(model)
     _check_decoder_only(dm.backbone)
-    check_head(dm, head)
+    head = check_head(dm, head)
     n = int(embeddings.shape[0])
     dm.add(name, PrefixConfig(num_tokens=n, reparameterize=False, positions="shift"))
     delta = dm.delta(name)
@@ -234,7 +237,7 @@ def import_peft_prefix(
             kv = embeddings[:, offset : offset + 2 * site.width].reshape(n, 2, site.width).transpose(0, 1)
             delta.prefixes[site.key].copy_(kv)
             offset += 2 * site.width
-    copy_head(dm, head)
+    copy_head(dm, head, name)
     return dm
 
 
@@ -242,7 +245,7 @@ def export_peft_prefix(
     dm: DeltaModel,
     folder: str | os.PathLike,
     name: str = "default",
-    include_head: bool = True,
+    include_head: bool | None = None,
     *,
     positions_may_differ: bool = False,
 ) -> Path:
