@@ -65,12 +65,17 @@ def test_lora_merge_twice_and_unmerge_unmerged_are_errors() -> None:
 def test_lora_dropout_is_stochastic_in_training_and_off_in_eval() -> None:
     model = make_model("bert")
     inputs = make_inputs(model)
+    for module in model.modules():  # backbone dropout off: only LoRA's dropout acts
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     dm = dt.attach(model, dt.METHODS["lora"](dropout=0.5))
     _randomize(dm)
     dm.train()
-    model.eval()  # backbone dropout off: only LoRA's dropout acts
     a, b = logits(dm, inputs), logits(dm, inputs)
     assert not torch.equal(a, b)
+    model.eval()  # the model users hold, switched to eval: the deltas follow it (as PEFT's layers inside it do)
+    assert torch.equal(logits(dm, inputs), logits(dm, inputs))
+    dm.train()
     dm.eval()
     assert torch.equal(logits(dm, inputs), logits(dm, inputs))
 

@@ -360,3 +360,21 @@ def generation_cache(dm: DeltaModel, delta_ids: Any, kwargs: dict[str, Any]) -> 
     default = getattr(getattr(dm.backbone, "generation_config", None), "cache_implementation", None)
     if asked is None and default not in _GROWING:
         kwargs["cache_implementation"] = "dynamic"
+
+
+def check_head_trains(dm: DeltaModel) -> None:
+    """`train_head=True` on a language model whose head is its input embeddings (GPT-2, Llama with
+    tie_word_embeddings): the head's weight is listed under the embeddings, so no head parameter trains and the
+    run trained the deltas alone, without a word. Said once, when asked for."""
+    from .targeting import head_names
+
+    heads = head_names(dm.backbone)
+    if heads and not dm.head_parameter_names():
+        import warnings
+
+        warnings.warn(
+            f"train_head=True, but this model's head ({', '.join(heads)}) shares its weight with the input embeddings "
+            "(tie_word_embeddings), so no head parameter trains: load the model with tie_word_embeddings=False to "
+            "train a head of its own, or attach a delta to it (targets='head')",
+            stacklevel=4,
+        )

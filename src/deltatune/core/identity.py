@@ -88,6 +88,18 @@ def signature(p: torch.Tensor) -> list[float]:
     return signatures([p])[0]
 
 
+def merged_names(model: nn.Module) -> set[str]:
+    """The parameters that deltas merged into this model have changed (by plain name): they are the base weights
+    plus a delta, so they say nothing of which checkpoint the model is. Saving one delta while another was merged
+    recorded them, and the right model was then refused as "another checkpoint"."""
+    from .marks import OWNER
+    from .merge import merged_tensors
+
+    ref = vars(model).get(OWNER)
+    dm = ref() if callable(ref) else None
+    return merged_tensors(dm) if dm is not None and dm.backbone is model else set()
+
+
 def _structure(params: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
     for name, p in params:
@@ -104,7 +116,9 @@ def fingerprint(model: nn.Module, params: list[tuple[str, torch.Tensor]] | None 
         flat = p.detach().reshape(-1)
         probes[name] = [float(v) for v in flat[probe_index(flat.numel(), _SLICE).to(flat.device)].float().cpu()]
     config = getattr(model, "config", None)
-    sigs = iter(signatures([p for _, p in params if not is_quantized(p)]))
+    merged = merged_names(model)
+    unsigned = [is_quantized(p) or name in merged for name, p in params]
+    sigs = iter(signatures([p for (_, p), skip in zip(params, unsigned, strict=True) if not skip]))
     return {
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None),
@@ -114,8 +128,9 @@ def fingerprint(model: nn.Module, params: list[tuple[str, torch.Tensor]] | None 
         "transformers": transformers.__version__,  # releases rename modules (ViT, DINOv2 from 4.x to 5.x)
         "dtypes": dtypes,
         "probes": probes,
-        # one [sum, sum, magnitude] triple per parameter (None: quantized), in the structure hash's sorted order
-        "signatures": [None if is_quantized(p) else [float(f"{v:.4g}") for v in next(sigs)] for _, p in params],
+        # one [sum, sum, magnitude] triple per parameter (None: quantized, or changed by a merged delta), in the
+        # structure hash's sorted order
+        "signatures": [None if skip else [float(f"{v:.4g}") for v in next(sigs)] for skip in unsigned],
     }
 
 
@@ -160,7 +175,10 @@ def check(saved: dict[str, Any], model: nn.Module) -> None:
             ):
                 raise IdentityError("delta.json's backbone signatures are malformed; was the JSON edited?")
         compared = [(name, p, pair) for (name, p), pair in zip(params, recorded, strict=True)]
-        compared = [(name, p, pair) for name, p, pair in compared if pair is not None and not is_quantized(p)]
+        merged = merged_names(model)
+        compared = [
+            (n, p, pair) for n, p, pair in compared if pair is not None and not is_quantized(p) and n not in merged
+        ]
         here = signatures([p for _, p, _ in compared])
         for (name, _, pair), (*sums, mag) in zip(compared, here, strict=True):
             tol = _RTOL * max(mag, abs(pair[2])) + 1e-6

@@ -11,6 +11,7 @@ import copy
 import inspect
 import itertools
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,6 +81,7 @@ def merge_in(dm: DeltaModel, name: str, undoable: bool) -> None:
         )
     undo = _low_precision_tensors(dm.backbone, delta) if undoable else {}
     delta._undo = {key: tensor.detach().clone() for key, tensor in undo.items()}
+    delta._merge_dtypes = {k: t.dtype for k, t in _site_tensors(dm.backbone, delta).items() if t.is_floating_point()}
     delta._merge_seq = next(_MERGE_SEQ)
     delta.merge_into(dm.backbone)
     delta.merged = True
@@ -161,9 +163,31 @@ def _site_tensors(backbone: nn.Module, delta: Delta) -> dict[tuple[str, str], to
     return out
 
 
+def merged_tensors(dm: DeltaModel) -> set[str]:
+    """Plain names of the backbone tensors that the merged deltas have written into."""
+    return {f"{site}.{pname}" for d in dm.deltas.values() if d.merged for site, pname in _site_tensors(dm.backbone, d)}
+
+
 def _low_precision_tensors(backbone: nn.Module, delta: Delta) -> dict[tuple[str, str], torch.Tensor]:
     tensors = _site_tensors(backbone, delta)
     return {k: t for k, t in tensors.items() if t.is_floating_point() and t.element_size() < 4}
+
+
+def _warn_if_cast(dm: DeltaModel, delta: Delta, name: str) -> None:
+    """A merge in float32 followed by a cast to bfloat16 (`dm.to(torch.bfloat16)`) leaves weights that hold the
+    delta rounded to the new precision: the subtraction gives the base back only to that rounding (LoRA: 7e-4
+    off the bfloat16 base), where an unmerge is otherwise bitwise or 1e-6. Said, not silent."""
+    now = _site_tensors(dm.backbone, delta)
+    cast = sorted({(str(dtype), str(now[k].dtype)) for k, dtype in getattr(delta, "_merge_dtypes", {}).items()
+                   if k in now and now[k].dtype != dtype})  # fmt: skip
+    if cast:
+        before, after = cast[0]
+        warnings.warn(
+            f"delta {name!r} was merged into {before.removeprefix('torch.')} weights that are now "
+            f"{after.removeprefix('torch.')}: unmerging gives the base back only to within that precision's rounding "
+            "(unmerge before casting, or cast the model before merging, to get it back exactly)",
+            stacklevel=5,
+        )
 
 
 def unmerge_out(dm: DeltaModel, name: str) -> None:
@@ -174,6 +198,7 @@ def unmerge_out(dm: DeltaModel, name: str) -> None:
     if not delta.merged:
         raise DeltaError(f"delta {name!r} is not merged; nothing to unmerge")
     refuse_merge(dm, f"unmerge {name!r}")
+    _warn_if_cast(dm, delta, name)
     delta.unmerge_from(dm.backbone)
     delta.merged = False
     undo, delta._undo = delta._undo, {}

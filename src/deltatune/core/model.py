@@ -224,6 +224,8 @@ class DeltaModel(nn.Module):
         if train_head is not None:
             self.train_head = train_head
         self.freeze()
+        if train_head is True:
+            conventions.check_head_trains(self)
         conventions.check_added(self, name)  # after SFTTrainer patched the forward: refused deltas are detached
         return self
 

@@ -96,7 +96,8 @@ def check(deltas: dict[str, Delta]) -> None:
 
 
 def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
-    """Anchor the deltas added since the last call; check every delta's modules before each forward of `backbone`."""
+    """Anchor the deltas added since the last call; check every delta's modules before each forward of `backbone`,
+    and give the deltas the backbone's train/eval mode."""
     for delta in deltas.values():
         if not hasattr(delta, "_anchors"):
             anchor(backbone, delta)
@@ -111,7 +112,15 @@ def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
                 "the model and attach one library's adapters (dt.attach(model, lora_config) reads a PEFT LoraConfig)"
             )
         check(deltas)
+        # `model.eval()` / `model.train()` on the backbone does not reach the deltas, held beside it: their dropout,
+        # AdaLoRA's orthogonality term and diff pruning's gates kept the mode they were added in. A change of the
+        # backbone's mode is passed on; a delta switched on its own afterwards (`delta.train()`) keeps its mode.
+        if module.training != seen["mode"]:
+            seen["mode"] = module.training
+            for delta in deltas.values():
+                delta.train(module.training)
 
+    seen = {"mode": backbone.training}
     setattr(backbone, HANDLE, backbone.register_forward_pre_hook(before_forward))
 
 

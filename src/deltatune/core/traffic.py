@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from .claims import check_routes
+from .delta import DeltaError
 from .routing import RowIds, refuse_recomputation, row_names
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Traffic:
         self._router: int | None = None
         self._depth = 0
         self._waiting = 0  # routed batches and switches waiting: new plain calls let them in first
+        self.batches = 0  # routed batches open (in the router's thread): a switch inside one is refused
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Traffic:
         return Traffic()  # a copied model is a model of its own: nobody is inside it yet
@@ -99,6 +101,11 @@ def switch(method: F) -> F:
     @functools.wraps(method)
     def run(self: DeltaModel, *args: Any, **kwargs: Any) -> Any:
         with self._traffic.routed():
+            if self._traffic.batches:  # its rows are set on the deltas: a merge acted on every row, an add broke it
+                raise DeltaError(
+                    f"cannot {method.__name__} inside a routed batch (`with dm.route(...)`): the rows are set on the "
+                    "deltas for this batch; call it before or after the `with` block"
+                )
             return method(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
@@ -114,10 +121,12 @@ def routed_batch(dm: DeltaModel, delta_ids: RowIds, rows: int | None) -> Iterato
     routes = check_routes(dm.deltas, rows, dm._device())
     with dm._traffic.routed():  # other threads' calls wait: the rows live on the deltas
         previous = {n: d.route for n, d in dm.deltas.items()}
+        dm._traffic.batches += 1
         try:
             for n, delta in dm.deltas.items():
                 delta.route = routes[n]
             yield
         finally:
+            dm._traffic.batches -= 1
             for n, delta in dm.deltas.items():
                 delta.route = previous[n]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._linear_delta import LinearDelta, LinearUpdate, dense_weight
-from .lora import LoRAConfig, LoRALayer
+from .lora import LoRAConfig, LoRALayer, check_patterns
 
 
 @dataclasses.dataclass
@@ -58,6 +58,9 @@ class DoRAUpdate(LinearUpdate):
 
 class DoRA(LinearDelta):
     config: DoRAConfig
+
+    def linear_targets(self, model: nn.Module) -> list[str]:
+        return check_patterns(self.config, list(super().linear_targets(model)))
 
     def make_layer(self, name: str, module: nn.Module, in_features: int, out_features: int) -> DoRAUpdate:
         r, alpha = self.config.rank_alpha(name)

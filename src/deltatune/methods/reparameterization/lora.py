@@ -8,6 +8,7 @@ Merging folds (alpha / r) * B A into W; GPT-2's Conv1D stores W transposed and g
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from typing import ClassVar
@@ -28,7 +29,7 @@ from ...core.layers import (
 )
 from ...core.routing import needs_graph
 from ...core.settings import MAX_SIZE
-from ...core.targeting import Layers, Targets
+from ...core.targeting import Layers, TargetError, Targets
 
 
 @dataclasses.dataclass
@@ -67,6 +68,22 @@ def pattern_value(pattern: dict | None, module: str, default: float) -> float:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def check_patterns(config: LoRAConfig, modules: list[str]) -> list[str]:
+    """Every rank_pattern / alpha_pattern key matches one of the delta's modules: a misspelt key ("quary") left
+    every module at `r` without a word, where a misspelt target is refused. Returns `modules`."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field) or {}:
+            if not any(re.match(rf"(.*\.)?({key})$", m) for m in modules):
+                tails = sorted({m.rsplit(".", 1)[-1] for m in modules})
+                close = difflib.get_close_matches(str(key), tails, n=3, cutoff=0.5)
+                hint = f"closest: {', '.join(close)}" if close else f"the delta's modules end in {', '.join(tails[:6])}"
+                raise TargetError(
+                    f"{field} key {key!r} matches none of the {len(modules)} modules this {config.method} attaches to "
+                    f"(a key matches a module named so or ending in .<key>); {hint}"
+                )
+    return modules
 
 
 class LoRALayer(nn.Module):
@@ -126,7 +143,7 @@ class LoRA(Delta):
 
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         cfg = self.config
-        for name in self.targets(model, cfg.targets, cfg.layers):
+        for name in check_patterns(cfg, list(self.targets(model, cfg.targets, cfg.layers))):
             module = linear_target(model, name, "LoRA target", PROJECTIONS)
             in_f, out_f = linear_dims(module)
             r, alpha = cfg.rank_alpha(name)
