@@ -150,3 +150,27 @@ def test_a_delta_saved_beside_a_merged_one_loads_onto_its_backbone(tmp_path: Pat
         other.bert.embeddings.word_embeddings.weight.mul_(1.5)
     with pytest.raises(ValueError, match=r"another checkpoint of the same architecture"):
         dt.load_delta(other.eval(), str(tmp_path / "b"), "b")
+
+
+@pytest.mark.parametrize("method,kwargs", [("diff_pruning", {"mode": "magnitude"}), ("random_subset", {"count": 50})])
+def test_resizing_embeddings_a_delta_acts_on_is_refused(method: str, kwargs: dict) -> None:
+    """transformers writes the new table into `weight.data`, which a parametrized view throws away: the table kept
+    100 rows with no error, and token 102 failed inside torch."""
+    model = _bert().eval()
+    dm = dt.attach(model, method, targets="embeddings.word", **kwargs)
+    with pytest.raises(dt.DeltaError, match=r"resize_token_embeddings with delta\(s\) 'default' \(" + method + r"\) "
+                       r"on the embeddings.*resize before attaching"):  # fmt: skip
+        model.resize_token_embeddings(104)
+    assert model.get_input_embeddings().weight.shape[0] == 100 and model.config.vocab_size == 100
+    dm.detach()
+    model.resize_token_embeddings(104)  # the guard leaves with the last delta
+    assert model.get_input_embeddings().weight.shape[0] == 104
+
+
+def test_resizing_embeddings_no_delta_acts_on_runs() -> None:
+    model = _bert().eval()
+    dm = dt.attach(model, "lora")
+    _trained(dm)
+    model.resize_token_embeddings(104)
+    assert model.get_input_embeddings().weight.shape[0] == 104
+    dm(input_ids=torch.tensor([[1, 2, 103]]))

@@ -21,7 +21,11 @@ def test_lora_on_a_head_that_resize_replaced_is_refused_on_every_call_path() -> 
     model = make_model("llama", head="lm")
     inputs = make_inputs(model)
     dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "q_proj"])))
-    model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
+    with pytest.raises(
+        DeltaError, match=r"resize_token_embeddings with delta\(s\) 'default' \(lora\) on the embeddings"
+    ):
+        model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)  # refused where it is asked
+    type(model).resize_token_embeddings(model, model.config.vocab_size + 4, mean_resizing=False)  # the guard passed by
     message = r"delta 'default' \(lora\) acts on lm_head, which was replaced after attaching .*attach it again"
     for call in (
         lambda: dm(**inputs),
@@ -40,7 +44,9 @@ def test_lora_on_a_head_that_resize_replaced_is_refused_on_every_call_path() -> 
 def test_lora_on_a_tied_head_resized_in_place_names_both_shapes() -> None:
     model = make_model("gpt2", head="lm")
     dm = perturbed(dt.attach(model, dt.LoRAConfig(r=4, targets=["lm_head", "c_attn"])))
-    model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
+    with pytest.raises(DeltaError, match=r"resize_token_embeddings with delta\(s\) 'default' \(lora\)"):
+        model.resize_token_embeddings(model.config.vocab_size + 4, mean_resizing=False)
+    type(model).resize_token_embeddings(model, model.config.vocab_size + 4, mean_resizing=False)  # the guard passed by
     with pytest.raises(DeltaError, match=r"built for lm_head.weight of shape \(100, 32\), which is now \(104, 32\)"):
         dm(**make_inputs(model))
 

@@ -45,6 +45,31 @@ class SaveRefused:
         raise DeltaError(SAVE_REFUSED)
 
 
+class ResizeGuard:
+    """The backbone's `resize_token_embeddings` while deltas are attached: refused where a delta acts on the input
+    or output embeddings. transformers writes the new table into `weight.data`, which a specification delta's
+    parametrized view throws away: the table kept its rows without an error, and a new token id failed inside
+    torch (BERT), or the LM head grew and the embeddings did not (Llama). Elsewhere the resize runs as it is."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.backbone = backbone
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        backbone = self.backbone
+        ref = vars(backbone).get(OWNER)
+        dm = ref() if ref is not None else None
+        tables = {id(m) for m in (backbone.get_input_embeddings(), backbone.get_output_embeddings()) if m is not None}
+        names = {n for n, m in backbone.named_modules() if id(m) in tables}
+        on = [f"{n!r} ({d.config.method})" for n, d in (dm.deltas.items() if dm else ()) if set(d.sites) & names]
+        if on:
+            raise DeltaError(
+                f"resize_token_embeddings with delta(s) {', '.join(on)} on the embeddings: the resized table would not "
+                "carry them (and a reparametrized table would keep its old size); resize before attaching, or detach "
+                "the delta, resize, and attach it again"
+            )
+        return type(backbone).resize_token_embeddings(backbone, *args, **kwargs)
+
+
 def _savers(backbone: nn.Module) -> list[nn.Module]:
     """The backbone and every module inside it whose class saves it (`save_pretrained`): a model inside another
     (`model.bert`, a sentence-transformers model's transformer, whose `st.save(dir)` calls it) saves the weights
@@ -58,6 +83,8 @@ def mark(backbone: nn.Module, dm: DeltaModel) -> None:
     found.setdefault("__deepcopy__", BackboneCopier(backbone))
     for module in _savers(backbone):
         vars(module).setdefault("save_pretrained", SaveRefused())
+    if callable(getattr(type(backbone), "resize_token_embeddings", None)):
+        found.setdefault("resize_token_embeddings", ResizeGuard(backbone))
     called.guard(backbone)  # a wrapper that calls its model's forward directly still runs the deltas' hooks
     found[OWNER] = weakref.ref(dm)
 
@@ -70,6 +97,8 @@ def unmark(backbone: nn.Module) -> None:
     for module in _savers(backbone):
         if isinstance(vars(module).get("save_pretrained"), SaveRefused):
             del vars(module)["save_pretrained"]
+    if isinstance(found.get("resize_token_embeddings"), ResizeGuard):
+        del found["resize_token_embeddings"]
     called.unguard(backbone)
     found.pop(OWNER, None)
 
