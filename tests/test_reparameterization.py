@@ -191,3 +191,10 @@ def test_said_update_size_follows_theta() -> None:
     total = math.sqrt(sum(delta.update(i).pow(2).sum().item() for i in range(len(delta.projections))))
     per_tensor = delta.theta.norm().item() * math.sqrt(len(delta.projections))
     assert 0.7 < total / per_tensor < 1.3  # each tensor's update has about |theta|'s norm
+
+
+def test_said_dim_beyond_the_values_it_moves_is_refused() -> None:
+    """dim=10**7 on a tiny BERT was accepted: ten million trainable numbers projected onto 16,832 values."""
+    with pytest.raises(ValueError, match=r"SAID dim=10,000,000 exceeds the 16,832 values of the 24 tensors"):
+        dt.attach(make_model("bert"), dt.METHODS["said"](dim=10**7))
+    dt.attach(make_model("bert"), dt.METHODS["said"](dim=16_832))  # the bound itself is allowed

@@ -76,6 +76,12 @@ class SAID(Delta):
             raise ValueError(
                 f"SAID found no parameters named {cfg.param_names} in its targets; check `targets` and `param_names`"
             )
+        total = sum(param.numel() for _, _, param in chosen)
+        if cfg.dim > total:  # a subspace larger than the space: more trainable numbers than the weights it moves
+            raise ValueError(
+                f"SAID dim={cfg.dim:,} exceeds the {total:,} values of the {len(chosen)} tensors it projects onto: an "
+                f"intrinsic dimension is at most that; use dim <= {total:,} (or target more modules)"
+            )
         device = chosen[0][2].device
         self.theta.data = self.theta.data.to(device)
         self.scales = nn.Parameter(torch.ones(len(chosen) if cfg.structured else 0, device=device))
