@@ -174,3 +174,28 @@ def test_resizing_embeddings_no_delta_acts_on_runs() -> None:
     model.resize_token_embeddings(104)
     assert model.get_input_embeddings().weight.shape[0] == 104
     dm(input_ids=torch.tensor([[1, 2, 103]]))
+
+
+def test_two_prompts_on_the_same_rows_are_refused_with_the_fix() -> None:
+    """Both enabled: forward prepended both, generate failed on "a KV cache computed without this prompt"."""
+    config = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    dm = dt.attach(tf.LlamaForCausalLM(tf.LlamaConfig(**config)).eval(), "prompt", num_tokens=3)
+    dm.add("b", dt.get_config("prompt", num_tokens=2))
+    ids = torch.randint(0, 100, (2, 6))
+    message = r"2 prompt deltas \(3, 2 tokens\) act on the same rows.*dm.set_active\(name\)"
+    with pytest.raises(dt.DeltaError, match=message):
+        dm(input_ids=ids)
+    with pytest.raises(dt.DeltaError, match=message):
+        dm.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+    with pytest.raises(dt.DeltaError, match=message):
+        dm(input_ids=ids, delta_ids=[["default", "b"], ["default", "b"]])
+    dm.set_active("b")
+    alone = dm.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+    dm.enable("default")
+    dm.disable("b")
+    assert dm(input_ids=ids).logits.shape[1] == 6
+    dm.enable("b")
+    ok = dm.generate(input_ids=ids, max_new_tokens=2, do_sample=False, delta_ids=["b", "b"])
+    assert torch.equal(ok, alone)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ...core import compat, compat_prompt
 from ...core.compat import CallArgs
-from ...core.delta import Delta, DeltaConfig, Hooks, setting
+from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, setting
 from ...core.routing import RoutingError
 
 INITS = ("random", "uniform", "vocab", "text")
@@ -180,6 +180,23 @@ class Prompt(Delta):
             raise RoutingError(f"prompts of lengths {sorted(lengths)} cannot share a batch; serve each length apart")
         return peers
 
+    def _refuse_stacked(self) -> None:
+        """Two prompts on the same rows (both enabled, or rows routed to both): forward prepended both, but
+        generation then failed on "a KV cache computed without this prompt", and a cached step drifted (1e-3).
+        Every row takes one prompt, as in a mixed batch."""
+        full = self.route is not None
+        others = [
+            p for p in self._peers
+            if p is not self and ((p.route is not None and p.route.full) if full else (p.route is None and p.active))
+        ]  # fmt: skip
+        if others:
+            lengths = ", ".join(str(p.config.num_tokens) for p in [self, *others])
+            raise DeltaError(
+                f"{len(others) + 1} prompt deltas ({lengths} tokens) act on the same rows: with prompt tuning every row "
+                "takes one prompt; enable one at a time (dm.set_active(name)), or give rows different prompts "
+                "(delta_ids)"
+            )
+
     def _batch_prompt(self, peers: list[Prompt] | None, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """(batch, num_tokens, dim): this prompt on every row, or each row's own in a mixed batch."""
         if peers is None:
@@ -196,6 +213,8 @@ class Prompt(Delta):
         if peers is not None and peers[0] is not self:  # another prompt prepends for every row
             self._calls.append(False)
             return None
+        if peers is None:
+            self._refuse_stacked()
         call = CallArgs(self._stack_sig, args, kwargs)
         n = self.config.num_tokens
         ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
