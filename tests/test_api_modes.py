@@ -199,3 +199,34 @@ def test_two_prompts_on_the_same_rows_are_refused_with_the_fix() -> None:
     dm.enable("b")
     ok = dm.generate(input_ids=ids, max_new_tokens=2, do_sample=False, delta_ids=["b", "b"])
     assert torch.equal(ok, alone)
+
+
+def test_a_state_of_another_rank_names_the_delta_and_the_fix() -> None:
+    """torch's "size mismatch for deltas.default.layers.bert__encoder__layer__0__attention__self__query.A"."""
+    dm = dt.attach(_bert(), "lora", r=4)
+    with pytest.raises(dt.DeltaError, match=r"the state's deltas.default.layers.\S+ has shape \(8, 32\), but delta "
+                       r"'default' here \(lora, r=4\) holds \(4, 32\).*dt.load_delta"):  # fmt: skip
+        dm.load_state_dict(dt.attach(_bert(), "lora", r=8).state_dict())
+    dm.load_state_dict(dt.attach(_bert(), "lora", r=4).state_dict())  # the same settings load as before
+
+
+@pytest.mark.parametrize("method", ["bitfit", "layernorm", "diff_pruning", "lora"])
+def test_a_plain_checkpoint_loads_into_the_users_model_under_a_delta(method: str) -> None:
+    """torch's "Missing key(s) ... parametrizations.bias.original" where a delta reparametrizes a tensor."""
+    model = _bert().eval()
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    dm = dt.attach(model, method)
+    _trained(dm)
+    expected = dm(input_ids=IDS).logits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)  # weights moved (the originals under a parametrization included)
+    model.load_state_dict(checkpoint)  # back to the checkpoint, under the same delta
+    assert torch.allclose(dm(input_ids=IDS).logits, expected, atol=1e-6)
+    if dm.delta("default").config.can_merge:
+        dm.merge("default")
+        with pytest.raises(dt.DeltaError, match=r"load_state_dict into a model with delta\(s\) default merged"):
+            model.load_state_dict(checkpoint)
+        dm.unmerge("default")
+    dm.detach()
+    assert type(model).load_state_dict is not None and "load_state_dict" not in vars(model)

@@ -35,6 +35,7 @@ from .io import META, OPENDELTA_HINT, WEIGHTS, DeltaIOError, default_include_hea
 from .merge import merged_state_dict
 from .reload import INDEX, INDEX_FORMAT, read_index
 from .routing import row_names
+from .settings import size_field
 from .state import TRAINER_STATE_HINT
 
 if TYPE_CHECKING:
@@ -203,6 +204,7 @@ def register_state_hooks(dm: DeltaModel) -> None:
 
     def remember_prefix(module: nn.Module, state: Any, prefix: str, *args: Any) -> None:
         prefixes.append(prefix)
+        _check_delta_shapes(dm, state, prefix)
 
     def forgive_frozen(module: nn.Module, incompatible: Any) -> None:
         start = (prefixes.pop() if prefixes else "") + "backbone."
@@ -214,6 +216,29 @@ def register_state_hooks(dm: DeltaModel) -> None:
     dm.register_state_dict_post_hook(drop_frozen)
     dm.register_load_state_dict_pre_hook(remember_prefix)
     dm.register_load_state_dict_post_hook(forgive_frozen)
+
+
+def _check_delta_shapes(dm: DeltaModel, state: Any, prefix: str) -> None:
+    """A state whose delta tensors have other shapes (a checkpoint of LoRA r=16 into r=8) failed in torch's
+    multi-line "size mismatch for deltas.default.layers.bert__encoder__layer__0__...A"; this names the delta,
+    its method and settings, and the call that builds a delta as it was saved."""
+    own = {**dict(dm.named_parameters()), **dict(dm.named_buffers())}
+    start = prefix + "deltas."
+    for key, value in state.items() if isinstance(state, dict) else ():
+        if not key.startswith(start) or not hasattr(value, "shape"):
+            continue
+        here = own.get(key[len(prefix) :])
+        if here is not None and tuple(here.shape) != tuple(value.shape):
+            name = key[len(start) :].split(".", 1)[0]
+            config = dm.deltas[name].config if name in dm.deltas else None
+            size = size_field(type(config)) if config is not None else None
+            what = config.method if config is not None else "a delta"
+            what += f", {size}={getattr(config, size)}" if size else ""
+            raise DeltaError(
+                f"the state's {key} has shape {tuple(value.shape)}, but delta {name!r} here ({what}) holds "
+                f"{tuple(here.shape)}: the state was written by a delta with other settings; attach it with those, "
+                "or load the delta's own folder (dt.load_delta(model, folder)), which builds it as it was saved"
+            )
 
 
 # -- save_pretrained / from_pretrained --------------------------------------------------------------

@@ -70,6 +70,34 @@ class ResizeGuard:
         return type(backbone).resize_token_embeddings(backbone, *args, **kwargs)
 
 
+class PlainLoad:
+    """The backbone's `load_state_dict` while deltas are attached: a plain checkpoint's `X.bias` is loaded into
+    `X.parametrizations.bias.original` where a specification delta (BitFit, layernorm, diff pruning, ...)
+    reparametrizes it. Before, `model.load_state_dict(checkpoint)` after attaching failed in torch's "Missing
+    key(s) ... parametrizations.bias.original" (LoRA, which parametrizes nothing, loaded)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.backbone = backbone
+
+    def __call__(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        ref = vars(self.backbone).get(OWNER)
+        dm = ref() if ref is not None else None
+        merged = [n for n, d in (dm.deltas.items() if dm is not None else ()) if d.merged]
+        if merged:
+            raise DeltaError(
+                f"load_state_dict into a model with delta(s) {', '.join(merged)} merged into its weights: the loaded "
+                f"weights would replace them and unmerging would then subtract from the new ones; unmerge first "
+                f"(dm.unmerge({merged[0]!r}))"
+            )
+        own = set(self.backbone.state_dict())
+        renamed = {}
+        for key, value in state_dict.items():
+            module, _, param = key.rpartition(".")
+            original = f"{module}.parametrizations.{param}.original" if module else f"parametrizations.{param}.original"
+            renamed[original if key not in own and original in own else key] = value
+        return type(self.backbone).load_state_dict(self.backbone, renamed, strict=strict, assign=assign)
+
+
 def _savers(backbone: nn.Module) -> list[nn.Module]:
     """The backbone and every module inside it whose class saves it (`save_pretrained`): a model inside another
     (`model.bert`, a sentence-transformers model's transformer, whose `st.save(dir)` calls it) saves the weights
@@ -85,6 +113,7 @@ def mark(backbone: nn.Module, dm: DeltaModel) -> None:
         vars(module).setdefault("save_pretrained", SaveRefused())
     if callable(getattr(type(backbone), "resize_token_embeddings", None)):
         found.setdefault("resize_token_embeddings", ResizeGuard(backbone))
+    found.setdefault("load_state_dict", PlainLoad(backbone))
     called.guard(backbone)  # a wrapper that calls its model's forward directly still runs the deltas' hooks
     found[OWNER] = weakref.ref(dm)
 
@@ -97,8 +126,9 @@ def unmark(backbone: nn.Module) -> None:
     for module in _savers(backbone):
         if isinstance(vars(module).get("save_pretrained"), SaveRefused):
             del vars(module)["save_pretrained"]
-    if isinstance(found.get("resize_token_embeddings"), ResizeGuard):
-        del found["resize_token_embeddings"]
+    for attr, kind in (("resize_token_embeddings", ResizeGuard), ("load_state_dict", PlainLoad)):
+        if isinstance(found.get(attr), kind):
+            del found[attr]
     called.unguard(backbone)
     found.pop(OWNER, None)
 
