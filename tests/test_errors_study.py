@@ -57,6 +57,30 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ({"seeds": [-5]}, r"seeds: \[-5\] holds a repeat or a seed outside 0\.\.4294967295"),
         ({"seeds": [1, 1]}, "holds a repeat"),
         ({"seeds": list(range(100_000))}, r"the grid is 100,000 runs, more than 20,000; split it"),
+        # found by the session-18 probe: trained as asked wrongly, planned nothing, or ended in a traceback
+        ({"methods": {"lora": {"lr": -1}}}, r"methods\.lora\.lr: must be a number above 0, got -1"),
+        ({"methods": {"lora": {"lr": "1e-3"}}}, r"methods\.lora\.lr: .*YAML reads 1e-3 as text"),
+        (
+            {"methods": {"lora": {"lr": 1e-3}}, "lr_grid": {"rates": {"lora": [1e-4, 1e-2]}}},
+            r"lr_grid\.rates\.lora: the column sets its own lr",
+        ),  # fmt: skip
+        ({"task_train": {"toy": 128}}, r"task_train\.toy: got 128, not a mapping"),
+        ({"train": ["epochs", 1]}, r"train: got \['epochs', 1\], not a mapping"),
+        ({"more_seeds": {"seeds": 43, "tasks": ["toy"]}}, r"more_seeds\.seeds: 43 are not all seeds"),
+        ({"more_seeds": {"seeds": [True], "tasks": ["toy"]}}, r"more_seeds\.seeds: \[True\] are not all seeds"),
+        ({"more_seeds": {"seeds": [43]}}, r"more_seeds\.tasks: missing: the further seeds run on no task"),
+        ({"eval_test": "false"}, r"eval_test: 'false' is not true or false"),
+        ({"lr_grid": {"rates": {"lora": [1e-3]}, "seed": True}}, r"lr_grid\.seed: True is not an integer"),
+        ({"lr_grid": {"rates": {"lora": [1e-3]}, "tasks": "toy"}}, r"lr_grid\.tasks: 'toy' is one name, not a list"),
+        (
+            {"combination": {"methods": ["lora", "bitfit"], "configs": {"prompt": {"num_token": 3}}}},
+            r"combination\.configs\.prompt: .*num_token",
+        ),  # fmt: skip
+        (
+            {"combination": {"methods": ["lora", "bitfit"], "configs": {"lora": {"r": 2}}}},
+            r"combination\.configs\.lora: the study has a lora column",
+        ),  # fmt: skip
+        ({"combination": {"methods": ["lora"], "config": {}}}, r"combination\.config: unknown field"),
     ],
     ids=lambda v: str(v)[:30],
 )

@@ -141,7 +141,12 @@ def _check_paths_and_counts(args: argparse.Namespace) -> None:
     """What the flags name, checked before any stage starts (a bad --db after an hour of collect is too late)."""
     workdir = checks.out_folder(args.workdir, "--workdir")
     if args.db:
-        checks.sqlite_file(args.db, "--db")
+        from ..subspace.store import SCHEMA
+
+        # a stage that reads results needs a file that holds them: a misspelt --db was created empty and the
+        # report written from it over the real one (exit 0), and a study store got subspace tables added
+        reads = args.stage not in ("init", "collect", "all")
+        checks.sqlite_file(args.db, "--db", must_exist=reads, tables=tuple(SCHEMA) if reads else ())
     elif workdir is not None and workdir.is_dir():
         checks.sqlite_file(workdir / "subspace.db", "--workdir's subspace.db")
     checks.out_folder(getattr(args, "out", None), "--out")

@@ -99,8 +99,18 @@ def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
         )
     finally:
         store.close()
+    seen = {Path(db).resolve()}
     for k, other in enumerate(also, start=1):
+        if Path(other).resolve() in seen:
+            raise ValueError(f"--with {other}: that study file is joined already; name each file once")
+        seen.add(Path(other).resolve())
         more = load(other)
+        shared = sorted({r["model"] for r in data.runs} & {r["model"] for r in more.runs})
+        if shared:  # its runs would join the same cells as more seeds, whatever their budget and rates
+            raise ValueError(
+                f"--with {other} holds runs of {', '.join(shared)}, which the study joined before it has too: --with "
+                "joins another backbone's half of a study (the scaling table); report each study of one model on its own"
+            )
         offset = k * 10**9  # run ids restart at 1 in every file
         data.runs += [r | {"id": r["id"] + offset} for r in more.runs]
         data.curves |= {i + offset: c for i, c in more.curves.items()}
@@ -160,10 +170,17 @@ def grid(data: StudyData, model: str) -> dict[tuple[str, str], list[float]]:
     return cells
 
 
-def method_averages(data: StudyData, model: str) -> dict[str, float]:
-    """Each method's average over the tasks every method finished (so averages compare like with like)."""
+def complete_tasks(data: StudyData, model: str) -> list[str]:
+    """The tasks on which every method of the study finished for `model`."""
     cells, methods = grid(data, model), data.methods()
-    tasks = [t for t in data.tasks() if all((t, m) in cells for m in methods)]
+    return [t for t in data.tasks() if all((t, m) in cells for m in methods)]
+
+
+def method_averages(data: StudyData, model: str, tasks: list[str] | None = None) -> dict[str, float]:
+    """Each method's average over the tasks every method finished (so averages compare like with like), or over
+    `tasks` (the scaling table: the tasks every model finished)."""
+    cells, methods = grid(data, model), data.methods()
+    tasks = complete_tasks(data, model) if tasks is None else tasks
     return {m: statistics.fmean(_mean_std(cells[(t, m)])[0] for t in tasks) if tasks else math.nan for m in methods}
 
 
@@ -379,9 +396,15 @@ def scaling(data: StudyData) -> list[Table]:
     if len(models) < 2:
         return []
     sizes = {m: next(r["total"] for r in data.base if r["model"] == m) for m in models}
-    avgs = {m: method_averages(data, m) for m in models}
+    # the same tasks for every model: MiniLM's 12 against MPNet's 4 compared two different averages
+    shared = set.intersection(*(set(complete_tasks(data, m)) for m in models))
+    tasks = [t for t in data.tasks() if t in shared]
+    avgs = {m: method_averages(data, m, tasks) for m in models}
     rows = [[f"{m} ({sizes[m] / 1e6:.1f}M)"] + [_fmt(avgs[m].get(x, math.nan)) for x in data.methods()] for m in models]
-    note = "Average test score over the tasks each model finished with every method. Paper: the gap to full FT shrinks with size."
+    note = (
+        f"Average test score over the {len(tasks)} tasks every model finished with every method "
+        f"({', '.join(tasks) or 'none yet'}). Paper: the gap to full FT shrinks with size."
+    )
     if any(r["test_score"] is None for r in data.base):
         note += " A task without a test score counts its dev score (marked (dev) in the Performance tables)."
     return [Table("Scaling", ["model"] + data.methods(), rows, note)]

@@ -90,8 +90,10 @@ class StudySpec:
         return jobs
 
     def _method_settings(self, name: str) -> dict[str, Any]:
+        """A combined method's settings: its own column's (`lora`, never a variant such as `lora@r16`, which gave
+        the combination r=16 beside a `lora` column of r=4), else `combination.configs`."""
         for m in self.methods:
-            if name in m.configs and len(m.configs) == 1:
+            if m.label == name:
                 return dict(m.configs[name])
         return dict(self.raw.get("combination", {}).get("configs", {}).get(name) or {})
 

@@ -19,7 +19,7 @@ from ..train.tracking import parse as parse_trackers
 from ..train.trainer import TrainConfig
 from .grid import Method, StudySpec, combination_labels, task_name  # noqa: F401 - importable from here, as before
 from .lr_grid import parse as parse_lr_grid
-from .spec_checks import check_grid
+from .spec_checks import check_columns, check_grid, check_shapes
 from .spec_file import SpecError, read_spec_file  # noqa: F401 - both importable from here, as before
 
 ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
@@ -164,6 +164,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         close = difflib.get_close_matches(unknown[0], sorted(TOP_FIELDS), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(sorted(TOP_FIELDS))}"
         raise _fail(unknown[0], "unknown field", hint)
+    check_shapes(raw, _fail)
     train = dict(raw.get("train") or {})
     bad = sorted(set(train) - TRAIN_FIELDS)
     if bad:
@@ -178,6 +179,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         raise _fail("train.report_to", str(err), "install it, or drop report_to") from err
     models = [str(m) for m in _list(raw, "models", ["minilm-l6"])]
     methods = _parse_methods(raw.get("methods"))
+    check_columns(raw, methods, _fail)
     seeds = _list(raw, "seeds", [42])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _fail("seeds", f"{_short(seeds)} are not all integers", "write e.g. `seeds: [42, 43, 44]`")

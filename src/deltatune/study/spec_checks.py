@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .grid import task_name
 
@@ -64,3 +65,78 @@ def _causal(config) -> bool:  # noqa: ANN001
     archs = getattr(config, "architectures", None) or []
     lm = config.model_type in CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs)
     return lm and not saved_classifier(config)
+
+
+def check_shapes(raw: dict[str, Any], fail: Callable[[str, str, str], Exception]) -> None:
+    """The spec's sections have the shapes they are read as, before anything reads them: a mapping where a mapping
+    goes (`train`, `task_train.<task>`), integer seeds, a real boolean. Before, `task_train: {rte: 128}` ended in
+    an AttributeError, `eval_test: "false"` was read as true, and `more_seeds` seeds `[true]` planned runs `sTrue`."""
+    from ..train.checks import MAX_SEED
+
+    for field in ("train", "task_train", "more_seeds", "combination", "transfer", "lr_grid"):
+        if raw.get(field) is not None and not isinstance(raw[field], dict):
+            raise fail(field, f"got {raw[field]!r}, not a mapping", f"write `{field}: {{...}}` (see docs/study.md)")
+    for task, over in (raw.get("task_train") or {}).items():
+        if over is not None and not isinstance(over, dict):
+            raise fail(
+                f"task_train.{task}", f"got {over!r}, not a mapping", f"write e.g. `{task}: {{max_length: 128}}`"
+            )
+    if "eval_test" in raw and not isinstance(raw["eval_test"], bool):
+        raise fail("eval_test", f"{raw['eval_test']!r} is not true or false", "write `eval_test: false` (no quotes)")
+    more = raw.get("more_seeds") or {}
+    seeds = more.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEED for x in seeds
+        ):
+            raise fail("more_seeds.seeds", f"{seeds!r} are not all seeds 0..{MAX_SEED}", "write e.g. `seeds: [43, 44]`")
+        if not more.get("tasks"):
+            raise fail("more_seeds.tasks", "missing: the further seeds run on no task", "add e.g. `tasks: [sst2, rte]`")
+    seed = (raw.get("lr_grid") or {}).get("seed")
+    if isinstance(seed, bool):
+        raise fail("lr_grid.seed", f"{seed!r} is not an integer", "write e.g. `seed: 42`")
+    for section, field in (
+        ("lr_grid", "tasks"),
+        ("transfer", "methods"),
+        ("transfer", "tasks"),
+        ("more_seeds", "tasks"),
+    ):
+        value = (raw.get(section) or {}).get(field)
+        if isinstance(value, str):  # iterated, a string gave its letters: "['s', 's', 't', '2'] are not tasks"
+            raise fail(f"{section}.{field}", f"{value!r} is one name, not a list", f"write `{field}: [{value}]`")
+    combo = raw.get("combination") or {}
+    stray = sorted(set(combo) - {"methods", "configs"})
+    if stray:
+        raise fail(f"combination.{stray[0]}", "unknown field", "combination takes `methods` and `configs`")
+
+
+def check_columns(raw: dict[str, Any], methods: list[Any], fail: Callable[[str, str, str], Exception]) -> None:
+    """A column's own `lr` follows `train.lr`'s rules (`lr: -1` trained at -1; YAML's `1e-3` is text and failed
+    every run of the column); a column with its own `lr` is not also in `lr_grid` (its grid ran for nothing); a
+    combined method's `combination.configs` must be valid settings and not shadow the method's own column."""
+    from ..methods import METHODS
+    from ..train.checks import check_train_value
+
+    for m in methods:
+        if m.lr is not None:
+            try:
+                check_train_value("lr", m.lr)
+            except ValueError as err:
+                raise fail(
+                    f"methods.{m.label}.lr", str(err), "write e.g. `lr: 1.0e-3` (YAML reads 1e-3 as text)"
+                ) from None
+    rates = (raw.get("lr_grid") or {}).get("rates") or {}
+    fixed = [m.label for m in methods if m.lr is not None and m.label in rates]
+    if fixed:
+        raise fail(f"lr_grid.rates.{fixed[0]}", "the column sets its own lr", "drop its lr, or drop it from lr_grid")
+    labels = {m.label for m in methods}
+    for name, settings in ((raw.get("combination") or {}).get("configs") or {}).items():
+        if name in labels:
+            raise fail(f"combination.configs.{name}", f"the study has a {name} column, whose settings combine",
+                       f"set them in methods.{name}, or drop this entry")  # fmt: skip
+        if name not in METHODS:
+            raise fail(f"combination.configs.{name}", "not a method", f"use one of {', '.join(METHODS)}")
+        try:
+            METHODS[name](**dict(settings or {})).validate()
+        except (TypeError, ValueError) as err:
+            raise fail(f"combination.configs.{name}", str(err), "fix that setting") from err

@@ -368,8 +368,17 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [
         f"{k} {was.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(was) | set(now))
-        if was.get(k) != now.get(k) and (k in was or now.get(k) not in (None, False, 0, "", [], {}))
+        if was.get(k) != now.get(k) and (k in was or not _empty(k, now.get(k)))
     ]
+
+
+def _empty(key: str, value: Any) -> bool:
+    """A value the spec may add to a run the store recorded without it, as no change: an empty one. A training or
+    method setting is written only when the spec names it, so there only None is empty: `warmup_ratio: 0` added
+    to an edited spec changed the runs still to come (the default is 0.06) and was read as no change."""
+    if key.startswith(("train.", "methods.")):
+        return value is None
+    return value in (None, False, 0, "", [], {})
 
 
 def _column(value: Any) -> Any:

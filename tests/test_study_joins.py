@@ -1,0 +1,94 @@
+"""A study's numbers joined, compared and resumed: each case gave a report whose numbers were not the runs' without
+an error (found by the session-18 probe of the study CLI)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from deltatune.study.analyses import StudyData, load, scaling
+from deltatune.study.grid import StudySpec
+from deltatune.study.spec import Method
+from deltatune.study.store import settings_changes
+
+
+def _run(model: str, task: str, method: str, score: float, total: int = 1000) -> dict:
+    return {"model": model, "task": task, "method": method, "seed": 42, "test_score": score, "dev_score": score,
+            "source_task": None, "total": total, "key": f"{model}/{task}/{method}/s42", "job": {}}  # fmt: skip
+
+
+def test_scaling_compares_the_models_on_the_same_tasks() -> None:
+    """MiniLM on 12 tasks against MPNet on 4 averaged different task sets: 46.1 (sst2, rte) against 45.3 (sst2)
+    while both scored 45.3 on sst2."""
+    runs = [_run("small", "sst2", m, 0.453) for m in ("full", "lora")]
+    runs += [_run("small", "rte", m, 0.47) for m in ("full", "lora")]
+    runs += [_run("big", "sst2", m, 0.453, 5000) for m in ("full", "lora")]
+    spec = {"models": ["small", "big"], "tasks": ["sst2", "rte"], "methods": [{"label": "full"}, {"label": "lora"}]}
+    (table,) = scaling(StudyData("s", spec, runs, {}, {}))
+    assert [row[1:] for row in table.rows] == [["45.3", "45.3"], ["45.3", "45.3"]]
+    assert "over the 1 tasks every model finished with every method (sst2)" in table.note
+
+
+def _store(path: Path, model: str) -> Path:
+    from deltatune.study.store import Store
+
+    store = Store(path)
+    store.set_meta("name", path.stem)
+    store.close()
+    with sqlite3.connect(path) as c:  # one finished run of `model`
+        c.execute(
+            "INSERT INTO runs (key, model, task, method, seed, job, status, test_score, dev_score, total) "
+            "VALUES (?, ?, 'sst2', 'lora', 42, '{}', 'done', 0.5, 0.5, 1000)",
+            (f"{model}/sst2/lora/s42", model),
+        )
+    return path
+
+
+def test_with_joins_another_model_only(tmp_path: Path) -> None:
+    """`--with` a study of the same model put its runs into the same cells as more seeds (49.2 = the mean of
+    53.1 and 45.3, "over seeds [42]"); `--with` the file itself counted every run twice."""
+    a, b, c = _store(tmp_path / "a.sqlite", "minilm-l6"), _store(tmp_path / "b.sqlite", "minilm-l6"), None
+    c = _store(tmp_path / "c.sqlite", "mpnet-base")
+    with pytest.raises(ValueError, match=r"--with .*b.sqlite holds runs of minilm-l6, which the study joined before "
+                       r"it has too.*report each study of one model on its own"):  # fmt: skip
+        load(a, (b,))
+    with pytest.raises(ValueError, match=r"that study file is joined already"):
+        load(a, (a,))
+    assert {r["model"] for r in load(a, (c,)).runs} == {"minilm-l6", "mpnet-base"}
+
+
+def test_a_training_setting_added_to_the_spec_is_a_change_even_at_zero() -> None:
+    """`warmup_ratio: 0` added to an edited spec (the default is 0.06) resumed the store without a word."""
+    old = {"key": "k", "train": {"lr": 1e-3}, "eval_test": True}
+    assert settings_changes(old, old | {"train": {"lr": 1e-3, "warmup_ratio": 0}}) == ["train.warmup_ratio None -> 0"]
+    assert settings_changes(old, old | {"train": {"lr": 1e-3, "min_steps": 0}}) == ["train.min_steps None -> 0"]
+    old["extra"] = {"a": 1}  # a nested field newer code records with an empty default is still no change
+    assert settings_changes(old, old | {"extra": {"a": 1, "flag": False}}) == []
+
+
+def test_a_combination_takes_its_methods_own_columns() -> None:
+    """With columns `lora@r16` (r=16) and `lora` (r=4), the combination lora+bitfit ran LoRA at r=16."""
+    methods = [
+        Method("lora@r16", {"lora": {"r": 16}}),
+        Method("lora", {"lora": {"r": 4}}),
+        Method("bitfit", {"bitfit": {}}),
+    ]
+    spec = StudySpec(name="s", models=["m"], tasks=["t"], methods=methods, seeds=[42], combination=["lora", "bitfit"])
+    jobs = {j["label"]: j for j in spec.jobs()}
+    assert jobs["lora+bitfit"]["methods"]["lora"] == {"r": 4}
+
+
+def test_a_subspace_stage_that_reads_results_needs_a_file_that_holds_them(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A misspelt --db was created empty and the report written from it over the real one, exit 0."""
+    from deltatune.cli import main
+
+    code = main(["subspace", "report", "--workdir", str(tmp_path / "w"), "--db", str(tmp_path / "typo.sqlite")])
+    assert code == 2 and "--db: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "typo.sqlite").exists()
+    other = _store(tmp_path / "study.sqlite", "minilm-l6")
+    code = main(["subspace", "report", "--workdir", str(tmp_path / "w"), "--db", str(other)])
+    assert code == 2 and "is an SQLite database of something else" in capsys.readouterr().err
+    with sqlite3.connect(other) as c:
+        assert not [r for r in c.execute("SELECT name FROM sqlite_master") if r[0].startswith("subspace")]
