@@ -92,3 +92,13 @@ def test_a_subspace_stage_that_reads_results_needs_a_file_that_holds_them(tmp_pa
     assert code == 2 and "is an SQLite database of something else" in capsys.readouterr().err
     with sqlite3.connect(other) as c:
         assert not [r for r in c.execute("SELECT name FROM sqlite_master") if r[0].startswith("subspace")]
+
+
+def test_transfer_gains_compare_the_same_seeds() -> None:
+    from deltatune.study.analyses import transfer_matrix
+
+    runs = [_run("m", "sst2", "lora", 0.8) | {"seed": 42}, _run("m", "sst2", "lora", 0.6) | {"seed": 43}]
+    runs += [_run("m", "sst2", "lora", 0.8) | {"seed": 42, "source_task": "rte"}]
+    spec = {"models": ["m"], "tasks": ["sst2", "rte"], "methods": [{"label": "lora"}]}
+    _, gains = transfer_matrix(StudyData("s", spec, runs, {}, {}), "m", "lora")
+    assert gains[("rte", "sst2")] == 0.0  # seed 43 (a more_seeds run) has no transferred twin

@@ -360,12 +360,20 @@ def combination(data: StudyData) -> list[Table]:
 
 
 def transfer_matrix(data: StudyData, model: str, method: str) -> tuple[list[str], dict[tuple[str, str], float]]:
-    """(source, target) -> transferred score minus the from-scratch score on target (x100, seed means)."""
-    scratch = {t: _mean_std(v)[0] for (t, m), v in grid(data, model).items() if m == method}
+    """(source, target) -> transferred score minus the from-scratch score on target (x100, seed means), both over
+    the seeds the transfer ran (a target's `more_seeds` runs have no transferred twin: averaged in, they moved the
+    gain of an unchanged seed pair from 0.0 to -7.3)."""
     moved: dict[tuple[str, str], list[float]] = defaultdict(list)
+    seeds: set[int] = set()
     for r in data.runs:
         if r["source_task"] and r["model"] == model and r["method"] == method:
             moved[(r["source_task"], r["task"])].append(score(r))
+            seeds.add(r["seed"])
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in data.base:
+        if r["model"] == model and r["method"] == method and (not seeds or r["seed"] in seeds):
+            by_task[r["task"]].append(score(r))
+    scratch = {t: _mean_std(v)[0] for t, v in by_task.items()}
     tasks = [t for t in data.tasks() if t in scratch]
     gains = {k: _mean_std(v)[0] - scratch[k[1]] for k, v in moved.items() if k[1] in scratch}
     return tasks, gains
