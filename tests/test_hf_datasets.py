@@ -245,3 +245,22 @@ def test_token_level_rows_are_named_as_token_classification_not_sent_to_a_mappin
     (tmp_path / "train.jsonl").write_text('{"text": "a b", "labels": ["joy", "anger"]}\n')
     with pytest.raises(DataError, match=r"is a list, not one class or number.*multi-label"):
         load_task(tmp_path)
+
+
+def test_a_mapped_column_wins_over_one_of_that_name(tmp_path: Path) -> None:
+    """`--columns Review=text` on a file whose header is Review,text,label trained on the `text` column."""
+    (tmp_path / "train.csv").write_text("Review,text,label\ngreat film,Movie A,pos\nawful,Movie B,neg\n")
+    task = load_task(tmp_path / "train.csv", columns={"Review": "text"})
+    assert [e.text for e in task["train"]] == ["great film", "awful"]
+
+
+def test_zero_padded_class_codes_stay_codes(tmp_path: Path) -> None:
+    """Read as numbers, "01", "02", "10" became classes 1, 2, 10, and "1" and "01" merged into one class."""
+    rows = "\n".join(f"item {i},{['01', '02', '10'][i % 3]}" for i in range(9))
+    (tmp_path / "codes.csv").write_text("text,label\n" + rows + "\n")
+    assert load_task(tmp_path / "codes.csv").labels == ["01", "02", "10"]
+    rows = "\n".join(f"item {i},{['1', '01', '2'][i % 3]}" for i in range(9))
+    (tmp_path / "codes.csv").write_text("text,label\n" + rows + "\n")
+    assert load_task(tmp_path / "codes.csv").labels == ["01", "1", "2"]
+    (tmp_path / "codes.csv").write_text("text,label\na,1\nb,2\nc,10\n")  # plain numbers: classes named by value
+    assert load_task(tmp_path / "codes.csv").labels == ["1", "2", "10"]

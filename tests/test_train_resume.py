@@ -83,3 +83,18 @@ def test_resume_with_other_settings_is_refused_not_mixed_in(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"other settings: deltas \{'lora': \{.*'alpha': 16\.0.*\(now .*'alpha': 4\.0"):
         fit(_bert(tokenizer), tokenizer, task, [lora], same, output_dir=tmp_path / "run", resume=True)
     fit(_bert(tokenizer), tokenizer, task, [dt.LoRAConfig()], same, output_dir=tmp_path / "run", resume=True)
+
+
+def test_resume_on_another_backbone_or_other_rows_is_refused(tmp_path: Path) -> None:
+    """`--resume` with another `--model` of the same shapes, or another file of the same name and size, went on
+    without a word: the saved delta reported the checkpoint's best dev score and scored 0.45 (or 0.0) on eval."""
+    task = load_task(_write_task(tmp_path / "toy"))
+    tokenizer = make_tokenizer(WORDS)
+    _fit(task, tokenizer, tmp_path / "run", 4)
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=16, eval_every=4, patience=None, progress=False)
+    with pytest.raises(ValueError, match=r"other settings: another backbone \(--model\); .*drop --resume"):
+        fit(_bert(tokenizer, seed=1), tokenizer, task, [dt.LoRAConfig()], cfg, output_dir=tmp_path / "run", resume=True)
+    flipped = load_task(_write_task(tmp_path / "other" / "toy", seed=1))  # same name and size, other rows
+    with pytest.raises(ValueError, match=r"other training or dev rows \(--task, or its files changed\)"):
+        fit(_bert(tokenizer), tokenizer, flipped, [dt.LoRAConfig()], cfg, output_dir=tmp_path / "run", resume=True)
+    fit(_bert(tokenizer), tokenizer, task, [dt.LoRAConfig()], cfg, output_dir=tmp_path / "run", resume=True)

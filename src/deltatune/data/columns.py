@@ -17,8 +17,9 @@ from .files import COLUMN_ALIASES, DataError
 
 def canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
     """A row with its fields under the names deltatune reads (`columns` first, then the common aliases)."""
-    if columns:
-        row = {columns.get(k, k): v for k, v in row.items()}
+    if columns:  # a mapped column wins over one already of that name ("Review=text" beside a "text" column)
+        mapped = {columns[k]: v for k, v in row.items() if k in columns}
+        row = {k: v for k, v in row.items() if k not in columns and k not in mapped} | mapped
     label = row.get("label")
     if label is not None and not isinstance(label, str) and hasattr(label, "item"):  # numpy/torch scalars
         row["label"] = label.item()

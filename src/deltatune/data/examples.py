@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .columns import canonical, check_columns, check_mapped, map_hint
 from .files import SPLIT_ALIASES, TASK_TYPES, DataError, Raw
-from .labels import csv_number, infer, label_kind, whole
+from .labels import csv_number, infer, label_kind, padded_code, whole
 
 
 @dataclass(frozen=True)
@@ -245,11 +245,10 @@ def _build(
     task_type = task_type or meta.get("type")
     labels = list(labels) if labels is not None else meta.get("labels")
     inferred = labels is None
-    for split, rows in raw.items():
-        if from_csv[split]:
-            for _, row in rows:
-                if "label" in row:
-                    row["label"] = csv_number(row["label"], [str(x) for x in labels or []])
+    csv_rows = [row for split, rows in raw.items() if from_csv[split] for _, row in rows if "label" in row]
+    if not any(padded_code(row["label"]) for row in csv_rows):  # "01", "02", "10" are codes: kept as written
+        for row in csv_rows:
+            row["label"] = csv_number(row["label"], [str(x) for x in labels or []])
     if task_type is None:
         every = [r for rows in raw.values() for r in rows]
         if labels is None:

@@ -28,6 +28,18 @@ def csv_number(value: Any, labels: Sequence[str]) -> Any:
     return value
 
 
+def padded_code(value: Any) -> bool:
+    """A CSV label that reads as a whole number but is not written as one ("01", "+1"): a code. Read as numbers,
+    "01", "02", "10" became classes 1, 2, 10 (predictions printed `1` for `01`), and "1" and "01" merged into one
+    class without a word; a file with such a cell keeps every label as the text it is."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(int(value)) != value
+    except ValueError:
+        return False
+
+
 def label_kind(label: Any) -> str:
     if isinstance(label, bool):
         return "bool"

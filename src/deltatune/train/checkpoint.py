@@ -123,3 +123,43 @@ def restore(
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+
+
+PROVENANCE = {
+    "backbone_sha": "another backbone (--model)",
+    "data_sha": "other training or dev rows (--task, or its files changed)",
+}
+
+
+def provenance(backbone: torch.nn.Module, train: list[Any], dev: list[Any]) -> dict[str, str]:
+    """What a resumed run must share with the run that wrote the checkpoint beyond its settings: the backbone
+    (its identity: structure and signatures) and the data (a hash of every training and dev row). `--resume`
+    with another `--model` of the same shapes, or another file of the same name and size, continued without a
+    word: the saved delta then reported the checkpoint's best dev score and scored 0.45 (or 0.0) on eval."""
+    import hashlib
+
+    from ..core.identity import fingerprint
+
+    fp = fingerprint(backbone)
+    model = hashlib.sha256(json.dumps([fp["structure_sha256"], fp["signatures"]]).encode()).hexdigest()[:16]
+    rows = hashlib.sha256(repr([list(train), list(dev)]).encode()).hexdigest()[:16]
+    return {"backbone_sha": model, "data_sha": rows}
+
+
+def check_same_settings(saved: dict[str, Any] | None, now: dict[str, Any], out: Path) -> None:
+    """A checkpoint restores the step budget, schedule and data order it was written with: other flags
+    would be ignored (a larger --max-steps) or mixed in (another --lr, batch size or data) without a word."""
+    if saved is None:  # written before checkpoints recorded their settings
+        return
+    now = {k: v for k, v in now.items() if k in saved or k not in ("backbone_sha", "data_sha")}  # older checkpoints
+    flat_saved = {**saved.get("train", {}), **{k: v for k, v in saved.items() if k != "train"}}
+    flat_now = {**now["train"], **{k: v for k, v in now.items() if k != "train"}}
+    differ = [k for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
+    if differ:
+        shown = ", ".join(
+            PROVENANCE.get(k) or f"{k} {flat_saved.get(k)!r} (now {flat_now.get(k)!r})" for k in differ[:4]
+        )
+        raise ValueError(
+            f"the checkpoint in {out} was written by a run with other settings: {shown}; resume with the "
+            "settings it was started with, or drop --resume to start afresh"
+        )

@@ -140,22 +140,6 @@ def _settings(cfg: TrainConfig, dm: DeltaModel | None, task: Task, n_train: int,
     return json.loads(json.dumps(info, default=str))
 
 
-def _check_same_settings(saved: dict[str, Any] | None, now: dict[str, Any], out: Path) -> None:
-    """A checkpoint restores the step budget, schedule and data order it was written with: other flags
-    would be ignored (a larger --max-steps) or mixed in (another --lr, batch size or data) without a word."""
-    if saved is None:  # written before checkpoints recorded their settings
-        return
-    flat_saved = {**saved.get("train", {}), **{k: v for k, v in saved.items() if k != "train"}}
-    flat_now = {**now["train"], **{k: v for k, v in now.items() if k != "train"}}
-    differ = [k for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
-    if differ:
-        shown = ", ".join(f"{k} {flat_saved.get(k)!r} (now {flat_now.get(k)!r})" for k in differ[:4])
-        raise ValueError(
-            f"the checkpoint in {out} was written by a run with other settings: {shown}; resume with the "
-            "settings it was started with, or drop --resume to start afresh"
-        )
-
-
 def fit(
     model: nn.Module,
     tokenizer: Any,
@@ -212,7 +196,7 @@ def fit(
 
     train = list(train_examples if train_examples is not None else task["train"])
     dev = eval_sample(list(dev_examples if dev_examples is not None else task["dev"]), cfg.max_eval)
-    settings = _settings(cfg, dm, task, len(train), len(dev))
+    settings = _settings(cfg, dm, task, len(train), len(dev)) | checkpoint.provenance(backbone, train, dev)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         train, batch_size=cfg.batch_size, shuffle=True, collate_fn=objective.collate, generator=generator
@@ -253,7 +237,7 @@ def fit(
     skip, checkpointed = 0, 0  # batches of the current epoch already trained on; evaluations checkpointed
     if resume_dir is not None:
         tensors, saved = checkpoint.load(resume_dir)
-        _check_same_settings(saved["loop"].get("settings"), settings, resume_dir)
+        checkpoint.check_same_settings(saved["loop"].get("settings"), settings, resume_dir)
         best_state = checkpoint.restore(tensors, saved, unwrapped, optimizer, scheduler)
         loop = saved["loop"]
         step, max_steps, best, best_step, stale = (loop[k] for k in ("step", "max_steps", "best", "best_step", "stale"))
