@@ -171,3 +171,10 @@ def test_labels_that_differ_only_in_case_or_spaces_are_refused_not_two_classes(t
         load_task(path)
     labels = ["Negative", "negative", "positive", "positive "]  # said to be four classes: so they are
     assert load_task(path, labels=labels).labels == labels
+
+
+def test_an_empty_csv_is_named_empty_not_a_closed_file(tmp_path):
+    """A 0-byte .csv failed with "I/O operation on closed file" (the header was read after the close)."""
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(DataError, match=r"train.csv, line 1: empty file"):
+        load_task(tmp_path / "train.csv")

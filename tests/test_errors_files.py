@@ -232,3 +232,25 @@ def test_non_finite_tensors_are_refused_on_load_and_merge(tmp_path: Path) -> Non
     with pytest.raises(dt.DeltaError, match="merging would write them into the weights"):
         dm.merge()
     assert not dm.delta().merged and same_state(before, state(dm.backbone))
+
+
+def test_saved_folders_take_the_umask_modes_not_mkdtemp(tmp_path: Path) -> None:
+    """Folders renamed into place from `tempfile.mkdtemp` were 0700 (merged shards 0600): a serving process or
+    another user could not read a delta, checkpoint or merged model."""
+    import os
+    import stat
+
+    from tiny import make_model
+
+    import deltatune as dt
+
+    old = os.umask(0o022)
+    try:
+        dm = dt.attach(make_model("bert"), "lora")
+        dm.save_delta(str(tmp_path / "delta"))
+        dm.export_merged(str(tmp_path / "merged"))
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "delta", tmp_path / "merged"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in folder.iterdir()), folder

@@ -264,3 +264,12 @@ def test_zero_padded_class_codes_stay_codes(tmp_path: Path) -> None:
     assert load_task(tmp_path / "codes.csv").labels == ["01", "1", "2"]
     (tmp_path / "codes.csv").write_text("text,label\na,1\nb,2\nc,10\n")  # plain numbers: classes named by value
     assert load_task(tmp_path / "codes.csv").labels == ["1", "2", "10"]
+
+
+def test_question_and_sentence_columns_are_a_pair(tmp_path: Path) -> None:
+    """QNLI's `question,sentence,label` loaded as single texts: `sentence` taken, the question dropped."""
+    (tmp_path / "train.csv").write_text("question,sentence,label\nwho wrote it?,Ann wrote it.,entailment\n"
+                                        "when?,It rained.,not_entailment\n")  # fmt: skip
+    task = load_task(tmp_path / "train.csv")
+    assert task.type == "pair_classification"
+    assert (task["train"][0].text, task["train"][0].text_pair) == ("who wrote it?", "Ann wrote it.")

@@ -28,6 +28,19 @@ def _fsync_write(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def as_created(folder: Path) -> None:
+    """The modes a plain `mkdir` and `open` would give under the process's umask (0755 and 0644 with umask 022).
+    `tempfile.mkdtemp` makes its folder 0700 (and transformers' shard writer 0600 files), so every delta, checkpoint
+    and merged model folder renamed into place from one was unreadable to another user or a serving process."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def write_file(path: str | os.PathLike, data: bytes | str) -> Path:
     """Replace one file in one rename: readers see the old file or the new one, never half of either.
 
@@ -59,6 +72,7 @@ def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
+        as_created(tmp)
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
@@ -159,6 +173,7 @@ def write_folder(path: Path, files: dict[str, bytes]) -> None:
     try:
         for name, data in files.items():
             _fsync_write(tmp / name, data)
+        as_created(tmp)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,10 @@ def canonical(row: dict, columns: Mapping[str, str] | None) -> dict:
     label = row.get("label")
     if label is not None and not isinstance(label, str) and hasattr(label, "item"):  # numpy/torch scalars
         row["label"] = label.item()
+    if "text" not in row and "text_pair" not in row and "question" in row:  # GLUE's QNLI, BoolQ: a question and
+        second = next((c for c in ("sentence", "passage") if c in row), None)  # its context; read as one text,
+        if second is not None:  # `sentence` alone became the text and the question was dropped without a word
+            row["text"], row["text_pair"] = row["question"], row[second]
     folded: dict[str, list[str]] | None = None
     for key, aliases in COLUMN_ALIASES.items():
         if key not in row:

@@ -194,8 +194,9 @@ def _read_csv(path: Path) -> list[Raw]:
                 raise DataError(f"{where}: more fields than the header {reader.fieldnames}")
             # CSV has no types: empty cells are absent, numbers are parsed later against the task's labels.
             rows.append((where, {k: v for k, v in row.items() if v not in ("", None)}))
-    if not tsv:
-        _check_swallowed(rows, reader.fieldnames or [], delimiter)
+        fields = reader.fieldnames or []  # read inside: DictReader reads the header lazily (a 0-byte file
+    if not tsv:  # read it after the close and failed with "I/O operation on closed file")
+        _check_swallowed(rows, fields, delimiter)
     return rows
 
 
