@@ -161,3 +161,20 @@ def test_predict_reads_a_file_in_batches_and_writes_each_row_with_its_prediction
     assert rows[0] == {"id": "0", "Review": texts[0], "prediction": printed[0]}
     assert main(["predict", "--delta", delta, "--input", str(mine), "x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_held_out_dev_split_of_edited_data(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """The same rows re-sorted (a spreadsheet's save): eval rebuilt another dev split, with rows the delta trained
+    on, and scored it without a note (0.733 where training reported 0.700)."""
+    data = _csv(tmp_path / "mine.csv")
+    assert _train(model_dir, data, tmp_path / "r", "--max-steps", "4", "--dev-split", "0.25") == 0
+    delta = str(tmp_path / "r" / "delta-lora")
+    capsys.readouterr()
+    assert main(["eval", "--delta", delta]) == 0  # the file as it was: the same split
+    lines = Path(data).read_text().splitlines()
+    Path(data).write_text("\n".join([lines[0], *sorted(lines[1:])]) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "--delta", delta]) == 2
+    err = capsys.readouterr().err
+    assert "holds other rows (or the same in another order) than when the delta's dev split was held out" in err
+    assert main(["eval", "--delta", delta, "--split", "train"]) == 2  # the train part is the same question

@@ -173,6 +173,12 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
     own = task.source == info.get("task_source")
     if held and "dev" not in task.splits and own:
         task = hold_out_dev(task, held["fraction"], held["seed"])
+        if held.get("rows_sha") not in (None, task.meta["dev_split"]["rows_sha"]):  # re-sorted or edited since
+            raise ValueError(
+                f"{source} holds other rows (or the same in another order) than when the delta's dev split was held "
+                "out of it: the split rebuilt now would mix rows the delta trained on into dev; score the file as "
+                "it was, or another split (--split test)"
+            )
     elif held and not own and args.split == "dev" and "dev" not in task.splits:
         raise ValueError(
             f"{source} has no dev split (it has {', '.join(task.splits)}); the delta's dev split was held out of "

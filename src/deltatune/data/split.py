@@ -8,6 +8,7 @@ seed (so `deltatune eval` can rebuild it) and keeps every class in both parts wh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 
 from .tasks import DataError, Example, Task
@@ -52,7 +53,9 @@ def hold_out_dev(task: Task, fraction: float, seed: int = 42) -> Task:
         )
     dev = [e for i, e in enumerate(train) if i in chosen]
     rest = [e for i, e in enumerate(train) if i not in chosen]
+    rows = hashlib.sha256(repr(train).encode()).hexdigest()[:16]  # the rows held out of, in their order
     record = {"fraction": fraction, "seed": seed, "stratified": stratified, "train": len(rest), "dev": len(dev)}
+    record["rows_sha"] = rows
     splits = {"train": rest, "dev": dev} | {k: v for k, v in task.splits.items() if k != "train"}
     return dataclasses.replace(task, splits=splits, meta=dict(task.meta) | {"dev_split": record})
 
