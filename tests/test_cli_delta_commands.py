@@ -161,6 +161,14 @@ def test_predict_reads_a_file_in_batches_and_writes_each_row_with_its_prediction
     assert rows[0] == {"id": "0", "Review": texts[0], "prediction": printed[0]}
     assert main(["predict", "--delta", delta, "--input", str(mine), "x"]) == 2
     assert "not both" in capsys.readouterr().err
+    # its output fed back in: the earlier predictions stay, the new ones get a column of their own
+    again = tmp_path / "again.jsonl"
+    assert (
+        main(["predict", "--delta", delta, "--input", str(out), "--output", str(again), "--columns", "Review=text"])
+        == 0
+    )
+    assert "column 'prediction_2': the rows have a 'prediction' column already" in capsys.readouterr().out
+    assert [json.loads(line) for line in again.read_text().splitlines()][0] == rows[0] | {"prediction_2": printed[0]}
 
 
 def test_eval_refuses_a_held_out_dev_split_of_edited_data(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001

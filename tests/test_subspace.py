@@ -228,3 +228,15 @@ def test_store_replaces_rows_by_key_and_round_trips_json(tmp_path: Path) -> None
     assert store.has("subspace_spaces", name="a") and not store.has("subspace_spaces", name="b")
     with pytest.raises(ValueError, match="unknown table"):
         store.rows("study_runs")
+
+
+def test_d90_search_never_measures_above_its_cap() -> None:
+    """`intrinsic-dim --d-max 8` trained SAID at d=16, the first size of the search, above the cap."""
+    asked: list[int] = []
+
+    def measure(d: int) -> float:
+        asked.append(d)
+        return 0.5
+
+    d90, _ = search_d90(measure, reference=0.9, baseline=0.5, d_min=16, d_max=8)
+    assert d90 is None and asked == [8]

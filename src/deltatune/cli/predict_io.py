@@ -94,11 +94,15 @@ def _cell(value: Any) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
-def write_rows(path: str, rows: list[dict], outputs: list[str]) -> None:
-    """Each input row, with its own columns, and its prediction added; JSONL or CSV by suffix, in one rename."""
+def write_rows(path: str, rows: list[dict], outputs: list[str]) -> str:
+    """Each input row, with its own columns, and its prediction added; JSONL or CSV by suffix, in one rename.
+    Returns the column's name: `prediction`, or `prediction_2`, ... where the rows have one of that name already
+    (the output of an earlier predict, fed back in: its predictions were overwritten without a word)."""
     from ..core.atomic import write_file
 
-    records = [{**row, FIELD: out} for row, out in zip(rows, outputs, strict=True)]
+    taken = {k for row in rows for k in row}
+    field = next(f for f in (FIELD, *(f"{FIELD}_{i}" for i in range(2, len(taken) + 3))) if f not in taken)
+    records = [{**row, field: out} for row, out in zip(rows, outputs, strict=True)]
     if Path(path).suffix == ".jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False, default=_cell) + "\n" for r in records)
     else:
@@ -109,6 +113,7 @@ def write_rows(path: str, rows: list[dict], outputs: list[str]) -> None:
         writer.writerows(records)
         text = buffer.getvalue()
     write_file(path, text)
+    return field
 
 
 def emit(
@@ -129,8 +134,9 @@ def emit(
 
     outputs = predict_all(examples, size, predict, progress=args.output is not None)
     if args.output:
-        write_rows(args.output, rows, outputs)
-        print(f"{len(outputs)} predictions written to {args.output}")
+        field = write_rows(args.output, rows, outputs)
+        column = "" if field == FIELD else f" (column {field!r}: the rows have a {FIELD!r} column already)"
+        print(f"{len(outputs)} predictions written to {args.output}{column}")
         return 0
     for text, out in zip(texts, outputs, strict=True):
         print(f"{out}\t{text}")

@@ -46,7 +46,7 @@ def search_d90(
             scores[d] = measure(d)
         return scores[d] >= target
 
-    miss, d = 0, d_min
+    miss, d = 0, min(d_min, d_max)  # a cap below the first size measures at the cap (it trained SAID at 16 for 8)
     while not hit(d):
         miss = d
         if d >= d_max:
