@@ -186,3 +186,21 @@ def test_eval_refuses_a_held_out_dev_split_of_edited_data(tmp_path: Path, model_
     err = capsys.readouterr().err
     assert "holds other rows (or the same in another order) than when the delta's dev split was held out" in err
     assert main(["eval", "--delta", delta, "--split", "train"]) == 2  # the train part is the same question
+
+
+def test_eval_on_the_same_labels_in_another_order_scores_them_by_name(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """A file whose meta.json orders the labels otherwise was refused: "trained with labels [...] but X has [...]"."""
+    assert _train(model_dir, _folder(tmp_path / "mine"), tmp_path / "r", "--max-steps", "8") == 0
+    delta = str(tmp_path / "r" / "delta-lora")
+    recorded = json.loads((tmp_path / "r" / "delta-lora" / "delta.json").read_text())["metadata"]["labels"]
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = (tmp_path / "mine" / "test.jsonl").read_text()
+    (other / "test.jsonl").write_text(rows)
+    (other / "meta.json").write_text(json.dumps({"type": "classification", "labels": list(reversed(recorded))}))
+    capsys.readouterr()
+    assert main(["eval", "--delta", delta, "--task", str(tmp_path / "mine"), "--split", "test"]) == 0
+    same = capsys.readouterr().out
+    assert main(["eval", "--delta", delta, "--task", str(other), "--split", "test"]) == 0
+    score = lambda out: next(w for w in out.split() if w.replace(".", "").isdigit() and "." in w)  # noqa: E731
+    assert score(capsys.readouterr().out) == score(same)

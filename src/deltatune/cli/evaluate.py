@@ -185,7 +185,8 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
             f"its own training data, so score this data whole with --split {next(iter(task.splits))}"
         )
     recorded = info.get("labels")
-    if recorded and task.labels and list(recorded) != task.labels and set(task.labels) < set(recorded):
+    if recorded and task.labels and list(recorded) != task.labels and set(task.labels) <= set(recorded):  # a subset,
+        # or the same names in another order (sorted without meta.json): scored by name, not refused
         try:
             again = load_task(source, labels=recorded, columns=mapped)
         except DataError:  # integer rows that name classes ("1", "2") are no indices into numeric names
