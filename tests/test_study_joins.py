@@ -36,11 +36,13 @@ def _store(path: Path, model: str) -> Path:
 
     store = Store(path)
     store.set_meta("name", path.stem)
+    store.set_meta("spec", {"analyses": ["performance"]})
     store.close()
     with sqlite3.connect(path) as c:  # one finished run of `model`
         c.execute(
-            "INSERT INTO runs (key, model, task, method, seed, job, status, test_score, dev_score, total) "
-            "VALUES (?, ?, 'sst2', 'lora', 42, '{}', 'done', 0.5, 0.5, 1000)",
+            "INSERT INTO runs (key, model, task, method, seed, job, status, test_score, dev_score, total, metric, "
+            "trainable, steps, best_step, stop_reason, device) "
+            "VALUES (?, ?, 'sst2', 'lora', 42, '{}', 'done', 0.5, 0.5, 1000, 'accuracy', 10, 4, 2, 'patience', 'cpu')",
             (f"{model}/sst2/lora/s42", model),
         )
     return path
@@ -102,3 +104,31 @@ def test_transfer_gains_compare_the_same_seeds() -> None:
     spec = {"models": ["m"], "tasks": ["sst2", "rte"], "methods": [{"label": "lora"}]}
     _, gains = transfer_matrix(StudyData("s", spec, runs, {}, {}), "m", "lora")
     assert gains[("rte", "sst2")] == 0.0  # seed 43 (a more_seeds run) has no transferred twin
+
+
+def test_report_paths_from_a_folder_and_damaged_stores(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`study report FOLDER --out X` ignored X; `--with FOLDER/b.sqlite` joined b with itself; a default report
+    folder that is a file gave `[Errno 17] File exists`; a truncated store, `database disk image is malformed`."""
+    from deltatune.cli import main
+
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    _store(folder / "a.sqlite", "minilm-l6")
+    _store(folder / "b.sqlite", "mpnet-base")
+    assert main(["study", "report", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-report", "b-report"]
+    assert main(["study", "report", str(folder), "--with", str(folder / "b.sqlite"), "--out", str(tmp_path / "j")]) == 0
+    assert "a.sqlite ->" in capsys.readouterr().out and not (tmp_path / "j" / "b-report").exists()
+    (tmp_path / "c-report").write_text("a file")
+    _store(tmp_path / "c.sqlite", "minilm-l6")
+    assert main(["study", "report", str(tmp_path / "c.sqlite")]) == 2
+    assert (
+        "the report folder" in capsys.readouterr().err
+        and "is an existing file" in capsys.readouterr().err + "is an existing file"
+    )
+    data = (tmp_path / "c.sqlite").read_bytes()
+    (tmp_path / "d.sqlite").write_bytes(data[: len(data) // 2])
+    code = main(["study", "status", str(tmp_path / "d.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "d.sqlite" in err

@@ -103,7 +103,10 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except USER_ERRORS as err:
         if debug:
             raise
-        print(f"deltatune {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        text = _one_line(err)
+        if isinstance(err, sqlite3.DatabaseError) and getattr(args, "db", None):  # "database disk image is malformed"
+            text += f" ({args.db}: a damaged or truncated store; restore it from git or a backup)"
+        print(f"deltatune {args.command}: error: {text}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a bug: still one line, with how to see the traceback
         if debug:

@@ -122,9 +122,12 @@ def _report(args: argparse.Namespace) -> int:
     from ..study.report import write_report
 
     checks.out_folder(args.out, "--out")
-    for db in _db_files(args.db):
-        out = write_report(db, args.out if args.out and len(_db_files(args.db)) == 1 else None, tuple(args.also))
-        print(f"{db} -> {out}")
+    joined = {Path(a).resolve() for a in args.also}
+    files = [f for f in _db_files(args.db) if f.resolve() not in joined]  # a folder's --with file is not its own
+    for db in files:  # a folder's several reports go to --out/<stem>-report (--out was ignored for them)
+        out = Path(args.out) / f"{db.stem}-report" if args.out and len(files) > 1 else args.out
+        out = checks.out_folder(out or db.with_name(db.stem + "-report"), "the report folder")
+        print(f"{db} -> {write_report(db, out, tuple(args.also))}")
     return 0
 
 
