@@ -143,3 +143,12 @@ def test_method_flags_take_names_as_users_write_them() -> None:
     assert list(configs) == ["lora", "bitfit"] and configs["lora"].r == 4
     with pytest.raises(ValueError, match="a method is named twice"):
         method_configs(["lora", "LORA"], None)
+
+
+def test_a_method_arg_for_a_method_not_asked_for_names_it() -> None:
+    """`--method-arg lora.r=4 --method adapter` said "AdapterConfig has no setting 'lora.r'"."""
+    from deltatune.cli.args import method_configs
+
+    with pytest.raises(ValueError, match=r"--method-arg 'lora.r=4' sets lora, which is not among --method \(adapter\)"):
+        method_configs(["adapter"], ["lora.r=4"])
+    assert method_configs(["lora"], ["lora.r=4"])["lora"].r == 4  # its own prefix, as with several methods

@@ -51,7 +51,15 @@ def method_configs(names: list[str] | None, pairs: list[str] | None) -> dict[str
     if len(set(names)) != len(names):
         raise ValueError(f"a method is named twice in {names}; each method can be attached once")
     if len(names) <= 1:
-        return {n: method_config(n, pairs) for n in names}
+        for pair in pairs or []:  # `lora.r=4` with --method adapter read as adapter's setting "lora.r"
+            owner, dot, _ = pair.partition("=")[0].partition(".")
+            if dot and owner in METHODS and owner not in names:
+                raise ValueError(
+                    f"--method-arg {pair!r} sets {owner}, which is not among --method ({', '.join(names) or 'none'}); "
+                    f"add --method {owner}, or drop the prefix"
+                )
+        own = [p.split(".", 1)[1] if names and p.startswith(f"{names[0]}.") else p for p in pairs or []]
+        return {n: method_config(n, own) for n in names}
     per: dict[str, list[str]] = {n: [] for n in names}
     for pair in pairs or []:
         owner, dot, rest = pair.partition(".")
