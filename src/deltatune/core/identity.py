@@ -92,11 +92,10 @@ def merged_names(model: nn.Module) -> set[str]:
     """The parameters that deltas merged into this model have changed (by plain name): they are the base weights
     plus a delta, so they say nothing of which checkpoint the model is. Saving one delta while another was merged
     recorded them, and the right model was then refused as "another checkpoint"."""
-    from .marks import OWNER
+    from .marks import owner
     from .merge import merged_tensors
 
-    ref = vars(model).get(OWNER)
-    dm = ref() if callable(ref) else None
+    dm = owner(model)
     return merged_tensors(dm) if dm is not None and dm.backbone is model else set()
 
 

@@ -38,6 +38,12 @@ SAVE_REFUSED = (
 )
 
 
+def owner(backbone: nn.Module) -> DeltaModel | None:
+    """The DeltaModel whose deltas act on `backbone` (None: none, or it is gone)."""
+    ref = vars(backbone).get(OWNER)
+    return ref() if ref is not None else None
+
+
 class SaveRefused:
     """The backbone's `save_pretrained` (and so `push_to_hub`'s) while deltas are attached."""
 
@@ -56,8 +62,7 @@ class ResizeGuard:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         backbone = self.backbone
-        ref = vars(backbone).get(OWNER)
-        dm = ref() if ref is not None else None
+        dm = owner(backbone)
         tables = {id(m) for m in (backbone.get_input_embeddings(), backbone.get_output_embeddings()) if m is not None}
         names = {n for n, m in backbone.named_modules() if id(m) in tables}
         on = [f"{n!r} ({d.config.method})" for n, d in (dm.deltas.items() if dm else ()) if set(d.sites) & names]
@@ -80,8 +85,7 @@ class PlainLoad:
         self.backbone = backbone
 
     def __call__(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        ref = vars(self.backbone).get(OWNER)
-        dm = ref() if ref is not None else None
+        dm = owner(self.backbone)
         merged = [n for n, d in (dm.deltas.items() if dm is not None else ()) if d.merged]
         if merged:
             raise DeltaError(

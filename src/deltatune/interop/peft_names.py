@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..core.marks import OWNER
+from ..core.marks import owner
 from ..core.model import DeltaModel
 from ..core.targeting import resolve
 
@@ -87,7 +87,4 @@ def all_or_nothing(importer: F) -> F:
 
 
 def _owner(model: nn.Module) -> DeltaModel | None:
-    if isinstance(model, DeltaModel):
-        return model
-    ref = vars(model).get(OWNER)
-    return ref() if callable(ref) else None
+    return model if isinstance(model, DeltaModel) else owner(model)
