@@ -67,7 +67,9 @@ def test_a_held_out_dev_split_is_stratified_seeded_disjoint_and_in_file_order(tm
     order = [e.text for e in task["train"]]
     assert [order.index(e.text) for e in dev] == sorted(order.index(e.text) for e in dev)
     assert hold_out_dev(task, 0.2, seed=3)["dev"] == dev and hold_out_dev(task, 0.2, seed=4)["dev"] != dev
-    assert split.meta["dev_split"] == {"fraction": 0.2, "seed": 3, "stratified": True, "train": 48, "dev": 12}
+    record = dict(split.meta["dev_split"])
+    assert len(record.pop("rows_sha")) == 16  # the rows it was held out of, for eval to check (errors.md row 300)
+    assert record == {"fraction": 0.2, "seed": 3, "stratified": True, "train": 48, "dev": 12}
     assert "dev" not in task.splits  # the original task is untouched
 
 
