@@ -87,7 +87,7 @@ def start(accelerator: Any, trackers: list[str], run_name: str, settings: dict[s
 
 def evaluation(row: dict[str, Any]) -> dict[str, float]:
     """One metrics.jsonl row as tracker scalars: train/loss, train/lr, train/epoch, dev/<metric>."""
-    train = {"loss": "train/loss", "lr": "train/lr", "epoch": "train/epoch", "train_loss": "train/loss"}
+    train = {"train_loss": "train/loss", "lr": "train/lr", "epoch": "train/epoch"}
     out = {}
     for key, value in row.items():
         if key in ("step", "elapsed") or not isinstance(value, int | float) or isinstance(value, bool):
