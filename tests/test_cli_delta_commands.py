@@ -204,3 +204,23 @@ def test_eval_on_the_same_labels_in_another_order_scores_them_by_name(tmp_path: 
     assert main(["eval", "--delta", delta, "--task", str(other), "--split", "test"]) == 0
     score = lambda out: next(w for w in out.split() if w.replace(".", "").isdigit() and "." in w)  # noqa: E731
     assert score(capsys.readouterr().out) == score(same)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("blank.csv", "id,text\n1,great\n2,\n", "blank.csv, line 3: 'text' is empty (a blank cell or null)"),
+        ("num.jsonl", '{"text": 12}\n', "num.jsonl, line 1: field 'text' must be a string, got int 12"),
+        ("cols.csv", "id,review\n1,good\n", "rename a column to 'text', or map it, e.g. --columns review=text ("),
+    ],
+)
+def test_predict_input_names_what_is_wrong_with_a_row(tmp_path: Path, name: str, content: str, said: str) -> None:
+    """A blank text cell was told to map the id column as text; `"text": 12` that its rows have no 'text' while
+    naming 'text' among them; rows without labels were told to map a label, which predict does not read."""
+    from deltatune.cli.predict_io import read_rows
+    from deltatune.data.files import DataError
+
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as err:
+        read_rows(str(tmp_path / name), None)
+    assert said in str(err.value) and "=label" not in str(err.value)

@@ -25,6 +25,7 @@ FIELD = "prediction"
 def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dict]]:
     """(the row as the file has it, the row with text/text_pair as training names them); '-': stdin lines."""
     from ..data.columns import canonical, map_hint
+    from ..data.examples import field_text
     from ..data.files import DataError, read_text_lines
     from ..data.files import read_rows as read_file_rows
 
@@ -37,10 +38,12 @@ def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dic
     if not raw:
         raise DataError(f"{path}: no rows to predict")
     rows = []
+    present = {key for _, row in raw for key in canonical(dict(row), columns)}  # a CSV drops a blank cell's key
     for where, row in raw:
         mapped = canonical(dict(row), columns)
-        if not isinstance(mapped.get("text"), str):
-            raise DataError(f"{where}: no 'text' to predict from; {map_hint(sorted(row), 'text')}")
+        if "text" not in present:
+            raise DataError(f"{where}: no 'text' to predict from; {map_hint(sorted(row), 'text', labelled=False)}")
+        field_text(where, mapped, "text", elsewhere=True)
         rows.append((row, mapped))
     return rows
 

@@ -83,14 +83,15 @@ def check_mapped(columns: Mapping[str, str] | None, rows: Iterable[dict], where:
             )
 
 
-def map_hint(fields: list[str], wanted: str) -> str:
+def map_hint(fields: list[str], wanted: str, labelled: bool = True) -> str:
     """How to say which of a user's columns is `wanted`: rename it, or map it (CLI, API, meta.json). Where the
-    rows lack both a text and a label, the example maps both, so that one correction is enough."""
+    rows lack both a text and a label, the example maps both, so that one correction is enough (not for
+    `labelled=False` rows, which `predict` reads: they need no label)."""
     have = ", ".join(repr(f) for f in fields[:8]) or "none"
     missing = [wanted]
     if wanted == "label" and not {"text", "source"} & set(fields):
         missing.append("text")
-    elif wanted == "text" and "label" not in fields:
+    elif wanted == "text" and "label" not in fields and labelled:
         missing.append("label")
     mapping: dict[str, str] = {}
     for field in missing:

@@ -98,8 +98,10 @@ def _without_unlabeled_test(raw: dict[str, list[Raw]]) -> dict[str, list[Raw]]:
     return {s: r for s, r in raw.items() if s != "test"}
 
 
-def _text(where: str, row: dict, key: str, required: bool = True, elsewhere: bool = False) -> str | None:
-    """`elsewhere`: other rows of the split have `key`, so this row's cell is empty (a CSV drops empty cells)."""
+def field_text(where: str, row: dict, key: str, required: bool = True, elsewhere: bool = False) -> str | None:
+    """A row's text field, or one clear line: an empty cell, a missing column and a number are each named.
+
+    `elsewhere`: other rows of the split have `key`, so this row's cell is empty (a CSV drops empty cells)."""
     if key not in row or row[key] is None:
         if required and (key in row or elsewhere):  # the column is there, this cell is empty
             raise DataError(
@@ -129,15 +131,15 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices:
     present = {key for _, row in rows for key in row}  # a key some row has is a column: where it lacks, a cell is empty
     for where, row in rows:
         if task_type == "generation":
-            source = _text(where, row, "source", elsewhere="source" in present)
-            target = _text(where, row, "target", elsewhere="target" in present)
+            source = field_text(where, row, "source", elsewhere="source" in present)
+            target = field_text(where, row, "target", elsewhere="target" in present)
             refs = row.get("references") or [target]
             if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
                 raise DataError(f"{where}: 'references' must be a list of strings")
             out.append(Example(source, None, target, tuple(refs)))
             continue
-        text = _text(where, row, "text", elsewhere="text" in present)
-        pair = _text(where, row, "text_pair", required=False)
+        text = field_text(where, row, "text", elsewhere="text" in present)
+        pair = field_text(where, row, "text_pair", required=False)
         if "label" not in row and "label" not in present:
             raise DataError(f"{where}: missing field 'label'; {map_hint(sorted(row), 'label')}")
         if row.get("label") is None:
