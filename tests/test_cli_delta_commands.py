@@ -224,3 +224,16 @@ def test_predict_input_names_what_is_wrong_with_a_row(tmp_path: Path, name: str,
     with pytest.raises(DataError) as err:
         read_rows(str(tmp_path / name), None)
     assert said in str(err.value) and "=label" not in str(err.value)
+
+
+def test_eval_on_data_of_another_task_type_names_both(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """A classification delta scored on regression data (scores 0.5, 3.0) was refused by its head's shape,
+    `(2, 32), this model's (1, 32): load the backbone with num_labels=2`: true, and not the user's mistake."""
+    data = _csv(tmp_path / "mine.csv")
+    assert _train(model_dir, data, tmp_path / "r", "--max-steps", "2", "--dev-split", "0.25") == 0
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"text": f"t {i}", "label": i / 2}) + "\n" for i in range(8)))
+    capsys.readouterr()
+    args = ["eval", "--delta", str(tmp_path / "r" / "delta-lora"), "--task", str(scores), "--split", "train"]
+    assert main(args) == 2
+    assert "trained for classification and " + str(scores) + " is a regression task" in capsys.readouterr().err

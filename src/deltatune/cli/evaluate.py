@@ -167,6 +167,11 @@ def _task_for_eval(args: argparse.Namespace, info: dict[str, Any]):  # noqa: ANN
         raise ValueError(f"{args.delta} does not record the data it was trained on; name it with --task")
     mapped = args.columns or info.get("columns")  # the columns as training read them, unless told otherwise
     task = load_task(source, columns=mapped)
+    if info.get("task_type") not in (None, task.type):  # the head's shape would be named, not the cause
+        raise ValueError(
+            f"the delta was trained for {info['task_type']} and {source} is a {task.type} task; evaluate it on "
+            f"{info['task_type']} data (--task)"
+        )
     held = info.get("dev_split")
     # the dev split held out at training, rebuilt from its seed, on that data only: other data given
     # with --task was scored on a 'dev' fraction of itself (1 row of 3) and 'train' lost that fraction
