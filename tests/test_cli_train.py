@@ -206,6 +206,7 @@ def test_one_train_per_out_folder_and_no_run_replaced_unasked(tmp_path: Path, mo
     both "succeeded" with their curves interleaved in metrics.jsonl and the last one's delta; a later run
     replaced a finished one without a word. Now the folder is locked and kept unless --overwrite."""
     import os
+    import shutil
     import socket
     import subprocess
     import sys
@@ -227,6 +228,13 @@ def test_one_train_per_out_folder_and_no_run_replaced_unasked(tmp_path: Path, mo
         "holds a finished run (adapter on task); choose another --out, or pass --overwrite" in capsys.readouterr().err
     )
     assert (out / "result.json").read_text() == before
+    curve = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # as a run that evaluated only at its end leaves it
+    assert _train(model_dir, data, out, "--max-steps", "16", "--resume") == 2  # its curve was emptied, then refused
+    assert "finished, so there is nothing to resume" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == curve
+    assert _train(model_dir, data, tmp_path / "new", "--max-steps", "16", "--resume") == 2
+    assert "holds no run to resume" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert _train(model_dir, data, out, "--max-steps", "16", "--overwrite") == 0
     assert (out / "delta-lora").is_dir() and not (out / "delta-adapter").exists()  # nothing of the old run left
     (out / "result.json").unlink()  # as if killed before the end: its checkpoint remains

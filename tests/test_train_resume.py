@@ -64,9 +64,14 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(
 
 
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path: Path) -> None:
+    """The refusal came after metrics.jsonl was emptied: a finished run's curve was lost to a stray --resume."""
     task = load_task(_write_task(tmp_path / "toy"))
-    with pytest.raises(FileNotFoundError, match="drop --resume"):
-        _fit(task, make_tokenizer(WORDS), tmp_path / "none", 4, resume=True)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.jsonl").write_text('{"step": 4}\n')
+    for out in (tmp_path / "none", tmp_path / "done"):
+        with pytest.raises(FileNotFoundError, match="drop --resume"):
+            _fit(task, make_tokenizer(WORDS), out, 4, resume=True)
+    assert not (tmp_path / "none").exists() and (tmp_path / "done" / "metrics.jsonl").read_text() == '{"step": 4}\n'
 
 
 def test_resume_with_other_settings_is_refused_not_mixed_in(tmp_path: Path) -> None:
@@ -76,8 +81,10 @@ def test_resume_with_other_settings_is_refused_not_mixed_in(tmp_path: Path) -> N
     tokenizer = make_tokenizer(WORDS)
     _fit(task, tokenizer, tmp_path / "run", 4)
     cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=32, eval_every=4, patience=None, progress=False)
+    curve = (tmp_path / "run" / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match=r"other settings: max_steps 16 \(now 32\); .*drop --resume"):
         fit(_bert(tokenizer), tokenizer, task, [dt.LoRAConfig()], cfg, output_dir=tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == curve  # a refusal leaves the run as it was
     same = TrainConfig(lr=1e-2, batch_size=8, max_steps=16, eval_every=4, patience=None, progress=False)
     lora = dt.LoRAConfig(alpha=4.0)  # same tensors, another scale: it would load and train on silently
     with pytest.raises(ValueError, match=r"other settings: deltas \{'lora': \{.*'alpha': 16\.0.*\(now .*'alpha': 4\.0"):

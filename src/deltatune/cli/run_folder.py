@@ -65,15 +65,20 @@ def _refuse_held(out: Path, held: dict) -> None:
 
 
 def _check_earlier(out: Path, resume: bool, overwrite: bool) -> None:
-    if resume or overwrite:
+    if overwrite or (resume and (out / "checkpoint").exists()):
         return
+    if resume and not (out / "result.json").exists():
+        raise ValueError(f"{out} holds no run to resume; drop --resume to start the run afresh")
     if (out / "result.json").exists():
         try:
             info = json.loads((out / "run.json").read_text())
             what = f" ({info.get('label')} on {info.get('task')})"
         except (OSError, ValueError):
             what = ""
-        raise ValueError(f"{out} holds a finished run{what}; choose another --out, or pass --overwrite to replace it")
+        done = "; it finished, so there is nothing to resume" if resume else ""
+        raise ValueError(
+            f"{out} holds a finished run{what}{done}; choose another --out, or pass --overwrite to replace it"
+        )
     if (out / "checkpoint").exists():
         raise ValueError(f"{out} holds an unfinished run; --resume continues it, --overwrite starts afresh")
 

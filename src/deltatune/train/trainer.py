@@ -216,6 +216,9 @@ def fit(
     resume_dir = Path(output_dir) if resume and output_dir is not None else None
     if resume and resume_dir is None:
         raise ValueError("resume=True continues the run saved in output_dir; pass the output_dir it was started with")
+    if resume_dir is not None:  # read and checked before anything is written: a refusal leaves the run as it was
+        tensors, saved = checkpoint.load(resume_dir)
+        checkpoint.check_same_settings(saved["loop"].get("settings"), settings, resume_dir)
     if not accelerator.is_main_process:  # the main process alone prints and writes
         cfg, output_dir = dataclasses.replace(cfg, progress=False), None
 
@@ -236,8 +239,6 @@ def fit(
     bar = tqdm(total=max_steps, desc=f"{mode} on {task.name}", disable=not cfg.progress, dynamic_ncols=True)
     skip, checkpointed = 0, 0  # batches of the current epoch already trained on; evaluations checkpointed
     if resume_dir is not None:
-        tensors, saved = checkpoint.load(resume_dir)
-        checkpoint.check_same_settings(saved["loop"].get("settings"), settings, resume_dir)
         best_state = checkpoint.restore(tensors, saved, unwrapped, optimizer, scheduler)
         loop = saved["loop"]
         step, max_steps, best, best_step, stale = (loop[k] for k in ("step", "max_steps", "best", "best_step", "stale"))
