@@ -91,10 +91,13 @@ def test_a_head_only_run_is_a_folder_eval_predict_inspect_and_merge_accept(
     assert capsys.readouterr().out.split("\t")[0] == config["id2label"][str(int(logits.argmax()))]
 
 
-def test_a_lora_merge_carries_the_label_names(tmp_path: Path, model_dir: Path) -> None:
+def test_a_lora_merge_carries_the_label_names(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
     assert _train(model_dir, _folder(tmp_path / "mine"), tmp_path / "r", "--max-steps", "4", "--no-test") == 0
     assert main(["merge", str(model_dir), str(tmp_path / "r" / "delta-lora"), str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m")]) == 2  # was told to pass a folder `deltatune train` wrote
+    assert "is a model folder (config.json, no delta.json): a merged model" in capsys.readouterr().err
 
 
 def test_predict_on_a_pair_delta_wants_the_pair_syntax(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001

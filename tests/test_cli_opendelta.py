@@ -165,7 +165,7 @@ def test_wrong_folders_and_tasks_get_one_line_each(od, tmp_path, capsys) -> None
             "saved from a GPT2LMHeadModel (gpt2) and",
         ),
         # a transformers model folder's config.json is no OpenDelta checkpoint: the deltatune refusal, as before
-        (["predict", "--delta", str(od["clf"]), *model, "t5"], "is not a delta folder"),
+        (["predict", "--delta", str(od["clf"]), *model, "t5"], "is a model folder (config.json, no delta.json)"),
     ]
     for argv, wanted in cases:
         assert main(argv) == 2, argv

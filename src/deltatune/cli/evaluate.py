@@ -42,6 +42,11 @@ def saved_meta(delta: str, flag: str = "--delta ") -> dict[str, Any]:
                 f"{delta} holds a head.safetensors from an older head-only run, without its settings; "
                 "train it again (deltatune train --head-only) to get a delta-head folder"
             )
+        if (path / "config.json").exists():  # `deltatune merge`'s output, or a backbone
+            raise ValueError(
+                f"{delta} is a model folder (config.json, no {META}): a merged model or a backbone, with no delta "
+                f"to read; load it with transformers' from_pretrained, or train on it with --model {delta}"
+            )
         raise ValueError(
             f"{delta} is not a delta folder (no {META}); pass {flag}a folder `deltatune train` wrote, "
             "e.g. runs/<run>/delta-lora"
