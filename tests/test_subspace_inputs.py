@@ -45,6 +45,9 @@ def test_a_method_arg_changes_one_setting_and_keeps_the_rest_of_the_preset(tmp_p
         (("--methods", "lroa,adapter"), r"unknown method 'lroa'; did you mean lora"),
         (("--methods", "lora,lora"), r"a method is listed twice in --methods lora,lora"),
         (("--lr", "lroa=1e-3"), r"--lr names 'lroa', which is not among --methods .*fix the name"),
+        (("--lr", "lora=abc"), r"--lr 'lora=abc' is not method=rate, e.g. --lr lora=5e-3"),  # was float()'s line
+        (("--lr", "lora=1e-3,adapter=1e-3"), r"is not method=rate, .*\(one --lr for each method\)"),
+        (("--lr", "lora=-1e-3"), r"--lr lora must be a finite number > 0, got -0.001"),  # was accepted and kept
         (("--methods", "lora,adapter", "--method-arg", "prefix.num_tokens=3"), r"--method-arg names 'prefix'"),
         (("--d", "8", "--hidden", "4"), r"--hidden 4 .* must be at least --d 8"),
         (

@@ -131,9 +131,13 @@ def _study_config(args: argparse.Namespace):  # noqa: ANN202
         given.setdefault("method_args", {}).setdefault(method, {})[field] = parse_value(value)
     for pair in args.lr:
         method, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--lr {pair!r} is not method=rate, e.g. --lr lora=5e-3")
-        given.setdefault("lrs", {})[method] = float(value)
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = None
+        if not sep or not method or rate is None:
+            raise ValueError(f"--lr {pair!r} is not method=rate, e.g. --lr lora=5e-3 (one --lr for each method)")
+        given.setdefault("lrs", {})[method] = rate
     return StudyConfig.start_or_resume(args.workdir, given)  # the resume rule lives in the library
 
 

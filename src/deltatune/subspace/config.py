@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,9 @@ class StudyConfig:
                     f"{flag} names {stray[0]!r}, which is not among --methods {','.join(self.methods)}; "
                     "fix the name or add the method to --methods"
                 )
+        for m, rate in self.lrs.items():  # a negative rate ascends the loss, and the study.json keeps it
+            if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf:
+                raise ValueError(f"--lr {m} must be a finite number > 0, got {rate!r}")
         if self.solution_seeds is not None:
             if len(set(self.solution_seeds)) != len(self.solution_seeds):
                 raise ValueError(f"a seed is listed twice in --solution-seeds {self.solution_seeds}")
