@@ -141,6 +141,30 @@ def test_cli_refuses_to_add_study_tables_to_someone_elses_database(tmp_path: Pat
     assert db.read_bytes() == before
 
 
+def test_a_store_of_the_other_kind_is_named_with_the_command_that_reads_it(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`study status` of a subspace store was told the file is 'an SQLite database of something else', though
+    docs/subspace.md says the two kinds may share one file (and `study run` refused to share it)."""
+    from deltatune.cli import checks
+    from deltatune.study.store import Store
+    from deltatune.subspace.store import Store as SubspaceStore
+
+    sub, study = tmp_path / "sub.db", tmp_path / "study.sqlite"
+    SubspaceStore(sub)
+    Store(study)
+    code, err = _cli(capsys, "study", "status", str(sub))
+    _one_line_error(code, err, r"sub\.db is a `deltatune subspace` store, .*`deltatune subspace report --db .*sub\.db`")
+    code, err = _cli(capsys, "subspace", "report", "--workdir", str(tmp_path / "w"), "--db", str(study))
+    _one_line_error(
+        code, err, r"study\.sqlite is a `deltatune study` store, .*`deltatune study status .*study\.sqlite`"
+    )
+    from deltatune.cli.study import _TABLES
+    from deltatune.subspace.store import SCHEMA
+
+    assert checks.sqlite_file(sub, "--db", tables=_TABLES + tuple(SCHEMA)) == sub  # what `study run` accepts
+    Store(sub)  # and the study's tables join the subspace's in one file
+    assert "deltatune study" not in _cli(capsys, "study", "status", str(sub))[1]
+
+
 # -- found by the session-6 probe ----------------------------------------------------------------
 # An independent probe (/work/probe14 in the session that wrote these) tried 200+ bad inputs; each case
 # below is one it found accepted silently, crashing, or unclear, now refused in one line.

@@ -91,7 +91,7 @@ def test_a_subspace_stage_that_reads_results_needs_a_file_that_holds_them(tmp_pa
     assert not (tmp_path / "typo.sqlite").exists()
     other = _store(tmp_path / "study.sqlite", "minilm-l6")
     code = main(["subspace", "report", "--workdir", str(tmp_path / "w"), "--db", str(other)])
-    assert code == 2 and "is an SQLite database of something else" in capsys.readouterr().err
+    assert code == 2 and "is a `deltatune study` store, which this command does not read" in capsys.readouterr().err
     with sqlite3.connect(other) as c:
         assert not [r for r in c.execute("SELECT name FROM sqlite_master") if r[0].startswith("subspace")]
 

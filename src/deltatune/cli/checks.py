@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+# deltatune's stores by a table each holds (study.store, subspace.store), and the command that reads each
+_KINDS = {
+    "a `deltatune study` store": ("runs", "deltatune study status {}"),
+    "a `deltatune subspace` store": ("subspace_results", "deltatune subspace report --db {}"),
+}
 
 
 def sqlite_file(path: str | Path, flag: str, *, must_exist: bool = False, tables: tuple[str, ...] = ()) -> Path:
@@ -40,6 +45,12 @@ def sqlite_file(path: str | Path, flag: str, *, must_exist: bool = False, tables
         finally:
             conn.close()
         if present and not present & set(tables):
+            for kind, (marker, read) in _KINDS.items():
+                if marker in present:  # deltatune's own store of another kind: say which, and what reads it
+                    raise ValueError(
+                        f"{flag} {p} is {kind}, which this command does not read; read it with `{read.format(p)}`, "
+                        "or pass the file this command wrote"
+                    )
             raise ValueError(
                 f"{flag} {p} is an SQLite database of something else (tables {', '.join(sorted(present)[:4])}); "
                 "pass the file deltatune wrote, or a new path"

@@ -76,10 +76,13 @@ def _run(args: argparse.Namespace) -> int:
 
     checks.at_least(args.workers, 1, "--workers")
     checks.at_least(args.max_runs, 1, "--max-runs")
+    from ..subspace.store import SCHEMA
+
+    shared = _TABLES + tuple(SCHEMA)  # a subspace study's store may hold a study too (docs/subspace.md)
     if args.db:
-        checks.sqlite_file(args.db, "--db", tables=_TABLES)
+        checks.sqlite_file(args.db, "--db", tables=shared)
     spec = _load_spec(args.spec)
-    db = checks.sqlite_file(args.db or f"results/{spec.name}.sqlite", "--db", tables=_TABLES)
+    db = checks.sqlite_file(args.db or f"results/{spec.name}.sqlite", "--db", tables=shared)
     counts = run_study(
         spec, db, args.executor, args.workers, args.address, args.retry_failed, args.max_runs, not args.quiet,
         args.reclaim,
