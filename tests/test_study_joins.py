@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.study.analyses import StudyData, load, scaling
+from deltatune.study.analyses import StudyData, load
+from deltatune.study.comparisons import scaling
 from deltatune.study.grid import StudySpec
 from deltatune.study.spec import Method
 from deltatune.study.store import settings_changes
@@ -97,7 +98,7 @@ def test_a_subspace_stage_that_reads_results_needs_a_file_that_holds_them(tmp_pa
 
 
 def test_transfer_gains_compare_the_same_seeds() -> None:
-    from deltatune.study.analyses import transfer_matrix
+    from deltatune.study.comparisons import transfer_matrix
 
     runs = [_run("m", "sst2", "lora", 0.8) | {"seed": 42}, _run("m", "sst2", "lora", 0.6) | {"seed": 43}]
     runs += [_run("m", "sst2", "lora", 0.8) | {"seed": 42, "source_task": "rte"}]

@@ -141,9 +141,9 @@ def test_a_cell_scored_on_dev_is_marked_dev_in_the_report(world: dict[str, str],
 
 def test_two_seeds_that_agree_show_a_zero_spread_not_a_lone_score() -> None:
     """A cell of two seeds with equal scores read as one run ("87.8"): the spread is shown whenever seeds are."""
-    from deltatune.study.analyses import _fmt, _mean_std
+    from deltatune.study.analyses import fmt, mean_std
 
-    assert _fmt(*_mean_std([87.8, 87.8])) == "87.8 ± 0.0"
-    assert _fmt(*_mean_std([86.0, 86.4])) == "86.2 ± 0.3"
-    assert _fmt(*_mean_std([87.8])) == "87.8"
-    assert _fmt(*_mean_std([])) == "-"
+    assert fmt(*mean_std([87.8, 87.8])) == "87.8 ± 0.0"
+    assert fmt(*mean_std([86.0, 86.4])) == "86.2 ± 0.3"
+    assert fmt(*mean_std([87.8])) == "87.8"
+    assert fmt(*mean_std([])) == "-"

@@ -18,20 +18,9 @@ from .grid import combination_labels
 from .store import Store
 
 # Data about the paper (Ding et al. 2023, T5-base), not special cases: the methods it ranks, by the names
-# this library registers them under, and the letters its combination table uses.
+# this library registers them under.
 PAPER_RANKING = ["full", "lora", "adapter", "prefix", "prompt"]
 PAPER_CONVERGENCE = "full fine-tuning fastest; adapter ~ LoRA; prefix slower; prompt tuning slowest"
-PAPER_COMBINATION = {
-    "none": 23.7,
-    "A": 87.4,
-    "B": 86.6,
-    "B+A": 87.1,
-    "P": 77.7,
-    "P+A": 86.6,
-    "P+B": 86.5,
-    "P+B+A": 87.0,
-}
-LETTERS = {"prompt": "P", "bitfit": "B", "adapter": "A"}
 
 
 @dataclasses.dataclass
@@ -134,12 +123,12 @@ DEV_NOTE = (
 )
 
 
-def _dev(runs: list[dict[str, Any]]) -> str:
+def dev_mark(runs: list[dict[str, Any]]) -> str:
     """The mark of a cell scored on dev: without it a dev score would read as a test score."""
     return " (dev)" if any(r["test_score"] is None for r in runs) else ""
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
+def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and std over seeds; std None for one seed (two seeds that agree show "± 0.0", not a lone score)."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -147,7 +136,7 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
+def fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
     if math.isnan(mean):
         return "-"
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
@@ -181,7 +170,7 @@ def method_averages(data: StudyData, model: str, tasks: list[str] | None = None)
     `tasks` (the scaling table: the tasks every model finished)."""
     cells, methods = grid(data, model), data.methods()
     tasks = complete_tasks(data, model) if tasks is None else tasks
-    return {m: statistics.fmean(_mean_std(cells[(t, m)])[0] for t in tasks) if tasks else math.nan for m in methods}
+    return {m: statistics.fmean(mean_std(cells[(t, m)])[0] for t in tasks) if tasks else math.nan for m in methods}
 
 
 def performance(data: StudyData) -> list[Table]:
@@ -195,9 +184,9 @@ def performance(data: StudyData) -> list[Table]:
             rows.append(
                 [f"{t} ({metric})"]
                 + [
-                    _fmt(*_mean_std(cells[(t, m)]))
+                    fmt(*mean_std(cells[(t, m)]))
                     + verdicts.cell_marks(runs[(t, m)], data.curves)
-                    + _dev(runs[(t, m)])
+                    + dev_mark(runs[(t, m)])
                     if (t, m) in cells
                     else "-"
                     for m in methods
@@ -205,9 +194,9 @@ def performance(data: StudyData) -> list[Table]:
             )
         avg = method_averages(data, model)
         complete = [t for t in tasks if all((t, m) in cells for m in methods)]
-        rows.append([f"**average** ({len(complete)} tasks)"] + [_fmt(avg[m]) for m in methods])
+        rows.append([f"**average** ({len(complete)} tasks)"] + [fmt(avg[m]) for m in methods])
         if "full" in avg and not math.isnan(avg["full"]):
-            rows.append(["% of full FT"] + [_fmt(100 * avg[m] / avg["full"]) for m in methods])
+            rows.append(["% of full FT"] + [fmt(100 * avg[m] / avg["full"]) for m in methods])
         mine = [r for r in data.base if r["model"] == model]
         rates = verdicts.method_rates(mine)
         if rates:
@@ -221,7 +210,7 @@ def performance(data: StudyData) -> list[Table]:
             f"only tasks where every method finished. {verdicts.MARKS_NOTE} Learning rate: the delta's (the "
             "head's for head-only), chosen on dev where the study has a learning-rate grid."
         )
-        if any(_dev(r) for r in runs.values()):
+        if any(dev_mark(r) for r in runs.values()):
             note += f" {DEV_NOTE}"
         tables.append(Table(f"Performance: {model}", ["task"] + methods, rows, note))
     if data.tuning:
@@ -280,7 +269,7 @@ def convergence(data: StudyData) -> list[Table]:
         means = []
         for m in methods:
             vals = [v for t in tasks if (t, m) in curves and (v := steps_to_90(curves[(t, m)])) is not None]
-            means.append(f"{_fmt(statistics.fmean(vals))} ({len(vals)} tasks)" if vals else "-")
+            means.append(f"{fmt(statistics.fmean(vals))} ({len(vals)} tasks)" if vals else "-")
         rows.append(["**mean** (tasks that learned)"] + means)
         note = (
             "Optimizer steps until the dev score covers 90% of its best gain over the first evaluation; flat: "
@@ -329,100 +318,3 @@ def efficiency(data: StudyData) -> list[Table]:
         columns = ["method", "trainable params", "% of model", "s / step", "peak memory (MiB)", "checkpoint (MiB)"]
         tables.append(Table(f"Efficiency: {model}", columns, rows, note))
     return tables
-
-
-def combination(data: StudyData) -> list[Table]:
-    chosen = data.spec.get("combination") or []
-    if not chosen:
-        return []
-    tables = []
-    for model in data.models():
-        cells, runs = grid(data, model), cell_runs(data, model)
-        labels = combination_labels(chosen)
-        tasks = [t for t in data.tasks() if any((t, lbl) in cells for lbl in labels)]
-        complete = [t for t in tasks if all((t, lbl) in cells for lbl in labels)]
-        rows = []
-        for lbl in labels:
-            short = "none" if lbl == "head" else "+".join(LETTERS.get(m, m) for m in lbl.split("+"))
-            row = [short] + [
-                _fmt(_mean_std(cells[(t, lbl)])[0]) + _dev(runs[(t, lbl)]) if (t, lbl) in cells else "-" for t in tasks
-            ]
-            scores = [_mean_std(cells[(t, lbl)])[0] for t in complete]
-            row.append(_fmt(statistics.fmean(scores)) if scores else "-")
-            rows.append(row + [_fmt(PAPER_COMBINATION.get(short, math.nan))])
-        note = (
-            "Rows in the paper's order (P prompt, B BitFit, A adapter; none = frozen backbone + trained head). "
-            f"Average over the {len(complete)} tasks every subset finished. Paper column: RoBERTa-large, GLUE "
-            "average, full data."
-        ) + (f" {DEV_NOTE}" if any(_dev(runs[(t, lbl)]) for t in tasks for lbl in labels if (t, lbl) in runs) else "")
-        tables.append(Table(f"Combination: {model}", ["delta"] + tasks + ["average", "paper"], rows, note))
-    return tables
-
-
-def transfer_matrix(data: StudyData, model: str, method: str) -> tuple[list[str], dict[tuple[str, str], float]]:
-    """(source, target) -> transferred score minus the from-scratch score on target (x100, seed means), both over
-    the seeds the transfer ran (a target's `more_seeds` runs have no transferred twin: averaged in, they moved the
-    gain of an unchanged seed pair from 0.0 to -7.3)."""
-    moved: dict[tuple[str, str], list[float]] = defaultdict(list)
-    seeds: set[int] = set()
-    for r in data.runs:
-        if r["source_task"] and r["model"] == model and r["method"] == method:
-            moved[(r["source_task"], r["task"])].append(score(r))
-            seeds.add(r["seed"])
-    by_task: dict[str, list[float]] = defaultdict(list)
-    for r in data.base:
-        if r["model"] == model and r["method"] == method and (not seeds or r["seed"] in seeds):
-            by_task[r["task"]].append(score(r))
-    scratch = {t: _mean_std(v)[0] for t, v in by_task.items()}
-    tasks = [t for t in data.tasks() if t in scratch]
-    gains = {k: _mean_std(v)[0] - scratch[k[1]] for k, v in moved.items() if k[1] in scratch}
-    return tasks, gains
-
-
-def transfer(data: StudyData) -> list[Table]:
-    tables = []
-    for model in data.models():
-        for method in sorted({r["method"] for r in data.runs if r["source_task"] and r["model"] == model}):
-            tasks, gains = transfer_matrix(data, model, method)
-            on_dev = {t for t in tasks if _dev(cell_runs(data, model)[(t, method)])}  # no test split: dev both ways
-            rows = [
-                [s]
-                + [_fmt(gains[(s, t)]) + (" (dev)" if t in on_dev else "") if (s, t) in gains else "" for t in tasks]
-                for s in tasks
-            ]
-            note = "Rows: the task the delta was trained on; columns: the task it continued on. Gain over training from scratch (points x100)."
-            if on_dev:
-                note += (
-                    " (dev): the target task has no test score; the gain is measured on its dev split, both runs alike."
-                )
-            tables.append(Table(f"Transfer ({method}): {model}", ["from \\ to"] + tasks, rows, note))
-    return tables
-
-
-def scaling(data: StudyData) -> list[Table]:
-    models = data.models()
-    if len(models) < 2:
-        return []
-    sizes = {m: next(r["total"] for r in data.base if r["model"] == m) for m in models}
-    # the same tasks for every model: MiniLM's 12 against MPNet's 4 compared two different averages
-    shared = set.intersection(*(set(complete_tasks(data, m)) for m in models))
-    tasks = [t for t in data.tasks() if t in shared]
-    avgs = {m: method_averages(data, m, tasks) for m in models}
-    rows = [[f"{m} ({sizes[m] / 1e6:.1f}M)"] + [_fmt(avgs[m].get(x, math.nan)) for x in data.methods()] for m in models]
-    note = (
-        f"Average test score over the {len(tasks)} tasks every model finished with every method "
-        f"({', '.join(tasks) or 'none yet'}). Paper: the gap to full FT shrinks with size."
-    )
-    if any(r["test_score"] is None for r in data.base):
-        note += " A task without a test score counts its dev score (marked (dev) in the Performance tables)."
-    return [Table("Scaling", ["model"] + data.methods(), rows, note)]
-
-
-ANALYSIS_TABLES = {
-    "performance": performance,
-    "convergence": convergence,
-    "efficiency": efficiency,
-    "combination": combination,
-    "transfer": transfer,
-    "scaling": scaling,
-}

@@ -16,8 +16,17 @@ from typing import Any
 
 from ..core import atomic
 from . import analyses as an
+from . import comparisons as cmp
 
-FALLBACK_ANALYSES = ["performance", "convergence", "efficiency", "combination", "transfer", "scaling"]
+ANALYSIS_TABLES = {
+    "performance": an.performance,
+    "convergence": an.convergence,
+    "efficiency": an.efficiency,
+    "combination": cmp.combination,
+    "transfer": cmp.transfer,
+    "scaling": cmp.scaling,
+}
+FALLBACK_ANALYSES = list(ANALYSIS_TABLES)
 
 
 def _png(fig: Any) -> bytes:
@@ -74,7 +83,7 @@ def _plots(data: an.StudyData, wanted: list[str]) -> list[tuple[str, str, bytes]
                 out.append((f"convergence-{tag}", f"Dev score vs step per task and method ({model})", _png(fig)))
         if "transfer" in wanted:
             for method in sorted({r["method"] for r in data.runs if r["source_task"] and r["model"] == model}):
-                tasks, gains = an.transfer_matrix(data, model, method)
+                tasks, gains = cmp.transfer_matrix(data, model, method)
                 if not gains:
                     continue
                 grid = [[gains.get((s, t), math.nan) for t in tasks] for s in tasks]
@@ -165,7 +174,7 @@ def write_report(db: str | Path, out: str | Path | None = None, also: tuple[str 
     out = Path(out) if out else Path(db).with_name(Path(db).stem + "-report")
     out.mkdir(parents=True, exist_ok=True)
     wanted = data.spec.get("analyses") or FALLBACK_ANALYSES
-    tables = [t for name in wanted for t in an.ANALYSIS_TABLES[name](data)]
+    tables = [t for name in wanted for t in ANALYSIS_TABLES[name](data)]
     plots = _plots(data, wanted) if data.runs else []
     summary = _summary(data)
     spec_note = f"models {data.models()}, {len(data.tasks())} tasks, methods {data.methods()}"
