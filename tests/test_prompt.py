@@ -141,3 +141,29 @@ def test_prompt_bad_config_raises_clear_error(kwargs: dict, match: str) -> None:
 def test_prompt_token_ids_outside_vocabulary_raise() -> None:
     with pytest.raises(ValueError, match="outside the vocabulary"):
         dt.attach(make_model("bert"), PromptConfig(num_tokens=3, init="text", init_token_ids=[5, 1000]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_rows_are_refused_for_prompts_and_kept_apart_by_prefixes(arch: str) -> None:
+    """Packed rows (DataCollatorWithFlattening; TRL's packing): position_ids restart per sequence, no mask, and
+    transformers keeps the sequences apart. A prompt prepended once per row let every later sequence read the
+    ones before it (logits 0.1 off, silently); it is refused now. Prefix tuning keeps them apart (checked)."""
+    import transformers as tf
+
+    seqs = [[5, 6, 7, 8, 9], [10, 11, 12, 13], [14, 15, 16, 17, 18, 19]]
+    batch = tf.DataCollatorWithFlattening()([{"input_ids": s} for s in seqs])
+    packed = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    prompt = dt.attach(make_model(arch, "lm"), "prompt", num_tokens=4)
+    with pytest.raises(ValueError, match="prompt tuning on packed rows .* pad the batch instead"):
+        prompt(**packed)
+    prompt(input_ids=batch["input_ids"], use_cache=False)  # one long row is not packed
+    prefix = dt.attach(make_model(arch, "lm"), "prefix", num_tokens=4)
+    with torch.no_grad():
+        for p in prefix.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+        out = prefix(**packed).logits[0]
+        starts = [0, 5, 9, 15]
+        for s, a, b in zip(seqs, starts, starts[1:], strict=False):
+            alone = prefix(input_ids=torch.tensor([s]), use_cache=False).logits[0]
+            torch.testing.assert_close(out[a:b], alone, atol=1e-5, rtol=0)

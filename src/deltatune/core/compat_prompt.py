@@ -17,6 +17,29 @@ from . import compat_rows
 from .compat import CallArgs, signature
 
 
+# flash attention's bounds of the sequences packed in a row (DataCollatorWithFlattening(return_flash_attn_kwargs=True))
+PACKED_BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
+
+
+def refuse_packed(call: CallArgs, kwargs: dict[str, Any], mask: torch.Tensor | None) -> None:
+    """Rows that pack several sequences (DataCollatorWithFlattening; TRL's packing or padding_free) are refused.
+
+    transformers keeps packed sequences apart by their position_ids, which restart where a sequence starts,
+    when no mask is given (or by flash attention's bounds). A prompt sits once at the row's start: with it, every
+    sequence after the first attended to the ones packed before it (logits 0.1 off, no error). Padded rows, and
+    prefix tuning, which puts its keys in every attention without adding positions, keep them apart.
+    """
+    positions = call.get("position_ids") if call.accepts("position_ids") else None
+    restarts = mask is None and torch.is_tensor(positions) and bool((positions.diff(dim=-1) != 1).any())
+    if restarts or any(kwargs.get(k) is not None for k in PACKED_BOUNDS):
+        raise ValueError(
+            "prompt tuning on packed rows (position_ids that restart within a row and no attention mask, as "
+            "DataCollatorWithFlattening and TRL's packing=True or padding_free=True give): the prompt is prepended "
+            "once per row, so each sequence would attend to those packed before it; pad the batch instead "
+            "(TRL: packing=False), or use prefix tuning, which keeps packed sequences apart"
+        )
+
+
 def shape_numbered_positions(stack: nn.Module, n: int) -> list[tuple[nn.Module, Any]]:
     """Where a stack takes no position_ids but numbers positions by the input's length: the (module,
     pre-hook) pairs that give `n` leading (prompt) positions 0 and the real tokens 0, 1, ...

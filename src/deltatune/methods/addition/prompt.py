@@ -242,6 +242,7 @@ class Prompt(Delta):
             compat.renumber_cache_position(call, past, new, device)
             self._calls.append(False)
             return call.result()
+        compat_prompt.refuse_packed(call, kwargs, mask)
         if embeds is None:
             embeds = self.embed(ids)
         batch = embeds.shape[0]
