@@ -16,7 +16,6 @@ from torch import nn
 from . import compat_rows
 from .compat import CallArgs, signature
 
-
 # flash attention's bounds of the sequences packed in a row (DataCollatorWithFlattening(return_flash_attn_kwargs=True))
 PACKED_BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
 
