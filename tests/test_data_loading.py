@@ -51,7 +51,10 @@ def test_generation_rows_carry_target_and_references(tmp_path):
 
 def test_type_and_labels_are_inferred_without_meta(tmp_path):
     reg = load_task(
-        write_jsonl(tmp_path / "reg.jsonl", [{"text": "a", "text_pair": "b", "label": 4}, {"text": "c", "label": 1.5}])
+        write_jsonl(
+            tmp_path / "reg.jsonl",
+            [{"text": "a", "text_pair": "b", "label": 4}, {"text": "c", "text_pair": "d", "label": 1.5}],
+        )
     )
     assert reg.type == "regression" and reg.num_labels == 1 and [e.label for e in reg["train"]] == [4.0, 1.5]
     cls = load_task(

@@ -139,7 +139,9 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices:
             out.append(Example(source, None, target, tuple(refs)))
             continue
         text = field_text(where, row, "text", elsewhere="text" in present)
-        pair = field_text(where, row, "text_pair", required=False)
+        # a pair task's blank second text is refused as a blank text is: read as a single text, the row was
+        # encoded one way alone in its batch and another beside paired rows
+        pair = field_text(where, row, "text_pair", required="text_pair" in present, elsewhere=True)
         if "label" not in row and "label" not in present:
             raise DataError(f"{where}: missing field 'label'; {map_hint(sorted(row), 'label')}")
         if row.get("label") is None:
