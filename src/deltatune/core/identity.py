@@ -141,7 +141,15 @@ def describe(fp: dict[str, Any]) -> str:
 
 
 def check(saved: dict[str, Any], model: nn.Module) -> None:
-    """Refuse a delta made for another backbone, naming both; dtype differences are fine (cast on load)."""
+    """Refuse a delta made for another backbone, naming both; dtype differences are fine (cast on load).
+
+    Every save records the backbone, so none recorded (loaders pass {} for a missing key) is an edited file;
+    comparing it anyway named a model "None (None, unnamed, 0 parameters)"."""
+    if saved is None or saved == {}:
+        raise IdentityError(
+            "delta.json has no 'backbone' record (was delta.json edited?), so it cannot be checked against this "
+            "model; save the delta again"
+        )
     if not isinstance(saved, dict):
         raise IdentityError("delta.json's backbone identity is not a mapping; was the JSON edited?")
     params = base_parameters(model)

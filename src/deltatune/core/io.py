@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -177,6 +178,23 @@ def is_opendelta(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and "delta_type" in data and "backbone_class" in data
 
 
+def _format_version(file: Path, meta: dict[str, Any]) -> str | None:
+    """Why another release's "deltatune.delta/<N>" is refused (None: not one); it read as a corrupted file."""
+    prefix, _, ours = FORMAT.rpartition("/")
+    fmt = meta.get("format")
+    number = fmt.removeprefix(f"{prefix}/") if isinstance(fmt, str) and fmt.startswith(f"{prefix}/") else ""
+    if not (number.isascii() and number.isdigit() and len(number) < 10) or int(number) == int(ours):
+        return None
+    release = meta.get("deltatune_version")
+    known = isinstance(release, str) and release != __version__ and re.fullmatch(r"\d[\w.+-]{0,30}", release)
+    by = f" (saved by deltatune {release})" if known else ""
+    if int(number) > int(ours):
+        fix = f"reads {FORMAT!r}: upgrade deltatune (pip install -U deltatune)"
+        return f"{file} was written by a newer deltatune in format {fmt!r}{by}; this deltatune {__version__} {fix}"
+    fix = f"reads only {FORMAT!r}: load it with the deltatune release that saved it, or train the delta again"
+    return f"{file} is in the older format {fmt!r}{by}; this deltatune {__version__} {fix}"
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """delta.json, parsed within bounds (size, nesting, site ranges) before anything is allocated from it."""
     path = Path(path)
@@ -211,6 +229,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise DeltaIOError(
             f"{file} is nested deeper than {_MAX_DEPTH} levels, unlike any delta description; was it edited?"
         )
+    if isinstance(meta, dict) and meta.get("format") != FORMAT and (version := _format_version(file, meta)):
+        raise DeltaIOError(version)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
         raise DeltaIOError(f"{file} is not a deltatune delta description (format {FORMAT!r} expected)")
     if not isinstance(meta["config"], dict):

@@ -186,6 +186,7 @@ def _read_csv(path: Path) -> list[Raw]:
             delimiter = _delimiter(fh.readline())
             fh.seek(0)
             reader = csv.DictReader(fh, delimiter=delimiter)
+        _check_header(path, reader.fieldnames or [])
         end = 1  # the header line
         for row in reader:
             start, end = end + 1, reader.line_num
@@ -198,6 +199,20 @@ def _read_csv(path: Path) -> list[Raw]:
     if not tsv:  # read it after the close and failed with "I/O operation on closed file")
         _check_swallowed(rows, fields, delimiter)
     return rows
+
+
+def _check_header(path: Path, fields: list[str]) -> None:
+    """Refuse a header that names a column twice: csv.DictReader keeps the last such cell of every row, so
+    the first column's texts vanished without a word. Unnamed columns (a trailing delimiter) are not read."""
+    seen: set[str] = set()
+    for i, name in enumerate(fields):
+        if name in seen and name.strip():
+            first = fields.index(name)
+            raise DataError(
+                f"{path}, line 1: the header names column {name!r} twice (columns {first + 1} and {i + 1}), so "
+                f"one column's cells would be dropped; rename one (e.g. column {first + 1} to '{name}_{first + 1}')"
+            )
+        seen.add(name)
 
 
 def _check_swallowed(rows: list[Raw], fields: list[str], delimiter: str = ",") -> None:
