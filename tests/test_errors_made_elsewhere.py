@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from errors_helpers import _edit_meta, _refused_load, _saved
 from tiny import make_model
@@ -82,3 +83,24 @@ def test_predict_input_with_a_duplicated_column_is_refused_too(tmp_path: Path) -
     path.write_text("text,text\nfirst,second\n")
     with pytest.raises(DataError, match="names column 'text' twice"):
         predict_io.read_rows(str(path), None)
+
+
+def test_a_truncated_gguf_is_named_cut_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download cut short failed as `cannot reshape array of size 3214336 into shape (49152,612)`."""
+    gguf = pytest.importorskip("gguf")
+    from deltatune.backbones import model_path
+
+    whole = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(whole), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size - 4000])
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(
+        ValueError, match=r"cut\.gguf is cut short or damaged \(.* bytes; .*download or convert it again"
+    ):
+        model_path(str(cut))

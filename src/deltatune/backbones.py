@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import zipfile
@@ -181,6 +182,24 @@ def _gguf_folder(gguf: Path) -> Path:
     return _dequantized(gguf, _built_dir(f"gguf-{gguf.stem[:60]}-{key}"))
 
 
+def _gguf_damage(gguf: Path) -> str | None:
+    """Why a GGUF file cannot be read (None: gguf's reader reads it); a cut-short download failed as
+    `cannot reshape array of size 3214336 into shape (49152,612)`."""
+    from gguf import GGUFReader
+
+    with gguf.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            return f"{gguf} is not a GGUF file (it does not start with 'GGUF'); pass a llama.cpp .gguf model file"
+    try:
+        GGUFReader(gguf)  # memory-mapped: reads the header and tensor table, checks each tensor fits the file
+    except (ValueError, IndexError, struct.error) as err:
+        return (
+            f"{gguf} is cut short or damaged ({gguf.stat().st_size:,} bytes; the GGUF reader says: {err}); "
+            "download or convert it again"
+        )
+    return None
+
+
 def _dequantized(gguf: Path, target: Path) -> Path:
     """`target`: the model and tokenizer of a GGUF file as a transformers folder (plain fp32 safetensors)."""
 
@@ -193,8 +212,13 @@ def _dequantized(gguf: Path, target: Path) -> Path:
         from .core import compat_config
 
         print(f"deltatune: dequantizing {gguf.name} once (about 20 s for 135M parameters)", file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, IndexError, struct.error) as err:  # a cut-short file fails deep in numpy
+            if (damage := _gguf_damage(gguf)) is None:
+                raise
+            raise ValueError(damage) from err
         # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain fp32, so write them
         # ourselves (tied weights once) with a config stripped of the quantization marker.
         tensors = {n: p.detach().contiguous().clone() for n, p in model.named_parameters()}
