@@ -140,3 +140,30 @@ def test_kill_9_during_repeated_saves_always_leaves_a_whole_delta(tmp_path: Path
         assert any(torch.equal(got, e) for e in expected)
         assert (folder / "mine.txt").read_text() == "keep"
         assert sorted(p.name for p in folder.iterdir()) == [META, WEIGHTS, "mine.txt"]
+
+
+def test_two_processes_saving_one_folder_of_several_deltas_both_succeed(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Every rank of a DDP script saving at once (no rank check): another process put its `b1` folder in place
+    between this save's two renames, and the save failed with `Directory not empty` (1 save in 10). The
+    interleaving is forced here; the save moves the other folder aside too, and the folder loads whole."""
+    from deltatune.core import atomic
+
+    model = make_model("bert")
+    dm = _perturbed(dt.attach(model, "lora"))
+    dm.add("b1", "bitfit")
+    dm.save_pretrained(tmp_path / "d")
+    replace, raced = os.replace, []
+
+    def another_writer_between(src, dst) -> None:  # noqa: ANN001
+        replace(src, dst)
+        if Path(dst).name.startswith(".b1.old") and not raced:  # b1 moved aside: the other process's b1 lands
+            raced.append(1)
+            (tmp_path / "d" / "b1").mkdir()
+            (tmp_path / "d" / "b1" / "delta.json").write_text("{}")
+
+    monkeypatch.setattr(atomic.os, "replace", another_writer_between)
+    dm.save_pretrained(tmp_path / "d")
+    assert raced
+    again = dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "d")
+    assert torch.equal(logits(again, make_inputs(model)), logits(dm, make_inputs(model)))
+    assert not [p for p in (tmp_path / "d").iterdir() if p.name.startswith(".")]  # nothing left aside

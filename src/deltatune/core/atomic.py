@@ -12,6 +12,7 @@ it, even between two renames, is rolled forward on the next access.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -73,13 +74,33 @@ def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         as_created(tmp)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(src: Path, dest: Path) -> None:
+    """Rename folder `src` to `dest`, a folder already there moved aside first and removed after.
+
+    Between the two renames another process may put its own folder at `dest` (every rank of a DDP script
+    saving at once: `Directory not empty`, 1 save in 10): that one is moved aside in turn, so the folder
+    at `dest` is always one writer's, whole.
+    """
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    for _ in range(100):
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.is_dir() and not dest.is_symlink():
+            with contextlib.suppress(FileNotFoundError):  # another writer moved it aside first
+                os.replace(dest, old)
+        try:
+            os.replace(src, dest)
+            break
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    else:
+        raise OSError(errno.EBUSY, f"{dest} kept being replaced by other processes; save again")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

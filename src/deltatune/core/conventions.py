@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import atomic
 from .delta import DeltaError
 from .io import META, OPENDELTA_HINT, WEIGHTS, DeltaIOError, default_include_head, is_opendelta, load_into, save_delta
 from .merge import merged_state_dict
@@ -244,11 +245,8 @@ def _check_delta_shapes(dm: DeltaModel, state: Any, prefix: str) -> None:
 # -- save_pretrained / from_pretrained --------------------------------------------------------------
 def _place(src: Path, dest: Path) -> None:
     """Move `src` to `dest`, replacing a file or folder there in one rename (the old one removed after)."""
-    if dest.is_dir() and not dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(src, dest)
-        shutil.rmtree(old, ignore_errors=True)
+    if dest.is_dir() and not dest.is_symlink() or src.is_dir():
+        atomic.swap_in(src, dest)
     else:
         os.replace(src, dest)
 
