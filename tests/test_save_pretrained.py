@@ -151,3 +151,32 @@ def test_saving_several_deltas_over_one_leaves_no_stale_single_delta(tmp_path: P
     with pytest.raises(DeltaIOError):
         dt.load_delta(make_model("bert"), tmp_path / "out")  # not silently the old single delta
     assert list(dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "out").deltas) == ["default", "bits"]
+
+
+def test_the_keywords_scripts_pass_to_save_pretrained_are_taken_or_named(tmp_path: Path) -> None:
+    """transformers' `*_no_trainer` scripts call `save_pretrained(out, is_main_process=..., save_function=
+    accelerator.save)`: a TypeError here, where PEFT takes them. Those that change nothing are taken; PEFT's
+    `selected_adapters` saves those deltas; a keyword that would change what is written is refused by name."""
+    import accelerate
+
+    model = make_model("bert")
+    dm = _perturbed(dt.attach(model, "lora"))
+    dm.add("b", "bitfit")
+    _perturbed(dm)
+    acc = accelerate.Accelerator(cpu=True)
+    dm.save_pretrained(
+        tmp_path / "a", is_main_process=acc.is_main_process, save_function=acc.save, max_shard_size="5GB"
+    )
+    again = dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "a")
+    assert torch.equal(logits(again, make_inputs(model)), logits(dm, make_inputs(model)))
+    dm.save_pretrained(tmp_path / "b", selected_adapters=["b"], push_to_hub=False, token=None)
+    assert list(dt.DeltaModel.from_pretrained(make_model("bert"), tmp_path / "b").deltas) == ["b"]
+    for kwargs, error, said in [
+        ({"variant": "fp16"}, TypeError, "got 'variant', which a delta folder has no use for"),
+        ({"push_to_hub": True}, ValueError, "push_to_hub is not offered: save the folder, then huggingface_hub"),
+        ({"state_dict": model.state_dict()}, ValueError, "state_dict= is not taken"),
+        ({"selected_adapters": ["lroa"]}, ValueError, r"selected_adapters \['lroa'\] must name deltas of this model"),
+    ]:
+        with pytest.raises(error, match=said):
+            dm.save_pretrained(tmp_path / "c", **kwargs)
+    assert not (tmp_path / "c").exists()

@@ -11,7 +11,7 @@ them by itself, so a Trainer script runs unchanged:
 - its state is what training changes: the deltas and the backbone parameters that train (the
   task head when `train_head`). The frozen backbone weights come from where the backbone came
   from, so a checkpoint is delta-sized, and loading a state without them is complete;
-- `save_pretrained`/`from_pretrained` write and read deltatune's own delta folders;
+- `save_pretrained`/`from_pretrained` write and read deltatune's own delta folders (`pretrained.py`);
 - a tool that replaces its `forward` with one that computes the loss itself (TRL's fused LM head)
   is refused when a delta would then act wrongly without an error (`check_replaced_forward`).
 
@@ -20,24 +20,14 @@ Everything here knows the conventions, nothing knows a method.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
-from . import atomic
 from .delta import DeltaError
-from .io import META, OPENDELTA_HINT, WEIGHTS, DeltaIOError, default_include_head, is_opendelta, load_into, save_delta
-from .merge import merged_state_dict
-from .reload import INDEX, INDEX_FORMAT, read_index
+from .io import default_include_head
 from .routing import row_names
 from .settings import size_field
-from .state import TRAINER_STATE_HINT
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -240,110 +230,6 @@ def _check_delta_shapes(dm: DeltaModel, state: Any, prefix: str) -> None:
                 f"{tuple(here.shape)}: the state was written by a delta with other settings; attach it with those, "
                 "or load the delta's own folder (dt.load_delta(model, folder)), which builds it as it was saved"
             )
-
-
-# -- save_pretrained / from_pretrained --------------------------------------------------------------
-def _place(src: Path, dest: Path) -> None:
-    """Move `src` to `dest`, replacing a file or folder there in one rename (the old one removed after)."""
-    if dest.is_dir() and not dest.is_symlink() or src.is_dir():
-        atomic.swap_in(src, dest)
-    else:
-        os.replace(src, dest)
-
-
-def save_pretrained(
-    dm: DeltaModel,
-    path: str | os.PathLike,
-    include_head: bool | None = None,
-    is_main_process: bool | None = None,
-    safe_serialization: bool = True,
-) -> Path | None:
-    """Write every delta (and the task head) into `path`, beside whatever else is there (a tokenizer).
-
-    `safe_serialization` is accepted as trainers pass it (sentence-transformers' with transformers 4.x): the
-    tensors are always safetensors, never a pickle.
-
-    One delta: its folder is `path` itself (so `load_delta(path)` reads it too); several: one
-    subfolder per name. An index records names, order and which are enabled. Each file is written
-    complete under a temporary name and renamed into place; the index comes last.
-    """
-    if not len(dm.deltas):
-        raise ValueError("this DeltaModel has no deltas to save; save the backbone itself with its save_pretrained")
-    include_head = default_include_head(dm) if include_head is None else include_head
-    if is_main_process is False:  # nothing to write; under FSDP2 the shards are gathered with the main process
-        for name in dm.deltas:
-            save_delta(dm, path, name, include_head=include_head, is_main_process=False)
-        return None
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    single = len(dm.deltas) == 1
-    entries = []
-    tmp = Path(tempfile.mkdtemp(prefix=".deltatune-tmp-", dir=path))
-    try:
-        for name, delta in dm.deltas.items():
-            folder = "." if single else name
-            if not single and (name in (".", "..") or os.sep in name or name.startswith(".")):
-                raise ValueError(f"delta name {name!r} cannot be a folder name; rename it before save_pretrained")
-            save_delta(
-                dm,
-                tmp / ("single" if single else name),
-                name,
-                include_head=include_head,
-                is_main_process=is_main_process,
-            )
-            entries.append({"name": name, "folder": folder, "enabled": bool(delta.enabled)})
-        index = {"format": INDEX_FORMAT, "deltas": entries, "train_head": bool(dm.train_head)}
-        (tmp / INDEX).write_text(json.dumps(index, indent=1))
-        if single:
-            for fname in (WEIGHTS, META):
-                _place(tmp / "single" / fname, path / fname)
-        else:
-            for entry in entries:
-                _place(tmp / entry["folder"], path / entry["folder"])
-            for fname in (WEIGHTS, META):  # a single delta saved here before: load_delta(path) must not find it
-                (path / fname).unlink(missing_ok=True)
-        _place(tmp / INDEX, path / INDEX)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def load_pretrained(dm: DeltaModel, path: str | os.PathLike, **load_kwargs: Any) -> DeltaModel:
-    """Attach every delta `save_pretrained` (or `save_delta`) wrote in `path` to `dm`."""
-    path = Path(path)
-    if not (path / INDEX).exists():
-        if (path / META).exists():
-            return load_into(dm, path, **load_kwargs)
-        if (path / "adapter_config.json").exists() and '"peft_type"' in (path / "adapter_config.json").read_text(
-            errors="replace"
-        ):
-            hint = "it is a PEFT adapter: load it with deltatune.interop.import_peft(backbone, folder)"
-        elif (path / "adapter_config.json").exists():
-            hint = (
-                "its adapter_config.json is not PEFT's (AdapterHub's `adapters` library?): load it with "
-                "deltatune.interop.import_adapterhub(backbone, folder)"
-            )
-        elif is_opendelta(path):
-            hint = OPENDELTA_HINT
-        elif (path / "model.safetensors").exists():
-            hint = TRAINER_STATE_HINT
-        else:
-            hint = "save deltas with DeltaModel.save_pretrained(folder)"
-        raise DeltaIOError(f"{path} holds no {INDEX} and no {META}: {hint}")
-    index = read_index(path)
-    for entry in index["deltas"]:
-        load_into(dm, path / entry["folder"], entry["name"], enabled=bool(entry.get("enabled", True)), **load_kwargs)
-    dm.freeze(bool(index.get("train_head", False)))
-    return dm
-
-
-def merge_and_unload(dm: DeltaModel) -> nn.Module:
-    """PEFT's `merge_and_unload`: the plain backbone with every enabled delta folded into its weights."""
-    state = merged_state_dict(dm)
-    backbone = dm.detach()
-    with torch.no_grad():
-        backbone.load_state_dict(state, strict=True)
-    return backbone
 
 
 # -- generating with a fixed-size KV cache ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing, conventions, copying, marks, replaced, sharded, traffic, unstepped
+from . import checkpointing, conventions, copying, marks, pretrained, replaced, sharded, traffic, unstepped
 from .claims import check_claims
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
@@ -377,18 +377,18 @@ class DeltaModel(nn.Module):
 
     def save_pretrained(self, path: str, *, include_head: bool | None = None, **kwargs: Any) -> Any:
         """Every delta (and the head, when it trains) as delta folders, not the backbone; FSDP: `core.sharded`."""
-        return conventions.save_pretrained(self, path, include_head, **kwargs)
+        return pretrained.save_pretrained(self, path, include_head, **kwargs)
 
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, path: str, **kwargs: Any) -> DeltaModel:
         """Attach the deltas `save_pretrained` (or `save_delta`) wrote to `backbone`."""
-        return conventions.load_pretrained(
+        return pretrained.load_pretrained(
             backbone if isinstance(backbone, DeltaModel) else DeltaModel(backbone), path, **kwargs
         )
 
     def merge_and_unload(self) -> nn.Module:
         """The plain backbone with every enabled delta merged in (PEFT's name); the deltas are gone."""
-        return conventions.merge_and_unload(self)
+        return pretrained.merge_and_unload(self)
 
     def export_merged(self, path: str, tokenizer: Any = None) -> Any:
         """A plain transformers folder with every enabled delta merged in; loads without deltatune."""
