@@ -275,3 +275,21 @@ def test_a_prompt_init_text_of_unknown_words_only_is_refused(model_dir: Path) ->
             "prompt", num_tokens=4, init="text", init_text=" ".join(WORDS[:2]), tokenizer_path=str(model_dir)
         ),
     )
+
+
+def test_full_fine_tuning_saves_the_model_at_its_best_dev_step(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """`train --full` saved nothing while saying `saved to run: no delta (full fine-tuning is not saved) (delta
+    and task head, ...)`: the run's result was lost. Its model is saved now, and scores what the run reported."""
+    import transformers as tf
+
+    data = _folder(tmp_path / "task")
+    assert _train(model_dir, data, tmp_path / "r", "--full", "--max-steps", "8", "--lr", "1e-3") == 0
+    assert "saved to " + str(tmp_path / "r") + ": model/ (the whole fine-tuned model" in capsys.readouterr().out
+    model = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "r" / "model").eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "r" / "model")
+    rows = [json.loads(line) for line in (data / "dev.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        ids = [model(**tokenizer(r["text"], return_tensors="pt")).logits.argmax(-1).item() for r in rows]
+    accuracy = sum(model.config.id2label[i] == r["label"] for i, r in zip(ids, rows, strict=True)) / len(rows)
+    best = json.loads((tmp_path / "r" / "result.json").read_text())["best"]["accuracy"]
+    assert accuracy == pytest.approx(best, abs=1e-9)

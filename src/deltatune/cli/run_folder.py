@@ -20,7 +20,7 @@ from pathlib import Path
 
 LOCK = ".deltatune-train.lock"
 # what a run writes in its folder (train/run.py, train/trainer.py): --overwrite removes these only
-RUN_FILES = ("result.json", "run.json", "metrics.jsonl", "checkpoint")
+RUN_FILES = ("result.json", "run.json", "metrics.jsonl", "checkpoint", "model")  # model: full fine-tuning's
 
 
 def _launch() -> str:

@@ -219,8 +219,11 @@ def print_result(label: str, result, out: str | None) -> None:  # noqa: ANN001
         print(f"stopped early: {result.diverged}")
     if out:
         saved = sorted(p.name for p in Path(out).glob("delta-*"))
-        what = ", ".join(f"{name}/" for name in saved) or "no delta (full fine-tuning is not saved)"
-        print(f"saved to {out}: {what} (delta and task head, with the training settings); metrics.jsonl the curve")
+        if saved:
+            what = ", ".join(f"{name}/" for name in saved) + " (delta and task head, with the training settings)"
+        else:
+            what = "model/ (the whole fine-tuned model: transformers' from_pretrained loads it)"
+        print(f"saved to {out}: {what}; metrics.jsonl the curve")
         if saved:
             delta = Path(out) / saved[0]
             split = " --split test" if getattr(result, "test", None) else ""
@@ -304,6 +307,8 @@ def _train_and_report(spec: Any) -> int:
     warning = constant_prediction_warning(model, task, spec) if task.type != "generation" else None
     if not is_main_process():  # under `accelerate launch`, one process reports
         return 1 if result.diverged else 0
+    if spec.full_finetune:
+        save_full_model(model, task, spec)
     print_result(spec.label, result, str(spec.output_dir))
     if (note := overlap_note(task)) is not None:  # beside the scores it qualifies
         print(note, file=sys.stderr)
@@ -312,6 +317,20 @@ def _train_and_report(spec: Any) -> int:
     elif warning is not None:
         print(warning)
     return 1 if result.diverged else 0
+
+
+def save_full_model(model, task, spec) -> None:  # noqa: ANN001
+    """Full fine-tuning has no delta: its result is the whole model, saved as a transformers folder (`model/`,
+    at the best dev step, with the task's label names and the tokenizer). It was not saved at all, while the
+    run said "saved to ... (delta and task head)"."""
+    from ..backbones import load_tokenizer
+    from ..core import atomic
+    from ..train.saved import set_label_names
+
+    set_label_names(model, task.labels)
+    with atomic.replacing_folder(Path(spec.output_dir) / "model") as tmp:
+        getattr(model, "backbone", model).save_pretrained(tmp)
+        load_tokenizer(spec.model).save_pretrained(tmp)
 
 
 def show_samples(model, task, spec, n: int) -> None:  # noqa: ANN001
