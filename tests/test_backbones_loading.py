@@ -54,3 +54,20 @@ def test_a_checkpoint_without_some_backbone_weights_is_refused(tmp_path: Path) -
     weights[gone] = make_model("bert").state_dict()[gone]
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     load_backbone(str(folder), "cls", NUM_LABELS)
+
+
+def test_a_model_type_without_the_head_a_task_needs_is_one_line(tmp_path: Path) -> None:
+    """A Marian folder for a classification task printed transformers' list of every class it knows (3,000
+    characters)."""
+    import transformers as tf
+
+    config = tf.MarianConfig(
+        vocab_size=64, pad_token_id=1, decoder_start_token_id=1, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+    )  # fmt: skip
+    tf.MarianMTModel(config).save_pretrained(tmp_path / "marian")
+    with pytest.raises(
+        ValueError, match=r"is a marian model, for which transformers has no SequenceClassification"
+    ) as err:
+        load_backbone(str(tmp_path / "marian"), "cls")
+    assert len(str(err.value)) < 300

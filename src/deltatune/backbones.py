@@ -257,7 +257,17 @@ def load_backbone(name: str, head: str = "cls", num_labels: int = 2, **kwargs: o
         cls = {"causal-lm": tf.AutoModelForCausalLM, "seq2seq-lm": tf.AutoModelForSeq2SeqLM}.get(head, tf.AutoModel)
     else:
         raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
-    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    except ValueError as err:  # transformers lists every class it knows: 3,000 characters in one line
+        if not str(err).startswith("Unrecognized configuration class"):
+            raise
+        kind = getattr(tf.AutoConfig.from_pretrained(path), "model_type", "this")
+        raise ValueError(
+            f"{name} is a {kind} model, for which transformers has no {cls.__name__.removeprefix('AutoModelFor')} "
+            "class; pick a backbone that has one (an encoder such as minilm-l6 for classification, a causal LM "
+            "such as smollm2-135m for generation)"
+        ) from None
     check_loaded(model, info, name)
     return model
 
