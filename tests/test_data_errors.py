@@ -193,3 +193,19 @@ def test_a_blank_second_text_in_a_pair_task_is_refused_as_a_blank_text_is(tmp_pa
         where = "train.jsonl, line 2"
     with pytest.raises(DataError, match=rf"{where}: 'text_pair' is empty \(a blank cell or null\)"):
         load_task(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("t.jsonl", '{"text": "a", "label": NaN}\n{"text": "b", "label": 1}\n{"text": "c", "label": 0}\n'),
+        ("t.csv", "text,label\na,pos\nb,nan\nc,neg\n"),
+        ("r.csv", "text,label\na,1.5\nb,nan\n"),
+    ],
+)
+def test_a_nan_label_is_a_missing_label(tmp_path, name, content):
+    """json.dumps writes a missing float as NaN: the task was inferred as regression and told `regression label
+    nan is not a finite number`; a CSV `nan` beside pos/neg became a third class, silently."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=r"line \d: label is .?nan.?, a missing value .*give every row a label"):
+        load_task(tmp_path / name)

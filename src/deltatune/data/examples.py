@@ -253,6 +253,14 @@ def _build(
     if not any(padded_code(row["label"]) for row in csv_rows):  # "01", "02", "10" are codes: kept as written
         for row in csv_rows:
             row["label"] = csv_number(row["label"], [str(x) for x in labels or []])
+    for where, row in (r for rows in raw.values() for r in rows):  # before inference: a NaN made the task regression
+        nan = row.get("label")
+        if (isinstance(nan, float) and math.isnan(nan)) or (isinstance(nan, str) and nan.strip().lower() == "nan"):
+            if str(nan) not in (labels or ()):
+                raise DataError(
+                    f"{where}: label is {nan!r}, a missing value (pandas and json.dumps write one so); give every row "
+                    "a label, or drop the row"
+                )
     if task_type is None:
         every = [r for rows in raw.values() for r in rows]
         if labels is None:
