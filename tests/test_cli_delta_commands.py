@@ -240,3 +240,18 @@ def test_eval_on_data_of_another_task_type_names_both(tmp_path: Path, model_dir:
     args = ["eval", "--delta", str(tmp_path / "r" / "delta-lora"), "--task", str(scores), "--split", "train"]
     assert main(args) == 2
     assert "trained for classification and " + str(scores) + " is a regression task" in capsys.readouterr().err
+
+
+def test_predict_input_of_a_generation_task_reads_its_source(tmp_path: Path) -> None:
+    """`predict --input webnlg/test.jsonl` with a generation delta was refused for want of a 'text', and the
+    hint suggested `--columns category=text` (generating from the DBpedia category, not the triples)."""
+    from deltatune.cli.predict_io import read_rows
+    from deltatune.data.files import DataError
+
+    rows = [{"category": "Airport", "source": f"A | b | {i}", "target": "t", "references": ["t"]} for i in range(3)]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = read_rows(str(path), None, generation=True)
+    assert [m["text"] for _, m in read] == [r["source"] for r in rows] and read[0][0] == rows[0]
+    with pytest.raises(DataError, match="no 'text' to predict from"):  # a classification delta has no source
+        read_rows(str(path), None)

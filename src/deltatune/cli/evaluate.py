@@ -295,7 +295,7 @@ def run_predict(args: argparse.Namespace) -> int:
     predict_io.check_output(args.output)
     pairs = info.get("pairs")
     if args.input:
-        read = predict_io.read_rows(args.input, args.columns or info.get("columns"))
+        read = predict_io.read_rows(args.input, args.columns or info.get("columns"), task.type == "generation")
         rows, texts = [row for row, _ in read], [m["text"] for _, m in read]
         if pairs is None:  # deltas saved before "pairs" was recorded
             pairs = task.type == "pair_classification"

@@ -22,8 +22,11 @@ DEFAULT_MODEL, DEFAULT_MAX_LENGTH, DEFAULT_BATCH = "minilm-l6", 128, 64  # eval 
 FIELD = "prediction"
 
 
-def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dict]]:
-    """(the row as the file has it, the row with text/text_pair as training names them); '-': stdin lines."""
+def read_rows(path: str, columns: dict[str, str] | None, generation: bool = False) -> list[tuple[dict, dict]]:
+    """(the row as the file has it, the row with text/text_pair as training names them); '-': stdin lines.
+
+    For a generation delta the input is the `source` a generation task's rows have (its own test file: the
+    text to predict from was asked for, and the hint named the WebNLG category column)."""
     from ..data.columns import canonical, map_hint
     from ..data.examples import field_text
     from ..data.files import DataError, read_text_lines
@@ -39,11 +42,14 @@ def read_rows(path: str, columns: dict[str, str] | None) -> list[tuple[dict, dic
         raise DataError(f"{path}: no rows to predict")
     rows = []
     present = {key for _, row in raw for key in canonical(dict(row), columns)}  # a CSV drops a blank cell's key
+    source = generation and "source" in present and "text" not in present
     for where, row in raw:
         mapped = canonical(dict(row), columns)
-        if "text" not in present:
+        if source and "source" in mapped:
+            mapped["text"] = mapped["source"]
+        if "text" not in present and not source:
             raise DataError(f"{where}: no 'text' to predict from; {map_hint(sorted(row), 'text', labelled=False)}")
-        field_text(where, mapped, "text", elsewhere=True)
+        field_text(where, mapped, "source" if source else "text", elsewhere=True)
         rows.append((row, mapped))
     return rows
 
