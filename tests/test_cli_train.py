@@ -293,3 +293,23 @@ def test_full_fine_tuning_saves_the_model_at_its_best_dev_step(tmp_path: Path, m
     accuracy = sum(model.config.id2label[i] == r["label"] for i, r in zip(ids, rows, strict=True)) / len(rows)
     best = json.loads((tmp_path / "r" / "result.json").read_text())["best"]["accuracy"]
     assert accuracy == pytest.approx(best, abs=1e-9)
+
+
+def test_an_older_sentence_transformers_folder_names_its_transformer(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """A sentence-transformers folder of the older layout (modules.json, the transformer in 0_Transformer/) was
+    `not a model folder (no config.json)`, with no word of the subfolder that is one."""
+    import shutil
+
+    st = tmp_path / "st"
+    shutil.copytree(model_dir, st / "0_Transformer")
+    (st / "1_Pooling").mkdir()
+    modules = [
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (st / "modules.json").write_text(json.dumps(modules))
+    data = _folder(tmp_path / "task")
+    capsys.readouterr()
+    assert main(["train", "--model", str(st), "--task", str(data), "--out", str(tmp_path / "r")]) == 2
+    assert f"transformer is in {st / '0_Transformer'}: --model {st / '0_Transformer'}" in capsys.readouterr().err
+    assert _train(st / "0_Transformer", data, tmp_path / "r", "--max-steps", "2") == 0

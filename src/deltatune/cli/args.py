@@ -222,6 +222,24 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _inner_transformer(path: Path) -> str:
+    """A sentence-transformers folder of the older layout keeps its transformer in a subfolder that its
+    modules.json names (0_Transformer/): the hint that names it, or ''."""
+    import json
+
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        inner = [path / m["path"] for m in modules if str(m.get("type", "")).endswith(".Transformer")]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return ""
+    found = [p for p in inner if (p / "config.json").is_file()]
+    return (
+        f"; it is a sentence-transformers folder whose transformer is in {found[0]}: --model {found[0]}"
+        if found
+        else ""
+    )
+
+
 def check_model(name: str) -> None:
     """Fail in milliseconds on a model name that cannot load offline, before anything heavy is imported.
 
@@ -238,7 +256,7 @@ def check_model(name: str) -> None:
     if path.exists():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
-            hint = f"; for its GGUF file pass the file: --model {ggufs[0]}" if ggufs else ""
+            hint = f"; for its GGUF file pass the file: --model {ggufs[0]}" if ggufs else _inner_transformer(path)
             raise FileNotFoundError(
                 f"{name} is not a model folder (no config.json); pass a transformers model folder{hint}"
             )
