@@ -218,3 +218,31 @@ def test_an_adapterhub_folder_is_named_as_such_not_as_a_broken_peft_one(tmp_path
         dt.DeltaIOError, match="not PEFT's \\(AdapterHub's `adapters` library\\?\\): .*import_adapterhub"
     ):
         dt.DeltaModel.from_pretrained(make_model("bert"), folder)
+
+
+@pytest.mark.parametrize(
+    ("arch", "head", "table", "task"),
+    [("llama", "lm", "embed_tokens", "CAUSAL_LM"), ("bert", "cls", "word_embeddings", "SEQ_CLS")],
+)
+def test_lora_on_the_embedding_table_matches_peft_both_ways_and_merges_exactly(
+    arch: str, head: str, table: str, task: str, tmp_path: Path
+) -> None:
+    """PEFT's `target_modules=["embed_tokens"]` (training embeddings for new tokens) had no place here: 'LoRA
+    target is a Embedding, not a linear layer'. Now an embedding takes LoRA as PEFT's lora_embedding_A/B."""
+    model = make_model(arch, head)
+    inputs = make_inputs(model)
+    pm = _peft_model(arch, head, [table, "query" if arch == "bert" else "q_proj"], task)
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path / "peft")  # with the base table beside it (save_embedding_layers)
+    dm = import_peft_lora(make_model(arch, head), tmp_path / "peft")
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+    export_peft_lora(dm, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(make_model(arch, head), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=1e-5)
+    ours = dt.attach(make_model(arch, head), "lora", targets=("embeddings.word",))
+    torch.testing.assert_close(logits(ours, inputs), logits(model, inputs), rtol=0, atol=0)  # A starts at 0
+    dm.merge()
+    torch.testing.assert_close(logits(dm, inputs), expected, rtol=0, atol=1e-5)
+    dm.unmerge()
+    base, own_head = dict(make_model(arch, head).named_parameters()), set(dm.head_parameter_names())
+    assert all(torch.allclose(p, base[n], atol=1e-6) for n, p in dm.backbone.named_parameters() if n not in own_head)

@@ -101,6 +101,16 @@ def _check(config: dict, ignore_fields: tuple[str, ...] = ()) -> None:
     check_bias(config)
 
 
+# PEFT's tensor names per factor: a linear layer's, an embedding table's (lora_embedding_*), DoRA's magnitude
+_MARKERS = (
+    ("A", ".lora_A.weight"),
+    ("B", ".lora_B.weight"),
+    ("A", ".lora_embedding_A"),
+    ("B", ".lora_embedding_B"),
+    ("m", ".lora_magnitude_vector"),
+)
+
+
 @all_or_nothing
 def import_peft_lora(
     model: nn.Module, folder: str | os.PathLike, name: str = "default", ignore_fields: tuple[str, ...] = ()
@@ -119,7 +129,7 @@ def import_peft_lora(
     adapter = rebase(model, adapter)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in adapter.items():
-        for part, marker in (("A", ".lora_A.weight"), ("B", ".lora_B.weight"), ("m", ".lora_magnitude_vector")):
+        for part, marker in _MARKERS:
             if key.endswith(marker):
                 factors.setdefault(key[: -len(marker)], {})[part] = value
                 break
@@ -183,8 +193,9 @@ def export_peft_lora(
     for module in modules:
         layer = delta.layers[safe_key(module)]
         factors = layer.lora if dora else layer
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = factors.A
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = factors.B
+        table = isinstance(dm.backbone.get_submodule(module), nn.Embedding)  # PEFT's names for an embedding's
+        tensors[f"{PREFIX}{module}.lora_{'embedding_A' if table else 'A.weight'}"] = factors.A
+        tensors[f"{PREFIX}{module}.lora_{'embedding_B' if table else 'B.weight'}"] = factors.B
         if dora:
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = layer.magnitude
         r_m, alpha_m = cfg.rank_alpha(module)

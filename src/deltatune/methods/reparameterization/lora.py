@@ -3,6 +3,11 @@
 The update is computed beside the frozen layer (an output hook), never by materializing
 W + BA, so a training step needs no weight-sized tensors and no weight gradients.
 Merging folds (alpha / r) * B A into W; GPT-2's Conv1D stores W transposed and gets B A transposed.
+
+An embedding table (num, dim) takes LoRA as in microsoft/LoRA and PEFT: row `id` of A^T (A is (r, num))
+is looked up and multiplied by B (dim, r); A starts at zero and B random. Its input is token ids, so
+`dropout` does not act there (as in both). A table tied to the output head is not merged (core.merge
+refuses tied weights: the head would change with it).
 """
 
 from __future__ import annotations
@@ -133,6 +138,24 @@ class LoRALayer(nn.Module):
         return (self.B @ self.A) * self.scaling
 
 
+class LoRAEmbedding(LoRALayer):
+    """The factors for an embedding table: `A` is (r, num_embeddings), looked up by token id, `B` is (dim, r)."""
+
+    def __init__(self, table: nn.Embedding, r: int, alpha: float, dtype: torch.dtype) -> None:
+        super().__init__(table.num_embeddings, table.embedding_dim, r, alpha, 0.0, dtype, table.weight.device)
+        nn.init.zeros_(self.A)
+        nn.init.normal_(self.B)
+        self.padding_idx = table.padding_idx
+
+    def add_to(self, output: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.embedding(ids, self.A.t(), self.padding_idx), self.B) * self.scaling
+        return update if output is None else output + update.to(output.dtype)
+
+    def weight_delta(self) -> torch.Tensor:
+        """The (num, dim) change to the table."""
+        return (self.B @ self.A).t() * self.scaling
+
+
 class LoRA(Delta):
     config: LoRAConfig
 
@@ -144,10 +167,14 @@ class LoRA(Delta):
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         cfg = self.config
         for name in check_patterns(cfg, list(self.targets(model, cfg.targets, cfg.layers))):
-            module = linear_target(model, name, "LoRA target", PROJECTIONS)
-            in_f, out_f = linear_dims(module)
             r, alpha = cfg.rank_alpha(name)
-            layer = LoRALayer(in_f, out_f, r, alpha, cfg.dropout, delta_dtype(module), module.weight.device)
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Embedding):
+                layer: LoRALayer = LoRAEmbedding(module, r, alpha, delta_dtype(module))
+            else:
+                module = linear_target(model, name, "LoRA target", PROJECTIONS + " or an embedding")
+                in_f, out_f = linear_dims(module)
+                layer = LoRALayer(in_f, out_f, r, alpha, cfg.dropout, delta_dtype(module), module.weight.device)
             key = safe_key(name)
             self.layers[key] = layer
             self._modules_by_key[key] = name
