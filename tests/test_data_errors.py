@@ -209,3 +209,13 @@ def test_a_nan_label_is_a_missing_label(tmp_path, name, content):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=r"line \d: label is .?nan.?, a missing value .*give every row a label"):
         load_task(tmp_path / name)
+
+
+def test_a_tsv_with_csv_quotes_is_refused_not_read_as_literal_quotes(tmp_path):
+    """pandas' `to_csv(sep="\\t")` quotes a cell holding a quote; a .tsv is read unquoted (GLUE's), so the text
+    trained on was `"he said ""great"" twice"`, quotes and all."""
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"he said ""great"" twice"\tpos\nplain "quoted" word\tneg\n')
+    with pytest.raises(DataError, match=r"q.tsv, line 2: the 'text' cell .* is in CSV quotes .*or as .csv"):
+        load_task(tmp_path / "q.tsv")
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"quoted" start\tpos\nplain "quoted" word\tneg\n')
+    assert load_task(tmp_path / "q.tsv")["train"][0].text == '"quoted" start'  # GLUE's own quotes stay text

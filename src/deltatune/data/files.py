@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -193,12 +194,30 @@ def _read_csv(path: Path) -> list[Raw]:
             where = f"{path}, line {start}"
             if None in row:
                 raise DataError(f"{where}: more fields than the header {reader.fieldnames}")
+            if tsv:
+                _check_unquoted(where, row)
             # CSV has no types: empty cells are absent, numbers are parsed later against the task's labels.
             rows.append((where, {k: v for k, v in row.items() if v not in ("", None)}))
         fields = reader.fieldnames or []  # read inside: DictReader reads the header lazily (a 0-byte file
     if not tsv:  # read it after the close and failed with "I/O operation on closed file")
         _check_swallowed(rows, fields, delimiter)
     return rows
+
+
+_CSV_QUOTED = re.compile(r'"(?:[^"]|"")*""(?:[^"]|"")*"')  # a whole cell in quotes, its own quotes doubled
+
+
+def _check_unquoted(where: str, row: dict[str, str | None]) -> None:
+    """A .tsv is read as GLUE writes it, unquoted; pandas' `to_csv(sep=TAB)` quotes a cell holding a quote
+    (he said "great" became the cell "he said ""great"" twice"), trained on as that literal text. Refused,
+    with the two fixes.
+    """
+    for column, cell in row.items():
+        if isinstance(cell, str) and _CSV_QUOTED.fullmatch(cell):
+            raise DataError(
+                f"{where}: the {column!r} cell {cell[:40]!r} is in CSV quotes (pandas' to_csv(sep='\\t') writes them); "
+                "a .tsv is read unquoted, as GLUE writes it: save with quoting=csv.QUOTE_NONE, or as .csv"
+            )
 
 
 def _check_header(path: Path, fields: list[str]) -> None:
