@@ -62,6 +62,15 @@ class UnsupportedError(ValueError):
     """A transformers model or release deltatune cannot serve exactly: never a silent difference."""
 
 
+# Modules every row of a batch shares, found by their attribute name: T5's (and its kin's) relative position
+# table is called with (queries, keys) buckets, whose first size a mixed batch read as rows.
+SHARED_BY_ROWS = ("relative_attention_bias",)
+
+
+def shared_by_rows(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in SHARED_BY_ROWS
+
+
 def unsupported(what: str) -> UnsupportedError:
     return UnsupportedError(
         f"{what} (transformers {VERSION}; deltatune is tested with the range in its pyproject.toml, "

@@ -18,17 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from . import compiled, registry
-from .routing import (
-    Route,
-    batch_size,
-    hidden_of,
-    routed_input,
-    routed_output,
-    scatter_rows,
-    take_rows,
-    with_hidden,
-)
+from . import compat, compiled, registry
+from .routing import SHARED_ROWS, Route, recompute_rows, routed_input, routed_output
 from .settings import check_fields, setting, unknown_setting_message  # noqa: F401 - methods declare fields with `setting`
 from .targeting import Layers, Targets, resolve
 
@@ -198,8 +189,10 @@ class Hooks:
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         self._hooked.append(module)
 
-    def on_param(self, module: nn.Module, param_name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Reparametrize `module.<param_name>` as `fn(original)` while the delta is active.
+    def on_param(
+        self, module: nn.Module, param_name: str, fn: Callable[[torch.Tensor], torch.Tensor], name: str = ""
+    ) -> None:
+        """Reparametrize `module.<param_name>` as `fn(original)` while the delta is active (`name`: the module's).
 
         Several deltas may reparametrize one parameter (many BitFit deltas served from one backbone),
         but at most one of them may be enabled at a time: two active changes to one tensor would be
@@ -213,31 +206,17 @@ class Hooks:
                         "delta that is enabled; two deltas cannot reparametrize the same parameter at once: narrow one "
                         "of their targets, or attach this one disabled (enabled=False) to serve them one at a time"
                     )
+        if compat.shared_by_rows(name):
+            setattr(module, SHARED_ROWS, name)
         parametrize.register_parametrization(module, param_name, _ParamDelta(fn, self.delta), unsafe=True)
         if not any(m is module for m, _ in self._params):
             self._handles.append(module.register_forward_hook(self._recompute_rows, with_kwargs=True, prepend=True))
         self._params.append((module, param_name))
 
     def _recompute_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """In a mixed batch, recompute a reparametrized module for the delta's rows with the delta's weights.
-
-        Runs before the module's other forward hooks (prepend), so deltas acting on its output add to
-        these rows as they would to a batch of them alone.
-        """
-        delta = self.delta
-        route = delta.route
-        if route is None or route.empty or route.full:
-            return None
-        size = batch_size(args, kwargs)
-        idx = route.index(size)
-        sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
-        delta.recomputing = True
-        try:
-            new = module.forward(*sub_args, **sub_kwargs)  # .forward: no hooks, so nothing runs twice
-        finally:
-            delta.recomputing = False
-        merged = scatter_rows(hidden_of(output), idx, hidden_of(new), args, kwargs)
-        return with_hidden(output, merged)
+        """Runs before the module's other forward hooks (prepend), so deltas acting on its output add to
+        the recomputed rows as they would to a batch of them alone (routing.recompute_rows)."""
+        return recompute_rows(self.delta, module, args, kwargs, output)
 
     def shared(self, module: nn.Module, key: str) -> list[Delta]:
         """The deltas of this kind attached to `module`, this one last: a list every one of them holds.

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class RoutingError(RuntimeError):
@@ -47,9 +48,10 @@ class Route:
         if size % self.batch == 0:
             k = size // self.batch
             return (self.rows.unsqueeze(1) * k + torch.arange(k, device=self.rows.device)).flatten()
-        raise RoutingError(
-            f"a tensor with {size} rows reached a delta routed over a batch of {self.batch}; pass one "
-            "delta id per row of the batch the model is called with"
+        raise RoutingError(  # delta_ids were checked against the batch: this module is not called per row
+            f"a tensor with {size} rows reached a delta routed over a batch of {self.batch}: that module is computed "
+            "once for every row of the batch (positions, a relative position table), so a delta on it cannot serve "
+            "only some rows; serve its rows in a batch of their own (set_active), or leave it out of its targets"
         )
 
 
@@ -262,3 +264,36 @@ def routed_input(
     for key, value in new_kwargs.items():
         kwargs_out[key] = _put(kwargs[key], sub_kwargs[key], value, idx, what) if key in kwargs else value
     return args_out, kwargs_out
+
+
+SHARED_ROWS = "_deltatune_shared_rows"  # a module every row of a batch shares (compat.SHARED_BY_ROWS): its name
+
+
+def recompute_rows(delta: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """In a mixed batch, `module` recomputed for `delta`'s rows with the delta's reparametrized weights.
+
+    Only a module called with one input row per batch row can serve some rows: T5's relative position
+    table is called with (queries, keys) buckets, and a position table with (1, length) ids, once for
+    every row. Recomputing them "for some rows" replaced query positions (logits 0.2 off, no error, where
+    the length was a multiple of the batch) or failed on a size; each is refused in one line.
+    """
+    route = delta.route
+    if route is None or route.empty or route.full:
+        return None
+    size = batch_size(args, kwargs)
+    if getattr(module, SHARED_ROWS, False) or size % route.batch or hidden_of(output).shape[0] != size:
+        params = ", ".join(getattr(module, "parametrizations", {}))
+        what = getattr(module, SHARED_ROWS, None) or f"{type(module).__name__.removeprefix('Parametrized')}.{params}"
+        raise RoutingError(
+            f"a {delta.config.method} delta changes {what}, which is computed once for every row of the batch "
+            "(positions, a relative position table): it cannot serve only some rows; serve its rows in a batch of "
+            "their own (set_active), or leave that module out of its targets"
+        )
+    idx = route.index(size)
+    sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
+    delta.recomputing = True
+    try:
+        new = module.forward(*sub_args, **sub_kwargs)  # .forward: no hooks, so nothing runs twice
+    finally:
+        delta.recomputing = False
+    return with_hidden(output, scatter_rows(hidden_of(output), idx, hidden_of(new), args, kwargs))

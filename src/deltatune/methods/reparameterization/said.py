@@ -91,7 +91,7 @@ class SAID(Delta):
             self._params.append((name, pname))
             self._shapes.append(param.shape)
             self.sites[name] = self.sites.get(name, 0) + (1 if cfg.structured else 0)
-            hooks.on_param(model.get_submodule(name), pname, lambda w, i=i: w + self.update(i).to(w.dtype))
+            hooks.on_param(model.get_submodule(name), pname, lambda w, i=i: w + self.update(i).to(w.dtype), name)
         self.sites[chosen[0][0]] += cfg.dim  # theta is shared: shown once, at the first site
 
     def update(self, i: int) -> torch.Tensor:

@@ -137,7 +137,7 @@ class ParamDelta(Delta):
         self._refs[key] = ref
         for mname, pname in ref.owners:
             try:
-                hooks.on_param(model.get_submodule(mname), pname, self._param_fn(key))
+                hooks.on_param(model.get_submodule(mname), pname, self._param_fn(key), mname)
             except DeltaError as err:
                 raise DeltaError(f"{self.config.method} cannot claim {mname}.{pname}: {err}") from err
         self.sites[ref.module] = self.sites.get(ref.module, 0) + ref.numel

@@ -78,7 +78,7 @@ class RandomSubset(Delta):
                 self.sites[ref.module] = self.sites.get(ref.module, 0) + end - start
                 for mname, pname in ref.owners:
                     try:
-                        hooks.on_param(model.get_submodule(mname), pname, self._param_fn(key))
+                        hooks.on_param(model.get_submodule(mname), pname, self._param_fn(key), mname)
                     except DeltaError as err:
                         raise DeltaError(f"random_subset cannot claim {mname}.{pname}: {err}") from err
             offset, start = offset + ref.numel, end
