@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..version import __version__
-from . import atomic, identity, sharded
+from . import atomic, identity, order, sharded
 from .delta import DeltaConfig, DeltaIOError
 from .seal import _MAX_DEPTH, _MAX_META_BYTES, META, _depth, _read_regular, _sealed, check_seal
 from .settings import config_from_dict
@@ -112,6 +112,7 @@ def save_delta(
         "finalized": delta.finalized,  # settings finalize() changed; loading builds the config with them
         "family": delta.config.family,
         "sites": compact_sites(delta.sites),
+        "after": order.before(dm, name),  # deltas before it on its modules it does not commute with (core.order)
         "num_parameters": sum(v.numel() for k, v in tensors.items() if not k.startswith(HEAD)),
         "head_parameters": sum(v.numel() for k, v in tensors.items() if k.startswith(HEAD)),
         "backbone": fingerprint(dm.backbone, whole),
@@ -123,11 +124,8 @@ def save_delta(
 
 
 def write_delta_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write tensors + delta.json (with the tensors' content hash) into a folder, atomically.
-
-    One writer for every folder deltatune saves (deltas, head-only runs), so each carries the hash
-    that loading checks, and an earlier save of the folder that was cut short is recovered first.
-    """
+    """Write tensors + delta.json (with the tensors' content hash) into a folder, atomically. One writer for
+    every folder deltatune saves (deltas, head-only runs), so each carries the hash that loading checks."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -288,10 +286,9 @@ def load_into(
 
     `head=False` leaves the model's task head as it is (a delta moved to a task with other labels).
 
-    Everything is checked before the model is touched: the backbone's identity, the config, the
-    file; the tensors are cast to the backbone's dtype and device. `enabled=False` attaches it
-    switched off, to serve several deltas that change the same parameters (routing picks per row).
-    """
+    Everything is checked before the model is touched: the backbone's identity, the config, the file; the
+    tensors are cast to the backbone's dtype and device. `enabled=False` attaches it switched off, to serve
+    several deltas that change the same parameters (routing picks per row)."""
     meta = read_meta(path)
     if isinstance(meta.get("config"), dict) and meta["config"].get("method") == "head":
         raise DeltaIOError(
@@ -314,6 +311,7 @@ def load_into(
     except BaseException:
         dm.detach(name)
         raise
+    order.check(dm, name, meta)
     if any(k.startswith(HEAD) for k in tensors):
         dm._head_source = name
     return dm
