@@ -293,6 +293,8 @@ def test_full_fine_tuning_saves_the_model_at_its_best_dev_step(tmp_path: Path, m
     accuracy = sum(model.config.id2label[i] == r["label"] for i, r in zip(ids, rows, strict=True)) / len(rows)
     best = json.loads((tmp_path / "r" / "result.json").read_text())["best"]["accuracy"]
     assert accuracy == pytest.approx(best, abs=1e-9)
+    assert main(["eval", "--delta", str(tmp_path / "r")]) == 2  # was: not a delta folder, pass delta-lora
+    assert "is a full fine-tuning run: no delta, its whole model is" in capsys.readouterr().err
 
 
 def test_an_older_sentence_transformers_folder_names_its_transformer(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001

@@ -42,6 +42,11 @@ def saved_meta(delta: str, flag: str = "--delta ") -> dict[str, Any]:
                 f"{delta} holds a head.safetensors from an older head-only run, without its settings; "
                 "train it again (deltatune train --head-only) to get a delta-head folder"
             )
+        if (path / "model" / "config.json").exists() and (path / "result.json").exists():
+            raise ValueError(
+                f"{delta} is a full fine-tuning run: no delta, its whole model is {path / 'model'} (a transformers "
+                "folder: from_pretrained loads it; its scores are in result.json)"
+            )
         if (path / "config.json").exists():  # `deltatune merge`'s output, or a backbone
             raise ValueError(
                 f"{delta} is a model folder (config.json, no {META}): a merged model or a backbone, with no delta "
