@@ -171,3 +171,36 @@ def test_study_chooses_each_methods_rate_on_dev_and_reuses_the_grid_run(world: d
     assert max(r["id"] for r in runs.values() if "/lr" in r["key"]) < min(
         r["id"] for r in runs.values() if "/lr" not in r["key"]
     )  # the grid runs first
+
+
+def test_a_run_cut_short_continues_from_its_checkpoint_to_the_same_result(
+    world: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped study reclaimed its running runs from step 0 (an STS-B run lost an hour at each restart).
+    The run now continues from its last evaluation's checkpoint and ends where an uninterrupted one does; a
+    checkpoint written under other settings (an edited spec) is dropped and the run starts afresh."""
+    from deltatune.study import executors
+    from deltatune.train import checkpoint
+
+    job = parse_spec(_spec(world, methods={"lora": {"r": 4}})).jobs()[0]
+    whole = json.loads(executors.execute(json.dumps(job | {"output_dir": str(tmp_path / "whole")})))
+    save, saves = checkpoint.save, []
+
+    def save_then_stop(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the study stopped after the run's second evaluation
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    cut = job | {"output_dir": str(tmp_path / "cut")}
+    with pytest.raises(KeyboardInterrupt):
+        executors.execute(json.dumps(cut))
+    later: list[int] = []
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (later.append(1), save(*a, **k)))
+    resumed = json.loads(executors.execute(json.dumps(cut)))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
+    assert strip(resumed["history"]) == strip(whole["history"]) and resumed["dev_score"] == whole["dev_score"]
+    assert later == []  # it went on from the second evaluation's checkpoint; from step 0 it saved both again
+    other = job | {"output_dir": str(tmp_path / "cut"), "train": {**job["train"], "lr": 0.5}}
+    assert "error" not in json.loads(executors.execute(json.dumps(other)))  # the old checkpoint is not its own

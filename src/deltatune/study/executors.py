@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -95,6 +96,7 @@ def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     """The run itself, through train.run.run like every run (a transfer run starts from its source's deltas)."""
     from ..data.tasks import load_task
     from ..methods import get_config
+    from ..train import checkpoint
     from ..train.run import RunSpec, load_for_task, run
     from ..train.trainer import TrainConfig
 
@@ -114,6 +116,14 @@ def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
         job["model"], task, methods, job["full"], train_cfg, job["k_shot"], job["max_train"], job["output_dir"],
         test=bool(job.get("eval_test")), init_from=job.get("init_from") or None,
     )  # fmt: skip
+    # a run cut short (a stopped or crashed study) continues from its last evaluation's checkpoint, to the same
+    # result as an uninterrupted run (train/checkpoint.py): an STS-B run lost an hour at each restart
+    kept = Path(job["output_dir"]) / checkpoint.FOLDER
+    if (kept / checkpoint.STATE).exists():
+        try:
+            return run(dataclasses.replace(spec, resume=True))
+        except checkpoint.ResumeRefused:  # written under other settings (an edited spec): start afresh
+            shutil.rmtree(kept, ignore_errors=True)
     return run(spec)
 
 

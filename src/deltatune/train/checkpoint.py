@@ -88,6 +88,10 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, int | float | str | bool | type(None)) else None
 
 
+class ResumeRefused(ValueError):
+    """A checkpoint this run cannot continue (other settings, data, model or format): the run must start afresh."""
+
+
 def load(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The checkpoint's tensors and JSON state; a clear error when there is none to resume."""
     from safetensors.torch import load_file
@@ -97,7 +101,7 @@ def load(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise FileNotFoundError(f"{folder} holds no checkpoint to resume; drop --resume to start the run afresh")
     meta = json.loads((folder / STATE).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder / STATE} is not a deltatune training checkpoint ({FORMAT!r} expected)")
+        raise ResumeRefused(f"{folder / STATE} is not a deltatune training checkpoint ({FORMAT!r} expected)")
     return load_file(str(folder / TENSORS)), meta
 
 
@@ -108,7 +112,7 @@ def restore(
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
-        raise ValueError(
+        raise ResumeRefused(
             "the checkpoint was written for another configuration (other methods or model): "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}; resume with the settings it was started with"
         )
@@ -159,7 +163,7 @@ def check_same_settings(saved: dict[str, Any] | None, now: dict[str, Any], out: 
         shown = ", ".join(
             PROVENANCE.get(k) or f"{k} {flat_saved.get(k)!r} (now {flat_now.get(k)!r})" for k in differ[:4]
         )
-        raise ValueError(
+        raise ResumeRefused(
             f"the checkpoint in {out} was written by a run with other settings: {shown}; resume with the "
             "settings it was started with, or drop --resume to start afresh"
         )
