@@ -79,3 +79,28 @@ def test_metric_without_its_package_names_the_study_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sacrebleu", None)
     with pytest.raises(ImportError, match=r"deltatune\[study\]"):
         M.bleu(["a"], ["a"])
+
+
+def test_an_unknown_label_string_is_a_miss_in_matthews_not_a_class(tmp_path):
+    """`compute_metrics` with string predictions: 'garbage' (or 'Acceptable') became a third class in MCC,
+    which scored 0.404 where counting it as wrong gives 0.258 (the probe's rows), as macro-F1 and accuracy do."""
+    from sklearn.metrics import matthews_corrcoef
+
+    gold = [0, 1, 1, 0, 1, 1, 1, 1]
+    rows = [{"text": f"t{i}", "label": g} for i, g in enumerate(gold)]
+    cola = load_task(
+        make_task(tmp_path, "cola", {"type": "classification", "labels": ["unacceptable", "acceptable"]}, test=rows)
+    )
+    said = [
+        "unacceptable",
+        "acceptable",
+        "garbage",
+        "unacceptable",
+        "acceptable",
+        "Acceptable",
+        "acceptable",
+        "acceptable",
+    ]
+    wrong = [0, 1, 0, 0, 1, 0, 1, 1]  # the two unknown answers counted as the other class than the gold one
+    assert compute_metrics(cola, said, cola["test"])["matthews"] == pytest.approx(matthews_corrcoef(gold, wrong))
+    assert matthews_corrcoef(gold, wrong) != pytest.approx(matthews_corrcoef(gold, [0, 1, -1, 0, 1, -1, 1, 1]))
