@@ -397,15 +397,23 @@ def test_bad_delta_ids_entries_are_refused() -> None:
         dm(**_inputs(dm.backbone), delta_ids=[])
 
 
-@pytest.mark.parametrize(("arch", "targets"), [("t5", "re:.*relative_attention_bias"), ("bart", "embeddings")])
-def test_a_delta_on_a_table_every_row_shares_is_refused_in_a_mixed_batch(arch: str, targets: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "method", "targets"),
+    [
+        ("t5", "selective", "re:.*relative_attention_bias"),
+        ("t5", "lora", "re:.*relative_attention_bias"),  # LoRA takes embedding tables too
+        ("bart", "selective", "embeddings"),
+    ],
+)
+def test_a_delta_on_a_table_every_row_shares_is_refused_in_a_mixed_batch(arch: str, method: str, targets: str) -> None:
     """T5's relative position table is called with (queries, keys) buckets: a mixed batch read the queries as
     rows and replaced the wrong ones where the length was a multiple of the batch (logits 0.23 off, no error).
     BART's position table failed in index_copy_. Each is refused in one line; a batch of one delta still runs."""
     model = make_model(arch)
     inputs = {k: v for k, v in make_inputs(model, batch=2, seq=8).items() if k != "labels"}
     dm = dt.DeltaModel(model)
-    dm.add("a", dt.METHODS["selective"](targets=targets, last_k=None), enabled=False)
+    settings = {"last_k": None} if method == "selective" else {}
+    dm.add("a", dt.METHODS[method](targets=targets, **settings), enabled=False)
     with torch.no_grad(), pytest.raises(RoutingError, match="is computed once for every row of the batch"):
         dm(**inputs, delta_ids=["a", None])
     with torch.no_grad():

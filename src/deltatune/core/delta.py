@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from . import compat, compiled, registry
-from .routing import SHARED_ROWS, Route, recompute_rows, routed_input, routed_output
+from . import compiled, registry
+from .routing import Route, mark_shared, recompute_rows, routed_input, routed_output
 from .settings import check_fields, setting, unknown_setting_message  # noqa: F401 - methods declare fields with `setting`
 from .targeting import Layers, Targets, resolve
 
@@ -206,8 +206,7 @@ class Hooks:
                         "delta that is enabled; two deltas cannot reparametrize the same parameter at once: narrow one "
                         "of their targets, or attach this one disabled (enabled=False) to serve them one at a time"
                     )
-        if compat.shared_by_rows(name):
-            setattr(module, SHARED_ROWS, name)
+        mark_shared(module, name)
         parametrize.register_parametrization(module, param_name, _ParamDelta(fn, self.delta), unsafe=True)
         if not any(m is module for m, _ in self._params):
             self._handles.append(module.register_forward_hook(self._recompute_rows, with_kwargs=True, prepend=True))

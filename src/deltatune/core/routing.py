@@ -21,6 +21,26 @@ from typing import Any
 import torch
 from torch import nn
 
+SHARED_ROWS = "_deltatune_shared_rows"  # a module every row of a batch shares (compat.SHARED_BY_ROWS): its name
+
+
+def mark_shared(module: nn.Module, name: str) -> None:
+    """Mark `module` (named `name`) when every row of a batch shares it, so that routing refuses it."""
+    from .compat import shared_by_rows
+
+    if shared_by_rows(name):
+        setattr(module, SHARED_ROWS, name)
+
+
+def shared_rows_error(module: nn.Module) -> RoutingError:
+    params = ", ".join(getattr(module, "parametrizations", {})) or "output"
+    what = getattr(module, SHARED_ROWS, None) or f"{type(module).__name__.removeprefix('Parametrized')}.{params}"
+    return RoutingError(
+        f"a delta changes {what}, which is computed once for every row of the batch (positions, a relative "
+        "position table): it cannot serve only some rows; serve its rows in a batch of their own (set_active), "
+        "or leave that module out of its targets"
+    )
+
 
 class RoutingError(RuntimeError):
     """A mixed batch that cannot be served as asked (unknown name, merged delta, unroutable method...)."""
@@ -41,8 +61,11 @@ class Route:
     def full(self) -> bool:
         return self.rows.numel() == self.batch
 
-    def index(self, size: int) -> torch.Tensor:
-        """The delta's rows in a tensor of `size` rows (the routed batch, possibly widened by generation)."""
+    def index(self, size: int, module: nn.Module | None = None) -> torch.Tensor:
+        """The delta's rows in a tensor of `size` rows (the routed batch, possibly widened by generation) that
+        `module` is called with; a module every row shares has no rows of its own (`mark_shared`)."""
+        if module is not None and getattr(module, SHARED_ROWS, None):
+            raise shared_rows_error(module)
         if size == self.batch:
             return self.rows
         if size % self.batch == 0:
@@ -231,7 +254,7 @@ def routed_output(
     """Apply an output hook to the route's rows only."""
     hidden = hidden_of(output)
     size = hidden.shape[0]
-    idx = route.index(size)
+    idx = route.index(size, module)
     sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
     sub_out = (
         output.index_select(0, idx)
@@ -252,7 +275,7 @@ def routed_input(
 ) -> tuple[tuple, dict] | None:
     """Apply an input pre-hook to the route's rows only."""
     size = batch_size(args, kwargs)
-    idx = route.index(size)
+    idx = route.index(size, module)
     sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
     result = fn(module, sub_args, sub_kwargs)
     if result is None:
@@ -264,9 +287,6 @@ def routed_input(
     for key, value in new_kwargs.items():
         kwargs_out[key] = _put(kwargs[key], sub_kwargs[key], value, idx, what) if key in kwargs else value
     return args_out, kwargs_out
-
-
-SHARED_ROWS = "_deltatune_shared_rows"  # a module every row of a batch shares (compat.SHARED_BY_ROWS): its name
 
 
 def recompute_rows(delta: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -281,15 +301,9 @@ def recompute_rows(delta: Any, module: nn.Module, args: tuple, kwargs: dict, out
     if route is None or route.empty or route.full:
         return None
     size = batch_size(args, kwargs)
-    if getattr(module, SHARED_ROWS, False) or size % route.batch or hidden_of(output).shape[0] != size:
-        params = ", ".join(getattr(module, "parametrizations", {}))
-        what = getattr(module, SHARED_ROWS, None) or f"{type(module).__name__.removeprefix('Parametrized')}.{params}"
-        raise RoutingError(
-            f"a {delta.config.method} delta changes {what}, which is computed once for every row of the batch "
-            "(positions, a relative position table): it cannot serve only some rows; serve its rows in a batch of "
-            "their own (set_active), or leave that module out of its targets"
-        )
-    idx = route.index(size)
+    if size % route.batch or hidden_of(output).shape[0] != size:
+        raise shared_rows_error(module)
+    idx = route.index(size, module)
     sub_args, sub_kwargs = take_rows(args, kwargs, idx, size)
     delta.recomputing = True
     try:

@@ -32,7 +32,7 @@ from ...core.layers import (
     stored_weight,
     weight_update,
 )
-from ...core.routing import needs_graph
+from ...core.routing import mark_shared, needs_graph
 from ...core.settings import MAX_SIZE
 from ...core.targeting import Layers, TargetError, Targets
 
@@ -171,6 +171,7 @@ class LoRA(Delta):
             module = model.get_submodule(name)
             if isinstance(module, nn.Embedding):
                 layer: LoRALayer = LoRAEmbedding(module, r, alpha, delta_dtype(module))
+                mark_shared(module, name)  # T5's relative position table: no rows of its own to route
             else:
                 module = linear_target(model, name, "LoRA target", PROJECTIONS + " or an embedding")
                 in_f, out_f = linear_dims(module)
@@ -211,7 +212,7 @@ def _lora_hook(layer: LoRALayer, delta: LoRA):
         route = delta.route
         if route is None or route.full:
             return layer.add_to(output, x)
-        idx = route.index(x.shape[0])
+        idx = route.index(x.shape[0], module)
         rows = layer.update(x.index_select(0, idx)).to(output.dtype)
         if needs_graph(output, rows):
             return output.index_add(0, idx, rows)
