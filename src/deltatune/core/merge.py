@@ -30,6 +30,13 @@ if TYPE_CHECKING:
     from .model import DeltaModel
 
 
+def non_commuting_sites(a: Delta, b: Delta) -> list[str]:
+    """The modules both deltas act on where their order matters: none when both only add to the weights."""
+    if type(a.config).merge_adds and type(b.config).merge_adds:
+        return []
+    return sorted(set(a.sites) & set(b.sites))
+
+
 def check_commutes(deltas: dict[str, Delta], name: str, action: str, merged_only: bool = False) -> None:
     """Refuse a merge (or, `merged_only`, switching a delta on beside merged ones) whose outputs would not be
     the unmerged ones.
@@ -45,8 +52,8 @@ def check_commutes(deltas: dict[str, Delta], name: str, action: str, merged_only
     for other_name, other in deltas.items():
         if other_name == name or not (other.merged if merged_only else other.enabled or other.merged):
             continue
-        shared = sorted(set(delta.sites) & set(other.sites))
-        if shared and not (type(delta.config).merge_adds and type(other.config).merge_adds):
+        shared = non_commuting_sites(delta, other)
+        if shared:
             odd = other if not type(other.config).merge_adds else delta
             raise DeltaError(
                 f"cannot {action}: {other_name!r} ({other.config.method}) also acts on {shared[0]}"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from .merge import non_commuting_sites
+
 if TYPE_CHECKING:
     from .model import DeltaModel
 
@@ -22,8 +24,7 @@ def before(dm: DeltaModel, name: str) -> list[str]:
     for other_name, other in dm.deltas.items():
         if other_name == name:
             break
-        adds = type(delta.config).merge_adds and type(other.config).merge_adds
-        if not adds and set(delta.sites) & set(other.sites):
+        if non_commuting_sites(delta, other):
             out.append(other_name)
     return out
 
