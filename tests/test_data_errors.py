@@ -219,3 +219,9 @@ def test_a_tsv_with_csv_quotes_is_refused_not_read_as_literal_quotes(tmp_path):
         load_task(tmp_path / "q.tsv")
     (tmp_path / "q.tsv").write_text('text\tlabel\n"quoted" start\tpos\nplain "quoted" word\tneg\n')
     assert load_task(tmp_path / "q.tsv")["train"][0].text == '"quoted" start'  # GLUE's own quotes stay text
+    # a quoted text with a line break (pandas again): the row ended at the break, refused as "label is empty"
+    (tmp_path / "q.tsv").write_text('text\tlabel\ngood\tpos\n"first line\nsecond line"\tneg\n')
+    with pytest.raises(DataError, match=r"q.tsv, line 3: the cell '\"first line' opens a CSV quote and the row ends"):
+        load_task(tmp_path / "q.tsv")
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"quoted" start\tpos\n"open quote only\tneg\n')  # all cells: kept
+    assert load_task(tmp_path / "q.tsv")["train"][1].text == '"open quote only'

@@ -209,9 +209,16 @@ _CSV_QUOTED = re.compile(r'"(?:[^"]|"")*""(?:[^"]|"")*"')  # a whole cell in quo
 
 def _check_unquoted(where: str, row: dict[str, str | None]) -> None:
     """A .tsv is read as GLUE writes it, unquoted; pandas' `to_csv(sep=TAB)` quotes a cell holding a quote
-    (he said "great" became the cell "he said ""great"" twice"), trained on as that literal text. Refused,
-    with the two fixes.
+    (he said "great" became the cell "he said ""great"" twice"), trained on as that literal text, and a text
+    holding a line break became two rows, the first refused as "label is empty". Refused, with the fixes.
     """
+    cut = [c for c in row.values() if isinstance(c, str) and c.startswith('"') and not c.endswith('"')]
+    if cut and None in row.values():  # fewer cells than the header, after a quote left open: a quoted line break
+        raise DataError(
+            f"{where}: the cell {cut[0][:40]!r} opens a CSV quote and the row ends there: a text with a line break "
+            "in CSV quotes (pandas' to_csv(sep='\\t') writes them); a .tsv is read one row per line, unquoted: "
+            "remove the line breaks from the texts, or save as .csv"
+        )
     for column, cell in row.items():
         if isinstance(cell, str) and _CSV_QUOTED.fullmatch(cell):
             raise DataError(
