@@ -104,6 +104,20 @@ def test_methods_that_train_weights_entry_by_entry_are_refused_in_one_line(
     assert dm.trainable_parameters() > 0
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_head_loaded_quantized_is_refused_by_name_when_asked_to_train(folder: Path, bits: int) -> None:
+    """transformers' own skip rule names "the last module" by its last parameter (`classifier.bias`), so a new
+    classifier loaded quantized; training it failed in torch ("only Tensors of floating point dtype...")."""
+    key = "load_in_4bit" if bits == 4 else "load_in_8bit"
+    q = tf.BitsAndBytesConfig(**{key: True}, bnb_4bit_compute_dtype=torch.float32)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(folder, quantization_config=q, device_map="cpu")
+    with pytest.raises(ValueError, match=r"the task head 'classifier' was loaded quantized \(Linear(4bit|8bitLt)\) .*"
+                       r"llm_int8_skip_modules=\['classifier'\]\) to keep it unquantized"):  # fmt: skip
+        dt.attach(model, "lora", train_head=True)
+    dm = dt.attach(model, "lora", train_head=False)
+    assert dm.trainable_parameters() == 2 * 2 * (64 * 8 + 8 * 64)
+
+
 @pytest.mark.parametrize("double", [False, True])
 def test_a_4bit_weight_reads_the_same_after_bitsandbytes_repacks_it_for_its_cpu_kernel(
     folder: Path, double: bool
@@ -164,3 +178,53 @@ def test_trainer_trains_the_deltas_of_a_quantized_model(folder: Path, bits: int,
     tf.Trainer(model=dm, args=args, train_dataset=rows).train()
     assert all(not torch.equal(p, start[n]) for n, p in dm.named_parameters() if p.requires_grad)
     assert all(torch.equal(p, weights[n]) for n, p in dm.backbone.named_parameters() if n in weights)
+
+
+def _tiny_llama(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=False,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "lora"), ("bert", "bitfit")])
+def test_an_evaluation_leaves_a_4bit_model_training_as_before_it(
+    family: str, method: str, folder: Path, tmp_path: Path
+) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first eval forward for an inference
+    kernel it then takes in training too, which has no backward: after one evaluation a bias-free Llama trained
+    with no gradient at all (0 of 8 LoRA tensors, no error), BERT's biases failed inside bitsandbytes, and
+    `state_dict()` (which unpacks) moved the outputs of a weight without double quantization 3.5%."""
+    q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    if family == "llama":
+        model = tf.AutoModelForCausalLM.from_pretrained(_tiny_llama(tmp_path / "llama"), quantization_config=q)
+        batch = {"input_ids": torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(0))}
+        batch["labels"] = batch["input_ids"]
+    else:
+        model = _quantized(folder, 4)
+        batch = {**INPUTS, "labels": torch.tensor([0, 1])}
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    if not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    dm = dt.attach(model, method)
+    _perturb(dm)
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dm.train()
+        dm.zero_grad()
+        out = dm(**batch)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in dm.named_parameters() if p.grad is not None}
+
+    logits, grads = step()
+    assert len(grads) == sum(p.requires_grad for p in dm.parameters())
+    dm.eval()
+    with torch.no_grad():
+        dm(**batch)
+    dm.state_dict()
+    again, grads_again = step()
+    assert torch.equal(again, logits) and grads_again.keys() == grads.keys()
+    assert all(torch.equal(grads_again[n], g) for n, g in grads.items())

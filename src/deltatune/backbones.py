@@ -234,8 +234,18 @@ def _dequantized(gguf: Path, target: Path) -> Path:
     return _built_once(target, "model.safetensors", build)
 
 
-def load_backbone(name: str, head: str = "cls", num_labels: int = 2, **kwargs: object) -> nn.Module:
+def load_backbone(
+    name: str,
+    head: str = "cls",
+    num_labels: int = 2,
+    quantize: str | None = None,
+    mixed_precision: str | None = None,
+    **kwargs: object,
+) -> nn.Module:
     """A pretrained model with the head a task needs: cls, regression, causal-lm, seq2seq-lm or base.
+
+    `quantize` ("4bit", "8bit") loads its linear layers quantized by bitsandbytes (QLoRA; `quantization.py`),
+    the head unquantized, 4-bit layers computing in `mixed_precision` (float32 by default).
 
     In float32 unless `dtype` says otherwise: transformers 5 loads a checkpoint in the dtype it was saved in,
     so a bf16 checkpoint trained in bf16 throughout (one AdamW step of full fine-tuning moved 14% of the
@@ -258,6 +268,13 @@ def load_backbone(name: str, head: str = "cls", num_labels: int = 2, **kwargs: o
     else:
         raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
     try:
+        if quantize is not None:
+            from .quantization import bnb_config, compute_dtype, head_modules, placement
+
+            config_kwargs = {k: kwargs[k] for k in ("num_labels", "problem_type") if k in kwargs}
+            skip = head_modules(cls, path, config_kwargs)
+            kwargs["quantization_config"] = bnb_config(quantize, compute_dtype(mixed_precision), skip)
+            kwargs = {**placement(), **kwargs}
         model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except ValueError as err:  # transformers lists every class it knows: 3,000 characters in one line
         if not str(err).startswith("Unrecognized configuration class"):

@@ -76,6 +76,21 @@ def resolve(given: Any, flag: str, recorded: Any, fallback: Any, what: str) -> A
     return given
 
 
+def quantize_of(args: argparse.Namespace, info: dict[str, Any]) -> str | None:
+    """How to load the backbone: as the delta trained (quantized or not), unless --quantize says otherwise."""
+    recorded, given = info.get("quantize"), getattr(args, "quantize", None)
+    if given is None:
+        return recorded
+    asked = None if given == "none" else given
+    if asked != recorded:
+        print(
+            f"note: --quantize {given} overrides the {recorded or 'full precision'} backbone this delta was trained "
+            "on; scores can differ from training's",
+            file=sys.stderr,
+        )
+    return asked
+
+
 def task_of(delta: str):  # noqa: ANN201
     """The (example-free) task a delta was trained for, from the metadata `deltatune train` stores."""
     from ..data.tasks import Task
@@ -86,7 +101,7 @@ def task_of(delta: str):  # noqa: ANN201
     return Task(name=info.get("task", "task"), type=info["task_type"], labels=list(info.get("labels", [])))
 
 
-def _load(model_name: str, delta: str, task):  # noqa: ANN001, ANN202
+def _load(model_name: str, delta: str, task, quantize: str | None = None):  # noqa: ANN001, ANN202
     from transformers.utils import logging as hf_logging
 
     from ..train.run import load_for_task
@@ -94,7 +109,8 @@ def _load(model_name: str, delta: str, task):  # noqa: ANN001, ANN202
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model, tokenizer, lm = load_for_task(model_name, task)
+    precision = ((_training(saved_meta(delta)).get("train") or {}).get("mixed_precision")) if quantize else None
+    model, tokenizer, lm = load_for_task(model_name, task, quantize=quantize, mixed_precision=precision)
     dm = load_saved(model, delta)
     dm.eval()
     return dm, tokenizer, lm
@@ -135,7 +151,16 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help=f"rows per batch (default: the delta's training eval batch size, else {DEFAULT_BATCH})",
     )
     _max_length_argument(p)
+    _quantize_argument(p)
     add_threads_argument(p)
+
+
+def _quantize_argument(p: argparse.ArgumentParser) -> None:
+    from .train import add_quantize_arguments
+
+    add_quantize_arguments(
+        p, "load the backbone quantized (4bit, 8bit) or not (none) (default: as the delta was trained)"
+    )
 
 
 def _with_labels(task, again, held: dict | None):  # noqa: ANN001, ANN202
@@ -234,7 +259,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_length is not None:  # a length asked for now (the recorded one ran at training)
         check_max_length(model, max_length)
     task = _task_for_eval(args, info)
-    dm, tokenizer, lm = _load(model, args.delta, task)
+    dm, tokenizer, lm = _load(model, args.delta, task, quantize_of(args, info))
     objective = objective_for(
         task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48)
     )
@@ -275,6 +300,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     _model_argument(p)
     _max_length_argument(p)
+    _quantize_argument(p)
     add_threads_argument(p)
 
 
@@ -311,7 +337,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if pairs is None:
             pairs = task.type == "pair_classification" or all(" ||| " in t for t in texts)
         examples = texts_to_examples(texts, pairs)
-    dm, tokenizer, lm = _load(model, args.delta, task)
+    dm, tokenizer, lm = _load(model, args.delta, task, quantize_of(args, info))
     objective = objective_for(
         task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=train.get("max_new_tokens", 48)
     )
@@ -344,7 +370,9 @@ def run_merge(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise ValueError(f"{args.out} exists and is not empty; give merge a new folder")
     task = task_of(args.delta)
-    dm, tokenizer, _ = _load(args.model, args.delta, task)
+    dm, tokenizer, _ = _load(args.model, args.delta, task)  # full precision: a quantized weight holds no merge
+    if (bits := _training(meta).get("quantize")) is not None:
+        print(f"note: the delta trained on a {bits} backbone; it merges into the full-precision weights, as QLoRA's do")
     try:
         path = dm.export_merged(args.out, tokenizer=tokenizer)
     except DeltaError as err:

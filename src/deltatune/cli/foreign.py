@@ -224,8 +224,9 @@ def check_head(ad: Adapter, model: str, task, rows: int | None) -> None:  # noqa
         )
 
 
-def load(ad: Adapter, model: str, task):  # noqa: ANN001, ANN201
-    """(DeltaModel with the adapter and its head, tokenizer, lm): the head checked to come from the adapter or checkpoint."""
+def load(ad: Adapter, model: str, task, quantize: str | None = None):  # noqa: ANN001, ANN201
+    """(DeltaModel with the adapter and its head, tokenizer, lm): the head checked to come from the adapter or
+    checkpoint. `quantize` ("4bit", "8bit"; "none" or None: full precision) loads the backbone as QLoRA trained it."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -235,7 +236,7 @@ def load(ad: Adapter, model: str, task):  # noqa: ANN001, ANN201
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    backbone_model, tokenizer, lm = load_for_task(model, task)
+    backbone_model, tokenizer, lm = load_for_task(model, task, quantize=None if quantize == "none" else quantize)
     heads = tuple(h + "." for h in head_names(backbone_model))
     params = {n: p for n, p in backbone_model.named_parameters() if heads and n.startswith(heads) and not lm}
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -308,7 +309,7 @@ def run_eval(args: argparse.Namespace, ad: Adapter) -> int:
         elif task.type != "regression":
             check_classes(ad, model, task)
     max_length, batch = _settings(args, ad, model)
-    dm, tokenizer, lm = load(ad, model, task)
+    dm, tokenizer, lm = load(ad, model, task, args.quantize)
     objective = objective_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=48)
     metrics = evaluate(dm, objective, task[args.split], task, batch)
     print(
@@ -392,6 +393,6 @@ def run_predict(args: argparse.Namespace, ad: Adapter) -> int:
         texts, rows = args.texts, [{"text": t} for t in args.texts]
         pairs = given_pairs if given_pairs is not None else all(" ||| " in t for t in texts)
         examples = predict_io.texts_to_examples(texts, pairs)
-    dm, tokenizer, lm = load(ad, model, task)
+    dm, tokenizer, lm = load(ad, model, task, args.quantize)
     objective = objective_for(task, tokenizer, lm=lm, max_length=max_length, max_new_tokens=48)
     return predict_io.emit(args, dm, task, objective, examples, rows, texts, size)

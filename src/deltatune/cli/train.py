@@ -103,6 +103,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--head-only", action="store_true", help="baseline: frozen backbone, train only the task head")
     p.add_argument("--full", action="store_true", help="baseline: full fine-tuning of every weight")
+    add_quantize_arguments(p)
     p.add_argument(
         "--k-shot", type=positive_int, default=None, help="train on k rows per class (LM-BFF sampling; default: all)"
     )
@@ -131,6 +132,24 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
     add_threads_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser, eval_help: str | None = None) -> None:
+    """--quantize 4bit|8bit, with the names TRL and axolotl users type (--load-in-4bit, --load-in-8bit)."""
+    from ..quantization import QUANTIZE
+
+    group = p.add_mutually_exclusive_group()
+    choices = [*QUANTIZE, "none"] if eval_help else list(QUANTIZE)
+    group.add_argument(
+        "--quantize",
+        choices=choices,
+        default=None,
+        help=eval_help
+        or "load the backbone quantized by bitsandbytes and train the delta on it (QLoRA: 4bit is NF4 with double "
+        "quantization; 8bit is LLM.int8()); the head stays unquantized (default: full precision)",
+    )
+    group.add_argument("--load-in-4bit", dest="quantize", action="store_const", const="4bit", help="--quantize 4bit")
+    group.add_argument("--load-in-8bit", dest="quantize", action="store_const", const="8bit", help="--quantize 8bit")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,6 +190,11 @@ def spec_from_args(args: argparse.Namespace, task: Any = None):  # noqa: ANN201
 
     if args.full and (args.method or args.head_only):
         raise ValueError("--full trains every weight; drop --method/--head-only")
+    if args.full and args.quantize:
+        raise ValueError(
+            f"--full trains every weight, which a {args.quantize} quantized backbone cannot hold; drop --quantize, "
+            "or train a delta on it (--method lora)"
+        )
     if args.head_only and args.method:
         raise ValueError("--head-only trains the head alone; drop --method (or --head-only)")
     names = [] if (args.full or args.head_only) else (args.method or ["lora"])
@@ -199,6 +223,7 @@ def spec_from_args(args: argparse.Namespace, task: Any = None):  # noqa: ANN201
         resume=getattr(args, "resume", False),
         dev_split=None if task is not None else getattr(args, "dev_split", None),  # a loaded task is split already
         test=not getattr(args, "no_test", False),
+        quantize=args.quantize,
     )
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from .delta import DeltaError
 from .io import default_include_head
+from .layers import numel
 from .routing import row_names
 from .settings import size_field
 
@@ -65,7 +66,7 @@ PEFT_CALLS = {
 def trainable_line(trainable: int, model: nn.Module) -> str:
     """`trainable params: 74,498 || all params: 22,787,522 || trainable%: 0.3269`, as PEFT prints it (every tensor
     counted once, the deltas' included in all params)."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = sum(numel(p) for p in {id(p): p for p in model.parameters()}.values())
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
 
 

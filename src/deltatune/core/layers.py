@@ -66,6 +66,25 @@ def refuse_quantized(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def refuse_quantized_head(dm: Any, train_head: bool | None) -> None:
+    """A task head loaded quantized cannot train: refused before a delta is built (`train_head` None: the
+    DeltaModel's own setting). transformers' skip rule names "the last module" by its last parameter
+    (`classifier.bias`), so a new classifier loaded in 4 bits; torch said only "only Tensors of floating point
+    dtype can require gradients", after the delta was attached."""
+    if not (dm.train_head if train_head is None else train_head):
+        return
+    head = set(dm.head_parameter_names())
+    held = [n for n, p in dm.backbone.named_parameters() if n in head and not p.is_floating_point()]
+    if held:
+        module = held[0].rpartition(".")[0]
+        raise ValueError(
+            f"the task head {module!r} was loaded quantized ({type(dm.backbone.get_submodule(module)).__name__}) "
+            f"and cannot train: load the model with BitsAndBytesConfig(..., llm_int8_skip_modules="
+            f"[{module.split('.')[0]!r}]) to keep it unquantized (deltatune train --quantize does), or pass "
+            "train_head=False"
+        )
+
+
 def bnb_bits(tensor: torch.Tensor) -> int | None:
     """4 or 8 for a bitsandbytes weight (QLoRA's `load_in_4bit`, `load_in_8bit`), else None. Its dtype is
     uint8/int8 and a 4-bit one's shape is its packed storage's ((n, 1), repacked on CPU at the first forward)."""
@@ -76,6 +95,12 @@ def logical_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape a weight has as numbers: a 4-bit weight's packed storage reports another, and changes it."""
     state = getattr(tensor, "quant_state", None) if bnb_bits(tensor) == 4 else None
     return torch.Size(state.shape) if getattr(state, "shape", None) is not None else tensor.shape
+
+
+def numel(tensor: torch.Tensor) -> int:
+    """How many numbers a weight holds: a 4-bit weight packs two in a byte, and counted half of them in
+    "all params" (17.3M of MiniLM's 22.7M, the trainable share a third too high)."""
+    return logical_shape(tensor).numel()
 
 
 def delta_dtype(module: nn.Module) -> torch.dtype:
@@ -93,6 +118,44 @@ def delta_dtype(module: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.get_default_dtype()
 
 
+def unpacked(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """A 4-bit weight's storage and state in bitsandbytes' own layout, from the one its CPU kernel repacks it to
+    (as they are where it was not repacked). bitsandbytes' inverse leaves the scales of a weight without double
+    quantization transposed (N, K/64 as K/64, N), in bf16: set right here."""
+    if not getattr(state, "packing_format_for_cpu", False):
+        return data, state
+    import bitsandbytes.functional as bnbf
+
+    inverse = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        raise ValueError(
+            "this bitsandbytes repacked a 4-bit weight for its CPU kernel and offers no way back to its "
+            "values; read them before the first forward in eval mode, or use bitsandbytes 0.50"
+        )
+    nested = state.original_nested
+    data, state = inverse(data, state)
+    if not nested:
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
+
+
+def keep_4bit_unpacked(backbone: nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel (AVX512-BF16 CPUs), which it
+    does at a layer's first forward in eval mode without gradients, and then uses for every later call, in
+    training too: that kernel has no backward, so after one evaluation a bias-free model (Llama) trained on
+    with no gradient at all and no error (0 of 8 LoRA tensors got one), a model with biases failed in
+    bitsandbytes ("a view of a leaf Variable..."), and saving (`state_dict`, which unpacks) left the scales of a
+    weight without double quantization transposed: the model's outputs moved 3.5%. A weight repacked already is
+    unpacked. Evaluation then takes bitsandbytes' general kernel, as training does."""
+    for module in backbone.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or bnb_bits(weight) != 4:
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+        weight.data, weight.quant_state = unpacked(weight.data, weight.quant_state)
+
+
 def bnb_dequantized(tensor: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
     """A bitsandbytes weight's values as floats, (out, in). On CPU, a 4-bit layer's first forward in eval mode
     repacks its storage for its own kernel, which bitsandbytes' `dequantize_4bit` does not read (values 26%
@@ -101,18 +164,7 @@ def bnb_dequantized(tensor: torch.Tensor, module: nn.Module | None = None) -> to
     import bitsandbytes.functional as bnbf  # only reached with a bitsandbytes weight, so it is installed
 
     if bnb_bits(tensor) == 4:
-        data, state = tensor.data, tensor.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            inverse = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
-            if inverse is None:
-                raise ValueError(
-                    "this bitsandbytes repacked a 4-bit weight for its CPU kernel and offers no way back to its "
-                    "values; read them before the first forward in eval mode, or use bitsandbytes 0.50"
-                )
-            nested = state.original_nested
-            data, state = inverse(data.clone(), copy.deepcopy(state))
-            if not nested:  # bitsandbytes' inverse leaves these scales transposed (N, K/64 as K/64, N) in bf16
-                state.absmax = state.absmax.T.reshape(-1).float()
+        data, state = unpacked(tensor.data.clone(), copy.deepcopy(tensor.quant_state))
         return bnbf.dequantize_4bit(data, state)
     scale = getattr(tensor, "SCB", None)
     if scale is None and module is not None:

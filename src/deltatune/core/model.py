@@ -19,7 +19,7 @@ from . import checkpointing, conventions, copying, marks, pretrained, replaced, 
 from .claims import check_claims
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .layers import check_in_memory
+from .layers import check_in_memory, keep_4bit_unpacked, refuse_quantized_head
 from .merge import check_commutes, check_head_load, export_merged, merge_in, unmerge_out
 from .registry import as_config
 from .routing import RowIds, input_rows, peft_rows
@@ -35,10 +35,8 @@ def _check_name(name: str) -> None:
     """Names become module keys and folder names (delta-<name>/): no dots, no path separators."""
     bad = not isinstance(name, str) or not 0 < len(name) <= 100 or not name.isprintable()
     if bad or any(c in name for c in "./\\\0"):
-        raise ValueError(
-            f"delta name must be a non-empty string of at most 100 printable characters without dots or slashes, "
-            f"got {name!r}"
-        )
+        msg = "delta name must be a non-empty string of at most 100 printable characters without dots or slashes"
+        raise ValueError(f"{msg}, got {name!r}")
 
 
 def _not_a_config(config: Any) -> str:
@@ -65,6 +63,7 @@ class DeltaModel(nn.Module):
             raise TypeError(f"expected a transformers model (a torch.nn.Module), got {type(backbone).__name__}")
         marks.check_not_peft(backbone)  # a PeftModel, or PEFT's layers injected into it
         marks.check_free(backbone)  # another DeltaModel's deltas already act on it
+        keep_4bit_unpacked(backbone)  # bitsandbytes' CPU inference layout has no backward
         self.backbone = backbone
         self.deltas = nn.ModuleDict()
         self.train_head = False
@@ -200,6 +199,7 @@ class DeltaModel(nn.Module):
         check_in_memory(self.backbone)  # offloaded or never-loaded weights: one line, before anything is built
         sharded.check_unsharded(self, name)  # a delta added under FSDP would lie outside it: each process its own
         check_limits(config, self.backbone)  # sizes bounded by this model, before anything is allocated
+        refuse_quantized_head(self, train_head)
         delta = config.build()
         delta.enabled = enabled
         delta.install(self.backbone)
@@ -306,6 +306,7 @@ class DeltaModel(nn.Module):
 
     def freeze(self, train_head: bool | None = None) -> None:
         """Everything but the deltas (and the task head, when asked) stops receiving gradients."""
+        refuse_quantized_head(self, train_head)  # before anything changes
         if train_head is not None:
             self.train_head = train_head
         head = set(self.head_parameter_names()) if self.train_head else set()

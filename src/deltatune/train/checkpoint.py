@@ -133,6 +133,7 @@ PROVENANCE = {
     "backbone_sha": "another backbone (--model)",
     "data_sha": "other training or dev rows (--task, or its files changed)",
 }
+QUANTIZED = "quantize"  # "4bit"/"8bit" where the backbone is quantized: named, not "another backbone"
 
 
 def provenance(backbone: torch.nn.Module, train: list[Any], dev: list[Any]) -> dict[str, str]:
@@ -143,11 +144,13 @@ def provenance(backbone: torch.nn.Module, train: list[Any], dev: list[Any]) -> d
     import hashlib
 
     from ..core.identity import fingerprint
+    from ..core.layers import bnb_bits
 
     fp = fingerprint(backbone)
     model = hashlib.sha256(json.dumps([fp["structure_sha256"], fp["signatures"]]).encode()).hexdigest()[:16]
     rows = hashlib.sha256(repr([list(train), list(dev)]).encode()).hexdigest()[:16]
-    return {"backbone_sha": model, "data_sha": rows}
+    bits = {bnb_bits(p) for p in backbone.parameters()} - {None}
+    return {"backbone_sha": model, "data_sha": rows} | ({QUANTIZED: f"{max(bits)}bit"} if bits else {})
 
 
 def check_same_settings(saved: dict[str, Any] | None, now: dict[str, Any], out: Path) -> None:
@@ -159,6 +162,8 @@ def check_same_settings(saved: dict[str, Any] | None, now: dict[str, Any], out: 
     flat_saved = {**saved.get("train", {}), **{k: v for k, v in saved.items() if k != "train"}}
     flat_now = {**now["train"], **{k: v for k, v in now.items() if k != "train"}}
     differ = [k for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
+    if QUANTIZED in differ:  # the same backbone loaded otherwise: its structure differs too, but that says less
+        differ = [k for k in differ if k != "backbone_sha"]
     if differ:
         shown = ", ".join(
             PROVENANCE.get(k) or f"{k} {flat_saved.get(k)!r} (now {flat_now.get(k)!r})" for k in differ[:4]

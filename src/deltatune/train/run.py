@@ -40,6 +40,7 @@ class RunSpec:
     test: bool = False  # score the kept state on the test split, when the task has one
     # start from the deltas another run saved (its output_dir): they train on, with its head when the labels match
     init_from: str | Path | None = None
+    quantize: str | None = None  # "4bit"/"8bit": the backbone's linear layers by bitsandbytes (QLoRA)
 
     @property
     def label(self) -> str:
@@ -59,11 +60,17 @@ def is_causal_lm(model_name: str) -> bool:
     return config.model_type in CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs)
 
 
-def load_for_task(model_name: str, task: Task, seed: int | None = None) -> tuple[nn.Module, Any, bool]:
+def load_for_task(
+    model_name: str,
+    task: Task,
+    seed: int | None = None,
+    quantize: str | None = None,
+    mixed_precision: str | None = None,
+) -> tuple[nn.Module, Any, bool]:
     """The backbone with the head the task needs, its tokenizer, and whether it is a causal LM.
 
     A new task head is drawn from the global RNG while loading; `seed` fixes it, so two runs with
-    one seed start from the same head and reach the same metrics.
+    one seed start from the same head and reach the same metrics. `quantize`: see `load_backbone`.
     """
     from ..backbones import load_backbone, load_tokenizer
 
@@ -71,10 +78,14 @@ def load_for_task(model_name: str, task: Task, seed: int | None = None) -> tuple
         from accelerate.utils import set_seed
 
         set_seed(seed)
+    from ..quantization import check_quantize
+
+    check_quantize(quantize)  # bitsandbytes missing: said before the tokenizer and config load
     tokenizer = load_tokenizer(model_name)
     lm = is_causal_lm(model_name)
+    bits = {"quantize": quantize, "mixed_precision": mixed_precision}
     if lm:
-        model = load_backbone(model_name, "causal-lm")
+        model = load_backbone(model_name, "causal-lm", **bits)
     elif task.type == "generation":
         raise ValueError(f"{task.name!r} is a generation task; use a causal LM backbone such as smollm2-135m")
     else:
@@ -84,7 +95,7 @@ def load_for_task(model_name: str, task: Task, seed: int | None = None) -> tuple
 
         head = "regression" if task.type == "regression" else "cls"
         extra, rows = own_head.plan(model_name, AutoConfig.from_pretrained(model_path(model_name)), task)
-        model = load_backbone(model_name, head, num_labels=task.num_labels, **extra)
+        model = load_backbone(model_name, head, num_labels=task.num_labels, **bits, **extra)
         own_head.align(model, rows, task)
     if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -133,13 +144,18 @@ def start_from(model: nn.Module, run_dir: str | Path, task: Task) -> DeltaModel:
 
 def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
     """The one training entry from names: the CLI, quickstart and the study (transfer runs included) call it."""
+    if spec.full_finetune and spec.quantize is not None:
+        raise ValueError(
+            f"full fine-tuning trains every weight, which a {spec.quantize} quantized backbone cannot hold; drop the "
+            "quantization, or train a delta on it (a method such as lora)"
+        )
     task = spec.task if isinstance(spec.task, Task) else load_task(spec.task)
     if spec.dev_split is not None:
         from ..data.split import hold_out_dev
 
         task = hold_out_dev(task, spec.dev_split)
     train = training_examples(task, spec.k_shot, spec.max_train, spec.train.seed)
-    model, tokenizer, _ = load_for_task(spec.model, task, seed=spec.train.seed)
+    model, tokenizer, _ = load_for_task(spec.model, task, spec.train.seed, spec.quantize, spec.train.mixed_precision)
     if spec.init_from is not None:  # the deltas come from the source run; spec.methods names them
         model = start_from(model, spec.init_from, task)
     model, result = fit(
@@ -154,7 +170,8 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
         resume=spec.resume,
         test_examples=task["test"] if spec.test and "test" in task.splits else None,
         metadata={"model": _model_ref(spec.model), "k_shot": spec.k_shot, "max_train": spec.max_train}
-        | ({"init_from": str(spec.init_from)} if spec.init_from is not None else {}),
+        | ({"init_from": str(spec.init_from)} if spec.init_from is not None else {})
+        | ({"quantize": spec.quantize} if spec.quantize is not None else {}),
     )
     if spec.output_dir is not None and is_main_process():  # one writer under a multi-process launch
         info = {
@@ -172,6 +189,7 @@ def run(spec: RunSpec) -> tuple[nn.Module, TrainResult, Task]:
             "columns": task.meta.get("columns"),
             "test": result.test,
             "init_from": None if spec.init_from is None else str(spec.init_from),
+            "quantize": spec.quantize,
         }
         atomic.write_file(Path(spec.output_dir) / "run.json", json.dumps(info, indent=2))
     return model, result, task

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core import atomic
 from ..core.delta import Delta, DeltaConfig
+from ..core.layers import numel
 from ..core.model import DeltaModel
 from ..data.tasks import Example, Task
 from . import checkpoint, tracking
@@ -192,7 +193,7 @@ def fit(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise ValueError("nothing to train: attach a delta method, train the head, or use full fine-tuning")
-    total = sum(p.numel() for p in (dm.backbone if dm is not None else model).parameters())
+    total = sum(numel(p) for p in (dm.backbone if dm is not None else model).parameters())  # 4-bit: as numbers
 
     train = list(train_examples if train_examples is not None else task["train"])
     dev = eval_sample(list(dev_examples if dev_examples is not None else task["dev"]), cfg.max_eval)
