@@ -340,3 +340,39 @@ def test_cross_encoder_trainer_with_the_loss_on_the_model_warns_with_the_fix(tmp
     with pytest.warns(UserWarning, match=r"no optimizer step changed it.*loss\.model = dm"):
         trainer.train()
     assert all(torch.equal(v, lora[k]) for k, v in dm.delta_state_dict("default").items())
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_cross_encoder_predict_with_delta_ids_scores_each_pair_with_its_own_deltas(
+    tmp_path: Path, num_labels: int
+) -> None:
+    """Rerankers trained apart, served on one backbone: `predict(..., delta_ids=...)` ignored the keyword without a
+    word (sentence-transformers 6 passes unknown ones on), scoring every pair with every enabled delta; each
+    pair's score now equals that pair scored alone with its deltas."""
+    _sentence_model(tmp_path)
+    torch.manual_seed(1)
+    ce = st_lib.CrossEncoder(str(tmp_path / "tiny-st"), device="cpu", num_labels=num_labels)
+    dm = dt.attach(ce, "lora", name="a")
+    dm.add("b", dt.get_config("ia3"))
+    perturbed(dm, scale=0.3)
+    pairs = [("the movie", "was good"), ("the plot", "was awful and the cast too"), ("a nice", "cast"), ("good", "bad")]
+    ids = ["a", None, "b", ["a", "b"]]
+    options = {"apply_softmax": num_labels > 1, "convert_to_tensor": True}
+    mixed = dm.predict(pairs, delta_ids=ids, batch_size=3, **options)
+    assert mixed.shape == ((4,) if num_labels == 1 else (4, num_labels))
+    for pair, row, names in zip(pairs, mixed, ids, strict=True):
+        wanted = [] if names is None else [names] if isinstance(names, str) else names
+        for n in dm.deltas:
+            (dm.enable if n in wanted else dm.disable)(n)
+        torch.testing.assert_close(row, ce.predict([pair], **options)[0], rtol=0, atol=1e-5)
+    assert (mixed[0] - mixed[3]).abs().max() > 1e-4  # the deltas act
+    single = dm.predict(pairs[2], delta_ids="b", **options)
+    torch.testing.assert_close(single, mixed[2], rtol=0, atol=1e-6)
+    as_numpy = dm.predict(pairs, delta_ids=ids, batch_size=3, apply_softmax=num_labels > 1)  # numpy by default
+    assert abs(as_numpy - mixed.numpy()).max() < 1e-6
+    with pytest.raises(TypeError, match=r"predict with delta_ids takes batch_size, .* not \['prompt'\]"):
+        dm.predict(pairs, delta_ids=ids, prompt="query: ")
+    with pytest.raises(ValueError, match="delta_ids has 2 entries for 4 pairs; give one per pair"):
+        dm.predict(pairs, delta_ids=["a", "b"])
+    with pytest.raises(KeyError, match="no delta named 'c'"):
+        dm.predict(pairs, delta_ids=["a", "b", None, "c"])

@@ -2,7 +2,7 @@
 
 The recipe is QLoRA's (Dettmers et al., 2023): 4-bit NormalFloat weights with their scales quantized
 again (double quantization), computing in the run's precision; or LLM.int8() at 8 bits. The task head
-stays unquantized: transformers keeps "the last module" out of quantization by the name of its last
+stays unquantized: transformers 5 keeps "the last module" out of quantization by the name of its last
 *parameter* (`classifier.bias`), which matches no module, so a new classifier was loaded as a 4-bit
 layer, random and untrainable. The head's modules are named from a weightless skeleton of the model.
 """

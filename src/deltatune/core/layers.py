@@ -68,7 +68,7 @@ def refuse_quantized(name: str, tensor: torch.Tensor) -> None:
 
 def refuse_quantized_head(dm: Any, train_head: bool | None) -> None:
     """A task head loaded quantized cannot train: refused before a delta is built (`train_head` None: the
-    DeltaModel's own setting). transformers' skip rule names "the last module" by its last parameter
+    DeltaModel's own setting). transformers 5's skip rule names "the last module" by its last parameter
     (`classifier.bias`), so a new classifier loaded in 4 bits; torch said only "only Tensors of floating point
     dtype can require gradients", after the delta was attached."""
     if not (dm.train_head if train_head is None else train_head):

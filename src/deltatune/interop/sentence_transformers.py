@@ -14,7 +14,7 @@ them with `dm.save_pretrained`. What needed care (each measured on all-MiniLM-L6
 hold the deltas): `core.unstepped` warns, and its first checkpoint is refused as above.
 
 `dm.encode(sentences, delta_ids=[...])` embeds each sentence with its own deltas in shared batches (a mixed
-batch, `DeltaModel.route`). `st.encode` sorts sentences by length and takes no per-row keyword ("called with
+batch, `DeltaModel.route`), and on a CrossEncoder `dm.predict(pairs, delta_ids=[...])` scores each pair so. `st.encode` sorts sentences by length and takes no per-row keyword ("called with
 additional keyword arguments that this model does not use: ['delta_ids']"), so these batches are made here:
 by length, as it does, through the model's own preprocessing and modules.
 """
@@ -22,7 +22,7 @@ by length, as it does, through the model's own preprocessing and modules.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,14 @@ from ..core.routing import row_names
 
 # encode()'s options a mixed batch keeps; any other is refused by name rather than ignored
 ROUTED_OPTIONS = ("batch_size", "normalize_embeddings", "convert_to_tensor", "convert_to_numpy", "show_progress_bar")
+PREDICT_OPTIONS = (
+    "batch_size",
+    "activation_fn",
+    "apply_softmax",
+    "convert_to_tensor",
+    "convert_to_numpy",
+    "show_progress_bar",
+)
 
 
 def _load_with_module_classes(cls: type, path: str | os.PathLike, *args: Any, **kwargs: Any) -> SavedDeltas:
@@ -49,30 +57,38 @@ def _features(st: Any, texts: list[str]) -> dict[str, torch.Tensor]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
-def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
-    """`st.encode`; with `delta_ids` (one entry per sentence: a delta name, names, or None), a mixed batch."""
-    if delta_ids is None:
-        return self.backbone.encode(sentences, *args, **kwargs)
-    single = isinstance(sentences, str)
-    texts = [sentences] if single else list(sentences)
-    rows = [delta_ids] * len(texts) if single or isinstance(delta_ids, str) else list(delta_ids)  # a name: every row
-    other = sorted(set(kwargs) - set(ROUTED_OPTIONS))
+def _checked_rows(self: Any, inputs: list, delta_ids: Any, single: bool, args: tuple, kwargs: dict, call: str,
+                  options: tuple[str, ...]) -> list:  # fmt: skip
+    """One delta_ids entry per input (a name alone: every input), after the options a mixed batch keeps."""
+    rows = [delta_ids] * len(inputs) if single or isinstance(delta_ids, str) else list(delta_ids)
+    other = sorted(set(kwargs) - set(options))
     if args or other:
         raise TypeError(
-            f"encode with delta_ids takes {', '.join(ROUTED_OPTIONS)} by keyword; not {other or 'positional options'} "
-            "(encode without delta_ids takes every sentence-transformers option)"
+            f"{call} with delta_ids takes {', '.join(options)} by keyword; not {other or 'positional options'} "
+            f"({call} without delta_ids takes every sentence-transformers option)"
         )
-    if len(rows) != len(texts):
-        raise ValueError(f"delta_ids has {len(rows)} entries for {len(texts)} sentences; give one per sentence")
+    if len(rows) != len(inputs):
+        noun = "sentence" if call == "encode" else "pair"
+        raise ValueError(f"delta_ids has {len(rows)} entries for {len(inputs)} {noun}s; give one per {noun}")
     for names in row_names(rows) if rows else ():  # checked in the caller's order, before batches reorder rows
         for name in names:
             self.delta(name)
+    return rows
+
+
+def _length(item: Any) -> int:
+    return sum(len(str(x)) for x in item) if isinstance(item, list | tuple) else len(str(item))
+
+
+def _routed(self: Any, inputs: list, rows: list, kwargs: dict, run: Callable[[list], torch.Tensor]) -> torch.Tensor:
+    """`run` over `inputs` in batches of similar length (as sentence-transformers batches them), each input routed
+    to its own deltas (`DeltaModel.route`); the outputs stacked in the inputs' order."""
     batch_size = int(kwargs.get("batch_size", 32))
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # as st.encode: similar lengths together
-    out: list[torch.Tensor | None] = [None] * len(texts)
-    st = self.backbone
-    was_training = st.training
-    st.eval()
+    order = sorted(range(len(inputs)), key=lambda i: -_length(inputs[i]))
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    model = self.backbone
+    was_training = model.training
+    model.eval()
     try:
         starts = range(0, len(order), batch_size)
         if kwargs.get("show_progress_bar"):
@@ -81,20 +97,58 @@ def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any
             starts = tqdm(starts, desc="Batches")
         for start in starts:
             chunk = order[start : start + batch_size]
-            features = _features(st, [texts[i] for i in chunk])
             with torch.no_grad(), self.route([rows[i] for i in chunk]):
-                embedded = st(features)["sentence_embedding"]
-            if kwargs.get("normalize_embeddings"):
-                embedded = F.normalize(embedded, p=2, dim=1)
-            for i, vector in zip(chunk, embedded, strict=True):
-                out[i] = vector
+                values = run([inputs[i] for i in chunk])
+            for i, value in zip(chunk, values, strict=True):
+                out[i] = value
     finally:
-        st.train(was_training)
-    stacked = torch.stack(out) if out else torch.empty(0)  # type: ignore[arg-type]
-    result = stacked[0] if single else stacked
+        model.train(was_training)
+    return torch.stack(out) if out else torch.empty(0)  # type: ignore[arg-type]
+
+
+def _converted(result: torch.Tensor, single: bool, kwargs: dict) -> Any:
+    result = result[0] if single else result
     if kwargs.get("convert_to_tensor") or not kwargs.get("convert_to_numpy", True):
         return result
     return result.float().cpu().numpy()
+
+
+def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
+    """`st.encode`; with `delta_ids` (one entry per sentence: a delta name, names, or None), a mixed batch."""
+    if delta_ids is None:
+        return self.backbone.encode(sentences, *args, **kwargs)
+    single = isinstance(sentences, str)
+    texts = [sentences] if single else list(sentences)
+    rows = _checked_rows(self, texts, delta_ids, single, args, kwargs, "encode", ROUTED_OPTIONS)
+    st = self.backbone
+
+    def run(batch: list) -> torch.Tensor:
+        embedded = st(_features(st, batch))["sentence_embedding"]
+        return F.normalize(embedded, p=2, dim=1) if kwargs.get("normalize_embeddings") else embedded
+
+    return _converted(_routed(self, texts, rows, kwargs, run), single, kwargs)
+
+
+def predict(self: Any, inputs: Any, *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
+    """`cross_encoder.predict`; with `delta_ids` (one entry per pair: a delta name, names, or None), each pair is
+    scored with its own deltas in shared batches: rerankers trained apart, served on one backbone. The scores
+    are sentence-transformers' own (its activation, `apply_softmax`, one score per pair for one label)."""
+    ce = self.backbone
+    if delta_ids is None:
+        return ce.predict(inputs, *args, **kwargs)
+    single = ce.is_singular_input(inputs)
+    pairs = [list(inputs)] if single else [list(pair) for pair in inputs]
+    rows = _checked_rows(self, pairs, delta_ids, single, args, kwargs, "predict", PREDICT_OPTIONS)
+    activation = kwargs.get("activation_fn") or ce.activation_fn
+
+    def run(batch: list) -> torch.Tensor:
+        scores = ce(_features(ce, batch))["scores"]
+        scores = activation(scores) if activation is not None else scores
+        if kwargs.get("apply_softmax") and scores.ndim > 1:
+            scores = F.softmax(scores, dim=1)
+        return scores.squeeze(-1) if ce.num_labels == 1 and scores.ndim > 1 else scores
+
+    return _converted(_routed(self, pairs, rows, kwargs, run), single, kwargs)
 
 
 def class_extras(backbone_cls: type) -> dict[str, Any]:
@@ -105,6 +159,8 @@ def class_extras(backbone_cls: type) -> dict[str, Any]:
     extras: dict[str, Any] = {"_load_with_module_classes": classmethod(_load_with_module_classes)}
     if callable(getattr(backbone_cls, "encode", None)):
         extras["encode"] = encode
+    if callable(getattr(backbone_cls, "predict", None)) and callable(getattr(backbone_cls, "is_singular_input", None)):
+        extras["predict"] = predict  # a CrossEncoder
     return extras
 
 
