@@ -12,7 +12,7 @@ import torch
 from tiny import logits, make_inputs, make_model
 
 import deltatune as dt
-from deltatune.core.io import DeltaIOError
+from deltatune.core.io import DeltaIOError, reseal
 
 
 def _perturbed(dm: dt.DeltaModel) -> dt.DeltaModel:
@@ -202,6 +202,22 @@ def test_deltas_saved_one_by_one_warn_when_loaded_out_of_their_order(tmp_path: P
         dt.load_delta(same, tmp_path / "first", "first")
         dt.load_delta(same, tmp_path / "second", "second")
     torch.testing.assert_close(logits(same, inputs), logits(dm, inputs), rtol=0, atol=0)
+    renamed = dt.DeltaModel(make_model("llama", "lm"))  # recognised by content: no warning under other names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dt.load_delta(renamed, tmp_path / "first", "style")
+        dt.load_delta(renamed, tmp_path / "second", "task")
+    older = json.loads((tmp_path / "second" / "delta.json").read_text())
+    assert [e["name"] for e in older["after"]] == ["first"]
+    older["after"] = ["first"]  # a delta.json written before contents were recorded: names alone
+    (tmp_path / "second" / "delta.json").write_text(json.dumps(older))
+    reseal(tmp_path / "second")
+    with pytest.warns(UserWarning, match=r"'task' was saved after \['first'\]"):
+        dt.load_delta(
+            dt.load_delta(dt.DeltaModel(make_model("llama", "lm")), tmp_path / "first", "style"),
+            tmp_path / "second",
+            "task",
+        )
     swapped = dt.DeltaModel(make_model("llama", "lm"))
     with pytest.warns(UserWarning, match=r"'second' was saved after \['first'\] on the same modules, which do not"):
         dt.load_delta(swapped, tmp_path / "second", "second")
