@@ -370,9 +370,47 @@ def test_cross_encoder_predict_with_delta_ids_scores_each_pair_with_its_own_delt
     torch.testing.assert_close(single, mixed[2], rtol=0, atol=1e-6)
     as_numpy = dm.predict(pairs, delta_ids=ids, batch_size=3, apply_softmax=num_labels > 1)  # numpy by default
     assert abs(as_numpy - mixed.numpy()).max() < 1e-6
-    with pytest.raises(TypeError, match=r"predict with delta_ids takes batch_size, .* not \['prompt'\]"):
-        dm.predict(pairs, delta_ids=ids, prompt="query: ")
+    with pytest.raises(TypeError, match=r"predict with delta_ids takes batch_size, .* not \['chunk_size'\]"):
+        dm.predict(pairs, delta_ids=ids, chunk_size=2)
+    prompted = dm.predict(pairs, delta_ids=ids, prompt="the ", **options)  # a prompt acts as in ce.predict
+    for n in dm.deltas:
+        (dm.enable if n == "b" else dm.disable)(n)
+    torch.testing.assert_close(prompted[2], ce.predict([pairs[2]], prompt="the ", **options)[0], rtol=0, atol=1e-5)
+    assert (prompted[2] - mixed[2]).abs().max() > 1e-5
     with pytest.raises(ValueError, match="delta_ids has 2 entries for 4 pairs; give one per pair"):
         dm.predict(pairs, delta_ids=["a", "b"])
     with pytest.raises(KeyError, match="no delta named 'c'"):
         dm.predict(pairs, delta_ids=["a", "b", None, "c"])
+
+
+def test_routed_encode_keeps_the_models_prompts_truncation_and_query_document_calls(tmp_path: Path) -> None:
+    """A model saved with a default prompt and a truncate_dim embeds with both in `st.encode`; the routed encode
+    left both out (other vectors, other sizes, no error), and `encode_query`/`encode_document` refused delta_ids.
+    Each row now equals what sentence-transformers computes for it with that row's deltas."""
+    _sentence_model(tmp_path)
+    folder = str(tmp_path / "tiny-st")
+    st = st_lib.SentenceTransformer(
+        folder, device="cpu", prompts={"query": "the ", "document": "a "}, default_prompt_name="query", truncate_dim=16
+    )
+    dm = dt.attach(st, "lora", name="a")
+    dm.add("b", dt.get_config("bitfit"))
+    perturbed(dm, scale=0.3)
+    texts = ["movie was good", "plot was awful", "nice cast"]
+    ids = ["a", None, "b"]
+    for call, options in [
+        ("encode", {}),
+        ("encode", {"prompt_name": "document"}),
+        ("encode", {"prompt": "so "}),
+        ("encode_query", {}),
+        ("encode_document", {}),
+        ("encode_document", {"truncate_dim": 8}),
+    ]:
+        mixed = getattr(dm, call)(texts, delta_ids=ids, batch_size=2, convert_to_tensor=True, **options)
+        for text, row, name in zip(texts, mixed, ids, strict=True):
+            for n in dm.deltas:
+                (dm.enable if n == name else dm.disable)(n)
+            alone = getattr(st, call)([text], convert_to_tensor=True, **options)[0]
+            assert row.shape == alone.shape == (options.get("truncate_dim", 16),), call
+            torch.testing.assert_close(row, alone, rtol=0, atol=1e-5, msg=f"{call} {options}")
+        for n in dm.deltas:
+            dm.enable(n)

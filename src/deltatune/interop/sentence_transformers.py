@@ -14,7 +14,8 @@ them with `dm.save_pretrained`. What needed care (each measured on all-MiniLM-L6
 hold the deltas): `core.unstepped` warns, and its first checkpoint is refused as above.
 
 `dm.encode(sentences, delta_ids=[...])` embeds each sentence with its own deltas in shared batches (a mixed
-batch, `DeltaModel.route`), and on a CrossEncoder `dm.predict(pairs, delta_ids=[...])` scores each pair so. `st.encode` sorts sentences by length and takes no per-row keyword ("called with
+batch, `DeltaModel.route`), as do `dm.encode_query`/`dm.encode_document`, with the model's prompts, task and
+truncation; on a CrossEncoder `dm.predict(pairs, delta_ids=[...])` scores each pair so. `st.encode` sorts sentences by length and takes no per-row keyword ("called with
 additional keyword arguments that this model does not use: ['delta_ids']"), so these batches are made here:
 by length, as it does, through the model's own preprocessing and modules.
 """
@@ -33,15 +34,11 @@ from ..core.reload import SavedDeltas
 from ..core.routing import row_names
 
 # encode()'s options a mixed batch keeps; any other is refused by name rather than ignored
-ROUTED_OPTIONS = ("batch_size", "normalize_embeddings", "convert_to_tensor", "convert_to_numpy", "show_progress_bar")
-PREDICT_OPTIONS = (
-    "batch_size",
-    "activation_fn",
-    "apply_softmax",
-    "convert_to_tensor",
-    "convert_to_numpy",
-    "show_progress_bar",
-)
+COMMON = ("batch_size", "convert_to_tensor", "convert_to_numpy", "show_progress_bar", "prompt", "prompt_name")
+ROUTED_OPTIONS = (*COMMON, "normalize_embeddings", "truncate_dim", "task")
+PREDICT_OPTIONS = (*COMMON, "activation_fn", "apply_softmax")
+# encode_query/encode_document: the task they set, and the prompt names they look for, in sentence-transformers' order
+SIDES = {"encode_query": ("query", ("query",)), "encode_document": ("document", ("document", "passage", "corpus"))}
 
 
 def _load_with_module_classes(cls: type, path: str | os.PathLike, *args: Any, **kwargs: Any) -> SavedDeltas:
@@ -49,12 +46,25 @@ def _load_with_module_classes(cls: type, path: str | os.PathLike, *args: Any, **
     return SavedDeltas(path)
 
 
-def _features(st: Any, texts: list[str]) -> dict[str, torch.Tensor]:
-    """The model's own preprocessing (`preprocess` from sentence-transformers 6, `tokenize` before)."""
-    prepare = getattr(st, "preprocess", None) or st.tokenize
-    features = prepare(texts)
+def _features(st: Any, texts: list, prompt: str | None = None, **extra: Any) -> dict[str, torch.Tensor]:
+    """The model's own preprocessing (`preprocess` from sentence-transformers 5.x, `tokenize` before), with the
+    prompt and task its own encode/predict would use."""
+    prepare = getattr(st, "preprocess", None)
+    if prepare is not None:
+        features = prepare(texts, prompt=prompt, **extra)
+    else:
+        features = st.tokenize([prompt + t for t in texts] if prompt else texts)
     device = next(st.parameters()).device
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+def _prompt_and_task(model: Any, kwargs: dict) -> tuple[str | None, dict[str, Any]]:
+    """The prompt sentence-transformers applies (a given one, a named one, else the model's default prompt) and
+    the task its Router modules read: a routed batch used neither, so its rows were other vectors."""
+    prompt, name = kwargs.get("prompt"), kwargs.get("prompt_name")
+    resolve = getattr(model, "_resolve_prompt", None)
+    prompt = resolve(prompt, name) if resolve is not None else prompt
+    return prompt, ({"task": kwargs["task"]} if kwargs.get("task") is not None else {})
 
 
 def _checked_rows(self: Any, inputs: list, delta_ids: Any, single: bool, args: tuple, kwargs: dict, call: str,
@@ -121,12 +131,32 @@ def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any
     texts = [sentences] if single else list(sentences)
     rows = _checked_rows(self, texts, delta_ids, single, args, kwargs, "encode", ROUTED_OPTIONS)
     st = self.backbone
+    prompt, task = _prompt_and_task(st, kwargs)
+    truncate = kwargs.get("truncate_dim", getattr(st, "truncate_dim", None))  # the model's own, as st.encode
 
     def run(batch: list) -> torch.Tensor:
-        embedded = st(_features(st, batch))["sentence_embedding"]
+        embedded = st(_features(st, batch, prompt, **task), **task)["sentence_embedding"]
+        embedded = embedded[..., :truncate] if truncate else embedded
         return F.normalize(embedded, p=2, dim=1) if kwargs.get("normalize_embeddings") else embedded
 
     return _converted(_routed(self, texts, rows, kwargs, run), single, kwargs)
+
+
+def _side(call: str) -> Callable[..., Any]:
+    """`st.encode_query` / `st.encode_document`; with `delta_ids`, the routed encode with the prompt and task
+    they use (the model's "query" prompt, or "document", "passage", "corpus"). Before, delta_ids was refused."""
+    task, names = SIDES[call]
+
+    def side(self: Any, sentences: Any, *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
+        if delta_ids is None:
+            return getattr(self.backbone, call)(sentences, *args, **kwargs)
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
+            prompts = getattr(self.backbone, "prompts", None) or {}
+            kwargs["prompt_name"] = next((n for n in names if n in prompts), None)
+        return encode(self, sentences, *args, delta_ids=delta_ids, **{"task": task, **kwargs})
+
+    side.__name__ = side.__qualname__ = call
+    return side
 
 
 def predict(self: Any, inputs: Any, *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
@@ -140,9 +170,10 @@ def predict(self: Any, inputs: Any, *args: Any, delta_ids: Any = None, **kwargs:
     pairs = [list(inputs)] if single else [list(pair) for pair in inputs]
     rows = _checked_rows(self, pairs, delta_ids, single, args, kwargs, "predict", PREDICT_OPTIONS)
     activation = kwargs.get("activation_fn") or ce.activation_fn
+    prompt, _ = _prompt_and_task(ce, kwargs)
 
     def run(batch: list) -> torch.Tensor:
-        scores = ce(_features(ce, batch))["scores"]
+        scores = ce(_features(ce, batch, prompt))["scores"]
         scores = activation(scores) if activation is not None else scores
         if kwargs.get("apply_softmax") and scores.ndim > 1:
             scores = F.softmax(scores, dim=1)
@@ -159,6 +190,9 @@ def class_extras(backbone_cls: type) -> dict[str, Any]:
     extras: dict[str, Any] = {"_load_with_module_classes": classmethod(_load_with_module_classes)}
     if callable(getattr(backbone_cls, "encode", None)):
         extras["encode"] = encode
+    for call in SIDES:
+        if callable(getattr(backbone_cls, call, None)):
+            extras[call] = _side(call)
     if callable(getattr(backbone_cls, "predict", None)) and callable(getattr(backbone_cls, "is_singular_input", None)):
         extras["predict"] = predict  # a CrossEncoder
     return extras
