@@ -185,7 +185,8 @@ def test_pissa_and_olora_adapters_saved_unconverted_import_on_the_original_base_
 
 @pytest.mark.parametrize(
     "init,match",
-    [("corda", "activation statistics"), ("loftq", "LoftQ base"), ("eigen_init", "unknown to deltatune")],
+    [("corda", "activation statistics"), ("astra", "activation statistics"), ("loftq", "LoftQ base"),
+     ("eigen_init", "unknown to deltatune")],  # fmt: skip
 )
 def test_inits_whose_base_change_cannot_be_recomputed_are_refused(init: str, match: str, tmp_path: Path) -> None:
     pm = _peft_model("bert", "cls", ["query"], "SEQ_CLS")
@@ -195,7 +196,7 @@ def test_inits_whose_base_change_cannot_be_recomputed_are_refused(init: str, mat
     path.write_text(json.dumps(config | {"init_lora_weights": init}))
     with pytest.raises(PeftFormatError, match=match):
         import_peft_lora(make_model("bert"), tmp_path / "peft")
-    for plain in ("gaussian", "orthogonal", "mica", "eva"):  # these leave the base as it is
+    for plain in ("gaussian", "orthogonal", "mica", "eva", "nora"):  # these leave the base as it is
         path.write_text(json.dumps(config | {"init_lora_weights": plain}))
         import_peft_lora(make_model("bert"), tmp_path / "peft")
     path.write_text(json.dumps(config | {"init_lora_weights": "pissa_niter_4"}))

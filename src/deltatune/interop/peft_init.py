@@ -10,7 +10,7 @@ hidden states against PEFT's reload). Here the same product is recomputed from t
 appended as r more rank-one terms with the opposite sign, so the import is one ordinary LoRA of rank
 2r whose output equals PEFT's.
 
-Inits whose offset cannot be recomputed from the base (CorDA needs activation statistics, LoftQ a
+Inits whose offset cannot be recomputed from the base (CorDA and Astra need activation statistics, LoftQ a
 quantizer) are refused with the conversion that makes a plain LoRA of them; LoRA-GA's offset needs
 the training gradients, which PEFT's own reload also lacks, so it loads as PEFT loads it, with a
 warning that its outputs are those of the trained model only on the base saved with it.
@@ -25,7 +25,7 @@ import torch
 from .peft_common import PeftFormatError
 
 # leave the base weight as it is: the trained model is W + s B A, the plain reading
-_PLAIN = {"gaussian", "eva", "orthogonal", "mica"}
+_PLAIN = {"gaussian", "eva", "orthogonal", "mica", "nora"}  # nora: A's columns normalised at init (PEFT 0.22)
 _CONVERT = "save it from PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=DIR) (a plain LoRA)"
 
 
@@ -54,9 +54,9 @@ def residual_kind(config: dict, ignore_fields: tuple[str, ...] = ()) -> str | No
             stacklevel=3,
         )
         return None
-    elif init == "corda":
+    elif init in ("corda", "astra"):  # astra (PEFT 0.22): W - s B0 A0, B0 eigenvectors of the output activations
         raise PeftFormatError(
-            "this adapter was trained with init_lora_weights='corda', which changed the base weights using activation "
+            f"this adapter was trained with init_lora_weights={init!r}, which changed the base weights using activation "
             f"statistics deltatune cannot recompute; {_CONVERT}"
         )
     elif init == "loftq":

@@ -137,7 +137,7 @@ def _adalora_full(c: dict, module: str, saved: Tensors) -> Tensors:
     return full
 
 
-# Config fields (PEFT 0.21) each import honors or that leave a trained adapter's outputs unchanged (metadata,
+# Config fields (PEFT 0.21, 0.22) each import honors or that leave a trained adapter's outputs unchanged (metadata,
 # targeting: the tensors name the modules, initialisation, training-only settings); see check_fields.
 # LoHa/LoKr: rank_dropout, module_dropout, rank_dropout_scale act in training only; use_effective_conv2d on conv
 # layers only (their kernel tensors are refused); LoKr's decompose_both splits W1 only where r is below half its
@@ -156,7 +156,7 @@ _ADALORA = TARGETING_FIELDS | {
     "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
     "monteclora_config", "runtime_config", "lora_bias", "use_bdlora", "arrow_config", "kasa_config",
-    "ensure_weight_tying", "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+    "ensure_weight_tying", "astra_config", "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
     "total_step",
 }  # fmt: skip
 # ... and what PEFT applies to the whole model (LoraModel), whatever the layers: refused

@@ -56,7 +56,7 @@ _UNSUPPORTED = {
     "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
 }
-# PEFT LoraConfig fields (0.21) that import honors (r, alphas, rsLoRA, DoRA, dropout, bias 'none', the head,
+# PEFT LoraConfig fields (0.21, astra_config 0.22) that import honors (r, alphas, rsLoRA, DoRA, dropout, bias 'none', the head,
 # fan_in_fan_out: the same tensor layout) or that leave a trained adapter's outputs unchanged: metadata,
 # targeting (the tensors name the modules), initialisation (peft_init reads init_lora_weights) and
 # training-time settings
@@ -64,7 +64,7 @@ _KNOWN = TARGETING_FIELDS | {
     "r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "init_lora_weights",
     "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "use_dora", "velora_config", "qalora_group_size", "runtime_config",
-    "ensure_weight_tying",
+    "ensure_weight_tying", "astra_config",
 }  # fmt: skip
 
 
