@@ -185,8 +185,12 @@ def test_pissa_and_olora_adapters_saved_unconverted_import_on_the_original_base_
 
 @pytest.mark.parametrize(
     "init,match",
-    [("corda", "activation statistics"), ("astra", "activation statistics"), ("loftq", "LoftQ base"),
-     ("eigen_init", "unknown to deltatune")],  # fmt: skip
+    [
+        ("corda", "activation statistics"),
+        ("astra", "activation statistics"),
+        ("loftq", "LoftQ base"),
+        ("eigen_init", "unknown to deltatune"),
+    ],  # fmt: skip
 )
 def test_inits_whose_base_change_cannot_be_recomputed_are_refused(init: str, match: str, tmp_path: Path) -> None:
     pm = _peft_model("bert", "cls", ["query"], "SEQ_CLS")
