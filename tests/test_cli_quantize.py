@@ -142,3 +142,33 @@ def test_resuming_a_quantized_run_at_full_precision_is_refused_by_name(tmp_path:
         output_dir=tmp_path / "r",
         resume=True,
     )
+
+
+def test_a_study_runs_every_column_on_the_quantized_backbone_and_refuses_full_fine_tuning(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """`quantize: 4bit` in a study spec: each run trains its delta on the 4-bit backbone and records it, and
+    the report's budget line says so; a spec with full fine-tuning or another value is refused by field."""
+    from deltatune.study import parse_spec, run_study
+    from deltatune.study.spec import SpecError
+
+    raw = {
+        "name": "qlora",
+        "models": [str(model_dir)],
+        "tasks": [str(_folder(tmp_path / "mine"))],
+        "methods": {"lora": {"r": 4}, "head": {}},
+        "train": {"max_steps": 4, "batch_size": 16, "eval_every": 2, "max_length": 8},
+        "quantize": "4bit",
+        "threads": 1,
+    }
+    for bad, says in [
+        ({"quantize": "3bit"}, r"quantize: '3bit' is not one of 4bit, 8bit; write `quantize: 4bit`"),
+        ({"methods": {"full": {}, "lora": {}}}, r"quantize: full fine-tuning cannot train a quantized backbone"),
+    ]:
+        with pytest.raises(SpecError, match=says):
+            parse_spec(raw | bad)
+    db = tmp_path / "q.sqlite"
+    assert run_study(parse_spec(raw), db, progress=False)["done"] == 2
+    lora = next((tmp_path / "q.runs").rglob("delta-lora"))
+    assert _delta_meta(lora)["quantize"] == "4bit"
+    assert json.loads((lora.parent / "run.json").read_text())["quantize"] == "4bit"

@@ -114,7 +114,7 @@ def _train(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     task = _load_task(job["task"], train_cfg.max_eval)
     spec = RunSpec(
         job["model"], task, methods, job["full"], train_cfg, job["k_shot"], job["max_train"], job["output_dir"],
-        test=bool(job.get("eval_test")), init_from=job.get("init_from") or None,
+        test=bool(job.get("eval_test")), init_from=job.get("init_from") or None, quantize=job.get("quantize"),
     )  # fmt: skip
     # a run cut short (a stopped or crashed study) continues from its last evaluation's checkpoint, to the same
     # result as an uninterrupted run (train/checkpoint.py): an STS-B run lost an hour at each restart

@@ -38,6 +38,7 @@ class StudySpec:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [42])
     k_shot: int | None = None
     max_train: int | None = None
+    quantize: str | None = None  # "4bit"/"8bit": every run on the backbone quantized by bitsandbytes
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     analyses: list[str] = dataclasses.field(default_factory=lambda: ["performance", "convergence", "efficiency"])
     combination: list[str] = dataclasses.field(default_factory=list)  # methods whose subsets are compared
@@ -129,6 +130,7 @@ class StudySpec:
             "seed": seed,
             "k_shot": self.k_shot,
             "max_train": self.max_train,
+            "quantize": self.quantize,
             "train": train,
             "eval_test": self.eval_test,
             "threads": self.threads,

@@ -44,6 +44,7 @@ TOP_FIELDS = {
     "lr_grid",
     "more_seeds",
     "task_train",
+    "quantize",
 }
 PRESETS_DIR = Path(__file__).parent / "presets"
 MAX_RUNS = 20_000
@@ -51,6 +52,23 @@ MAX_RUNS = 20_000
 
 def _fail(field: str, problem: str, fix: str) -> SpecError:
     return SpecError(f"study spec: {field}: {problem}; {fix}")
+
+
+def _quantize(value: Any, methods: list[Method]) -> str | None:
+    """Every run on a backbone quantized by bitsandbytes (QLoRA's recipe; `quantization.py`): 4bit or 8bit."""
+    from ..quantization import QUANTIZE, check_quantize
+
+    if value is None:
+        return None
+    if value not in QUANTIZE:
+        raise _fail("quantize", f"{value!r} is not one of {', '.join(QUANTIZE)}", "write `quantize: 4bit`, or drop it")
+    if any(m.full for m in methods):
+        raise _fail("quantize", "full fine-tuning cannot train a quantized backbone", "drop `full` from methods")
+    try:
+        check_quantize(value)
+    except ImportError as err:
+        raise _fail("quantize", str(err).partition(": ")[0], str(err).partition(": ")[2]) from None
+    return value
 
 
 def _list(raw: dict[str, Any], field: str, default: Any = None) -> list:
@@ -201,6 +219,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
             "threads", f"{threads} is more than {max_threads()} (4 per core here)", "use at most the cores you have"
         )
     _check_train_values(train, "train")
+    quantize = _quantize(raw.get("quantize"), methods)
     analyses = _list(raw, "analyses", ["performance", "convergence", "efficiency"])
     for a in analyses:
         if a not in ANALYSES:
@@ -289,6 +308,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         seeds=seeds,
         k_shot=k_shot,
         max_train=max_train,
+        quantize=quantize,
         train=train,
         analyses=analyses,
         combination=combination,
