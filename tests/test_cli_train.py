@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,19 @@ def test_a_joint_run_s_delta_folders_load_together(tmp_path: Path, model_dir: Pa
     shutil.rmtree(tmp_path / "r" / "delta-bitfit")
     with pytest.raises(dt.DeltaIOError, match=r"trained together with 'bitfit' \(lora\+bitfit\), and .*missing"):
         load_saved(_bert_from(model_dir), tmp_path / "r" / "delta-lora")
+    # DoRA after LoRA on the same projections: the order is part of the model; named by its second folder, the run
+    # loaded DoRA first, LoRA after it, and scored another model (with a warning)
+    extra = ("--method", "lora", "--method", "dora", "--max-steps", "8", "--lr", "0.05")
+    assert _train(model_dir, task, tmp_path / "ld", *extra) == 0
+    inputs = {"input_ids": torch.tensor([[3, 5, 9, 11, 2]])}
+    scored = []
+    for folder in ("delta-lora", "delta-dora"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dm = load_saved(_bert_from(model_dir), tmp_path / "ld" / folder).eval()
+        assert list(dm.deltas) == ["lora", "dora"]
+        scored.append(dm(**inputs).logits)
+    torch.testing.assert_close(scored[0], scored[1], rtol=0, atol=0)
 
 
 def test_train_scores_test_and_eval_reruns_the_training_settings(tmp_path: Path, model_dir: Path, capsys) -> None:  # noqa: ANN001

@@ -68,28 +68,32 @@ def set_label_names(model: nn.Module, labels: list[str]) -> None:
     config.label2id = {name: i for i, name in enumerate(labels)}
 
 
-def _load_partners(dm: DeltaModel, path: Path, meta: dict[str, Any]) -> None:
-    """A run that trained methods together (`--method lora --method prompt`) saves one folder per delta;
-    each alone is only part of the model it scored, so the others are loaded beside it."""
+def _load_run(model: nn.Module, path: Path, meta: dict[str, Any]) -> DeltaModel:
+    """A run that trained methods together (`--method lora --method dora`) saves one folder per delta; each alone
+    is only part of the model it scored, so all are loaded, in the order they trained in: named by its second
+    folder, DoRA loaded before LoRA on the same projections is another model (it warned, `core.order`)."""
+    name = meta.get("name")
     mode = str((meta.get("metadata") or {}).get("mode") or "")
-    for other in mode.split("+") if "+" in mode else ():
-        if other in dm.deltas or other == meta.get("name"):
+    order = mode.split("+") if "+" in mode and name in mode.split("+") else [name]
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    for other in order:
+        if other in dm.deltas:
             continue
-        sibling = path.parent / f"delta-{other}"
-        if not sibling.is_dir():
+        folder = path if other == name else path.parent / f"delta-{other}"
+        if not folder.is_dir():
             raise DeltaIOError(
-                f"{path} was trained together with {other!r} ({mode}), and {sibling} is missing: the delta alone "
+                f"{path} was trained together with {other!r} ({mode}), and {folder} is missing: the delta alone "
                 "is not the model that was scored; put the run's delta folders back side by side"
             )
-        load_delta(dm, sibling, other)
+        load_delta(dm, folder, other)
+    return dm
 
 
 def load_saved(model: nn.Module, path: str | os.PathLike) -> DeltaModel:
     """Attach a saved delta, or load a head-only folder's head into `model`; return the DeltaModel."""
     meta = read_meta(path)
     if not is_head_only(meta):
-        dm = load_delta(model, path)
-        _load_partners(dm, Path(path), meta)
+        dm = _load_run(model, Path(path), meta)
     else:
         dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
         check_backbone(meta.get("backbone", {}), dm.backbone)
