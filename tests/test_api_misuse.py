@@ -196,3 +196,24 @@ def test_an_optimizer_without_the_deltas_is_warned_even_when_zero_grad_clears_th
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run([p for p in dm.parameters() if p.requires_grad])
+
+
+def test_a_head_frozen_after_attaching_is_warned_at_the_first_training_forward() -> None:
+    """`peft.prepare_model_for_kbit_training(dm.backbone)` after attaching (PEFT's QLoRA recipe, one line late)
+    sets every backbone parameter to need no gradient: the deltas train on, but the head set to train stays as it
+    was loaded, without a word."""
+    import warnings
+
+    model = make_model("bert")
+    dm = dt.attach(model, "lora", train_head=True)
+    for p in dm.backbone.parameters():  # what prepare_model_for_kbit_training does
+        p.requires_grad_(False)
+    dm.train()
+    with pytest.warns(UserWarning, match=r"trains the task head .* none of the head's parameters \(classifier\)"):
+        dm(**make_inputs(model))
+    dm.freeze(train_head=True)  # the fix it names
+    fresh = dt.attach(make_model("bert"), "lora", train_head=True).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm(**make_inputs(model))
+        fresh(**make_inputs(model))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import sharded
+from . import marks, sharded
 
 UNSTEPPED_FORWARDS = 100  # above any usual gradient accumulation (there the count restarts at each step)
 SAMPLED = 1 << 20  # entries of the watched tensor copied to tell a step that keeps `_version` (fused AdamW)
@@ -30,6 +30,11 @@ UNSTEPPED_MESSAGE = (
 )
 
 
+FROZEN_HEAD_MESSAGE = (
+    "the DeltaModel trains the task head (train_head=True), but none of the head's parameters ({head}) requires a "
+    "gradient any more: something froze them after attaching (peft.prepare_model_for_kbit_training does), so the "
+    "head stays as it was loaded; prepare the model before attaching, or call dm.freeze(train_head=True) after"
+)
 HANDLE = "_deltatune_unstepped"  # the backbone attribute holding the hook's handle: one hook per backbone
 
 
@@ -75,9 +80,23 @@ def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
             )
         return backwards[id(p)][0]
 
+    head_checked: list[bool] = []
+
+    def check_head(module: nn.Module) -> None:
+        """Once, at the first training forward: a head set to train whose parameters were all frozen since."""
+        head_checked.append(True)
+        dm = marks.owner(module)
+        names = set(dm.head_parameter_names()) if dm is not None and dm.train_head else set()
+        params = [p for n, p in module.named_parameters() if n in names]
+        if params and not any(p.requires_grad for p in params):
+            shown = ", ".join(sorted({n.rsplit(".", 1)[0] for n in names}))
+            warnings.warn(FROZEN_HEAD_MESSAGE.format(head=shown), stacklevel=3)
+
     def before_forward(module: nn.Module, args: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        if not head_checked:
+            check_head(module)
         sharded.check_wrapped(module, deltas)  # DDP around the backbone: the deltas' gradients averaged by nothing
         for name, delta in deltas.items():
             p = next((p for p in delta.parameters() if p.requires_grad), None)
