@@ -414,3 +414,15 @@ def test_routed_encode_keeps_the_models_prompts_truncation_and_query_document_ca
             torch.testing.assert_close(row, alone, rtol=0, atol=1e-5, msg=f"{call} {options}")
         for n in dm.deltas:
             dm.enable(n)
+
+
+def test_routed_batches_stay_padded_where_sentence_transformers_would_pack_them(tmp_path: Path) -> None:
+    """With flash attention, sentence-transformers 6 packs a batch's texts into one row (`can_flatten_inputs`);
+    a routed batch needs its rows, so it is padded for the call and the setting restored after."""
+    st = _sentence_model(tmp_path)
+    dm = dt.attach(st, "lora", name="a")
+    perturbed(dm, scale=0.3)
+    wanted = dm.encode(TEXTS, delta_ids=["a", None, "a"], convert_to_tensor=True)
+    st[0].can_flatten_inputs = True  # as on a GPU with flash attention (packing itself needs its kernels)
+    torch.testing.assert_close(dm.encode(TEXTS, delta_ids=["a", None, "a"], convert_to_tensor=True), wanted)
+    assert st[0].can_flatten_inputs is True

@@ -99,6 +99,10 @@ def _routed(self: Any, inputs: list, rows: list, kwargs: dict, run: Callable[[li
     model = self.backbone
     was_training = model.training
     model.eval()
+    # with flash attention, sentence-transformers 6 packs a batch's texts into one row: rows are routed, so pad
+    flat = [m for m in model.modules() if getattr(m, "can_flatten_inputs", False) is True]
+    for m in flat:
+        m.can_flatten_inputs = False
     try:
         starts = range(0, len(order), batch_size)
         if kwargs.get("show_progress_bar"):
@@ -113,6 +117,8 @@ def _routed(self: Any, inputs: list, rows: list, kwargs: dict, run: Callable[[li
                 out[i] = value
     finally:
         model.train(was_training)
+        for m in flat:
+            m.can_flatten_inputs = True
     return torch.stack(out) if out else torch.empty(0)  # type: ignore[arg-type]
 
 
