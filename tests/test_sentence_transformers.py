@@ -426,3 +426,23 @@ def test_routed_batches_stay_padded_where_sentence_transformers_would_pack_them(
     st[0].can_flatten_inputs = True  # as on a GPU with flash attention (packing itself needs its kernels)
     torch.testing.assert_close(dm.encode(TEXTS, delta_ids=["a", None, "a"], convert_to_tensor=True), wanted)
     assert st[0].can_flatten_inputs is True
+
+
+def test_a_sparse_encoder_refuses_delta_ids_by_name_and_encodes_as_before_without(tmp_path: Path) -> None:
+    """A SparseEncoder keeps its `max_active_dims` largest entries and returns sparse tensors: the routed dense
+    encode would have answered with other vectors, so per-row deltas are refused there, by name."""
+    tok = make_tokenizer(TOY_WORDS + ["a"])
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        pad_token_id=0,
+    )  # fmt: skip
+    tf.BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    tok.save_pretrained(tmp_path / "mlm")
+    se = st_lib.SparseEncoder(str(tmp_path / "mlm"), device="cpu")
+    dm = dt.attach(se, "lora", name="a")
+    perturbed(dm, scale=0.3)
+    torch.testing.assert_close(dm.encode(TEXTS).to_dense(), se.encode(TEXTS).to_dense(), rtol=0, atol=0)
+    for call in ("encode", "encode_query", "encode_document"):
+        with pytest.raises(TypeError, match=rf"SparseEncoder.{call} takes no delta_ids: .*dm\.set_active"):
+            getattr(dm, call)(TEXTS, delta_ids=["a", None, "a"])

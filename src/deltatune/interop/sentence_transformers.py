@@ -188,17 +188,35 @@ def predict(self: Any, inputs: Any, *args: Any, delta_ids: Any = None, **kwargs:
     return _converted(_routed(self, pairs, rows, kwargs, run), single, kwargs)
 
 
+def _unrouted(call: str) -> Callable[..., Any]:
+    """`call` of a sentence-transformers model whose outputs a routed batch does not reproduce (a SparseEncoder
+    keeps the `max_active_dims` largest entries and returns sparse tensors, a MultiVectorEncoder one vector per
+    token): delta_ids refused by name rather than answered with other vectors."""
+
+    def method(self: Any, *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
+        if delta_ids is not None:
+            raise TypeError(
+                f"{type(self.backbone).__name__}.{call} takes no delta_ids: per-row deltas are served for "
+                "SentenceTransformer and CrossEncoder models; encode each delta's rows apart (dm.set_active(name))"
+            )
+        return getattr(self.backbone, call)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = call
+    return method
+
+
 def class_extras(backbone_cls: type) -> dict[str, Any]:
     """What sentence-transformers' trainer calls on the class of a DeltaModel over one of its models, and
     `encode` with per-sentence deltas."""
     if not backbone_cls.__module__.startswith("sentence_transformers."):
         return {}
+    from sentence_transformers import SentenceTransformer
+
     extras: dict[str, Any] = {"_load_with_module_classes": classmethod(_load_with_module_classes)}
-    if callable(getattr(backbone_cls, "encode", None)):
-        extras["encode"] = encode
-    for call in SIDES:
+    dense = issubclass(backbone_cls, SentenceTransformer)
+    for call in ("encode", *SIDES):
         if callable(getattr(backbone_cls, call, None)):
-            extras[call] = _side(call)
+            extras[call] = (encode if call == "encode" else _side(call)) if dense else _unrouted(call)
     if callable(getattr(backbone_cls, "predict", None)) and callable(getattr(backbone_cls, "is_singular_input", None)):
         extras["predict"] = predict  # a CrossEncoder
     return extras
