@@ -114,34 +114,16 @@ def test_resuming_a_quantized_run_at_full_precision_is_refused_by_name(tmp_path:
 
     task, tokenizer = load_task(_folder(tmp_path / "mine")), load_tokenizer(str(model_dir))
     cfg = TrainConfig(batch_size=16, max_steps=4, eval_every=2, patience=None, progress=False)
-    fit(
-        load_backbone(str(model_dir), quantize="4bit"),
-        tokenizer,
-        task,
-        [dt.LoRAConfig()],
-        cfg,
-        output_dir=tmp_path / "r",
-    )
+
+    def train(quantize: str | None, resume: bool = False) -> object:
+        model = load_backbone(str(model_dir), quantize=quantize)
+        return fit(model, tokenizer, task, [dt.LoRAConfig()], cfg, output_dir=tmp_path / "r", resume=resume)
+
+    train("4bit")
     with pytest.raises(ValueError, match=r"other settings: quantize '4bit' \(now None\); resume with") as err:
-        fit(
-            load_backbone(str(model_dir)),
-            tokenizer,
-            task,
-            [dt.LoRAConfig()],
-            cfg,
-            output_dir=tmp_path / "r",
-            resume=True,
-        )
+        train(None, resume=True)
     assert "another backbone" not in str(err.value)
-    fit(
-        load_backbone(str(model_dir), quantize="4bit"),
-        tokenizer,
-        task,
-        [dt.LoRAConfig()],
-        cfg,
-        output_dir=tmp_path / "r",
-        resume=True,
-    )
+    train("4bit", resume=True)
 
 
 def test_a_study_runs_every_column_on_the_quantized_backbone_and_refuses_full_fine_tuning(
