@@ -357,7 +357,7 @@ def test_cross_encoder_predict_with_delta_ids_scores_each_pair_with_its_own_delt
     perturbed(dm, scale=0.3)
     pairs = [("the movie", "was good"), ("the plot", "was awful and the cast too"), ("a nice", "cast"), ("good", "bad")]
     ids = ["a", None, "b", ["a", "b"]]
-    options = {"apply_softmax": num_labels > 1, "convert_to_tensor": True}
+    options = {"apply_softmax": True, "convert_to_tensor": True}  # one label: 6.x squeezes first (no softmax)
     mixed = dm.predict(pairs, delta_ids=ids, batch_size=3, **options)
     assert mixed.shape == ((4,) if num_labels == 1 else (4, num_labels))
     for pair, row, names in zip(pairs, mixed, ids, strict=True):
@@ -365,20 +365,25 @@ def test_cross_encoder_predict_with_delta_ids_scores_each_pair_with_its_own_delt
         for n in dm.deltas:
             (dm.enable if n in wanted else dm.disable)(n)
         torch.testing.assert_close(row, ce.predict([pair], **options)[0], rtol=0, atol=1e-5)
-    assert (mixed[0] - mixed[3]).abs().max() > 1e-4  # the deltas act
+    raw = dm.predict(pairs, delta_ids=ids, batch_size=3, convert_to_tensor=True)  # 5.x's one-label softmax: all 1
+    assert (raw[0] - raw[3]).abs().max() > 1e-4  # the deltas act
     single = dm.predict(pairs[2], delta_ids="b", **options)
     torch.testing.assert_close(single, mixed[2], rtol=0, atol=1e-6)
-    as_numpy = dm.predict(pairs, delta_ids=ids, batch_size=3, apply_softmax=num_labels > 1)  # numpy by default
+    as_numpy = dm.predict((p for p in pairs), delta_ids=ids, batch_size=3, apply_softmax=True)  # numpy by default
     assert abs(as_numpy - mixed.numpy()).max() < 1e-6
     with pytest.raises(TypeError, match=r"predict with delta_ids takes batch_size, .* not \['chunk_size'\]"):
         dm.predict(pairs, delta_ids=ids, chunk_size=2)
-    prompted = dm.predict(pairs, delta_ids=ids, prompt="the ", **options)  # a prompt acts as in ce.predict
+    plain = {"convert_to_tensor": True}  # no softmax: 5.x's one-label softmax makes every score 1
+    prompted = dm.predict(pairs, delta_ids=ids, prompt="the ", **plain)  # a prompt acts as in ce.predict
     for n in dm.deltas:
         (dm.enable if n == "b" else dm.disable)(n)
-    torch.testing.assert_close(prompted[2], ce.predict([pairs[2]], prompt="the ", **options)[0], rtol=0, atol=1e-5)
-    assert (prompted[2] - mixed[2]).abs().max() > 1e-5
+    torch.testing.assert_close(prompted[2], ce.predict([pairs[2]], prompt="the ", **plain)[0], rtol=0, atol=1e-5)
+    assert (prompted[2] - raw[2]).abs().max() > 1e-5
     with pytest.raises(ValueError, match="delta_ids has 2 entries for 4 pairs; give one per pair"):
         dm.predict(pairs, delta_ids=["a", "b"])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        dm.predict(pairs, delta_ids=ids, batch_size=0)
+    torch.testing.assert_close(dm.predict(pairs[2], delta_ids=["b"], **options), single)  # one pair, one entry
     with pytest.raises(KeyError, match="no delta named 'c'"):
         dm.predict(pairs, delta_ids=["a", "b", None, "c"])
 
@@ -404,13 +409,14 @@ def test_routed_encode_keeps_the_models_prompts_truncation_and_query_document_ca
         ("encode_query", {}),
         ("encode_document", {}),
         ("encode_document", {"truncate_dim": 8}),
+        ("encode", {"truncate_dim": None}),  # None: the model's own, as sentence-transformers reads it
     ]:
         mixed = getattr(dm, call)(texts, delta_ids=ids, batch_size=2, convert_to_tensor=True, **options)
         for text, row, name in zip(texts, mixed, ids, strict=True):
             for n in dm.deltas:
                 (dm.enable if n == name else dm.disable)(n)
             alone = getattr(st, call)([text], convert_to_tensor=True, **options)[0]
-            assert row.shape == alone.shape == (options.get("truncate_dim", 16),), call
+            assert row.shape == alone.shape == (options.get("truncate_dim") or 16,), call
             torch.testing.assert_close(row, alone, rtol=0, atol=1e-5, msg=f"{call} {options}")
         for n in dm.deltas:
             dm.enable(n)
@@ -446,3 +452,31 @@ def test_a_sparse_encoder_refuses_delta_ids_by_name_and_encodes_as_before_withou
     for call in ("encode", "encode_query", "encode_document"):
         with pytest.raises(TypeError, match=rf"SparseEncoder.{call} takes no delta_ids: .*dm\.set_active"):
             getattr(dm, call)(TEXTS, delta_ids=["a", None, "a"])
+
+
+def test_a_plain_encode_waits_while_another_thread_serves_a_routed_batch(tmp_path: Path) -> None:
+    """sentence-transformers calls its modules, not `dm.forward`, so a plain `dm.encode` in one thread ran with the
+    rows another thread's routed batch had set on the deltas: 191 of 200 embeddings wrong, no error."""
+    import threading
+
+    st = _sentence_model(tmp_path)
+    dm = dt.attach(st, "lora", name="a")
+    perturbed(dm, scale=0.3)
+    texts = TEXTS[:2]
+    expected = dm.encode(texts, convert_to_tensor=True)
+    stop, wrong = threading.Event(), []
+
+    def serve() -> None:
+        while not stop.is_set():
+            dm.encode(texts, delta_ids=[None, None], convert_to_tensor=True)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        for _ in range(60):
+            got = dm.encode(texts, convert_to_tensor=True)
+            wrong += [float((got - expected).abs().max())] if not torch.allclose(got, expected, atol=1e-6) else []
+    finally:
+        stop.set()
+        server.join()
+    assert not wrong, f"{len(wrong)} of 60 plain encodes ran with the other thread's rows"

@@ -22,6 +22,7 @@ by length, as it does, through the model's own preprocessing and modules.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,7 +71,12 @@ def _prompt_and_task(model: Any, kwargs: dict) -> tuple[str | None, dict[str, An
 def _checked_rows(self: Any, inputs: list, delta_ids: Any, single: bool, args: tuple, kwargs: dict, call: str,
                   options: tuple[str, ...]) -> list:  # fmt: skip
     """One delta_ids entry per input (a name alone: every input), after the options a mixed batch keeps."""
+    if single and isinstance(delta_ids, list | tuple) and len(delta_ids) == 1:  # one input, one entry
+        delta_ids = delta_ids[0]
     rows = [delta_ids] * len(inputs) if single or isinstance(delta_ids, str) else list(delta_ids)
+    size = kwargs.get("batch_size", 32)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {size!r}")
     other = sorted(set(kwargs) - set(options))
     if args or other:
         raise TypeError(
@@ -84,6 +90,14 @@ def _checked_rows(self: Any, inputs: list, delta_ids: Any, single: bool, args: t
         for name in names:
             self.delta(name)
     return rows
+
+
+def _plain(self: Any, call: str, *args: Any, **kwargs: Any) -> Any:
+    """The model's own `call` without per-row deltas, as a plain call of the DeltaModel: it waits while another
+    thread's routed batch holds the deltas' rows (sentence-transformers calls its modules, not `dm.forward`, so
+    a plain encode in one thread ran with the other thread's routing: 191 of 200 wrong, no error)."""
+    with self._traffic.plain():
+        return getattr(self.backbone, call)(*args, **kwargs)
 
 
 def _length(item: Any) -> int:
@@ -132,13 +146,14 @@ def _converted(result: torch.Tensor, single: bool, kwargs: dict) -> Any:
 def encode(self: Any, sentences: str | Sequence[str], *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
     """`st.encode`; with `delta_ids` (one entry per sentence: a delta name, names, or None), a mixed batch."""
     if delta_ids is None:
-        return self.backbone.encode(sentences, *args, **kwargs)
+        return _plain(self, "encode", sentences, *args, **kwargs)
     single = isinstance(sentences, str)
     texts = [sentences] if single else list(sentences)
     rows = _checked_rows(self, texts, delta_ids, single, args, kwargs, "encode", ROUTED_OPTIONS)
     st = self.backbone
     prompt, task = _prompt_and_task(st, kwargs)
-    truncate = kwargs.get("truncate_dim", getattr(st, "truncate_dim", None))  # the model's own, as st.encode
+    truncate = kwargs.get("truncate_dim")
+    truncate = truncate if truncate is not None else getattr(st, "truncate_dim", None)  # the model's, as st.encode
 
     def run(batch: list) -> torch.Tensor:
         embedded = st(_features(st, batch, prompt, **task), **task)["sentence_embedding"]
@@ -155,7 +170,7 @@ def _side(call: str) -> Callable[..., Any]:
 
     def side(self: Any, sentences: Any, *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
         if delta_ids is None:
-            return getattr(self.backbone, call)(sentences, *args, **kwargs)
+            return _plain(self, call, sentences, *args, **kwargs)
         if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
             prompts = getattr(self.backbone, "prompts", None) or {}
             kwargs["prompt_name"] = next((n for n in names if n in prompts), None)
@@ -171,16 +186,22 @@ def predict(self: Any, inputs: Any, *args: Any, delta_ids: Any = None, **kwargs:
     are sentence-transformers' own (its activation, `apply_softmax`, one score per pair for one label)."""
     ce = self.backbone
     if delta_ids is None:
-        return ce.predict(inputs, *args, **kwargs)
+        return _plain(self, "predict", inputs, *args, **kwargs)
+    if not isinstance(inputs, list | tuple | str) and not hasattr(inputs, "__len__"):  # a generator: its pairs
+        inputs = list(inputs)
     single = ce.is_singular_input(inputs)
     pairs = [list(inputs)] if single else [list(pair) for pair in inputs]
     rows = _checked_rows(self, pairs, delta_ids, single, args, kwargs, "predict", PREDICT_OPTIONS)
     activation = kwargs.get("activation_fn") or ce.activation_fn
+    # sentence-transformers 6 squeezes a one-label score before `apply_softmax` (which then leaves it), 5.x after
+    squeeze_first = int(importlib.metadata.version("sentence-transformers").split(".")[0]) >= 6
     prompt, _ = _prompt_and_task(ce, kwargs)
 
     def run(batch: list) -> torch.Tensor:
         scores = ce(_features(ce, batch, prompt))["scores"]
         scores = activation(scores) if activation is not None else scores
+        if squeeze_first and ce.num_labels == 1 and scores.ndim > 1:
+            scores = scores.squeeze(-1)
         if kwargs.get("apply_softmax") and scores.ndim > 1:
             scores = F.softmax(scores, dim=1)
         return scores.squeeze(-1) if ce.num_labels == 1 and scores.ndim > 1 else scores
@@ -199,7 +220,7 @@ def _unrouted(call: str) -> Callable[..., Any]:
                 f"{type(self.backbone).__name__}.{call} takes no delta_ids: per-row deltas are served for "
                 "SentenceTransformer and CrossEncoder models; encode each delta's rows apart (dm.set_active(name))"
             )
-        return getattr(self.backbone, call)(*args, **kwargs)
+        return _plain(self, call, *args, **kwargs)
 
     method.__name__ = method.__qualname__ = call
     return method
