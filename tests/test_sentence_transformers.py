@@ -81,6 +81,11 @@ def test_encode_with_delta_ids_embeds_each_sentence_with_its_own_deltas_in_share
     assert single.shape == (32,) and abs(single - mixed[1].numpy()).max() < 1e-5
     with pytest.raises(TypeError, match=r"encode with delta_ids takes batch_size, .* not \['precision'\]"):
         dm.encode(texts, delta_ids=ids, precision="int8")
+    defaults = {"precision": "float32", "output_value": "sentence_embedding", "device": None}  # as wrappers pass them
+    as_list = dm.encode(
+        texts, delta_ids=ids, batch_size=2, normalize_embeddings=True, convert_to_numpy=False, **defaults
+    )
+    assert isinstance(as_list, list) and torch.equal(torch.stack(as_list), mixed)  # sentence-transformers' list
     with pytest.raises(ValueError, match="delta_ids has 2 entries for 5 sentences"):
         dm.encode(texts, delta_ids=["a", "b"])
     with pytest.raises(RoutingError, match=r"delta_ids\[3\] must be a delta name"):  # the caller's index, not a batch's

@@ -38,6 +38,9 @@ from ..core.routing import row_names
 COMMON = ("batch_size", "convert_to_tensor", "convert_to_numpy", "show_progress_bar", "prompt", "prompt_name")
 ROUTED_OPTIONS = (*COMMON, "normalize_embeddings", "truncate_dim", "task")
 PREDICT_OPTIONS = (*COMMON, "activation_fn", "apply_softmax")
+# options a mixed batch does not take, accepted at their default values (wrappers pass every option along)
+DEFAULTS = {"precision": "float32", "output_value": "sentence_embedding", "device": None, "pool": None,
+            "chunk_size": None}  # fmt: skip
 # encode_query/encode_document: the task they set, and the prompt names they look for, in sentence-transformers' order
 SIDES = {"encode_query": ("query", ("query",)), "encode_document": ("document", ("document", "passage", "corpus"))}
 
@@ -77,7 +80,7 @@ def _checked_rows(self: Any, inputs: list, delta_ids: Any, single: bool, args: t
     size = kwargs.get("batch_size", 32)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {size!r}")
-    other = sorted(set(kwargs) - set(options))
+    other = sorted(k for k in set(kwargs) - set(options) if k not in DEFAULTS or kwargs[k] != DEFAULTS[k])
     if args or other:
         raise TypeError(
             f"{call} with delta_ids takes {', '.join(options)} by keyword; not {other or 'positional options'} "
@@ -137,9 +140,13 @@ def _routed(self: Any, inputs: list, rows: list, kwargs: dict, run: Callable[[li
 
 
 def _converted(result: torch.Tensor, single: bool, kwargs: dict) -> Any:
+    """As sentence-transformers returns it: one tensor (convert_to_tensor), a numpy array (the default), or a
+    list of tensors (convert_to_numpy=False)."""
     result = result[0] if single else result
-    if kwargs.get("convert_to_tensor") or not kwargs.get("convert_to_numpy", True):
+    if kwargs.get("convert_to_tensor"):
         return result
+    if not kwargs.get("convert_to_numpy", True):
+        return result if single else list(result)
     return result.float().cpu().numpy()
 
 
