@@ -485,3 +485,15 @@ def test_a_plain_encode_waits_while_another_thread_serves_a_routed_batch(tmp_pat
         stop.set()
         server.join()
     assert not wrong, f"{len(wrong)} of 60 plain encodes ran with the other thread's rows"
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_a_whole_batch_rule_names_the_callers_rows_whatever_the_batching(tmp_path: Path, batch_size: int) -> None:
+    """Prompt tuning needs one prompt on every row of a mixed batch. Checked only inside encode's length-sorted
+    batches, the refusal named rows of those batches ([0, 4], [0]) or, at batch size 1, did not come at all."""
+    st = _sentence_model(tmp_path)
+    dm = dt.attach(st, "prompt", name="p", num_tokens=2)
+    dm.add("l", dt.get_config("lora"))
+    texts = ["the movie was good", "the plot was awful and the cast was bad", "a nice cast", "good", "the film"]
+    with pytest.raises(RoutingError, match=r"rows \[1, 3\] of this mixed batch have no prompt deltas"):
+        dm.encode(texts, delta_ids=["p", None, "p", "l", ["p", "l"]], batch_size=batch_size)

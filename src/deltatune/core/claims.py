@@ -71,4 +71,6 @@ def check_routes(deltas: Mapping[str, Delta], rows: list[tuple[str, ...]], devic
                 "give every row this delta, or serve its rows in a batch of their own"
             )
     check_shared_rows(deltas, {row for row in rows if len(row) > 1})
+    for kind in dict.fromkeys(type(d) for d in deltas.values()):  # each class once, in attach order
+        kind.check_rows([(d, routes[n]) for n, d in deltas.items() if type(d) is kind])
     return routes

@@ -293,6 +293,11 @@ class Delta(nn.Module):
     def targets(self, model: nn.Module, targets: Targets, layers: Layers = None) -> list[str]:
         return resolve(model, targets, layers)
 
+    @classmethod
+    def check_rows(cls, routed: list[tuple[Delta, Route]]) -> None:
+        """A rule the deltas of this class set on a mixed batch as a whole (prompt tuning: one prompt per row),
+        checked when the rows are given, so that its row numbers are the caller's; none by default."""
+
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         raise NotImplementedError
 

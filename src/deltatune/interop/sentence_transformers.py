@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.claims import check_routes
 from ..core.registry import CLASS_EXTRAS
 from ..core.reload import SavedDeltas
 from ..core.routing import row_names
@@ -89,9 +90,11 @@ def _checked_rows(self: Any, inputs: list, delta_ids: Any, single: bool, args: t
     if len(rows) != len(inputs):
         noun = "sentence" if call == "encode" else "pair"
         raise ValueError(f"delta_ids has {len(rows)} entries for {len(inputs)} {noun}s; give one per {noun}")
-    for names in row_names(rows) if rows else ():  # checked in the caller's order, before batches reorder rows
-        for name in names:
-            self.delta(name)
+    if rows:  # checked in the caller's order, before batches reorder rows: row numbers are the caller's
+        for names in row_names(rows):
+            for name in names:
+                self.delta(name)
+        check_routes(self.deltas, row_names(rows), self._device())  # whole-batch rules (prompt: one per row)
     return rows
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from ...core import compat, compat_prompt
 from ...core.compat import CallArgs
 from ...core.delta import Delta, DeltaConfig, DeltaError, Hooks, setting
-from ...core.routing import RoutingError
+from ...core.routing import Route, RoutingError
 
 INITS = ("random", "uniform", "vocab", "text")
 POSITIONS = ("keep", "shift")  # real tokens keep their positions, or move up by num_tokens (PEFT's numbering)
@@ -155,21 +155,31 @@ class Prompt(Delta):
             self._decoder_sig = compat.signature(decoder)
             hooks.on_input(decoder, self._extend_encoder_mask, route_aware=True)
 
-    def _mixed_peers(self) -> list[Prompt] | None:
-        """In a mixed batch, the prompts serving its rows (exactly one per row, all one length); else None."""
-        route = self.route
-        if route is None or route.full:
-            return None
-        peers = [p for p in self._peers if p.route is not None and not p.route.empty]
-        counts = torch.zeros(route.batch, dtype=torch.long)
-        for p in peers:
-            counts[p.route.rows.cpu()] += 1
+    @classmethod
+    def check_rows(cls, routed: list[tuple[Delta, Route]]) -> None:
+        """Once some prompt serves only some rows, every row needs exactly one prompt (rows stay one length).
+        Checked when the rows are given as well as in the forward: `dm.encode(..., delta_ids=...)` batches rows by
+        length, and its refusals named rows of its own batches, or none when the lengths happened to group well."""
+        peers = [route for _, route in routed if not route.empty]  # a disabled delta serves the rows it is named for
+        if not peers or all(route.full for route in peers):
+            return
+        counts = torch.zeros(peers[0].batch, dtype=torch.long)
+        for route in peers:
+            counts[route.rows.cpu()] += 1
         bad = (counts != 1).nonzero().flatten().tolist()
         if bad:
             raise RoutingError(
                 f"rows {bad[:8]} of this mixed batch have {'no' if counts[bad[0]] == 0 else 'several'} prompt "
                 "deltas; with prompt tuning every row needs exactly one prompt, so that rows stay one length"
             )
+
+    def _mixed_peers(self) -> list[Prompt] | None:
+        """In a mixed batch, the prompts serving its rows (exactly one per row, all one length); else None."""
+        route = self.route
+        if route is None or route.full:
+            return None
+        peers = [p for p in self._peers if p.route is not None and not p.route.empty]
+        type(self).check_rows([(p, p.route) for p in peers])
         lengths = {p.config.num_tokens for p in peers}
         if len({p.config.positions for p in peers}) > 1 and not self._stack_sig.parameters.get("position_ids"):
             raise RoutingError(
