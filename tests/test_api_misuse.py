@@ -217,3 +217,23 @@ def test_a_head_frozen_after_attaching_is_warned_at_the_first_training_forward()
         warnings.simplefilter("error")
         dm(**make_inputs(model))
         fresh(**make_inputs(model))
+
+
+def test_training_the_shared_head_beside_a_disabled_delta_is_warned() -> None:
+    """Rows of every delta share the task head: training it with another delta loaded but off (two rerankers on
+    one CrossEncoder) moved the other delta's scores, without a word."""
+    import warnings
+
+    model = make_model("bert")
+    dm = dt.attach(model, "lora", name="a", train_head=True)
+    dm.add("b", dt.get_config("bitfit"), enabled=False)
+    dm.train()
+    with pytest.warns(
+        UserWarning, match=r"the task head \(classifier\) trains, and every delta's rows share it: .*\['b'\]"
+    ):
+        dm(**make_inputs(model))
+    quiet = dt.attach(make_model("bert"), "lora", name="a", train_head=False)
+    quiet.add("b", dt.get_config("bitfit"), enabled=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.train()(**make_inputs(model))

@@ -35,6 +35,11 @@ FROZEN_HEAD_MESSAGE = (
     "gradient any more: something froze them after attaching (peft.prepare_model_for_kbit_training does), so the "
     "head stays as it was loaded; prepare the model before attaching, or call dm.freeze(train_head=True) after"
 )
+SHARED_HEAD_MESSAGE = (
+    "the task head ({head}) trains, and every delta's rows share it: the deltas not training now, {idle}, will be "
+    "served with the head this training changes (a reranker trained beside another moved the other's scores); "
+    "train with dm.freeze(train_head=False) to keep their head, or serve them on a model of their own"
+)
 HANDLE = "_deltatune_unstepped"  # the backbone attribute holding the hook's handle: one hook per backbone
 
 
@@ -88,9 +93,12 @@ def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
         dm = marks.owner(module)
         names = set(dm.head_parameter_names()) if dm is not None and dm.train_head else set()
         params = [p for n, p in module.named_parameters() if n in names]
+        shown = ", ".join(sorted({n.rsplit(".", 1)[0] for n in names}))
         if params and not any(p.requires_grad for p in params):
-            shown = ", ".join(sorted({n.rsplit(".", 1)[0] for n in names}))
             warnings.warn(FROZEN_HEAD_MESSAGE.format(head=shown), stacklevel=3)
+        idle = [n for n, d in deltas.items() if not d.enabled]
+        if params and idle and any(p.requires_grad for p in params):
+            warnings.warn(SHARED_HEAD_MESSAGE.format(head=shown, idle=idle), stacklevel=3)
 
     def before_forward(module: nn.Module, args: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
