@@ -76,19 +76,19 @@ def resolve(given: Any, flag: str, recorded: Any, fallback: Any, what: str) -> A
     return given
 
 
-def quantize_of(args: argparse.Namespace, info: dict[str, Any]) -> str | None:
-    """How to load the backbone: as the delta trained (quantized or not), unless --quantize says otherwise."""
+def quantize_of(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+    """How to load the backbone (`load_for_task`'s quantize and mixed_precision): as the delta trained, quantized
+    or not, unless --quantize says otherwise."""
     recorded, given = info.get("quantize"), getattr(args, "quantize", None)
-    if given is None:
-        return recorded
-    asked = None if given == "none" else given
+    asked = recorded if given is None else None if given == "none" else given
     if asked != recorded:
         print(
             f"note: --quantize {given} overrides the {recorded or 'full precision'} backbone this delta was trained "
             "on; scores can differ from training's",
             file=sys.stderr,
         )
-    return asked
+    precision = (info.get("train") or {}).get("mixed_precision") if asked else None
+    return {"quantize": asked, "mixed_precision": precision}
 
 
 def task_of(delta: str):  # noqa: ANN201
@@ -101,7 +101,7 @@ def task_of(delta: str):  # noqa: ANN201
     return Task(name=info.get("task", "task"), type=info["task_type"], labels=list(info.get("labels", [])))
 
 
-def _load(model_name: str, delta: str, task, quantize: str | None = None):  # noqa: ANN001, ANN202
+def _load(model_name: str, delta: str, task, loading: dict[str, Any] | None = None):  # noqa: ANN001, ANN202
     from transformers.utils import logging as hf_logging
 
     from ..train.run import load_for_task
@@ -109,8 +109,7 @@ def _load(model_name: str, delta: str, task, quantize: str | None = None):  # no
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    precision = ((_training(saved_meta(delta)).get("train") or {}).get("mixed_precision")) if quantize else None
-    model, tokenizer, lm = load_for_task(model_name, task, quantize=quantize, mixed_precision=precision)
+    model, tokenizer, lm = load_for_task(model_name, task, **(loading or {}))
     dm = load_saved(model, delta)
     dm.eval()
     return dm, tokenizer, lm
