@@ -497,3 +497,25 @@ def test_a_whole_batch_rule_names_the_callers_rows_whatever_the_batching(tmp_pat
     texts = ["the movie was good", "the plot was awful and the cast was bad", "a nice cast", "good", "the film"]
     with pytest.raises(RoutingError, match=r"rows \[1, 3\] of this mixed batch have no prompt deltas"):
         dm.encode(texts, delta_ids=["p", None, "p", "l", ["p", "l"]], batch_size=batch_size)
+
+
+def test_cross_encoder_rank_with_delta_ids_sorts_as_sentence_transformers_does(tmp_path: Path) -> None:
+    """`dm.rank(query, docs, delta_ids=...)` got sentence-transformers' TypeError: each document is now scored with
+    its own deltas and the list sorted as `ce.rank` sorts it."""
+    _sentence_model(tmp_path)
+    torch.manual_seed(1)
+    ce = st_lib.CrossEncoder(str(tmp_path / "tiny-st"), device="cpu", num_labels=1)
+    dm = dt.attach(ce, "lora", name="a")
+    perturbed(dm, scale=0.3)
+    docs = ["was good", "was awful and the cast too", "cast", "bad"]
+    mixed = dm.rank("the movie", docs, delta_ids="a", top_k=3, return_documents=True)
+    alone = ce.rank("the movie", docs, top_k=3, return_documents=True)  # the one delta enabled: every row has it
+    assert [r["corpus_id"] for r in mixed] == [r["corpus_id"] for r in alone]
+    assert all(
+        abs(a["score"] - b["score"]) < 1e-5 and a["text"] == b["text"] for a, b in zip(mixed, alone, strict=True)
+    )
+    per_doc = dm.rank("the movie", docs, delta_ids=["a", None, "a", None])
+    dm.disable("a")
+    bare = {r["corpus_id"]: r["score"] for r in ce.rank("the movie", docs)}
+    assert all(abs(r["score"] - bare[r["corpus_id"]]) < 1e-5 for r in per_doc if r["corpus_id"] in (1, 3))
+    assert dm.rank("the movie", docs) == ce.rank("the movie", docs)  # without delta_ids: sentence-transformers' own

@@ -219,6 +219,25 @@ def predict(self: Any, inputs: Any, *args: Any, delta_ids: Any = None, **kwargs:
     return _converted(_routed(self, pairs, rows, kwargs, run), single, kwargs)
 
 
+def rank(
+    self: Any, query: Any, documents: Any, *args: Any, delta_ids: Any = None, top_k: int | None = None,
+    return_documents: bool = False, **kwargs: Any,
+) -> Any:  # fmt: skip
+    """`cross_encoder.rank`; with `delta_ids` (one entry per document, or one name for all), the documents are
+    scored as `predict` scores them, each with its own deltas, and sorted as sentence-transformers sorts them."""
+    if delta_ids is None:
+        return _plain(self, "rank", query, documents, *args, top_k=top_k, return_documents=return_documents, **kwargs)
+    if self.backbone.num_labels != 1:
+        raise ValueError("rank() takes a CrossEncoder with num_labels=1 (one score per document); use predict()")
+    documents = list(documents)
+    scores = predict(self, [[query, doc] for doc in documents], *args, delta_ids=delta_ids, **kwargs)
+    results = [
+        {"corpus_id": i, "score": float(score)} | ({"text": documents[i]} if return_documents else {})
+        for i, score in enumerate(scores)
+    ]
+    return sorted(results, key=lambda r: r["score"], reverse=True)[:top_k]
+
+
 def _unrouted(call: str) -> Callable[..., Any]:
     """`call` of a sentence-transformers model whose outputs a routed batch does not reproduce (a SparseEncoder
     keeps the `max_active_dims` largest entries and returns sparse tensors, a MultiVectorEncoder one vector per
@@ -250,6 +269,7 @@ def class_extras(backbone_cls: type) -> dict[str, Any]:
             extras[call] = (encode if call == "encode" else _side(call)) if dense else _unrouted(call)
     if callable(getattr(backbone_cls, "predict", None)) and callable(getattr(backbone_cls, "is_singular_input", None)):
         extras["predict"] = predict  # a CrossEncoder
+        extras["rank"] = rank
     return extras
 
 
