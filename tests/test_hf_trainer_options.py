@@ -151,6 +151,30 @@ def test_gradient_checkpointing_trains_to_the_same_tensors(
     assert all(torch.equal(checkpointed[k], plain[k]) for k in plain)
 
 
+@pytest.mark.skipif(
+    not hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable"), reason="transformers >= 5.25"
+)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_of_every_other_layer_trains_to_the_same_tensors(
+    reentrant: bool, tmp_path: Path
+) -> None:
+    """transformers 5.25 renamed gradient checkpointing `activation_checkpointing` and checkpoints every n-th layer
+    on request: the deltas of the checkpointed and of the plain layers train as without it."""
+
+    def run(**kwargs: object) -> dict[str, torch.Tensor]:
+        model = make_model("llama", "lm").train()
+        dm = dt.attach(model, "lora")
+        transformers.Trainer(model=dm, args=_args(tmp_path, max_steps=3, **kwargs), train_dataset=Rows(lm=True)).train()
+        flags = [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert (True in flags) == bool(kwargs) and (False in flags or not kwargs), flags
+        return _state(dm)
+
+    plain = run()
+    kwargs = {"use_reentrant": reentrant, "every_n_layers": 2}
+    checkpointed = run(activation_checkpointing=True, activation_checkpointing_kwargs=kwargs)
+    assert all(torch.equal(checkpointed[k], plain[k]) for k in plain)
+
+
 def test_gradient_accumulation_matches_one_batch_of_the_same_rows(tmp_path: Path) -> None:
     """A causal LM takes Trainer's `num_items_in_batch` through the DeltaModel's advertised **kwargs, so two
     accumulated halves are one batch: the same updates. Plain SGD, so that a gradient off by a factor shows

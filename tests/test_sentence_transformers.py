@@ -459,16 +459,19 @@ def test_a_sparse_encoder_refuses_delta_ids_by_name_and_encodes_as_before_withou
             getattr(dm, call)(TEXTS, delta_ids=["a", None, "a"])
 
 
-def test_a_plain_encode_waits_while_another_thread_serves_a_routed_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("caller", ["dm", "st"])
+def test_a_plain_encode_waits_while_another_thread_serves_a_routed_batch(tmp_path: Path, caller: str) -> None:
     """sentence-transformers calls its modules, not `dm.forward`, so a plain `dm.encode` in one thread ran with the
-    rows another thread's routed batch had set on the deltas: 191 of 200 embeddings wrong, no error."""
+    rows another thread's routed batch had set on the deltas: 191 of 200 embeddings wrong, no error. The model's
+    own `st.encode` (not through the DeltaModel) waits as well (`core.traffic.Gate`)."""
     import threading
 
     st = _sentence_model(tmp_path)
     dm = dt.attach(st, "lora", name="a")
     perturbed(dm, scale=0.3)
     texts = TEXTS[:2]
-    expected = dm.encode(texts, convert_to_tensor=True)
+    plain = dm if caller == "dm" else st
+    expected = plain.encode(texts, convert_to_tensor=True)
     stop, wrong = threading.Event(), []
 
     def serve() -> None:
@@ -479,7 +482,7 @@ def test_a_plain_encode_waits_while_another_thread_serves_a_routed_batch(tmp_pat
     server.start()
     try:
         for _ in range(60):
-            got = dm.encode(texts, convert_to_tensor=True)
+            got = plain.encode(texts, convert_to_tensor=True)
             wrong += [float((got - expected).abs().max())] if not torch.allclose(got, expected, atol=1e-6) else []
     finally:
         stop.set()
@@ -519,3 +522,15 @@ def test_cross_encoder_rank_with_delta_ids_sorts_as_sentence_transformers_does(t
     bare = {r["corpus_id"]: r["score"] for r in ce.rank("the movie", docs)}
     assert all(abs(r["score"] - bare[r["corpus_id"]]) < 1e-5 for r in per_doc if r["corpus_id"] in (1, 3))
     assert dm.rank("the movie", docs) == ce.rank("the movie", docs)  # without delta_ids: sentence-transformers' own
+
+
+def test_a_routed_encode_gives_each_module_back_its_own_mode(tmp_path: Path) -> None:
+    """A routed encode evaluates the model for a moment: it put every module in the top module's mode afterwards,
+    so a part the user kept in eval mode inside a training model (its dropout off) came back training."""
+    st = _sentence_model(tmp_path)
+    dm = dt.attach(st, "lora", name="a")
+    st.train()
+    kept = st[0].auto_model.embeddings.eval()
+    before = {name: m.training for name, m in st.named_modules()}
+    dm.encode(TEXTS[:3], delta_ids=["a", None, "a"])
+    assert {name: m.training for name, m in st.named_modules()} == before and not kept.training

@@ -388,3 +388,16 @@ def test_a_decoder_saved_as_a_classifier_trains_through_its_own_head(task, token
     trained, result, _ = run(spec)
     heads = [m for m in trained.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 2]
     assert "accuracy" in result.best and len(heads) == 1
+
+
+def test_evaluating_gives_each_module_back_its_own_mode(task, tokenizer) -> None:  # noqa: ANN001
+    """`evaluate` in the middle of a user's training loop: a module kept in eval mode (its dropout off) inside the
+    training model came back training, as `model.train(was_training)` put every module in the top one's mode."""
+    from deltatune.train import evaluate, objective_for
+
+    dm = dt.attach(_bert(tokenizer), "lora", train_head=True).train()
+    kept = dm.backbone.bert.embeddings.eval()
+    before = {name: m.training for name, m in dm.named_modules()}
+    objective = objective_for(task, tokenizer, lm=False, max_length=16)
+    evaluate(dm, objective, task["dev"], task, 8)
+    assert {name: m.training for name, m in dm.named_modules()} == before and not kept.training

@@ -10,7 +10,8 @@ tiny BERT with a trained LoRA):
   the first one's trained LoRA, absent from its parameters, tree and saves.
 So while a delta is attached the backbone carries instance attributes: its own `__deepcopy__` (copies
 the deltas with it), a `save_pretrained` that refuses and names the calls that keep the deltas, and a
-weak reference to its DeltaModel, which a second DeltaModel finds and refuses. The last `detach()`
+weak reference to its DeltaModel, which a second DeltaModel finds and refuses, and a gate on its own calls
+(`traffic.Gate`: `model(...)` waits while another thread's routed batch holds the deltas). The last `detach()`
 removes them: the backbone is as it came.
 """
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from . import called
+from . import called, traffic
 from .copying import BackboneCopier
 from .delta import DeltaError
 
@@ -119,6 +120,7 @@ def mark(backbone: nn.Module, dm: DeltaModel) -> None:
         found.setdefault("resize_token_embeddings", ResizeGuard(backbone))
     found.setdefault("load_state_dict", PlainLoad(backbone))
     called.guard(backbone)  # a wrapper that calls its model's forward directly still runs the deltas' hooks
+    traffic.gate(backbone, dm._traffic)  # `model(...)` itself waits beside another thread's routed batch
     found[OWNER] = weakref.ref(dm)
 
 
@@ -134,6 +136,7 @@ def unmark(backbone: nn.Module) -> None:
         if isinstance(found.get(attr), kind):
             del found[attr]
     called.unguard(backbone)
+    traffic.ungate(backbone)
     found.pop(OWNER, None)
 
 

@@ -159,11 +159,13 @@ def refuse_recomputation(model: torch.nn.Module) -> None:
     if not (model.training and torch.is_grad_enabled()):
         return
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        # transformers 5.25 renamed it activation checkpointing (the old name warns until v6)
+        off = "activation" if callable(getattr(model, "activation_checkpointing_disable", None)) else "gradient"
         raise RoutingError(
             "a mixed batch (delta_ids) cannot train with gradient checkpointing on: the checkpointed layers run again "
             "during backward, after the routing has ended, so each enabled delta would act on every row and the "
-            "gradients would be other rows'; turn it off (model.gradient_checkpointing_disable()) to train routed batches, or "
-            "train each delta on batches of its own"
+            f"gradients would be other rows'; turn it off (model.{off}_checkpointing_disable()) to train routed "
+            "batches, or train each delta on batches of its own"
         )
 
 

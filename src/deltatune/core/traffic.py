@@ -6,7 +6,8 @@ one model gave another batch's rows (a RoutingError about row counts) or, with e
 deltas, without an error (tiny BERT, 3 LoRA deltas, 2 threads x 200 calls: 197 errors, 1 wrong output). So a routed
 batch waits until the plain calls in flight are done and holds the model until it ends; plain calls wait while
 another thread's routed batch runs, and run together otherwise. The routing thread's own calls inside its
-`dm.route(...)` block pass. Calls that switch deltas (`switch`: add, detach, enable, merge, ...) hold the model
+`dm.route(...)` block pass. The backbone itself, called past the DeltaModel (`model(...)`, `st.encode`), counts as a
+plain call (`Gate`). Calls that switch deltas (`switch`: add, detach, enable, merge, ...) hold the model
 the same way, and a waiting router or switch goes before new plain calls. Compiled graphs do not run this Python:
 under torch.compile callers serialize routed batches and switches themselves.
 """
@@ -20,10 +21,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from torch import nn
 
 from .claims import check_routes
 from .delta import DeltaError
 from .routing import RowIds, refuse_recomputation, row_names
+from .targeting import held_models
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -50,6 +53,14 @@ class Traffic:
         if torch.compiler.is_compiling():
             yield
             return
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def enter(self) -> None:
+        """Begin a plain call in this thread (`plain`, and the backbone's own gate, `Gate`)."""
         me = threading.get_ident()
         with self._cv:
             # this thread's own routed batch passes (`with dm.route(...)`), and its nested calls; others queue
@@ -57,14 +68,17 @@ class Traffic:
             while self._router != me and (self._router is not None or (self._waiting and me not in self._plain)):
                 self._cv.wait()
             self._plain[me] = self._plain.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._plain[me] -= 1
-                if not self._plain[me]:
-                    del self._plain[me]
-                    self._cv.notify_all()
+
+    def leave(self) -> None:
+        """End this thread's innermost plain call (one that never began is ignored)."""
+        me = threading.get_ident()
+        with self._cv:
+            if me not in self._plain:
+                return
+            self._plain[me] -= 1
+            if not self._plain[me]:
+                del self._plain[me]
+                self._cv.notify_all()
 
     @contextlib.contextmanager
     def routed(self) -> Iterator[None]:
@@ -130,3 +144,57 @@ def routed_batch(dm: DeltaModel, delta_ids: RowIds, rows: int | None) -> Iterato
             dm._traffic.batches -= 1
             for n, delta in dm.deltas.items():
                 delta.route = previous[n]
+
+
+GATE = "_deltatune_gate"  # where a gated module keeps its Gate
+
+
+class Gate:
+    """The backbone's own plain-call gate while deltas act on it: a call of `model` itself (the backbone users keep
+    after `dt.attach`), or sentence-transformers' `st.encode`, passes the DeltaModel's forward, so it ran with another
+    thread's routed rows (tiny BERT: 100 of 100 raw calls beside routed batches failed; with equal batch sizes they
+    take another batch's deltas, no error) and beside a switch. Its first pre-hook enters the gate as a plain call; an
+    always-called forward hook, kept last so that the deltas' own output hooks run inside, leaves it."""
+
+    def __init__(self, module: nn.Module, traffic: Traffic) -> None:
+        self.traffic = traffic
+        self.handles = [
+            module.register_forward_pre_hook(self._enter, prepend=True),
+            module.register_forward_hook(self._leave, always_call=True),
+        ]
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():  # compiled graphs do not run this Python (see the module's note)
+            self.traffic.enter()
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.traffic.leave()
+
+    def outermost(self, module: nn.Module) -> None:
+        """Enter before every other hook of `module` and leave after them (deltas attached later add hooks)."""
+        enter, leave = (h.id for h in self.handles)
+        if enter in module._forward_pre_hooks:
+            module._forward_pre_hooks.move_to_end(enter, last=False)
+        if leave in module._forward_hooks:
+            module._forward_hooks.move_to_end(leave)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def gate(backbone: nn.Module, traffic: Traffic) -> None:
+    """Gate `backbone` and the transformers models held inside it (`targeting.held_models`) on `traffic`."""
+    for module in (backbone, *(m for _, m in held_models(backbone))):
+        found = vars(module).get(GATE)
+        if found is None:
+            found = vars(module)[GATE] = Gate(module, traffic)
+        found.outermost(module)
+
+
+def ungate(backbone: nn.Module) -> None:
+    for module in (backbone, *(m for _, m in held_models(backbone))):
+        found = vars(module).pop(GATE, None)
+        if found is not None:
+            found.remove()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.claims import check_routes
+from ..core.modes import evaluating
 from ..core.registry import CLASS_EXTRAS
 from ..core.reload import SavedDeltas
 from ..core.routing import row_names
@@ -117,26 +118,24 @@ def _routed(self: Any, inputs: list, rows: list, kwargs: dict, run: Callable[[li
     order = sorted(range(len(inputs)), key=lambda i: -_length(inputs[i]))
     out: list[torch.Tensor | None] = [None] * len(inputs)
     model = self.backbone
-    was_training = model.training
-    model.eval()
     # with flash attention, sentence-transformers 6 packs a batch's texts into one row: rows are routed, so pad
     flat = [m for m in model.modules() if getattr(m, "can_flatten_inputs", False) is True]
     for m in flat:
         m.can_flatten_inputs = False
     try:
-        starts = range(0, len(order), batch_size)
-        if kwargs.get("show_progress_bar"):
-            from tqdm.auto import tqdm
+        with evaluating(model):  # each module's own mode back afterwards, not the top module's for all
+            starts = range(0, len(order), batch_size)
+            if kwargs.get("show_progress_bar"):
+                from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="Batches")
-        for start in starts:
-            chunk = order[start : start + batch_size]
-            with torch.no_grad(), self.route([rows[i] for i in chunk]):
-                values = run([inputs[i] for i in chunk])
-            for i, value in zip(chunk, values, strict=True):
-                out[i] = value
+                starts = tqdm(starts, desc="Batches")
+            for start in starts:
+                chunk = order[start : start + batch_size]
+                with torch.no_grad(), self.route([rows[i] for i in chunk]):
+                    values = run([inputs[i] for i in chunk])
+                for i, value in zip(chunk, values, strict=True):
+                    out[i] = value
     finally:
-        model.train(was_training)
         for m in flat:
             m.can_flatten_inputs = True
     return torch.stack(out) if out else torch.empty(0)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.modes import evaluating
 from ..data.metrics import compute_metrics
 from ..data.tasks import Example, Task
 from .distributed import process_share
@@ -60,18 +61,16 @@ def predict(model: nn.Module, objective: Any, examples: Sequence[Example], batch
     rank, world = process_share()
     indices = list(range(rank, len(examples), world))
     examples = [examples[i] for i in indices]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     predictions: list = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        if isinstance(objective, GenerationObjective):
-            predictions += objective.generate(model, chunk)
-        else:
-            batch = {k: v.to(device) for k, v in objective.collate(chunk).items()}
-            predictions += objective.predict(model, batch)
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            if isinstance(objective, GenerationObjective):
+                predictions += objective.generate(model, chunk)
+            else:
+                batch = {k: v.to(device) for k, v in objective.collate(chunk).items()}
+                predictions += objective.predict(model, batch)
     if world > 1:
         from accelerate.utils import gather_object
 

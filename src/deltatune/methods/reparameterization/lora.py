@@ -199,12 +199,18 @@ class LoRA(Delta):
             weight.sub_(weight_update(module, layer.weight_delta()).to(weight.dtype))
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def _lora_hook(layer: LoRALayer, delta: LoRA):
     """Adds the update to the whole batch, or in a mixed batch to the delta's rows only.
 
     Route-aware: the rows' updates are added into the full output with one `index_add`, in place
     when no gradient is recorded, instead of gathering and scattering whole (rows, out) outputs per
     delta as the generic routing does; a batch over many deltas then costs little more than one.
+    In bfloat16 and float16 the rows' outputs are gathered and summed as the whole batch sums them (one
+    addmm, one rounding): an update rounded on its own and then added rounds twice, and a mixed batch on
+    a bf16 GPT-2 gave 8 of 240 greedy tokens other than each row generated alone.
     """
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
@@ -213,7 +219,11 @@ def _lora_hook(layer: LoRALayer, delta: LoRA):
         if route is None or route.full:
             return layer.add_to(output, x)
         idx = route.index(x.shape[0], module)
-        rows = layer.update(x.index_select(0, idx)).to(output.dtype)
+        xs = x.index_select(0, idx)
+        if output.dtype in HALF and output.dtype == layer.B.dtype:
+            rows = layer.add_to(output.index_select(0, idx), xs)
+            return output.index_copy(0, idx, rows) if needs_graph(output, rows) else output.index_copy_(0, idx, rows)
+        rows = layer.update(xs).to(output.dtype)
         if needs_graph(output, rows):
             return output.index_add(0, idx, rows)
         return output.index_add_(0, idx, rows)
