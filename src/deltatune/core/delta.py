@@ -339,6 +339,17 @@ class Delta(nn.Module):
         """The backbone modules whose calls this delta rewrites (`Hooks.hooked`); empty when not installed."""
         return self._hooks.hooked() if self._hooks is not None else []
 
+    @property
+    def acting(self) -> bool:
+        """Whether the delta acts in the call running now: active, or given rows of the routed batch."""
+        return _scope(self, route_aware=True) is not None
+
+    def took_part(self) -> bool:
+        """Whether the optimizer step just taken trained this delta: enabled, or with gradients (rows of mixed
+        batches). A disabled delta computes as if absent, so its schedule (AdaLoRA's rank budget) waits: run on
+        it, it pruned a disabled delta's ranks on importances it never earned."""
+        return self.enabled or any(p.grad is not None for p in self.parameters())
+
     def on_step(self, step: int, total: int) -> None:
         """Called by `fit` after optimizer step `step` (from 1) of `total`, before the gradients are cleared.
 

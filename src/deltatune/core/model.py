@@ -103,19 +103,17 @@ class DeltaModel(nn.Module):
         self._check_training()
         if (delta_ids := peft_rows(delta_ids, kwargs)) is None:  # PEFT's adapter_names too
             with self._traffic.plain():
-                out = self.backbone(*args, **kwargs)
-        else:
-            with self.route(delta_ids, rows=input_rows(args, kwargs)):
-                out = self.backbone(*args, **kwargs)
-        if getattr(out, "loss", None) is not None and (extra := self.regularization()) is not None:
-            out.loss = out.loss + extra
-        return out
+                return conventions.with_terms(self, self.backbone(*args, **kwargs))
+        with self.route(delta_ids, rows=input_rows(args, kwargs)):
+            return conventions.with_terms(self, self.backbone(*args, **kwargs))
 
     def regularization(self) -> torch.Tensor | None:
-        """The sum of the trainable deltas' loss terms while training; None when there are none."""
+        """The sum of the loss terms of the trainable deltas acting now (enabled, or given rows of a routed batch)
+        while training; None when there are none. A disabled delta's term trained it while it computed nothing
+        (diff pruning's gates moved 1e-2 in 5 steps)."""
         if not (self.training and torch.is_grad_enabled()):
             return None
-        trained = (d for d in self.deltas.values() if any(p.requires_grad for p in d.parameters()))
+        trained = (d for d in self.deltas.values() if d.acting and any(p.requires_grad for p in d.parameters()))
         terms = [r for d in trained if (r := d.regularization()) is not None]
         return sum(terms[1:], terms[0]) if terms else None
 

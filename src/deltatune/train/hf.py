@@ -70,5 +70,6 @@ class DeltaScheduleCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         for delta in _delta_model(model, "DeltaScheduleCallback").deltas.values():
-            delta.on_step(state.global_step + 1, state.max_steps)
+            if delta.took_part():
+                delta.on_step(state.global_step + 1, state.max_steps)
         return control

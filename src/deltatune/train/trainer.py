@@ -290,7 +290,8 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 for delta in dm.deltas.values() if dm is not None and accelerator.sync_gradients else ():
-                    delta.on_step(step + 1, max_steps)  # gradients still present (e.g. a rank schedule)
+                    if delta.took_part():
+                        delta.on_step(step + 1, max_steps)  # gradients still present (e.g. a rank schedule)
                 optimizer.zero_grad()
             running, seen = running + global_mean(accelerator, loss), seen + 1
             if not accelerator.sync_gradients:
