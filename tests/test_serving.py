@@ -194,6 +194,21 @@ def test_the_backbone_gate_is_released_after_an_error_and_removed_with_the_last_
     assert (len(plain._forward_pre_hooks), len(plain._forward_hooks)) == hooks
 
 
+@pytest.mark.parametrize("key", ["delta_ids", "adapter_names"])
+def test_delta_ids_given_to_the_backbone_itself_are_refused(key: str) -> None:
+    """`model(..., delta_ids=...)` on the backbone (not the DeltaModel): its **kwargs dropped the keyword and every
+    row ran with every enabled delta (0.52 off the routed logits, no error)."""
+    dm = _served("lora", "bert", "cls", names=("a", "b"))
+    x = _inputs(dm.backbone, batch=2)
+    with pytest.raises(
+        RoutingError, match=rf"{key} reaches the deltas through the DeltaModel: call dm\(\.\.\., {key}="
+    ):
+        dm.backbone(**x, **{key: ["a", "b"]})
+    assert dm._traffic._plain == {}  # refused inside the gate, and left
+    with torch.no_grad():
+        dm(**x, delta_ids=["a", "b"])
+
+
 def test_switching_deltas_while_another_thread_computes_never_gives_half_a_switch() -> None:
     """A server hot-loading a delta (`add`) or switching one (`disable`, `set_active`, `merge`) while another thread
     computed gave that call some layers with the delta and some without (the slow layer widens the window)."""

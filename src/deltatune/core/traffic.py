@@ -25,7 +25,7 @@ from torch import nn
 
 from .claims import check_routes
 from .delta import DeltaError
-from .routing import RowIds, refuse_recomputation, row_names
+from .routing import RoutingError, RowIds, refuse_recomputation, row_names
 from .targeting import held_models
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ def routed_batch(dm: DeltaModel, delta_ids: RowIds, rows: int | None) -> Iterato
 
 
 GATE = "_deltatune_gate"  # where a gated module keeps its Gate
+ROUTING_KEYWORDS = frozenset({"delta_ids", "adapter_names"})  # the DeltaModel's, never the backbone's
 
 
 class Gate:
@@ -159,13 +160,19 @@ class Gate:
     def __init__(self, module: nn.Module, traffic: Traffic) -> None:
         self.traffic = traffic
         self.handles = [
-            module.register_forward_pre_hook(self._enter, prepend=True),
+            module.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True),
             module.register_forward_hook(self._leave, always_call=True),
         ]
 
-    def _enter(self, module: nn.Module, args: Any) -> None:
+    def _enter(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if not torch.compiler.is_compiling():  # compiled graphs do not run this Python (see the module's note)
-            self.traffic.enter()
+            self.traffic.enter()  # first: the always-called hook leaves, also when this call is refused
+        for key in ROUTING_KEYWORDS & kwargs.keys():
+            raise RoutingError(
+                f"{key} reaches the deltas through the DeltaModel: call dm(..., {key}=...) (or dm.generate); "
+                f"{type(module).__name__} itself takes no {key} (its **kwargs would drop them, and every row would run "
+                "with every enabled delta)"
+            )
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.compiler.is_compiling():
