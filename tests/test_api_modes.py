@@ -230,3 +230,26 @@ def test_a_plain_checkpoint_loads_into_the_users_model_under_a_delta(method: str
         dm.unmerge("default")
     dm.detach()
     assert type(model).load_state_dict is not None and "load_state_dict" not in vars(model)
+
+
+@pytest.mark.parametrize("filled_by", ["generate", "forward"])
+def test_generating_on_from_a_cache_that_holds_the_prompt_is_refused(filled_by: str) -> None:
+    """`generate(past_key_values=<a cache returned with the prompt in it>)`: transformers counts the virtual tokens
+    as text and fed the model other tokens (GPT-2: 4 of 8 tokens other than generating at once, no error)."""
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, pad_token_id=0)
+    dm = dt.attach(tf.GPT2LMHeadModel(config).eval(), "prompt", num_tokens=4)
+    dm.add("lora", dt.get_config("lora"))
+    ids = torch.randint(3, 100, (1, 7))
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    if filled_by == "generate":
+        first = dm.generate(input_ids=ids, return_dict_in_generate=True, **kwargs)
+        sequences, cache = first.sequences, first.past_key_values
+    else:
+        sequences, cache = ids, dm(input_ids=ids, use_cache=True).past_key_values
+    with pytest.raises(dt.DeltaError, match="cannot continue from a KV cache that holds prompt tuning's virtual"):
+        dm.generate(input_ids=sequences, past_key_values=cache, **kwargs)
+    dm.disable("default")  # LoRA alone continues from its own cache as generating at once does
+    first = dm.generate(input_ids=ids, return_dict_in_generate=True, **kwargs)
+    on = dm.generate(input_ids=first.sequences, past_key_values=first.past_key_values, **kwargs)
+    assert torch.equal(on, dm.generate(input_ids=ids, **(kwargs | {"max_new_tokens": 6})))

@@ -253,6 +253,8 @@ def generation_cache(dm: DeltaModel, delta_ids: Any, kwargs: dict[str, Any]) -> 
         names = {n for n, d in dm.deltas.items() if d.enabled}
     else:
         names = {n for row in row_names(delta_ids) for n in row if n in dm.deltas}
+    for name in sorted(names):
+        dm.deltas[name].check_generation(kwargs)  # prompt tuning: a cache that holds the prompt already
     odd = [n for n in sorted(names) if not getattr(type(dm.deltas[n].config), "static_cache", True)]
     if not odd:
         return

@@ -298,6 +298,10 @@ class Delta(nn.Module):
         """A rule the deltas of this class set on a mixed batch as a whole (prompt tuning: one prompt per row),
         checked when the rows are given, so that its row numbers are the caller's; none by default."""
 
+    def check_generation(self, kwargs: dict[str, Any]) -> None:
+        """Refuse `generate(**kwargs)` arguments this delta cannot generate with (it acts in the call); none by
+        default."""
+
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         raise NotImplementedError
 
