@@ -253,3 +253,24 @@ def test_generating_on_from_a_cache_that_holds_the_prompt_is_refused(filled_by: 
     first = dm.generate(input_ids=ids, return_dict_in_generate=True, **kwargs)
     on = dm.generate(input_ids=first.sequences, past_key_values=first.past_key_values, **kwargs)
     assert torch.equal(on, dm.generate(input_ids=ids, **(kwargs | {"max_new_tokens": 6})))
+
+
+def test_the_backbone_mode_set_after_dm_train_reaches_the_deltas() -> None:
+    """The deltas follow a change of the backbone's mode at its next forward; `dm.train()` then `model.eval()`
+    with no forward between left LoRA's dropout on at inference (two eval calls 0.06 apart), and `dm.eval()`
+    then `model.train()` trained with it off."""
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(
+        tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ).eval()
+    dm = dt.attach(model, "lora", dropout=0.5)
+    ids = torch.randint(0, 100, (2, 6))
+    dm.train()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(dm(input_ids=ids).logits, dm(input_ids=ids).logits)
+    assert not dm.delta().training
+    dm.eval()
+    model.train()
+    dm(input_ids=ids)
+    assert dm.delta().training

@@ -99,11 +99,16 @@ def test_batched_signatures_equal_each_tensor_summed_alone() -> None:
         assert sig == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
-def test_a_bf16_copy_of_the_backbone_accepts_the_delta_cast_to_bf16(tmp_path: Path) -> None:
-    _trained("lora").save_delta(tmp_path / "d")
+def test_a_bf16_copy_of_the_backbone_accepts_the_delta_kept_in_fp32(tmp_path: Path) -> None:
+    """Beside bf16 weights a delta keeps float32 parameters (PEFT's `autocast_adapter_dtype`): it trains, and it
+    computes in the layer's dtype."""
+    trained = _trained("lora")
+    trained.save_delta(tmp_path / "d")
     model = make_model("bert").to(torch.bfloat16)
     loaded = dt.load_delta(model, tmp_path / "d")
-    assert {p.dtype for p in loaded.delta().parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.delta().parameters()} == {torch.float32}
+    assert all(torch.equal(v, trained.delta_state_dict()[k]) for k, v in loaded.delta_state_dict().items())
+    assert loaded(**make_inputs(model)).logits.dtype == torch.bfloat16
 
 
 def test_truncated_weights_file_is_reported(tmp_path: Path) -> None:

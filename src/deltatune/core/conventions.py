@@ -319,5 +319,5 @@ def warn_terms_left_out(dm: DeltaModel) -> None:
             f"the model returned no loss (no labels were passed: the loss is computed outside it, as Trainer's "
             f"label_smoothing_factor or compute_loss_func does), so the loss term of delta {', '.join(named)} is not "
             "in it and that part of the method does not train: add dm.regularization() to the loss you compute",
-            stacklevel=4,
+            stacklevel=7,  # past forward, the signed class's forward and torch's call: the caller's line
         )

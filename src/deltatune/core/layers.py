@@ -103,19 +103,27 @@ def numel(tensor: torch.Tensor) -> int:
     return logical_shape(tensor).numel()
 
 
+def trainable_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a delta's parameters keep beside weights of `dtype`: float32 beside bfloat16 and float16, as PEFT's
+    `autocast_adapter_dtype` keeps adapters. In bf16, AdamW's small steps round away: on a bf16 Llama only 17% of
+    LoRA's entries ever moved in 20 steps at lr 1e-4 (2% at 1e-5), without an error. Every method computes with
+    its float32 parameters on half-precision activations and returns the layer's dtype."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def delta_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype of a delta on `module`: its weight's, or, where the weight is stored as integers
-    (bitsandbytes' 4-bit and 8-bit layers), the dtype the layer computes in (`compute_dtype`), else its first
-    floating parameter's (the bias), else torch's default. A delta in uint8 failed: "Only Tensors of floating
-    point and complex dtype can require gradients"."""
+    """The floating dtype of a delta on `module` (`trainable_dtype` of): its weight's, or, where the weight is
+    stored as integers (bitsandbytes' 4-bit and 8-bit layers), the dtype the layer computes in (`compute_dtype`),
+    else its first floating parameter's (the bias), else torch's default. A delta in uint8 failed: "Only Tensors
+    of floating point and complex dtype can require gradients"."""
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        return weight.dtype
+        return trainable_dtype(weight.dtype)
     compute = getattr(module, "compute_dtype", None)
     if isinstance(compute, torch.dtype) and compute.is_floating_point:
-        return compute
+        return trainable_dtype(compute)
     p = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return p.dtype if p is not None else torch.get_default_dtype()
+    return trainable_dtype(p.dtype if p is not None else torch.get_default_dtype())
 
 
 def unpacked(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:

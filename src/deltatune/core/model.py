@@ -19,9 +19,9 @@ from . import checkpointing, conventions, copying, marks, pretrained, replaced, 
 from .claims import check_claims
 from .delta import Delta, DeltaConfig, DeltaError
 from .io import save_delta
-from .layers import check_in_memory, keep_4bit_unpacked, refuse_quantized_head
+from .layers import check_in_memory, keep_4bit_unpacked, refuse_quantized_head, trainable_dtype
 from .merge import check_commutes, check_head_load, export_merged, merge_in, unmerge_out
-from .registry import as_config
+from .registry import as_config, check_name, not_a_config
 from .routing import RowIds, input_rows, peft_rows
 from .settings import check_limits
 from .signed import signed_class
@@ -29,22 +29,6 @@ from .state import check_state
 from .targeting import HEAD_KEY, head_names, head_trains_by_default
 from .traffic import Traffic, switch
 from .tree import render
-
-
-def _check_name(name: str) -> None:
-    """Names become module keys and folder names (delta-<name>/): no dots, no path separators."""
-    bad = not isinstance(name, str) or not 0 < len(name) <= 100 or not name.isprintable()
-    if bad or any(c in name for c in "./\\\0"):
-        msg = "delta name must be a non-empty string of at most 100 printable characters without dots or slashes"
-        raise ValueError(f"{msg}, got {name!r}")
-
-
-def _not_a_config(config: Any) -> str:
-    if isinstance(config, type) and issubclass(config, DeltaConfig):
-        return f"got the class {config.__name__}; pass an instance, {config.__name__}() or {config.__name__}(r=...)"
-    if isinstance(config, list | tuple):
-        return "one delta per call: to combine methods, attach one and add the others, dm.add('bitfit', 'bitfit')"
-    return f"expected a method config such as deltatune.get_config(method, **settings), got {type(config).__name__}"
 
 
 class DeltaModel(nn.Module):
@@ -106,6 +90,11 @@ class DeltaModel(nn.Module):
                 return conventions.with_terms(self, self.backbone(*args, **kwargs))
         with self.route(delta_ids, rows=input_rows(args, kwargs)):
             return conventions.with_terms(self, self.backbone(*args, **kwargs))
+
+    def train(self, mode: bool = True) -> DeltaModel:
+        """Also the mode the deltas follow the backbone from (`replaced.watch`): `dm.train(); model.eval()` left them
+        training (LoRA's dropout on at inference: 0.06 off)."""
+        return replaced.saw_mode(super().train(mode))
 
     def regularization(self) -> torch.Tensor | None:
         """The sum of the loss terms of the trainable deltas acting now (enabled, or given rows of a routed batch)
@@ -181,12 +170,12 @@ class DeltaModel(nn.Module):
         `train_head`: True/False, "auto" (`head_trains_by_default`), or None to leave it as it is.
         `enabled=False` attaches it switched off, e.g. a second BitFit delta kept for serving.
         """
-        _check_name(name)
+        check_name(name)
         if name in self.deltas:
             raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
         config = as_config(config, self.backbone)  # a name, a delta.json dict, another library's config
         if not isinstance(config, DeltaConfig):
-            raise TypeError(_not_a_config(config))
+            raise TypeError(not_a_config(config))
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
         if train_head == "auto":
@@ -210,9 +199,10 @@ class DeltaModel(nn.Module):
         ref = next(self.backbone.parameters(), None)
         if ref is not None:
             delta.to(device=ref.device)
+            dtype = trainable_dtype(ref.dtype)  # float32 beside a bf16 or fp16 backbone
             for p in delta.parameters():
-                if p.is_floating_point() and p.dtype != ref.dtype and ref.is_floating_point():
-                    p.data = p.data.to(ref.dtype)
+                if p.is_floating_point() and p.dtype != dtype and ref.is_floating_point():
+                    p.data = p.data.to(dtype)
         delta.train(self.backbone.training)
         self.deltas[name] = delta
         unstepped.watch(self.backbone, self.deltas)  # Trainer(model=backbone) trains no delta: say so

@@ -85,3 +85,20 @@ def as_config(config: Any, model: nn.Module) -> Any:
         if read is not None:
             return read
     return config
+
+
+def check_name(name: str) -> None:
+    """Names become module keys and folder names (delta-<name>/): no dots, no path separators."""
+    bad = not isinstance(name, str) or not 0 < len(name) <= 100 or not name.isprintable()
+    if bad or any(c in name for c in "./\\\0"):
+        msg = "delta name must be a non-empty string of at most 100 printable characters without dots or slashes"
+        raise ValueError(f"{msg}, got {name!r}")
+
+
+def not_a_config(config: Any) -> str:
+    """What `dm.add` was given instead of a method config, with the fix, in one line."""
+    if isinstance(config, type) and METHODS.get(getattr(config, "method", None)) is config:  # a method's class
+        return f"got the class {config.__name__}; pass an instance, {config.__name__}() or {config.__name__}(r=...)"
+    if isinstance(config, list | tuple):
+        return "one delta per call: to combine methods, attach one and add the others, dm.add('bitfit', 'bitfit')"
+    return f"expected a method config such as deltatune.get_config(method, **settings), got {type(config).__name__}"

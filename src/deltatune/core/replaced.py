@@ -21,6 +21,7 @@ from .delta import Delta, DeltaError
 from .layers import logical_shape, stored_weight
 
 HANDLE = "_deltatune_replaced"  # the backbone attribute holding the hook's handle: one hook per backbone
+MODE = "_deltatune_mode"  # the mode the deltas last took from the backbone (at a forward, or dm.train)
 # name, parent's submodules, attribute, module, its parameters' dict, and per stored tensor: (name, tensor, shape)
 Anchor = tuple[str, dict, str, nn.Module, dict, list[tuple[str, torch.Tensor, torch.Size]]]
 
@@ -120,12 +121,22 @@ def watch(backbone: nn.Module, deltas: nn.ModuleDict) -> None:
             for delta in deltas.values():
                 delta.train(module.training)
 
-    seen = {"mode": backbone.training}
+    seen = backbone.__dict__[MODE] = {"mode": backbone.training}
     setattr(backbone, HANDLE, backbone.register_forward_pre_hook(before_forward))
+
+
+def saw_mode(dm: Any) -> Any:
+    """`dm.train(mode)` set the deltas' mode with the backbone's: the next change of the backbone's mode alone (a
+    `model.eval()` before any forward) is passed on from there."""
+    seen = dm.backbone.__dict__.get(MODE)
+    if seen is not None:
+        seen["mode"] = dm.backbone.training
+    return dm
 
 
 def unwatch(backbone: nn.Module) -> None:
     """Remove the hook (the last delta is gone: the backbone goes back as it came)."""
+    backbone.__dict__.pop(MODE, None)
     handle = backbone.__dict__.pop(HANDLE, None)
     if handle is not None:
         handle.remove()

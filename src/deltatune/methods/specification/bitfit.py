@@ -115,7 +115,8 @@ class BitFit(ParamDelta):
         super().merge_into(model)
         for key, bias in self.added.items():
             module = model.get_submodule(self._added_modules[key])
-            dtype = delta_dtype(module)
+            weight = module.weight  # the layer's own dtype (the delta keeps float32 beside bf16 weights)
+            dtype = weight.dtype if weight.is_floating_point() else delta_dtype(module)
             module.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
 
     @torch.no_grad()
