@@ -14,6 +14,7 @@ from tiny import VOCAB, make_model
 import deltatune as dt
 from deltatune.core.delta import DeltaError
 from deltatune.train.hf import SaveDeltaCallback, optimizer, param_groups
+from deltatune.train.trainer import TrainConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,7 +109,7 @@ def test_per_method_learning_rates_through_trainer(tmp_path: Path) -> None:
     assert [(g["name"], g["lr"]) for g in groups] == [
         ("default", dt.METHODS["lora"].default_lr),
         ("bits", dt.METHODS["bitfit"].default_lr),
-        ("head", 1e-3),
+        ("head", TrainConfig().head_lr),  # `deltatune train`'s: 1e-3 left a new head at the majority class
     ]
     opt = optimizer(dm)
     trainer = transformers.Trainer(
@@ -185,6 +186,33 @@ def test_adalora_under_trainer_allocates_ranks_with_the_schedule_callback(tmp_pa
     transformers.Trainer(model=dm, args=args, train_dataset=Rows(), callbacks=[DeltaScheduleCallback()]).train()
     ranks = dm.delta().ranks()
     assert sum(ranks.values()) == len(ranks)  # target_r=1 per layer on average, from init_r=4
+
+
+def test_the_schedule_callback_finalizes_what_trained_when_training_ends(tmp_path: Path) -> None:
+    """`fit` finalizes its deltas; under Trainer nothing did: a diff-pruning delta was saved dense (100% of its
+    entries non-zero where 0.5% were asked for, its gates still in the file)."""
+    from deltatune.train.hf import DeltaScheduleCallback
+
+    dm = dt.attach(make_model("bert").train(), dt.METHODS["diff_pruning"](sparsity=0.99), train_head=True)
+    args = _args(tmp_path, max_steps=2, learning_rate=1e-2, save_strategy="no")
+    transformers.Trainer(model=dm, args=args, train_dataset=Rows(), callbacks=[DeltaScheduleCallback()]).train()
+    delta = dm.delta()
+    assert delta.finalized == {"mode": "magnitude"} and not any("log_alpha" in k for k in dm.delta_state_dict())
+    diff = torch.cat([v.flatten() for k, v in dm.delta_state_dict().items()])
+    assert 0 < float((diff != 0).float().mean()) <= 0.0101
+
+
+def test_resuming_adalora_under_trainer_says_its_schedule_starts_over(tmp_path: Path) -> None:
+    from deltatune.train.hf import DeltaScheduleCallback
+
+    def trainer(out: Path) -> transformers.Trainer:
+        dm = dt.attach(make_model("bert").train(), dt.METHODS["adalora"](init_r=4, target_r=1, tfinal=2))
+        args = _args(out, max_steps=6, learning_rate=1e-2, save_strategy="steps", save_steps=3)
+        return transformers.Trainer(model=dm, args=args, train_dataset=Rows(), callbacks=[DeltaScheduleCallback()])
+
+    trainer(tmp_path / "a").train()
+    with pytest.warns(UserWarning, match=r"resuming at step 3: .* schedule of delta 'default' .* starts over"):
+        trainer(tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
 
 
 def test_adalora_trained_without_its_schedule_warns(tmp_path: Path) -> None:

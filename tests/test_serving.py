@@ -123,20 +123,25 @@ def test_threads_sharing_a_model_each_get_their_own_rows() -> None:
     plain = _inputs(dm.backbone, batch=3)
     with torch.no_grad():
         expected = [dm(**x, delta_ids=ids).logits for x, ids in batches] + [dm(**plain).logits]
-    results: list[list[bool]] = [[], [], []]
+    calls = [lambda x=x, ids=ids: dm(**x, delta_ids=ids).logits for x, ids in batches] + [lambda: dm(**plain).logits]
+    assert _concurrently(calls, expected, times=40) == [40, 40, 40]
+
+
+def _concurrently(calls: list, expected: list[torch.Tensor], times: int) -> list[int]:
+    """Each call `times` times in a thread of its own, all at once: how often each gave its expected output."""
+    results: list[list[bool]] = [[] for _ in calls]
 
     def serve(i: int) -> None:
-        for _ in range(40):
+        for _ in range(times):
             with torch.no_grad():
-                out = dm(**batches[i][0], delta_ids=batches[i][1]).logits if i < 2 else dm(**plain).logits
-            results[i].append(torch.equal(out, expected[i]))
+                results[i].append(torch.equal(calls[i](), expected[i]))
 
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [sum(r) for r in results] == [40, 40, 40]
+    return [sum(r) for r in results]
 
 
 def test_the_backbone_called_itself_waits_while_another_thread_routes() -> None:
@@ -149,20 +154,8 @@ def test_the_backbone_called_itself_waits_while_another_thread_routes() -> None:
     ids = ["b", "c", None, "b"]
     with torch.no_grad():
         expected = [dm(**routed, delta_ids=ids).logits, dm.backbone(**plain).logits]
-    results: list[list[bool]] = [[], []]
-
-    def serve(i: int) -> None:
-        for _ in range(60):
-            with torch.no_grad():
-                out = dm(**routed, delta_ids=ids).logits if i == 0 else dm.backbone(**plain).logits
-            results[i].append(torch.equal(out, expected[i]))
-
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [sum(r) for r in results] == [60, 60]
+    calls = [lambda: dm(**routed, delta_ids=ids).logits, lambda: dm.backbone(**plain).logits]
+    assert _concurrently(calls, expected, times=60) == [60, 60]
 
 
 def test_the_backbone_gate_is_released_after_an_error_and_removed_with_the_last_delta() -> None:

@@ -31,7 +31,7 @@ from . import checkpoint, tracking
 from .distributed import global_mean, make_accelerator
 from .evaluation import eval_sample, evaluate, majority_metrics
 from .objectives import has_lm_head, objective_for
-from .optim import adamw, param_groups
+from .optim import DEFAULT_HEAD_LR, adamw, param_groups
 
 FULL_FT_LR = 5e-5
 
@@ -58,7 +58,7 @@ class TrainConfig:
     """
 
     lr: float | None = None  # None: each method's default_lr (FULL_FT_LR for full fine-tuning)
-    head_lr: float = 1e-2  # measured (docs/training.md): 1e-3 left a new head at the majority class
+    head_lr: float = DEFAULT_HEAD_LR  # the rate `hf.optimizer` gives the head too: one default
     # -- the budget: train until dev stops improving, within two bounds (whichever comes first)
     epochs: float | None = 20.0  # at most this many passes over the training set (None: no bound)
     max_steps: int | None = 3000  # at most this many optimizer steps (None: no bound)
