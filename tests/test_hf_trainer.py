@@ -239,3 +239,15 @@ def test_trainer_given_the_backbone_warns_that_no_delta_trains(tmp_path: Path) -
         warnings.simplefilter("error")
         args = _args(tmp_path / "dm", max_steps=101, gradient_accumulation_steps=2, disable_tqdm=True)
         transformers.Trainer(model=_dm(), args=args, train_dataset=Rows()).train()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_state_of_deltas_under_other_names_is_refused_naming_both(strict: bool) -> None:
+    """Trainer's `resume_from_checkpoint` loads without `strict`: a model whose LoRA was added as "lora" resumed
+    a checkpoint of "default" with a fresh delta beside the checkpoint's optimizer state, and only transformers'
+    log of missing and unexpected keys."""
+    saved = _dm("lora").state_dict()
+    dm = dt.DeltaModel(make_model("bert").train())
+    dm.add("lora", dt.get_config("lora"), train_head=True)
+    with pytest.raises(DeltaError, match=r"the state holds delta 'default' and nothing of this model's delta 'lora'"):
+        dm.load_state_dict(saved, strict=strict)

@@ -200,15 +200,41 @@ def register_state_hooks(dm: DeltaModel) -> None:
         _check_delta_shapes(dm, state, prefix)
 
     def forgive_frozen(module: nn.Module, incompatible: Any) -> None:
-        start = (prefixes.pop() if prefixes else "") + "backbone."
+        prefix = prefixes.pop() if prefixes else ""
+        start = prefix + "backbone."
         keep = _trained(dm)
         incompatible.missing_keys[:] = [
             k for k in incompatible.missing_keys if not k.startswith(start) or k[len(start) :] in keep
         ]
+        _check_delta_names(dm, incompatible, prefix)
 
     dm.register_state_dict_post_hook(drop_frozen)
     dm.register_load_state_dict_pre_hook(remember_prefix)
     dm.register_load_state_dict_post_hook(forgive_frozen)
+
+
+def _check_delta_names(dm: DeltaModel, incompatible: Any, prefix: str) -> None:
+    """A state whose deltas have other names than the model's (Trainer's `resume_from_checkpoint` into a model whose
+    delta was added as "lora", the checkpoint's being "default"): the load is not strict, so the delta started
+    fresh beside the checkpoint's optimizer state, with only transformers' log of missing and unexpected keys."""
+    start = prefix + "deltas."
+    other = sorted({k[len(start) :].split(".", 1)[0] for k in incompatible.unexpected_keys if k.startswith(start)})
+    other = [n for n in other if n not in dm.deltas]
+    if not other:
+        return
+    missing = set(incompatible.missing_keys)
+    own = [k for k in dm.state_dict() if k.startswith("deltas.")]
+    gone = [
+        n
+        for n in dm.deltas
+        if (ks := [k for k in own if k.startswith(f"deltas.{n}.")]) and missing >= {prefix + k for k in ks}
+    ]
+    if gone:
+        raise DeltaError(
+            f"the state holds delta {', '.join(map(repr, other))} and nothing of this model's delta "
+            f"{', '.join(map(repr, gone))}: the names differ, so nothing would load into it; attach the delta under "
+            f"the state's name (dm.add({other[0]!r}, ...), or dt.attach(model, ..., name={other[0]!r}))"
+        )
 
 
 def _check_delta_shapes(dm: DeltaModel, state: Any, prefix: str) -> None:
