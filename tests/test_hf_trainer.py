@@ -202,17 +202,33 @@ def test_the_schedule_callback_finalizes_what_trained_when_training_ends(tmp_pat
     assert 0 < float((diff != 0).float().mean()) <= 0.0101
 
 
-def test_resuming_adalora_under_trainer_says_its_schedule_starts_over(tmp_path: Path) -> None:
+def test_resuming_adalora_under_trainer_continues_its_schedule_exactly(tmp_path: Path) -> None:
+    """AdaLoRA's importance averages live outside the parameters: Trainer's checkpoints did not hold them, and a
+    resumed run kept other ranks than an uninterrupted one (1e-2 off, no error). The callback writes them beside
+    each checkpoint and puts them back; a checkpoint written without it says that the schedule starts over."""
     from deltatune.train.hf import DeltaScheduleCallback
 
-    def trainer(out: Path) -> transformers.Trainer:
-        dm = dt.attach(make_model("bert").train(), dt.METHODS["adalora"](init_r=4, target_r=1, tfinal=2))
-        args = _args(out, max_steps=6, learning_rate=1e-2, save_strategy="steps", save_steps=3)
-        return transformers.Trainer(model=dm, args=args, train_dataset=Rows(), callbacks=[DeltaScheduleCallback()])
+    TARGETS = ("attn.q", "attn.k", "attn.v", "ffn.in")  # noqa: N806
 
-    trainer(tmp_path / "a").train()
-    with pytest.warns(UserWarning, match=r"resuming at step 3: .* schedule of delta 'default' .* starts over"):
-        trainer(tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    def trainer(out: Path, callbacks: list) -> transformers.Trainer:
+        torch.manual_seed(0)
+        config = dt.METHODS["adalora"](init_r=8, target_r=2, tinit=2, tfinal=4, delta_t=1, targets=TARGETS)
+        dm = dt.attach(make_model("bert").train(), config)
+        args = _args(out, max_steps=16, learning_rate=1e-2, save_strategy="steps", save_steps=8, seed=5)
+        return transformers.Trainer(model=dm, args=args, train_dataset=Rows(32), callbacks=callbacks)
+
+    whole = trainer(tmp_path / "a", [DeltaScheduleCallback()])
+    whole.train()
+    assert (tmp_path / "a" / "checkpoint-8" / "deltatune_schedule.safetensors").is_file()
+    resumed = trainer(tmp_path / "b", [DeltaScheduleCallback()])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+    expected = _trained(whole.model)
+    assert all(torch.equal(v, expected[k]) for k, v in _trained(resumed.model).items())
+    trainer(tmp_path / "c", []).train()  # checkpoints without the callback
+    with pytest.warns(UserWarning, match=r"resuming at step 8: the checkpoint holds no training schedule"):
+        trainer(tmp_path / "d", [DeltaScheduleCallback()]).train(
+            resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-8")
+        )
 
 
 def test_adalora_trained_without_its_schedule_warns(tmp_path: Path) -> None:

@@ -27,8 +27,11 @@ import warnings
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
+from ..core.atomic import write_file
 from ..core.delta import Delta
 from ..core.model import DeltaModel
 from .optim import DEFAULT_HEAD_LR, adamw, param_groups  # noqa: F401 - param_groups is public here
@@ -39,6 +42,9 @@ def optimizer(
 ) -> torch.optim.AdamW:
     """The AdamW `deltatune train` uses, for `Trainer(..., optimizers=(optimizer(dm), None))`."""
     return adamw(param_groups(dm, lr, head_lr), **adamw_kwargs)
+
+
+SCHEDULE_FILE = "deltatune_schedule.safetensors"  # beside a Trainer checkpoint: the deltas' schedules
 
 
 class SaveDeltaCallback(TrainerCallback):
@@ -63,7 +69,7 @@ def _delta_model(model: Any, what: str) -> DeltaModel:
     return dm
 
 
-class DeltaScheduleCallback(TrainerCallback):
+class DeltaScheduleCallback(TrainerCallback, ExportableState):
     """Runs each delta's `on_step(step, total)` after every optimizer step (AdaLoRA's rank budget), and its
     `finalize()` when training ends, as `fit` does: diff pruning prunes to its sparsity (without it, a Trainer run
     saved a dense diff, 100% of entries where 0.5% were asked for), AdaLoRA holds its final budget.
@@ -71,20 +77,56 @@ class DeltaScheduleCallback(TrainerCallback):
     Trainer clears the gradients before `on_step_end`, so this hooks `on_optimizer_step`, which comes
     right after `optimizer.step()`; `state.global_step` is the step just finished minus one there.
     `on_train_end` comes after `load_best_model_at_end` has loaded the best step: that is what is finalized.
+
+    The schedules' state (AdaLoRA's importance averages) lives outside the parameters, so Trainer's checkpoints did
+    not hold it and a resumed run kept other ranks than an uninterrupted one (1e-2 off). As an `ExportableState`,
+    the callback writes it beside each checkpoint (`deltatune_schedule.safetensors`, its path in trainer_state.json)
+    and puts it back when `resume_from_checkpoint` starts there.
     """
+
+    def __init__(self) -> None:
+        self._dm: DeltaModel | None = None
+        self._folder: str | None = None  # the checkpoint folder Trainer writes at this step, if it saves
+
+    def state(self) -> dict:
+        """Called by Trainer as it saves a checkpoint (after the model): the schedules go beside it."""
+        tensors = {}
+        for name, delta in self._dm.deltas.items() if self._dm is not None else ():
+            tensors |= {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in delta.schedule_state().items()}
+        if not tensors or self._folder is None or not os.path.isdir(self._folder):
+            return {"args": {}, "attributes": {}}
+        file = os.path.abspath(os.path.join(self._folder, SCHEDULE_FILE))
+        write_file(file, save(tensors))
+        return {"args": {}, "attributes": {"schedule_file": file}}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        self._dm = _delta_model(model, "DeltaScheduleCallback")
+        self._folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        return control
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         deltas = _delta_model(model, "DeltaScheduleCallback").deltas
-        if state.global_step > 0 and not any(d.schedule_state() for d in deltas.values()):
-            names = [n for n, d in deltas.items() if type(d).on_step is not Delta.on_step]
-            if names:
-                warnings.warn(
-                    f"resuming at step {state.global_step}: Trainer's checkpoints hold no training schedule, so the "
-                    f"schedule of delta {', '.join(map(repr, names))} (AdaLoRA's importance averages) starts over and "
-                    "the ranks it keeps can differ from an uninterrupted run's; `deltatune train --resume` continues "
-                    "it exactly",
-                    stacklevel=2,
-                )
+        if state.global_step == 0:
+            return control
+        # a checkpoint written without this callback has no entry, and Trainer's next save failed on a KeyError
+        saved = state.stateful_callbacks.setdefault(type(self).__name__, {"args": {}, "attributes": {}})
+        file = (saved[-1] if isinstance(saved, list) else saved).get("attributes", {}).get("schedule_file")
+        if file and os.path.isfile(file):
+            tensors = load_file(file)
+            for name, delta in deltas.items():
+                own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+                if own:
+                    delta.load_schedule_state(own)
+            return control
+        names = [n for n, d in deltas.items() if type(d).on_step is not Delta.on_step]
+        if names and not any(d.schedule_state() for d in deltas.values()):
+            warnings.warn(
+                f"resuming at step {state.global_step}: the checkpoint holds no training schedule (it was written "
+                f"without DeltaScheduleCallback, or its {SCHEDULE_FILE} moved), so the schedule of delta "
+                f"{', '.join(map(repr, names))} (AdaLoRA's importance averages) starts over and the ranks it keeps "
+                "can differ from an uninterrupted run's",
+                stacklevel=2,
+            )
         return control
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
