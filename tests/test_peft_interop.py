@@ -80,8 +80,15 @@ def test_what_cannot_be_represented_is_refused(tmp_path: Path) -> None:
     pm.save_pretrained(tmp_path / "bias")
     with pytest.raises(PeftFormatError, match="trained LoRA biases"):
         import_peft_lora(make_model("bert"), tmp_path / "bias")
+    with pytest.raises(PeftFormatError, match=r"holds PEFT adapters in subfolders \(bias\): import each by its"):
+        import_peft_lora(make_model("bert"), tmp_path)  # PEFT saves all adapters but "default" so
+    (tmp_path / "empty").mkdir()
     with pytest.raises(PeftFormatError, match="no adapter_config.json"):
-        import_peft_lora(make_model("bert"), tmp_path)
+        import_peft_lora(make_model("bert"), tmp_path / "empty")
+    weights = tmp_path / "bias" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:60])  # a copy cut short: safetensors' own error came through
+    with pytest.raises(PeftFormatError, match=r"adapter_model.safetensors cannot be read .* truncated or corrupted"):
+        import_peft_lora(make_model("bert"), tmp_path / "bias")
     dm = dt.attach(make_model("bert"), dt.METHODS["ia3"]())
     with pytest.raises(PeftFormatError, match="only LoRA and DoRA deltas export"):
         export_peft_lora(dm, tmp_path / "x")

@@ -4,8 +4,8 @@ prefixes, the task head PEFT saves as `modules_to_save`, and atomic writing.
 PEFT's injected-layer methods (LoRA, IA3, LN tuning) save their tensors under
 `base_model.model.<module>.<name>` and the head under `base_model.model.<head>.*`; its prompt
 learning methods (prompt and prefix tuning) save `prompt_embeddings` and the head under
-`base_model.<head>.*`. PEFT itself is needed for neither direction; `.bin` adapters are refused
-because they are pickles.
+`base_model.<head>.*`. PEFT itself is needed for neither direction; a `.bin` adapter (PEFT before 0.7) is read
+with `torch.load(weights_only=True)` only (`tensor_files`): tensors and plain containers, no code runs.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def check_fields(
     for key, meaning in refused.items():
         if config.get(key):
             raise PeftFormatError(
-                f"this adapter uses {meaning} ({key}); deltatune's {what} cannot represent it exactly"
+                f"this adapter uses {meaning}{'' if f'({key})' in meaning else f' ({key})'}; deltatune's {what} "
+                "cannot represent it exactly"
             )
     allowed = COMMON_FIELDS | set(known) | set(refused) | set(ignore_fields)
     unknown = sorted(k for k, v in config.items() if v and k not in allowed)
@@ -97,6 +98,12 @@ def check_bias(config: dict) -> None:
 def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
     if not (folder / CONFIG).exists():
+        inside = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG}")) if folder.is_dir() else []
+        if inside:  # PEFT saves every adapter but "default" in a subfolder of its name
+            raise PeftFormatError(
+                f"{folder} holds PEFT adapters in subfolders ({', '.join(inside[:6])}): import each by its folder, "
+                f"e.g. import_peft(model, '{folder / inside[0]}', name={inside[0]!r})"
+            )
         raise PeftFormatError(f"{folder} has no {CONFIG}: not a PEFT adapter folder")
     try:
         config = json.loads((folder / CONFIG).read_text())
@@ -104,7 +111,21 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise PeftFormatError(f"{folder / CONFIG} is not valid JSON ({err})") from err
     if not isinstance(config, dict) or "peft_type" not in config:
         raise PeftFormatError(f"{folder / CONFIG} {_not_peft(config)}")
+    # a field PEFT's config class has a default for may be left out of the file (PEFT fills it in on loading): an
+    # adapter_config.json without lora_alpha was read with alpha = r, not PEFT's 8 (logits 0.16 to 6.4 off)
+    config = {**PEFT_DEFAULTS.get(config["peft_type"], {}), **config}
     return config, read_tensors(folder, (WEIGHTS, "adapter_model.bin"), "save_pretrained", PeftFormatError)
+
+
+# PEFT's defaults (its config dataclasses, 0.17 to 0.22) for the fields deltatune reads without a default of its own
+PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LORA": {"r": 8, "lora_alpha": 8},
+    "ADALORA": {"r": 8, "lora_alpha": 8, "target_r": 8, "init_r": 12, "tinit": 0, "tfinal": 0, "deltaT": 1},
+    "LOHA": {"r": 8, "alpha": 8},
+    "LOKR": {"r": 8, "alpha": 8},
+    "VERA": {"r": 256},
+    "OFT": {"r": 0, "oft_block_size": 32},
+}
 
 
 def _not_peft(config: object) -> str:

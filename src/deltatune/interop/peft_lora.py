@@ -129,6 +129,8 @@ def import_peft_lora(
     adapter = rebase(model, adapter)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in adapter.items():
+        if key.endswith(".lora_velora_embed"):  # VeLoRA's activation compression: training only, not in outputs
+            continue
         for part, marker in _MARKERS:
             if key.endswith(marker):
                 factors.setdefault(key[: -len(marker)], {})[part] = value

@@ -18,7 +18,10 @@ def read_tensors(folder: Path, names: tuple[str, str], saver: str, error: type[E
 
     safe, pickle = (folder / n for n in names)
     if safe.exists():
-        return load_file(str(safe))
+        try:
+            return load_file(str(safe))
+        except Exception as err:  # noqa: BLE001 - safetensors' own error type: a truncated or damaged file
+            raise error(f"{safe} cannot be read ({err}): a truncated or corrupted file; save it again") from err
     if not pickle.exists():
         raise error(f"{folder} has neither {names[0]} nor {names[1]}; save it with {saver}")
     try:
