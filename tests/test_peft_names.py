@@ -118,6 +118,24 @@ def test_a_second_adapter_with_its_own_head_is_refused_not_swapped_in(tmp_path: 
     assert set(dm.deltas) == {"a", "b"}
 
 
+@pytest.mark.parametrize("kind", ["lora", "ln"])
+def test_a_second_adapter_imported_switched_off_leaves_the_first_s_outputs(kind: str, tmp_path: Path) -> None:
+    """`import_peft(..., enabled=False)` failed on a bare TypeError; PEFT's `load_adapter` leaves a second adapter
+    inactive. Two LayerNorm adapters claim the same weights: the second must come in switched off."""
+    for name, seed in (("a", 0), ("b", 1)):
+        config = peft.LoraConfig(r=4, target_modules=["q_proj"]) if kind == "lora" else peft.LNTuningConfig()
+        pm = peft.get_peft_model(make_model("llama", "lm"), config)
+        _perturb(pm, seed)
+        pm.eval().save_pretrained(tmp_path / name)
+    inputs = make_inputs(make_model("llama", "lm"))
+    dm = import_peft(make_model("llama", "lm"), tmp_path / "a", name="a").eval()
+    first = logits(dm, inputs)
+    import_peft(dm, tmp_path / "b", name="b", enabled=False)
+    assert not dm.delta("b").enabled and torch.equal(logits(dm, inputs), first)
+    dm.set_active("b")
+    assert not torch.allclose(logits(dm, inputs), first)
+
+
 def test_peft_copy_of_an_untouched_lm_head_base_weight_is_accepted_and_checked(tmp_path: Path) -> None:
     """PEFT's save_embedding_layers="auto" writes `lm_head.base_layer.weight` when lm_head is a target."""
     pm = peft.get_peft_model(

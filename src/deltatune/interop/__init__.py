@@ -26,7 +26,7 @@ from .adapterhub import import_adapterhub
 from .adapterhub_common import AdapterHubFormatError
 from .adapterhub_export import export_adapterhub
 from .opendelta import OpenDeltaFormatError, import_opendelta
-from .peft_common import PeftFormatError, read_folder
+from .peft_common import ENABLED, PeftFormatError, read_folder
 from .peft_ia3 import export_peft_ia3, import_peft_ia3
 from .peft_layers import FORMATS, export_peft_layers, import_peft_layers
 from .peft_ln import export_peft_ln, import_peft_ln
@@ -59,12 +59,26 @@ EXPORTERS = {
 } | {f.method: export_peft_layers for f in FORMATS.values()}
 
 
-def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "default", **kwargs: Any) -> DeltaModel:
+def import_peft(
+    model: nn.Module, folder: str | os.PathLike, name: str = "default", enabled: bool = True, **kwargs: Any
+) -> DeltaModel:
     """Attach the PEFT adapter in `folder` to `model` as a deltatune delta named `name`.
 
     Every import refuses an adapter_config.json field it does not know that is set (a later PEFT's option
     may change the outputs); `ignore_fields=[...]` names those you know leave them unchanged. Other
-    keyword arguments go to the format's importer (`outputs_may_differ` for prompt tuning)."""
+    keyword arguments go to the format's importer (`outputs_may_differ` for prompt tuning). A second adapter is
+    enabled beside the first, as `dm.add` does (PEFT's `load_adapter` leaves it inactive): `enabled=False` attaches
+    it switched off, to serve with `delta_ids` or switch to with `dm.set_active(name)`."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    token = ENABLED.set(enabled)
+    try:
+        return _import_peft(model, folder, name, **kwargs)
+    finally:
+        ENABLED.reset(token)
+
+
+def _import_peft(model: nn.Module, folder: str | os.PathLike, name: str, **kwargs: Any) -> DeltaModel:
     config, _ = read_folder(folder)
     _check_base(config.get("base_model_name_or_path"), model, folder)
     peft_type = config.get("peft_type")

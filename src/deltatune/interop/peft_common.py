@@ -10,6 +10,7 @@ with `torch.load(weights_only=True)` only (`tensor_files`): tensors and plain co
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 from collections.abc import Callable, Collection, Mapping
@@ -304,3 +305,12 @@ def base_config(dm: DeltaModel, peft_type: str, modules_to_save: list | None) ->
 
 def as_delta_model(model: nn.Module) -> DeltaModel:
     return model if isinstance(model, DeltaModel) else DeltaModel(model)
+
+
+ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("deltatune_peft_import_enabled", default=True)
+
+
+def add_imported(dm: DeltaModel, name: str, config: Any) -> None:
+    """`dm.add` of an imported adapter's delta, switched on unless `import_peft(..., enabled=False)` is running (two
+    LayerNorm adapters claim the same weights: the second must come in switched off, not fail on enabling)."""
+    dm.add(name, config, enabled=ENABLED.get())

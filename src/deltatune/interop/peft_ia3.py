@@ -23,6 +23,7 @@ from .peft_common import (
     PREFIX,
     TARGETING_FIELDS,
     PeftFormatError,
+    add_imported,
     as_delta_model,
     base_config,
     check_fields,
@@ -62,7 +63,7 @@ def import_peft_ia3(
     dm = as_delta_model(model)
     check_modules(dm, vectors, PeftFormatError)  # the adapter's modules must exist, by their full names
     head = check_head(dm, head)
-    dm.add(name, IA3Config(targets=tuple(vectors), feedforward=feedforward))
+    add_imported(dm, name, IA3Config(targets=tuple(vectors), feedforward=feedforward))
     delta = dm.delta(name)
     with torch.no_grad():
         for module, v in vectors.items():

@@ -34,6 +34,7 @@ from .peft_common import (
     TARGETING_FIELDS,
     WEIGHTS,
     PeftFormatError,
+    add_imported,
     as_delta_model,
     base_config,
     check_bias,
@@ -293,7 +294,7 @@ def import_peft_layers(
     check_modules(dm, modules, PeftFormatError)  # the adapter's modules must exist, by their full names
     settings = fmt.settings(config, modules, dm.backbone) | {"targets": tuple(modules)}
     head = check_head(dm, head)
-    dm.add(name, METHODS[fmt.method](**settings))
+    add_imported(dm, name, METHODS[fmt.method](**settings))
     delta = dm.delta(name)
     try:
         _check_projections(delta, projections)

@@ -21,6 +21,7 @@ from .peft_common import (
     PREFIX,
     TARGETING_FIELDS,
     PeftFormatError,
+    add_imported,
     as_delta_model,
     base_config,
     check_fields,
@@ -53,7 +54,7 @@ def import_peft_ln(
     dm = as_delta_model(model)
     check_modules(dm, modules, PeftFormatError)
     head = check_head(dm, head)
-    dm.add(name, LayerNormConfig(targets=modules))
+    add_imported(dm, name, LayerNormConfig(targets=modules))
     delta = dm.delta(name)
     here = {ref.name: key for key, ref in delta._refs.items()}
     if set(here) != set(trained):

@@ -29,6 +29,7 @@ from .peft_common import (
     TARGETING_FIELDS,
     WEIGHTS,
     PeftFormatError,
+    add_imported,
     as_delta_model,
     base_config,
     check_bias,
@@ -159,7 +160,7 @@ def import_peft_lora(
         per_module[module] = (r_m, alpha_m)
     lora = lora_config(config, tuple(factors), r * grow, peft_alpha(config, r) * grow, per_module)
     head = check_head(dm, head)
-    dm.add(name, lora)
+    add_imported(dm, name, lora)
     delta = dm.delta(name)
     with torch.no_grad():
         for module, f in factors.items():

@@ -35,6 +35,7 @@ from .peft_common import (
     PROMPT_PREFIX,
     WEIGHTS,
     PeftFormatError,
+    add_imported,
     as_delta_model,
     base_config,
     check_fields,
@@ -145,7 +146,7 @@ def import_peft_prompt(
     dm = as_delta_model(model)
     _check_pooling(dm.backbone, outputs_may_differ)
     head = check_head(dm, head)
-    dm.add(name, PromptConfig(num_tokens=int(embeddings.shape[0]), positions="shift"))
+    add_imported(dm, name, PromptConfig(num_tokens=int(embeddings.shape[0]), positions="shift"))
     prompt = dm.delta(name).prompt
     if prompt.shape != embeddings.shape:
         dm.detach(name)
@@ -214,7 +215,7 @@ def import_peft_prefix(
     _check_decoder_only(dm.backbone)
     head = check_head(dm, head)
     n = int(embeddings.shape[0])
-    dm.add(name, PrefixConfig(num_tokens=n, reparameterize=False, positions="shift"))
+    add_imported(dm, name, PrefixConfig(num_tokens=n, reparameterize=False, positions="shift"))
     delta = dm.delta(name)
     sites = delta._sites
     width = sum(s.width for s in sites)
