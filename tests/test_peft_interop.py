@@ -258,3 +258,15 @@ def test_lora_on_the_embedding_table_matches_peft_both_ways_and_merges_exactly(
     dm.unmerge()
     base, own_head = dict(make_model(arch, head).named_parameters()), set(dm.head_parameter_names())
     assert all(torch.allclose(p, base[n], atol=1e-6) for n, p in dm.backbone.named_parameters() if n not in own_head)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "oft"])
+def test_an_export_peft_could_not_load_is_refused(method: str, tmp_path: Path) -> None:
+    """PEFT's LoHa, LoKr and OFT layers take nn.Linear only: a delta on GPT-2's Conv1D exported without a word,
+    then `PeftModel.from_pretrained` failed inside PEFT ("Target module Conv1D ... not supported")."""
+    from deltatune.interop import export_peft
+
+    dm = dt.attach(make_model("gpt2", "lm"), method)
+    with pytest.raises(PeftFormatError, match=r"do not take GPT-2-style Conv1D modules \(transformer\.h\.0\.attn"):
+        export_peft(dm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -341,6 +341,12 @@ def export_peft_layers(
     if peft_type is None:
         raise PeftFormatError(f"{delta.config.method} is not one of {', '.join(BY_METHOD)}")
     fmt = FORMATS[peft_type]
+    transposed = [m for m in delta.sites if is_transposed(dm.backbone.get_submodule(m))]
+    if transposed and peft_type in ("LOHA", "LOKR", "OFT"):  # PEFT's layers for these take nn.Linear only
+        raise PeftFormatError(
+            f"PEFT's {peft_type} layers do not take GPT-2-style Conv1D modules ({transposed[0]}): the folder would "
+            "not load in PEFT; save it with dm.save_pretrained(folder), or export a LoRA delta"
+        )
     tensors, heads = head_for_export(dm, PREFIX, include_head)
     check_sites_outside_head(dm, delta.sites, heads)
     for key, layer in delta.layers.items():
