@@ -154,3 +154,19 @@ def test_a_config_without_targets_on_a_type_peft_has_no_default_for_names_this_m
                           intermediate_size=64, mask_token_id=1, pad_token_id=0)  # fmt: skip
     with pytest.raises(ValueError, match=r"no default for model type 'esm'; .* target_modules=\['query', 'value'\]"):
         dt.attach(tf.EsmForMaskedLM(config), peft.LoraConfig(r=2))
+
+
+def test_peft_s_all_linear_on_fused_experts_is_refused_naming_them() -> None:
+    """PEFT's "all-linear" on a mixture-of-experts model with fused 3-D expert weights (transformers 5's Qwen3-MoE)
+    also adapts the experts and their routers; deltatune attached the attention alone, without a word."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = transformers.Qwen3MoeForCausalLM(config)
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip("this transformers release keeps the experts as linear layers")
+    with pytest.raises(ValueError, match=r"'all-linear' on this mixture-of-experts model: PEFT also adapts the experts"):
+        dt.attach(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    dt.attach(model, "lora", targets="all-linear")  # deltatune's own: the linear layers, as documented

@@ -132,7 +132,22 @@ def _targets(name: str, field: str, value: Any, model: nn.Module, mapping: str) 
                     else "name the modules"
                 )
             )
+    if isinstance(value, str) and value.lower() == ALL_LINEAR:
+        _check_fused_experts(name, field, model)
     return _as_targets(value)
+
+
+def _check_fused_experts(name: str, field: str, model: nn.Module) -> None:
+    """PEFT's "all-linear" on a mixture-of-experts model whose experts are fused 3-D weights (transformers 5's
+    Qwen3-MoE, Mixtral, ...) also adapts the experts and their router, which are no linear layers: deltatune's
+    "all-linear" took the attention alone, without a word, so the delta trained less than PEFT's."""
+    fused = next((n for n, m in model.named_modules() if any(p.dim() == 3 for p in m.parameters(recurse=False))), None)
+    if fused is not None:
+        raise ValueError(
+            f"{name}.{field}='all-linear' on this mixture-of-experts model: PEFT also adapts the experts' fused 3-D "
+            f"weights ({fused}) and their routers, which deltatune cannot; name the linear layers to adapt, e.g. "
+            f"{field}={_example(model)}, or use deltatune's config (targets='all-linear': the linear layers alone)"
+        )
 
 
 def _example(model: nn.Module) -> list[str]:
