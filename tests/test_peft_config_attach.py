@@ -167,6 +167,8 @@ def test_peft_s_all_linear_on_fused_experts_is_refused_naming_them() -> None:
     model = transformers.Qwen3MoeForCausalLM(config)
     if not any(p.dim() == 3 for p in model.parameters()):
         pytest.skip("this transformers release keeps the experts as linear layers")
-    with pytest.raises(ValueError, match=r"'all-linear' on this mixture-of-experts model: PEFT also adapts the experts"):
+    with pytest.raises(
+        ValueError, match=r"'all-linear' on this mixture-of-experts model: PEFT also adapts the experts"
+    ):
         dt.attach(model, peft.LoraConfig(r=4, target_modules="all-linear"))
     dt.attach(model, "lora", targets="all-linear")  # deltatune's own: the linear layers, as documented
