@@ -128,6 +128,9 @@ EQUAL = {
     "prefix-projection": ("PrefixTuningConfig", "llama", {"num_virtual_tokens": 3, "prefix_projection": True,
                                                           "encoder_hidden_size": 20}),
     "prefix-zero-init": ("PrefixTuningConfig", "llama", {"num_virtual_tokens": 3, "init_weights": "zero"}),
+    # PiSSA's init leaves an embedding's LoRA plain: an SVD of the table failed on "Sizes of tensors must match"
+    "lora-pissa-embedding": ("LoraConfig", "llama", {"r": 4, "target_modules": ["embed_tokens", "q_proj"],
+                                                    "init_lora_weights": "pissa"}),
     # VeLoRA compresses activations for training; its saved buffer (lora_velora_embed) failed the import
     "lora-velora": ("LoraConfig", "llama", {"r": 4, "velora_config": peft.VeloraConfig()} if hasattr(peft, "VeloraConfig") else {"r": 4}),
 }  # fmt: skip

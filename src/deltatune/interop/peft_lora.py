@@ -151,8 +151,10 @@ def import_peft_lora(
     for module, f in factors.items():
         r_m = int(f["A"].shape[0])
         alpha_m = peft_alpha(config, r_m, module)
-        if residual:  # r_m more terms at the same scale alpha_m / r_m that undo the init's offset
-            layer = dm.backbone.get_submodule(module)
+        layer = dm.backbone.get_submodule(module)
+        # r_m more terms at the same scale alpha_m / r_m that undo the init's offset; PEFT's PiSSA/OLoRA init leaves
+        # an embedding's LoRA plain (an SVD of the table failed on "Sizes of tensors must match")
+        if residual and not isinstance(layer, nn.Embedding):
             p, q = initial_offset(layer.weight, residual, r_m, alpha_m / r_m, is_transposed(layer))
             f["A"] = torch.cat([f["A"], q.to(f["A"].dtype)])
             f["B"] = torch.cat([f["B"], (-p * r_m / alpha_m).to(f["B"].dtype)], dim=1)
