@@ -305,12 +305,13 @@ def load_into(
     if not isinstance(name, str):
         raise DeltaIOError(f"delta.json names the delta {name!r}, not a string; pass name=... or fix the JSON")
     check_one_head(dm, str(path), {k.removeprefix(HEAD): v for k, v in tensors.items() if k.startswith(HEAD)})
-    dm.add(name, config, enabled=enabled)
-    try:
-        _load_into(dm, name, tensors, meta)
-    except BaseException:
-        dm.detach(name)
-        raise
+    with dm._traffic.routed():  # one switch: another thread's call saw the delta added, its tensors half loaded
+        dm.add(name, config, enabled=enabled)
+        try:
+            _load_into(dm, name, tensors, meta)
+        except BaseException:
+            dm.detach(name)
+            raise
     order.check(dm, name, meta)
     if any(k.startswith(HEAD) for k in tensors):
         dm._head_source = name
