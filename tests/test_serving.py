@@ -241,6 +241,44 @@ def test_switching_deltas_while_another_thread_computes_never_gives_half_a_switc
     assert not bad, f"{len(bad)} of {len(seen)} calls saw half a switch"
 
 
+def test_loading_a_delta_while_another_thread_computes_is_one_switch(tmp_path: Path) -> None:
+    """`load_delta` adds the delta, then loads its tensors: a call of another thread in between ran with the delta
+    at its initial values (a soft prompt's random init: 25 of 401 calls neither without the delta nor with it)."""
+    _served("prompt", "bert", "cls", names=("p",)).save_delta(tmp_path / "p", "p")
+    dm = dt.DeltaModel(make_model("bert"))
+    x = _inputs(dm.backbone, batch=2)
+    layer = dm.backbone.bert.encoder.layer[0]
+    with torch.no_grad():
+        without = dm(**x).logits
+        dt.load_delta(dm, tmp_path / "p")
+        with_p = dm(**x).logits
+        dm.detach("p")
+    slow = layer.register_forward_hook(lambda *_: time.sleep(0.002))
+    seen: list[torch.Tensor] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with torch.no_grad():
+                seen.append(dm(**x).logits)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        for _ in range(15):
+            dt.load_delta(dm, tmp_path / "p")
+            time.sleep(0.004)
+            dm.detach("p")
+            time.sleep(0.004)
+    finally:
+        stop.set()
+        server.join()
+        slow.remove()
+    assert len(seen) > 5
+    bad = [i for i, out in enumerate(seen) if not (torch.equal(out, with_p) or torch.equal(out, without))]
+    assert not bad, f"{len(bad)} of {len(seen)} calls saw a half-loaded delta"
+
+
 def test_rows_may_combine_several_deltas() -> None:
     model = make_model("bert")
     dm = dt.DeltaModel(model)
