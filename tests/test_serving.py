@@ -187,6 +187,32 @@ def test_the_backbone_gate_is_released_after_an_error_and_removed_with_the_last_
     assert (len(plain._forward_pre_hooks), len(plain._forward_hooks)) == hooks
 
 
+def test_a_raw_call_stopped_by_keyboard_interrupt_does_not_hold_the_model() -> None:
+    """torch runs always-called hooks for an Exception only: a notebook's stop button (KeyboardInterrupt) inside a
+    raw backbone call left this thread counted inside, and every later routed batch of another thread (a demo
+    server started afterwards) waited for good. A gated call whose frame left the thread's stack no longer counts."""
+    dm = _served("lora", "bert", "cls", names=("a", "b"))
+    x = _inputs(dm.backbone, batch=2)
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    hook = dm.backbone.bert.encoder.layer[0].register_forward_hook(stop)
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        dm.backbone(**x)
+    hook.remove()
+    with torch.no_grad():
+        dm.backbone(**x)  # a later raw call of this thread enters and leaves as before
+        expected = dm(**x, delta_ids=["a", "b"]).logits
+    served: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: served.append(dm(**x, delta_ids=["a", "b"]).logits.detach()), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the routed batch still waits for the interrupted call"
+    assert torch.equal(served[0], expected)
+    assert dm._traffic._plain == {}
+
+
 @pytest.mark.parametrize("key", ["delta_ids", "adapter_names"])
 def test_delta_ids_given_to_the_backbone_itself_are_refused(key: str) -> None:
     """`model(..., delta_ids=...)` on the backbone (not the DeltaModel): its **kwargs dropped the keyword and every

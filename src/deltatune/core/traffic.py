@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -41,6 +43,7 @@ class Traffic:
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._plain: dict[int, int] = {}  # plain calls in flight per thread
+        self._calls: dict[int, list[FrameType]] = {}  # per thread, the module calls that entered at a `Gate`
         self._upgrading: set[int] = set()  # threads inside a plain call that wait to route or switch
         self._router: int | None = None
         self._depth = 0
@@ -61,8 +64,9 @@ class Traffic:
         finally:
             self.leave()
 
-    def enter(self) -> None:
-        """Begin a plain call in this thread (`plain`, and the backbone's own gate, `Gate`)."""
+    def enter(self, call: FrameType | None = None) -> None:
+        """Begin a plain call in this thread (`plain`, and the backbone's own gate, `Gate`, which passes the frame
+        of the module call it gates: `_held` drops the call once that frame is off the thread's stack)."""
         me = threading.get_ident()
         with self._cv:
             # this thread's own routed batch passes (`with dm.route(...)`), and its nested calls; others queue
@@ -70,19 +74,49 @@ class Traffic:
             while self._router != me and (self._router is not None or (self._waiting and me not in self._plain)):
                 self._cv.wait()
             self._plain[me] = self._plain.get(me, 0) + 1
+            if call is not None:
+                self._calls.setdefault(me, []).append(call)
 
     def _held(self) -> dict[int, int]:
-        """The plain calls in flight, less those of threads that ended inside one (SystemExit in a worker: torch
-        leaves a module's always-called hooks out for anything but an Exception, and every later router waited)."""
-        alive = {t.ident for t in threading.enumerate()}
-        for gone in [t for t in self._plain if t not in alive]:
-            del self._plain[gone]
+        """The plain calls in flight, less those that ended without leaving: torch runs a module's always-called
+        hooks for an Exception only, so a KeyboardInterrupt (a notebook's stop button) or a SystemExit inside a
+        gated call left it counted, and every later router of another thread waited for good (a thread that
+        ended inside one, or a call whose frame is no longer on its thread's stack)."""
+        stacks = sys._current_frames()
+        for t in list(self._plain):
+            if t not in stacks:
+                self._plain.pop(t)
+                self._calls.pop(t, None)
+                continue
+            calls = self._calls.get(t)
+            if not calls:
+                continue
+            live = set()
+            frame: FrameType | None = stacks[t]
+            while frame is not None:
+                live.add(id(frame))
+                frame = frame.f_back
+            ended = [c for c in calls if id(c) not in live]
+            if ended:
+                self._calls[t] = [c for c in calls if id(c) in live]
+                if not self._calls[t]:
+                    self._calls.pop(t)
+                self._plain[t] -= len(ended)
+                if self._plain[t] <= 0:
+                    self._plain.pop(t)
         return self._plain
 
-    def leave(self) -> None:
-        """End this thread's innermost plain call (one that never began is ignored)."""
+    def leave(self, call: FrameType | None = None) -> None:
+        """End this thread's innermost plain call (one that never began, or that `_held` dropped, is ignored)."""
         me = threading.get_ident()
         with self._cv:
+            if call is not None:
+                calls = self._calls.get(me, [])
+                if not any(c is call for c in calls):
+                    return  # dropped as ended: it is not counted any more
+                calls.remove(call)
+                if not calls:
+                    self._calls.pop(me)
             if me not in self._plain:
                 return
             self._plain[me] -= 1
@@ -188,9 +222,10 @@ class Gate:
 
     def _enter(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if not torch.compiler.is_compiling():  # compiled graphs do not run this Python (see the module's note)
-            self.traffic.enter()  # first: the always-called hook leaves, also when this call is refused
+            call = _module_call(sys._getframe(1))
+            self.traffic.enter(call)  # first: the always-called hook leaves, also when this call is refused
             if self.removed:  # the last delta went while this call waited: its leaving hook is gone too
-                self.traffic.leave()
+                self.traffic.leave(call)
                 return
         for key in ROUTING_KEYWORDS & kwargs.keys():
             raise RoutingError(
@@ -201,7 +236,7 @@ class Gate:
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.compiler.is_compiling():
-            self.traffic.leave()
+            self.traffic.leave(_module_call(sys._getframe(1)))
 
     def outermost(self, module: nn.Module) -> None:
         """Enter before every other hook of `module` and leave after them (deltas attached later add hooks)."""
@@ -215,6 +250,20 @@ class Gate:
         self.removed = True
         for handle in self.handles:
             handle.remove()
+
+
+_CALL = nn.Module._call_impl.__code__
+
+
+def _module_call(frame: FrameType) -> FrameType:
+    """torch's `Module._call_impl` frame that runs a hook: on this thread's stack until the module call ends. Hooks
+    run inside its nested `inner()`, the always-called hooks of a failed call in `_call_impl` itself."""
+    found: FrameType | None = frame
+    for _ in range(4):
+        if found is None or found.f_code is _CALL:
+            break
+        found = found.f_back
+    return found if found is not None and found.f_code is _CALL else frame
 
 
 def _gated(backbone: nn.Module) -> list[nn.Module]:
