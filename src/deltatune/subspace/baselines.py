@@ -15,13 +15,14 @@ import torch
 
 from ..core.fastfood import Fastfood
 from .collect import Solution
-from .find import _anchors, method_scales
+from .find import _anchors, check_solutions, method_scales
 from .space import Space, top_directions
 
 
 def pca_space(
     solutions: Mapping[tuple[str, str], Solution], tasks: Sequence[str], methods: Sequence[str], d: int, seed: int = 0
 ) -> Space:
+    check_solutions(solutions, tasks, methods, d)
     chosen = {k: v for k, v in solutions.items() if k[0] in tasks and k[1] in methods}
     anchors, scales = _anchors(chosen, methods), method_scales(chosen, methods)
     bases = {}
@@ -41,6 +42,7 @@ def random_space(
     solutions: Mapping[tuple[str, str], Solution], tasks: Sequence[str], methods: Sequence[str], d: int, seed: int = 0
 ) -> Space:
     """Random directions; only the anchors and the step scale come from the (training) solutions."""
+    check_solutions(solutions, tasks, methods, d)
     chosen = {k: v for k, v in solutions.items() if k[0] in tasks and k[1] in methods}
     anchors, scales = _anchors(chosen, methods), method_scales(chosen, methods)
     bases = {m: scales[m] * fastfood_basis(anchors[m].numel(), d, seed + i) for i, m in enumerate(methods)}

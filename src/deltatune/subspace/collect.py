@@ -168,6 +168,12 @@ def collect_task(
         dm.add(method, config)
         train = _train_config(cfg, cfg.lrs.get(method), seed)  # the seed: batch order and dropout
         model, result = fit(dm, tokenizer, data.task, (), train, train_head=False)
+        if result.diverged:  # the kept delta is the initial (or an early) one: every subspace would hold it
+            raise ValueError(
+                f"{method} on {name} (seed {seed}) diverged: {result.diverged.split(';')[0]}; nothing was stored. "
+                f"Give {method} a lower rate (the study's `lrs`) in a new --workdir: solutions of one study are "
+                "trained alike"
+            )
         state = dm.delta_state_dict(method)
         layout = Layout.of(state)
         score = _score(model, tokenizer, data, cfg)[metric]
@@ -218,7 +224,7 @@ def collect(
 
 
 def load_head(workdir: str | os.PathLike, task: str) -> dict[str, torch.Tensor]:
-    tensors, _ = load_vectors(_head_path(Path(workdir), task))
+    tensors, _ = load_vectors(_head_path(Path(workdir), task), f"{task}'s trained head")
     return tensors
 
 
@@ -236,8 +242,13 @@ def load_solution(
             f"no {method} solution of seed {seed} for {task!r} in {store.path}; run `deltatune subspace collect`"
         )
     path = Path(row["path"]) if workdir is None else Path(workdir) / "solutions" / task / Path(row["path"]).name
-    tensors, meta = load_vectors(path)
-    return Solution(task, method, tensors["solution"], tensors["init"], Layout.from_dict(meta["layout"]), row["score"])
+    tensors, meta = load_vectors(path, f"a {method} solution of {task!r}", needs=("solution", "init"))
+    if not isinstance(meta.get("layout"), dict):
+        raise ValueError(f"{path} holds no delta layout: it was not written by `deltatune subspace collect`")
+    layout = Layout.from_dict(meta["layout"])
+    if layout.size != tensors["solution"].numel():
+        raise ValueError(f"{path}: its layout has {layout.size} numbers and its solution {tensors['solution'].numel()}")
+    return Solution(task, method, tensors["solution"], tensors["init"], layout, row["score"])
 
 
 def recorded_data(store: Store, task: str, seed: int) -> str | None:

@@ -29,7 +29,7 @@ from torch import nn
 from .collect import Solution
 from .config import TaskData
 from .functional import Bank, batches
-from .space import Space, orthonormal_completion, top_directions
+from .space import Space, check_dimension, orthonormal_completion, top_directions
 
 _TANH_GAIN = 0.1  # PCA coordinates of unit-norm inputs, scaled into tanh's near-linear range
 # Adam rates per init (measured on planted subspaces: from scratch, 5x and 10x the warm start's rates
@@ -78,6 +78,50 @@ def joint_directions(
     return dict(zip(methods, torch.split(directions, [b.shape[0] for b in blocks]), strict=True))
 
 
+def check_solutions(
+    solutions: Mapping[tuple[str, str], Solution], tasks: Sequence[str], methods: Sequence[str], d: int
+) -> None:
+    """What every finder (unified, PCA, random) needs of its solutions, said in one line that names the solution.
+
+    From Python these reached torch's SVD error (a NaN solution), a NaN basis (the random one), a method dropped
+    from the subspace without a word (one task lacked it), zero-column bases (d = 0), or a solution that never
+    moved from its initial delta (its training diverged at once) scaled to 1e-8 and reported at 100% everywhere.
+    """
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d={d!r}: a subspace has at least one dimension; pass a whole number >= 1")
+    if not tasks or not methods:
+        raise ValueError("finding a subspace needs at least one task with solutions of every method; run collect")
+    if len(set(tasks)) < len(tasks):
+        twice = next(t for t in tasks if list(tasks).count(t) > 1)
+        raise ValueError(f"task {twice!r} is listed twice: each solution set counts once; list it once")
+    sizes: dict[str, int] = {}
+    for m in methods:
+        for t in tasks:
+            sol = solutions.get((t, m))
+            if sol is None:
+                raise ValueError(
+                    f"no {m} solution for {t!r}: a subspace holds every method on every task it is found from; "
+                    f"collect it, or leave {m} (or {t!r}) out"
+                )
+            n = sizes.setdefault(m, sol.vector.numel())
+            if sol.vector.numel() != n or sol.init.numel() != n:
+                raise ValueError(
+                    f"the {m} solution of {t!r} has {sol.vector.numel()} numbers (initial delta {sol.init.numel()}), "
+                    f"another task's {n}: solutions of one method need the same settings; collect them alike"
+                )
+            if not bool(torch.isfinite(sol.vector).all()):
+                raise ValueError(
+                    f"the {m} solution of {t!r} holds NaN or infinite values (its training diverged); train it again "
+                    "with a lower rate"
+                )
+            if not bool(sol.displacement.any()):
+                raise ValueError(
+                    f"the {m} solution of {t!r} equals its initial delta: it never moved (its training diverged at "
+                    "once, or took no step); train it again with a lower rate"
+                )
+    check_dimension(d, sizes)
+
+
 def method_scales(solutions: Mapping[tuple[str, str], Solution], methods: Sequence[str]) -> dict[str, float]:
     """Mean norm of each method's displacement from its initial delta over the given solutions."""
     scales = {}
@@ -116,10 +160,8 @@ def find_unified(
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
     lr, up_lr = lr or INITS[init]["lr"], up_lr or INITS[init]["up_lr"]
-    tasks = list(data)
-    methods = [m for m in bank.methods if all((t, m) in solutions for t in tasks)]
-    if not tasks or not methods:
-        raise ValueError("finding a subspace needs at least one task with solutions of every method; run collect")
+    tasks, methods = list(data), list(bank.methods)
+    check_solutions(solutions, tasks, methods, d)
     torch.manual_seed(seed)
     anchors = _anchors({k: v for k, v in solutions.items() if k[0] in tasks}, methods)
     scales = method_scales({k: v for k, v in solutions.items() if k[0] in tasks}, methods)

@@ -83,15 +83,31 @@ def save_vectors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     atomic.write_file(path, data)
 
 
-def load_vectors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
+def load_vectors(
+    path: str | os.PathLike, what: str = "a file of this study", needs: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of `save_vectors`; a file that is not `what` (a truncated one, a head copied over a
+    solution) is refused naming its path, where a bare SafetensorError or KeyError: 'solution' came out."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run the stage that writes it first (see `deltatune subspace -h`)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    fix = "delete it and run the stage that writes it again (see `deltatune subspace -h`)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("meta", "{}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(text)
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not {what} (unreadable: {e}); it was truncated or replaced: {fix}") from None
+    missing = [k for k in needs if k not in tensors]
+    if missing or not isinstance(meta, dict):
+        held = ", ".join(sorted(tensors)[:4]) or "no tensors"
+        raise ValueError(
+            f"{path} is not {what}: it lacks {', '.join(missing) or 'its metadata'} (it holds {held}); {fix}"
+        )
+    return tensors, meta
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

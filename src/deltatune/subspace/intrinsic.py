@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .store import Store, share
 
@@ -66,6 +67,21 @@ def search_d90(
     return hi, scores
 
 
+SAID_TARGETS = ("attn.q", "attn.v")  # the query and value weights and biases, as Aghajanyan et al.'s BERT runs
+
+
+def said_capacity(backbone: Any, seed: int) -> int:
+    """How many values SAID moves on `backbone`: an intrinsic dimension above it is no subspace (SAID refuses it)."""
+    from ..core.model import DeltaModel
+    from ..methods import get_config
+
+    dm = DeltaModel(backbone)
+    delta = dm.add("said", get_config("said", dim=1, targets=SAID_TARGETS, seed=seed)).delta("said")
+    total = sum(p.D for p in delta.projections)
+    dm.detach("said")
+    return total
+
+
 def said_measure(
     cfg,
     store: Store,
@@ -97,7 +113,7 @@ def said_measure(
             for k, v in head.items():
                 params[k].copy_(v)
         dm = DeltaModel(backbone)
-        dm.add("said", get_config("said", dim=d, targets=("attn.q", "attn.v"), seed=cfg.seed))
+        dm.add("said", get_config("said", dim=d, targets=SAID_TARGETS, seed=cfg.seed))
         train = TrainConfig(
             max_steps=steps, epochs=None, patience=None, batch_size=cfg.batch_size, max_length=cfg.max_length,
             eval_every=cfg.eval_every, seed=cfg.seed, progress=False,

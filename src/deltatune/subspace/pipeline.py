@@ -83,12 +83,14 @@ class Study:
 
     def solutions(self, tasks: list[str], seeds: list[int] | None = None) -> dict[tuple[str, str], Solution]:
         """Every method's solution of `tasks` at `seeds` (default the study's), keyed by (solution set, method)."""
-        return {
-            (self.solution_set(t, s), m): load_solution(self.store, t, m, s, self.workdir)
-            for t in tasks
-            for s in seeds or [self.cfg.seed]
-            for m in self.cfg.methods
-        }
+        found = {}
+        for t in tasks:
+            for s in seeds or [self.cfg.seed]:
+                for m in self.cfg.methods:
+                    sol = found[(self.solution_set(t, s), m)] = load_solution(self.store, t, m, s, self.workdir)
+                    # a file copied in from elsewhere, of the same size: its numbers went to other tensors
+                    sol.layout.check(self.bank.layouts[m], f"the {m} solution of {t!r} (seed {s})")
+        return found
 
     def solution_set(self, task: str, seed: int) -> str:
         """A task's solutions of one seed, as a subspace names them: the study seed's by the task alone (as in
@@ -111,7 +113,10 @@ class Study:
         path = space_path(self.workdir, name)
         if not path.exists():
             raise FileNotFoundError(f"subspace {name} was not found yet ({path}); run `deltatune subspace find` first")
-        return Space.load(path)
+        space = Space.load(path)
+        if space.name != name:  # another subspace's file under this name
+            raise ValueError(f"{path} holds subspace {space.name!r}, not {name!r}: delete it and run find again")
+        return space
 
     def _put_space(self, space: Space, seconds: float) -> None:
         path = space_path(self.workdir, space.name)
@@ -282,11 +287,16 @@ class Study:
     def intrinsic(self, tasks: list[str] | None = None, steps: int | None = None, d_max: int | None = None) -> None:
         """d90 per task. `steps` and `d_max` override the study's for a longer search over the same solutions;
         runs are stored with their step budget, so searches at different budgets never mix."""
-        from .intrinsic import said_measure, search_d90
+        from .intrinsic import said_capacity, said_measure, search_d90
 
         self.bind()
         cfg = self.cfg
         steps, d_max = steps or cfg.said_steps, d_max or cfg.d_max
+        capacity = said_capacity(self.make_backbone(2), cfg.seed)
+        if d_max > capacity:  # it trained every d up to the cap, then failed on SAID's own limit
+            print(f"intrinsic-dim: --d-max {d_max} is above the {capacity:,} values SAID moves on this model; the "
+                  f"search stops at d = {capacity:,}", file=sys.stderr)  # fmt: skip
+            d_max = capacity
         for task in tqdm(cfg.task_names(tasks) if tasks else cfg.tasks, desc="intrinsic-dim", dynamic_ncols=True):
             reference = max(self.original(task, m) for m in cfg.methods)
             baseline = self.original(task, "head")
@@ -296,7 +306,7 @@ class Study:
             known = {
                 r["d"]: r["score"]
                 for r in self.store.rows("subspace_intrinsic", task=task)
-                if (r["steps"] or cfg.said_steps) == steps  # NULL: stored before budgets were recorded
+                if r["steps"] == steps  # NULL (stored before budgets were recorded): of an unknown budget, redone
             }
             measure = said_measure(
                 cfg, self.store, self.workdir, task, self.tokenizer, reference, self.make_backbone, steps

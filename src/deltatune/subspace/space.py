@@ -54,7 +54,13 @@ class Space:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Space:
-        tensors, meta = load_vectors(path)
+        tensors, meta = load_vectors(path, "a subspace (`deltatune subspace find` writes them)")
+        if not {"name", "kind", "tasks", "methods"} <= meta.keys() or not all(
+            f"{m}.anchor" in tensors and f"{m}.basis" in tensors for m in meta["methods"]
+        ):
+            raise ValueError(
+                f"{path} is not a subspace (`deltatune subspace find` writes them): delete it and find it again"
+            )
         methods = meta["methods"]
         vectors = {}
         for key, z in tensors.items():

@@ -5,6 +5,14 @@ d-dimensional vector and P_i a fixed Fastfood projection (core.fastfood): memory
 instead of O(d x parameters). lambda_i (one scalar per tensor, "structure-aware") lets each tensor
 take its own share of the update; it starts at 1 and theta at 0, so training starts at the backbone.
 The projections are regenerated from `seed`: the saved delta is just d + (number of tensors) numbers.
+
+Two choices follow the reference code of Aghajanyan et al. (a Fastfood per parameter tensor, as in Li et al.'s
+PyTorch port), not the paper's equation, which writes one projection P of all D weights cut into blocks:
+- each P_i is normalized on its own (|P_i theta| ~ |theta|), so a small tensor moves more per entry than a
+  large one: on MiniLM-L6's query and value layers the biases (0.3% of the values) take about half of the
+  update, where one P would give them 0.3%, and the update is sqrt(tensors) x |theta| long;
+- `dim` is theta's size. Their code counts the lambdas inside d (theta has d - m entries), so a d90 measured
+  here is comparable with theirs as dim + m (m = the number of tensors, 24 for query and value on MiniLM-L6).
 """
 
 from __future__ import annotations
