@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .executors import make_executor
+from .inputs import check_inputs
 from .lr_grid import grid_key, same_run
 from .spec import StudySpec
 from .store import Store, owner_id
@@ -35,6 +36,7 @@ def plan(spec: StudySpec, store: Store, runs_dir: Path) -> int:
     jobs = spec.jobs()
     for job in jobs:
         job["output_dir"] = str(Path(runs_dir.name) / job["key"].replace("->", "-to-"))  # relative to the db
+    check_inputs(store, jobs)  # before anything is planned: a refused study leaves the store as it was
     added = store.add_jobs(jobs)
     raw = {k: v for k, v in dataclasses.asdict(spec).items() if k != "raw"}
     store.set_meta("spec", raw)
