@@ -39,7 +39,8 @@ def test_a_run_stopped_by_its_bound_at_its_best_is_still_improving() -> None:
     curve = [{"step": s} for s in (10, 20, 30, 40)]
     assert still_improving({"stop_reason": "max_steps", "best_step": 40}, curve)
     assert still_improving({"stop_reason": "max_epochs", "best_step": 30}, curve)
-    assert not still_improving({"stop_reason": "max_steps", "best_step": 10}, curve)  # plateaued long before
+    no_patience = {"job": {"train": {"patience": None}}}  # then the best in the last LATE (2) evaluations counts
+    assert not still_improving({"stop_reason": "max_steps", "best_step": 10} | no_patience, curve)  # plateaued
     patient = {"stop_reason": "max_steps", "best_step": 20, "job": {"train": {"patience": 3}}}
     assert still_improving(patient, curve)  # 2 evaluations after the best: patience 3 had not called it
     assert not still_improving(patient | {"job": {"train": {"patience": 2}}}, curve)

@@ -92,10 +92,15 @@ def test_the_grid_picks_the_rate_with_the_best_mean_dev_score(tmp_path: Path) ->
         if (t, float(lr)) in scores:
             s.finish(job["id"], "h:1:-", {"metric": "accuracy", "dev_score": scores[(t, float(lr))], "history": []})
         else:
-            s.fail(job["id"], "h:1:-", "boom")  # 1e-1 failed on b: its single good score does not count
-    # 1e-3 and 1e-2 tie at 0.5 mean: the smaller rate wins; the main run carries the choice
+            s.fail(job["id"], "h:1:-", "boom")  # 1e-1 failed on b
+    assert job is None and s.blocked() == ["main"]  # a failed rate is unmeasured: the main run waits for it
+    s.retry_failed()
+    retried = s.claim("h:1:-")
+    s.finish(retried["id"], "h:1:-", {"metric": "accuracy", "dev_score": 0.0, "history": []})
+    job = s.claim("h:1:-")
+    # all three tie at 0.5 mean: the smaller rate wins; the main run carries the choice
     assert job["key"] == "main" and job["train"]["lr"] == 1e-3 and job["lr_choice"]["lr"] == 1e-3
-    assert s.meta("lr_choice")["m/lora"]["dev_scores"] == {"0.001": 0.5, "0.01": 0.5}
+    assert s.meta("lr_choice")["m/lora"]["dev_scores"] == {"0.001": 0.5, "0.01": 0.5, "0.1": 0.5}
 
 
 def test_a_main_run_waits_for_its_methods_grid(tmp_path: Path) -> None:

@@ -78,12 +78,15 @@ def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
         raise FileNotFoundError(f"no study file {db}; run `deltatune study run <spec> --db {db}` first")
     store = Store(db, readonly=True)
     try:
+        planned = set(store.meta("planned") or ())  # runs the spec no longer lists are left out (stores before: all)
+        runs = [r for r in store.runs() if not planned or r["key"] in planned]
+        counts = {s: sum(r["status"] == s for r in runs) for s in store.counts()}
         data = StudyData(
             store.meta("name", Path(db).stem),
             store.meta("spec", {}),
-            store.runs("done"),
+            [r for r in runs if r["status"] == "done"],
             store.curves(),
-            store.counts(),
+            counts,
             store.meta("lr_choice", {}),
         )
     finally:
@@ -229,15 +232,43 @@ def ranking(data: StudyData, model: str) -> list[str]:
 
 
 def mean_curves(data: StudyData, model: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """(task, method) -> [(step, dev score x100)], averaged over seeds at the steps they share."""
+    """(task, method) -> [(step, dev score x100)], averaged over seeds at the steps they share.
+
+    Seeds stopped by patience at other steps: a step only some of them reached was averaged over those alone, so
+    the curve's tail was one seed's (steps to 90% read 32 where the shared steps said flat)."""
     by: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for k, curves in run_curves(data, model).items():
+        for curve in curves:
+            for step, value in curve:
+                by[k][step].append(value)
+    n = {k: len(curves) for k, curves in run_curves(data, model).items()}
+    return {
+        k: [(s, statistics.fmean(v)) for s, v in sorted(steps.items()) if len(v) == n[k]] for k, steps in by.items()
+    }
+
+
+def run_curves(data: StudyData, model: str) -> dict[tuple[str, str], list[list[tuple[int, float]]]]:
+    """(task, method) -> each run's [(step, dev score x100)] (one per seed)."""
+    out: dict[tuple[str, str], list[list[tuple[int, float]]]] = defaultdict(list)
     for r in data.base:
         if r["model"] != model:
             continue
-        for point in data.curves.get(r["id"], []):
-            if point.get(r["metric"]) is not None:
-                by[(r["task"], r["method"])][point["step"]].append(100 * point[r["metric"]])
-    return {k: [(s, statistics.fmean(v)) for s, v in sorted(steps.items())] for k, steps in by.items()}
+        curve = [
+            (p["step"], 100 * p[r["metric"]]) for p in data.curves.get(r["id"], []) if p.get(r["metric"]) is not None
+        ]
+        if curve:
+            out[(r["task"], r["method"])].append(curve)
+    return out
+
+
+def seeds_steps_to_90(curves: list[list[tuple[int, float]]]) -> str:
+    """A cell's steps to 90%: each seed's own, averaged over the seeds that learned (k of n said when not all)."""
+    vals = [v for c in curves if (v := steps_to_90(c)) is not None]
+    if not vals:
+        return "flat"
+    return f"{statistics.fmean(vals):.0f}" + (
+        f" ({len(vals)} of {len(curves)} seeds)" if len(vals) < len(curves) else ""
+    )
 
 
 def steps_to_90(curve: list[tuple[int, float]], min_gain: float = 2.0) -> int | None:
@@ -259,21 +290,23 @@ def steps_to_90(curve: list[tuple[int, float]], min_gain: float = 2.0) -> int | 
 def convergence(data: StudyData) -> list[Table]:
     tables = []
     for model in data.models():
-        curves, methods = mean_curves(data, model), data.methods()
+        curves, methods = run_curves(data, model), data.methods()
         tasks = [t for t in data.tasks() if any((t, m) in curves for m in methods)]
         rows = []
         for t in tasks:
-            rows.append(
-                [t] + [str(steps_to_90(curves[(t, m)]) or "flat") if (t, m) in curves else "-" for m in methods]
-            )
+            rows.append([t] + [seeds_steps_to_90(curves[(t, m)]) if (t, m) in curves else "-" for m in methods])
         means = []
         for m in methods:
-            vals = [v for t in tasks if (t, m) in curves and (v := steps_to_90(curves[(t, m)])) is not None]
+            cells = [
+                [v for c in curves[(t, m)] if (v := steps_to_90(c)) is not None] for t in tasks if (t, m) in curves
+            ]
+            vals = [statistics.fmean(c) for c in cells if c]
             means.append(f"{fmt(statistics.fmean(vals))} ({len(vals)} tasks)" if vals else "-")
         rows.append(["**mean** (tasks that learned)"] + means)
         note = (
-            "Optimizer steps until the dev score covers 90% of its best gain over the first evaluation; flat: "
-            f"best score < 2 points above the first (nothing learned in this budget). Paper: {PAPER_CONVERGENCE}."
+            "Optimizer steps until the dev score covers 90% of its best gain over the first evaluation, each seed's "
+            "own, averaged over seeds; flat: best score < 2 points above the first (nothing learned in this budget). "
+            f"Paper: {PAPER_CONVERGENCE}."
         )
         tables.append(Table(f"Convergence: {model}", ["task"] + methods, rows, note))
     return tables

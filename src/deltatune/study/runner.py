@@ -38,6 +38,18 @@ def plan(spec: StudySpec, store: Store, runs_dir: Path) -> int:
         job["output_dir"] = str(Path(runs_dir.name) / job["key"].replace("->", "-to-"))  # relative to the db
     check_inputs(store, jobs)  # before anything is planned: a refused study leaves the store as it was
     added = store.add_jobs(jobs)
+    keys = [job["key"] for job in jobs]
+    with store.transaction() as c:  # runs the spec no longer lists (a seed, a method, a rate removed) are not run
+        c.execute("CREATE TEMP TABLE IF NOT EXISTS planned (key TEXT PRIMARY KEY)")
+        c.execute("DELETE FROM planned")
+        c.executemany("INSERT INTO planned VALUES (?)", [(k,) for k in keys])
+        dropped = c.execute(
+            "DELETE FROM runs WHERE status IN ('pending', 'failed') AND key NOT IN (SELECT key FROM planned)"
+        ).rowcount
+    if dropped:
+        print(f"{dropped} planned runs are no longer in the spec: dropped (finished ones stay, out of the report)",
+              file=sys.stderr)  # fmt: skip
+    store.set_meta("planned", keys)  # what `claim`'s rate choice and the report count
     raw = {k: v for k, v in dataclasses.asdict(spec).items() if k != "raw"}
     store.set_meta("spec", raw)
     store.set_meta("name", spec.name)
@@ -88,7 +100,8 @@ def run_study(
         _loop(store, make_executor(executor, workers, address), counts["pending"], max_runs, progress)
         blocked = store.blocked()
         if blocked and progress:
-            print(f"{len(blocked)} transfer runs wait on failed source runs (--retry-failed)", file=sys.stderr)
+            print(f"{len(blocked)} runs wait on failed runs they depend on (a transfer's source run, or a rate of the "
+                  "learning-rate grid); --retry-failed reruns those", file=sys.stderr)  # fmt: skip
         return store.counts()
     finally:
         store.close()

@@ -195,7 +195,8 @@ class Store:
         """Take the next runnable run; None when nothing is runnable now.
 
         Runnable: its source run (transfer) is done, and the learning-rate grid it takes its rate
-        from (`lr_from`) has nothing pending or running. Such a run comes back with the chosen rate
+        from (`lr_from`) has nothing pending, running or failed (a choice without the failed rate was frozen, and
+        the report then bolded a worse rate as "the best" once the failed run was retried). Such a run comes back with the chosen rate
         in its train settings (`lr`, or `head_lr` for the head-only column) and in `lr_choice`.
         """
         with self.transaction() as c:
@@ -204,7 +205,7 @@ class Store:
                 "WHERE r.status = 'pending' AND (r.depends_on IS NULL OR d.status = 'done') AND NOT EXISTS ("
                 "  SELECT 1 FROM runs g WHERE json_extract(r.job, '$.lr_from') IS NOT NULL"
                 "  AND json_extract(g.job, '$.lr_group') = json_extract(r.job, '$.lr_from')"
-                "  AND g.status IN ('pending', 'running')"
+                "  AND g.status IN ('pending', 'running', 'failed')"  # a failed rate is unmeasured: no choice yet
                 ") ORDER BY r.id LIMIT 1"
             ).fetchone()
             if row is None:
@@ -234,10 +235,12 @@ class Store:
         if group in chosen:
             return chosen[group]
         rows = self.conn.execute(
-            "SELECT job, status, dev_score FROM runs WHERE json_extract(job, '$.lr_group') = ?", (group,)
+            "SELECT key, job, status, dev_score FROM runs WHERE json_extract(job, '$.lr_group') = ?", (group,)
         ).fetchall()
-        runs = []
+        planned, runs = set(self.meta("planned") or ()), []
         for r in rows:
+            if planned and r["key"] not in planned:  # a rate the spec no longer lists
+                continue
             job = json.loads(r["job"])
             runs.append((job["train"].get(rate_field(job["label"])), r["status"], r["dev_score"]))
         choice = choose(runs)
@@ -335,9 +338,11 @@ class Store:
         return out
 
     def blocked(self) -> list[str]:
-        """Pending runs that cannot start because the run they depend on failed."""
+        """Pending runs that cannot start because a run they depend on failed (a transfer's source, a grid rate)."""
         rows = self.conn.execute(
-            "SELECT r.key FROM runs r JOIN runs d ON d.key = r.depends_on WHERE r.status = 'pending' AND d.status = 'failed'"
+            "SELECT r.key FROM runs r WHERE r.status = 'pending' AND (EXISTS (SELECT 1 FROM runs d WHERE "
+            "d.key = r.depends_on AND d.status = 'failed') OR EXISTS (SELECT 1 FROM runs g WHERE g.status = 'failed' "
+            "AND json_extract(g.job, '$.lr_group') = json_extract(r.job, '$.lr_from')))"
         )
         return [r[0] for r in rows]
 

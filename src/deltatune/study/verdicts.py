@@ -37,7 +37,12 @@ def still_improving(run: dict[str, Any], curve: list[dict[str, Any]]) -> bool:
     """
     if run.get("stop_reason") not in BOUND_STOPS or not curve:
         return False
-    patience = ((run.get("job") or {}).get("train") or {}).get("patience") or LATE
+    from ..train.trainer import TrainConfig
+
+    train = (run.get("job") or {}).get("train") or {}
+    # a spec that leaves patience at its default trained with TrainConfig's (it read LATE, 2, where 5 applied)
+    patience = train["patience"] if "patience" in train else TrainConfig().patience
+    patience = patience or LATE
     after = sum(1 for p in curve if p["step"] > (run.get("best_step") or 0))
     return after < patience
 

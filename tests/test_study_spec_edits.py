@@ -1,0 +1,89 @@
+"""A spec edited between runs, a grid rate that failed, seeds stopped at other steps: what the store runs and what
+the report says follow the spec and the runs, not whatever rows the store happens to hold."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from study_helpers import _spec, make_world
+
+from deltatune.study import Store, parse_spec, run_study
+from deltatune.study.analyses import StudyData, convergence, load, mean_curves
+from deltatune.study.verdicts import still_improving
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return make_world(tmp_path_factory)
+
+
+def test_runs_removed_from_the_spec_are_not_run_nor_reported(world: dict[str, str], tmp_path: Path) -> None:
+    """Before: a seed and a method removed from the spec still trained, and the report averaged them."""
+    db = tmp_path / "s.sqlite"
+    both = {"lora": {"r": 4}, "bitfit": {}}
+    run_study(
+        parse_spec(_spec(world, tasks=[world["sent"]], methods=both, seeds=[1, 2])), db, max_runs=1, progress=False
+    )
+    smaller = parse_spec(_spec(world, tasks=[world["sent"]], methods={"lora": {"r": 4}}, seeds=[1]))
+    assert run_study(smaller, db, progress=False)["pending"] == 0
+    runs = Store(db).runs()
+    assert {r["key"].split("/", 2)[2] for r in runs if r["status"] == "done"} == {"lora/s1"}
+    data = load(db)
+    assert [r["key"].split("/", 2)[2] for r in data.runs] == ["lora/s1"] and data.counts["done"] == 1
+
+
+def test_a_rate_removed_from_the_grid_is_not_chosen(world: dict[str, str], tmp_path: Path) -> None:
+    db = tmp_path / "g.sqlite"
+    train = {"max_steps": 8, "batch_size": 8, "eval_every": 4, "max_length": 16, "patience": None}
+    grid = {"tasks": [world["sent"]], "rates": {"lora": [1e-6, 3e-2]}}
+    spec = _spec(world, tasks=[world["sent"]], methods={"lora": {"r": 4}}, train=train, lr_grid=grid)
+    run_study(parse_spec(spec), db, max_runs=2, progress=False)  # the grid only
+    rows = {r["job"]["train"]["lr"]: r["dev_score"] for r in Store(db).runs("done")}
+    best = max(sorted(rows), key=rows.get)
+    kept = [lr for lr in (1e-6, 3e-2) if lr != best]
+    run_study(parse_spec(spec | {"lr_grid": {**grid, "rates": {"lora": kept}}}), db, progress=False)
+    main = next(r for r in Store(db).runs("done") if r["key"].endswith("/s42"))
+    assert main["lr"] == kept[0]  # before: the removed rate, the best of the old grid
+
+
+def test_main_runs_wait_for_a_failed_grid_rate(world: dict[str, str], tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Before: the choice was frozen without the failed rate, and after --retry-failed the report bolded a rate
+    worse than the retried one as "the best"."""
+    db = tmp_path / "f.sqlite"
+    train = {"max_steps": 8, "batch_size": 8, "eval_every": 4, "max_length": 16, "patience": None}
+    grid = {"tasks": [world["sent"]], "rates": {"lora": [1e-6, 3e-2]}}
+    spec = parse_spec(_spec(world, tasks=[world["sent"]], methods={"lora": {"r": 4}}, train=train, lr_grid=grid))
+    run_study(spec, db, max_runs=2, progress=False)
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE runs SET status = 'failed', error = 'OOM' WHERE key LIKE '%/lr0.03'")
+    counts = run_study(spec, db)
+    assert counts["done"] == 1 and counts["pending"] == 1 and not Store(db).meta("lr_choice")
+    assert "1 runs wait on failed runs they depend on" in capsys.readouterr().err
+    assert run_study(spec, db, retry_failed=True, progress=False)["done"] == 3
+
+
+def _data(curves: dict[int, list[tuple[int, float]]]) -> StudyData:
+    runs = [
+        {"id": i, "model": "m", "task": "t", "method": "lora", "metric": "accuracy", "source_task": None, "job": {}}
+        for i in curves
+    ]
+    points = {i: [{"step": s, "accuracy": v} for s, v in c] for i, c in curves.items()}
+    return StudyData("x", {"models": ["m"], "methods": [{"label": "lora"}]}, runs, points, {"done": len(runs)})
+
+
+def test_mean_curves_average_seeds_at_the_steps_they_share_and_steps_to_90_is_per_seed() -> None:
+    """Seeds stopped by patience at steps 6 and 40: steps 8-40 of the mean curve were one seed's alone."""
+    long = [(s, 0.5 + 0.01 * s) for s in range(2, 42, 2)]
+    short = [(2, 0.5), (4, 0.5), (6, 0.5)]
+    assert [s for s, _ in mean_curves(_data({1: long, 2: short}), "m")[("t", "lora")]] == [2, 4, 6]
+    table = convergence(_data({1: long, 2: short}))[0]
+    assert table.rows[0][1] == "38 (1 of 2 seeds)"  # seed 1's own (90% of its 38-point gain: 86.2), seed 2 flat
+
+
+def test_still_improving_reads_the_default_patience_when_the_spec_leaves_it() -> None:
+    curve = [{"step": s} for s in (10, 20, 30, 40, 50)]
+    run = {"stop_reason": "max_steps", "best_step": 20, "job": {"train": {}}}  # 3 evaluations after the best
+    assert still_improving(run, curve)  # TrainConfig's patience 5 had not called it (before: LATE, 2)
+    assert still_improving(run | {"job": {"train": {"patience": 5}}}, curve)
