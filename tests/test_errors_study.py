@@ -41,7 +41,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ({"methods": {"..": {}}}, "cannot name a folder"),
         ({"name": "../../outside"}, r"name: '\.\./\.\./outside' cannot name a folder"),
         ({"models": [".."]}, r"models: '\.\.' does not end in a folder name; give the model folder by its path"),
-        ({"seeds": []}, r"seeds: \[\] are not all integers"),
+        ({"seeds": []}, r"seeds: is empty; list at least one"),
         ({"seeds": [True]}, "are not all integers"),
         ({"methods": {"lora": 3}}, r"methods\.lora: settings must be a mapping, got 3"),
         ({"methods": {"lora": {"r": 2.5}}}, r"methods\.lora\.lora: LoRAConfig\.r must be a positive integer"),
@@ -81,6 +81,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             r"combination\.configs\.lora: the study has a lora column",
         ),  # fmt: skip
         ({"combination": {"methods": ["lora"], "config": {}}}, r"combination\.config: unknown field"),
+        # found by the session-22 probe: a study of no runs that reported success, settings dropped without a word
+        ({"tasks": []}, r"tasks: is empty"),
+        ({"models": []}, r"models: is empty"),
+        ({"methods": {}}, r"methods: is empty"),
+        ({"methods": {"full": {"budget": 1000}}}, r"methods\.full: the full baseline has no settings \['budget'\]"),
+        ({"train": {"seed": 7}}, r"train\.seed: runs take their seeds from `seeds`; write `seeds: \[7\]`"),
     ],
     ids=lambda v: str(v)[:30],
 )

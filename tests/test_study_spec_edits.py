@@ -10,7 +10,7 @@ import pytest
 from study_helpers import _spec, make_world
 
 from deltatune.study import Store, parse_spec, run_study
-from deltatune.study.analyses import StudyData, convergence, load, mean_curves
+from deltatune.study.analyses import StudyData, convergence, load, mean_curves, performance
 from deltatune.study.verdicts import still_improving
 
 
@@ -87,3 +87,44 @@ def test_still_improving_reads_the_default_patience_when_the_spec_leaves_it() ->
     run = {"stop_reason": "max_steps", "best_step": 20, "job": {"train": {}}}  # 3 evaluations after the best
     assert still_improving(run, curve)  # TrainConfig's patience 5 had not called it (before: LATE, 2)
     assert still_improving(run | {"job": {"train": {"patience": 5}}}, curve)
+
+
+def test_a_cell_with_seeds_still_to_run_says_so(world: dict[str, str], tmp_path: Path) -> None:
+    """Before: its mean of the finished seeds entered the average and % of full FT with no mark."""
+    db = tmp_path / "p.sqlite"
+    spec = parse_spec(_spec(world, tasks=[world["sent"]], methods={"full": {}, "lora": {"r": 4}}, seeds=[1, 2]))
+    run_study(spec, db, max_runs=3, progress=False)
+    table = performance(load(db))[0]
+    cells = dict(zip(table.columns, table.rows[0], strict=True))
+    assert "seeds" not in cells["full"]  # both of its seeds are done
+    assert "(1 of 2 seeds)" in cells["lora"]
+    assert table.rows[1][0] == "**average** (1 tasks; 1 cells with seeds still to run)"
+
+
+def test_percent_of_full_ft_names_its_column_and_is_left_out_near_zero(world: dict[str, str], tmp_path: Path) -> None:
+    db = tmp_path / "z.sqlite"
+    methods = {"full@lr1e-3": {"lr": 1e-3}, "lora": {"r": 4}}
+    run_study(parse_spec(_spec(world, tasks=[world["sent"]], methods=methods)), db, progress=False)
+    rows = {r[0]: r[1:] for r in performance(load(db))[0].rows}
+    assert "% of full@lr1e-3 FT" in rows  # before: no such row without a column named exactly `full`
+    with sqlite3.connect(db) as c:  # an MCC or Pearson average near zero: a ratio to it is noise or flips sign
+        c.execute("UPDATE runs SET test_score = 0.004 WHERE method = 'full@lr1e-3'")
+    rows = {r[0]: r[1:] for r in performance(load(db))[0].rows}
+    assert rows["% of full@lr1e-3 FT"] == ["-", "-"]
+
+
+def test_runs_held_by_another_host_name_reclaim(world: dict[str, str], tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    db = tmp_path / "h.sqlite"
+    spec = parse_spec(_spec(world, tasks=[world["sent"]], methods={"lora": {"r": 4}}, seeds=[1, 2]))
+    run_study(spec, db, max_runs=1, progress=False)
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE runs SET status = 'running', owner = 'elsewhere:12:-' WHERE status = 'pending'")
+    assert run_study(spec, db)["running"] == 1
+    assert "1 runs are held 'running' by a runner on another host" in capsys.readouterr().err
+
+
+def test_a_preset_typo_is_answered_with_the_close_name() -> None:
+    from deltatune.study.spec import load_spec
+
+    with pytest.raises(FileNotFoundError, match="no study spec 'smoek': did you mean smoke?"):
+        load_spec("smoek")

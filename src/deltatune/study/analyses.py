@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class StudyData:
     curves: dict[int, list[dict[str, Any]]]
     counts: dict[str, int]
     lr_choice: dict[str, Any] = dataclasses.field(default_factory=dict)  # grid group -> the chosen rate
+    todo: dict[tuple[str, str, str], int] = dataclasses.field(default_factory=dict)  # (model, task, method): runs left
 
     @property
     def base(self) -> list[dict[str, Any]]:
@@ -81,6 +82,11 @@ def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
         planned = set(store.meta("planned") or ())  # runs the spec no longer lists are left out (stores before: all)
         runs = [r for r in store.runs() if not planned or r["key"] in planned]
         counts = {s: sum(r["status"] == s for r in runs) for s in store.counts()}
+        todo = Counter(
+            (r["model"], r["task"], r["method"])
+            for r in runs
+            if r["status"] != "done" and not r["source_task"] and not _is_grid(r)
+        )
         data = StudyData(
             store.meta("name", Path(db).stem),
             store.meta("spec", {}),
@@ -88,6 +94,7 @@ def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
             store.curves(),
             counts,
             store.meta("lr_choice", {}),
+            dict(todo),
         )
     finally:
         store.close()
@@ -108,6 +115,7 @@ def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
         data.curves |= {i + offset: c for i, c in more.curves.items()}
         data.counts = {s: data.counts.get(s, 0) + more.counts.get(s, 0) for s in data.counts | more.counts}
         data.lr_choice |= more.lr_choice
+        data.todo |= more.todo
         spec = dict(data.spec)
         spec["models"] = list(dict.fromkeys(list(spec.get("models", [])) + list(more.spec.get("models", []))))
         spec["analyses"] = list(dict.fromkeys(list(spec.get("analyses") or []) + ["scaling"]))
@@ -190,6 +198,7 @@ def performance(data: StudyData) -> list[Table]:
                     fmt(*mean_std(cells[(t, m)]))
                     + verdicts.cell_marks(runs[(t, m)], data.curves)
                     + dev_mark(runs[(t, m)])
+                    + seeds_left(len(runs[(t, m)]), data.todo.get((model, t, m), 0))
                     if (t, m) in cells
                     else "-"
                     for m in methods
@@ -197,9 +206,15 @@ def performance(data: StudyData) -> list[Table]:
             )
         avg = method_averages(data, model)
         complete = [t for t in tasks if all((t, m) in cells for m in methods)]
-        rows.append([f"**average** ({len(complete)} tasks)"] + [fmt(avg[m]) for m in methods])
-        if "full" in avg and not math.isnan(avg["full"]):
-            rows.append(["% of full FT"] + [fmt(100 * avg[m] / avg["full"]) for m in methods])
+        partial = sum(1 for t in complete for m in methods if data.todo.get((model, t, m)))
+        waiting = f"; {partial} cells with seeds still to run" if partial else ""
+        rows.append([f"**average** ({len(complete)} tasks{waiting})"] + [fmt(avg[m]) for m in methods])
+        full = next((m for m in methods if m.split("@")[0] == "full"), None)  # full@lr1e-4 is full FT too
+        if full is not None and not math.isnan(avg[full]):
+            # a ratio to an average near or below zero (MCC, Pearson) is noise or flips its sign
+            rows.append([f"% of {full} FT" if full != "full" else "% of full FT"] + [
+                fmt(100 * avg[m] / avg[full]) if avg[full] >= 1.0 else "-" for m in methods
+            ])  # fmt: skip
         mine = [r for r in data.base if r["model"] == model]
         rates = verdicts.method_rates(mine)
         if rates:
@@ -207,7 +222,7 @@ def performance(data: StudyData) -> list[Table]:
         stops = verdicts.stop_counts(mine)
         if any(set(c) - {"unrecorded"} for c in stops.values()):
             rows.append(["stopped by"] + [", ".join(f"{k} {v}" for k, v in sorted(stops[m].items())) for m in methods])
-        seeds = sorted({r["seed"] for r in data.base})
+        seeds = sorted({r["seed"] for r in data.base if r["model"] == model})  # this model's, not a joined one's
         note = (
             f"Test score x100 of the delta chosen on dev (mean ± std over seeds {seeds}); the average uses "
             f"only tasks where every method finished. {verdicts.MARKS_NOTE} Learning rate: the delta's (the "
@@ -224,6 +239,11 @@ def performance(data: StudyData) -> list[Table]:
         rows = verdicts.grid_rows(data.tuning, data.lr_choice)
         tables.append(Table("Learning rate per method (dev grid)", ["method", "rates: dev", "chosen"], rows, note))
     return tables
+
+
+def seeds_left(done: int, todo: int) -> str:
+    """A cell some of whose seeds are still to run: its mean is of the finished ones only."""
+    return f" ({done} of {done + todo} seeds)" if todo else ""
 
 
 def ranking(data: StudyData, model: str) -> list[str]:

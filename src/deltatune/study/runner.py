@@ -18,7 +18,7 @@ from .executors import make_executor
 from .inputs import check_inputs
 from .lr_grid import grid_key, same_run
 from .spec import StudySpec
-from .store import Store, owner_id
+from .store import Store, owner_alive, owner_id
 
 
 def runs_dir_for(db: str | Path) -> Path:
@@ -98,6 +98,11 @@ def run_study(
                 file=sys.stderr,
             )
         _loop(store, make_executor(executor, workers, address), counts["pending"], max_runs, progress)
+        held = [r["key"] for r in store.runs("running") if owner_alive(r["owner"] or "") is None]
+        if held and progress:  # "0 to run" and exit 0, and those runs never finished
+            print(f"{len(held)} runs are held 'running' by a runner on another host "
+                  f"({held[0]}{', ...' if len(held) > 1 else ''}): if none runs them now (a store copied or committed "
+                  "mid-run), --reclaim runs them again", file=sys.stderr)  # fmt: skip
         blocked = store.blocked()
         if blocked and progress:
             print(f"{len(blocked)} runs wait on failed runs they depend on (a transfer's source run, or a rate of the "

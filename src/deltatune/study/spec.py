@@ -75,7 +75,10 @@ def _list(raw: dict[str, Any], field: str, default: Any = None) -> list:
     value = raw.get(field, default)
     if value is None:
         raise _fail(field, "missing", f"add e.g. `{field}: [...]`")
-    return list(value) if isinstance(value, list | tuple) else [value]
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:  # a study of no runs reported success ("0 to run, 0 done")
+        raise _fail(field, "is empty", f"list at least one, e.g. `{field}: [...]`, or drop the field for its default")
+    return values
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@=-]{0,99}")
@@ -100,8 +103,9 @@ def _parse_method(label: str, value: Any) -> Method:
     run = {k: settings.pop(k) for k in list(settings) if k in RUN_FIELDS}
     base = label.split("@")[0]  # "prefix@lr5e-4": a second column of the same method with other settings
     if base in BASELINES:
-        if settings:
-            raise _fail(field, f"the {label} baseline has no settings {sorted(settings)}", "only lr may be set")
+        if settings or run.get("budget") is not None:  # a budget was dropped without a word
+            extra = sorted(settings) or ["budget"]
+            raise _fail(field, f"the {label} baseline has no settings {extra}", "only lr may be set")
         return Method(label, {}, run.get("lr"))
     names = base.split("+")
     if len(set(names)) != len(names):
@@ -148,6 +152,8 @@ def _parse_methods(raw: Any) -> list[Method]:
         items = list(raw.items())
     else:
         raise _fail("methods", f"got {type(raw).__name__}", "write a mapping {label: settings} or a list of names")
+    if not items:
+        raise _fail("methods", "is empty", "add e.g. `methods: {full: {}, lora: {r: 8}}`")
     return [_parse_method(str(label), value) for label, value in items]
 
 
@@ -187,6 +193,8 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     bad = sorted(set(train) - TRAIN_FIELDS)
     if bad:
         raise _fail(f"train.{bad[0]}", "not a TrainConfig field", f"use one of {', '.join(sorted(TRAIN_FIELDS))}")
+    if "seed" in train:  # each run trains with its own seed of `seeds`: this one was overridden without a word
+        raise _fail("train.seed", "runs take their seeds from `seeds`", f"write `seeds: [{train['seed']}]` instead")
     try:
         TrainConfig(**train)
     except TypeError as err:
@@ -378,7 +386,11 @@ def load_spec(source: str | Path) -> StudySpec:
     else:
         path = Path(source)
         if not path.exists():
+            import difflib
+
+            close = difflib.get_close_matches(str(source), list(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
             raise FileNotFoundError(
-                f"no study spec {str(source)!r}: give a .yaml/.toml file or a preset ({', '.join(known)})"
+                f"no study spec {str(source)!r}: {hint}give a .yaml/.toml file or a preset ({', '.join(known)})"
             )
     return parse_spec(read_spec_file(path), name=path.stem)
