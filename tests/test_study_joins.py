@@ -62,6 +62,23 @@ def test_with_joins_another_model_only(tmp_path: Path) -> None:
     assert {r["model"] for r in load(a, (c,)).runs} == {"minilm-l6", "mpnet-base"}
 
 
+def test_joined_studies_under_other_budgets_show_each_budget(tmp_path: Path) -> None:
+    """Before: the header showed the first study's budget alone (max_steps 6) beside a study run for 40 steps."""
+    from deltatune.study.report import write_report
+    from deltatune.study.store import Store
+
+    a, c = _store(tmp_path / "a.sqlite", "minilm-l6"), _store(tmp_path / "c.sqlite", "mpnet-base")
+    for path, model, steps in ((a, "minilm-l6", 6), (c, "mpnet-base", 40)):
+        store = Store(path)
+        store.set_meta("spec", {"models": [model], "analyses": ["performance"], "train": {"max_steps": steps}})
+        store.close()
+    assert load(a, (c,)).spec["budgets"] == {"minilm-l6": {"max_steps": 6}, "mpnet-base": {"max_steps": 40}}
+    md = (write_report(a, tmp_path / "rep", also=(c,)).parent / "report.md").read_text()
+    assert "minilm-l6: {'max_steps': 6}; mpnet-base: {'max_steps': 40} (the joined studies' budgets differ)" in md
+    alike = _store(tmp_path / "e.sqlite", "minilm-l6"), _store(tmp_path / "f.sqlite", "mpnet-base")
+    assert "budgets" not in load(alike[0], alike[1:]).spec  # one budget: the header's line as before
+
+
 def test_a_training_setting_added_to_the_spec_is_a_change_even_at_zero() -> None:
     """`warmup_ratio: 0` added to an edited spec (the default is 0.06) resumed the store without a word."""
     old = {"key": "k", "train": {"lr": 1e-3}, "eval_test": True}

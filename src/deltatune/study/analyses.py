@@ -72,6 +72,12 @@ def _is_grid(run: dict[str, Any]) -> bool:
     return bool((run.get("job") or {}).get("lr_group"))
 
 
+def budget_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a study's runs were trained under: the data caps and the train settings (per task too)."""
+    budget = {k: spec.get(k) for k in ("k_shot", "max_train", "quantize") if spec.get(k)}
+    return budget | (spec.get("train") or {}) | ({"task_train": spec["task_train"]} if spec.get("task_train") else {})
+
+
 def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
     """A study file's runs; with `also`, other study files' runs joined in (another backbone's half
     of a study, for the scaling table). The first file's spec names the study and orders the columns."""
@@ -99,6 +105,8 @@ def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
     finally:
         store.close()
     seen = {Path(db).resolve()}
+    own = ", ".join(Path(m).name for m in data.spec.get("models", []))
+    budgets = {own: budget_of(data.spec)}
     for k, other in enumerate(also, start=1):
         if Path(other).resolve() in seen:
             raise ValueError(f"--with {other}: that study file is joined already; name each file once")
@@ -117,6 +125,9 @@ def load(db: str | Path, also: tuple[str | Path, ...] = ()) -> StudyData:
         data.lr_choice |= more.lr_choice
         data.todo |= more.todo
         spec = dict(data.spec)
+        budgets[", ".join(Path(m).name for m in more.spec.get("models", []))] = budget_of(more.spec)
+        if any(b != budgets[own] for b in budgets.values()):  # the header showed the first study's budget alone
+            spec["budgets"] = dict(budgets)
         spec["models"] = list(dict.fromkeys(list(spec.get("models", [])) + list(more.spec.get("models", []))))
         spec["analyses"] = list(dict.fromkeys(list(spec.get("analyses") or []) + ["scaling"]))
         data.spec = spec

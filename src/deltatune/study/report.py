@@ -178,8 +178,11 @@ def write_report(db: str | Path, out: str | Path | None = None, also: tuple[str 
     plots = _plots(data, wanted) if data.runs else []
     summary = _summary(data)
     spec_note = f"models {data.models()}, {len(data.tasks())} tasks, methods {data.methods()}"
-    budget = {k: data.spec.get(k) for k in ("k_shot", "max_train", "quantize") if data.spec.get(k)}
-    budget |= data.spec.get("train") or {}
+    budget: Any = an.budget_of(data.spec)
+    if data.spec.get("budgets"):  # joined stores (`--with`) trained under other budgets: each model's, not the first's
+        budget = (
+            "; ".join(f"{m}: {b}" for m, b in data.spec["budgets"].items()) + " (the joined studies' budgets differ)"
+        )
     md = [f"# Study {data.name}\n", f"{data.spec.get('description', '')}\n", f"{spec_note}; budget {budget}\n"]
     md += [f"- {line}" for line in summary] + [""]
     page = [f"<h1>Study {html.escape(data.name)}</h1><p>{html.escape(data.spec.get('description', ''))}</p>"]
