@@ -128,3 +128,14 @@ def test_a_preset_typo_is_answered_with_the_close_name() -> None:
 
     with pytest.raises(FileNotFoundError, match="no study spec 'smoek': did you mean smoke?"):
         load_spec("smoek")
+
+
+def test_grid_and_further_seed_tasks_take_a_task_folder_s_short_name(world: dict[str, str]) -> None:
+    """`task_train.sent` took the short name of a task given as a folder; `lr_grid.tasks` and `more_seeds.tasks`
+    refused it ("use some of ['/tmp/.../sent']")."""
+    spec = parse_spec(
+        _spec(
+            world, lr_grid={"tasks": ["sent"], "rates": {"lora": [1e-3]}}, more_seeds={"seeds": [7], "tasks": ["sent"]}
+        )
+    )
+    assert spec.lr_grid.tasks == [world["sent"]] and spec.more_seeds_tasks == [world["sent"]]

@@ -44,6 +44,15 @@ def grid_key(key: str, lr: float) -> str:
     return f"{key}/lr{lr:g}"
 
 
+def study_task(name: str, tasks: list[str]) -> str:
+    """The study's task `name` means: as written in `tasks`, or by its folder's name (`sst2` for `/data/sst2`, as
+    `task_train` takes it); `name` itself when none or several match (the caller refuses it)."""
+    if name in tasks:
+        return name
+    named = [t for t in tasks if Path(t).name == name]
+    return named[0] if len(named) == 1 else name
+
+
 def parse(
     raw: Any, labels: set[str], tasks: list[str], seeds: list[int], fail: Callable[[str, str, str], Exception]
 ) -> LRGrid | None:
@@ -52,7 +61,7 @@ def parse(
         return None
     if not isinstance(raw, dict) or set(raw) - {"tasks", "rates", "seed"} or not raw.get("rates"):
         raise fail("lr_grid", f"got {raw!r}", EXAMPLE)
-    grid_tasks = [str(t) for t in (raw.get("tasks") or tasks[:1])]
+    grid_tasks = [study_task(str(t), tasks) for t in (raw.get("tasks") or tasks[:1])]
     stray = [t for t in grid_tasks if t not in tasks]
     if stray:
         raise fail("lr_grid.tasks", f"{stray} are not tasks of this study", f"use some of {tasks}")

@@ -19,6 +19,7 @@ from ..train.tracking import parse as parse_trackers
 from ..train.trainer import TrainConfig
 from .grid import Method, StudySpec, combination_labels, task_name  # noqa: F401 - importable from here, as before
 from .lr_grid import parse as parse_lr_grid
+from .lr_grid import study_task
 from .spec_checks import check_columns, check_grid, check_shapes
 from .spec_file import SpecError, read_spec_file  # noqa: F401 - both importable from here, as before
 
@@ -292,7 +293,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     more_seeds = [s for s in (more.get("seeds") or []) if s not in seeds]
     if not all(isinstance(s, int) for s in more_seeds):
         raise _fail("more_seeds.seeds", f"{more_seeds} are not all integers", "write e.g. `seeds: [43, 44]`")
-    more_tasks = [str(t) for t in (more.get("tasks") or [])]
+    more_tasks = [study_task(str(t), tasks) for t in (more.get("tasks") or [])]
     stray = [t for t in more_tasks if t not in tasks]
     if stray:
         raise _fail("more_seeds.tasks", f"{stray} are not tasks of this study", f"use some of {tasks}")
