@@ -178,3 +178,25 @@ def test_study_spec_files_are_bounded_before_anything_is_built(tmp_path: Path, t
     (tmp_path / "s.yaml").write_text(text)
     with pytest.raises(SpecError, match=match):
         load_spec(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [("missing", r"no train.jsonl"), ("label", r"train.jsonl, line 1: label index 7 out of range")],
+)
+def test_a_task_whose_train_split_cannot_be_read_is_refused_with_the_spec(
+    world: dict[str, str], tmp_path: Path, damage: str, match: str
+) -> None:
+    """Before: the spec read the dev split alone, so every run of the task failed at run time, one by one."""
+    import shutil
+
+    from deltatune.study.spec import SpecError, parse_spec
+
+    task = tmp_path / "toy"
+    shutil.copytree(world["task"], task)
+    if damage == "missing":
+        (task / "train.jsonl").unlink()
+    else:
+        (task / "train.jsonl").write_text(json.dumps({"text": "a", "label": 7}) + "\n")
+    with pytest.raises(SpecError, match=rf"tasks: .*{match}"):
+        parse_spec({"models": [world["model"]], "tasks": [str(task)], "methods": {"lora": {}}})

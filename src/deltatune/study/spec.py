@@ -169,8 +169,8 @@ def _resolve_tasks(value: Any, field: str) -> list[str]:
         return [r["name"] for r in rows if r["type"] != "generation"]
     tasks = [str(t) for t in (value if isinstance(value, list) else [value])]
     for t in tasks:
-        try:
-            load_task(t, splits=("dev",))
+        try:  # train too: a missing train file or a label outside meta.json failed every run of the task, late
+            load_task(t, splits=("train", "dev"))
         except (FileNotFoundError, KeyError, ValueError) as err:
             raise _fail(field, str(err.args[0] if err.args else err), "see `deltatune tasks` for the names") from err
     return tasks
