@@ -139,3 +139,21 @@ def test_grid_and_further_seed_tasks_take_a_task_folder_s_short_name(world: dict
         )
     )
     assert spec.lr_grid.tasks == [world["sent"]] and spec.more_seeds_tasks == [world["sent"]]
+
+
+def test_a_method_default_rate_changed_between_runs_is_refused(
+    world: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release that changed BitFit's default rate trained seed 2 at 1e-2 beside seed 1 at 1e-3 in one cell."""
+    import deltatune as dt
+
+    db = tmp_path / "d.sqlite"
+    raw = _spec(world, tasks=[world["sent"]], methods={"bitfit": {}}, seeds=[1, 2])
+    raw["train"] = {k: v for k, v in raw["train"].items() if k != "lr"}  # the column takes the method's default
+    run_study(parse_spec(raw), db, max_runs=1, progress=False)
+    was = dt.METHODS["bitfit"].default_lr
+    monkeypatch.setattr(dt.METHODS["bitfit"], "default_lr", was * 10)
+    with pytest.raises(ValueError, match=rf"column bitfit .* trained its finished runs at lr {was:g} and would "):
+        run_study(parse_spec(raw), db, progress=False)
+    monkeypatch.setattr(dt.METHODS["bitfit"], "default_lr", was)
+    assert run_study(parse_spec(raw), db, progress=False)["done"] == 2

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .executors import make_executor
+from .executors import _effective_lr, make_executor
 from .inputs import check_inputs
 from .lr_grid import grid_key, same_run
 from .spec import StudySpec
@@ -37,6 +37,7 @@ def plan(spec: StudySpec, store: Store, runs_dir: Path) -> int:
     for job in jobs:
         job["output_dir"] = str(Path(runs_dir.name) / job["key"].replace("->", "-to-"))  # relative to the db
     check_inputs(store, jobs)  # before anything is planned: a refused study leaves the store as it was
+    _check_default_rates(store, jobs)
     added = store.add_jobs(jobs)
     keys = [job["key"] for job in jobs]
     with store.transaction() as c:  # runs the spec no longer lists (a seed, a method, a rate removed) are not run
@@ -54,6 +55,29 @@ def plan(spec: StudySpec, store: Store, runs_dir: Path) -> int:
     store.set_meta("spec", raw)
     store.set_meta("name", spec.name)
     return added
+
+
+def _check_default_rates(store: Store, jobs: list[dict[str, Any]]) -> None:
+    """A column without a rate in the spec or a grid trains at its method's default; a release that changed the
+    default trained the runs still to come at another rate than the cell's finished ones, and the cell averaged
+    both (only its learning-rate row said 1e-3/1e-2)."""
+    done: dict[tuple[str, str, str], float] = {}
+    for r in store.conn.execute(
+        "SELECT model, task, method, lr FROM runs WHERE status = 'done' AND lr IS NOT NULL AND source_task IS NULL "
+        "AND json_extract(job, '$.lr_group') IS NULL AND json_extract(job, '$.lr_from') IS NULL"
+    ):
+        done[(r["model"], r["task"], r["method"])] = r["lr"]
+    for job in jobs:
+        was = done.get((Path(job["model"]).name, Path(job["task"]).name, job["label"]))
+        if job.get("lr_from") or job.get("lr_group") or job.get("source_task") or was is None:
+            continue
+        now = _effective_lr(job)
+        if now is not None and abs(now - was) > 1e-12 * max(abs(was), 1.0):
+            raise ValueError(
+                f"column {job['label']} (run {job['key']}) trained its finished runs at lr {was:g} and would train "
+                f"this one at {now:g} (the method's default changed since): set `lr: {was:g}` on the column to go on "
+                "alike, or use a new --db"
+            )
 
 
 def _line(job: dict[str, Any], result: dict[str, Any]) -> str:
