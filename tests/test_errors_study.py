@@ -87,6 +87,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ({"methods": {}}, r"methods: is empty"),
         ({"methods": {"full": {"budget": 1000}}}, r"methods\.full: the full baseline has no settings \['budget'\]"),
         ({"train": {"seed": 7}}, r"train\.seed: runs take their seeds from `seeds`; write `seeds: \[7\]`"),
+        ({"task_train": {"toy": {"seed": 3}}}, r"task_train\.toy\.seed: not a per-task training field"),
+        ({"more_seeds": {"seeds": [], "tasks": ["toy"]}}, r"more_seeds\.seeds: is empty"),
     ],
     ids=lambda v: str(v)[:30],
 )

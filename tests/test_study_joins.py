@@ -124,6 +124,19 @@ def test_transfer_gains_compare_the_same_seeds() -> None:
     assert gains[("rte", "sst2")] == 0.0  # seed 43 (a more_seeds run) has no transferred twin
 
 
+def test_transfer_gains_pair_each_seed_while_some_are_still_to_run() -> None:
+    """Seed 2's transfer still to run: seed 1's transfer was set against the scratch mean of seeds 1 and 2 (-22.9
+    where the one pair present said 0.0), with no mark in the table."""
+    from deltatune.study.comparisons import transfer
+
+    runs = [_run("m", "topic", "lora", 0.542) | {"seed": 1}, _run("m", "topic", "lora", 1.0) | {"seed": 2}]
+    runs += [_run("m", "sent", "lora", 0.7) | {"seed": s} for s in (1, 2)]
+    runs += [_run("m", "topic", "lora", 0.542) | {"seed": 1, "source_task": "sent"}]
+    spec = {"models": ["m"], "tasks": ["sent", "topic"], "methods": [{"label": "lora"}], "seeds": [1, 2]}
+    (table,) = transfer(StudyData("s", spec, [r | {"metric": "accuracy"} for r in runs], {}, {}))
+    assert table.rows[0] == ["sent", "", "0.0 (1 of 2 seeds)"]
+
+
 def test_report_paths_from_a_folder_and_damaged_stores(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """`study report FOLDER --out X` ignored X; `--with FOLDER/b.sqlite` joined b with itself; a default report
     folder that is a file gave `[Errno 17] File exists`; a truncated store, `database disk image is malformed`."""
@@ -150,3 +163,14 @@ def test_report_paths_from_a_folder_and_damaged_stores(tmp_path: Path, capsys) -
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "d.sqlite" in err
+
+
+def test_a_combination_cell_with_seeds_still_to_run_says_so() -> None:
+    """The performance table said "(1 of 2 seeds)" for a cell the combination table showed as a plain 100.0."""
+    from deltatune.study.comparisons import combination
+
+    runs = [_run("m", "sst2", lbl, 0.8) | {"metric": "accuracy", "id": i} for i, lbl in enumerate(("head", "bitfit"))]
+    spec = {"models": ["m"], "tasks": ["sst2"], "methods": [{"label": "head"}], "combination": ["bitfit"]}
+    data = StudyData("s", spec, runs, {}, {}, todo={("m", "sst2", "bitfit"): 1})
+    (table,) = combination(data)
+    assert table.rows[1][:2] == ["B", "80.0 (1 of 2 seeds)"]

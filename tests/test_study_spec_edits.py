@@ -157,3 +157,47 @@ def test_a_method_default_rate_changed_between_runs_is_refused(
         run_study(parse_spec(raw), db, progress=False)
     monkeypatch.setattr(dt.METHODS["bitfit"], "default_lr", was)
     assert run_study(parse_spec(raw), db, progress=False)["done"] == 2
+
+
+def test_a_combined_method_whose_column_trains_at_another_rate_is_refused(world: dict[str, str]) -> None:
+    """The column trained A at 5e-3 and every combined row trained A at its default 1e-3: the table compared them."""
+    from deltatune.study.spec import SpecError
+
+    combo = {"methods": ["prompt", "bitfit", "adapter"]}
+    with pytest.raises(SpecError, match=r"methods\.adapter: column adapter trains at lr 0\.005, while the combination"):
+        parse_spec(_spec(world, methods={"adapter": {"lr": 5e-3}}, combination=combo))
+    grid = {"tasks": [world["sent"]], "rates": {"adapter": [1e-3, 3e-3]}}
+    with pytest.raises(SpecError, match="column adapter takes its rate from lr_grid.*label the tuned column otherwise"):
+        parse_spec(_spec(world, methods={"adapter": {}}, combination=combo, lr_grid=grid))
+    spec = parse_spec(_spec(world, methods={"adapter@tuned": {"lr": 5e-3}}, combination=combo))
+    single = next(j for j in spec.jobs() if j["label"] == "adapter")  # the combination's own A row
+    assert single["train"]["lr"] == 1e-2  # the spec's rate for every run, as the combined rows have: not 5e-3
+
+
+def test_a_k_shot_a_task_cannot_give_is_refused_with_the_spec(world: dict[str, str]) -> None:
+    from deltatune.study.spec import SpecError
+
+    with pytest.raises(
+        SpecError, match=r"k_shot: .*sent: k=25 per class but these classes have fewer examples: 'positive'"
+    ):
+        parse_spec(_spec(world, k_shot=25))
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (("--workers", "4"), "--workers needs --executor process"),
+        (("--executor", "process", "--address", "ray://x:1"), "--address names a Ray cluster: add --executor ray"),
+    ],
+)
+def test_executor_flags_that_would_be_ignored_are_refused_before_planning(
+    world: dict[str, str], tmp_path: Path, capsys, flags: tuple, match: str
+) -> None:  # noqa: ANN001
+    import yaml
+
+    from deltatune.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(_spec(world)))
+    assert main(["study", "run", str(spec), "--db", str(tmp_path / "s.sqlite"), *flags]) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "s.sqlite").exists()

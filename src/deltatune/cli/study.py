@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("spec", help="a .yaml/.toml spec or a preset name (see `deltatune study presets`)")
     r.add_argument("--db", default=None, help="the study's SQLite file (default results/<name>.sqlite)")
     r.add_argument("--executor", default="sequential", choices=("sequential", "process", "ray"))
-    r.add_argument("--workers", type=int, default=2, help="processes or Ray tasks at once (process/ray)")
+    r.add_argument("--workers", type=int, default=None, help="processes or Ray tasks at once (process/ray; default 2)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     r.add_argument("--retry-failed", action="store_true", help="run the failed runs again")
     r.add_argument("--reclaim", action="store_true", help="rerun runs another host left running (a copied store)")
@@ -76,6 +76,11 @@ def _run(args: argparse.Namespace) -> int:
 
     checks.at_least(args.workers, 1, "--workers")
     checks.at_least(args.max_runs, 1, "--max-runs")
+    from ..study.executors import check_executor
+
+    if args.workers is None:
+        args.workers = 1 if args.executor == "sequential" else 2
+    check_executor(args.executor, args.workers, args.address)  # before the spec's data is read
     from ..subspace.store import SCHEMA
 
     shared = _TABLES + tuple(SCHEMA)  # a subspace study's store may hold a study too (docs/subspace.md)

@@ -9,6 +9,7 @@ import math
 import statistics
 from collections import defaultdict
 
+from . import verdicts
 from .analyses import (
     DEV_NOTE,
     StudyData,
@@ -21,6 +22,7 @@ from .analyses import (
     mean_std,
     method_averages,
     score,
+    seeds_left,
 )
 from .grid import combination_labels
 
@@ -53,7 +55,12 @@ def combination(data: StudyData) -> list[Table]:
         for lbl in labels:
             short = "none" if lbl == "head" else "+".join(LETTERS.get(m, m) for m in lbl.split("+"))
             row = [short] + [
-                fmt(mean_std(cells[(t, lbl)])[0]) + dev_mark(runs[(t, lbl)]) if (t, lbl) in cells else "-"
+                fmt(mean_std(cells[(t, lbl)])[0])
+                + verdicts.cell_marks(runs[(t, lbl)], data.curves)  # a row at the majority class said nothing
+                + dev_mark(runs[(t, lbl)])
+                + seeds_left(len(runs[(t, lbl)]), data.todo.get((model, t, lbl), 0))
+                if (t, lbl) in cells
+                else "-"
                 for t in tasks
             ]
             scores = [mean_std(cells[(t, lbl)])[0] for t in complete]
@@ -62,7 +69,7 @@ def combination(data: StudyData) -> list[Table]:
         note = (
             "Rows in the paper's order (P prompt, B BitFit, A adapter; none = frozen backbone + trained head). "
             f"Average over the {len(complete)} tasks every subset finished. Paper column: RoBERTa-large, GLUE "
-            "average, full data."
+            f"average, full data. {verdicts.MARKS_NOTE}"
         ) + (
             f" {DEV_NOTE}" if any(dev_mark(runs[(t, lbl)]) for t in tasks for lbl in labels if (t, lbl) in runs) else ""
         )
@@ -71,23 +78,32 @@ def combination(data: StudyData) -> list[Table]:
 
 
 def transfer_matrix(data: StudyData, model: str, method: str) -> tuple[list[str], dict[tuple[str, str], float]]:
-    """(source, target) -> transferred score minus the from-scratch score on target (x100, seed means), both over
-    the seeds the transfer ran (a target's `more_seeds` runs have no transferred twin: averaged in, they moved the
-    gain of an unchanged seed pair from 0.0 to -7.3)."""
-    moved: dict[tuple[str, str], list[float]] = defaultdict(list)
-    seeds: set[int] = set()
-    for r in data.runs:
-        if r["source_task"] and r["model"] == model and r["method"] == method:
-            moved[(r["source_task"], r["task"])].append(score(r))
-            seeds.add(r["seed"])
-    by_task: dict[str, list[float]] = defaultdict(list)
+    """(source, target) -> transferred score minus the from-scratch score on target (x100), paired by seed: the mean
+    over the seeds where both runs finished of (transferred - from scratch). Means over each side's own seeds put a
+    transfer of seed 1 against the scratch runs of seeds 1 and 2 while seed 2's transfer was still to run (-22.9
+    where the one pair present said 0.0), and a target's `more_seeds` runs (no transferred twin) moved an unchanged
+    pair's gain from 0.0 to -7.3."""
+    scratch: dict[tuple[str, int], float] = {}
     for r in data.base:
-        if r["model"] == model and r["method"] == method and (not seeds or r["seed"] in seeds):
-            by_task[r["task"]].append(score(r))
-    scratch = {t: mean_std(v)[0] for t, v in by_task.items()}
-    tasks = [t for t in data.tasks() if t in scratch]
-    gains = {k: mean_std(v)[0] - scratch[k[1]] for k, v in moved.items() if k[1] in scratch}
-    return tasks, gains
+        if r["model"] == model and r["method"] == method:
+            scratch[(r["task"], r["seed"])] = score(r)
+    pairs: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in data.runs:
+        if r["source_task"] and r["model"] == model and r["method"] == method and (r["task"], r["seed"]) in scratch:
+            pairs[(r["source_task"], r["task"])].append(score(r) - scratch[(r["task"], r["seed"])])
+    tasks = [t for t in data.tasks() if any(k[0] == t for k in scratch)]
+    return tasks, {k: statistics.fmean(v) for k, v in pairs.items()}
+
+
+def transfer_seeds(data: StudyData, model: str, method: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """(source, target) -> (seeds with both runs done, seeds the study plans): a cell of fewer pairs says so."""
+    planned = len(data.spec.get("seeds") or []) or 1
+    done: dict[tuple[str, str], set[int]] = defaultdict(set)
+    scratch = {(r["task"], r["seed"]) for r in data.base if r["model"] == model and r["method"] == method}
+    for r in data.runs:
+        if r["source_task"] and r["model"] == model and r["method"] == method and (r["task"], r["seed"]) in scratch:
+            done[(r["source_task"], r["task"])].add(r["seed"])
+    return {k: (len(v), planned) for k, v in done.items()}
 
 
 def transfer(data: StudyData) -> list[Table]:
@@ -95,11 +111,18 @@ def transfer(data: StudyData) -> list[Table]:
     for model in data.models():
         for method in sorted({r["method"] for r in data.runs if r["source_task"] and r["model"] == model}):
             tasks, gains = transfer_matrix(data, model, method)
+            paired = transfer_seeds(data, model, method)
             on_dev = {t for t in tasks if dev_mark(cell_runs(data, model)[(t, method)])}  # no test split: dev both ways
-            rows = [
-                [s] + [fmt(gains[(s, t)]) + (" (dev)" if t in on_dev else "") if (s, t) in gains else "" for t in tasks]
-                for s in tasks
-            ]
+
+            def cell(s: str, t: str, gains: dict = gains, paired: dict = paired, on_dev: set = on_dev) -> str:
+                if (s, t) not in gains:
+                    return ""
+                k, n = paired[(s, t)]
+                return (
+                    fmt(gains[(s, t)]) + (" (dev)" if t in on_dev else "") + (f" ({k} of {n} seeds)" if k < n else "")
+                )
+
+            rows = [[s] + [cell(s, t) for t in tasks] for s in tasks]
             note = "Rows: the task the delta was trained on; columns: the task it continued on. Gain over training from scratch (points x100)."
             if on_dev:
                 note += (

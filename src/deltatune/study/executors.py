@@ -309,6 +309,24 @@ class RayExecutor:
         pass
 
 
+def check_executor(kind: str, workers: int = 1, address: str | None = None) -> None:
+    """The executor's settings, checked before anything is planned (Ray missing was said after the store was
+    made; `--workers 4` without `--executor process` ran one run at a time without a word)."""
+    import importlib.util
+
+    if kind not in ("sequential", "process", "ray"):
+        raise ValueError(f"unknown executor {kind!r}; use sequential, process or ray")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if kind == "sequential" and (workers > 1 or address):
+        raise ValueError(f"--{'workers' if workers > 1 else 'address'} needs --executor process (or ray); the "
+                         "sequential executor runs one run at a time in this process")  # fmt: skip
+    if address and kind != "ray":
+        raise ValueError("--address names a Ray cluster: add --executor ray")
+    if kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise ImportError("--executor ray needs Ray: pip install 'deltatune[ray]'")
+
+
 def make_executor(kind: str, workers: int = 1, address: str | None = None) -> Any:
     if kind == "sequential":
         return SequentialExecutor()

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .executors import _effective_lr, make_executor
+from .executors import _effective_lr, check_executor, make_executor
 from .inputs import check_inputs
 from .lr_grid import grid_key, same_run
 from .spec import StudySpec
@@ -107,6 +107,7 @@ def run_study(
 
     `reclaim`: also rerun the runs another host left 'running' (a store copied or committed mid-run).
     """
+    check_executor(executor, workers, address)  # before the store is planned: a refusal leaves nothing behind
     store = Store(db)
     try:
         added = plan(spec, store, runs_dir_for(db))

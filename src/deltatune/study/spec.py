@@ -20,7 +20,7 @@ from ..train.trainer import TrainConfig
 from .grid import Method, StudySpec, combination_labels, task_name  # noqa: F401 - importable from here, as before
 from .lr_grid import parse as parse_lr_grid
 from .lr_grid import study_task
-from .spec_checks import check_columns, check_grid, check_shapes
+from .spec_checks import check_columns, check_grid, check_k_shot, check_shapes, resolve_tasks
 from .spec_file import SpecError, read_spec_file  # noqa: F401 - both importable from here, as before
 
 ANALYSES = ("performance", "convergence", "efficiency", "combination", "transfer", "scaling")
@@ -158,24 +158,6 @@ def _parse_methods(raw: Any) -> list[Method]:
     return [_parse_method(str(label), value) for label, value in items]
 
 
-def _resolve_tasks(value: Any, field: str) -> list[str]:
-    from ..data.tasks import list_tasks, load_task
-
-    if value == "all" or value == ["all"]:
-        try:
-            rows = list_tasks()
-        except FileNotFoundError as err:
-            raise _fail(field, f"`all` needs the task collection ({err})", "set $DELTATUNE_DATA") from err
-        return [r["name"] for r in rows if r["type"] != "generation"]
-    tasks = [str(t) for t in (value if isinstance(value, list) else [value])]
-    for t in tasks:
-        try:  # train too: a missing train file or a label outside meta.json failed every run of the task, late
-            load_task(t, splits=("train", "dev"))
-        except (FileNotFoundError, KeyError, ValueError) as err:
-            raise _fail(field, str(err.args[0] if err.args else err), "see `deltatune tasks` for the names") from err
-    return tasks
-
-
 def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     """Check a spec mapping (as read from YAML/TOML) field by field and build the StudySpec."""
     if raw is None:
@@ -247,7 +229,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
             "add `combination: {methods: [prompt, bitfit, adapter]}`",
         )
     transfer = raw.get("transfer") or {}
-    t_tasks = _resolve_tasks(transfer["tasks"], "transfer.tasks") if transfer.get("tasks") else []
+    t_tasks = resolve_tasks(transfer["tasks"], "transfer.tasks", _fail) if transfer.get("tasks") else []
     t_methods = [str(m) for m in (transfer.get("methods") or [])]
     labels = {m.label for m in methods}
     for m in t_methods:
@@ -265,7 +247,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         )
     if "scaling" in analyses and len(models) < 2:
         raise _fail("models", "the scaling analysis needs 2+ models", "list several models or drop `scaling`")
-    tasks = _resolve_tasks(raw.get("tasks", t_tasks or None) or _list(raw, "tasks"), "tasks")
+    tasks = resolve_tasks(raw.get("tasks", t_tasks or None) or _list(raw, "tasks"), "tasks", _fail)
     for model in models:
         if not _SAFE_NAME.fullmatch(Path(model).name) or ".." in Path(model).name:  # runs are filed under it
             raise _fail(
@@ -290,6 +272,10 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     more = raw.get("more_seeds") or {}
     if not isinstance(more, dict) or set(more) - {"seeds", "tasks"}:
         raise _fail("more_seeds", f"got {more!r}", "write `more_seeds: {seeds: [43, 44], tasks: [sst2, rte]}`")
+    if "seeds" in more and not more["seeds"]:
+        raise _fail(
+            "more_seeds.seeds", "is empty", "list the further seeds, e.g. `seeds: [43, 44]`, or drop more_seeds"
+        )
     more_seeds = [s for s in (more.get("seeds") or []) if s not in seeds]
     if not all(isinstance(s, int) for s in more_seeds):
         raise _fail("more_seeds.seeds", f"{more_seeds} are not all integers", "write e.g. `seeds: [43, 44]`")
@@ -297,6 +283,7 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
     stray = [t for t in more_tasks if t not in tasks]
     if stray:
         raise _fail("more_seeds.tasks", f"{stray} are not tasks of this study", f"use some of {tasks}")
+    check_k_shot(list(dict.fromkeys(tasks + t_tasks)), k_shot, _fail)
     task_train = raw.get("task_train") or {}
     names = {task_name(t) for t in tasks}
     for t, over in task_train.items():
@@ -305,6 +292,8 @@ def parse_spec(raw: dict[str, Any], name: str = "study") -> StudySpec:
         bad = sorted(set(over or {}) - TRAIN_FIELDS)
         if bad:
             raise _fail(f"task_train.{t}.{bad[0]}", "not a TrainConfig field", "use a field of `train`")
+        if "seed" in (over or {}):  # the run's seed won, without a word
+            raise _fail(f"task_train.{t}.seed", "not a per-task training field", "seeds come from `seeds`")
         _check_train_values(dict(over or {}), f"task_train.{t}")
     runs = len(models) * len(tasks) * len(methods) * (len(seeds) + len(more_seeds))
     if runs > MAX_RUNS:

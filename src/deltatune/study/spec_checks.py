@@ -130,6 +130,17 @@ def check_columns(raw: dict[str, Any], methods: list[Any], fail: Callable[[str, 
     if fixed:
         raise fail(f"lr_grid.rates.{fixed[0]}", "the column sets its own lr", "drop its lr, or drop it from lr_grid")
     labels = {m.label for m in methods}
+    combined = (raw.get("combination") or {}).get("methods") or []
+    for m in methods:  # a combination trains each method at its default rate, its single row is this column
+        if m.label in combined and (m.lr is not None or m.label in rates):
+            how = f"trains at lr {m.lr:g}" if m.lr is not None else "takes its rate from lr_grid"
+            raise fail(
+                f"methods.{m.label}",
+                f"column {m.label} {how}, while the combination trains {m.label} at its default rate inside every "
+                f"combined row: the table would compare its {m.label} row with the others at other rates",
+                f"label the tuned column otherwise (e.g. {m.label}@tuned): the combination then runs its own "
+                f"{m.label} row at the default rate",
+            )
     for name, settings in ((raw.get("combination") or {}).get("configs") or {}).items():
         if name in labels:
             raise fail(f"combination.configs.{name}", f"the study has a {name} column, whose settings combine",
@@ -140,3 +151,37 @@ def check_columns(raw: dict[str, Any], methods: list[Any], fail: Callable[[str, 
             METHODS[name](**dict(settings or {})).validate()
         except (TypeError, ValueError) as err:
             raise fail(f"combination.configs.{name}", str(err), "fix that setting") from err
+
+
+def check_k_shot(tasks: list[str], k_shot: int | None, fail: Callable[[str, str, str], Exception]) -> None:
+    """Every task can give `k_shot` training examples per class: one that cannot failed every run of it at run time
+    (with `tasks: all` and `k_shot: 16`, cb and tweet_eval_stance_climate)."""
+    if k_shot is None:
+        return
+    from ..data.fewshot import few_shot
+    from ..data.tasks import load_task
+
+    for t in tasks:
+        try:
+            few_shot(load_task(t, splits=("train",)), k_shot)
+        except ValueError as err:  # DataError is a ValueError
+            raise fail("k_shot", f"{t}: {err}", "lower k_shot, or leave the task out") from None
+
+
+def resolve_tasks(value: Any, field: str, fail: Callable[[str, str, str], Exception]) -> list[str]:
+    """The spec's tasks (`all`: the collection's classification and regression tasks), each read now: train and dev."""
+    from ..data.tasks import list_tasks, load_task
+
+    if value == "all" or value == ["all"]:
+        try:
+            rows = list_tasks()
+        except FileNotFoundError as err:
+            raise fail(field, f"`all` needs the task collection ({err})", "set $DELTATUNE_DATA") from err
+        return [r["name"] for r in rows if r["type"] != "generation"]
+    tasks = [str(t) for t in (value if isinstance(value, list) else [value])]
+    for t in tasks:
+        try:  # train too: a missing train file or a label outside meta.json failed every run of the task, late
+            load_task(t, splits=("train", "dev"))
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            raise fail(field, str(err.args[0] if err.args else err), "see `deltatune tasks` for the names") from err
+    return tasks
