@@ -228,18 +228,10 @@ def test_delta_ids_given_to_the_backbone_itself_are_refused(key: str) -> None:
         dm(**x, delta_ids=["a", "b"])
 
 
-def test_switching_deltas_while_another_thread_computes_never_gives_half_a_switch() -> None:
-    """A server hot-loading a delta (`add`) or switching one (`disable`, `set_active`, `merge`) while another thread
-    computed gave that call some layers with the delta and some without (the slow layer widens the window)."""
-    dm = _served("lora", "bert", "cls", names=("a",))
-    x = _inputs(dm.backbone, batch=2)
-    layer = dm.backbone.bert.encoder.layer[0]
-    slow = layer.register_forward_hook(lambda *_: time.sleep(0.004))
-    with torch.no_grad():
-        dm.disable("a")
-        without = dm(**x).logits
-        dm.enable("a")
-        with_a = dm(**x).logits
+def _switched_while_serving(dm: dt.DeltaModel, x: dict, switches: list, pause: float, sleep: float) -> list:
+    """A server thread calls `dm(**x)` while this one runs each switch, `pause` s apart, a slow first layer (`sleep`
+    s) widening the window: every output the server saw."""
+    slow = dm.backbone.bert.encoder.layer[0].register_forward_hook(lambda *_: time.sleep(sleep))
     seen: list[torch.Tensor] = []
     stop = threading.Event()
 
@@ -251,18 +243,33 @@ def test_switching_deltas_while_another_thread_computes_never_gives_half_a_switc
     server = threading.Thread(target=serve)
     server.start()
     try:
-        for switch in [lambda: dm.disable("a"), lambda: dm.enable("a"), lambda: dm.set_active([])] * 4 + [
-            lambda: dm.set_active("a"),
-            lambda: dm.add("b", "bitfit", enabled=False),  # attached switched off: outputs stay as they were
-            lambda: dm.detach("b"),
-        ]:
+        for switch in switches:
             switch()
-            time.sleep(0.006)  # each state holds across a forward's slow layer
+            time.sleep(pause)
     finally:
         stop.set()
         server.join()
         slow.remove()
     assert len(seen) > 5
+    return seen
+
+
+def test_switching_deltas_while_another_thread_computes_never_gives_half_a_switch() -> None:
+    """A server hot-loading a delta (`add`) or switching one (`disable`, `set_active`, `merge`) while another thread
+    computed gave that call some layers with the delta and some without (the slow layer widens the window)."""
+    dm = _served("lora", "bert", "cls", names=("a",))
+    x = _inputs(dm.backbone, batch=2)
+    with torch.no_grad():
+        dm.disable("a")
+        without = dm(**x).logits
+        dm.enable("a")
+        with_a = dm(**x).logits
+    switches = [lambda: dm.disable("a"), lambda: dm.enable("a"), lambda: dm.set_active([])] * 4 + [
+        lambda: dm.set_active("a"),
+        lambda: dm.add("b", "bitfit", enabled=False),  # attached switched off: outputs stay as they were
+        lambda: dm.detach("b"),
+    ]
+    seen = _switched_while_serving(dm, x, switches, pause=0.006, sleep=0.004)  # each state across a slow layer
     bad = [i for i, out in enumerate(seen) if not (torch.equal(out, with_a) or torch.equal(out, without))]
     assert not bad, f"{len(bad)} of {len(seen)} calls saw half a switch"
 
@@ -273,34 +280,13 @@ def test_loading_a_delta_while_another_thread_computes_is_one_switch(tmp_path: P
     _served("prompt", "bert", "cls", names=("p",)).save_delta(tmp_path / "p", "p")
     dm = dt.DeltaModel(make_model("bert"))
     x = _inputs(dm.backbone, batch=2)
-    layer = dm.backbone.bert.encoder.layer[0]
     with torch.no_grad():
         without = dm(**x).logits
         dt.load_delta(dm, tmp_path / "p")
         with_p = dm(**x).logits
         dm.detach("p")
-    slow = layer.register_forward_hook(lambda *_: time.sleep(0.002))
-    seen: list[torch.Tensor] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            with torch.no_grad():
-                seen.append(dm(**x).logits)
-
-    server = threading.Thread(target=serve)
-    server.start()
-    try:
-        for _ in range(15):
-            dt.load_delta(dm, tmp_path / "p")
-            time.sleep(0.004)
-            dm.detach("p")
-            time.sleep(0.004)
-    finally:
-        stop.set()
-        server.join()
-        slow.remove()
-    assert len(seen) > 5
+    switches = [lambda: dt.load_delta(dm, tmp_path / "p"), lambda: dm.detach("p")] * 15
+    seen = _switched_while_serving(dm, x, switches, pause=0.004, sleep=0.002)
     bad = [i for i, out in enumerate(seen) if not (torch.equal(out, with_p) or torch.equal(out, without))]
     assert not bad, f"{len(bad)} of {len(seen)} calls saw a half-loaded delta"
 
