@@ -257,3 +257,32 @@ def test_head_classes_spelt_in_another_case_are_the_tasks_classes(hub, tmp_path,
         json.dumps(head | {"label2id": {"LABEL_1": 1, "LABEL_0": 0, "LABEL_2": 2}})
     )
     assert main(common) == 0 and "class i is scored as" in capsys.readouterr().err
+
+
+def test_predict_input_with_a_peft_causal_lm_adapter_reads_each_row_s_source(tmp_path, capsys) -> None:  # noqa: ANN001
+    """The hint asked for a `text` column (`--columns category=text`, which would generate from the category)."""
+    tokenizer = make_tokenizer(TOY_WORDS)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"])
+    peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "llama"), lora).save_pretrained(
+        tmp_path / "adapter"
+    )
+    rows = [{"category": "film", "source": "the movie was good", "target": "good"}] * 3
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    args = [
+        "--delta",
+        str(tmp_path / "adapter"),
+        "--model",
+        str(tmp_path / "llama"),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+    ]
+    assert main(["predict", *args, "--output", str(out)]) == 0, capsys.readouterr().err[-300:]
+    assert len(out.read_text().splitlines()) == 3

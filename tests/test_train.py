@@ -153,8 +153,11 @@ def test_a_generation_source_longer_than_max_length_is_cut_not_its_target(tokeni
     real = model.generate
     model.generate = lambda **kw: seen.append(kw["input_ids"]) or real(**kw)
     objective.max_new_tokens = 4
-    objective.generate(model, [long, Example("dull", None, "x")])  # at inference the source is cut alike
-    assert seen[0][0].tolist() == source[:3] + source[-1:]
+    with pytest.warns(UserWarning, match="1 of 2 sources are longer than 8 tokens and are cut"):
+        objective.generate(model, [long, Example("dull", None, "x")])
+    # at inference a source is kept up to max_length, as training keeps it with its target (cut to
+    # max_length - max_new_tokens before: 14% of WebNLG's test sources lost triples at 128/48), and said
+    assert seen[0][0].tolist() == source[:7] + source[-1:]
     assert seen[0][1].tolist()[-1] == tokenizer.convert_tokens_to_ids("dull")
 
 

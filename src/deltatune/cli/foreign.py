@@ -385,7 +385,8 @@ def run_predict(args: argparse.Namespace, ad: Adapter) -> int:
     max_length, size = _settings(args, ad, model)
     given_pairs = None if args.task is None else task.type == "pair_classification" or task.is_pair
     if args.input:
-        read = predict_io.read_rows(args.input, args.columns)
+        # a generation adapter reads each row's `source` (the hint named the WebNLG category column)
+        read = predict_io.read_rows(args.input, args.columns, task.type == "generation")
         rows, texts = [row for row, _ in read], [m["text"] for _, m in read]
         pairs = given_pairs if given_pairs is not None else all(isinstance(m.get("text_pair"), str) for _, m in read)
         examples = predict_io.examples_from(read, pairs)

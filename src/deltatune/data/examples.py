@@ -84,7 +84,8 @@ def _without_unlabeled_test(raw: dict[str, list[Raw]]) -> dict[str, list[Raw]]:
     """A test split with no label in any row (Kaggle's test.csv, GLUE's -1) cannot be scored: it is left out
     with a warning, instead of failing the whole task ("missing field 'label'") so that nothing could train."""
     rows = raw.get("test")
-    if not rows or "train" not in raw or any(r.get("label") not in UNLABELED or "target" in r for _, r in rows):
+    # a generation test file of blank targets (hidden answers) scored every prediction against "" (BLEU 0)
+    if not rows or "train" not in raw or any(r.get("label") not in UNLABELED or _has_target(r) for _, r in rows):
         return raw
     where = rows[0][0].rsplit(", ", 1)[0]  # "<file>, line 2" / "dataset 'x' split 'test', row 0"
     if not where.startswith("dataset "):  # a file: predict it as it is
@@ -96,6 +97,12 @@ def _without_unlabeled_test(raw: dict[str, list[Raw]]) -> dict[str, list[Raw]]:
         stacklevel=5,  # load_task's caller
     )
     return {s: r for s, r in raw.items() if s != "test"}
+
+
+def _has_target(row: dict) -> bool:
+    """A generation row with an answer: a non-blank target (null and "" are hidden answers, as GLUE's -1 label)."""
+    target = row.get("target")
+    return target is not None and (not isinstance(target, str) or bool(target.strip()))
 
 
 def field_text(where: str, row: dict, key: str, required: bool = True, elsewhere: bool = False) -> str | None:
@@ -133,6 +140,8 @@ def _examples(rows: list[Raw], task_type: str, labels: list[str], class_indices:
         if task_type == "generation":
             source = field_text(where, row, "source", elsewhere="source" in present)
             target = field_text(where, row, "target", elsewhere="target" in present)
+            if not target.strip():  # trained on EOS alone, or scored against "", where a blank CSV cell is refused
+                raise DataError(f"{where}: 'target' is blank; give every row its target, or drop the row")
             refs = row.get("references") or [target]
             if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
                 raise DataError(f"{where}: 'references' must be a list of strings")
