@@ -148,7 +148,7 @@ class GenerationObjective:
     def __init__(self, task: Task, tokenizer: Any, max_length: int, max_new_tokens: int = 64) -> None:
         self.task, self.tokenizer, self.max_length = task, tokenizer, max_length
         self.max_new_tokens = max_new_tokens
-        self._warned_cut = False  # the cut of long sources is said once per objective
+        self._warned_cut = self._warned_target = False  # each cut is said once per objective
         if tokenizer.eos_token_id is None:
             raise ValueError("generation needs a tokenizer with an end-of-sequence token")
 
@@ -177,7 +177,15 @@ class GenerationObjective:
         room = self.max_length
         if len(source) + len(target) <= room:
             return source, target
-        target = target[: max(room // 2, room - len(source))]
+        keep = max(room // 2, room - len(source))
+        if len(target) > keep and not self._warned_target:  # its end and EOS were trained away without a word
+            self._warned_target = True
+            warnings.warn(
+                f"a source + target of {len(source) + len(target)} tokens is cut to --max-length {room}, its target "
+                "too (the end and the EOS token are not trained): raise --max-length to train whole targets",
+                stacklevel=2,
+            )
+        target = target[:keep]
         return _cut(source, room - len(target), 1), target
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
