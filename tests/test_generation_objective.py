@@ -82,3 +82,22 @@ def test_a_target_cut_to_the_window_is_said_once(tokenizer) -> None:  # noqa: AN
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         objective.collate([long])  # said once per objective
+
+
+def test_a_head_only_run_on_a_causal_lm_says_it_has_no_head_to_train(tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from deltatune.train import TrainConfig, fit
+
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    rows = [{"source": f"name {w}", "target": f"eat {w}"} for w in NOUNS]
+    for split in ("train", "dev"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match="language-model head, which stays frozen .* --method lora"):
+        fit(
+            _gpt2(tokenizer),
+            tokenizer,
+            load_task(folder),
+            [],
+            TrainConfig(max_steps=1, progress=False),
+            train_head=True,
+        )

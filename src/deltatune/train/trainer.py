@@ -192,6 +192,12 @@ def fit(
         model = dm
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
+        if lm or objective.kind == "lm-gen":  # --head-only on a causal LM: it has no classifier head to train
+            raise ValueError(
+                "nothing to train: this model scores through its language-model head, which stays frozen (a head-only "
+                "run trains a classifier head, which it has none of); attach a delta method (e.g. --method lora) or "
+                "use full fine-tuning"
+            )
         raise ValueError("nothing to train: attach a delta method, train the head, or use full fine-tuning")
     total = sum(numel(p) for p in (dm.backbone if dm is not None else model).parameters())  # 4-bit: as numbers
 
