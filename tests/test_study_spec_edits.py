@@ -201,3 +201,12 @@ def test_executor_flags_that_would_be_ignored_are_refused_before_planning(
     spec.write_text(yaml.safe_dump(_spec(world)))
     assert main(["study", "run", str(spec), "--db", str(tmp_path / "s.sqlite"), *flags]) == 2
     assert match in capsys.readouterr().err and not (tmp_path / "s.sqlite").exists()
+
+
+def test_a_rate_the_spec_changes_is_named_as_the_spec_s_change(world: dict[str, str], tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    raw = _spec(world, tasks=[world["sent"]], methods={"bitfit": {}}, seeds=[1, 2])
+    run_study(parse_spec(raw), db, max_runs=1, progress=False)
+    raw["train"] = raw["train"] | {"lr": 2e-2}
+    with pytest.raises(ValueError, match=r"other settings: train\.lr 0\.01 -> 0\.02"):  # not "the default changed"
+        run_study(parse_spec(raw), db, progress=False)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .executors import _effective_lr, check_executor, make_executor
 from .inputs import check_inputs
-from .lr_grid import grid_key, same_run
+from .lr_grid import grid_key, rate_field, same_run
 from .spec import StudySpec
 from .store import Store, owner_alive, owner_id
 
@@ -70,6 +70,8 @@ def _check_default_rates(store: Store, jobs: list[dict[str, Any]]) -> None:
     for job in jobs:
         was = done.get((Path(job["model"]).name, Path(job["task"]).name, job["label"]))
         if job.get("lr_from") or job.get("lr_group") or job.get("source_task") or was is None:
+            continue
+        if rate_field(job["label"]) in job["train"]:  # a rate the spec sets: a change is add_jobs' to name
             continue
         now = _effective_lr(job)
         if now is not None and abs(now - was) > 1e-12 * max(abs(was), 1.0):
