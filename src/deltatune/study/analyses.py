@@ -268,11 +268,12 @@ def mean_curves(data: StudyData, model: str) -> dict[tuple[str, str], list[tuple
     Seeds stopped by patience at other steps: a step only some of them reached was averaged over those alone, so
     the curve's tail was one seed's (steps to 90% read 32 where the shared steps said flat)."""
     by: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for k, curves in run_curves(data, model).items():
+    runs = run_curves(data, model)
+    for k, curves in runs.items():
         for curve in curves:
             for step, value in curve:
                 by[k][step].append(value)
-    n = {k: len(curves) for k, curves in run_curves(data, model).items()}
+    n = {k: len(curves) for k, curves in runs.items()}
     return {
         k: [(s, statistics.fmean(v)) for s, v in sorted(steps.items()) if len(v) == n[k]] for k, steps in by.items()
     }
